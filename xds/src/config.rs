@@ -1,0 +1,468 @@
+//! The `ferry.dev/v1alpha1` documents (`Service` for now) parsed from multi-document YAML, with errors that name the field.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+
+use serde::{Deserialize, Serialize};
+
+pub const API_VERSION: &str = "ferry.dev/v1alpha1";
+
+/// One accepted document.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "kind")]
+pub enum Document {
+    Service(Service),
+}
+
+impl Document {
+    pub fn metadata(&self) -> &Metadata {
+        match self {
+            Document::Service(s) => &s.metadata,
+        }
+    }
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Document::Service(_) => "Service",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Metadata {
+    pub name: String,
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+fn default_namespace() -> String {
+    "default".to_string()
+}
+
+/// A mesh service: the names clients use for it, its ports, who may serve it and (file source only) where it runs.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Service {
+    pub metadata: Metadata,
+    pub spec: ServiceSpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServiceSpec {
+    pub ports: Vec<ServicePort>,
+    /// Hostnames and VIPs that routing matches, with or without a port (`payments`, `payments.default:8080`, `10.96.0.7`).
+    #[serde(default)]
+    pub addresses: Vec<String>,
+    /// Service accounts allowed to serve this service.
+    #[serde(default)]
+    pub identities: Vec<String>,
+    /// Where the service runs; only the proxy's file source lists these (the control plane fills them otherwise).
+    #[serde(default)]
+    pub endpoints: Vec<Endpoint>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServicePort {
+    pub port: u16,
+    #[serde(default)]
+    pub protocol: PortProtocol,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The port the app listens on, when it differs from the service port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_port: Option<u16>,
+}
+
+/// What a port speaks. `http` is detected per connection (HTTP/1 or h2c); `tcp` is never inspected.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PortProtocol {
+    #[default]
+    Http,
+    Http2,
+    Grpc,
+    Tcp,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Endpoint {
+    /// `ip:port`, `[ipv6]:port`, or a bare IP (then the service port is dialled).
+    pub address: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+}
+
+impl Endpoint {
+    /// The socket address to dial for a request to `service_port` (validated documents always have one).
+    pub fn socket_addr(&self, service_port: u16) -> Option<SocketAddr> {
+        parse_endpoint_address(&self.address, service_port)
+    }
+}
+
+fn parse_endpoint_address(text: &str, default_port: u16) -> Option<SocketAddr> {
+    if let Ok(sa) = text.parse::<SocketAddr>() {
+        return Some(sa);
+    }
+    let bare = text.trim_start_matches('[').trim_end_matches(']');
+    bare.parse::<IpAddr>().ok().map(|ip| SocketAddr::new(ip, default_port))
+}
+
+// ===== errors =====
+
+/// One refused field: `spec.ports[0].port: must be 1-65535`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+/// Every error of every refused document; a document is named by kind, namespace/name and position.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    pub documents: Vec<(String, Vec<FieldError>)>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, (doc, errors)) in self.documents.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{doc}: ")?;
+            for (j, e) in errors.iter().enumerate() {
+                if j > 0 {
+                    f.write_str(", ")?;
+                }
+                write!(f, "{e}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+// ===== parsing =====
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Header {
+    api_version: Option<String>,
+    kind: Option<String>,
+    metadata: Option<serde_json::Value>,
+    spec: Option<serde_json::Value>,
+}
+
+/// Parses a multi-document YAML stream; empty documents are ignored. All documents must be valid, or none is taken.
+pub fn parse_documents(yaml: &str) -> Result<Vec<Document>, ConfigError> {
+    let values: Vec<serde_json::Value> = serde_saphyr::from_multiple(yaml).map_err(|e| ConfigError {
+        documents: vec![("YAML".to_string(), vec![FieldError { path: String::new(), message: e.to_string() }])],
+    })?;
+    let mut documents = Vec::new();
+    let mut refused = Vec::new();
+    for (index, value) in values.into_iter().enumerate() {
+        if value.is_null() {
+            continue;
+        }
+        match parse_document(value) {
+            Ok(doc) => documents.push(doc),
+            Err((name, errors)) => refused.push((format!("{name} (document {})", index + 1), errors)),
+        }
+    }
+    if refused.is_empty() {
+        refused = cross_document_errors(&documents);
+    }
+    if refused.is_empty() { Ok(documents) } else { Err(ConfigError { documents: refused }) }
+}
+
+fn field(path: &str, message: impl Into<String>) -> FieldError {
+    FieldError { path: path.to_string(), message: message.into() }
+}
+
+/// Deserializes `value` as `T`, naming the nested field on failure (`spec.ports[0].port: invalid type ...`).
+fn typed<T: serde::de::DeserializeOwned>(prefix: &str, value: serde_json::Value) -> Result<T, FieldError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let inner = e.path().to_string();
+        let path = if inner == "." { prefix.to_string() } else { format!("{prefix}.{inner}") };
+        field(&path, e.into_inner().to_string())
+    })
+}
+
+fn parse_document(value: serde_json::Value) -> Result<Document, (String, Vec<FieldError>)> {
+    let header: Header = match typed("", value) {
+        Ok(h) => h,
+        Err(e) => return Err(("document".to_string(), vec![e])),
+    };
+    let kind = header.kind.clone().unwrap_or_default();
+    let mut errors = Vec::new();
+    match header.api_version.as_deref() {
+        Some(API_VERSION) => {}
+        Some(other) => errors.push(field("apiVersion", format!("must be {API_VERSION}, got `{other}`"))),
+        None => errors.push(field("apiVersion", format!("required ({API_VERSION})"))),
+    }
+    let metadata = match header.metadata {
+        Some(m) => match typed::<Metadata>("metadata", m) {
+            Ok(m) => {
+                check_name("metadata.name", &m.name, &mut errors);
+                check_name("metadata.namespace", &m.namespace, &mut errors);
+                Some(m)
+            }
+            Err(e) => {
+                errors.push(e);
+                None
+            }
+        },
+        None => {
+            errors.push(field("metadata", "required"));
+            None
+        }
+    };
+    let name = match &metadata {
+        Some(m) => format!("{} {}/{}", if kind.is_empty() { "document" } else { &kind }, m.namespace, m.name),
+        None => if kind.is_empty() { "document".to_string() } else { kind.clone() },
+    };
+    let spec = match header.spec {
+        Some(s) => Some(s),
+        None => {
+            errors.push(field("spec", "required"));
+            None
+        }
+    };
+    let doc = match kind.as_str() {
+        "Service" => spec.and_then(|s| match typed::<ServiceSpec>("spec", s) {
+            Ok(spec) => {
+                validate_service(&spec, &mut errors);
+                metadata.map(|metadata| Document::Service(Service { metadata, spec }))
+            }
+            Err(e) => {
+                errors.push(e);
+                None
+            }
+        }),
+        "" => {
+            errors.push(field("kind", "required (Service)"));
+            None
+        }
+        other => {
+            errors.push(field("kind", format!("unknown kind `{other}` (expected Service)")));
+            None
+        }
+    };
+    match doc {
+        Some(doc) if errors.is_empty() => Ok(doc),
+        _ => Err((name, errors)),
+    }
+}
+
+/// A DNS-1123 label: what Kubernetes accepts as a namespace or Service name.
+fn check_name(path: &str, name: &str, errors: &mut Vec<FieldError>) {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if !ok {
+        errors.push(field(path, format!("`{name}` must be a DNS label: 1-63 of a-z, 0-9, '-'")));
+    }
+}
+
+fn validate_service(spec: &ServiceSpec, errors: &mut Vec<FieldError>) {
+    if spec.ports.is_empty() {
+        errors.push(field("spec.ports", "at least one port is required"));
+    }
+    let mut seen = HashSet::new();
+    for (i, p) in spec.ports.iter().enumerate() {
+        if p.port == 0 {
+            errors.push(field(&format!("spec.ports[{i}].port"), "must be 1-65535"));
+        } else if !seen.insert(p.port) {
+            errors.push(field(&format!("spec.ports[{i}].port"), format!("port {} is listed twice", p.port)));
+        }
+        if p.target_port == Some(0) {
+            errors.push(field(&format!("spec.ports[{i}].targetPort"), "must be 1-65535"));
+        }
+    }
+    for (i, a) in spec.addresses.iter().enumerate() {
+        if let Err(msg) = check_address(a) {
+            errors.push(field(&format!("spec.addresses[{i}]"), msg));
+        }
+    }
+    for (i, id) in spec.identities.iter().enumerate() {
+        check_name(&format!("spec.identities[{i}]"), id, errors);
+    }
+    for (i, e) in spec.endpoints.iter().enumerate() {
+        if parse_endpoint_address(&e.address, 1).is_none() {
+            errors.push(field(
+                &format!("spec.endpoints[{i}].address"),
+                format!("`{}` must be an IP address with an optional port (127.0.0.1:8080, [::1]:8080)", e.address),
+            ));
+        }
+    }
+}
+
+/// A routing address: a hostname or IP, optionally with `:port`.
+fn check_address(address: &str) -> Result<(), String> {
+    let (host, port) = split_host_port(address);
+    if let Some(port) = port {
+        match port.parse::<u16>() {
+            Ok(p) if p > 0 => {}
+            _ => return Err(format!("`{address}`: port must be 1-65535")),
+        }
+    }
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.parse::<IpAddr>().is_ok() {
+        return Ok(());
+    }
+    let ok = !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty() && label.len() <= 63 && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    if ok { Ok(()) } else { Err(format!("`{address}` must be a hostname or IP, with an optional port")) }
+}
+
+/// Splits `host:port`, `[v6]:port`, `host`, `v6`, `[v6]` (a bare IPv6 address has no port).
+pub fn split_host_port(authority: &str) -> (&str, Option<&str>) {
+    if let Some(rest) = authority.strip_prefix('[') {
+        if let Some(end) = rest.find(']') {
+            let host = &authority[..end + 2];
+            return match authority[end + 2..].strip_prefix(':') {
+                Some(port) => (host, Some(port)),
+                None => (host, None),
+            };
+        }
+        return (authority, None);
+    }
+    match authority.rsplit_once(':') {
+        Some((host, port)) if !host.contains(':') => (host, Some(port)),
+        _ => (authority, None),
+    }
+}
+
+/// Errors that need all documents: duplicates, and two services claiming one address.
+fn cross_document_errors(documents: &[Document]) -> Vec<(String, Vec<FieldError>)> {
+    let mut refused = Vec::new();
+    let mut names = HashSet::new();
+    let mut addresses: std::collections::HashMap<String, String> = Default::default();
+    for doc in documents {
+        let m = doc.metadata();
+        let name = format!("{} {}/{}", doc.kind(), m.namespace, m.name);
+        if !names.insert((doc.kind(), m.namespace.clone(), m.name.clone())) {
+            refused.push((name.clone(), vec![field("metadata.name", "defined twice in this file")]));
+        }
+        let Document::Service(svc) = doc;
+        for (i, a) in svc.spec.addresses.iter().enumerate() {
+            let key = a.to_ascii_lowercase();
+            if let Some(other) = addresses.get(&key) {
+                if other != &name {
+                    refused.push((
+                        name.clone(),
+                        vec![field(&format!("spec.addresses[{i}]"), format!("`{a}` is already an address of {other}"))],
+                    ));
+                }
+            } else {
+                addresses.insert(key, name.clone());
+            }
+        }
+    }
+    refused
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+apiVersion: ferry.dev/v1alpha1
+kind: Service
+metadata: {name: payments, namespace: shop}
+spec:
+  ports: [{port: 8080, protocol: http}, {port: 9090, protocol: grpc}]
+  addresses: [payments, payments.shop, "10.96.0.7", "payments.shop.svc.cluster.local:8080"]
+  identities: [payments]
+  endpoints: [{address: "127.0.0.1:18006", identity: payments}, {address: "::1"}]
+---
+---
+apiVersion: ferry.dev/v1alpha1
+kind: Service
+metadata: {name: orders}
+spec: {ports: [{port: 80}]}
+"#;
+
+    #[test]
+    fn parses_multi_document_streams() {
+        let docs = parse_documents(GOOD).unwrap();
+        assert_eq!(docs.len(), 2);
+        let Document::Service(p) = &docs[0];
+        assert_eq!(p.metadata.namespace, "shop");
+        assert_eq!(p.spec.ports[1].protocol, PortProtocol::Grpc);
+        assert_eq!(p.spec.endpoints[1].socket_addr(8080), Some("[::1]:8080".parse().unwrap()));
+        let Document::Service(o) = &docs[1];
+        assert_eq!(o.metadata.namespace, "default");
+        assert_eq!(o.spec.ports[0].protocol, PortProtocol::Http);
+        assert_eq!(parse_documents("").unwrap(), vec![]);
+    }
+
+    /// Each bad input and the text that must appear in the error.
+    #[test]
+    fn errors_name_document_and_field() {
+        let cases = [
+            ("apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {ports: [{port: 1}]}", "apiVersion: must be ferry.dev/v1alpha1"),
+            ("apiVersion: ferry.dev/v1alpha1\nkind: Gateway\nmetadata: {name: a}\nspec: {}", "kind: unknown kind `Gateway`"),
+            ("apiVersion: ferry.dev/v1alpha1\nkind: Service\nmetadata: {name: a}\nspec: {ports: [{port: 0}]}", "Service default/a (document 1): spec.ports[0].port: must be 1-65535"),
+            ("apiVersion: ferry.dev/v1alpha1\nkind: Service\nmetadata: {name: a}\nspec: {ports: [{port: 70000}]}", "spec.ports[0].port"),
+            ("apiVersion: ferry.dev/v1alpha1\nkind: Service\nmetadata: {name: a}\nspec: {ports: [{port: 80, protocol: udp}]}", "spec.ports[0].protocol"),
+            ("apiVersion: ferry.dev/v1alpha1\nkind: Service\nmetadata: {name: a}\nspec: {ports: [{port: 80}], endpoints: [{address: nowhere}]}", "spec.endpoints[0].address"),
+            ("apiVersion: ferry.dev/v1alpha1\nkind: Service\nmetadata: {name: a}\nspec: {ports: [{port: 80}], addresses: [\"bad host\"]}", "spec.addresses[0]"),
+            ("apiVersion: ferry.dev/v1alpha1\nkind: Service\nmetadata: {name: A_b}\nspec: {ports: [{port: 80}]}", "metadata.name"),
+            ("apiVersion: ferry.dev/v1alpha1\nkind: Service\nmetadata: {name: a}\nspec: {ports: [{port: 80}], colour: red}", "spec.colour: unknown field `colour`"),
+            ("apiVersion: ferry.dev/v1alpha1\nkind: Service\nmetadata: {name: a}\nspec: {ports: []}", "spec.ports: at least one port"),
+            ("kind: [", "YAML"),
+        ];
+        for (yaml, want) in cases {
+            let err = parse_documents(yaml).unwrap_err().to_string();
+            assert!(err.contains(want), "for {yaml:?}\n  got: {err}\n want: {want}");
+        }
+    }
+
+    #[test]
+    fn collects_every_error_of_a_document() {
+        let yaml = "apiVersion: ferry.dev/v1alpha1\nkind: Service\nmetadata: {name: a}\nspec: {ports: [{port: 0}, {port: 80}, {port: 80}], endpoints: [{address: x}]}";
+        let err = parse_documents(yaml).unwrap_err();
+        assert_eq!(err.documents[0].1.len(), 3, "{err}");
+    }
+
+    #[test]
+    fn cross_document_conflicts() {
+        let yaml = "apiVersion: ferry.dev/v1alpha1\nkind: Service\nmetadata: {name: a}\nspec: {ports: [{port: 80}], addresses: [shared]}\n---\napiVersion: ferry.dev/v1alpha1\nkind: Service\nmetadata: {name: b}\nspec: {ports: [{port: 80}], addresses: [Shared]}\n---\napiVersion: ferry.dev/v1alpha1\nkind: Service\nmetadata: {name: a}\nspec: {ports: [{port: 81}]}";
+        let err = parse_documents(yaml).unwrap_err().to_string();
+        assert!(err.contains("`Shared` is already an address of Service default/a"), "{err}");
+        assert!(err.contains("defined twice"), "{err}");
+    }
+
+    #[test]
+    fn host_port_split() {
+        let cases = [
+            ("a", ("a", None)),
+            ("a:80", ("a", Some("80"))),
+            ("[::1]:80", ("[::1]", Some("80"))),
+            ("[::1]", ("[::1]", None)),
+            ("::1", ("::1", None)),
+        ];
+        for (input, want) in cases {
+            assert_eq!(split_host_port(input), want, "{input}");
+        }
+    }
+}

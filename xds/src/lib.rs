@@ -1,0 +1,11 @@
+//! Shared between the proxy and the control plane: the `ferry.dev/v1alpha1` documents and their validation.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod duration;
+
+pub use config::{
+    API_VERSION, ConfigError, Document, Endpoint, FieldError, Metadata, PortProtocol, Service,
+    ServicePort, ServiceSpec, parse_documents, split_host_port,
+};
+pub use duration::{parse_duration, DurationError};
