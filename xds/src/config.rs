@@ -109,7 +109,9 @@ fn parse_endpoint_address(text: &str, default_port: u16) -> Option<SocketAddr> {
         return Some(sa);
     }
     let bare = text.trim_start_matches('[').trim_end_matches(']');
-    bare.parse::<IpAddr>().ok().map(|ip| SocketAddr::new(ip, default_port))
+    bare.parse::<IpAddr>()
+        .ok()
+        .map(|ip| SocketAddr::new(ip, default_port))
 }
 
 // ===== errors =====
@@ -168,9 +170,16 @@ struct Header {
 
 /// Parses a multi-document YAML stream; empty documents are ignored. All documents must be valid, or none is taken.
 pub fn parse_documents(yaml: &str) -> Result<Vec<Document>, ConfigError> {
-    let values: Vec<serde_json::Value> = serde_saphyr::from_multiple(yaml).map_err(|e| ConfigError {
-        documents: vec![("YAML".to_string(), vec![FieldError { path: String::new(), message: e.to_string() }])],
-    })?;
+    let values: Vec<serde_json::Value> =
+        serde_saphyr::from_multiple(yaml).map_err(|e| ConfigError {
+            documents: vec![(
+                "YAML".to_string(),
+                vec![FieldError {
+                    path: String::new(),
+                    message: e.to_string(),
+                }],
+            )],
+        })?;
     let mut documents = Vec::new();
     let mut refused = Vec::new();
     for (index, value) in values.into_iter().enumerate() {
@@ -179,24 +188,40 @@ pub fn parse_documents(yaml: &str) -> Result<Vec<Document>, ConfigError> {
         }
         match parse_document(value) {
             Ok(doc) => documents.push(doc),
-            Err((name, errors)) => refused.push((format!("{name} (document {})", index + 1), errors)),
+            Err((name, errors)) => {
+                refused.push((format!("{name} (document {})", index + 1), errors))
+            }
         }
     }
     if refused.is_empty() {
         refused = cross_document_errors(&documents);
     }
-    if refused.is_empty() { Ok(documents) } else { Err(ConfigError { documents: refused }) }
+    if refused.is_empty() {
+        Ok(documents)
+    } else {
+        Err(ConfigError { documents: refused })
+    }
 }
 
 fn field(path: &str, message: impl Into<String>) -> FieldError {
-    FieldError { path: path.to_string(), message: message.into() }
+    FieldError {
+        path: path.to_string(),
+        message: message.into(),
+    }
 }
 
 /// Deserializes `value` as `T`, naming the nested field on failure (`spec.ports[0].port: invalid type ...`).
-fn typed<T: serde::de::DeserializeOwned>(prefix: &str, value: serde_json::Value) -> Result<T, FieldError> {
+fn typed<T: serde::de::DeserializeOwned>(
+    prefix: &str,
+    value: serde_json::Value,
+) -> Result<T, FieldError> {
     serde_path_to_error::deserialize(value).map_err(|e| {
         let inner = e.path().to_string();
-        let path = if inner == "." { prefix.to_string() } else { format!("{prefix}.{inner}") };
+        let path = if inner == "." {
+            prefix.to_string()
+        } else {
+            format!("{prefix}.{inner}")
+        };
         field(&path, e.into_inner().to_string())
     })
 }
@@ -210,7 +235,10 @@ fn parse_document(value: serde_json::Value) -> Result<Document, (String, Vec<Fie
     let mut errors = Vec::new();
     match header.api_version.as_deref() {
         Some(API_VERSION) => {}
-        Some(other) => errors.push(field("apiVersion", format!("must be {API_VERSION}, got `{other}`"))),
+        Some(other) => errors.push(field(
+            "apiVersion",
+            format!("must be {API_VERSION}, got `{other}`"),
+        )),
         None => errors.push(field("apiVersion", format!("required ({API_VERSION})"))),
     }
     let metadata = match header.metadata {
@@ -231,8 +259,19 @@ fn parse_document(value: serde_json::Value) -> Result<Document, (String, Vec<Fie
         }
     };
     let name = match &metadata {
-        Some(m) => format!("{} {}/{}", if kind.is_empty() { "document" } else { &kind }, m.namespace, m.name),
-        None => if kind.is_empty() { "document".to_string() } else { kind.clone() },
+        Some(m) => format!(
+            "{} {}/{}",
+            if kind.is_empty() { "document" } else { &kind },
+            m.namespace,
+            m.name
+        ),
+        None => {
+            if kind.is_empty() {
+                "document".to_string()
+            } else {
+                kind.clone()
+            }
+        }
     };
     let spec = match header.spec {
         Some(s) => Some(s),
@@ -257,7 +296,10 @@ fn parse_document(value: serde_json::Value) -> Result<Document, (String, Vec<Fie
             None
         }
         other => {
-            errors.push(field("kind", format!("unknown kind `{other}` (expected Service)")));
+            errors.push(field(
+                "kind",
+                format!("unknown kind `{other}` (expected Service)"),
+            ));
             None
         }
     };
@@ -271,11 +313,16 @@ fn parse_document(value: serde_json::Value) -> Result<Document, (String, Vec<Fie
 fn check_name(path: &str, name: &str, errors: &mut Vec<FieldError>) {
     let ok = !name.is_empty()
         && name.len() <= 63
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !name.starts_with('-')
         && !name.ends_with('-');
     if !ok {
-        errors.push(field(path, format!("`{name}` must be a DNS label: 1-63 of a-z, 0-9, '-'")));
+        errors.push(field(
+            path,
+            format!("`{name}` must be a DNS label: 1-63 of a-z, 0-9, '-'"),
+        ));
     }
 }
 
@@ -288,10 +335,16 @@ fn validate_service(spec: &ServiceSpec, errors: &mut Vec<FieldError>) {
         if p.port == 0 {
             errors.push(field(&format!("spec.ports[{i}].port"), "must be 1-65535"));
         } else if !seen.insert(p.port) {
-            errors.push(field(&format!("spec.ports[{i}].port"), format!("port {} is listed twice", p.port)));
+            errors.push(field(
+                &format!("spec.ports[{i}].port"),
+                format!("port {} is listed twice", p.port),
+            ));
         }
         if p.target_port == Some(0) {
-            errors.push(field(&format!("spec.ports[{i}].targetPort"), "must be 1-65535"));
+            errors.push(field(
+                &format!("spec.ports[{i}].targetPort"),
+                "must be 1-65535",
+            ));
         }
     }
     for (i, a) in spec.addresses.iter().enumerate() {
@@ -306,7 +359,10 @@ fn validate_service(spec: &ServiceSpec, errors: &mut Vec<FieldError>) {
         if parse_endpoint_address(&e.address, 1).is_none() {
             errors.push(field(
                 &format!("spec.endpoints[{i}].address"),
-                format!("`{}` must be an IP address with an optional port (127.0.0.1:8080, [::1]:8080)", e.address),
+                format!(
+                    "`{}` must be an IP address with an optional port (127.0.0.1:8080, [::1]:8080)",
+                    e.address
+                ),
             ));
         }
     }
@@ -328,9 +384,19 @@ fn check_address(address: &str) -> Result<(), String> {
     let ok = !host.is_empty()
         && host.len() <= 253
         && host.split('.').all(|label| {
-            !label.is_empty() && label.len() <= 63 && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
         });
-    if ok { Ok(()) } else { Err(format!("`{address}` must be a hostname or IP, with an optional port")) }
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{address}` must be a hostname or IP, with an optional port"
+        ))
+    }
 }
 
 /// Splits `host:port`, `[v6]:port`, `host`, `v6`, `[v6]` (a bare IPv6 address has no port).
@@ -360,7 +426,10 @@ fn cross_document_errors(documents: &[Document]) -> Vec<(String, Vec<FieldError>
         let m = doc.metadata();
         let name = format!("{} {}/{}", doc.kind(), m.namespace, m.name);
         if !names.insert((doc.kind(), m.namespace.clone(), m.name.clone())) {
-            refused.push((name.clone(), vec![field("metadata.name", "defined twice in this file")]));
+            refused.push((
+                name.clone(),
+                vec![field("metadata.name", "defined twice in this file")],
+            ));
         }
         let Document::Service(svc) = doc;
         for (i, a) in svc.spec.addresses.iter().enumerate() {
@@ -369,7 +438,10 @@ fn cross_document_errors(documents: &[Document]) -> Vec<(String, Vec<FieldError>
                 if other != &name {
                     refused.push((
                         name.clone(),
-                        vec![field(&format!("spec.addresses[{i}]"), format!("`{a}` is already an address of {other}"))],
+                        vec![field(
+                            &format!("spec.addresses[{i}]"),
+                            format!("`{a}` is already an address of {other}"),
+                        )],
                     ));
                 }
             } else {
@@ -408,7 +480,10 @@ spec: {ports: [{port: 80}]}
         let Document::Service(p) = &docs[0];
         assert_eq!(p.metadata.namespace, "shop");
         assert_eq!(p.spec.ports[1].protocol, PortProtocol::Grpc);
-        assert_eq!(p.spec.endpoints[1].socket_addr(8080), Some("[::1]:8080".parse().unwrap()));
+        assert_eq!(
+            p.spec.endpoints[1].socket_addr(8080),
+            Some("[::1]:8080".parse().unwrap())
+        );
         let Document::Service(o) = &docs[1];
         assert_eq!(o.metadata.namespace, "default");
         assert_eq!(o.spec.ports[0].protocol, PortProtocol::Http);
@@ -419,21 +494,54 @@ spec: {ports: [{port: 80}]}
     #[test]
     fn errors_name_document_and_field() {
         let cases = [
-            ("apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {ports: [{port: 1}]}", "apiVersion: must be ferry.dev/v1alpha1"),
-            ("apiVersion: ferry.dev/v1alpha1\nkind: Gateway\nmetadata: {name: a}\nspec: {}", "kind: unknown kind `Gateway`"),
-            ("apiVersion: ferry.dev/v1alpha1\nkind: Service\nmetadata: {name: a}\nspec: {ports: [{port: 0}]}", "Service default/a (document 1): spec.ports[0].port: must be 1-65535"),
-            ("apiVersion: ferry.dev/v1alpha1\nkind: Service\nmetadata: {name: a}\nspec: {ports: [{port: 70000}]}", "spec.ports[0].port"),
-            ("apiVersion: ferry.dev/v1alpha1\nkind: Service\nmetadata: {name: a}\nspec: {ports: [{port: 80, protocol: udp}]}", "spec.ports[0].protocol"),
-            ("apiVersion: ferry.dev/v1alpha1\nkind: Service\nmetadata: {name: a}\nspec: {ports: [{port: 80}], endpoints: [{address: nowhere}]}", "spec.endpoints[0].address"),
-            ("apiVersion: ferry.dev/v1alpha1\nkind: Service\nmetadata: {name: a}\nspec: {ports: [{port: 80}], addresses: [\"bad host\"]}", "spec.addresses[0]"),
-            ("apiVersion: ferry.dev/v1alpha1\nkind: Service\nmetadata: {name: A_b}\nspec: {ports: [{port: 80}]}", "metadata.name"),
-            ("apiVersion: ferry.dev/v1alpha1\nkind: Service\nmetadata: {name: a}\nspec: {ports: [{port: 80}], colour: red}", "spec.colour: unknown field `colour`"),
-            ("apiVersion: ferry.dev/v1alpha1\nkind: Service\nmetadata: {name: a}\nspec: {ports: []}", "spec.ports: at least one port"),
+            (
+                "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {ports: [{port: 1}]}",
+                "apiVersion: must be ferry.dev/v1alpha1",
+            ),
+            (
+                "apiVersion: ferry.dev/v1alpha1\nkind: Gateway\nmetadata: {name: a}\nspec: {}",
+                "kind: unknown kind `Gateway`",
+            ),
+            (
+                "apiVersion: ferry.dev/v1alpha1\nkind: Service\nmetadata: {name: a}\nspec: {ports: [{port: 0}]}",
+                "Service default/a (document 1): spec.ports[0].port: must be 1-65535",
+            ),
+            (
+                "apiVersion: ferry.dev/v1alpha1\nkind: Service\nmetadata: {name: a}\nspec: {ports: [{port: 70000}]}",
+                "spec.ports[0].port",
+            ),
+            (
+                "apiVersion: ferry.dev/v1alpha1\nkind: Service\nmetadata: {name: a}\nspec: {ports: [{port: 80, protocol: udp}]}",
+                "spec.ports[0].protocol",
+            ),
+            (
+                "apiVersion: ferry.dev/v1alpha1\nkind: Service\nmetadata: {name: a}\nspec: {ports: [{port: 80}], endpoints: [{address: nowhere}]}",
+                "spec.endpoints[0].address",
+            ),
+            (
+                "apiVersion: ferry.dev/v1alpha1\nkind: Service\nmetadata: {name: a}\nspec: {ports: [{port: 80}], addresses: [\"bad host\"]}",
+                "spec.addresses[0]",
+            ),
+            (
+                "apiVersion: ferry.dev/v1alpha1\nkind: Service\nmetadata: {name: A_b}\nspec: {ports: [{port: 80}]}",
+                "metadata.name",
+            ),
+            (
+                "apiVersion: ferry.dev/v1alpha1\nkind: Service\nmetadata: {name: a}\nspec: {ports: [{port: 80}], colour: red}",
+                "spec.colour: unknown field `colour`",
+            ),
+            (
+                "apiVersion: ferry.dev/v1alpha1\nkind: Service\nmetadata: {name: a}\nspec: {ports: []}",
+                "spec.ports: at least one port",
+            ),
             ("kind: [", "YAML"),
         ];
         for (yaml, want) in cases {
             let err = parse_documents(yaml).unwrap_err().to_string();
-            assert!(err.contains(want), "for {yaml:?}\n  got: {err}\n want: {want}");
+            assert!(
+                err.contains(want),
+                "for {yaml:?}\n  got: {err}\n want: {want}"
+            );
         }
     }
 
@@ -448,7 +556,10 @@ spec: {ports: [{port: 80}]}
     fn cross_document_conflicts() {
         let yaml = "apiVersion: ferry.dev/v1alpha1\nkind: Service\nmetadata: {name: a}\nspec: {ports: [{port: 80}], addresses: [shared]}\n---\napiVersion: ferry.dev/v1alpha1\nkind: Service\nmetadata: {name: b}\nspec: {ports: [{port: 80}], addresses: [Shared]}\n---\napiVersion: ferry.dev/v1alpha1\nkind: Service\nmetadata: {name: a}\nspec: {ports: [{port: 81}]}";
         let err = parse_documents(yaml).unwrap_err().to_string();
-        assert!(err.contains("`Shared` is already an address of Service default/a"), "{err}");
+        assert!(
+            err.contains("`Shared` is already an address of Service default/a"),
+            "{err}"
+        );
         assert!(err.contains("defined twice"), "{err}");
     }
 

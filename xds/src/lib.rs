@@ -8,4 +8,4 @@ pub use config::{
     API_VERSION, ConfigError, Document, Endpoint, FieldError, Metadata, PortProtocol, Service,
     ServicePort, ServiceSpec, parse_documents, split_host_port,
 };
-pub use duration::{parse_duration, DurationError};
+pub use duration::{DurationError, parse_duration};

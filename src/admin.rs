@@ -1,0 +1,226 @@
+//! The health + metrics server (kubelet and Prometheus) and the localhost-only admin server.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use crate::bootstrap::Settings;
+use crate::drain::Drain;
+use crate::logging::LogHandle;
+use crate::metrics::Metrics;
+use crate::snapshot::ConfigStore;
+
+/// Startup, readiness and liveness as DESIGN.md defines them.
+pub struct Health {
+    listeners_bound: AtomicBool,
+    started: AtomicBool,
+    needs_config: bool,
+}
+
+impl Health {
+    pub fn new(needs_config: bool) -> Self {
+        Health {
+            listeners_bound: AtomicBool::new(false),
+            started: AtomicBool::new(false),
+            needs_config,
+        }
+    }
+
+    pub fn set_listeners_bound(&self) {
+        self.listeners_bound.store(true, Ordering::SeqCst);
+    }
+
+    /// Listeners bound and a config applied (when a source is configured); once true it stays true.
+    pub fn started(&self, store: &ConfigStore) -> bool {
+        if self.started.load(Ordering::SeqCst) {
+            return true;
+        }
+        let now =
+            self.listeners_bound.load(Ordering::SeqCst) && (!self.needs_config || store.applied());
+        if now {
+            self.started.store(true, Ordering::SeqCst);
+        }
+        now
+    }
+}
+
+/// What both servers read.
+pub struct AdminState {
+    pub settings: Arc<Settings>,
+    pub store: Arc<ConfigStore>,
+    pub metrics: Arc<Metrics>,
+    pub drain: Drain,
+    pub health: Arc<Health>,
+    pub log: Option<LogHandle>,
+}
+
+type Body = Full<Bytes>;
+
+fn reply(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, content_type)
+        .body(Full::new(body.into()))
+        .expect("valid response")
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    reply(status, "text/plain; charset=utf-8", body)
+}
+
+fn json(value: &serde_json::Value) -> Response<Body> {
+    reply(
+        StatusCode::OK,
+        "application/json",
+        serde_json::to_vec_pretty(value).expect("serializable"),
+    )
+}
+
+impl AdminState {
+    async fn health(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+        if req.method() != Method::GET {
+            return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
+        }
+        let started = self.health.started(&self.store);
+        let probe = |ok: bool, what: &str| {
+            if ok {
+                text(StatusCode::OK, format!("{what}\n"))
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, format!("not {what}\n"))
+            }
+        };
+        match req.uri().path() {
+            "/health/live" => text(StatusCode::OK, "live\n"),
+            "/health/startup" => probe(started, "started"),
+            "/health/ready" => probe(started && !self.drain.is_draining(), "ready"),
+            "/metrics" => reply(
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                self.metrics.encode(),
+            ),
+            _ => text(
+                StatusCode::NOT_FOUND,
+                "try /health/live, /health/ready, /health/startup or /metrics\n",
+            ),
+        }
+    }
+
+    async fn admin(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+        match (req.method().clone(), req.uri().path()) {
+            (Method::GET, "/config_dump") => {
+                let snapshot = self.store.load();
+                json(&serde_json::json!({
+                    "bootstrap": &*self.settings,
+                    "snapshot": &**snapshot,
+                    "draining": self.drain.is_draining(),
+                    "in_flight_connections": self.drain.in_flight(),
+                }))
+            }
+            (Method::GET, "/endpoints") => {
+                let snapshot = self.store.load();
+                let services: Vec<_> = snapshot
+                    .services
+                    .iter()
+                    .map(|s| {
+                        let ports: Vec<_> = s
+                            .spec
+                            .ports
+                            .iter()
+                            .map(|p| serde_json::json!({"port": p.port, "endpoints": s.endpoints(p.port).map(|a| a.to_string()).collect::<Vec<_>>()}))
+                            .collect();
+                        serde_json::json!({"service": s.qualified_name(), "ports": ports})
+                    })
+                    .collect();
+                json(&serde_json::json!({ "version": snapshot.version, "services": services }))
+            }
+            (Method::POST, "/shutdown") => {
+                tracing::info!("shutdown requested on the admin port");
+                self.drain.start();
+                text(StatusCode::ACCEPTED, "draining\n")
+            }
+            (Method::PUT, "/log_level") => {
+                let query_level = req.uri().query().and_then(|q| {
+                    q.split('&')
+                        .find_map(|kv| kv.strip_prefix("level="))
+                        .map(str::to_string)
+                });
+                let level = match query_level {
+                    Some(l) => l,
+                    None => match Limited::new(req.into_body(), 4096).collect().await {
+                        Ok(b) => String::from_utf8_lossy(&b.to_bytes()).trim().to_string(),
+                        Err(_) => {
+                            return text(StatusCode::PAYLOAD_TOO_LARGE, "log level too long\n");
+                        }
+                    },
+                };
+                let Some(log) = &self.log else {
+                    return text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "logging is not managed by this process\n",
+                    );
+                };
+                match log.set_level(&level) {
+                    Ok(()) => {
+                        tracing::info!(level = %level, "log level changed");
+                        text(StatusCode::OK, format!("log level: {level}\n"))
+                    }
+                    Err(e) => text(
+                        StatusCode::BAD_REQUEST,
+                        format!("invalid log level `{level}`: {e}\n"),
+                    ),
+                }
+            }
+            (_, "/config_dump" | "/endpoints" | "/shutdown" | "/log_level") => text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "GET /config_dump, GET /endpoints, POST /shutdown, PUT /log_level\n",
+            ),
+            _ => text(
+                StatusCode::NOT_FOUND,
+                "GET /config_dump, GET /endpoints, POST /shutdown, PUT /log_level\n",
+            ),
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+pub enum Server {
+    Health,
+    Admin,
+}
+
+/// Serves one of the two small HTTP/1 servers on `listener` for the life of the process.
+pub async fn serve(state: Arc<AdminState>, listener: TcpListener, which: Server) {
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let state = state.clone();
+                async move {
+                    Ok::<_, Infallible>(match which {
+                        Server::Health => state.health(req).await,
+                        Server::Admin => state.admin(req).await,
+                    })
+                }
+            });
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}

@@ -1,0 +1,315 @@
+//! Bootstrap settings from `FERRY_*` environment variables; a bad value stops start-up naming the variable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ferry_xds::parse_duration;
+use serde::Serialize;
+
+/// Everything the proxy starts with; shown verbatim by the admin `/config_dump`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Settings {
+    pub outbound_addrs: Vec<SocketAddr>,
+    pub inbound_addrs: Vec<SocketAddr>,
+    pub admin_addr: SocketAddr,
+    pub health_addr: SocketAddr,
+    pub config_file: Option<PathBuf>,
+    #[serde(serialize_with = "as_text")]
+    pub config_poll: Duration,
+    pub service: Option<String>,
+    pub namespace: String,
+    pub service_account: Option<String>,
+    pub app_addr: Option<SocketAddr>,
+    pub workers: usize,
+    #[serde(serialize_with = "as_text")]
+    pub drain: Duration,
+    pub log_format: LogFormat,
+    pub log_level: String,
+    pub access_log: bool,
+    #[serde(serialize_with = "as_text")]
+    pub detect_timeout: Duration,
+    pub opaque_ports: Vec<u16>,
+    pub max_header_bytes: usize,
+    #[serde(serialize_with = "as_text")]
+    pub header_read_timeout: Duration,
+    #[serde(serialize_with = "as_text")]
+    pub connect_timeout: Duration,
+    #[serde(serialize_with = "as_text")]
+    pub pool_idle_timeout: Duration,
+}
+
+/// Shows durations as the settings take them (`1.5s`, `250ms`) in `/config_dump`.
+fn as_text<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&format_args!("{d:?}"))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+/// A setting that could not be used; the message names the variable.
+#[derive(Debug, thiserror::Error)]
+#[error("{var}={value:?}: {message}")]
+pub struct BootstrapError {
+    pub var: &'static str,
+    pub value: String,
+    pub message: String,
+}
+
+/// The documented defaults (README, "Settings").
+pub mod defaults {
+    pub const OUTBOUND_ADDR: &str = "127.0.0.1:15001,[::1]:15001";
+    pub const INBOUND_ADDR: &str = "0.0.0.0:15006,[::]:15006";
+    pub const ADMIN_ADDR: &str = "127.0.0.1:15000";
+    pub const HEALTH_ADDR: &str = "0.0.0.0:15020";
+    pub const OPAQUE_PORTS: &str = "25,587,3306,4444,5432,6379,9300,11211";
+    pub const DRAIN_SECONDS: u64 = 25;
+    pub const DETECT_TIMEOUT: &str = "10s";
+    pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+    pub const HEADER_READ_TIMEOUT: &str = "10s";
+    pub const CONNECT_TIMEOUT: &str = "1s";
+    pub const POOL_IDLE_TIMEOUT: &str = "60s";
+    pub const CONFIG_POLL: &str = "1s";
+}
+
+impl Settings {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Self, BootstrapError> {
+        Self::from_lookup(
+            |k| std::env::var(k).ok(),
+            std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        )
+    }
+
+    /// Reads settings through `get` (a map in tests); `terminal` picks the default log format.
+    pub fn from_lookup(
+        get: impl Fn(&str) -> Option<String>,
+        terminal: bool,
+    ) -> Result<Self, BootstrapError> {
+        let env = Env(&get);
+        if let Some(addr) = env.raw("FERRY_CONTROL_ADDR") {
+            return Err(BootstrapError {
+                var: "FERRY_CONTROL_ADDR",
+                value: addr,
+                message: "this build has no xDS client yet; use FERRY_CONFIG_FILE".into(),
+            });
+        }
+        let workers_default = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        let s = Settings {
+            outbound_addrs: env.list("FERRY_OUTBOUND_ADDR", defaults::OUTBOUND_ADDR)?,
+            inbound_addrs: env.list("FERRY_INBOUND_ADDR", defaults::INBOUND_ADDR)?,
+            admin_addr: env.parse("FERRY_ADMIN_ADDR", defaults::ADMIN_ADDR)?,
+            health_addr: env.parse("FERRY_HEALTH_ADDR", defaults::HEALTH_ADDR)?,
+            config_file: env
+                .raw("FERRY_CONFIG_FILE")
+                .filter(|s| !s.is_empty())
+                .map(PathBuf::from),
+            config_poll: env.duration("FERRY_CONFIG_POLL", defaults::CONFIG_POLL)?,
+            service: env.raw("FERRY_SERVICE").filter(|s| !s.is_empty()),
+            namespace: env
+                .raw("FERRY_NAMESPACE")
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| "default".into()),
+            service_account: env.raw("FERRY_SERVICE_ACCOUNT").filter(|s| !s.is_empty()),
+            app_addr: match env.raw("FERRY_APP_ADDR").filter(|s| !s.is_empty()) {
+                Some(v) => Some(env.parse("FERRY_APP_ADDR", &v)?),
+                None => None,
+            },
+            workers: env.parse("FERRY_WORKERS", &workers_default.to_string())?,
+            drain: Duration::from_secs(
+                env.parse("FERRY_DRAIN_SECONDS", &defaults::DRAIN_SECONDS.to_string())?,
+            ),
+            log_format: match env.raw("FERRY_LOG_FORMAT").as_deref() {
+                None | Some("") => {
+                    if terminal {
+                        LogFormat::Text
+                    } else {
+                        LogFormat::Json
+                    }
+                }
+                Some("json") => LogFormat::Json,
+                Some("text") => LogFormat::Text,
+                Some(other) => {
+                    return Err(env.error("FERRY_LOG_FORMAT", other, "must be json or text"));
+                }
+            },
+            log_level: env
+                .raw("FERRY_LOG_LEVEL")
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| "info".into()),
+            access_log: match env.raw("FERRY_ACCESS_LOG").as_deref() {
+                None | Some("") | Some("on") | Some("true") => true,
+                Some("off") | Some("false") => false,
+                Some(other) => {
+                    return Err(env.error("FERRY_ACCESS_LOG", other, "must be on or off"));
+                }
+            },
+            detect_timeout: env.duration("FERRY_DETECT_TIMEOUT", defaults::DETECT_TIMEOUT)?,
+            opaque_ports: env.list("FERRY_OPAQUE_PORTS", defaults::OPAQUE_PORTS)?,
+            max_header_bytes: env.parse(
+                "FERRY_MAX_HEADER_BYTES",
+                &defaults::MAX_HEADER_BYTES.to_string(),
+            )?,
+            header_read_timeout: env
+                .duration("FERRY_HEADER_READ_TIMEOUT", defaults::HEADER_READ_TIMEOUT)?,
+            connect_timeout: env.duration("FERRY_CONNECT_TIMEOUT", defaults::CONNECT_TIMEOUT)?,
+            pool_idle_timeout: env
+                .duration("FERRY_POOL_IDLE_TIMEOUT", defaults::POOL_IDLE_TIMEOUT)?,
+        };
+        if s.workers == 0 {
+            return Err(env.error("FERRY_WORKERS", "0", "must be at least 1"));
+        }
+        if s.max_header_bytes < 1024 {
+            return Err(env.error(
+                "FERRY_MAX_HEADER_BYTES",
+                &s.max_header_bytes.to_string(),
+                "must be at least 1024",
+            ));
+        }
+        for (var, d) in [
+            ("FERRY_DETECT_TIMEOUT", s.detect_timeout),
+            ("FERRY_CONFIG_POLL", s.config_poll),
+        ] {
+            if d.is_zero() {
+                return Err(env.error(var, "0s", "must be more than zero"));
+            }
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&s.log_level) {
+            return Err(env.error("FERRY_LOG_LEVEL", &s.log_level, &e.to_string()));
+        }
+        Ok(s)
+    }
+}
+
+struct Env<'a, F: Fn(&str) -> Option<String>>(&'a F);
+
+impl<F: Fn(&str) -> Option<String>> Env<'_, F> {
+    fn raw(&self, var: &str) -> Option<String> {
+        (self.0)(var)
+    }
+    fn error(&self, var: &'static str, value: &str, message: &str) -> BootstrapError {
+        BootstrapError {
+            var,
+            value: value.to_string(),
+            message: message.to_string(),
+        }
+    }
+    fn parse<T: std::str::FromStr>(
+        &self,
+        var: &'static str,
+        default: &str,
+    ) -> Result<T, BootstrapError>
+    where
+        T::Err: std::fmt::Display,
+    {
+        let value = self
+            .raw(var)
+            .filter(|v| !v.is_empty())
+            .unwrap_or_else(|| default.to_string());
+        value
+            .trim()
+            .parse()
+            .map_err(|e: T::Err| self.error(var, &value, &e.to_string()))
+    }
+    fn list<T: std::str::FromStr>(
+        &self,
+        var: &'static str,
+        default: &str,
+    ) -> Result<Vec<T>, BootstrapError>
+    where
+        T::Err: std::fmt::Display,
+    {
+        let value = self.raw(var).unwrap_or_else(|| default.to_string());
+        value
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|item| {
+                item.parse()
+                    .map_err(|e: T::Err| self.error(var, &value, &format!("`{item}`: {e}")))
+            })
+            .collect()
+    }
+    fn duration(&self, var: &'static str, default: &str) -> Result<Duration, BootstrapError> {
+        let value = self
+            .raw(var)
+            .filter(|v| !v.is_empty())
+            .unwrap_or_else(|| default.to_string());
+        parse_duration(&value).map_err(|e| self.error(var, &value, &e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn settings(vars: &[(&str, &str)]) -> Result<Settings, BootstrapError> {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Settings::from_lookup(|k| map.get(k).cloned(), false)
+    }
+
+    #[test]
+    fn defaults_match_design() {
+        let s = settings(&[]).unwrap();
+        assert_eq!(
+            s.outbound_addrs,
+            vec![
+                "127.0.0.1:15001".parse().unwrap(),
+                "[::1]:15001".parse().unwrap()
+            ]
+        );
+        assert_eq!(
+            s.inbound_addrs,
+            vec![
+                "0.0.0.0:15006".parse().unwrap(),
+                "[::]:15006".parse().unwrap()
+            ]
+        );
+        assert_eq!(s.admin_addr, "127.0.0.1:15000".parse().unwrap());
+        assert_eq!(s.health_addr, "0.0.0.0:15020".parse().unwrap());
+        assert_eq!(s.drain, Duration::from_secs(25));
+        assert_eq!(s.detect_timeout, Duration::from_secs(10));
+        assert_eq!(
+            s.opaque_ports,
+            vec![25, 587, 3306, 4444, 5432, 6379, 9300, 11211]
+        );
+        assert_eq!(s.log_format, LogFormat::Json);
+        assert!(s.access_log);
+    }
+
+    /// Each bad value and the variable its error must name.
+    #[test]
+    fn bad_values_name_the_variable() {
+        let cases = [
+            ("FERRY_OUTBOUND_ADDR", "127.0.0.1:99999"),
+            ("FERRY_INBOUND_ADDR", "localhost:15006"),
+            ("FERRY_ADMIN_ADDR", "nope"),
+            ("FERRY_WORKERS", "0"),
+            ("FERRY_WORKERS", "two"),
+            ("FERRY_DRAIN_SECONDS", "25s"),
+            ("FERRY_DETECT_TIMEOUT", "10"),
+            ("FERRY_DETECT_TIMEOUT", "0s"),
+            ("FERRY_OPAQUE_PORTS", "25,x"),
+            ("FERRY_LOG_FORMAT", "xml"),
+            ("FERRY_LOG_LEVEL", "ferry=loud"),
+            ("FERRY_ACCESS_LOG", "maybe"),
+            ("FERRY_APP_ADDR", "app:8080"),
+            ("FERRY_MAX_HEADER_BYTES", "10"),
+            ("FERRY_CONTROL_ADDR", "127.0.0.1:15010"),
+        ];
+        for (var, value) in cases {
+            let err = settings(&[(var, value)]).expect_err(var).to_string();
+            assert!(err.starts_with(var), "{var}={value}: {err}");
+        }
+    }
+}

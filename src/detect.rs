@@ -1,0 +1,183 @@
+//! Protocol detection: HTTP/1.x, HTTP/2 prior knowledge (h2c, gRPC), or opaque TCP, from a connection's first bytes.
+
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// The longest method token we wait for before calling the bytes opaque.
+const MAX_METHOD_LEN: usize = 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Http1,
+    Http2,
+    Tcp,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Http1 => "http1",
+            Protocol::Http2 => "h2",
+            Protocol::Tcp => "tcp",
+        }
+    }
+}
+
+/// What the bytes seen so far say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Classification {
+    Known(Protocol),
+    NeedMore,
+}
+
+/// Pure: classifies a connection's first bytes. An HTTP/1 request starts with a method token and a space;
+/// HTTP/2 prior knowledge with the 24-byte preface; anything else is opaque.
+pub fn classify(buf: &[u8]) -> Classification {
+    if buf.is_empty() {
+        return Classification::NeedMore;
+    }
+    let n = buf.len().min(H2_PREFACE.len());
+    if buf[..n] == H2_PREFACE[..n] {
+        return if buf.len() >= H2_PREFACE.len() {
+            Classification::Known(Protocol::Http2)
+        } else {
+            Classification::NeedMore
+        };
+    }
+    for (i, &b) in buf.iter().take(MAX_METHOD_LEN + 1).enumerate() {
+        match b {
+            b'A'..=b'Z' | b'-' | b'_' => continue,
+            b' ' if i > 0 => return Classification::Known(Protocol::Http1),
+            _ => return Classification::Known(Protocol::Tcp),
+        }
+    }
+    if buf.len() > MAX_METHOD_LEN {
+        Classification::Known(Protocol::Tcp)
+    } else {
+        Classification::NeedMore
+    }
+}
+
+/// Why detection ended as it did (the `reason` label of `ferry_protocol_detections_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    Detected,
+    Timeout,
+    /// The peer closed its side before the bytes were conclusive.
+    Eof,
+    OpaquePort,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Detected => "detected",
+            Reason::Timeout => "timeout",
+            Reason::Eof => "eof",
+            Reason::OpaquePort => "opaque-port",
+        }
+    }
+}
+
+/// Reads until the first bytes are conclusive or `timeout` passes; on timeout the connection is TCP, never dropped.
+/// Returns the protocol and the bytes read, which the caller must replay.
+pub async fn detect<R: AsyncRead + Unpin>(
+    io: &mut R,
+    timeout: Duration,
+) -> std::io::Result<(Protocol, Reason, BytesMut)> {
+    let mut buf = BytesMut::with_capacity(1024);
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match tokio::time::timeout_at(deadline, io.read_buf(&mut buf)).await {
+            Err(_elapsed) => return Ok((Protocol::Tcp, Reason::Timeout, buf)),
+            Ok(Err(e)) => return Err(e),
+            Ok(Ok(0)) => return Ok((Protocol::Tcp, Reason::Eof, buf)),
+            Ok(Ok(_)) => {
+                if let Classification::Known(p) = classify(&buf) {
+                    return Ok((p, Reason::Detected, buf));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use Classification::*;
+
+    #[test]
+    fn classify_table() {
+        let cases: &[(&[u8], Classification)] = &[
+            (b"", NeedMore),
+            (b"G", NeedMore),
+            (b"GET", NeedMore),
+            (b"GET / HTTP/1.1\r\n", Known(Protocol::Http1)),
+            (b"POST /x HTTP/1.0\r\n", Known(Protocol::Http1)),
+            (b"M-SEARCH * HTTP/1.1", Known(Protocol::Http1)),
+            (b"GET /\x00\x01 garbage", Known(Protocol::Http1)), // malformed HTTP: hyper answers 400
+            (b"PRI", NeedMore),
+            (b"PRI * HTTP/2.0\r\n", NeedMore),
+            (H2_PREFACE, Known(Protocol::Http2)),
+            (
+                b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00garbage",
+                Known(Protocol::Http2),
+            ),
+            (b"PRI * HTTP/1.1\r\n", Known(Protocol::Http1)),
+            (b"\x16\x03\x01\x02\x00", Known(Protocol::Tcp)), // TLS ClientHello
+            (b"get / HTTP/1.1", Known(Protocol::Tcp)),
+            (b" GET", Known(Protocol::Tcp)),
+            (b"SSH-2.0-OpenSSH", Known(Protocol::Tcp)),
+            (b"\x00\x00\x00\x08\x04\xd2\x16\x2f", Known(Protocol::Tcp)), // postgres SSLRequest
+            (b"ABCDEFGHIJKLMNOPQRSTUVWXYZ", Known(Protocol::Tcp)),
+            (b"ABCDEFGHIJKLMNOP", NeedMore),
+        ];
+        for (bytes, want) in cases {
+            assert_eq!(
+                classify(bytes),
+                *want,
+                "{:?}",
+                String::from_utf8_lossy(bytes)
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn silent_peer_becomes_tcp_at_the_timeout() {
+        let (mut client, mut server) = tokio::io::duplex(64);
+        use tokio::io::AsyncWriteExt;
+        client.write_all(b"GE").await.unwrap();
+        let (p, reason, buf) = detect(&mut server, Duration::from_secs(10)).await.unwrap();
+        assert_eq!(
+            (p, reason, &buf[..]),
+            (Protocol::Tcp, Reason::Timeout, &b"GE"[..])
+        );
+    }
+
+    #[tokio::test]
+    async fn split_preface_is_reassembled() {
+        use tokio::io::AsyncWriteExt;
+        let (mut client, mut server) = tokio::io::duplex(64);
+        let task =
+            tokio::spawn(async move { detect(&mut server, Duration::from_secs(5)).await.unwrap() });
+        client.write_all(&H2_PREFACE[..10]).await.unwrap();
+        tokio::task::yield_now().await;
+        client.write_all(&H2_PREFACE[10..]).await.unwrap();
+        let (p, reason, buf) = task.await.unwrap();
+        assert_eq!(
+            (p, reason, buf.len()),
+            (Protocol::Http2, Reason::Detected, 24)
+        );
+    }
+
+    #[tokio::test]
+    async fn early_close_is_tcp() {
+        let (client, mut server) = tokio::io::duplex(64);
+        drop(client);
+        let (p, reason, _) = detect(&mut server, Duration::from_secs(5)).await.unwrap();
+        assert_eq!((p, reason), (Protocol::Tcp, Reason::Eof));
+    }
+}

@@ -1,0 +1,169 @@
+//! Proxy-made errors, typed, and the one place that turns them into responses with a `ferry-proxy-error` header.
+
+use std::net::SocketAddr;
+
+use http::{HeaderValue, Response, StatusCode, header};
+
+use crate::proxy::body::ProxyBody;
+use crate::snapshot::RouteError;
+
+pub const PROXY_ERROR_HEADER: &str = "ferry-proxy-error";
+
+/// A failure of the proxy itself (never the app's own error response).
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("{0}")]
+    NoRoute(String),
+    #[error("{0}")]
+    NoHealthyEndpoints(String),
+    #[error("connecting to {addr}: {source}")]
+    ConnectRefused {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("connecting to {0} timed out")]
+    ConnectTimeout(SocketAddr),
+    #[error("upstream {addr} failed the request: {source}")]
+    UpstreamReset {
+        addr: SocketAddr,
+        source: hyper::Error,
+    },
+    #[error("bad request: {0}")]
+    BadRequest(&'static str),
+}
+
+impl From<RouteError> for ProxyError {
+    fn from(e: RouteError) -> Self {
+        match e {
+            RouteError::NoEndpoints(_) => ProxyError::NoHealthyEndpoints(e.to_string()),
+            RouteError::NoRoute(_) | RouteError::NoPort { .. } => {
+                ProxyError::NoRoute(e.to_string())
+            }
+        }
+    }
+}
+
+impl ProxyError {
+    /// The `ferry-proxy-error` value, also the `reason` metric label and log field.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ProxyError::NoRoute(_) => "no-route",
+            ProxyError::NoHealthyEndpoints(_) => "no-healthy-endpoints",
+            ProxyError::ConnectRefused { .. } => "connect-refused",
+            ProxyError::ConnectTimeout(_) => "connect-timeout",
+            ProxyError::UpstreamReset { .. } => "upstream-reset",
+            ProxyError::BadRequest(_) => "bad-request",
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::NoRoute(_)
+            | ProxyError::ConnectRefused { .. }
+            | ProxyError::ConnectTimeout(_)
+            | ProxyError::UpstreamReset { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::NoHealthyEndpoints(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    /// The gRPC status code a gRPC caller gets instead of the HTTP status.
+    pub fn grpc_status(&self) -> u8 {
+        const INTERNAL: u8 = 13;
+        const UNAVAILABLE: u8 = 14;
+        match self {
+            ProxyError::BadRequest(_) => INTERNAL,
+            _ => UNAVAILABLE,
+        }
+    }
+}
+
+/// The response a caller gets for `err`: an HTTP error with a short text body, or for gRPC a Trailers-Only response.
+pub fn respond(err: &ProxyError, grpc: bool) -> Response<ProxyBody> {
+    let reason = HeaderValue::from_static(err.reason());
+    if grpc {
+        let message = HeaderValue::from_str(&percent_encode(&err.to_string()))
+            .unwrap_or_else(|_| HeaderValue::from_static("proxy error"));
+        return Response::builder()
+            .status(StatusCode::OK)
+            .header(header::CONTENT_TYPE, "application/grpc")
+            .header("grpc-status", err.grpc_status().to_string())
+            .header("grpc-message", message)
+            .header(PROXY_ERROR_HEADER, reason)
+            .body(ProxyBody::empty())
+            .expect("valid response");
+    }
+    let body = format!("{}: {}\n", err.reason(), err);
+    Response::builder()
+        .status(err.status())
+        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .header(PROXY_ERROR_HEADER, reason)
+        .body(ProxyBody::full(body))
+        .expect("valid response")
+}
+
+/// grpc-message is percent-encoded (gRPC over HTTP/2 spec).
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if (0x20..0x7f).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_and_reasons() {
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let cases = [
+            (ProxyError::NoRoute("x".into()), 502, "no-route", 14),
+            (
+                ProxyError::NoHealthyEndpoints("x".into()),
+                503,
+                "no-healthy-endpoints",
+                14,
+            ),
+            (
+                ProxyError::ConnectRefused {
+                    addr,
+                    source: std::io::ErrorKind::ConnectionRefused.into(),
+                },
+                502,
+                "connect-refused",
+                14,
+            ),
+            (ProxyError::ConnectTimeout(addr), 502, "connect-timeout", 14),
+            (
+                ProxyError::BadRequest("no authority"),
+                400,
+                "bad-request",
+                13,
+            ),
+        ];
+        for (err, status, reason, grpc) in cases {
+            let http = respond(&err, false);
+            assert_eq!(http.status().as_u16(), status, "{reason}");
+            assert_eq!(http.headers()[PROXY_ERROR_HEADER], reason);
+            let g = respond(&err, true);
+            assert_eq!(g.status(), StatusCode::OK);
+            assert_eq!(g.headers()["grpc-status"], grpc.to_string().as_str());
+            assert_eq!(g.headers()[PROXY_ERROR_HEADER], reason);
+            assert!(
+                http_body::Body::is_end_stream(g.body()),
+                "Trailers-Only has no body"
+            );
+        }
+    }
+
+    #[test]
+    fn grpc_message_is_percent_encoded() {
+        assert_eq!(percent_encode("a b%\n"), "a b%25%0A");
+    }
+}

@@ -1,0 +1,210 @@
+//! The proxy's Prometheus metrics; label sets are bounded (no paths, no IDs, no endpoint IPs).
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::proxy::Direction;
+
+/// Latency buckets from 0.5 ms to 30 s.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    request_duration: HistogramVec,
+    /// Labelled handles per (direction, service), so the request path does not hash label values.
+    request_handles: RwLock<HashMap<(Direction, String), Arc<RequestHandles>>>,
+    pub proxy_errors: IntCounterVec,
+    pub tcp_opened: IntCounterVec,
+    pub tcp_closed: IntCounterVec,
+    pub tcp_open: IntGaugeVec,
+    pub tcp_received_bytes: IntCounterVec,
+    pub tcp_sent_bytes: IntCounterVec,
+    pub detections: IntCounterVec,
+    pub detection_duration: HistogramVec,
+    pub config_updates: IntCounterVec,
+    pub config_version: IntGauge,
+}
+
+/// The counters and histograms of one (direction, service), one per status class.
+pub struct RequestHandles {
+    requests: [IntCounter; 5],
+    duration: [Histogram; 5],
+}
+
+impl RequestHandles {
+    pub fn record(&self, status: u16, elapsed: Duration) {
+        let class = usize::from(status / 100).clamp(1, 5) - 1;
+        self.requests[class].inc();
+        self.duration[class].observe(elapsed.as_secs_f64());
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
+        };
+        let histogram = |name: &str, help: &str, labels: &[&str], buckets: &[f64]| {
+            let h = HistogramVec::new(
+                HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+                labels,
+            )
+            .expect("valid metric");
+            registry
+                .register(Box::new(h.clone()))
+                .expect("unique metric");
+            h
+        };
+        let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
+            let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
+        };
+        let m = Metrics {
+            requests: counter(
+                "ferry_requests_total",
+                "HTTP/gRPC requests handled, by direction, service and response status class.",
+                &["direction", "service", "status_class"],
+            ),
+            request_duration: histogram(
+                "ferry_request_duration_seconds",
+                "Time from request received to response headers sent.",
+                &["direction", "service", "status_class"],
+                LATENCY_BUCKETS,
+            ),
+            request_handles: RwLock::new(HashMap::new()),
+            proxy_errors: counter(
+                "ferry_proxy_errors_total",
+                "Errors made by the proxy (not the app), by ferry-proxy-error reason.",
+                &["direction", "reason"],
+            ),
+            tcp_opened: counter(
+                "ferry_tcp_connections_opened_total",
+                "Accepted connections.",
+                &["direction"],
+            ),
+            tcp_closed: counter(
+                "ferry_tcp_connections_closed_total",
+                "Closed accepted connections.",
+                &["direction"],
+            ),
+            tcp_open: gauge_vec(
+                "ferry_tcp_connections_open",
+                "Accepted connections now open.",
+                &["direction"],
+            ),
+            tcp_received_bytes: counter(
+                "ferry_tcp_received_bytes_total",
+                "Bytes received from downstream peers on accepted connections.",
+                &["direction"],
+            ),
+            tcp_sent_bytes: counter(
+                "ferry_tcp_sent_bytes_total",
+                "Bytes sent to downstream peers on accepted connections.",
+                &["direction"],
+            ),
+            detections: counter(
+                "ferry_protocol_detections_total",
+                "Protocol detection outcomes per accepted connection.",
+                &["direction", "protocol", "reason"],
+            ),
+            detection_duration: histogram(
+                "ferry_protocol_detection_duration_seconds",
+                "Time spent detecting the protocol of a connection.",
+                &["direction"],
+                LATENCY_BUCKETS,
+            ),
+            config_updates: counter(
+                "ferry_config_updates_total",
+                "Config updates from the config source, applied or rejected.",
+                &["source", "result"],
+            ),
+            config_version: IntGauge::new(
+                "ferry_config_version",
+                "Version of the live config snapshot.",
+            )
+            .expect("valid metric"),
+            registry,
+        };
+        m.registry
+            .register(Box::new(m.config_version.clone()))
+            .expect("unique metric");
+        let build = IntGaugeVec::new(
+            Opts::new("ferry_build_info", "Build of the running proxy."),
+            &["version"],
+        )
+        .expect("valid metric");
+        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        m.registry.register(Box::new(build)).expect("unique metric");
+        #[cfg(target_os = "linux")]
+        m.registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("unique metric");
+        m
+    }
+
+    /// Request metrics of one (direction, service), created on first use.
+    pub fn requests(&self, direction: Direction, service: &str) -> Arc<RequestHandles> {
+        let key = (direction, service.to_string());
+        if let Some(h) = self.request_handles.read().expect("metrics lock").get(&key) {
+            return h.clone();
+        }
+        let handles = Arc::new(RequestHandles {
+            requests: STATUS_CLASSES.map(|c| {
+                self.requests
+                    .with_label_values(&[direction.as_str(), service, c])
+            }),
+            duration: STATUS_CLASSES.map(|c| {
+                self.request_duration
+                    .with_label_values(&[direction.as_str(), service, c])
+            }),
+        });
+        self.request_handles
+            .write()
+            .expect("metrics lock")
+            .entry(key)
+            .or_insert(handles)
+            .clone()
+    }
+
+    pub fn proxy_error(&self, direction: Direction, reason: &str) {
+        self.proxy_errors
+            .with_label_values(&[direction.as_str(), reason])
+            .inc();
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding cannot fail");
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,365 @@
+//! Forwards one HTTP request: picks the destination, strips hop-by-hop headers, sends it over the pool, relays upgrades.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+
+use super::body::ProxyBody;
+use super::pool::HttpVersion;
+use super::{Direction, Proxy};
+use crate::errors::{self, ProxyError};
+
+/// Where a request goes and under which service it is counted.
+struct Destination {
+    service: String,
+    addr: SocketAddr,
+    authority: String,
+}
+
+impl Proxy {
+    /// Handles one request end to end; never fails: proxy errors become responses here, through `errors::respond`.
+    pub(super) async fn forward(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        direction: Direction,
+        client: SocketAddr,
+    ) -> Response<ProxyBody> {
+        let start = Instant::now();
+        let grpc = is_grpc(req.headers());
+        let method = req.method().clone();
+        let path = req.uri().path().to_string();
+        let version = req.version();
+        let (service, upstream, result) = match self.destination(&req, direction) {
+            Ok(dest) => {
+                let service = dest.service.clone();
+                let addr = dest.addr;
+                (service, Some(addr), self.send(req, dest).await)
+            }
+            Err((service, e)) => (service, None, Err(e)),
+        };
+        let (response, error) = match result {
+            Ok(resp) => (resp, None),
+            Err(e) => {
+                self.metrics.proxy_error(direction, e.reason());
+                (errors::respond(&e, grpc), Some(e))
+            }
+        };
+        let elapsed = start.elapsed();
+        self.metrics
+            .requests(direction, &service)
+            .record(response.status().as_u16(), elapsed);
+        if self.settings.access_log {
+            tracing::info!(
+                target: "ferry::access",
+                direction = direction.as_str(),
+                client = %client,
+                method = %method,
+                path = %path,
+                version = ?version,
+                service = %service,
+                upstream = upstream.map(|a| a.to_string()).unwrap_or_default(),
+                status = response.status().as_u16(),
+                duration_ms = elapsed.as_secs_f64() * 1000.0,
+                error = error.as_ref().map(|e| e.reason()).unwrap_or(""),
+                detail = error.as_ref().map(|e| e.to_string()).unwrap_or_default(),
+            );
+        }
+        response
+    }
+
+    /// Outbound: route by authority over the live snapshot. Inbound: the local app.
+    fn destination(
+        &self,
+        req: &Request<Incoming>,
+        direction: Direction,
+    ) -> Result<Destination, (String, ProxyError)> {
+        let authority = authority_of(req);
+        match direction {
+            Direction::Outbound => {
+                let authority = authority.ok_or_else(|| {
+                    (
+                        "unknown".to_string(),
+                        ProxyError::BadRequest("request names no host"),
+                    )
+                })?;
+                let route = self
+                    .store
+                    .load()
+                    .route(&authority)
+                    .map_err(|e| ("unknown".to_string(), e.into()))?;
+                Ok(Destination {
+                    service: route.service.qualified_name(),
+                    addr: route.endpoint,
+                    authority,
+                })
+            }
+            Direction::Inbound => {
+                let service = self.local_service_label();
+                let addr = self.inbound_target().ok_or_else(|| {
+                    (
+                        service.clone(),
+                        ProxyError::NoRoute("no app address is configured".into()),
+                    )
+                })?;
+                Ok(Destination {
+                    service,
+                    addr,
+                    authority: authority.unwrap_or_else(|| addr.to_string()),
+                })
+            }
+        }
+    }
+
+    async fn send(
+        &self,
+        mut req: Request<Incoming>,
+        dest: Destination,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let version = if req.version() == Version::HTTP_2 {
+            HttpVersion::Http2
+        } else {
+            HttpVersion::Http1
+        };
+        let upgrade = (version == HttpVersion::Http1 && is_upgrade(req.headers()))
+            .then(|| hyper::upgrade::on(&mut req));
+        strip_hop_by_hop(req.headers_mut(), upgrade.is_some());
+        // 100-continue was answered to the client as we started reading its body.
+        req.headers_mut().remove(header::EXPECT);
+        let path = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/")
+            .to_string();
+        let absolute_form = req.uri().authority().is_some();
+        match version {
+            HttpVersion::Http1 => {
+                *req.uri_mut() = Uri::try_from(path)
+                    .map_err(|_| ProxyError::BadRequest("invalid request target"))?;
+                *req.version_mut() = Version::HTTP_11;
+                if absolute_form || !req.headers().contains_key(header::HOST) {
+                    let host = HeaderValue::from_str(&dest.authority)
+                        .map_err(|_| ProxyError::BadRequest("invalid host"))?;
+                    req.headers_mut().insert(header::HOST, host);
+                }
+            }
+            HttpVersion::Http2 => {
+                *req.uri_mut() = Uri::builder()
+                    .scheme("http")
+                    .authority(dest.authority.as_str())
+                    .path_and_query(path)
+                    .build()
+                    .map_err(|_| ProxyError::BadRequest("invalid authority"))?;
+            }
+        }
+        let mut resp = self
+            .pool
+            .send(dest.addr, version, req.map(ProxyBody::from))
+            .await?;
+        match upgrade {
+            Some(downstream) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                let upstream = hyper::upgrade::on(&mut resp);
+                tokio::spawn(async move {
+                    match tokio::try_join!(downstream, upstream) {
+                        Ok((down, up)) => {
+                            let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
+                            if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await
+                            {
+                                tracing::debug!(error = %e, "upgraded connection ended with an error");
+                            }
+                        }
+                        Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+                    }
+                });
+            }
+            _ => strip_hop_by_hop(resp.headers_mut(), false),
+        }
+        Ok(resp.map(ProxyBody::from))
+    }
+}
+
+/// The request's target authority: absolute-form URI or `:authority`, else the `Host` header.
+fn authority_of<B>(req: &Request<B>) -> Option<String> {
+    if let Some(a) = req.uri().authority() {
+        return Some(a.as_str().to_string());
+    }
+    req.headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .filter(|h| !h.is_empty())
+        .map(str::to_string)
+}
+
+pub fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/grpc"))
+}
+
+fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && connection_tokens(headers).any(|t| t.eq_ignore_ascii_case("upgrade"))
+}
+
+fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+/// Removes the hop-by-hop fields of RFC 9110 §7.6.1 and those the `Connection` header lists.
+/// `TE: trailers` stays (gRPC needs it); an upgrade keeps `Connection: upgrade` and `Upgrade`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let listed: Vec<HeaderName> = connection_tokens(headers)
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+        .collect();
+    for name in listed {
+        if !(keep_upgrade && name == header::UPGRADE) && name != header::TE {
+            headers.remove(name);
+        }
+    }
+    for name in ["keep-alive", "proxy-connection"] {
+        headers.remove(name);
+    }
+    headers.remove(header::TRANSFER_ENCODING);
+    let te_trailers = headers.get_all(header::TE).iter().any(|v| {
+        v.to_str().is_ok_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        })
+    });
+    headers.remove(header::TE);
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    headers.remove(header::CONNECTION);
+    if keep_upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::UPGRADE);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        pairs
+            .iter()
+            .map(|(k, v)| {
+                (
+                    HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                    HeaderValue::from_str(v).unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn hop_by_hop_table() {
+        // (input headers, keep_upgrade, names that must remain, names that must be gone)
+        let cases: &[(&[(&str, &str)], bool, &[&str], &[&str])] = &[
+            (
+                &[
+                    ("connection", "keep-alive, x-secret"),
+                    ("keep-alive", "timeout=5"),
+                    ("x-secret", "1"),
+                    ("x-app", "1"),
+                ],
+                false,
+                &["x-app"],
+                &["connection", "keep-alive", "x-secret"],
+            ),
+            (
+                &[
+                    ("te", "trailers, deflate"),
+                    ("transfer-encoding", "chunked"),
+                ],
+                false,
+                &["te"],
+                &["transfer-encoding"],
+            ),
+            (&[("te", "gzip")], false, &[], &["te"]),
+            (
+                &[("connection", "Upgrade"), ("upgrade", "websocket")],
+                true,
+                &["connection", "upgrade"],
+                &[],
+            ),
+            (
+                &[("connection", "Upgrade"), ("upgrade", "websocket")],
+                false,
+                &[],
+                &["connection", "upgrade"],
+            ),
+            (
+                &[
+                    ("proxy-connection", "keep-alive"),
+                    ("trailer", "x-checksum"),
+                ],
+                false,
+                &["trailer"],
+                &["proxy-connection"],
+            ),
+        ];
+        for (input, keep, present, absent) in cases {
+            let mut h = headers(input);
+            strip_hop_by_hop(&mut h, *keep);
+            for name in *present {
+                assert!(h.contains_key(*name), "{name} should remain for {input:?}");
+            }
+            for name in *absent {
+                assert!(
+                    !h.contains_key(*name),
+                    "{name} should be removed for {input:?}"
+                );
+            }
+        }
+        let mut h = headers(&[("te", "trailers, deflate")]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h["te"], "trailers");
+    }
+
+    #[test]
+    fn upgrade_and_grpc_recognition() {
+        assert!(is_upgrade(&headers(&[
+            ("connection", "keep-alive, Upgrade"),
+            ("upgrade", "websocket")
+        ])));
+        assert!(!is_upgrade(&headers(&[("upgrade", "websocket")])));
+        assert!(is_grpc(&headers(&[(
+            "content-type",
+            "application/grpc+proto"
+        )])));
+        assert!(!is_grpc(&headers(&[("content-type", "application/json")])));
+    }
+
+    #[test]
+    fn authority_prefers_the_uri() {
+        let req = Request::builder()
+            .uri("http://a.example:8080/x")
+            .header("host", "b")
+            .body(())
+            .unwrap();
+        assert_eq!(authority_of(&req).as_deref(), Some("a.example:8080"));
+        let req = Request::builder()
+            .uri("/x")
+            .header("host", "b:81")
+            .body(())
+            .unwrap();
+        assert_eq!(authority_of(&req).as_deref(), Some("b:81"));
+        let req = Request::builder().uri("/x").body(()).unwrap();
+        assert_eq!(authority_of(&req), None);
+    }
+}

@@ -1,0 +1,324 @@
+//! The live config: an immutable snapshot behind `ArcSwap`, filled by a config source, and the pure route decision.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use arc_swap::ArcSwap;
+use ferry_xds::{Document, PortProtocol, ServicePort, ServiceSpec, split_host_port};
+use serde::Serialize;
+
+/// Everything the data path needs to route, as one immutable value.
+#[derive(Debug, Default, Serialize)]
+pub struct Snapshot {
+    pub version: u64,
+    /// Where it came from: `none` or `file:<path>` (later `xds:<addr>`).
+    pub source: String,
+    pub services: Vec<Arc<ServiceEntry>>,
+    #[serde(skip)]
+    by_host: HashMap<String, Vec<(Option<u16>, usize)>>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ServiceEntry {
+    pub name: String,
+    pub namespace: String,
+    pub spec: ServiceSpec,
+    /// Round-robin cursor (replaced by P2C over EWMA with the resilience policies).
+    #[serde(skip)]
+    next: AtomicUsize,
+}
+
+/// Why a request could not be given a destination.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    #[error("no service has the address {0}")]
+    NoRoute(String),
+    #[error("service {service} has no port {port}")]
+    NoPort { service: String, port: u16 },
+    #[error("service {0} has no endpoints")]
+    NoEndpoints(String),
+}
+
+/// The decision for one request: which service and port, and which endpoint to dial.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub service: Arc<ServiceEntry>,
+    pub port: ServicePort,
+    pub endpoint: SocketAddr,
+}
+
+impl ServiceEntry {
+    pub fn qualified_name(&self) -> String {
+        format!("{}.{}", self.name, self.namespace)
+    }
+
+    /// Every endpoint address for a request to `port`.
+    pub fn endpoints(&self, port: u16) -> impl Iterator<Item = SocketAddr> + '_ {
+        self.spec
+            .endpoints
+            .iter()
+            .filter_map(move |e| e.socket_addr(port))
+    }
+
+    fn pick_endpoint(&self, port: u16) -> Option<SocketAddr> {
+        let n = self.spec.endpoints.len();
+        if n == 0 {
+            return None;
+        }
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        self.spec.endpoints[i].socket_addr(port)
+    }
+}
+
+impl Snapshot {
+    /// Builds a snapshot from accepted documents. Besides each Service's `addresses`, `name.namespace` and
+    /// `name.namespace.svc.cluster.local` always match, and the bare `name` matches in the proxy's own namespace.
+    pub fn build(
+        version: u64,
+        source: String,
+        documents: Vec<Document>,
+        local_namespace: &str,
+    ) -> Self {
+        let mut services = Vec::new();
+        let mut by_host: HashMap<String, Vec<(Option<u16>, usize)>> = HashMap::new();
+        let mut implicit = Vec::new();
+        for doc in documents {
+            let Document::Service(svc) = doc;
+            let index = services.len();
+            for address in &svc.spec.addresses {
+                let (host, port) = split_host_port(address);
+                let port = port.and_then(|p| p.parse().ok());
+                by_host
+                    .entry(normalize_host(host))
+                    .or_default()
+                    .push((port, index));
+            }
+            let (name, ns) = (&svc.metadata.name, &svc.metadata.namespace);
+            implicit.push((format!("{name}.{ns}"), index));
+            implicit.push((format!("{name}.{ns}.svc.cluster.local"), index));
+            if ns == local_namespace {
+                implicit.push((name.clone(), index));
+            }
+            services.push(Arc::new(ServiceEntry {
+                name: svc.metadata.name,
+                namespace: svc.metadata.namespace,
+                spec: svc.spec,
+                next: AtomicUsize::new(0),
+            }));
+        }
+        for (host, index) in implicit {
+            by_host.entry(host).or_insert_with(|| vec![(None, index)]);
+        }
+        Snapshot {
+            version,
+            source,
+            services,
+            by_host,
+        }
+    }
+
+    /// Pure route decision for an authority (`host`, `host:port`, `[v6]:port`); a missing port means 80.
+    pub fn route(&self, authority: &str) -> Result<Route, RouteError> {
+        let (host, port) = split_host_port(authority);
+        let port: u16 = match port {
+            None => 80,
+            Some(p) => p
+                .parse()
+                .map_err(|_| RouteError::NoRoute(authority.to_string()))?,
+        };
+        let candidates = self
+            .by_host
+            .get(&normalize_host(host))
+            .ok_or_else(|| RouteError::NoRoute(authority.to_string()))?;
+        let index = candidates
+            .iter()
+            .find(|(p, _)| *p == Some(port))
+            .or_else(|| candidates.iter().find(|(p, _)| p.is_none()))
+            .map(|(_, i)| *i)
+            .ok_or_else(|| RouteError::NoRoute(authority.to_string()))?;
+        let service = &self.services[index];
+        let service_port = service
+            .spec
+            .ports
+            .iter()
+            .find(|p| p.port == port)
+            .or_else(|| {
+                candidates
+                    .iter()
+                    .any(|(p, _)| *p == Some(port))
+                    .then(|| &service.spec.ports[0])
+            })
+            .cloned()
+            .ok_or_else(|| RouteError::NoPort {
+                service: service.qualified_name(),
+                port,
+            })?;
+        let endpoint = service
+            .pick_endpoint(service_port.port)
+            .ok_or_else(|| RouteError::NoEndpoints(service.qualified_name()))?;
+        Ok(Route {
+            service: service.clone(),
+            port: service_port,
+            endpoint,
+        })
+    }
+
+    /// The service named `name` in `namespace`, if the snapshot has it.
+    pub fn service(&self, name: &str, namespace: &str) -> Option<&Arc<ServiceEntry>> {
+        self.services
+            .iter()
+            .find(|s| s.name == name && s.namespace == namespace)
+    }
+
+    /// Whether a port of a known service is declared opaque (`protocol: tcp`).
+    pub fn is_opaque_port(&self, port: u16) -> bool {
+        self.services.iter().any(|s| {
+            s.spec
+                .ports
+                .iter()
+                .any(|p| p.port == port && p.protocol == PortProtocol::Tcp)
+        })
+    }
+}
+
+fn normalize_host(host: &str) -> String {
+    host.trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// Holds the live snapshot; sources store into it, the data path only loads.
+pub struct ConfigStore {
+    current: ArcSwap<Snapshot>,
+    applied: AtomicBool,
+}
+
+impl ConfigStore {
+    pub fn new() -> Self {
+        ConfigStore {
+            current: ArcSwap::from_pointee(Snapshot {
+                source: "none".into(),
+                ..Default::default()
+            }),
+            applied: AtomicBool::new(false),
+        }
+    }
+
+    pub fn load(&self) -> arc_swap::Guard<Arc<Snapshot>> {
+        self.current.load()
+    }
+
+    pub fn load_full(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    pub fn store(&self, snapshot: Snapshot) {
+        self.current.store(Arc::new(snapshot));
+        self.applied.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether a config source has delivered a config at least once.
+    pub fn applied(&self) -> bool {
+        self.applied.load(Ordering::SeqCst)
+    }
+}
+
+impl Default for ConfigStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot() -> Snapshot {
+        let yaml = r#"
+apiVersion: ferry.dev/v1alpha1
+kind: Service
+metadata: {name: payments, namespace: shop}
+spec:
+  ports: [{port: 8080}, {port: 9090, protocol: grpc}]
+  addresses: [payments.example.com, "10.96.0.7", "pay.internal:80"]
+  endpoints: [{address: "127.0.0.1:18001"}, {address: "127.0.0.2"}]
+---
+apiVersion: ferry.dev/v1alpha1
+kind: Service
+metadata: {name: orders, namespace: default}
+spec: {ports: [{port: 80}, {port: 5432, protocol: tcp}]}
+"#;
+        Snapshot::build(
+            1,
+            "test".into(),
+            ferry_xds::parse_documents(yaml).unwrap(),
+            "default",
+        )
+    }
+
+    #[test]
+    fn route_table() {
+        let s = snapshot();
+        // (authority, Ok((service, service port)) or the error)
+        let cases: &[(&str, Result<(&str, u16), RouteError>)] = &[
+            ("payments.example.com:8080", Ok(("payments", 8080))),
+            ("PAYMENTS.example.com.:9090", Ok(("payments", 9090))),
+            ("payments.shop:8080", Ok(("payments", 8080))),
+            (
+                "payments.shop.svc.cluster.local:8080",
+                Ok(("payments", 8080)),
+            ),
+            ("10.96.0.7:8080", Ok(("payments", 8080))),
+            ("pay.internal", Ok(("payments", 8080))), // an address with a port maps to the first service port
+            (
+                "payments.shop",
+                Err(RouteError::NoPort {
+                    service: "payments.shop".into(),
+                    port: 80,
+                }),
+            ),
+            (
+                "payments:8080",
+                Err(RouteError::NoRoute("payments:8080".into())),
+            ), // other namespace: no bare name
+            (
+                "orders",
+                Err(RouteError::NoEndpoints("orders.default".into())),
+            ),
+            (
+                "unknown.example:80",
+                Err(RouteError::NoRoute("unknown.example:80".into())),
+            ),
+            (
+                "payments.shop:http",
+                Err(RouteError::NoRoute("payments.shop:http".into())),
+            ),
+        ];
+        for (authority, want) in cases {
+            let got = s
+                .route(authority)
+                .map(|r| (r.service.name.clone(), r.port.port));
+            let want = want.clone().map(|(n, p)| (n.to_string(), p));
+            assert_eq!(got, want, "{authority}");
+        }
+    }
+
+    #[test]
+    fn endpoints_rotate_and_take_the_service_port() {
+        let s = snapshot();
+        let picks: Vec<_> = (0..4)
+            .map(|_| s.route("payments.shop:8080").unwrap().endpoint.to_string())
+            .collect();
+        assert_eq!(
+            picks,
+            [
+                "127.0.0.1:18001",
+                "127.0.0.2:8080",
+                "127.0.0.1:18001",
+                "127.0.0.2:8080"
+            ]
+        );
+        assert!(s.is_opaque_port(5432));
+        assert!(!s.is_opaque_port(80));
+    }
+}

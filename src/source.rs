@@ -1,0 +1,109 @@
+//! The file source: a multi-document YAML file re-read on SIGHUP and on change; a bad file never replaces a good snapshot.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::metrics::Metrics;
+use crate::snapshot::{ConfigStore, Snapshot};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Invalid {
+        path: PathBuf,
+        source: ferry_xds::ConfigError,
+    },
+}
+
+/// Validates the file's content into a snapshot.
+pub fn parse(
+    path: &Path,
+    bytes: &[u8],
+    version: u64,
+    local_namespace: &str,
+) -> Result<Snapshot, SourceError> {
+    let text = String::from_utf8_lossy(bytes);
+    let documents = ferry_xds::parse_documents(&text).map_err(|source| SourceError::Invalid {
+        path: path.into(),
+        source,
+    })?;
+    Ok(Snapshot::build(
+        version,
+        format!("file:{}", path.display()),
+        documents,
+        local_namespace,
+    ))
+}
+
+/// Watches `path`: loads it now, then again on SIGHUP and whenever its content changes (checked every `poll`).
+pub async fn run_file_source(
+    path: PathBuf,
+    poll: Duration,
+    namespace: String,
+    store: Arc<ConfigStore>,
+    metrics: Arc<Metrics>,
+) {
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(
+            |e| tracing::warn!(error = %e, "cannot watch SIGHUP; the config file is still polled"),
+        )
+        .ok();
+    let mut version = 0u64;
+    // The content last looked at (good or bad) and the last error, so that each is reported once.
+    let mut last: Option<Vec<u8>> = None;
+    let mut last_error: Option<String> = None;
+    let mut forced = true;
+    loop {
+        if !forced {
+            forced = tokio::select! {
+                Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => None } } => true,
+                _ = tokio::time::sleep(poll) => false,
+            };
+        }
+        let result = std::fs::read(&path)
+            .map_err(|source| SourceError::Read {
+                path: path.clone(),
+                source,
+            })
+            .and_then(|bytes| {
+                if !forced && last.as_ref() == Some(&bytes) {
+                    return Ok(None);
+                }
+                let parsed = parse(&path, &bytes, version + 1, &namespace);
+                last = Some(bytes);
+                parsed.map(Some)
+            });
+        forced = false;
+        match result {
+            Ok(None) => {}
+            Ok(Some(snapshot)) => {
+                version += 1;
+                tracing::info!(path = %path.display(), version, services = snapshot.services.len(), "config applied");
+                metrics.config_version.set(version as i64);
+                metrics
+                    .config_updates
+                    .with_label_values(&["file", "applied"])
+                    .inc();
+                store.store(snapshot);
+                last_error = None;
+            }
+            Err(e) => {
+                let message = e.to_string();
+                if last_error.as_ref() != Some(&message) {
+                    tracing::error!(error = %message, kept_version = version, "config rejected; keeping the last good config");
+                    metrics
+                        .config_updates
+                        .with_label_values(&["file", "rejected"])
+                        .inc();
+                    last_error = Some(message);
+                }
+            }
+        }
+    }
+}
