@@ -1,0 +1,206 @@
+//! Real backends on loopback for the integration tests: an HTTP/1 + h2c app, a WebSocket echo, raw TCP servers.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type TestBody = BoxBody<Bytes, BoxError>;
+
+/// A server task on a loopback port; stopped when dropped.
+pub struct Backend {
+    pub addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub fn full(data: impl Into<Bytes>) -> TestBody {
+    Full::new(data.into()).map_err(|e| match e {}).boxed()
+}
+
+/// Deterministic pseudo-random bytes: chunk `i` of a stream (xorshift), the same on both ends of a test.
+pub fn pattern_chunk(i: u64, len: usize) -> Bytes {
+    let mut x = i.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out.into()
+}
+
+pub const CHUNK: usize = 64 * 1024;
+
+/// A body of `total` pattern bytes, streamed in 64 KiB chunks (never held whole).
+pub fn pattern_body(total: u64) -> TestBody {
+    let chunks = total.div_ceil(CHUNK as u64);
+    let stream = futures_util::stream::iter(0..chunks).map(move |i| {
+        let len = (total - i * CHUNK as u64).min(CHUNK as u64) as usize;
+        Ok::<_, BoxError>(Frame::data(pattern_chunk(i, len)))
+    });
+    BodyExt::boxed(StreamBody::new(stream))
+}
+
+pub fn pattern_sha256(total: u64) -> String {
+    let mut h = Sha256::new();
+    for i in 0..total.div_ceil(CHUNK as u64) {
+        let len = (total - i * CHUNK as u64).min(CHUNK as u64) as usize;
+        h.update(pattern_chunk(i, len));
+    }
+    hex(&h.finalize())
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Reads a body frame by frame, hashing it: (length, sha256 hex).
+pub async fn hash_body<B>(mut body: B) -> Result<(u64, String), B::Error>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+{
+    let mut h = Sha256::new();
+    let mut n = 0u64;
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame?.into_data() {
+            n += data.len() as u64;
+            h.update(&data);
+        }
+    }
+    Ok((n, hex(&h.finalize())))
+}
+
+fn query(req: &Request<Incoming>, key: &str) -> Option<u64> {
+    req.uri().query()?.split('&').find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
+}
+
+/// The test app. `/echo` streams the request body back; `/sha256` hashes the body; `/download?bytes=N` streams N
+/// pattern bytes; `/delay?ms=N` answers after N ms; `/status?code=N` answers N; anything else says hello.
+/// Every response tells the HTTP version and Host/authority the app saw.
+async fn app(req: Request<Incoming>) -> Result<Response<TestBody>, Infallible> {
+    let version = format!("{:?}", req.version());
+    let host = req
+        .headers()
+        .get("host")
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()))
+        .unwrap_or_default();
+    let builder = Response::builder().header("x-seen-version", version).header("x-seen-host", host);
+    let path = req.uri().path().to_string();
+    let resp = match path.as_str() {
+        "/echo" => builder.body(req.into_body().map_err(BoxError::from).boxed()),
+        "/sha256" => {
+            let (n, sha) = hash_body(req.into_body()).await.unwrap_or((0, "error".into()));
+            builder.body(full(format!("{n} {sha}")))
+        }
+        "/download" => builder.body(pattern_body(query(&req, "bytes").unwrap_or(0))),
+        "/delay" => {
+            tokio::time::sleep(Duration::from_millis(query(&req, "ms").unwrap_or(0))).await;
+            builder.body(full("delayed"))
+        }
+        "/status" => builder.status(query(&req, "code").unwrap_or(200) as u16).body(full("status")),
+        _ => builder.body(full("hello from backend")),
+    };
+    Ok(resp.unwrap())
+}
+
+/// The test app on HTTP/1.1 and h2c (prior knowledge), on a fresh loopback port.
+pub async fn http_backend() -> Backend {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { continue };
+            tokio::spawn(async move {
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection_with_upgrades(TokioIo::new(stream), hyper::service::service_fn(app))
+                    .await;
+            });
+        }
+    });
+    Backend { addr, task }
+}
+
+/// A WebSocket server that echoes every message.
+pub async fn websocket_backend() -> Backend {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { continue };
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else { return };
+                while let Some(Ok(msg)) = ws.next().await {
+                    if msg.is_close() {
+                        break;
+                    }
+                    if futures_util::SinkExt::send(&mut ws, msg).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    Backend { addr, task }
+}
+
+/// Reads until the client half-closes, then answers `received N bytes` and closes: proves half-close is relayed.
+pub async fn half_close_backend() -> Backend {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else { continue };
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                if stream.read_to_end(&mut buf).await.is_ok() {
+                    let _ = stream.write_all(format!("received {} bytes", buf.len()).as_bytes()).await;
+                    let _ = stream.shutdown().await;
+                }
+            });
+        }
+    });
+    Backend { addr, task }
+}
+
+/// A server-speaks-first protocol (like SMTP or MySQL): greets on accept, then echoes lines.
+pub async fn greeting_backend(listener: TcpListener) -> Backend {
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else { continue };
+            tokio::spawn(async move {
+                if stream.write_all(b"220 ferry-test ready\r\n").await.is_err() {
+                    return;
+                }
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = stream.read(&mut buf).await {
+                    if n == 0 || stream.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    Backend { addr, task }
+}

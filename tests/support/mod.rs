@@ -1,0 +1,220 @@
+//! Shared by the integration tests: runs a real `ferry` process on free loopback ports, and small real backends.
+#![allow(dead_code)]
+
+pub mod backend;
+
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// A running `ferry` process; killed when dropped. Its logs are in `log_path`.
+pub struct Ferry {
+    pub child: Child,
+    pub outbound: SocketAddr,
+    pub inbound: SocketAddr,
+    pub admin: SocketAddr,
+    pub health: SocketAddr,
+    pub log_path: PathBuf,
+    pub dir: TempDir,
+}
+
+/// A directory removed when dropped.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("ferry-test-{tag}-{}-{}", std::process::id(), free_port()));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// One `Service` document of the file source.
+pub fn service_yaml(name: &str, port: u16, endpoints: &[SocketAddr]) -> String {
+    let eps: Vec<String> = endpoints.iter().map(|e| format!("{{address: \"{e}\"}}")).collect();
+    format!(
+        "apiVersion: ferry.dev/v1alpha1\nkind: Service\nmetadata: {{name: {name}}}\nspec:\n  ports: [{{port: {port}}}]\n  endpoints: [{}]\n---\n",
+        eps.join(", ")
+    )
+}
+
+impl Ferry {
+    /// Starts ferry with `config` (file source, if any) and extra env, and waits until it is ready.
+    pub fn start(config: Option<&str>, env: &[(&str, &str)]) -> Ferry {
+        let ferry = Self::spawn(config, env);
+        ferry.wait_ready();
+        ferry
+    }
+
+    /// Starts ferry without waiting for readiness.
+    pub fn spawn(config: Option<&str>, env: &[(&str, &str)]) -> Ferry {
+        let dir = TempDir::new("ferry");
+        let (outbound, inbound, admin, health) =
+            (loopback(free_port()), loopback(free_port()), loopback(free_port()), loopback(free_port()));
+        let log_path = dir.path().join("ferry.log");
+        let log = std::fs::File::create(&log_path).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferry"));
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("FERRY_OUTBOUND_ADDR", outbound.to_string())
+            .env("FERRY_INBOUND_ADDR", inbound.to_string())
+            .env("FERRY_ADMIN_ADDR", admin.to_string())
+            .env("FERRY_HEALTH_ADDR", health.to_string())
+            .env("FERRY_LOG_FORMAT", "json")
+            .env("FERRY_LOG_LEVEL", "info,ferry=debug")
+            .env("FERRY_CONFIG_POLL", "100ms")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        if let Some(config) = config {
+            let path = dir.path().join("ferry.yaml");
+            std::fs::write(&path, config).unwrap();
+            cmd.env("FERRY_CONFIG_FILE", &path);
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("start ferry");
+        Ferry { child, outbound, inbound, admin, health, log_path, dir }
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("ferry.yaml")
+    }
+
+    /// Rewrites the config file (atomically, as a ConfigMap update would).
+    pub fn write_config(&self, config: &str) {
+        let tmp = self.dir.path().join("ferry.yaml.tmp");
+        let mut f = std::fs::File::create(&tmp).unwrap();
+        f.write_all(config.as_bytes()).unwrap();
+        f.sync_all().unwrap();
+        std::fs::rename(tmp, self.config_path()).unwrap();
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if http_get(self.health, "/health/ready").map(|(s, _)| s) == Some(200) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("ferry not ready within 30s; log:\n{}", self.logs());
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn metrics(&self) -> String {
+        http_get(self.health, "/metrics").expect("metrics").1
+    }
+
+    /// The value of a metric line that starts with `series` (name plus labels as Prometheus prints them), or 0.
+    pub fn metric(&self, series: &str) -> f64 {
+        metric_value(&self.metrics(), series)
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill").args([&format!("-{sig}"), &self.pid().to_string()]).status().unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit, up to `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Resident set size in KiB (and anonymous RSS), from /proc.
+    pub fn rss_kib(&self) -> (u64, u64) {
+        rss_kib(self.pid())
+    }
+}
+
+impl Drop for Ferry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("---- ferry log ----\n{}", self.logs());
+        }
+    }
+}
+
+pub fn rss_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("RssAnon:"))
+}
+
+pub fn metric_value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// A blocking HTTP/1.0 GET for probes: (status, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let status = out.split_whitespace().nth(1)?.parse().ok()?;
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Some((status, body))
+}
+
+/// A blocking HTTP/1.1 request with a method and body to an admin-style endpoint: (status, body).
+pub fn http_request(addr: SocketAddr, method: &str, path: &str, body: &str) -> Option<(u16, String)> {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}", body.len()).ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let status = out.split_whitespace().nth(1)?.parse().ok()?;
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Some((status, body))
+}
