@@ -27,11 +27,7 @@ pub struct Health {
 
 impl Health {
     pub fn new(needs_config: bool) -> Self {
-        Health {
-            listeners_bound: AtomicBool::new(false),
-            started: AtomicBool::new(false),
-            needs_config,
-        }
+        Health { listeners_bound: AtomicBool::new(false), started: AtomicBool::new(false), needs_config }
     }
 
     pub fn set_listeners_bound(&self) {
@@ -43,8 +39,7 @@ impl Health {
         if self.started.load(Ordering::SeqCst) {
             return true;
         }
-        let now =
-            self.listeners_bound.load(Ordering::SeqCst) && (!self.needs_config || store.applied());
+        let now = self.listeners_bound.load(Ordering::SeqCst) && (!self.needs_config || store.applied());
         if now {
             self.started.store(true, Ordering::SeqCst);
         }
@@ -77,11 +72,7 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
 }
 
 fn json(value: &serde_json::Value) -> Response<Body> {
-    reply(
-        StatusCode::OK,
-        "application/json",
-        serde_json::to_vec_pretty(value).expect("serializable"),
-    )
+    reply(StatusCode::OK, "application/json", serde_json::to_vec_pretty(value).expect("serializable"))
 }
 
 impl AdminState {
@@ -101,15 +92,8 @@ impl AdminState {
             "/health/live" => text(StatusCode::OK, "live\n"),
             "/health/startup" => probe(started, "started"),
             "/health/ready" => probe(started && !self.drain.is_draining(), "ready"),
-            "/metrics" => reply(
-                StatusCode::OK,
-                "text/plain; version=0.0.4",
-                self.metrics.encode(),
-            ),
-            _ => text(
-                StatusCode::NOT_FOUND,
-                "try /health/live, /health/ready, /health/startup or /metrics\n",
-            ),
+            "/metrics" => reply(StatusCode::OK, "text/plain; version=0.0.4", self.metrics.encode()),
+            _ => text(StatusCode::NOT_FOUND, "try /health/live, /health/ready, /health/startup or /metrics\n"),
         }
     }
 
@@ -143,15 +127,19 @@ impl AdminState {
             }
             (Method::POST, "/shutdown") => {
                 tracing::info!("shutdown requested on the admin port");
-                self.drain.start();
+                // Start a moment later, so that this answer is written before an idle proxy exits.
+                let drain = self.drain.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    drain.start();
+                });
                 text(StatusCode::ACCEPTED, "draining\n")
             }
             (Method::PUT, "/log_level") => {
-                let query_level = req.uri().query().and_then(|q| {
-                    q.split('&')
-                        .find_map(|kv| kv.strip_prefix("level="))
-                        .map(str::to_string)
-                });
+                let query_level = req
+                    .uri()
+                    .query()
+                    .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("level=")).map(str::to_string));
                 let level = match query_level {
                     Some(l) => l,
                     None => match Limited::new(req.into_body(), 4096).collect().await {
@@ -162,30 +150,21 @@ impl AdminState {
                     },
                 };
                 let Some(log) = &self.log else {
-                    return text(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "logging is not managed by this process\n",
-                    );
+                    return text(StatusCode::SERVICE_UNAVAILABLE, "logging is not managed by this process\n");
                 };
                 match log.set_level(&level) {
                     Ok(()) => {
                         tracing::info!(level = %level, "log level changed");
                         text(StatusCode::OK, format!("log level: {level}\n"))
                     }
-                    Err(e) => text(
-                        StatusCode::BAD_REQUEST,
-                        format!("invalid log level `{level}`: {e}\n"),
-                    ),
+                    Err(e) => text(StatusCode::BAD_REQUEST, format!("invalid log level `{level}`: {e}\n")),
                 }
             }
             (_, "/config_dump" | "/endpoints" | "/shutdown" | "/log_level") => text(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "GET /config_dump, GET /endpoints, POST /shutdown, PUT /log_level\n",
             ),
-            _ => text(
-                StatusCode::NOT_FOUND,
-                "GET /config_dump, GET /endpoints, POST /shutdown, PUT /log_level\n",
-            ),
+            _ => text(StatusCode::NOT_FOUND, "GET /config_dump, GET /endpoints, POST /shutdown, PUT /log_level\n"),
         }
     }
 }
@@ -218,9 +197,7 @@ pub async fn serve(state: Arc<AdminState>, listener: TcpListener, which: Server)
                     })
                 }
             });
-            let _ = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
         });
     }
 }

@@ -18,17 +18,9 @@ use crate::source;
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("cannot bind the {what} listener on {addr} ({var}): {source}")]
-    Bind {
-        what: &'static str,
-        var: &'static str,
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Bind { what: &'static str, var: &'static str, addr: SocketAddr, source: std::io::Error },
     #[error("no {what} listener could be bound ({var})")]
-    NoListener {
-        what: &'static str,
-        var: &'static str,
-    },
+    NoListener { what: &'static str, var: &'static str },
 }
 
 /// Binds a listener; IPv6 sockets are v6-only so that `0.0.0.0:p` and `[::]:p` can both be bound.
@@ -45,11 +37,7 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// Binds each address of a list: an IPv6 address that cannot be bound is logged and skipped, an IPv4 one is fatal.
-fn bind_all(
-    addrs: &[SocketAddr],
-    what: &'static str,
-    var: &'static str,
-) -> Result<Vec<TcpListener>, StartError> {
+fn bind_all(addrs: &[SocketAddr], what: &'static str, var: &'static str) -> Result<Vec<TcpListener>, StartError> {
     let mut listeners = Vec::new();
     for &addr in addrs {
         match bind(addr) {
@@ -58,12 +46,7 @@ fn bind_all(
                 tracing::warn!(%addr, error = %source, "IPv6 {what} listener not bound (no IPv6 on this host?); skipped");
             }
             Err(source) => {
-                return Err(StartError::Bind {
-                    what,
-                    var,
-                    addr,
-                    source,
-                });
+                return Err(StartError::Bind { what, var, addr, source });
             }
         }
     }
@@ -84,8 +67,7 @@ pub async fn run(settings: Settings, log: Option<LogHandle>) -> Result<(), Start
     let outbound = bind_all(&settings.outbound_addrs, "outbound", "FERRY_OUTBOUND_ADDR")?;
     let inbound = bind_all(&settings.inbound_addrs, "inbound", "FERRY_INBOUND_ADDR")?;
     let admin_listener = bind_all(&[settings.admin_addr], "admin", "FERRY_ADMIN_ADDR")?.remove(0);
-    let health_listener =
-        bind_all(&[settings.health_addr], "health", "FERRY_HEALTH_ADDR")?.remove(0);
+    let health_listener = bind_all(&[settings.health_addr], "health", "FERRY_HEALTH_ADDR")?.remove(0);
 
     match &settings.config_file {
         Some(path) => {
@@ -97,21 +79,11 @@ pub async fn run(settings: Settings, log: Option<LogHandle>) -> Result<(), Start
                 metrics.clone(),
             ));
         }
-        None => tracing::info!(
-            "no config source (FERRY_CONFIG_FILE unset): explicit requests get 502 no-route"
-        ),
+        None => tracing::info!("no config source (FERRY_CONFIG_FILE unset): explicit requests get 502 no-route"),
     }
 
-    let proxy = Proxy::new(
-        settings.clone(),
-        store.clone(),
-        metrics.clone(),
-        drain.clone(),
-    );
-    for (listeners, direction) in [
-        (outbound, Direction::Outbound),
-        (inbound, Direction::Inbound),
-    ] {
+    let proxy = Proxy::new(settings.clone(), store.clone(), metrics.clone(), drain.clone());
+    for (listeners, direction) in [(outbound, Direction::Outbound), (inbound, Direction::Inbound)] {
         for l in listeners {
             tracing::info!(addr = ?l.local_addr().ok(), direction = direction.as_str(), "listening");
             tokio::spawn(proxy.clone().serve(l, direction));
@@ -126,11 +98,7 @@ pub async fn run(settings: Settings, log: Option<LogHandle>) -> Result<(), Start
         log,
     });
     tracing::info!(admin = %settings.admin_addr, health = %settings.health_addr, "admin and health servers listening");
-    tokio::spawn(admin::serve(
-        state.clone(),
-        admin_listener,
-        admin::Server::Admin,
-    ));
+    tokio::spawn(admin::serve(state.clone(), admin_listener, admin::Server::Admin));
     tokio::spawn(admin::serve(state, health_listener, admin::Server::Health));
     health.set_listeners_bound();
 

@@ -79,17 +79,11 @@ pub mod defaults {
 impl Settings {
     /// Reads the process environment.
     pub fn from_env() -> Result<Self, BootstrapError> {
-        Self::from_lookup(
-            |k| std::env::var(k).ok(),
-            std::io::IsTerminal::is_terminal(&std::io::stderr()),
-        )
+        Self::from_lookup(|k| std::env::var(k).ok(), std::io::IsTerminal::is_terminal(&std::io::stderr()))
     }
 
     /// Reads settings through `get` (a map in tests); `terminal` picks the default log format.
-    pub fn from_lookup(
-        get: impl Fn(&str) -> Option<String>,
-        terminal: bool,
-    ) -> Result<Self, BootstrapError> {
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>, terminal: bool) -> Result<Self, BootstrapError> {
         let env = Env(&get);
         if let Some(addr) = env.raw("FERRY_CONTROL_ADDR") {
             return Err(BootstrapError {
@@ -98,33 +92,23 @@ impl Settings {
                 message: "this build has no xDS client yet; use FERRY_CONFIG_FILE".into(),
             });
         }
-        let workers_default = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1);
+        let workers_default = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         let s = Settings {
             outbound_addrs: env.list("FERRY_OUTBOUND_ADDR", defaults::OUTBOUND_ADDR)?,
             inbound_addrs: env.list("FERRY_INBOUND_ADDR", defaults::INBOUND_ADDR)?,
             admin_addr: env.parse("FERRY_ADMIN_ADDR", defaults::ADMIN_ADDR)?,
             health_addr: env.parse("FERRY_HEALTH_ADDR", defaults::HEALTH_ADDR)?,
-            config_file: env
-                .raw("FERRY_CONFIG_FILE")
-                .filter(|s| !s.is_empty())
-                .map(PathBuf::from),
+            config_file: env.raw("FERRY_CONFIG_FILE").filter(|s| !s.is_empty()).map(PathBuf::from),
             config_poll: env.duration("FERRY_CONFIG_POLL", defaults::CONFIG_POLL)?,
             service: env.raw("FERRY_SERVICE").filter(|s| !s.is_empty()),
-            namespace: env
-                .raw("FERRY_NAMESPACE")
-                .filter(|s| !s.is_empty())
-                .unwrap_or_else(|| "default".into()),
+            namespace: env.raw("FERRY_NAMESPACE").filter(|s| !s.is_empty()).unwrap_or_else(|| "default".into()),
             service_account: env.raw("FERRY_SERVICE_ACCOUNT").filter(|s| !s.is_empty()),
             app_addr: match env.raw("FERRY_APP_ADDR").filter(|s| !s.is_empty()) {
                 Some(v) => Some(env.parse("FERRY_APP_ADDR", &v)?),
                 None => None,
             },
             workers: env.parse("FERRY_WORKERS", &workers_default.to_string())?,
-            drain: Duration::from_secs(
-                env.parse("FERRY_DRAIN_SECONDS", &defaults::DRAIN_SECONDS.to_string())?,
-            ),
+            drain: Duration::from_secs(env.parse("FERRY_DRAIN_SECONDS", &defaults::DRAIN_SECONDS.to_string())?),
             log_format: match env.raw("FERRY_LOG_FORMAT").as_deref() {
                 None | Some("") => {
                     if terminal {
@@ -139,10 +123,7 @@ impl Settings {
                     return Err(env.error("FERRY_LOG_FORMAT", other, "must be json or text"));
                 }
             },
-            log_level: env
-                .raw("FERRY_LOG_LEVEL")
-                .filter(|s| !s.is_empty())
-                .unwrap_or_else(|| "info".into()),
+            log_level: env.raw("FERRY_LOG_LEVEL").filter(|s| !s.is_empty()).unwrap_or_else(|| "info".into()),
             access_log: match env.raw("FERRY_ACCESS_LOG").as_deref() {
                 None | Some("") | Some("on") | Some("true") => true,
                 Some("off") | Some("false") => false,
@@ -152,30 +133,18 @@ impl Settings {
             },
             detect_timeout: env.duration("FERRY_DETECT_TIMEOUT", defaults::DETECT_TIMEOUT)?,
             opaque_ports: env.list("FERRY_OPAQUE_PORTS", defaults::OPAQUE_PORTS)?,
-            max_header_bytes: env.parse(
-                "FERRY_MAX_HEADER_BYTES",
-                &defaults::MAX_HEADER_BYTES.to_string(),
-            )?,
-            header_read_timeout: env
-                .duration("FERRY_HEADER_READ_TIMEOUT", defaults::HEADER_READ_TIMEOUT)?,
+            max_header_bytes: env.parse("FERRY_MAX_HEADER_BYTES", &defaults::MAX_HEADER_BYTES.to_string())?,
+            header_read_timeout: env.duration("FERRY_HEADER_READ_TIMEOUT", defaults::HEADER_READ_TIMEOUT)?,
             connect_timeout: env.duration("FERRY_CONNECT_TIMEOUT", defaults::CONNECT_TIMEOUT)?,
-            pool_idle_timeout: env
-                .duration("FERRY_POOL_IDLE_TIMEOUT", defaults::POOL_IDLE_TIMEOUT)?,
+            pool_idle_timeout: env.duration("FERRY_POOL_IDLE_TIMEOUT", defaults::POOL_IDLE_TIMEOUT)?,
         };
         if s.workers == 0 {
             return Err(env.error("FERRY_WORKERS", "0", "must be at least 1"));
         }
         if s.max_header_bytes < 1024 {
-            return Err(env.error(
-                "FERRY_MAX_HEADER_BYTES",
-                &s.max_header_bytes.to_string(),
-                "must be at least 1024",
-            ));
+            return Err(env.error("FERRY_MAX_HEADER_BYTES", &s.max_header_bytes.to_string(), "must be at least 1024"));
         }
-        for (var, d) in [
-            ("FERRY_DETECT_TIMEOUT", s.detect_timeout),
-            ("FERRY_CONFIG_POLL", s.config_poll),
-        ] {
+        for (var, d) in [("FERRY_DETECT_TIMEOUT", s.detect_timeout), ("FERRY_CONFIG_POLL", s.config_poll)] {
             if d.is_zero() {
                 return Err(env.error(var, "0s", "must be more than zero"));
             }
@@ -194,34 +163,16 @@ impl<F: Fn(&str) -> Option<String>> Env<'_, F> {
         (self.0)(var)
     }
     fn error(&self, var: &'static str, value: &str, message: &str) -> BootstrapError {
-        BootstrapError {
-            var,
-            value: value.to_string(),
-            message: message.to_string(),
-        }
+        BootstrapError { var, value: value.to_string(), message: message.to_string() }
     }
-    fn parse<T: std::str::FromStr>(
-        &self,
-        var: &'static str,
-        default: &str,
-    ) -> Result<T, BootstrapError>
+    fn parse<T: std::str::FromStr>(&self, var: &'static str, default: &str) -> Result<T, BootstrapError>
     where
         T::Err: std::fmt::Display,
     {
-        let value = self
-            .raw(var)
-            .filter(|v| !v.is_empty())
-            .unwrap_or_else(|| default.to_string());
-        value
-            .trim()
-            .parse()
-            .map_err(|e: T::Err| self.error(var, &value, &e.to_string()))
+        let value = self.raw(var).filter(|v| !v.is_empty()).unwrap_or_else(|| default.to_string());
+        value.trim().parse().map_err(|e: T::Err| self.error(var, &value, &e.to_string()))
     }
-    fn list<T: std::str::FromStr>(
-        &self,
-        var: &'static str,
-        default: &str,
-    ) -> Result<Vec<T>, BootstrapError>
+    fn list<T: std::str::FromStr>(&self, var: &'static str, default: &str) -> Result<Vec<T>, BootstrapError>
     where
         T::Err: std::fmt::Display,
     {
@@ -230,17 +181,11 @@ impl<F: Fn(&str) -> Option<String>> Env<'_, F> {
             .split(',')
             .map(str::trim)
             .filter(|s| !s.is_empty())
-            .map(|item| {
-                item.parse()
-                    .map_err(|e: T::Err| self.error(var, &value, &format!("`{item}`: {e}")))
-            })
+            .map(|item| item.parse().map_err(|e: T::Err| self.error(var, &value, &format!("`{item}`: {e}"))))
             .collect()
     }
     fn duration(&self, var: &'static str, default: &str) -> Result<Duration, BootstrapError> {
-        let value = self
-            .raw(var)
-            .filter(|v| !v.is_empty())
-            .unwrap_or_else(|| default.to_string());
+        let value = self.raw(var).filter(|v| !v.is_empty()).unwrap_or_else(|| default.to_string());
         parse_duration(&value).map_err(|e| self.error(var, &value, &e.to_string()))
     }
 }
@@ -251,38 +196,20 @@ mod tests {
     use std::collections::HashMap;
 
     fn settings(vars: &[(&str, &str)]) -> Result<Settings, BootstrapError> {
-        let map: HashMap<String, String> = vars
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let map: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         Settings::from_lookup(|k| map.get(k).cloned(), false)
     }
 
     #[test]
     fn defaults_match_design() {
         let s = settings(&[]).unwrap();
-        assert_eq!(
-            s.outbound_addrs,
-            vec![
-                "127.0.0.1:15001".parse().unwrap(),
-                "[::1]:15001".parse().unwrap()
-            ]
-        );
-        assert_eq!(
-            s.inbound_addrs,
-            vec![
-                "0.0.0.0:15006".parse().unwrap(),
-                "[::]:15006".parse().unwrap()
-            ]
-        );
+        assert_eq!(s.outbound_addrs, vec!["127.0.0.1:15001".parse().unwrap(), "[::1]:15001".parse().unwrap()]);
+        assert_eq!(s.inbound_addrs, vec!["0.0.0.0:15006".parse().unwrap(), "[::]:15006".parse().unwrap()]);
         assert_eq!(s.admin_addr, "127.0.0.1:15000".parse().unwrap());
         assert_eq!(s.health_addr, "0.0.0.0:15020".parse().unwrap());
         assert_eq!(s.drain, Duration::from_secs(25));
         assert_eq!(s.detect_timeout, Duration::from_secs(10));
-        assert_eq!(
-            s.opaque_ports,
-            vec![25, 587, 3306, 4444, 5432, 6379, 9300, 11211]
-        );
+        assert_eq!(s.opaque_ports, vec![25, 587, 3306, 4444, 5432, 6379, 9300, 11211]);
         assert_eq!(s.log_format, LogFormat::Json);
         assert!(s.access_log);
     }

@@ -54,11 +54,7 @@ pub fn classify(buf: &[u8]) -> Classification {
             _ => return Classification::Known(Protocol::Tcp),
         }
     }
-    if buf.len() > MAX_METHOD_LEN {
-        Classification::Known(Protocol::Tcp)
-    } else {
-        Classification::NeedMore
-    }
+    if buf.len() > MAX_METHOD_LEN { Classification::Known(Protocol::Tcp) } else { Classification::NeedMore }
 }
 
 /// Why detection ended as it did (the `reason` label of `ferry_protocol_detections_total`).
@@ -122,10 +118,7 @@ mod tests {
             (b"PRI", NeedMore),
             (b"PRI * HTTP/2.0\r\n", NeedMore),
             (H2_PREFACE, Known(Protocol::Http2)),
-            (
-                b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00garbage",
-                Known(Protocol::Http2),
-            ),
+            (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00garbage", Known(Protocol::Http2)),
             (b"PRI * HTTP/1.1\r\n", Known(Protocol::Http1)),
             (b"\x16\x03\x01\x02\x00", Known(Protocol::Tcp)), // TLS ClientHello
             (b"get / HTTP/1.1", Known(Protocol::Tcp)),
@@ -136,12 +129,7 @@ mod tests {
             (b"ABCDEFGHIJKLMNOP", NeedMore),
         ];
         for (bytes, want) in cases {
-            assert_eq!(
-                classify(bytes),
-                *want,
-                "{:?}",
-                String::from_utf8_lossy(bytes)
-            );
+            assert_eq!(classify(bytes), *want, "{:?}", String::from_utf8_lossy(bytes));
         }
     }
 
@@ -151,26 +139,19 @@ mod tests {
         use tokio::io::AsyncWriteExt;
         client.write_all(b"GE").await.unwrap();
         let (p, reason, buf) = detect(&mut server, Duration::from_secs(10)).await.unwrap();
-        assert_eq!(
-            (p, reason, &buf[..]),
-            (Protocol::Tcp, Reason::Timeout, &b"GE"[..])
-        );
+        assert_eq!((p, reason, &buf[..]), (Protocol::Tcp, Reason::Timeout, &b"GE"[..]));
     }
 
     #[tokio::test]
     async fn split_preface_is_reassembled() {
         use tokio::io::AsyncWriteExt;
         let (mut client, mut server) = tokio::io::duplex(64);
-        let task =
-            tokio::spawn(async move { detect(&mut server, Duration::from_secs(5)).await.unwrap() });
+        let task = tokio::spawn(async move { detect(&mut server, Duration::from_secs(5)).await.unwrap() });
         client.write_all(&H2_PREFACE[..10]).await.unwrap();
         tokio::task::yield_now().await;
         client.write_all(&H2_PREFACE[10..]).await.unwrap();
         let (p, reason, buf) = task.await.unwrap();
-        assert_eq!(
-            (p, reason, buf.len()),
-            (Protocol::Http2, Reason::Detected, 24)
-        );
+        assert_eq!((p, reason, buf.len()), (Protocol::Http2, Reason::Detected, 24));
     }
 
     #[tokio::test]

@@ -51,9 +51,7 @@ impl Drain {
 
     pub fn track(&self) -> InFlight {
         self.inner.in_flight.fetch_add(1, Ordering::SeqCst);
-        InFlight {
-            inner: self.inner.clone(),
-        }
+        InFlight { inner: self.inner.clone() }
     }
 
     pub fn in_flight(&self) -> usize {
@@ -107,9 +105,6 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(10)).await;
         assert!(!waiter.is_finished());
         drop(b);
-        tokio::time::timeout(Duration::from_secs(1), waiter)
-            .await
-            .unwrap()
-            .unwrap();
+        tokio::time::timeout(Duration::from_secs(1), waiter).await.unwrap().unwrap();
     }
 }

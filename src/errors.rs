@@ -17,17 +17,11 @@ pub enum ProxyError {
     #[error("{0}")]
     NoHealthyEndpoints(String),
     #[error("connecting to {addr}: {source}")]
-    ConnectRefused {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    ConnectRefused { addr: SocketAddr, source: std::io::Error },
     #[error("connecting to {0} timed out")]
     ConnectTimeout(SocketAddr),
     #[error("upstream {addr} failed the request: {source}")]
-    UpstreamReset {
-        addr: SocketAddr,
-        source: hyper::Error,
-    },
+    UpstreamReset { addr: SocketAddr, source: hyper::Error },
     #[error("bad request: {0}")]
     BadRequest(&'static str),
 }
@@ -36,9 +30,7 @@ impl From<RouteError> for ProxyError {
     fn from(e: RouteError) -> Self {
         match e {
             RouteError::NoEndpoints(_) => ProxyError::NoHealthyEndpoints(e.to_string()),
-            RouteError::NoRoute(_) | RouteError::NoPort { .. } => {
-                ProxyError::NoRoute(e.to_string())
-            }
+            RouteError::NoRoute(_) | RouteError::NoPort { .. } => ProxyError::NoRoute(e.to_string()),
         }
     }
 }
@@ -124,28 +116,15 @@ mod tests {
         let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
         let cases = [
             (ProxyError::NoRoute("x".into()), 502, "no-route", 14),
+            (ProxyError::NoHealthyEndpoints("x".into()), 503, "no-healthy-endpoints", 14),
             (
-                ProxyError::NoHealthyEndpoints("x".into()),
-                503,
-                "no-healthy-endpoints",
-                14,
-            ),
-            (
-                ProxyError::ConnectRefused {
-                    addr,
-                    source: std::io::ErrorKind::ConnectionRefused.into(),
-                },
+                ProxyError::ConnectRefused { addr, source: std::io::ErrorKind::ConnectionRefused.into() },
                 502,
                 "connect-refused",
                 14,
             ),
             (ProxyError::ConnectTimeout(addr), 502, "connect-timeout", 14),
-            (
-                ProxyError::BadRequest("no authority"),
-                400,
-                "bad-request",
-                13,
-            ),
+            (ProxyError::BadRequest("no authority"), 400, "bad-request", 13),
         ];
         for (err, status, reason, grpc) in cases {
             let http = respond(&err, false);
@@ -155,10 +134,7 @@ mod tests {
             assert_eq!(g.status(), StatusCode::OK);
             assert_eq!(g.headers()["grpc-status"], grpc.to_string().as_str());
             assert_eq!(g.headers()[PROXY_ERROR_HEADER], reason);
-            assert!(
-                http_body::Body::is_end_stream(g.body()),
-                "Trailers-Only has no body"
-            );
+            assert!(http_body::Body::is_end_stream(g.body()), "Trailers-Only has no body");
         }
     }
 

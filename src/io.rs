@@ -19,13 +19,7 @@ pub struct ConnIo {
 
 impl ConnIo {
     pub fn new(stream: TcpStream) -> Self {
-        ConnIo {
-            prefix: BytesMut::new(),
-            stream,
-            read: 0,
-            written: 0,
-            on_close: None,
-        }
+        ConnIo { prefix: BytesMut::new(), stream, read: 0, written: 0, on_close: None }
     }
 
     /// Makes the next reads return `bytes` (already read, and counted, during detection) before the socket's.
@@ -54,11 +48,7 @@ impl Drop for ConnIo {
 }
 
 impl AsyncRead for ConnIo {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
         if !this.prefix.is_empty() {
             let n = this.prefix.len().min(buf.remaining());
@@ -74,11 +64,7 @@ impl AsyncRead for ConnIo {
 }
 
 impl AsyncWrite for ConnIo {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
         let res = Pin::new(&mut self.stream).poll_write(cx, data);
         if let Poll::Ready(Ok(n)) = res {
             self.written += n as u64;

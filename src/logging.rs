@@ -1,8 +1,6 @@
 //! `tracing` set-up: JSON lines when not on a terminal, human-readable on one; the level can change at run time.
 
-use tracing_subscriber::{
-    EnvFilter, Registry, layer::SubscriberExt, reload, util::SubscriberInitExt,
-};
+use tracing_subscriber::{EnvFilter, Registry, layer::SubscriberExt, reload, util::SubscriberInitExt};
 
 use crate::bootstrap::LogFormat;
 
@@ -21,17 +19,9 @@ impl LogHandle {
 pub fn init(format: LogFormat, level: &str) -> LogHandle {
     let (filter, handle) = reload::Layer::new(EnvFilter::new(level));
     let json = (format == LogFormat::Json).then(|| {
-        tracing_subscriber::fmt::layer()
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .with_span_list(false)
+        tracing_subscriber::fmt::layer().json().flatten_event(true).with_current_span(false).with_span_list(false)
     });
     let text = (format == LogFormat::Text).then(tracing_subscriber::fmt::layer);
-    tracing_subscriber::registry()
-        .with(filter)
-        .with(json)
-        .with(text)
-        .init();
+    tracing_subscriber::registry().with(filter).with(json).with(text).init();
     LogHandle(handle)
 }

@@ -37,14 +37,9 @@ fn run() -> anyhow::Result<()> {
     let settings = Settings::from_env()?;
     let log = ferry::logging::init(settings.log_format, &settings.log_level);
     let runtime = if settings.workers == 1 {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?
+        tokio::runtime::Builder::new_current_thread().enable_all().build()?
     } else {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(settings.workers)
-            .enable_all()
-            .build()?
+        tokio::runtime::Builder::new_multi_thread().worker_threads(settings.workers).enable_all().build()?
     };
     runtime.block_on(ferry::app::run(settings, Some(log)))?;
     // Upgraded connections and pooled-connection tasks are not waited for past the drain.

@@ -5,16 +5,15 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 use crate::proxy::Direction;
 
 /// Latency buckets from 0.5 ms to 30 s.
-pub const LATENCY_BUCKETS: &[f64] = &[
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-];
+pub const LATENCY_BUCKETS: &[f64] =
+    &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 
 const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
@@ -55,27 +54,18 @@ impl Metrics {
         let registry = Registry::new();
         let counter = |name: &str, help: &str, labels: &[&str]| {
             let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-            registry
-                .register(Box::new(c.clone()))
-                .expect("unique metric");
+            registry.register(Box::new(c.clone())).expect("unique metric");
             c
         };
         let histogram = |name: &str, help: &str, labels: &[&str], buckets: &[f64]| {
-            let h = HistogramVec::new(
-                HistogramOpts::new(name, help).buckets(buckets.to_vec()),
-                labels,
-            )
-            .expect("valid metric");
-            registry
-                .register(Box::new(h.clone()))
-                .expect("unique metric");
+            let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), labels)
+                .expect("valid metric");
+            registry.register(Box::new(h.clone())).expect("unique metric");
             h
         };
         let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
             let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
-            registry
-                .register(Box::new(g.clone()))
-                .expect("unique metric");
+            registry.register(Box::new(g.clone())).expect("unique metric");
             g
         };
         let m = Metrics {
@@ -96,21 +86,9 @@ impl Metrics {
                 "Errors made by the proxy (not the app), by ferry-proxy-error reason.",
                 &["direction", "reason"],
             ),
-            tcp_opened: counter(
-                "ferry_tcp_connections_opened_total",
-                "Accepted connections.",
-                &["direction"],
-            ),
-            tcp_closed: counter(
-                "ferry_tcp_connections_closed_total",
-                "Closed accepted connections.",
-                &["direction"],
-            ),
-            tcp_open: gauge_vec(
-                "ferry_tcp_connections_open",
-                "Accepted connections now open.",
-                &["direction"],
-            ),
+            tcp_opened: counter("ferry_tcp_connections_opened_total", "Accepted connections.", &["direction"]),
+            tcp_closed: counter("ferry_tcp_connections_closed_total", "Closed accepted connections.", &["direction"]),
+            tcp_open: gauge_vec("ferry_tcp_connections_open", "Accepted connections now open.", &["direction"]),
             tcp_received_bytes: counter(
                 "ferry_tcp_received_bytes_total",
                 "Bytes received from downstream peers on accepted connections.",
@@ -137,28 +115,25 @@ impl Metrics {
                 "Config updates from the config source, applied or rejected.",
                 &["source", "result"],
             ),
-            config_version: IntGauge::new(
-                "ferry_config_version",
-                "Version of the live config snapshot.",
-            )
-            .expect("valid metric"),
+            config_version: IntGauge::new("ferry_config_version", "Version of the live config snapshot.")
+                .expect("valid metric"),
             registry,
         };
-        m.registry
-            .register(Box::new(m.config_version.clone()))
-            .expect("unique metric");
-        let build = IntGaugeVec::new(
-            Opts::new("ferry_build_info", "Build of the running proxy."),
-            &["version"],
-        )
-        .expect("valid metric");
+        m.registry.register(Box::new(m.config_version.clone())).expect("unique metric");
+        // Series exist from the start, so dashboards and rate() see zeros rather than nothing.
+        for d in ["inbound", "outbound"] {
+            for c in [&m.tcp_opened, &m.tcp_closed, &m.tcp_received_bytes, &m.tcp_sent_bytes] {
+                c.with_label_values(&[d]);
+            }
+            m.tcp_open.with_label_values(&[d]);
+        }
+        let build = IntGaugeVec::new(Opts::new("ferry_build_info", "Build of the running proxy."), &["version"])
+            .expect("valid metric");
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         m.registry.register(Box::new(build)).expect("unique metric");
         #[cfg(target_os = "linux")]
         m.registry
-            .register(Box::new(
-                prometheus::process_collector::ProcessCollector::for_self(),
-            ))
+            .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
             .expect("unique metric");
         m
     }
@@ -170,35 +145,21 @@ impl Metrics {
             return h.clone();
         }
         let handles = Arc::new(RequestHandles {
-            requests: STATUS_CLASSES.map(|c| {
-                self.requests
-                    .with_label_values(&[direction.as_str(), service, c])
-            }),
-            duration: STATUS_CLASSES.map(|c| {
-                self.request_duration
-                    .with_label_values(&[direction.as_str(), service, c])
-            }),
+            requests: STATUS_CLASSES.map(|c| self.requests.with_label_values(&[direction.as_str(), service, c])),
+            duration: STATUS_CLASSES
+                .map(|c| self.request_duration.with_label_values(&[direction.as_str(), service, c])),
         });
-        self.request_handles
-            .write()
-            .expect("metrics lock")
-            .entry(key)
-            .or_insert(handles)
-            .clone()
+        self.request_handles.write().expect("metrics lock").entry(key).or_insert(handles).clone()
     }
 
     pub fn proxy_error(&self, direction: Direction, reason: &str) {
-        self.proxy_errors
-            .with_label_values(&[direction.as_str(), reason])
-            .inc();
+        self.proxy_errors.with_label_values(&[direction.as_str(), reason]).inc();
     }
 
     /// The Prometheus text exposition of every metric.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::new();
-        TextEncoder::new()
-            .encode(&self.registry.gather(), &mut out)
-            .expect("text encoding cannot fail");
+        TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("text encoding cannot fail");
         out
     }
 }

@@ -56,10 +56,7 @@ impl ServiceEntry {
 
     /// Every endpoint address for a request to `port`.
     pub fn endpoints(&self, port: u16) -> impl Iterator<Item = SocketAddr> + '_ {
-        self.spec
-            .endpoints
-            .iter()
-            .filter_map(move |e| e.socket_addr(port))
+        self.spec.endpoints.iter().filter_map(move |e| e.socket_addr(port))
     }
 
     fn pick_endpoint(&self, port: u16) -> Option<SocketAddr> {
@@ -75,12 +72,7 @@ impl ServiceEntry {
 impl Snapshot {
     /// Builds a snapshot from accepted documents. Besides each Service's `addresses`, `name.namespace` and
     /// `name.namespace.svc.cluster.local` always match, and the bare `name` matches in the proxy's own namespace.
-    pub fn build(
-        version: u64,
-        source: String,
-        documents: Vec<Document>,
-        local_namespace: &str,
-    ) -> Self {
+    pub fn build(version: u64, source: String, documents: Vec<Document>, local_namespace: &str) -> Self {
         let mut services = Vec::new();
         let mut by_host: HashMap<String, Vec<(Option<u16>, usize)>> = HashMap::new();
         let mut implicit = Vec::new();
@@ -90,10 +82,7 @@ impl Snapshot {
             for address in &svc.spec.addresses {
                 let (host, port) = split_host_port(address);
                 let port = port.and_then(|p| p.parse().ok());
-                by_host
-                    .entry(normalize_host(host))
-                    .or_default()
-                    .push((port, index));
+                by_host.entry(normalize_host(host)).or_default().push((port, index));
             }
             let (name, ns) = (&svc.metadata.name, &svc.metadata.namespace);
             implicit.push((format!("{name}.{ns}"), index));
@@ -111,12 +100,7 @@ impl Snapshot {
         for (host, index) in implicit {
             by_host.entry(host).or_insert_with(|| vec![(None, index)]);
         }
-        Snapshot {
-            version,
-            source,
-            services,
-            by_host,
-        }
+        Snapshot { version, source, services, by_host }
     }
 
     /// Pure route decision for an authority (`host`, `host:port`, `[v6]:port`); a missing port means 80.
@@ -124,14 +108,10 @@ impl Snapshot {
         let (host, port) = split_host_port(authority);
         let port: u16 = match port {
             None => 80,
-            Some(p) => p
-                .parse()
-                .map_err(|_| RouteError::NoRoute(authority.to_string()))?,
+            Some(p) => p.parse().map_err(|_| RouteError::NoRoute(authority.to_string()))?,
         };
-        let candidates = self
-            .by_host
-            .get(&normalize_host(host))
-            .ok_or_else(|| RouteError::NoRoute(authority.to_string()))?;
+        let candidates =
+            self.by_host.get(&normalize_host(host)).ok_or_else(|| RouteError::NoRoute(authority.to_string()))?;
         let index = candidates
             .iter()
             .find(|(p, _)| *p == Some(port))
@@ -144,42 +124,23 @@ impl Snapshot {
             .ports
             .iter()
             .find(|p| p.port == port)
-            .or_else(|| {
-                candidates
-                    .iter()
-                    .any(|(p, _)| *p == Some(port))
-                    .then(|| &service.spec.ports[0])
-            })
+            .or_else(|| candidates.iter().any(|(p, _)| *p == Some(port)).then(|| &service.spec.ports[0]))
             .cloned()
-            .ok_or_else(|| RouteError::NoPort {
-                service: service.qualified_name(),
-                port,
-            })?;
+            .ok_or_else(|| RouteError::NoPort { service: service.qualified_name(), port })?;
         let endpoint = service
             .pick_endpoint(service_port.port)
             .ok_or_else(|| RouteError::NoEndpoints(service.qualified_name()))?;
-        Ok(Route {
-            service: service.clone(),
-            port: service_port,
-            endpoint,
-        })
+        Ok(Route { service: service.clone(), port: service_port, endpoint })
     }
 
     /// The service named `name` in `namespace`, if the snapshot has it.
     pub fn service(&self, name: &str, namespace: &str) -> Option<&Arc<ServiceEntry>> {
-        self.services
-            .iter()
-            .find(|s| s.name == name && s.namespace == namespace)
+        self.services.iter().find(|s| s.name == name && s.namespace == namespace)
     }
 
     /// Whether a port of a known service is declared opaque (`protocol: tcp`).
     pub fn is_opaque_port(&self, port: u16) -> bool {
-        self.services.iter().any(|s| {
-            s.spec
-                .ports
-                .iter()
-                .any(|p| p.port == port && p.protocol == PortProtocol::Tcp)
-        })
+        self.services.iter().any(|s| s.spec.ports.iter().any(|p| p.port == port && p.protocol == PortProtocol::Tcp))
     }
 }
 
@@ -196,10 +157,7 @@ pub struct ConfigStore {
 impl ConfigStore {
     pub fn new() -> Self {
         ConfigStore {
-            current: ArcSwap::from_pointee(Snapshot {
-                source: "none".into(),
-                ..Default::default()
-            }),
+            current: ArcSwap::from_pointee(Snapshot { source: "none".into(), ..Default::default() }),
             applied: AtomicBool::new(false),
         }
     }
@@ -248,12 +206,7 @@ kind: Service
 metadata: {name: orders, namespace: default}
 spec: {ports: [{port: 80}, {port: 5432, protocol: tcp}]}
 "#;
-        Snapshot::build(
-            1,
-            "test".into(),
-            ferry_xds::parse_documents(yaml).unwrap(),
-            "default",
-        )
+        Snapshot::build(1, "test".into(), ferry_xds::parse_documents(yaml).unwrap(), "default")
     }
 
     #[test]
@@ -264,40 +217,17 @@ spec: {ports: [{port: 80}, {port: 5432, protocol: tcp}]}
             ("payments.example.com:8080", Ok(("payments", 8080))),
             ("PAYMENTS.example.com.:9090", Ok(("payments", 9090))),
             ("payments.shop:8080", Ok(("payments", 8080))),
-            (
-                "payments.shop.svc.cluster.local:8080",
-                Ok(("payments", 8080)),
-            ),
+            ("payments.shop.svc.cluster.local:8080", Ok(("payments", 8080))),
             ("10.96.0.7:8080", Ok(("payments", 8080))),
             ("pay.internal", Ok(("payments", 8080))), // an address with a port maps to the first service port
-            (
-                "payments.shop",
-                Err(RouteError::NoPort {
-                    service: "payments.shop".into(),
-                    port: 80,
-                }),
-            ),
-            (
-                "payments:8080",
-                Err(RouteError::NoRoute("payments:8080".into())),
-            ), // other namespace: no bare name
-            (
-                "orders",
-                Err(RouteError::NoEndpoints("orders.default".into())),
-            ),
-            (
-                "unknown.example:80",
-                Err(RouteError::NoRoute("unknown.example:80".into())),
-            ),
-            (
-                "payments.shop:http",
-                Err(RouteError::NoRoute("payments.shop:http".into())),
-            ),
+            ("payments.shop", Err(RouteError::NoPort { service: "payments.shop".into(), port: 80 })),
+            ("payments:8080", Err(RouteError::NoRoute("payments:8080".into()))), // other namespace: no bare name
+            ("orders", Err(RouteError::NoEndpoints("orders.default".into()))),
+            ("unknown.example:80", Err(RouteError::NoRoute("unknown.example:80".into()))),
+            ("payments.shop:http", Err(RouteError::NoRoute("payments.shop:http".into()))),
         ];
         for (authority, want) in cases {
-            let got = s
-                .route(authority)
-                .map(|r| (r.service.name.clone(), r.port.port));
+            let got = s.route(authority).map(|r| (r.service.name.clone(), r.port.port));
             let want = want.clone().map(|(n, p)| (n.to_string(), p));
             assert_eq!(got, want, "{authority}");
         }
@@ -306,18 +236,8 @@ spec: {ports: [{port: 80}, {port: 5432, protocol: tcp}]}
     #[test]
     fn endpoints_rotate_and_take_the_service_port() {
         let s = snapshot();
-        let picks: Vec<_> = (0..4)
-            .map(|_| s.route("payments.shop:8080").unwrap().endpoint.to_string())
-            .collect();
-        assert_eq!(
-            picks,
-            [
-                "127.0.0.1:18001",
-                "127.0.0.2:8080",
-                "127.0.0.1:18001",
-                "127.0.0.2:8080"
-            ]
-        );
+        let picks: Vec<_> = (0..4).map(|_| s.route("payments.shop:8080").unwrap().endpoint.to_string()).collect();
+        assert_eq!(picks, ["127.0.0.1:18001", "127.0.0.2:8080", "127.0.0.1:18001", "127.0.0.2:8080"]);
         assert!(s.is_opaque_port(5432));
         assert!(!s.is_opaque_port(80));
     }

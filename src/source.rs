@@ -10,35 +10,17 @@ use crate::snapshot::{ConfigStore, Snapshot};
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
     #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("{path}: {source}")]
-    Invalid {
-        path: PathBuf,
-        source: ferry_xds::ConfigError,
-    },
+    Invalid { path: PathBuf, source: ferry_xds::ConfigError },
 }
 
 /// Validates the file's content into a snapshot.
-pub fn parse(
-    path: &Path,
-    bytes: &[u8],
-    version: u64,
-    local_namespace: &str,
-) -> Result<Snapshot, SourceError> {
+pub fn parse(path: &Path, bytes: &[u8], version: u64, local_namespace: &str) -> Result<Snapshot, SourceError> {
     let text = String::from_utf8_lossy(bytes);
-    let documents = ferry_xds::parse_documents(&text).map_err(|source| SourceError::Invalid {
-        path: path.into(),
-        source,
-    })?;
-    Ok(Snapshot::build(
-        version,
-        format!("file:{}", path.display()),
-        documents,
-        local_namespace,
-    ))
+    let documents =
+        ferry_xds::parse_documents(&text).map_err(|source| SourceError::Invalid { path: path.into(), source })?;
+    Ok(Snapshot::build(version, format!("file:{}", path.display()), documents, local_namespace))
 }
 
 /// Watches `path`: loads it now, then again on SIGHUP and whenever its content changes (checked every `poll`).
@@ -50,9 +32,7 @@ pub async fn run_file_source(
     metrics: Arc<Metrics>,
 ) {
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        .map_err(
-            |e| tracing::warn!(error = %e, "cannot watch SIGHUP; the config file is still polled"),
-        )
+        .map_err(|e| tracing::warn!(error = %e, "cannot watch SIGHUP; the config file is still polled"))
         .ok();
     let mut version = 0u64;
     // The content last looked at (good or bad) and the last error, so that each is reported once.
@@ -66,12 +46,8 @@ pub async fn run_file_source(
                 _ = tokio::time::sleep(poll) => false,
             };
         }
-        let result = std::fs::read(&path)
-            .map_err(|source| SourceError::Read {
-                path: path.clone(),
-                source,
-            })
-            .and_then(|bytes| {
+        let result =
+            std::fs::read(&path).map_err(|source| SourceError::Read { path: path.clone(), source }).and_then(|bytes| {
                 if !forced && last.as_ref() == Some(&bytes) {
                     return Ok(None);
                 }
@@ -86,10 +62,7 @@ pub async fn run_file_source(
                 version += 1;
                 tracing::info!(path = %path.display(), version, services = snapshot.services.len(), "config applied");
                 metrics.config_version.set(version as i64);
-                metrics
-                    .config_updates
-                    .with_label_values(&["file", "applied"])
-                    .inc();
+                metrics.config_updates.with_label_values(&["file", "applied"]).inc();
                 store.store(snapshot);
                 last_error = None;
             }
@@ -97,10 +70,7 @@ pub async fn run_file_source(
                 let message = e.to_string();
                 if last_error.as_ref() != Some(&message) {
                     tracing::error!(error = %message, kept_version = version, "config rejected; keeping the last good config");
-                    metrics
-                        .config_updates
-                        .with_label_values(&["file", "rejected"])
-                        .inc();
+                    metrics.config_updates.with_label_values(&["file", "rejected"]).inc();
                     last_error = Some(message);
                 }
             }

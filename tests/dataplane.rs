@@ -33,10 +33,8 @@ async fn h2(addr: std::net::SocketAddr) -> http2::SendRequest<TestBody> {
 /// A mesh of one: service `echo` (port 80) is the backend, which is also this sidecar's app.
 async fn setup() -> (backend::Backend, Ferry) {
     let app = backend::http_backend().await;
-    let ferry = Ferry::start(
-        Some(&service_yaml("echo", 80, &[app.addr])),
-        &[("FERRY_APP_ADDR", &app.addr.to_string())],
-    );
+    let ferry =
+        Ferry::start(Some(&service_yaml("echo", 80, &[app.addr])), &[("FERRY_APP_ADDR", &app.addr.to_string())]);
     (app, ferry)
 }
 
@@ -71,7 +69,10 @@ async fn http1_keep_alive_and_chunked_through_outbound_and_inbound() {
     let mut tx = h1(ferry.outbound).await;
     let req = Request::get("http://echo/x").header("host", "echo").body(full("")).unwrap();
     assert_eq!(tx.send_request(req).await.unwrap().status(), StatusCode::OK);
-    assert_eq!(ferry.metric(r#"ferry_requests_total{direction="outbound",service="echo.default",status_class="2xx"}"#), 5.0);
+    assert_eq!(
+        ferry.metric(r#"ferry_requests_total{direction="outbound",service="echo.default",status_class="2xx"}"#),
+        5.0
+    );
     assert_eq!(ferry.metric(r#"ferry_requests_total{direction="inbound",service="app",status_class="2xx"}"#), 4.0);
 }
 
@@ -124,7 +125,9 @@ async fn fifty_mib_upload_and_download_stream_without_buffering() {
 async fn expect_100_continue() {
     let (_app, ferry) = setup().await;
     let mut s = TcpStream::connect(ferry.outbound).await.unwrap();
-    s.write_all(b"POST /echo HTTP/1.1\r\nHost: echo\r\nContent-Length: 11\r\nExpect: 100-continue\r\n\r\n").await.unwrap();
+    s.write_all(b"POST /echo HTTP/1.1\r\nHost: echo\r\nContent-Length: 11\r\nExpect: 100-continue\r\n\r\n")
+        .await
+        .unwrap();
     let mut buf = vec![0u8; 1024];
     let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await.expect("no 100 Continue").unwrap();
     let head = String::from_utf8_lossy(&buf[..n]).to_string();
@@ -184,7 +187,9 @@ async fn h2c_prior_knowledge_keeps_http2_and_authority() {
     let resp = tx_in.send_request(Request::get("http://echo/").body(full("")).unwrap()).await.unwrap();
     assert_eq!(resp.headers()["x-seen-version"], "HTTP/2.0");
     tx.ready().await.unwrap();
-    assert!(ferry.metric(r#"ferry_protocol_detections_total{direction="outbound",protocol="h2",reason="detected"}"#) >= 1.0);
+    assert!(
+        ferry.metric(r#"ferry_protocol_detections_total{direction="outbound",protocol="h2",reason="detected"}"#) >= 1.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -198,7 +203,10 @@ async fn opaque_tcp_keeps_half_close() {
     let mut answer = String::new();
     tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut answer)).await.unwrap().unwrap();
     assert_eq!(answer, "received 100000 bytes");
-    assert_eq!(ferry.metric(r#"ferry_protocol_detections_total{direction="inbound",protocol="tcp",reason="detected"}"#), 1.0);
+    assert_eq!(
+        ferry.metric(r#"ferry_protocol_detections_total{direction="inbound",protocol="tcp",reason="detected"}"#),
+        1.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -217,12 +225,16 @@ async fn server_speaks_first_on_an_opaque_port() {
     );
     let mut s = TcpStream::connect(ferry.inbound).await.unwrap();
     let mut buf = [0u8; 64];
-    let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await.expect("greeting not relayed").unwrap();
+    let n =
+        tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await.expect("greeting not relayed").unwrap();
     assert_eq!(&buf[..n], b"220 ferry-test ready\r\n");
     s.write_all(b"PING\r\n").await.unwrap();
     let n = s.read(&mut buf).await.unwrap();
     assert_eq!(&buf[..n], b"PING\r\n");
-    assert_eq!(ferry.metric(r#"ferry_protocol_detections_total{direction="inbound",protocol="tcp",reason="opaque-port"}"#), 1.0);
+    assert_eq!(
+        ferry.metric(r#"ferry_protocol_detections_total{direction="inbound",protocol="tcp",reason="opaque-port"}"#),
+        1.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -234,7 +246,10 @@ async fn silent_client_on_a_detected_port_becomes_tcp_at_the_timeout() {
     let mut buf = [0u8; 64];
     let n = tokio::time::timeout(Duration::from_secs(20), s.read(&mut buf)).await.expect("connection dropped").unwrap();
     assert_eq!(&buf[..n], b"220 ferry-test ready\r\n");
-    assert_eq!(ferry.metric(r#"ferry_protocol_detections_total{direction="inbound",protocol="tcp",reason="timeout"}"#), 1.0);
+    assert_eq!(
+        ferry.metric(r#"ferry_protocol_detections_total{direction="inbound",protocol="tcp",reason="timeout"}"#),
+        1.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -242,7 +257,8 @@ async fn proxy_errors_are_labelled() {
     // No config at all: ready, and explicit requests for unknown hosts get 502 no-route.
     let ferry = Ferry::start(None, &[]);
     let mut tx = h1(ferry.outbound).await;
-    let resp = tx.send_request(Request::get("/").header("host", "nowhere.example").body(full("")).unwrap()).await.unwrap();
+    let resp =
+        tx.send_request(Request::get("/").header("host", "nowhere.example").body(full("")).unwrap()).await.unwrap();
     assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
     assert_eq!(resp.headers()["ferry-proxy-error"], "no-route");
     drop(ferry);
@@ -256,7 +272,11 @@ async fn proxy_errors_are_labelled() {
     assert_eq!(resp.headers()["ferry-proxy-error"], "connect-refused");
     // gRPC callers get Trailers-Only with grpc-status UNAVAILABLE (14), never a bare HTTP error.
     let mut tx2 = h2(ferry.outbound).await;
-    let req = Request::post("http://dead/pkg.Svc/Method").header("content-type", "application/grpc").header("te", "trailers").body(full("")).unwrap();
+    let req = Request::post("http://dead/pkg.Svc/Method")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(full(""))
+        .unwrap();
     let resp = tx2.send_request(req).await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(resp.headers()["grpc-status"], "14");

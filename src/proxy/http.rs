@@ -50,9 +50,7 @@ impl Proxy {
             }
         };
         let elapsed = start.elapsed();
-        self.metrics
-            .requests(direction, &service)
-            .record(response.status().as_u16(), elapsed);
+        self.metrics.requests(direction, &service).record(response.status().as_u16(), elapsed);
         if self.settings.access_log {
             tracing::info!(
                 target: "ferry::access",
@@ -73,78 +71,41 @@ impl Proxy {
     }
 
     /// Outbound: route by authority over the live snapshot. Inbound: the local app.
-    fn destination(
-        &self,
-        req: &Request<Incoming>,
-        direction: Direction,
-    ) -> Result<Destination, (String, ProxyError)> {
+    fn destination(&self, req: &Request<Incoming>, direction: Direction) -> Result<Destination, (String, ProxyError)> {
         let authority = authority_of(req);
         match direction {
             Direction::Outbound => {
-                let authority = authority.ok_or_else(|| {
-                    (
-                        "unknown".to_string(),
-                        ProxyError::BadRequest("request names no host"),
-                    )
-                })?;
-                let route = self
-                    .store
-                    .load()
-                    .route(&authority)
-                    .map_err(|e| ("unknown".to_string(), e.into()))?;
-                Ok(Destination {
-                    service: route.service.qualified_name(),
-                    addr: route.endpoint,
-                    authority,
-                })
+                let authority = authority
+                    .ok_or_else(|| ("unknown".to_string(), ProxyError::BadRequest("request names no host")))?;
+                let route = self.store.load().route(&authority).map_err(|e| ("unknown".to_string(), e.into()))?;
+                Ok(Destination { service: route.service.qualified_name(), addr: route.endpoint, authority })
             }
             Direction::Inbound => {
                 let service = self.local_service_label();
-                let addr = self.inbound_target().ok_or_else(|| {
-                    (
-                        service.clone(),
-                        ProxyError::NoRoute("no app address is configured".into()),
-                    )
-                })?;
-                Ok(Destination {
-                    service,
-                    addr,
-                    authority: authority.unwrap_or_else(|| addr.to_string()),
-                })
+                let addr = self
+                    .inbound_target()
+                    .ok_or_else(|| (service.clone(), ProxyError::NoRoute("no app address is configured".into())))?;
+                Ok(Destination { service, addr, authority: authority.unwrap_or_else(|| addr.to_string()) })
             }
         }
     }
 
-    async fn send(
-        &self,
-        mut req: Request<Incoming>,
-        dest: Destination,
-    ) -> Result<Response<ProxyBody>, ProxyError> {
-        let version = if req.version() == Version::HTTP_2 {
-            HttpVersion::Http2
-        } else {
-            HttpVersion::Http1
-        };
-        let upgrade = (version == HttpVersion::Http1 && is_upgrade(req.headers()))
-            .then(|| hyper::upgrade::on(&mut req));
+    async fn send(&self, mut req: Request<Incoming>, dest: Destination) -> Result<Response<ProxyBody>, ProxyError> {
+        let version = if req.version() == Version::HTTP_2 { HttpVersion::Http2 } else { HttpVersion::Http1 };
+        let upgrade =
+            (version == HttpVersion::Http1 && is_upgrade(req.headers())).then(|| hyper::upgrade::on(&mut req));
         strip_hop_by_hop(req.headers_mut(), upgrade.is_some());
         // 100-continue was answered to the client as we started reading its body.
         req.headers_mut().remove(header::EXPECT);
-        let path = req
-            .uri()
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/")
-            .to_string();
+        let path = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
         let absolute_form = req.uri().authority().is_some();
         match version {
             HttpVersion::Http1 => {
-                *req.uri_mut() = Uri::try_from(path)
-                    .map_err(|_| ProxyError::BadRequest("invalid request target"))?;
+                *req.uri_mut() = Uri::try_from(path).map_err(|_| ProxyError::BadRequest("invalid request target"))?;
                 *req.version_mut() = Version::HTTP_11;
                 if absolute_form || !req.headers().contains_key(header::HOST) {
-                    let host = HeaderValue::from_str(&dest.authority)
-                        .map_err(|_| ProxyError::BadRequest("invalid host"))?;
+                    let host =
+                        HeaderValue::from_str(&dest.authority).map_err(|_| ProxyError::BadRequest("invalid host"))?;
                     req.headers_mut().insert(header::HOST, host);
                 }
             }
@@ -157,10 +118,7 @@ impl Proxy {
                     .map_err(|_| ProxyError::BadRequest("invalid authority"))?;
             }
         }
-        let mut resp = self
-            .pool
-            .send(dest.addr, version, req.map(ProxyBody::from))
-            .await?;
+        let mut resp = self.pool.send(dest.addr, version, req.map(ProxyBody::from)).await?;
         match upgrade {
             Some(downstream) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
                 let upstream = hyper::upgrade::on(&mut resp);
@@ -168,8 +126,7 @@ impl Proxy {
                     match tokio::try_join!(downstream, upstream) {
                         Ok((down, up)) => {
                             let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
-                            if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await
-                            {
+                            if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
                                 tracing::debug!(error = %e, "upgraded connection ended with an error");
                             }
                         }
@@ -188,23 +145,15 @@ fn authority_of<B>(req: &Request<B>) -> Option<String> {
     if let Some(a) = req.uri().authority() {
         return Some(a.as_str().to_string());
     }
-    req.headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .filter(|h| !h.is_empty())
-        .map(str::to_string)
+    req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).filter(|h| !h.is_empty()).map(str::to_string)
 }
 
 pub fn is_grpc(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| ct.starts_with("application/grpc"))
+    headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|ct| ct.starts_with("application/grpc"))
 }
 
 fn is_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE)
-        && connection_tokens(headers).any(|t| t.eq_ignore_ascii_case("upgrade"))
+    headers.contains_key(header::UPGRADE) && connection_tokens(headers).any(|t| t.eq_ignore_ascii_case("upgrade"))
 }
 
 fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
@@ -220,9 +169,8 @@ fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
 /// Removes the hop-by-hop fields of RFC 9110 §7.6.1 and those the `Connection` header lists.
 /// `TE: trailers` stays (gRPC needs it); an upgrade keeps `Connection: upgrade` and `Upgrade`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    let listed: Vec<HeaderName> = connection_tokens(headers)
-        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-        .collect();
+    let listed: Vec<HeaderName> =
+        connection_tokens(headers).filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok()).collect();
     for name in listed {
         if !(keep_upgrade && name == header::UPGRADE) && name != header::TE {
             headers.remove(name);
@@ -232,12 +180,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         headers.remove(name);
     }
     headers.remove(header::TRANSFER_ENCODING);
-    let te_trailers = headers.get_all(header::TE).iter().any(|v| {
-        v.to_str().is_ok_and(|v| {
-            v.split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
-        })
-    });
+    let te_trailers = headers
+        .get_all(header::TE)
+        .iter()
+        .any(|v| v.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers"))));
     headers.remove(header::TE);
     if te_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
@@ -257,12 +203,7 @@ mod tests {
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         pairs
             .iter()
-            .map(|(k, v)| {
-                (
-                    HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                    HeaderValue::from_str(v).unwrap(),
-                )
-            })
+            .map(|(k, v)| (HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap()))
             .collect()
     }
 
@@ -281,33 +222,12 @@ mod tests {
                 &["x-app"],
                 &["connection", "keep-alive", "x-secret"],
             ),
-            (
-                &[
-                    ("te", "trailers, deflate"),
-                    ("transfer-encoding", "chunked"),
-                ],
-                false,
-                &["te"],
-                &["transfer-encoding"],
-            ),
+            (&[("te", "trailers, deflate"), ("transfer-encoding", "chunked")], false, &["te"], &["transfer-encoding"]),
             (&[("te", "gzip")], false, &[], &["te"]),
+            (&[("connection", "Upgrade"), ("upgrade", "websocket")], true, &["connection", "upgrade"], &[]),
+            (&[("connection", "Upgrade"), ("upgrade", "websocket")], false, &[], &["connection", "upgrade"]),
             (
-                &[("connection", "Upgrade"), ("upgrade", "websocket")],
-                true,
-                &["connection", "upgrade"],
-                &[],
-            ),
-            (
-                &[("connection", "Upgrade"), ("upgrade", "websocket")],
-                false,
-                &[],
-                &["connection", "upgrade"],
-            ),
-            (
-                &[
-                    ("proxy-connection", "keep-alive"),
-                    ("trailer", "x-checksum"),
-                ],
+                &[("proxy-connection", "keep-alive"), ("trailer", "x-checksum")],
                 false,
                 &["trailer"],
                 &["proxy-connection"],
@@ -320,10 +240,7 @@ mod tests {
                 assert!(h.contains_key(*name), "{name} should remain for {input:?}");
             }
             for name in *absent {
-                assert!(
-                    !h.contains_key(*name),
-                    "{name} should be removed for {input:?}"
-                );
+                assert!(!h.contains_key(*name), "{name} should be removed for {input:?}");
             }
         }
         let mut h = headers(&[("te", "trailers, deflate")]);
@@ -333,31 +250,17 @@ mod tests {
 
     #[test]
     fn upgrade_and_grpc_recognition() {
-        assert!(is_upgrade(&headers(&[
-            ("connection", "keep-alive, Upgrade"),
-            ("upgrade", "websocket")
-        ])));
+        assert!(is_upgrade(&headers(&[("connection", "keep-alive, Upgrade"), ("upgrade", "websocket")])));
         assert!(!is_upgrade(&headers(&[("upgrade", "websocket")])));
-        assert!(is_grpc(&headers(&[(
-            "content-type",
-            "application/grpc+proto"
-        )])));
+        assert!(is_grpc(&headers(&[("content-type", "application/grpc+proto")])));
         assert!(!is_grpc(&headers(&[("content-type", "application/json")])));
     }
 
     #[test]
     fn authority_prefers_the_uri() {
-        let req = Request::builder()
-            .uri("http://a.example:8080/x")
-            .header("host", "b")
-            .body(())
-            .unwrap();
+        let req = Request::builder().uri("http://a.example:8080/x").header("host", "b").body(()).unwrap();
         assert_eq!(authority_of(&req).as_deref(), Some("a.example:8080"));
-        let req = Request::builder()
-            .uri("/x")
-            .header("host", "b:81")
-            .body(())
-            .unwrap();
+        let req = Request::builder().uri("/x").header("host", "b:81").body(()).unwrap();
         assert_eq!(authority_of(&req).as_deref(), Some("b:81"));
         let req = Request::builder().uri("/x").body(()).unwrap();
         assert_eq!(authority_of(&req), None);

@@ -9,12 +9,14 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use serde::Serialize;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
 
 use crate::bootstrap::Settings;
 use crate::detect::{self, Protocol, Reason};
@@ -54,29 +56,15 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    pub fn new(
-        settings: Arc<Settings>,
-        store: Arc<ConfigStore>,
-        metrics: Arc<Metrics>,
-        drain: Drain,
-    ) -> Arc<Self> {
+    pub fn new(settings: Arc<Settings>, store: Arc<ConfigStore>, metrics: Arc<Metrics>, drain: Drain) -> Arc<Self> {
         let mut h1 = http1::Builder::new();
         h1.timer(TokioTimer::new())
             .header_read_timeout(settings.header_read_timeout)
             .max_buf_size(settings.max_header_bytes.max(8192));
         let mut h2 = http2::Builder::new(TokioExecutor::new());
-        h2.timer(TokioTimer::new())
-            .max_header_list_size(settings.max_header_bytes.try_into().unwrap_or(u32::MAX));
+        h2.timer(TokioTimer::new()).max_header_list_size(settings.max_header_bytes.try_into().unwrap_or(u32::MAX));
         let pool = Pool::new(settings.connect_timeout, settings.pool_idle_timeout);
-        Arc::new(Proxy {
-            settings,
-            store,
-            metrics,
-            drain,
-            pool,
-            h1,
-            h2,
-        })
+        Arc::new(Proxy { settings, store, metrics, drain, pool, h1, h2 })
     }
 
     /// Accepts connections until the process exits; the inbound listener stops accepting when draining starts.
@@ -145,19 +133,11 @@ impl Proxy {
                 }
             }
         };
-        self.metrics
-            .detections
-            .with_label_values(&[d, protocol.as_str(), reason.as_str()])
-            .inc();
-        self.metrics
-            .detection_duration
-            .with_label_values(&[d])
-            .observe(start.elapsed().as_secs_f64());
+        self.metrics.detections.with_label_values(&[d, protocol.as_str(), reason.as_str()]).inc();
+        self.metrics.detection_duration.with_label_values(&[d]).observe(start.elapsed().as_secs_f64());
 
         match protocol {
-            Protocol::Http1 | Protocol::Http2 => {
-                self.serve_http(io, protocol, peer, direction).await
-            }
+            Protocol::Http1 | Protocol::Http2 => self.serve_http(io, protocol, peer, direction).await,
             Protocol::Tcp => match target {
                 Some(target) => self.forward_tcp(io, target, direction).await,
                 None => {
@@ -168,30 +148,22 @@ impl Proxy {
         }
     }
 
-    async fn serve_http(
-        self: &Arc<Self>,
-        io: ConnIo,
-        protocol: Protocol,
-        peer: SocketAddr,
-        direction: Direction,
-    ) {
+    async fn serve_http(self: &Arc<Self>, io: ConnIo, protocol: Protocol, peer: SocketAddr, direction: Direction) {
+        let state = Arc::new(ConnState::default());
         let proxy = self.clone();
+        let conn_state = state.clone();
         let service = hyper::service::service_fn(move |req| {
+            conn_state.request_started();
             let proxy = proxy.clone();
             async move { Ok::<_, Infallible>(proxy.forward(req, direction, peer).await) }
         });
         let io = TokioIo::new(io);
         let result = if protocol == Protocol::Http2 {
             let conn = self.h2.serve_connection(io, service);
-            until_drained(&self.drain, conn, http2::Connection::graceful_shutdown).await
+            until_drained(&self.drain, &state, conn, http2::Connection::graceful_shutdown).await
         } else {
             let conn = self.h1.serve_connection(io, service).with_upgrades();
-            until_drained(
-                &self.drain,
-                conn,
-                http1::UpgradeableConnection::graceful_shutdown,
-            )
-            .await
+            until_drained(&self.drain, &state, conn, http1::UpgradeableConnection::graceful_shutdown).await
         };
         if let Err(e) = result {
             if is_bad_input(&e) {
@@ -224,13 +196,9 @@ impl Proxy {
             return Some(addr);
         }
         let snapshot = self.store.load();
-        let service =
-            snapshot.service(self.settings.service.as_deref()?, &self.settings.namespace)?;
+        let service = snapshot.service(self.settings.service.as_deref()?, &self.settings.namespace)?;
         match service.spec.ports.as_slice() {
-            [port] => Some(SocketAddr::from((
-                [127, 0, 0, 1],
-                port.target_port.unwrap_or(port.port),
-            ))),
+            [port] => Some(SocketAddr::from(([127, 0, 0, 1], port.target_port.unwrap_or(port.port)))),
             _ => None,
         }
     }
@@ -248,10 +216,29 @@ impl Proxy {
     }
 }
 
-/// Runs a server connection; once draining starts it is shut down gracefully (in-flight requests finish,
-/// HTTP/1 closes after the current response, HTTP/2 sends GOAWAY).
+/// What the drain needs to know about one server connection.
+#[derive(Default)]
+struct ConnState {
+    requests: AtomicUsize,
+    first_request: Notify,
+}
+
+impl ConnState {
+    fn request_started(&self) {
+        if self.requests.fetch_add(1, Ordering::Relaxed) == 0 {
+            // notify_one keeps a permit if nobody waits yet.
+            self.first_request.notify_one();
+        }
+    }
+}
+
+/// Runs a server connection; once draining starts it is shut down gracefully: in-flight requests finish,
+/// HTTP/1 closes after the current response, HTTP/2 sends GOAWAY. A connection that has not sent its first
+/// request yet (accepted just before or during the drain) is first given that request, so no request that
+/// reached the proxy is refused.
 async fn until_drained<C: Future>(
     drain: &Drain,
+    state: &ConnState,
     conn: C,
     graceful_shutdown: fn(Pin<&mut C>),
 ) -> C::Output {
@@ -259,6 +246,12 @@ async fn until_drained<C: Future>(
     tokio::select! {
         res = conn.as_mut() => return res,
         _ = drain.signaled() => {}
+    }
+    if state.requests.load(Ordering::Relaxed) == 0 {
+        tokio::select! {
+            res = conn.as_mut() => return res,
+            _ = state.first_request.notified() => {}
+        }
     }
     graceful_shutdown(conn.as_mut());
     conn.await

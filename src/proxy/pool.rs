@@ -37,12 +37,7 @@ struct Idle {
 
 impl Pool {
     pub fn new(connect_timeout: Duration, idle_timeout: Duration) -> Arc<Self> {
-        Arc::new(Pool {
-            idle: Default::default(),
-            h2: Default::default(),
-            connect_timeout,
-            idle_timeout,
-        })
+        Arc::new(Pool { idle: Default::default(), h2: Default::default(), connect_timeout, idle_timeout })
     }
 
     /// Sends `req` to `addr` over a pooled connection of `version`, returning the response as soon as its headers arrive.
@@ -77,10 +72,7 @@ impl Pool {
                     // A reused connection the server had closed before our request went out: try a fresh one.
                     Some(unsent) if reused => req = unsent,
                     _ => {
-                        return Err(ProxyError::UpstreamReset {
-                            addr,
-                            source: e.into_error(),
-                        });
+                        return Err(ProxyError::UpstreamReset { addr, source: e.into_error() });
                     }
                 },
             }
@@ -107,24 +99,16 @@ impl Pool {
                 let list = idle.entry(addr).or_default();
                 list.retain(|c| !c.tx.is_closed());
                 if list.len() < MAX_IDLE_PER_ENDPOINT {
-                    list.push(Idle {
-                        since: Instant::now(),
-                        tx,
-                    });
+                    list.push(Idle { since: Instant::now(), tx });
                 }
             }
         });
     }
 
-    async fn connect_h1(
-        &self,
-        addr: SocketAddr,
-    ) -> Result<http1::SendRequest<ProxyBody>, ProxyError> {
+    async fn connect_h1(&self, addr: SocketAddr) -> Result<http1::SendRequest<ProxyBody>, ProxyError> {
         let io = self.connect(addr).await?;
-        let (tx, conn) = http1::Builder::new()
-            .handshake(io)
-            .await
-            .map_err(|source| ProxyError::UpstreamReset { addr, source })?;
+        let (tx, conn) =
+            http1::Builder::new().handshake(io).await.map_err(|source| ProxyError::UpstreamReset { addr, source })?;
         tokio::spawn(async move {
             if let Err(e) = conn.with_upgrades().await {
                 tracing::debug!(%addr, error = %e, "upstream HTTP/1 connection ended");
@@ -133,18 +117,8 @@ impl Pool {
         Ok(tx)
     }
 
-    async fn send_h2(
-        &self,
-        addr: SocketAddr,
-        req: Request<ProxyBody>,
-    ) -> Result<Response<Incoming>, ProxyError> {
-        let existing = self
-            .h2
-            .lock()
-            .expect("pool lock")
-            .get(&addr)
-            .filter(|tx| !tx.is_closed())
-            .cloned();
+    async fn send_h2(&self, addr: SocketAddr, req: Request<ProxyBody>) -> Result<Response<Incoming>, ProxyError> {
+        let existing = self.h2.lock().expect("pool lock").get(&addr).filter(|tx| !tx.is_closed()).cloned();
         let mut tx = match existing {
             Some(tx) => tx,
             None => {
@@ -153,18 +127,11 @@ impl Pool {
                 tx
             }
         };
-        tx.ready()
-            .await
-            .map_err(|source| ProxyError::UpstreamReset { addr, source })?;
-        tx.send_request(req)
-            .await
-            .map_err(|source| ProxyError::UpstreamReset { addr, source })
+        tx.ready().await.map_err(|source| ProxyError::UpstreamReset { addr, source })?;
+        tx.send_request(req).await.map_err(|source| ProxyError::UpstreamReset { addr, source })
     }
 
-    async fn connect_h2(
-        &self,
-        addr: SocketAddr,
-    ) -> Result<http2::SendRequest<ProxyBody>, ProxyError> {
+    async fn connect_h2(&self, addr: SocketAddr) -> Result<http2::SendRequest<ProxyBody>, ProxyError> {
         let io = self.connect(addr).await?;
         let (tx, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())

@@ -24,6 +24,12 @@ pub struct Backend {
     task: JoinHandle<()>,
 }
 
+impl Backend {
+    pub fn from_parts(addr: SocketAddr, task: JoinHandle<()>) -> Self {
+        Backend { addr, task }
+    }
+}
+
 impl Drop for Backend {
     fn drop(&mut self) {
         self.task.abort();

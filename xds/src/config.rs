@@ -109,9 +109,7 @@ fn parse_endpoint_address(text: &str, default_port: u16) -> Option<SocketAddr> {
         return Some(sa);
     }
     let bare = text.trim_start_matches('[').trim_end_matches(']');
-    bare.parse::<IpAddr>()
-        .ok()
-        .map(|ip| SocketAddr::new(ip, default_port))
+    bare.parse::<IpAddr>().ok().map(|ip| SocketAddr::new(ip, default_port))
 }
 
 // ===== errors =====
@@ -125,11 +123,7 @@ pub struct FieldError {
 
 impl fmt::Display for FieldError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.path.is_empty() {
-            f.write_str(&self.message)
-        } else {
-            write!(f, "{}: {}", self.path, self.message)
-        }
+        if self.path.is_empty() { f.write_str(&self.message) } else { write!(f, "{}: {}", self.path, self.message) }
     }
 }
 
@@ -170,16 +164,9 @@ struct Header {
 
 /// Parses a multi-document YAML stream; empty documents are ignored. All documents must be valid, or none is taken.
 pub fn parse_documents(yaml: &str) -> Result<Vec<Document>, ConfigError> {
-    let values: Vec<serde_json::Value> =
-        serde_saphyr::from_multiple(yaml).map_err(|e| ConfigError {
-            documents: vec![(
-                "YAML".to_string(),
-                vec![FieldError {
-                    path: String::new(),
-                    message: e.to_string(),
-                }],
-            )],
-        })?;
+    let values: Vec<serde_json::Value> = serde_saphyr::from_multiple(yaml).map_err(|e| ConfigError {
+        documents: vec![("YAML".to_string(), vec![FieldError { path: String::new(), message: e.to_string() }])],
+    })?;
     let mut documents = Vec::new();
     let mut refused = Vec::new();
     for (index, value) in values.into_iter().enumerate() {
@@ -188,40 +175,24 @@ pub fn parse_documents(yaml: &str) -> Result<Vec<Document>, ConfigError> {
         }
         match parse_document(value) {
             Ok(doc) => documents.push(doc),
-            Err((name, errors)) => {
-                refused.push((format!("{name} (document {})", index + 1), errors))
-            }
+            Err((name, errors)) => refused.push((format!("{name} (document {})", index + 1), errors)),
         }
     }
     if refused.is_empty() {
         refused = cross_document_errors(&documents);
     }
-    if refused.is_empty() {
-        Ok(documents)
-    } else {
-        Err(ConfigError { documents: refused })
-    }
+    if refused.is_empty() { Ok(documents) } else { Err(ConfigError { documents: refused }) }
 }
 
 fn field(path: &str, message: impl Into<String>) -> FieldError {
-    FieldError {
-        path: path.to_string(),
-        message: message.into(),
-    }
+    FieldError { path: path.to_string(), message: message.into() }
 }
 
 /// Deserializes `value` as `T`, naming the nested field on failure (`spec.ports[0].port: invalid type ...`).
-fn typed<T: serde::de::DeserializeOwned>(
-    prefix: &str,
-    value: serde_json::Value,
-) -> Result<T, FieldError> {
+fn typed<T: serde::de::DeserializeOwned>(prefix: &str, value: serde_json::Value) -> Result<T, FieldError> {
     serde_path_to_error::deserialize(value).map_err(|e| {
         let inner = e.path().to_string();
-        let path = if inner == "." {
-            prefix.to_string()
-        } else {
-            format!("{prefix}.{inner}")
-        };
+        let path = if inner == "." { prefix.to_string() } else { format!("{prefix}.{inner}") };
         field(&path, e.into_inner().to_string())
     })
 }
@@ -235,10 +206,7 @@ fn parse_document(value: serde_json::Value) -> Result<Document, (String, Vec<Fie
     let mut errors = Vec::new();
     match header.api_version.as_deref() {
         Some(API_VERSION) => {}
-        Some(other) => errors.push(field(
-            "apiVersion",
-            format!("must be {API_VERSION}, got `{other}`"),
-        )),
+        Some(other) => errors.push(field("apiVersion", format!("must be {API_VERSION}, got `{other}`"))),
         None => errors.push(field("apiVersion", format!("required ({API_VERSION})"))),
     }
     let metadata = match header.metadata {
@@ -259,12 +227,7 @@ fn parse_document(value: serde_json::Value) -> Result<Document, (String, Vec<Fie
         }
     };
     let name = match &metadata {
-        Some(m) => format!(
-            "{} {}/{}",
-            if kind.is_empty() { "document" } else { &kind },
-            m.namespace,
-            m.name
-        ),
+        Some(m) => format!("{} {}/{}", if kind.is_empty() { "document" } else { &kind }, m.namespace, m.name),
         None => {
             if kind.is_empty() {
                 "document".to_string()
@@ -296,10 +259,7 @@ fn parse_document(value: serde_json::Value) -> Result<Document, (String, Vec<Fie
             None
         }
         other => {
-            errors.push(field(
-                "kind",
-                format!("unknown kind `{other}` (expected Service)"),
-            ));
+            errors.push(field("kind", format!("unknown kind `{other}` (expected Service)")));
             None
         }
     };
@@ -313,16 +273,11 @@ fn parse_document(value: serde_json::Value) -> Result<Document, (String, Vec<Fie
 fn check_name(path: &str, name: &str, errors: &mut Vec<FieldError>) {
     let ok = !name.is_empty()
         && name.len() <= 63
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !name.starts_with('-')
         && !name.ends_with('-');
     if !ok {
-        errors.push(field(
-            path,
-            format!("`{name}` must be a DNS label: 1-63 of a-z, 0-9, '-'"),
-        ));
+        errors.push(field(path, format!("`{name}` must be a DNS label: 1-63 of a-z, 0-9, '-'")));
     }
 }
 
@@ -335,16 +290,10 @@ fn validate_service(spec: &ServiceSpec, errors: &mut Vec<FieldError>) {
         if p.port == 0 {
             errors.push(field(&format!("spec.ports[{i}].port"), "must be 1-65535"));
         } else if !seen.insert(p.port) {
-            errors.push(field(
-                &format!("spec.ports[{i}].port"),
-                format!("port {} is listed twice", p.port),
-            ));
+            errors.push(field(&format!("spec.ports[{i}].port"), format!("port {} is listed twice", p.port)));
         }
         if p.target_port == Some(0) {
-            errors.push(field(
-                &format!("spec.ports[{i}].targetPort"),
-                "must be 1-65535",
-            ));
+            errors.push(field(&format!("spec.ports[{i}].targetPort"), "must be 1-65535"));
         }
     }
     for (i, a) in spec.addresses.iter().enumerate() {
@@ -359,10 +308,7 @@ fn validate_service(spec: &ServiceSpec, errors: &mut Vec<FieldError>) {
         if parse_endpoint_address(&e.address, 1).is_none() {
             errors.push(field(
                 &format!("spec.endpoints[{i}].address"),
-                format!(
-                    "`{}` must be an IP address with an optional port (127.0.0.1:8080, [::1]:8080)",
-                    e.address
-                ),
+                format!("`{}` must be an IP address with an optional port (127.0.0.1:8080, [::1]:8080)", e.address),
             ));
         }
     }
@@ -384,19 +330,9 @@ fn check_address(address: &str) -> Result<(), String> {
     let ok = !host.is_empty()
         && host.len() <= 253
         && host.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            !label.is_empty() && label.len() <= 63 && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
         });
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "`{address}` must be a hostname or IP, with an optional port"
-        ))
-    }
+    if ok { Ok(()) } else { Err(format!("`{address}` must be a hostname or IP, with an optional port")) }
 }
 
 /// Splits `host:port`, `[v6]:port`, `host`, `v6`, `[v6]` (a bare IPv6 address has no port).
@@ -426,10 +362,7 @@ fn cross_document_errors(documents: &[Document]) -> Vec<(String, Vec<FieldError>
         let m = doc.metadata();
         let name = format!("{} {}/{}", doc.kind(), m.namespace, m.name);
         if !names.insert((doc.kind(), m.namespace.clone(), m.name.clone())) {
-            refused.push((
-                name.clone(),
-                vec![field("metadata.name", "defined twice in this file")],
-            ));
+            refused.push((name.clone(), vec![field("metadata.name", "defined twice in this file")]));
         }
         let Document::Service(svc) = doc;
         for (i, a) in svc.spec.addresses.iter().enumerate() {
@@ -438,10 +371,7 @@ fn cross_document_errors(documents: &[Document]) -> Vec<(String, Vec<FieldError>
                 if other != &name {
                     refused.push((
                         name.clone(),
-                        vec![field(
-                            &format!("spec.addresses[{i}]"),
-                            format!("`{a}` is already an address of {other}"),
-                        )],
+                        vec![field(&format!("spec.addresses[{i}]"), format!("`{a}` is already an address of {other}"))],
                     ));
                 }
             } else {
@@ -480,10 +410,7 @@ spec: {ports: [{port: 80}]}
         let Document::Service(p) = &docs[0];
         assert_eq!(p.metadata.namespace, "shop");
         assert_eq!(p.spec.ports[1].protocol, PortProtocol::Grpc);
-        assert_eq!(
-            p.spec.endpoints[1].socket_addr(8080),
-            Some("[::1]:8080".parse().unwrap())
-        );
+        assert_eq!(p.spec.endpoints[1].socket_addr(8080), Some("[::1]:8080".parse().unwrap()));
         let Document::Service(o) = &docs[1];
         assert_eq!(o.metadata.namespace, "default");
         assert_eq!(o.spec.ports[0].protocol, PortProtocol::Http);
@@ -538,10 +465,7 @@ spec: {ports: [{port: 80}]}
         ];
         for (yaml, want) in cases {
             let err = parse_documents(yaml).unwrap_err().to_string();
-            assert!(
-                err.contains(want),
-                "for {yaml:?}\n  got: {err}\n want: {want}"
-            );
+            assert!(err.contains(want), "for {yaml:?}\n  got: {err}\n want: {want}");
         }
     }
 
@@ -556,10 +480,7 @@ spec: {ports: [{port: 80}]}
     fn cross_document_conflicts() {
         let yaml = "apiVersion: ferry.dev/v1alpha1\nkind: Service\nmetadata: {name: a}\nspec: {ports: [{port: 80}], addresses: [shared]}\n---\napiVersion: ferry.dev/v1alpha1\nkind: Service\nmetadata: {name: b}\nspec: {ports: [{port: 80}], addresses: [Shared]}\n---\napiVersion: ferry.dev/v1alpha1\nkind: Service\nmetadata: {name: a}\nspec: {ports: [{port: 81}]}";
         let err = parse_documents(yaml).unwrap_err().to_string();
-        assert!(
-            err.contains("`Shared` is already an address of Service default/a"),
-            "{err}"
-        );
+        assert!(err.contains("`Shared` is already an address of Service default/a"), "{err}");
         assert!(err.contains("defined twice"), "{err}");
     }
 

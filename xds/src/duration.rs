@@ -27,9 +27,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, DurationError> {
         if digits == 0 {
             return Err(malformed());
         }
-        let value: u64 = rest[..digits]
-            .parse()
-            .map_err(|_| DurationError::Overflow(s.to_string()))?;
+        let value: u64 = rest[..digits].parse().map_err(|_| DurationError::Overflow(s.to_string()))?;
         rest = &rest[digits..];
         let unit_len = rest.bytes().take_while(u8::is_ascii_alphabetic).count();
         let unit = match &rest[..unit_len] {
@@ -44,9 +42,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, DurationError> {
             .ok()
             .and_then(|v| unit.checked_mul(v))
             .ok_or_else(|| DurationError::Overflow(s.to_string()))?;
-        total = total
-            .checked_add(part)
-            .ok_or_else(|| DurationError::Overflow(s.to_string()))?;
+        total = total.checked_add(part).ok_or_else(|| DurationError::Overflow(s.to_string()))?;
     }
     Ok(total)
 }
@@ -69,17 +65,7 @@ mod tests {
         for (text, want) in ok {
             assert_eq!(parse_duration(text), Ok(want), "{text}");
         }
-        for bad in [
-            "",
-            "10",
-            "s",
-            "1.5s",
-            "10 s",
-            "-1s",
-            "1d",
-            "1sx",
-            "99999999999h",
-        ] {
+        for bad in ["", "10", "s", "1.5s", "10 s", "-1s", "1d", "1sx", "99999999999h"] {
             assert!(parse_duration(bad).is_err(), "{bad:?} should be refused");
         }
     }

@@ -5,7 +5,7 @@ pub mod config;
 pub mod duration;
 
 pub use config::{
-    API_VERSION, ConfigError, Document, Endpoint, FieldError, Metadata, PortProtocol, Service,
-    ServicePort, ServiceSpec, parse_documents, split_host_port,
+    API_VERSION, ConfigError, Document, Endpoint, FieldError, Metadata, PortProtocol, Service, ServicePort,
+    ServiceSpec, parse_documents, split_host_port,
 };
 pub use duration::{DurationError, parse_duration};
