@@ -213,7 +213,8 @@ spec: {ports: [{port: 80}, {port: 5432, protocol: tcp}]}
     fn route_table() {
         let s = snapshot();
         // (authority, Ok((service, service port)) or the error)
-        let cases: &[(&str, Result<(&str, u16), RouteError>)] = &[
+        type Case<'a> = (&'a str, Result<(&'a str, u16), RouteError>);
+        let cases: &[Case] = &[
             ("payments.example.com:8080", Ok(("payments", 8080))),
             ("PAYMENTS.example.com.:9090", Ok(("payments", 9090))),
             ("payments.shop:8080", Ok(("payments", 8080))),

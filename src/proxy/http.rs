@@ -210,7 +210,8 @@ mod tests {
     #[test]
     fn hop_by_hop_table() {
         // (input headers, keep_upgrade, names that must remain, names that must be gone)
-        let cases: &[(&[(&str, &str)], bool, &[&str], &[&str])] = &[
+        type Case<'a> = (&'a [(&'a str, &'a str)], bool, &'a [&'a str], &'a [&'a str]);
+        let cases: &[Case] = &[
             (
                 &[
                     ("connection", "keep-alive, x-secret"),

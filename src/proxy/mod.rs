@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -59,7 +59,7 @@ impl Proxy {
     pub fn new(settings: Arc<Settings>, store: Arc<ConfigStore>, metrics: Arc<Metrics>, drain: Drain) -> Arc<Self> {
         let mut h1 = http1::Builder::new();
         h1.timer(TokioTimer::new())
-            .header_read_timeout(settings.header_read_timeout)
+            .header_read_timeout(None) // ours covers the first request only; hyper's would also close idle keep-alive
             .max_buf_size(settings.max_header_bytes.max(8192));
         let mut h2 = http2::Builder::new(TokioExecutor::new());
         h2.timer(TokioTimer::new()).max_header_list_size(settings.max_header_bytes.try_into().unwrap_or(u32::MAX));
@@ -160,18 +160,22 @@ impl Proxy {
         let io = TokioIo::new(io);
         let result = if protocol == Protocol::Http2 {
             let conn = self.h2.serve_connection(io, service);
-            until_drained(&self.drain, &state, conn, http2::Connection::graceful_shutdown).await
+            drive(&self.drain, &state, None, conn, http2::Connection::graceful_shutdown).await
         } else {
             let conn = self.h1.serve_connection(io, service).with_upgrades();
-            until_drained(&self.drain, &state, conn, http1::UpgradeableConnection::graceful_shutdown).await
+            let header_deadline = Some(self.settings.header_read_timeout);
+            drive(&self.drain, &state, header_deadline, conn, http1::UpgradeableConnection::graceful_shutdown).await
         };
-        if let Err(e) = result {
-            if is_bad_input(&e) {
-                self.metrics.proxy_error(direction, "bad-request");
-                tracing::info!(%peer, direction = direction.as_str(), error = %e, "bad request; connection closed");
-            } else {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
+        let bad_input = match &result {
+            Ok(()) => return,
+            Err(ConnEnd::HeaderTimeout) => true,
+            Err(ConnEnd::Http(e)) => is_bad_input(e),
+        };
+        if bad_input {
+            self.metrics.proxy_error(direction, "bad-request");
+            tracing::info!(%peer, direction = direction.as_str(), error = %result.unwrap_err(), "bad request; connection closed");
+        } else if let Err(e) = result {
+            tracing::debug!(%peer, error = %e, "connection ended with an error");
         }
     }
 
@@ -232,29 +236,49 @@ impl ConnState {
     }
 }
 
-/// Runs a server connection; once draining starts it is shut down gracefully: in-flight requests finish,
-/// HTTP/1 closes after the current response, HTTP/2 sends GOAWAY. A connection that has not sent its first
-/// request yet (accepted just before or during the drain) is first given that request, so no request that
-/// reached the proxy is refused.
-async fn until_drained<C: Future>(
+/// How a server connection ended, when not cleanly.
+#[derive(Debug, thiserror::Error)]
+enum ConnEnd {
+    #[error(transparent)]
+    Http(hyper::Error),
+    #[error("the client did not send complete request headers within the header-read timeout")]
+    HeaderTimeout,
+}
+
+/// Runs a server connection until it ends.
+/// - `header_deadline`: the first request's headers must be complete within it (HTTP/1 slow-header defence).
+/// - Draining: in-flight requests finish, HTTP/1 closes after the current response, HTTP/2 sends GOAWAY. A
+///   connection that has not sent its first request yet (accepted just before or during the drain) is given that
+///   request first, so no request that reached the proxy is refused.
+async fn drive<C: Future<Output = hyper::Result<()>>>(
     drain: &Drain,
     state: &ConnState,
+    header_deadline: Option<Duration>,
     conn: C,
     graceful_shutdown: fn(Pin<&mut C>),
-) -> C::Output {
+) -> Result<(), ConnEnd> {
     tokio::pin!(conn);
-    tokio::select! {
-        res = conn.as_mut() => return res,
-        _ = drain.signaled() => {}
-    }
-    if state.requests.load(Ordering::Relaxed) == 0 {
+    let deadline = tokio::time::sleep(header_deadline.unwrap_or(Duration::MAX / 4));
+    tokio::pin!(deadline);
+    let mut draining = false;
+    loop {
+        let before_first_request = state.requests.load(Ordering::Relaxed) == 0;
         tokio::select! {
-            res = conn.as_mut() => return res,
-            _ = state.first_request.notified() => {}
+            res = conn.as_mut() => return res.map_err(ConnEnd::Http),
+            _ = drain.signaled(), if !draining => {
+                draining = true;
+                if !before_first_request {
+                    graceful_shutdown(conn.as_mut());
+                }
+            }
+            _ = state.first_request.notified(), if before_first_request => {
+                if draining {
+                    graceful_shutdown(conn.as_mut());
+                }
+            }
+            _ = &mut deadline, if before_first_request && header_deadline.is_some() => return Err(ConnEnd::HeaderTimeout),
         }
     }
-    graceful_shutdown(conn.as_mut());
-    conn.await
 }
 
 /// Whether a server connection ended because the client sent something malformed or too slow.

@@ -1,0 +1,87 @@
+//! Bad input at a real `ferry` process: each gets a clean 4xx + close or a GOAWAY, is counted, and harms no one else.
+
+mod support;
+
+use std::time::Duration;
+
+use http::{Request, StatusCode};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use support::backend::{self, TestBody, full};
+use support::{Ferry, service_yaml};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Sends `bytes` (optionally leaving the connection open) and reads everything until the proxy closes it.
+async fn exchange(addr: std::net::SocketAddr, bytes: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut out))
+        .await
+        .expect("the proxy must close the connection")
+        .ok();
+    out
+}
+
+fn status_line(out: &[u8]) -> String {
+    String::from_utf8_lossy(out).lines().next().unwrap_or_default().to_string()
+}
+
+async fn healthy_request(tx: &mut http1::SendRequest<TestBody>) {
+    tx.ready().await.expect("the other connection is still open");
+    let resp = tx.send_request(Request::get("/").header("host", "echo").body(full("")).unwrap()).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_cleanly_and_counted() {
+    let app = backend::http_backend().await;
+    let ferry = Ferry::start(
+        Some(&service_yaml("echo", 80, &[app.addr])),
+        &[("FERRY_MAX_HEADER_BYTES", "16384"), ("FERRY_HEADER_READ_TIMEOUT", "1s")],
+    );
+    // A connection opened before, used between the bad inputs: it must not notice them.
+    let stream = TcpStream::connect(ferry.outbound).await.unwrap();
+    let (mut tx, conn) = http1::handshake::<_, TestBody>(TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(conn);
+    healthy_request(&mut tx).await;
+
+    // 1. Malformed request line.
+    let out = exchange(ferry.outbound, b"GET /a b c HTTP/1.1\r\nHost: echo\r\n\r\n").await;
+    assert_eq!(status_line(&out), "HTTP/1.1 400 Bad Request");
+    healthy_request(&mut tx).await;
+
+    // 2. Headers over the configured limit.
+    let big = format!("GET / HTTP/1.1\r\nHost: echo\r\nX-Big: {}\r\n\r\n", "a".repeat(32 * 1024));
+    let out = exchange(ferry.outbound, big.as_bytes()).await;
+    assert_eq!(status_line(&out), "HTTP/1.1 431 Request Header Fields Too Large");
+    healthy_request(&mut tx).await;
+
+    // 3. A client that never finishes its headers: closed at the header-read timeout.
+    let out = exchange(ferry.outbound, b"GET / HTTP/1.1\r\nHost: echo\r\nX-Slow: ").await;
+    let line = status_line(&out);
+    assert!(line.is_empty() || line.starts_with("HTTP/1.1 408"), "got {line:?}");
+    healthy_request(&mut tx).await;
+
+    // 4. An HTTP/2 preface followed by garbage: a GOAWAY (frame type 7), then close.
+    let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    bytes.extend_from_slice(b"\x00\x00\x05\xff\xff\x00\x00\x00\x00garbagegarbage garbage");
+    let out = exchange(ferry.outbound, &bytes).await;
+    assert!(frame_types(&out).contains(&7), "no GOAWAY in {out:?}");
+    healthy_request(&mut tx).await;
+
+    let counted = ferry.metric(r#"ferry_proxy_errors_total{direction="outbound",reason="bad-request"}"#);
+    assert_eq!(counted, 4.0, "{}", ferry.metrics());
+}
+
+/// The types of the HTTP/2 frames in `bytes` (9-byte header: 24-bit length, type, flags, stream id).
+fn frame_types(mut bytes: &[u8]) -> Vec<u8> {
+    let mut types = Vec::new();
+    while bytes.len() >= 9 {
+        let len = (usize::from(bytes[0]) << 16) | (usize::from(bytes[1]) << 8) | usize::from(bytes[2]);
+        types.push(bytes[3]);
+        bytes = &bytes[(9 + len).min(bytes.len())..];
+    }
+    types
+}
