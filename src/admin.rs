@@ -120,7 +120,7 @@ impl AdminState {
                             .iter()
                             .map(|p| serde_json::json!({"port": p.port, "endpoints": s.endpoints(p.port).map(|a| a.to_string()).collect::<Vec<_>>()}))
                             .collect();
-                        serde_json::json!({"service": s.qualified_name(), "ports": ports})
+                        serde_json::json!({"service": &*s.qualified_name, "ports": ports})
                     })
                     .collect();
                 json(&serde_json::json!({ "version": snapshot.version, "services": services }))

@@ -21,8 +21,8 @@ pub struct Metrics {
     registry: Registry,
     requests: IntCounterVec,
     request_duration: HistogramVec,
-    /// Labelled handles per (direction, service), so the request path does not hash label values.
-    request_handles: RwLock<HashMap<(Direction, String), Arc<RequestHandles>>>,
+    /// Labelled handles per direction (inbound, outbound) and service, so the request path does not hash label values.
+    request_handles: [RwLock<HashMap<String, Arc<RequestHandles>>>; 2],
     pub proxy_errors: IntCounterVec,
     pub tcp_opened: IntCounterVec,
     pub tcp_closed: IntCounterVec,
@@ -80,7 +80,7 @@ impl Metrics {
                 &["direction", "service", "status_class"],
                 LATENCY_BUCKETS,
             ),
-            request_handles: RwLock::new(HashMap::new()),
+            request_handles: Default::default(),
             proxy_errors: counter(
                 "ferry_proxy_errors_total",
                 "Errors made by the proxy (not the app), by ferry-proxy-error reason.",
@@ -140,8 +140,8 @@ impl Metrics {
 
     /// Request metrics of one (direction, service), created on first use.
     pub fn requests(&self, direction: Direction, service: &str) -> Arc<RequestHandles> {
-        let key = (direction, service.to_string());
-        if let Some(h) = self.request_handles.read().expect("metrics lock").get(&key) {
+        let map = &self.request_handles[direction as usize];
+        if let Some(h) = map.read().expect("metrics lock").get(service) {
             return h.clone();
         }
         let handles = Arc::new(RequestHandles {
@@ -149,7 +149,7 @@ impl Metrics {
             duration: STATUS_CLASSES
                 .map(|c| self.request_duration.with_label_values(&[direction.as_str(), service, c])),
         });
-        self.request_handles.write().expect("metrics lock").entry(key).or_insert(handles).clone()
+        map.write().expect("metrics lock").entry(service.to_string()).or_insert(handles).clone()
     }
 
     pub fn proxy_error(&self, direction: Direction, reason: &str) {

@@ -24,6 +24,8 @@ pub struct Snapshot {
 pub struct ServiceEntry {
     pub name: String,
     pub namespace: String,
+    /// `name.namespace`: the `service` label of metrics and logs.
+    pub qualified_name: Arc<str>,
     pub spec: ServiceSpec,
     /// Round-robin cursor (replaced by P2C over EWMA with the resilience policies).
     #[serde(skip)]
@@ -50,10 +52,6 @@ pub struct Route {
 }
 
 impl ServiceEntry {
-    pub fn qualified_name(&self) -> String {
-        format!("{}.{}", self.name, self.namespace)
-    }
-
     /// Every endpoint address for a request to `port`.
     pub fn endpoints(&self, port: u16) -> impl Iterator<Item = SocketAddr> + '_ {
         self.spec.endpoints.iter().filter_map(move |e| e.socket_addr(port))
@@ -91,6 +89,7 @@ impl Snapshot {
                 implicit.push((name.clone(), index));
             }
             services.push(Arc::new(ServiceEntry {
+                qualified_name: format!("{name}.{ns}").into(),
                 name: svc.metadata.name,
                 namespace: svc.metadata.namespace,
                 spec: svc.spec,
@@ -126,10 +125,10 @@ impl Snapshot {
             .find(|p| p.port == port)
             .or_else(|| candidates.iter().any(|(p, _)| *p == Some(port)).then(|| &service.spec.ports[0]))
             .cloned()
-            .ok_or_else(|| RouteError::NoPort { service: service.qualified_name(), port })?;
+            .ok_or_else(|| RouteError::NoPort { service: service.qualified_name.to_string(), port })?;
         let endpoint = service
             .pick_endpoint(service_port.port)
-            .ok_or_else(|| RouteError::NoEndpoints(service.qualified_name()))?;
+            .ok_or_else(|| RouteError::NoEndpoints(service.qualified_name.to_string()))?;
         Ok(Route { service: service.clone(), port: service_port, endpoint })
     }
 

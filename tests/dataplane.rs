@@ -40,7 +40,7 @@ async fn setup() -> (backend::Backend, Ferry) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http1_keep_alive_and_chunked_through_outbound_and_inbound() {
-    let (_app, ferry) = setup().await;
+    let (app, ferry) = setup().await;
     for (listener, expect_host) in [(ferry.outbound, "echo"), (ferry.inbound, "echo")] {
         let mut tx = h1(listener).await;
         // Three requests on one client connection: keep-alive across the proxy.
@@ -65,6 +65,10 @@ async fn http1_keep_alive_and_chunked_through_outbound_and_inbound() {
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(&body[..], b"part0;part1;part2;part3;part4;");
     }
+    // Eight requests reached the app over pooled upstream connections (returned to the pool asynchronously, so
+    // allow a second one per listener), not one connection each.
+    let upstream = app.connections.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(upstream <= 3, "{upstream} upstream connections for 8 sequential requests: the pool is not reused");
     // Absolute-form (explicit proxy style) routes by the URI's authority.
     let mut tx = h1(ferry.outbound).await;
     let req = Request::get("http://echo/x").header("host", "echo").body(full("")).unwrap();
@@ -288,4 +292,23 @@ async fn proxy_errors_are_labelled() {
     assert_eq!(resp.headers()["grpc-status"], "14");
     assert_eq!(resp.headers()["ferry-proxy-error"], "connect-refused");
     assert_eq!(ferry.metric(r#"ferry_proxy_errors_total{direction="outbound",reason="connect-refused"}"#), 2.0);
+}
+
+/// IPv6 loopback listeners work; an IPv6 address the host does not have is logged and skipped, never fatal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_listeners() {
+    if std::net::TcpListener::bind("[::1]:0").is_err() {
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "CI needs IPv6 on loopback for this test");
+        eprintln!("skipped: no IPv6 on loopback here");
+        return;
+    }
+    let app = backend::http_backend().await;
+    let v6 = format!("[::1]:{}", support::free_port());
+    // 2001:db8::/32 is the documentation range: never assigned to this host, so binding it fails.
+    let outbound = format!("{v6},[2001:db8::1]:15001");
+    let ferry = Ferry::start(Some(&service_yaml("echo", 80, &[app.addr])), &[("FERRY_OUTBOUND_ADDR", &outbound)]);
+    let mut tx = h1(v6.parse().unwrap()).await;
+    let resp = tx.send_request(Request::get("/").header("host", "echo").body(full("")).unwrap()).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(ferry.logs().contains("2001:db8::1"), "the skipped address is logged");
 }

@@ -14,9 +14,12 @@ use super::pool::HttpVersion;
 use super::{Direction, Proxy};
 use crate::errors::{self, ProxyError};
 
+/// The `service` label of outbound requests that matched no Service.
+const UNKNOWN_SERVICE: &str = "unknown";
+
 /// Where a request goes and under which service it is counted.
 struct Destination {
-    service: String,
+    service: Arc<str>,
     addr: SocketAddr,
     authority: String,
 }
@@ -31,9 +34,9 @@ impl Proxy {
     ) -> Response<ProxyBody> {
         let start = Instant::now();
         let grpc = is_grpc(req.headers());
-        let method = req.method().clone();
-        let path = req.uri().path().to_string();
-        let version = req.version();
+        // Only what the access log needs, and only when it is on.
+        let logged =
+            self.settings.access_log.then(|| (req.method().clone(), req.uri().path().to_string(), req.version()));
         let (service, upstream, result) = match self.destination(&req, direction) {
             Ok(dest) => {
                 let service = dest.service.clone();
@@ -51,7 +54,7 @@ impl Proxy {
         };
         let elapsed = start.elapsed();
         self.metrics.requests(direction, &service).record(response.status().as_u16(), elapsed);
-        if self.settings.access_log {
+        if let Some((method, path, version)) = logged {
             tracing::info!(
                 target: "ferry::access",
                 direction = direction.as_str(),
@@ -71,17 +74,21 @@ impl Proxy {
     }
 
     /// Outbound: route by authority over the live snapshot. Inbound: the local app.
-    fn destination(&self, req: &Request<Incoming>, direction: Direction) -> Result<Destination, (String, ProxyError)> {
+    fn destination(
+        &self,
+        req: &Request<Incoming>,
+        direction: Direction,
+    ) -> Result<Destination, (Arc<str>, ProxyError)> {
         let authority = authority_of(req);
         match direction {
             Direction::Outbound => {
                 let authority = authority
-                    .ok_or_else(|| ("unknown".to_string(), ProxyError::BadRequest("request names no host")))?;
-                let route = self.store.load().route(&authority).map_err(|e| ("unknown".to_string(), e.into()))?;
-                Ok(Destination { service: route.service.qualified_name(), addr: route.endpoint, authority })
+                    .ok_or_else(|| (UNKNOWN_SERVICE.into(), ProxyError::BadRequest("request names no host")))?;
+                let route = self.store.load().route(&authority).map_err(|e| (UNKNOWN_SERVICE.into(), e.into()))?;
+                Ok(Destination { service: route.service.qualified_name.clone(), addr: route.endpoint, authority })
             }
             Direction::Inbound => {
-                let service = self.local_service_label();
+                let service = self.local_service.clone();
                 let addr = self
                     .inbound_target()
                     .ok_or_else(|| (service.clone(), ProxyError::NoRoute("no app address is configured".into())))?;

@@ -32,8 +32,8 @@ pub use self::http::{is_grpc, strip_hop_by_hop};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Direction {
-    Inbound,
-    Outbound,
+    Inbound = 0,
+    Outbound = 1,
 }
 
 impl Direction {
@@ -51,6 +51,8 @@ pub struct Proxy {
     pub metrics: Arc<Metrics>,
     pub drain: Drain,
     pool: Arc<Pool>,
+    /// The `service` label of inbound requests: `FERRY_SERVICE.FERRY_NAMESPACE`, or `app`.
+    local_service: Arc<str>,
     h1: http1::Builder,
     h2: http2::Builder<TokioExecutor>,
 }
@@ -64,7 +66,11 @@ impl Proxy {
         let mut h2 = http2::Builder::new(TokioExecutor::new());
         h2.timer(TokioTimer::new()).max_header_list_size(settings.max_header_bytes.try_into().unwrap_or(u32::MAX));
         let pool = Pool::new(settings.connect_timeout, settings.pool_idle_timeout);
-        Arc::new(Proxy { settings, store, metrics, drain, pool, h1, h2 })
+        let local_service = match &settings.service {
+            Some(name) => format!("{name}.{}", settings.namespace).into(),
+            None => "app".into(),
+        };
+        Arc::new(Proxy { settings, store, metrics, drain, pool, local_service, h1, h2 })
     }
 
     /// Accepts connections until the process exits; the inbound listener stops accepting when draining starts.
@@ -204,14 +210,6 @@ impl Proxy {
         match service.spec.ports.as_slice() {
             [port] => Some(SocketAddr::from(([127, 0, 0, 1], port.target_port.unwrap_or(port.port)))),
             _ => None,
-        }
-    }
-
-    /// The `service` label of inbound metrics.
-    fn local_service_label(&self) -> String {
-        match &self.settings.service {
-            Some(name) => format!("{name}.{}", self.settings.namespace),
-            None => "app".to_string(),
         }
     }
 

@@ -2,6 +2,8 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -21,12 +23,14 @@ pub type TestBody = BoxBody<Bytes, BoxError>;
 /// A server task on a loopback port; stopped when dropped.
 pub struct Backend {
     pub addr: SocketAddr,
+    /// Connections accepted so far (shows whether the proxy reuses pooled connections).
+    pub connections: Arc<AtomicUsize>,
     task: JoinHandle<()>,
 }
 
 impl Backend {
     pub fn from_parts(addr: SocketAddr, task: JoinHandle<()>) -> Self {
-        Backend { addr, task }
+        Backend { addr, connections: Default::default(), task }
     }
 }
 
@@ -134,9 +138,12 @@ async fn app(req: Request<Incoming>) -> Result<Response<TestBody>, Infallible> {
 pub async fn http_backend() -> Backend {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let accepted = connections.clone();
     let task = tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else { continue };
+            accepted.fetch_add(1, Ordering::SeqCst);
             tokio::spawn(async move {
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection_with_upgrades(TokioIo::new(stream), hyper::service::service_fn(app))
@@ -144,7 +151,7 @@ pub async fn http_backend() -> Backend {
             });
         }
     });
-    Backend { addr, task }
+    Backend { addr, connections, task }
 }
 
 /// A WebSocket server that echoes every message.
@@ -167,7 +174,7 @@ pub async fn websocket_backend() -> Backend {
             });
         }
     });
-    Backend { addr, task }
+    Backend { addr, connections: Default::default(), task }
 }
 
 /// Reads until the client half-closes, then answers `received N bytes` and closes: proves half-close is relayed.
@@ -186,7 +193,7 @@ pub async fn half_close_backend() -> Backend {
             });
         }
     });
-    Backend { addr, task }
+    Backend { addr, connections: Default::default(), task }
 }
 
 /// A server-speaks-first protocol (like SMTP or MySQL): greets on accept, then echoes lines.
@@ -208,5 +215,5 @@ pub async fn greeting_backend(listener: TcpListener) -> Backend {
             });
         }
     });
-    Backend { addr, task }
+    Backend { addr, connections: Default::default(), task }
 }

@@ -1,0 +1,359 @@
+#!/usr/bin/env python3
+"""Data-plane benchmark: direct vs one Ferry hop vs one Envoy hop to a fixed-response nginx, all on loopback.
+
+Latency: open-loop at constant rates with oha's latency correction, runs interleaved (direct, ferry, envoy rotated),
+each run's added latency (proxied - direct) and the Ferry/Envoy ratio per run; medians and spread are reported.
+Efficiency: closed-loop load, requests per proxy CPU-second (utime+stime from /proc/PID/stat).
+Memory: proxy RSS (and anonymous RSS) idle and after the highest-rate runs.
+Pinning: proxies on CPU 1, load generator and backend on CPU 0 (when the machine has 2+ CPUs).
+Writes target/bench/dataplane.json and prints a table. Traffic goes to 127.0.0.1 only; every run is bounded in time.
+"""
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url, headers=None, timeout=20.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            req = urllib.request.Request(url, headers=headers or {})
+            with urllib.request.urlopen(req, timeout=1) as r:
+                if r.status == 200:
+                    return
+        except Exception:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"{url} not answering")
+
+
+def cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+
+
+def rss_kib(pid):
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS:", "RssAnon:")):
+                out[line.split(":")[0]] = int(line.split()[1])
+    return {"rss_kib": out.get("VmRSS", 0), "anon_kib": out.get("RssAnon", 0)}
+
+
+def pinned(cmd, cpu):
+    if cpu is None or not shutil.which("taskset"):
+        return cmd
+    return ["taskset", "-c", str(cpu)] + cmd
+
+
+NGINX_CONF = """
+worker_processes 1;
+daemon off;
+master_process off;
+pid {dir}/nginx.pid;
+error_log {dir}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {dir}/body;
+  proxy_temp_path {dir}/proxy;
+  fastcgi_temp_path {dir}/fastcgi;
+  uwsgi_temp_path {dir}/uwsgi;
+  scgi_temp_path {dir}/scgi;
+  keepalive_requests 1000000;
+  keepalive_timeout 300s;
+  server {{
+    listen 127.0.0.1:{port} reuseport backlog=4096;
+    location / {{ return 200 "ok\\n"; }}
+  }}
+}}
+"""
+
+ENVOY_CONF = """
+admin:
+  address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}
+static_resources:
+  listeners:
+  - name: bench
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: bench
+          codec_type: AUTO
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes: [{{match: {{prefix: "/"}}, route: {{cluster: backend}}}}]
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+  clusters:
+  - name: backend
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: backend
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {backend}}}}}}}
+"""
+
+FERRY_CONF = """apiVersion: ferry.dev/v1alpha1
+kind: Service
+metadata: {{name: backend, namespace: default}}
+spec:
+  ports: [{{port: 80, protocol: http}}]
+  endpoints: [{{address: "127.0.0.1:{backend}"}}]
+"""
+
+
+class Proc:
+    def __init__(self, name, cmd, log, env=None, cpu=None):
+        self.name = name
+        self.log = open(log, "w")
+        self.p = subprocess.Popen(pinned(cmd, cpu), stdout=self.log, stderr=subprocess.STDOUT, env=env)
+
+    @property
+    def pid(self):
+        return self.p.pid
+
+    def stop(self):
+        if self.p.poll() is None:
+            self.p.terminate()
+            try:
+                self.p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait()
+        self.log.close()
+
+
+def oha_json_flag():
+    out = subprocess.run(["oha", "--help"], capture_output=True, text=True).stdout
+    return ["--output-format", "json"] if "--output-format" in out else ["-j"]
+
+
+def run_oha(url, host, args, seconds, rate, conns, cpu):
+    cmd = ["oha", "--no-tui", *oha_json_flag(), "-z", f"{seconds}s", "-c", str(conns), "-H", f"Host: {host}"]
+    if rate:
+        cmd += ["-q", str(rate), "--latency-correction"]
+    cmd.append(url)
+    out = subprocess.run(pinned(cmd, cpu), capture_output=True, text=True, timeout=seconds + 120)
+    if out.returncode != 0:
+        raise RuntimeError(f"oha failed: {out.stderr}")
+    data = json.loads(out.stdout)
+    summary = data["summary"]
+    pct = data["latencyPercentiles"]
+    codes = data.get("statusCodeDistribution", {})
+    errors = data.get("errorDistribution", {})
+    ok = int(codes.get("200", 0))
+    total = sum(int(v) for v in codes.values()) + sum(int(v) for v in errors.values())
+    return {
+        "rps": summary["requestsPerSec"],
+        "p50_ms": pct["p50"] * 1000,
+        "p90_ms": pct["p90"] * 1000,
+        "p99_ms": pct["p99"] * 1000,
+        "p99.9_ms": pct["p99.9"] * 1000,
+        "ok": ok,
+        "failed": total - ok,
+        "errors": errors,
+    }
+
+
+def spread(values):
+    values = sorted(values)
+    return {"median": statistics.median(values), "min": values[0], "max": values[-1], "values": values}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ferry", required=True)
+    ap.add_argument("--envoy", required=True)
+    ap.add_argument("--runs", type=int, default=int(os.environ.get("BENCH_RUNS", 5)))
+    ap.add_argument("--seconds", type=int, default=int(os.environ.get("BENCH_SECONDS", 30)))
+    ap.add_argument("--rates", default=os.environ.get("BENCH_RATES", "1000 4000"))
+    ap.add_argument("--conns", type=int, default=int(os.environ.get("BENCH_CONNS", 32)))
+    ap.add_argument("--cpu-seconds", type=int, default=int(os.environ.get("BENCH_CPU_SECONDS", 10)))
+    ap.add_argument("--out", default="target/bench/dataplane.json")
+    args = ap.parse_args()
+    rates = [int(r) for r in args.rates.split()]
+    two_cpus = (os.cpu_count() or 1) >= 2
+    proxy_cpu, load_cpu = (1, 0) if two_cpus else (None, None)
+
+    work = tempfile.mkdtemp(prefix="ferry-bench-")
+    backend, ferry_port, envoy_port = free_port(), free_port(), free_port()
+    with open(f"{work}/nginx.conf", "w") as f:
+        f.write(NGINX_CONF.format(dir=work, port=backend))
+    with open(f"{work}/envoy.yaml", "w") as f:
+        f.write(ENVOY_CONF.format(admin=free_port(), port=envoy_port, backend=backend))
+    with open(f"{work}/ferry.yaml", "w") as f:
+        f.write(FERRY_CONF.format(backend=backend))
+    nginx_bin = shutil.which("nginx") or "/usr/sbin/nginx"
+    envoy_version = subprocess.run([args.envoy, "--version"], capture_output=True, text=True).stdout.strip()
+
+    procs = []
+    try:
+        nginx = Proc("nginx", [nginx_bin, "-c", f"{work}/nginx.conf", "-p", work], f"{work}/nginx.log", cpu=load_cpu)
+        procs.append(nginx)
+        wait_http(f"http://127.0.0.1:{backend}/")
+        env = dict(os.environ)
+        env.update({
+            "FERRY_OUTBOUND_ADDR": f"127.0.0.1:{ferry_port}",
+            "FERRY_INBOUND_ADDR": f"127.0.0.1:{free_port()}",
+            "FERRY_ADMIN_ADDR": f"127.0.0.1:{free_port()}",
+            "FERRY_HEALTH_ADDR": f"127.0.0.1:{free_port()}",
+            "FERRY_CONFIG_FILE": f"{work}/ferry.yaml",
+            "FERRY_WORKERS": "1",
+            "FERRY_ACCESS_LOG": "off",
+            "FERRY_LOG_LEVEL": "warn",
+        })
+        ferry = Proc("ferry", [args.ferry], f"{work}/ferry.log", env=env, cpu=proxy_cpu)
+        envoy = Proc("envoy", [args.envoy, "-c", f"{work}/envoy.yaml", "--concurrency", "1", "--log-level", "warn",
+                               "--disable-hot-restart"], f"{work}/envoy.log", cpu=proxy_cpu)
+        procs += [ferry, envoy]
+        targets = {
+            "direct": (f"http://127.0.0.1:{backend}/", "backend", None),
+            "ferry": (f"http://127.0.0.1:{ferry_port}/", "backend", ferry),
+            "envoy": (f"http://127.0.0.1:{envoy_port}/", "backend", envoy),
+        }
+        for name, (url, host, _) in targets.items():
+            wait_http(url, {"Host": host})
+        time.sleep(1)
+        rss_idle = {"ferry": rss_kib(ferry.pid), "envoy": rss_kib(envoy.pid)}
+        print(f"idle RSS: ferry {rss_idle['ferry']} envoy {rss_idle['envoy']}", flush=True)
+
+        # Warm-up (connection pools, allocator), not recorded.
+        for name, (url, host, _) in targets.items():
+            run_oha(url, host, args, 3, 1000, args.conns, load_cpu)
+
+        latency = {rate: {t: [] for t in targets} for rate in rates}
+        order = list(targets)
+        for run in range(args.runs):
+            for rate in rates:
+                rotated = order[run % 3:] + order[:run % 3]
+                for name in rotated:
+                    url, host, _ = targets[name]
+                    r = run_oha(url, host, args, args.seconds, rate, args.conns, load_cpu)
+                    latency[rate][name].append(r)
+                    print(f"run {run + 1}/{args.runs} {rate:>5} req/s {name:<6} p50 {r['p50_ms']:.3f} ms  "
+                          f"p99 {r['p99_ms']:.3f} ms  p99.9 {r['p99.9_ms']:.3f} ms  ok {r['ok']} failed {r['failed']}",
+                          flush=True)
+        rss_after = {"ferry": rss_kib(ferry.pid), "envoy": rss_kib(envoy.pid)}
+
+        # Closed loop: requests per proxy CPU-second.
+        efficiency = {"ferry": [], "envoy": []}
+        for run in range(args.runs):
+            for name in (["ferry", "envoy"] if run % 2 == 0 else ["envoy", "ferry"]):
+                url, host, proc = targets[name]
+                before = cpu_seconds(proc.pid)
+                r = run_oha(url, host, args, args.cpu_seconds, None, args.conns, load_cpu)
+                used = cpu_seconds(proc.pid) - before
+                efficiency[name].append(r["ok"] / used if used > 0 else 0.0)
+                print(f"closed loop {name:<6} {r['rps']:.0f} req/s, {used:.2f} CPU-s, "
+                      f"{efficiency[name][-1]:.0f} req per CPU-s", flush=True)
+        rss_end = {"ferry": rss_kib(ferry.pid), "envoy": rss_kib(envoy.pid)}
+    finally:
+        for p in reversed(procs):
+            p.stop()
+
+    # Per run: added latency (proxied - direct) and the ferry/envoy ratio of added latency.
+    report = {"rates": {}, "machine": {
+        "cpus": os.cpu_count(), "kernel": platform.release(), "cpu": cpu_model(), "pinning": two_cpus,
+    }, "envoy_version": envoy_version, "runs": args.runs, "seconds": args.seconds, "conns": args.conns}
+    failures = 0
+    for rate in rates:
+        entry = {}
+        for q in ["p50_ms", "p90_ms", "p99_ms", "p99.9_ms"]:
+            direct = [r[q] for r in latency[rate]["direct"]]
+            f_add = [r[q] - d for r, d in zip(latency[rate]["ferry"], direct)]
+            e_add = [r[q] - d for r, d in zip(latency[rate]["envoy"], direct)]
+            ratios = [f / e if e > 0 else float("inf") for f, e in zip(f_add, e_add)]
+            entry[q] = {
+                "direct": spread(direct),
+                "ferry": spread([r[q] for r in latency[rate]["ferry"]]),
+                "envoy": spread([r[q] for r in latency[rate]["envoy"]]),
+                "ferry_added": spread(f_add),
+                "envoy_added": spread(e_add),
+                "ratio_added": spread(ratios),
+            }
+        for t in targets:
+            failures += sum(r["failed"] for r in latency[rate][t])
+        entry["achieved_rps"] = {t: spread([r["rps"] for r in latency[rate][t]]) for t in targets}
+        report["rates"][str(rate)] = entry
+    report["requests_per_cpu_second"] = {k: spread(v) for k, v in efficiency.items()}
+    report["requests_per_cpu_second"]["ratio"] = (
+        report["requests_per_cpu_second"]["ferry"]["median"] / report["requests_per_cpu_second"]["envoy"]["median"])
+    report["rss"] = {"idle": rss_idle, "after_latency_runs": rss_after, "after_closed_loop": rss_end,
+                     "ratio_after_latency_runs": rss_after["ferry"]["rss_kib"] / rss_after["envoy"]["rss_kib"]}
+    report["failed_requests"] = failures
+
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=2)
+    print_table(report, rates)
+    print(f"\nwrote {args.out}; logs in {work}")
+    if failures:
+        print(f"WARNING: {failures} requests failed", file=sys.stderr)
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def print_table(report, rates):
+    print("\n== added latency (proxied - direct), ms: median [min..max] over runs; ratio = ferry/envoy per run ==")
+    print(f"{'rate':>6} {'pct':>6} | {'direct':>18} | {'ferry added':>22} | {'envoy added':>22} | {'ratio':>20}")
+    for rate in rates:
+        e = report["rates"][str(rate)]
+        for q in ["p50_ms", "p90_ms", "p99_ms", "p99.9_ms"]:
+            row = e[q]
+            fmt = lambda s: f"{s['median']:.3f} [{s['min']:.3f}..{s['max']:.3f}]"
+            print(f"{rate:>6} {q[:-3]:>6} | {fmt(row['direct']):>18} | {fmt(row['ferry_added']):>22} | "
+                  f"{fmt(row['envoy_added']):>22} | {fmt(row['ratio_added']):>20}")
+    c = report["requests_per_cpu_second"]
+    print(f"\nrequests per proxy CPU-second (closed loop): ferry {c['ferry']['median']:.0f} "
+          f"[{c['ferry']['min']:.0f}..{c['ferry']['max']:.0f}], envoy {c['envoy']['median']:.0f} "
+          f"[{c['envoy']['min']:.0f}..{c['envoy']['max']:.0f}], ratio {c['ratio']:.2f}")
+    r = report["rss"]
+    mib = lambda k: f"{k / 1024:.1f} MiB"
+    print(f"RSS idle: ferry {mib(r['idle']['ferry']['rss_kib'])} (anon {mib(r['idle']['ferry']['anon_kib'])}), "
+          f"envoy {mib(r['idle']['envoy']['rss_kib'])} (anon {mib(r['idle']['envoy']['anon_kib'])})")
+    a = r["after_latency_runs"]
+    print(f"RSS after the latency runs: ferry {mib(a['ferry']['rss_kib'])} (anon {mib(a['ferry']['anon_kib'])}), "
+          f"envoy {mib(a['envoy']['rss_kib'])} (anon {mib(a['envoy']['anon_kib'])}), ratio {r['ratio_after_latency_runs']:.2f}")
+    print(f"failed requests: {report['failed_requests']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,244 @@
+//! The local demo mesh: two sample services behind Ferry sidecars on loopback (file source), a short load, a report.
+//!
+//! Run: `cargo run --release --example demo` (builds the `ferry` binary first; `FERRY_BIN` overrides it).
+//!
+//! ```text
+//! load ──► sidecar(web) inbound ──► web app ──► sidecar(web) outbound ──► sidecar(api) inbound ──► api app
+//! ```
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpStream};
+
+const REQUESTS: usize = 300;
+const CONCURRENCY: usize = 8;
+
+fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+/// A sidecar process and its addresses.
+struct Sidecar {
+    name: &'static str,
+    child: Child,
+    outbound: SocketAddr,
+    inbound: SocketAddr,
+    health: SocketAddr,
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn ferry_binary() -> anyhow::Result<PathBuf> {
+    if let Some(bin) = std::env::var_os("FERRY_BIN") {
+        return Ok(bin.into());
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    println!("building the ferry binary (cargo build --release -p ferry --bin ferry) ...");
+    let status =
+        Command::new(&cargo).args(["build", "--release", "-p", "ferry", "--bin", "ferry", "--quiet"]).status()?;
+    anyhow::ensure!(status.success(), "building ferry failed");
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
+    Ok(target.join("release").join("ferry"))
+}
+
+fn start_sidecar(
+    bin: &PathBuf,
+    name: &'static str,
+    config: &PathBuf,
+    app: SocketAddr,
+    logs: &PathBuf,
+) -> anyhow::Result<Sidecar> {
+    let (outbound, inbound, admin, health) = (free_addr(), free_addr(), free_addr(), free_addr());
+    let log = std::fs::File::create(logs.join(format!("{name}.log")))?;
+    let child = Command::new(bin)
+        .env("FERRY_OUTBOUND_ADDR", outbound.to_string())
+        .env("FERRY_INBOUND_ADDR", inbound.to_string())
+        .env("FERRY_ADMIN_ADDR", admin.to_string())
+        .env("FERRY_HEALTH_ADDR", health.to_string())
+        .env("FERRY_CONFIG_FILE", config)
+        .env("FERRY_SERVICE", name)
+        .env("FERRY_APP_ADDR", app.to_string())
+        .env("FERRY_WORKERS", "1")
+        .env("FERRY_LOG_FORMAT", "json")
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()?;
+    Ok(Sidecar { name, child, outbound, inbound, health })
+}
+
+async fn get(addr: SocketAddr, host: &str, path: &str) -> anyhow::Result<(StatusCode, Bytes)> {
+    let stream = TcpStream::connect(addr).await?;
+    let (mut tx, conn) = http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let resp = tx.send_request(Request::get(path).header("host", host).body(Full::<Bytes>::default())?).await?;
+    let status = resp.status();
+    Ok((status, resp.into_body().collect().await?.to_bytes()))
+}
+
+/// Serves `handler` on `addr` (a sample app).
+async fn serve<F, Fut>(addr: SocketAddr, handler: F) -> anyhow::Result<()>
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response<Full<Bytes>>> + Send,
+{
+    let listener = TcpListener::bind(addr).await?;
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let handler = handler.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req| {
+                    let handler = handler.clone();
+                    async move { Ok::<_, Infallible>(handler(req).await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+            });
+        }
+    });
+    Ok(())
+}
+
+async fn wait_ready(s: &Sidecar) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if let Ok((StatusCode::OK, _)) = get(s.health, "localhost", "/health/ready").await {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    anyhow::bail!("sidecar {} not ready", s.name)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let bin = ferry_binary()?;
+    let dir = std::env::temp_dir().join(format!("ferry-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let (web_app, api_app) = (free_addr(), free_addr());
+
+    // The api sidecar first: its inbound address is the api service's endpoint.
+    let api_config = dir.join("api.yaml");
+    std::fs::write(&api_config, "")?;
+    let api = start_sidecar(&bin, "api", &api_config, api_app, &dir)?;
+    let web_config = dir.join("web.yaml");
+    std::fs::write(
+        &web_config,
+        format!(
+            "apiVersion: ferry.dev/v1alpha1\nkind: Service\nmetadata: {{name: api, namespace: default}}\n\
+             spec:\n  ports: [{{port: 80, protocol: http}}]\n  addresses: [api.demo.local]\n  identities: [api]\n\
+             \x20 endpoints: [{{address: \"{}\", identity: api}}]\n",
+            api.inbound
+        ),
+    )?;
+    let web = start_sidecar(&bin, "web", &web_config, web_app, &dir)?;
+
+    // The sample apps: api answers with JSON; web calls api through its own sidecar (explicit outbound).
+    serve(api_app, |_req| async {
+        Response::new(Full::new(Bytes::from_static(br#"{"price": 42, "currency": "EUR"}"#)))
+    })
+    .await?;
+    let web_outbound = web.outbound;
+    serve(web_app, move |_req| async move {
+        match get(web_outbound, "api", "/price").await {
+            Ok((status, body)) if status.is_success() => {
+                Response::new(Full::new(Bytes::from(format!("web got from api: {}", String::from_utf8_lossy(&body)))))
+            }
+            other => {
+                // Pass the api's (or the proxy's) error status on; the body says which hop failed.
+                let status = other.map(|(s, _)| s).unwrap_or(StatusCode::BAD_GATEWAY);
+                let mut r = Response::new(Full::new(Bytes::from_static(b"api call failed")));
+                *r.status_mut() = status;
+                r
+            }
+        }
+    })
+    .await?;
+    wait_ready(&api).await?;
+    wait_ready(&web).await?;
+    println!(
+        "mesh up: web app {web_app} + sidecar (inbound {}), api app {api_app} + sidecar (inbound {})",
+        web.inbound, api.inbound
+    );
+    let (status, body) = get(web.inbound, "web", "/").await?;
+    println!("one request: {status} {}", String::from_utf8_lossy(&body));
+
+    // A short load: REQUESTS requests, CONCURRENCY at a time, through both sidecars.
+    let latencies = Arc::new(tokio::sync::Mutex::new(Vec::with_capacity(REQUESTS)));
+    let failures = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..CONCURRENCY {
+        let (latencies, failures, target) = (latencies.clone(), failures.clone(), web.inbound);
+        tasks.push(tokio::spawn(async move {
+            for _ in (w..REQUESTS).step_by(CONCURRENCY) {
+                let t = Instant::now();
+                match get(target, "web", "/").await {
+                    Ok((StatusCode::OK, _)) => latencies.lock().await.push(t.elapsed()),
+                    _ => {
+                        failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await?;
+    }
+    let elapsed = started.elapsed();
+    let mut lat = latencies.lock().await.clone();
+    lat.sort();
+    let failed = failures.load(std::sync::atomic::Ordering::Relaxed);
+    println!("\nload: {REQUESTS} requests, {CONCURRENCY} concurrent, {elapsed:.2?}: {} ok, {failed} failed", lat.len());
+    if !lat.is_empty() {
+        println!(
+            "latency (two sidecar hops, new connection per request): p50 {:.2?}  p90 {:.2?}  p99 {:.2?}",
+            percentile(&lat, 0.5),
+            percentile(&lat, 0.9),
+            percentile(&lat, 0.99)
+        );
+    }
+
+    println!("\nwhat the sidecars counted (their /metrics):");
+    for s in [&web, &api] {
+        let (_, metrics) = get(s.health, "localhost", "/metrics").await?;
+        for line in String::from_utf8_lossy(&metrics).lines() {
+            let interesting = line.starts_with("ferry_requests_total") || line.starts_with("ferry_proxy_errors_total");
+            if interesting && !line.ends_with(" 0") {
+                println!("  {:<4} {line}", s.name);
+            }
+        }
+    }
+
+    println!("\nSIGTERM to both sidecars: they drain and exit");
+    let mut sidecars = vec![web, api];
+    for s in &sidecars {
+        Command::new("kill").args(["-TERM", &s.child.id().to_string()]).status()?;
+    }
+    for s in &mut sidecars {
+        let status = s.child.wait()?;
+        println!("  {} exited: {status}", s.name);
+    }
+    println!("\nlogs (one JSON access-log line per request): {}", dir.display());
+    anyhow::ensure!(failed == 0, "{failed} requests failed");
+    Ok(())
+}

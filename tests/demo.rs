@@ -1,0 +1,30 @@
+//! The README's demo command must keep working: run the built `demo` example against this build's `ferry`.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+#[test]
+fn demo_runs_and_reports_no_failures() {
+    // cargo test builds the examples next to the test binaries: target/<profile>/examples/demo.
+    let exe = std::env::current_exe().unwrap();
+    let demo: PathBuf = exe.parent().unwrap().parent().unwrap().join("examples").join("demo");
+    if !demo.exists() {
+        // `cargo test --test demo` alone does not build examples; build it (same profile, same target dir).
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut build = Command::new(cargo);
+        build.args(["build", "--example", "demo", "-p", "ferry"]);
+        if exe.to_string_lossy().contains("/release/") {
+            build.arg("--release");
+        }
+        assert!(build.status().unwrap().success(), "building the demo example failed");
+    }
+    let out = Command::new(&demo).env("FERRY_BIN", env!("CARGO_BIN_EXE_ferry")).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "demo failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("300 ok, 0 failed"), "{stdout}");
+    assert!(
+        stdout.contains(r#"ferry_requests_total{direction="outbound",service="api.default",status_class="2xx"} 301"#),
+        "{stdout}"
+    );
+    assert_eq!(stdout.matches("exited: exit status: 0").count(), 2, "{stdout}");
+}
