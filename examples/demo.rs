@@ -63,7 +63,7 @@ fn start_sidecar(
     name: &'static str,
     config: &PathBuf,
     app: SocketAddr,
-    logs: &PathBuf,
+    logs: &std::path::Path,
 ) -> anyhow::Result<Sidecar> {
     let (outbound, inbound, admin, health) = (free_addr(), free_addr(), free_addr(), free_addr());
     let log = std::fs::File::create(logs.join(format!("{name}.log")))?;
