@@ -201,7 +201,7 @@ def main():
     ap.add_argument("--out", default="target/bench/dataplane.json")
     args = ap.parse_args()
     rates = [int(r) for r in args.rates.split()]
-    two_cpus = (os.cpu_count() or 1) >= 2
+    two_cpus = (os.cpu_count() or 1) >= 2 and os.environ.get("BENCH_PIN", "1") != "0"
     proxy_cpu, load_cpu = (1, 0) if two_cpus else (None, None)
 
     work = tempfile.mkdtemp(prefix="ferry-bench-")
