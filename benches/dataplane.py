@@ -310,6 +310,8 @@ def main():
     report["rss"] = {"idle": rss_idle, "after_latency_runs": rss_after, "after_closed_loop": rss_end,
                      "ratio_after_latency_runs": rss_after["ferry"]["rss_kib"] / rss_after["envoy"]["rss_kib"]}
     report["failed_requests"] = failures
+    report["error_kinds"] = sorted({k for rate in rates for t in targets for r in latency[rate][t] for k in r["errors"]})
+    report["raw"] = {str(rate): latency[rate] for rate in rates}
 
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
@@ -352,7 +354,7 @@ def print_table(report, rates):
     a = r["after_latency_runs"]
     print(f"RSS after the latency runs: ferry {mib(a['ferry']['rss_kib'])} (anon {mib(a['ferry']['anon_kib'])}), "
           f"envoy {mib(a['envoy']['rss_kib'])} (anon {mib(a['envoy']['anon_kib'])}), ratio {r['ratio_after_latency_runs']:.2f}")
-    print(f"failed requests: {report['failed_requests']}")
+    print(f"failed requests: {report['failed_requests']} {report['error_kinds']}")
 
 
 if __name__ == "__main__":

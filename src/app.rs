@@ -83,6 +83,7 @@ pub async fn run(settings: Settings, log: Option<LogHandle>) -> Result<(), Start
     }
 
     let proxy = Proxy::new(settings.clone(), store.clone(), metrics.clone(), drain.clone());
+    tokio::spawn(proxy.clone().sweep_idle_connections());
     for (listeners, direction) in [(outbound, Direction::Outbound), (inbound, Direction::Inbound)] {
         for l in listeners {
             tracing::info!(addr = ?l.local_addr().ok(), direction = direction.as_str(), "listening");

@@ -35,7 +35,8 @@ pub async fn run_file_source(
         .map_err(|e| tracing::warn!(error = %e, "cannot watch SIGHUP; the config file is still polled"))
         .ok();
     let mut version = 0u64;
-    // The content last looked at (good or bad) and the last error, so that each is reported once.
+    // What was last looked at (file identity + content, good or bad) and the last error, so each is reported once.
+    let mut last_stamp: Option<Stamp> = None;
     let mut last: Option<Vec<u8>> = None;
     let mut last_error: Option<String> = None;
     let mut forced = true;
@@ -46,15 +47,22 @@ pub async fn run_file_source(
                 _ = tokio::time::sleep(poll) => false,
             };
         }
-        let result =
-            std::fs::read(&path).map_err(|source| SourceError::Read { path: path.clone(), source }).and_then(|bytes| {
-                if !forced && last.as_ref() == Some(&bytes) {
-                    return Ok(None);
-                }
+        // A stat per poll; the file is read only when its identity, size or mtime changed (a ConfigMap update swaps
+        // a symlink, which changes all three), or on SIGHUP.
+        let stamp = Stamp::of(&path);
+        if !forced && stamp.is_some() && stamp == last_stamp {
+            continue;
+        }
+        last_stamp = stamp;
+        let result = match std::fs::read(&path) {
+            Err(source) => Err(SourceError::Read { path: path.clone(), source }),
+            Ok(bytes) if !forced && last.as_ref() == Some(&bytes) => Ok(None),
+            Ok(bytes) => {
                 let parsed = parse(&path, &bytes, version + 1, &namespace);
                 last = Some(bytes);
                 parsed.map(Some)
-            });
+            }
+        };
         forced = false;
         match result {
             Ok(None) => {}
@@ -75,5 +83,22 @@ pub async fn run_file_source(
                 }
             }
         }
+    }
+}
+
+/// What identifies one version of the file without reading it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: Option<std::time::SystemTime>,
+}
+
+impl Stamp {
+    fn of(path: &Path) -> Option<Stamp> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).ok()?;
+        Some(Stamp { dev: m.dev(), ino: m.ino(), len: m.len(), mtime: m.modified().ok() })
     }
 }

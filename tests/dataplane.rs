@@ -292,6 +292,13 @@ async fn proxy_errors_are_labelled() {
     assert_eq!(resp.headers()["grpc-status"], "14");
     assert_eq!(resp.headers()["ferry-proxy-error"], "connect-refused");
     assert_eq!(ferry.metric(r#"ferry_proxy_errors_total{direction="outbound",reason="connect-refused"}"#), 2.0);
+    // CONNECT tunnels are refused with a clear proxy error.
+    let mut s = TcpStream::connect(ferry.outbound).await.unwrap();
+    s.write_all(b"CONNECT dead:443 HTTP/1.1\r\nHost: dead:443\r\n\r\n").await.unwrap();
+    let mut buf = vec![0u8; 512];
+    let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await.unwrap().unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]).to_lowercase();
+    assert!(head.starts_with("http/1.1 400") && head.contains("ferry-proxy-error: bad-request"), "{head}");
 }
 
 /// IPv6 loopback listeners work; an IPv6 address the host does not have is logged and skipped, never fatal.

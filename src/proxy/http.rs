@@ -79,6 +79,10 @@ impl Proxy {
         req: &Request<Incoming>,
         direction: Direction,
     ) -> Result<Destination, (Arc<str>, ProxyError)> {
+        if req.method() == http::Method::CONNECT {
+            // Tunnels through an explicit proxy are not a mesh feature: transparent interception carries any TCP.
+            return Err((UNKNOWN_SERVICE.into(), ProxyError::BadRequest("CONNECT tunnels are not supported")));
+        }
         let authority = authority_of(req);
         match direction {
             Direction::Outbound => {

@@ -73,6 +73,11 @@ impl Proxy {
         Arc::new(Proxy { settings, store, metrics, drain, pool, local_service, h1, h2 })
     }
 
+    /// Keeps the upstream connection pool tidy for the life of the process.
+    pub async fn sweep_idle_connections(self: Arc<Self>) {
+        self.pool.clone().sweep_forever().await
+    }
+
     /// Accepts connections until the process exits; the inbound listener stops accepting when draining starts.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, direction: Direction) {
         let local = listener.local_addr().ok();

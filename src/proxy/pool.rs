@@ -40,6 +40,24 @@ impl Pool {
         Arc::new(Pool { idle: Default::default(), h2: Default::default(), connect_timeout, idle_timeout })
     }
 
+    /// Drops idle connections that expired or were closed by the peer, every half idle timeout (1 s to 30 s), so that
+    /// endpoints that left the config do not keep connections forever.
+    pub async fn sweep_forever(self: Arc<Self>) {
+        let period = (self.idle_timeout / 2).clamp(Duration::from_secs(1), Duration::from_secs(30));
+        loop {
+            tokio::time::sleep(period).await;
+            self.sweep();
+        }
+    }
+
+    fn sweep(&self) {
+        self.idle.lock().expect("pool lock").retain(|_, list| {
+            list.retain(|c| !c.tx.is_closed() && c.since.elapsed() < self.idle_timeout);
+            !list.is_empty()
+        });
+        self.h2.lock().expect("pool lock").retain(|_, tx| !tx.is_closed());
+    }
+
     /// Sends `req` to `addr` over a pooled connection of `version`, returning the response as soon as its headers arrive.
     pub async fn send(
         self: &Arc<Self>,
