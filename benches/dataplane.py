@@ -171,7 +171,9 @@ def run_oha(url, host, args, seconds, rate, conns, cpu):
     codes = data.get("statusCodeDistribution", {})
     errors = data.get("errorDistribution", {})
     ok = int(codes.get("200", 0))
-    total = sum(int(v) for v in codes.values()) + sum(int(v) for v in errors.values())
+    # Requests still in flight when `-z` ends are reported as "aborted due to deadline": not failures.
+    aborted = sum(int(v) for k, v in errors.items() if "deadline" in k)
+    total = sum(int(v) for v in codes.values()) + sum(int(v) for v in errors.values()) - aborted
     return {
         "rps": summary["requestsPerSec"],
         "p50_ms": pct["p50"] * 1000,
@@ -180,6 +182,7 @@ def run_oha(url, host, args, seconds, rate, conns, cpu):
         "p99.9_ms": pct["p99.9"] * 1000,
         "ok": ok,
         "failed": total - ok,
+        "aborted_at_end": aborted,
         "errors": errors,
     }
 
