@@ -239,6 +239,12 @@ async fn main() -> anyhow::Result<()> {
         println!("  {} exited: {status}", s.name);
     }
     println!("\nlogs (one JSON access-log line per request): {}", dir.display());
+    println!(
+        "\nThis demo used explicit mode: the web app called its sidecar at {web_outbound} with `Host: api`.\n\
+         In a pod, `ferry init` adds iptables rules instead (transparent mode): the app calls api's address as it\n\
+         would without a mesh, and both sidecars see the call by its original destination. That needs root and\n\
+         network namespaces; `cargo test --test interception -- --nocapture` (as root) shows it end to end."
+    );
     anyhow::ensure!(failed == 0, "{failed} requests failed");
     Ok(())
 }

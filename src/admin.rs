@@ -16,6 +16,7 @@ use crate::bootstrap::Settings;
 use crate::drain::Drain;
 use crate::logging::LogHandle;
 use crate::metrics::Metrics;
+use crate::proxy::OpenConnections;
 use crate::snapshot::ConfigStore;
 
 /// Startup, readiness and liveness as DESIGN.md defines them.
@@ -55,6 +56,7 @@ pub struct AdminState {
     pub drain: Drain,
     pub health: Arc<Health>,
     pub log: Option<LogHandle>,
+    pub connections: Arc<OpenConnections>,
 }
 
 type Body = Full<Bytes>;
@@ -106,6 +108,8 @@ impl AdminState {
                     "snapshot": &**snapshot,
                     "draining": self.drain.is_draining(),
                     "in_flight_connections": self.drain.in_flight(),
+                    // Each open connection with the mode it arrived by (explicit or transparent) and its protocol.
+                    "connections": self.connections.list(),
                 }))
             }
             (Method::GET, "/endpoints") => {

@@ -7,6 +7,7 @@ pub mod bootstrap;
 pub mod detect;
 pub mod drain;
 pub mod errors;
+pub mod init;
 pub mod io;
 pub mod logging;
 pub mod metrics;

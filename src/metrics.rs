@@ -86,18 +86,26 @@ impl Metrics {
                 "Errors made by the proxy (not the app), by ferry-proxy-error reason.",
                 &["direction", "reason"],
             ),
-            tcp_opened: counter("ferry_tcp_connections_opened_total", "Accepted connections.", &["direction"]),
-            tcp_closed: counter("ferry_tcp_connections_closed_total", "Closed accepted connections.", &["direction"]),
-            tcp_open: gauge_vec("ferry_tcp_connections_open", "Accepted connections now open.", &["direction"]),
+            tcp_opened: counter(
+                "ferry_tcp_connections_opened_total",
+                "Accepted connections, by how they arrived (explicit or transparent).",
+                &["direction", "mode"],
+            ),
+            tcp_closed: counter(
+                "ferry_tcp_connections_closed_total",
+                "Closed accepted connections.",
+                &["direction", "mode"],
+            ),
+            tcp_open: gauge_vec("ferry_tcp_connections_open", "Accepted connections now open.", &["direction", "mode"]),
             tcp_received_bytes: counter(
                 "ferry_tcp_received_bytes_total",
                 "Bytes received from downstream peers on accepted connections.",
-                &["direction"],
+                &["direction", "mode"],
             ),
             tcp_sent_bytes: counter(
                 "ferry_tcp_sent_bytes_total",
                 "Bytes sent to downstream peers on accepted connections.",
-                &["direction"],
+                &["direction", "mode"],
             ),
             detections: counter(
                 "ferry_protocol_detections_total",
@@ -122,10 +130,12 @@ impl Metrics {
         m.registry.register(Box::new(m.config_version.clone())).expect("unique metric");
         // Series exist from the start, so dashboards and rate() see zeros rather than nothing.
         for d in ["inbound", "outbound"] {
-            for c in [&m.tcp_opened, &m.tcp_closed, &m.tcp_received_bytes, &m.tcp_sent_bytes] {
-                c.with_label_values(&[d]);
+            for mode in ["explicit", "transparent"] {
+                for c in [&m.tcp_opened, &m.tcp_closed, &m.tcp_received_bytes, &m.tcp_sent_bytes] {
+                    c.with_label_values(&[d, mode]);
+                }
+                m.tcp_open.with_label_values(&[d, mode]);
             }
-            m.tcp_open.with_label_values(&[d]);
         }
         let build = IntGaugeVec::new(Opts::new("ferry_build_info", "Build of the running proxy."), &["version"])
             .expect("valid metric");

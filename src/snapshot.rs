@@ -1,7 +1,7 @@
 //! The live config: an immutable snapshot behind `ArcSwap`, filled by a config source, and the pure route decision.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
@@ -18,6 +18,12 @@ pub struct Snapshot {
     pub services: Vec<Arc<ServiceEntry>>,
     #[serde(skip)]
     by_host: HashMap<String, Vec<(Option<u16>, usize)>>,
+    /// IP-literal addresses (VIPs), for transparent routing by original destination.
+    #[serde(skip)]
+    by_ip: HashMap<IpAddr, Vec<(Option<u16>, usize)>>,
+    /// Endpoint socket addresses (per service port), for transparent traffic addressed to an endpoint.
+    #[serde(skip)]
+    by_endpoint: HashMap<SocketAddr, (usize, u16)>,
 }
 
 #[derive(Debug, Serialize)]
@@ -73,6 +79,8 @@ impl Snapshot {
     pub fn build(version: u64, source: String, documents: Vec<Document>, local_namespace: &str) -> Self {
         let mut services = Vec::new();
         let mut by_host: HashMap<String, Vec<(Option<u16>, usize)>> = HashMap::new();
+        let mut by_ip: HashMap<IpAddr, Vec<(Option<u16>, usize)>> = HashMap::new();
+        let mut by_endpoint = HashMap::new();
         let mut implicit = Vec::new();
         for doc in documents {
             let Document::Service(svc) = doc;
@@ -81,6 +89,14 @@ impl Snapshot {
                 let (host, port) = split_host_port(address);
                 let port = port.and_then(|p| p.parse().ok());
                 by_host.entry(normalize_host(host)).or_default().push((port, index));
+                if let Ok(ip) = host.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
+                    by_ip.entry(ip).or_default().push((port, index));
+                }
+            }
+            for port in &svc.spec.ports {
+                for endpoint in svc.spec.endpoints.iter().filter_map(|e| e.socket_addr(port.port)) {
+                    by_endpoint.entry(endpoint).or_insert((index, port.port));
+                }
             }
             let (name, ns) = (&svc.metadata.name, &svc.metadata.namespace);
             implicit.push((format!("{name}.{ns}"), index));
@@ -99,7 +115,7 @@ impl Snapshot {
         for (host, index) in implicit {
             by_host.entry(host).or_insert_with(|| vec![(None, index)]);
         }
-        Snapshot { version, source, services, by_host }
+        Snapshot { version, source, services, by_host, by_ip, by_endpoint }
     }
 
     /// Pure route decision for an authority (`host`, `host:port`, `[v6]:port`); a missing port means 80.
@@ -130,6 +146,32 @@ impl Snapshot {
             .pick_endpoint(service_port.port)
             .ok_or_else(|| RouteError::NoEndpoints(service.qualified_name.to_string()))?;
         Ok(Route { service: service.clone(), port: service_port, endpoint })
+    }
+
+    /// Pure route decision for intercepted traffic by its original destination: a Service VIP (`addresses` holding
+    /// an IP, with that port or one of the Service's ports) is balanced over the Service's endpoints; an endpoint's
+    /// own address keeps that endpoint (the app chose it) under its Service. `None`: no Service claims it.
+    pub fn route_original(&self, original: SocketAddr) -> Option<Route> {
+        if let Some(candidates) = self.by_ip.get(&original.ip()) {
+            let port = original.port();
+            let found = candidates.iter().find(|(p, _)| *p == Some(port)).or_else(|| {
+                candidates
+                    .iter()
+                    .find(|(p, i)| p.is_none() && self.services[*i].spec.ports.iter().any(|sp| sp.port == port))
+            });
+            if let Some((_, index)) = found {
+                let service = &self.services[*index];
+                let service_port =
+                    service.spec.ports.iter().find(|p| p.port == port).unwrap_or(&service.spec.ports[0]).clone();
+                if let Some(endpoint) = service.pick_endpoint(service_port.port) {
+                    return Some(Route { service: service.clone(), port: service_port, endpoint });
+                }
+            }
+        }
+        let (index, port) = self.by_endpoint.get(&original)?;
+        let service = &self.services[*index];
+        let service_port = service.spec.ports.iter().find(|p| p.port == *port)?.clone();
+        Some(Route { service: service.clone(), port: service_port, endpoint: original })
     }
 
     /// The service named `name` in `namespace`, if the snapshot has it.
@@ -230,6 +272,27 @@ spec: {ports: [{port: 80}, {port: 5432, protocol: tcp}]}
             let got = s.route(authority).map(|r| (r.service.name.clone(), r.port.port));
             let want = want.clone().map(|(n, p)| (n.to_string(), p));
             assert_eq!(got, want, "{authority}");
+        }
+    }
+
+    #[test]
+    fn route_by_original_destination_table() {
+        let s = snapshot();
+        // (original destination, Some((service, endpoint)) when a Service claims it)
+        let cases: &[(&str, Option<(&str, &str)>)] = &[
+            ("10.96.0.7:8080", Some(("payments", "127.0.0.1:18001"))), // VIP + a service port: balanced
+            ("10.96.0.7:9090", Some(("payments", "127.0.0.2:9090"))),
+            ("10.96.0.7:22", None), // VIP, but not a service port
+            ("127.0.0.1:18001", Some(("payments", "127.0.0.1:18001"))), // an endpoint: kept
+            ("127.0.0.2:8080", Some(("payments", "127.0.0.2:8080"))),
+            ("127.0.0.2:9090", Some(("payments", "127.0.0.2:9090"))),
+            ("127.0.0.2:7000", None),
+            ("192.0.2.1:80", None), // nobody's: passed through unchanged
+        ];
+        for (original, want) in cases {
+            let got =
+                s.route_original(original.parse().unwrap()).map(|r| (r.service.name.clone(), r.endpoint.to_string()));
+            assert_eq!(got, want.map(|(n, e)| (n.to_string(), e.to_string())), "{original}");
         }
     }
 

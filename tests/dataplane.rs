@@ -319,3 +319,21 @@ async fn ipv6_listeners() {
     assert_eq!(resp.status(), StatusCode::OK);
     assert!(ferry.logs().contains("2001:db8::1"), "the skipped address is logged");
 }
+
+/// A route whose endpoint is one of the proxy's own listeners is refused (502 no-route), not looped; other routes
+/// on the same proxy keep working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_to_own_listeners_are_refused() {
+    let app = backend::http_backend().await;
+    let outbound = support::loopback(support::free_port());
+    let config = format!("{}{}", service_yaml("echo", 80, &[app.addr]), service_yaml("itself", 80, &[outbound]));
+    let ferry = Ferry::start(Some(&config), &[("FERRY_OUTBOUND_ADDR", &outbound.to_string())]);
+    let mut tx = h1(outbound).await;
+    let resp = tx.send_request(Request::get("/").header("host", "itself").body(full("")).unwrap()).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+    assert_eq!(resp.headers()["ferry-proxy-error"], "no-route");
+    tx.ready().await.unwrap();
+    let resp = tx.send_request(Request::get("/").header("host", "echo").body(full("")).unwrap()).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(ferry.logs().contains("one of this proxy's own listeners"));
+}

@@ -2,75 +2,10 @@
 
 mod support;
 
-use std::pin::Pin;
-
-use futures_util::{Stream, StreamExt};
 use http::uri::PathAndQuery;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use support::grpc::{Chunk, Codec, MAX_MESSAGE, grpc_backend, tokio_stream_from};
 use support::{Ferry, service_yaml};
-use tonic::{Code, Request, Response, Status, Streaming, metadata::MetadataMap};
-
-/// The one message of the test service `test.Echo/Bidi`.
-#[derive(Clone, PartialEq, prost::Message)]
-struct Chunk {
-    #[prost(uint32, tag = "1")]
-    seq: u32,
-    #[prost(bytes = "vec", tag = "2")]
-    data: Vec<u8>,
-}
-
-type Codec = tonic_prost::ProstCodec<Chunk, Chunk>;
-const MAX_MESSAGE: usize = 8 * 1024 * 1024;
-
-/// Echoes every message as it arrives, then ends with ABORTED carrying an `x-echo-count` trailer.
-struct Echo;
-
-impl tonic::server::StreamingService<Chunk> for Echo {
-    type Response = Chunk;
-    type ResponseStream = Pin<Box<dyn Stream<Item = Result<Chunk, Status>> + Send>>;
-    type Future = std::future::Ready<Result<Response<Self::ResponseStream>, Status>>;
-
-    fn call(&mut self, request: Request<Streaming<Chunk>>) -> Self::Future {
-        let inbound = request.into_inner();
-        let stream = futures_util::stream::unfold((inbound, 0u32, false), |(mut inbound, count, done)| async move {
-            if done {
-                return None;
-            }
-            match inbound.next().await {
-                Some(Ok(chunk)) => Some((Ok(chunk), (inbound, count + 1, false))),
-                Some(Err(status)) => Some((Err(status), (inbound, count, true))),
-                None => {
-                    let mut md = MetadataMap::new();
-                    md.insert("x-echo-count", count.to_string().parse().unwrap());
-                    Some((Err(Status::with_metadata(Code::Aborted, "echo finished", md)), (inbound, count, true)))
-                }
-            }
-        });
-        std::future::ready(Ok(Response::new(Box::pin(stream) as Self::ResponseStream)))
-    }
-}
-
-async fn grpc_backend() -> support::backend::Backend {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let task = tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(|req: http::Request<hyper::body::Incoming>| async move {
-                    let mut grpc = tonic::server::Grpc::new(Codec::default())
-                        .max_decoding_message_size(MAX_MESSAGE)
-                        .max_encoding_message_size(MAX_MESSAGE);
-                    Ok::<_, std::convert::Infallible>(grpc.streaming(Echo, req).await)
-                });
-                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-    support::backend::Backend::from_parts(addr, task)
-}
+use tonic::{Code, Request};
 
 async fn client(ferry: &Ferry, origin: &'static str) -> tonic::client::Grpc<tonic::transport::Channel> {
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", ferry.outbound))
@@ -125,9 +60,4 @@ async fn proxy_errors_reach_grpc_callers_as_status() {
         grpc.streaming(request, PathAndQuery::from_static("/test.Echo/Bidi"), Codec::default()).await.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable);
     assert_eq!(status.metadata().get("ferry-proxy-error").unwrap(), "no-route");
-}
-
-/// An mpsc receiver as a Stream (no tokio-stream dependency for one adapter).
-fn tokio_stream_from(rx: tokio::sync::mpsc::Receiver<Chunk>) -> impl Stream<Item = Chunk> + Send + 'static {
-    futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) })
 }

@@ -11,37 +11,24 @@ use hyper_util::rt::TokioIo;
 
 use super::body::ProxyBody;
 use super::pool::HttpVersion;
+use super::target::{ConnInfo, Destination, Mode, Refusal, UNKNOWN_SERVICE};
 use super::{Direction, Proxy};
 use crate::errors::{self, ProxyError};
 
-/// The `service` label of outbound requests that matched no Service.
-const UNKNOWN_SERVICE: &str = "unknown";
-
-/// Where a request goes and under which service it is counted.
-struct Destination {
-    service: Arc<str>,
-    addr: SocketAddr,
-    authority: String,
-}
-
 impl Proxy {
     /// Handles one request end to end; never fails: proxy errors become responses here, through `errors::respond`.
-    pub(super) async fn forward(
-        self: Arc<Self>,
-        req: Request<Incoming>,
-        direction: Direction,
-        client: SocketAddr,
-    ) -> Response<ProxyBody> {
+    pub(super) async fn forward(self: Arc<Self>, req: Request<Incoming>, conn: ConnInfo) -> Response<ProxyBody> {
         let start = Instant::now();
+        let direction = conn.direction;
         let grpc = is_grpc(req.headers());
         // Only what the access log needs, and only when it is on.
         let logged =
             self.settings.access_log.then(|| (req.method().clone(), req.uri().path().to_string(), req.version()));
-        let (service, upstream, result) = match self.destination(&req, direction) {
-            Ok(dest) => {
+        let (service, upstream, result) = match self.request_destination(&req, &conn) {
+            Ok((dest, authority)) => {
                 let service = dest.service.clone();
                 let addr = dest.addr;
-                (service, Some(addr), self.send(req, dest).await)
+                (service, Some(addr), self.send(req, addr, authority).await)
             }
             Err((service, e)) => (service, None, Err(e)),
         };
@@ -58,7 +45,9 @@ impl Proxy {
             tracing::info!(
                 target: "ferry::access",
                 direction = direction.as_str(),
-                client = %client,
+                mode = conn.mode.as_str(),
+                client = %conn.peer,
+                original_dst = conn.original_dst.map(|a| a.to_string()).unwrap_or_default(),
                 method = %method,
                 path = %path,
                 version = ?version,
@@ -73,35 +62,27 @@ impl Proxy {
         response
     }
 
-    /// Outbound: route by authority over the live snapshot. Inbound: the local app.
-    fn destination(
-        &self,
-        req: &Request<Incoming>,
-        direction: Direction,
-    ) -> Result<Destination, (Arc<str>, ProxyError)> {
+    /// The request's destination and the authority to send it with (the app's own, else the address dialled).
+    fn request_destination(&self, req: &Request<Incoming>, conn: &ConnInfo) -> Result<(Destination, String), Refusal> {
         if req.method() == http::Method::CONNECT {
             // Tunnels through an explicit proxy are not a mesh feature: transparent interception carries any TCP.
             return Err((UNKNOWN_SERVICE.into(), ProxyError::BadRequest("CONNECT tunnels are not supported")));
         }
         let authority = authority_of(req);
-        match direction {
-            Direction::Outbound => {
-                let authority = authority
-                    .ok_or_else(|| (UNKNOWN_SERVICE.into(), ProxyError::BadRequest("request names no host")))?;
-                let route = self.store.load().route(&authority).map_err(|e| (UNKNOWN_SERVICE.into(), e.into()))?;
-                Ok(Destination { service: route.service.qualified_name.clone(), addr: route.endpoint, authority })
-            }
-            Direction::Inbound => {
-                let service = self.local_service.clone();
-                let addr = self
-                    .inbound_target()
-                    .ok_or_else(|| (service.clone(), ProxyError::NoRoute("no app address is configured".into())))?;
-                Ok(Destination { service, addr, authority: authority.unwrap_or_else(|| addr.to_string()) })
-            }
+        if conn.direction == Direction::Outbound && conn.mode == Mode::Explicit && authority.is_none() {
+            return Err((UNKNOWN_SERVICE.into(), ProxyError::BadRequest("request names no host")));
         }
+        let dest = self.destination(conn, authority.as_deref())?;
+        let authority = authority.unwrap_or_else(|| dest.addr.to_string());
+        Ok((dest, authority))
     }
 
-    async fn send(&self, mut req: Request<Incoming>, dest: Destination) -> Result<Response<ProxyBody>, ProxyError> {
+    async fn send(
+        &self,
+        mut req: Request<Incoming>,
+        addr: SocketAddr,
+        authority: String,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
         let version = if req.version() == Version::HTTP_2 { HttpVersion::Http2 } else { HttpVersion::Http1 };
         let upgrade =
             (version == HttpVersion::Http1 && is_upgrade(req.headers())).then(|| hyper::upgrade::on(&mut req));
@@ -115,21 +96,20 @@ impl Proxy {
                 *req.uri_mut() = Uri::try_from(path).map_err(|_| ProxyError::BadRequest("invalid request target"))?;
                 *req.version_mut() = Version::HTTP_11;
                 if absolute_form || !req.headers().contains_key(header::HOST) {
-                    let host =
-                        HeaderValue::from_str(&dest.authority).map_err(|_| ProxyError::BadRequest("invalid host"))?;
+                    let host = HeaderValue::from_str(&authority).map_err(|_| ProxyError::BadRequest("invalid host"))?;
                     req.headers_mut().insert(header::HOST, host);
                 }
             }
             HttpVersion::Http2 => {
                 *req.uri_mut() = Uri::builder()
                     .scheme("http")
-                    .authority(dest.authority.as_str())
+                    .authority(authority.as_str())
                     .path_and_query(path)
                     .build()
                     .map_err(|_| ProxyError::BadRequest("invalid authority"))?;
             }
         }
-        let mut resp = self.pool.send(dest.addr, version, req.map(ProxyBody::from)).await?;
+        let mut resp = self.pool.send(addr, version, req.map(ProxyBody::from)).await?;
         match upgrade {
             Some(downstream) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
                 let upstream = hyper::upgrade::on(&mut resp);

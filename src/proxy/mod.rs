@@ -3,6 +3,7 @@
 pub mod body;
 mod http;
 pub mod pool;
+pub mod target;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -25,6 +26,7 @@ use crate::io::ConnIo;
 use crate::metrics::Metrics;
 use crate::snapshot::ConfigStore;
 use pool::Pool;
+use target::ConnInfo;
 
 pub use self::http::{is_grpc, strip_hop_by_hop};
 
@@ -53,6 +55,10 @@ pub struct Proxy {
     pool: Arc<Pool>,
     /// The `service` label of inbound requests: `FERRY_SERVICE.FERRY_NAMESPACE`, or `app`.
     local_service: Arc<str>,
+    /// Every listener address of this process: never dialled (loop protection).
+    own_listeners: Vec<SocketAddr>,
+    /// Open connections, for `/config_dump`.
+    pub connections: Arc<OpenConnections>,
     h1: http1::Builder,
     h2: http2::Builder<TokioExecutor>,
 }
@@ -70,7 +76,11 @@ impl Proxy {
             Some(name) => format!("{name}.{}", settings.namespace).into(),
             None => "app".into(),
         };
-        Arc::new(Proxy { settings, store, metrics, drain, pool, local_service, h1, h2 })
+        let own_listeners =
+            [&settings.outbound_addrs[..], &settings.inbound_addrs[..], &[settings.admin_addr, settings.health_addr]]
+                .concat();
+        let connections = Arc::new(OpenConnections::default());
+        Arc::new(Proxy { settings, store, metrics, drain, pool, local_service, own_listeners, connections, h1, h2 })
     }
 
     /// Keeps the upstream connection pool tidy for the life of the process.
@@ -112,25 +122,32 @@ impl Proxy {
 
     async fn handle(self: Arc<Self>, stream: TcpStream, peer: SocketAddr, direction: Direction) {
         let _in_flight = self.drain.track();
-        let d = direction.as_str();
+        let conn = match ConnInfo::of(&stream, peer, direction) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "accepted connection already gone");
+                return;
+            }
+        };
+        let labels = [direction.as_str(), conn.mode.as_str()];
         let m = self.metrics.clone();
-        m.tcp_opened.with_label_values(&[d]).inc();
-        m.tcp_open.with_label_values(&[d]).inc();
+        m.tcp_opened.with_label_values(&labels).inc();
+        m.tcp_open.with_label_values(&labels).inc();
         let mut io = ConnIo::new(stream).on_close(move |read, written| {
-            m.tcp_closed.with_label_values(&[d]).inc();
-            m.tcp_open.with_label_values(&[d]).dec();
-            m.tcp_received_bytes.with_label_values(&[d]).inc_by(read);
-            m.tcp_sent_bytes.with_label_values(&[d]).inc_by(written);
+            m.tcp_closed.with_label_values(&labels).inc();
+            m.tcp_open.with_label_values(&labels).dec();
+            m.tcp_received_bytes.with_label_values(&labels).inc_by(read);
+            m.tcp_sent_bytes.with_label_values(&labels).inc_by(written);
         });
 
-        let target = match direction {
-            Direction::Inbound => self.inbound_target(),
-            // Explicit mode only: transparent interception (original destination) comes with `ferry init`.
-            Direction::Outbound => None,
+        // The destination port, where it is known before reading: it may be an opaque (server-speaks-first) port.
+        let target_port = match (direction, conn.original_dst) {
+            (_, Some(original)) => Some(original.port()),
+            (Direction::Inbound, None) => self.inbound_target().map(|t| t.port()),
+            (Direction::Outbound, None) => None,
         };
-        let opaque = target.is_some_and(|t| self.is_opaque_port(t.port()));
         let start = Instant::now();
-        let (protocol, reason) = if opaque {
+        let (protocol, reason) = if target_port.is_some_and(|p| self.is_opaque_port(p)) {
             (Protocol::Tcp, Reason::OpaquePort)
         } else {
             match detect::detect(&mut io, self.settings.detect_timeout).await {
@@ -144,29 +161,25 @@ impl Proxy {
                 }
             }
         };
-        self.metrics.detections.with_label_values(&[d, protocol.as_str(), reason.as_str()]).inc();
-        self.metrics.detection_duration.with_label_values(&[d]).observe(start.elapsed().as_secs_f64());
+        self.metrics.detections.with_label_values(&[direction.as_str(), protocol.as_str(), reason.as_str()]).inc();
+        self.metrics.detection_duration.with_label_values(&[direction.as_str()]).observe(start.elapsed().as_secs_f64());
+        let _open = self.connections.insert(conn, protocol);
 
         match protocol {
-            Protocol::Http1 | Protocol::Http2 => self.serve_http(io, protocol, peer, direction).await,
-            Protocol::Tcp => match target {
-                Some(target) => self.forward_tcp(io, target, direction).await,
-                None => {
-                    self.metrics.proxy_error(direction, "no-route");
-                    tracing::warn!(%peer, direction = d, "opaque connection has no destination (explicit mode routes HTTP only); closed");
-                }
-            },
+            Protocol::Http1 | Protocol::Http2 => self.serve_http(io, protocol, conn).await,
+            Protocol::Tcp => self.forward_tcp(io, conn).await,
         }
     }
 
-    async fn serve_http(self: &Arc<Self>, io: ConnIo, protocol: Protocol, peer: SocketAddr, direction: Direction) {
+    async fn serve_http(self: &Arc<Self>, io: ConnIo, protocol: Protocol, conn: ConnInfo) {
+        let (peer, direction) = (conn.peer, conn.direction);
         let state = Arc::new(ConnState::default());
         let proxy = self.clone();
         let conn_state = state.clone();
         let service = hyper::service::service_fn(move |req| {
             conn_state.request_started();
             let proxy = proxy.clone();
-            async move { Ok::<_, Infallible>(proxy.forward(req, direction, peer).await) }
+            async move { Ok::<_, Infallible>(proxy.forward(req, conn).await) }
         });
         let io = TokioIo::new(io);
         let result = if protocol == Protocol::Http2 {
@@ -190,36 +203,71 @@ impl Proxy {
         }
     }
 
-    async fn forward_tcp(&self, mut io: ConnIo, target: SocketAddr, direction: Direction) {
-        let mut upstream = match self.pool.connect_tcp(target).await {
-            Ok(s) => s,
-            Err(e) => {
+    async fn forward_tcp(&self, mut io: ConnIo, conn: ConnInfo) {
+        let direction = conn.direction;
+        let dest = match self.destination(&conn, None) {
+            Ok(dest) => dest,
+            Err((_, e)) => {
                 self.metrics.proxy_error(direction, e.reason());
-                tracing::warn!(%target, error = %e, "opaque connection not forwarded");
+                tracing::warn!(peer = %conn.peer, direction = direction.as_str(), error = %e, "opaque connection not forwarded");
                 return;
             }
         };
+        let mut upstream = match self.pool.connect_tcp(dest.addr).await {
+            Ok(s) => s,
+            Err(e) => {
+                self.metrics.proxy_error(direction, e.reason());
+                tracing::warn!(target = %dest.addr, error = %e, "opaque connection not forwarded");
+                return;
+            }
+        };
+        tracing::debug!(peer = %conn.peer, mode = conn.mode.as_str(), service = %dest.service, target = %dest.addr, "opaque connection");
         // copy_bidirectional shuts down each write side when its read side ends: half-close is kept.
         if let Err(e) = tokio::io::copy_bidirectional(&mut io, &mut upstream).await {
-            tracing::debug!(%target, error = %e, "opaque connection ended with an error");
-        }
-    }
-
-    /// Inbound traffic goes to `FERRY_APP_ADDR`, else to the local service's single port on localhost.
-    pub fn inbound_target(&self) -> Option<SocketAddr> {
-        if let Some(addr) = self.settings.app_addr {
-            return Some(addr);
-        }
-        let snapshot = self.store.load();
-        let service = snapshot.service(self.settings.service.as_deref()?, &self.settings.namespace)?;
-        match service.spec.ports.as_slice() {
-            [port] => Some(SocketAddr::from(([127, 0, 0, 1], port.target_port.unwrap_or(port.port)))),
-            _ => None,
+            tracing::debug!(target = %dest.addr, error = %e, "opaque connection ended with an error");
         }
     }
 
     fn is_opaque_port(&self, port: u16) -> bool {
         self.settings.opaque_ports.contains(&port) || self.store.load().is_opaque_port(port)
+    }
+}
+
+/// The open connections, as `/config_dump` shows them (which mode each one came in by, and what it speaks).
+#[derive(Default)]
+pub struct OpenConnections {
+    next_id: std::sync::atomic::AtomicU64,
+    open: std::sync::Mutex<std::collections::HashMap<u64, OpenConnection>>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct OpenConnection {
+    #[serde(flatten)]
+    pub info: ConnInfo,
+    pub protocol: &'static str,
+}
+
+/// Removes its connection from the table when dropped.
+pub struct OpenGuard<'a> {
+    table: &'a OpenConnections,
+    id: u64,
+}
+
+impl OpenConnections {
+    fn insert(&self, info: ConnInfo, protocol: Protocol) -> OpenGuard<'_> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.open.lock().expect("connections lock").insert(id, OpenConnection { info, protocol: protocol.as_str() });
+        OpenGuard { table: self, id }
+    }
+
+    pub fn list(&self) -> Vec<OpenConnection> {
+        self.open.lock().expect("connections lock").values().cloned().collect()
+    }
+}
+
+impl Drop for OpenGuard<'_> {
+    fn drop(&mut self) {
+        self.table.open.lock().expect("connections lock").remove(&self.id);
     }
 }
 

@@ -2,6 +2,8 @@
 #![allow(dead_code)]
 
 pub mod backend;
+pub mod grpc;
+pub mod netns;
 
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener};

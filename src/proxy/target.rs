@@ -1,0 +1,138 @@
+//! Where a connection or request goes: explicit routing by authority, transparent routing by original
+//! destination (a Service match or a pass-through), the local app inbound; never one of the proxy's own listeners.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use serde::Serialize;
+use tokio::net::TcpStream;
+
+use super::{Direction, Proxy};
+use crate::errors::ProxyError;
+
+/// The `service` label of outbound requests that matched no Service in explicit mode.
+pub const UNKNOWN_SERVICE: &str = "unknown";
+/// The `service` label of intercepted traffic to a destination no Service claims (sent on unchanged).
+pub const PASSTHROUGH_SERVICE: &str = "passthrough";
+
+/// How a connection reached the proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Addressed to the listener itself (the app called 127.0.0.1:15001, or a peer proxy called :15006).
+    Explicit,
+    /// Redirected by `ferry init`'s iptables rules; the original destination is known.
+    Transparent,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Explicit => "explicit",
+            Mode::Transparent => "transparent",
+        }
+    }
+}
+
+/// What the proxy knows about an accepted connection before reading from it.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct ConnInfo {
+    pub direction: Direction,
+    pub mode: Mode,
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+    /// `SO_ORIGINAL_DST`, when the connection was redirected.
+    pub original_dst: Option<SocketAddr>,
+}
+
+impl ConnInfo {
+    /// Reads the original destination: a connection redirected by iptables has one that differs from the listener's
+    /// own address. Without conntrack (no iptables rules at all) there is none, and the connection is explicit.
+    pub fn of(stream: &TcpStream, peer: SocketAddr, direction: Direction) -> std::io::Result<ConnInfo> {
+        let local = stream.local_addr()?;
+        let sock = socket2::SockRef::from(stream);
+        let original = if local.is_ipv4() { sock.original_dst_v4() } else { sock.original_dst_v6() };
+        let original_dst = original.ok().and_then(|a| a.as_socket()).filter(|o| *o != local);
+        let mode = if original_dst.is_some() { Mode::Transparent } else { Mode::Explicit };
+        Ok(ConnInfo { direction, mode, peer, local, original_dst })
+    }
+}
+
+/// Where a request or connection goes and under which service it is counted.
+pub struct Destination {
+    pub service: Arc<str>,
+    pub addr: SocketAddr,
+}
+
+/// A failed decision, with the service label to count it under.
+pub type Refusal = (Arc<str>, ProxyError);
+
+impl Proxy {
+    /// The destination for a connection (`authority` = None: opaque TCP) or one request on it.
+    pub(super) fn destination(&self, conn: &ConnInfo, authority: Option<&str>) -> Result<Destination, Refusal> {
+        let dest = match (conn.direction, conn.original_dst) {
+            (Direction::Outbound, None) => {
+                let authority = authority.ok_or_else(|| {
+                    let why =
+                        "an explicit connection carries no destination for opaque bytes (only HTTP is routed by Host)";
+                    (Arc::from(UNKNOWN_SERVICE), ProxyError::NoRoute(why.into()))
+                })?;
+                let route = self.store.load().route(authority).map_err(|e| (Arc::from(UNKNOWN_SERVICE), e.into()))?;
+                Destination { service: route.service.qualified_name.clone(), addr: route.endpoint }
+            }
+            (Direction::Outbound, Some(original)) => match self.store.load().route_original(original) {
+                Some(route) => Destination { service: route.service.qualified_name.clone(), addr: route.endpoint },
+                None => Destination { service: PASSTHROUGH_SERVICE.into(), addr: original },
+            },
+            (Direction::Inbound, original) => {
+                let service = self.local_service.clone();
+                let addr = match original {
+                    // The original port selects the app's port.
+                    Some(original) => SocketAddr::new(self.app_ip(), original.port()),
+                    None => self.inbound_target().ok_or_else(|| {
+                        (service.clone(), ProxyError::NoRoute("no app address is configured (FERRY_APP_ADDR)".into()))
+                    })?,
+                };
+                Destination { service, addr }
+            }
+        };
+        if self.is_own_listener(dest.addr) {
+            let why = format!("refusing to dial {}: it is one of this proxy's own listeners (a loop)", dest.addr);
+            tracing::warn!(direction = conn.direction.as_str(), peer = %conn.peer, "{why}");
+            return Err((dest.service, ProxyError::NoRoute(why)));
+        }
+        Ok(dest)
+    }
+
+    /// Where inbound traffic goes without an original destination: `FERRY_APP_ADDR`, else the local Service's
+    /// single port on localhost.
+    pub fn inbound_target(&self) -> Option<SocketAddr> {
+        if let Some(addr) = self.settings.app_addr {
+            return Some(addr);
+        }
+        let snapshot = self.store.load();
+        let service = snapshot.service(self.settings.service.as_deref()?, &self.settings.namespace)?;
+        match service.spec.ports.as_slice() {
+            [port] => Some(SocketAddr::new(self.app_ip(), port.target_port.unwrap_or(port.port))),
+            _ => None,
+        }
+    }
+
+    /// The app's IP: that of `FERRY_APP_ADDR`, else 127.0.0.1.
+    fn app_ip(&self) -> IpAddr {
+        self.settings.app_addr.map(|a| a.ip()).unwrap_or(IpAddr::from([127, 0, 0, 1]))
+    }
+
+    /// Whether dialling `addr` would reach one of this proxy's listeners (a listener on an unspecified address
+    /// is reachable on every local address).
+    pub fn is_own_listener(&self, addr: SocketAddr) -> bool {
+        self.own_listeners.iter().any(|l| {
+            l.port() == addr.port() && (l.ip() == addr.ip() || (l.ip().is_unspecified() && is_local_ip(addr.ip())))
+        })
+    }
+}
+
+/// Whether `ip` belongs to this host: loopback, or an address a socket can bind to.
+fn is_local_ip(ip: IpAddr) -> bool {
+    ip.is_loopback() || std::net::UdpSocket::bind((ip, 0)).is_ok()
+}
