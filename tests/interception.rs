@@ -218,6 +218,13 @@ fn transparent_interception_between_two_namespaces() {
             .await
             .unwrap();
         let (echoed, end) = support::grpc::bidi_roundtrip(tonic::client::Grpc::new(channel), 5).await;
+        let channel6 = tonic::transport::Endpoint::from_shared(format!("http://[{SERVER_V6}]:50051"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let (echoed6, _) = support::grpc::bidi_roundtrip(tonic::client::Grpc::new(channel6), 3).await;
+        assert_eq!(echoed6, 3, "gRPC over IPv6");
         let tcp = tcp_exchange(&format!("{SERVER_V4}:9000"), b"opaque bytes\x00\x01").await;
         let tcp_v6 = tcp_exchange(&format!("[{SERVER_V6}]:9000"), b"six").await;
         (echoed, end, tcp, tcp_v6)
@@ -233,15 +240,15 @@ fn transparent_interception_between_two_namespaces() {
             &client_metrics,
             r#"ferry_requests_total{direction="outbound",service="echo-grpc.default",status_class="2xx"}"#
         ),
-        1.0
+        2.0
     );
-    // Inbound so far: two curls, the pass-through, the explicit request and the gRPC call.
+    // Inbound so far: two curls, the pass-through, the explicit request and two gRPC calls (IPv4, IPv6).
     assert_eq!(
         series(
             &server_metrics,
             r#"ferry_requests_total{direction="inbound",service="web.default",status_class="2xx"}"#
         ),
-        5.0
+        6.0
     );
     // Port 9000 is `protocol: tcp` in the client's config: the held connection and two exchanges skip detection.
     assert_eq!(
