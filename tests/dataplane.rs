@@ -210,9 +210,10 @@ async fn opaque_tcp_keeps_half_close() {
     let payload: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
     s.write_all(&payload).await.unwrap();
     s.shutdown().await.unwrap(); // half-close: we still read the answer
-    let mut answer = String::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut answer)).await.unwrap().unwrap();
-    assert_eq!(answer, "received 100000 bytes");
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer)).await.unwrap().unwrap();
+    assert_eq!(&answer[..12], b"echo 100000:");
+    assert_eq!(&answer[13..], &payload[..], "every byte relayed both ways");
     assert_eq!(
         ferry.metric(r#"ferry_protocol_detections_total{direction="inbound",protocol="tcp",reason="detected"}"#),
         1.0

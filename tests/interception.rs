@@ -5,6 +5,8 @@ mod support;
 
 use std::time::{Duration, Instant};
 
+use ferry::init::{Family, InitConfig, rules};
+use support::backend::half_close_backend_on;
 use support::netns::{self, CLIENT_V4, NetNs, Pair, SERVER_V4, SERVER_V6};
 use support::{TempDir, metric_value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -77,22 +79,11 @@ async fn server_apps() {
             });
         }
     };
-    let tcp_echo = |port: u16| async move {
-        let listener = tokio::net::TcpListener::bind(("::", port)).await.unwrap();
-        loop {
-            let Ok((mut stream, _)) = listener.accept().await else { continue };
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                if stream.read_to_end(&mut buf).await.is_ok() {
-                    let _ = stream.write_all(format!("echo {}: ", buf.len()).as_bytes()).await;
-                    let _ = stream.write_all(&buf).await;
-                }
-            });
-        }
-    };
     let grpc = support::grpc::grpc_backend_on(tokio::net::TcpListener::bind(("::", 50051)).await.unwrap());
-    tokio::join!(http(8080), http(8081), tcp_echo(9000), tcp_echo(9001));
-    drop(grpc);
+    let echo = |port: u16| async move { tokio::net::TcpListener::bind(("::", port)).await.unwrap() };
+    let tcp = [half_close_backend_on(echo(9000).await), half_close_backend_on(echo(9001).await)];
+    tokio::join!(http(8080), http(8081));
+    drop((grpc, tcp));
 }
 
 /// Sends `payload`, half-closes, reads the answer.
@@ -362,27 +353,12 @@ fn init_dry_run_prints_the_exact_rules() {
     let out = std::process::Command::new(FERRY).args(["init", "--dry-run", "--ipv6", "on"]).output().unwrap();
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
-    let want_v4 = "# iptables (iptables-restore --noflush)
-*nat
-:FERRY_INBOUND - [0:0]
-:FERRY_IN_REDIRECT - [0:0]
-:FERRY_OUTBOUND - [0:0]
-:FERRY_REDIRECT - [0:0]
--A PREROUTING -p tcp -j FERRY_INBOUND
--A OUTPUT -p tcp -j FERRY_OUTBOUND
--A FERRY_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006
--A FERRY_REDIRECT -p tcp -j REDIRECT --to-ports 15001
--A FERRY_INBOUND -p tcp --dport 15020 -j RETURN
--A FERRY_INBOUND -p tcp -j FERRY_IN_REDIRECT
--A FERRY_OUTBOUND -o lo ! -d 127.0.0.1/32 -m owner --uid-owner 1337 -j FERRY_IN_REDIRECT
--A FERRY_OUTBOUND -o lo -m owner ! --uid-owner 1337 -j RETURN
--A FERRY_OUTBOUND -m owner --uid-owner 1337 -j RETURN
--A FERRY_OUTBOUND -d 127.0.0.1/32 -j RETURN
--A FERRY_OUTBOUND -j FERRY_REDIRECT
-COMMIT
-";
-    assert!(text.starts_with(want_v4), "got:\n{text}");
-    assert!(text.contains("# ip6tables (iptables-restore --noflush)\n*nat\n"), "{text}");
+    // Exactly the library's rules (whose text a unit test pins), with a header per family.
+    let want_v4 = format!("# iptables (iptables-restore --noflush)\n{}", rules(&InitConfig::default(), Family::V4));
+    let want_v6 = format!("# ip6tables (iptables-restore --noflush)\n{}", rules(&InitConfig::default(), Family::V6));
+    assert!(text.starts_with(&want_v4), "got:\n{text}");
+    assert!(text.contains(&want_v6), "got:\n{text}");
+    assert!(text.contains("-A FERRY_INBOUND -p tcp --dport 15020 -j RETURN\n"), "the health port is exempt");
     assert!(text.contains("-A FERRY_OUTBOUND -d ::1/128 -j RETURN\n"), "{text}");
 
     // Exclusions from flags and from the environment (as the Kubernetes annotations will set them).

@@ -177,9 +177,12 @@ pub async fn websocket_backend() -> Backend {
     Backend { addr, connections: Default::default(), task }
 }
 
-/// Reads until the client half-closes, then answers `received N bytes` and closes: proves half-close is relayed.
+/// Reads until the client half-closes, then answers `echo N: <what it read>` and closes: proves half-close is relayed.
 pub async fn half_close_backend() -> Backend {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    half_close_backend_on(TcpListener::bind("127.0.0.1:0").await.unwrap())
+}
+
+pub fn half_close_backend_on(listener: TcpListener) -> Backend {
     let addr = listener.local_addr().unwrap();
     let task = tokio::spawn(async move {
         loop {
@@ -187,7 +190,9 @@ pub async fn half_close_backend() -> Backend {
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 if stream.read_to_end(&mut buf).await.is_ok() {
-                    let _ = stream.write_all(format!("received {} bytes", buf.len()).as_bytes()).await;
+                    let mut answer = format!("echo {}: ", buf.len()).into_bytes();
+                    answer.extend_from_slice(&buf);
+                    let _ = stream.write_all(&answer).await;
                     let _ = stream.shutdown().await;
                 }
             });
