@@ -16,6 +16,8 @@ pub struct Snapshot {
     /// Where it came from: `none` or `file:<path>` (later `xds:<addr>`).
     pub source: String,
     pub services: Vec<Arc<ServiceEntry>>,
+    /// TrafficPolicy and AuthorizationPolicy documents, as accepted.
+    pub policies: Vec<Document>,
     #[serde(skip)]
     by_host: HashMap<String, Vec<(Option<u16>, usize)>>,
     /// IP-literal addresses (VIPs), for transparent routing by original destination.
@@ -81,9 +83,17 @@ impl Snapshot {
         let mut by_host: HashMap<String, Vec<(Option<u16>, usize)>> = HashMap::new();
         let mut by_ip: HashMap<IpAddr, Vec<(Option<u16>, usize)>> = HashMap::new();
         let mut by_endpoint = HashMap::new();
+        let mut policies = Vec::new();
         let mut implicit = Vec::new();
         for doc in documents {
-            let Document::Service(svc) = doc;
+            let svc = match doc {
+                Document::Service(svc) => svc,
+                // Policies are validated and shown by /config_dump; their enforcement lands with the policy layers.
+                policy => {
+                    policies.push(policy);
+                    continue;
+                }
+            };
             let index = services.len();
             for address in &svc.spec.addresses {
                 let (host, port) = split_host_port(address);
@@ -115,7 +125,7 @@ impl Snapshot {
         for (host, index) in implicit {
             by_host.entry(host).or_insert_with(|| vec![(None, index)]);
         }
-        Snapshot { version, source, services, by_host, by_ip, by_endpoint }
+        Snapshot { version, source, services, policies, by_host, by_ip, by_endpoint }
     }
 
     /// Pure route decision for an authority (`host`, `host:port`, `[v6]:port`); a missing port means 80.

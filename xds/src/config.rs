@@ -1,10 +1,16 @@
-//! The `ferry.dev/v1alpha1` documents (`Service` for now) parsed from multi-document YAML, with errors that name the field.
+//! The `ferry.dev/v1alpha1` documents (`Service`, `TrafficPolicy`, `AuthorizationPolicy`) parsed from multi-document
+//! YAML, with errors that name the document and the field.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
+
+use crate::policy::{
+    AuthorizationPolicy, AuthorizationPolicySpec, TrafficPolicy, TrafficPolicySpec, validate_authorization_policy,
+    validate_traffic_policy,
+};
 
 pub const API_VERSION: &str = "ferry.dev/v1alpha1";
 
@@ -13,18 +19,32 @@ pub const API_VERSION: &str = "ferry.dev/v1alpha1";
 #[serde(tag = "kind")]
 pub enum Document {
     Service(Service),
+    TrafficPolicy(Box<TrafficPolicy>),
+    AuthorizationPolicy(AuthorizationPolicy),
 }
+
+/// The kinds a document may have.
+pub const KINDS: &[&str] = &["Service", "TrafficPolicy", "AuthorizationPolicy"];
 
 impl Document {
     pub fn metadata(&self) -> &Metadata {
         match self {
             Document::Service(s) => &s.metadata,
+            Document::TrafficPolicy(p) => &p.metadata,
+            Document::AuthorizationPolicy(p) => &p.metadata,
         }
     }
     pub fn kind(&self) -> &'static str {
         match self {
             Document::Service(_) => "Service",
+            Document::TrafficPolicy(_) => "TrafficPolicy",
+            Document::AuthorizationPolicy(_) => "AuthorizationPolicy",
         }
+    }
+    /// `Kind namespace/name`, as errors name documents.
+    pub fn display_name(&self) -> String {
+        let m = self.metadata();
+        format!("{} {}/{}", self.kind(), m.namespace, m.name)
     }
 }
 
@@ -244,28 +264,45 @@ fn parse_document(value: serde_json::Value) -> Result<Document, (String, Vec<Fie
         }
     };
     let doc = match kind.as_str() {
-        "Service" => spec.and_then(|s| match typed::<ServiceSpec>("spec", s) {
-            Ok(spec) => {
-                validate_service(&spec, &mut errors);
-                metadata.map(|metadata| Document::Service(Service { metadata, spec }))
-            }
-            Err(e) => {
-                errors.push(e);
-                None
-            }
-        }),
+        "Service" => spec_of::<ServiceSpec>(spec, &mut errors, validate_service)
+            .zip(metadata)
+            .map(|(spec, metadata)| Document::Service(Service { metadata, spec })),
+        "TrafficPolicy" => spec_of::<TrafficPolicySpec>(spec, &mut errors, validate_traffic_policy)
+            .zip(metadata)
+            .map(|(spec, metadata)| Document::TrafficPolicy(Box::new(TrafficPolicy { metadata, spec }))),
+        "AuthorizationPolicy" => spec_of::<AuthorizationPolicySpec>(spec, &mut errors, validate_authorization_policy)
+            .zip(metadata)
+            .map(|(spec, metadata)| Document::AuthorizationPolicy(AuthorizationPolicy { metadata, spec })),
         "" => {
-            errors.push(field("kind", "required (Service)"));
+            errors.push(field("kind", format!("required ({})", KINDS.join(", "))));
             None
         }
         other => {
-            errors.push(field("kind", format!("unknown kind `{other}` (expected Service)")));
+            errors.push(field("kind", format!("unknown kind `{other}` (expected one of {})", KINDS.join(", "))));
             None
         }
     };
     match doc {
         Some(doc) if errors.is_empty() => Ok(doc),
         _ => Err((name, errors)),
+    }
+}
+
+/// Deserializes a spec (naming the field on failure), then runs the kind's semantic checks.
+fn spec_of<T: serde::de::DeserializeOwned>(
+    spec: Option<serde_json::Value>,
+    errors: &mut Vec<FieldError>,
+    validate: fn(&T, &mut Vec<FieldError>),
+) -> Option<T> {
+    match typed::<T>("spec", spec?) {
+        Ok(spec) => {
+            validate(&spec, errors);
+            Some(spec)
+        }
+        Err(e) => {
+            errors.push(e);
+            None
+        }
     }
 }
 
@@ -353,33 +390,57 @@ pub fn split_host_port(authority: &str) -> (&str, Option<&str>) {
     }
 }
 
-/// Errors that need all documents: duplicates, and two services claiming one address.
+/// Errors that need all documents: duplicates, two services claiming one address, two TrafficPolicies for one Service.
 fn cross_document_errors(documents: &[Document]) -> Vec<(String, Vec<FieldError>)> {
     let mut refused = Vec::new();
     let mut names = HashSet::new();
     let mut addresses: std::collections::HashMap<String, String> = Default::default();
+    let mut traffic_targets: std::collections::HashMap<(String, String), String> = Default::default();
     for doc in documents {
         let m = doc.metadata();
-        let name = format!("{} {}/{}", doc.kind(), m.namespace, m.name);
+        let name = doc.display_name();
         if !names.insert((doc.kind(), m.namespace.clone(), m.name.clone())) {
             refused.push((name.clone(), vec![field("metadata.name", "defined twice in this file")]));
         }
-        let Document::Service(svc) = doc;
-        for (i, a) in svc.spec.addresses.iter().enumerate() {
-            let key = a.to_ascii_lowercase();
-            if let Some(other) = addresses.get(&key) {
-                if other != &name {
-                    refused.push((
-                        name.clone(),
-                        vec![field(&format!("spec.addresses[{i}]"), format!("`{a}` is already an address of {other}"))],
-                    ));
+        match doc {
+            Document::Service(svc) => {
+                for (i, a) in svc.spec.addresses.iter().enumerate() {
+                    let key = a.to_ascii_lowercase();
+                    match addresses.get(&key) {
+                        Some(other) if other != &name => refused.push((
+                            name.clone(),
+                            vec![field(
+                                &format!("spec.addresses[{i}]"),
+                                format!("`{a}` is already an address of {other}"),
+                            )],
+                        )),
+                        Some(_) => {}
+                        None => {
+                            addresses.insert(key, name.clone());
+                        }
+                    }
                 }
-            } else {
-                addresses.insert(key, name.clone());
             }
+            Document::TrafficPolicy(p) => {
+                let target = (m.namespace.clone(), p.spec.target_ref.name.clone());
+                if let Some(first) = traffic_targets.get(&target) {
+                    refused.push((name.clone(), vec![one_traffic_policy_error(&target.1, first)]));
+                } else {
+                    traffic_targets.insert(target, m.name.clone());
+                }
+            }
+            Document::AuthorizationPolicy(_) => {}
         }
     }
     refused
+}
+
+/// The error for a second TrafficPolicy targeting one Service: it names the existing one.
+pub fn one_traffic_policy_error(service: &str, existing: &str) -> FieldError {
+    field(
+        "spec.targetRef.name",
+        format!("Service `{service}` already has TrafficPolicy `{existing}` (one TrafficPolicy per Service)"),
+    )
 }
 
 #[cfg(test)]
@@ -407,11 +468,11 @@ spec: {ports: [{port: 80}]}
     fn parses_multi_document_streams() {
         let docs = parse_documents(GOOD).unwrap();
         assert_eq!(docs.len(), 2);
-        let Document::Service(p) = &docs[0];
+        let Document::Service(p) = &docs[0] else { panic!("a Service") };
         assert_eq!(p.metadata.namespace, "shop");
         assert_eq!(p.spec.ports[1].protocol, PortProtocol::Grpc);
         assert_eq!(p.spec.endpoints[1].socket_addr(8080), Some("[::1]:8080".parse().unwrap()));
-        let Document::Service(o) = &docs[1];
+        let Document::Service(o) = &docs[1] else { panic!("a Service") };
         assert_eq!(o.metadata.namespace, "default");
         assert_eq!(o.spec.ports[0].protocol, PortProtocol::Http);
         assert_eq!(parse_documents("").unwrap(), vec![]);

@@ -3,9 +3,10 @@
 
 pub mod config;
 pub mod duration;
+pub mod policy;
 
 pub use config::{
-    API_VERSION, ConfigError, Document, Endpoint, FieldError, Metadata, PortProtocol, Service, ServicePort,
-    ServiceSpec, parse_documents, split_host_port,
+    API_VERSION, ConfigError, Document, Endpoint, FieldError, KINDS, Metadata, PortProtocol, Service, ServicePort,
+    ServiceSpec, one_traffic_policy_error, parse_documents, split_host_port,
 };
 pub use duration::{DurationError, parse_duration};
