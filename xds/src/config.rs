@@ -204,6 +204,39 @@ pub fn parse_documents(yaml: &str) -> Result<Vec<Document>, ConfigError> {
     if refused.is_empty() { Ok(documents) } else { Err(ConfigError { documents: refused }) }
 }
 
+/// Parses one document given as JSON (the control plane's stored form), with the same rules as YAML.
+pub fn parse_value(value: serde_json::Value) -> Result<Document, ConfigError> {
+    let doc = parse_document(value).map_err(|(name, errors)| ConfigError { documents: vec![(name, errors)] })?;
+    let refused = cross_document_errors(std::slice::from_ref(&doc));
+    if refused.is_empty() { Ok(doc) } else { Err(ConfigError { documents: refused }) }
+}
+
+/// The document in its `apiVersion`/`kind`/`metadata`/`spec` form, as JSON.
+pub fn document_json(doc: &Document) -> serde_json::Value {
+    let spec = match doc {
+        Document::Service(s) => serde_json::to_value(&s.spec),
+        Document::TrafficPolicy(p) => serde_json::to_value(&p.spec),
+        Document::AuthorizationPolicy(p) => serde_json::to_value(&p.spec),
+    }
+    .expect("specs serialize");
+    serde_json::json!({
+        "apiVersion": API_VERSION,
+        "kind": doc.kind(),
+        "metadata": serde_json::to_value(doc.metadata()).expect("metadata serializes"),
+        "spec": spec,
+    })
+}
+
+/// The canonical kind for what a user typed: case-insensitive, singular or plural, or a short name.
+pub fn canonical_kind(input: &str) -> Option<&'static str> {
+    match input.to_ascii_lowercase().as_str() {
+        "service" | "services" | "svc" => Some("Service"),
+        "trafficpolicy" | "trafficpolicies" | "tp" => Some("TrafficPolicy"),
+        "authorizationpolicy" | "authorizationpolicies" | "authz" | "ap" => Some("AuthorizationPolicy"),
+        _ => None,
+    }
+}
+
 fn field(path: &str, message: impl Into<String>) -> FieldError {
     FieldError { path: path.to_string(), message: message.into() }
 }

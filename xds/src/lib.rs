@@ -1,12 +1,17 @@
 //! Shared between the proxy and the control plane: the `ferry.dev/v1alpha1` documents and their validation.
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "server")]
+pub mod api;
 pub mod config;
 pub mod duration;
 pub mod policy;
+#[cfg(feature = "server")]
+pub mod store;
 
 pub use config::{
     API_VERSION, ConfigError, Document, Endpoint, FieldError, KINDS, Metadata, PortProtocol, Service, ServicePort,
-    ServiceSpec, one_traffic_policy_error, parse_documents, split_host_port,
+    ServiceSpec, canonical_kind, document_json, one_traffic_policy_error, parse_documents, parse_value,
+    split_host_port,
 };
 pub use duration::{DurationError, parse_duration};

@@ -1,0 +1,251 @@
+//! The control plane's HTTP/JSON API (used by `ferryctl`): apply, get, list, replace and delete per kind, behind
+//! the admin token.
+
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+
+use crate::config::{canonical_kind, parse_documents};
+use crate::store::{Key, Store, StoreError};
+
+/// Request bodies larger than this are refused with 413 before they are read whole.
+pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+
+pub struct Api {
+    pub store: Arc<Mutex<Store>>,
+    token: String,
+    pub metrics: Option<Arc<ControlMetrics>>,
+}
+
+type Body = Full<Bytes>;
+
+/// The control plane's metrics (on its metrics port).
+pub struct ControlMetrics {
+    pub registry: prometheus::Registry,
+    pub api_requests: prometheus::IntCounterVec,
+    pub store_objects: prometheus::IntGaugeVec,
+}
+
+impl ControlMetrics {
+    pub fn new() -> Self {
+        let registry = prometheus::Registry::new();
+        let api_requests = prometheus::IntCounterVec::new(
+            prometheus::Opts::new("ferry_control_api_requests_total", "API requests, by response status code."),
+            &["code"],
+        )
+        .expect("valid metric");
+        let store_objects = prometheus::IntGaugeVec::new(
+            prometheus::Opts::new("ferry_control_store_objects", "Objects in the store, by kind."),
+            &["kind"],
+        )
+        .expect("valid metric");
+        registry.register(Box::new(api_requests.clone())).expect("unique metric");
+        registry.register(Box::new(store_objects.clone())).expect("unique metric");
+        #[cfg(target_os = "linux")]
+        registry
+            .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
+            .expect("unique metric");
+        ControlMetrics { registry, api_requests, store_objects }
+    }
+
+    /// Refreshes the store gauges (after each change and at start).
+    pub fn observe_store(&self, store: &Store) {
+        for kind in crate::config::KINDS {
+            self.store_objects.with_label_values(&[kind]).set(0);
+        }
+        for (kind, n) in store.counts() {
+            self.store_objects.with_label_values(&[&kind]).set(n as i64);
+        }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        prometheus::Encoder::encode(&prometheus::TextEncoder::new(), &self.registry.gather(), &mut out)
+            .expect("text encoding");
+        out
+    }
+}
+
+impl Default for ControlMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn json(status: StatusCode, value: serde_json::Value) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(serde_json::to_vec_pretty(&value).expect("serializable"))))
+        .expect("valid response")
+}
+
+fn error(status: StatusCode, message: impl std::fmt::Display) -> Response<Body> {
+    json(status, serde_json::json!({ "error": message.to_string() }))
+}
+
+/// Equal-length byte strings compared without an early exit, so timing does not reveal the token.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl Api {
+    pub fn new(store: Arc<Mutex<Store>>, token: String, metrics: Option<Arc<ControlMetrics>>) -> Self {
+        Api { store, token, metrics }
+    }
+
+    fn authorized(&self, req: &Request<Incoming>) -> bool {
+        let presented = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        constant_time_eq(presented.trim().as_bytes(), self.token.as_bytes())
+    }
+
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+        let response = if self.authorized(&req) {
+            self.clone().route(req).await
+        } else {
+            let mut r = error(StatusCode::UNAUTHORIZED, "missing or wrong admin token (Authorization: Bearer <token>)");
+            r.headers_mut().insert(header::WWW_AUTHENTICATE, "Bearer".parse().expect("valid header"));
+            r
+        };
+        if let Some(m) = &self.metrics {
+            m.api_requests.with_label_values(&[response.status().as_str()]).inc();
+            m.observe_store(&self.store.lock().expect("store lock"));
+        }
+        Ok(response)
+    }
+
+    async fn route(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+        let path: Vec<String> = req.uri().path().trim_matches('/').split('/').map(str::to_string).collect();
+        let query = req.uri().query().unwrap_or("").to_string();
+        let dry_run = query.split('&').any(|kv| kv == "dryRun=true" || kv == "dryRun");
+        let namespace = query.split('&').find_map(|kv| kv.strip_prefix("namespace=")).map(str::to_string);
+        let method = req.method().clone();
+        let segments: Vec<&str> = path.iter().map(String::as_str).collect();
+        match (method, segments.as_slice()) {
+            (Method::POST, ["v1", "apply"]) => match read_body(req).await {
+                Ok(text) => self.apply(&text, dry_run, None).await,
+                Err(r) => r,
+            },
+            (Method::GET, ["v1", kind]) => match canonical_kind(kind) {
+                Some(kind) => {
+                    let store = self.store.lock().expect("store lock");
+                    let items: Vec<_> = store.list(kind, namespace.as_deref()).iter().map(|s| s.to_json()).collect();
+                    json(StatusCode::OK, serde_json::json!({ "kind": kind, "items": items }))
+                }
+                None => unknown_kind(kind),
+            },
+            (method, ["v1", kind, ns, name]) => {
+                let Some(kind) = canonical_kind(kind) else { return unknown_kind(kind) };
+                let key = Key { kind: kind.to_string(), namespace: ns.to_string(), name: name.to_string() };
+                match method {
+                    Method::GET => match self.store.lock().expect("store lock").get(&key) {
+                        Some(stored) => json(StatusCode::OK, stored.to_json()),
+                        None => error(StatusCode::NOT_FOUND, format!("{key} not found")),
+                    },
+                    Method::PUT => match read_body(req).await {
+                        Ok(text) => self.apply(&text, dry_run, Some(key)).await,
+                        Err(r) => r,
+                    },
+                    Method::DELETE => {
+                        let store = self.store.clone();
+                        let k = key.clone();
+                        match blocking(move || store.lock().expect("store lock").delete(&k)).await {
+                            Ok(Some(_)) => {
+                                json(StatusCode::OK, serde_json::json!({ "result": "deleted", "object": key }))
+                            }
+                            Ok(None) => error(StatusCode::NOT_FOUND, format!("{key} not found")),
+                            Err(e) => store_error(e),
+                        }
+                    }
+                    _ => error(StatusCode::METHOD_NOT_ALLOWED, "GET, PUT or DELETE"),
+                }
+            }
+            _ => error(
+                StatusCode::NOT_FOUND,
+                "routes: POST /v1/apply[?dryRun=true], GET /v1/{kind}[?namespace=ns], GET|PUT|DELETE /v1/{kind}/{namespace}/{name}",
+            ),
+        }
+    }
+
+    /// Validates every document (all errors, naming document and field), then stores them all or none.
+    async fn apply(&self, text: &str, dry_run: bool, expected: Option<Key>) -> Response<Body> {
+        let documents = match parse_documents(text) {
+            Ok(d) => d,
+            Err(e) => return error(StatusCode::UNPROCESSABLE_ENTITY, e),
+        };
+        if let Some(key) = expected {
+            match documents.as_slice() {
+                [doc] if Key::of(doc) == key => {}
+                _ => return error(StatusCode::BAD_REQUEST, format!("the body must be exactly one document: {key}")),
+            }
+        }
+        if documents.is_empty() {
+            return error(StatusCode::BAD_REQUEST, "no documents");
+        }
+        let store = self.store.clone();
+        match blocking(move || store.lock().expect("store lock").apply(documents, dry_run)).await {
+            Ok(results) => json(StatusCode::OK, serde_json::json!({ "dryRun": dry_run, "results": results })),
+            Err(e) => store_error(e),
+        }
+    }
+}
+
+fn unknown_kind(kind: &str) -> Response<Body> {
+    error(StatusCode::NOT_FOUND, format!("unknown kind `{kind}` (Service, TrafficPolicy, AuthorizationPolicy)"))
+}
+
+fn store_error(e: StoreError) -> Response<Body> {
+    match e {
+        StoreError::Invalid(e) => error(StatusCode::UNPROCESSABLE_ENTITY, e),
+        other => {
+            tracing::error!(error = %other, "store write failed");
+            error(StatusCode::INTERNAL_SERVER_ERROR, other)
+        }
+    }
+}
+
+/// Runs store work (fsync) off the async threads.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.expect("store task panicked")
+}
+
+async fn read_body(req: Request<Incoming>) -> Result<String, Response<Body>> {
+    if req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+        .is_some_and(|n| n > MAX_BODY_BYTES)
+    {
+        return Err(too_large());
+    }
+    match Limited::new(req.into_body(), MAX_BODY_BYTES).collect().await {
+        Ok(body) => String::from_utf8(body.to_bytes().to_vec())
+            .map_err(|_| error(StatusCode::BAD_REQUEST, "the body is not UTF-8")),
+        Err(_) => Err(too_large()),
+    }
+}
+
+fn too_large() -> Response<Body> {
+    error(StatusCode::PAYLOAD_TOO_LARGE, format!("request body over {} MiB", MAX_BODY_BYTES / (1024 * 1024)))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn constant_time_eq_table() {
+        use super::constant_time_eq as eq;
+        assert!(eq(b"abc", b"abc"));
+        assert!(!eq(b"abc", b"abd"));
+        assert!(!eq(b"abc", b"ab"));
+        assert!(!eq(b"", b"a"));
+    }
+}

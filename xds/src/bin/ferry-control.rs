@@ -1,0 +1,148 @@
+//! `ferry-control`: the control plane. `serve` runs the policy store, its API and the metrics/health port.
+
+use std::convert::Infallible;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use bytes::Bytes;
+use clap::{Parser, Subcommand};
+use ferry_xds::api::{Api, ControlMetrics};
+use ferry_xds::store::Store;
+use http_body_util::Full;
+use hyper::server::conn::http1;
+use hyper_util::rt::TokioIo;
+
+#[derive(Parser)]
+#[command(name = "ferry-control", version, about = "Ferry's control plane")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the control plane: the durable policy store and its API (ferryctl talks to it), metrics and health.
+    Serve(ServeArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Where accepted objects and the admin token live (created 0700 at first start).
+    #[arg(long, env = "FERRY_STATE_DIR", default_value = "./ferry-state")]
+    state_dir: PathBuf,
+    /// The HTTP/JSON API that ferryctl uses; keep it on loopback.
+    #[arg(long, env = "FERRY_CONTROL_API_ADDR", default_value = "127.0.0.1:15011")]
+    api_addr: SocketAddr,
+    /// `/metrics` and `/health/ready`.
+    #[arg(long, env = "FERRY_CONTROL_METRICS_ADDR", default_value = "0.0.0.0:15014")]
+    metrics_addr: SocketAddr,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG_LEVEL").unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let Command::Serve(args) = cli.command;
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    match runtime.block_on(serve(args)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ferry-control: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Reads the admin token, or creates it (32 random bytes, hex) with mode 0600 at first start.
+fn admin_token(path: &Path) -> anyhow::Result<String> {
+    if path.exists() {
+        let mode = std::fs::metadata(path)?.permissions().mode() & 0o777;
+        anyhow::ensure!(
+            mode & 0o077 == 0,
+            "{}: mode {mode:o} lets others read the admin token; chmod 600 it",
+            path.display()
+        );
+        let token = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        anyhow::ensure!(!token.trim().is_empty(), "{} is empty", path.display());
+        return Ok(token.trim().to_string());
+    }
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("no randomness for the admin token: {e}"))?;
+    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(token.as_bytes())?;
+    f.sync_all()?;
+    Ok(token)
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&args.state_dir).with_context(|| format!("creating {}", args.state_dir.display()))?;
+    std::fs::set_permissions(&args.state_dir, std::fs::Permissions::from_mode(0o700))?;
+    let token = admin_token(&args.state_dir.join("admin.token"))?;
+    let store = Store::open(&args.state_dir)?;
+    let metrics = Arc::new(ControlMetrics::new());
+    metrics.observe_store(&store);
+    tracing::info!(state_dir = %args.state_dir.display(), revision = store.revision(), objects = ?store.counts(), "store loaded");
+    let api = Arc::new(Api::new(Arc::new(Mutex::new(store)), token, Some(metrics.clone())));
+
+    let api_listener = tokio::net::TcpListener::bind(args.api_addr)
+        .await
+        .with_context(|| format!("binding the API on {}", args.api_addr))?;
+    let metrics_listener = tokio::net::TcpListener::bind(args.metrics_addr)
+        .await
+        .with_context(|| format!("binding metrics on {}", args.metrics_addr))?;
+    tracing::info!(api = %args.api_addr, metrics = %args.metrics_addr, "ferry-control ready");
+
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = api_listener.accept().await else { continue };
+            let api = api.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req| api.clone().handle(req));
+                let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+            });
+        }
+    });
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = metrics_listener.accept().await else { continue };
+            let metrics = metrics.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let metrics = metrics.clone();
+                    async move {
+                        let (status, body) = match req.uri().path() {
+                            "/metrics" => (200, metrics.encode()),
+                            "/health/ready" | "/health/live" => (200, b"ready\n".to_vec()),
+                            _ => (404, b"try /metrics or /health/ready\n".to_vec()),
+                        };
+                        let mut resp = http::Response::new(Full::new(Bytes::from(body)));
+                        *resp.status_mut() = http::StatusCode::from_u16(status).expect("valid status");
+                        Ok::<_, Infallible>(resp)
+                    }
+                });
+                let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+            });
+        }
+    });
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: exiting"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: exiting"),
+    }
+    Ok(())
+}

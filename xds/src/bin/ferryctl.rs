@@ -1,0 +1,221 @@
+//! `ferryctl`: apply, get, delete and validate Ferry's policies through the control plane's API.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use clap::{Parser, Subcommand, ValueEnum};
+use ferry_xds::{canonical_kind, parse_documents};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+
+#[derive(Parser)]
+#[command(
+    name = "ferryctl",
+    version,
+    about = "Manage Ferry's policies. Talks to FERRY_CONTROL_API (default http://127.0.0.1:15011) with the admin token in FERRY_TOKEN."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create or update the objects in FILE, every YAML/JSON file of DIR, or stdin (-): all of them or none.
+    Apply {
+        #[arg(short = 'f', long = "filename")]
+        file: String,
+        /// Validate on the server and report what would change, storing nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Show objects of a kind (Service, TrafficPolicy, AuthorizationPolicy; case-insensitive, singular or plural).
+    Get {
+        kind: String,
+        name: Option<String>,
+        /// Namespace (default: all namespaces when listing, `default` for one object).
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Delete one object.
+    Delete {
+        kind: String,
+        name: String,
+        #[arg(short = 'n', long, default_value = "default")]
+        namespace: String,
+    },
+    /// Check FILE offline with the same rules as the control plane.
+    Validate {
+        #[arg(short = 'f', long = "filename")]
+        file: String,
+    },
+    /// Print ferryctl's version.
+    Version,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Output {
+    Table,
+    Yaml,
+    Json,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ferryctl: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Reads FILE, every .yaml/.yml/.json file of DIR (sorted), or stdin.
+fn read_input(file: &str) -> anyhow::Result<String> {
+    if file == "-" {
+        let mut text = String::new();
+        std::io::stdin().read_to_string(&mut text)?;
+        return Ok(text);
+    }
+    let path = Path::new(file);
+    if path.is_dir() {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(path)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml" || e == "json"))
+            .collect();
+        files.sort();
+        let texts: anyhow::Result<Vec<String>> = files
+            .iter()
+            .map(|f| std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display())))
+            .collect();
+        return Ok(texts?.join("\n---\n"));
+    }
+    std::fs::read_to_string(path).with_context(|| format!("reading {file}"))
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Version => {
+            println!("ferryctl {}", env!("CARGO_PKG_VERSION"));
+            Ok(())
+        }
+        Command::Validate { file } => {
+            let docs = parse_documents(&read_input(&file)?).map_err(|e| anyhow::anyhow!("{e}"))?;
+            for d in &docs {
+                println!("{} valid", d.display_name());
+            }
+            Ok(())
+        }
+        Command::Apply { file, dry_run } => {
+            let text = read_input(&file)?;
+            let path = if dry_run { "/v1/apply?dryRun=true" } else { "/v1/apply" };
+            let reply = call("POST", path, Some(text)).await?;
+            for r in reply["results"].as_array().into_iter().flatten() {
+                let kind = r["kind"].as_str().unwrap_or_default().to_ascii_lowercase();
+                let suffix = if dry_run { " (dry run)" } else { "" };
+                println!(
+                    "{kind}.ferry.dev/{} {}{suffix}",
+                    r["name"].as_str().unwrap_or_default(),
+                    r["outcome"].as_str().unwrap_or_default()
+                );
+            }
+            Ok(())
+        }
+        Command::Get { kind, name, namespace, output } => {
+            let Some(kind) = canonical_kind(&kind) else {
+                bail!("unknown kind `{kind}` (Service, TrafficPolicy, AuthorizationPolicy)")
+            };
+            let reply = match &name {
+                Some(name) => {
+                    call("GET", &format!("/v1/{kind}/{}/{name}", namespace.as_deref().unwrap_or("default")), None)
+                        .await?
+                }
+                None => {
+                    let query = namespace.map(|ns| format!("?namespace={ns}")).unwrap_or_default();
+                    call("GET", &format!("/v1/{kind}{query}"), None).await?
+                }
+            };
+            let items: Vec<serde_json::Value> = match name {
+                Some(_) => vec![reply.clone()],
+                None => reply["items"].as_array().cloned().unwrap_or_default(),
+            };
+            match output {
+                Output::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(if name_given(&reply) { &reply } else { &reply["items"] })?
+                ),
+                Output::Yaml => {
+                    for (i, item) in items.iter().enumerate() {
+                        if i > 0 {
+                            println!("---");
+                        }
+                        print!("{}", serde_saphyr::to_string(item)?);
+                    }
+                }
+                Output::Table => {
+                    println!("{:<16} {:<32} {:>10} {:>16}", "NAMESPACE", "NAME", "GENERATION", "RESOURCEVERSION");
+                    for item in &items {
+                        let m = &item["metadata"];
+                        println!(
+                            "{:<16} {:<32} {:>10} {:>16}",
+                            m["namespace"].as_str().unwrap_or_default(),
+                            m["name"].as_str().unwrap_or_default(),
+                            m["generation"],
+                            m["resourceVersion"].as_str().unwrap_or_default()
+                        );
+                    }
+                }
+            }
+            Ok(())
+        }
+        Command::Delete { kind, name, namespace } => {
+            let Some(kind) = canonical_kind(&kind) else {
+                bail!("unknown kind `{kind}` (Service, TrafficPolicy, AuthorizationPolicy)")
+            };
+            call("DELETE", &format!("/v1/{kind}/{namespace}/{name}"), None).await?;
+            println!("{}.ferry.dev/{name} deleted", kind.to_ascii_lowercase());
+            Ok(())
+        }
+    }
+}
+
+fn name_given(reply: &serde_json::Value) -> bool {
+    reply.get("items").is_none()
+}
+
+/// One API call; a non-2xx answer becomes an error carrying the server's message.
+async fn call(method: &str, path: &str, body: Option<String>) -> anyhow::Result<serde_json::Value> {
+    let token =
+        std::env::var("FERRY_TOKEN").context("FERRY_TOKEN is not set (the admin token: <state-dir>/admin.token)")?;
+    let base = std::env::var("FERRY_CONTROL_API").unwrap_or_else(|_| "http://127.0.0.1:15011".into());
+    let authority =
+        base.strip_prefix("http://").with_context(|| format!("FERRY_CONTROL_API={base}: must be http://host:port"))?;
+    let authority = authority.trim_end_matches('/');
+    let stream = tokio::net::TcpStream::connect(authority)
+        .await
+        .with_context(|| format!("cannot reach the control plane at {base} (FERRY_CONTROL_API)"))?;
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let req = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header(http::header::HOST, authority)
+        .header(http::header::AUTHORIZATION, format!("Bearer {}", token.trim()))
+        .header(http::header::CONTENT_TYPE, "application/yaml")
+        .body(Full::new(Bytes::from(body.unwrap_or_default())))?;
+    let resp = tx.send_request(req).await?;
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await?.to_bytes();
+    let value: serde_json::Value = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| serde_json::json!({ "error": String::from_utf8_lossy(&bytes) }));
+    if !status.is_success() {
+        bail!("{} ({status})", value["error"].as_str().unwrap_or("request failed"));
+    }
+    Ok(value)
+}
