@@ -191,6 +191,13 @@ fn name_given(reply: &serde_json::Value) -> bool {
 
 /// One API call; a non-2xx answer becomes an error carrying the server's message.
 async fn call(method: &str, path: &str, body: Option<String>) -> anyhow::Result<serde_json::Value> {
+    // The server refuses these too (413), but closes before a large body is sent whole: say so up front.
+    if body.as_ref().is_some_and(|b| b.len() > ferry_xds::api::MAX_BODY_BYTES) {
+        bail!(
+            "request body over {} MiB: the control plane refuses it (413)",
+            ferry_xds::api::MAX_BODY_BYTES / (1024 * 1024)
+        );
+    }
     let token =
         std::env::var("FERRY_TOKEN").context("FERRY_TOKEN is not set (the admin token: <state-dir>/admin.token)")?;
     let base = std::env::var("FERRY_CONTROL_API").unwrap_or_else(|_| "http://127.0.0.1:15011".into());

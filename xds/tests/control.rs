@@ -1,0 +1,348 @@
+//! `ferry-control` and `ferryctl` as real processes: round trips, validation messages, durability, security.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const CONTROL: &str = env!("CARGO_BIN_EXE_ferry-control");
+const CTL: &str = env!("CARGO_BIN_EXE_ferryctl");
+
+fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+/// A `ferry-control serve` process over a state directory; killed when dropped.
+struct ControlPlane {
+    child: Child,
+    api: SocketAddr,
+    metrics: SocketAddr,
+    state: PathBuf,
+    log: PathBuf,
+}
+
+impl ControlPlane {
+    fn start(state: &Path) -> ControlPlane {
+        let cp = Self::spawn(state);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(cp.api).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "ferry-control did not start: {}",
+                std::fs::read_to_string(&cp.log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        cp
+    }
+
+    fn spawn(state: &Path) -> ControlPlane {
+        let (api, metrics) = (free_addr(), free_addr());
+        let log = state.with_extension("log");
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Command::new(CONTROL)
+            .args([
+                "serve",
+                "--state-dir",
+                state.to_str().unwrap(),
+                "--api-addr",
+                &api.to_string(),
+                "--metrics-addr",
+                &metrics.to_string(),
+            ])
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        ControlPlane { child, api, metrics, state: state.to_path_buf(), log }
+    }
+
+    fn token(&self) -> String {
+        std::fs::read_to_string(self.state.join("admin.token")).unwrap()
+    }
+
+    /// Runs ferryctl against this control plane, with `stdin` piped in when given.
+    fn ctl(&self, args: &[&str], stdin: Option<&str>) -> Output {
+        let mut child = Command::new(CTL)
+            .args(args)
+            .env("FERRY_TOKEN", self.token())
+            .env("FERRY_CONTROL_API", format!("http://{}", self.api))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut pipe = child.stdin.take().unwrap();
+        pipe.write_all(stdin.unwrap_or("").as_bytes()).unwrap();
+        drop(pipe);
+        child.wait_with_output().unwrap()
+    }
+
+    fn ok(&self, args: &[&str], stdin: Option<&str>) -> String {
+        let out = self.ctl(args, stdin);
+        assert!(out.status.success(), "ferryctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn fails(&self, args: &[&str], stdin: Option<&str>) -> String {
+        let out = self.ctl(args, stdin);
+        assert!(!out.status.success(), "ferryctl {args:?} should fail: {}", String::from_utf8_lossy(&out.stdout));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn state_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ferry-control-test-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+const SERVICE: &str = "apiVersion: ferry.dev/v1alpha1\nkind: Service\nmetadata: {name: payments, namespace: shop}\nspec: {ports: [{port: 8080, protocol: http}], addresses: [payments, payments.shop], identities: [payments]}\n";
+const TRAFFIC: &str = "apiVersion: ferry.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: payments, namespace: shop}\nspec:\n  targetRef: {kind: Service, name: payments}\n  timeout: 2s\n  retries: {attempts: 2, perTryTimeout: 500ms, on: [connect-failure, \"503\"], budget: {percent: 20, minPerSecond: 10}}\n  circuitBreaker: {failureRatio: 0.6, minRequests: 3, interval: 60s, openFor: 10s}\n  rateLimit: {requestsPerSecond: 100, burst: 200}\n";
+const AUTHZ: &str = "apiVersion: ferry.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: payments, namespace: shop}\nspec: {targetRef: {kind: Service, name: payments}, defaultAction: deny, allow: [{from: {identities: [\"spiffe://cluster.local/ns/shop/sa/orders\"]}}]}\n";
+
+#[test]
+fn apply_get_delete_round_trip_for_every_kind() {
+    let dir = state_dir("roundtrip");
+    let cp = ControlPlane::start(&dir);
+    let all = format!("{SERVICE}---\n{TRAFFIC}---\n{AUTHZ}");
+    assert_eq!(
+        cp.ok(&["apply", "-f", "-"], Some(&all)),
+        "service.ferry.dev/payments created\ntrafficpolicy.ferry.dev/payments created\nauthorizationpolicy.ferry.dev/payments created\n"
+    );
+    assert_eq!(
+        cp.ok(&["apply", "-f", "-"], Some(&all)),
+        "service.ferry.dev/payments unchanged\ntrafficpolicy.ferry.dev/payments unchanged\nauthorizationpolicy.ferry.dev/payments unchanged\n"
+    );
+    let changed = TRAFFIC.replace("timeout: 2s", "timeout: 3s");
+    assert_eq!(cp.ok(&["apply", "-f", "-"], Some(&changed)), "trafficpolicy.ferry.dev/payments configured\n");
+    // A file and a directory work like stdin.
+    let file = dir.with_extension("yaml");
+    std::fs::write(&file, &all).unwrap();
+    assert!(
+        cp.ok(&["apply", "-f", file.to_str().unwrap()], None).contains("trafficpolicy.ferry.dev/payments configured")
+    );
+
+    for (kind, spelling, doc) in [
+        ("Service", "services", SERVICE),
+        ("TrafficPolicy", "TrafficPolicy", TRAFFIC),
+        ("AuthorizationPolicy", "authorizationpolicies", AUTHZ),
+    ] {
+        let json: serde_json::Value =
+            serde_json::from_str(&cp.ok(&["get", spelling, "payments", "-n", "shop", "-o", "json"], None)).unwrap();
+        assert_eq!(json["kind"], kind);
+        assert_eq!(json["metadata"]["namespace"], "shop");
+        let applied: serde_json::Value = serde_json::to_value(&ferry_xds::parse_documents(doc).unwrap()[0]).unwrap();
+        if kind != "TrafficPolicy" {
+            assert_eq!(json["spec"], applied["spec"], "{kind} comes back as applied");
+        }
+        let yaml = cp.ok(&["get", spelling, "payments", "-n", "shop", "-o", "yaml"], None);
+        assert!(yaml.contains(&format!("kind: {kind}")), "{yaml}");
+        let table = cp.ok(&["get", spelling], None);
+        assert!(table.contains("shop") && table.contains("payments"), "{table}");
+    }
+    let tp: serde_json::Value =
+        serde_json::from_str(&cp.ok(&["get", "tp", "payments", "-n", "shop", "-o", "json"], None)).unwrap();
+    assert_eq!((tp["spec"]["timeout"].as_str(), tp["metadata"]["generation"].as_u64()), (Some("2s"), Some(3)));
+
+    for kind in ["authorizationpolicy", "trafficpolicy", "service"] {
+        assert_eq!(
+            cp.ok(&["delete", kind, "payments", "-n", "shop"], None),
+            format!("{kind}.ferry.dev/payments deleted\n")
+        );
+        assert!(cp.fails(&["get", kind, "payments", "-n", "shop"], None).contains("not found"));
+    }
+    assert!(cp.fails(&["delete", "service", "payments", "-n", "shop"], None).contains("not found"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn bad_input_is_refused_naming_the_field_and_stores_nothing() {
+    let dir = state_dir("invalid");
+    let cp = ControlPlane::start(&dir);
+    let cases: &[(String, &str)] = &[
+        ("kind: [unclosed".into(), "YAML"),
+        (SERVICE.replace("kind: Service", "kind: Gateway"), "kind: unknown kind `Gateway`"),
+        (
+            SERVICE.replace("identities: [payments]", "identities: [payments], colour: red"),
+            "spec.colour: unknown field `colour`",
+        ),
+        (TRAFFIC.replace("timeout: 2s", "timeout: banana"), "spec.timeout: `banana`"),
+        (TRAFFIC.replace("timeout: 2s", "timeout: -5s"), "spec.timeout: `-5s`"),
+        (TRAFFIC.replace("percent: 20", "percent: 150"), "spec.retries.budget.percent: must be 0-100"),
+        (TRAFFIC.replace("failureRatio: 0.6", "failureRatio: 1.5"), "spec.circuitBreaker.failureRatio"),
+        (TRAFFIC.replace("burst: 200", "burst: 0"), "spec.rateLimit.burst: must be at least 1"),
+        (TRAFFIC.replace("attempts: 2", "attempts: -1"), "spec.retries.attempts"),
+        (TRAFFIC.replace("  targetRef: {kind: Service, name: payments}\n", ""), "spec: missing field `targetRef`"),
+        (
+            SERVICE.replace("metadata: {name: payments, namespace: shop}", "metadata: {namespace: shop}"),
+            "metadata: missing field `name`",
+        ),
+    ];
+    for (doc, want) in cases {
+        // Each bad document travels with a good one: the apply stores neither.
+        let body = format!("{SERVICE}---\n{doc}");
+        let err = cp.fails(&["apply", "-f", "-"], Some(&body));
+        assert!(err.contains(want), "\n  got: {err}\n want: {want}");
+        // The same rules offline.
+        let out = Command::new(CTL)
+            .args(["validate", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = out;
+        out.stdin.take().unwrap().write_all(body.as_bytes()).unwrap();
+        let out = out.wait_with_output().unwrap();
+        assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains(want));
+    }
+    assert!(!cp.ok(&["get", "services"], None).contains("payments"), "nothing was stored");
+
+    // A second TrafficPolicy for the same Service names the first.
+    cp.ok(&["apply", "-f", "-"], Some(&format!("{SERVICE}---\n{TRAFFIC}")));
+    let second = TRAFFIC.replace("metadata: {name: payments,", "metadata: {name: payments-fast,");
+    let err = cp.fails(&["apply", "-f", "-"], Some(&second));
+    assert!(
+        err.contains("TrafficPolicy shop/payments-fast") && err.contains("already has TrafficPolicy `payments`"),
+        "{err}"
+    );
+
+    // A 10 MiB document is refused before it is read whole.
+    let huge = format!("{SERVICE}# {}\n", "x".repeat(10 * 1024 * 1024));
+    let err = cp.fails(&["apply", "-f", "-"], Some(&huge));
+    assert!(err.contains("request body over 4 MiB") && err.contains("413"), "{err}");
+    // The server's own limit: a declared 10 MiB body is refused with 413 before any of it is read.
+    let mut s = std::net::TcpStream::connect(cp.api).unwrap();
+    write!(
+        s,
+        "POST /v1/apply HTTP/1.1\r\nHost: api\r\nAuthorization: Bearer {}\r\nContent-Length: {}\r\n\r\n",
+        cp.token().trim(),
+        10 * 1024 * 1024
+    )
+    .unwrap();
+    let mut head = [0u8; 512];
+    let n = std::io::Read::read(&mut s, &mut head).unwrap();
+    let head = String::from_utf8_lossy(&head[..n]);
+    assert!(head.starts_with("HTTP/1.1 413") && head.contains("request body over 4 MiB"), "{head}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Raw API call with an optional token: (status, body).
+fn raw(api: SocketAddr, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(api).unwrap();
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: api\r\n{auth}Connection: close\r\nContent-Length: 0\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    (out.split_whitespace().nth(1).unwrap().parse().unwrap(), out)
+}
+
+#[test]
+fn security_defaults() {
+    let dir = state_dir("security");
+    let cp = ControlPlane::start(&dir);
+    assert_eq!(raw(cp.api, "GET", "/v1/services", None).0, 401);
+    assert_eq!(raw(cp.api, "GET", "/v1/services", Some("wrong")).0, 401);
+    assert_eq!(raw(cp.api, "GET", "/v1/services", Some(&"0".repeat(64))).0, 401);
+    assert_eq!(raw(cp.api, "GET", "/v1/services", Some(cp.token().trim())).0, 200);
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&dir.join("admin.token")), 0o600);
+    assert_eq!(mode(&dir), 0o700);
+    // The API's default address is loopback (the flag's documented default).
+    let help =
+        String::from_utf8_lossy(&Command::new(CONTROL).args(["serve", "--help"]).output().unwrap().stdout).to_string();
+    assert!(help.contains("[default: 127.0.0.1:15011]"), "{help}");
+    let (status, body) = raw(cp.metrics, "GET", "/metrics", None);
+    assert_eq!(status, 200);
+    assert!(body.contains("ferry_control_api_requests_total{code=\"401\"} 3"), "{body}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn sigkill_during_applies_loses_nothing_accepted() {
+    let dir = state_dir("durability");
+    let mut cp = ControlPlane::start(&dir);
+    let token = cp.token();
+    let api = cp.api;
+    // A bounded stream of applies from another thread; each returns only after the store committed it.
+    let writer = std::thread::spawn(move || {
+        let mut accepted = Vec::new();
+        for i in 0..400 {
+            let body = format!(
+                "apiVersion: ferry.dev/v1alpha1\nkind: Service\nmetadata: {{name: svc-{i}}}\nspec: {{ports: [{{port: 80}}]}}\n---\napiVersion: ferry.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: tp-{i}}}\nspec: {{targetRef: {{kind: Service, name: svc-{i}}}, timeout: {}s}}\n",
+                i % 50 + 1
+            );
+            let Ok(mut s) = std::net::TcpStream::connect(api) else { break };
+            let req = format!(
+                "POST /v1/apply HTTP/1.1\r\nHost: api\r\nAuthorization: Bearer {}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+                token.trim(),
+                body.len()
+            );
+            if s.write_all(req.as_bytes()).is_err() {
+                break;
+            }
+            let mut out = String::new();
+            use std::io::Read;
+            let _ = s.read_to_string(&mut out);
+            if out.starts_with("HTTP/1.1 200") {
+                accepted.push(i);
+            } else {
+                break;
+            }
+        }
+        accepted
+    });
+    std::thread::sleep(Duration::from_millis(400));
+    cp.child.kill().unwrap(); // SIGKILL
+    cp.child.wait().unwrap();
+    let accepted = writer.join().unwrap();
+    assert!(!accepted.is_empty(), "some applies completed before the kill");
+    let cp = ControlPlane::start(&dir);
+    let services: serde_json::Value = serde_json::from_str(&cp.ok(&["get", "services", "-o", "json"], None)).unwrap();
+    let policies: serde_json::Value = serde_json::from_str(&cp.ok(&["get", "tp", "-o", "json"], None)).unwrap();
+    let names = |v: &serde_json::Value| -> std::collections::BTreeSet<String> {
+        v.as_array().unwrap().iter().map(|o| o["metadata"]["name"].as_str().unwrap().to_string()).collect()
+    };
+    let (services, policies) = (names(&services), names(&policies));
+    for i in &accepted {
+        assert!(
+            services.contains(&format!("svc-{i}")) && policies.contains(&format!("tp-{i}")),
+            "accepted apply {i} lost"
+        );
+    }
+    // All-or-nothing: every stored Service has its TrafficPolicy (they were applied together).
+    for s in &services {
+        assert!(policies.contains(&s.replace("svc-", "tp-")), "{s} stored without its policy: a half-written apply");
+    }
+    eprintln!("{} applies accepted before SIGKILL, {} Services after restart", accepted.len(), services.len());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn corrupted_object_file_stops_startup_naming_it() {
+    let dir = state_dir("corrupt");
+    {
+        let cp = ControlPlane::start(&dir);
+        cp.ok(&["apply", "-f", "-"], Some(SERVICE));
+    }
+    let file = dir.join("objects/Service/shop/payments.json");
+    let text = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&file, &text[..text.len() / 3]).unwrap();
+    let mut cp = ControlPlane::spawn(&dir);
+    let status = cp.child.wait().unwrap();
+    assert!(!status.success(), "must refuse to start");
+    let log = std::fs::read_to_string(&cp.log).unwrap();
+    assert!(log.contains("objects/Service/shop/payments.json") && log.contains("corrupt"), "{log}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
