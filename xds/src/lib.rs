@@ -3,6 +3,8 @@
 
 #[cfg(feature = "server")]
 pub mod api;
+#[cfg(feature = "server")]
+pub mod ca;
 pub mod config;
 pub mod duration;
 pub mod policy;

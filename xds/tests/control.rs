@@ -346,3 +346,106 @@ fn corrupted_object_file_stops_startup_naming_it() {
     assert!(log.contains("objects/Service/shop/payments.json") && log.contains("corrupt"), "{log}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+fn openssl_verify(ca: &Path, cert: &Path) -> String {
+    let out = Command::new("openssl")
+        .args(["verify", "-CAfile", ca.to_str().unwrap(), cert.to_str().unwrap()])
+        .output()
+        .expect("openssl");
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+#[test]
+fn mesh_root_is_created_once_and_signs_the_serving_certificate() {
+    let dir = state_dir("ca");
+    let first_root;
+    {
+        let _cp = ControlPlane::start(&dir);
+        let mode = |p: &str| std::fs::metadata(dir.join(p)).unwrap().permissions().mode() & 0o777;
+        assert_eq!((mode("ca.key"), mode("server.key")), (0o600, 0o600));
+        first_root = std::fs::read_to_string(dir.join("ca.crt")).unwrap();
+        assert_eq!(
+            openssl_verify(&dir.join("ca.crt"), &dir.join("server.crt")).trim_end(),
+            format!("{}: OK", dir.join("server.crt").display())
+        );
+        let text = Command::new("openssl")
+            .args(["x509", "-noout", "-text", "-in", dir.join("server.crt").to_str().unwrap()])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&text.stdout);
+        assert!(
+            text.contains("DNS:ferry-control") && text.contains("IP Address:127.0.0.1") && text.contains("CA:FALSE"),
+            "{text}"
+        );
+    }
+    // A restart keeps the root (proxies trust it) and signs a fresh serving certificate with it.
+    let _cp = ControlPlane::start(&dir);
+    assert_eq!(std::fs::read_to_string(dir.join("ca.crt")).unwrap(), first_root);
+    assert!(openssl_verify(&dir.join("ca.crt"), &dir.join("server.crt")).trim_end().ends_with(": OK"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn operator_supplied_root_is_used_and_a_readable_key_refused() {
+    let own = state_dir("byo-root");
+    std::fs::create_dir_all(&own).unwrap();
+    let key = own.join("root.key");
+    let cert = own.join("root.crt");
+    let out = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "30",
+            "-subj",
+            "/CN=Operator root",
+        ])
+        .args(["-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign"])
+        .args(["-keyout", key.to_str().unwrap(), "-out", cert.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let dir = state_dir("byo-state");
+    let run = |extra: &[&str]| {
+        let mut child = Command::new(CONTROL)
+            .args([
+                "serve",
+                "--state-dir",
+                dir.to_str().unwrap(),
+                "--api-addr",
+                &free_addr().to_string(),
+                "--metrics-addr",
+                &free_addr().to_string(),
+            ])
+            .args(["--ca-cert", cert.to_str().unwrap(), "--ca-key", key.to_str().unwrap()])
+            .args(extra)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !dir.join("server.crt").exists() && child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        let _ = child.kill();
+        child.wait_with_output().unwrap()
+    };
+    run(&[]);
+    assert!(
+        openssl_verify(&cert, &dir.join("server.crt")).trim_end().ends_with(": OK"),
+        "signed by the operator's root"
+    );
+    assert!(!dir.join("ca.key").exists(), "no root of our own when one is supplied");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = run(&[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("root.key") && err.contains("must be 0600"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&own);
+}

@@ -11,6 +11,7 @@ use anyhow::Context;
 use bytes::Bytes;
 use clap::{Parser, Subcommand};
 use ferry_xds::api::{Api, ControlMetrics};
+use ferry_xds::ca::{Ca, CaFiles};
 use ferry_xds::store::Store;
 use http_body_util::Full;
 use hyper::server::conn::http1;
@@ -40,6 +41,15 @@ struct ServeArgs {
     /// `/metrics` and `/health/ready`.
     #[arg(long, env = "FERRY_CONTROL_METRICS_ADDR", default_value = "0.0.0.0:15014")]
     metrics_addr: SocketAddr,
+    /// Bring your own root (or intermediate): its certificate (PEM). Default: generated into the state directory.
+    #[arg(long, env = "FERRY_CA_CERT", requires = "ca_key")]
+    ca_cert: Option<PathBuf>,
+    /// The private key (PEM, mode 0600) of --ca-cert.
+    #[arg(long, env = "FERRY_CA_KEY", requires = "ca_cert")]
+    ca_key: Option<PathBuf>,
+    /// Extra DNS names for the serving certificate of the xDS port (besides ferry-control and localhost).
+    #[arg(long = "server-name", env = "FERRY_CONTROL_SERVER_NAMES", value_delimiter = ',')]
+    server_names: Vec<String>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -92,6 +102,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.state_dir).with_context(|| format!("creating {}", args.state_dir.display()))?;
     std::fs::set_permissions(&args.state_dir, std::fs::Permissions::from_mode(0o700))?;
     let token = admin_token(&args.state_dir.join("admin.token"))?;
+    let supplied = args.ca_cert.clone().zip(args.ca_key.clone()).map(|(cert, key)| CaFiles { cert, key });
+    let ca = Ca::ensure(&args.state_dir, supplied)?;
+    let mut names = vec!["ferry-control", "localhost"];
+    names.extend(args.server_names.iter().map(String::as_str));
+    let ips = [std::net::IpAddr::from([127, 0, 0, 1]), std::net::IpAddr::from(std::net::Ipv6Addr::LOCALHOST)];
+    ca.write_serving_certificate(&args.state_dir, &names, &ips)?;
+    tracing::info!(names = ?names, "serving certificate for the xDS port signed by the mesh root");
     let store = Store::open(&args.state_dir)?;
     let metrics = Arc::new(ControlMetrics::new());
     metrics.observe_store(&store);

@@ -1,0 +1,138 @@
+//! The mesh CA root: generated at first start (ECDSA P-256, key 0600) or supplied by the operator; it signs the
+//! control plane's serving certificate for the xDS port (and, with the mTLS issue, workload certificates).
+
+use std::io::Write;
+use std::net::IpAddr;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType,
+};
+use time::{Duration, OffsetDateTime};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+    #[error("--ca-cert and --ca-key go together")]
+    Half,
+    #[error("certificate generation failed: {0}")]
+    Rcgen(#[from] rcgen::Error),
+}
+
+/// The root (or operator-supplied intermediate) that signs everything the mesh trusts.
+pub struct Ca {
+    pub cert_pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+/// Where the root lives: the state directory, unless the operator brings their own.
+pub struct CaFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl Ca {
+    /// Loads the operator's root (`supplied`), or the one in `state_dir`, or generates one there at first start.
+    pub fn ensure(state_dir: &Path, supplied: Option<CaFiles>) -> Result<Ca, CaError> {
+        let files = supplied.unwrap_or(CaFiles { cert: state_dir.join("ca.crt"), key: state_dir.join("ca.key") });
+        match (files.cert.exists(), files.key.exists()) {
+            (true, true) => Self::load(&files),
+            (false, false) => Self::generate(&files),
+            _ => Err(CaError::Invalid {
+                path: if files.cert.exists() { files.key } else { files.cert },
+                message: "missing, while its certificate/key counterpart exists".into(),
+            }),
+        }
+    }
+
+    fn load(files: &CaFiles) -> Result<Ca, CaError> {
+        let read = |p: &Path| std::fs::read_to_string(p).map_err(|source| CaError::Io { path: p.into(), source });
+        let mode = std::fs::metadata(&files.key)
+            .map_err(|source| CaError::Io { path: files.key.clone(), source })?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            return Err(CaError::Invalid {
+                path: files.key.clone(),
+                message: format!("mode {:o}: the CA key must be 0600", mode & 0o777),
+            });
+        }
+        let key = KeyPair::from_pem(&read(&files.key)?).map_err(|e| CaError::Invalid {
+            path: files.key.clone(),
+            message: format!("not a PEM private key: {e}"),
+        })?;
+        let cert_pem = read(&files.cert)?;
+        let issuer = Issuer::from_ca_cert_pem(&cert_pem, key).map_err(|e| CaError::Invalid {
+            path: files.cert.clone(),
+            message: format!("not a PEM CA certificate: {e}"),
+        })?;
+        Ok(Ca { cert_pem, issuer })
+    }
+
+    fn generate(files: &CaFiles) -> Result<Ca, CaError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "ferry.dev");
+        dn.push(DnType::CommonName, "Ferry mesh root CA");
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - Duration::hours(1);
+        params.not_after = now + Duration::days(3650);
+        let cert = params.self_signed(&key)?;
+        write_new(&files.key, key.serialize_pem().as_bytes(), 0o600)?;
+        write_new(&files.cert, cert.pem().as_bytes(), 0o644)?;
+        Ok(Ca { cert_pem: cert.pem(), issuer: Issuer::new(params, key) })
+    }
+
+    /// A serving certificate (CA:FALSE, server auth) for `dns_names` and `ips`, valid one year, with a fresh key.
+    /// Returns (certificate PEM, key PEM).
+    pub fn serving_certificate(&self, dns_names: &[&str], ips: &[IpAddr]) -> Result<(String, String), CaError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, dns_names.first().copied().unwrap_or("ferry-control"));
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.subject_alt_names = dns_names
+            .iter()
+            .map(|n| n.to_string().try_into().map(SanType::DnsName))
+            .chain(ips.iter().map(|ip| Ok(SanType::IpAddress(*ip))))
+            .collect::<Result<_, _>>()?;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - Duration::hours(1);
+        params.not_after = now + Duration::days(365);
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+
+    /// Writes the serving certificate and key for the xDS port into `dir` (key 0600), replacing earlier ones.
+    pub fn write_serving_certificate(&self, dir: &Path, dns_names: &[&str], ips: &[IpAddr]) -> Result<(), CaError> {
+        let (cert, key) = self.serving_certificate(dns_names, ips)?;
+        for (name, data, mode) in [("server.key", key, 0o600), ("server.crt", cert, 0o644)] {
+            let path = dir.join(name);
+            let _ = std::fs::remove_file(&path);
+            write_new(&path, data.as_bytes(), mode)?;
+        }
+        Ok(())
+    }
+}
+
+/// Creates `path` with `mode` from the start (a key is never readable by others, not even briefly).
+fn write_new(path: &Path, data: &[u8], mode: u32) -> Result<(), CaError> {
+    let io = |source| CaError::Io { path: path.into(), source };
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(path).map_err(io)?;
+    f.write_all(data).map_err(io)?;
+    f.sync_all().map_err(io)
+}
