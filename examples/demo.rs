@@ -1,6 +1,7 @@
 //! The local demo mesh: two sample services behind Ferry sidecars on loopback (file source), a short load, a report.
 //!
-//! Run: `cargo run --release --example demo` (builds the `ferry` binary first; `FERRY_BIN` overrides it).
+//! Run: `cargo run --release --example demo` (builds `ferry`, `ferry-control` and `ferryctl` first; `FERRY_BIN`,
+//! `FERRY_CONTROL_BIN` and `FERRYCTL_BIN` override them).
 //!
 //! ```text
 //! load ──► sidecar(web) inbound ──► web app ──► sidecar(web) outbound ──► sidecar(api) inbound ──► api app
@@ -44,18 +45,79 @@ impl Drop for Sidecar {
     }
 }
 
-fn ferry_binary() -> anyhow::Result<PathBuf> {
-    if let Some(bin) = std::env::var_os("FERRY_BIN") {
+/// A binary of this workspace: `$env_var` when set (tests), else built now with cargo (release).
+fn binary(name: &str, package: &str, env_var: &str) -> anyhow::Result<PathBuf> {
+    if let Some(bin) = std::env::var_os(env_var) {
         return Ok(bin.into());
     }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    println!("building the ferry binary (cargo build --release -p ferry --bin ferry) ...");
-    let status =
-        Command::new(&cargo).args(["build", "--release", "-p", "ferry", "--bin", "ferry", "--quiet"]).status()?;
-    anyhow::ensure!(status.success(), "building ferry failed");
+    println!("building {name} (cargo build --release -p {package} --bin {name}) ...");
+    let status = Command::new(&cargo).args(["build", "--release", "-p", package, "--bin", name, "--quiet"]).status()?;
+    anyhow::ensure!(status.success(), "building {name} failed");
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
-    Ok(target.join("release").join("ferry"))
+    Ok(target.join("release").join(name))
+}
+
+/// The demo's policies, applied to the control plane with ferryctl.
+const POLICIES: &str = "\
+apiVersion: ferry.dev/v1alpha1
+kind: Service
+metadata: {name: api, namespace: default}
+spec: {ports: [{port: 80, protocol: http}], addresses: [api.demo.local], identities: [api]}
+---
+apiVersion: ferry.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: api, namespace: default}
+spec:
+  targetRef: {kind: Service, name: api}
+  timeout: 2s
+  retries: {attempts: 2, perTryTimeout: 500ms, on: [connect-failure, gateway-error], budget: {percent: 20, minPerSecond: 10}}
+---
+apiVersion: ferry.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: api, namespace: default}
+spec:
+  targetRef: {kind: Service, name: api}
+  defaultAction: deny
+  allow: [{from: {identities: [\"spiffe://cluster.local/ns/default/sa/web\"]}}]
+";
+
+/// Starts ferry-control on free loopback ports and applies POLICIES with ferryctl, printing what ferryctl says.
+fn start_control_plane(dir: &std::path::Path) -> anyhow::Result<Child> {
+    let (control, ctl) =
+        (binary("ferry-control", "ferry-xds", "FERRY_CONTROL_BIN")?, binary("ferryctl", "ferry-xds", "FERRYCTL_BIN")?);
+    let (api, metrics) = (free_addr(), free_addr());
+    let state = dir.join("control-state");
+    let log = std::fs::File::create(dir.join("ferry-control.log"))?;
+    let child = Command::new(&control)
+        .args(["serve", "--state-dir", &state.display().to_string(), "--api-addr", &api.to_string()])
+        .args(["--metrics-addr", &metrics.to_string()])
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(api).is_err() {
+        anyhow::ensure!(Instant::now() < deadline, "ferry-control did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let policies = dir.join("policies.yaml");
+    std::fs::write(&policies, POLICIES)?;
+    let token = std::fs::read_to_string(state.join("admin.token"))?;
+    for args in [vec!["apply", "-f", policies.to_str().unwrap()], vec!["get", "trafficpolicies"]] {
+        let out = Command::new(&ctl)
+            .args(&args)
+            .env("FERRY_TOKEN", &token)
+            .env("FERRY_CONTROL_API", format!("http://{api}"))
+            .output()?;
+        anyhow::ensure!(out.status.success(), "ferryctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        println!("$ ferryctl {}", args.join(" "));
+        print!("{}", String::from_utf8_lossy(&out.stdout));
+    }
+    println!(
+        "(the control plane stores and validates these; pushing them to sidecars over xDS comes next — the sidecars\n below still read their file source)\n"
+    );
+    Ok(child)
 }
 
 fn start_sidecar(
@@ -131,9 +193,10 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let bin = ferry_binary()?;
+    let bin = binary("ferry", "ferry", "FERRY_BIN")?;
     let dir = std::env::temp_dir().join(format!("ferry-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
+    let mut control = start_control_plane(&dir)?;
     let (web_app, api_app) = (free_addr(), free_addr());
 
     // The api sidecar first: its inbound address is the api service's endpoint.
@@ -238,6 +301,8 @@ async fn main() -> anyhow::Result<()> {
         let status = s.child.wait()?;
         println!("  {} exited: {status}", s.name);
     }
+    let _ = control.kill();
+    let _ = control.wait();
     println!("\nlogs (one JSON access-log line per request): {}", dir.display());
     println!(
         "\nThis demo used explicit mode: the web app called its sidecar at {web_outbound} with `Host: api`.\n\
