@@ -449,3 +449,46 @@ fn operator_supplied_root_is_used_and_a_readable_key_refused() {
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_dir_all(&own);
 }
+
+#[test]
+fn dry_run_directories_replace_and_version() {
+    let dir = state_dir("ctl-misc");
+    let cp = ControlPlane::start(&dir);
+    // --dry-run validates on the server and stores nothing.
+    assert_eq!(
+        cp.ok(&["apply", "--dry-run", "-f", "-"], Some(SERVICE)),
+        "service.ferry.dev/payments created (dry run)\n"
+    );
+    assert!(cp.fails(&["get", "service", "payments", "-n", "shop"], None).contains("not found"));
+    // A directory: every .yaml/.yml/.json file in name order, applied as one all-or-nothing batch.
+    let files = dir.with_extension("d");
+    std::fs::create_dir_all(&files).unwrap();
+    std::fs::write(files.join("1-service.yaml"), SERVICE).unwrap();
+    std::fs::write(files.join("2-traffic.yml"), TRAFFIC).unwrap();
+    std::fs::write(files.join("notes.txt"), "not a policy").unwrap();
+    assert_eq!(
+        cp.ok(&["apply", "-f", files.to_str().unwrap()], None),
+        "service.ferry.dev/payments created\ntrafficpolicy.ferry.dev/payments created\n"
+    );
+    // Replace one object by name; the body must be that object.
+    let token = cp.token();
+    let put = |path: &str, body: &str| {
+        use std::io::Read;
+        let mut s = std::net::TcpStream::connect(cp.api).unwrap();
+        write!(s, "PUT {path} HTTP/1.1\r\nHost: api\r\nAuthorization: Bearer {}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}", token.trim(), body.len()).unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    };
+    let reply = put("/v1/trafficpolicies/shop/payments", &TRAFFIC.replace("timeout: 2s", "timeout: 4s"));
+    assert!(reply.starts_with("HTTP/1.1 200") && reply.contains("\"outcome\": \"configured\""), "{reply}");
+    let reply = put("/v1/trafficpolicies/shop/other", TRAFFIC);
+    assert!(
+        reply.starts_with("HTTP/1.1 400") && reply.contains("exactly one document: TrafficPolicy shop/other"),
+        "{reply}"
+    );
+    assert_eq!(cp.ok(&["version"], None), format!("ferryctl {}\n", env!("CARGO_PKG_VERSION")));
+    assert!(cp.fails(&["get", "gateways"], None).contains("unknown kind `gateways`"));
+    let _ = std::fs::remove_dir_all(&files);
+    let _ = std::fs::remove_dir_all(&dir);
+}
