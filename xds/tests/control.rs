@@ -1,110 +1,15 @@
 //! `ferry-control` and `ferryctl` as real processes: round trips, validation messages, durability, security.
 
+mod support;
+
 use std::io::Write;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const CONTROL: &str = env!("CARGO_BIN_EXE_ferry-control");
-const CTL: &str = env!("CARGO_BIN_EXE_ferryctl");
-
-fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
-}
-
-/// A `ferry-control serve` process over a state directory; killed when dropped.
-struct ControlPlane {
-    child: Child,
-    api: SocketAddr,
-    metrics: SocketAddr,
-    state: PathBuf,
-    log: PathBuf,
-}
-
-impl ControlPlane {
-    fn start(state: &Path) -> ControlPlane {
-        let cp = Self::spawn(state);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(cp.api).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "ferry-control did not start: {}",
-                std::fs::read_to_string(&cp.log).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        cp
-    }
-
-    fn spawn(state: &Path) -> ControlPlane {
-        let (api, metrics) = (free_addr(), free_addr());
-        let log = state.with_extension("log");
-        let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new(CONTROL)
-            .args([
-                "serve",
-                "--state-dir",
-                state.to_str().unwrap(),
-                "--api-addr",
-                &api.to_string(),
-                "--metrics-addr",
-                &metrics.to_string(),
-            ])
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .unwrap();
-        ControlPlane { child, api, metrics, state: state.to_path_buf(), log }
-    }
-
-    fn token(&self) -> String {
-        std::fs::read_to_string(self.state.join("admin.token")).unwrap()
-    }
-
-    /// Runs ferryctl against this control plane, with `stdin` piped in when given.
-    fn ctl(&self, args: &[&str], stdin: Option<&str>) -> Output {
-        let mut child = Command::new(CTL)
-            .args(args)
-            .env("FERRY_TOKEN", self.token())
-            .env("FERRY_CONTROL_API", format!("http://{}", self.api))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut pipe = child.stdin.take().unwrap();
-        pipe.write_all(stdin.unwrap_or("").as_bytes()).unwrap();
-        drop(pipe);
-        child.wait_with_output().unwrap()
-    }
-
-    fn ok(&self, args: &[&str], stdin: Option<&str>) -> String {
-        let out = self.ctl(args, stdin);
-        assert!(out.status.success(), "ferryctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn fails(&self, args: &[&str], stdin: Option<&str>) -> String {
-        let out = self.ctl(args, stdin);
-        assert!(!out.status.success(), "ferryctl {args:?} should fail: {}", String::from_utf8_lossy(&out.stdout));
-        String::from_utf8_lossy(&out.stderr).into_owned()
-    }
-}
-
-impl Drop for ControlPlane {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn state_dir(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("ferry-control-test-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
-}
+use support::{CONTROL, CTL, ControlPlane, free_addr, state_dir};
 
 const SERVICE: &str = "apiVersion: ferry.dev/v1alpha1\nkind: Service\nmetadata: {name: payments, namespace: shop}\nspec: {ports: [{port: 8080, protocol: http}], addresses: [payments, payments.shop], identities: [payments]}\n";
 const TRAFFIC: &str = "apiVersion: ferry.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: payments, namespace: shop}\nspec:\n  targetRef: {kind: Service, name: payments}\n  timeout: 2s\n  retries: {attempts: 2, perTryTimeout: 500ms, on: [connect-failure, \"503\"], budget: {percent: 20, minPerSecond: 10}}\n  circuitBreaker: {failureRatio: 0.6, minRequests: 3, interval: 60s, openFor: 10s}\n  rateLimit: {requestsPerSecond: 100, burst: 200}\n";

@@ -1,8 +1,8 @@
 //! Every YAML example in the README is applied to a real `ferry-control` with `ferryctl`, and accepted.
 
-use std::io::Write;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+mod support;
+
+use support::{ControlPlane, state_dir};
 
 /// The ```yaml blocks of the README, and the YAML heredocs (`<<'YAML'` ... `YAML`) inside its shell examples.
 fn yaml_examples(readme: &str) -> Vec<String> {
@@ -31,41 +31,9 @@ fn every_readme_yaml_example_is_accepted() {
     let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
     let examples = yaml_examples(&readme);
     assert!(examples.len() >= 4, "found {} examples", examples.len());
-    let state = std::env::temp_dir().join(format!("ferry-readme-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&state);
-    let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    let (api, metrics) = (free(), free());
-    let mut control = Command::new(env!("CARGO_BIN_EXE_ferry-control"))
-        .args([
-            "serve",
-            "--state-dir",
-            state.to_str().unwrap(),
-            "--api-addr",
-            &api.to_string(),
-            "--metrics-addr",
-            &metrics.to_string(),
-        ])
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(api).is_err() {
-        assert!(Instant::now() < deadline, "ferry-control did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let token = std::fs::read_to_string(state.join("admin.token")).unwrap();
+    let cp = ControlPlane::start(&state_dir("readme"));
     for (i, example) in examples.iter().enumerate() {
-        let mut ctl = Command::new(env!("CARGO_BIN_EXE_ferryctl"))
-            .args(["apply", "-f", "-"])
-            .env("FERRY_TOKEN", &token)
-            .env("FERRY_CONTROL_API", format!("http://{api}"))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        ctl.stdin.take().unwrap().write_all(example.as_bytes()).unwrap();
-        let out = ctl.wait_with_output().unwrap();
+        let out = cp.ctl(&["apply", "-f", "-"], Some(example));
         assert!(
             out.status.success(),
             "README example {} refused: {}\n{example}",
@@ -75,7 +43,5 @@ fn every_readme_yaml_example_is_accepted() {
         let said = String::from_utf8_lossy(&out.stdout);
         assert!(said.contains(" created") || said.contains(" configured") || said.contains(" unchanged"), "{said}");
     }
-    let _ = control.kill();
-    let _ = control.wait();
-    let _ = std::fs::remove_dir_all(&state);
+    let _ = std::fs::remove_dir_all(&cp.state);
 }
