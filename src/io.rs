@@ -33,10 +33,6 @@ impl ConnIo {
         self.on_close = Some(Box::new(f));
         self
     }
-
-    pub fn stream(&self) -> &TcpStream {
-        &self.stream
-    }
 }
 
 impl Drop for ConnIo {

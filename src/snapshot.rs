@@ -217,10 +217,6 @@ impl ConfigStore {
         self.current.load()
     }
 
-    pub fn load_full(&self) -> Arc<Snapshot> {
-        self.current.load_full()
-    }
-
     pub fn store(&self, snapshot: Snapshot) {
         self.current.store(Arc::new(snapshot));
         self.applied.store(true, Ordering::SeqCst);
