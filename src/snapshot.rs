@@ -1,6 +1,6 @@
 //! The live config: an immutable snapshot behind `ArcSwap`, filled by a config source, and the pure route decision.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -26,6 +26,9 @@ pub struct Snapshot {
     /// Endpoint socket addresses (per service port), for transparent traffic addressed to an endpoint.
     #[serde(skip)]
     by_endpoint: HashMap<SocketAddr, (usize, u16)>,
+    /// Service ports declared `protocol: tcp` (looked up once per connection).
+    #[serde(skip)]
+    opaque_ports: HashSet<u16>,
 }
 
 #[derive(Debug, Serialize)]
@@ -84,6 +87,7 @@ impl Snapshot {
         let mut by_ip: HashMap<IpAddr, Vec<(Option<u16>, usize)>> = HashMap::new();
         let mut by_endpoint = HashMap::new();
         let mut policies = Vec::new();
+        let mut opaque_ports = HashSet::new();
         let mut implicit = Vec::new();
         for doc in documents {
             let svc = match doc {
@@ -103,6 +107,7 @@ impl Snapshot {
                     by_ip.entry(ip).or_default().push((port, index));
                 }
             }
+            opaque_ports.extend(svc.spec.ports.iter().filter(|p| p.protocol == PortProtocol::Tcp).map(|p| p.port));
             for port in &svc.spec.ports {
                 for endpoint in svc.spec.endpoints.iter().filter_map(|e| e.socket_addr(port.port)) {
                     by_endpoint.entry(endpoint).or_insert((index, port.port));
@@ -125,7 +130,7 @@ impl Snapshot {
         for (host, index) in implicit {
             by_host.entry(host).or_insert_with(|| vec![(None, index)]);
         }
-        Snapshot { version, source, services, policies, by_host, by_ip, by_endpoint }
+        Snapshot { version, source, services, policies, by_host, by_ip, by_endpoint, opaque_ports }
     }
 
     /// Pure route decision for an authority (`host`, `host:port`, `[v6]:port`); a missing port means 80.
@@ -191,7 +196,7 @@ impl Snapshot {
 
     /// Whether a port of a known service is declared opaque (`protocol: tcp`).
     pub fn is_opaque_port(&self, port: u16) -> bool {
-        self.services.iter().any(|s| s.spec.ports.iter().any(|p| p.port == port && p.protocol == PortProtocol::Tcp))
+        self.opaque_ports.contains(&port)
     }
 }
 
