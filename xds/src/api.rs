@@ -9,14 +9,16 @@ use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 
-use crate::config::{canonical_kind, parse_documents};
+use crate::config::{canonical_kind, is_dns_label, parse_documents};
 use crate::store::{Key, Store, StoreError};
+use crate::tokens::Tokens;
 
 /// Request bodies larger than this are refused with 413 before they are read whole.
 pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
 
 pub struct Api {
     pub store: Arc<Mutex<Store>>,
+    pub tokens: Arc<Mutex<Tokens>>,
     token: String,
     pub metrics: Option<Arc<ControlMetrics>>,
 }
@@ -94,8 +96,13 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 impl Api {
-    pub fn new(store: Arc<Mutex<Store>>, token: String, metrics: Option<Arc<ControlMetrics>>) -> Self {
-        Api { store, token, metrics }
+    pub fn new(
+        store: Arc<Mutex<Store>>,
+        tokens: Arc<Mutex<Tokens>>,
+        token: String,
+        metrics: Option<Arc<ControlMetrics>>,
+    ) -> Self {
+        Api { store, tokens, token, metrics }
     }
 
     fn authorized(&self, req: &Request<Incoming>) -> bool {
@@ -131,6 +138,25 @@ impl Api {
         let method = req.method().clone();
         let segments: Vec<&str> = path.iter().map(String::as_str).collect();
         match (method, segments.as_slice()) {
+            (Method::POST, ["v1", "tokens"]) => match read_body(req).await {
+                Ok(text) => self.create_token(&text).await,
+                Err(r) => r,
+            },
+            (Method::GET, ["v1", "tokens"]) => {
+                let tokens = self.tokens.lock().expect("tokens lock");
+                let items: Vec<_> = tokens.list().iter().map(|t| t.public_json()).collect();
+                json(StatusCode::OK, serde_json::json!({ "items": items }))
+            }
+            (Method::DELETE, ["v1", "tokens", id]) => {
+                let (tokens, id) = (self.tokens.clone(), id.to_string());
+                match blocking(move || tokens.lock().expect("tokens lock").revoke(&id)).await {
+                    Ok(Some(record)) => {
+                        json(StatusCode::OK, serde_json::json!({ "result": "revoked", "token": record.public_json() }))
+                    }
+                    Ok(None) => error(StatusCode::NOT_FOUND, "no such token"),
+                    Err(e) => store_error(e),
+                }
+            }
             (Method::POST, ["v1", "apply"]) => match read_body(req).await {
                 Ok(text) => self.apply(&text, dry_run, None).await,
                 Err(r) => r,
@@ -173,6 +199,43 @@ impl Api {
                 StatusCode::NOT_FOUND,
                 "routes: POST /v1/apply[?dryRun=true], GET /v1/{kind}[?namespace=ns], GET|PUT|DELETE /v1/{kind}/{namespace}/{name}",
             ),
+        }
+    }
+
+    /// Mints a join token from `{"namespace", "serviceAccount", "ttl"}`; the reply holds the only copy of the secret.
+    async fn create_token(&self, text: &str) -> Response<Body> {
+        #[derive(serde::Deserialize)]
+        #[serde(rename_all = "camelCase", deny_unknown_fields)]
+        struct Create {
+            namespace: String,
+            service_account: String,
+            #[serde(default)]
+            ttl: Option<String>,
+        }
+        let req: Create = match serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_str(text)) {
+            Ok(r) => r,
+            Err(e) => return error(StatusCode::UNPROCESSABLE_ENTITY, format!("{}: {}", e.path(), e.inner())),
+        };
+        for (field, value) in [("namespace", &req.namespace), ("serviceAccount", &req.service_account)] {
+            if !is_dns_label(value) {
+                return error(StatusCode::UNPROCESSABLE_ENTITY, format!("{field}: `{value}` must be a DNS label"));
+            }
+        }
+        let ttl = match crate::parse_duration(req.ttl.as_deref().unwrap_or("24h")) {
+            Ok(d) if !d.is_zero() && d <= std::time::Duration::from_secs(366 * 24 * 3600) => d,
+            Ok(_) => return error(StatusCode::UNPROCESSABLE_ENTITY, "ttl: must be more than 0s and at most 366 days"),
+            Err(e) => return error(StatusCode::UNPROCESSABLE_ENTITY, format!("ttl: {e}")),
+        };
+        let tokens = self.tokens.clone();
+        match blocking(move || tokens.lock().expect("tokens lock").create(&req.namespace, &req.service_account, ttl))
+            .await
+        {
+            Ok((record, token)) => {
+                let mut reply = record.public_json();
+                reply["token"] = token.into();
+                json(StatusCode::CREATED, reply)
+            }
+            Err(e) => store_error(e),
         }
     }
 

@@ -339,14 +339,17 @@ fn spec_of<T: serde::de::DeserializeOwned>(
     }
 }
 
-/// A DNS-1123 label: what Kubernetes accepts as a namespace or Service name.
-fn check_name(path: &str, name: &str, errors: &mut Vec<FieldError>) {
-    let ok = !name.is_empty()
+/// A DNS-1123 label: what Kubernetes accepts as a namespace, Service or service-account name.
+pub fn is_dns_label(name: &str) -> bool {
+    !name.is_empty()
         && name.len() <= 63
         && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !name.starts_with('-')
-        && !name.ends_with('-');
-    if !ok {
+        && !name.ends_with('-')
+}
+
+fn check_name(path: &str, name: &str, errors: &mut Vec<FieldError>) {
+    if !is_dns_label(name) {
         errors.push(field(path, format!("`{name}` must be a DNS label: 1-63 of a-z, 0-9, '-'")));
     }
 }

@@ -10,10 +10,12 @@ pub mod duration;
 pub mod policy;
 #[cfg(feature = "server")]
 pub mod store;
+#[cfg(feature = "server")]
+pub mod tokens;
 
 pub use config::{
     API_VERSION, ConfigError, Document, Endpoint, FieldError, KINDS, Metadata, PortProtocol, Service, ServicePort,
-    ServiceSpec, canonical_kind, document_json, one_traffic_policy_error, parse_documents, parse_value,
+    ServiceSpec, canonical_kind, document_json, is_dns_label, one_traffic_policy_error, parse_documents, parse_value,
     split_host_port,
 };
 pub use duration::{DurationError, parse_duration};

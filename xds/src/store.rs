@@ -283,13 +283,13 @@ impl Store {
 }
 
 /// `{"checksum": sha256 of the compact JSON of "data", "data": ...}`: a torn or altered file is detected.
-fn envelope<T: Serialize>(data: &T) -> Vec<u8> {
+pub(crate) fn envelope<T: Serialize>(data: &T) -> Vec<u8> {
     let value = serde_json::to_value(data).expect("serializable");
     let checksum = hex(&Sha256::digest(serde_json::to_vec(&value).expect("serializable")));
     serde_json::to_vec_pretty(&serde_json::json!({ "checksum": checksum, "data": value })).expect("serializable")
 }
 
-fn read_envelope<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, StoreError> {
+pub(crate) fn read_envelope<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, StoreError> {
     let corrupt = |reason: String| StoreError::Corrupt { path: path.to_path_buf(), reason };
     let bytes = fs::read(path).map_err(io(path))?;
     let outer: serde_json::Value =
@@ -304,7 +304,7 @@ fn read_envelope<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, Store
     serde_json::from_value(data.clone()).map_err(|e| corrupt(e.to_string()))
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 

@@ -397,3 +397,43 @@ fn dry_run_directories_replace_and_version() {
     let _ = std::fs::remove_dir_all(&files);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn join_tokens_create_list_revoke_and_survive_restart() {
+    let dir = state_dir("tokens");
+    let token;
+    {
+        let cp = ControlPlane::start(&dir);
+        token = cp
+            .ok(&["token", "create", "-n", "shop", "--service-account", "payments", "--ttl", "1h"], None)
+            .trim()
+            .to_string();
+        let (id, secret) = token.split_once('.').expect("<id>.<secret>");
+        assert_eq!((id.len(), secret.len()), (16, 64));
+        let list = cp.ok(&["token", "list"], None);
+        assert!(list.contains(id) && list.contains("payments") && !list.contains(secret), "{list}");
+        // The secret is never stored: only its digest.
+        let on_disk = std::fs::read_to_string(dir.join("tokens").join(format!("{id}.json"))).unwrap();
+        assert!(!on_disk.contains(secret));
+        assert!(
+            cp.fails(&["token", "create", "-n", "Shop!", "--service-account", "payments"], None)
+                .contains("namespace: `Shop!` must be a DNS label")
+        );
+        assert!(
+            cp.fails(&["token", "create", "-n", "shop", "--service-account", "a", "--ttl", "forever"], None)
+                .contains("ttl:")
+        );
+        assert!(cp.fails(&["token", "revoke", "0000"], None).contains("no such token"));
+    }
+    // Durable: after a restart the token is listed, and revocation sticks.
+    let cp = ControlPlane::start(&dir);
+    let id = token.split_once('.').unwrap().0;
+    assert!(cp.ok(&["token", "list"], None).contains(id));
+    assert_eq!(cp.ok(&["token", "revoke", id], None), format!("token {id} revoked\n"));
+    drop(cp);
+    let cp = ControlPlane::start(&dir);
+    let list = cp.ok(&["token", "list"], None);
+    let row = list.lines().find(|l| l.contains(id)).unwrap();
+    assert!(row.trim_end().ends_with("true"), "{row}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -13,6 +13,7 @@ use clap::{Parser, Subcommand};
 use ferry_xds::api::{Api, ControlMetrics};
 use ferry_xds::ca::{Ca, CaFiles};
 use ferry_xds::store::Store;
+use ferry_xds::tokens::Tokens;
 use http_body_util::Full;
 use hyper::server::conn::http1;
 use hyper_util::rt::TokioIo;
@@ -113,7 +114,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let metrics = Arc::new(ControlMetrics::new());
     metrics.observe_store(&store);
     tracing::info!(state_dir = %args.state_dir.display(), revision = store.revision(), objects = ?store.counts(), "store loaded");
-    let api = Arc::new(Api::new(Arc::new(Mutex::new(store)), token, Some(metrics.clone())));
+    let tokens = Tokens::open(&args.state_dir)?;
+    let api =
+        Arc::new(Api::new(Arc::new(Mutex::new(store)), Arc::new(Mutex::new(tokens)), token, Some(metrics.clone())));
 
     let api_listener = tokio::net::TcpListener::bind(args.api_addr)
         .await

@@ -53,8 +53,29 @@ enum Command {
         #[arg(short = 'f', long = "filename")]
         file: String,
     },
+    /// Join tokens: the bootstrap credential of a proxy in local mode (bound to a namespace + service account).
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// Print ferryctl's version.
     Version,
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Mint a token; it is printed once on stdout and never stored (only its digest is).
+    Create {
+        #[arg(short = 'n', long)]
+        namespace: String,
+        #[arg(long)]
+        service_account: String,
+        /// How long it may be used for a first certificate (e.g. 1h, 24h).
+        #[arg(long, default_value = "24h")]
+        ttl: String,
+    },
+    /// List tokens (without secrets).
+    List,
+    /// Revoke a token by id.
+    Revoke { id: String },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -172,6 +193,37 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     }
                 }
             }
+            Ok(())
+        }
+        Command::Token(TokenCommand::Create { namespace, service_account, ttl }) => {
+            let body = serde_json::json!({ "namespace": namespace, "serviceAccount": service_account, "ttl": ttl });
+            let reply = call("POST", "/v1/tokens", Some(body.to_string())).await?;
+            eprintln!(
+                "token {} for {namespace}/{service_account}, expires at {} (unix seconds); shown only now:",
+                reply["id"].as_str().unwrap_or_default(),
+                reply["expiresAt"]
+            );
+            println!("{}", reply["token"].as_str().unwrap_or_default());
+            Ok(())
+        }
+        Command::Token(TokenCommand::List) => {
+            let reply = call("GET", "/v1/tokens", None).await?;
+            println!("{:<18} {:<16} {:<24} {:>12} {:>8}", "ID", "NAMESPACE", "SERVICEACCOUNT", "EXPIRES", "REVOKED");
+            for t in reply["items"].as_array().into_iter().flatten() {
+                println!(
+                    "{:<18} {:<16} {:<24} {:>12} {:>8}",
+                    t["id"].as_str().unwrap_or_default(),
+                    t["namespace"].as_str().unwrap_or_default(),
+                    t["serviceAccount"].as_str().unwrap_or_default(),
+                    t["expiresAt"],
+                    t["revoked"]
+                );
+            }
+            Ok(())
+        }
+        Command::Token(TokenCommand::Revoke { id }) => {
+            call("DELETE", &format!("/v1/tokens/{id}"), None).await?;
+            println!("token {id} revoked");
             Ok(())
         }
         Command::Delete { kind, name, namespace } => {
