@@ -8,6 +8,7 @@ pub mod ca;
 pub mod config;
 pub mod duration;
 pub mod policy;
+pub mod resources;
 #[cfg(feature = "server")]
 pub mod store;
 #[cfg(feature = "server")]

@@ -9,16 +9,41 @@ use crate::duration::parse_duration;
 
 // ===== durations and target references =====
 
-/// A duration written with units (`250ms`, `2s`, `1m30s`); keeps the text it was written as.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A duration written with units (`250ms`, `2s`, `1m30s`); keeps the text it was written as. Two durations are equal
+/// when they are as long (`90s` == `1m30s`).
+#[derive(Debug, Clone)]
 pub struct Duration {
     pub value: std::time::Duration,
     text: String,
 }
 
+impl PartialEq for Duration {
+    fn eq(&self, other: &Self) -> bool {
+        self.value == other.value
+    }
+}
+
+impl Eq for Duration {}
+
 impl Duration {
     pub fn as_std(&self) -> std::time::Duration {
         self.value
+    }
+
+    /// From whole milliseconds, written in the largest unit that is exact (`2s`, `1m`, `250ms`).
+    pub fn from_millis(ms: u64) -> Duration {
+        let text = match ms {
+            0 => "0s".to_string(),
+            ms if ms % 3_600_000 == 0 => format!("{}h", ms / 3_600_000),
+            ms if ms % 60_000 == 0 => format!("{}m", ms / 60_000),
+            ms if ms % 1000 == 0 => format!("{}s", ms / 1000),
+            ms => format!("{ms}ms"),
+        };
+        Duration { value: std::time::Duration::from_millis(ms), text }
+    }
+
+    pub fn as_millis(&self) -> u64 {
+        u64::try_from(self.value.as_millis()).unwrap_or(u64::MAX)
     }
 }
 

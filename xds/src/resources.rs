@@ -1,0 +1,332 @@
+//! The `ferry.v1` protobuf resources sent over xDS, and their conversion to and from the `ferry.dev/v1alpha1`
+//! documents. A received resource goes through the same validation as a document from `ferryctl apply`.
+
+use std::collections::BTreeMap;
+
+use crate::config::{ConfigError, Document, Endpoint, Metadata, PortProtocol, Service, ServicePort, ServiceSpec};
+use crate::config::{document_json, parse_value};
+use crate::policy::{
+    Action, AuthorizationPolicy, AuthorizationPolicySpec, AuthorizationRule, Backoff, CircuitBreaker, Duration,
+    LoadBalancer, MtlsMode, OutlierDetection, RateLimit, Retries, RetryBudget, Source, TargetRef, TrafficPolicy,
+    TrafficPolicySpec,
+};
+
+/// The generated messages (`xds/proto/ferry/v1/resources.proto`).
+pub mod pb {
+    include!(concat!(env!("OUT_DIR"), "/ferry.v1.rs"));
+}
+
+/// One resource as sent: a Service, a TrafficPolicy or an AuthorizationPolicy.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Resource {
+    Service(pb::Service),
+    TrafficPolicy(pb::TrafficPolicy),
+    AuthorizationPolicy(pb::AuthorizationPolicy),
+}
+
+fn meta(m: &Metadata) -> Option<pb::Meta> {
+    Some(pb::Meta {
+        name: m.name.clone(),
+        namespace: m.namespace.clone(),
+        labels: m.labels.clone().into_iter().collect(),
+    })
+}
+
+fn ms(d: &Option<Duration>) -> Option<u64> {
+    d.as_ref().map(Duration::as_millis)
+}
+
+fn target(name: &str) -> TargetRef {
+    TargetRef { kind: "Service".into(), name: name.to_string() }
+}
+
+/// Document → resource (what the control plane sends).
+pub fn to_resource(doc: &Document) -> Resource {
+    match doc {
+        Document::Service(s) => Resource::Service(pb::Service {
+            meta: meta(&s.metadata),
+            ports: s
+                .spec
+                .ports
+                .iter()
+                .map(|p| pb::Port {
+                    port: p.port.into(),
+                    protocol: match p.protocol {
+                        PortProtocol::Http => pb::Protocol::Http,
+                        PortProtocol::Http2 => pb::Protocol::Http2,
+                        PortProtocol::Grpc => pb::Protocol::Grpc,
+                        PortProtocol::Tcp => pb::Protocol::Tcp,
+                    } as i32,
+                    name: p.name.clone().unwrap_or_default(),
+                    target_port: p.target_port.map(u32::from).unwrap_or(0),
+                })
+                .collect(),
+            addresses: s.spec.addresses.clone(),
+            identities: s.spec.identities.clone(),
+            endpoints: s
+                .spec
+                .endpoints
+                .iter()
+                .map(|e| pb::Endpoint { address: e.address.clone(), identity: e.identity.clone().unwrap_or_default() })
+                .collect(),
+        }),
+        Document::TrafficPolicy(tp) => {
+            let s = &tp.spec;
+            Resource::TrafficPolicy(pb::TrafficPolicy {
+                meta: meta(&tp.metadata),
+                target: s.target_ref.name.clone(),
+                timeout_ms: ms(&s.timeout),
+                retries: s.retries.as_ref().map(|r| pb::Retries {
+                    attempts: r.attempts,
+                    per_try_timeout_ms: ms(&r.per_try_timeout),
+                    on: r.on.clone(),
+                    backoff: r
+                        .backoff
+                        .as_ref()
+                        .map(|b| pb::Backoff { base_ms: b.base.as_millis(), max_ms: b.max.as_millis() }),
+                    budget: r
+                        .budget
+                        .as_ref()
+                        .map(|b| pb::RetryBudget { percent: b.percent, min_per_second: b.min_per_second }),
+                }),
+                circuit_breaker: s.circuit_breaker.as_ref().map(|c| pb::CircuitBreaker {
+                    failure_ratio: c.failure_ratio,
+                    min_requests: c.min_requests,
+                    interval_ms: ms(&c.interval),
+                    consecutive_failures: c.consecutive_failures,
+                    open_for_ms: ms(&c.open_for),
+                    half_open_requests: c.half_open_requests,
+                    max_connections: c.max_connections,
+                    max_pending_requests: c.max_pending_requests,
+                    max_requests: c.max_requests,
+                }),
+                outlier_detection: s.outlier_detection.as_ref().map(|o| pb::OutlierDetection {
+                    consecutive_5xx: o.consecutive_5xx,
+                    base_ejection_time_ms: o.base_ejection_time.as_millis(),
+                    max_ejection_percent: o.max_ejection_percent,
+                }),
+                rate_limit: s.rate_limit.as_ref().map(|r| pb::RateLimit {
+                    requests_per_second: r.requests_per_second,
+                    burst: r.burst,
+                    per_client_identity: r.per_client_identity,
+                }),
+                load_balancer: match s.load_balancer {
+                    None => pb::LoadBalancer::Unset,
+                    Some(LoadBalancer::P2cEwma) => pb::LoadBalancer::P2cEwma,
+                    Some(LoadBalancer::RoundRobin) => pb::LoadBalancer::RoundRobin,
+                } as i32,
+                mtls: match s.mtls {
+                    None => pb::MtlsMode::MtlsUnset,
+                    Some(MtlsMode::Permissive) => pb::MtlsMode::Permissive,
+                    Some(MtlsMode::Strict) => pb::MtlsMode::Strict,
+                } as i32,
+            })
+        }
+        Document::AuthorizationPolicy(ap) => Resource::AuthorizationPolicy(pb::AuthorizationPolicy {
+            meta: meta(&ap.metadata),
+            target: ap.spec.target_ref.name.clone(),
+            default_allow: ap.spec.default_action == Action::Allow,
+            allow: ap
+                .spec
+                .allow
+                .iter()
+                .map(|r| pb::Source { identities: r.from.identities.clone(), namespaces: r.from.namespaces.clone() })
+                .collect(),
+        }),
+    }
+}
+
+fn metadata(m: Option<pb::Meta>) -> Metadata {
+    let m = m.unwrap_or_default();
+    Metadata { name: m.name, namespace: m.namespace, labels: m.labels.into_iter().collect::<BTreeMap<_, _>>() }
+}
+
+fn duration(ms: Option<u64>) -> Option<Duration> {
+    ms.map(Duration::from_millis)
+}
+
+/// Resource → document (what a proxy receives), validated exactly as `ferryctl apply` input is: an invalid resource
+/// is an error naming its fields (the proxy NACKs it with that text).
+pub fn from_resource(resource: Resource) -> Result<Document, ConfigError> {
+    let doc = match resource {
+        Resource::Service(s) => Document::Service(Service {
+            metadata: metadata(s.meta),
+            spec: ServiceSpec {
+                ports: s
+                    .ports
+                    .into_iter()
+                    .map(|p| ServicePort {
+                        // Out-of-range ports become 0, which validation refuses with the field named.
+                        port: u16::try_from(p.port).unwrap_or(0),
+                        protocol: match pb::Protocol::try_from(p.protocol).unwrap_or(pb::Protocol::Http) {
+                            pb::Protocol::Http => PortProtocol::Http,
+                            pb::Protocol::Http2 => PortProtocol::Http2,
+                            pb::Protocol::Grpc => PortProtocol::Grpc,
+                            pb::Protocol::Tcp => PortProtocol::Tcp,
+                        },
+                        name: (!p.name.is_empty()).then_some(p.name),
+                        target_port: (p.target_port != 0).then(|| u16::try_from(p.target_port).unwrap_or(0)),
+                    })
+                    .collect(),
+                addresses: s.addresses,
+                identities: s.identities,
+                endpoints: s
+                    .endpoints
+                    .into_iter()
+                    .map(|e| Endpoint { address: e.address, identity: (!e.identity.is_empty()).then_some(e.identity) })
+                    .collect(),
+            },
+        }),
+        Resource::TrafficPolicy(tp) => Document::TrafficPolicy(Box::new(TrafficPolicy {
+            metadata: metadata(tp.meta),
+            spec: TrafficPolicySpec {
+                target_ref: target(&tp.target),
+                timeout: duration(tp.timeout_ms),
+                retries: tp.retries.map(|r| Retries {
+                    attempts: r.attempts,
+                    per_try_timeout: duration(r.per_try_timeout_ms),
+                    on: r.on,
+                    backoff: r.backoff.map(|b| Backoff {
+                        base: Duration::from_millis(b.base_ms),
+                        max: Duration::from_millis(b.max_ms),
+                    }),
+                    budget: r.budget.map(|b| RetryBudget { percent: b.percent, min_per_second: b.min_per_second }),
+                }),
+                circuit_breaker: tp.circuit_breaker.map(|c| CircuitBreaker {
+                    failure_ratio: c.failure_ratio,
+                    min_requests: c.min_requests,
+                    interval: duration(c.interval_ms),
+                    consecutive_failures: c.consecutive_failures,
+                    open_for: duration(c.open_for_ms),
+                    half_open_requests: c.half_open_requests,
+                    max_connections: c.max_connections,
+                    max_pending_requests: c.max_pending_requests,
+                    max_requests: c.max_requests,
+                }),
+                outlier_detection: tp.outlier_detection.map(|o| OutlierDetection {
+                    consecutive_5xx: o.consecutive_5xx,
+                    base_ejection_time: Duration::from_millis(o.base_ejection_time_ms),
+                    max_ejection_percent: o.max_ejection_percent,
+                }),
+                rate_limit: tp.rate_limit.map(|r| RateLimit {
+                    requests_per_second: r.requests_per_second,
+                    burst: r.burst,
+                    per_client_identity: r.per_client_identity,
+                }),
+                load_balancer: match pb::LoadBalancer::try_from(tp.load_balancer).unwrap_or(pb::LoadBalancer::Unset) {
+                    pb::LoadBalancer::Unset => None,
+                    pb::LoadBalancer::P2cEwma => Some(LoadBalancer::P2cEwma),
+                    pb::LoadBalancer::RoundRobin => Some(LoadBalancer::RoundRobin),
+                },
+                mtls: match pb::MtlsMode::try_from(tp.mtls).unwrap_or(pb::MtlsMode::MtlsUnset) {
+                    pb::MtlsMode::MtlsUnset => None,
+                    pb::MtlsMode::Permissive => Some(MtlsMode::Permissive),
+                    pb::MtlsMode::Strict => Some(MtlsMode::Strict),
+                },
+            },
+        })),
+        Resource::AuthorizationPolicy(ap) => Document::AuthorizationPolicy(AuthorizationPolicy {
+            metadata: metadata(ap.meta),
+            spec: AuthorizationPolicySpec {
+                target_ref: target(&ap.target),
+                default_action: if ap.default_allow { Action::Allow } else { Action::Deny },
+                allow: ap
+                    .allow
+                    .into_iter()
+                    .map(|s| AuthorizationRule { from: Source { identities: s.identities, namespaces: s.namespaces } })
+                    .collect(),
+            },
+        }),
+    };
+    // One validation path for everything: the document form goes through the same parser as YAML input.
+    parse_value(document_json(&doc))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+
+    const ALL: &str = r#"
+apiVersion: ferry.dev/v1alpha1
+kind: Service
+metadata: {name: payments, namespace: shop, labels: {team: pay}}
+spec:
+  ports: [{port: 8080, protocol: http, name: web}, {port: 5432, protocol: tcp, targetPort: 15432}]
+  addresses: [payments, "10.96.0.7"]
+  identities: [payments]
+  endpoints: [{address: "10.0.0.5:8080", identity: payments}, {address: "10.0.0.6"}]
+---
+apiVersion: ferry.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: payments, namespace: shop}
+spec:
+  targetRef: {kind: Service, name: payments}
+  timeout: 1m30s
+  retries: {attempts: 2, perTryTimeout: 500ms, on: [connect-failure, "503"], backoff: {base: 25ms, max: 250ms}, budget: {percent: 20, minPerSecond: 10}}
+  circuitBreaker: {failureRatio: 0.6, minRequests: 3, interval: 60s, consecutiveFailures: 5, openFor: 10s, halfOpenRequests: 3, maxConnections: 1024, maxPendingRequests: 1024, maxRequests: 1024}
+  outlierDetection: {consecutive5xx: 5, baseEjectionTime: 30s, maxEjectionPercent: 50}
+  rateLimit: {requestsPerSecond: 100, burst: 200, perClientIdentity: true}
+  loadBalancer: round-robin
+  mtls: strict
+---
+apiVersion: ferry.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: minimal, namespace: shop}
+spec: {targetRef: {kind: Service, name: other}}
+---
+apiVersion: ferry.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: payments, namespace: shop}
+spec: {targetRef: {kind: Service, name: payments}, defaultAction: deny, allow: [{from: {identities: ["spiffe://cluster.local/ns/shop/sa/orders"], namespaces: [billing]}}]}
+"#;
+
+    #[test]
+    fn every_kind_survives_the_wire() {
+        for doc in crate::parse_documents(ALL).unwrap() {
+            let resource = to_resource(&doc);
+            // Through protobuf bytes, as xDS carries it.
+            let decoded = match &resource {
+                Resource::Service(m) => Resource::Service(pb::Service::decode(m.encode_to_vec().as_slice()).unwrap()),
+                Resource::TrafficPolicy(m) => {
+                    Resource::TrafficPolicy(pb::TrafficPolicy::decode(m.encode_to_vec().as_slice()).unwrap())
+                }
+                Resource::AuthorizationPolicy(m) => Resource::AuthorizationPolicy(
+                    pb::AuthorizationPolicy::decode(m.encode_to_vec().as_slice()).unwrap(),
+                ),
+            };
+            assert_eq!(decoded, resource);
+            assert_eq!(from_resource(decoded).unwrap(), doc, "{}", doc.display_name());
+        }
+    }
+
+    #[test]
+    fn invalid_resources_are_refused_naming_the_field() {
+        let docs = crate::parse_documents(ALL).unwrap();
+        let Resource::Service(mut svc) = to_resource(&docs[0]) else { unreachable!() };
+        svc.ports[0].port = 70000;
+        let err = from_resource(Resource::Service(svc)).unwrap_err().to_string();
+        assert!(err.contains("Service shop/payments") && err.contains("spec.ports[0].port: must be 1-65535"), "{err}");
+        let Resource::TrafficPolicy(mut tp) = to_resource(&docs[1]) else { unreachable!() };
+        tp.retries.as_mut().unwrap().budget.as_mut().unwrap().percent = 150.0;
+        tp.circuit_breaker.as_mut().unwrap().failure_ratio = Some(1.5);
+        let err = from_resource(Resource::TrafficPolicy(tp)).unwrap_err().to_string();
+        assert!(
+            err.contains("spec.retries.budget.percent") && err.contains("spec.circuitBreaker.failureRatio"),
+            "{err}"
+        );
+        let Resource::AuthorizationPolicy(mut ap) = to_resource(&docs[3]) else { unreachable!() };
+        ap.allow[0].identities[0] = "orders".into();
+        ap.meta = None;
+        let err = from_resource(Resource::AuthorizationPolicy(ap)).unwrap_err().to_string();
+        assert!(err.contains("metadata.name") && err.contains("spec.allow[0].from.identities[0]"), "{err}");
+    }
+
+    #[test]
+    fn durations_take_the_largest_exact_unit() {
+        for (ms, text) in [(0, "0s"), (250, "250ms"), (2000, "2s"), (90_000, "90s"), (60_000, "1m"), (7_200_000, "2h")]
+        {
+            assert_eq!(Duration::from_millis(ms).to_string(), text);
+        }
+    }
+}
