@@ -28,8 +28,6 @@ use crate::snapshot::ConfigStore;
 use pool::Pool;
 use target::ConnInfo;
 
-pub use self::http::{is_grpc, strip_hop_by_hop};
-
 /// Which listener a connection arrived on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]

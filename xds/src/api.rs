@@ -116,6 +116,8 @@ impl Api {
     }
 
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+        // Only a successful write can change what the store holds.
+        let writes = matches!(*req.method(), Method::POST | Method::PUT | Method::DELETE);
         let response = if self.authorized(&req) {
             self.clone().route(req).await
         } else {
@@ -125,7 +127,9 @@ impl Api {
         };
         if let Some(m) = &self.metrics {
             m.api_requests.with_label_values(&[response.status().as_str()]).inc();
-            m.observe_store(&self.store.lock().expect("store lock"));
+            if writes && response.status().is_success() {
+                m.observe_store(&self.store.lock().expect("store lock"));
+            }
         }
         Ok(response)
     }

@@ -126,36 +126,18 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("binding metrics on {}", args.metrics_addr))?;
     tracing::info!(api = %args.api_addr, metrics = %args.metrics_addr, "ferry-control ready");
 
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = api_listener.accept().await else { continue };
-            let api = api.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req| api.clone().handle(req));
-                let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
-            });
-        }
-    });
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = metrics_listener.accept().await else { continue };
-            let metrics = metrics.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    let metrics = metrics.clone();
-                    async move {
-                        let (status, body) = match req.uri().path() {
-                            "/metrics" => (200, metrics.encode()),
-                            "/health/ready" | "/health/live" => (200, b"ready\n".to_vec()),
-                            _ => (404, b"try /metrics or /health/ready\n".to_vec()),
-                        };
-                        let mut resp = http::Response::new(Full::new(Bytes::from(body)));
-                        *resp.status_mut() = http::StatusCode::from_u16(status).expect("valid status");
-                        Ok::<_, Infallible>(resp)
-                    }
-                });
-                let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
-            });
+    spawn_http1(api_listener, move |req| api.clone().handle(req));
+    spawn_http1(metrics_listener, move |req: http::Request<hyper::body::Incoming>| {
+        let metrics = metrics.clone();
+        async move {
+            let (status, body) = match req.uri().path() {
+                "/metrics" => (200, metrics.encode()),
+                "/health/ready" | "/health/live" => (200, b"ready\n".to_vec()),
+                _ => (404, b"try /metrics or /health/ready\n".to_vec()),
+            };
+            let mut resp = http::Response::new(Full::new(Bytes::from(body)));
+            *resp.status_mut() = http::StatusCode::from_u16(status).expect("valid status");
+            Ok::<_, Infallible>(resp)
         }
     });
 
@@ -165,4 +147,22 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: exiting"),
     }
     Ok(())
+}
+
+/// Serves `handler` over HTTP/1 on every connection `listener` accepts, for the life of the process.
+fn spawn_http1<F, Fut>(listener: tokio::net::TcpListener, handler: F)
+where
+    F: Fn(http::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<http::Response<Full<Bytes>>, Infallible>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { continue };
+            let handler = handler.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(handler);
+                let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+            });
+        }
+    });
 }
