@@ -62,7 +62,7 @@ pub async fn run(settings: Settings, log: Option<LogHandle>) -> Result<(), Start
     let metrics = Arc::new(Metrics::new());
     let store = Arc::new(ConfigStore::new());
     let drain = Drain::new();
-    let health = Arc::new(Health::new(settings.config_file.is_some()));
+    let health = Arc::new(Health::new(settings.config_file.is_some() || settings.control.is_some()));
 
     let outbound = bind_all(&settings.outbound_addrs, "outbound", "FERRY_OUTBOUND_ADDR")?;
     let inbound = bind_all(&settings.inbound_addrs, "inbound", "FERRY_INBOUND_ADDR")?;
@@ -79,7 +79,12 @@ pub async fn run(settings: Settings, log: Option<LogHandle>) -> Result<(), Start
                 metrics.clone(),
             ));
         }
-        None => tracing::info!("no config source (FERRY_CONFIG_FILE unset): explicit requests get 502 no-route"),
+        None if settings.control.is_some() => {
+            tokio::spawn(crate::xds_client::run(settings.clone(), store.clone(), metrics.clone()));
+        }
+        None => tracing::info!(
+            "no config source (FERRY_CONFIG_FILE and FERRY_CONTROL_ADDR unset): explicit requests get 502 no-route"
+        ),
     }
 
     let proxy = Proxy::new(settings.clone(), store.clone(), metrics.clone(), drain.clone());

@@ -17,6 +17,8 @@ pub struct Settings {
     pub config_file: Option<PathBuf>,
     #[serde(serialize_with = "as_text")]
     pub config_poll: Duration,
+    /// The xDS source: ferry-control's address, the root its serving certificate chains to, and the join token.
+    pub control: Option<ControlSettings>,
     pub service: Option<String>,
     pub namespace: String,
     pub service_account: Option<String>,
@@ -37,6 +39,21 @@ pub struct Settings {
     pub connect_timeout: Duration,
     #[serde(serialize_with = "as_text")]
     pub pool_idle_timeout: Duration,
+}
+
+/// Where and how the proxy reaches ferry-control.
+#[derive(Debug, Clone, Serialize)]
+pub struct ControlSettings {
+    /// `host:port`.
+    pub addr: String,
+    /// The name the serving certificate must carry (default: the host of `addr`).
+    pub server_name: String,
+    pub ca_root: PathBuf,
+    /// The bootstrap credential; never shown.
+    #[serde(skip)]
+    pub join_token: String,
+    /// The node id shown by `ferryctl status` (default `<hostname>-<pid>`).
+    pub node_id: String,
 }
 
 /// Shows durations as the settings take them (`1.5s`, `250ms`) in `/config_dump`.
@@ -85,13 +102,6 @@ impl Settings {
     /// Reads settings through `get` (a map in tests); `terminal` picks the default log format.
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>, terminal: bool) -> Result<Self, BootstrapError> {
         let env = Env(&get);
-        if let Some(addr) = env.raw("FERRY_CONTROL_ADDR") {
-            return Err(BootstrapError {
-                var: "FERRY_CONTROL_ADDR",
-                value: addr,
-                message: "this build has no xDS client yet; use FERRY_CONFIG_FILE".into(),
-            });
-        }
         let workers_default = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         let s = Settings {
             outbound_addrs: env.list("FERRY_OUTBOUND_ADDR", defaults::OUTBOUND_ADDR)?,
@@ -100,6 +110,7 @@ impl Settings {
             health_addr: env.parse("FERRY_HEALTH_ADDR", defaults::HEALTH_ADDR)?,
             config_file: env.raw("FERRY_CONFIG_FILE").filter(|s| !s.is_empty()).map(PathBuf::from),
             config_poll: env.duration("FERRY_CONFIG_POLL", defaults::CONFIG_POLL)?,
+            control: control_settings(&env)?,
             service: env.raw("FERRY_SERVICE").filter(|s| !s.is_empty()),
             namespace: env.raw("FERRY_NAMESPACE").filter(|s| !s.is_empty()).unwrap_or_else(|| "default".into()),
             service_account: env.raw("FERRY_SERVICE_ACCOUNT").filter(|s| !s.is_empty()),
@@ -138,6 +149,10 @@ impl Settings {
             connect_timeout: env.duration("FERRY_CONNECT_TIMEOUT", defaults::CONNECT_TIMEOUT)?,
             pool_idle_timeout: env.duration("FERRY_POOL_IDLE_TIMEOUT", defaults::POOL_IDLE_TIMEOUT)?,
         };
+        if let (Some(_), Some(file)) = (&s.control, &s.config_file) {
+            let message = "FERRY_CONFIG_FILE and FERRY_CONTROL_ADDR are both set; choose one config source";
+            return Err(env.error("FERRY_CONFIG_FILE", &file.display().to_string(), message));
+        }
         if s.workers == 0 {
             return Err(env.error("FERRY_WORKERS", "0", "must be at least 1"));
         }
@@ -154,6 +169,39 @@ impl Settings {
         }
         Ok(s)
     }
+}
+
+/// `FERRY_CONTROL_ADDR` and the variables it requires (`FERRY_CA_ROOT`, `FERRY_JOIN_TOKEN`).
+fn control_settings<F: Fn(&str) -> Option<String>>(env: &Env<F>) -> Result<Option<ControlSettings>, BootstrapError> {
+    let Some(addr) = env.raw("FERRY_CONTROL_ADDR").filter(|s| !s.is_empty()) else { return Ok(None) };
+    let (host, port) = ferry_xds::split_host_port(&addr);
+    if host.is_empty() || port.and_then(|p| p.parse::<u16>().ok()).is_none_or(|p| p == 0) {
+        return Err(env.error("FERRY_CONTROL_ADDR", &addr, "must be host:port (e.g. 127.0.0.1:15010)"));
+    }
+    let required = |var: &'static str, what: &str| {
+        env.raw(var)
+            .filter(|s| !s.trim().is_empty())
+            .ok_or_else(|| env.error(var, "", &format!("is required with FERRY_CONTROL_ADDR: {what}")))
+    };
+    let ca_root = PathBuf::from(required("FERRY_CA_ROOT", "the PEM file of the mesh root")?);
+    if !ca_root.is_file() {
+        return Err(env.error("FERRY_CA_ROOT", &ca_root.display().to_string(), "no such file"));
+    }
+    let join_token = required("FERRY_JOIN_TOKEN", "the proxy's join token (ferryctl token create)")?.trim().to_string();
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_else(|_| "ferry".into());
+    Ok(Some(ControlSettings {
+        server_name: env
+            .raw("FERRY_CONTROL_SERVER_NAME")
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| host.trim_start_matches('[').trim_end_matches(']').to_string()),
+        addr,
+        ca_root,
+        join_token,
+        node_id: env
+            .raw("FERRY_NODE_ID")
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| format!("{}-{}", hostname.trim(), std::process::id())),
+    }))
 }
 
 struct Env<'a, F: Fn(&str) -> Option<String>>(&'a F);
@@ -232,11 +280,33 @@ mod tests {
             ("FERRY_ACCESS_LOG", "maybe"),
             ("FERRY_APP_ADDR", "app:8080"),
             ("FERRY_MAX_HEADER_BYTES", "10"),
-            ("FERRY_CONTROL_ADDR", "127.0.0.1:15010"),
+            ("FERRY_CONTROL_ADDR", "ferry-control"),
+            ("FERRY_CONTROL_ADDR", "127.0.0.1:0"),
         ];
         for (var, value) in cases {
             let err = settings(&[(var, value)]).expect_err(var).to_string();
             assert!(err.starts_with(var), "{var}={value}: {err}");
         }
+    }
+
+    #[test]
+    fn control_plane_needs_root_and_token() {
+        let root = std::env::temp_dir().join(format!("ferry-bootstrap-root-{}.pem", std::process::id()));
+        std::fs::write(&root, "pem").unwrap();
+        let root = root.to_str().unwrap();
+        let addr = ("FERRY_CONTROL_ADDR", "127.0.0.1:15010");
+        let err = settings(&[addr]).unwrap_err().to_string();
+        assert!(err.starts_with("FERRY_CA_ROOT") && err.contains("required"), "{err}");
+        let err = settings(&[addr, ("FERRY_CA_ROOT", "/nonexistent.pem")]).unwrap_err().to_string();
+        assert!(err.starts_with("FERRY_CA_ROOT") && err.contains("no such file"), "{err}");
+        let err = settings(&[addr, ("FERRY_CA_ROOT", root)]).unwrap_err().to_string();
+        assert!(err.starts_with("FERRY_JOIN_TOKEN"), "{err}");
+        let all = [addr, ("FERRY_CA_ROOT", root), ("FERRY_JOIN_TOKEN", "id.secret")];
+        let s = settings(&all).unwrap();
+        let control = s.control.as_ref().unwrap();
+        assert_eq!((control.server_name.as_str(), control.join_token.as_str()), ("127.0.0.1", "id.secret"));
+        assert!(!serde_json::to_string(&s).unwrap().contains("secret"), "the token never shows in /config_dump");
+        let err = settings(&[all[0], all[1], all[2], ("FERRY_CONFIG_FILE", "/x.yaml")]).unwrap_err().to_string();
+        assert!(err.starts_with("FERRY_CONFIG_FILE") && err.contains("choose one"), "{err}");
     }
 }

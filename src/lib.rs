@@ -14,3 +14,4 @@ pub mod metrics;
 pub mod proxy;
 pub mod snapshot;
 pub mod source;
+pub mod xds_client;

@@ -33,6 +33,12 @@ pub struct Metrics {
     pub detection_duration: HistogramVec,
     pub config_updates: IntCounterVec,
     pub config_version: IntGauge,
+    /// When a config was last applied; `ferry_config_last_update_age_seconds` is computed from it at scrape time.
+    last_update: std::sync::Mutex<Option<std::time::Instant>>,
+    config_age: prometheus::Gauge,
+    pub xds_connected: IntGauge,
+    pub xds_updates: IntCounterVec,
+    pub xds_version: IntGaugeVec,
 }
 
 /// The counters and histograms of one (direction, service), one per status class.
@@ -125,9 +131,35 @@ impl Metrics {
             ),
             config_version: IntGauge::new("ferry_config_version", "Version of the live config snapshot.")
                 .expect("valid metric"),
+            last_update: std::sync::Mutex::new(None),
+            config_age: prometheus::Gauge::new(
+                "ferry_config_last_update_age_seconds",
+                "Seconds since a config was last applied (-1 before the first).",
+            )
+            .expect("valid metric"),
+            xds_connected: IntGauge::new("ferry_xds_connected", "1 while the xDS stream to the control plane is up.")
+                .expect("valid metric"),
+            xds_updates: counter(
+                "ferry_xds_updates_total",
+                "xDS responses answered, by resource type and result (ack, nack).",
+                &["type", "result"],
+            ),
+            xds_version: gauge_vec(
+                "ferry_xds_version",
+                "Control-plane generation of the last ACKed xDS response, by resource type.",
+                &["type"],
+            ),
             registry,
         };
         m.registry.register(Box::new(m.config_version.clone())).expect("unique metric");
+        m.registry.register(Box::new(m.config_age.clone())).expect("unique metric");
+        m.registry.register(Box::new(m.xds_connected.clone())).expect("unique metric");
+        m.config_age.set(-1.0);
+        for t in ["Service", "TrafficPolicy", "AuthorizationPolicy"] {
+            for result in ["ack", "nack"] {
+                m.xds_updates.with_label_values(&[t, result]);
+            }
+        }
         // Series exist from the start, so dashboards and rate() see zeros rather than nothing.
         for d in ["inbound", "outbound"] {
             for mode in ["explicit", "transparent"] {
@@ -166,8 +198,16 @@ impl Metrics {
         self.proxy_errors.with_label_values(&[direction.as_str(), reason]).inc();
     }
 
+    /// Records that a config source applied a config now.
+    pub fn config_applied(&self) {
+        *self.last_update.lock().expect("metrics lock") = Some(std::time::Instant::now());
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn encode(&self) -> Vec<u8> {
+        if let Some(at) = *self.last_update.lock().expect("metrics lock") {
+            self.config_age.set(at.elapsed().as_secs_f64());
+        }
         let mut out = Vec::new();
         TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("text encoding cannot fail");
         out

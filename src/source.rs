@@ -71,6 +71,7 @@ pub async fn run_file_source(
                 tracing::info!(path = %path.display(), version, services = snapshot.services.len(), "config applied");
                 metrics.config_version.set(version as i64);
                 metrics.config_updates.with_label_values(&["file", "applied"]).inc();
+                metrics.config_applied();
                 store.store(snapshot);
                 last_error = None;
             }

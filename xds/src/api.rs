@@ -9,6 +9,7 @@ use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 
+use crate::ads::Xds;
 use crate::config::{canonical_kind, is_dns_label, parse_documents};
 use crate::store::{Key, Store, StoreError};
 use crate::tokens::Tokens;
@@ -21,6 +22,8 @@ pub struct Api {
     pub tokens: Arc<Mutex<Tokens>>,
     token: String,
     pub metrics: Option<Arc<ControlMetrics>>,
+    /// The xDS server, told about every change and asked for `/v1/status`.
+    pub xds: Option<Arc<Xds>>,
 }
 
 type Body = Full<Bytes>;
@@ -30,6 +33,13 @@ pub struct ControlMetrics {
     pub registry: prometheus::Registry,
     pub api_requests: prometheus::IntCounterVec,
     pub store_objects: prometheus::IntGaugeVec,
+    pub xds_connected: prometheus::IntGauge,
+    pub xds_generation: prometheus::IntGauge,
+    pub xds_pushes: prometheus::IntCounterVec,
+    pub xds_acks: prometheus::IntCounterVec,
+    pub xds_nacks: prometheus::IntCounterVec,
+    pub xds_refused: prometheus::IntCounterVec,
+    pub xds_ack_seconds: prometheus::Histogram,
 }
 
 impl ControlMetrics {
@@ -45,13 +55,51 @@ impl ControlMetrics {
             &["kind"],
         )
         .expect("valid metric");
+        let counter = |name: &str, help: &str, label: &str| {
+            let c = prometheus::IntCounterVec::new(prometheus::Opts::new(name, help), &[label]).expect("valid metric");
+            registry.register(Box::new(c.clone())).expect("unique metric");
+            c
+        };
+        let xds_pushes = counter("ferry_control_xds_pushes_total", "xDS responses sent to proxies, by type.", "type");
+        let xds_acks = counter("ferry_control_xds_acks_total", "xDS pushes ACKed by proxies, by type.", "type");
+        let xds_nacks = counter("ferry_control_xds_nacks_total", "xDS pushes NACKed (rejected) by proxies, by type.", "type");
+        let xds_refused = counter(
+            "ferry_control_xds_refused_total",
+            "xDS connections refused, by reason (missing, malformed, unknown, expired, revoked token; service claim).",
+            "reason",
+        );
+        let xds_connected =
+            prometheus::IntGauge::new("ferry_control_xds_connected_proxies", "Proxies with an open xDS stream.")
+                .expect("valid metric");
+        let xds_generation =
+            prometheus::IntGauge::new("ferry_control_xds_generation", "Generation of the published xDS model.")
+                .expect("valid metric");
+        let xds_ack_seconds = prometheus::Histogram::with_opts(
+            prometheus::HistogramOpts::new("ferry_control_xds_ack_seconds", "Time from an xDS push to its ACK.")
+                .buckets(vec![0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
+        )
+        .expect("valid metric");
         registry.register(Box::new(api_requests.clone())).expect("unique metric");
         registry.register(Box::new(store_objects.clone())).expect("unique metric");
+        registry.register(Box::new(xds_connected.clone())).expect("unique metric");
+        registry.register(Box::new(xds_generation.clone())).expect("unique metric");
+        registry.register(Box::new(xds_ack_seconds.clone())).expect("unique metric");
         #[cfg(target_os = "linux")]
         registry
             .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
             .expect("unique metric");
-        ControlMetrics { registry, api_requests, store_objects }
+        ControlMetrics {
+            registry,
+            api_requests,
+            store_objects,
+            xds_connected,
+            xds_generation,
+            xds_pushes,
+            xds_acks,
+            xds_nacks,
+            xds_refused,
+            xds_ack_seconds,
+        }
     }
 
     /// Refreshes the store gauges (after each change and at start).
@@ -101,8 +149,9 @@ impl Api {
         tokens: Arc<Mutex<Tokens>>,
         token: String,
         metrics: Option<Arc<ControlMetrics>>,
+        xds: Option<Arc<Xds>>,
     ) -> Self {
-        Api { store, tokens, token, metrics }
+        Api { store, tokens, token, metrics, xds }
     }
 
     fn authorized(&self, req: &Request<Incoming>) -> bool {
@@ -125,11 +174,15 @@ impl Api {
             r.headers_mut().insert(header::WWW_AUTHENTICATE, "Bearer".parse().expect("valid header"));
             r
         };
+        let changed = writes && response.status().is_success();
         if let Some(m) = &self.metrics {
             m.api_requests.with_label_values(&[response.status().as_str()]).inc();
-            if writes && response.status().is_success() {
+            if changed {
                 m.observe_store(&self.store.lock().expect("store lock"));
             }
+        }
+        if let (true, Some(xds)) = (changed, &self.xds) {
+            xds.changed();
         }
         Ok(response)
     }
@@ -142,6 +195,24 @@ impl Api {
         let method = req.method().clone();
         let segments: Vec<&str> = path.iter().map(String::as_str).collect();
         match (method, segments.as_slice()) {
+            (Method::GET, ["v1", "status"]) => match &self.xds {
+                Some(xds) => json(StatusCode::OK, xds.status_json()),
+                None => error(StatusCode::NOT_FOUND, "this control plane serves no xDS"),
+            },
+            #[cfg(feature = "testing")]
+            (Method::POST, ["v1", "testing", "inject"]) => match (read_body(req).await, &self.xds) {
+                (Ok(text), Some(xds)) => inject(xds, &text),
+                (Err(r), _) => r,
+                (_, None) => error(StatusCode::NOT_FOUND, "this control plane serves no xDS"),
+            },
+            #[cfg(feature = "testing")]
+            (Method::DELETE, ["v1", "testing", "inject"]) => match &self.xds {
+                Some(xds) => {
+                    xds.clear_injected();
+                    json(StatusCode::OK, serde_json::json!({ "result": "cleared" }))
+                }
+                None => error(StatusCode::NOT_FOUND, "this control plane serves no xDS"),
+            },
             (Method::POST, ["v1", "tokens"]) => match read_body(req).await {
                 Ok(text) => self.create_token(&text).await,
                 Err(r) => r,
@@ -264,6 +335,30 @@ impl Api {
             Err(e) => store_error(e),
         }
     }
+}
+
+/// Test-only (`testing` feature): publishes `{"typeUrl", "name", "valueHex"}` as a resource, unvalidated.
+#[cfg(feature = "testing")]
+fn inject(xds: &Xds, text: &str) -> Response<Body> {
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Inject {
+        type_url: String,
+        name: String,
+        value_hex: String,
+    }
+    let req: Inject = match serde_json::from_str(text) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    let bytes: Result<Vec<u8>, _> = (0..req.value_hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(req.value_hex.get(i..i + 2).unwrap_or("zz"), 16))
+        .collect();
+    let Ok(value) = bytes else { return error(StatusCode::BAD_REQUEST, "valueHex: not hex") };
+    tracing::warn!(type_url = %req.type_url, name = %req.name, "TESTING: injecting an unvalidated resource");
+    xds.inject(req.name, envoy_types::pb::google::protobuf::Any { type_url: req.type_url, value });
+    json(StatusCode::OK, serde_json::json!({ "result": "injected" }))
 }
 
 fn unknown_kind(kind: &str) -> Response<Body> {

@@ -2,12 +2,15 @@
 #![forbid(unsafe_code)]
 
 #[cfg(feature = "server")]
+pub mod ads;
+#[cfg(feature = "server")]
 pub mod api;
 #[cfg(feature = "server")]
 pub mod ca;
 pub mod config;
 pub mod duration;
 pub mod policy;
+pub mod protocol;
 pub mod resources;
 #[cfg(feature = "server")]
 pub mod store;
@@ -20,3 +23,6 @@ pub use config::{
     split_host_port,
 };
 pub use duration::{DurationError, parse_duration};
+
+/// The SPIFFE trust domain of local mode: identities are `spiffe://cluster.local/ns/<namespace>/sa/<account>`.
+pub const TRUST_DOMAIN: &str = "cluster.local";

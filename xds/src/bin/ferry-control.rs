@@ -10,6 +10,8 @@ use std::sync::{Arc, Mutex};
 use anyhow::Context;
 use bytes::Bytes;
 use clap::{Parser, Subcommand};
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
+use ferry_xds::ads::{AdsService, Xds};
 use ferry_xds::api::{Api, ControlMetrics};
 use ferry_xds::ca::{Ca, CaFiles};
 use ferry_xds::store::Store;
@@ -39,6 +41,12 @@ struct ServeArgs {
     /// The HTTP/JSON API that ferryctl uses; keep it on loopback.
     #[arg(long, env = "FERRY_CONTROL_API_ADDR", default_value = "127.0.0.1:15011")]
     api_addr: SocketAddr,
+    /// The xDS port (delta ADS over gRPC with TLS) that proxies connect to.
+    #[arg(long, env = "FERRY_CONTROL_XDS_ADDR", default_value = "0.0.0.0:15010")]
+    xds_addr: SocketAddr,
+    /// After a restart, endpoints registered before it are kept this long for their proxies to reconnect.
+    #[arg(long, env = "FERRY_ENDPOINT_GRACE", default_value = "60s", value_parser = grace)]
+    endpoint_grace: std::time::Duration,
     /// `/metrics` and `/health/ready`.
     #[arg(long, env = "FERRY_CONTROL_METRICS_ADDR", default_value = "0.0.0.0:15014")]
     metrics_addr: SocketAddr,
@@ -51,6 +59,10 @@ struct ServeArgs {
     /// Extra DNS names for the serving certificate of the xDS port (besides ferry-control and localhost).
     #[arg(long = "server-name", env = "FERRY_CONTROL_SERVER_NAMES", value_delimiter = ',')]
     server_names: Vec<String>,
+}
+
+fn grace(text: &str) -> Result<std::time::Duration, String> {
+    ferry_xds::parse_duration(text).map_err(|e| e.to_string())
 }
 
 fn main() -> std::process::ExitCode {
@@ -114,9 +126,29 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let metrics = Arc::new(ControlMetrics::new());
     metrics.observe_store(&store);
     tracing::info!(state_dir = %args.state_dir.display(), revision = store.revision(), objects = ?store.counts(), "store loaded");
-    let tokens = Tokens::open(&args.state_dir)?;
-    let api =
-        Arc::new(Api::new(Arc::new(Mutex::new(store)), Arc::new(Mutex::new(tokens)), token, Some(metrics.clone())));
+    let tokens = Arc::new(Mutex::new(Tokens::open(&args.state_dir)?));
+    let store = Arc::new(Mutex::new(store));
+    let xds = Xds::new(store.clone(), tokens.clone(), metrics.clone(), &args.state_dir, args.endpoint_grace);
+    tokio::spawn(xds.clone().run_publisher());
+    let api = Arc::new(Api::new(store, tokens, token, Some(metrics.clone()), Some(xds.clone())));
+
+    let cert = std::fs::read(args.state_dir.join("server.crt"))?;
+    let key = std::fs::read(args.state_dir.join("server.key"))?;
+    let xds_listener = tokio::net::TcpListener::bind(args.xds_addr)
+        .await
+        .with_context(|| format!("binding xDS on {}", args.xds_addr))?;
+    let xds_server = tonic::transport::Server::builder()
+        .tls_config(tonic::transport::ServerTlsConfig::new().identity(tonic::transport::Identity::from_pem(cert, key)))?
+        // Dead proxies are noticed (and their streams freed) without waiting for TCP timeouts.
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
+        .add_service(AggregatedDiscoveryServiceServer::new(AdsService(xds)));
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(xds_listener);
+    tokio::spawn(async move {
+        if let Err(e) = xds_server.serve_with_incoming(incoming).await {
+            tracing::error!(error = %e, "the xDS server stopped");
+        }
+    });
 
     let api_listener = tokio::net::TcpListener::bind(args.api_addr)
         .await
@@ -124,7 +156,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let metrics_listener = tokio::net::TcpListener::bind(args.metrics_addr)
         .await
         .with_context(|| format!("binding metrics on {}", args.metrics_addr))?;
-    tracing::info!(api = %args.api_addr, metrics = %args.metrics_addr, "ferry-control ready");
+    tracing::info!(api = %args.api_addr, xds = %args.xds_addr, metrics = %args.metrics_addr, "ferry-control ready");
 
     spawn_http1(api_listener, move |req| api.clone().handle(req));
     spawn_http1(metrics_listener, move |req: http::Request<hyper::body::Incoming>| {

@@ -56,6 +56,11 @@ enum Command {
     /// Join tokens: the bootstrap credential of a proxy in local mode (bound to a namespace + service account).
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Every proxy connected over xDS: identity, address, and per type the generation sent, ACKed and NACKed.
+    Status {
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
     /// Print ferryctl's version.
     Version,
 }
@@ -195,6 +200,15 @@ async fn run(command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Status { output } => {
+            let reply = call("GET", "/v1/status", None).await?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&reply)?),
+                Output::Yaml => print!("{}", serde_saphyr::to_string(&reply)?),
+                Output::Table => print_status(&reply),
+            }
+            Ok(())
+        }
         Command::Token(TokenCommand::Create { namespace, service_account, ttl }) => {
             let body = serde_json::json!({ "namespace": namespace, "serviceAccount": service_account, "ttl": ttl });
             let reply = call("POST", "/v1/tokens", Some(body.to_string())).await?;
@@ -234,6 +248,56 @@ async fn run(command: Command) -> anyhow::Result<()> {
             println!("{}.ferry.dev/{name} deleted", kind.to_ascii_lowercase());
             Ok(())
         }
+    }
+}
+
+/// One row per proxy, like `istioctl proxy-status`: per type `SYNCED`, `STALE (sent N, acked M)` or `NACKED`, and
+/// each NACK's message underneath.
+fn print_status(reply: &serde_json::Value) {
+    let generation = &reply["generation"];
+    println!("control plane generation {generation}");
+    let types = ["Service", "TrafficPolicy", "AuthorizationPolicy"];
+    println!(
+        "{:<28} {:<44} {:<22} {:>8} {:<14} {:<14} {:<14} STATUS",
+        "NODE", "IDENTITY", "ADDRESS", "AGE", types[0], types[1], types[2]
+    );
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let mut nacks = Vec::new();
+    for p in reply["proxies"].as_array().into_iter().flatten() {
+        let cell = |t: &str| {
+            let s = &p["types"][t];
+            if s.is_null() {
+                return "-".to_string();
+            }
+            if !s["nacked"].is_null() {
+                return format!("NACKED {}", s["nacked"]["version"]);
+            }
+            if s["acked"] == s["sent"] && s["pendingSeconds"].is_null() {
+                format!("SYNCED {}", s["acked"])
+            } else {
+                format!("SENT {} ACK {}", s["sent"], s["acked"])
+            }
+        };
+        let age = now.saturating_sub(p["connectedSince"].as_u64().unwrap_or(now));
+        println!(
+            "{:<28} {:<44} {:<22} {:>7}s {:<14} {:<14} {:<14} {}",
+            p["node"].as_str().unwrap_or_default(),
+            p["identity"].as_str().unwrap_or_default(),
+            p["address"].as_str().unwrap_or("-"),
+            age,
+            cell(types[0]),
+            cell(types[1]),
+            cell(types[2]),
+            if p["stale"] == true { "STALE" } else { "OK" }
+        );
+        for t in types {
+            if let Some(m) = p["types"][t]["nacked"]["message"].as_str() {
+                nacks.push(format!("{} {t}: {m}", p["node"].as_str().unwrap_or_default()));
+            }
+        }
+    }
+    for n in nacks {
+        println!("NACK {n}");
     }
 }
 

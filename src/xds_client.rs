@@ -1,0 +1,288 @@
+//! The xDS source: a delta-ADS stream to ferry-control filling the same snapshot as the file source; each response is
+//! validated whole and ACKed, or NACKed with the reason while the last good snapshot keeps serving.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
+use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
+use ferry_xds::protocol::{self, NODE_INBOUND_PORT, NODE_SERVICE, TYPES, short_type};
+use ferry_xds::{Document, one_traffic_policy_error};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+
+use crate::bootstrap::{ControlSettings, Settings};
+use crate::metrics::Metrics;
+use crate::snapshot::{ConfigStore, Snapshot};
+
+/// Reconnect delays grow from the first to the last, each with up to 50 % random jitter.
+const BACKOFF: (Duration, Duration) = (Duration::from_millis(250), Duration::from_secs(15));
+
+/// The resources held per type (name → version and document): the last good config.
+#[derive(Debug, Default, Clone)]
+pub struct Resources {
+    types: [BTreeMap<String, (String, Document)>; 3],
+    /// Which types have had their first response (the snapshot is built only once all have).
+    initialized: [bool; 3],
+}
+
+impl Resources {
+    /// Applies one response to a copy and returns it if every resource in it is valid (all or nothing).
+    pub fn apply(&self, response: &DeltaDiscoveryResponse) -> Result<(usize, Resources), String> {
+        let Some(index) = TYPES.iter().position(|t| *t == response.type_url) else {
+            return Err(format!("unknown resource type `{}`", response.type_url));
+        };
+        let mut next = self.clone();
+        let mut errors = Vec::new();
+        for r in &response.resources {
+            match &r.resource {
+                Some(any) if any.type_url == response.type_url => match protocol::decode(&r.name, any) {
+                    Ok(doc) => {
+                        next.types[index].insert(r.name.clone(), (r.version.clone(), doc));
+                    }
+                    Err(e) => errors.push(e.to_string()),
+                },
+                Some(any) => errors.push(format!("{}: type `{}` in a {} response", r.name, any.type_url, short_type(&response.type_url))),
+                None => errors.push(format!("{}: no resource body", r.name)),
+            }
+        }
+        for name in &response.removed_resources {
+            next.types[index].remove(name);
+        }
+        if protocol::TRAFFIC_POLICY_TYPE == response.type_url {
+            let mut targets: BTreeMap<String, String> = BTreeMap::new();
+            for (name, (_, doc)) in &next.types[index] {
+                if let Document::TrafficPolicy(p) = doc {
+                    let target = format!("{}/{}", p.metadata.namespace, p.spec.target_ref.name);
+                    if let Some(first) = targets.insert(target.clone(), name.clone()) {
+                        errors.push(format!("{name}: {}", one_traffic_policy_error(&target, &first)));
+                    }
+                }
+            }
+        }
+        if !errors.is_empty() {
+            return Err(errors.join("; "));
+        }
+        next.initialized[index] = true;
+        Ok((index, next))
+    }
+
+    pub fn ready(&self) -> bool {
+        self.initialized.iter().all(|i| *i)
+    }
+
+    /// Every held document, Services first.
+    pub fn documents(&self) -> Vec<Document> {
+        self.types.iter().flat_map(|t| t.values().map(|(_, d)| d.clone())).collect()
+    }
+
+    fn versions(&self, index: usize) -> std::collections::HashMap<String, String> {
+        self.types[index].iter().map(|(n, (v, _))| (n.clone(), v.clone())).collect()
+    }
+}
+
+/// What the node tells the control plane: its id, and (with `FERRY_SERVICE`) the Service whose endpoint it registers.
+fn node(settings: &Settings, control: &ControlSettings) -> Node {
+    let mut fields = std::collections::HashMap::new();
+    if let Some(service) = &settings.service {
+        let service =
+            if service.contains('/') { service.clone() } else { format!("{}/{service}", settings.namespace) };
+        fields.insert(NODE_SERVICE.to_string(), Value { kind: Some(Kind::StringValue(service)) });
+        // Local explicit mode (the app address is given): callers dial this proxy's inbound listener directly.
+        // Transparent mode: callers dial the pod IP at the service port, and interception delivers it here.
+        if let (Some(_), Some(inbound)) = (settings.app_addr, settings.inbound_addrs.first()) {
+            fields.insert(NODE_INBOUND_PORT.to_string(), Value { kind: Some(Kind::NumberValue(inbound.port().into())) });
+        }
+    }
+    Node {
+        id: control.node_id.clone(),
+        user_agent_name: "ferry".into(),
+        metadata: Some(Struct { fields }),
+        ..Default::default()
+    }
+}
+
+/// Runs for the life of the process: connect, stream, and on any failure reconnect after a jittered backoff.
+pub async fn run(settings: Arc<Settings>, store: Arc<ConfigStore>, metrics: Arc<Metrics>) {
+    let control = settings.control.clone().expect("run only with a control plane configured");
+    let mut resources = Resources::default();
+    let mut version = 0u64;
+    let mut delay = BACKOFF.0;
+    loop {
+        let started = Instant::now();
+        let result = session(&settings, &control, &mut resources, &mut version, &store, &metrics).await;
+        metrics.xds_connected.set(0);
+        match result {
+            Ok(()) => tracing::warn!(addr = %control.addr, "the control plane closed the xDS stream; keeping the last good config"),
+            Err(e) => tracing::warn!(addr = %control.addr, error = %e, "xDS stream failed; keeping the last good config"),
+        }
+        // A stream that lived a while was healthy: start the backoff over.
+        if started.elapsed() > Duration::from_secs(30) {
+            delay = BACKOFF.0;
+        }
+        let jittered = delay.mul_f64(1.0 + 0.5 * random_fraction());
+        tracing::info!(retry_in_ms = jittered.as_millis() as u64, "reconnecting to the control plane");
+        tokio::time::sleep(jittered).await;
+        delay = (delay * 2).min(BACKOFF.1);
+    }
+}
+
+/// A number in [0, 1) from the std hasher's per-process random keys (no extra dependency for jitter).
+fn random_fraction() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(Instant::now().elapsed().as_nanos());
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("cannot read FERRY_CA_ROOT {0}: {1}")]
+    Root(String, std::io::Error),
+    #[error("{0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("{}: {}", .0.code(), .0.message())]
+    Status(#[from] tonic::Status),
+}
+
+async fn session(
+    settings: &Settings,
+    control: &ControlSettings,
+    resources: &mut Resources,
+    version: &mut u64,
+    store: &ConfigStore,
+    metrics: &Metrics,
+) -> Result<(), SessionError> {
+    let root = std::fs::read(&control.ca_root).map_err(|e| SessionError::Root(control.ca_root.display().to_string(), e))?;
+    let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(root)).domain_name(control.server_name.clone());
+    let channel = Endpoint::from_shared(format!("https://{}", control.addr))?
+        .tls_config(tls)?
+        .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .connect()
+        .await?;
+    let mut client = AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
+    let (tx, rx) = mpsc::channel(8);
+    for (index, type_url) in TYPES.iter().enumerate() {
+        // Wildcard subscriptions; on a reconnect the versions held spare the control plane resending them.
+        let request = DeltaDiscoveryRequest {
+            node: (index == 0).then(|| node(settings, control)),
+            type_url: type_url.to_string(),
+            resource_names_subscribe: vec!["*".into()],
+            initial_resource_versions: resources.versions(index),
+            ..Default::default()
+        };
+        tx.send(request).await.expect("the channel is open and has room");
+    }
+    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    let bearer = format!("Bearer {}", control.join_token).parse().map_err(|_| tonic::Status::invalid_argument("FERRY_JOIN_TOKEN is not a valid header value"))?;
+    request.metadata_mut().insert("authorization", bearer);
+    let mut responses = client.delta_aggregated_resources(request).await?.into_inner();
+    metrics.xds_connected.set(1);
+    tracing::info!(addr = %control.addr, node = %control.node_id, "connected to the control plane");
+    while let Some(response) = responses.message().await? {
+        let label = short_type(&response.type_url).to_string();
+        let error = match resources.apply(&response) {
+            Ok((index, next)) => {
+                *resources = next;
+                metrics.xds_updates.with_label_values(&[&label, "ack"]).inc();
+                if let Ok(generation) = response.system_version_info.parse::<i64>() {
+                    metrics.xds_version.with_label_values(&[&label]).set(generation);
+                }
+                if resources.ready() {
+                    *version += 1;
+                    let snapshot = Snapshot::build(
+                        *version,
+                        format!("xds:{}", control.addr),
+                        resources.documents(),
+                        &settings.namespace,
+                    );
+                    tracing::info!(version = *version, type_url = %label, generation = %response.system_version_info, changed = response.resources.len(), removed = response.removed_resources.len(), services = snapshot.services.len(), "config applied");
+                    store.store(snapshot);
+                    metrics.config_version.set(*version as i64);
+                    metrics.config_updates.with_label_values(&["xds", "applied"]).inc();
+                    metrics.config_applied();
+                } else {
+                    tracing::debug!(type_url = %label, held = resources.types[index].len(), "first response of a type");
+                }
+                None
+            }
+            Err(message) => {
+                tracing::error!(type_url = %label, generation = %response.system_version_info, error = %message, "config rejected (NACK); keeping the last good config");
+                metrics.xds_updates.with_label_values(&[&label, "nack"]).inc();
+                metrics.config_updates.with_label_values(&["xds", "rejected"]).inc();
+                Some(envoy_types::pb::google::rpc::Status { code: tonic::Code::InvalidArgument as i32, message, details: vec![] })
+            }
+        };
+        let answer = DeltaDiscoveryRequest {
+            type_url: response.type_url,
+            response_nonce: response.nonce,
+            error_detail: error,
+            ..Default::default()
+        };
+        if tx.send(answer).await.is_err() {
+            break;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::envoy::service::discovery::v3::Resource;
+
+    fn response(type_url: &str, docs: &str, removed: &[&str]) -> DeltaDiscoveryResponse {
+        DeltaDiscoveryResponse {
+            type_url: type_url.into(),
+            resources: ferry_xds::parse_documents(docs)
+                .unwrap()
+                .iter()
+                .map(|d| Resource {
+                    name: protocol::resource_name(d),
+                    version: "v".into(),
+                    resource: Some(protocol::encode(d)),
+                    ..Default::default()
+                })
+                .collect(),
+            removed_resources: removed.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    fn tp(name: &str, target: &str) -> String {
+        format!("apiVersion: ferry.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: {name}}}\nspec: {{targetRef: {{kind: Service, name: {target}}}, timeout: 1s}}\n")
+    }
+
+    #[test]
+    fn responses_apply_whole_or_not_at_all() {
+        let svc = "apiVersion: ferry.dev/v1alpha1\nkind: Service\nmetadata: {name: a}\nspec: {ports: [{port: 80}]}\n";
+        let r = Resources::default();
+        let (_, r) = r.apply(&response(protocol::SERVICE_TYPE, svc, &[])).unwrap();
+        let (_, r) = r.apply(&response(protocol::TRAFFIC_POLICY_TYPE, &tp("one", "a"), &[])).unwrap();
+        assert!(!r.ready(), "ready only once every type has answered");
+        let (_, r) = r.apply(&response(protocol::AUTHORIZATION_POLICY_TYPE, "", &[])).unwrap();
+        assert!(r.ready());
+        assert_eq!(r.documents().len(), 2);
+        // A second TrafficPolicy for the same Service: the whole response is refused, naming both.
+        let err = r.apply(&response(protocol::TRAFFIC_POLICY_TYPE, &tp("two", "a"), &[])).unwrap_err();
+        assert!(err.contains("default/two") && err.contains("default/one"), "{err}");
+        // An invalid resource next to a valid one: neither is taken.
+        let mut bad = response(protocol::SERVICE_TYPE, &svc.replace("name: a", "name: b"), &[]);
+        let mut invalid = bad.resources[0].clone();
+        invalid.name = "default/c".into();
+        bad.resources.push(invalid);
+        let err = r.apply(&bad).unwrap_err();
+        assert!(err.starts_with("default/c: the resource's metadata names it default/b"), "{err}");
+        // Removal.
+        let (_, r) = r.apply(&response(protocol::SERVICE_TYPE, "", &["default/a"])).unwrap();
+        assert_eq!(r.documents().len(), 1);
+        let err = r.apply(&response("type.googleapis.com/x.Y", "", &[])).unwrap_err();
+        assert!(err.contains("unknown resource type"), "{err}");
+    }
+}

@@ -1,0 +1,847 @@
+//! The delta-ADS server: authenticates proxies by join token, registers their endpoints, and pushes the `ferry.v1`
+//! model with versions, nonces, ACK/NACK and at most one un-ACKed push per type per proxy.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryService;
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
+};
+use envoy_types::pb::google::protobuf::Any;
+use envoy_types::pb::google::protobuf::value::Kind;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::sync::{Notify, mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::api::ControlMetrics;
+use crate::config::{Document, Endpoint};
+use crate::protocol::{self, NODE_INBOUND_PORT, NODE_SERVICE, TYPES, short_type};
+use crate::store::{Store, hex, write_atomic};
+use crate::tokens::{TokenError, Tokens};
+
+/// Changes arriving within this window are pushed together.
+pub const DEBOUNCE: Duration = Duration::from_millis(100);
+/// A proxy whose stream ended keeps its endpoint this long, so a reconnect does not flap it.
+pub const DISCONNECT_LINGER: Duration = Duration::from_secs(5);
+/// A push not ACKed within this long, or a model generation not reached within it, marks the proxy stale.
+pub const STALE_AFTER: Duration = Duration::from_secs(5);
+
+/// Who a proxy is, as its credential says (never as it claims).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Identity {
+    pub namespace: String,
+    pub service_account: String,
+}
+
+impl Identity {
+    pub fn spiffe(&self) -> String {
+        format!("spiffe://{}/ns/{}/sa/{}", crate::TRUST_DOMAIN, self.namespace, self.service_account)
+    }
+}
+
+/// One endpoint a proxy registered: which Service, where (its connection's source IP and its inbound port, or port 0
+/// for the bare IP), as whom.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Registration {
+    /// `namespace/name`.
+    pub service: String,
+    pub address: SocketAddr,
+    pub identity: Identity,
+}
+
+/// One published resource.
+#[derive(Debug, Clone)]
+struct Entry {
+    version: Arc<str>,
+    any: Arc<Any>,
+    /// AuthorizationPolicy: the `namespace/name` of the Service it protects (only that Service's proxies get it).
+    target: Option<Arc<str>>,
+}
+
+/// Everything the control plane serves, per type, at one generation.
+#[derive(Debug, Default)]
+pub struct Model {
+    pub generation: u64,
+    types: [BTreeMap<Arc<str>, Entry>; 3],
+}
+
+fn type_index(type_url: &str) -> Option<usize> {
+    TYPES.iter().position(|t| *t == type_url)
+}
+
+fn version_of(any: &Any) -> Arc<str> {
+    hex(&Sha256::digest(&any.value)[..8]).into()
+}
+
+impl Model {
+    /// The model for `documents`, with each Service's endpoints extended by the registrations its `identities` allow.
+    pub fn build(generation: u64, documents: Vec<Document>, registrations: &[Registration]) -> Model {
+        let mut model = Model { generation, ..Default::default() };
+        for mut doc in documents {
+            let name = protocol::resource_name(&doc);
+            let mut target = None;
+            match &mut doc {
+                Document::Service(svc) => {
+                    let mut endpoints: Vec<Endpoint> = registrations
+                        .iter()
+                        .filter(|r| {
+                            r.service == name
+                                && r.identity.namespace == svc.metadata.namespace
+                                && svc.spec.identities.contains(&r.identity.service_account)
+                        })
+                        .map(|r| Endpoint {
+                            address: match r.address.port() {
+                                0 => r.address.ip().to_string(),
+                                _ => r.address.to_string(),
+                            },
+                            identity: Some(r.identity.service_account.clone()),
+                        })
+                        .collect();
+                    endpoints.sort_by(|a, b| a.address.cmp(&b.address));
+                    endpoints.dedup_by(|a, b| a.address == b.address);
+                    for e in endpoints {
+                        if !svc.spec.endpoints.iter().any(|x| x.address == e.address) {
+                            svc.spec.endpoints.push(e);
+                        }
+                    }
+                }
+                Document::AuthorizationPolicy(p) => {
+                    target = Some(format!("{}/{}", p.metadata.namespace, p.spec.target_ref.name).into());
+                }
+                Document::TrafficPolicy(_) => {}
+            }
+            let any = protocol::encode(&doc);
+            let index = type_index(&any.type_url).expect("every document kind has a type");
+            model.types[index].insert(name.into(), Entry { version: version_of(&any), any: Arc::new(any), target });
+        }
+        model
+    }
+
+    /// Puts a raw resource in place of (or beside) the validated ones: the test-only injection route.
+    #[cfg(feature = "testing")]
+    fn inject(&mut self, name: &str, any: Any) {
+        if let Some(index) = type_index(&any.type_url) {
+            self.types[index].insert(name.into(), Entry { version: version_of(&any), any: Arc::new(any), target: None });
+        }
+    }
+
+    fn same_content(&self, other: &Model) -> bool {
+        self.types.iter().zip(&other.types).all(|(a, b)| {
+            a.len() == b.len() && a.iter().zip(b).all(|((n1, e1), (n2, e2))| n1 == n2 && e1.version == e2.version)
+        })
+    }
+
+    /// Resource counts per type (for logs).
+    pub fn counts(&self) -> [usize; 3] {
+        [self.types[0].len(), self.types[1].len(), self.types[2].len()]
+    }
+}
+
+/// Live and retained registrations. Retained ones (from before a restart, or of a proxy that just disconnected)
+/// stay until their deadline or until a proxy registers the same Service and address again.
+#[derive(Default)]
+struct Registry {
+    live: BTreeMap<u64, Registration>,
+    retained: Vec<(Registration, Instant)>,
+    persisted: Vec<Registration>,
+}
+
+impl Registry {
+    fn current(&self) -> Vec<Registration> {
+        let mut all: Vec<Registration> =
+            self.live.values().cloned().chain(self.retained.iter().map(|(r, _)| r.clone())).collect();
+        all.sort();
+        all.dedup();
+        all
+    }
+    fn expire(&mut self, now: Instant) {
+        self.retained.retain(|(_, deadline)| *deadline > now);
+    }
+    fn next_deadline(&self) -> Option<Instant> {
+        self.retained.iter().map(|(_, d)| *d).min()
+    }
+}
+
+/// What `ferryctl status` shows of one type on one proxy.
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TypeStatus {
+    /// The model generation of the last push (or the generation the proxy was found in sync with, nothing to send).
+    pub sent: u64,
+    pub acked: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nacked: Option<Nack>,
+    /// Seconds the current push has waited for its ACK.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pending_seconds: Option<f64>,
+    #[serde(skip)]
+    pending_since: Option<Instant>,
+    #[serde(skip)]
+    behind_since: Option<Instant>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Nack {
+    pub version: u64,
+    pub message: String,
+}
+
+/// One connected proxy, for `ferryctl status`.
+#[derive(Debug)]
+pub struct ProxyStatus {
+    pub node: String,
+    pub identity: Identity,
+    pub address: Option<SocketAddr>,
+    pub service: Option<String>,
+    pub connected_since: u64,
+    types: Mutex<BTreeMap<&'static str, TypeStatus>>,
+}
+
+impl ProxyStatus {
+    fn update(&self, type_url: &'static str, f: impl FnOnce(&mut TypeStatus)) {
+        f(self.types.lock().expect("status lock").entry(short_type(type_url)).or_default());
+    }
+
+    /// The JSON row; stale when a push waits too long for its ACK, the last answer was a NACK, or the proxy has
+    /// been behind the current generation for too long.
+    pub fn to_json(&self, now: Instant) -> serde_json::Value {
+        let mut stale = false;
+        let mut types = serde_json::Map::new();
+        for (name, t) in self.types.lock().expect("status lock").iter() {
+            let mut t = t.clone();
+            t.pending_seconds = t.pending_since.map(|s| now.duration_since(s).as_secs_f64());
+            stale |= t.nacked.is_some()
+                || t.pending_since.is_some_and(|s| now.duration_since(s) > STALE_AFTER)
+                || t.behind_since.is_some_and(|s| now.duration_since(s) > STALE_AFTER);
+            types.insert(name.to_string(), serde_json::to_value(&t).expect("serializable"));
+        }
+        serde_json::json!({
+            "node": self.node,
+            "identity": self.identity.spiffe(),
+            "address": self.address.map(|a| a.to_string()),
+            "service": self.service,
+            "connectedSince": self.connected_since,
+            "types": types,
+            "stale": stale,
+        })
+    }
+}
+
+/// The xDS server's shared state: the published model, registrations, connected proxies.
+pub struct Xds {
+    store: Arc<Mutex<Store>>,
+    tokens: Arc<Mutex<Tokens>>,
+    metrics: Arc<ControlMetrics>,
+    changed: Notify,
+    published: watch::Sender<Arc<Model>>,
+    registry: Mutex<Registry>,
+    proxies: Mutex<BTreeMap<u64, Arc<ProxyStatus>>>,
+    next_id: AtomicU64,
+    endpoints_file: PathBuf,
+    #[cfg(feature = "testing")]
+    injected: Mutex<BTreeMap<String, Any>>,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+impl Xds {
+    /// Loads the endpoints registered before a restart (kept for `grace`) and builds the first model.
+    pub fn new(
+        store: Arc<Mutex<Store>>,
+        tokens: Arc<Mutex<Tokens>>,
+        metrics: Arc<ControlMetrics>,
+        state_dir: &std::path::Path,
+        grace: Duration,
+    ) -> Arc<Xds> {
+        let endpoints_file = state_dir.join("endpoints.json");
+        let retained: Vec<Registration> = match std::fs::read(&endpoints_file) {
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                tracing::warn!(file = %endpoints_file.display(), error = %e, "ignoring unreadable endpoint registrations");
+                Vec::new()
+            }),
+            Err(_) => Vec::new(),
+        };
+        if !retained.is_empty() {
+            tracing::info!(endpoints = retained.len(), grace_seconds = grace.as_secs(), "keeping endpoints registered before the restart until their proxies reconnect");
+        }
+        let deadline = Instant::now() + grace;
+        let registry = Registry {
+            retained: retained.iter().cloned().map(|r| (r, deadline)).collect(),
+            persisted: retained,
+            ..Default::default()
+        };
+        let (published, _) = watch::channel(Arc::new(Model::default()));
+        let xds = Arc::new(Xds {
+            store,
+            tokens,
+            metrics,
+            changed: Notify::new(),
+            published,
+            registry: Mutex::new(registry),
+            proxies: Mutex::new(BTreeMap::new()),
+            next_id: AtomicU64::new(1),
+            endpoints_file,
+            #[cfg(feature = "testing")]
+            injected: Mutex::new(BTreeMap::new()),
+        });
+        xds.rebuild();
+        xds
+    }
+
+    /// Something the model depends on changed; the publisher rebuilds after the debounce window.
+    pub fn changed(&self) {
+        self.changed.notify_one();
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.published.borrow().generation
+    }
+
+    /// Rebuilds the model after each change (debounced and coalesced) and when a retained endpoint expires.
+    pub async fn run_publisher(self: Arc<Self>) {
+        loop {
+            let deadline = self.registry.lock().expect("registry lock").next_deadline();
+            tokio::select! {
+                _ = self.changed.notified() => tokio::time::sleep(DEBOUNCE).await,
+                _ = async { match deadline {
+                    Some(d) => tokio::time::sleep_until(d.into()).await,
+                    None => std::future::pending().await,
+                } } => {}
+            }
+            let this = self.clone();
+            // The store lock and the endpoints file write are blocking work.
+            let _ = tokio::task::spawn_blocking(move || this.rebuild()).await;
+        }
+    }
+
+    fn rebuild(&self) {
+        let registrations = {
+            let mut registry = self.registry.lock().expect("registry lock");
+            registry.expire(Instant::now());
+            let current = registry.current();
+            if current != registry.persisted {
+                match serde_json::to_vec(&current).map(|b| write_atomic(&self.endpoints_file, &b)) {
+                    Ok(Ok(())) => registry.persisted = current.clone(),
+                    Ok(Err(e)) => tracing::error!(error = %e, "cannot persist endpoint registrations"),
+                    Err(e) => tracing::error!(error = %e, "cannot encode endpoint registrations"),
+                }
+            }
+            current
+        };
+        let documents: Vec<Document> = {
+            let store = self.store.lock().expect("store lock");
+            crate::KINDS.iter().flat_map(|k| store.list(k, None)).map(|s| s.document.clone()).collect()
+        };
+        let previous = self.published.borrow().clone();
+        #[allow(unused_mut)]
+        let mut model = Model::build(previous.generation + 1, documents, &registrations);
+        #[cfg(feature = "testing")]
+        for (name, any) in self.injected.lock().expect("injected lock").iter() {
+            model.inject(name, any.clone());
+        }
+        if previous.generation > 0 && model.same_content(&previous) {
+            return;
+        }
+        tracing::info!(generation = model.generation, resources = ?model.counts(), endpoints = registrations.len(), "model published");
+        self.metrics.xds_generation.set(model.generation as i64);
+        self.published.send_replace(Arc::new(model));
+    }
+
+    /// Test-only: publishes `any` as resource `name` without validation (until `clear_injected`).
+    #[cfg(feature = "testing")]
+    pub fn inject(&self, name: String, any: Any) {
+        self.injected.lock().expect("injected lock").insert(name, any);
+        self.changed();
+    }
+
+    #[cfg(feature = "testing")]
+    pub fn clear_injected(&self) {
+        self.injected.lock().expect("injected lock").clear();
+        self.changed();
+    }
+
+    /// The connected proxies, as `ferryctl status` shows them.
+    pub fn status_json(&self) -> serde_json::Value {
+        let now = Instant::now();
+        let proxies: Vec<_> = self.proxies.lock().expect("proxies lock").values().map(|p| p.to_json(now)).collect();
+        serde_json::json!({ "generation": self.generation(), "proxies": proxies })
+    }
+
+    fn refuse(&self, reason: &str, peer: Option<SocketAddr>, message: &str) {
+        tracing::warn!(peer = ?peer, reason, "xDS connection refused: {message}");
+        self.metrics.xds_refused.with_label_values(&[reason]).inc();
+    }
+
+    fn authenticate(&self, request: &Request<Streaming<DeltaDiscoveryRequest>>) -> Result<Identity, Status> {
+        let peer = request.remote_addr();
+        let Some(token) = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+        else {
+            let message = "no credential: send the join token as `authorization: Bearer <token>`";
+            self.refuse("missing", peer, message);
+            return Err(Status::unauthenticated(message));
+        };
+        match self.tokens.lock().expect("tokens lock").verify(token, unix_now()) {
+            Ok(record) => {
+                Ok(Identity { namespace: record.namespace.clone(), service_account: record.service_account.clone() })
+            }
+            Err(e) => {
+                let reason = match e {
+                    TokenError::Malformed => "malformed",
+                    TokenError::Unknown(_) => "unknown",
+                    TokenError::Expired(_) => "expired",
+                    TokenError::Revoked(_) => "revoked",
+                };
+                self.refuse(reason, peer, &e.to_string());
+                Err(Status::unauthenticated(e.to_string()))
+            }
+        }
+    }
+
+    /// Checks a proxy's claim to serve `service` and registers `peer_ip:inbound_port` for it.
+    fn register(&self, id: u64, identity: &Identity, peer: SocketAddr, claim: &NodeClaim) -> Result<String, String> {
+        let (ns, name) = match claim.service.split_once('/') {
+            Some((ns, name)) => (ns.to_string(), name.to_string()),
+            None => (identity.namespace.clone(), claim.service.clone()),
+        };
+        let key = crate::store::Key { kind: "Service".into(), namespace: ns.clone(), name: name.clone() };
+        let allowed = match self.store.lock().expect("store lock").get(&key).map(|s| &s.document) {
+            Some(Document::Service(svc)) => {
+                ns == identity.namespace && svc.spec.identities.contains(&identity.service_account)
+            }
+            _ => return Err(format!("Service {ns}/{name} does not exist")),
+        };
+        if !allowed {
+            return Err(format!("Service {ns}/{name} does not list identity {}", identity.spiffe()));
+        }
+        let service = format!("{ns}/{name}");
+        // Without an inbound port the endpoint is the bare IP: callers dial the service port, interception delivers.
+        let address = SocketAddr::new(peer.ip(), claim.inbound_port.unwrap_or(0));
+        let registration = Registration { service: service.clone(), address, identity: identity.clone() };
+        let mut registry = self.registry.lock().expect("registry lock");
+        registry.retained.retain(|(r, _)| r.service != registration.service || r.address != registration.address);
+        registry.live.insert(id, registration);
+        drop(registry);
+        self.changed();
+        Ok(service)
+    }
+
+    fn disconnect(&self, id: u64) {
+        self.proxies.lock().expect("proxies lock").remove(&id);
+        self.metrics.xds_connected.dec();
+        let mut registry = self.registry.lock().expect("registry lock");
+        if let Some(r) = registry.live.remove(&id) {
+            registry.retained.push((r, Instant::now() + DISCONNECT_LINGER));
+            drop(registry);
+            self.changed();
+        }
+    }
+
+    /// One proxy's stream, from its first request to its end.
+    async fn serve_stream(
+        self: Arc<Self>,
+        identity: Identity,
+        peer: Option<SocketAddr>,
+        mut inbound: Streaming<DeltaDiscoveryRequest>,
+        tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+    ) {
+        let first = match inbound.message().await {
+            Ok(Some(m)) => m,
+            _ => return,
+        };
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let node = first.node.clone().unwrap_or_default();
+        let claim = NodeClaim::of(&node);
+        let mut service = None;
+        if let Some(claim) = &claim {
+            let registered = match peer {
+                Some(peer) => self.register(id, &identity, peer, claim),
+                None => Err("the connection has no peer address".to_string()),
+            };
+            match registered {
+                Ok(s) => service = Some(s),
+                Err(message) => {
+                    self.refuse("service", peer, &format!("{} ({}): {message}", node.id, identity.spiffe()));
+                    let _ = tx.send(Err(Status::permission_denied(message))).await;
+                    return;
+                }
+            }
+        }
+        let status = Arc::new(ProxyStatus {
+            node: node.id.clone(),
+            identity: identity.clone(),
+            address: peer,
+            service: service.clone(),
+            connected_since: unix_now(),
+            types: Mutex::new(BTreeMap::new()),
+        });
+        self.proxies.lock().expect("proxies lock").insert(id, status.clone());
+        self.metrics.xds_connected.inc();
+        tracing::info!(node = %node.id, identity = %identity.spiffe(), peer = ?peer, service = ?service, "proxy connected");
+
+        let mut model_rx = self.published.subscribe();
+        let mut session = Session { id, service: service.map(Arc::from), types: HashMap::new(), nonces: 0 };
+        let mut next = Some(first);
+        loop {
+            if let Some(request) = next.take() {
+                session.on_request(request, &status, &self.metrics, &node.id);
+            }
+            let model = model_rx.borrow_and_update().clone();
+            let mut closed = false;
+            for response in session.due(&model, &status) {
+                self.metrics.xds_pushes.with_label_values(&[short_type(&response.type_url)]).inc();
+                if tx.send(Ok(response)).await.is_err() {
+                    closed = true;
+                    break;
+                }
+            }
+            if closed {
+                break;
+            }
+            tokio::select! {
+                m = inbound.message() => match m {
+                    Ok(Some(request)) => next = Some(request),
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::debug!(node = %node.id, error = %e, "xDS stream error");
+                        break;
+                    }
+                },
+                r = model_rx.changed() => if r.is_err() { break },
+            }
+        }
+        tracing::info!(node = %node.id, identity = %identity.spiffe(), "proxy disconnected");
+        self.disconnect(id);
+    }
+}
+
+/// What a proxy's node metadata asks for: registration as an endpoint of `service` on `inbound_port`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct NodeClaim {
+    service: String,
+    inbound_port: Option<u16>,
+}
+
+impl NodeClaim {
+    fn of(node: &Node) -> Option<NodeClaim> {
+        let fields = &node.metadata.as_ref()?.fields;
+        let service = match fields.get(NODE_SERVICE)?.kind.as_ref()? {
+            Kind::StringValue(s) if !s.is_empty() => s.clone(),
+            _ => return None,
+        };
+        let inbound_port = match fields.get(NODE_INBOUND_PORT).and_then(|v| v.kind.as_ref()) {
+            Some(Kind::NumberValue(n)) if *n >= 1.0 && *n <= 65535.0 && n.fract() == 0.0 => Some(*n as u16),
+            Some(Kind::StringValue(s)) => s.parse().ok(),
+            _ => None,
+        };
+        Some(NodeClaim { service, inbound_port })
+    }
+}
+
+/// Per type: what the proxy subscribed to, what it holds, and the push awaiting its ACK.
+#[derive(Default)]
+struct TypeState {
+    wildcard: bool,
+    names: HashSet<String>,
+    /// name → version the proxy holds (or was last sent).
+    known: HashMap<Arc<str>, Arc<str>>,
+    pending: Option<(String, u64)>,
+    /// The generation the proxy is at for this type; `None` until the first response.
+    synced: Option<u64>,
+    /// A subscription changed: recompute even if the generation did not.
+    dirty: bool,
+}
+
+struct Session {
+    id: u64,
+    service: Option<Arc<str>>,
+    types: HashMap<&'static str, TypeState>,
+    nonces: u64,
+}
+
+impl Session {
+    fn on_request(&mut self, r: DeltaDiscoveryRequest, status: &ProxyStatus, metrics: &ControlMetrics, node: &str) {
+        let Some(index) = type_index(&r.type_url) else {
+            tracing::debug!(node, type_url = %r.type_url, "ignoring a request for an unknown type");
+            return;
+        };
+        let type_url = TYPES[index];
+        let first = !self.types.contains_key(type_url);
+        let t = self.types.entry(type_url).or_default();
+        if first {
+            // A first request with no names is a (legacy) wildcard subscription.
+            t.wildcard = r.resource_names_subscribe.is_empty();
+            t.known = r.initial_resource_versions.into_iter().map(|(n, v)| (n.into(), v.into())).collect();
+        }
+        for name in r.resource_names_subscribe {
+            if name == "*" {
+                t.wildcard = true;
+            } else {
+                // The protocol says: always send what was just subscribed, even if the proxy seems to have it.
+                t.known.remove(name.as_str());
+                t.names.insert(name);
+            }
+        }
+        for name in r.resource_names_unsubscribe {
+            if name == "*" {
+                t.wildcard = false;
+            } else {
+                t.names.remove(&name);
+                t.known.remove(name.as_str());
+            }
+        }
+        t.dirty = true;
+        if r.response_nonce.is_empty() {
+            return;
+        }
+        match &t.pending {
+            Some((nonce, generation)) if *nonce == r.response_nonce => {
+                let generation = *generation;
+                t.pending = None;
+                let label = short_type(type_url);
+                match r.error_detail {
+                    Some(error) => {
+                        tracing::warn!(node, type_url = label, generation, error = %error.message, "proxy NACKed a push");
+                        metrics.xds_nacks.with_label_values(&[label]).inc();
+                        status.update(type_url, |s| {
+                            s.pending_since = None;
+                            s.nacked = Some(Nack { version: generation, message: error.message });
+                        });
+                    }
+                    None => {
+                        metrics.xds_acks.with_label_values(&[label]).inc();
+                        status.update(type_url, |s| {
+                            if let Some(since) = s.pending_since.take() {
+                                metrics.xds_ack_seconds.observe(since.elapsed().as_secs_f64());
+                            }
+                            s.acked = generation;
+                            s.nacked = None;
+                        });
+                    }
+                }
+            }
+            // An answer to an older push, overtaken by a newer one: nothing to record.
+            _ => {}
+        }
+    }
+
+    /// The pushes due now: per type with no push in flight, what changed since the proxy's state.
+    fn due(&mut self, model: &Model, status: &ProxyStatus) -> Vec<DeltaDiscoveryResponse> {
+        let mut out = Vec::new();
+        for (index, type_url) in TYPES.iter().enumerate() {
+            let Some(t) = self.types.get_mut(type_url) else { continue };
+            if t.pending.is_some() {
+                if t.synced != Some(model.generation) {
+                    status.update(type_url, |s| {
+                        s.behind_since.get_or_insert_with(Instant::now);
+                    });
+                }
+                continue;
+            }
+            if t.synced == Some(model.generation) && !t.dirty {
+                continue;
+            }
+            t.dirty = false;
+            let mut resources = Vec::new();
+            let mut wanted = HashSet::new();
+            for (name, entry) in &model.types[index] {
+                if !(t.wildcard || t.names.contains(&**name)) {
+                    continue;
+                }
+                if let Some(target) = &entry.target
+                    && self.service.as_deref() != Some(&**target)
+                {
+                    continue;
+                }
+                wanted.insert(name.clone());
+                if t.known.get(name) != Some(&entry.version) {
+                    t.known.insert(name.clone(), entry.version.clone());
+                    resources.push(Resource {
+                        name: name.to_string(),
+                        version: entry.version.to_string(),
+                        resource: Some((*entry.any).clone()),
+                        ..Default::default()
+                    });
+                }
+            }
+            let removed: Vec<String> = t.known.keys().filter(|n| !wanted.contains(*n)).map(|n| n.to_string()).collect();
+            for name in &removed {
+                t.known.remove(name.as_str());
+            }
+            let first = t.synced.is_none();
+            t.synced = Some(model.generation);
+            if resources.is_empty() && removed.is_empty() && !first {
+                // Nothing here concerns this proxy: it is at this generation already.
+                status.update(type_url, |s| {
+                    s.sent = model.generation;
+                    s.acked = s.acked.max(model.generation);
+                    s.behind_since = None;
+                });
+                continue;
+            }
+            self.nonces += 1;
+            let nonce = format!("{}-{}", self.id, self.nonces);
+            t.pending = Some((nonce.clone(), model.generation));
+            status.update(type_url, |s| {
+                s.sent = model.generation;
+                s.pending_since = Some(Instant::now());
+                s.behind_since = None;
+            });
+            out.push(DeltaDiscoveryResponse {
+                system_version_info: model.generation.to_string(),
+                resources,
+                type_url: type_url.to_string(),
+                removed_resources: removed,
+                nonce,
+                ..Default::default()
+            });
+        }
+        out
+    }
+}
+
+/// The gRPC service (`AggregatedDiscoveryService`); only the delta variant is served.
+#[derive(Clone)]
+pub struct AdsService(pub Arc<Xds>);
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for AdsService {
+    type StreamAggregatedResourcesStream = ReceiverStream<Result<DiscoveryResponse, Status>>;
+    type DeltaAggregatedResourcesStream = ReceiverStream<Result<DeltaDiscoveryResponse, Status>>;
+
+    async fn stream_aggregated_resources(
+        &self,
+        _request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+        Err(Status::unimplemented("Ferry serves delta xDS only: use DeltaAggregatedResources"))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        let identity = self.0.authenticate(&request)?;
+        let peer = request.remote_addr();
+        let (tx, rx) = mpsc::channel(1);
+        tokio::spawn(self.0.clone().serve_stream(identity, peer, request.into_inner(), tx));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DOCS: &str = r#"
+apiVersion: ferry.dev/v1alpha1
+kind: Service
+metadata: {name: api, namespace: demo}
+spec: {ports: [{port: 80}], identities: [api]}
+---
+apiVersion: ferry.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: api, namespace: demo}
+spec: {targetRef: {kind: Service, name: api}, defaultAction: deny}
+"#;
+
+    fn reg(service: &str, addr: &str, ns: &str, sa: &str) -> Registration {
+        Registration {
+            service: service.into(),
+            address: addr.parse().unwrap(),
+            identity: Identity { namespace: ns.into(), service_account: sa.into() },
+        }
+    }
+
+    fn endpoints(model: &Model) -> Vec<String> {
+        let any = &model.types[0].get("demo/api").unwrap().any;
+        match protocol::decode("demo/api", any).unwrap() {
+            Document::Service(s) => s.spec.endpoints.into_iter().map(|e| e.address).collect(),
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn endpoints_only_for_listed_identities() {
+        let docs = crate::parse_documents(DOCS).unwrap();
+        let regs = [
+            reg("demo/api", "127.0.0.1:1001", "demo", "api"),
+            reg("demo/api", "127.0.0.1:1001", "demo", "api"),
+            reg("demo/api", "127.0.0.2:1002", "demo", "web"),
+            reg("demo/api", "127.0.0.3:1003", "other", "api"),
+            reg("demo/web", "127.0.0.4:1004", "demo", "api"),
+        ];
+        let model = Model::build(1, docs.clone(), &regs);
+        assert_eq!(endpoints(&model), ["127.0.0.1:1001"]);
+        assert_eq!(model.counts(), [1, 0, 1]);
+        assert!(model.same_content(&Model::build(2, docs.clone(), &regs)));
+        assert!(!model.same_content(&Model::build(2, docs, &regs[..0])));
+    }
+
+    fn request(type_url: &str, subscribe: &[&str], nonce: &str, error: Option<&str>) -> DeltaDiscoveryRequest {
+        DeltaDiscoveryRequest {
+            type_url: type_url.into(),
+            resource_names_subscribe: subscribe.iter().map(|s| s.to_string()).collect(),
+            response_nonce: nonce.into(),
+            error_detail: error.map(|m| envoy_types::pb::google::rpc::Status { code: 3, message: m.into(), ..Default::default() }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn session_protocol() {
+        let metrics = ControlMetrics::new();
+        let status = ProxyStatus {
+            node: "n".into(),
+            identity: Identity { namespace: "demo".into(), service_account: "web".into() },
+            address: None,
+            service: None,
+            connected_since: 0,
+            types: Mutex::default(),
+        };
+        let docs = crate::parse_documents(DOCS).unwrap();
+        let m1 = Model::build(1, docs.clone(), &[]);
+        let mut s = Session { id: 7, service: None, types: HashMap::new(), nonces: 0 };
+        // Wildcard subscription to Services and AuthorizationPolicies.
+        s.on_request(request(protocol::SERVICE_TYPE, &[], "", None), &status, &metrics, "n");
+        s.on_request(request(protocol::AUTHORIZATION_POLICY_TYPE, &["*"], "", None), &status, &metrics, "n");
+        let out = s.due(&m1, &status);
+        assert_eq!(out.len(), 2, "the first response per type is sent even when empty");
+        assert_eq!(out[0].resources.len(), 1);
+        assert!(out[1].resources.is_empty(), "an AuthorizationPolicy goes only to its target's proxies");
+        // At most one push in flight: a new generation waits for the ACK.
+        let m2 = Model::build(2, docs.clone(), &[reg("demo/api", "127.0.0.1:1", "demo", "api")]);
+        assert!(s.due(&m2, &status).is_empty());
+        s.on_request(request(protocol::SERVICE_TYPE, &[], &out[0].nonce, None), &status, &metrics, "n");
+        s.on_request(request(protocol::AUTHORIZATION_POLICY_TYPE, &[], &out[1].nonce, None), &status, &metrics, "n");
+        let out2 = s.due(&m2, &status);
+        assert_eq!(out2.len(), 1, "only the changed type is pushed");
+        assert_eq!(out2[0].system_version_info, "2");
+        // A NACK is recorded with its message; the stale nonce of an old push is ignored.
+        s.on_request(request(protocol::SERVICE_TYPE, &[], "7-1", Some("old")), &status, &metrics, "n");
+        s.on_request(request(protocol::SERVICE_TYPE, &[], &out2[0].nonce, Some("bad port")), &status, &metrics, "n");
+        let json = status.to_json(Instant::now());
+        assert_eq!(json["types"]["Service"]["nacked"]["message"], "bad port");
+        assert_eq!(json["types"]["Service"]["acked"], 1);
+        assert_eq!(json["stale"], true);
+        // Deleting the Service is a removal.
+        let m3 = Model::build(3, docs[1..].to_vec(), &[]);
+        let out3 = s.due(&m3, &status);
+        assert_eq!(out3[0].removed_resources, ["demo/api"]);
+        assert_eq!(metrics.xds_acks.with_label_values(&["Service"]).get(), 1);
+        assert_eq!(metrics.xds_nacks.with_label_values(&["Service"]).get(), 1);
+    }
+}
