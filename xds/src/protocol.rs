@@ -54,7 +54,7 @@ pub fn encode(doc: &Document) -> Any {
 
 /// Why a received resource was refused; the text goes into the NACK's `error_detail`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{name}: {message}")]
+#[error("{message}")]
 pub struct DecodeError {
     pub name: String,
     pub message: String,
@@ -62,7 +62,7 @@ pub struct DecodeError {
 
 /// Unpacks and validates one received resource named `name`.
 pub fn decode(name: &str, any: &Any) -> Result<Document, DecodeError> {
-    let fail = |message: String| DecodeError { name: name.to_string(), message };
+    let fail = |message: String| DecodeError { name: name.to_string(), message: format!("{name}: {message}") };
     let resource = match any.type_url.as_str() {
         SERVICE_TYPE => pb::Service::decode(any.value.as_slice()).map(Resource::Service),
         TRAFFIC_POLICY_TYPE => pb::TrafficPolicy::decode(any.value.as_slice()).map(Resource::TrafficPolicy),
@@ -72,7 +72,8 @@ pub fn decode(name: &str, any: &Any) -> Result<Document, DecodeError> {
         other => return Err(fail(format!("unknown resource type `{other}`"))),
     }
     .map_err(|e| fail(format!("not a valid protobuf message: {e}")))?;
-    let doc = from_resource(resource).map_err(|e| fail(e.to_string()))?;
+    // Validation errors name the document (`Service ns/name: spec...`) already.
+    let doc = from_resource(resource).map_err(|e| DecodeError { name: name.to_string(), message: e.to_string() })?;
     if resource_name(&doc) != name {
         return Err(fail(format!("the resource's metadata names it {}", resource_name(&doc))));
     }
@@ -126,7 +127,7 @@ spec: {targetRef: {kind: Service, name: payments}, timeout: 2s}
         ];
         for (name, any, want) in cases {
             let err = decode(name, &any).unwrap_err().to_string();
-            assert!(err.starts_with(name) && err.contains(want), "{name}: {err}");
+            assert!(err.contains(name) && err.contains(want), "{name}: {err}");
         }
         assert_eq!(short_type(SERVICE_TYPE), "Service");
     }

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{CONTROL, CTL, ControlPlane, free_addr, state_dir};
+use support::{ControlPlane, control_bin, ctl_bin, free_addr, state_dir};
 
 const SERVICE: &str = "apiVersion: ferry.dev/v1alpha1\nkind: Service\nmetadata: {name: payments, namespace: shop}\nspec: {ports: [{port: 8080, protocol: http}], addresses: [payments, payments.shop], identities: [payments]}\n";
 const TRAFFIC: &str = "apiVersion: ferry.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: payments, namespace: shop}\nspec:\n  targetRef: {kind: Service, name: payments}\n  timeout: 2s\n  retries: {attempts: 2, perTryTimeout: 500ms, on: [connect-failure, \"503\"], budget: {percent: 20, minPerSecond: 10}}\n  circuitBreaker: {failureRatio: 0.6, minRequests: 3, interval: 60s, openFor: 10s}\n  rateLimit: {requestsPerSecond: 100, burst: 200}\n";
@@ -99,7 +99,7 @@ fn bad_input_is_refused_naming_the_field_and_stores_nothing() {
         let err = cp.fails(&["apply", "-f", "-"], Some(&body));
         assert!(err.contains(want), "\n  got: {err}\n want: {want}");
         // The same rules offline.
-        let out = Command::new(CTL)
+        let out = Command::new(ctl_bin())
             .args(["validate", "-f", "-"])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -166,7 +166,7 @@ fn security_defaults() {
     assert_eq!(mode(&dir), 0o700);
     // The API's default address is loopback (the flag's documented default).
     let help =
-        String::from_utf8_lossy(&Command::new(CONTROL).args(["serve", "--help"]).output().unwrap().stdout).to_string();
+        String::from_utf8_lossy(&Command::new(control_bin()).args(["serve", "--help"]).output().unwrap().stdout).to_string();
     assert!(help.contains("[default: 127.0.0.1:15011]"), "{help}");
     let (status, body) = raw(cp.metrics, "GET", "/metrics", None);
     assert_eq!(status, 200);
@@ -318,7 +318,7 @@ fn operator_supplied_root_is_used_and_a_readable_key_refused() {
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
     let dir = state_dir("byo-state");
     let run = |extra: &[&str]| {
-        let mut child = Command::new(CONTROL)
+        let mut child = Command::new(control_bin())
             .args([
                 "serve",
                 "--state-dir",
@@ -326,6 +326,8 @@ fn operator_supplied_root_is_used_and_a_readable_key_refused() {
                 "--api-addr",
                 &free_addr().to_string(),
                 "--metrics-addr",
+                &free_addr().to_string(),
+                "--xds-addr",
                 &free_addr().to_string(),
             ])
             .args(["--ca-cert", cert.to_str().unwrap(), "--ca-key", key.to_str().unwrap()])

@@ -1,4 +1,5 @@
-//! Shared by the control-plane tests: a real `ferry-control` process over a temporary state directory, and ferryctl.
+//! Shared by the control-plane tests and the proxy package's xDS tests (`#[path]`-included there): a real
+//! `ferry-control` process over a temporary state directory, and ferryctl.
 #![allow(dead_code)]
 
 use std::io::Write;
@@ -7,8 +8,32 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-pub const CONTROL: &str = env!("CARGO_BIN_EXE_ferry-control");
-pub const CTL: &str = env!("CARGO_BIN_EXE_ferryctl");
+/// `ferry-control`: cargo's own build inside this package; elsewhere built once by [`built`].
+pub fn control_bin() -> PathBuf {
+    option_env!("CARGO_BIN_EXE_ferry-control").map(PathBuf::from).unwrap_or_else(|| built("ferry-control"))
+}
+
+pub fn ctl_bin() -> PathBuf {
+    option_env!("CARGO_BIN_EXE_ferryctl").map(PathBuf::from).unwrap_or_else(|| built("ferryctl"))
+}
+
+/// Builds ferry-xds's binaries once per test process, with the test-only injection route, in this test's profile
+/// and target directory (what `cargo test --workspace` builds too, so nothing is rebuilt there).
+pub fn built(name: &str) -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        let exe = std::env::current_exe().unwrap();
+        let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
+        let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        build.args(["build", "-p", "ferry-xds", "--bins", "--features", "testing", "--quiet"]);
+        if profile_dir.ends_with("release") {
+            build.arg("--release");
+        }
+        assert!(build.status().unwrap().success(), "building ferry-control and ferryctl failed");
+        profile_dir
+    });
+    dir.join(name)
+}
 
 pub fn free_addr() -> SocketAddr {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
@@ -18,6 +43,7 @@ pub fn free_addr() -> SocketAddr {
 pub struct ControlPlane {
     pub child: Child,
     pub api: SocketAddr,
+    pub xds: SocketAddr,
     pub metrics: SocketAddr,
     pub state: PathBuf,
     pub log: PathBuf,
@@ -25,7 +51,12 @@ pub struct ControlPlane {
 
 impl ControlPlane {
     pub fn start(state: &Path) -> ControlPlane {
-        let cp = Self::spawn(state);
+        Self::start_on(state, [free_addr(), free_addr(), free_addr()], &[])
+    }
+
+    /// Starts on the given API, xDS and metrics addresses (a restart reuses them), with extra arguments.
+    pub fn start_on(state: &Path, addrs: [SocketAddr; 3], extra: &[&str]) -> ControlPlane {
+        let cp = Self::spawn_on(state, addrs, extra);
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::net::TcpStream::connect(cp.api).is_err() {
             assert!(
@@ -39,24 +70,57 @@ impl ControlPlane {
     }
 
     pub fn spawn(state: &Path) -> ControlPlane {
-        let (api, metrics) = (free_addr(), free_addr());
+        Self::spawn_on(state, [free_addr(), free_addr(), free_addr()], &[])
+    }
+
+    pub fn spawn_on(state: &Path, [api, xds, metrics]: [SocketAddr; 3], extra: &[&str]) -> ControlPlane {
         let log = state.with_extension("log");
-        let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new(CONTROL)
-            .args([
-                "serve",
-                "--state-dir",
-                state.to_str().unwrap(),
-                "--api-addr",
-                &api.to_string(),
-                "--metrics-addr",
-                &metrics.to_string(),
-            ])
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+        let child = Command::new(control_bin())
+            .args(["serve", "--state-dir", state.to_str().unwrap()])
+            .args(["--api-addr", &api.to_string(), "--xds-addr", &xds.to_string()])
+            .args(["--metrics-addr", &metrics.to_string()])
+            .args(extra)
+            .env("FERRY_LOG_LEVEL", "info,ferry_xds=debug")
             .stdout(out.try_clone().unwrap())
             .stderr(out)
             .spawn()
             .unwrap();
-        ControlPlane { child, api, metrics, state: state.to_path_buf(), log }
+        ControlPlane { child, api, xds, metrics, state: state.to_path_buf(), log }
+    }
+
+    pub fn addrs(&self) -> [SocketAddr; 3] {
+        [self.api, self.xds, self.metrics]
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The control plane's `/metrics` text.
+    pub fn metrics_text(&self) -> String {
+        use std::io::Read;
+        let mut s = std::net::TcpStream::connect(self.metrics).unwrap();
+        write!(s, "GET /metrics HTTP/1.0\r\nHost: test\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    }
+
+    /// Mints a join token for `namespace`/`service_account`.
+    pub fn join_token(&self, namespace: &str, service_account: &str, ttl: &str) -> String {
+        self.ok(&["token", "create", "--namespace", namespace, "--service-account", service_account, "--ttl", ttl], None)
+            .trim()
+            .to_string()
+    }
+
+    /// The environment a proxy needs to use this control plane with `token`.
+    pub fn proxy_env(&self, token: &str) -> Vec<(String, String)> {
+        vec![
+            ("FERRY_CONTROL_ADDR".into(), self.xds.to_string()),
+            ("FERRY_CA_ROOT".into(), self.state.join("ca.crt").display().to_string()),
+            ("FERRY_JOIN_TOKEN".into(), token.to_string()),
+        ]
     }
 
     pub fn token(&self) -> String {
@@ -65,7 +129,7 @@ impl ControlPlane {
 
     /// Runs ferryctl against this control plane, with `stdin` piped in when given.
     pub fn ctl(&self, args: &[&str], stdin: Option<&str>) -> Output {
-        let mut child = Command::new(CTL)
+        let mut child = Command::new(ctl_bin())
             .args(args)
             .env("FERRY_TOKEN", self.token())
             .env("FERRY_CONTROL_API", format!("http://{}", self.api))
