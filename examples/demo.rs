@@ -1,4 +1,5 @@
-//! The local demo mesh: two sample services behind Ferry sidecars on loopback (file source), a short load, a report.
+//! The local demo mesh: ferry-control plus two sample services behind Ferry sidecars on loopback, configured over
+//! xDS; a short load during which `ferryctl apply` changes routing; a report.
 //!
 //! Run: `cargo run --release --example demo` (builds `ferry`, `ferry-control` and `ferryctl` first; `FERRY_BIN`,
 //! `FERRY_CONTROL_BIN` and `FERRYCTL_BIN` override them).
@@ -59,12 +60,17 @@ fn binary(name: &str, package: &str, env_var: &str) -> anyhow::Result<PathBuf> {
     Ok(target.join("release").join(name))
 }
 
-/// The demo's policies, applied to the control plane with ferryctl.
+/// The demo's services and policies, applied to the control plane with ferryctl.
 const POLICIES: &str = "\
 apiVersion: ferry.dev/v1alpha1
 kind: Service
 metadata: {name: api, namespace: default}
 spec: {ports: [{port: 80, protocol: http}], addresses: [api.demo.local], identities: [api]}
+---
+apiVersion: ferry.dev/v1alpha1
+kind: Service
+metadata: {name: web, namespace: default}
+spec: {ports: [{port: 80, protocol: http}], addresses: [web.demo.local], identities: [web]}
 ---
 apiVersion: ferry.dev/v1alpha1
 kind: TrafficPolicy
@@ -83,50 +89,67 @@ spec:
   allow: [{from: {identities: [\"spiffe://cluster.local/ns/default/sa/web\"]}}]
 ";
 
-/// Starts ferry-control on free loopback ports and applies POLICIES with ferryctl, printing what ferryctl says.
-fn start_control_plane(dir: &std::path::Path) -> anyhow::Result<Child> {
-    let (control, ctl) =
-        (binary("ferry-control", "ferry-xds", "FERRY_CONTROL_BIN")?, binary("ferryctl", "ferry-xds", "FERRYCTL_BIN")?);
-    let (api, metrics) = (free_addr(), free_addr());
-    let state = dir.join("control-state");
-    let log = std::fs::File::create(dir.join("ferry-control.log"))?;
-    let child = Command::new(&control)
-        .args(["serve", "--state-dir", &state.display().to_string(), "--api-addr", &api.to_string()])
-        .args(["--metrics-addr", &metrics.to_string()])
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .spawn()?;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(api).is_err() {
-        anyhow::ensure!(Instant::now() < deadline, "ferry-control did not start");
-        std::thread::sleep(Duration::from_millis(20));
+/// The running control plane and what ferryctl needs to reach it.
+struct ControlPlane {
+    child: Child,
+    ctl: PathBuf,
+    api: SocketAddr,
+    xds: SocketAddr,
+    state: PathBuf,
+    token: String,
+}
+
+impl ControlPlane {
+    /// Starts ferry-control on free loopback ports (its xDS port serves TLS with a certificate from its own CA).
+    fn start(dir: &std::path::Path) -> anyhow::Result<ControlPlane> {
+        let (control, ctl) = (
+            binary("ferry-control", "ferry-xds", "FERRY_CONTROL_BIN")?,
+            binary("ferryctl", "ferry-xds", "FERRYCTL_BIN")?,
+        );
+        let (api, xds, metrics) = (free_addr(), free_addr(), free_addr());
+        let state = dir.join("control-state");
+        let log = std::fs::File::create(dir.join("ferry-control.log"))?;
+        let child = Command::new(&control)
+            .args(["serve", "--state-dir", &state.display().to_string(), "--api-addr", &api.to_string()])
+            .args(["--xds-addr", &xds.to_string(), "--metrics-addr", &metrics.to_string()])
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(api).is_err() {
+            anyhow::ensure!(Instant::now() < deadline, "ferry-control did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let token = std::fs::read_to_string(state.join("admin.token"))?.trim().to_string();
+        Ok(ControlPlane { child, ctl, api, xds, state, token })
     }
-    let policies = dir.join("policies.yaml");
-    std::fs::write(&policies, POLICIES)?;
-    let token = std::fs::read_to_string(state.join("admin.token"))?;
-    for args in [vec!["apply", "-f", policies.to_str().unwrap()], vec!["get", "trafficpolicies"]] {
-        let out = Command::new(&ctl)
-            .args(&args)
-            .env("FERRY_TOKEN", &token)
-            .env("FERRY_CONTROL_API", format!("http://{api}"))
+
+    /// Runs `ferryctl ARGS`, echoing the command and (when `show`) its output.
+    fn ctl(&self, args: &[&str], show: bool) -> anyhow::Result<String> {
+        let out = Command::new(&self.ctl)
+            .args(args)
+            .env("FERRY_TOKEN", &self.token)
+            .env("FERRY_CONTROL_API", format!("http://{}", self.api))
             .output()?;
         anyhow::ensure!(out.status.success(), "ferryctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        println!("$ ferryctl {}", args.join(" "));
-        print!("{}", String::from_utf8_lossy(&out.stdout));
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        if show {
+            println!("$ ferryctl {}", args.join(" "));
+            print!("{stdout}");
+        }
+        Ok(stdout)
     }
-    println!(
-        "(the control plane stores and validates these; pushing them to sidecars over xDS comes next — the sidecars\n below still read their file source)\n"
-    );
-    Ok(child)
 }
 
 fn start_sidecar(
     bin: &PathBuf,
     name: &'static str,
-    config: &PathBuf,
+    control: &ControlPlane,
     app: SocketAddr,
     logs: &std::path::Path,
 ) -> anyhow::Result<Sidecar> {
+    // Each sidecar's bootstrap credential: a join token bound to its identity (default/<name>).
+    let join_token = control.ctl(&["token", "create", "--namespace", "default", "--service-account", name], false)?;
     let (outbound, inbound, admin, health) = (free_addr(), free_addr(), free_addr(), free_addr());
     let log = std::fs::File::create(logs.join(format!("{name}.log")))?;
     let child = Command::new(bin)
@@ -134,7 +157,10 @@ fn start_sidecar(
         .env("FERRY_INBOUND_ADDR", inbound.to_string())
         .env("FERRY_ADMIN_ADDR", admin.to_string())
         .env("FERRY_HEALTH_ADDR", health.to_string())
-        .env("FERRY_CONFIG_FILE", config)
+        .env("FERRY_CONTROL_ADDR", control.xds.to_string())
+        .env("FERRY_CA_ROOT", control.state.join("ca.crt"))
+        .env("FERRY_JOIN_TOKEN", join_token.trim())
+        .env("FERRY_NODE_ID", name)
         .env("FERRY_SERVICE", name)
         .env("FERRY_APP_ADDR", app.to_string())
         .env("FERRY_WORKERS", "1")
@@ -196,24 +222,17 @@ async fn main() -> anyhow::Result<()> {
     let bin = binary("ferry", "ferry", "FERRY_BIN")?;
     let dir = std::env::temp_dir().join(format!("ferry-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let mut control = start_control_plane(&dir)?;
+    let mut control = ControlPlane::start(&dir)?;
+    let policies = dir.join("policies.yaml");
+    std::fs::write(&policies, POLICIES)?;
+    control.ctl(&["apply", "-f", policies.to_str().unwrap()], true)?;
+    control.ctl(&["get", "services"], true)?;
     let (web_app, api_app) = (free_addr(), free_addr());
 
-    // The api sidecar first: its inbound address is the api service's endpoint.
-    let api_config = dir.join("api.yaml");
-    std::fs::write(&api_config, "")?;
-    let api = start_sidecar(&bin, "api", &api_config, api_app, &dir)?;
-    let web_config = dir.join("web.yaml");
-    std::fs::write(
-        &web_config,
-        format!(
-            "apiVersion: ferry.dev/v1alpha1\nkind: Service\nmetadata: {{name: api, namespace: default}}\n\
-             spec:\n  ports: [{{port: 80, protocol: http}}]\n  addresses: [api.demo.local]\n  identities: [api]\n\
-             \x20 endpoints: [{{address: \"{}\", identity: api}}]\n",
-            api.inbound
-        ),
-    )?;
-    let web = start_sidecar(&bin, "web", &web_config, web_app, &dir)?;
+    // Both sidecars connect to ferry-control over xDS; each registers its inbound address as an endpoint of its
+    // Service (the Service lists the sidecar's identity), and receives every Service with its endpoints.
+    let api = start_sidecar(&bin, "api", &control, api_app, &dir)?;
+    let web = start_sidecar(&bin, "web", &control, web_app, &dir)?;
 
     // The sample apps: api answers with JSON; web calls api through its own sidecar (explicit outbound).
     serve(api_app, |_req| async {
@@ -242,7 +261,16 @@ async fn main() -> anyhow::Result<()> {
         "mesh up: web app {web_app} + sidecar (inbound {}), api app {api_app} + sidecar (inbound {})",
         web.inbound, api.inbound
     );
-    let (status, body) = get(web.inbound, "web", "/").await?;
+    control.ctl(&["status"], true)?;
+    // Endpoint registrations reach web's sidecar a moment after api's sidecar connects.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (status, body) = loop {
+        let (status, body) = get(web.inbound, "web", "/").await?;
+        if status == StatusCode::OK || Instant::now() > deadline {
+            break (status, body);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     println!("one request: {status} {}", String::from_utf8_lossy(&body));
 
     // A short load: REQUESTS requests, CONCURRENCY at a time, through both sidecars.
@@ -261,9 +289,32 @@ async fn main() -> anyhow::Result<()> {
                         failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
                 }
+                // Paced, so that the routing change below happens while requests flow.
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }));
     }
+    // While the load runs: a routing change with ferryctl apply. The new name routes once the sidecars have it.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (before, _) = get(web.outbound, "prices.demo.local", "/price").await?;
+    let change = dir.join("change.yaml");
+    std::fs::write(
+        &change,
+        POLICIES.replacen("addresses: [api.demo.local]", "addresses: [api.demo.local, prices.demo.local]", 1),
+    )?;
+    let applied = Instant::now();
+    control.ctl(&["apply", "-f", change.to_str().unwrap()], true)?;
+    let after = loop {
+        let (status, _) = get(web.outbound, "prices.demo.local", "/price").await?;
+        if status == StatusCode::OK || applied.elapsed() > Duration::from_secs(10) {
+            break status;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    println!(
+        "routing change under load: prices.demo.local answered {before} before the apply, {after} {:.0?} after it started",
+        applied.elapsed()
+    );
     for t in tasks {
         t.await?;
     }
@@ -292,6 +343,9 @@ async fn main() -> anyhow::Result<()> {
         }
     }
 
+    println!();
+    control.ctl(&["status"], true)?;
+
     println!("\nSIGTERM to both sidecars: they drain and exit");
     let mut sidecars = vec![web, api];
     for s in &sidecars {
@@ -301,8 +355,8 @@ async fn main() -> anyhow::Result<()> {
         let status = s.child.wait()?;
         println!("  {} exited: {status}", s.name);
     }
-    let _ = control.kill();
-    let _ = control.wait();
+    let _ = control.child.kill();
+    let _ = control.child.wait();
     println!("\nlogs (one JSON access-log line per request): {}", dir.display());
     println!(
         "\nThis demo used explicit mode: the web app called its sidecar at {web_outbound} with `Host: api`.\n\

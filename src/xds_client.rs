@@ -46,7 +46,12 @@ impl Resources {
                     }
                     Err(e) => errors.push(e.to_string()),
                 },
-                Some(any) => errors.push(format!("{}: type `{}` in a {} response", r.name, any.type_url, short_type(&response.type_url))),
+                Some(any) => errors.push(format!(
+                    "{}: type `{}` in a {} response",
+                    r.name,
+                    any.type_url,
+                    short_type(&response.type_url)
+                )),
                 None => errors.push(format!("{}: no resource body", r.name)),
             }
         }
@@ -89,13 +94,13 @@ impl Resources {
 fn node(settings: &Settings, control: &ControlSettings) -> Node {
     let mut fields = std::collections::HashMap::new();
     if let Some(service) = &settings.service {
-        let service =
-            if service.contains('/') { service.clone() } else { format!("{}/{service}", settings.namespace) };
+        let service = if service.contains('/') { service.clone() } else { format!("{}/{service}", settings.namespace) };
         fields.insert(NODE_SERVICE.to_string(), Value { kind: Some(Kind::StringValue(service)) });
         // Local explicit mode (the app address is given): callers dial this proxy's inbound listener directly.
         // Transparent mode: callers dial the pod IP at the service port, and interception delivers it here.
         if let (Some(_), Some(inbound)) = (settings.app_addr, settings.inbound_addrs.first()) {
-            fields.insert(NODE_INBOUND_PORT.to_string(), Value { kind: Some(Kind::NumberValue(inbound.port().into())) });
+            fields
+                .insert(NODE_INBOUND_PORT.to_string(), Value { kind: Some(Kind::NumberValue(inbound.port().into())) });
         }
     }
     Node {
@@ -117,8 +122,12 @@ pub async fn run(settings: Arc<Settings>, store: Arc<ConfigStore>, metrics: Arc<
         let result = session(&settings, &control, &mut resources, &mut version, &store, &metrics).await;
         metrics.xds_connected.set(0);
         match result {
-            Ok(()) => tracing::warn!(addr = %control.addr, "the control plane closed the xDS stream; keeping the last good config"),
-            Err(e) => tracing::warn!(addr = %control.addr, error = %e, "xDS stream failed; keeping the last good config"),
+            Ok(()) => {
+                tracing::warn!(addr = %control.addr, "the control plane closed the xDS stream; keeping the last good config")
+            }
+            Err(e) => {
+                tracing::warn!(addr = %control.addr, error = %e, "xDS stream failed; keeping the last good config")
+            }
         }
         // A stream that lived a while was healthy: start the backoff over.
         if started.elapsed() > Duration::from_secs(30) {
@@ -157,8 +166,10 @@ async fn session(
     store: &ConfigStore,
     metrics: &Metrics,
 ) -> Result<(), SessionError> {
-    let root = std::fs::read(&control.ca_root).map_err(|e| SessionError::Root(control.ca_root.display().to_string(), e))?;
-    let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(root)).domain_name(control.server_name.clone());
+    let root =
+        std::fs::read(&control.ca_root).map_err(|e| SessionError::Root(control.ca_root.display().to_string(), e))?;
+    let tls =
+        ClientTlsConfig::new().ca_certificate(Certificate::from_pem(root)).domain_name(control.server_name.clone());
     let channel = Endpoint::from_shared(format!("https://{}", control.addr))?
         .tls_config(tls)?
         .connect_timeout(Duration::from_secs(5))
@@ -180,7 +191,9 @@ async fn session(
         tx.send(request).await.expect("the channel is open and has room");
     }
     let mut request = tonic::Request::new(ReceiverStream::new(rx));
-    let bearer = format!("Bearer {}", control.join_token).parse().map_err(|_| tonic::Status::invalid_argument("FERRY_JOIN_TOKEN is not a valid header value"))?;
+    let bearer = format!("Bearer {}", control.join_token)
+        .parse()
+        .map_err(|_| tonic::Status::invalid_argument("FERRY_JOIN_TOKEN is not a valid header value"))?;
     request.metadata_mut().insert("authorization", bearer);
     let mut responses = client.delta_aggregated_resources(request).await?.into_inner();
     metrics.xds_connected.set(1);
@@ -216,7 +229,11 @@ async fn session(
                 tracing::error!(type_url = %label, generation = %response.system_version_info, error = %message, "config rejected (NACK); keeping the last good config");
                 metrics.xds_updates.with_label_values(&[&label, "nack"]).inc();
                 metrics.config_updates.with_label_values(&["xds", "rejected"]).inc();
-                Some(envoy_types::pb::google::rpc::Status { code: tonic::Code::InvalidArgument as i32, message, details: vec![] })
+                Some(envoy_types::pb::google::rpc::Status {
+                    code: tonic::Code::InvalidArgument as i32,
+                    message,
+                    details: vec![],
+                })
             }
         };
         let answer = DeltaDiscoveryRequest {
@@ -256,7 +273,9 @@ mod tests {
     }
 
     fn tp(name: &str, target: &str) -> String {
-        format!("apiVersion: ferry.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: {name}}}\nspec: {{targetRef: {{kind: Service, name: {target}}}, timeout: 1s}}\n")
+        format!(
+            "apiVersion: ferry.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: {name}}}\nspec: {{targetRef: {{kind: Service, name: {target}}}, timeout: 1s}}\n"
+        )
     }
 
     #[test]

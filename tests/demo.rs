@@ -1,5 +1,8 @@
 //! The README's demo command must keep working: run the built `demo` example against this build's `ferry`.
 
+#[path = "../xds/tests/support/mod.rs"]
+mod control;
+
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -18,19 +21,11 @@ fn demo_runs_and_reports_no_failures() {
         }
         assert!(build.status().unwrap().success(), "building the demo example failed");
     }
-    // The control-plane binaries live in the other package: build them (same profile) and point the demo at them.
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let profile_dir = exe.parent().unwrap().parent().unwrap();
-    let mut build = Command::new(&cargo);
-    build.args(["build", "-p", "ferry-xds", "--bins"]);
-    if profile_dir.ends_with("release") {
-        build.arg("--release");
-    }
-    assert!(build.status().unwrap().success(), "building ferry-control and ferryctl failed");
+    // The control-plane binaries live in the other package: the shared helper builds them (same profile).
     let out = Command::new(&demo)
         .env("FERRY_BIN", env!("CARGO_BIN_EXE_ferry"))
-        .env("FERRY_CONTROL_BIN", profile_dir.join("ferry-control"))
-        .env("FERRYCTL_BIN", profile_dir.join("ferryctl"))
+        .env("FERRY_CONTROL_BIN", control::control_bin())
+        .env("FERRYCTL_BIN", control::ctl_bin())
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -43,9 +38,18 @@ fn demo_runs_and_reports_no_failures() {
     ] {
         assert!(stdout.contains(line), "ferryctl apply output missing {line:?}:\n{stdout}");
     }
-    assert!(
-        stdout.contains(r#"ferry_requests_total{direction="outbound",service="api.default",status_class="2xx"} 301"#),
-        "{stdout}"
-    );
+    // 300 + the first request + the routing probes, all through web's sidecar to api's.
+    let routed = stdout
+        .lines()
+        .find_map(|l| {
+            l.trim().strip_prefix(
+                r#"web  ferry_requests_total{direction="outbound",service="api.default",status_class="2xx"} "#,
+            )
+        })
+        .and_then(|v| v.parse::<u64>().ok());
+    assert!(routed.is_some_and(|n| n >= 302), "{stdout}");
+    assert!(stdout.contains("service.ferry.dev/api configured"), "{stdout}");
+    assert!(stdout.contains("answered 502 Bad Gateway before the apply, 200 OK"), "{stdout}");
+    assert_eq!(stdout.matches("SYNCED 3").count(), 6, "both sidecars in sync after the change:\n{stdout}");
     assert_eq!(stdout.matches("exited: exit status: 0").count(), 2, "{stdout}");
 }

@@ -130,7 +130,8 @@ impl Model {
     #[cfg(feature = "testing")]
     fn inject(&mut self, name: &str, any: Any) {
         if let Some(index) = type_index(&any.type_url) {
-            self.types[index].insert(name.into(), Entry { version: version_of(&any), any: Arc::new(any), target: None });
+            self.types[index]
+                .insert(name.into(), Entry { version: version_of(&any), any: Arc::new(any), target: None });
         }
     }
 
@@ -273,7 +274,11 @@ impl Xds {
             Err(_) => Vec::new(),
         };
         if !retained.is_empty() {
-            tracing::info!(endpoints = retained.len(), grace_seconds = grace.as_secs(), "keeping endpoints registered before the restart until their proxies reconnect");
+            tracing::info!(
+                endpoints = retained.len(),
+                grace_seconds = grace.as_secs(),
+                "keeping endpoints registered before the restart until their proxies reconnect"
+            );
         }
         let deadline = Instant::now() + grace;
         let registry = Registry {
@@ -796,7 +801,11 @@ spec: {targetRef: {kind: Service, name: api}, defaultAction: deny}
             type_url: type_url.into(),
             resource_names_subscribe: subscribe.iter().map(|s| s.to_string()).collect(),
             response_nonce: nonce.into(),
-            error_detail: error.map(|m| envoy_types::pb::google::rpc::Status { code: 3, message: m.into(), ..Default::default() }),
+            error_detail: error.map(|m| envoy_types::pb::google::rpc::Status {
+                code: 3,
+                message: m.into(),
+                ..Default::default()
+            }),
             ..Default::default()
         }
     }

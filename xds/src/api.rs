@@ -62,7 +62,8 @@ impl ControlMetrics {
         };
         let xds_pushes = counter("ferry_control_xds_pushes_total", "xDS responses sent to proxies, by type.", "type");
         let xds_acks = counter("ferry_control_xds_acks_total", "xDS pushes ACKed by proxies, by type.", "type");
-        let xds_nacks = counter("ferry_control_xds_nacks_total", "xDS pushes NACKed (rejected) by proxies, by type.", "type");
+        let xds_nacks =
+            counter("ferry_control_xds_nacks_total", "xDS pushes NACKed (rejected) by proxies, by type.", "type");
         let xds_refused = counter(
             "ferry_control_xds_refused_total",
             "xDS connections refused, by reason (missing, malformed, unknown, expired, revoked token; service claim).",

@@ -116,7 +116,11 @@ spec: {targetRef: {kind: Service, name: payments}, timeout: 2s}
                 Any {
                     type_url: SERVICE_TYPE.into(),
                     value: pb::Service {
-                        meta: Some(pb::Meta { name: "payments".into(), namespace: "shop".into(), ..Default::default() }),
+                        meta: Some(pb::Meta {
+                            name: "payments".into(),
+                            namespace: "shop".into(),
+                            ..Default::default()
+                        }),
                         ports: vec![pb::Port { port: 70000, ..Default::default() }],
                         ..Default::default()
                     }

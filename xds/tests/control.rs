@@ -165,8 +165,8 @@ fn security_defaults() {
     assert_eq!(mode(&dir.join("admin.token")), 0o600);
     assert_eq!(mode(&dir), 0o700);
     // The API's default address is loopback (the flag's documented default).
-    let help =
-        String::from_utf8_lossy(&Command::new(control_bin()).args(["serve", "--help"]).output().unwrap().stdout).to_string();
+    let help = String::from_utf8_lossy(&Command::new(control_bin()).args(["serve", "--help"]).output().unwrap().stdout)
+        .to_string();
     assert!(help.contains("[default: 127.0.0.1:15011]"), "{help}");
     let (status, body) = raw(cp.metrics, "GET", "/metrics", None);
     assert_eq!(status, 200);

@@ -109,9 +109,12 @@ impl ControlPlane {
 
     /// Mints a join token for `namespace`/`service_account`.
     pub fn join_token(&self, namespace: &str, service_account: &str, ttl: &str) -> String {
-        self.ok(&["token", "create", "--namespace", namespace, "--service-account", service_account, "--ttl", ttl], None)
-            .trim()
-            .to_string()
+        self.ok(
+            &["token", "create", "--namespace", namespace, "--service-account", service_account, "--ttl", ttl],
+            None,
+        )
+        .trim()
+        .to_string()
     }
 
     /// The environment a proxy needs to use this control plane with `token`.
