@@ -9,18 +9,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use envoy_types::pb::envoy::config::core::v3::Node;
-use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryService;
-use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
-};
+use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource};
 use envoy_types::pb::google::protobuf::Any;
 use envoy_types::pb::google::protobuf::value::Kind;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::{Notify, mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Status, Streaming};
 
+use crate::ads_transport::Incoming;
 use crate::api::ControlMetrics;
 use crate::config::{Document, Endpoint};
 use crate::protocol::{self, NODE_INBOUND_PORT, NODE_SERVICE, TYPES, short_type};
@@ -388,14 +385,19 @@ impl Xds {
         self.metrics.xds_refused.with_label_values(&[reason]).inc();
     }
 
-    fn authenticate(&self, request: &Request<Streaming<DeltaDiscoveryRequest>>) -> Result<Identity, Status> {
-        let peer = request.remote_addr();
-        let Some(token) = request
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-        else {
+    /// Authenticates a new stream and starts serving it; the receiver yields its responses.
+    pub fn open_stream(
+        self: &Arc<Self>,
+        incoming: Incoming,
+    ) -> Result<mpsc::Receiver<Result<DeltaDiscoveryResponse, Status>>, Status> {
+        let identity = self.authenticate(incoming.authorization.as_deref(), incoming.peer)?;
+        let (tx, rx) = mpsc::channel(1);
+        tokio::spawn(self.clone().serve_stream(identity, incoming.peer, incoming.requests, tx));
+        Ok(rx)
+    }
+
+    fn authenticate(&self, authorization: Option<&str>, peer: Option<SocketAddr>) -> Result<Identity, Status> {
+        let Some(token) = authorization.and_then(|v| v.strip_prefix("Bearer ")) else {
             let message = "no credential: send the join token as `authorization: Bearer <token>`";
             self.refuse("missing", peer, message);
             return Err(Status::unauthenticated(message));
@@ -716,34 +718,6 @@ impl Session {
             });
         }
         out
-    }
-}
-
-/// The gRPC service (`AggregatedDiscoveryService`); only the delta variant is served.
-#[derive(Clone)]
-pub struct AdsService(pub Arc<Xds>);
-
-#[tonic::async_trait]
-impl AggregatedDiscoveryService for AdsService {
-    type StreamAggregatedResourcesStream = ReceiverStream<Result<DiscoveryResponse, Status>>;
-    type DeltaAggregatedResourcesStream = ReceiverStream<Result<DeltaDiscoveryResponse, Status>>;
-
-    async fn stream_aggregated_resources(
-        &self,
-        _request: Request<Streaming<DiscoveryRequest>>,
-    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-        Err(Status::unimplemented("Ferry serves delta xDS only: use DeltaAggregatedResources"))
-    }
-
-    async fn delta_aggregated_resources(
-        &self,
-        request: Request<Streaming<DeltaDiscoveryRequest>>,
-    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        let identity = self.0.authenticate(&request)?;
-        let peer = request.remote_addr();
-        let (tx, rx) = mpsc::channel(1);
-        tokio::spawn(self.0.clone().serve_stream(identity, peer, request.into_inner(), tx));
-        Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
 

@@ -4,6 +4,8 @@
 #[cfg(feature = "server")]
 pub mod ads;
 #[cfg(feature = "server")]
+pub mod ads_transport;
+#[cfg(feature = "server")]
 pub mod api;
 #[cfg(feature = "server")]
 pub mod ca;

@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex};
 use anyhow::Context;
 use bytes::Bytes;
 use clap::{Parser, Subcommand};
-use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
-use ferry_xds::ads::{AdsService, Xds};
+use ferry_xds::ads::Xds;
+use ferry_xds::ads_transport::AdsService;
 use ferry_xds::api::{Api, ControlMetrics};
 use ferry_xds::ca::{Ca, CaFiles};
 use ferry_xds::store::Store;
@@ -142,7 +142,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         // Dead proxies are noticed (and their streams freed) without waiting for TCP timeouts.
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
-        .add_service(AggregatedDiscoveryServiceServer::new(AdsService(xds)));
+        .add_service(AdsService(xds));
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(xds_listener);
     tokio::spawn(async move {
         if let Err(e) = xds_server.serve_with_incoming(incoming).await {

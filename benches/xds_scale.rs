@@ -1,0 +1,427 @@
+//! Control-plane scale benchmark: one real `ferry-control` (100 Services x 10 endpoints) and N simulated proxies, each
+//! a real delta-xDS client on its own TLS connection, subscribed like a proxy, decoding and validating every resource
+//! and ACKing. Reports control-plane RSS per connected proxy and apply-to-last-ACK time over 10 `ferryctl apply`s.
+//!
+//! Run: `benches/xds_scale.sh` (or `cargo bench --bench xds_scale -- --proxies 1000,10000 --control-bin PATH
+//! --ctl-bin PATH`). Traffic stays on 127.0.0.1.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use ferry_xds::Document;
+use ferry_xds::protocol::{self, TYPES};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+
+/// The fixed config of the issue; `XDS_SCALE_SERVICES` changes it only to look at where memory goes.
+static SERVICES_OVERRIDE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+fn services() -> usize {
+    *SERVICES_OVERRIDE
+        .get_or_init(|| std::env::var("XDS_SCALE_SERVICES").ok().and_then(|v| v.parse().ok()).unwrap_or(100))
+}
+const ENDPOINTS: usize = 10;
+/// Connections opened at once while the simulated proxies join.
+const CONNECT_BATCH: usize = 100;
+
+struct Args {
+    proxies: Vec<usize>,
+    applies: usize,
+    control_bin: PathBuf,
+    ctl_bin: PathBuf,
+    out: PathBuf,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        proxies: vec![1000, 10000],
+        applies: 10,
+        control_bin: "target/release/ferry-control".into(),
+        ctl_bin: "target/release/ferryctl".into(),
+        out: "target/bench/xds_scale.json".into(),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
+        match flag.as_str() {
+            "--proxies" => a.proxies = value().split(',').map(|n| n.parse().expect("--proxies N,M")).collect(),
+            "--applies" => a.applies = value().parse().expect("--applies N"),
+            "--control-bin" => a.control_bin = value().into(),
+            "--ctl-bin" => a.ctl_bin = value().into(),
+            "--out" => a.out = value().into(),
+            "--bench" => {}
+            other => panic!("unknown argument {other}"),
+        }
+    }
+    a
+}
+
+fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The fixed config: 100 Services with ENDPOINTS static endpoints each, in namespace `bench`.
+fn config(extra: Option<(usize, &str)>) -> String {
+    let mut out = String::new();
+    for s in 0..services() {
+        let endpoints: Vec<String> =
+            (0..ENDPOINTS).map(|e| format!("{{address: \"10.1.{s}.{e}:8080\", identity: svc-{s}}}")).collect();
+        let mut addresses = vec![format!("svc-{s}.bench.local")];
+        if let Some((i, name)) = extra
+            && i == s
+        {
+            addresses.push(name.to_string());
+        }
+        out.push_str(&format!(
+            "apiVersion: ferry.dev/v1alpha1\nkind: Service\nmetadata: {{name: svc-{s}, namespace: bench}}\nspec:\n  ports: [{{port: 8080, protocol: http}}]\n  addresses: [{}]\n  identities: [svc-{s}]\n  endpoints: [{}]\n---\n",
+            addresses.join(", "),
+            endpoints.join(", ")
+        ));
+    }
+    out
+}
+
+struct ControlPlane {
+    child: Child,
+    api: SocketAddr,
+    xds: SocketAddr,
+    state: PathBuf,
+    ctl: PathBuf,
+}
+
+impl ControlPlane {
+    fn start(bin: &Path, ctl: &Path, tag: &str) -> ControlPlane {
+        let state = std::env::temp_dir().join(format!("ferry-xds-scale-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&state);
+        let (api, xds, metrics) = (free_addr(), free_addr(), free_addr());
+        // One fd per proxy connection: raise the soft limit for the control plane (the hard limit allows it here).
+        let script = format!(
+            "ulimit -n $(ulimit -Hn); exec {} serve --state-dir {} --api-addr {api} --xds-addr {xds} --metrics-addr {metrics}",
+            bin.display(),
+            state.display()
+        );
+        let child = Command::new("sh")
+            .args(["-c", &script])
+            .env("FERRY_LOG_LEVEL", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start ferry-control");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(api).is_err() {
+            assert!(Instant::now() < deadline, "ferry-control did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        ControlPlane { child, api, xds, state, ctl: ctl.to_path_buf() }
+    }
+
+    fn ctl(&self, args: &[&str], stdin: Option<&str>) -> String {
+        use std::io::Write;
+        let token = std::fs::read_to_string(self.state.join("admin.token")).unwrap();
+        let mut child = Command::new(&self.ctl)
+            .args(args)
+            .env("FERRY_TOKEN", token.trim())
+            .env("FERRY_CONTROL_API", format!("http://{}", self.api))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(stdin.unwrap_or("").as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "ferryctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.state);
+    }
+}
+
+/// What the simulated proxies report back.
+#[derive(Default)]
+struct Shared {
+    /// Proxies that have received, validated and ACKed all of the fixed config.
+    synced: AtomicUsize,
+    /// The address marking the current apply; a proxy ACKing a Service that carries it counts once.
+    marker: Mutex<String>,
+    marker_id: AtomicU64,
+    acked_current: AtomicUsize,
+    ack_times: Mutex<Vec<Instant>>,
+    resources_decoded: AtomicU64,
+    errors: AtomicUsize,
+}
+
+/// One simulated proxy: a TLS connection, a delta-ADS stream with wildcard subscriptions to every type, every
+/// resource decoded and validated as the proxy does, then ACKed (or NACKed, which counts as an error).
+async fn simulated_proxy(
+    id: usize,
+    endpoint: Endpoint,
+    token: Arc<str>,
+    shared: Arc<Shared>,
+    connected: tokio::sync::oneshot::Sender<()>,
+) {
+    let channel = match endpoint.connect().await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("proxy {id}: connect: {e}");
+            shared.errors.fetch_add(1, Ordering::SeqCst);
+            return;
+        }
+    };
+    let _ = connected.send(());
+    let mut client = AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(64 << 20);
+    let (tx, rx) = mpsc::channel(4);
+    for (i, t) in TYPES.iter().enumerate() {
+        let node = Node { id: format!("sim-{id}"), ..Default::default() };
+        tx.send(DeltaDiscoveryRequest {
+            node: (i == 0).then_some(node),
+            type_url: t.to_string(),
+            resource_names_subscribe: vec!["*".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    request.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let mut stream = match client.delta_aggregated_resources(request).await {
+        Ok(r) => r.into_inner(),
+        Err(e) => {
+            eprintln!("proxy {id}: {e}");
+            shared.errors.fetch_add(1, Ordering::SeqCst);
+            return;
+        }
+    };
+    let mut held: HashMap<String, Document> = HashMap::new();
+    let mut first = [false; 3];
+    let mut counted_marker = 0u64;
+    loop {
+        let response = match stream.message().await {
+            Ok(Some(r)) => r,
+            _ => return,
+        };
+        let index = TYPES.iter().position(|t| *t == response.type_url).unwrap_or(0);
+        let mut error = None;
+        let mut carries_marker = false;
+        let marker_id = shared.marker_id.load(Ordering::SeqCst);
+        let marker = shared.marker.lock().unwrap().clone();
+        for r in &response.resources {
+            match r.resource.as_ref().map(|any| protocol::decode(&r.name, any)) {
+                Some(Ok(doc)) => {
+                    if let Document::Service(s) = &doc
+                        && !marker.is_empty()
+                        && s.spec.addresses.contains(&marker)
+                    {
+                        carries_marker = true;
+                    }
+                    held.insert(r.name.clone(), doc);
+                }
+                Some(Err(e)) => error = Some(e.to_string()),
+                None => error = Some(format!("{}: empty", r.name)),
+            }
+        }
+        for name in &response.removed_resources {
+            held.remove(name);
+        }
+        shared.resources_decoded.fetch_add(response.resources.len() as u64, Ordering::Relaxed);
+        let ack = DeltaDiscoveryRequest {
+            type_url: response.type_url.clone(),
+            response_nonce: response.nonce.clone(),
+            error_detail: error.clone().map(|message| envoy_types::pb::google::rpc::Status {
+                code: 3,
+                message,
+                details: vec![],
+            }),
+            ..Default::default()
+        };
+        if tx.send(ack).await.is_err() {
+            return;
+        }
+        if let Some(e) = error {
+            eprintln!("proxy {id}: NACK {e}");
+            shared.errors.fetch_add(1, Ordering::SeqCst);
+        }
+        if !first[index] {
+            first[index] = true;
+            if first.iter().all(|f| *f) {
+                shared.synced.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        if carries_marker && counted_marker != marker_id {
+            counted_marker = marker_id;
+            shared.ack_times.lock().unwrap().push(Instant::now());
+            shared.acked_current.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+async fn run(n: usize, a: &Args) -> serde_json::Value {
+    let cp = ControlPlane::start(&a.control_bin, &a.ctl_bin, &n.to_string());
+    cp.ctl(&["apply", "-f", "-"], Some(&config(None)));
+    let token: Arc<str> =
+        cp.ctl(&["token", "create", "--namespace", "bench", "--service-account", "sim"], None).trim().into();
+    std::thread::sleep(Duration::from_millis(500));
+    let pid = cp.child.id();
+    let baseline = rss_kib(pid);
+    let root = std::fs::read(cp.state.join("ca.crt")).unwrap();
+    let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(root)).domain_name("ferry-control");
+    let endpoint = Endpoint::from_shared(format!("https://{}", cp.xds)).unwrap().tls_config(tls).unwrap();
+    let shared = Arc::new(Shared::default());
+
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(n);
+    for batch in (0..n).collect::<Vec<_>>().chunks(CONNECT_BATCH) {
+        let mut waits = Vec::new();
+        for &id in batch {
+            let (done, wait) = tokio::sync::oneshot::channel();
+            waits.push(wait);
+            tasks.push(tokio::spawn(simulated_proxy(id, endpoint.clone(), token.clone(), shared.clone(), done)));
+        }
+        for w in waits {
+            let _ = w.await;
+        }
+    }
+    let connect_time = started.elapsed();
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while shared.synced.load(Ordering::SeqCst) + shared.errors.load(Ordering::SeqCst) < n {
+        assert!(Instant::now() < deadline, "not all proxies synced within 10 minutes");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let sync_time = started.elapsed();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let connected_rss = rss_kib(pid);
+    let per_proxy_kib = (connected_rss.saturating_sub(baseline)) as f64 / n as f64;
+    eprintln!(
+        "N={n}: connected in {connect_time:.1?}, synced in {sync_time:.1?}; ferry-control RSS {baseline} KiB -> {connected_rss} KiB ({per_proxy_kib:.1} KiB/proxy)"
+    );
+
+    let mut to_last = Vec::new();
+    let mut to_median = Vec::new();
+    for i in 0..a.applies {
+        let marker = format!("change-{i}.bench.local");
+        *shared.marker.lock().unwrap() = marker.clone();
+        shared.ack_times.lock().unwrap().clear();
+        shared.acked_current.store(0, Ordering::SeqCst);
+        shared.marker_id.store(i as u64 + 1, Ordering::SeqCst);
+        let yaml = config(Some((i % services(), &marker)));
+        let t0 = Instant::now();
+        let ctl = cp.ctl.clone();
+        let (api, state) = (cp.api, cp.state.clone());
+        // ferryctl runs as a process, as an operator would run it.
+        let apply = tokio::task::spawn_blocking(move || {
+            let token = std::fs::read_to_string(state.join("admin.token")).unwrap();
+            let out = Command::new(ctl)
+                .args(["apply", "-f", "-"])
+                .env("FERRY_TOKEN", token.trim())
+                .env("FERRY_CONTROL_API", format!("http://{api}"))
+                .stdin(Stdio::piped())
+                .stdout(Stdio::null())
+                .spawn()
+                .and_then(|mut c| {
+                    use std::io::Write;
+                    c.stdin.take().unwrap().write_all(yaml.as_bytes())?;
+                    c.wait()
+                })
+                .unwrap();
+            assert!(out.success());
+        });
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while shared.acked_current.load(Ordering::SeqCst) < n - shared.errors.load(Ordering::SeqCst) {
+            assert!(Instant::now() < deadline, "apply {i}: not every proxy ACKed within 120 s");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        apply.await.unwrap();
+        let mut times: Vec<f64> =
+            shared.ack_times.lock().unwrap().iter().map(|t| t.duration_since(t0).as_secs_f64()).collect();
+        times.sort_by(f64::total_cmp);
+        to_last.push(*times.last().unwrap());
+        to_median.push(percentile(&times, 0.5));
+        eprintln!(
+            "  apply {i}: half the proxies ACKed after {:.3} s, the last after {:.3} s",
+            to_median[i], to_last[i]
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let final_rss = rss_kib(pid);
+    let status: serde_json::Value = serde_json::from_str(&cp.ctl(&["status", "-o", "json"], None)).unwrap();
+    let listed = status["proxies"].as_array().map(Vec::len).unwrap_or(0);
+    let stale = status["proxies"].as_array().into_iter().flatten().filter(|p| p["stale"] == true).count();
+    for t in tasks {
+        t.abort();
+    }
+    let mut sorted = to_last.clone();
+    sorted.sort_by(f64::total_cmp);
+    serde_json::json!({
+        "proxies": n,
+        "services": services(),
+        "endpointsPerService": ENDPOINTS,
+        "connectSeconds": connect_time.as_secs_f64(),
+        "syncSeconds": sync_time.as_secs_f64(),
+        "resourcesDecoded": shared.resources_decoded.load(Ordering::SeqCst),
+        "errors": shared.errors.load(Ordering::SeqCst),
+        "controlRssKiB": { "baseline": baseline, "connected": connected_rss, "afterApplies": final_rss },
+        "rssPerProxyKiB": per_proxy_kib,
+        "applyToLastAckSeconds": { "p50": percentile(&sorted, 0.5), "p99": percentile(&sorted, 0.99), "max": sorted.last(), "runs": to_last },
+        "applyToHalfAckedSeconds": to_median,
+        "statusListed": listed,
+        "statusStale": stale,
+    })
+}
+
+fn main() {
+    let a = args();
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let mut results = Vec::new();
+    for &n in &a.proxies {
+        results.push(runtime.block_on(run(n, &a)));
+    }
+    println!(
+        "\n| proxies | RSS per proxy (KiB) | control-plane RSS connected (MiB) | apply→last ACK p50 / p99 / max (s) | connect+sync (s) | errors |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for r in &results {
+        println!(
+            "| {} | {:.1} | {:.1} | {:.3} / {:.3} / {:.3} | {:.1} | {} |",
+            r["proxies"],
+            r["rssPerProxyKiB"].as_f64().unwrap(),
+            r["controlRssKiB"]["connected"].as_f64().unwrap() / 1024.0,
+            r["applyToLastAckSeconds"]["p50"].as_f64().unwrap(),
+            r["applyToLastAckSeconds"]["p99"].as_f64().unwrap(),
+            r["applyToLastAckSeconds"]["max"].as_f64().unwrap(),
+            r["syncSeconds"].as_f64().unwrap(),
+            r["errors"]
+        );
+    }
+    if let Some(dir) = a.out.parent() {
+        std::fs::create_dir_all(dir).unwrap();
+    }
+    std::fs::write(&a.out, serde_json::to_string_pretty(&results).unwrap()).unwrap();
+    println!("\nraw: {}", a.out.display());
+}

@@ -1,0 +1,140 @@
+//! The ADS endpoint as a plain tower service: gRPC framing of each response into an exactly-sized buffer, freed once
+//! written. (tonic's generated server keeps a per-stream encode buffer as large as the largest message it ever sent,
+//! which for a proxy's initial sync doubled the control plane's memory per connected proxy.)
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
+use http::{HeaderMap, HeaderValue, Request, Response, header};
+use http_body::Frame;
+use prost::Message;
+use tokio::sync::mpsc;
+use tonic::Status;
+use tonic::codec::{BufferSettings, DecodeBuf, Decoder, Streaming};
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+
+use crate::ads::Xds;
+
+const SERVICE: &str = "envoy.service.discovery.v3.AggregatedDiscoveryService";
+const DELTA_PATH: &str = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
+/// Requests (subscriptions, ACKs) are small; larger ones are refused.
+const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
+
+/// `DeltaAggregatedResources`, served by [`Xds`]; every other method of the service answers UNIMPLEMENTED.
+#[derive(Clone)]
+pub struct AdsService(pub Arc<Xds>);
+
+impl tonic::server::NamedService for AdsService {
+    const NAME: &'static str = SERVICE;
+}
+
+/// Decodes requests with a small initial buffer (it grows only for an unusually large request).
+struct RequestDecoder;
+
+impl Decoder for RequestDecoder {
+    type Item = DeltaDiscoveryRequest;
+    type Error = Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Self::Item>, Status> {
+        DeltaDiscoveryRequest::decode(src).map(Some).map_err(|e| Status::internal(format!("bad request message: {e}")))
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        BufferSettings::new(512, 32 * 1024)
+    }
+}
+
+/// Client credentials and address, as the handler sees them.
+pub struct Incoming {
+    pub authorization: Option<String>,
+    pub peer: Option<std::net::SocketAddr>,
+    pub requests: Streaming<DeltaDiscoveryRequest>,
+}
+
+impl tower_service::Service<Request<tonic::body::Body>> for AdsService {
+    type Response = Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<tonic::body::Body>) -> Self::Future {
+        let xds = self.0.clone();
+        Box::pin(async move {
+            if req.uri().path() != DELTA_PATH {
+                return Ok(trailers_only(Status::unimplemented(
+                    "Ferry serves delta xDS only: use DeltaAggregatedResources",
+                )));
+            }
+            let peer = req
+                .extensions()
+                .get::<TlsConnectInfo<TcpConnectInfo>>()
+                .and_then(|i| i.get_ref().remote_addr())
+                .or_else(|| req.extensions().get::<TcpConnectInfo>().and_then(|i| i.remote_addr()));
+            let authorization =
+                req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_string);
+            let requests = Streaming::new_request(RequestDecoder, req.into_body(), None, Some(MAX_REQUEST_BYTES));
+            match xds.open_stream(Incoming { authorization, peer, requests }) {
+                Ok(responses) => Ok(grpc_response(tonic::body::Body::new(ResponseBody { rx: responses, done: false }))),
+                Err(status) => Ok(trailers_only(status)),
+            }
+        })
+    }
+}
+
+fn grpc_response(body: tonic::body::Body) -> Response<tonic::body::Body> {
+    let mut resp = Response::new(body);
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    resp
+}
+
+/// A response that is only a status (in the headers, as gRPC's Trailers-Only form).
+fn trailers_only(status: Status) -> Response<tonic::body::Body> {
+    let mut resp = grpc_response(tonic::body::Body::empty());
+    let _ = status.add_header(resp.headers_mut());
+    resp
+}
+
+/// Each response message as one length-prefixed gRPC frame; the stream's end (or an error) as trailers.
+struct ResponseBody {
+    rx: mpsc::Receiver<Result<DeltaDiscoveryResponse, Status>>,
+    done: bool,
+}
+
+impl http_body::Body for ResponseBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        let status = match self.rx.poll_recv(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Some(Ok(message))) => {
+                let len = message.encoded_len();
+                let mut buf = BytesMut::with_capacity(5 + len);
+                buf.put_u8(0);
+                buf.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
+                message.encode(&mut buf).expect("the buffer has room for the message");
+                return Poll::Ready(Some(Ok(Frame::data(buf.freeze()))));
+            }
+            Poll::Ready(Some(Err(status))) => status,
+            Poll::Ready(None) => Status::ok(""),
+        };
+        self.done = true;
+        let mut trailers = HeaderMap::new();
+        let _ = status.add_header(&mut trailers);
+        Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
+    }
+}
