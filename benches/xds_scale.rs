@@ -78,6 +78,16 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// User + system CPU seconds of a process (`self` for this one), from /proc (100 ticks per second on Linux).
+fn cpu_seconds(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may contain spaces) start at the state, field 3.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
 /// The fixed config: 100 Services with ENDPOINTS static endpoints each, in namespace `bench`.
 fn config(extra: Option<(usize, &str)>) -> String {
     let mut out = String::new();
@@ -324,6 +334,7 @@ async fn run(n: usize, a: &Args) -> serde_json::Value {
 
     let mut to_last = Vec::new();
     let mut to_median = Vec::new();
+    let (control_cpu_before, bench_cpu_before) = (cpu_seconds(&pid.to_string()), cpu_seconds("self"));
     for i in 0..a.applies {
         let marker = format!("change-{i}.bench.local");
         *shared.marker.lock().unwrap() = marker.clone();
@@ -370,6 +381,10 @@ async fn run(n: usize, a: &Args) -> serde_json::Value {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     let final_rss = rss_kib(pid);
+    // CPU per apply, including the 300 ms pause after each (idle but for keepalives).
+    let control_cpu = (cpu_seconds(&pid.to_string()) - control_cpu_before) / a.applies as f64;
+    let bench_cpu = (cpu_seconds("self") - bench_cpu_before) / a.applies as f64;
+    eprintln!("  CPU per apply: ferry-control {control_cpu:.3} s, the simulated proxies {bench_cpu:.3} s");
     let status: serde_json::Value = serde_json::from_str(&cp.ctl(&["status", "-o", "json"], None)).unwrap();
     let listed = status["proxies"].as_array().map(Vec::len).unwrap_or(0);
     let stale = status["proxies"].as_array().into_iter().flatten().filter(|p| p["stale"] == true).count();
@@ -390,6 +405,7 @@ async fn run(n: usize, a: &Args) -> serde_json::Value {
         "rssPerProxyKiB": per_proxy_kib,
         "applyToLastAckSeconds": { "p50": percentile(&sorted, 0.5), "p99": percentile(&sorted, 0.99), "max": sorted.last(), "runs": to_last },
         "applyToHalfAckedSeconds": to_median,
+        "cpuSecondsPerApply": { "control": control_cpu, "simulatedProxies": bench_cpu },
         "statusListed": listed,
         "statusStale": stale,
     })

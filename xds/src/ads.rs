@@ -9,7 +9,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use envoy_types::pb::envoy::config::core::v3::Node;
-use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource};
+use bytes::{BufMut, Bytes, BytesMut};
+use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, Resource};
+use prost::Message;
 use envoy_types::pb::google::protobuf::Any;
 use envoy_types::pb::google::protobuf::value::Kind;
 use serde::{Deserialize, Serialize};
@@ -59,9 +61,57 @@ pub struct Registration {
 #[derive(Debug, Clone)]
 struct Entry {
     version: Arc<str>,
-    any: Arc<Any>,
+    /// The xDS `Resource` message (name, version, `Any`), encoded once per generation and shared by every push.
+    encoded: Bytes,
     /// AuthorizationPolicy: the `namespace/name` of the Service it protects (only that Service's proxies get it).
     target: Option<Arc<str>>,
+}
+
+impl Entry {
+    fn new(name: &str, any: Any, target: Option<Arc<str>>) -> Entry {
+        let version = version_of(&any);
+        let resource =
+            Resource { name: name.to_string(), version: version.to_string(), resource: Some(any), ..Default::default() };
+        Entry { version, encoded: resource.encode_to_vec().into(), target }
+    }
+}
+
+/// One response to one proxy: the pre-encoded resources it lacks and the names it must drop.
+#[derive(Debug, Clone)]
+pub struct Push {
+    pub type_url: &'static str,
+    pub generation: u64,
+    pub nonce: String,
+    resources: Vec<Bytes>,
+    pub removed: Vec<String>,
+}
+
+impl Push {
+    /// The `DeltaDiscoveryResponse` as a gRPC frame (flag byte, length, message), built from the shared resource
+    /// encodings without decoding or re-encoding them.
+    pub fn framed(&self) -> Bytes {
+        use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len, string};
+        let version = self.generation.to_string();
+        let type_url = self.type_url.to_string();
+        let len = string::encoded_len(1, &version)
+            + self.resources.iter().map(|r| key_len(2) + encoded_len_varint(r.len() as u64) + r.len()).sum::<usize>()
+            + string::encoded_len(4, &type_url)
+            + string::encoded_len(5, &self.nonce)
+            + string::encoded_len_repeated(6, &self.removed);
+        let mut buf = BytesMut::with_capacity(5 + len);
+        buf.put_u8(0);
+        buf.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
+        string::encode(1, &version, &mut buf);
+        for r in &self.resources {
+            encode_key(2, WireType::LengthDelimited, &mut buf);
+            encode_varint(r.len() as u64, &mut buf);
+            buf.put_slice(r);
+        }
+        string::encode(4, &type_url, &mut buf);
+        string::encode(5, &self.nonce, &mut buf);
+        string::encode_repeated(6, &self.removed, &mut buf);
+        buf.freeze()
+    }
 }
 
 /// Everything the control plane serves, per type, at one generation.
@@ -118,7 +168,7 @@ impl Model {
             }
             let any = protocol::encode(&doc);
             let index = type_index(&any.type_url).expect("every document kind has a type");
-            model.types[index].insert(name.into(), Entry { version: version_of(&any), any: Arc::new(any), target });
+            model.types[index].insert(name.as_str().into(), Entry::new(&name, any, target));
         }
         model
     }
@@ -127,8 +177,7 @@ impl Model {
     #[cfg(feature = "testing")]
     fn inject(&mut self, name: &str, any: Any) {
         if let Some(index) = type_index(&any.type_url) {
-            self.types[index]
-                .insert(name.into(), Entry { version: version_of(&any), any: Arc::new(any), target: None });
+            self.types[index].insert(name.into(), Entry::new(name, any, None));
         }
     }
 
@@ -389,7 +438,7 @@ impl Xds {
     pub fn open_stream(
         self: &Arc<Self>,
         incoming: Incoming,
-    ) -> Result<mpsc::Receiver<Result<DeltaDiscoveryResponse, Status>>, Status> {
+    ) -> Result<mpsc::Receiver<Result<Push, Status>>, Status> {
         let identity = self.authenticate(incoming.authorization.as_deref(), incoming.peer)?;
         let (tx, rx) = mpsc::channel(1);
         tokio::spawn(self.clone().serve_stream(identity, incoming.peer, incoming.requests, tx));
@@ -464,7 +513,7 @@ impl Xds {
         identity: Identity,
         peer: Option<SocketAddr>,
         mut inbound: Streaming<DeltaDiscoveryRequest>,
-        tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+        tx: mpsc::Sender<Result<Push, Status>>,
     ) {
         let first = match inbound.message().await {
             Ok(Some(m)) => m,
@@ -510,7 +559,7 @@ impl Xds {
             let model = model_rx.borrow_and_update().clone();
             let mut closed = false;
             for response in session.due(&model, &status) {
-                self.metrics.xds_pushes.with_label_values(&[short_type(&response.type_url)]).inc();
+                self.metrics.xds_pushes.with_label_values(&[short_type(response.type_url)]).inc();
                 if tx.send(Ok(response)).await.is_err() {
                     closed = true;
                     break;
@@ -647,7 +696,7 @@ impl Session {
     }
 
     /// The pushes due now: per type with no push in flight, what changed since the proxy's state.
-    fn due(&mut self, model: &Model, status: &ProxyStatus) -> Vec<DeltaDiscoveryResponse> {
+    fn due(&mut self, model: &Model, status: &ProxyStatus) -> Vec<Push> {
         let mut out = Vec::new();
         for (index, type_url) in TYPES.iter().enumerate() {
             let Some(t) = self.types.get_mut(type_url) else { continue };
@@ -677,12 +726,7 @@ impl Session {
                 wanted.insert(name.clone());
                 if t.known.get(name) != Some(&entry.version) {
                     t.known.insert(name.clone(), entry.version.clone());
-                    resources.push(Resource {
-                        name: name.to_string(),
-                        version: entry.version.to_string(),
-                        resource: Some((*entry.any).clone()),
-                        ..Default::default()
-                    });
+                    resources.push(entry.encoded.clone());
                 }
             }
             let removed: Vec<String> = t.known.keys().filter(|n| !wanted.contains(*n)).map(|n| n.to_string()).collect();
@@ -708,14 +752,7 @@ impl Session {
                 s.pending_since = Some(Instant::now());
                 s.behind_since = None;
             });
-            out.push(DeltaDiscoveryResponse {
-                system_version_info: model.generation.to_string(),
-                resources,
-                type_url: type_url.to_string(),
-                removed_resources: removed,
-                nonce,
-                ..Default::default()
-            });
+            out.push(Push { type_url, generation: model.generation, nonce, resources, removed });
         }
         out
     }
@@ -724,6 +761,7 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryResponse;
 
     const DOCS: &str = r#"
 apiVersion: ferry.dev/v1alpha1
@@ -746,8 +784,8 @@ spec: {targetRef: {kind: Service, name: api}, defaultAction: deny}
     }
 
     fn endpoints(model: &Model) -> Vec<String> {
-        let any = &model.types[0].get("demo/api").unwrap().any;
-        match protocol::decode("demo/api", any).unwrap() {
+        let resource = Resource::decode(model.types[0].get("demo/api").unwrap().encoded.clone()).unwrap();
+        match protocol::decode("demo/api", resource.resource.as_ref().unwrap()).unwrap() {
             Document::Service(s) => s.spec.endpoints.into_iter().map(|e| e.address).collect(),
             _ => unreachable!(),
         }
@@ -768,6 +806,14 @@ spec: {targetRef: {kind: Service, name: api}, defaultAction: deny}
         assert_eq!(model.counts(), [1, 0, 1]);
         assert!(model.same_content(&Model::build(2, docs.clone(), &regs)));
         assert!(!model.same_content(&Model::build(2, docs, &regs[..0])));
+    }
+
+    /// What a proxy decodes from a push: the framed bytes through the standard message type.
+    fn wire(push: &Push) -> DeltaDiscoveryResponse {
+        let framed = push.framed();
+        assert_eq!(framed[0], 0, "uncompressed");
+        assert_eq!(u32::from_be_bytes(framed[1..5].try_into().unwrap()) as usize, framed.len() - 5);
+        DeltaDiscoveryResponse::decode(&framed[5..]).unwrap()
     }
 
     fn request(type_url: &str, subscribe: &[&str], nonce: &str, error: Option<&str>) -> DeltaDiscoveryRequest {
@@ -801,16 +847,19 @@ spec: {targetRef: {kind: Service, name: api}, defaultAction: deny}
         // Wildcard subscription to Services and AuthorizationPolicies.
         s.on_request(request(protocol::SERVICE_TYPE, &[], "", None), &status, &metrics, "n");
         s.on_request(request(protocol::AUTHORIZATION_POLICY_TYPE, &["*"], "", None), &status, &metrics, "n");
-        let out = s.due(&m1, &status);
+        let out: Vec<DeltaDiscoveryResponse> = s.due(&m1, &status).iter().map(wire).collect();
         assert_eq!(out.len(), 2, "the first response per type is sent even when empty");
         assert_eq!(out[0].resources.len(), 1);
+        assert_eq!(out[0].resources[0].name, "demo/api");
+        assert_eq!(out[0].type_url, protocol::SERVICE_TYPE);
+        assert!(protocol::decode("demo/api", out[0].resources[0].resource.as_ref().unwrap()).is_ok());
         assert!(out[1].resources.is_empty(), "an AuthorizationPolicy goes only to its target's proxies");
         // At most one push in flight: a new generation waits for the ACK.
         let m2 = Model::build(2, docs.clone(), &[reg("demo/api", "127.0.0.1:1", "demo", "api")]);
         assert!(s.due(&m2, &status).is_empty());
         s.on_request(request(protocol::SERVICE_TYPE, &[], &out[0].nonce, None), &status, &metrics, "n");
         s.on_request(request(protocol::AUTHORIZATION_POLICY_TYPE, &[], &out[1].nonce, None), &status, &metrics, "n");
-        let out2 = s.due(&m2, &status);
+        let out2: Vec<DeltaDiscoveryResponse> = s.due(&m2, &status).iter().map(wire).collect();
         assert_eq!(out2.len(), 1, "only the changed type is pushed");
         assert_eq!(out2[0].system_version_info, "2");
         // A NACK is recorded with its message; the stale nonce of an old push is ignored.
@@ -822,7 +871,7 @@ spec: {targetRef: {kind: Service, name: api}, defaultAction: deny}
         assert_eq!(json["stale"], true);
         // Deleting the Service is a removal.
         let m3 = Model::build(3, docs[1..].to_vec(), &[]);
-        let out3 = s.due(&m3, &status);
+        let out3: Vec<DeltaDiscoveryResponse> = s.due(&m3, &status).iter().map(wire).collect();
         assert_eq!(out3[0].removed_resources, ["demo/api"]);
         assert_eq!(metrics.xds_acks.with_label_values(&["Service"]).get(), 1);
         assert_eq!(metrics.xds_nacks.with_label_values(&["Service"]).get(), 1);

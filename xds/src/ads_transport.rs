@@ -1,5 +1,5 @@
-//! The ADS endpoint as a plain tower service: gRPC framing of each response into an exactly-sized buffer, freed once
-//! written. (tonic's generated server keeps a per-stream encode buffer as large as the largest message it ever sent,
+//! The ADS endpoint as a plain tower service: each response framed into an exactly-sized buffer (from resource
+//! encodings shared by every proxy), freed once written. (tonic's generated server keeps a per-stream encode buffer as large as the largest message it ever sent,
 //! which for a proxy's initial sync doubled the control plane's memory per connected proxy.)
 
 use std::convert::Infallible;
@@ -7,8 +7,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::{BufMut, Bytes, BytesMut};
-use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
+use bytes::Bytes;
+use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 use http::{HeaderMap, HeaderValue, Request, Response, header};
 use http_body::Frame;
 use prost::Message;
@@ -17,7 +17,7 @@ use tonic::Status;
 use tonic::codec::{BufferSettings, DecodeBuf, Decoder, Streaming};
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 
-use crate::ads::Xds;
+use crate::ads::{Push, Xds};
 
 const SERVICE: &str = "envoy.service.discovery.v3.AggregatedDiscoveryService";
 const DELTA_PATH: &str = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
@@ -103,7 +103,7 @@ fn trailers_only(status: Status) -> Response<tonic::body::Body> {
 
 /// Each response message as one length-prefixed gRPC frame; the stream's end (or an error) as trailers.
 struct ResponseBody {
-    rx: mpsc::Receiver<Result<DeltaDiscoveryResponse, Status>>,
+    rx: mpsc::Receiver<Result<Push, Status>>,
     done: bool,
 }
 
@@ -117,14 +117,7 @@ impl http_body::Body for ResponseBody {
         }
         let status = match self.rx.poll_recv(cx) {
             Poll::Pending => return Poll::Pending,
-            Poll::Ready(Some(Ok(message))) => {
-                let len = message.encoded_len();
-                let mut buf = BytesMut::with_capacity(5 + len);
-                buf.put_u8(0);
-                buf.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
-                message.encode(&mut buf).expect("the buffer has room for the message");
-                return Poll::Ready(Some(Ok(Frame::data(buf.freeze()))));
-            }
+            Poll::Ready(Some(Ok(push))) => return Poll::Ready(Some(Ok(Frame::data(push.framed())))),
             Poll::Ready(Some(Err(status))) => status,
             Poll::Ready(None) => Status::ok(""),
         };
