@@ -8,12 +8,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use envoy_types::pb::envoy::config::core::v3::Node;
 use bytes::{BufMut, Bytes, BytesMut};
+use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, Resource};
-use prost::Message;
 use envoy_types::pb::google::protobuf::Any;
 use envoy_types::pb::google::protobuf::value::Kind;
+use prost::Message;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::{Notify, mpsc, watch};
@@ -70,8 +70,12 @@ struct Entry {
 impl Entry {
     fn new(name: &str, any: Any, target: Option<Arc<str>>) -> Entry {
         let version = version_of(&any);
-        let resource =
-            Resource { name: name.to_string(), version: version.to_string(), resource: Some(any), ..Default::default() };
+        let resource = Resource {
+            name: name.to_string(),
+            version: version.to_string(),
+            resource: Some(any),
+            ..Default::default()
+        };
         Entry { version, encoded: resource.encode_to_vec().into(), target }
     }
 }
@@ -435,10 +439,7 @@ impl Xds {
     }
 
     /// Authenticates a new stream and starts serving it; the receiver yields its responses.
-    pub fn open_stream(
-        self: &Arc<Self>,
-        incoming: Incoming,
-    ) -> Result<mpsc::Receiver<Result<Push, Status>>, Status> {
+    pub fn open_stream(self: &Arc<Self>, incoming: Incoming) -> Result<mpsc::Receiver<Result<Push, Status>>, Status> {
         let identity = self.authenticate(incoming.authorization.as_deref(), incoming.peer)?;
         let (tx, rx) = mpsc::channel(1);
         tokio::spawn(self.clone().serve_stream(identity, incoming.peer, incoming.requests, tx));
@@ -638,6 +639,8 @@ impl Session {
         let type_url = TYPES[index];
         let first = !self.types.contains_key(type_url);
         let t = self.types.entry(type_url).or_default();
+        // Only a subscription change calls for a new diff at the same generation (not an ACK).
+        t.dirty |= first || !r.resource_names_subscribe.is_empty() || !r.resource_names_unsubscribe.is_empty();
         if first {
             // A first request with no names is a (legacy) wildcard subscription.
             t.wildcard = r.resource_names_subscribe.is_empty();
@@ -660,7 +663,6 @@ impl Session {
                 t.known.remove(name.as_str());
             }
         }
-        t.dirty = true;
         if r.response_nonce.is_empty() {
             return;
         }
@@ -814,6 +816,42 @@ spec: {targetRef: {kind: Service, name: api}, defaultAction: deny}
         assert_eq!(framed[0], 0, "uncompressed");
         assert_eq!(u32::from_be_bytes(framed[1..5].try_into().unwrap()) as usize, framed.len() - 5);
         DeltaDiscoveryResponse::decode(&framed[5..]).unwrap()
+    }
+
+    /// Changes that arrive within the debounce window make one generation; a change after it makes the next.
+    #[tokio::test(start_paused = true)]
+    async fn changes_are_debounced_and_coalesced() {
+        let dir = std::env::temp_dir().join(format!("ferry-ads-debounce-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let store = Arc::new(Mutex::new(Store::open(&dir).unwrap()));
+        let tokens = Arc::new(Mutex::new(Tokens::open(&dir).unwrap()));
+        let xds = Xds::new(store.clone(), tokens, Arc::new(ControlMetrics::new()), &dir, Duration::from_secs(60));
+        assert_eq!(xds.generation(), 1);
+        tokio::spawn(xds.clone().run_publisher());
+        let service = |name: &str| {
+            crate::parse_documents(&format!(
+                "apiVersion: ferry.dev/v1alpha1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{ports: [{{port: 80}}]}}\n"
+            ))
+            .unwrap()
+        };
+        for i in 0..5 {
+            store.lock().unwrap().apply(service(&format!("s{i}")), false).unwrap();
+            xds.changed();
+            tokio::time::sleep(DEBOUNCE / 10).await;
+        }
+        tokio::time::sleep(DEBOUNCE * 3).await;
+        assert_eq!(xds.generation(), 2, "five changes inside the window: one push");
+        assert_eq!(xds.published.borrow().counts(), [5, 0, 0]);
+        // Nothing changed: a notification publishes nothing new.
+        xds.changed();
+        tokio::time::sleep(DEBOUNCE * 3).await;
+        assert_eq!(xds.generation(), 2);
+        store.lock().unwrap().apply(service("s5"), false).unwrap();
+        xds.changed();
+        tokio::time::sleep(DEBOUNCE * 3).await;
+        assert_eq!(xds.generation(), 3);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     fn request(type_url: &str, subscribe: &[&str], nonce: &str, error: Option<&str>) -> DeltaDiscoveryRequest {
