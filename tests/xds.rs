@@ -382,8 +382,34 @@ async fn bad_credentials_and_false_claims_are_refused() {
         };
         assert!(log.contains(expected), "{reason}: proxy log lacks {expected:?}:\n{log}");
     }
+    // Revoking the token of a connected proxy closes its stream; it keeps serving its last config, refused on retry.
+    let web_token = cp.join_token("default", "web", "1h");
+    let mut env = cp.proxy_env(&web_token);
+    env.push(("FERRY_NODE_ID".into(), "web".into()));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let web = tokio::task::block_in_place(|| Ferry::start(None, &env));
+    assert_eq!(web.metric("ferry_xds_connected"), 1.0);
+    let revoked_before =
+        support::metric_value(&cp.metrics_text(), "ferry_control_xds_refused_total{reason=\"revoked\"}");
+    cp.ok(&["token", "revoke", web_token.split('.').next().unwrap()], None);
+    tokio::task::block_in_place(|| {
+        wait_until("the revoked proxy's stream is closed", Duration::from_secs(10), || {
+            web.metric("ferry_xds_connected") == 0.0
+        });
+        wait_until("its reconnect refused", Duration::from_secs(10), || {
+            support::metric_value(&cp.metrics_text(), "ferry_control_xds_refused_total{reason=\"revoked\"}")
+                >= revoked_before + 2.0
+        });
+    });
+    assert_eq!(http_get(web.health, "/health/ready").unwrap().0, 200, "still serving its last good config");
+    assert!(web.logs().contains("was revoked"), "{}", web.logs());
+    drop(web);
     let logs = cp.logs();
     assert!(logs.matches("xDS connection refused").count() >= 4, "{logs}");
-    let status = cp.ok(&["status"], None);
-    assert!(!status.contains("sa/api") && !status.contains("sa/web"), "no refused proxy is listed:\n{status}");
+    tokio::task::block_in_place(|| {
+        wait_until("no refused proxy is listed", Duration::from_secs(5), || {
+            let status = cp.ok(&["status"], None);
+            !status.contains("sa/api") && !status.contains("sa/web")
+        })
+    });
 }

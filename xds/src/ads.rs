@@ -294,6 +294,8 @@ pub struct Xds {
     metrics: Arc<ControlMetrics>,
     changed: Notify,
     published: watch::Sender<Arc<Model>>,
+    /// Bumped on every token revocation: streams authenticated by a revoked token are closed.
+    revocations: watch::Sender<u64>,
     registry: Mutex<Registry>,
     proxies: Mutex<BTreeMap<u64, Arc<ProxyStatus>>>,
     next_id: AtomicU64,
@@ -343,6 +345,7 @@ impl Xds {
             metrics,
             changed: Notify::new(),
             published,
+            revocations: watch::channel(0).0,
             registry: Mutex::new(registry),
             proxies: Mutex::new(BTreeMap::new()),
             next_id: AtomicU64::new(1),
@@ -357,6 +360,11 @@ impl Xds {
     /// Something the model depends on changed; the publisher rebuilds after the debounce window.
     pub fn changed(&self) {
         self.changed.notify_one();
+    }
+
+    /// A token was revoked: streams that authenticated with it end now (UNAUTHENTICATED).
+    pub fn token_revoked(&self) {
+        self.revocations.send_modify(|n| *n += 1);
     }
 
     pub fn generation(&self) -> u64 {
@@ -440,22 +448,28 @@ impl Xds {
 
     /// Authenticates a new stream and starts serving it; the receiver yields its responses.
     pub fn open_stream(self: &Arc<Self>, incoming: Incoming) -> Result<mpsc::Receiver<Result<Push, Status>>, Status> {
-        let identity = self.authenticate(incoming.authorization.as_deref(), incoming.peer)?;
+        let (identity, token_id) = self.authenticate(incoming.authorization.as_deref(), incoming.peer)?;
         let (tx, rx) = mpsc::channel(1);
-        tokio::spawn(self.clone().serve_stream(identity, incoming.peer, incoming.requests, tx));
+        tokio::spawn(self.clone().serve_stream(identity, token_id, incoming.peer, incoming.requests, tx));
         Ok(rx)
     }
 
-    fn authenticate(&self, authorization: Option<&str>, peer: Option<SocketAddr>) -> Result<Identity, Status> {
+    /// The identity a stream's credential stands for, and the credential's token id.
+    fn authenticate(
+        &self,
+        authorization: Option<&str>,
+        peer: Option<SocketAddr>,
+    ) -> Result<(Identity, String), Status> {
         let Some(token) = authorization.and_then(|v| v.strip_prefix("Bearer ")) else {
             let message = "no credential: send the join token as `authorization: Bearer <token>`";
             self.refuse("missing", peer, message);
             return Err(Status::unauthenticated(message));
         };
         match self.tokens.lock().expect("tokens lock").verify(token, unix_now()) {
-            Ok(record) => {
-                Ok(Identity { namespace: record.namespace.clone(), service_account: record.service_account.clone() })
-            }
+            Ok(record) => Ok((
+                Identity { namespace: record.namespace.clone(), service_account: record.service_account.clone() },
+                record.id.clone(),
+            )),
             Err(e) => {
                 let reason = match e {
                     TokenError::Malformed => "malformed",
@@ -512,6 +526,7 @@ impl Xds {
     async fn serve_stream(
         self: Arc<Self>,
         identity: Identity,
+        token_id: String,
         peer: Option<SocketAddr>,
         mut inbound: Streaming<DeltaDiscoveryRequest>,
         tx: mpsc::Sender<Result<Push, Status>>,
@@ -551,6 +566,7 @@ impl Xds {
         tracing::info!(node = %node.id, identity = %identity.spiffe(), peer = ?peer, service = ?service, "proxy connected");
 
         let mut model_rx = self.published.subscribe();
+        let mut revocations = self.revocations.subscribe();
         let mut session = Session { id, service: service.map(Arc::from), types: HashMap::new(), nonces: 0 };
         let mut next = Some(first);
         loop {
@@ -579,6 +595,14 @@ impl Xds {
                     }
                 },
                 r = model_rx.changed() => if r.is_err() { break },
+                _ = revocations.changed() => {
+                    if self.tokens.lock().expect("tokens lock").is_revoked(&token_id) {
+                        let message = format!("token {token_id} was revoked");
+                        self.refuse("revoked", peer, &format!("{} ({}): {message}; closing its stream", node.id, identity.spiffe()));
+                        let _ = tx.send(Err(Status::unauthenticated(message))).await;
+                        break;
+                    }
+                }
             }
         }
         tracing::info!(node = %node.id, identity = %identity.spiffe(), "proxy disconnected");

@@ -227,6 +227,9 @@ impl Api {
                 let (tokens, id) = (self.tokens.clone(), id.to_string());
                 match blocking(move || tokens.lock().expect("tokens lock").revoke(&id)).await {
                     Ok(Some(record)) => {
+                        if let Some(xds) = &self.xds {
+                            xds.token_revoked();
+                        }
                         json(StatusCode::OK, serde_json::json!({ "result": "revoked", "token": record.public_json() }))
                     }
                     Ok(None) => error(StatusCode::NOT_FOUND, "no such token"),

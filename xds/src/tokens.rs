@@ -118,6 +118,10 @@ impl Tokens {
         Ok(Some(record))
     }
 
+    pub fn is_revoked(&self, id: &str) -> bool {
+        self.records.get(id).is_some_and(|r| r.revoked)
+    }
+
     pub fn list(&self) -> Vec<&TokenRecord> {
         self.records.values().collect()
     }
