@@ -144,7 +144,7 @@ pub async fn run(settings: Arc<Settings>, store: Arc<ConfigStore>, metrics: Arc<
 fn random_fraction() -> f64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(Instant::now().elapsed().as_nanos());
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
     (h.finish() >> 11) as f64 / (1u64 << 53) as f64
 }
 
@@ -200,14 +200,16 @@ async fn session(
     tracing::info!(addr = %control.addr, node = %control.node_id, "connected to the control plane");
     while let Some(response) = responses.message().await? {
         let label = short_type(&response.type_url).to_string();
+        let was_ready = resources.ready();
         let error = match resources.apply(&response) {
             Ok((index, next)) => {
                 *resources = next;
+                let empty = response.resources.is_empty() && response.removed_resources.is_empty();
                 metrics.xds_updates.with_label_values(&[&label, "ack"]).inc();
                 if let Ok(generation) = response.system_version_info.parse::<i64>() {
                     metrics.xds_version.with_label_values(&[&label]).set(generation);
                 }
-                if resources.ready() {
+                if resources.ready() && !(was_ready && empty) {
                     *version += 1;
                     let snapshot = Snapshot::build(
                         *version,
@@ -221,7 +223,7 @@ async fn session(
                     metrics.config_updates.with_label_values(&["xds", "applied"]).inc();
                     metrics.config_applied();
                 } else {
-                    tracing::debug!(type_url = %label, held = resources.types[index].len(), "first response of a type");
+                    tracing::debug!(type_url = %label, held = resources.types[index].len(), "response ACKed; no snapshot change (a first response, or nothing in it)");
                 }
                 None
             }

@@ -30,6 +30,25 @@ use crate::tokens::{TokenError, Tokens};
 pub const DEBOUNCE: Duration = Duration::from_millis(100);
 /// A proxy whose stream ended keeps its endpoint this long, so a reconnect does not flap it.
 pub const DISCONNECT_LINGER: Duration = Duration::from_secs(5);
+/// A new stream must send its first request within this long.
+const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// A proxy that has not taken a push for this long (its connection is up but it does not read) is disconnected.
+const SEND_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How a stream's push loop ended early.
+enum Ended {
+    Closed,
+    Stuck,
+    Revoked,
+}
+
+/// What authenticated a stream: the identity, the token it came from, and a view of revocations since the check.
+struct Credential {
+    identity: Identity,
+    token_id: String,
+    revocations: watch::Receiver<u64>,
+}
+
 /// A push not ACKed within this long, or a model generation not reached within it, marks the proxy stale.
 pub const STALE_AFTER: Duration = Duration::from_secs(5);
 
@@ -448,9 +467,12 @@ impl Xds {
 
     /// Authenticates a new stream and starts serving it; the receiver yields its responses.
     pub fn open_stream(self: &Arc<Self>, incoming: Incoming) -> Result<mpsc::Receiver<Result<Push, Status>>, Status> {
+        // Subscribed before the check, so a revocation after it is never missed.
+        let revocations = self.revocations.subscribe();
         let (identity, token_id) = self.authenticate(incoming.authorization.as_deref(), incoming.peer)?;
         let (tx, rx) = mpsc::channel(1);
-        tokio::spawn(self.clone().serve_stream(identity, token_id, incoming.peer, incoming.requests, tx));
+        let credential = Credential { identity, token_id, revocations };
+        tokio::spawn(self.clone().serve_stream(credential, incoming.peer, incoming.requests, tx));
         Ok(rx)
     }
 
@@ -511,12 +533,16 @@ impl Xds {
         Ok(service)
     }
 
-    fn disconnect(&self, id: u64) {
+    /// The stream ended; its endpoint lingers briefly (a reconnect does not flap it), unless its credential was
+    /// revoked.
+    fn disconnect(&self, id: u64, revoked: bool) {
         self.proxies.lock().expect("proxies lock").remove(&id);
         self.metrics.xds_connected.dec();
         let mut registry = self.registry.lock().expect("registry lock");
         if let Some(r) = registry.live.remove(&id) {
-            registry.retained.push((r, Instant::now() + DISCONNECT_LINGER));
+            if !revoked {
+                registry.retained.push((r, Instant::now() + DISCONNECT_LINGER));
+            }
             drop(registry);
             self.changed();
         }
@@ -525,16 +551,30 @@ impl Xds {
     /// One proxy's stream, from its first request to its end.
     async fn serve_stream(
         self: Arc<Self>,
-        identity: Identity,
-        token_id: String,
+        credential: Credential,
         peer: Option<SocketAddr>,
         mut inbound: Streaming<DeltaDiscoveryRequest>,
         tx: mpsc::Sender<Result<Push, Status>>,
     ) {
-        let first = match inbound.message().await {
-            Ok(Some(m)) => m,
-            _ => return,
+        let Credential { identity, token_id, mut revocations } = credential;
+        let first = match tokio::time::timeout(FIRST_REQUEST_TIMEOUT, inbound.message()).await {
+            Ok(Ok(Some(m))) => m,
+            Ok(Err(status)) => {
+                let _ = tx.try_send(Err(status));
+                return;
+            }
+            Ok(Ok(None)) => return,
+            Err(_) => {
+                let _ = tx.try_send(Err(Status::deadline_exceeded("no request within 30 s of opening the stream")));
+                return;
+            }
         };
+        if self.tokens.lock().expect("tokens lock").is_revoked(&token_id) {
+            let message = format!("token {token_id} was revoked");
+            self.refuse("revoked", peer, &message);
+            let _ = tx.try_send(Err(Status::unauthenticated(message)));
+            return;
+        }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let node = first.node.clone().unwrap_or_default();
         let claim = NodeClaim::of(&node);
@@ -566,47 +606,93 @@ impl Xds {
         tracing::info!(node = %node.id, identity = %identity.spiffe(), peer = ?peer, service = ?service, "proxy connected");
 
         let mut model_rx = self.published.subscribe();
-        let mut revocations = self.revocations.subscribe();
         let mut session = Session { id, service: service.map(Arc::from), types: HashMap::new(), nonces: 0 };
         let mut next = Some(first);
+        let mut revoked = false;
         loop {
             if let Some(request) = next.take() {
                 session.on_request(request, &status, &self.metrics, &node.id);
             }
             let model = model_rx.borrow_and_update().clone();
-            let mut closed = false;
+            let mut end = None;
             for response in session.due(&model, &status) {
                 self.metrics.xds_pushes.with_label_values(&[short_type(response.type_url)]).inc();
-                if tx.send(Ok(response)).await.is_err() {
-                    closed = true;
+                // A proxy that stops reading must not pin this task: wait for room, but not past a revocation or
+                // SEND_TIMEOUT.
+                let permit = tokio::select! {
+                    permit = tokio::time::timeout(SEND_TIMEOUT, tx.reserve()) => permit,
+                    _ = self.revoked(&token_id, &mut revocations) => {
+                        end = Some(Ended::Revoked);
+                        break;
+                    }
+                };
+                match permit {
+                    Ok(Ok(permit)) => permit.send(Ok(response)),
+                    Ok(Err(_)) => end = Some(Ended::Closed),
+                    Err(_) => end = Some(Ended::Stuck),
+                }
+                if end.is_some() {
                     break;
                 }
             }
-            if closed {
-                break;
+            match end {
+                None => {}
+                Some(Ended::Closed) => break,
+                Some(Ended::Stuck) => {
+                    tracing::warn!(node = %node.id, "proxy has not read a push for {SEND_TIMEOUT:?}; closing its stream");
+                    break;
+                }
+                Some(Ended::Revoked) => {
+                    self.close_revoked(&token_id, peer, &node.id, &identity, &tx);
+                    revoked = true;
+                    break;
+                }
             }
             tokio::select! {
                 m = inbound.message() => match m {
                     Ok(Some(request)) => next = Some(request),
                     Ok(None) => break,
-                    Err(e) => {
-                        tracing::debug!(node = %node.id, error = %e, "xDS stream error");
+                    Err(status) => {
+                        tracing::debug!(node = %node.id, error = %status, "xDS stream error");
+                        let _ = tx.try_send(Err(status));
                         break;
                     }
                 },
                 r = model_rx.changed() => if r.is_err() { break },
-                _ = revocations.changed() => {
-                    if self.tokens.lock().expect("tokens lock").is_revoked(&token_id) {
-                        let message = format!("token {token_id} was revoked");
-                        self.refuse("revoked", peer, &format!("{} ({}): {message}; closing its stream", node.id, identity.spiffe()));
-                        let _ = tx.send(Err(Status::unauthenticated(message))).await;
-                        break;
-                    }
+                _ = self.revoked(&token_id, &mut revocations) => {
+                    self.close_revoked(&token_id, peer, &node.id, &identity, &tx);
+                    revoked = true;
+                    break;
                 }
             }
         }
         tracing::info!(node = %node.id, identity = %identity.spiffe(), "proxy disconnected");
-        self.disconnect(id);
+        self.disconnect(id, revoked);
+    }
+
+    /// Resolves when `token_id` is revoked (checked at each revocation anywhere).
+    async fn revoked(&self, token_id: &str, revocations: &mut watch::Receiver<u64>) {
+        loop {
+            if revocations.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+            if self.tokens.lock().expect("tokens lock").is_revoked(token_id) {
+                return;
+            }
+        }
+    }
+
+    fn close_revoked(
+        &self,
+        token_id: &str,
+        peer: Option<SocketAddr>,
+        node: &str,
+        identity: &Identity,
+        tx: &mpsc::Sender<Result<Push, Status>>,
+    ) {
+        let message = format!("token {token_id} was revoked");
+        self.refuse("revoked", peer, &format!("{node} ({}): {message}; closing its stream", identity.spiffe()));
+        let _ = tx.try_send(Err(Status::unauthenticated(message)));
     }
 }
 
@@ -626,11 +712,19 @@ impl NodeClaim {
         };
         let inbound_port = match fields.get(NODE_INBOUND_PORT).and_then(|v| v.kind.as_ref()) {
             Some(Kind::NumberValue(n)) if *n >= 1.0 && *n <= 65535.0 && n.fract() == 0.0 => Some(*n as u16),
-            Some(Kind::StringValue(s)) => s.parse().ok(),
+            Some(Kind::StringValue(s)) => s.parse().ok().filter(|p| *p != 0),
             _ => None,
         };
         Some(NodeClaim { service, inbound_port })
     }
+}
+
+/// A push awaiting its answer, and how to take it back from `known` if the proxy NACKs it.
+struct Pending {
+    nonce: String,
+    generation: u64,
+    /// Each name the push changed, with the version the proxy held before (`None`: it held none).
+    undo: Vec<(Arc<str>, Option<Arc<str>>)>,
 }
 
 /// Per type: what the proxy subscribed to, what it holds, and the push awaiting its ACK.
@@ -640,7 +734,7 @@ struct TypeState {
     names: HashSet<String>,
     /// name → version the proxy holds (or was last sent).
     known: HashMap<Arc<str>, Arc<str>>,
-    pending: Option<(String, u64)>,
+    pending: Option<Pending>,
     /// The generation the proxy is at for this type; `None` until the first response.
     synced: Option<u64>,
     /// A subscription changed: recompute even if the generation did not.
@@ -690,13 +784,20 @@ impl Session {
         if r.response_nonce.is_empty() {
             return;
         }
-        match &t.pending {
-            Some((nonce, generation)) if *nonce == r.response_nonce => {
-                let generation = *generation;
-                t.pending = None;
+        match t.pending.take() {
+            Some(pending) if pending.nonce == r.response_nonce => {
+                let generation = pending.generation;
                 let label = short_type(type_url);
                 match r.error_detail {
                     Some(error) => {
+                        // The proxy kept what it had: diff the next generation against that, so the refused change
+                        // (or a fixed version of it) is sent again rather than assumed applied.
+                        for (name, previous) in pending.undo {
+                            match previous {
+                                Some(version) => t.known.insert(name, version),
+                                None => t.known.remove(&name),
+                            };
+                        }
                         tracing::warn!(node, type_url = label, generation, error = %error.message, "proxy NACKed a push");
                         metrics.xds_nacks.with_label_values(&[label]).inc();
                         status.update(type_url, |s| {
@@ -716,15 +817,19 @@ impl Session {
                     }
                 }
             }
-            // An answer to an older push, overtaken by a newer one: nothing to record.
-            _ => {}
+            // An answer to an older push (a proxy answers every push in order, so this does not happen with one in
+            // flight), or a nonce we never sent: nothing to record.
+            other => t.pending = other,
         }
     }
 
     /// The pushes due now: per type with no push in flight, what changed since the proxy's state.
     fn due(&mut self, model: &Model, status: &ProxyStatus) -> Vec<Push> {
         let mut out = Vec::new();
-        for (index, type_url) in TYPES.iter().enumerate() {
+        // Within one generation, policies go before Services: a new Service is never live without its policies
+        // (a policy for a Service the proxy does not know yet is harmless).
+        for index in [2, 1, 0] {
+            let type_url = &TYPES[index];
             let Some(t) = self.types.get_mut(type_url) else { continue };
             if t.pending.is_some() {
                 if t.synced != Some(model.generation) {
@@ -739,6 +844,7 @@ impl Session {
             }
             t.dirty = false;
             let mut resources = Vec::new();
+            let mut undo = Vec::new();
             let mut wanted = HashSet::new();
             for (name, entry) in &model.types[index] {
                 if !(t.wildcard || t.names.contains(&**name)) {
@@ -751,28 +857,32 @@ impl Session {
                 }
                 wanted.insert(name.clone());
                 if t.known.get(name) != Some(&entry.version) {
-                    t.known.insert(name.clone(), entry.version.clone());
+                    undo.push((name.clone(), t.known.insert(name.clone(), entry.version.clone())));
                     resources.push(entry.encoded.clone());
                 }
             }
             let removed: Vec<String> = t.known.keys().filter(|n| !wanted.contains(*n)).map(|n| n.to_string()).collect();
             for name in &removed {
-                t.known.remove(name.as_str());
+                if let Some((name, version)) = t.known.remove_entry(name.as_str()) {
+                    undo.push((name, Some(version)));
+                }
             }
             let first = t.synced.is_none();
             t.synced = Some(model.generation);
             if resources.is_empty() && removed.is_empty() && !first {
-                // Nothing here concerns this proxy: it is at this generation already.
+                // The proxy holds exactly what this generation has for it (nothing changed for it, or a refused
+                // change was withdrawn): it is in sync, and an earlier NACK no longer applies.
                 status.update(type_url, |s| {
                     s.sent = model.generation;
                     s.acked = s.acked.max(model.generation);
                     s.behind_since = None;
+                    s.nacked = None;
                 });
                 continue;
             }
             self.nonces += 1;
             let nonce = format!("{}-{}", self.id, self.nonces);
-            t.pending = Some((nonce.clone(), model.generation));
+            t.pending = Some(Pending { nonce: nonce.clone(), generation: model.generation, undo });
             status.update(type_url, |s| {
                 s.sent = model.generation;
                 s.pending_since = Some(Instant::now());
@@ -911,11 +1021,13 @@ spec: {targetRef: {kind: Service, name: api}, defaultAction: deny}
         s.on_request(request(protocol::AUTHORIZATION_POLICY_TYPE, &["*"], "", None), &status, &metrics, "n");
         let out: Vec<DeltaDiscoveryResponse> = s.due(&m1, &status).iter().map(wire).collect();
         assert_eq!(out.len(), 2, "the first response per type is sent even when empty");
+        assert_eq!(out[0].type_url, protocol::AUTHORIZATION_POLICY_TYPE, "policies before Services");
+        assert!(out[0].resources.is_empty(), "an AuthorizationPolicy goes only to its target's proxies");
+        let out = [out[1].clone(), out[0].clone()];
         assert_eq!(out[0].resources.len(), 1);
         assert_eq!(out[0].resources[0].name, "demo/api");
         assert_eq!(out[0].type_url, protocol::SERVICE_TYPE);
         assert!(protocol::decode("demo/api", out[0].resources[0].resource.as_ref().unwrap()).is_ok());
-        assert!(out[1].resources.is_empty(), "an AuthorizationPolicy goes only to its target's proxies");
         // At most one push in flight: a new generation waits for the ACK.
         let m2 = Model::build(2, docs.clone(), &[reg("demo/api", "127.0.0.1:1", "demo", "api")]);
         assert!(s.due(&m2, &status).is_empty());
@@ -931,11 +1043,19 @@ spec: {targetRef: {kind: Service, name: api}, defaultAction: deny}
         assert_eq!(json["types"]["Service"]["nacked"]["message"], "bad port");
         assert_eq!(json["types"]["Service"]["acked"], 1);
         assert_eq!(json["stale"], true);
+        // Nothing is resent at the same generation; the next one resends what the proxy refused (it kept the old).
+        assert!(s.due(&m2, &status).is_empty());
+        let m2b = Model::build(3, docs.clone(), &[reg("demo/api", "127.0.0.1:1", "demo", "api")]);
+        let again: Vec<DeltaDiscoveryResponse> = s.due(&m2b, &status).iter().map(wire).collect();
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].resources[0].version, out2[0].resources[0].version, "the refused version, again");
+        s.on_request(request(protocol::SERVICE_TYPE, &[], &again[0].nonce, None), &status, &metrics, "n");
+        assert_eq!(status.to_json(Instant::now())["stale"], false, "an ACK of the whole difference clears it");
         // Deleting the Service is a removal.
-        let m3 = Model::build(3, docs[1..].to_vec(), &[]);
+        let m3 = Model::build(4, docs[1..].to_vec(), &[]);
         let out3: Vec<DeltaDiscoveryResponse> = s.due(&m3, &status).iter().map(wire).collect();
         assert_eq!(out3[0].removed_resources, ["demo/api"]);
-        assert_eq!(metrics.xds_acks.with_label_values(&["Service"]).get(), 1);
+        assert_eq!(metrics.xds_acks.with_label_values(&["Service"]).get(), 2);
         assert_eq!(metrics.xds_nacks.with_label_values(&["Service"]).get(), 1);
     }
 }
