@@ -35,6 +35,19 @@ const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// A proxy that has not taken a push for this long (its connection is up but it does not read) is disconnected.
 const SEND_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// A connected proxy's stream; dropping it disconnects the proxy (see `Xds::disconnect`).
+struct Connected {
+    xds: Arc<Xds>,
+    id: u64,
+    revoked: bool,
+}
+
+impl Drop for Connected {
+    fn drop(&mut self) {
+        self.xds.disconnect(self.id, self.revoked);
+    }
+}
+
 /// How a stream's push loop ended early.
 enum Ended {
     Closed,
@@ -536,9 +549,10 @@ impl Xds {
     /// The stream ended; its endpoint lingers briefly (a reconnect does not flap it), unless its credential was
     /// revoked.
     fn disconnect(&self, id: u64, revoked: bool) {
-        self.proxies.lock().expect("proxies lock").remove(&id);
+        // Runs from a Drop, possibly while unwinding: a poisoned lock is still used rather than panicking again.
+        self.proxies.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
         self.metrics.xds_connected.dec();
-        let mut registry = self.registry.lock().expect("registry lock");
+        let mut registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(r) = registry.live.remove(&id) {
             if !revoked {
                 registry.retained.push((r, Instant::now() + DISCONNECT_LINGER));
@@ -603,12 +617,13 @@ impl Xds {
         });
         self.proxies.lock().expect("proxies lock").insert(id, status.clone());
         self.metrics.xds_connected.inc();
+        // From here on, however the task ends (even by a panic), the proxy is unlisted and its endpoint released.
+        let mut connected = Connected { xds: self.clone(), id, revoked: false };
         tracing::info!(node = %node.id, identity = %identity.spiffe(), peer = ?peer, service = ?service, "proxy connected");
 
         let mut model_rx = self.published.subscribe();
         let mut session = Session { id, service: service.map(Arc::from), types: HashMap::new(), nonces: 0 };
         let mut next = Some(first);
-        let mut revoked = false;
         loop {
             if let Some(request) = next.take() {
                 session.on_request(request, &status, &self.metrics, &node.id);
@@ -644,7 +659,7 @@ impl Xds {
                 }
                 Some(Ended::Revoked) => {
                     self.close_revoked(&token_id, peer, &node.id, &identity, &tx);
-                    revoked = true;
+                    connected.revoked = true;
                     break;
                 }
             }
@@ -661,13 +676,12 @@ impl Xds {
                 r = model_rx.changed() => if r.is_err() { break },
                 _ = self.revoked(&token_id, &mut revocations) => {
                     self.close_revoked(&token_id, peer, &node.id, &identity, &tx);
-                    revoked = true;
+                    connected.revoked = true;
                     break;
                 }
             }
         }
         tracing::info!(node = %node.id, identity = %identity.spiffe(), "proxy disconnected");
-        self.disconnect(id, revoked);
     }
 
     /// Resolves when `token_id` is revoked (checked at each revocation anywhere).
