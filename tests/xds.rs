@@ -141,6 +141,10 @@ fn mesh_blocking(tag: &str) -> Mesh {
     wait_until("web routes api.v0.local to the api proxy", Duration::from_secs(10), || {
         get(web.outbound, "api.v0.local") == Some(200)
     });
+    // Both proxies have ACKed everything so far, so counters read from here on move only with the test's changes.
+    wait_until("2 proxies x 3 types in sync", Duration::from_secs(10), || {
+        cp.ok(&["status"], None).matches("SYNCED").count() == 6
+    });
     Mesh { _backend: backend, cp, web, api }
 }
 
@@ -220,6 +224,12 @@ async fn streams_survive_twenty_changes_under_load() {
     assert_eq!(ws.next().await.unwrap().unwrap().into_text().unwrap().as_str(), "before");
 
     let proxies = [&m.web, &m.api, &grpc_proxy, &ws_proxy];
+    // Every proxy has ACKed the registrations' pushes before the counting starts.
+    tokio::task::block_in_place(|| {
+        wait_until("4 proxies x 3 types in sync", Duration::from_secs(10), || {
+            m.cp.ok(&["status"], None).matches("SYNCED").count() == 12
+        })
+    });
     let before: Vec<f64> = proxies.iter().map(|p| p.metric(ACK_SERVICE)).collect();
     let load = Load::start(web, "api.v0.local");
     let mut addresses = vec!["api.v0.local".to_string()];
