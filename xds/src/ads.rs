@@ -745,7 +745,11 @@ struct Pending {
 #[derive(Default)]
 struct TypeState {
     wildcard: bool,
+    /// Wildcard only because the first request named nothing (legacy form): naming resources later ends it.
+    legacy_wildcard: bool,
     names: HashSet<String>,
+    /// Names just subscribed: each is answered in the next push, as a resource or (if absent) a removal.
+    unanswered: HashSet<String>,
     /// name → version the proxy holds (or was last sent).
     known: HashMap<Arc<str>, Arc<str>>,
     pending: Option<Pending>,
@@ -776,14 +780,21 @@ impl Session {
         if first {
             // A first request with no names is a (legacy) wildcard subscription.
             t.wildcard = r.resource_names_subscribe.is_empty();
+            t.legacy_wildcard = t.wildcard;
             t.known = r.initial_resource_versions.into_iter().map(|(n, v)| (n.into(), v.into())).collect();
+        } else if t.legacy_wildcard && !r.resource_names_subscribe.is_empty() {
+            // Naming resources ends a legacy wildcard, unless `*` is among them.
+            t.legacy_wildcard = false;
+            t.wildcard = r.resource_names_subscribe.iter().any(|n| n == "*");
         }
         for name in r.resource_names_subscribe {
             if name == "*" {
                 t.wildcard = true;
+                t.legacy_wildcard = false;
             } else {
                 // The protocol says: always send what was just subscribed, even if the proxy seems to have it.
                 t.known.remove(name.as_str());
+                t.unanswered.insert(name.clone());
                 t.names.insert(name);
             }
         }
@@ -875,7 +886,14 @@ impl Session {
                     resources.push(entry.encoded.clone());
                 }
             }
-            let removed: Vec<String> = t.known.keys().filter(|n| !wanted.contains(*n)).map(|n| n.to_string()).collect();
+            let mut removed: Vec<String> =
+                t.known.keys().filter(|n| !wanted.contains(*n)).map(|n| n.to_string()).collect();
+            // A subscribed name that does not exist is answered as removed (the proxy then knows it is absent).
+            for name in t.unanswered.drain() {
+                if !wanted.contains(name.as_str()) && !removed.contains(&name) {
+                    removed.push(name);
+                }
+            }
             for name in &removed {
                 if let Some((name, version)) = t.known.remove_entry(name.as_str()) {
                     undo.push((name, Some(version)));
@@ -964,6 +982,34 @@ spec: {targetRef: {kind: Service, name: api}, defaultAction: deny}
         assert_eq!(framed[0], 0, "uncompressed");
         assert_eq!(u32::from_be_bytes(framed[1..5].try_into().unwrap()) as usize, framed.len() - 5);
         DeltaDiscoveryResponse::decode(&framed[5..]).unwrap()
+    }
+
+    #[test]
+    fn named_subscriptions() {
+        let metrics = ControlMetrics::new();
+        let status = ProxyStatus {
+            node: "n".into(),
+            identity: Identity { namespace: "demo".into(), service_account: "api".into() },
+            address: None,
+            service: Some("demo/api".into()),
+            connected_since: 0,
+            types: Mutex::default(),
+        };
+        let model = Model::build(1, crate::parse_documents(DOCS).unwrap(), &[]);
+        let mut s = Session { id: 1, service: Some("demo/api".into()), types: HashMap::new(), nonces: 0 };
+        // Named: only what is named; a name that does not exist comes back as removed.
+        s.on_request(request(protocol::SERVICE_TYPE, &["demo/api", "demo/nope"], "", None), &status, &metrics, "n");
+        let out: Vec<DeltaDiscoveryResponse> = s.due(&model, &status).iter().map(wire).collect();
+        assert_eq!(out[0].resources.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(), ["demo/api"]);
+        assert_eq!(out[0].removed_resources, ["demo/nope"]);
+        // Legacy wildcard (first request names nothing) ends when names are subscribed without `*`.
+        s.on_request(request(protocol::AUTHORIZATION_POLICY_TYPE, &[], "", None), &status, &metrics, "n");
+        let t = &s.types[protocol::AUTHORIZATION_POLICY_TYPE];
+        assert!(t.wildcard && t.legacy_wildcard);
+        s.on_request(request(protocol::AUTHORIZATION_POLICY_TYPE, &["demo/x"], "", None), &status, &metrics, "n");
+        assert!(!s.types[protocol::AUTHORIZATION_POLICY_TYPE].wildcard);
+        s.on_request(request(protocol::AUTHORIZATION_POLICY_TYPE, &["*"], "", None), &status, &metrics, "n");
+        assert!(s.types[protocol::AUTHORIZATION_POLICY_TYPE].wildcard);
     }
 
     /// Changes that arrive within the debounce window make one generation; a change after it makes the next.
