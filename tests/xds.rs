@@ -423,3 +423,28 @@ async fn bad_credentials_and_false_claims_are_refused() {
         })
     });
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoints_kept_over_a_restart_expire_after_the_grace_period() {
+    tokio::task::block_in_place(endpoints_expire_after_grace);
+}
+
+fn endpoints_expire_after_grace() {
+    let mut m = mesh_blocking("grace");
+    let api_endpoint = m.api.inbound.to_string();
+    // The control plane goes down, and so does the api proxy: after the restart nobody re-registers its endpoint.
+    m.cp.child.kill().unwrap();
+    m.cp.child.wait().unwrap();
+    drop(m.api);
+    let (state, addrs) = (m.cp.state.clone(), m.cp.addrs());
+    m.cp = ControlPlane::start_on(&state, addrs, &["--endpoint-grace", "3s"]);
+    assert!(m.cp.logs().contains("keeping endpoints registered before the restart"), "{}", m.cp.logs());
+    wait_until("web reconnects and resyncs", Duration::from_secs(20), || {
+        m.cp.ok(&["status"], None).matches("SYNCED").count() == 3
+    });
+    wait_until("the endpoint is withdrawn once the grace period ends", Duration::from_secs(20), || {
+        !http_get(m.web.admin, "/config_dump").unwrap().1.contains(&api_endpoint)
+    });
+    assert_eq!(get(m.web.outbound, "api.v0.local"), Some(503), "api has no endpoint left");
+    assert!(!std::fs::read_to_string(state.join("endpoints.json")).unwrap().contains(&api_endpoint));
+}

@@ -30,6 +30,8 @@ use crate::tokens::{TokenError, Tokens};
 pub const DEBOUNCE: Duration = Duration::from_millis(100);
 /// A proxy whose stream ended keeps its endpoint this long, so a reconnect does not flap it.
 pub const DISCONNECT_LINGER: Duration = Duration::from_secs(5);
+/// Named subscriptions per type and stream beyond this are refused (a proxy wanting more subscribes with `*`).
+const MAX_SUBSCRIBED_NAMES: usize = 10_000;
 /// A new stream must send its first request within this long.
 const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// A proxy that has not taken a push for this long (its connection is up but it does not read) is disconnected.
@@ -625,8 +627,12 @@ impl Xds {
         let mut session = Session { id, service: service.map(Arc::from), types: HashMap::new(), nonces: 0 };
         let mut next = Some(first);
         loop {
-            if let Some(request) = next.take() {
-                session.on_request(request, &status, &self.metrics, &node.id);
+            if let Some(request) = next.take()
+                && let Err(refused) = session.on_request(request, &status, &self.metrics, &node.id)
+            {
+                tracing::warn!(node = %node.id, error = %refused.message(), "closing an xDS stream");
+                let _ = tx.try_send(Err(refused));
+                break;
             }
             let model = model_rx.borrow_and_update().clone();
             let mut end = None;
@@ -767,10 +773,16 @@ struct Session {
 }
 
 impl Session {
-    fn on_request(&mut self, r: DeltaDiscoveryRequest, status: &ProxyStatus, metrics: &ControlMetrics, node: &str) {
+    fn on_request(
+        &mut self,
+        r: DeltaDiscoveryRequest,
+        status: &ProxyStatus,
+        metrics: &ControlMetrics,
+        node: &str,
+    ) -> Result<(), Status> {
         let Some(index) = type_index(&r.type_url) else {
             tracing::debug!(node, type_url = %r.type_url, "ignoring a request for an unknown type");
-            return;
+            return Ok(());
         };
         let type_url = TYPES[index];
         let first = !self.types.contains_key(type_url);
@@ -798,6 +810,12 @@ impl Session {
                 t.names.insert(name);
             }
         }
+        if t.names.len() > MAX_SUBSCRIBED_NAMES {
+            return Err(Status::resource_exhausted(format!(
+                "over {MAX_SUBSCRIBED_NAMES} resource names subscribed for {}; subscribe with `*`",
+                short_type(type_url)
+            )));
+        }
         for name in r.resource_names_unsubscribe {
             if name == "*" {
                 t.wildcard = false;
@@ -807,7 +825,7 @@ impl Session {
             }
         }
         if r.response_nonce.is_empty() {
-            return;
+            return Ok(());
         }
         match t.pending.take() {
             Some(pending) if pending.nonce == r.response_nonce => {
@@ -846,6 +864,7 @@ impl Session {
             // flight), or a nonce we never sent: nothing to record.
             other => t.pending = other,
         }
+        Ok(())
     }
 
     /// The pushes due now: per type with no push in flight, what changed since the proxy's state.
@@ -998,18 +1017,25 @@ spec: {targetRef: {kind: Service, name: api}, defaultAction: deny}
         let model = Model::build(1, crate::parse_documents(DOCS).unwrap(), &[]);
         let mut s = Session { id: 1, service: Some("demo/api".into()), types: HashMap::new(), nonces: 0 };
         // Named: only what is named; a name that does not exist comes back as removed.
-        s.on_request(request(protocol::SERVICE_TYPE, &["demo/api", "demo/nope"], "", None), &status, &metrics, "n");
+        s.on_request(request(protocol::SERVICE_TYPE, &["demo/api", "demo/nope"], "", None), &status, &metrics, "n")
+            .unwrap();
         let out: Vec<DeltaDiscoveryResponse> = s.due(&model, &status).iter().map(wire).collect();
         assert_eq!(out[0].resources.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(), ["demo/api"]);
         assert_eq!(out[0].removed_resources, ["demo/nope"]);
         // Legacy wildcard (first request names nothing) ends when names are subscribed without `*`.
-        s.on_request(request(protocol::AUTHORIZATION_POLICY_TYPE, &[], "", None), &status, &metrics, "n");
+        s.on_request(request(protocol::AUTHORIZATION_POLICY_TYPE, &[], "", None), &status, &metrics, "n").unwrap();
         let t = &s.types[protocol::AUTHORIZATION_POLICY_TYPE];
         assert!(t.wildcard && t.legacy_wildcard);
-        s.on_request(request(protocol::AUTHORIZATION_POLICY_TYPE, &["demo/x"], "", None), &status, &metrics, "n");
+        s.on_request(request(protocol::AUTHORIZATION_POLICY_TYPE, &["demo/x"], "", None), &status, &metrics, "n")
+            .unwrap();
         assert!(!s.types[protocol::AUTHORIZATION_POLICY_TYPE].wildcard);
-        s.on_request(request(protocol::AUTHORIZATION_POLICY_TYPE, &["*"], "", None), &status, &metrics, "n");
+        s.on_request(request(protocol::AUTHORIZATION_POLICY_TYPE, &["*"], "", None), &status, &metrics, "n").unwrap();
         assert!(s.types[protocol::AUTHORIZATION_POLICY_TYPE].wildcard);
+        // Subscriptions are bounded.
+        let many: Vec<String> = (0..=MAX_SUBSCRIBED_NAMES).map(|i| format!("demo/s{i}")).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        let refused = s.on_request(request(protocol::TRAFFIC_POLICY_TYPE, &many, "", None), &status, &metrics, "n");
+        assert_eq!(refused.unwrap_err().code(), tonic::Code::ResourceExhausted);
     }
 
     /// Changes that arrive within the debounce window make one generation; a change after it makes the next.
@@ -1077,8 +1103,8 @@ spec: {targetRef: {kind: Service, name: api}, defaultAction: deny}
         let m1 = Model::build(1, docs.clone(), &[]);
         let mut s = Session { id: 7, service: None, types: HashMap::new(), nonces: 0 };
         // Wildcard subscription to Services and AuthorizationPolicies.
-        s.on_request(request(protocol::SERVICE_TYPE, &[], "", None), &status, &metrics, "n");
-        s.on_request(request(protocol::AUTHORIZATION_POLICY_TYPE, &["*"], "", None), &status, &metrics, "n");
+        s.on_request(request(protocol::SERVICE_TYPE, &[], "", None), &status, &metrics, "n").unwrap();
+        s.on_request(request(protocol::AUTHORIZATION_POLICY_TYPE, &["*"], "", None), &status, &metrics, "n").unwrap();
         let out: Vec<DeltaDiscoveryResponse> = s.due(&m1, &status).iter().map(wire).collect();
         assert_eq!(out.len(), 2, "the first response per type is sent even when empty");
         assert_eq!(out[0].type_url, protocol::AUTHORIZATION_POLICY_TYPE, "policies before Services");
@@ -1091,14 +1117,16 @@ spec: {targetRef: {kind: Service, name: api}, defaultAction: deny}
         // At most one push in flight: a new generation waits for the ACK.
         let m2 = Model::build(2, docs.clone(), &[reg("demo/api", "127.0.0.1:1", "demo", "api")]);
         assert!(s.due(&m2, &status).is_empty());
-        s.on_request(request(protocol::SERVICE_TYPE, &[], &out[0].nonce, None), &status, &metrics, "n");
-        s.on_request(request(protocol::AUTHORIZATION_POLICY_TYPE, &[], &out[1].nonce, None), &status, &metrics, "n");
+        s.on_request(request(protocol::SERVICE_TYPE, &[], &out[0].nonce, None), &status, &metrics, "n").unwrap();
+        s.on_request(request(protocol::AUTHORIZATION_POLICY_TYPE, &[], &out[1].nonce, None), &status, &metrics, "n")
+            .unwrap();
         let out2: Vec<DeltaDiscoveryResponse> = s.due(&m2, &status).iter().map(wire).collect();
         assert_eq!(out2.len(), 1, "only the changed type is pushed");
         assert_eq!(out2[0].system_version_info, "2");
         // A NACK is recorded with its message; the stale nonce of an old push is ignored.
-        s.on_request(request(protocol::SERVICE_TYPE, &[], "7-1", Some("old")), &status, &metrics, "n");
-        s.on_request(request(protocol::SERVICE_TYPE, &[], &out2[0].nonce, Some("bad port")), &status, &metrics, "n");
+        s.on_request(request(protocol::SERVICE_TYPE, &[], "7-1", Some("old")), &status, &metrics, "n").unwrap();
+        s.on_request(request(protocol::SERVICE_TYPE, &[], &out2[0].nonce, Some("bad port")), &status, &metrics, "n")
+            .unwrap();
         let json = status.to_json(Instant::now());
         assert_eq!(json["types"]["Service"]["nacked"]["message"], "bad port");
         assert_eq!(json["types"]["Service"]["acked"], 1);
@@ -1109,7 +1137,7 @@ spec: {targetRef: {kind: Service, name: api}, defaultAction: deny}
         let again: Vec<DeltaDiscoveryResponse> = s.due(&m2b, &status).iter().map(wire).collect();
         assert_eq!(again.len(), 1);
         assert_eq!(again[0].resources[0].version, out2[0].resources[0].version, "the refused version, again");
-        s.on_request(request(protocol::SERVICE_TYPE, &[], &again[0].nonce, None), &status, &metrics, "n");
+        s.on_request(request(protocol::SERVICE_TYPE, &[], &again[0].nonce, None), &status, &metrics, "n").unwrap();
         assert_eq!(status.to_json(Instant::now())["stale"], false, "an ACK of the whole difference clears it");
         // Deleting the Service is a removal.
         let m3 = Model::build(4, docs[1..].to_vec(), &[]);
