@@ -64,7 +64,7 @@ struct Credential {
     revocations: watch::Receiver<u64>,
 }
 
-/// A push not ACKed within this long, or a model generation not reached within it, marks the proxy stale.
+/// A push not ACKed within this long marks the proxy stale.
 pub const STALE_AFTER: Duration = Duration::from_secs(5);
 
 /// Who a proxy is, as its credential says (never as it claims).
@@ -270,8 +270,6 @@ pub struct TypeStatus {
     pub pending_seconds: Option<f64>,
     #[serde(skip)]
     pending_since: Option<Instant>,
-    #[serde(skip)]
-    behind_since: Option<Instant>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -296,17 +294,16 @@ impl ProxyStatus {
         f(self.types.lock().expect("status lock").entry(short_type(type_url)).or_default());
     }
 
-    /// The JSON row; stale when a push waits too long for its ACK, the last answer was a NACK, or the proxy has
-    /// been behind the current generation for too long.
+    /// The JSON row; stale when a push waits too long for its ACK or the last answer was a NACK.
     pub fn to_json(&self, now: Instant) -> serde_json::Value {
         let mut stale = false;
         let mut types = serde_json::Map::new();
         for (name, t) in self.types.lock().expect("status lock").iter() {
             let mut t = t.clone();
             t.pending_seconds = t.pending_since.map(|s| now.duration_since(s).as_secs_f64());
-            stale |= t.nacked.is_some()
-                || t.pending_since.is_some_and(|s| now.duration_since(s) > STALE_AFTER)
-                || t.behind_since.is_some_and(|s| now.duration_since(s) > STALE_AFTER);
+            // A proxy behind the current generation always has a push waiting (one per type at a time), so the
+            // wait covers it.
+            stale |= t.nacked.is_some() || t.pending_since.is_some_and(|s| now.duration_since(s) > STALE_AFTER);
             types.insert(name.to_string(), serde_json::to_value(&t).expect("serializable"));
         }
         serde_json::json!({
@@ -876,11 +873,6 @@ impl Session {
             let type_url = &TYPES[index];
             let Some(t) = self.types.get_mut(type_url) else { continue };
             if t.pending.is_some() {
-                if t.synced != Some(model.generation) {
-                    status.update(type_url, |s| {
-                        s.behind_since.get_or_insert_with(Instant::now);
-                    });
-                }
                 continue;
             }
             if t.synced == Some(model.generation) && !t.dirty {
@@ -926,7 +918,6 @@ impl Session {
                 status.update(type_url, |s| {
                     s.sent = model.generation;
                     s.acked = s.acked.max(model.generation);
-                    s.behind_since = None;
                     s.nacked = None;
                 });
                 continue;
@@ -937,7 +928,6 @@ impl Session {
             status.update(type_url, |s| {
                 s.sent = model.generation;
                 s.pending_since = Some(Instant::now());
-                s.behind_since = None;
             });
             out.push(Push { type_url, generation: model.generation, nonce, resources, removed });
         }
@@ -1003,17 +993,22 @@ spec: {targetRef: {kind: Service, name: api}, defaultAction: deny}
         DeltaDiscoveryResponse::decode(&framed[5..]).unwrap()
     }
 
+    /// The status row of a proxy `demo/<account>`, registered for `service`.
+    fn proxy_status(account: &str, service: Option<&str>) -> ProxyStatus {
+        ProxyStatus {
+            node: "n".into(),
+            identity: Identity { namespace: "demo".into(), service_account: account.into() },
+            address: None,
+            service: service.map(str::to_string),
+            connected_since: 0,
+            types: Mutex::default(),
+        }
+    }
+
     #[test]
     fn named_subscriptions() {
         let metrics = ControlMetrics::new();
-        let status = ProxyStatus {
-            node: "n".into(),
-            identity: Identity { namespace: "demo".into(), service_account: "api".into() },
-            address: None,
-            service: Some("demo/api".into()),
-            connected_since: 0,
-            types: Mutex::default(),
-        };
+        let status = proxy_status("api", Some("demo/api"));
         let model = Model::build(1, crate::parse_documents(DOCS).unwrap(), &[]);
         let mut s = Session { id: 1, service: Some("demo/api".into()), types: HashMap::new(), nonces: 0 };
         // Named: only what is named; a name that does not exist comes back as removed.
@@ -1091,14 +1086,7 @@ spec: {targetRef: {kind: Service, name: api}, defaultAction: deny}
     #[test]
     fn session_protocol() {
         let metrics = ControlMetrics::new();
-        let status = ProxyStatus {
-            node: "n".into(),
-            identity: Identity { namespace: "demo".into(), service_account: "web".into() },
-            address: None,
-            service: None,
-            connected_since: 0,
-            types: Mutex::default(),
-        };
+        let status = proxy_status("web", None);
         let docs = crate::parse_documents(DOCS).unwrap();
         let m1 = Model::build(1, docs.clone(), &[]);
         let mut s = Session { id: 7, service: None, types: HashMap::new(), nonces: 0 };
