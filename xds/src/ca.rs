@@ -117,15 +117,21 @@ impl Ca {
         Ok((cert.pem(), key.serialize_pem()))
     }
 
-    /// Writes the serving certificate and key for the xDS port into `dir` (key 0600), replacing earlier ones.
-    pub fn write_serving_certificate(&self, dir: &Path, dns_names: &[&str], ips: &[IpAddr]) -> Result<(), CaError> {
+    /// Writes the serving certificate and key for the xDS port into `dir` (key 0600), replacing earlier ones, and
+    /// returns them (certificate PEM, key PEM) for the server to use.
+    pub fn write_serving_certificate(
+        &self,
+        dir: &Path,
+        dns_names: &[&str],
+        ips: &[IpAddr],
+    ) -> Result<(String, String), CaError> {
         let (cert, key) = self.serving_certificate(dns_names, ips)?;
-        for (name, data, mode) in [("server.key", key, 0o600), ("server.crt", cert, 0o644)] {
+        for (name, data, mode) in [("server.key", &key, 0o600), ("server.crt", &cert, 0o644)] {
             let path = dir.join(name);
             let _ = std::fs::remove_file(&path);
             write_new(&path, data.as_bytes(), mode)?;
         }
-        Ok(())
+        Ok((cert, key))
     }
 }
 

@@ -120,7 +120,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let mut names = vec!["ferry-control", "localhost"];
     names.extend(args.server_names.iter().map(String::as_str));
     let ips = [std::net::IpAddr::from([127, 0, 0, 1]), std::net::IpAddr::from(std::net::Ipv6Addr::LOCALHOST)];
-    ca.write_serving_certificate(&args.state_dir, &names, &ips)?;
+    let (cert, key) = ca.write_serving_certificate(&args.state_dir, &names, &ips)?;
     tracing::info!(names = ?names, "serving certificate for the xDS port signed by the mesh root");
     let store = Store::open(&args.state_dir)?;
     let metrics = Arc::new(ControlMetrics::new());
@@ -132,8 +132,6 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     tokio::spawn(xds.clone().run_publisher());
     let api = Arc::new(Api::new(store, tokens, token, Some(metrics.clone()), Some(xds.clone())));
 
-    let cert = std::fs::read(args.state_dir.join("server.crt"))?;
-    let key = std::fs::read(args.state_dir.join("server.key"))?;
     let xds_listener = tokio::net::TcpListener::bind(args.xds_addr)
         .await
         .with_context(|| format!("binding xDS on {}", args.xds_addr))?;
