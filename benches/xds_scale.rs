@@ -111,10 +111,37 @@ fn config(extra: Option<(usize, &str)>) -> String {
 
 struct ControlPlane {
     child: Child,
-    api: SocketAddr,
     xds: SocketAddr,
     state: PathBuf,
-    ctl: PathBuf,
+    ctl: Ferryctl,
+}
+
+/// `ferryctl` pointed at one control plane with its admin token (cheap to clone into a blocking task).
+#[derive(Clone)]
+struct Ferryctl {
+    bin: PathBuf,
+    api: SocketAddr,
+    token: String,
+}
+
+impl Ferryctl {
+    /// Runs `ferryctl ARGS` as a process (as an operator would), feeding `stdin`; returns its stdout.
+    fn run(&self, args: &[&str], stdin: Option<&str>) -> String {
+        use std::io::Write;
+        let mut child = Command::new(&self.bin)
+            .args(args)
+            .env("FERRY_TOKEN", &self.token)
+            .env("FERRY_CONTROL_API", format!("http://{}", self.api))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(stdin.unwrap_or("").as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "ferryctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
 }
 
 impl ControlPlane {
@@ -140,25 +167,12 @@ impl ControlPlane {
             assert!(Instant::now() < deadline, "ferry-control did not start");
             std::thread::sleep(Duration::from_millis(20));
         }
-        ControlPlane { child, api, xds, state, ctl: ctl.to_path_buf() }
+        let token = std::fs::read_to_string(state.join("admin.token")).unwrap().trim().to_string();
+        ControlPlane { child, xds, state, ctl: Ferryctl { bin: ctl.to_path_buf(), api, token } }
     }
 
     fn ctl(&self, args: &[&str], stdin: Option<&str>) -> String {
-        use std::io::Write;
-        let token = std::fs::read_to_string(self.state.join("admin.token")).unwrap();
-        let mut child = Command::new(&self.ctl)
-            .args(args)
-            .env("FERRY_TOKEN", token.trim())
-            .env("FERRY_CONTROL_API", format!("http://{}", self.api))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child.stdin.take().unwrap().write_all(stdin.unwrap_or("").as_bytes()).unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert!(out.status.success(), "ferryctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        self.ctl.run(args, stdin)
     }
 }
 
@@ -344,25 +358,7 @@ async fn run(n: usize, a: &Args) -> serde_json::Value {
         let yaml = config(Some((i % services(), &marker)));
         let t0 = Instant::now();
         let ctl = cp.ctl.clone();
-        let (api, state) = (cp.api, cp.state.clone());
-        // ferryctl runs as a process, as an operator would run it.
-        let apply = tokio::task::spawn_blocking(move || {
-            let token = std::fs::read_to_string(state.join("admin.token")).unwrap();
-            let out = Command::new(ctl)
-                .args(["apply", "-f", "-"])
-                .env("FERRY_TOKEN", token.trim())
-                .env("FERRY_CONTROL_API", format!("http://{api}"))
-                .stdin(Stdio::piped())
-                .stdout(Stdio::null())
-                .spawn()
-                .and_then(|mut c| {
-                    use std::io::Write;
-                    c.stdin.take().unwrap().write_all(yaml.as_bytes())?;
-                    c.wait()
-                })
-                .unwrap();
-            assert!(out.success());
-        });
+        let apply = tokio::task::spawn_blocking(move || ctl.run(&["apply", "-f", "-"], Some(&yaml)));
         let deadline = Instant::now() + Duration::from_secs(120);
         while shared.acked_current.load(Ordering::SeqCst) < n - shared.errors.load(Ordering::SeqCst) {
             assert!(Instant::now() < deadline, "apply {i}: not every proxy ACKed within 120 s");
