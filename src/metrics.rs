@@ -31,8 +31,8 @@ pub struct Metrics {
     pub tcp_sent_bytes: IntCounterVec,
     pub detections: IntCounterVec,
     pub detection_duration: HistogramVec,
-    pub config_updates: IntCounterVec,
-    pub config_version: IntGauge,
+    config_updates: IntCounterVec,
+    config_version: IntGauge,
     /// When a config was last applied; `ferry_config_last_update_age_seconds` is computed from it at scrape time.
     last_update: std::sync::Mutex<Option<std::time::Instant>>,
     config_age: prometheus::Gauge,
@@ -198,9 +198,16 @@ impl Metrics {
         self.proxy_errors.with_label_values(&[direction.as_str(), reason]).inc();
     }
 
-    /// Records that a config source applied a config now.
-    pub fn config_applied(&self) {
+    /// Records that config source `source` (`file`, `xds`) applied snapshot `version` now.
+    pub fn config_applied(&self, source: &str, version: u64) {
+        self.config_version.set(version as i64);
+        self.config_updates.with_label_values(&[source, "applied"]).inc();
         *self.last_update.lock().expect("metrics lock") = Some(std::time::Instant::now());
+    }
+
+    /// Records that config source `source` refused an update (the live snapshot stays).
+    pub fn config_rejected(&self, source: &str) {
+        self.config_updates.with_label_values(&[source, "rejected"]).inc();
     }
 
     /// The Prometheus text exposition of every metric.

@@ -69,9 +69,7 @@ pub async fn run_file_source(
             Ok(Some(snapshot)) => {
                 version += 1;
                 tracing::info!(path = %path.display(), version, services = snapshot.services.len(), "config applied");
-                metrics.config_version.set(version as i64);
-                metrics.config_updates.with_label_values(&["file", "applied"]).inc();
-                metrics.config_applied();
+                metrics.config_applied("file", version);
                 store.store(snapshot);
                 last_error = None;
             }
@@ -79,7 +77,7 @@ pub async fn run_file_source(
                 let message = e.to_string();
                 if last_error.as_ref() != Some(&message) {
                     tracing::error!(error = %message, kept_version = version, "config rejected; keeping the last good config");
-                    metrics.config_updates.with_label_values(&["file", "rejected"]).inc();
+                    metrics.config_rejected("file");
                     last_error = Some(message);
                 }
             }

@@ -219,9 +219,7 @@ async fn session(
                     );
                     tracing::info!(version = *version, type_url = %label, generation = %response.system_version_info, changed = response.resources.len(), removed = response.removed_resources.len(), services = snapshot.services.len(), "config applied");
                     store.store(snapshot);
-                    metrics.config_version.set(*version as i64);
-                    metrics.config_updates.with_label_values(&["xds", "applied"]).inc();
-                    metrics.config_applied();
+                    metrics.config_applied("xds", *version);
                 } else {
                     tracing::debug!(type_url = %label, held = resources.types[index].len(), "response ACKed; no snapshot change (a first response, or nothing in it)");
                 }
@@ -230,7 +228,7 @@ async fn session(
             Err(message) => {
                 tracing::error!(type_url = %label, generation = %response.system_version_info, error = %message, "config rejected (NACK); keeping the last good config");
                 metrics.xds_updates.with_label_values(&[&label, "nack"]).inc();
-                metrics.config_updates.with_label_values(&["xds", "rejected"]).inc();
+                metrics.config_rejected("xds");
                 Some(envoy_types::pb::google::rpc::Status {
                     code: tonic::Code::InvalidArgument as i32,
                     message,
