@@ -6,7 +6,6 @@
 mod control;
 mod support;
 
-use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -17,7 +16,7 @@ use futures_util::{SinkExt, StreamExt};
 use prost::Message;
 use support::backend::{self, Backend};
 use support::grpc::{Chunk, Codec, grpc_backend, tokio_stream_from};
-use support::{Ferry, http_get};
+use support::{Ferry, http_exchange, http_get};
 
 const ACK_SERVICE: &str = r#"ferry_xds_updates_total{result="ack",type="Service"}"#;
 const NACK_SERVICE: &str = r#"ferry_xds_updates_total{result="nack",type="Service"}"#;
@@ -45,12 +44,7 @@ fn proxy(cp: &ControlPlane, account: &str, app: Option<SocketAddr>) -> Ferry {
 
 /// Status of a plain GET for `host` sent to a proxy's outbound listener (explicit mode), on a fresh connection.
 fn get(proxy: SocketAddr, host: &str) -> Option<u16> {
-    let mut s = std::net::TcpStream::connect_timeout(&proxy, Duration::from_secs(2)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    write!(s, "GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    out.split_whitespace().nth(1)?.parse().ok()
+    http_exchange(proxy, "GET", "/", &[("Host", host)], "").map(|(status, _)| status)
 }
 
 fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
@@ -63,18 +57,8 @@ fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
 
 /// A call to the control plane's API with its admin token: (status, body).
 fn api(cp: &ControlPlane, method: &str, path: &str, body: &str) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(cp.api).unwrap();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: api\r\nAuthorization: Bearer {}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
-        cp.token().trim(),
-        body.len()
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let status = out.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (status, out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
+    let bearer = format!("Bearer {}", cp.token().trim());
+    http_exchange(cp.api, method, path, &[("Authorization", &bearer)], body).expect("the API answers")
 }
 
 /// Constant load: one thread sending GETs for `host` through `proxy` until stopped (at most 60 s / 50,000 requests).
