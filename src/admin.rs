@@ -24,23 +24,28 @@ pub struct Health {
     listeners_bound: AtomicBool,
     started: AtomicBool,
     needs_config: bool,
+    /// With a control plane: startup waits for a workload identity (and trust bundle).
+    needs_identity: Option<Arc<crate::tls::MeshTls>>,
 }
 
 impl Health {
-    pub fn new(needs_config: bool) -> Self {
-        Health { listeners_bound: AtomicBool::new(false), started: AtomicBool::new(false), needs_config }
+    pub fn new(needs_config: bool, needs_identity: Option<Arc<crate::tls::MeshTls>>) -> Self {
+        Health { listeners_bound: AtomicBool::new(false), started: AtomicBool::new(false), needs_config, needs_identity }
     }
 
     pub fn set_listeners_bound(&self) {
         self.listeners_bound.store(true, Ordering::SeqCst);
     }
 
-    /// Listeners bound and a config applied (when a source is configured); once true it stays true.
+    /// Listeners bound, a config applied (when a source is configured) and an identity held (with a control plane);
+    /// once true it stays true.
     pub fn started(&self, store: &ConfigStore) -> bool {
         if self.started.load(Ordering::SeqCst) {
             return true;
         }
-        let now = self.listeners_bound.load(Ordering::SeqCst) && (!self.needs_config || store.applied());
+        let now = self.listeners_bound.load(Ordering::SeqCst)
+            && (!self.needs_config || store.applied())
+            && self.needs_identity.as_ref().is_none_or(|tls| tls.current().is_some());
         if now {
             self.started.store(true, Ordering::SeqCst);
         }

@@ -14,6 +14,7 @@ use crate::metrics::Metrics;
 use crate::proxy::{Direction, Proxy};
 use crate::snapshot::ConfigStore;
 use crate::source;
+use crate::tls::MeshTls;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -62,7 +63,10 @@ pub async fn run(settings: Settings, log: Option<LogHandle>) -> Result<(), Start
     let metrics = Arc::new(Metrics::new());
     let store = Arc::new(ConfigStore::new());
     let drain = Drain::new();
-    let health = Arc::new(Health::new(settings.config_file.is_some() || settings.control.is_some()));
+    let tls = Arc::new(MeshTls::default());
+    // With a control plane, startup also waits for a workload identity.
+    let needs_identity = settings.control.is_some().then(|| tls.clone());
+    let health = Arc::new(Health::new(settings.config_file.is_some() || settings.control.is_some(), needs_identity));
 
     let outbound = bind_all(&settings.outbound_addrs, "outbound", "FERRY_OUTBOUND_ADDR")?;
     let inbound = bind_all(&settings.inbound_addrs, "inbound", "FERRY_INBOUND_ADDR")?;
@@ -79,15 +83,16 @@ pub async fn run(settings: Settings, log: Option<LogHandle>) -> Result<(), Start
                 metrics.clone(),
             ));
         }
-        None if settings.control.is_some() => {
-            tokio::spawn(crate::xds_client::run(settings.clone(), store.clone(), metrics.clone()));
+        None if let Some(control) = &settings.control => {
+            tokio::spawn(crate::identity::run(control.clone(), tls.clone(), metrics.clone()));
+            tokio::spawn(crate::xds_client::run(settings.clone(), store.clone(), metrics.clone(), tls.clone()));
         }
         None => tracing::info!(
             "no config source (FERRY_CONFIG_FILE and FERRY_CONTROL_ADDR unset): explicit requests get 502 no-route"
         ),
     }
 
-    let proxy = Proxy::new(settings.clone(), store.clone(), metrics.clone(), drain.clone());
+    let proxy = Proxy::new(settings.clone(), store.clone(), metrics.clone(), drain.clone(), tls.clone());
     tokio::spawn(proxy.clone().sweep_idle_connections());
     for (listeners, direction) in [(outbound, Direction::Outbound), (inbound, Direction::Inbound)] {
         for l in listeners {

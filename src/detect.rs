@@ -13,6 +13,8 @@ const MAX_METHOD_LEN: usize = 20;
 pub enum Protocol {
     Http1,
     Http2,
+    /// A TLS ClientHello (complete in the buffered bytes): a mesh peer, or an unmeshed client's own TLS.
+    Tls,
     Tcp,
 }
 
@@ -21,6 +23,7 @@ impl Protocol {
         match self {
             Protocol::Http1 => "http1",
             Protocol::Http2 => "h2",
+            Protocol::Tls => "tls",
             Protocol::Tcp => "tcp",
         }
     }
@@ -34,10 +37,22 @@ pub enum Classification {
 }
 
 /// Pure: classifies a connection's first bytes. An HTTP/1 request starts with a method token and a space;
-/// HTTP/2 prior knowledge with the 24-byte preface; anything else is opaque.
+/// HTTP/2 prior knowledge with the 24-byte preface; TLS with a handshake record (`0x16 0x03 ..`), known once the whole
+/// first record (the ClientHello, at most 16 KiB) is buffered so that its SNI and ALPN can be read; anything else is
+/// opaque.
 pub fn classify(buf: &[u8]) -> Classification {
     if buf.is_empty() {
         return Classification::NeedMore;
+    }
+    if buf[0] == 0x16 && buf.get(1).is_none_or(|b| *b == 0x03) {
+        if buf.len() < 5 {
+            return Classification::NeedMore;
+        }
+        let len = usize::from(u16::from_be_bytes([buf[3], buf[4]]));
+        if len > 16 * 1024 + 256 {
+            return Classification::Known(Protocol::Tcp);
+        }
+        return if buf.len() >= 5 + len { Classification::Known(Protocol::Tls) } else { Classification::NeedMore };
     }
     let n = buf.len().min(H2_PREFACE.len());
     if buf[..n] == H2_PREFACE[..n] {
@@ -120,7 +135,12 @@ mod tests {
             (H2_PREFACE, Known(Protocol::Http2)),
             (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00garbage", Known(Protocol::Http2)),
             (b"PRI * HTTP/1.1\r\n", Known(Protocol::Http1)),
-            (b"\x16\x03\x01\x02\x00", Known(Protocol::Tcp)), // TLS ClientHello
+            (b"\x16\x03\x01\x00\x03", NeedMore), // TLS ClientHello record header: wait for the record
+            (b"\x16\x03\x01\x00\x03abc", Known(Protocol::Tls)),
+            (b"\x16\x03\x01\x00\x03ab", NeedMore),
+            (b"\x16\x03", NeedMore),
+            (b"\x16\x02", Known(Protocol::Tcp)),
+            (b"\x16\x03\x01\xff\xff", Known(Protocol::Tcp)), // longer than any record
             (b"get / HTTP/1.1", Known(Protocol::Tcp)),
             (b" GET", Known(Protocol::Tcp)),
             (b"SSH-2.0-OpenSSH", Known(Protocol::Tcp)),

@@ -24,6 +24,8 @@ pub enum ProxyError {
     UpstreamReset { addr: SocketAddr, source: hyper::Error },
     #[error("bad request: {0}")]
     BadRequest(&'static str),
+    #[error("{0}")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 impl From<RouteError> for ProxyError {
@@ -45,6 +47,7 @@ impl ProxyError {
             ProxyError::ConnectTimeout(_) => "connect-timeout",
             ProxyError::UpstreamReset { .. } => "upstream-reset",
             ProxyError::BadRequest(_) => "bad-request",
+            ProxyError::Tls(_) => "tls-failed",
         }
     }
 
@@ -53,7 +56,8 @@ impl ProxyError {
             ProxyError::NoRoute(_)
             | ProxyError::ConnectRefused { .. }
             | ProxyError::ConnectTimeout(_)
-            | ProxyError::UpstreamReset { .. } => StatusCode::BAD_GATEWAY,
+            | ProxyError::UpstreamReset { .. }
+            | ProxyError::Tls(_) => StatusCode::BAD_GATEWAY,
             ProxyError::NoHealthyEndpoints(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
         }

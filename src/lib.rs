@@ -7,6 +7,7 @@ pub mod bootstrap;
 pub mod detect;
 pub mod drain;
 pub mod errors;
+pub mod identity;
 pub mod init;
 pub mod io;
 pub mod logging;
@@ -14,4 +15,13 @@ pub mod metrics;
 pub mod proxy;
 pub mod snapshot;
 pub mod source;
+pub mod tls;
 pub mod xds_client;
+
+/// A number in [0, 1) for jitter, from the std hasher's per-process random keys (no extra dependency for jitter).
+pub fn random_fraction() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
+}

@@ -39,6 +39,10 @@ pub struct Metrics {
     pub xds_connected: IntGauge,
     pub xds_updates: IntCounterVec,
     pub xds_version: IntGaugeVec,
+    pub identity_renewals: IntCounterVec,
+    pub identity_expiry: IntGauge,
+    pub tls_handshakes: IntCounterVec,
+    pub tls_handshake_failures: IntCounterVec,
 }
 
 /// The counters and histograms of one (direction, service), one per status class.
@@ -149,13 +153,37 @@ impl Metrics {
                 "Control-plane generation of the last ACKed xDS response, by resource type.",
                 &["type"],
             ),
+            identity_renewals: counter(
+                "ferry_identity_certificate_requests_total",
+                "Workload certificate requests to the control plane (first and renewals), by result (ok, error).",
+                &["result"],
+            ),
+            identity_expiry: IntGauge::new(
+                "ferry_identity_certificate_expiry_timestamp_seconds",
+                "Unix time at which the proxy's current workload certificate expires (0 before the first).",
+            )
+            .expect("valid metric"),
+            tls_handshakes: counter(
+                "ferry_tls_handshakes_total",
+                "Completed mesh TLS handshakes, by direction (inbound: as server; outbound: as client).",
+                &["direction"],
+            ),
+            tls_handshake_failures: counter(
+                "ferry_tls_handshake_failures_total",
+                "Failed mesh TLS handshakes and refused peers, by direction and reason.",
+                &["direction", "reason"],
+            ),
             registry,
         };
+        m.registry.register(Box::new(m.identity_expiry.clone())).expect("unique metric");
+        for result in ["ok", "error"] {
+            m.identity_renewals.with_label_values(&[result]);
+        }
         m.registry.register(Box::new(m.config_version.clone())).expect("unique metric");
         m.registry.register(Box::new(m.config_age.clone())).expect("unique metric");
         m.registry.register(Box::new(m.xds_connected.clone())).expect("unique metric");
         m.config_age.set(-1.0);
-        for t in ["Service", "TrafficPolicy", "AuthorizationPolicy"] {
+        for t in ["Service", "TrafficPolicy", "AuthorizationPolicy", "TrustBundle"] {
             for result in ["ack", "nack"] {
                 m.xds_updates.with_label_values(&[t, result]);
             }
@@ -168,6 +196,7 @@ impl Metrics {
                 }
                 m.tcp_open.with_label_values(&[d, mode]);
             }
+            m.tls_handshakes.with_label_values(&[d]);
         }
         let build = IntGaugeVec::new(Opts::new("ferry_build_info", "Build of the running proxy."), &["version"])
             .expect("valid metric");

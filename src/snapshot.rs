@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use arc_swap::ArcSwap;
+use ferry_xds::identity::Identity;
 use ferry_xds::{Document, PortProtocol, ServicePort, ServiceSpec, split_host_port};
 use serde::Serialize;
 
@@ -25,7 +26,7 @@ pub struct Snapshot {
     by_ip: HashMap<IpAddr, Vec<(Option<u16>, usize)>>,
     /// Endpoint socket addresses (per service port), for transparent traffic addressed to an endpoint.
     #[serde(skip)]
-    by_endpoint: HashMap<SocketAddr, (usize, u16)>,
+    by_endpoint: HashMap<SocketAddr, (usize, u16, bool)>,
     /// Service ports declared `protocol: tcp` (looked up once per connection).
     #[serde(skip)]
     opaque_ports: HashSet<u16>,
@@ -38,6 +39,9 @@ pub struct ServiceEntry {
     /// `name.namespace`: the `service` label of metrics and logs.
     pub qualified_name: Arc<str>,
     pub spec: ServiceSpec,
+    /// The SPIFFE IDs its `identities` name: a mesh peer serving it must present one of them.
+    #[serde(skip)]
+    pub identities: Arc<[Identity]>,
     /// Round-robin cursor (replaced by P2C over EWMA with the resilience policies).
     #[serde(skip)]
     next: AtomicUsize,
@@ -60,6 +64,8 @@ pub struct Route {
     pub service: Arc<ServiceEntry>,
     pub port: ServicePort,
     pub endpoint: SocketAddr,
+    /// The endpoint is a meshed workload (it has an identity): the connection is mTLS.
+    pub meshed: bool,
 }
 
 impl ServiceEntry {
@@ -68,13 +74,14 @@ impl ServiceEntry {
         self.spec.endpoints.iter().filter_map(move |e| e.socket_addr(port))
     }
 
-    fn pick_endpoint(&self, port: u16) -> Option<SocketAddr> {
+    /// The next endpoint (round robin) for `port`, and whether it is meshed.
+    fn pick_endpoint(&self, port: u16) -> Option<(SocketAddr, bool)> {
         let n = self.spec.endpoints.len();
         if n == 0 {
             return None;
         }
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % n;
-        self.spec.endpoints[i].socket_addr(port)
+        let e = &self.spec.endpoints[self.next.fetch_add(1, Ordering::Relaxed) % n];
+        Some((e.socket_addr(port)?, e.identity.is_some()))
     }
 }
 
@@ -109,8 +116,10 @@ impl Snapshot {
             }
             opaque_ports.extend(svc.spec.ports.iter().filter(|p| p.protocol == PortProtocol::Tcp).map(|p| p.port));
             for port in &svc.spec.ports {
-                for endpoint in svc.spec.endpoints.iter().filter_map(|e| e.socket_addr(port.port)) {
-                    by_endpoint.entry(endpoint).or_insert((index, port.port));
+                for e in &svc.spec.endpoints {
+                    if let Some(addr) = e.socket_addr(port.port) {
+                        by_endpoint.entry(addr).or_insert((index, port.port, e.identity.is_some()));
+                    }
                 }
             }
             let (name, ns) = (&svc.metadata.name, &svc.metadata.namespace);
@@ -119,7 +128,15 @@ impl Snapshot {
             if ns == local_namespace {
                 implicit.push((name.clone(), index));
             }
+            let identities = svc
+                .spec
+                .identities
+                .iter()
+                .filter_map(|entry| Identity::of_service_entry(entry, ns).ok())
+                .collect::<Vec<_>>()
+                .into();
             services.push(Arc::new(ServiceEntry {
+                identities,
                 qualified_name: format!("{name}.{ns}").into(),
                 name: svc.metadata.name,
                 namespace: svc.metadata.namespace,
@@ -157,10 +174,10 @@ impl Snapshot {
             .or_else(|| candidates.iter().any(|(p, _)| *p == Some(port)).then(|| &service.spec.ports[0]))
             .cloned()
             .ok_or_else(|| RouteError::NoPort { service: service.qualified_name.to_string(), port })?;
-        let endpoint = service
+        let (endpoint, meshed) = service
             .pick_endpoint(service_port.port)
             .ok_or_else(|| RouteError::NoEndpoints(service.qualified_name.to_string()))?;
-        Ok(Route { service: service.clone(), port: service_port, endpoint })
+        Ok(Route { service: service.clone(), port: service_port, endpoint, meshed })
     }
 
     /// Pure route decision for intercepted traffic by its original destination: a Service VIP (`addresses` holding
@@ -178,15 +195,15 @@ impl Snapshot {
                 let service = &self.services[*index];
                 let service_port =
                     service.spec.ports.iter().find(|p| p.port == port).unwrap_or(&service.spec.ports[0]).clone();
-                if let Some(endpoint) = service.pick_endpoint(service_port.port) {
-                    return Some(Route { service: service.clone(), port: service_port, endpoint });
+                if let Some((endpoint, meshed)) = service.pick_endpoint(service_port.port) {
+                    return Some(Route { service: service.clone(), port: service_port, endpoint, meshed });
                 }
             }
         }
-        let (index, port) = self.by_endpoint.get(&original)?;
+        let (index, port, meshed) = self.by_endpoint.get(&original)?;
         let service = &self.services[*index];
         let service_port = service.spec.ports.iter().find(|p| p.port == *port)?.clone();
-        Some(Route { service: service.clone(), port: service_port, endpoint: original })
+        Some(Route { service: service.clone(), port: service_port, endpoint: original, meshed: *meshed })
     }
 
     /// The service named `name` in `namespace`, if the snapshot has it.

@@ -9,7 +9,7 @@ use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
 use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
-use ferry_xds::protocol::{self, NODE_INBOUND_PORT, NODE_SERVICE, TYPES, short_type};
+use ferry_xds::protocol::{self, NODE_INBOUND_PORT, NODE_SERVICE, Received, TYPES, short_type};
 use ferry_xds::{Document, one_traffic_policy_error};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -18,6 +18,7 @@ use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 use crate::bootstrap::{ControlSettings, Settings};
 use crate::metrics::Metrics;
 use crate::snapshot::{ConfigStore, Snapshot};
+use crate::tls::MeshTls;
 
 /// Reconnect delays grow from the first to the last, each with up to 50 % random jitter.
 const BACKOFF: (Duration, Duration) = (Duration::from_millis(250), Duration::from_secs(15));
@@ -25,9 +26,9 @@ const BACKOFF: (Duration, Duration) = (Duration::from_millis(250), Duration::fro
 /// The resources held per type (name → version and document): the last good config.
 #[derive(Debug, Default, Clone)]
 pub struct Resources {
-    types: [BTreeMap<String, (String, Document)>; 3],
+    types: [BTreeMap<String, (String, Received)>; 4],
     /// Which types have had their first response (the snapshot is built only once all have).
-    initialized: [bool; 3],
+    initialized: [bool; 4],
 }
 
 impl Resources {
@@ -61,7 +62,7 @@ impl Resources {
         if protocol::TRAFFIC_POLICY_TYPE == response.type_url {
             let mut targets: BTreeMap<String, String> = BTreeMap::new();
             for (name, (_, doc)) in &next.types[index] {
-                if let Document::TrafficPolicy(p) = doc {
+                if let Received::Document(Document::TrafficPolicy(p)) = doc {
                     let target = format!("{}/{}", p.metadata.namespace, p.spec.target_ref.name);
                     if let Some(first) = targets.insert(target.clone(), name.clone()) {
                         errors.push(format!("{name}: {}", one_traffic_policy_error(&target, &first)));
@@ -82,7 +83,22 @@ impl Resources {
 
     /// Every held document, Services first.
     pub fn documents(&self) -> Vec<Document> {
-        self.types.iter().flat_map(|t| t.values().map(|(_, d)| d.clone())).collect()
+        self.types
+            .iter()
+            .flat_map(|t| t.values())
+            .filter_map(|(_, r)| match r {
+                Received::Document(d) => Some(d.clone()),
+                Received::TrustBundle(_) => None,
+            })
+            .collect()
+    }
+
+    /// The roots of the held trust bundle.
+    pub fn trust_bundle(&self) -> Option<&[String]> {
+        self.types[3].values().find_map(|(_, r)| match r {
+            Received::TrustBundle(roots) => Some(roots.as_slice()),
+            Received::Document(_) => None,
+        })
     }
 
     fn versions(&self, index: usize) -> std::collections::HashMap<String, String> {
@@ -112,14 +128,16 @@ fn node(settings: &Settings, control: &ControlSettings) -> Node {
 }
 
 /// Runs for the life of the process: connect, stream, and on any failure reconnect after a jittered backoff.
-pub async fn run(settings: Arc<Settings>, store: Arc<ConfigStore>, metrics: Arc<Metrics>) {
+pub async fn run(settings: Arc<Settings>, store: Arc<ConfigStore>, metrics: Arc<Metrics>, tls: Arc<MeshTls>) {
     let control = settings.control.clone().expect("run only with a control plane configured");
+    // The control plane knows a proxy by its certificate only.
+    tls.wait_ready().await;
     let mut resources = Resources::default();
     let mut version = 0u64;
     let mut delay = BACKOFF.0;
     loop {
         let started = Instant::now();
-        let result = session(&settings, &control, &mut resources, &mut version, &store, &metrics).await;
+        let result = session(&settings, &control, &mut resources, &mut version, &store, &metrics, &tls).await;
         metrics.xds_connected.set(0);
         match result {
             Ok(()) => {
@@ -133,19 +151,11 @@ pub async fn run(settings: Arc<Settings>, store: Arc<ConfigStore>, metrics: Arc<
         if started.elapsed() > Duration::from_secs(30) {
             delay = BACKOFF.0;
         }
-        let jittered = delay.mul_f64(1.0 + 0.5 * random_fraction());
+        let jittered = delay.mul_f64(1.0 + 0.5 * crate::random_fraction());
         tracing::info!(retry_in_ms = jittered.as_millis() as u64, "reconnecting to the control plane");
         tokio::time::sleep(jittered).await;
         delay = (delay * 2).min(BACKOFF.1);
     }
-}
-
-/// A number in [0, 1) from the std hasher's per-process random keys (no extra dependency for jitter).
-fn random_fraction() -> f64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
-    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -165,11 +175,15 @@ async fn session(
     version: &mut u64,
     store: &ConfigStore,
     metrics: &Metrics,
+    mesh_tls: &MeshTls,
 ) -> Result<(), SessionError> {
     let root =
         std::fs::read(&control.ca_root).map_err(|e| SessionError::Root(control.ca_root.display().to_string(), e))?;
-    let tls =
-        ClientTlsConfig::new().ca_certificate(Certificate::from_pem(root)).domain_name(control.server_name.clone());
+    let credentials = mesh_tls.current().expect("run waits for an identity").credentials.clone();
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(root))
+        .domain_name(control.server_name.clone())
+        .identity(tonic::transport::Identity::from_pem(credentials.chain_pem.concat(), credentials.key_pem));
     let channel = Endpoint::from_shared(format!("https://{}", control.addr))?
         .tls_config(tls)?
         .connect_timeout(Duration::from_secs(5))
@@ -190,18 +204,23 @@ async fn session(
         };
         tx.send(request).await.expect("the channel is open and has room");
     }
-    let mut request = tonic::Request::new(ReceiverStream::new(rx));
-    let bearer = format!("Bearer {}", control.join_token)
-        .parse()
-        .map_err(|_| tonic::Status::invalid_argument("FERRY_JOIN_TOKEN is not a valid header value"))?;
-    request.metadata_mut().insert("authorization", bearer);
+    let request = tonic::Request::new(ReceiverStream::new(rx));
     let mut responses = client.delta_aggregated_resources(request).await?.into_inner();
     metrics.xds_connected.set(1);
     tracing::info!(addr = %control.addr, node = %control.node_id, "connected to the control plane");
     while let Some(response) = responses.message().await? {
         let label = short_type(&response.type_url).to_string();
         let was_ready = resources.ready();
-        let error = match resources.apply(&response) {
+        let applied = resources.apply(&response).and_then(|(index, next)| {
+            // A new trust bundle is taken for new handshakes before it is ACKed.
+            if index == 3
+                && let Some(roots) = next.trust_bundle()
+            {
+                mesh_tls.set_trust_bundle(roots.to_vec()).map_err(|e| format!("{}: {e}", protocol::TRUST_BUNDLE_NAME))?;
+            }
+            Ok((index, next))
+        });
+        let error = match applied {
             Ok((index, next)) => {
                 *resources = next;
                 let empty = response.resources.is_empty() && response.removed_resources.is_empty();
@@ -286,7 +305,31 @@ mod tests {
         let (_, r) = r.apply(&response(protocol::TRAFFIC_POLICY_TYPE, &tp("one", "a"), &[])).unwrap();
         assert!(!r.ready(), "ready only once every type has answered");
         let (_, r) = r.apply(&response(protocol::AUTHORIZATION_POLICY_TYPE, "", &[])).unwrap();
+        assert!(!r.ready());
+        // The trust bundle: its roots must be CA certificates.
+        let ca = |is_ca: bool| {
+            let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.is_ca =
+                if is_ca { rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained) } else { rcgen::IsCa::ExplicitNoCa };
+            params.self_signed(&rcgen::KeyPair::generate().unwrap()).unwrap().pem()
+        };
+        let bundle = |roots: Vec<String>| DeltaDiscoveryResponse {
+            type_url: protocol::TRUST_BUNDLE_TYPE.into(),
+            resources: vec![Resource {
+                name: protocol::TRUST_BUNDLE_NAME.into(),
+                version: "v".into(),
+                resource: Some(protocol::encode_trust_bundle(&roots)),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let err = r.apply(&bundle(vec![ca(true), ca(false)])).unwrap_err();
+        assert!(err.contains("mesh: roots[1]: not a CA certificate"), "{err}");
+        let err = r.apply(&bundle(vec![])).unwrap_err();
+        assert!(err.contains("at least one root"), "{err}");
+        let (_, r) = r.apply(&bundle(vec![ca(true), ca(true)])).unwrap();
         assert!(r.ready());
+        assert_eq!(r.trust_bundle().map(<[String]>::len), Some(2));
         assert_eq!(r.documents().len(), 2);
         // A second TrafficPolicy for the same Service: the whole response is refused, naming both.
         let err = r.apply(&response(protocol::TRAFFIC_POLICY_TYPE, &tp("two", "a"), &[])).unwrap_err();

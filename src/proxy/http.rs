@@ -1,6 +1,8 @@
 //! Forwards one HTTP request: picks the destination, strips hop-by-hop headers, sends it over the pool, relays upgrades.
+//! Between proxies every request is HTTP/2 over mTLS: an HTTP/1 request carries `ferry-orig-proto` and an HTTP/1
+//! upgrade travels as an extended CONNECT (RFC 8441); the receiving proxy restores both for the app, and tells the app
+//! who called in `ferry-client-id`.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -15,6 +17,11 @@ use super::target::{ConnInfo, Destination, Mode, Refusal, UNKNOWN_SERVICE};
 use super::{Direction, Proxy};
 use crate::errors::{self, ProxyError};
 
+/// The verified SPIFFE ID of the calling workload, set by the destination's proxy (and removed from anything else).
+pub const CLIENT_ID_HEADER: &str = "ferry-client-id";
+/// Between proxies: the caller's HTTP version when it was not HTTP/2 (`HTTP/1.1`), restored for the app.
+pub const ORIG_PROTO_HEADER: &str = "ferry-orig-proto";
+
 impl Proxy {
     /// Handles one request end to end; never fails: proxy errors become responses here, through `errors::respond`.
     pub(super) async fn forward(self: Arc<Self>, req: Request<Incoming>, conn: ConnInfo) -> Response<ProxyBody> {
@@ -28,7 +35,7 @@ impl Proxy {
             Ok((dest, authority)) => {
                 let service = dest.service.clone();
                 let addr = dest.addr;
-                (service, Some(addr), self.send(req, addr, authority).await)
+                (service, Some(addr), self.send(req, &dest, authority, &conn).await)
             }
             Err((service, e)) => (service, None, Err(e)),
         };
@@ -64,7 +71,8 @@ impl Proxy {
 
     /// The request's destination and the authority to send it with (the app's own, else the address dialled).
     fn request_destination(&self, req: &Request<Incoming>, conn: &ConnInfo) -> Result<(Destination, String), Refusal> {
-        if req.method() == http::Method::CONNECT {
+        let mesh_upgrade = conn.peer_identity.is_some() && req.extensions().get::<hyper::ext::Protocol>().is_some();
+        if req.method() == http::Method::CONNECT && !mesh_upgrade {
             // Tunnels through an explicit proxy are not a mesh feature: transparent interception carries any TCP.
             return Err((UNKNOWN_SERVICE.into(), ProxyError::BadRequest("CONNECT tunnels are not supported")));
         }
@@ -80,13 +88,37 @@ impl Proxy {
     async fn send(
         &self,
         mut req: Request<Incoming>,
-        addr: SocketAddr,
+        dest: &Destination,
         authority: String,
+        conn: &ConnInfo,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        let version = if req.version() == Version::HTTP_2 { HttpVersion::Http2 } else { HttpVersion::Http1 };
-        let upgrade =
-            (version == HttpVersion::Http1 && is_upgrade(req.headers())).then(|| hyper::upgrade::on(&mut req));
-        strip_hop_by_hop(req.headers_mut(), upgrade.is_some());
+        let from_mesh = conn.peer_identity.is_some();
+        // Only the destination's proxy says who called; nothing from outside gets through under that name.
+        if conn.direction == Direction::Inbound {
+            req.headers_mut().remove(CLIENT_ID_HEADER);
+            if let Some(id) = &conn.peer_identity
+                && let Ok(value) = HeaderValue::from_str(&id.spiffe())
+            {
+                req.headers_mut().insert(CLIENT_ID_HEADER, value);
+            }
+        }
+        let orig_proto = req.headers_mut().remove(ORIG_PROTO_HEADER);
+        let downstream_h2 = req.version() == Version::HTTP_2;
+        // The upgrade token of an HTTP/1 upgrade, or of an extended CONNECT from a peer proxy.
+        let upgrade_token: Option<HeaderValue> = if downstream_h2 {
+            let protocol = req.extensions().get::<hyper::ext::Protocol>();
+            protocol.filter(|_| from_mesh).and_then(|p| HeaderValue::from_str(p.as_str()).ok())
+        } else {
+            is_upgrade(req.headers()).then(|| req.headers().get(header::UPGRADE).cloned()).flatten()
+        };
+        let version = match (&dest.tls, from_mesh && orig_proto.is_some()) {
+            (Some(_), _) => HttpVersion::Http2,
+            (None, true) => HttpVersion::Http1,
+            (None, false) if downstream_h2 => HttpVersion::Http2,
+            (None, false) => HttpVersion::Http1,
+        };
+        let downstream_upgrade = upgrade_token.is_some().then(|| hyper::upgrade::on(&mut req));
+        strip_hop_by_hop(req.headers_mut(), false);
         // 100-continue was answered to the client as we started reading its body.
         req.headers_mut().remove(header::EXPECT);
         let path = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
@@ -99,6 +131,15 @@ impl Proxy {
                     let host = HeaderValue::from_str(&authority).map_err(|_| ProxyError::BadRequest("invalid host"))?;
                     req.headers_mut().insert(header::HOST, host);
                 }
+                if let Some(token) = &upgrade_token {
+                    if downstream_h2 {
+                        // An extended CONNECT from a peer proxy becomes the app's HTTP/1 upgrade again.
+                        *req.method_mut() = http::Method::GET;
+                        req.extensions_mut().remove::<hyper::ext::Protocol>();
+                    }
+                    req.headers_mut().insert(header::UPGRADE, token.clone());
+                    req.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                }
             }
             HttpVersion::Http2 => {
                 *req.uri_mut() = Uri::builder()
@@ -107,28 +148,57 @@ impl Proxy {
                     .path_and_query(path)
                     .build()
                     .map_err(|_| ProxyError::BadRequest("invalid authority"))?;
+                if dest.tls.is_some() && !downstream_h2 {
+                    *req.version_mut() = Version::HTTP_2;
+                    req.headers_mut().remove(header::HOST);
+                    req.headers_mut().insert(ORIG_PROTO_HEADER, HeaderValue::from_static("HTTP/1.1"));
+                    if let Some(token) = upgrade_token.as_ref().and_then(|t| t.to_str().ok()) {
+                        *req.method_mut() = http::Method::CONNECT;
+                        req.extensions_mut().insert(hyper::ext::Protocol::from(token));
+                    }
+                }
             }
         }
-        let mut resp = self.pool.send(addr, version, req.map(ProxyBody::from)).await?;
-        match upgrade {
-            Some(downstream) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
+        let mut resp = self.pool.send(dest.addr, version, dest.tls.as_ref(), req.map(ProxyBody::from)).await?;
+        let upstream_upgraded = match version {
+            HttpVersion::Http1 => resp.status() == StatusCode::SWITCHING_PROTOCOLS,
+            HttpVersion::Http2 => resp.status() == StatusCode::OK,
+        };
+        match downstream_upgrade {
+            Some(downstream) if upstream_upgraded => {
                 let upstream = hyper::upgrade::on(&mut resp);
-                tokio::spawn(async move {
-                    match tokio::try_join!(downstream, upstream) {
-                        Ok((down, up)) => {
-                            let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
-                            if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
-                                tracing::debug!(error = %e, "upgraded connection ended with an error");
-                            }
-                        }
-                        Err(e) => tracing::debug!(error = %e, "upgrade failed"),
-                    }
-                });
+                let answered = resp.headers().get(header::UPGRADE).cloned();
+                strip_hop_by_hop(resp.headers_mut(), false);
+                if downstream_h2 {
+                    // To the peer proxy's extended CONNECT: 200.
+                    *resp.status_mut() = StatusCode::OK;
+                } else {
+                    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+                    let token = answered.or(upgrade_token).expect("an upgrade has a token");
+                    resp.headers_mut().insert(header::UPGRADE, token);
+                    resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                }
+                join_upgraded(downstream, upstream);
             }
             _ => strip_hop_by_hop(resp.headers_mut(), false),
         }
         Ok(resp.map(ProxyBody::from))
     }
+}
+
+/// Relays bytes between both sides of an upgraded connection until either ends.
+fn join_upgraded(downstream: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    tokio::spawn(async move {
+        match tokio::try_join!(downstream, upstream) {
+            Ok((down, up)) => {
+                let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
+                if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
+                    tracing::debug!(error = %e, "upgraded connection ended with an error");
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+        }
+    });
 }
 
 /// The request's target authority: absolute-form URI or `:authority`, else the `Host` header.

@@ -1,4 +1,5 @@
-//! The listeners' side of the proxy: accept, detect the protocol, then serve HTTP or forward opaque TCP.
+//! The listeners' side of the proxy: accept, detect the protocol, terminate mesh TLS (inbound), then serve HTTP or
+//! forward opaque TCP.
 
 pub mod body;
 mod http;
@@ -16,6 +17,7 @@ use std::time::{Duration, Instant};
 use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use serde::Serialize;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 
@@ -25,6 +27,7 @@ use crate::drain::Drain;
 use crate::io::ConnIo;
 use crate::metrics::Metrics;
 use crate::snapshot::ConfigStore;
+use crate::tls::{self, Alpn, ClientHello, MeshTls};
 use pool::Pool;
 use target::ConnInfo;
 
@@ -50,6 +53,7 @@ pub struct Proxy {
     pub store: Arc<ConfigStore>,
     pub metrics: Arc<Metrics>,
     pub drain: Drain,
+    pub tls: Arc<MeshTls>,
     pool: Arc<Pool>,
     /// The `service` label of inbound requests: `FERRY_SERVICE.FERRY_NAMESPACE`, or `app`.
     local_service: Arc<str>,
@@ -62,14 +66,23 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    pub fn new(settings: Arc<Settings>, store: Arc<ConfigStore>, metrics: Arc<Metrics>, drain: Drain) -> Arc<Self> {
+    pub fn new(
+        settings: Arc<Settings>,
+        store: Arc<ConfigStore>,
+        metrics: Arc<Metrics>,
+        drain: Drain,
+        tls: Arc<MeshTls>,
+    ) -> Arc<Self> {
         let mut h1 = http1::Builder::new();
         h1.timer(TokioTimer::new())
             .header_read_timeout(None) // ours covers the first request only; hyper's would also close idle keep-alive
             .max_buf_size(settings.max_header_bytes.max(8192));
         let mut h2 = http2::Builder::new(TokioExecutor::new());
-        h2.timer(TokioTimer::new()).max_header_list_size(settings.max_header_bytes.try_into().unwrap_or(u32::MAX));
-        let pool = Pool::new(settings.connect_timeout, settings.pool_idle_timeout);
+        h2.timer(TokioTimer::new())
+            .max_header_list_size(settings.max_header_bytes.try_into().unwrap_or(u32::MAX))
+            // Upgrades (WebSocket) between proxies travel as extended CONNECT (RFC 8441).
+            .enable_connect_protocol();
+        let pool = Pool::new(settings.connect_timeout, settings.pool_idle_timeout, tls.clone(), metrics.clone());
         let local_service = match &settings.service {
             Some(name) => format!("{name}.{}", settings.namespace).into(),
             None => "app".into(),
@@ -78,7 +91,7 @@ impl Proxy {
             [&settings.outbound_addrs[..], &settings.inbound_addrs[..], &[settings.admin_addr, settings.health_addr]]
                 .concat();
         let connections = Arc::new(OpenConnections::default());
-        Arc::new(Proxy { settings, store, metrics, drain, pool, local_service, own_listeners, connections, h1, h2 })
+        Arc::new(Proxy { settings, store, metrics, drain, tls, pool, local_service, own_listeners, connections, h1, h2 })
     }
 
     /// Keeps the upstream connection pool tidy for the life of the process.
@@ -145,11 +158,15 @@ impl Proxy {
             (Direction::Outbound, None) => None,
         };
         let start = Instant::now();
+        let mut hello = None;
         let (protocol, reason) = if target_port.is_some_and(|p| self.is_opaque_port(p)) {
             (Protocol::Tcp, Reason::OpaquePort)
         } else {
             match detect::detect(&mut io, self.settings.detect_timeout).await {
                 Ok((protocol, reason, prefix)) => {
+                    if protocol == Protocol::Tls && direction == Direction::Inbound {
+                        hello = tls::client_hello(&prefix);
+                    }
                     io.replay(prefix);
                     (protocol, reason)
                 }
@@ -161,15 +178,65 @@ impl Proxy {
         };
         self.metrics.detections.with_label_values(&[direction.as_str(), protocol.as_str(), reason.as_str()]).inc();
         self.metrics.detection_duration.with_label_values(&[direction.as_str()]).observe(start.elapsed().as_secs_f64());
-        let _open = self.connections.insert(conn, protocol);
+        let _open = self.connections.insert(conn.clone(), protocol);
 
         match protocol {
             Protocol::Http1 | Protocol::Http2 => self.serve_http(io, protocol, conn).await,
-            Protocol::Tcp => self.forward_tcp(io, conn).await,
+            Protocol::Tls if direction == Direction::Inbound => self.serve_tls(io, conn, hello).await,
+            Protocol::Tls | Protocol::Tcp => self.forward_tcp(io, conn).await,
         }
     }
 
-    async fn serve_http(self: &Arc<Self>, io: ConnIo, protocol: Protocol, conn: ConnInfo) {
+    /// Inbound TLS: a mesh peer (a `ferry/*` ALPN) is authenticated and served; anything else is the app's own TLS
+    /// from an unmeshed client, forwarded as opaque TCP (permissive).
+    async fn serve_tls(self: &Arc<Self>, io: ConnIo, mut conn: ConnInfo, hello: Option<ClientHello>) {
+        let inbound = Direction::Inbound.as_str();
+        let Some(hello) = hello.filter(|h| h.mesh.is_some()) else {
+            return self.forward_tcp(io, conn).await;
+        };
+        let Some(state) = self.tls.current() else {
+            self.metrics.tls_handshake_failures.with_label_values(&[inbound, "no-identity"]).inc();
+            tracing::warn!(peer = %conn.peer, "mesh connection refused: this proxy holds no identity yet");
+            return;
+        };
+        let accept = tokio_rustls::TlsAcceptor::from(state.server.clone()).accept(io);
+        let stream = match tokio::time::timeout(self.settings.header_read_timeout, accept).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => {
+                self.metrics.tls_handshake_failures.with_label_values(&[inbound, tls::handshake_reason(&e)]).inc();
+                tracing::info!(peer = %conn.peer, error = %e, "mesh TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                self.metrics.tls_handshake_failures.with_label_values(&[inbound, "timeout"]).inc();
+                return;
+            }
+        };
+        let session = stream.get_ref().1;
+        let alpn = session.alpn_protocol().and_then(Alpn::of);
+        let identity = match tls::peer_identity(session.peer_certificates()) {
+            Ok(identity) => identity,
+            Err(message) => {
+                self.metrics.tls_handshake_failures.with_label_values(&[inbound, "bad-certificate"]).inc();
+                tracing::info!(peer = %conn.peer, error = %message, "mesh peer refused");
+                return;
+            }
+        };
+        self.metrics.tls_handshakes.with_label_values(&[inbound]).inc();
+        conn.sni_port = hello.server_name.as_deref().and_then(tls::sni_port);
+        tracing::debug!(peer = %conn.peer, identity = %identity, sni = ?hello.server_name, alpn = ?alpn, "mesh connection");
+        conn.peer_identity = Some(Arc::new(identity));
+        match alpn {
+            Some(Alpn::H2) => self.serve_http(stream, Protocol::Http2, conn).await,
+            Some(Alpn::Tcp) => self.forward_tcp(stream, conn).await,
+            None => {}
+        }
+    }
+
+    async fn serve_http<I>(self: &Arc<Self>, io: I, protocol: Protocol, conn: ConnInfo)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let (peer, direction) = (conn.peer, conn.direction);
         let state = Arc::new(ConnState::default());
         let proxy = self.clone();
@@ -177,6 +244,7 @@ impl Proxy {
         let service = hyper::service::service_fn(move |req| {
             conn_state.request_started();
             let proxy = proxy.clone();
+            let conn = conn.clone();
             async move { Ok::<_, Infallible>(proxy.forward(req, conn).await) }
         });
         let io = TokioIo::new(io);
@@ -201,7 +269,10 @@ impl Proxy {
         }
     }
 
-    async fn forward_tcp(&self, mut io: ConnIo, conn: ConnInfo) {
+    async fn forward_tcp<I>(&self, mut io: I, conn: ConnInfo)
+    where
+        I: AsyncRead + AsyncWrite + Unpin,
+    {
         let direction = conn.direction;
         let dest = match self.destination(&conn, None) {
             Ok(dest) => dest,
@@ -211,19 +282,26 @@ impl Proxy {
                 return;
             }
         };
-        let mut upstream = match self.pool.connect_tcp(dest.addr).await {
-            Ok(s) => s,
-            Err(e) => {
-                self.metrics.proxy_error(direction, e.reason());
-                tracing::warn!(target = %dest.addr, error = %e, "opaque connection not forwarded");
-                return;
-            }
-        };
-        tracing::debug!(peer = %conn.peer, mode = conn.mode.as_str(), service = %dest.service, target = %dest.addr, "opaque connection");
+        tracing::debug!(peer = %conn.peer, mode = conn.mode.as_str(), service = %dest.service, target = %dest.addr, mtls = dest.tls.is_some(), "opaque connection");
         // copy_bidirectional shuts down each write side when its read side ends: half-close is kept.
-        if let Err(e) = tokio::io::copy_bidirectional(&mut io, &mut upstream).await {
+        let copied = match &dest.tls {
+            Some(peer) => match self.pool.connect_mesh(dest.addr, peer, Alpn::Tcp).await {
+                Ok((upstream, _)) => tokio::io::copy_bidirectional(&mut io, &mut upstream.into_inner()).await,
+                Err(e) => return self.tcp_not_forwarded(direction, dest.addr, e),
+            },
+            None => match self.pool.connect_tcp(dest.addr).await {
+                Ok(mut upstream) => tokio::io::copy_bidirectional(&mut io, &mut upstream).await,
+                Err(e) => return self.tcp_not_forwarded(direction, dest.addr, e),
+            },
+        };
+        if let Err(e) = copied {
             tracing::debug!(target = %dest.addr, error = %e, "opaque connection ended with an error");
         }
+    }
+
+    fn tcp_not_forwarded(&self, direction: Direction, target: SocketAddr, e: crate::errors::ProxyError) {
+        self.metrics.proxy_error(direction, e.reason());
+        tracing::warn!(%target, error = %e, "opaque connection not forwarded");
     }
 
     fn is_opaque_port(&self, port: u16) -> bool {

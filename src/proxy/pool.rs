@@ -1,4 +1,6 @@
-//! Pooled upstream connections per endpoint: idle HTTP/1 connections are reused, HTTP/2 shares one multiplexed connection.
+//! Pooled upstream connections per endpoint: idle HTTP/1 connections are reused, HTTP/2 shares one multiplexed
+//! connection; to a meshed endpoint every request travels over one mTLS HTTP/2 connection (per endpoint and target
+//! port), which takes no new requests once this proxy's certificate or trust bundle has changed.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -12,7 +14,10 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
 use super::body::ProxyBody;
+use super::Direction;
 use crate::errors::ProxyError;
+use crate::metrics::Metrics;
+use crate::tls::{Alpn, MeshTls, PeerTls};
 
 /// Idle HTTP/1 connections kept per endpoint.
 const MAX_IDLE_PER_ENDPOINT: usize = 64;
@@ -23,11 +28,17 @@ pub enum HttpVersion {
     Http2,
 }
 
+/// A pooled HTTP/2 connection: plaintext per endpoint, mTLS per endpoint and SNI (with the TLS generation it was
+/// made with).
+type H2Key = (SocketAddr, Option<String>);
+
 pub struct Pool {
     idle: Mutex<HashMap<SocketAddr, Vec<Idle>>>,
-    h2: Mutex<HashMap<SocketAddr, http2::SendRequest<ProxyBody>>>,
+    h2: Mutex<HashMap<H2Key, (http2::SendRequest<ProxyBody>, u64)>>,
     connect_timeout: Duration,
     idle_timeout: Duration,
+    tls: Arc<MeshTls>,
+    metrics: Arc<Metrics>,
 }
 
 struct Idle {
@@ -36,8 +47,8 @@ struct Idle {
 }
 
 impl Pool {
-    pub fn new(connect_timeout: Duration, idle_timeout: Duration) -> Arc<Self> {
-        Arc::new(Pool { idle: Default::default(), h2: Default::default(), connect_timeout, idle_timeout })
+    pub fn new(connect_timeout: Duration, idle_timeout: Duration, tls: Arc<MeshTls>, metrics: Arc<Metrics>) -> Arc<Self> {
+        Arc::new(Pool { idle: Default::default(), h2: Default::default(), connect_timeout, idle_timeout, tls, metrics })
     }
 
     /// Drops idle connections that expired or were closed by the peer, every half idle timeout (1 s to 30 s), so that
@@ -55,19 +66,25 @@ impl Pool {
             list.retain(|c| !c.tx.is_closed() && c.since.elapsed() < self.idle_timeout);
             !list.is_empty()
         });
-        self.h2.lock().expect("pool lock").retain(|_, tx| !tx.is_closed());
+        let generation = self.tls.current().map(|s| s.generation);
+        self.h2.lock().expect("pool lock").retain(|(_, sni), (tx, g)| {
+            !tx.is_closed() && (sni.is_none() || Some(*g) == generation)
+        });
     }
 
-    /// Sends `req` to `addr` over a pooled connection of `version`, returning the response as soon as its headers arrive.
+    /// Sends `req` to `addr` over a pooled connection of `version` (always HTTP/2 over mTLS to a meshed peer),
+    /// returning the response as soon as its headers arrive.
     pub async fn send(
         self: &Arc<Self>,
         addr: SocketAddr,
         version: HttpVersion,
+        tls: Option<&PeerTls>,
         req: Request<ProxyBody>,
     ) -> Result<Response<Incoming>, ProxyError> {
-        match version {
-            HttpVersion::Http1 => self.send_h1(addr, req).await,
-            HttpVersion::Http2 => self.send_h2(addr, req).await,
+        match (tls, version) {
+            (Some(peer), _) => self.send_h2(addr, Some(peer), req).await,
+            (None, HttpVersion::Http1) => self.send_h1(addr, req).await,
+            (None, HttpVersion::Http2) => self.send_h2(addr, None, req).await,
         }
     }
 
@@ -135,13 +152,36 @@ impl Pool {
         Ok(tx)
     }
 
-    async fn send_h2(&self, addr: SocketAddr, req: Request<ProxyBody>) -> Result<Response<Incoming>, ProxyError> {
-        let existing = self.h2.lock().expect("pool lock").get(&addr).filter(|tx| !tx.is_closed()).cloned();
+    async fn send_h2(
+        &self,
+        addr: SocketAddr,
+        tls: Option<&PeerTls>,
+        req: Request<ProxyBody>,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let key = (addr, tls.map(|t| t.sni.clone()));
+        // A mesh connection made with an older certificate or bundle finishes its streams but takes no new ones.
+        let generation = match tls {
+            Some(_) => self.tls.current().map(|s| s.generation).unwrap_or(0),
+            None => 0,
+        };
+        let existing = self
+            .h2
+            .lock()
+            .expect("pool lock")
+            .get(&key)
+            .filter(|(tx, g)| !tx.is_closed() && *g == generation)
+            .map(|(tx, _)| tx.clone());
         let mut tx = match existing {
             Some(tx) => tx,
             None => {
-                let tx = self.connect_h2(addr).await?;
-                self.h2.lock().expect("pool lock").insert(addr, tx.clone());
+                let (tx, generation) = match tls {
+                    Some(peer) => {
+                        let (io, generation) = self.connect_mesh(addr, peer, Alpn::H2).await?;
+                        (self.handshake_h2(addr, io).await?, generation)
+                    }
+                    None => (self.handshake_h2(addr, self.connect(addr).await?).await?, 0),
+                };
+                self.h2.lock().expect("pool lock").insert(key, (tx.clone(), generation));
                 tx
             }
         };
@@ -149,8 +189,10 @@ impl Pool {
         tx.send_request(req).await.map_err(|source| ProxyError::UpstreamReset { addr, source })
     }
 
-    async fn connect_h2(&self, addr: SocketAddr) -> Result<http2::SendRequest<ProxyBody>, ProxyError> {
-        let io = self.connect(addr).await?;
+    async fn handshake_h2<I>(&self, addr: SocketAddr, io: I) -> Result<http2::SendRequest<ProxyBody>, ProxyError>
+    where
+        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
         let (tx, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(Duration::from_secs(30))
@@ -179,5 +221,32 @@ impl Pool {
 
     async fn connect(&self, addr: SocketAddr) -> Result<TokioIo<TcpStream>, ProxyError> {
         self.connect_tcp(addr).await.map(TokioIo::new)
+    }
+
+    /// Opens an mTLS connection to a meshed peer (the handshake within the connect timeout) and checks its identity.
+    /// Returns it with the TLS generation it was made with.
+    pub async fn connect_mesh(
+        &self,
+        addr: SocketAddr,
+        peer: &PeerTls,
+        alpn: Alpn,
+    ) -> Result<(TokioIo<tokio_rustls::client::TlsStream<TcpStream>>, u64), ProxyError> {
+        let tcp = self.connect_tcp(addr).await?;
+        let outbound = Direction::Outbound.as_str();
+        match tokio::time::timeout(self.connect_timeout, self.tls.connect(tcp, addr, peer, alpn)).await {
+            Err(_) => {
+                self.metrics.tls_handshake_failures.with_label_values(&[outbound, "timeout"]).inc();
+                Err(ProxyError::ConnectTimeout(addr))
+            }
+            Ok(Err(e)) => {
+                self.metrics.tls_handshake_failures.with_label_values(&[outbound, e.reason()]).inc();
+                tracing::warn!(%addr, error = %e, "mesh TLS connection refused");
+                Err(ProxyError::Tls(e))
+            }
+            Ok(Ok((stream, generation))) => {
+                self.metrics.tls_handshakes.with_label_values(&[outbound]).inc();
+                Ok((TokioIo::new(stream), generation))
+            }
+        }
     }
 }

@@ -9,6 +9,8 @@ use tokio::net::TcpStream;
 
 use super::{Direction, Proxy};
 use crate::errors::ProxyError;
+use crate::snapshot::Route;
+use crate::tls::{self, PeerTls};
 
 /// The `service` label of outbound requests that matched no Service in explicit mode.
 pub const UNKNOWN_SERVICE: &str = "unknown";
@@ -34,8 +36,8 @@ impl Mode {
     }
 }
 
-/// What the proxy knows about an accepted connection before reading from it.
-#[derive(Debug, Clone, Copy, Serialize)]
+/// What the proxy knows about an accepted connection (before reading from it, and after a mesh TLS handshake).
+#[derive(Debug, Clone, Serialize)]
 pub struct ConnInfo {
     pub direction: Direction,
     pub mode: Mode,
@@ -43,6 +45,12 @@ pub struct ConnInfo {
     pub local: SocketAddr,
     /// `SO_ORIGINAL_DST`, when the connection was redirected.
     pub original_dst: Option<SocketAddr>,
+    /// Inbound mTLS: the peer proxy's verified identity.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_identity: Option<Arc<ferry_xds::identity::Identity>>,
+    /// Inbound mTLS: the target port the SNI names (it wins over the original destination).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sni_port: Option<u16>,
 }
 
 impl ConnInfo {
@@ -54,7 +62,7 @@ impl ConnInfo {
         let original = if local.is_ipv4() { sock.original_dst_v4() } else { sock.original_dst_v6() };
         let original_dst = original.ok().and_then(|a| a.as_socket()).filter(|o| *o != local);
         let mode = if original_dst.is_some() { Mode::Transparent } else { Mode::Explicit };
-        Ok(ConnInfo { direction, mode, peer, local, original_dst })
+        Ok(ConnInfo { direction, mode, peer, local, original_dst, peer_identity: None, sni_port: None })
     }
 }
 
@@ -62,6 +70,8 @@ impl ConnInfo {
 pub struct Destination {
     pub service: Arc<str>,
     pub addr: SocketAddr,
+    /// A meshed endpoint: mTLS with this SNI, to one of these identities.
+    pub tls: Option<PeerTls>,
 }
 
 /// A failed decision, with the service label to count it under.
@@ -78,22 +88,25 @@ impl Proxy {
                     (Arc::from(UNKNOWN_SERVICE), ProxyError::NoRoute(why.into()))
                 })?;
                 let route = self.store.load().route(authority).map_err(|e| (Arc::from(UNKNOWN_SERVICE), e.into()))?;
-                Destination { service: route.service.qualified_name.clone(), addr: route.endpoint }
+                self.outbound_destination(&route)
             }
             (Direction::Outbound, Some(original)) => match self.store.load().route_original(original) {
-                Some(route) => Destination { service: route.service.qualified_name.clone(), addr: route.endpoint },
-                None => Destination { service: PASSTHROUGH_SERVICE.into(), addr: original },
+                Some(route) => self.outbound_destination(&route),
+                None => Destination { service: PASSTHROUGH_SERVICE.into(), addr: original, tls: None },
             },
             (Direction::Inbound, original) => {
                 let service = self.local_service.clone();
-                let addr = match original {
-                    // The original port selects the app's port.
-                    Some(original) => SocketAddr::new(self.app_ip(), original.port()),
-                    None => self.inbound_target().ok_or_else(|| {
+                let addr = match (conn.sni_port, original, self.settings.app_addr) {
+                    // Local mode: the one app address.
+                    (Some(_), _, Some(app)) => app,
+                    // The target port a mesh peer names in its SNI, else the original port, selects the app's port.
+                    (Some(port), _, None) => SocketAddr::new(self.app_ip(), port),
+                    (None, Some(original), _) => SocketAddr::new(self.app_ip(), original.port()),
+                    (None, None, _) => self.inbound_target().ok_or_else(|| {
                         (service.clone(), ProxyError::NoRoute("no app address is configured (FERRY_APP_ADDR)".into()))
                     })?,
                 };
-                Destination { service, addr }
+                Destination { service, addr, tls: None }
             }
         };
         if self.is_own_listener(dest.addr) {
@@ -102,6 +115,17 @@ impl Proxy {
             return Err((dest.service, ProxyError::NoRoute(why)));
         }
         Ok(dest)
+    }
+
+    /// An outbound route's destination: mTLS to a meshed endpoint once this proxy holds an identity.
+    fn outbound_destination(&self, route: &Route) -> Destination {
+        let svc = &route.service;
+        let tls = (route.meshed && self.tls.current().is_some()).then(|| PeerTls {
+            sni: tls::sni(route.port.target_port.unwrap_or(route.port.port), &svc.name, &svc.namespace),
+            service: svc.qualified_name.to_string(),
+            identities: svc.identities.clone(),
+        });
+        Destination { service: svc.qualified_name.clone(), addr: route.endpoint, tls }
     }
 
     /// Where inbound traffic goes without an original destination: `FERRY_APP_ADDR`, else the local Service's

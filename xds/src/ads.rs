@@ -1,4 +1,4 @@
-//! The delta-ADS server: authenticates proxies by join token, registers their endpoints, and pushes the `ferry.v1`
+//! The delta-ADS server: authenticates proxies by their workload certificate, registers their endpoints, and pushes the `ferry.v1`
 //! model with versions, nonces, ACK/NACK and at most one un-ACKed push per type per proxy.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use envoy_types::pb::envoy::config::core::v3::Node;
@@ -24,7 +24,9 @@ use crate::api::ControlMetrics;
 use crate::config::{Document, Endpoint};
 use crate::protocol::{self, NODE_INBOUND_PORT, NODE_SERVICE, TYPES, short_type};
 use crate::store::{Store, hex, write_atomic};
-use crate::tokens::{TokenError, Tokens};
+use crate::certify::{Authenticated, by_certificate};
+pub use crate::identity::Identity;
+use crate::tokens::{Tokens, unix_now};
 
 /// Changes arriving within this window are pushed together.
 pub const DEBOUNCE: Duration = Duration::from_millis(100);
@@ -57,29 +59,14 @@ enum Ended {
     Revoked,
 }
 
-/// What authenticated a stream: the identity, the token it came from, and a view of revocations since the check.
+/// What authenticated a stream: the identity and certificate, and a view of token revocations since the check.
 struct Credential {
-    identity: Identity,
-    token_id: String,
+    authenticated: Authenticated,
     revocations: watch::Receiver<u64>,
 }
 
 /// A push not ACKed within this long marks the proxy stale.
 pub const STALE_AFTER: Duration = Duration::from_secs(5);
-
-/// Who a proxy is, as its credential says (never as it claims).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Identity {
-    pub namespace: String,
-    pub service_account: String,
-}
-
-impl Identity {
-    pub fn spiffe(&self) -> String {
-        format!("spiffe://{}/ns/{}/sa/{}", crate::TRUST_DOMAIN, self.namespace, self.service_account)
-    }
-}
 
 /// One endpoint a proxy registered: which Service, where (its connection's source IP and its inbound port, or port 0
 /// for the bare IP), as whom.
@@ -156,7 +143,7 @@ impl Push {
 #[derive(Debug, Default)]
 pub struct Model {
     pub generation: u64,
-    types: [BTreeMap<Arc<str>, Entry>; 3],
+    types: [BTreeMap<Arc<str>, Entry>; 4],
 }
 
 fn type_index(type_url: &str) -> Option<usize> {
@@ -168,9 +155,20 @@ fn version_of(any: &Any) -> Arc<str> {
 }
 
 impl Model {
-    /// The model for `documents`, with each Service's endpoints extended by the registrations its `identities` allow.
-    pub fn build(generation: u64, documents: Vec<Document>, registrations: &[Registration]) -> Model {
+    /// The model for `documents`, with each Service's endpoints extended by the registrations its `identities` allow,
+    /// and the trust bundle.
+    pub fn build(
+        generation: u64,
+        documents: Vec<Document>,
+        registrations: &[Registration],
+        trust_bundle: &[String],
+    ) -> Model {
         let mut model = Model { generation, ..Default::default() };
+        if !trust_bundle.is_empty() {
+            let name = protocol::TRUST_BUNDLE_NAME;
+            let any = protocol::encode_trust_bundle(trust_bundle);
+            model.types[3].insert(name.into(), Entry::new(name, any, None));
+        }
         for mut doc in documents {
             let name = protocol::resource_name(&doc);
             let mut target = None;
@@ -226,8 +224,8 @@ impl Model {
     }
 
     /// Resource counts per type (for logs).
-    pub fn counts(&self) -> [usize; 3] {
-        [self.types[0].len(), self.types[1].len(), self.types[2].len()]
+    pub fn counts(&self) -> [usize; 4] {
+        [self.types[0].len(), self.types[1].len(), self.types[2].len(), self.types[3].len()]
     }
 }
 
@@ -283,6 +281,8 @@ pub struct Nack {
 pub struct ProxyStatus {
     pub node: String,
     pub identity: Identity,
+    /// The expiry of the certificate the stream was opened with (Unix seconds).
+    pub certificate_expiry: Option<i64>,
     pub address: Option<SocketAddr>,
     pub service: Option<String>,
     pub connected_since: u64,
@@ -309,6 +309,7 @@ impl ProxyStatus {
         serde_json::json!({
             "node": self.node,
             "identity": self.identity.spiffe(),
+            "certificateExpiry": self.certificate_expiry,
             "address": self.address.map(|a| a.to_string()),
             "service": self.service,
             "connectedSince": self.connected_since,
@@ -328,15 +329,13 @@ pub struct Xds {
     /// Bumped on every token revocation: streams authenticated by a revoked token are closed.
     revocations: watch::Sender<u64>,
     registry: Mutex<Registry>,
+    /// The roots sent as the TrustBundle resource.
+    trust_bundle: Mutex<Vec<String>>,
     proxies: Mutex<BTreeMap<u64, Arc<ProxyStatus>>>,
     next_id: AtomicU64,
     endpoints_file: PathBuf,
     #[cfg(feature = "testing")]
     injected: Mutex<BTreeMap<String, Any>>,
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 impl Xds {
@@ -347,6 +346,7 @@ impl Xds {
         metrics: Arc<ControlMetrics>,
         state_dir: &std::path::Path,
         grace: Duration,
+        trust_bundle: Vec<String>,
     ) -> Arc<Xds> {
         let endpoints_file = state_dir.join("endpoints.json");
         let retained: Vec<Registration> = match std::fs::read(&endpoints_file) {
@@ -378,6 +378,7 @@ impl Xds {
             published,
             revocations: watch::channel(0).0,
             registry: Mutex::new(registry),
+            trust_bundle: Mutex::new(trust_bundle),
             proxies: Mutex::new(BTreeMap::new()),
             next_id: AtomicU64::new(1),
             endpoints_file,
@@ -396,6 +397,12 @@ impl Xds {
     /// A token was revoked: streams that authenticated with it end now (UNAUTHENTICATED).
     pub fn token_revoked(&self) {
         self.revocations.send_modify(|n| *n += 1);
+    }
+
+    /// The mesh's roots changed (rotation): every proxy gets the new bundle.
+    pub fn set_trust_bundle(&self, roots: Vec<String>) {
+        *self.trust_bundle.lock().expect("bundle lock") = roots;
+        self.changed();
     }
 
     pub fn generation(&self) -> u64 {
@@ -439,7 +446,8 @@ impl Xds {
         };
         let previous = self.published.borrow().clone();
         #[allow(unused_mut)]
-        let mut model = Model::build(previous.generation + 1, documents, &registrations);
+        let bundle = self.trust_bundle.lock().expect("bundle lock").clone();
+        let mut model = Model::build(previous.generation + 1, documents, &registrations, &bundle);
         #[cfg(feature = "testing")]
         for (name, any) in self.injected.lock().expect("injected lock").iter() {
             model.inject(name, any.clone());
@@ -481,40 +489,19 @@ impl Xds {
     pub fn open_stream(self: &Arc<Self>, incoming: Incoming) -> Result<mpsc::Receiver<Result<Push, Status>>, Status> {
         // Subscribed before the check, so a revocation after it is never missed.
         let revocations = self.revocations.subscribe();
-        let (identity, token_id) = self.authenticate(incoming.authorization.as_deref(), incoming.peer)?;
+        let chain = incoming.peer_certs.as_deref().map(Vec::as_slice).unwrap_or_default();
+        let authenticated = by_certificate(&self.tokens, chain).map_err(|r| {
+            let message = match r.reason {
+                "missing" => "no client certificate: get a workload certificate from the CSR service first".to_string(),
+                _ => r.message,
+            };
+            self.refuse(r.reason, incoming.peer, &message);
+            Status::unauthenticated(message)
+        })?;
         let (tx, rx) = mpsc::channel(1);
-        let credential = Credential { identity, token_id, revocations };
+        let credential = Credential { authenticated, revocations };
         tokio::spawn(self.clone().serve_stream(credential, incoming.peer, incoming.requests, tx));
         Ok(rx)
-    }
-
-    /// The identity a stream's credential stands for, and the credential's token id.
-    fn authenticate(
-        &self,
-        authorization: Option<&str>,
-        peer: Option<SocketAddr>,
-    ) -> Result<(Identity, String), Status> {
-        let Some(token) = authorization.and_then(|v| v.strip_prefix("Bearer ")) else {
-            let message = "no credential: send the join token as `authorization: Bearer <token>`";
-            self.refuse("missing", peer, message);
-            return Err(Status::unauthenticated(message));
-        };
-        match self.tokens.lock().expect("tokens lock").verify(token, unix_now()) {
-            Ok(record) => Ok((
-                Identity { namespace: record.namespace.clone(), service_account: record.service_account.clone() },
-                record.id.clone(),
-            )),
-            Err(e) => {
-                let reason = match e {
-                    TokenError::Malformed => "malformed",
-                    TokenError::Unknown(_) => "unknown",
-                    TokenError::Expired(_) => "expired",
-                    TokenError::Revoked(_) => "revoked",
-                };
-                self.refuse(reason, peer, &e.to_string());
-                Err(Status::unauthenticated(e.to_string()))
-            }
-        }
     }
 
     /// Checks a proxy's claim to serve `service` and registers `peer_ip:inbound_port` for it.
@@ -569,7 +556,9 @@ impl Xds {
         mut inbound: Streaming<DeltaDiscoveryRequest>,
         tx: mpsc::Sender<Result<Push, Status>>,
     ) {
-        let Credential { identity, token_id, mut revocations } = credential;
+        let Credential { authenticated, mut revocations } = credential;
+        let identity = authenticated.identity.clone();
+        let token_id = authenticated.token_id.clone();
         let first = match tokio::time::timeout(FIRST_REQUEST_TIMEOUT, inbound.message()).await {
             Ok(Ok(Some(m))) => m,
             Ok(Err(status)) => {
@@ -582,7 +571,9 @@ impl Xds {
                 return;
             }
         };
-        if self.tokens.lock().expect("tokens lock").is_revoked(&token_id) {
+        if let Some(token_id) = &token_id
+            && self.tokens.lock().expect("tokens lock").is_revoked(token_id)
+        {
             let message = format!("token {token_id} was revoked");
             self.refuse("revoked", peer, &message);
             let _ = tx.try_send(Err(Status::unauthenticated(message)));
@@ -609,6 +600,7 @@ impl Xds {
         let status = Arc::new(ProxyStatus {
             node: node.id.clone(),
             identity: identity.clone(),
+            certificate_expiry: authenticated.not_after,
             address: peer,
             service: service.clone(),
             connected_since: unix_now(),
@@ -639,7 +631,7 @@ impl Xds {
                 // SEND_TIMEOUT.
                 let permit = tokio::select! {
                     permit = tokio::time::timeout(SEND_TIMEOUT, tx.reserve()) => permit,
-                    _ = self.revoked(&token_id, &mut revocations) => {
+                    _ = self.revoked(token_id.as_deref(), &mut revocations) => {
                         end = Some(Ended::Revoked);
                         break;
                     }
@@ -661,7 +653,7 @@ impl Xds {
                     break;
                 }
                 Some(Ended::Revoked) => {
-                    self.close_revoked(&token_id, peer, &node.id, &identity, &tx);
+                    self.close_revoked(token_id.as_deref().unwrap_or_default(), peer, &node.id, &identity, &tx);
                     connected.revoked = true;
                     break;
                 }
@@ -677,8 +669,8 @@ impl Xds {
                     }
                 },
                 r = model_rx.changed() => if r.is_err() { break },
-                _ = self.revoked(&token_id, &mut revocations) => {
-                    self.close_revoked(&token_id, peer, &node.id, &identity, &tx);
+                _ = self.revoked(token_id.as_deref(), &mut revocations) => {
+                    self.close_revoked(token_id.as_deref().unwrap_or_default(), peer, &node.id, &identity, &tx);
                     connected.revoked = true;
                     break;
                 }
@@ -687,8 +679,9 @@ impl Xds {
         tracing::info!(node = %node.id, identity = %identity.spiffe(), "proxy disconnected");
     }
 
-    /// Resolves when `token_id` is revoked (checked at each revocation anywhere).
-    async fn revoked(&self, token_id: &str, revocations: &mut watch::Receiver<u64>) {
+    /// Resolves when `token_id` is revoked (checked at each revocation anywhere); never without a token.
+    async fn revoked(&self, token_id: Option<&str>, revocations: &mut watch::Receiver<u64>) {
+        let Some(token_id) = token_id else { return std::future::pending().await };
         loop {
             if revocations.changed().await.is_err() {
                 return std::future::pending().await;
@@ -963,7 +956,9 @@ spec: {targetRef: {kind: Service, name: api}, defaultAction: deny}
     fn endpoints(model: &Model) -> Vec<String> {
         let resource = Resource::decode(model.types[0].get("demo/api").unwrap().encoded.clone()).unwrap();
         match protocol::decode("demo/api", resource.resource.as_ref().unwrap()).unwrap() {
-            Document::Service(s) => s.spec.endpoints.into_iter().map(|e| e.address).collect(),
+            protocol::Received::Document(Document::Service(s)) => {
+                s.spec.endpoints.into_iter().map(|e| e.address).collect()
+            }
             _ => unreachable!(),
         }
     }
@@ -978,11 +973,11 @@ spec: {targetRef: {kind: Service, name: api}, defaultAction: deny}
             reg("demo/api", "127.0.0.3:1003", "other", "api"),
             reg("demo/web", "127.0.0.4:1004", "demo", "api"),
         ];
-        let model = Model::build(1, docs.clone(), &regs);
+        let model = Model::build(1, docs.clone(), &regs, &[]);
         assert_eq!(endpoints(&model), ["127.0.0.1:1001"]);
-        assert_eq!(model.counts(), [1, 0, 1]);
-        assert!(model.same_content(&Model::build(2, docs.clone(), &regs)));
-        assert!(!model.same_content(&Model::build(2, docs, &regs[..0])));
+        assert_eq!(model.counts(), [1, 0, 1, 0]);
+        assert!(model.same_content(&Model::build(2, docs.clone(), &regs, &[])));
+        assert!(!model.same_content(&Model::build(2, docs, &regs[..0], &[])));
     }
 
     /// What a proxy decodes from a push: the framed bytes through the standard message type.
@@ -996,6 +991,7 @@ spec: {targetRef: {kind: Service, name: api}, defaultAction: deny}
     /// The status row of a proxy `demo/<account>`, registered for `service`.
     fn proxy_status(account: &str, service: Option<&str>) -> ProxyStatus {
         ProxyStatus {
+            certificate_expiry: None,
             node: "n".into(),
             identity: Identity { namespace: "demo".into(), service_account: account.into() },
             address: None,
@@ -1009,7 +1005,7 @@ spec: {targetRef: {kind: Service, name: api}, defaultAction: deny}
     fn named_subscriptions() {
         let metrics = ControlMetrics::new();
         let status = proxy_status("api", Some("demo/api"));
-        let model = Model::build(1, crate::parse_documents(DOCS).unwrap(), &[]);
+        let model = Model::build(1, crate::parse_documents(DOCS).unwrap(), &[], &[]);
         let mut s = Session { id: 1, service: Some("demo/api".into()), types: HashMap::new(), nonces: 0 };
         // Named: only what is named; a name that does not exist comes back as removed.
         s.on_request(request(protocol::SERVICE_TYPE, &["demo/api", "demo/nope"], "", None), &status, &metrics, "n")
@@ -1041,7 +1037,7 @@ spec: {targetRef: {kind: Service, name: api}, defaultAction: deny}
         std::fs::create_dir_all(&dir).unwrap();
         let store = Arc::new(Mutex::new(Store::open(&dir).unwrap()));
         let tokens = Arc::new(Mutex::new(Tokens::open(&dir).unwrap()));
-        let xds = Xds::new(store.clone(), tokens, Arc::new(ControlMetrics::new()), &dir, Duration::from_secs(60));
+        let xds = Xds::new(store.clone(), tokens, Arc::new(ControlMetrics::new()), &dir, Duration::from_secs(60), vec![]);
         assert_eq!(xds.generation(), 1);
         tokio::spawn(xds.clone().run_publisher());
         let service = |name: &str| {
@@ -1057,7 +1053,7 @@ spec: {targetRef: {kind: Service, name: api}, defaultAction: deny}
         }
         tokio::time::sleep(DEBOUNCE * 3).await;
         assert_eq!(xds.generation(), 2, "five changes inside the window: one push");
-        assert_eq!(xds.published.borrow().counts(), [5, 0, 0]);
+        assert_eq!(xds.published.borrow().counts(), [5, 0, 0, 0]);
         // Nothing changed: a notification publishes nothing new.
         xds.changed();
         tokio::time::sleep(DEBOUNCE * 3).await;
@@ -1088,7 +1084,7 @@ spec: {targetRef: {kind: Service, name: api}, defaultAction: deny}
         let metrics = ControlMetrics::new();
         let status = proxy_status("web", None);
         let docs = crate::parse_documents(DOCS).unwrap();
-        let m1 = Model::build(1, docs.clone(), &[]);
+        let m1 = Model::build(1, docs.clone(), &[], &[]);
         let mut s = Session { id: 7, service: None, types: HashMap::new(), nonces: 0 };
         // Wildcard subscription to Services and AuthorizationPolicies.
         s.on_request(request(protocol::SERVICE_TYPE, &[], "", None), &status, &metrics, "n").unwrap();
@@ -1103,7 +1099,7 @@ spec: {targetRef: {kind: Service, name: api}, defaultAction: deny}
         assert_eq!(out[0].type_url, protocol::SERVICE_TYPE);
         assert!(protocol::decode("demo/api", out[0].resources[0].resource.as_ref().unwrap()).is_ok());
         // At most one push in flight: a new generation waits for the ACK.
-        let m2 = Model::build(2, docs.clone(), &[reg("demo/api", "127.0.0.1:1", "demo", "api")]);
+        let m2 = Model::build(2, docs.clone(), &[reg("demo/api", "127.0.0.1:1", "demo", "api")], &[]);
         assert!(s.due(&m2, &status).is_empty());
         s.on_request(request(protocol::SERVICE_TYPE, &[], &out[0].nonce, None), &status, &metrics, "n").unwrap();
         s.on_request(request(protocol::AUTHORIZATION_POLICY_TYPE, &[], &out[1].nonce, None), &status, &metrics, "n")
@@ -1121,14 +1117,14 @@ spec: {targetRef: {kind: Service, name: api}, defaultAction: deny}
         assert_eq!(json["stale"], true);
         // Nothing is resent at the same generation; the next one resends what the proxy refused (it kept the old).
         assert!(s.due(&m2, &status).is_empty());
-        let m2b = Model::build(3, docs.clone(), &[reg("demo/api", "127.0.0.1:1", "demo", "api")]);
+        let m2b = Model::build(3, docs.clone(), &[reg("demo/api", "127.0.0.1:1", "demo", "api")], &[]);
         let again: Vec<DeltaDiscoveryResponse> = s.due(&m2b, &status).iter().map(wire).collect();
         assert_eq!(again.len(), 1);
         assert_eq!(again[0].resources[0].version, out2[0].resources[0].version, "the refused version, again");
         s.on_request(request(protocol::SERVICE_TYPE, &[], &again[0].nonce, None), &status, &metrics, "n").unwrap();
         assert_eq!(status.to_json(Instant::now())["stale"], false, "an ACK of the whole difference clears it");
         // Deleting the Service is a removal.
-        let m3 = Model::build(4, docs[1..].to_vec(), &[]);
+        let m3 = Model::build(4, docs[1..].to_vec(), &[], &[]);
         let out3: Vec<DeltaDiscoveryResponse> = s.due(&m3, &status).iter().map(wire).collect();
         assert_eq!(out3[0].removed_resources, ["demo/api"]);
         assert_eq!(metrics.xds_acks.with_label_values(&["Service"]).get(), 2);

@@ -48,9 +48,9 @@ impl Decoder for RequestDecoder {
     }
 }
 
-/// Client credentials and address, as the handler sees them.
+/// Client certificate chain (verified by the TLS handshake against the trust bundle) and address.
 pub struct Incoming {
-    pub authorization: Option<String>,
+    pub peer_certs: Option<Arc<Vec<rustls_pki_types::CertificateDer<'static>>>>,
     pub peer: Option<std::net::SocketAddr>,
     pub requests: Streaming<DeltaDiscoveryRequest>,
 }
@@ -72,15 +72,13 @@ impl tower_service::Service<Request<tonic::body::Body>> for AdsService {
                     "Ferry serves delta xDS only: use DeltaAggregatedResources",
                 )));
             }
-            let peer = req
-                .extensions()
-                .get::<TlsConnectInfo<TcpConnectInfo>>()
+            let tls = req.extensions().get::<TlsConnectInfo<TcpConnectInfo>>();
+            let peer = tls
                 .and_then(|i| i.get_ref().remote_addr())
                 .or_else(|| req.extensions().get::<TcpConnectInfo>().and_then(|i| i.remote_addr()));
-            let authorization =
-                req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_string);
+            let peer_certs = tls.and_then(|i| i.peer_certs());
             let requests = Streaming::new_request(RequestDecoder, req.into_body(), None, Some(MAX_REQUEST_BYTES));
-            match xds.open_stream(Incoming { authorization, peer, requests }) {
+            match xds.open_stream(Incoming { peer_certs, peer, requests }) {
                 Ok(responses) => Ok(grpc_response(tonic::body::Body::new(ResponseBody { rx: responses, done: false }))),
                 Err(status) => Ok(trailers_only(status)),
             }

@@ -40,6 +40,8 @@ pub struct ControlMetrics {
     pub xds_nacks: prometheus::IntCounterVec,
     pub xds_refused: prometheus::IntCounterVec,
     pub xds_ack_seconds: prometheus::Histogram,
+    pub certificates_issued: prometheus::IntCounterVec,
+    pub certificates_refused: prometheus::IntCounterVec,
 }
 
 impl ControlMetrics {
@@ -67,6 +69,16 @@ impl ControlMetrics {
         let xds_refused = counter(
             "ferry_control_xds_refused_total",
             "xDS connections refused, by reason (missing, malformed, unknown, expired, revoked token; service claim).",
+            "reason",
+        );
+        let certificates_issued = counter(
+            "ferry_control_certificates_issued_total",
+            "Workload certificates signed, by credential (join-token: a first certificate; certificate: a renewal).",
+            "credential",
+        );
+        let certificates_refused = counter(
+            "ferry_control_certificate_requests_refused_total",
+            "Certificate requests refused, by reason (missing, malformed, unknown, expired, revoked token; bad-request).",
             "reason",
         );
         let xds_connected =
@@ -100,6 +112,8 @@ impl ControlMetrics {
             xds_nacks,
             xds_refused,
             xds_ack_seconds,
+            certificates_issued,
+            certificates_refused,
         }
     }
 

@@ -1,5 +1,6 @@
 //! The mesh CA root: generated at first start (ECDSA P-256, key 0600) or supplied by the operator; it signs the
-//! control plane's serving certificate for the xDS port (and, with the mTLS issue, workload certificates).
+//! control plane's serving certificate for the xDS port and every workload certificate, built from the authenticated
+//! identity and only the public key of the proxy's CSR.
 
 use std::io::Write;
 use std::net::IpAddr;
@@ -8,8 +9,12 @@ use std::path::{Path, PathBuf};
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType,
+    KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType, SerialNumber, SubjectPublicKeyInfo,
 };
+use x509_parser::certification_request::X509CertificationRequest;
+use x509_parser::prelude::FromDer;
+
+use crate::identity::{Identity, TOKEN_UNIT_PREFIX};
 use time::{Duration, OffsetDateTime};
 
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +27,17 @@ pub enum CaError {
     Half,
     #[error("certificate generation failed: {0}")]
     Rcgen(#[from] rcgen::Error),
+    #[error("bad certificate request: {0}")]
+    BadRequest(String),
+}
+
+/// A workload certificate as issued.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    /// Leaf first.
+    pub chain_pem: Vec<String>,
+    /// Unix seconds.
+    pub not_after: i64,
 }
 
 /// The root (or operator-supplied intermediate) that signs everything the mesh trusts.
@@ -115,6 +131,55 @@ impl Ca {
         params.not_after = now + Duration::days(365);
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok((cert.pem(), key.serialize_pem()))
+    }
+
+    /// The roots proxies trust for peer certificates.
+    pub fn trust_bundle(&self) -> Vec<String> {
+        vec![self.cert_pem.clone()]
+    }
+
+    /// Issues a workload certificate for `identity` valid for `lifetime`, to the key of `csr_der` (PKCS#10, its
+    /// signature checked: the requester holds the key). Everything else in the request — subject, SANs, extensions
+    /// such as CA:TRUE — is ignored: the leaf is CA:FALSE with one URI SAN, the identity's SPIFFE ID. `token_id`
+    /// records the join token the certificate's lineage started from (see [`TOKEN_UNIT_PREFIX`]).
+    pub fn certify(
+        &self,
+        csr_der: &[u8],
+        identity: &Identity,
+        token_id: Option<&str>,
+        lifetime: std::time::Duration,
+    ) -> Result<Issued, CaError> {
+        let (rest, csr) =
+            X509CertificationRequest::from_der(csr_der).map_err(|e| CaError::BadRequest(format!("not PKCS#10: {e}")))?;
+        if !rest.is_empty() {
+            return Err(CaError::BadRequest("trailing bytes after the request".into()));
+        }
+        csr.verify_signature()
+            .map_err(|e| CaError::BadRequest(format!("the request's signature does not verify: {e}")))?;
+        let public_key = SubjectPublicKeyInfo::from_der(csr.certification_request_info.subject_pki.raw)
+            .map_err(|e| CaError::BadRequest(format!("unsupported public key: {e}")))?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "ferry.dev");
+        if let Some(id) = token_id {
+            dn.push(DnType::OrganizationalUnitName, format!("{TOKEN_UNIT_PREFIX}{id}"));
+        }
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.subject_alt_names = vec![SanType::URI(identity.spiffe().try_into()?)];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.use_authority_key_identifier_extension = true;
+        let mut serial = [0u8; 16];
+        getrandom::fill(&mut serial).map_err(|e| CaError::BadRequest(format!("no randomness: {e}")))?;
+        serial[0] &= 0x7f; // positive
+        params.serial_number = Some(SerialNumber::from_slice(&serial));
+        let now = OffsetDateTime::now_utc();
+        // A little slack for clocks behind ours.
+        params.not_before = now - Duration::minutes(5);
+        params.not_after = now + Duration::try_from(lifetime).unwrap_or(Duration::days(1));
+        let cert = params.signed_by(&public_key, &self.issuer)?;
+        Ok(Issued { chain_pem: vec![cert.pem()], not_after: params.not_after.unix_timestamp() })
     }
 
     /// Writes the serving certificate and key for the xDS port into `dir` (key 0600), replacing earlier ones, and

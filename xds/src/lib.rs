@@ -9,8 +9,11 @@ pub mod ads_transport;
 pub mod api;
 #[cfg(feature = "server")]
 pub mod ca;
+#[cfg(feature = "server")]
+pub mod certify;
 pub mod config;
 pub mod duration;
+pub mod identity;
 pub mod policy;
 pub mod protocol;
 pub mod resources;

@@ -10,9 +10,12 @@ use crate::resources::{Resource, from_resource, pb, to_resource};
 pub const SERVICE_TYPE: &str = "type.googleapis.com/ferry.v1.Service";
 pub const TRAFFIC_POLICY_TYPE: &str = "type.googleapis.com/ferry.v1.TrafficPolicy";
 pub const AUTHORIZATION_POLICY_TYPE: &str = "type.googleapis.com/ferry.v1.AuthorizationPolicy";
+pub const TRUST_BUNDLE_TYPE: &str = "type.googleapis.com/ferry.v1.TrustBundle";
+/// The one TrustBundle resource's name.
+pub const TRUST_BUNDLE_NAME: &str = "mesh";
 
 /// Every type a proxy subscribes to, in the order it subscribes (Services first, so policies find their targets).
-pub const TYPES: [&str; 3] = [SERVICE_TYPE, TRAFFIC_POLICY_TYPE, AUTHORIZATION_POLICY_TYPE];
+pub const TYPES: [&str; 4] = [SERVICE_TYPE, TRAFFIC_POLICY_TYPE, AUTHORIZATION_POLICY_TYPE, TRUST_BUNDLE_TYPE];
 
 /// The node metadata key naming the Service (`namespace/name` or `name` in the identity's namespace) whose endpoint
 /// the proxy registers, and the key for the port its inbound listener takes mesh traffic on.
@@ -52,6 +55,22 @@ pub fn encode(doc: &Document) -> Any {
     Any { type_url: type_url(doc).to_string(), value }
 }
 
+/// Packs the mesh's trust bundle (root certificates, PEM).
+pub fn encode_trust_bundle(roots_pem: &[String]) -> Any {
+    Any {
+        type_url: TRUST_BUNDLE_TYPE.to_string(),
+        value: pb::TrustBundle { roots_pem: roots_pem.to_vec() }.encode_to_vec(),
+    }
+}
+
+/// A received resource: a policy document, or the trust bundle (its roots, PEM, each checked to be a CA
+/// certificate).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Received {
+    Document(Document),
+    TrustBundle(Vec<String>),
+}
+
 /// Why a received resource was refused; the text goes into the NACK's `error_detail`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]
@@ -61,8 +80,22 @@ pub struct DecodeError {
 }
 
 /// Unpacks and validates one received resource named `name`.
-pub fn decode(name: &str, any: &Any) -> Result<Document, DecodeError> {
+pub fn decode(name: &str, any: &Any) -> Result<Received, DecodeError> {
     let fail = |message: String| DecodeError { name: name.to_string(), message: format!("{name}: {message}") };
+    if any.type_url == TRUST_BUNDLE_TYPE {
+        let bundle =
+            pb::TrustBundle::decode(any.value.as_slice()).map_err(|e| fail(format!("not a valid protobuf message: {e}")))?;
+        if name != TRUST_BUNDLE_NAME {
+            return Err(fail(format!("the trust bundle is named `{TRUST_BUNDLE_NAME}`")));
+        }
+        if bundle.roots_pem.is_empty() {
+            return Err(fail("roots: a trust bundle holds at least one root".into()));
+        }
+        for (i, pem) in bundle.roots_pem.iter().enumerate() {
+            check_root(pem).map_err(|e| fail(format!("roots[{i}]: {e}")))?;
+        }
+        return Ok(Received::TrustBundle(bundle.roots_pem));
+    }
     let resource = match any.type_url.as_str() {
         SERVICE_TYPE => pb::Service::decode(any.value.as_slice()).map(Resource::Service),
         TRAFFIC_POLICY_TYPE => pb::TrafficPolicy::decode(any.value.as_slice()).map(Resource::TrafficPolicy),
@@ -77,7 +110,19 @@ pub fn decode(name: &str, any: &Any) -> Result<Document, DecodeError> {
     if resource_name(&doc) != name {
         return Err(fail(format!("the resource's metadata names it {}", resource_name(&doc))));
     }
-    Ok(doc)
+    Ok(Received::Document(doc))
+}
+
+/// One PEM certificate that may sign others (CA:TRUE).
+fn check_root(pem: &str) -> Result<(), String> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let ders = crate::identity::pem_certificates(pem).map_err(|e| e.to_string())?;
+    let [der] = ders.as_slice() else { return Err(format!("{} certificates in one entry; expected 1", ders.len())) };
+    let (_, cert) = X509Certificate::from_der(der).map_err(|e| format!("not an X.509 certificate: {e}"))?;
+    if !cert.is_ca() {
+        return Err("not a CA certificate (basicConstraints CA:FALSE)".into());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -101,7 +146,7 @@ spec: {targetRef: {kind: Service, name: payments}, timeout: 2s}
         for doc in crate::parse_documents(DOCS).unwrap() {
             let any = encode(&doc);
             assert_eq!(any.type_url, type_url(&doc));
-            assert_eq!(decode(&resource_name(&doc), &any).unwrap(), doc);
+            assert_eq!(decode(&resource_name(&doc), &any).unwrap(), Received::Document(doc.clone()));
             // Deterministic bytes: the control plane's versions are digests of them.
             assert_eq!(encode(&doc).value, any.value);
         }

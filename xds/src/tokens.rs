@@ -57,7 +57,8 @@ pub struct Tokens {
     records: BTreeMap<String, TokenRecord>,
 }
 
-fn now() -> u64 {
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
@@ -94,7 +95,7 @@ impl Tokens {
         ttl: Duration,
     ) -> Result<(TokenRecord, String), StoreError> {
         let (id, secret) = (random_hex(8), random_hex(32));
-        let created_at = now();
+        let created_at = unix_now();
         let record = TokenRecord {
             id: id.clone(),
             namespace: namespace.to_string(),
@@ -163,7 +164,7 @@ mod tests {
         let (good, good_token) = tokens.create("shop", "payments", Duration::from_secs(3600)).unwrap();
         let (revoked, revoked_token) = tokens.create("shop", "orders", Duration::from_secs(3600)).unwrap();
         tokens.revoke(&revoked.id).unwrap();
-        let t = now();
+        let t = unix_now();
         let (id, _) = good_token.split_once('.').unwrap();
         let cases: Vec<(String, u64, Result<&str, TokenError>)> = vec![
             (good_token.clone(), t, Ok("payments")),

@@ -56,6 +56,9 @@ struct ServeArgs {
     /// The private key (PEM, mode 0600) of --ca-cert.
     #[arg(long, env = "FERRY_CA_KEY", requires = "ca_cert")]
     ca_key: Option<PathBuf>,
+    /// Lifetime of workload certificates; proxies renew at half of it.
+    #[arg(long, env = "FERRY_CERT_LIFETIME", default_value = "24h", value_parser = lifetime)]
+    cert_lifetime: std::time::Duration,
     /// Extra DNS names for the serving certificate of the xDS port (besides ferry-control and localhost).
     #[arg(long = "server-name", env = "FERRY_CONTROL_SERVER_NAMES", value_delimiter = ',')]
     server_names: Vec<String>,
@@ -63,6 +66,14 @@ struct ServeArgs {
 
 fn grace(text: &str) -> Result<std::time::Duration, String> {
     ferry_xds::parse_duration(text).map_err(|e| e.to_string())
+}
+
+fn lifetime(text: &str) -> Result<std::time::Duration, String> {
+    let d = ferry_xds::parse_duration(text).map_err(|e| e.to_string())?;
+    if d < std::time::Duration::from_secs(2) || d > ferry_xds::certify::MAX_LIFETIME {
+        return Err("must be between 2s and 168h".into());
+    }
+    Ok(d)
 }
 
 fn main() -> std::process::ExitCode {
@@ -116,7 +127,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     std::fs::set_permissions(&args.state_dir, std::fs::Permissions::from_mode(0o700))?;
     let token = admin_token(&args.state_dir.join("admin.token"))?;
     let supplied = args.ca_cert.clone().zip(args.ca_key.clone()).map(|(cert, key)| CaFiles { cert, key });
-    let ca = Ca::ensure(&args.state_dir, supplied)?;
+    let ca = Arc::new(Ca::ensure(&args.state_dir, supplied)?);
     let mut names = vec!["ferry-control", "localhost"];
     names.extend(args.server_names.iter().map(String::as_str));
     let ips = [std::net::IpAddr::from([127, 0, 0, 1]), std::net::IpAddr::from(std::net::Ipv6Addr::LOCALHOST)];
@@ -128,19 +139,38 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!(state_dir = %args.state_dir.display(), revision = store.revision(), objects = ?store.counts(), "store loaded");
     let tokens = Arc::new(Mutex::new(Tokens::open(&args.state_dir)?));
     let store = Arc::new(Mutex::new(store));
-    let xds = Xds::new(store.clone(), tokens.clone(), metrics.clone(), &args.state_dir, args.endpoint_grace);
+    let xds = Xds::new(
+        store.clone(),
+        tokens.clone(),
+        metrics.clone(),
+        &args.state_dir,
+        args.endpoint_grace,
+        ca.trust_bundle(),
+    );
+    let certify = ferry_xds::certify::CertifyService {
+        ca: ca.clone(),
+        tokens: tokens.clone(),
+        metrics: metrics.clone(),
+        lifetime: args.cert_lifetime,
+    };
     tokio::spawn(xds.clone().run_publisher());
     let api = Arc::new(Api::new(store, tokens, token, Some(metrics.clone()), Some(xds.clone())));
 
     let xds_listener = tokio::net::TcpListener::bind(args.xds_addr)
         .await
         .with_context(|| format!("binding xDS on {}", args.xds_addr))?;
+    // Client certificates are optional at the TLS layer (a first CSR comes with a join token); xDS streams require one.
+    let tls = tonic::transport::ServerTlsConfig::new()
+        .identity(tonic::transport::Identity::from_pem(cert, key))
+        .client_ca_root(tonic::transport::Certificate::from_pem(ca.trust_bundle().concat()))
+        .client_auth_optional(true);
     let xds_server = tonic::transport::Server::builder()
-        .tls_config(tonic::transport::ServerTlsConfig::new().identity(tonic::transport::Identity::from_pem(cert, key)))?
+        .tls_config(tls)?
         // Dead proxies are noticed (and their streams freed) without waiting for TCP timeouts.
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
-        .add_service(AdsService(xds));
+        .add_service(AdsService(xds))
+        .add_service(ferry_xds::resources::pb::identity_server::IdentityServer::new(certify));
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(xds_listener);
     tokio::spawn(async move {
         if let Err(e) = xds_server.serve_with_incoming(incoming).await {

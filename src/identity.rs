@@ -1,0 +1,154 @@
+//! This proxy's workload identity: a key generated in memory (never written, never sent), a certificate from the
+//! control plane's CSR service (join token for the first, the current certificate over mTLS for renewals), renewed
+//! at half of its remaining life with jittered retries, and swapped in for new handshakes.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ferry_xds::resources::pb;
+use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+
+use crate::bootstrap::ControlSettings;
+use crate::metrics::Metrics;
+use crate::tls::{Credentials, MeshTls};
+
+/// Retries after a failed request grow from the first to the last (each jittered), but never past a quarter of the
+/// certificate's remaining life.
+const RETRY: (Duration, Duration) = (Duration::from_millis(500), Duration::from_secs(30));
+
+#[derive(Debug, thiserror::Error)]
+pub enum CertifyError {
+    #[error("cannot read FERRY_CA_ROOT {0}: {1}")]
+    Root(String, std::io::Error),
+    #[error("key or request generation failed: {0}")]
+    Key(#[from] rcgen::Error),
+    #[error("{0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("{}: {}", .0.code(), .0.message())]
+    Status(#[from] tonic::Status),
+    #[error("the issued certificate is unusable: {0}")]
+    Issued(String),
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+/// Pure: how long to wait before renewing a certificate with `remaining` life: half of it, less up to 10 % jitter
+/// (`jitter` in [0, 1)) so that proxies started together do not renew together.
+pub fn renewal_delay(remaining: Duration, jitter: f64) -> Duration {
+    (remaining / 2).mul_f64(1.0 - 0.1 * jitter.clamp(0.0, 1.0))
+}
+
+/// Pure: the wait before retry number `attempt` (0-based) with `remaining` certificate life.
+pub fn retry_delay(attempt: u32, remaining: Duration, jitter: f64) -> Duration {
+    let base = RETRY.0.saturating_mul(1u32 << attempt.min(16)).min(RETRY.1);
+    let jittered = base.mul_f64(1.0 + 0.5 * jitter.clamp(0.0, 1.0));
+    jittered.min((remaining / 4).max(Duration::from_millis(200)))
+}
+
+/// Keeps this proxy's certificate fresh for the life of the process.
+pub async fn run(control: ControlSettings, tls: Arc<MeshTls>, metrics: Arc<Metrics>) {
+    let mut attempt = 0u32;
+    loop {
+        let current = tls.current().map(|s| s.credentials.clone());
+        let remaining = |c: &Option<Credentials>| {
+            c.as_ref().map(|c| Duration::from_secs((c.info.not_after - unix_now()).max(0) as u64)).unwrap_or_default()
+        };
+        match certify(&control, current.as_ref()).await {
+            Ok((credentials, bundle)) => {
+                attempt = 0;
+                let info = credentials.info.clone();
+                // The CSR answer's bundle bootstraps trust; afterwards xDS keeps it current.
+                if tls.current().is_none()
+                    && let Err(e) = tls.set_trust_bundle(bundle)
+                {
+                    tracing::error!(error = %e, "the trust bundle from the CSR service is unusable");
+                }
+                if let Err(e) = tls.set_credentials(credentials) {
+                    tracing::error!(error = %e, "the issued certificate cannot be used for TLS");
+                    metrics.identity_renewals.with_label_values(&["error"]).inc();
+                    tokio::time::sleep(retry_delay(0, Duration::from_secs(60), crate::random_fraction())).await;
+                    continue;
+                }
+                metrics.identity_renewals.with_label_values(&["ok"]).inc();
+                metrics.identity_expiry.set(info.not_after);
+                let life = Duration::from_secs((info.not_after - unix_now()).max(0) as u64);
+                let wait = renewal_delay(life, crate::random_fraction());
+                tracing::info!(identity = %info.identity, serial = %info.serial, not_after = info.not_after, renew_in_ms = wait.as_millis() as u64, "workload certificate in use");
+                tokio::time::sleep(wait).await;
+            }
+            Err(e) => {
+                metrics.identity_renewals.with_label_values(&["error"]).inc();
+                let left = remaining(&current);
+                let wait = retry_delay(attempt, if current.is_some() { left } else { RETRY.1 * 4 }, crate::random_fraction());
+                attempt = attempt.saturating_add(1);
+                tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, remaining_s = left.as_secs(), "certificate request failed");
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+}
+
+/// One CSR round trip: a fresh key, a request for it, the signed chain and the current trust bundle. Authenticated by
+/// `current` (mTLS) while it is valid, else by the join token.
+async fn certify(
+    control: &ControlSettings,
+    current: Option<&Credentials>,
+) -> Result<(Credentials, Vec<String>), CertifyError> {
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+    let csr = CertificateParams::new(Vec::<String>::new())?.serialize_request(&key)?.pem()?;
+    let root =
+        std::fs::read(&control.ca_root).map_err(|e| CertifyError::Root(control.ca_root.display().to_string(), e))?;
+    let mut tls =
+        ClientTlsConfig::new().ca_certificate(Certificate::from_pem(root)).domain_name(control.server_name.clone());
+    let valid = current.filter(|c| c.info.not_after > unix_now() + 1);
+    if let Some(c) = valid {
+        tls = tls.identity(tonic::transport::Identity::from_pem(c.chain_pem.concat(), c.key_pem.clone()));
+    }
+    let channel = Endpoint::from_shared(format!("https://{}", control.addr))?
+        .tls_config(tls)?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(15))
+        .connect()
+        .await?;
+    let mut request = tonic::Request::new(pb::CertifyRequest { csr_pem: csr });
+    if valid.is_none() {
+        let bearer = format!("Bearer {}", control.join_token)
+            .parse()
+            .map_err(|_| tonic::Status::invalid_argument("FERRY_JOIN_TOKEN is not a valid header value"))?;
+        request.metadata_mut().insert("authorization", bearer);
+    }
+    let response = pb::identity_client::IdentityClient::new(channel).certify(request).await?.into_inner();
+    let leaf = response
+        .chain_pem
+        .first()
+        .and_then(|pem| ferry_xds::identity::pem_certificates(pem).ok())
+        .and_then(|ders| ders.into_iter().next())
+        .ok_or_else(|| CertifyError::Issued("no certificate in the answer".into()))?;
+    let info = ferry_xds::identity::inspect(&leaf).map_err(|e| CertifyError::Issued(e.to_string()))?;
+    let credentials =
+        Credentials { chain_pem: response.chain_pem, key_pkcs8: key.serialize_der(), key_pem: key.serialize_pem(), info };
+    Ok((credentials, response.trust_bundle_pem))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renewal_and_retry_bounds() {
+        let day = Duration::from_secs(86_400);
+        assert_eq!(renewal_delay(day, 0.0), day / 2);
+        assert_eq!(renewal_delay(day, 0.999_999).as_secs(), (day / 2).mul_f64(0.9).as_secs());
+        assert!(renewal_delay(Duration::from_secs(6), 0.5) >= Duration::from_millis(2700));
+        // Retries grow 0.5 s, 1 s, 2 s ... capped at 30 s (+50 % jitter), and never beyond a quarter of the life left.
+        let table = [(0, 0.0, 500), (1, 0.0, 1000), (3, 0.0, 4000), (10, 0.0, 30_000), (10, 0.999_999, 44_999)];
+        for (attempt, jitter, ms) in table {
+            assert_eq!(retry_delay(attempt, day, jitter).as_millis(), ms, "attempt {attempt}");
+        }
+        assert_eq!(retry_delay(10, Duration::from_secs(8), 0.0), Duration::from_secs(2));
+        assert_eq!(retry_delay(10, Duration::ZERO, 0.0), Duration::from_millis(200));
+    }
+}

@@ -1,0 +1,139 @@
+//! The CSR service (`ferry.v1.Identity/Certify`) and the one place that authenticates a proxy: by join token (first
+//! certificate) or by its current workload certificate over mTLS (renewals, xDS streams).
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rustls_pki_types::CertificateDer;
+use tonic::{Request, Response, Status};
+
+use crate::api::ControlMetrics;
+use crate::ca::Ca;
+use crate::identity::{self, Identity};
+use crate::resources::pb;
+use crate::tokens::{TokenError, Tokens};
+
+/// Certificates are refused above this lifetime (a week): short-lived certificates are the point.
+pub const MAX_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Who a request proved to be, and with what.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Authenticated {
+    pub identity: Identity,
+    /// The join token presented, or the one the presented certificate's lineage started from.
+    pub token_id: Option<String>,
+    pub credential: &'static str,
+    /// The presented certificate's expiry (Unix seconds), when a certificate was presented.
+    pub not_after: Option<i64>,
+}
+
+/// Why a request was refused: `reason` is the metric label, `message` what the client and the log see.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl Refusal {
+    fn new(reason: &'static str, message: impl Into<String>) -> Refusal {
+        Refusal { reason, message: message.into() }
+    }
+}
+
+/// Authenticates by the client certificate the TLS handshake verified against the trust bundle. A certificate
+/// whose lineage started from a since-revoked join token is refused.
+pub fn by_certificate(tokens: &Mutex<Tokens>, chain: &[CertificateDer<'_>]) -> Result<Authenticated, Refusal> {
+    let leaf = chain.first().ok_or_else(|| Refusal::new("missing", "no client certificate"))?;
+    let info = identity::inspect(leaf).map_err(|e| Refusal::new("certificate", e.to_string()))?;
+    if let Some(id) = &info.token_id
+        && tokens.lock().expect("tokens lock").is_revoked(id)
+    {
+        return Err(Refusal::new("revoked", format!("token {id} was revoked (the certificate descends from it)")));
+    }
+    Ok(Authenticated {
+        identity: info.identity,
+        token_id: info.token_id,
+        credential: "certificate",
+        not_after: Some(info.not_after),
+    })
+}
+
+/// Authenticates by a join token sent as `authorization: Bearer <token>`.
+pub fn by_token(tokens: &Mutex<Tokens>, authorization: Option<&str>, now: u64) -> Result<Authenticated, Refusal> {
+    let Some(token) = authorization.and_then(|v| v.strip_prefix("Bearer ")) else {
+        return Err(Refusal::new(
+            "missing",
+            "no credential: send the join token as `authorization: Bearer <token>`, or a workload certificate",
+        ));
+    };
+    match tokens.lock().expect("tokens lock").verify(token, now) {
+        Ok(record) => Ok(Authenticated {
+            identity: Identity::new(&record.namespace, &record.service_account),
+            token_id: Some(record.id.clone()),
+            credential: "join-token",
+            not_after: None,
+        }),
+        Err(e) => {
+            let reason = match e {
+                TokenError::Malformed => "malformed",
+                TokenError::Unknown(_) => "unknown",
+                TokenError::Expired(_) => "expired",
+                TokenError::Revoked(_) => "revoked",
+            };
+            Err(Refusal::new(reason, e.to_string()))
+        }
+    }
+}
+
+/// Signs workload certificates for authenticated proxies.
+pub struct CertifyService {
+    pub ca: Arc<Ca>,
+    pub tokens: Arc<Mutex<Tokens>>,
+    pub metrics: Arc<ControlMetrics>,
+    pub lifetime: Duration,
+}
+
+impl CertifyService {
+    fn refuse(&self, refusal: Refusal, peer: Option<std::net::SocketAddr>) -> Status {
+        tracing::warn!(peer = ?peer, reason = refusal.reason, "certificate request refused: {}", refusal.message);
+        self.metrics.certificates_refused.with_label_values(&[refusal.reason]).inc();
+        match refusal.reason {
+            "bad-request" => Status::invalid_argument(refusal.message),
+            _ => Status::unauthenticated(refusal.message),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::identity_server::Identity for CertifyService {
+    async fn certify(&self, request: Request<pb::CertifyRequest>) -> Result<Response<pb::CertifyResponse>, Status> {
+        let peer = request.remote_addr();
+        // A presented certificate wins: a renewal must not fall back to a (possibly stale) token.
+        let authenticated = match request.peer_certs().filter(|c| !c.is_empty()) {
+            Some(chain) => by_certificate(&self.tokens, &chain),
+            None => {
+                let authorization = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
+                by_token(&self.tokens, authorization, crate::tokens::unix_now())
+            }
+        }
+        .map_err(|r| self.refuse(r, peer))?;
+        let csr = identity::pem_blocks(&request.get_ref().csr_pem, "CERTIFICATE REQUEST")
+            .ok()
+            .and_then(|mut blocks| (blocks.len() == 1).then(|| blocks.remove(0)))
+            .ok_or_else(|| self.refuse(Refusal::new("bad-request", "csr_pem: expected one PEM CERTIFICATE REQUEST"), peer))?;
+        let ca = self.ca.clone();
+        let (id, token, lifetime) = (authenticated.identity.clone(), authenticated.token_id.clone(), self.lifetime);
+        // ECDSA signing is quick, but a burst of thousands of proxies should not stall the runtime's workers.
+        let issued = tokio::task::spawn_blocking(move || ca.certify(&csr, &id, token.as_deref(), lifetime))
+            .await
+            .map_err(|e| Status::internal(format!("signing task failed: {e}")))?
+            .map_err(|e| self.refuse(Refusal::new("bad-request", e.to_string()), peer))?;
+        self.metrics.certificates_issued.with_label_values(&[authenticated.credential]).inc();
+        tracing::info!(identity = %authenticated.identity, peer = ?peer, credential = authenticated.credential, not_after = issued.not_after, "workload certificate issued");
+        Ok(Response::new(pb::CertifyResponse {
+            chain_pem: issued.chain_pem,
+            trust_bundle_pem: self.ca.trust_bundle(),
+            not_after: issued.not_after,
+        }))
+    }
+}
