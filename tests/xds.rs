@@ -360,12 +360,17 @@ async fn bad_credentials_and_false_claims_are_refused() {
         env.push(("FERRY_APP_ADDR".into(), app.addr.to_string()));
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         let p = Ferry::spawn(None, &env);
-        let series = format!("ferry_control_xds_refused_total{{reason=\"{reason}\"}}");
+        // A bad token gets no certificate; a certificate whose identity the Service does not list gets no stream.
+        let (series, logged) = match reason {
+            "service" => ("ferry_control_xds_refused_total", "xDS stream failed"),
+            _ => ("ferry_control_certificate_requests_refused_total", "certificate request failed"),
+        };
+        let series = format!("{series}{{reason=\"{reason}\"}}");
         tokio::task::block_in_place(|| {
             wait_until(&format!("refusal `{reason}` counted"), Duration::from_secs(10), || {
                 support::metric_value(&cp.metrics_text(), &series) >= 1.0
             });
-            wait_until("the proxy logs the refusal", Duration::from_secs(5), || p.logs().contains("xDS stream failed"));
+            wait_until("the proxy logs the refusal", Duration::from_secs(5), || p.logs().contains(logged));
         });
         assert_eq!(http_get(p.health, "/health/ready").unwrap().0, 503, "{reason}: never ready without config");
         let log = p.logs();
@@ -399,7 +404,8 @@ async fn bad_credentials_and_false_claims_are_refused() {
     assert!(web.logs().contains("was revoked"), "{}", web.logs());
     drop(web);
     let logs = cp.logs();
-    assert!(logs.matches("xDS connection refused").count() >= 4, "{logs}");
+    assert!(logs.matches("certificate request refused").count() >= 3, "{logs}");
+    assert!(logs.matches("xDS connection refused").count() >= 3, "{logs}");
     tokio::task::block_in_place(|| {
         wait_until("no refused proxy is listed", Duration::from_secs(5), || {
             let status = cp.ok(&["status"], None);

@@ -860,9 +860,10 @@ impl Session {
     /// The pushes due now: per type with no push in flight, what changed since the proxy's state.
     fn due(&mut self, model: &Model, status: &ProxyStatus) -> Vec<Push> {
         let mut out = Vec::new();
-        // Within one generation, policies go before Services: a new Service is never live without its policies
-        // (a policy for a Service the proxy does not know yet is harmless).
-        for index in [2, 1, 0] {
+        // Within one generation the trust bundle goes first (a new root is trusted before anything relies on it),
+        // and policies go before Services: a new Service is never live without its policies (a policy for a Service
+        // the proxy does not know yet is harmless).
+        for index in [3, 2, 1, 0] {
             let type_url = &TYPES[index];
             let Some(t) = self.types.get_mut(type_url) else { continue };
             if t.pending.is_some() {
