@@ -23,6 +23,9 @@ pub struct Settings {
     pub namespace: String,
     pub service_account: Option<String>,
     pub app_addr: Option<SocketAddr>,
+    /// Local explicit mode: the port peers dial for this proxy's inbound side, when something (a port forward, a
+    /// relay) sits in front of the inbound listener. Default: the first inbound listener's port.
+    pub advertise_port: Option<u16>,
     pub workers: usize,
     #[serde(serialize_with = "as_text")]
     pub drain: Duration,
@@ -116,6 +119,10 @@ impl Settings {
             service_account: env.raw("FERRY_SERVICE_ACCOUNT").filter(|s| !s.is_empty()),
             app_addr: match env.raw("FERRY_APP_ADDR").filter(|s| !s.is_empty()) {
                 Some(v) => Some(env.parse("FERRY_APP_ADDR", &v)?),
+                None => None,
+            },
+            advertise_port: match env.raw("FERRY_ADVERTISE_PORT").filter(|s| !s.is_empty()) {
+                Some(v) => Some(env.parse("FERRY_ADVERTISE_PORT", &v)?),
                 None => None,
             },
             workers: env.parse("FERRY_WORKERS", &workers_default.to_string())?,

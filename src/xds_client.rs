@@ -115,8 +115,8 @@ fn node(settings: &Settings, control: &ControlSettings) -> Node {
         // Local explicit mode (the app address is given): callers dial this proxy's inbound listener directly.
         // Transparent mode: callers dial the pod IP at the service port, and interception delivers it here.
         if let (Some(_), Some(inbound)) = (settings.app_addr, settings.inbound_addrs.first()) {
-            fields
-                .insert(NODE_INBOUND_PORT.to_string(), Value { kind: Some(Kind::NumberValue(inbound.port().into())) });
+            let port = settings.advertise_port.unwrap_or(inbound.port());
+            fields.insert(NODE_INBOUND_PORT.to_string(), Value { kind: Some(Kind::NumberValue(port.into())) });
         }
     }
     Node {
