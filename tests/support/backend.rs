@@ -105,7 +105,7 @@ fn query(req: &Request<Incoming>, key: &str) -> Option<u64> {
 
 /// The test app. `/echo` streams the request body back; `/sha256` hashes the body; `/download?bytes=N` streams N
 /// pattern bytes; `/delay?ms=N` answers after N ms; `/status?code=N` answers N; anything else says hello.
-/// Every response tells the HTTP version and Host/authority the app saw.
+/// Every response tells the HTTP version, Host/authority and `ferry-client-id` the app saw.
 async fn app(req: Request<Incoming>) -> Result<Response<TestBody>, Infallible> {
     let version = format!("{:?}", req.version());
     let host = req
@@ -115,7 +115,11 @@ async fn app(req: Request<Incoming>) -> Result<Response<TestBody>, Infallible> {
         .map(str::to_string)
         .or_else(|| req.uri().authority().map(|a| a.to_string()))
         .unwrap_or_default();
-    let builder = Response::builder().header("x-seen-version", version).header("x-seen-host", host);
+    let client_id = req.headers().get("ferry-client-id").cloned().unwrap_or(http::HeaderValue::from_static("none"));
+    let builder = Response::builder()
+        .header("x-seen-version", version)
+        .header("x-seen-host", host)
+        .header("x-seen-client-id", client_id);
     let path = req.uri().path().to_string();
     let resp = match path.as_str() {
         "/echo" => builder.body(req.into_body().map_err(BoxError::from).boxed()),

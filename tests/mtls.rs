@@ -1,0 +1,340 @@
+//! Identity and mTLS with real `ferry-control` and `ferry` processes: meshed calls are TLS 1.3 on the wire and tell
+//! the app who called, a peer with an identity the destination does not list is refused, the CSR service refuses bad
+//! credentials and ignores what a CSR asks for, and certificates rotate under load without a failed request.
+
+#[path = "../xds/tests/support/mod.rs"]
+mod control;
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use control::{ControlPlane, state_dir};
+use ferry_xds::resources::pb;
+use support::backend;
+use support::{Ferry, http_exchange_full};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn service(name: &str, addresses: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: ferry.dev/v1alpha1\nkind: Service\nmetadata: {{name: {name}}}\nspec:\n  ports: [{{port: 80, protocol: http}}]\n  addresses: [{addresses}]\n  identities: [{name}]\n{extra}"
+    )
+}
+
+/// A proxy connected to `cp` as `default/<account>`; with `app`, the endpoint of Service `<account>` (advertising
+/// `advertise` as its inbound port when a relay sits in front of it).
+fn proxy(cp: &ControlPlane, account: &str, app: Option<SocketAddr>, extra: &[(&str, String)]) -> Ferry {
+    let token = cp.join_token("default", account, "1h");
+    let mut env = cp.proxy_env(&token);
+    env.push(("FERRY_NODE_ID".into(), account.into()));
+    if let Some(app) = app {
+        env.push(("FERRY_SERVICE".into(), account.into()));
+        env.push(("FERRY_APP_ADDR".into(), app.to_string()));
+    }
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.clone())));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    Ferry::start(None, &env)
+}
+
+fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// A TCP relay that records every byte each way (the test's wire capture between two proxies).
+struct Relay {
+    addr: SocketAddr,
+    to_server: Arc<Mutex<Vec<u8>>>,
+    to_client: Arc<Mutex<Vec<u8>>>,
+}
+
+async fn relay(target: SocketAddr) -> Relay {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (to_server, to_client) = (Arc::new(Mutex::new(Vec::new())), Arc::new(Mutex::new(Vec::new())));
+    let (ts, tc) = (to_server.clone(), to_client.clone());
+    tokio::spawn(async move {
+        while let Ok((downstream, _)) = listener.accept().await {
+            let Ok(upstream) = tokio::net::TcpStream::connect(target).await else { continue };
+            let (mut dr, mut dw) = downstream.into_split();
+            let (mut ur, mut uw) = upstream.into_split();
+            let (ts, tc) = (ts.clone(), tc.clone());
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 16 * 1024];
+                while let Ok(n @ 1..) = dr.read(&mut buf).await {
+                    ts.lock().unwrap().extend_from_slice(&buf[..n]);
+                    if uw.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+                let _ = uw.shutdown().await;
+            });
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 16 * 1024];
+                while let Ok(n @ 1..) = ur.read(&mut buf).await {
+                    tc.lock().unwrap().extend_from_slice(&buf[..n]);
+                    if dw.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+                let _ = dw.shutdown().await;
+            });
+        }
+    });
+    Relay { addr, to_server, to_client }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+fn random_marker() -> String {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    std::hash::Hash::hash(&Instant::now(), &mut h);
+    format!("marker-{:016x}-{}", std::hash::Hasher::finish(&h), std::process::id())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn meshed_calls_are_tls13_on_the_wire_and_the_app_learns_the_caller() {
+    let app = backend::http_backend().await;
+    let cp = tokio::task::block_in_place(|| ControlPlane::start(&state_dir("mtls-wire")));
+    cp.ok(&["apply", "-f", "-"], Some(&service("api", "api.local", "")));
+    // The api proxy's inbound listener, and a relay in front of it that the proxy advertises as its endpoint.
+    let inbound = support::loopback(support::free_port());
+    let relay = relay(inbound).await;
+    let api = tokio::task::block_in_place(|| {
+        proxy(
+            &cp,
+            "api",
+            Some(app.addr),
+            &[
+                ("FERRY_INBOUND_ADDR", inbound.to_string()),
+                ("FERRY_ADVERTISE_PORT", relay.addr.port().to_string()),
+            ],
+        )
+    });
+    let web = tokio::task::block_in_place(|| proxy(&cp, "web", None, &[]));
+    let marker = random_marker();
+    let spoofed = "spiffe://cluster.local/ns/default/sa/admin";
+    let resp = tokio::task::block_in_place(|| {
+        let mut resp = None;
+        wait_until("web reaches api over the mesh", Duration::from_secs(10), || {
+            resp = http_exchange_full(
+                web.outbound,
+                "POST",
+                "/echo",
+                &[("Host", "api.local"), ("ferry-client-id", spoofed)],
+                &marker,
+            )
+            .filter(|r| r.status == 200);
+            resp.is_some()
+        });
+        resp.unwrap()
+    });
+    assert_eq!(resp.body, marker, "the app echoed the body");
+    // The app sees the caller's verified identity (never the header the caller's app set), and its own protocol.
+    assert_eq!(resp.header("x-seen-client-id"), Some("spiffe://cluster.local/ns/default/sa/web"), "{resp:?}");
+    assert_eq!(resp.header("x-seen-version"), Some("HTTP/1.1"), "HTTP/1 restored after HTTP/2 between proxies");
+    assert_eq!(resp.header("x-seen-host"), Some("api.local"));
+
+    let to_server = relay.to_server.lock().unwrap().clone();
+    let to_client = relay.to_client.lock().unwrap().clone();
+    assert!(!to_server.is_empty() && !to_client.is_empty(), "the call went through the relay");
+    // A TLS handshake record opens the connection, offering the mesh ALPN and naming the target port in SNI ...
+    assert_eq!(&to_server[..2], &[0x16, 0x03], "a TLS handshake record first");
+    assert!(contains(&to_server, b"ferry/h2"), "ALPN ferry/h2 offered");
+    assert!(contains(&to_server, b"80.api.default.ferry.internal"), "target port in SNI");
+    // ... the server picks TLS 1.3 (ServerHello's supported_versions extension: 0x002b, length 2, 0x0304) ...
+    assert_eq!(to_client[0], 0x16, "a ServerHello first");
+    assert!(contains(&to_client, &[0x00, 0x2b, 0x00, 0x02, 0x03, 0x04]), "TLS 1.3 negotiated");
+    // ... and neither direction ever carries the body in the clear.
+    assert!(!contains(&to_server, marker.as_bytes()) && !contains(&to_client, marker.as_bytes()));
+    assert!(web.metric("ferry_tls_handshakes_total{direction=\"outbound\"}") >= 1.0);
+    assert!(api.metric("ferry_tls_handshakes_total{direction=\"inbound\"}") >= 1.0);
+
+    // A client from outside the mesh (plaintext, straight to the inbound listener) cannot claim an identity.
+    let resp = http_exchange_full(inbound, "GET", "/", &[("ferry-client-id", spoofed)], "").unwrap();
+    assert_eq!((resp.status, resp.header("x-seen-client-id")), (200, Some("none")), "{resp:?}");
+    // An h2 (gRPC-style) caller keeps HTTP/2 end to end.
+    let resp = h2_get(web.outbound, "api.local").await;
+    assert_eq!(resp, ("HTTP/2.0".to_string(), "spiffe://cluster.local/ns/default/sa/web".to_string()));
+    drop(app);
+}
+
+/// GET over h2c prior knowledge; returns what the app saw: (version, client id).
+async fn h2_get(proxy: SocketAddr, host: &str) -> (String, String) {
+    let tcp = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    let (mut tx, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::builder()
+        .uri(format!("http://{host}/"))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = tx.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let h = |n: &str| resp.headers().get(n).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+    (h("x-seen-version"), h("x-seen-client-id"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_whose_identity_the_service_does_not_list_is_refused_by_the_caller() {
+    let app = backend::http_backend().await;
+    let cp = tokio::task::block_in_place(|| ControlPlane::start(&state_dir("mtls-wrong-id")));
+    cp.ok(&["apply", "-f", "-"], Some(&service("api", "api.local", "")));
+    let inbound = support::loopback(support::free_port());
+    let api = tokio::task::block_in_place(|| {
+        proxy(&cp, "api", Some(app.addr), &[("FERRY_INBOUND_ADDR", inbound.to_string())])
+    });
+    // Service billing lists only `billing`, yet names the api proxy (a valid mesh certificate for `api`) as its
+    // endpoint: the caller must refuse it.
+    let billing = service(
+        "billing",
+        "billing.local",
+        &format!("  endpoints: [{{address: \"{inbound}\", identity: billing}}]\n"),
+    );
+    cp.ok(&["apply", "-f", "-"], Some(&billing));
+    let web = tokio::task::block_in_place(|| proxy(&cp, "web", None, &[]));
+    tokio::task::block_in_place(|| {
+        wait_until("api.local works", Duration::from_secs(10), || {
+            http_exchange_full(web.outbound, "GET", "/", &[("Host", "api.local")], "").is_some_and(|r| r.status == 200)
+        })
+    });
+    let resp = http_exchange_full(web.outbound, "GET", "/", &[("Host", "billing.local")], "").unwrap();
+    assert_eq!((resp.status, resp.header("ferry-proxy-error")), (502, Some("tls-failed")), "{resp:?}");
+    assert_eq!(web.metric("ferry_tls_handshake_failures_total{direction=\"outbound\",reason=\"wrong-identity\"}"), 1.0);
+    let log = web.logs();
+    assert!(
+        log.contains("presented spiffe://cluster.local/ns/default/sa/api, which service billing.default does not list"),
+        "{log}"
+    );
+    drop((api, app));
+}
+
+/// A CSR client for the control plane's identity service, with a join token or a client certificate.
+async fn certify(
+    cp: &ControlPlane,
+    csr_pem: String,
+    token: Option<&str>,
+    client: Option<(String, String)>,
+) -> Result<pb::CertifyResponse, tonic::Status> {
+    let root = std::fs::read(cp.state.join("ca.crt")).unwrap();
+    let mut tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(root))
+        .domain_name("localhost");
+    if let Some((cert, key)) = client {
+        tls = tls.identity(tonic::transport::Identity::from_pem(cert, key));
+    }
+    let channel = tonic::transport::Endpoint::from_shared(format!("https://{}", cp.xds))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut request = tonic::Request::new(pb::CertifyRequest { csr_pem });
+    if let Some(token) = token {
+        request.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+    }
+    pb::identity_client::IdentityClient::new(channel).certify(request).await.map(|r| r.into_inner())
+}
+
+/// A CSR for a fresh key that asks for more than it may get: two SPIFFE IDs, a DNS name, CA:TRUE.
+fn greedy_csr() -> (rcgen::KeyPair, String) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["evil.example".to_string()]).unwrap();
+    params.subject_alt_names.push(rcgen::SanType::URI(
+        "spiffe://cluster.local/ns/kube-system/sa/admin".to_string().try_into().unwrap(),
+    ));
+    params.subject_alt_names.push(rcgen::SanType::URI(
+        "spiffe://cluster.local/ns/default/sa/payments".to_string().try_into().unwrap(),
+    ));
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let csr = params.serialize_request(&key).unwrap().pem().unwrap();
+    (key, csr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_csr_service_issues_only_what_the_credential_proves() {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let cp = tokio::task::block_in_place(|| ControlPlane::start(&state_dir("mtls-csr")));
+    let token = tokio::task::block_in_place(|| cp.join_token("default", "api", "1h"));
+    let (key, csr) = greedy_csr();
+    let issued = certify(&cp, csr.clone(), Some(&token), None).await.unwrap();
+    let der = ferry_xds::identity::pem_certificates(&issued.chain_pem[0]).unwrap().remove(0);
+    let (_, cert) = X509Certificate::from_der(&der).unwrap();
+    let sans: Vec<String> = cert
+        .subject_alternative_name()
+        .unwrap()
+        .unwrap()
+        .value
+        .general_names
+        .iter()
+        .map(|n| n.to_string())
+        .collect();
+    assert_eq!(sans, ["URI(spiffe://cluster.local/ns/default/sa/api)"], "exactly the entitled SPIFFE ID");
+    assert!(!cert.is_ca(), "CA:FALSE whatever the CSR asked");
+    assert_eq!(cert.basic_constraints().unwrap().map(|b| b.value.ca), Some(false));
+    assert_eq!(cert.public_key().raw, rcgen::PublicKeyData::subject_public_key_info(&key).as_slice(), "the CSR's key, nothing else");
+    let life = cert.validity().not_after.timestamp() - ferry_now();
+    assert!((86_000..=86_400).contains(&life), "24 h by default, got {life} s");
+    assert_eq!(issued.not_after, cert.validity().not_after.timestamp());
+    assert!(!issued.trust_bundle_pem.is_empty());
+    // `openssl verify` agrees that the leaf chains to the mesh root.
+    let leaf_file = cp.state.with_extension("leaf.pem");
+    std::fs::write(&leaf_file, &issued.chain_pem[0]).unwrap();
+    let verify = std::process::Command::new("openssl")
+        .args(["verify", "-CAfile", cp.state.join("ca.crt").to_str().unwrap(), leaf_file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stderr));
+
+    // Renewal: the current certificate over mTLS, no token; the identity comes from the certificate.
+    let (_, csr2) = greedy_csr();
+    let client = (issued.chain_pem.concat(), key.serialize_pem());
+    let renewed = certify(&cp, csr2, None, Some(client)).await.unwrap();
+    let info = ferry_xds::identity::inspect(&ferry_xds::identity::pem_certificates(&renewed.chain_pem[0]).unwrap()[0])
+        .unwrap();
+    assert_eq!(info.identity.spiffe(), "spiffe://cluster.local/ns/default/sa/api");
+    assert_ne!(info.serial, ferry_xds::identity::inspect(&der).unwrap().serial, "a new serial");
+
+    // Refusals: no credential, unknown, expired and revoked tokens, and a request that is not a CSR.
+    let expired = tokio::task::block_in_place(|| cp.join_token("default", "api", "1s"));
+    let revoked = tokio::task::block_in_place(|| cp.join_token("default", "api", "1h"));
+    tokio::task::block_in_place(|| cp.ok(&["token", "revoke", revoked.split('.').next().unwrap()], None));
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let unknown = "0123456789abcdef.00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+    let cases = [
+        (None, "no credential", tonic::Code::Unauthenticated, "missing"),
+        (Some(unknown), "unknown token", tonic::Code::Unauthenticated, "unknown"),
+        (Some(expired.as_str()), "expired", tonic::Code::Unauthenticated, "expired"),
+        (Some(revoked.as_str()), "revoked", tonic::Code::Unauthenticated, "revoked"),
+    ];
+    for (token, message, code, reason) in cases {
+        let err = certify(&cp, csr.clone(), token, None).await.unwrap_err();
+        assert_eq!(err.code(), code, "{message}: {err:?}");
+        assert!(err.message().contains(message), "{message}: {}", err.message());
+        let series = format!("ferry_control_certificate_requests_refused_total{{reason=\"{reason}\"}}");
+        assert_eq!(support::metric_value(&cp.metrics_text(), &series), 1.0, "{series}");
+    }
+    let err = certify(&cp, "not a csr".into(), Some(&token), None).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    // A renewal presenting a certificate whose token was since revoked is refused too.
+    tokio::task::block_in_place(|| cp.ok(&["token", "revoke", token.split('.').next().unwrap()], None));
+    let (_, csr3) = greedy_csr();
+    let err = certify(&cp, csr3, None, Some((issued.chain_pem.concat(), key.serialize_pem()))).await.unwrap_err();
+    assert!(err.message().contains("was revoked"), "{err:?}");
+    let metrics = cp.metrics_text();
+    assert_eq!(support::metric_value(&metrics, "ferry_control_certificates_issued_total{credential=\"join-token\"}"), 1.0);
+    assert_eq!(support::metric_value(&metrics, "ferry_control_certificates_issued_total{credential=\"certificate\"}"), 1.0);
+}
+
+fn ferry_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+}
