@@ -30,7 +30,12 @@ pub struct Health {
 
 impl Health {
     pub fn new(needs_config: bool, needs_identity: Option<Arc<crate::tls::MeshTls>>) -> Self {
-        Health { listeners_bound: AtomicBool::new(false), started: AtomicBool::new(false), needs_config, needs_identity }
+        Health {
+            listeners_bound: AtomicBool::new(false),
+            started: AtomicBool::new(false),
+            needs_config,
+            needs_identity,
+        }
     }
 
     pub fn set_listeners_bound(&self) {

@@ -82,7 +82,8 @@ pub async fn run(control: ControlSettings, tls: Arc<MeshTls>, metrics: Arc<Metri
             Err(e) => {
                 metrics.identity_renewals.with_label_values(&["error"]).inc();
                 let left = remaining(&current);
-                let wait = retry_delay(attempt, if current.is_some() { left } else { RETRY.1 * 4 }, crate::random_fraction());
+                let wait =
+                    retry_delay(attempt, if current.is_some() { left } else { RETRY.1 * 4 }, crate::random_fraction());
                 attempt = attempt.saturating_add(1);
                 tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, remaining_s = left.as_secs(), "certificate request failed");
                 tokio::time::sleep(wait).await;
@@ -128,8 +129,12 @@ async fn certify(
         .and_then(|ders| ders.into_iter().next())
         .ok_or_else(|| CertifyError::Issued("no certificate in the answer".into()))?;
     let info = ferry_xds::identity::inspect(&leaf).map_err(|e| CertifyError::Issued(e.to_string()))?;
-    let credentials =
-        Credentials { chain_pem: response.chain_pem, key_pkcs8: key.serialize_der(), key_pem: key.serialize_pem(), info };
+    let credentials = Credentials {
+        chain_pem: response.chain_pem,
+        key_pkcs8: key.serialize_der(),
+        key_pem: key.serialize_pem(),
+        info,
+    };
     Ok((credentials, response.trust_bundle_pem))
 }
 

@@ -315,9 +315,8 @@ impl ServerCertVerifier for MeshServerVerifier {
             now,
             self.provider.signature_verification_algorithms.all,
         )?;
-        identity::inspect(end_entity).map_err(|_| {
-            rustls::Error::InvalidCertificate(rustls::CertificateError::ApplicationVerificationFailure)
-        })?;
+        identity::inspect(end_entity)
+            .map_err(|_| rustls::Error::InvalidCertificate(rustls::CertificateError::ApplicationVerificationFailure))?;
         Ok(ServerCertVerified::assertion())
     }
 

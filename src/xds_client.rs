@@ -216,7 +216,9 @@ async fn session(
             if index == 3
                 && let Some(roots) = next.trust_bundle()
             {
-                mesh_tls.set_trust_bundle(roots.to_vec()).map_err(|e| format!("{}: {e}", protocol::TRUST_BUNDLE_NAME))?;
+                mesh_tls
+                    .set_trust_bundle(roots.to_vec())
+                    .map_err(|e| format!("{}: {e}", protocol::TRUST_BUNDLE_NAME))?;
             }
             Ok((index, next))
         });

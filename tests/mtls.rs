@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use control::{ControlPlane, state_dir};
 use ferry_xds::resources::pb;
 use support::backend;
-use support::{Ferry, http_exchange_full};
+use support::{Ferry, Load, http_exchange_full, wait_until};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn service(name: &str, addresses: &str, extra: &str) -> String {
@@ -35,14 +35,6 @@ fn proxy(cp: &ControlPlane, account: &str, app: Option<SocketAddr>, extra: &[(&s
     env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.clone())));
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     Ferry::start(None, &env)
-}
-
-fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
-        std::thread::sleep(Duration::from_millis(25));
-    }
 }
 
 /// A TCP relay that records every byte each way (the test's wire capture between two proxies).
@@ -111,10 +103,7 @@ async fn meshed_calls_are_tls13_on_the_wire_and_the_app_learns_the_caller() {
             &cp,
             "api",
             Some(app.addr),
-            &[
-                ("FERRY_INBOUND_ADDR", inbound.to_string()),
-                ("FERRY_ADVERTISE_PORT", relay.addr.port().to_string()),
-            ],
+            &[("FERRY_INBOUND_ADDR", inbound.to_string()), ("FERRY_ADVERTISE_PORT", relay.addr.port().to_string())],
         )
     });
     let web = tokio::task::block_in_place(|| proxy(&cp, "web", None, &[]));
@@ -194,11 +183,8 @@ async fn a_peer_whose_identity_the_service_does_not_list_is_refused_by_the_calle
     });
     // Service billing lists only `billing`, yet names the api proxy (a valid mesh certificate for `api`) as its
     // endpoint: the caller must refuse it.
-    let billing = service(
-        "billing",
-        "billing.local",
-        &format!("  endpoints: [{{address: \"{inbound}\", identity: billing}}]\n"),
-    );
+    let billing =
+        service("billing", "billing.local", &format!("  endpoints: [{{address: \"{inbound}\", identity: billing}}]\n"));
     cp.ok(&["apply", "-f", "-"], Some(&billing));
     let web = tokio::task::block_in_place(|| proxy(&cp, "web", None, &[]));
     tokio::task::block_in_place(|| {
@@ -249,12 +235,12 @@ async fn certify(
 fn greedy_csr() -> (rcgen::KeyPair, String) {
     let key = rcgen::KeyPair::generate().unwrap();
     let mut params = rcgen::CertificateParams::new(vec!["evil.example".to_string()]).unwrap();
-    params.subject_alt_names.push(rcgen::SanType::URI(
-        "spiffe://cluster.local/ns/kube-system/sa/admin".to_string().try_into().unwrap(),
-    ));
-    params.subject_alt_names.push(rcgen::SanType::URI(
-        "spiffe://cluster.local/ns/default/sa/payments".to_string().try_into().unwrap(),
-    ));
+    params
+        .subject_alt_names
+        .push(rcgen::SanType::URI("spiffe://cluster.local/ns/kube-system/sa/admin".to_string().try_into().unwrap()));
+    params
+        .subject_alt_names
+        .push(rcgen::SanType::URI("spiffe://cluster.local/ns/default/sa/payments".to_string().try_into().unwrap()));
     params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     let csr = params.serialize_request(&key).unwrap().pem().unwrap();
     (key, csr)
@@ -269,19 +255,16 @@ async fn the_csr_service_issues_only_what_the_credential_proves() {
     let issued = certify(&cp, csr.clone(), Some(&token), None).await.unwrap();
     let der = ferry_xds::identity::pem_certificates(&issued.chain_pem[0]).unwrap().remove(0);
     let (_, cert) = X509Certificate::from_der(&der).unwrap();
-    let sans: Vec<String> = cert
-        .subject_alternative_name()
-        .unwrap()
-        .unwrap()
-        .value
-        .general_names
-        .iter()
-        .map(|n| n.to_string())
-        .collect();
+    let sans: Vec<String> =
+        cert.subject_alternative_name().unwrap().unwrap().value.general_names.iter().map(|n| n.to_string()).collect();
     assert_eq!(sans, ["URI(spiffe://cluster.local/ns/default/sa/api)"], "exactly the entitled SPIFFE ID");
     assert!(!cert.is_ca(), "CA:FALSE whatever the CSR asked");
     assert_eq!(cert.basic_constraints().unwrap().map(|b| b.value.ca), Some(false));
-    assert_eq!(cert.public_key().raw, rcgen::PublicKeyData::subject_public_key_info(&key).as_slice(), "the CSR's key, nothing else");
+    assert_eq!(
+        cert.public_key().raw,
+        rcgen::PublicKeyData::subject_public_key_info(&key).as_slice(),
+        "the CSR's key, nothing else"
+    );
     let life = cert.validity().not_after.timestamp() - ferry_now();
     assert!((86_000..=86_400).contains(&life), "24 h by default, got {life} s");
     assert_eq!(issued.not_after, cert.validity().not_after.timestamp());
@@ -331,10 +314,162 @@ async fn the_csr_service_issues_only_what_the_credential_proves() {
     let err = certify(&cp, csr3, None, Some((issued.chain_pem.concat(), key.serialize_pem()))).await.unwrap_err();
     assert!(err.message().contains("was revoked"), "{err:?}");
     let metrics = cp.metrics_text();
-    assert_eq!(support::metric_value(&metrics, "ferry_control_certificates_issued_total{credential=\"join-token\"}"), 1.0);
-    assert_eq!(support::metric_value(&metrics, "ferry_control_certificates_issued_total{credential=\"certificate\"}"), 1.0);
+    assert_eq!(
+        support::metric_value(&metrics, "ferry_control_certificates_issued_total{credential=\"join-token\"}"),
+        1.0
+    );
+    assert_eq!(
+        support::metric_value(&metrics, "ferry_control_certificates_issued_total{credential=\"certificate\"}"),
+        1.0
+    );
 }
 
 fn ferry_now() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+}
+
+/// Accepts any server certificate: the rotation probe only reads which one a proxy presents.
+#[derive(Debug)]
+struct AcceptAny(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAny {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &rustls::pki_types::CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &rustls::pki_types::CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// A mesh client of the test's own (certificate from the CSR service): opens a new handshake to a proxy's inbound
+/// listener and returns the serial of the certificate the proxy presented.
+struct Probe {
+    config: Arc<rustls::ClientConfig>,
+}
+
+impl Probe {
+    async fn new(cp: &ControlPlane) -> Probe {
+        let token = tokio::task::block_in_place(|| cp.join_token("default", "probe", "1h"));
+        let key = rcgen::KeyPair::generate().unwrap();
+        let csr = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap().serialize_request(&key).unwrap();
+        let issued = certify(cp, csr.pem().unwrap(), Some(&token), None).await.unwrap();
+        let chain = ferry_xds::identity::pem_certificates(&issued.chain_pem[0]).unwrap();
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AcceptAny(provider)))
+            .with_client_auth_cert(
+                chain.into_iter().map(rustls::pki_types::CertificateDer::from).collect(),
+                rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            )
+            .unwrap();
+        config.alpn_protocols = vec![b"ferry/tcp".to_vec()];
+        Probe { config: Arc::new(config) }
+    }
+
+    async fn served_serial(&self, inbound: SocketAddr) -> String {
+        let tcp = tokio::net::TcpStream::connect(inbound).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("80.api.default.ferry.internal").unwrap();
+        let tls = tokio_rustls::TlsConnector::from(self.config.clone()).connect(name, tcp).await.unwrap();
+        let leaf = &tls.get_ref().1.peer_certificates().unwrap()[0];
+        ferry_xds::identity::inspect(leaf).unwrap().serial
+    }
+}
+
+/// The serials a proxy logged as "workload certificate in use", in order.
+fn logged_serials(p: &Ferry) -> Vec<String> {
+    p.logs()
+        .lines()
+        .filter(|l| l.contains("workload certificate in use"))
+        .filter_map(|l| l.split("\"serial\":\"").nth(1)?.split('"').next().map(str::to_string))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_rotate_under_load_without_a_failed_request() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let app = backend::http_backend().await;
+    let ws_app = backend::websocket_backend().await;
+    // Certificates live 4 s: each proxy renews about every 2 s.
+    let cp = tokio::task::block_in_place(|| {
+        ControlPlane::start_on(
+            &state_dir("mtls-rotate"),
+            [control::free_addr(), control::free_addr(), control::free_addr()],
+            &["--cert-lifetime", "4s"],
+        )
+    });
+    cp.ok(&["apply", "-f", "-"], Some(&service("api", "api.local", "")));
+    cp.ok(&["apply", "-f", "-"], Some(&service("ws", "ws.local", "")));
+    let api = tokio::task::block_in_place(|| proxy(&cp, "api", Some(app.addr), &[]));
+    let ws_proxy = tokio::task::block_in_place(|| proxy(&cp, "ws", Some(ws_app.addr), &[]));
+    let web = tokio::task::block_in_place(|| proxy(&cp, "web", None, &[]));
+    tokio::task::block_in_place(|| {
+        wait_until("web reaches api and ws", Duration::from_secs(10), || {
+            http_exchange_full(web.outbound, "GET", "/", &[("Host", "api.local")], "").is_some_and(|r| r.status == 200)
+                && http_exchange_full(web.outbound, "GET", "/", &[("Host", "ws.local")], "").is_some()
+        })
+    });
+    // A WebSocket through the mesh, open across every renewal.
+    let stream = tokio::net::TcpStream::connect(web.outbound).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async("ws://ws.local/socket", stream).await.unwrap();
+    let probe = Probe::new(&cp).await;
+    let handshakes_before = web.metric("ferry_tls_handshakes_total{direction=\"outbound\"}");
+    let load = Load::start(web.outbound, "api.local");
+    let mut served = Vec::new();
+    let started = Instant::now();
+    // At least 3 renewals of the api proxy's certificate (about 9 s at 4 s lifetimes), with a probe every 250 ms.
+    while started.elapsed() < Duration::from_secs(30) && logged_serials(&api).len() < 5 {
+        let serial = probe.served_serial(api.inbound).await;
+        if served.last() != Some(&serial) {
+            served.push(serial);
+        }
+        ws.send(Message::text("ping")).await.unwrap();
+        assert_eq!(ws.next().await.expect("websocket open").unwrap().into_text().unwrap().as_str(), "ping");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let (ok, failed, failures) = tokio::task::block_in_place(|| load.finish());
+    eprintln!("load across rotations: {ok} ok, {failed} failed; served serials {served:?}");
+    assert_eq!(failed, 0, "failed requests: {failures:?}");
+    assert!(ok > 100, "the load ran ({ok} requests)");
+    let logged = logged_serials(&api);
+    assert!(logged.len() >= 4, "at least 3 renewals after the first certificate: {logged:?}");
+    let distinct: std::collections::HashSet<_> = logged.iter().collect();
+    assert_eq!(distinct.len(), logged.len(), "every certificate has its own serial: {logged:?}");
+    // New handshakes presented each new certificate in turn.
+    assert!(served.len() >= 3, "the probe saw at least 3 certificates: {served:?}");
+    assert!(served.iter().all(|s| logged.contains(s)), "served {served:?} vs logged {logged:?}");
+    // The caller's pooled mesh connections moved to new handshakes as its own certificate rotated.
+    assert!(web.metric("ferry_tls_handshakes_total{direction=\"outbound\"}") >= handshakes_before + 3.0);
+    assert!(api.metric("ferry_identity_certificate_requests_total{result=\"ok\"}") >= 4.0);
+    assert!(api.metric("ferry_identity_certificate_expiry_timestamp_seconds") > ferry_now() as f64);
+    ws.send(Message::text("after")).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap().into_text().unwrap().as_str(), "after");
+    ws.close(None).await.unwrap();
+    drop((ws_proxy, app, ws_app));
 }

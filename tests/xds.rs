@@ -7,8 +7,6 @@ mod control;
 mod support;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use control::{ControlPlane, state_dir};
@@ -16,7 +14,7 @@ use futures_util::{SinkExt, StreamExt};
 use prost::Message;
 use support::backend::{self, Backend};
 use support::grpc::{Chunk, Codec, grpc_backend, tokio_stream_from};
-use support::{Ferry, http_exchange, http_get};
+use support::{Ferry, Load, http_exchange, http_get, wait_until};
 
 const ACK_SERVICE: &str = r#"ferry_xds_updates_total{result="ack",type="Service"}"#;
 const NACK_SERVICE: &str = r#"ferry_xds_updates_total{result="nack",type="Service"}"#;
@@ -47,60 +45,10 @@ fn get(proxy: SocketAddr, host: &str) -> Option<u16> {
     http_exchange(proxy, "GET", "/", &[("Host", host)], "").map(|(status, _)| status)
 }
 
-fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
-        std::thread::sleep(Duration::from_millis(25));
-    }
-}
-
 /// A call to the control plane's API with its admin token: (status, body).
 fn api(cp: &ControlPlane, method: &str, path: &str, body: &str) -> (u16, String) {
     let bearer = format!("Bearer {}", cp.token().trim());
     http_exchange(cp.api, method, path, &[("Authorization", &bearer)], body).expect("the API answers")
-}
-
-/// Constant load: one thread sending GETs for `host` through `proxy` until stopped (at most 60 s / 50,000 requests).
-struct Load {
-    stop: Arc<AtomicBool>,
-    ok: Arc<AtomicU64>,
-    failed: Arc<AtomicU64>,
-    thread: Option<std::thread::JoinHandle<Vec<String>>>,
-}
-
-impl Load {
-    fn start(proxy: SocketAddr, host: &'static str) -> Load {
-        let (stop, ok, failed) =
-            (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-        let (s, o, f) = (stop.clone(), ok.clone(), failed.clone());
-        let thread = std::thread::spawn(move || {
-            let started = Instant::now();
-            let mut failures = Vec::new();
-            for _ in 0..50_000 {
-                if s.load(Ordering::SeqCst) || started.elapsed() > Duration::from_secs(60) {
-                    break;
-                }
-                match get(proxy, host) {
-                    Some(200) => o.fetch_add(1, Ordering::SeqCst),
-                    other => {
-                        failures.push(format!("{:?} after {:?}", other, started.elapsed()));
-                        f.fetch_add(1, Ordering::SeqCst)
-                    }
-                };
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            failures
-        });
-        Load { stop, ok, failed, thread: Some(thread) }
-    }
-
-    /// Stops the load and returns (ok, failed, failure descriptions).
-    fn finish(mut self) -> (u64, u64, Vec<String>) {
-        self.stop.store(true, Ordering::SeqCst);
-        let failures = self.thread.take().unwrap().join().unwrap();
-        (self.ok.load(Ordering::SeqCst), self.failed.load(Ordering::SeqCst), failures)
-    }
 }
 
 struct Mesh {

@@ -91,7 +91,19 @@ impl Proxy {
             [&settings.outbound_addrs[..], &settings.inbound_addrs[..], &[settings.admin_addr, settings.health_addr]]
                 .concat();
         let connections = Arc::new(OpenConnections::default());
-        Arc::new(Proxy { settings, store, metrics, drain, tls, pool, local_service, own_listeners, connections, h1, h2 })
+        Arc::new(Proxy {
+            settings,
+            store,
+            metrics,
+            drain,
+            tls,
+            pool,
+            local_service,
+            own_listeners,
+            connections,
+            h1,
+            h2,
+        })
     }
 
     /// Keeps the upstream connection pool tidy for the life of the process.

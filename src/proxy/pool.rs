@@ -13,8 +13,8 @@ use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
-use super::body::ProxyBody;
 use super::Direction;
+use super::body::ProxyBody;
 use crate::errors::ProxyError;
 use crate::metrics::Metrics;
 use crate::tls::{Alpn, MeshTls, PeerTls};
@@ -47,7 +47,12 @@ struct Idle {
 }
 
 impl Pool {
-    pub fn new(connect_timeout: Duration, idle_timeout: Duration, tls: Arc<MeshTls>, metrics: Arc<Metrics>) -> Arc<Self> {
+    pub fn new(
+        connect_timeout: Duration,
+        idle_timeout: Duration,
+        tls: Arc<MeshTls>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
         Arc::new(Pool { idle: Default::default(), h2: Default::default(), connect_timeout, idle_timeout, tls, metrics })
     }
 
@@ -67,9 +72,10 @@ impl Pool {
             !list.is_empty()
         });
         let generation = self.tls.current().map(|s| s.generation);
-        self.h2.lock().expect("pool lock").retain(|(_, sni), (tx, g)| {
-            !tx.is_closed() && (sni.is_none() || Some(*g) == generation)
-        });
+        self.h2
+            .lock()
+            .expect("pool lock")
+            .retain(|(_, sni), (tx, g)| !tx.is_closed() && (sni.is_none() || Some(*g) == generation));
     }
 
     /// Sends `req` to `addr` over a pooled connection of `version` (always HTTP/2 over mTLS to a meshed peer),

@@ -9,6 +9,8 @@ use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// A loopback port that was free a moment ago.
@@ -261,4 +263,55 @@ pub fn http_exchange_full(
         .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
         .collect();
     Some(RawResponse { status, headers, body: body.to_string() })
+}
+
+/// Polls `f` every 25 ms until it holds; panics naming `what` after `limit`.
+pub fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// Constant load: one thread sending GETs for `host` through `proxy` until stopped (at most 60 s / 50,000 requests).
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    thread: Option<std::thread::JoinHandle<Vec<String>>>,
+}
+
+impl Load {
+    pub fn start(proxy: SocketAddr, host: &'static str) -> Load {
+        let (stop, ok, failed) =
+            (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let (s, o, f) = (stop.clone(), ok.clone(), failed.clone());
+        let thread = std::thread::spawn(move || {
+            let started = Instant::now();
+            let mut failures = Vec::new();
+            for _ in 0..50_000 {
+                if s.load(Ordering::SeqCst) || started.elapsed() > Duration::from_secs(60) {
+                    break;
+                }
+                match http_exchange(proxy, "GET", "/", &[("Host", host)], "").map(|(status, _)| status) {
+                    Some(200) => o.fetch_add(1, Ordering::SeqCst),
+                    other => {
+                        failures.push(format!("{:?} after {:?}", other, started.elapsed()));
+                        f.fetch_add(1, Ordering::SeqCst)
+                    }
+                };
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            failures
+        });
+        Load { stop, ok, failed, thread: Some(thread) }
+    }
+
+    /// Stops the load and returns (ok, failed, failure descriptions).
+    pub fn finish(mut self) -> (u64, u64, Vec<String>) {
+        self.stop.store(true, Ordering::SeqCst);
+        let failures = self.thread.take().unwrap().join().unwrap();
+        (self.ok.load(Ordering::SeqCst), self.failed.load(Ordering::SeqCst), failures)
+    }
 }

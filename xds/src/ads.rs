@@ -21,11 +21,11 @@ use tonic::{Status, Streaming};
 
 use crate::ads_transport::Incoming;
 use crate::api::ControlMetrics;
+use crate::certify::{Authenticated, by_certificate};
 use crate::config::{Document, Endpoint};
+pub use crate::identity::Identity;
 use crate::protocol::{self, NODE_INBOUND_PORT, NODE_SERVICE, TYPES, short_type};
 use crate::store::{Store, hex, write_atomic};
-use crate::certify::{Authenticated, by_certificate};
-pub use crate::identity::Identity;
 use crate::tokens::{Tokens, unix_now};
 
 /// Changes arriving within this window are pushed together.
@@ -1038,7 +1038,8 @@ spec: {targetRef: {kind: Service, name: api}, defaultAction: deny}
         std::fs::create_dir_all(&dir).unwrap();
         let store = Arc::new(Mutex::new(Store::open(&dir).unwrap()));
         let tokens = Arc::new(Mutex::new(Tokens::open(&dir).unwrap()));
-        let xds = Xds::new(store.clone(), tokens, Arc::new(ControlMetrics::new()), &dir, Duration::from_secs(60), vec![]);
+        let xds =
+            Xds::new(store.clone(), tokens, Arc::new(ControlMetrics::new()), &dir, Duration::from_secs(60), vec![]);
         assert_eq!(xds.generation(), 1);
         tokio::spawn(xds.clone().run_publisher());
         let service = |name: &str| {

@@ -149,8 +149,8 @@ impl Ca {
         token_id: Option<&str>,
         lifetime: std::time::Duration,
     ) -> Result<Issued, CaError> {
-        let (rest, csr) =
-            X509CertificationRequest::from_der(csr_der).map_err(|e| CaError::BadRequest(format!("not PKCS#10: {e}")))?;
+        let (rest, csr) = X509CertificationRequest::from_der(csr_der)
+            .map_err(|e| CaError::BadRequest(format!("not PKCS#10: {e}")))?;
         if !rest.is_empty() {
             return Err(CaError::BadRequest("trailing bytes after the request".into()));
         }

@@ -120,7 +120,9 @@ impl pb::identity_server::Identity for CertifyService {
         let csr = identity::pem_blocks(&request.get_ref().csr_pem, "CERTIFICATE REQUEST")
             .ok()
             .and_then(|mut blocks| (blocks.len() == 1).then(|| blocks.remove(0)))
-            .ok_or_else(|| self.refuse(Refusal::new("bad-request", "csr_pem: expected one PEM CERTIFICATE REQUEST"), peer))?;
+            .ok_or_else(|| {
+                self.refuse(Refusal::new("bad-request", "csr_pem: expected one PEM CERTIFICATE REQUEST"), peer)
+            })?;
         let ca = self.ca.clone();
         let (id, token, lifetime) = (authenticated.identity.clone(), authenticated.token_id.clone(), self.lifetime);
         // ECDSA signing is quick, but a burst of thousands of proxies should not stall the runtime's workers.

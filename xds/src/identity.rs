@@ -47,7 +47,11 @@ impl Identity {
     /// The identity a Service's `identities` entry names: a service account of the Service's namespace, or a full
     /// SPIFFE ID.
     pub fn of_service_entry(entry: &str, service_namespace: &str) -> Result<Identity, IdentityError> {
-        if entry.starts_with("spiffe://") { Identity::parse(entry) } else { Ok(Identity::new(service_namespace, entry)) }
+        if entry.starts_with("spiffe://") {
+            Identity::parse(entry)
+        } else {
+            Ok(Identity::new(service_namespace, entry))
+        }
     }
 }
 

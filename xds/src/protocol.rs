@@ -83,8 +83,8 @@ pub struct DecodeError {
 pub fn decode(name: &str, any: &Any) -> Result<Received, DecodeError> {
     let fail = |message: String| DecodeError { name: name.to_string(), message: format!("{name}: {message}") };
     if any.type_url == TRUST_BUNDLE_TYPE {
-        let bundle =
-            pb::TrustBundle::decode(any.value.as_slice()).map_err(|e| fail(format!("not a valid protobuf message: {e}")))?;
+        let bundle = pb::TrustBundle::decode(any.value.as_slice())
+            .map_err(|e| fail(format!("not a valid protobuf message: {e}")))?;
         if name != TRUST_BUNDLE_NAME {
             return Err(fail(format!("the trust bundle is named `{TRUST_BUNDLE_NAME}`")));
         }
