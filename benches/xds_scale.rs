@@ -17,7 +17,8 @@ use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use ferry_xds::Document;
-use ferry_xds::protocol::{self, TYPES};
+use ferry_xds::protocol::{self, Received, TYPES};
+use ferry_xds::resources::pb;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
@@ -198,15 +199,50 @@ struct Shared {
     errors: AtomicUsize,
 }
 
-/// One simulated proxy: a TLS connection, a delta-ADS stream with wildcard subscriptions to every type, every
-/// resource decoded and validated as the proxy does, then ACKed (or NACKed, which counts as an error).
+/// One simulated proxy's own workload certificate, as a real proxy gets it: a fresh key, a CSR with the join token.
+async fn certificate(xds: &str, tls: &ClientTlsConfig, token: &str) -> Result<ClientTlsConfig, String> {
+    let key = rcgen::KeyPair::generate().map_err(|e| e.to_string())?;
+    let csr = rcgen::CertificateParams::new(Vec::<String>::new())
+        .and_then(|p| p.serialize_request(&key))
+        .and_then(|c| c.pem())
+        .map_err(|e| e.to_string())?;
+    let channel = Endpoint::from_shared(format!("https://{xds}"))
+        .and_then(|e| e.tls_config(tls.clone()))
+        .map_err(|e| e.to_string())?
+        .connect()
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut request = tonic::Request::new(pb::CertifyRequest { csr_pem: csr });
+    request.metadata_mut().insert("authorization", format!("Bearer {token}").parse().expect("ascii token"));
+    let issued = pb::identity_client::IdentityClient::new(channel)
+        .certify(request)
+        .await
+        .map_err(|e| e.to_string())?
+        .into_inner();
+    Ok(tls.clone().identity(tonic::transport::Identity::from_pem(issued.chain_pem.concat(), key.serialize_pem())))
+}
+
+/// One simulated proxy: its own certificate by CSR, a TLS connection authenticated by it, a delta-ADS stream with
+/// wildcard subscriptions to every type, every resource decoded and validated as the proxy does, then ACKed (or
+/// NACKed, which counts as an error).
 async fn simulated_proxy(
     id: usize,
-    endpoint: Endpoint,
+    xds: Arc<str>,
+    tls: ClientTlsConfig,
     token: Arc<str>,
     shared: Arc<Shared>,
     connected: tokio::sync::oneshot::Sender<()>,
 ) {
+    let endpoint = match certificate(&xds, &tls, &token).await.and_then(|tls| {
+        Endpoint::from_shared(format!("https://{xds}")).and_then(|e| e.tls_config(tls)).map_err(|e| e.to_string())
+    }) {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("proxy {id}: certificate: {e}");
+            shared.errors.fetch_add(1, Ordering::SeqCst);
+            return;
+        }
+    };
     let channel = match endpoint.connect().await {
         Ok(c) => c,
         Err(e) => {
@@ -229,8 +265,7 @@ async fn simulated_proxy(
         .await
         .unwrap();
     }
-    let mut request = tonic::Request::new(ReceiverStream::new(rx));
-    request.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let request = tonic::Request::new(ReceiverStream::new(rx));
     let mut stream = match client.delta_aggregated_resources(request).await {
         Ok(r) => r.into_inner(),
         Err(e) => {
@@ -239,8 +274,8 @@ async fn simulated_proxy(
             return;
         }
     };
-    let mut held: HashMap<String, Document> = HashMap::new();
-    let mut first = [false; 3];
+    let mut held: HashMap<String, Received> = HashMap::new();
+    let mut first = [false; 4];
     let mut counted_marker = 0u64;
     loop {
         let response = match stream.message().await {
@@ -255,7 +290,7 @@ async fn simulated_proxy(
         for r in &response.resources {
             match r.resource.as_ref().map(|any| protocol::decode(&r.name, any)) {
                 Some(Ok(doc)) => {
-                    if let Document::Service(s) = &doc
+                    if let Received::Document(Document::Service(s)) = &doc
                         && !marker.is_empty()
                         && s.spec.addresses.contains(&marker)
                     {
@@ -316,7 +351,7 @@ async fn run(n: usize, a: &Args) -> serde_json::Value {
     let baseline = rss_kib(pid);
     let root = std::fs::read(cp.state.join("ca.crt")).unwrap();
     let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(root)).domain_name("ferry-control");
-    let endpoint = Endpoint::from_shared(format!("https://{}", cp.xds)).unwrap().tls_config(tls).unwrap();
+    let xds: Arc<str> = cp.xds.to_string().into();
     let shared = Arc::new(Shared::default());
 
     let started = Instant::now();
@@ -326,7 +361,8 @@ async fn run(n: usize, a: &Args) -> serde_json::Value {
         for &id in batch {
             let (done, wait) = tokio::sync::oneshot::channel();
             waits.push(wait);
-            tasks.push(tokio::spawn(simulated_proxy(id, endpoint.clone(), token.clone(), shared.clone(), done)));
+            let task = simulated_proxy(id, xds.clone(), tls.clone(), token.clone(), shared.clone(), done);
+            tasks.push(tokio::spawn(task));
         }
         for w in waits {
             let _ = w.await;
