@@ -26,6 +26,8 @@ pub enum ProxyError {
     BadRequest(&'static str),
     #[error("{0}")]
     Tls(#[from] crate::tls::TlsError),
+    #[error("{0}")]
+    Unauthorized(String),
 }
 
 impl From<RouteError> for ProxyError {
@@ -48,6 +50,7 @@ impl ProxyError {
             ProxyError::UpstreamReset { .. } => "upstream-reset",
             ProxyError::BadRequest(_) => "bad-request",
             ProxyError::Tls(_) => "tls-failed",
+            ProxyError::Unauthorized(_) => "unauthorized",
         }
     }
 
@@ -60,15 +63,18 @@ impl ProxyError {
             | ProxyError::Tls(_) => StatusCode::BAD_GATEWAY,
             ProxyError::NoHealthyEndpoints(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::Unauthorized(_) => StatusCode::FORBIDDEN,
         }
     }
 
     /// The gRPC status code a gRPC caller gets instead of the HTTP status.
     pub fn grpc_status(&self) -> u8 {
+        const PERMISSION_DENIED: u8 = 7;
         const INTERNAL: u8 = 13;
         const UNAVAILABLE: u8 = 14;
         match self {
             ProxyError::BadRequest(_) => INTERNAL,
+            ProxyError::Unauthorized(_) => PERMISSION_DENIED,
             _ => UNAVAILABLE,
         }
     }

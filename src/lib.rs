@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod authz;
 pub mod bootstrap;
 pub mod detect;
 pub mod drain;

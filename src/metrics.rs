@@ -43,6 +43,7 @@ pub struct Metrics {
     pub identity_expiry: IntGauge,
     pub tls_handshakes: IntCounterVec,
     pub tls_handshake_failures: IntCounterVec,
+    pub authz_decisions: IntCounterVec,
 }
 
 /// The counters and histograms of one (direction, service), one per status class.
@@ -172,6 +173,11 @@ impl Metrics {
                 "ferry_tls_handshake_failures_total",
                 "Failed mesh TLS handshakes and refused peers, by direction and reason.",
                 &["direction", "reason"],
+            ),
+            authz_decisions: counter(
+                "ferry_authz_decisions_total",
+                "Inbound authorization decisions (mTLS mode and AuthorizationPolicy), by local service and decision.",
+                &["service", "decision"],
             ),
             registry,
         };

@@ -7,6 +7,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use arc_swap::ArcSwap;
 use ferry_xds::identity::Identity;
+use ferry_xds::policy::MtlsMode;
+
+use crate::authz::{Authorization, InboundPolicy};
 use ferry_xds::{Document, PortProtocol, ServicePort, ServiceSpec, split_host_port};
 use serde::Serialize;
 
@@ -30,6 +33,13 @@ pub struct Snapshot {
     /// Service ports declared `protocol: tcp` (looked up once per connection).
     #[serde(skip)]
     opaque_ports: HashSet<u16>,
+    /// The mTLS mode of Services whose TrafficPolicy sets none.
+    pub default_mtls: MtlsMode,
+    /// Per Service (`namespace/name`): its TrafficPolicy's mTLS mode, and its compiled AuthorizationPolicies.
+    #[serde(skip)]
+    mtls: HashMap<String, MtlsMode>,
+    #[serde(skip)]
+    authorization: HashMap<String, Arc<Authorization>>,
 }
 
 #[derive(Debug, Serialize)]
@@ -88,7 +98,13 @@ impl ServiceEntry {
 impl Snapshot {
     /// Builds a snapshot from accepted documents. Besides each Service's `addresses`, `name.namespace` and
     /// `name.namespace.svc.cluster.local` always match, and the bare `name` matches in the proxy's own namespace.
-    pub fn build(version: u64, source: String, documents: Vec<Document>, local_namespace: &str) -> Self {
+    pub fn build(
+        version: u64,
+        source: String,
+        documents: Vec<Document>,
+        local_namespace: &str,
+        default_mtls: MtlsMode,
+    ) -> Self {
         let mut services = Vec::new();
         let mut by_host: HashMap<String, Vec<(Option<u16>, usize)>> = HashMap::new();
         let mut by_ip: HashMap<IpAddr, Vec<(Option<u16>, usize)>> = HashMap::new();
@@ -147,7 +163,37 @@ impl Snapshot {
         for (host, index) in implicit {
             by_host.entry(host).or_insert_with(|| vec![(None, index)]);
         }
-        Snapshot { version, source, services, policies, by_host, by_ip, by_endpoint, opaque_ports }
+        let mut mtls = HashMap::new();
+        let mut authz_docs: HashMap<String, Vec<&ferry_xds::policy::AuthorizationPolicy>> = HashMap::new();
+        for doc in &policies {
+            match doc {
+                Document::TrafficPolicy(p) => {
+                    if let Some(mode) = p.spec.mtls {
+                        mtls.insert(format!("{}/{}", p.metadata.namespace, p.spec.target_ref.name), mode);
+                    }
+                }
+                Document::AuthorizationPolicy(p) => {
+                    let target = format!("{}/{}", p.metadata.namespace, p.spec.target_ref.name);
+                    authz_docs.entry(target).or_default().push(p);
+                }
+                Document::Service(_) => {}
+            }
+        }
+        let authorization =
+            authz_docs.into_iter().map(|(target, docs)| (target, Arc::new(Authorization::compile(&docs)))).collect();
+        Snapshot {
+            version,
+            source,
+            services,
+            policies,
+            by_host,
+            by_ip,
+            by_endpoint,
+            opaque_ports,
+            default_mtls,
+            mtls,
+            authorization,
+        }
     }
 
     /// Pure route decision for an authority (`host`, `host:port`, `[v6]:port`); a missing port means 80.
@@ -204,6 +250,18 @@ impl Snapshot {
         let service = &self.services[*index];
         let service_port = service.spec.ports.iter().find(|p| p.port == *port)?.clone();
         Some(Route { service: service.clone(), port: service_port, endpoint: original, meshed: *meshed })
+    }
+
+    /// What the inbound side enforces for the local Service `name` in `namespace` (no Service: the mesh default, no
+    /// policy); `label` is its metrics label.
+    pub fn inbound_policy(&self, name: Option<&str>, namespace: &str, label: Arc<str>) -> InboundPolicy {
+        let key = name.map(|n| format!("{namespace}/{n}"));
+        let key = key.as_deref().unwrap_or_default();
+        InboundPolicy {
+            mode: self.mtls.get(key).copied().unwrap_or(self.default_mtls),
+            authorization: self.authorization.get(key).cloned(),
+            service: label,
+        }
     }
 
     /// The service named `name` in `namespace`, if the snapshot has it.
@@ -275,7 +333,7 @@ kind: Service
 metadata: {name: orders, namespace: default}
 spec: {ports: [{port: 80}, {port: 5432, protocol: tcp}]}
 "#;
-        Snapshot::build(1, "test".into(), ferry_xds::parse_documents(yaml).unwrap(), "default")
+        Snapshot::build(1, "test".into(), ferry_xds::parse_documents(yaml).unwrap(), "default", MtlsMode::Permissive)
     }
 
     #[test]

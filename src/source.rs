@@ -20,7 +20,9 @@ pub fn parse(path: &Path, bytes: &[u8], version: u64, local_namespace: &str) -> 
     let text = String::from_utf8_lossy(bytes);
     let documents =
         ferry_xds::parse_documents(&text).map_err(|source| SourceError::Invalid { path: path.into(), source })?;
-    Ok(Snapshot::build(version, format!("file:{}", path.display()), documents, local_namespace))
+    // No control plane, no identity: nothing is mTLS, so nothing can be strict.
+    let mode = ferry_xds::policy::MtlsMode::Permissive;
+    Ok(Snapshot::build(version, format!("file:{}", path.display()), documents, local_namespace, mode))
 }
 
 /// Watches `path`: loads it now, then again on SIGHUP and whenever its content changes (checked every `poll`).

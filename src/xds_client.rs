@@ -88,15 +88,15 @@ impl Resources {
             .flat_map(|t| t.values())
             .filter_map(|(_, r)| match r {
                 Received::Document(d) => Some(d.clone()),
-                Received::TrustBundle(_) => None,
+                Received::Mesh(_) => None,
             })
             .collect()
     }
 
-    /// The roots of the held trust bundle.
-    pub fn trust_bundle(&self) -> Option<&[String]> {
+    /// The held mesh-wide settings (trust bundle, default mTLS mode).
+    pub fn mesh(&self) -> Option<&protocol::Mesh> {
         self.types[3].values().find_map(|(_, r)| match r {
-            Received::TrustBundle(roots) => Some(roots.as_slice()),
+            Received::Mesh(mesh) => Some(mesh),
             Received::Document(_) => None,
         })
     }
@@ -214,11 +214,10 @@ async fn session(
         let applied = resources.apply(&response).and_then(|(index, next)| {
             // A new trust bundle is taken for new handshakes before it is ACKed.
             if index == 3
-                && let Some(roots) = next.trust_bundle()
+                && let Some(mesh) = next.mesh()
             {
-                mesh_tls
-                    .set_trust_bundle(roots.to_vec())
-                    .map_err(|e| format!("{}: {e}", protocol::TRUST_BUNDLE_NAME))?;
+                let roots = mesh.roots_pem.clone();
+                mesh_tls.set_trust_bundle(roots).map_err(|e| format!("{}: {e}", protocol::TRUST_BUNDLE_NAME))?;
             }
             Ok((index, next))
         });
@@ -237,6 +236,7 @@ async fn session(
                         format!("xds:{}", control.addr),
                         resources.documents(),
                         &settings.namespace,
+                        resources.mesh().map_or(ferry_xds::policy::MtlsMode::Permissive, |m| m.default_mtls),
                     );
                     tracing::info!(version = *version, type_url = %label, generation = %response.system_version_info, changed = response.resources.len(), removed = response.removed_resources.len(), services = snapshot.services.len(), "config applied");
                     store.store(snapshot);
@@ -315,12 +315,15 @@ mod tests {
                 if is_ca { rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained) } else { rcgen::IsCa::ExplicitNoCa };
             params.self_signed(&rcgen::KeyPair::generate().unwrap()).unwrap().pem()
         };
-        let bundle = |roots: Vec<String>| DeltaDiscoveryResponse {
+        let bundle = |roots_pem: Vec<String>| DeltaDiscoveryResponse {
             type_url: protocol::TRUST_BUNDLE_TYPE.into(),
             resources: vec![Resource {
                 name: protocol::TRUST_BUNDLE_NAME.into(),
                 version: "v".into(),
-                resource: Some(protocol::encode_trust_bundle(&roots)),
+                resource: Some(protocol::encode_mesh(&protocol::Mesh {
+                    roots_pem,
+                    default_mtls: ferry_xds::policy::MtlsMode::Strict,
+                })),
                 ..Default::default()
             }],
             ..Default::default()
@@ -331,7 +334,8 @@ mod tests {
         assert!(err.contains("at least one root"), "{err}");
         let (_, r) = r.apply(&bundle(vec![ca(true), ca(true)])).unwrap();
         assert!(r.ready());
-        assert_eq!(r.trust_bundle().map(<[String]>::len), Some(2));
+        let mesh = r.mesh().map(|m| (m.roots_pem.len(), m.default_mtls));
+        assert_eq!(mesh, Some((2, ferry_xds::policy::MtlsMode::Strict)));
         assert_eq!(r.documents().len(), 2);
         // A second TrafficPolicy for the same Service: the whole response is refused, naming both.
         let err = r.apply(&response(protocol::TRAFFIC_POLICY_TYPE, &tp("two", "a"), &[])).unwrap_err();

@@ -4,6 +4,8 @@
 
 #[path = "../xds/tests/support/mod.rs"]
 mod control;
+#[path = "support/mesh.rs"]
+mod mesh;
 mod support;
 
 use std::net::SocketAddr;
@@ -11,31 +13,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use control::{ControlPlane, state_dir};
-use ferry_xds::resources::pb;
+use mesh::{ClientCert, Probe, certify, proxy, service};
 use support::backend;
 use support::{Ferry, Load, http_exchange_full, wait_until};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-fn service(name: &str, addresses: &str, extra: &str) -> String {
-    format!(
-        "apiVersion: ferry.dev/v1alpha1\nkind: Service\nmetadata: {{name: {name}}}\nspec:\n  ports: [{{port: 80, protocol: http}}]\n  addresses: [{addresses}]\n  identities: [{name}]\n{extra}"
-    )
-}
-
-/// A proxy connected to `cp` as `default/<account>`; with `app`, the endpoint of Service `<account>` (advertising
-/// `advertise` as its inbound port when a relay sits in front of it).
-fn proxy(cp: &ControlPlane, account: &str, app: Option<SocketAddr>, extra: &[(&str, String)]) -> Ferry {
-    let token = cp.join_token("default", account, "1h");
-    let mut env = cp.proxy_env(&token);
-    env.push(("FERRY_NODE_ID".into(), account.into()));
-    if let Some(app) = app {
-        env.push(("FERRY_SERVICE".into(), account.into()));
-        env.push(("FERRY_APP_ADDR".into(), app.to_string()));
-    }
-    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.clone())));
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    Ferry::start(None, &env)
-}
 
 /// A TCP relay that records every byte each way (the test's wire capture between two proxies).
 struct Relay {
@@ -203,34 +184,6 @@ async fn a_peer_whose_identity_the_service_does_not_list_is_refused_by_the_calle
     drop((api, app));
 }
 
-/// A CSR client for the control plane's identity service, with a join token or a client certificate.
-async fn certify(
-    cp: &ControlPlane,
-    csr_pem: String,
-    token: Option<&str>,
-    client: Option<(String, String)>,
-) -> Result<pb::CertifyResponse, tonic::Status> {
-    let root = std::fs::read(cp.state.join("ca.crt")).unwrap();
-    let mut tls = tonic::transport::ClientTlsConfig::new()
-        .ca_certificate(tonic::transport::Certificate::from_pem(root))
-        .domain_name("localhost");
-    if let Some((cert, key)) = client {
-        tls = tls.identity(tonic::transport::Identity::from_pem(cert, key));
-    }
-    let channel = tonic::transport::Endpoint::from_shared(format!("https://{}", cp.xds))
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut request = tonic::Request::new(pb::CertifyRequest { csr_pem });
-    if let Some(token) = token {
-        request.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
-    }
-    pb::identity_client::IdentityClient::new(channel).certify(request).await.map(|r| r.into_inner())
-}
-
 /// A CSR for a fresh key that asks for more than it may get: two SPIFFE IDs, a DNS name, CA:TRUE.
 fn greedy_csr() -> (rcgen::KeyPair, String) {
     let key = rcgen::KeyPair::generate().unwrap();
@@ -328,79 +281,6 @@ fn ferry_now() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
 }
 
-/// Accepts any server certificate: the rotation probe only reads which one a proxy presents.
-#[derive(Debug)]
-struct AcceptAny(Arc<rustls::crypto::CryptoProvider>);
-
-impl rustls::client::danger::ServerCertVerifier for AcceptAny {
-    fn verify_server_cert(
-        &self,
-        _: &rustls::pki_types::CertificateDer<'_>,
-        _: &[rustls::pki_types::CertificateDer<'_>],
-        _: &rustls::pki_types::ServerName<'_>,
-        _: &[u8],
-        _: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        m: &[u8],
-        c: &rustls::pki_types::CertificateDer<'_>,
-        d: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
-    }
-    fn verify_tls13_signature(
-        &self,
-        m: &[u8],
-        c: &rustls::pki_types::CertificateDer<'_>,
-        d: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
-    }
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
-/// A mesh client of the test's own (certificate from the CSR service): opens a new handshake to a proxy's inbound
-/// listener and returns the serial of the certificate the proxy presented.
-struct Probe {
-    config: Arc<rustls::ClientConfig>,
-}
-
-impl Probe {
-    async fn new(cp: &ControlPlane) -> Probe {
-        let token = tokio::task::block_in_place(|| cp.join_token("default", "probe", "1h"));
-        let key = rcgen::KeyPair::generate().unwrap();
-        let csr = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap().serialize_request(&key).unwrap();
-        let issued = certify(cp, csr.pem().unwrap(), Some(&token), None).await.unwrap();
-        let chain = ferry_xds::identity::pem_certificates(&issued.chain_pem[0]).unwrap();
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .unwrap()
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AcceptAny(provider)))
-            .with_client_auth_cert(
-                chain.into_iter().map(rustls::pki_types::CertificateDer::from).collect(),
-                rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
-            )
-            .unwrap();
-        config.alpn_protocols = vec![b"ferry/tcp".to_vec()];
-        Probe { config: Arc::new(config) }
-    }
-
-    async fn served_serial(&self, inbound: SocketAddr) -> String {
-        let tcp = tokio::net::TcpStream::connect(inbound).await.unwrap();
-        let name = rustls::pki_types::ServerName::try_from("80.api.default.ferry.internal").unwrap();
-        let tls = tokio_rustls::TlsConnector::from(self.config.clone()).connect(name, tcp).await.unwrap();
-        let leaf = &tls.get_ref().1.peer_certificates().unwrap()[0];
-        ferry_xds::identity::inspect(leaf).unwrap().serial
-    }
-}
-
 /// The serials a proxy logged as "workload certificate in use", in order.
 fn logged_serials(p: &Ferry) -> Vec<String> {
     p.logs()
@@ -438,7 +318,7 @@ async fn certificates_rotate_under_load_without_a_failed_request() {
     // A WebSocket through the mesh, open across every renewal.
     let stream = tokio::net::TcpStream::connect(web.outbound).await.unwrap();
     let (mut ws, _) = tokio_tungstenite::client_async("ws://ws.local/socket", stream).await.unwrap();
-    let probe = Probe::new(&cp).await;
+    let probe = Probe::new(&cp, ClientCert::Mesh("probe"), b"ferry/tcp").await;
     let handshakes_before = web.metric("ferry_tls_handshakes_total{direction=\"outbound\"}");
     let load = Load::start(web.outbound, "api.local");
     let mut served = Vec::new();

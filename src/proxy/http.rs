@@ -15,7 +15,9 @@ use super::body::ProxyBody;
 use super::pool::HttpVersion;
 use super::target::{ConnInfo, Destination, Mode, Refusal, UNKNOWN_SERVICE};
 use super::{Direction, Proxy};
+use crate::authz::AuthzLayer;
 use crate::errors::{self, ProxyError};
+use tower::ServiceExt;
 
 /// The verified SPIFFE ID of the calling workload, set by the destination's proxy (and removed from anything else).
 pub const CLIENT_ID_HEADER: &str = "ferry-client-id";
@@ -35,7 +37,11 @@ impl Proxy {
             Ok((dest, authority)) => {
                 let service = dest.service.clone();
                 let addr = dest.addr;
-                (service, Some(addr), self.send(req, &dest, authority, &conn).await)
+                let result = match direction {
+                    Direction::Outbound => self.send(req, &dest, authority, &conn).await,
+                    Direction::Inbound => self.clone().inbound_stack(dest, authority, conn.clone()).oneshot(req).await,
+                };
+                (service, Some(addr), result)
             }
             Err((service, e)) => (service, None, Err(e)),
         };
@@ -67,6 +73,27 @@ impl Proxy {
             );
         }
         response
+    }
+
+    /// The inbound HTTP stack, outermost first (metrics, the access log and the error responder wrap it in
+    /// `forward`).
+    fn inbound_stack(
+        self: Arc<Self>,
+        dest: Destination,
+        authority: String,
+        conn: ConnInfo,
+    ) -> impl tower::Service<Request<Incoming>, Response = Response<ProxyBody>, Error = ProxyError, Future: Send> + Send
+    {
+        let policy = self.inbound_policy();
+        let authz = AuthzLayer::new(policy, conn.peer_identity.clone(), dest.addr.port(), self.metrics.clone());
+        tower::ServiceBuilder::new()
+            // Authorization first: a call the Service does not allow (or plaintext under strict mTLS) never reaches
+            // the app.
+            .layer(authz)
+            .service(tower::service_fn(move |req| {
+                let (proxy, dest, authority, conn) = (self.clone(), dest.clone(), authority.clone(), conn.clone());
+                async move { proxy.send(req, &dest, authority, &conn).await }
+            }))
     }
 
     /// The request's destination and the authority to send it with (the app's own, else the address dialled).

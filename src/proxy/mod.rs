@@ -294,6 +294,19 @@ impl Proxy {
                 return;
             }
         };
+        if direction == Direction::Inbound {
+            let call = crate::authz::Call {
+                peer: conn.peer_identity.as_deref(),
+                method: None,
+                path: None,
+                port: dest.addr.port(),
+            };
+            if let crate::authz::Decision::Deny(why) = self.inbound_policy().check(&call, &self.metrics) {
+                self.metrics.proxy_error(direction, "unauthorized");
+                tracing::info!(peer = %conn.peer, target = %dest.addr, "opaque connection refused: {why}");
+                return;
+            }
+        }
         tracing::debug!(peer = %conn.peer, mode = conn.mode.as_str(), service = %dest.service, target = %dest.addr, mtls = dest.tls.is_some(), "opaque connection");
         // copy_bidirectional shuts down each write side when its read side ends: half-close is kept.
         let copied = match &dest.tls {
@@ -314,6 +327,12 @@ impl Proxy {
     fn tcp_not_forwarded(&self, direction: Direction, target: SocketAddr, e: crate::errors::ProxyError) {
         self.metrics.proxy_error(direction, e.reason());
         tracing::warn!(%target, error = %e, "opaque connection not forwarded");
+    }
+
+    /// What the inbound side enforces now for this workload's Service.
+    pub fn inbound_policy(&self) -> crate::authz::InboundPolicy {
+        let service = self.settings.service.as_deref();
+        self.store.load().inbound_policy(service, &self.settings.namespace, self.local_service.clone())
     }
 
     fn is_opaque_port(&self, port: u16) -> bool {

@@ -67,6 +67,7 @@ impl ConnInfo {
 }
 
 /// Where a request or connection goes and under which service it is counted.
+#[derive(Clone)]
 pub struct Destination {
     pub service: Arc<str>,
     pub addr: SocketAddr,

@@ -25,12 +25,14 @@ pub struct Backend {
     pub addr: SocketAddr,
     /// Connections accepted so far (shows whether the proxy reuses pooled connections).
     pub connections: Arc<AtomicUsize>,
+    /// HTTP requests the test app answered (HTTP backends only).
+    pub requests: Arc<AtomicUsize>,
     task: JoinHandle<()>,
 }
 
 impl Backend {
     pub fn from_parts(addr: SocketAddr, task: JoinHandle<()>) -> Self {
-        Backend { addr, connections: Default::default(), task }
+        Backend { addr, connections: Default::default(), requests: Default::default(), task }
     }
 }
 
@@ -144,18 +146,27 @@ pub async fn http_backend() -> Backend {
     let addr = listener.local_addr().unwrap();
     let connections = Arc::new(AtomicUsize::new(0));
     let accepted = connections.clone();
+    let requests = Arc::new(AtomicUsize::new(0));
+    let answered = requests.clone();
     let task = tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else { continue };
             accepted.fetch_add(1, Ordering::SeqCst);
+            let answered = answered.clone();
             tokio::spawn(async move {
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection_with_upgrades(TokioIo::new(stream), hyper::service::service_fn(app))
+                    .serve_connection_with_upgrades(
+                        TokioIo::new(stream),
+                        hyper::service::service_fn(move |req| {
+                            answered.fetch_add(1, Ordering::SeqCst);
+                            app(req)
+                        }),
+                    )
                     .await;
             });
         }
     });
-    Backend { addr, connections, task }
+    Backend { addr, connections, requests, task }
 }
 
 /// A WebSocket server that echoes every message.
@@ -178,7 +189,7 @@ pub async fn websocket_backend() -> Backend {
             });
         }
     });
-    Backend { addr, connections: Default::default(), task }
+    Backend { addr, connections: Default::default(), requests: Default::default(), task }
 }
 
 /// Reads until the client half-closes, then answers `echo N: <what it read>` and closes: proves half-close is relayed.
@@ -202,7 +213,7 @@ pub fn half_close_backend_on(listener: TcpListener) -> Backend {
             });
         }
     });
-    Backend { addr, connections: Default::default(), task }
+    Backend { addr, connections: Default::default(), requests: Default::default(), task }
 }
 
 /// A server-speaks-first protocol (like SMTP or MySQL): greets on accept, then echoes lines.
@@ -224,5 +235,5 @@ pub async fn greeting_backend(listener: TcpListener) -> Backend {
             });
         }
     });
-    Backend { addr, connections: Default::default(), task }
+    Backend { addr, connections: Default::default(), requests: Default::default(), task }
 }

@@ -161,13 +161,12 @@ impl Model {
         generation: u64,
         documents: Vec<Document>,
         registrations: &[Registration],
-        trust_bundle: &[String],
+        mesh: Option<&protocol::Mesh>,
     ) -> Model {
         let mut model = Model { generation, ..Default::default() };
-        if !trust_bundle.is_empty() {
+        if let Some(mesh) = mesh {
             let name = protocol::TRUST_BUNDLE_NAME;
-            let any = protocol::encode_trust_bundle(trust_bundle);
-            model.types[3].insert(name.into(), Entry::new(name, any, None));
+            model.types[3].insert(name.into(), Entry::new(name, protocol::encode_mesh(mesh), None));
         }
         for mut doc in documents {
             let name = protocol::resource_name(&doc);
@@ -329,8 +328,8 @@ pub struct Xds {
     /// Bumped on every token revocation: streams authenticated by a revoked token are closed.
     revocations: watch::Sender<u64>,
     registry: Mutex<Registry>,
-    /// The roots sent as the TrustBundle resource.
-    trust_bundle: Mutex<Vec<String>>,
+    /// The mesh-wide settings sent as the TrustBundle resource.
+    mesh: Mutex<protocol::Mesh>,
     proxies: Mutex<BTreeMap<u64, Arc<ProxyStatus>>>,
     next_id: AtomicU64,
     endpoints_file: PathBuf,
@@ -346,7 +345,7 @@ impl Xds {
         metrics: Arc<ControlMetrics>,
         state_dir: &std::path::Path,
         grace: Duration,
-        trust_bundle: Vec<String>,
+        mesh: protocol::Mesh,
     ) -> Arc<Xds> {
         let endpoints_file = state_dir.join("endpoints.json");
         let retained: Vec<Registration> = match std::fs::read(&endpoints_file) {
@@ -378,7 +377,7 @@ impl Xds {
             published,
             revocations: watch::channel(0).0,
             registry: Mutex::new(registry),
-            trust_bundle: Mutex::new(trust_bundle),
+            mesh: Mutex::new(mesh),
             proxies: Mutex::new(BTreeMap::new()),
             next_id: AtomicU64::new(1),
             endpoints_file,
@@ -401,7 +400,7 @@ impl Xds {
 
     /// The mesh's roots changed (rotation): every proxy gets the new bundle.
     pub fn set_trust_bundle(&self, roots: Vec<String>) {
-        *self.trust_bundle.lock().expect("bundle lock") = roots;
+        self.mesh.lock().expect("mesh lock").roots_pem = roots;
         self.changed();
     }
 
@@ -446,8 +445,8 @@ impl Xds {
         };
         let previous = self.published.borrow().clone();
         #[allow(unused_mut)]
-        let bundle = self.trust_bundle.lock().expect("bundle lock").clone();
-        let mut model = Model::build(previous.generation + 1, documents, &registrations, &bundle);
+        let mesh = self.mesh.lock().expect("mesh lock").clone();
+        let mut model = Model::build(previous.generation + 1, documents, &registrations, Some(&mesh));
         #[cfg(feature = "testing")]
         for (name, any) in self.injected.lock().expect("injected lock").iter() {
             model.inject(name, any.clone());
@@ -946,6 +945,10 @@ metadata: {name: api, namespace: demo}
 spec: {targetRef: {kind: Service, name: api}, defaultAction: deny}
 "#;
 
+    fn test_mesh() -> protocol::Mesh {
+        protocol::Mesh { roots_pem: vec![], default_mtls: crate::policy::MtlsMode::Permissive }
+    }
+
     fn reg(service: &str, addr: &str, ns: &str, sa: &str) -> Registration {
         Registration {
             service: service.into(),
@@ -974,11 +977,11 @@ spec: {targetRef: {kind: Service, name: api}, defaultAction: deny}
             reg("demo/api", "127.0.0.3:1003", "other", "api"),
             reg("demo/web", "127.0.0.4:1004", "demo", "api"),
         ];
-        let model = Model::build(1, docs.clone(), &regs, &[]);
+        let model = Model::build(1, docs.clone(), &regs, None);
         assert_eq!(endpoints(&model), ["127.0.0.1:1001"]);
         assert_eq!(model.counts(), [1, 0, 1, 0]);
-        assert!(model.same_content(&Model::build(2, docs.clone(), &regs, &[])));
-        assert!(!model.same_content(&Model::build(2, docs, &regs[..0], &[])));
+        assert!(model.same_content(&Model::build(2, docs.clone(), &regs, None)));
+        assert!(!model.same_content(&Model::build(2, docs, &regs[..0], None)));
     }
 
     /// What a proxy decodes from a push: the framed bytes through the standard message type.
@@ -1006,7 +1009,7 @@ spec: {targetRef: {kind: Service, name: api}, defaultAction: deny}
     fn named_subscriptions() {
         let metrics = ControlMetrics::new();
         let status = proxy_status("api", Some("demo/api"));
-        let model = Model::build(1, crate::parse_documents(DOCS).unwrap(), &[], &[]);
+        let model = Model::build(1, crate::parse_documents(DOCS).unwrap(), &[], None);
         let mut s = Session { id: 1, service: Some("demo/api".into()), types: HashMap::new(), nonces: 0 };
         // Named: only what is named; a name that does not exist comes back as removed.
         s.on_request(request(protocol::SERVICE_TYPE, &["demo/api", "demo/nope"], "", None), &status, &metrics, "n")
@@ -1038,8 +1041,14 @@ spec: {targetRef: {kind: Service, name: api}, defaultAction: deny}
         std::fs::create_dir_all(&dir).unwrap();
         let store = Arc::new(Mutex::new(Store::open(&dir).unwrap()));
         let tokens = Arc::new(Mutex::new(Tokens::open(&dir).unwrap()));
-        let xds =
-            Xds::new(store.clone(), tokens, Arc::new(ControlMetrics::new()), &dir, Duration::from_secs(60), vec![]);
+        let xds = Xds::new(
+            store.clone(),
+            tokens,
+            Arc::new(ControlMetrics::new()),
+            &dir,
+            Duration::from_secs(60),
+            test_mesh(),
+        );
         assert_eq!(xds.generation(), 1);
         tokio::spawn(xds.clone().run_publisher());
         let service = |name: &str| {
@@ -1055,7 +1064,7 @@ spec: {targetRef: {kind: Service, name: api}, defaultAction: deny}
         }
         tokio::time::sleep(DEBOUNCE * 3).await;
         assert_eq!(xds.generation(), 2, "five changes inside the window: one push");
-        assert_eq!(xds.published.borrow().counts(), [5, 0, 0, 0]);
+        assert_eq!(xds.published.borrow().counts(), [5, 0, 0, 1]);
         // Nothing changed: a notification publishes nothing new.
         xds.changed();
         tokio::time::sleep(DEBOUNCE * 3).await;
@@ -1086,7 +1095,7 @@ spec: {targetRef: {kind: Service, name: api}, defaultAction: deny}
         let metrics = ControlMetrics::new();
         let status = proxy_status("web", None);
         let docs = crate::parse_documents(DOCS).unwrap();
-        let m1 = Model::build(1, docs.clone(), &[], &[]);
+        let m1 = Model::build(1, docs.clone(), &[], None);
         let mut s = Session { id: 7, service: None, types: HashMap::new(), nonces: 0 };
         // Wildcard subscription to Services and AuthorizationPolicies.
         s.on_request(request(protocol::SERVICE_TYPE, &[], "", None), &status, &metrics, "n").unwrap();
@@ -1101,7 +1110,7 @@ spec: {targetRef: {kind: Service, name: api}, defaultAction: deny}
         assert_eq!(out[0].type_url, protocol::SERVICE_TYPE);
         assert!(protocol::decode("demo/api", out[0].resources[0].resource.as_ref().unwrap()).is_ok());
         // At most one push in flight: a new generation waits for the ACK.
-        let m2 = Model::build(2, docs.clone(), &[reg("demo/api", "127.0.0.1:1", "demo", "api")], &[]);
+        let m2 = Model::build(2, docs.clone(), &[reg("demo/api", "127.0.0.1:1", "demo", "api")], None);
         assert!(s.due(&m2, &status).is_empty());
         s.on_request(request(protocol::SERVICE_TYPE, &[], &out[0].nonce, None), &status, &metrics, "n").unwrap();
         s.on_request(request(protocol::AUTHORIZATION_POLICY_TYPE, &[], &out[1].nonce, None), &status, &metrics, "n")
@@ -1119,14 +1128,14 @@ spec: {targetRef: {kind: Service, name: api}, defaultAction: deny}
         assert_eq!(json["stale"], true);
         // Nothing is resent at the same generation; the next one resends what the proxy refused (it kept the old).
         assert!(s.due(&m2, &status).is_empty());
-        let m2b = Model::build(3, docs.clone(), &[reg("demo/api", "127.0.0.1:1", "demo", "api")], &[]);
+        let m2b = Model::build(3, docs.clone(), &[reg("demo/api", "127.0.0.1:1", "demo", "api")], None);
         let again: Vec<DeltaDiscoveryResponse> = s.due(&m2b, &status).iter().map(wire).collect();
         assert_eq!(again.len(), 1);
         assert_eq!(again[0].resources[0].version, out2[0].resources[0].version, "the refused version, again");
         s.on_request(request(protocol::SERVICE_TYPE, &[], &again[0].nonce, None), &status, &metrics, "n").unwrap();
         assert_eq!(status.to_json(Instant::now())["stale"], false, "an ACK of the whole difference clears it");
         // Deleting the Service is a removal.
-        let m3 = Model::build(4, docs[1..].to_vec(), &[], &[]);
+        let m3 = Model::build(4, docs[1..].to_vec(), &[], None);
         let out3: Vec<DeltaDiscoveryResponse> = s.due(&m3, &status).iter().map(wire).collect();
         assert_eq!(out3[0].removed_resources, ["demo/api"]);
         assert_eq!(metrics.xds_acks.with_label_values(&["Service"]).get(), 2);

@@ -199,9 +199,10 @@ pub enum LoadBalancer {
     RoundRobin,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum MtlsMode {
+    #[default]
     Permissive,
     Strict,
 }
@@ -232,10 +233,28 @@ pub enum Action {
     Deny,
 }
 
+/// One allow rule: it matches a call from one of `from` (absent: any caller, even one without an identity) to one of
+/// `to` (absent: anything).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AuthorizationRule {
-    pub from: Source,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<Source>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<Operation>,
+}
+
+/// What a call does: HTTP methods, path prefixes, target ports; an empty list matches anything. An opaque TCP
+/// connection has no method or path, so only rules without them can allow it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Operation {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<u16>,
 }
 
 /// Callers, by SPIFFE identity or by namespace; a rule matches a caller that matches any entry.
@@ -378,15 +397,43 @@ pub(crate) fn validate_authorization_policy(spec: &AuthorizationPolicySpec, erro
     let c = &mut Check(errors);
     check_target(c, &spec.target_ref);
     for (i, rule) in spec.allow.iter().enumerate() {
-        if rule.from.identities.is_empty() && rule.from.namespaces.is_empty() {
-            c.fail(&format!("spec.allow[{i}].from"), "names no identities and no namespaces");
+        if rule.from.is_none() && rule.to.is_none() {
+            c.fail(&format!("spec.allow[{i}]"), "needs `from`, `to` or both");
         }
-        for (j, id) in rule.from.identities.iter().enumerate() {
-            if !is_spiffe_id(id) {
-                c.fail(
-                    &format!("spec.allow[{i}].from.identities[{j}]"),
-                    format!("`{id}` must be spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>"),
-                );
+        if let Some(from) = &rule.from {
+            if from.identities.is_empty() && from.namespaces.is_empty() {
+                c.fail(&format!("spec.allow[{i}].from"), "names no identities and no namespaces");
+            }
+            for (j, id) in from.identities.iter().enumerate() {
+                if !is_spiffe_id(id) {
+                    c.fail(
+                        &format!("spec.allow[{i}].from.identities[{j}]"),
+                        format!("`{id}` must be spiffe://<trust-domain>/ns/<namespace>/sa/<service-account> (`*` as the account: any in the namespace)"),
+                    );
+                }
+            }
+        }
+        if let Some(to) = &rule.to {
+            if to.methods.is_empty() && to.paths.is_empty() && to.ports.is_empty() {
+                c.fail(&format!("spec.allow[{i}].to"), "names no methods, paths or ports");
+            }
+            for (j, m) in to.methods.iter().enumerate() {
+                if m.is_empty() || !m.bytes().all(|b| b.is_ascii_uppercase()) {
+                    c.fail(
+                        &format!("spec.allow[{i}].to.methods[{j}]"),
+                        format!("`{m}` is not an HTTP method (GET, POST, ...)"),
+                    );
+                }
+            }
+            for (j, p) in to.paths.iter().enumerate() {
+                if !p.starts_with('/') {
+                    c.fail(&format!("spec.allow[{i}].to.paths[{j}]"), format!("`{p}` must start with /"));
+                }
+            }
+            for (j, p) in to.ports.iter().enumerate() {
+                if *p == 0 {
+                    c.fail(&format!("spec.allow[{i}].to.ports[{j}]"), "must be 1-65535");
+                }
             }
         }
     }

@@ -5,6 +5,7 @@ use envoy_types::pb::google::protobuf::Any;
 use prost::Message;
 
 use crate::config::Document;
+use crate::policy::MtlsMode;
 use crate::resources::{Resource, from_resource, pb, to_resource};
 
 pub const SERVICE_TYPE: &str = "type.googleapis.com/ferry.v1.Service";
@@ -55,20 +56,31 @@ pub fn encode(doc: &Document) -> Any {
     Any { type_url: type_url(doc).to_string(), value }
 }
 
-/// Packs the mesh's trust bundle (root certificates, PEM).
-pub fn encode_trust_bundle(roots_pem: &[String]) -> Any {
+/// Mesh-wide settings, sent as the one TrustBundle resource: the roots proxies trust (PEM, each a CA certificate;
+/// several during a root rotation) and the mTLS mode of Services whose TrafficPolicy sets none.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mesh {
+    pub roots_pem: Vec<String>,
+    pub default_mtls: MtlsMode,
+}
+
+/// Packs the mesh-wide settings.
+pub fn encode_mesh(mesh: &Mesh) -> Any {
+    let default_mtls = match mesh.default_mtls {
+        MtlsMode::Permissive => pb::MtlsMode::Permissive,
+        MtlsMode::Strict => pb::MtlsMode::Strict,
+    };
     Any {
         type_url: TRUST_BUNDLE_TYPE.to_string(),
-        value: pb::TrustBundle { roots_pem: roots_pem.to_vec() }.encode_to_vec(),
+        value: pb::TrustBundle { roots_pem: mesh.roots_pem.clone(), default_mtls: default_mtls as i32 }.encode_to_vec(),
     }
 }
 
-/// A received resource: a policy document, or the trust bundle (its roots, PEM, each checked to be a CA
-/// certificate).
+/// A received resource: a policy document, or the mesh-wide settings.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Received {
     Document(Document),
-    TrustBundle(Vec<String>),
+    Mesh(Mesh),
 }
 
 /// Why a received resource was refused; the text goes into the NACK's `error_detail`.
@@ -94,7 +106,12 @@ pub fn decode(name: &str, any: &Any) -> Result<Received, DecodeError> {
         for (i, pem) in bundle.roots_pem.iter().enumerate() {
             check_root(pem).map_err(|e| fail(format!("roots[{i}]: {e}")))?;
         }
-        return Ok(Received::TrustBundle(bundle.roots_pem));
+        let default_mtls = match pb::MtlsMode::try_from(bundle.default_mtls) {
+            Ok(pb::MtlsMode::Strict) => MtlsMode::Strict,
+            Ok(_) => MtlsMode::Permissive,
+            Err(_) => return Err(fail(format!("default_mtls: unknown mode {}", bundle.default_mtls))),
+        };
+        return Ok(Received::Mesh(Mesh { roots_pem: bundle.roots_pem, default_mtls }));
     }
     let resource = match any.type_url.as_str() {
         SERVICE_TYPE => pb::Service::decode(any.value.as_slice()).map(Resource::Service),

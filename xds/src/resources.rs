@@ -7,8 +7,8 @@ use crate::config::{ConfigError, Document, Endpoint, Metadata, PortProtocol, Ser
 use crate::config::{document_json, parse_value};
 use crate::policy::{
     Action, AuthorizationPolicy, AuthorizationPolicySpec, AuthorizationRule, Backoff, CircuitBreaker, Duration,
-    LoadBalancer, MtlsMode, OutlierDetection, RateLimit, Retries, RetryBudget, Source, TargetRef, TrafficPolicy,
-    TrafficPolicySpec,
+    LoadBalancer, MtlsMode, Operation, OutlierDetection, RateLimit, Retries, RetryBudget, Source, TargetRef,
+    TrafficPolicy, TrafficPolicySpec,
 };
 
 /// The generated messages (`xds/proto/ferry/v1/resources.proto`).
@@ -130,7 +130,17 @@ pub fn to_resource(doc: &Document) -> Resource {
                 .spec
                 .allow
                 .iter()
-                .map(|r| pb::Source { identities: r.from.identities.clone(), namespaces: r.from.namespaces.clone() })
+                .map(|r| pb::Rule {
+                    from: r
+                        .from
+                        .as_ref()
+                        .map(|f| pb::Source { identities: f.identities.clone(), namespaces: f.namespaces.clone() }),
+                    to: r.to.as_ref().map(|t| pb::Destination {
+                        methods: t.methods.clone(),
+                        paths: t.paths.clone(),
+                        ports: t.ports.iter().map(|p| u32::from(*p)).collect(),
+                    }),
+                })
                 .collect(),
         }),
     }
@@ -233,7 +243,15 @@ pub fn from_resource(resource: Resource) -> Result<Document, ConfigError> {
                 allow: ap
                     .allow
                     .into_iter()
-                    .map(|s| AuthorizationRule { from: Source { identities: s.identities, namespaces: s.namespaces } })
+                    .map(|r| AuthorizationRule {
+                        from: r.from.map(|s| Source { identities: s.identities, namespaces: s.namespaces }),
+                        to: r.to.map(|t| Operation {
+                            methods: t.methods,
+                            paths: t.paths,
+                            // Out-of-range ports become 0, which validation refuses with the field named.
+                            ports: t.ports.into_iter().map(|p| u16::try_from(p).unwrap_or(0)).collect(),
+                        }),
+                    })
                     .collect(),
             },
         }),
@@ -316,7 +334,7 @@ spec: {targetRef: {kind: Service, name: payments}, defaultAction: deny, allow: [
             "{err}"
         );
         let Resource::AuthorizationPolicy(mut ap) = to_resource(&docs[3]) else { unreachable!() };
-        ap.allow[0].identities[0] = "orders".into();
+        ap.allow[0].from.as_mut().unwrap().identities[0] = "orders".into();
         ap.meta = None;
         let err = from_resource(Resource::AuthorizationPolicy(ap)).unwrap_err().to_string();
         assert!(err.contains("metadata.name") && err.contains("spec.allow[0].from.identities[0]"), "{err}");

@@ -59,6 +59,10 @@ struct ServeArgs {
     /// Lifetime of workload certificates; proxies renew at half of it.
     #[arg(long, env = "FERRY_CERT_LIFETIME", default_value = "24h", value_parser = lifetime)]
     cert_lifetime: std::time::Duration,
+    /// The mesh-wide mTLS mode of Services whose TrafficPolicy sets none: `permissive` (also accept plaintext and
+    /// unmeshed clients' own TLS) or `strict` (mesh mTLS only).
+    #[arg(long, env = "FERRY_MTLS_MODE", default_value = "permissive", value_parser = mtls_mode)]
+    mtls_mode: ferry_xds::policy::MtlsMode,
     /// Extra DNS names for the serving certificate of the xDS port (besides ferry-control and localhost).
     #[arg(long = "server-name", env = "FERRY_CONTROL_SERVER_NAMES", value_delimiter = ',')]
     server_names: Vec<String>,
@@ -74,6 +78,14 @@ fn lifetime(text: &str) -> Result<std::time::Duration, String> {
         return Err("must be between 2s and 168h".into());
     }
     Ok(d)
+}
+
+fn mtls_mode(text: &str) -> Result<ferry_xds::policy::MtlsMode, String> {
+    match text {
+        "permissive" => Ok(ferry_xds::policy::MtlsMode::Permissive),
+        "strict" => Ok(ferry_xds::policy::MtlsMode::Strict),
+        other => Err(format!("`{other}`: expected permissive or strict")),
+    }
 }
 
 fn main() -> std::process::ExitCode {
@@ -145,7 +157,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         metrics.clone(),
         &args.state_dir,
         args.endpoint_grace,
-        ca.trust_bundle(),
+        ferry_xds::protocol::Mesh { roots_pem: ca.trust_bundle(), default_mtls: args.mtls_mode },
     );
     let certify = ferry_xds::certify::CertifyService {
         ca: ca.clone(),

@@ -1,0 +1,220 @@
+//! mTLS modes and AuthorizationPolicy with real `ferry-control` and `ferry` processes: strict refuses plaintext,
+//! unmeshed TLS and certificates from another CA, permissive accepts them and still uses mTLS between proxies; an
+//! AuthorizationPolicy lets listed callers through and answers the rest 403 (gRPC PERMISSION_DENIED, TCP closed).
+
+#[path = "../xds/tests/support/mod.rs"]
+mod control;
+#[path = "support/mesh.rs"]
+mod mesh;
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use control::{ControlPlane, state_dir};
+use mesh::{ClientCert, Probe, proxy, service};
+use support::{Ferry, backend, http_exchange_full, wait_until};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn traffic_policy(name: &str, mode: &str) -> String {
+    format!(
+        "apiVersion: ferry.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: {name}}}\nspec: {{targetRef: {{kind: Service, name: {name}}}, mtls: {mode}}}\n"
+    )
+}
+
+/// The app's own TLS (an unmeshed workload's server): a TLS echo server with a self-signed `tlsapp.test` certificate.
+async fn tls_echo_app() -> SocketAddr {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["tlsapp.test".to_string()]).unwrap().self_signed(&key).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.der().clone()], rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()))
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else { return };
+                let mut buf = [0u8; 4096];
+                while let Ok(n @ 1..) = tls.read(&mut buf).await {
+                    if tls.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Sends `data` in the clear and reads until the peer closes (or 5 s pass).
+async fn plaintext_exchange(addr: SocketAddr, data: &[u8]) -> Vec<u8> {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(data).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    out
+}
+
+fn inbound(p: &Ferry) -> SocketAddr {
+    p.inbound
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strict_refuses_what_is_not_mesh_mtls_and_permissive_accepts_it() {
+    let app = backend::http_backend().await;
+    let legacy_app = backend::http_backend().await;
+    let tls_app = tls_echo_app().await;
+    // Strict is the mesh-wide default here; two Services opt back into permissive.
+    let cp = tokio::task::block_in_place(|| {
+        let addrs = [control::free_addr(), control::free_addr(), control::free_addr()];
+        ControlPlane::start_on(&state_dir("authz-modes"), addrs, &["--mtls-mode", "strict"])
+    });
+    for (name, permissive) in [("api", false), ("legacy", true), ("tlsapp", true)] {
+        cp.ok(&["apply", "-f", "-"], Some(&service(name, &format!("{name}.local"), "")));
+        if permissive {
+            cp.ok(&["apply", "-f", "-"], Some(&traffic_policy(name, "permissive")));
+        }
+    }
+    let (api, legacy, tlsapp, web) = tokio::task::block_in_place(|| {
+        (
+            proxy(&cp, "api", Some(app.addr), &[]),
+            proxy(&cp, "legacy", Some(legacy_app.addr), &[]),
+            proxy(&cp, "tlsapp", Some(tls_app), &[]),
+            proxy(&cp, "web", None, &[]),
+        )
+    });
+    tokio::task::block_in_place(|| {
+        wait_until("web reaches api and legacy over the mesh", Duration::from_secs(10), || {
+            ["api.local", "legacy.local"].iter().all(|host| {
+                http_exchange_full(web.outbound, "GET", "/", &[("Host", host)], "").is_some_and(|r| r.status == 200)
+            })
+        })
+    });
+    let via_mesh = http_exchange_full(web.outbound, "GET", "/", &[("Host", "api.local")], "").unwrap();
+    assert_eq!(via_mesh.header("x-seen-client-id"), Some("spiffe://cluster.local/ns/default/sa/web"));
+    let app_requests = app.requests.load(std::sync::atomic::Ordering::SeqCst);
+
+    // Strict (the mesh default): plaintext HTTP gets 403, plaintext bytes and an unmeshed client's own TLS a closed
+    // connection, a certificate from another CA a failed handshake; the app sees none of them.
+    let resp = http_exchange_full(inbound(&api), "GET", "/", &[], "").unwrap();
+    assert_eq!((resp.status, resp.header("ferry-proxy-error")), (403, Some("unauthorized")), "{resp:?}");
+    assert!(resp.body.contains("mTLS is required"), "{}", resp.body);
+    assert!(plaintext_exchange(inbound(&api), b"hello opaque\n").await.is_empty(), "opaque plaintext refused");
+    let unmeshed = Probe::new(&cp, ClientCert::None, b"http/1.1").await;
+    let answer = unmeshed.exchange(inbound(&api), "api.local", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(answer.map_or(true, |b| b.is_empty()), "an unmeshed client's TLS is refused");
+    let foreign = Probe::new(&cp, ClientCert::Foreign("web"), b"ferry/h2").await;
+    let answer =
+        foreign.exchange(inbound(&api), "80.api.default.ferry.internal", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await;
+    assert!(answer.map_or(true, |b| b.is_empty()), "a certificate from another CA is refused");
+    let failures = "ferry_tls_handshake_failures_total{direction=\"inbound\",reason=\"unknown-ca\"}";
+    tokio::task::block_in_place(|| {
+        wait_until("the refusal is counted", Duration::from_secs(5), || api.metric(failures) >= 1.0)
+    });
+    assert_eq!(app.requests.load(std::sync::atomic::Ordering::SeqCst), app_requests, "the app saw none of it");
+    assert!(api.metric("ferry_authz_decisions_total{decision=\"deny\",service=\"api.default\"}") >= 3.0);
+
+    // Permissive: plaintext from an unmeshed client is served, an unmeshed client's own TLS is passed through to the
+    // app untouched (the app's certificate answers), and proxies still talk mTLS to each other.
+    let resp = http_exchange_full(inbound(&legacy), "GET", "/", &[], "").unwrap();
+    assert_eq!((resp.status, resp.header("x-seen-client-id")), (200, Some("none")), "{resp:?}");
+    let handshakes = web.metric("ferry_tls_handshakes_total{direction=\"outbound\"}");
+    let resp = http_exchange_full(web.outbound, "GET", "/", &[("Host", "legacy.local")], "").unwrap();
+    assert_eq!(resp.header("x-seen-client-id"), Some("spiffe://cluster.local/ns/default/sa/web"), "{resp:?}");
+    assert!(web.metric("ferry_tls_handshakes_total{direction=\"outbound\"}") >= handshakes);
+    assert!(legacy.metric("ferry_tls_handshakes_total{direction=\"inbound\"}") >= 1.0);
+    let tls = unmeshed.connect(inbound(&tlsapp), "tlsapp.test").await.expect("passed through to the app's TLS");
+    let served = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
+    use x509_parser::prelude::FromDer;
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(&served).unwrap();
+    assert!(format!("{:?}", cert.subject_alternative_name()).contains("tlsapp.test"), "the app's own certificate");
+    drop(tls);
+    let echoed = unmeshed.exchange(inbound(&tlsapp), "tlsapp.test", b"through as tcp").await.unwrap();
+    assert_eq!(echoed, b"through as tcp");
+    drop((api, legacy, tlsapp, app, legacy_app));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_authorization_policy_lets_listed_callers_through_and_refuses_the_rest() {
+    let app = backend::http_backend().await;
+    let cp = tokio::task::block_in_place(|| ControlPlane::start(&state_dir("authz-policy")));
+    cp.ok(&["apply", "-f", "-"], Some(&service("api", "api.local", "")));
+    // web may GET, and open opaque connections to the app's port; anyone may reach /healthz.
+    let policy = format!(
+        r#"apiVersion: ferry.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {{name: api}}
+spec:
+  targetRef: {{kind: Service, name: api}}
+  defaultAction: deny
+  allow:
+    - from: {{identities: ["spiffe://cluster.local/ns/default/sa/web"]}}
+      to: {{methods: [GET]}}
+    - from: {{identities: ["spiffe://cluster.local/ns/default/sa/web"]}}
+      to: {{ports: [{}]}}
+    - to: {{paths: [/healthz]}}
+"#,
+        app.addr.port()
+    );
+    cp.ok(&["apply", "-f", "-"], Some(&policy));
+    let (api, web, other) = tokio::task::block_in_place(|| {
+        (proxy(&cp, "api", Some(app.addr), &[]), proxy(&cp, "web", None, &[]), proxy(&cp, "other", None, &[]))
+    });
+    let call = |p: &Ferry, method: &str, path: &str| {
+        http_exchange_full(p.outbound, method, path, &[("Host", "api.local")], "").expect("an answer")
+    };
+    tokio::task::block_in_place(|| {
+        wait_until("web is allowed", Duration::from_secs(10), || call(&web, "GET", "/").status == 200)
+    });
+    let denied = |r: &support::RawResponse| (r.status, r.header("ferry-proxy-error")) == (403, Some("unauthorized"));
+    let before = app.requests.load(std::sync::atomic::Ordering::SeqCst);
+    let r = call(&other, "GET", "/");
+    assert!(denied(&r), "{r:?}");
+    assert!(r.body.contains("spiffe://cluster.local/ns/default/sa/other may not call"), "{}", r.body);
+    let r = call(&web, "POST", "/echo");
+    assert_eq!(r.status, 200, "the port rule allows web any call to the app's port: {r:?}");
+    assert_eq!(call(&other, "GET", "/healthz").status, 200, "anyone may reach /healthz");
+    let plaintext = http_exchange_full(api.inbound, "GET", "/", &[], "").unwrap();
+    assert!(denied(&plaintext), "a caller without an identity matches no identity rule: {plaintext:?}");
+    // A denied gRPC call is a Trailers-Only PERMISSION_DENIED.
+    let tcp = tokio::net::TcpStream::connect(other.outbound).await.unwrap();
+    let (mut tx, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::post("http://api.local/pkg.Service/Method")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = tx.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers().get("grpc-status").map(|v| v.to_str().unwrap()), Some("7"), "{resp:?}");
+    // Opaque TCP: the web identity's connection reaches the app; another identity's is closed.
+    let request = b"GET / HTTP/1.1\r\nHost: api.local\r\nConnection: close\r\n\r\n";
+    let web_probe = Probe::new(&cp, ClientCert::Mesh("web"), b"ferry/tcp").await;
+    let answer = web_probe.exchange(api.inbound, "80.api.default.ferry.internal", request).await.unwrap();
+    assert!(answer.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&answer));
+    let other_probe = Probe::new(&cp, ClientCert::Mesh("other"), b"ferry/tcp").await;
+    let answer = other_probe.exchange(api.inbound, "80.api.default.ferry.internal", request).await;
+    assert!(answer.map_or(true, |b| b.is_empty()), "closed for an identity no rule allows");
+    // Only allowed calls reached the app: web's POST, the healthz call and the request in web's TCP connection.
+    assert_eq!(app.requests.load(std::sync::atomic::Ordering::SeqCst), before + 3);
+    assert_eq!(api.metric("ferry_authz_decisions_total{decision=\"deny\",service=\"api.default\"}"), 4.0);
+    // The policy is live config: once deleted, everyone is allowed again.
+    cp.ok(&["delete", "authorizationpolicy", "api"], None);
+    tokio::task::block_in_place(|| {
+        wait_until("the deletion reaches the api proxy", Duration::from_secs(10), || {
+            call(&other, "GET", "/").status == 200
+        })
+    });
+    drop(app);
+}
