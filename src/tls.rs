@@ -134,6 +134,8 @@ pub struct MeshTls {
     parts: Mutex<Parts>,
     generation: AtomicU64,
     ready: watch::Sender<bool>,
+    /// The serial of the certificate in use (changes at each renewal).
+    serial: watch::Sender<Option<String>>,
 }
 
 impl Default for MeshTls {
@@ -143,6 +145,7 @@ impl Default for MeshTls {
             parts: Mutex::default(),
             generation: AtomicU64::new(0),
             ready: watch::channel(false).0,
+            serial: watch::channel(None).0,
         }
     }
 }
@@ -162,12 +165,20 @@ impl MeshTls {
         let _ = rx.wait_for(|r| *r).await;
     }
 
+    /// Changes whenever a new certificate is taken into use.
+    pub fn subscribe_serial(&self) -> watch::Receiver<Option<String>> {
+        self.serial.subscribe()
+    }
+
     pub fn set_credentials(&self, credentials: Credentials) -> Result<(), rustls::Error> {
         let mut parts = self.parts.lock().expect("tls lock");
+        let serial = credentials.info.serial.clone();
         let previous = parts.credentials.replace(credentials);
         self.rebuild(&parts).inspect_err(|_| {
             parts.credentials = previous;
-        })
+        })?;
+        self.serial.send_replace(Some(serial));
+        Ok(())
     }
 
     /// The roots changed (xDS TrustBundle, or the CSR answer).

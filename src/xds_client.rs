@@ -140,7 +140,14 @@ pub async fn run(settings: Arc<Settings>, store: Arc<ConfigStore>, metrics: Arc<
         let result = session(&settings, &control, &mut resources, &mut version, &store, &metrics, &tls).await;
         metrics.xds_connected.set(0);
         match result {
-            Ok(()) => {
+            Ok(Ended::Renewed) => {
+                // The control plane knows a proxy by the certificate its stream opened with: reconnect with the new
+                // one at once (the resources held are not sent again).
+                tracing::info!("reconnecting to the control plane with the renewed certificate");
+                delay = BACKOFF.0;
+                continue;
+            }
+            Ok(Ended::Closed) => {
                 tracing::warn!(addr = %control.addr, "the control plane closed the xDS stream; keeping the last good config")
             }
             Err(e) => {
@@ -156,6 +163,14 @@ pub async fn run(settings: Arc<Settings>, store: Arc<ConfigStore>, metrics: Arc<
         tokio::time::sleep(jittered).await;
         delay = (delay * 2).min(BACKOFF.1);
     }
+}
+
+/// How a stream ended without an error.
+enum Ended {
+    /// The control plane closed it.
+    Closed,
+    /// This proxy's certificate was renewed: time to reconnect with it.
+    Renewed,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -176,9 +191,11 @@ async fn session(
     store: &ConfigStore,
     metrics: &Metrics,
     mesh_tls: &MeshTls,
-) -> Result<(), SessionError> {
+) -> Result<Ended, SessionError> {
     let root =
         std::fs::read(&control.ca_root).map_err(|e| SessionError::Root(control.ca_root.display().to_string(), e))?;
+    let mut renewals = mesh_tls.subscribe_serial();
+    renewals.borrow_and_update();
     let credentials = mesh_tls.current().expect("run waits for an identity").credentials.clone();
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(root))
@@ -208,7 +225,14 @@ async fn session(
     let mut responses = client.delta_aggregated_resources(request).await?.into_inner();
     metrics.xds_connected.set(1);
     tracing::info!(addr = %control.addr, node = %control.node_id, "connected to the control plane");
-    while let Some(response) = responses.message().await? {
+    loop {
+        let response = tokio::select! {
+            r = responses.message() => match r? {
+                Some(response) => response,
+                None => return Ok(Ended::Closed),
+            },
+            _ = renewals.changed() => return Ok(Ended::Renewed),
+        };
         let label = short_type(&response.type_url).to_string();
         let was_ready = resources.ready();
         let applied = resources.apply(&response).and_then(|(index, next)| {
@@ -264,10 +288,9 @@ async fn session(
             ..Default::default()
         };
         if tx.send(answer).await.is_err() {
-            break;
+            return Ok(Ended::Closed);
         }
     }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -348,6 +348,11 @@ async fn certificates_rotate_under_load_without_a_failed_request() {
     assert!(web.metric("ferry_tls_handshakes_total{direction=\"outbound\"}") >= handshakes_before + 3.0);
     assert!(api.metric("ferry_identity_certificate_requests_total{result=\"ok\"}") >= 4.0);
     assert!(api.metric("ferry_identity_certificate_expiry_timestamp_seconds") > ferry_now() as f64);
+    // The xDS streams follow: each proxy reconnects with its renewed certificate, and status shows a live expiry.
+    assert!(api.logs().contains("reconnecting to the control plane with the renewed certificate"), "{}", api.logs());
+    let status = tokio::task::block_in_place(|| cp.ok(&["status"], None));
+    assert!(status.contains("spiffe://cluster.local/ns/default/sa/api") && !status.contains("EXPIRED"), "{status}");
+    assert!(status.matches(" in ").count() >= 3, "each proxy's certificate expiry:\n{status}");
     ws.send(Message::text("after")).await.unwrap();
     assert_eq!(ws.next().await.unwrap().unwrap().into_text().unwrap().as_str(), "after");
     ws.close(None).await.unwrap();

@@ -611,6 +611,10 @@ impl Xds {
         let mut connected = Connected { xds: self.clone(), id, revoked: false };
         tracing::info!(node = %node.id, identity = %identity.spiffe(), peer = ?peer, service = ?service, "proxy connected");
 
+        // A stream lives no longer than the certificate that opened it (the proxy reconnects with its renewed one).
+        let left = authenticated.not_after.map(|t| t.saturating_sub(unix_now() as i64).max(0) as u64);
+        let expiry = tokio::time::sleep(left.map_or(Duration::MAX / 4, Duration::from_secs));
+        tokio::pin!(expiry);
         let mut model_rx = self.published.subscribe();
         let mut session = Session { id, service: service.map(Arc::from), types: HashMap::new(), nonces: 0 };
         let mut next = Some(first);
@@ -668,6 +672,12 @@ impl Xds {
                     }
                 },
                 r = model_rx.changed() => if r.is_err() { break },
+                _ = &mut expiry => {
+                    let message = "the certificate this stream was opened with expired; reconnect with the renewed one";
+                    tracing::info!(node = %node.id, identity = %identity.spiffe(), "{message}");
+                    let _ = tx.try_send(Err(Status::unauthenticated(message)));
+                    break;
+                }
                 _ = self.revoked(token_id.as_deref(), &mut revocations) => {
                     self.close_revoked(token_id.as_deref().unwrap_or_default(), peer, &node.id, &identity, &tx);
                     connected.revoked = true;

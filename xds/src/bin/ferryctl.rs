@@ -251,15 +251,26 @@ async fn run(command: Command) -> anyhow::Result<()> {
     }
 }
 
+/// `1d2h`, `3h4m`, `5m6s`, `7s`: the two largest units.
+fn human_duration(seconds: u64) -> String {
+    let (d, h, m, s) = (seconds / 86_400, seconds / 3600 % 24, seconds / 60 % 60, seconds % 60);
+    match (d, h, m) {
+        (0, 0, 0) => format!("{s}s"),
+        (0, 0, _) => format!("{m}m{s}s"),
+        (0, _, _) => format!("{h}h{m}m"),
+        _ => format!("{d}d{h}h"),
+    }
+}
+
 /// One row per proxy, like `istioctl proxy-status`: per type `SYNCED`, `STALE (sent N, acked M)` or `NACKED`, and
 /// each NACK's message underneath.
 fn print_status(reply: &serde_json::Value) {
     let generation = &reply["generation"];
     println!("control plane generation {generation}");
-    let types = ["Service", "TrafficPolicy", "AuthorizationPolicy"];
+    let types = ["Service", "TrafficPolicy", "AuthorizationPolicy", "TrustBundle"];
     println!(
-        "{:<28} {:<44} {:<22} {:>8} {:<14} {:<14} {:<14} STATUS",
-        "NODE", "IDENTITY", "ADDRESS", "AGE", types[0], types[1], types[2]
+        "{:<28} {:<44} {:<22} {:>8} {:<12} {:<14} {:<14} {:<14} {:<14} STATUS",
+        "NODE", "IDENTITY", "ADDRESS", "AGE", "CERT EXPIRY", types[0], types[1], types[2], types[3]
     );
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let mut nacks = Vec::new();
@@ -279,15 +290,22 @@ fn print_status(reply: &serde_json::Value) {
             }
         };
         let age = now.saturating_sub(p["connectedSince"].as_u64().unwrap_or(now));
+        let expiry = match p["certificateExpiry"].as_i64() {
+            Some(t) if t <= now as i64 => "EXPIRED".to_string(),
+            Some(t) => format!("in {}", human_duration((t - now as i64) as u64)),
+            None => "-".to_string(),
+        };
         println!(
-            "{:<28} {:<44} {:<22} {:>7}s {:<14} {:<14} {:<14} {}",
+            "{:<28} {:<44} {:<22} {:>7}s {:<12} {:<14} {:<14} {:<14} {:<14} {}",
             p["node"].as_str().unwrap_or_default(),
             p["identity"].as_str().unwrap_or_default(),
             p["address"].as_str().unwrap_or("-"),
             age,
+            expiry,
             cell(types[0]),
             cell(types[1]),
             cell(types[2]),
+            cell(types[3]),
             if p["stale"] == true { "STALE" } else { "OK" }
         );
         for t in types {
