@@ -52,11 +52,13 @@ pub fn retry_delay(attempt: u32, remaining: Duration, jitter: f64) -> Duration {
 pub async fn run(control: ControlSettings, tls: Arc<MeshTls>, metrics: Arc<Metrics>) {
     let mut attempt = 0u32;
     loop {
-        let current = tls.current().map(|s| s.credentials.clone());
+        let state = tls.current();
+        let current = state.as_ref().map(|s| s.credentials.clone());
+        let bundle = state.map(|s| s.roots_pem.clone()).unwrap_or_default();
         let remaining = |c: &Option<Credentials>| {
             c.as_ref().map(|c| Duration::from_secs((c.info.not_after - unix_now()).max(0) as u64)).unwrap_or_default()
         };
-        match certify(&control, current.as_ref()).await {
+        match certify(&control, current.as_ref(), &bundle).await {
             Ok((credentials, bundle)) => {
                 attempt = 0;
                 let info = credentials.info.clone();
@@ -92,22 +94,33 @@ pub async fn run(control: ControlSettings, tls: Arc<MeshTls>, metrics: Arc<Metri
     }
 }
 
+/// The TLS a proxy speaks to the control plane: the server must chain to `FERRY_CA_ROOT` or to a root of the trust
+/// bundle held (after a root rotation the control plane's certificate chains to the new root); with `client`, mTLS.
+pub fn control_plane_tls(
+    control: &ControlSettings,
+    bundle: &[String],
+    client: Option<&Credentials>,
+) -> Result<ClientTlsConfig, (String, std::io::Error)> {
+    let root = std::fs::read(&control.ca_root).map_err(|e| (control.ca_root.display().to_string(), e))?;
+    let roots = std::iter::once(Certificate::from_pem(root)).chain(bundle.iter().map(Certificate::from_pem));
+    let tls = ClientTlsConfig::new().ca_certificates(roots).domain_name(control.server_name.clone());
+    Ok(match client {
+        Some(c) => tls.identity(tonic::transport::Identity::from_pem(c.chain_pem.concat(), c.key_pem.clone())),
+        None => tls,
+    })
+}
+
 /// One CSR round trip: a fresh key, a request for it, the signed chain and the current trust bundle. Authenticated by
 /// `current` (mTLS) while it is valid, else by the join token.
 async fn certify(
     control: &ControlSettings,
     current: Option<&Credentials>,
+    bundle: &[String],
 ) -> Result<(Credentials, Vec<String>), CertifyError> {
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
     let csr = CertificateParams::new(Vec::<String>::new())?.serialize_request(&key)?.pem()?;
-    let root =
-        std::fs::read(&control.ca_root).map_err(|e| CertifyError::Root(control.ca_root.display().to_string(), e))?;
-    let mut tls =
-        ClientTlsConfig::new().ca_certificate(Certificate::from_pem(root)).domain_name(control.server_name.clone());
     let valid = current.filter(|c| c.info.not_after > unix_now() + 1);
-    if let Some(c) = valid {
-        tls = tls.identity(tonic::transport::Identity::from_pem(c.chain_pem.concat(), c.key_pem.clone()));
-    }
+    let tls = control_plane_tls(control, bundle, valid).map_err(|(path, e)| CertifyError::Root(path, e))?;
     let channel = Endpoint::from_shared(format!("https://{}", control.addr))?
         .tls_config(tls)?
         .connect_timeout(Duration::from_secs(5))

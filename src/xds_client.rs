@@ -13,7 +13,7 @@ use ferry_xds::protocol::{self, NODE_INBOUND_PORT, NODE_SERVICE, Received, TYPES
 use ferry_xds::{Document, one_traffic_policy_error};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+use tonic::transport::Endpoint;
 
 use crate::bootstrap::{ControlSettings, Settings};
 use crate::metrics::Metrics;
@@ -192,15 +192,11 @@ async fn session(
     metrics: &Metrics,
     mesh_tls: &MeshTls,
 ) -> Result<Ended, SessionError> {
-    let root =
-        std::fs::read(&control.ca_root).map_err(|e| SessionError::Root(control.ca_root.display().to_string(), e))?;
     let mut renewals = mesh_tls.subscribe_serial();
     renewals.borrow_and_update();
-    let credentials = mesh_tls.current().expect("run waits for an identity").credentials.clone();
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(root))
-        .domain_name(control.server_name.clone())
-        .identity(tonic::transport::Identity::from_pem(credentials.chain_pem.concat(), credentials.key_pem));
+    let state = mesh_tls.current().expect("run waits for an identity");
+    let tls = crate::identity::control_plane_tls(control, &state.roots_pem, Some(&state.credentials))
+        .map_err(|(path, e)| SessionError::Root(path, e))?;
     let channel = Endpoint::from_shared(format!("https://{}", control.addr))?
         .tls_config(tls)?
         .connect_timeout(Duration::from_secs(5))

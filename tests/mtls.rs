@@ -129,6 +129,16 @@ async fn meshed_calls_are_tls13_on_the_wire_and_the_app_learns_the_caller() {
     // A client from outside the mesh (plaintext, straight to the inbound listener) cannot claim an identity.
     let resp = http_exchange_full(inbound, "GET", "/", &[("ferry-client-id", spoofed)], "").unwrap();
     assert_eq!((resp.status, resp.header("x-seen-client-id")), (200, Some("none")), "{resp:?}");
+    // `ferryctl check`: the root (10 years) and both 24 h certificates are fine at the default horizons; a horizon
+    // beyond their expiry reports them and fails.
+    let ok = tokio::task::block_in_place(|| cp.ok(&["check"], None));
+    assert_eq!(ok.matches("ok  ").count(), 3, "one root, two proxies:\n{ok}");
+    let roots_due = tokio::task::block_in_place(|| cp.ctl(&["check", "--horizon", "3651d"], None));
+    let text = String::from_utf8_lossy(&roots_due.stdout);
+    assert!(!roots_due.status.success() && text.contains("WARN signing root"), "{text}");
+    let leaves_due = tokio::task::block_in_place(|| cp.ctl(&["check", "--leaf-horizon", "25h"], None));
+    let text = String::from_utf8_lossy(&leaves_due.stdout);
+    assert!(!leaves_due.status.success() && text.matches("WARN proxy").count() == 2, "{text}");
     // An h2 (gRPC-style) caller keeps HTTP/2 end to end.
     let resp = h2_get(web.outbound, "api.local").await;
     assert_eq!(resp, ("HTTP/2.0".to_string(), "spiffe://cluster.local/ns/default/sa/web".to_string()));
@@ -357,4 +367,87 @@ async fn certificates_rotate_under_load_without_a_failed_request() {
     assert_eq!(ws.next().await.unwrap().unwrap().into_text().unwrap().as_str(), "after");
     ws.close(None).await.unwrap();
     drop((ws_proxy, app, ws_app));
+}
+
+/// The roots `GET /v1/ca` lists: (role, subject).
+fn roots(cp: &ControlPlane) -> Vec<(String, String)> {
+    let bearer = format!("Bearer {}", cp.token().trim());
+    let (status, body) = support::http_exchange(cp.api, "GET", "/v1/ca", &[("Authorization", &bearer)], "").unwrap();
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v["roots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["role"].as_str().unwrap().to_string(), r["subject"].as_str().unwrap().to_string()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_root_rotates_with_overlap_and_no_failed_request() {
+    let app = backend::http_backend().await;
+    let cp = tokio::task::block_in_place(|| {
+        ControlPlane::start_on(
+            &state_dir("mtls-root"),
+            [control::free_addr(), control::free_addr(), control::free_addr()],
+            &["--cert-lifetime", "4s"],
+        )
+    });
+    cp.ok(&["apply", "-f", "-"], Some(&service("api", "api.local", "")));
+    let (api, web) =
+        tokio::task::block_in_place(|| (proxy(&cp, "api", Some(app.addr), &[]), proxy(&cp, "web", None, &[])));
+    tokio::task::block_in_place(|| {
+        wait_until("web reaches api", Duration::from_secs(10), || {
+            http_exchange_full(web.outbound, "GET", "/", &[("Host", "api.local")], "").is_some_and(|r| r.status == 200)
+        })
+    });
+    let old = roots(&cp);
+    assert_eq!(old.len(), 1);
+    let old_root = old[0].1.clone();
+    let probe = Probe::new(&cp, ClientCert::Mesh("probe"), b"ferry/tcp").await;
+    assert_eq!(probe.served_issuer(api.inbound).await, old_root);
+    let load = Load::start(web.outbound, "api.local");
+
+    // Step 1: a new root joins the bundle; it signs once both proxies (and the probe's none) have ACKed it.
+    let out = tokio::task::block_in_place(|| cp.ok(&["ca", "rotate"], None));
+    assert!(out.contains("next"), "{out}");
+    tokio::task::block_in_place(|| {
+        wait_until("the new root signs", Duration::from_secs(15), || {
+            let r = roots(&cp);
+            r.len() == 2 && r[0] == ("previous".to_string(), old_root.clone()) && r[1].0 == "signing"
+        })
+    });
+    let new_root = roots(&cp)[1].1.clone();
+    assert_ne!(new_root, old_root);
+    // Proxies renew onto the new root; handshakes meanwhile mix old and new certificates, all trusted.
+    let started = Instant::now();
+    while probe.served_issuer(api.inbound).await != new_root {
+        assert!(started.elapsed() < Duration::from_secs(15), "the api proxy never got a certificate of the new root");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Step 2: retiring the old root is refused while certificates it signed may be alive, then done.
+    let refused = tokio::task::block_in_place(|| cp.fails(&["ca", "retire"], None));
+    assert!(refused.contains("may live") && refused.contains("--force"), "{refused}");
+    tokio::task::block_in_place(|| {
+        wait_until("the old root can be retired", Duration::from_secs(15), || {
+            cp.ctl(&["ca", "retire"], None).status.success()
+        })
+    });
+    assert_eq!(roots(&cp), [("signing".to_string(), new_root.clone())]);
+    // The proxies take the one-root bundle and go on: new connections, renewals and config changes all work.
+    tokio::task::block_in_place(|| std::thread::sleep(Duration::from_secs(5)));
+    let (ok, failed, failures) = tokio::task::block_in_place(|| load.finish());
+    eprintln!("load across a root rotation: {ok} ok, {failed} failed");
+    assert_eq!(failed, 0, "failed requests: {failures:?}");
+    assert!(ok > 100, "the load ran ({ok} requests)");
+    assert_eq!(probe_after_rotation(&cp, api.inbound).await, new_root);
+    let status = tokio::task::block_in_place(|| cp.ok(&["status"], None));
+    assert_eq!(status.matches("SYNCED").count(), 8, "{status}");
+    assert!(!status.contains("EXPIRED"), "{status}");
+    drop(app);
+}
+
+/// A fresh mesh client (its certificate from the new root) still reaches the api proxy after the rotation.
+async fn probe_after_rotation(cp: &ControlPlane, inbound: std::net::SocketAddr) -> String {
+    Probe::new(cp, ClientCert::Mesh("late"), b"ferry/tcp").await.served_issuer(inbound).await
 }

@@ -158,11 +158,23 @@ impl Probe {
         tokio_rustls::TlsConnector::from(self.config.clone()).connect(name, tcp).await
     }
 
+    /// The certificate (DER) a proxy's inbound listener presents to a new handshake.
+    pub async fn served_certificate(&self, inbound: SocketAddr) -> Vec<u8> {
+        let tls = self.connect(inbound, "80.api.default.ferry.internal").await.unwrap();
+        tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+    }
+
     /// The serial of the certificate a proxy's inbound listener presents to a new handshake.
     pub async fn served_serial(&self, inbound: SocketAddr) -> String {
-        let tls = self.connect(inbound, "80.api.default.ferry.internal").await.unwrap();
-        let leaf = &tls.get_ref().1.peer_certificates().unwrap()[0];
-        ferry_xds::identity::inspect(leaf).unwrap().serial
+        ferry_xds::identity::inspect(&self.served_certificate(inbound).await).unwrap().serial
+    }
+
+    /// The issuer (DN) of the certificate a proxy's inbound listener presents to a new handshake.
+    pub async fn served_issuer(&self, inbound: SocketAddr) -> String {
+        use x509_parser::prelude::FromDer;
+        let der = self.served_certificate(inbound).await;
+        let (_, cert) = x509_parser::certificate::X509Certificate::from_der(&der).unwrap();
+        cert.issuer().to_string()
     }
 
     /// Writes `data` over a new connection and reads until the peer closes: what came back (an error or an empty

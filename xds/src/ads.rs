@@ -330,6 +330,8 @@ pub struct Xds {
     registry: Mutex<Registry>,
     /// The mesh-wide settings sent as the TrustBundle resource.
     mesh: Mutex<protocol::Mesh>,
+    /// The trust bundle last published, and the generation it was first published in.
+    published_bundle: Mutex<(Vec<String>, u64)>,
     proxies: Mutex<BTreeMap<u64, Arc<ProxyStatus>>>,
     next_id: AtomicU64,
     endpoints_file: PathBuf,
@@ -378,6 +380,7 @@ impl Xds {
             revocations: watch::channel(0).0,
             registry: Mutex::new(registry),
             mesh: Mutex::new(mesh),
+            published_bundle: Mutex::new((Vec::new(), 0)),
             proxies: Mutex::new(BTreeMap::new()),
             next_id: AtomicU64::new(1),
             endpoints_file,
@@ -402,6 +405,18 @@ impl Xds {
     pub fn set_trust_bundle(&self, roots: Vec<String>) {
         self.mesh.lock().expect("mesh lock").roots_pem = roots;
         self.changed();
+    }
+
+    /// Whether `roots` is the published trust bundle and every connected proxy has ACKed it.
+    pub fn bundle_trusted_by_all(&self, roots: &[String]) -> bool {
+        let (published, since) = self.published_bundle.lock().expect("bundle lock").clone();
+        if published != roots {
+            return false;
+        }
+        let bundle = short_type(protocol::TRUST_BUNDLE_TYPE);
+        self.proxies.lock().expect("proxies lock").values().all(|p| {
+            p.types.lock().expect("status lock").get(bundle).is_some_and(|t| t.acked >= since && t.nacked.is_none())
+        })
     }
 
     pub fn generation(&self) -> u64 {
@@ -444,8 +459,8 @@ impl Xds {
             crate::KINDS.iter().flat_map(|k| store.list(k, None)).map(|s| s.document.clone()).collect()
         };
         let previous = self.published.borrow().clone();
-        #[allow(unused_mut)]
         let mesh = self.mesh.lock().expect("mesh lock").clone();
+        #[allow(unused_mut)]
         let mut model = Model::build(previous.generation + 1, documents, &registrations, Some(&mesh));
         #[cfg(feature = "testing")]
         for (name, any) in self.injected.lock().expect("injected lock").iter() {
@@ -453,6 +468,12 @@ impl Xds {
         }
         if previous.generation > 0 && model.same_content(&previous) {
             return;
+        }
+        {
+            let mut published = self.published_bundle.lock().expect("bundle lock");
+            if published.0 != mesh.roots_pem {
+                *published = (mesh.roots_pem.clone(), model.generation);
+            }
         }
         tracing::info!(generation = model.generation, resources = ?model.counts(), endpoints = registrations.len(), "model published");
         self.metrics.xds_generation.set(model.generation as i64);

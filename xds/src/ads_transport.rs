@@ -7,6 +7,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use crate::serving::PeerInfo;
 use bytes::Bytes;
 use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 use http::{HeaderMap, HeaderValue, Request, Response, header};
@@ -15,7 +16,6 @@ use prost::Message;
 use tokio::sync::mpsc;
 use tonic::Status;
 use tonic::codec::{BufferSettings, DecodeBuf, Decoder, Streaming};
-use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 
 use crate::ads::{Push, Xds};
 
@@ -72,11 +72,9 @@ impl tower_service::Service<Request<tonic::body::Body>> for AdsService {
                     "Ferry serves delta xDS only: use DeltaAggregatedResources",
                 )));
             }
-            let tls = req.extensions().get::<TlsConnectInfo<TcpConnectInfo>>();
-            let peer = tls
-                .and_then(|i| i.get_ref().remote_addr())
-                .or_else(|| req.extensions().get::<TcpConnectInfo>().and_then(|i| i.remote_addr()));
-            let peer_certs = tls.and_then(|i| i.peer_certs());
+            let info = req.extensions().get::<PeerInfo>();
+            let peer = info.and_then(|i| i.remote);
+            let peer_certs = info.and_then(|i| i.certs.clone());
             let requests = Streaming::new_request(RequestDecoder, req.into_body(), None, Some(MAX_REQUEST_BYTES));
             match xds.open_stream(Incoming { peer_certs, peer, requests }) {
                 Ok(responses) => Ok(grpc_response(tonic::body::Body::new(ResponseBody { rx: responses, done: false }))),

@@ -24,6 +24,8 @@ pub struct Api {
     pub metrics: Option<Arc<ControlMetrics>>,
     /// The xDS server, told about every change and asked for `/v1/status`.
     pub xds: Option<Arc<Xds>>,
+    /// The CA and everything a root rotation reaches (`/v1/ca`).
+    pub authority: Option<Arc<crate::rotation::Authority>>,
 }
 
 type Body = Full<Bytes>;
@@ -165,8 +167,9 @@ impl Api {
         token: String,
         metrics: Option<Arc<ControlMetrics>>,
         xds: Option<Arc<Xds>>,
+        authority: Option<Arc<crate::rotation::Authority>>,
     ) -> Self {
-        Api { store, tokens, token, metrics, xds }
+        Api { store, tokens, token, metrics, xds, authority }
     }
 
     fn authorized(&self, req: &Request<Incoming>) -> bool {
@@ -228,6 +231,27 @@ impl Api {
                 }
                 None => error(StatusCode::NOT_FOUND, "this control plane serves no xDS"),
             },
+            (Method::GET, ["v1", "ca"]) => match &self.authority {
+                Some(a) => json(StatusCode::OK, a.status_json()),
+                None => error(StatusCode::NOT_FOUND, "this control plane has no CA"),
+            },
+            (Method::POST, ["v1", "ca", step @ ("rotate" | "retire")]) => {
+                let Some(authority) = self.authority.clone() else {
+                    return error(StatusCode::NOT_FOUND, "this control plane has no CA");
+                };
+                let force = query.split('&').any(|kv| kv == "force=true" || kv == "force");
+                let step = step.to_string();
+                let result = blocking(move || match step.as_str() {
+                    "rotate" => authority.rotate().map(|_| authority.status_json()),
+                    _ => authority.retire(force).map(|_| authority.status_json()),
+                })
+                .await;
+                match result {
+                    Ok(status) => json(StatusCode::OK, status),
+                    Err(crate::ca::RotationError::Refused(message)) => error(StatusCode::CONFLICT, message),
+                    Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+                }
+            }
             (Method::POST, ["v1", "tokens"]) => match read_body(req).await {
                 Ok(text) => self.create_token(&text).await,
                 Err(r) => r,

@@ -66,7 +66,7 @@ impl Ca {
         }
     }
 
-    fn load(files: &CaFiles) -> Result<Ca, CaError> {
+    pub(crate) fn load(files: &CaFiles) -> Result<Ca, CaError> {
         let read = |p: &Path| std::fs::read_to_string(p).map_err(|source| CaError::Io { path: p.into(), source });
         let mode = std::fs::metadata(&files.key)
             .map_err(|source| CaError::Io { path: files.key.clone(), source })?
@@ -90,12 +90,13 @@ impl Ca {
         Ok(Ca { cert_pem, issuer })
     }
 
-    fn generate(files: &CaFiles) -> Result<Ca, CaError> {
+    pub(crate) fn generate(files: &CaFiles) -> Result<Ca, CaError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "ferry.dev");
-        dn.push(DnType::CommonName, "Ferry mesh root CA");
+        // Each root is told apart by when it was made (a rotation puts two in the trust bundle).
+        dn.push(DnType::CommonName, format!("Ferry mesh root CA {}", OffsetDateTime::now_utc().unix_timestamp()));
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages =
@@ -206,4 +207,198 @@ fn write_new(path: &Path, data: &[u8], mode: u32) -> Result<(), CaError> {
     let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(path).map_err(io)?;
     f.write_all(data).map_err(io)?;
     f.sync_all().map_err(io)
+}
+
+// ===== root rotation =====
+
+/// A root's place in a rotation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Trusted but not signing yet: waits until every connected proxy trusts it.
+    Next,
+    /// Signs new certificates.
+    Signing,
+    /// Trusted until retired, while certificates it signed may still be alive.
+    Previous,
+}
+
+/// The mesh CA with root rotation: the signing root, a staged next root (in the trust bundle, not signing yet) and the
+/// previous root (still trusted until retired). Files in the state directory: `ca.{crt,key}` (signing),
+/// `ca-next.{crt,key}`, `ca-previous.crt` and `ca-previous.json` (when it may be retired).
+pub struct MeshCa {
+    dir: PathBuf,
+    /// Operator-supplied roots are rotated by the operator, not here.
+    supplied: bool,
+    state: std::sync::Mutex<Rotation>,
+}
+
+struct Rotation {
+    signing: std::sync::Arc<Ca>,
+    next: Option<std::sync::Arc<Ca>>,
+    /// The previous root's certificate and the Unix time after which no certificate it signed is alive.
+    previous: Option<(String, u64)>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PreviousRoot {
+    retire_after: u64,
+}
+
+/// Why a rotation step was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum RotationError {
+    #[error("{0}")]
+    Ca(#[from] CaError),
+    #[error("{0}")]
+    Refused(String),
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// Subject CN and expiry (Unix seconds) of a PEM certificate.
+fn describe(pem: &str) -> (String, i64) {
+    let der = crate::identity::pem_certificates(pem).ok().and_then(|mut d| (!d.is_empty()).then(|| d.remove(0)));
+    let parsed = der.as_deref().and_then(|der| x509_parser::certificate::X509Certificate::from_der(der).ok());
+    match parsed {
+        Some((_, cert)) => (cert.subject().to_string(), cert.validity().not_after.timestamp()),
+        None => ("unparsable".into(), 0),
+    }
+}
+
+impl MeshCa {
+    /// Opens the CA and any rotation in progress.
+    pub fn open(state_dir: &Path, supplied: Option<CaFiles>) -> Result<MeshCa, CaError> {
+        let is_supplied = supplied.is_some();
+        let signing = std::sync::Arc::new(Ca::ensure(state_dir, supplied)?);
+        let next_files = CaFiles { cert: state_dir.join("ca-next.crt"), key: state_dir.join("ca-next.key") };
+        let next = if next_files.cert.exists() && next_files.key.exists() {
+            Some(std::sync::Arc::new(Ca::load(&next_files)?))
+        } else {
+            None
+        };
+        let previous = match std::fs::read_to_string(state_dir.join("ca-previous.crt")) {
+            Ok(pem) => {
+                let path = state_dir.join("ca-previous.json");
+                let meta: PreviousRoot = std::fs::read(&path)
+                    .ok()
+                    .and_then(|b| serde_json::from_slice(&b).ok())
+                    .ok_or_else(|| CaError::Invalid { path, message: "missing or unreadable".into() })?;
+                Some((pem, meta.retire_after))
+            }
+            Err(_) => None,
+        };
+        let state = std::sync::Mutex::new(Rotation { signing, next, previous });
+        Ok(MeshCa { dir: state_dir.to_path_buf(), supplied: is_supplied, state })
+    }
+
+    /// The root that signs now.
+    pub fn signing(&self) -> std::sync::Arc<Ca> {
+        self.state.lock().expect("ca lock").signing.clone()
+    }
+
+    pub fn has_next(&self) -> bool {
+        self.state.lock().expect("ca lock").next.is_some()
+    }
+
+    /// Every root proxies must trust: previous, signing, next.
+    pub fn trust_bundle(&self) -> Vec<String> {
+        let s = self.state.lock().expect("ca lock");
+        let mut roots: Vec<String> = s.previous.iter().map(|(pem, _)| pem.clone()).collect();
+        roots.push(s.signing.cert_pem.clone());
+        roots.extend(s.next.iter().map(|n| n.cert_pem.clone()));
+        roots
+    }
+
+    /// Step 1: a new root joins the trust bundle; it signs once every connected proxy trusts it (`promote`).
+    pub fn rotate(&self) -> Result<String, RotationError> {
+        let mut s = self.state.lock().expect("ca lock");
+        if self.supplied {
+            return Err(RotationError::Refused(
+                "the root was supplied with --ca-cert/--ca-key: rotate it by restarting with the new one".into(),
+            ));
+        }
+        if s.next.is_some() {
+            return Err(RotationError::Refused(
+                "a new root is already waiting to sign (see `ferryctl ca status`)".into(),
+            ));
+        }
+        if let Some((_, after)) = &s.previous {
+            return Err(RotationError::Refused(format!(
+                "the previous root is still trusted: retire it first (`ferryctl ca retire`, possible from {after})"
+            )));
+        }
+        let next = Ca::generate(&CaFiles { cert: self.dir.join("ca-next.crt"), key: self.dir.join("ca-next.key") })?;
+        let pem = next.cert_pem.clone();
+        s.next = Some(std::sync::Arc::new(next));
+        Ok(pem)
+    }
+
+    /// Step 2 (automatic): the next root signs; the old one stays trusted until every certificate it signed has
+    /// expired (`lifetime` from now).
+    pub fn promote(&self, lifetime: std::time::Duration) -> Result<(), RotationError> {
+        let mut s = self.state.lock().expect("ca lock");
+        let Some(next) = s.next.clone() else { return Ok(()) };
+        let retire_after = unix_now() + lifetime.as_secs() + 1;
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| CaError::Io { path, source }
+        };
+        let previous_json = serde_json::to_vec(&PreviousRoot { retire_after }).expect("serializable");
+        crate::store::write_atomic(&self.dir.join("ca-previous.json"), &previous_json)
+            .map_err(|e| RotationError::Refused(e.to_string()))?;
+        let previous = self.dir.join("ca-previous.crt");
+        let _ = std::fs::remove_file(&previous);
+        write_new(&previous, s.signing.cert_pem.as_bytes(), 0o644)?;
+        for (from, to) in [("ca-next.key", "ca.key"), ("ca-next.crt", "ca.crt")] {
+            std::fs::rename(self.dir.join(from), self.dir.join(to)).map_err(io(&self.dir.join(to)))?;
+        }
+        s.previous = Some((s.signing.cert_pem.clone(), retire_after));
+        s.signing = next;
+        s.next = None;
+        Ok(())
+    }
+
+    /// Step 3: the previous root leaves the trust bundle, once no certificate it signed can be alive (or `force`).
+    pub fn retire(&self, force: bool) -> Result<(), RotationError> {
+        let mut s = self.state.lock().expect("ca lock");
+        let Some((_, after)) = &s.previous else {
+            return Err(RotationError::Refused("no previous root to retire".into()));
+        };
+        let now = unix_now();
+        if now < *after && !force {
+            return Err(RotationError::Refused(format!(
+                "certificates signed by the previous root may live {} s more; retire after that (or --force)",
+                after - now
+            )));
+        }
+        let _ = std::fs::remove_file(self.dir.join("ca-previous.crt"));
+        let _ = std::fs::remove_file(self.dir.join("ca-previous.json"));
+        s.previous = None;
+        Ok(())
+    }
+
+    /// The roots, their roles and expiry, for `ferryctl ca status` and `ferryctl check`.
+    pub fn status_json(&self) -> serde_json::Value {
+        let s = self.state.lock().expect("ca lock");
+        let mut roots = Vec::new();
+        let mut row = |pem: &str, role: Role| {
+            let (subject, not_after) = describe(pem);
+            roots.push(serde_json::json!({ "role": role, "subject": subject, "notAfter": not_after }));
+        };
+        if let Some((pem, _)) = &s.previous {
+            row(pem, Role::Previous);
+        }
+        row(&s.signing.cert_pem, Role::Signing);
+        if let Some(next) = &s.next {
+            row(&next.cert_pem, Role::Next);
+        }
+        serde_json::json!({
+            "roots": roots,
+            "previousRetireAfter": s.previous.as_ref().map(|(_, after)| after),
+        })
+    }
 }

@@ -8,9 +8,10 @@ use rustls_pki_types::CertificateDer;
 use tonic::{Request, Response, Status};
 
 use crate::api::ControlMetrics;
-use crate::ca::Ca;
+use crate::ca::MeshCa;
 use crate::identity::{self, Identity};
 use crate::resources::pb;
+use crate::serving::PeerInfo;
 use crate::tokens::{TokenError, Tokens};
 
 /// Certificates are refused above this lifetime (a week): short-lived certificates are the point.
@@ -87,7 +88,7 @@ pub fn by_token(tokens: &Mutex<Tokens>, authorization: Option<&str>, now: u64) -
 
 /// Signs workload certificates for authenticated proxies.
 pub struct CertifyService {
-    pub ca: Arc<Ca>,
+    pub ca: Arc<MeshCa>,
     pub tokens: Arc<Mutex<Tokens>>,
     pub metrics: Arc<ControlMetrics>,
     pub lifetime: Duration,
@@ -107,9 +108,10 @@ impl CertifyService {
 #[tonic::async_trait]
 impl pb::identity_server::Identity for CertifyService {
     async fn certify(&self, request: Request<pb::CertifyRequest>) -> Result<Response<pb::CertifyResponse>, Status> {
-        let peer = request.remote_addr();
+        let info = request.extensions().get::<PeerInfo>().cloned();
+        let peer = info.as_ref().and_then(|i| i.remote);
         // A presented certificate wins: a renewal must not fall back to a (possibly stale) token.
-        let authenticated = match request.peer_certs().filter(|c| !c.is_empty()) {
+        let authenticated = match info.and_then(|i| i.certs).filter(|c| !c.is_empty()) {
             Some(chain) => by_certificate(&self.tokens, &chain),
             None => {
                 let authorization = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
@@ -123,7 +125,7 @@ impl pb::identity_server::Identity for CertifyService {
             .ok_or_else(|| {
                 self.refuse(Refusal::new("bad-request", "csr_pem: expected one PEM CERTIFICATE REQUEST"), peer)
             })?;
-        let ca = self.ca.clone();
+        let ca = self.ca.signing();
         let (id, token, lifetime) = (authenticated.identity.clone(), authenticated.token_id.clone(), self.lifetime);
         // ECDSA signing is quick, but a burst of thousands of proxies should not stall the runtime's workers.
         let issued = tokio::task::spawn_blocking(move || ca.certify(&csr, &id, token.as_deref(), lifetime))

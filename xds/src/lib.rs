@@ -18,6 +18,10 @@ pub mod policy;
 pub mod protocol;
 pub mod resources;
 #[cfg(feature = "server")]
+pub mod rotation;
+#[cfg(feature = "server")]
+pub mod serving;
+#[cfg(feature = "server")]
 pub mod store;
 #[cfg(feature = "server")]
 pub mod tokens;

@@ -13,7 +13,9 @@ use clap::{Parser, Subcommand};
 use ferry_xds::ads::Xds;
 use ferry_xds::ads_transport::AdsService;
 use ferry_xds::api::{Api, ControlMetrics};
-use ferry_xds::ca::{Ca, CaFiles};
+use ferry_xds::ca::{CaFiles, MeshCa};
+use ferry_xds::rotation::Authority;
+use ferry_xds::serving::ServingTls;
 use ferry_xds::store::Store;
 use ferry_xds::tokens::Tokens;
 use http_body_util::Full;
@@ -139,11 +141,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     std::fs::set_permissions(&args.state_dir, std::fs::Permissions::from_mode(0o700))?;
     let token = admin_token(&args.state_dir.join("admin.token"))?;
     let supplied = args.ca_cert.clone().zip(args.ca_key.clone()).map(|(cert, key)| CaFiles { cert, key });
-    let ca = Arc::new(Ca::ensure(&args.state_dir, supplied)?);
+    let ca = Arc::new(MeshCa::open(&args.state_dir, supplied)?);
     let mut names = vec!["ferry-control", "localhost"];
     names.extend(args.server_names.iter().map(String::as_str));
     let ips = [std::net::IpAddr::from([127, 0, 0, 1]), std::net::IpAddr::from(std::net::Ipv6Addr::LOCALHOST)];
-    let (cert, key) = ca.write_serving_certificate(&args.state_dir, &names, &ips)?;
+    let (cert, key) = ca.signing().write_serving_certificate(&args.state_dir, &names, &ips)?;
     tracing::info!(names = ?names, "serving certificate for the xDS port signed by the mesh root");
     let store = Store::open(&args.state_dir)?;
     let metrics = Arc::new(ControlMetrics::new());
@@ -166,24 +168,31 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         lifetime: args.cert_lifetime,
     };
     tokio::spawn(xds.clone().run_publisher());
-    let api = Arc::new(Api::new(store, tokens, token, Some(metrics.clone()), Some(xds.clone())));
+    let serving = ServingTls::new(&cert, &key, &ca.trust_bundle())?;
+    let authority = Arc::new(Authority {
+        ca: ca.clone(),
+        xds: xds.clone(),
+        serving: serving.clone(),
+        state_dir: args.state_dir.clone(),
+        server_names: names.iter().map(|n| n.to_string()).collect(),
+        server_ips: ips.to_vec(),
+        lifetime: args.cert_lifetime,
+    });
+    tokio::spawn(authority.clone().run());
+    let api = Arc::new(Api::new(store, tokens, token, Some(metrics.clone()), Some(xds.clone()), Some(authority)));
 
     let xds_listener = tokio::net::TcpListener::bind(args.xds_addr)
         .await
         .with_context(|| format!("binding xDS on {}", args.xds_addr))?;
-    // Client certificates are optional at the TLS layer (a first CSR comes with a join token); xDS streams require one.
-    let tls = tonic::transport::ServerTlsConfig::new()
-        .identity(tonic::transport::Identity::from_pem(cert, key))
-        .client_ca_root(tonic::transport::Certificate::from_pem(ca.trust_bundle().concat()))
-        .client_auth_optional(true);
+    // TLS is terminated by `ServingTls` (certificate and client roots change with a root rotation); client
+    // certificates are optional at that layer (a first CSR comes with a join token), xDS streams require one.
     let xds_server = tonic::transport::Server::builder()
-        .tls_config(tls)?
         // Dead proxies are noticed (and their streams freed) without waiting for TCP timeouts.
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
         .add_service(AdsService(xds))
         .add_service(ferry_xds::resources::pb::identity_server::IdentityServer::new(certify));
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(xds_listener);
+    let incoming = serving.incoming(xds_listener);
     tokio::spawn(async move {
         if let Err(e) = xds_server.serve_with_incoming(incoming).await {
             tracing::error!(error = %e, "the xDS server stopped");

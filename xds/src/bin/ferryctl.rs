@@ -61,8 +61,43 @@ enum Command {
         #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
+    /// The mesh CA: its roots, and root rotation.
+    #[command(subcommand)]
+    Ca(CaCommand),
+    /// Report roots and workload certificates that expire soon (exit status 1 when any does).
+    Check {
+        /// Roots expiring within this are reported.
+        #[arg(long, default_value = "30d", value_parser = duration)]
+        horizon: std::time::Duration,
+        /// Workload certificates expiring within this are reported (default: a quarter of their lifetime; a healthy
+        /// proxy renews at half).
+        #[arg(long, value_parser = duration)]
+        leaf_horizon: Option<std::time::Duration>,
+    },
     /// Print ferryctl's version.
     Version,
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// The roots (signing, next, previous) and their expiry.
+    Status,
+    /// Start a root rotation: a new root joins the trust bundle at once and starts signing once every connected
+    /// proxy has ACKed it; the old root stays trusted until `ferryctl ca retire`.
+    Rotate,
+    /// Remove the previous root from the trust bundle (refused while certificates it signed may be alive).
+    Retire {
+        /// Retire even though certificates it signed may still be alive (their holders fail handshakes).
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+fn duration(text: &str) -> Result<std::time::Duration, String> {
+    match text.strip_suffix('d').and_then(|d| d.parse::<u64>().ok()) {
+        Some(days) => Ok(std::time::Duration::from_secs(days * 86_400)),
+        None => ferry_xds::parse_duration(text).map_err(|e| e.to_string()),
+    }
 }
 
 #[derive(Subcommand)]
@@ -209,6 +244,31 @@ async fn run(command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Ca(CaCommand::Status) => {
+            print_ca(&call("GET", "/v1/ca", None).await?);
+            Ok(())
+        }
+        Command::Ca(CaCommand::Rotate) => {
+            let reply = call("POST", "/v1/ca/rotate", None).await?;
+            println!("new root staged: trusted now, signing once every connected proxy has ACKed the bundle");
+            print_ca(&reply);
+            Ok(())
+        }
+        Command::Ca(CaCommand::Retire { force }) => {
+            let reply = call("POST", &format!("/v1/ca/retire{}", if force { "?force=true" } else { "" }), None).await?;
+            println!("previous root retired from the trust bundle");
+            print_ca(&reply);
+            Ok(())
+        }
+        Command::Check { horizon, leaf_horizon } => {
+            let ca = call("GET", "/v1/ca", None).await?;
+            let status = call("GET", "/v1/status", None).await?;
+            let problems = check(&ca, &status, horizon, leaf_horizon, unix_now());
+            if problems > 0 {
+                bail!("{problems} problem(s) found");
+            }
+            Ok(())
+        }
         Command::Token(TokenCommand::Create { namespace, service_account, ttl }) => {
             let body = serde_json::json!({ "namespace": namespace, "serviceAccount": service_account, "ttl": ttl });
             let reply = call("POST", "/v1/tokens", Some(body.to_string())).await?;
@@ -251,6 +311,71 @@ async fn run(command: Command) -> anyhow::Result<()> {
     }
 }
 
+fn unix_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+/// Time left until `t` (Unix seconds), or `EXPIRED`.
+fn left(t: i64, now: i64) -> String {
+    if t <= now { "EXPIRED".into() } else { format!("in {}", human_duration((t - now) as u64)) }
+}
+
+fn print_ca(ca: &serde_json::Value) {
+    let now = unix_now();
+    println!("{:<10} {:<14} SUBJECT", "ROLE", "EXPIRES");
+    for r in ca["roots"].as_array().into_iter().flatten() {
+        let expires = left(r["notAfter"].as_i64().unwrap_or(0), now);
+        println!(
+            "{:<10} {:<14} {}",
+            r["role"].as_str().unwrap_or_default(),
+            expires,
+            r["subject"].as_str().unwrap_or_default()
+        );
+    }
+    if let Some(after) = ca["previousRetireAfter"].as_i64() {
+        println!(
+            "the previous root can be retired {}",
+            if after <= now { "now".to_string() } else { left(after, now) }
+        );
+    }
+}
+
+/// Prints one line per root and per connected proxy's certificate; returns how many expire within their horizon.
+fn check(
+    ca: &serde_json::Value,
+    status: &serde_json::Value,
+    horizon: std::time::Duration,
+    leaf_horizon: Option<std::time::Duration>,
+    now: i64,
+) -> usize {
+    let mut problems = 0;
+    let mut line = |ok: bool, what: String| {
+        if !ok {
+            problems += 1;
+        }
+        println!("{} {what}", if ok { "ok  " } else { "WARN" });
+    };
+    for r in ca["roots"].as_array().into_iter().flatten() {
+        let t = r["notAfter"].as_i64().unwrap_or(0);
+        let role = r["role"].as_str().unwrap_or_default();
+        let subject = r["subject"].as_str().unwrap_or_default();
+        line(t - now > horizon.as_secs() as i64, format!("{role} root {subject} expires {}", left(t, now)));
+    }
+    let lifetime = ca["certificateLifetimeSeconds"].as_i64().unwrap_or(86_400);
+    let leaf_horizon = leaf_horizon.map_or(lifetime / 4, |h| h.as_secs() as i64);
+    for p in status["proxies"].as_array().into_iter().flatten() {
+        let node = p["node"].as_str().unwrap_or_default();
+        let identity = p["identity"].as_str().unwrap_or_default();
+        match p["certificateExpiry"].as_i64() {
+            Some(t) => {
+                line(t - now > leaf_horizon, format!("proxy {node} ({identity}) certificate expires {}", left(t, now)))
+            }
+            None => line(false, format!("proxy {node} ({identity}) has no certificate on record")),
+        }
+    }
+    problems
+}
+
 /// `1d2h`, `3h4m`, `5m6s`, `7s`: the two largest units.
 fn human_duration(seconds: u64) -> String {
     let (d, h, m, s) = (seconds / 86_400, seconds / 3600 % 24, seconds / 60 % 60, seconds % 60);
@@ -290,11 +415,7 @@ fn print_status(reply: &serde_json::Value) {
             }
         };
         let age = now.saturating_sub(p["connectedSince"].as_u64().unwrap_or(now));
-        let expiry = match p["certificateExpiry"].as_i64() {
-            Some(t) if t <= now as i64 => "EXPIRED".to_string(),
-            Some(t) => format!("in {}", human_duration((t - now as i64) as u64)),
-            None => "-".to_string(),
-        };
+        let expiry = p["certificateExpiry"].as_i64().map_or("-".to_string(), |t| left(t, now as i64));
         println!(
             "{:<28} {:<44} {:<22} {:>7}s {:<12} {:<14} {:<14} {:<14} {:<14} {}",
             p["node"].as_str().unwrap_or_default(),

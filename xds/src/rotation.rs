@@ -1,0 +1,79 @@
+//! Root rotation end to end: a new root joins the trust bundle, signs once every connected proxy has ACKed that
+//! bundle (so no proxy meets a certificate it cannot verify), and the old root leaves the bundle once nothing it
+//! signed can be alive. The xDS port's own certificate and client roots follow each step.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::ads::Xds;
+use crate::ca::{MeshCa, RotationError};
+use crate::serving::ServingTls;
+
+/// Everything a CA change must reach.
+pub struct Authority {
+    pub ca: Arc<MeshCa>,
+    pub xds: Arc<Xds>,
+    pub serving: Arc<ServingTls>,
+    pub state_dir: PathBuf,
+    pub server_names: Vec<String>,
+    pub server_ips: Vec<IpAddr>,
+    /// Workload certificate lifetime: how long a retired signer's certificates may live.
+    pub lifetime: Duration,
+}
+
+impl Authority {
+    /// `ferryctl ca rotate`: stage a new root (trusted now, signing once every proxy trusts it).
+    pub fn rotate(&self) -> Result<(), RotationError> {
+        self.ca.rotate()?;
+        tracing::info!("new root staged: in the trust bundle now, signing once every connected proxy has ACKed it");
+        self.publish()
+    }
+
+    /// `ferryctl ca retire`: drop the previous root from the trust bundle.
+    pub fn retire(&self, force: bool) -> Result<(), RotationError> {
+        self.ca.retire(force)?;
+        tracing::info!(force, "previous root retired from the trust bundle");
+        self.publish()
+    }
+
+    /// Promotes a staged root once the bundle holding it is ACKed by every connected proxy; call it periodically.
+    pub fn tick(&self) -> Result<(), RotationError> {
+        if self.ca.has_next() && self.xds.bundle_trusted_by_all(&self.ca.trust_bundle()) {
+            self.ca.promote(self.lifetime)?;
+            tracing::info!("the new root signs from now on; the previous one stays trusted until retired");
+            self.publish()?;
+        }
+        Ok(())
+    }
+
+    /// Pushes the trust bundle to proxies and re-signs the xDS port's certificate with the signing root.
+    fn publish(&self) -> Result<(), RotationError> {
+        let roots = self.ca.trust_bundle();
+        self.xds.set_trust_bundle(roots.clone());
+        let names: Vec<&str> = self.server_names.iter().map(String::as_str).collect();
+        let (cert, key) = self.ca.signing().write_serving_certificate(&self.state_dir, &names, &self.server_ips)?;
+        self.serving.update(&cert, &key, &roots).map_err(|e| RotationError::Refused(e.to_string()))
+    }
+
+    /// The roots with their roles and expiry, and the workload certificate lifetime.
+    pub fn status_json(&self) -> serde_json::Value {
+        let mut status = self.ca.status_json();
+        status["certificateLifetimeSeconds"] = self.lifetime.as_secs().into();
+        status
+    }
+
+    /// Runs `tick` every second for the life of the process.
+    pub async fn run(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let this = self.clone();
+            match tokio::task::spawn_blocking(move || this.tick()).await {
+                Ok(Err(e)) => tracing::error!(error = %e, "root rotation step failed"),
+                Err(e) => tracing::error!(error = %e, "root rotation task failed"),
+                Ok(Ok(())) => {}
+            }
+        }
+    }
+}
