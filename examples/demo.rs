@@ -1,5 +1,6 @@
 //! The local demo mesh: ferry-control plus two sample services behind Ferry sidecars on loopback, configured over
-//! xDS; a short load during which `ferryctl apply` changes routing; a report.
+//! xDS, every hop between sidecars mTLS with identities from ferry-control's CA; an AuthorizationPolicy that lets
+//! `web` call `api` and refuses a third workload; a short load during which `ferryctl apply` changes routing; a report.
 //!
 //! Run: `cargo run --release --example demo` (builds `ferry`, `ferry-control` and `ferryctl` first; `FERRY_BIN`,
 //! `FERRY_CONTROL_BIN` and `FERRYCTL_BIN` override them).
@@ -145,14 +146,19 @@ fn start_sidecar(
     bin: &PathBuf,
     name: &'static str,
     control: &ControlPlane,
-    app: SocketAddr,
+    app: Option<SocketAddr>,
     logs: &std::path::Path,
 ) -> anyhow::Result<Sidecar> {
     // Each sidecar's bootstrap credential: a join token bound to its identity (default/<name>).
     let join_token = control.ctl(&["token", "create", "--namespace", "default", "--service-account", name], false)?;
     let (outbound, inbound, admin, health) = (free_addr(), free_addr(), free_addr(), free_addr());
     let log = std::fs::File::create(logs.join(format!("{name}.log")))?;
-    let child = Command::new(bin)
+    let mut command = Command::new(bin);
+    // A sidecar with an app registers it as the endpoint of its Service; one without only calls out.
+    if let Some(app) = app {
+        command.env("FERRY_SERVICE", name).env("FERRY_APP_ADDR", app.to_string());
+    }
+    let child = command
         .env("FERRY_OUTBOUND_ADDR", outbound.to_string())
         .env("FERRY_INBOUND_ADDR", inbound.to_string())
         .env("FERRY_ADMIN_ADDR", admin.to_string())
@@ -161,8 +167,6 @@ fn start_sidecar(
         .env("FERRY_CA_ROOT", control.state.join("ca.crt"))
         .env("FERRY_JOIN_TOKEN", join_token.trim())
         .env("FERRY_NODE_ID", name)
-        .env("FERRY_SERVICE", name)
-        .env("FERRY_APP_ADDR", app.to_string())
         .env("FERRY_WORKERS", "1")
         .env("FERRY_LOG_FORMAT", "json")
         .stdout(log.try_clone()?)
@@ -231,12 +235,16 @@ async fn main() -> anyhow::Result<()> {
 
     // Both sidecars connect to ferry-control over xDS; each registers its inbound address as an endpoint of its
     // Service (the Service lists the sidecar's identity), and receives every Service with its endpoints.
-    let api = start_sidecar(&bin, "api", &control, api_app, &dir)?;
-    let web = start_sidecar(&bin, "web", &control, web_app, &dir)?;
+    let api = start_sidecar(&bin, "api", &control, Some(api_app), &dir)?;
+    let web = start_sidecar(&bin, "web", &control, Some(web_app), &dir)?;
+    // A third workload with no app of its own: the AuthorizationPolicy on api does not list it.
+    let batch = start_sidecar(&bin, "batch", &control, None, &dir)?;
 
-    // The sample apps: api answers with JSON; web calls api through its own sidecar (explicit outbound).
-    serve(api_app, |_req| async {
-        Response::new(Full::new(Bytes::from_static(br#"{"price": 42, "currency": "EUR"}"#)))
+    // The sample apps: api answers with JSON, naming the caller its sidecar verified (ferry-client-id); web calls
+    // api through its own sidecar (explicit outbound).
+    serve(api_app, |req| async move {
+        let caller = req.headers().get("ferry-client-id").and_then(|v| v.to_str().ok()).unwrap_or("unknown");
+        Response::new(Full::new(Bytes::from(format!(r#"{{"price": 42, "currency": "EUR", "caller": "{caller}"}}"#))))
     })
     .await?;
     let web_outbound = web.outbound;
@@ -257,6 +265,7 @@ async fn main() -> anyhow::Result<()> {
     .await?;
     wait_ready(&api).await?;
     wait_ready(&web).await?;
+    wait_ready(&batch).await?;
     println!(
         "mesh up: web app {web_app} + sidecar (inbound {}), api app {api_app} + sidecar (inbound {})",
         web.inbound, api.inbound
@@ -272,6 +281,13 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     println!("one request: {status} {}", String::from_utf8_lossy(&body));
+    // Identity-based authorization: the AuthorizationPolicy on api allows only web's identity.
+    let (status, body) = get(batch.outbound, "api", "/price").await?;
+    println!(
+        "batch -> api (AuthorizationPolicy api allows only spiffe://cluster.local/ns/default/sa/web): {status} {}",
+        String::from_utf8_lossy(&body).trim()
+    );
+    anyhow::ensure!(status == StatusCode::FORBIDDEN, "the AuthorizationPolicy must refuse batch");
 
     // A short load: REQUESTS requests, CONCURRENCY at a time, through both sidecars.
     let latencies = Arc::new(tokio::sync::Mutex::new(Vec::with_capacity(REQUESTS)));
@@ -336,7 +352,10 @@ async fn main() -> anyhow::Result<()> {
     for s in [&web, &api] {
         let (_, metrics) = get(s.health, "localhost", "/metrics").await?;
         for line in String::from_utf8_lossy(&metrics).lines() {
-            let interesting = line.starts_with("ferry_requests_total") || line.starts_with("ferry_proxy_errors_total");
+            let interesting = ["ferry_requests_total", "ferry_proxy_errors_total", "ferry_tls_handshakes_total"]
+                .iter()
+                .any(|m| line.starts_with(m))
+                || line.starts_with("ferry_authz_decisions_total");
             if interesting && !line.ends_with(" 0") {
                 println!("  {:<4} {line}", s.name);
             }
@@ -345,7 +364,9 @@ async fn main() -> anyhow::Result<()> {
 
     println!();
     control.ctl(&["status"], true)?;
+    control.ctl(&["check"], true)?;
 
+    drop(batch);
     println!("\nSIGTERM to both sidecars: they drain and exit");
     let mut sidecars = vec![web, api];
     for s in &sidecars {

@@ -31,6 +31,14 @@ fn demo_runs_and_reports_no_failures() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "demo failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("300 ok, 0 failed"), "{stdout}");
+    // Identities: api's app names its caller as web's sidecar verified it; batch is refused by the policy; status and
+    // check show the certificates.
+    assert!(stdout.contains(r#""caller": "spiffe://cluster.local/ns/default/sa/web""#), "{stdout}");
+    assert!(stdout.contains("batch -> api (AuthorizationPolicy api allows only"), "{stdout}");
+    assert!(stdout.contains("403 Forbidden"), "{stdout}");
+    assert!(stdout.contains("spiffe://cluster.local/ns/default/sa/batch"), "status lists batch's identity:\n{stdout}");
+    assert!(stdout.contains("CERT EXPIRY"), "{stdout}");
+    assert!(stdout.matches("ok   proxy").count() >= 3, "ferryctl check:\n{stdout}");
     for line in [
         "service.ferry.dev/api created",
         "trafficpolicy.ferry.dev/api created",
@@ -50,14 +58,14 @@ fn demo_runs_and_reports_no_failures() {
     assert!(routed.is_some_and(|n| n >= 302), "{stdout}");
     assert!(stdout.contains("service.ferry.dev/api configured"), "{stdout}");
     assert!(stdout.contains("answered 502 Bad Gateway before the apply, 200 OK"), "{stdout}");
-    // The last `ferryctl status`: both sidecars SYNCED, for every type, at the control plane's generation (its
+    // The last `ferryctl status`: all three sidecars SYNCED, for every type, at the control plane's generation (its
     // number depends on how registrations and the apply fell into debounce windows).
     let last = stdout.rsplit("$ ferryctl status").next().unwrap();
     let generation = last.split("control plane generation ").nth(1).and_then(|r| r.split_whitespace().next()).unwrap();
     assert_eq!(
         last.matches(&format!("SYNCED {generation} ")).count(),
-        6,
-        "both sidecars in sync after the change:\n{stdout}"
+        12,
+        "three sidecars x four types in sync after the change:\n{stdout}"
     );
     assert_eq!(stdout.matches("exited: exit status: 0").count(), 2, "{stdout}");
 }

@@ -44,6 +44,7 @@ pub struct ControlMetrics {
     pub xds_ack_seconds: prometheus::Histogram,
     pub certificates_issued: prometheus::IntCounterVec,
     pub certificates_refused: prometheus::IntCounterVec,
+    pub ca_root_expiry: prometheus::IntGaugeVec,
 }
 
 impl ControlMetrics {
@@ -83,6 +84,15 @@ impl ControlMetrics {
             "Certificate requests refused, by reason (missing, malformed, unknown, expired, revoked token; bad-request).",
             "reason",
         );
+        let ca_root_expiry = prometheus::IntGaugeVec::new(
+            prometheus::Opts::new(
+                "ferry_control_ca_root_expiry_timestamp_seconds",
+                "Unix time at which each root of the trust bundle expires, by role (signing, next, previous).",
+            ),
+            &["role"],
+        )
+        .expect("valid metric");
+        registry.register(Box::new(ca_root_expiry.clone())).expect("unique metric");
         let xds_connected =
             prometheus::IntGauge::new("ferry_control_xds_connected_proxies", "Proxies with an open xDS stream.")
                 .expect("valid metric");
@@ -116,6 +126,7 @@ impl ControlMetrics {
             xds_ack_seconds,
             certificates_issued,
             certificates_refused,
+            ca_root_expiry,
         }
     }
 

@@ -21,6 +21,7 @@ pub struct Authority {
     pub server_ips: Vec<IpAddr>,
     /// Workload certificate lifetime: how long a retired signer's certificates may live.
     pub lifetime: Duration,
+    pub metrics: Arc<crate::api::ControlMetrics>,
 }
 
 impl Authority {
@@ -48,8 +49,19 @@ impl Authority {
         Ok(())
     }
 
+    /// Sets the root expiry gauges from the roots held now.
+    pub fn observe(&self) {
+        let status = self.ca.status_json();
+        self.metrics.ca_root_expiry.reset();
+        for root in status["roots"].as_array().into_iter().flatten() {
+            let role = root["role"].as_str().unwrap_or_default();
+            self.metrics.ca_root_expiry.with_label_values(&[role]).set(root["notAfter"].as_i64().unwrap_or(0));
+        }
+    }
+
     /// Pushes the trust bundle to proxies and re-signs the xDS port's certificate with the signing root.
     fn publish(&self) -> Result<(), RotationError> {
+        self.observe();
         let roots = self.ca.trust_bundle();
         self.xds.set_trust_bundle(roots.clone());
         let names: Vec<&str> = self.server_names.iter().map(String::as_str).collect();

@@ -177,7 +177,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         server_names: names.iter().map(|n| n.to_string()).collect(),
         server_ips: ips.to_vec(),
         lifetime: args.cert_lifetime,
+        metrics: metrics.clone(),
     });
+    authority.observe();
     tokio::spawn(authority.clone().run());
     let api = Arc::new(Api::new(store, tokens, token, Some(metrics.clone()), Some(xds.clone()), Some(authority)));
 
