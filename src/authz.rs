@@ -114,10 +114,30 @@ impl Rule {
             }),
         };
         let method = self.methods.is_empty() || call.method.is_some_and(|m| self.methods.contains(m));
-        let path =
-            self.paths.is_empty() || call.path.is_some_and(|p| self.paths.iter().any(|prefix| p.starts_with(prefix)));
+        let path = self.paths.is_empty()
+            || call.path.is_some_and(|p| canonical(p) && self.paths.iter().any(|prefix| under(prefix, p)));
         let port = self.ports.is_empty() || self.ports.contains(&call.port);
         from && method && path && port
+    }
+}
+
+/// Whether a request path is in canonical form: no dot segments, empty segments, backslashes or percent-encoded
+/// `.`, `/` or backslash. Only such paths can match a path rule, so that `/public/../admin` or
+/// `/public%2F..%2Fadmin` (which an app may resolve to `/admin`) are never allowed by a rule for `/public`.
+fn canonical(path: &str) -> bool {
+    let lower = path.to_ascii_lowercase();
+    if ["%2e", "%2f", "%5c", "\\", "//"].iter().any(|bad| lower.contains(bad)) {
+        return false;
+    }
+    !path.split('/').any(|segment| segment == "." || segment == "..")
+}
+
+/// Whether `path` is `prefix` or below it, segment-wise: `/api` covers `/api` and `/api/x`, not `/apix` (a prefix
+/// ending in `/` covers everything under it).
+fn under(prefix: &str, path: &str) -> bool {
+    match path.strip_prefix(prefix) {
+        Some(rest) => prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/'),
+        None => false,
     }
 }
 
@@ -208,8 +228,10 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let l = &self.layer;
-        let call =
-            Call { peer: l.peer.as_deref(), method: Some(req.method()), path: Some(req.uri().path()), port: l.port };
+        // An HTTP/1 upgrade (WebSocket) travels between proxies as an extended CONNECT; the app gets a GET again.
+        let extended = req.method() == Method::CONNECT && req.extensions().get::<hyper::ext::Protocol>().is_some();
+        let method = if extended && l.peer.is_some() { &Method::GET } else { req.method() };
+        let call = Call { peer: l.peer.as_deref(), method: Some(method), path: Some(req.uri().path()), port: l.port };
         match l.policy.check(&call, &l.metrics) {
             Decision::Allow => Either::Left(self.inner.call(req)),
             Decision::Deny(why) => Either::Right(std::future::ready(Err(ProxyError::Unauthorized(why)))),
@@ -269,6 +291,30 @@ mod tests {
             let got = decide(mode, Some(&a), &call);
             assert_eq!(got == Decision::Allow, allowed, "{what}: {got:?}");
         }
+        // Path rules match segment-wise and only canonical paths: no way around a prefix with dot segments or
+        // encoded slashes.
+        let paths = policy(
+            r#"{targetRef: {kind: Service, name: payments}, defaultAction: deny, allow: [{to: {paths: [/public, /static/]}}]}"#,
+        );
+        let p = Authorization::compile(&[&paths]);
+        for (path, allowed) in [
+            ("/public", true),
+            ("/public/a/b", true),
+            ("/publicity", false),
+            ("/static/x.css", true),
+            ("/static", false),
+            ("/public/../admin", false),
+            ("/public/./x", false),
+            ("/public/..", false),
+            ("/public%2F..%2Fadmin", false),
+            ("/public/%2e%2e/admin", false),
+            ("/public//x", false),
+            ("/public\\..\\admin", false),
+            ("/admin", false),
+        ] {
+            let got = decide(MtlsMode::Permissive, Some(&p), &http(None, &get, path));
+            assert_eq!(got == Decision::Allow, allowed, "{path}: {got:?}");
+        }
         // Without a policy every call is allowed, unless strict mode refuses plaintext.
         assert_eq!(decide(MtlsMode::Permissive, None, &http(None, &get, "/")), Decision::Allow);
         assert!(matches!(decide(MtlsMode::Strict, None, &tcp(None, 1)), Decision::Deny(m) if m.contains("strict")));
@@ -283,5 +329,32 @@ mod tests {
             matches!(decide(MtlsMode::Permissive, Some(&merged), &tcp(None, 1)), Decision::Deny(m) if m.contains("shop/p"))
         );
         assert_eq!(decide(MtlsMode::Permissive, Some(&merged), &tcp(Some(&orders), 1)), Decision::Allow);
+    }
+
+    #[tokio::test]
+    async fn the_layer_checks_an_upgrade_from_a_peer_as_the_get_it_was() {
+        use tower::{Layer, Service, ServiceExt};
+        let rule = policy(
+            r#"{targetRef: {kind: Service, name: payments}, defaultAction: deny, allow: [{from: {identities: ["spiffe://cluster.local/ns/shop/sa/orders"]}, to: {methods: [GET]}}]}"#,
+        );
+        let inbound = InboundPolicy {
+            mode: MtlsMode::Permissive,
+            authorization: Some(Arc::new(Authorization::compile(&[&rule]))),
+            service: "payments.shop".into(),
+        };
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let peer = Some(Arc::new(Identity::new("shop", "orders")));
+        let inner = tower::service_fn(|_req: Request<()>| async { Ok::<_, ProxyError>("reached") });
+        let mut svc = AuthzLayer::new(inbound.clone(), peer, 8080, metrics.clone()).layer(inner);
+        let mut upgrade = Request::connect("http://payments/ws").body(()).unwrap();
+        upgrade.extensions_mut().insert(hyper::ext::Protocol::from_static("websocket"));
+        assert_eq!(svc.ready().await.unwrap().call(upgrade).await.unwrap(), "reached");
+        let post = Request::post("http://payments/").body(()).unwrap();
+        let denied = svc.ready().await.unwrap().call(post).await.unwrap_err();
+        assert_eq!(denied.reason(), "unauthorized");
+        // A plain CONNECT (no upgrade protocol) is no GET.
+        let connect = Request::connect("http://payments/").body(()).unwrap();
+        assert!(svc.ready().await.unwrap().call(connect).await.is_err());
+        assert_eq!(metrics.authz_decisions.with_label_values(&["payments.shop", "deny"]).get(), 2);
     }
 }

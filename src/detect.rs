@@ -62,14 +62,29 @@ pub fn classify(buf: &[u8]) -> Classification {
             Classification::NeedMore
         };
     }
-    for (i, &b) in buf.iter().take(MAX_METHOD_LEN + 1).enumerate() {
+    // HTTP/1 servers skip empty lines before a request line (RFC 9112 §2.2): so does detection, so that such a
+    // request is still served (and its headers sanitized) as HTTP rather than passed on as bytes.
+    let skipped = buf.iter().take(4).take_while(|b| matches!(b, b'\r' | b'\n')).count();
+    let rest = &buf[skipped..];
+    if rest.is_empty() {
+        return if skipped < 4 { Classification::NeedMore } else { Classification::Known(Protocol::Tcp) };
+    }
+    for (i, &b) in rest.iter().take(MAX_METHOD_LEN + 1).enumerate() {
         match b {
             b'A'..=b'Z' | b'-' | b'_' => continue,
             b' ' if i > 0 => return Classification::Known(Protocol::Http1),
             _ => return Classification::Known(Protocol::Tcp),
         }
     }
-    if buf.len() > MAX_METHOD_LEN { Classification::Known(Protocol::Tcp) } else { Classification::NeedMore }
+    if rest.len() > MAX_METHOD_LEN { Classification::Known(Protocol::Tcp) } else { Classification::NeedMore }
+}
+
+/// Pure: whether bytes that were still inconclusive when detection timed out begin an HTTP/1 request (a method token,
+/// maybe after empty lines). Such a connection is served as HTTP (hyper's header deadline then applies), so that
+/// sending a request slowly cannot turn it into opaque bytes that skip HTTP handling.
+pub fn partial_http1(buf: &[u8]) -> bool {
+    let rest = &buf[buf.iter().take_while(|b| matches!(b, b'\r' | b'\n')).count()..];
+    !rest.is_empty() && !H2_PREFACE.starts_with(rest) && rest.iter().all(|b| matches!(b, b'A'..=b'Z' | b'-' | b'_'))
 }
 
 /// Why detection ended as it did (the `reason` label of `ferry_protocol_detections_total`).
@@ -103,6 +118,7 @@ pub async fn detect<R: AsyncRead + Unpin>(
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         match tokio::time::timeout_at(deadline, io.read_buf(&mut buf)).await {
+            Err(_elapsed) if partial_http1(&buf) => return Ok((Protocol::Http1, Reason::Timeout, buf)),
             Err(_elapsed) => return Ok((Protocol::Tcp, Reason::Timeout, buf)),
             Ok(Err(e)) => return Err(e),
             Ok(Ok(0)) => return Ok((Protocol::Tcp, Reason::Eof, buf)),
@@ -135,6 +151,9 @@ mod tests {
             (H2_PREFACE, Known(Protocol::Http2)),
             (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00garbage", Known(Protocol::Http2)),
             (b"PRI * HTTP/1.1\r\n", Known(Protocol::Http1)),
+            (b"\r\nGET / HTTP/1.1\r\n", Known(Protocol::Http1)), // empty lines before the request line
+            (b"\r\n", NeedMore),
+            (b"\r\n\r\n\r\n", Known(Protocol::Tcp)),
             (b"\x16\x03\x01\x00\x03", NeedMore), // TLS ClientHello record header: wait for the record
             (b"\x16\x03\x01\x00\x03abc", Known(Protocol::Tls)),
             (b"\x16\x03\x01\x00\x03ab", NeedMore),
@@ -154,12 +173,18 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn silent_peer_becomes_tcp_at_the_timeout() {
-        let (mut client, mut server) = tokio::io::duplex(64);
+    async fn at_the_timeout_a_silent_peer_is_tcp_and_a_slow_request_http() {
         use tokio::io::AsyncWriteExt;
+        let (_client, mut server) = tokio::io::duplex(64);
+        let (p, reason, buf) = detect(&mut server, Duration::from_secs(10)).await.unwrap();
+        assert_eq!((p, reason, buf.len()), (Protocol::Tcp, Reason::Timeout, 0));
+        let (mut client, mut server) = tokio::io::duplex(64);
         client.write_all(b"GE").await.unwrap();
         let (p, reason, buf) = detect(&mut server, Duration::from_secs(10)).await.unwrap();
-        assert_eq!((p, reason, &buf[..]), (Protocol::Tcp, Reason::Timeout, &b"GE"[..]));
+        assert_eq!((p, reason, &buf[..]), (Protocol::Http1, Reason::Timeout, &b"GE"[..]));
+        for (bytes, http) in [(&b"\r\nPO"[..], true), (b"PRI * HT", false), (b"\x00\x01", false), (b"ABC1", false)] {
+            assert_eq!(partial_http1(bytes), http, "{bytes:?}");
+        }
     }
 
     #[tokio::test]

@@ -41,10 +41,15 @@ pub fn renewal_delay(remaining: Duration, jitter: f64) -> Duration {
     (remaining / 2).mul_f64(1.0 - 0.1 * jitter.clamp(0.0, 1.0))
 }
 
-/// Pure: the wait before retry number `attempt` (0-based) with `remaining` certificate life.
+/// Pure: the wait before retry number `attempt` (0-based) with `remaining` certificate life: exponential with
+/// jitter, hurried to a quarter of the life left while there is some (at least 200 ms apart); with none left (or no
+/// certificate yet) plain backoff, so that an outage of the control plane is not met by a storm of requests.
 pub fn retry_delay(attempt: u32, remaining: Duration, jitter: f64) -> Duration {
     let base = RETRY.0.saturating_mul(1u32 << attempt.min(16)).min(RETRY.1);
     let jittered = base.mul_f64(1.0 + 0.5 * jitter.clamp(0.0, 1.0));
+    if remaining.is_zero() {
+        return jittered;
+    }
     jittered.min((remaining / 4).max(Duration::from_millis(200)))
 }
 
@@ -62,13 +67,20 @@ pub async fn run(control: ControlSettings, tls: Arc<MeshTls>, metrics: Arc<Metri
             Ok((credentials, bundle)) => {
                 attempt = 0;
                 let info = credentials.info.clone();
-                // The CSR answer's bundle bootstraps trust; afterwards xDS keeps it current.
-                if tls.current().is_none()
+                // The CSR answer's bundle bootstraps trust, and during a root rotation it may hold a root this proxy
+                // has not had over xDS yet (the one its new certificate chains to): taken when it adds a root. Roots
+                // are only ever retired over xDS.
+                let held = tls.current().map(|s| s.roots_pem.clone()).unwrap_or_default();
+                if bundle.iter().any(|root| !held.contains(root))
                     && let Err(e) = tls.set_trust_bundle(bundle)
                 {
                     tracing::error!(error = %e, "the trust bundle from the CSR service is unusable");
                 }
-                if let Err(e) = tls.set_credentials(credentials) {
+                let taken = tls.set_credentials(credentials).and_then(|()| match tls.current() {
+                    Some(_) => Ok(()),
+                    None => Err(rustls::Error::General("no usable trust bundle to go with it".into())),
+                });
+                if let Err(e) = taken {
                     tracing::error!(error = %e, "the issued certificate cannot be used for TLS");
                     metrics.identity_renewals.with_label_values(&["error"]).inc();
                     tokio::time::sleep(retry_delay(0, Duration::from_secs(60), crate::random_fraction())).await;
@@ -84,8 +96,7 @@ pub async fn run(control: ControlSettings, tls: Arc<MeshTls>, metrics: Arc<Metri
             Err(e) => {
                 metrics.identity_renewals.with_label_values(&["error"]).inc();
                 let left = remaining(&current);
-                let wait =
-                    retry_delay(attempt, if current.is_some() { left } else { RETRY.1 * 4 }, crate::random_fraction());
+                let wait = retry_delay(attempt, left, crate::random_fraction());
                 attempt = attempt.saturating_add(1);
                 tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, remaining_s = left.as_secs(), "certificate request failed");
                 tokio::time::sleep(wait).await;
@@ -167,6 +178,7 @@ mod tests {
             assert_eq!(retry_delay(attempt, day, jitter).as_millis(), ms, "attempt {attempt}");
         }
         assert_eq!(retry_delay(10, Duration::from_secs(8), 0.0), Duration::from_secs(2));
-        assert_eq!(retry_delay(10, Duration::ZERO, 0.0), Duration::from_millis(200));
+        assert_eq!(retry_delay(10, Duration::from_millis(1), 0.0), Duration::from_millis(200));
+        assert_eq!(retry_delay(10, Duration::ZERO, 0.0), Duration::from_secs(30), "expired: plain backoff");
     }
 }

@@ -252,10 +252,10 @@ impl Snapshot {
         Some(Route { service: service.clone(), port: service_port, endpoint: original, meshed: *meshed })
     }
 
-    /// What the inbound side enforces for the local Service `name` in `namespace` (no Service: the mesh default, no
-    /// policy); `label` is its metrics label.
-    pub fn inbound_policy(&self, name: Option<&str>, namespace: &str, label: Arc<str>) -> InboundPolicy {
-        let key = name.map(|n| format!("{namespace}/{n}"));
+    /// What the inbound side enforces for the local Service `(namespace, name)` (none: the mesh default, no policy);
+    /// `label` is its metrics label.
+    pub fn inbound_policy(&self, local: Option<(&str, &str)>, label: Arc<str>) -> InboundPolicy {
+        let key = local.map(|(namespace, n)| format!("{namespace}/{n}"));
         let key = key.as_deref().unwrap_or_default();
         InboundPolicy {
             mode: self.mtls.get(key).copied().unwrap_or(self.default_mtls),

@@ -256,7 +256,8 @@ async fn session(
                         format!("xds:{}", control.addr),
                         resources.documents(),
                         &settings.namespace,
-                        resources.mesh().map_or(ferry_xds::policy::MtlsMode::Permissive, |m| m.default_mtls),
+                        // Without the mesh settings resource, the mode last known stays (never a silent downgrade).
+                        resources.mesh().map_or(store.load().default_mtls, |m| m.default_mtls),
                     );
                     tracing::info!(version = *version, type_url = %label, generation = %response.system_version_info, changed = response.resources.len(), removed = response.removed_resources.len(), services = snapshot.services.len(), "config applied");
                     store.store(snapshot);

@@ -218,3 +218,33 @@ spec:
     });
     drop(app);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sni_may_name_only_a_port_the_service_declares() {
+    // The workload's app, and a debug server kept on loopback that no peer may reach.
+    let app = backend::http_backend().await;
+    let debug = backend::http_backend().await;
+    let cp = tokio::task::block_in_place(|| ControlPlane::start(&state_dir("authz-sni")));
+    let declared = format!(
+        "apiVersion: ferry.dev/v1alpha1\nkind: Service\nmetadata: {{name: local}}\nspec:\n  ports: [{{port: {}, protocol: http}}]\n  identities: [local]\n",
+        app.addr.port()
+    );
+    cp.ok(&["apply", "-f", "-"], Some(&declared));
+    // Without FERRY_APP_ADDR the SNI's port selects the app's port on 127.0.0.1.
+    let local = tokio::task::block_in_place(|| {
+        let token = cp.join_token("default", "local", "1h");
+        let mut env = cp.proxy_env(&token);
+        env.push(("FERRY_SERVICE".into(), "local".into()));
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        Ferry::start(None, &env)
+    });
+    let probe = Probe::new(&cp, ClientCert::Mesh("web"), b"ferry/tcp").await;
+    let request = b"GET / HTTP/1.1\r\nHost: local\r\nConnection: close\r\n\r\n";
+    let sni = |port: u16| format!("{port}.local.default.ferry.internal");
+    let answer = probe.exchange(local.inbound, &sni(app.addr.port()), request).await.unwrap();
+    assert!(answer.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&answer));
+    let answer = probe.exchange(local.inbound, &sni(debug.addr.port()), request).await;
+    assert!(answer.map_or(true, |b| b.is_empty()), "a port the Service does not declare is refused");
+    assert_eq!(debug.requests.load(std::sync::atomic::Ordering::SeqCst), 0, "the debug server was never reached");
+    assert!(local.logs().contains("which this workload's Service does not declare"), "{}", local.logs());
+}

@@ -84,7 +84,12 @@ async fn meshed_calls_are_tls13_on_the_wire_and_the_app_learns_the_caller() {
             &cp,
             "api",
             Some(app.addr),
-            &[("FERRY_INBOUND_ADDR", inbound.to_string()), ("FERRY_ADVERTISE_PORT", relay.addr.port().to_string())],
+            &[
+                ("FERRY_INBOUND_ADDR", inbound.to_string()),
+                ("FERRY_ADVERTISE_PORT", relay.addr.port().to_string()),
+                // Short, so that the slow-request case below outlasts detection.
+                ("FERRY_DETECT_TIMEOUT", "500ms".to_string()),
+            ],
         )
     });
     let web = tokio::task::block_in_place(|| proxy(&cp, "web", None, &[]));
@@ -129,6 +134,17 @@ async fn meshed_calls_are_tls13_on_the_wire_and_the_app_learns_the_caller() {
     // A client from outside the mesh (plaintext, straight to the inbound listener) cannot claim an identity.
     let resp = http_exchange_full(inbound, "GET", "/", &[("ferry-client-id", spoofed)], "").unwrap();
     assert_eq!((resp.status, resp.header("x-seen-client-id")), (200, Some("none")), "{resp:?}");
+    // Nor by hiding the request from protocol detection behind empty lines, or by sending it slowly.
+    for (lead, pause) in [("\r\n", Duration::ZERO), ("", Duration::from_millis(1500))] {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(inbound).unwrap();
+        s.write_all(format!("{lead}GE").as_bytes()).unwrap();
+        std::thread::sleep(pause);
+        write!(s, "T / HTTP/1.1\r\nHost: api\r\nferry-client-id: {spoofed}\r\nConnection: close\r\n\r\n").unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        assert!(!out.contains("sa/admin"), "a spoofed identity reached the app ({lead:?}, {pause:?}):\n{out}");
+    }
     // `ferryctl check`: the root (10 years) and both 24 h certificates are fine at the default horizons; a horizon
     // beyond their expiry reports them and fails.
     let ok = tokio::task::block_in_place(|| cp.ok(&["check"], None));
@@ -390,7 +406,8 @@ async fn the_root_rotates_with_overlap_and_no_failed_request() {
         ControlPlane::start_on(
             &state_dir("mtls-root"),
             [control::free_addr(), control::free_addr(), control::free_addr()],
-            &["--cert-lifetime", "4s"],
+            // A staged root signs no sooner than the endpoint grace after it joined the bundle.
+            &["--cert-lifetime", "4s", "--endpoint-grace", "2s"],
         )
     });
     cp.ok(&["apply", "-f", "-"], Some(&service("api", "api.local", "")));

@@ -31,6 +31,10 @@ use crate::tls::{self, Alpn, ClientHello, MeshTls};
 use pool::Pool;
 use target::ConnInfo;
 
+/// How long the inbound side waits for a mesh peer's ClientHello on an opaque (server-speaks-first) port before it
+/// treats the connection as an unmeshed client's plaintext.
+const OPAQUE_TLS_PEEK: Duration = Duration::from_millis(300);
+
 /// Which listener a connection arrived on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -55,8 +59,10 @@ pub struct Proxy {
     pub drain: Drain,
     pub tls: Arc<MeshTls>,
     pool: Arc<Pool>,
-    /// The `service` label of inbound requests: `FERRY_SERVICE.FERRY_NAMESPACE`, or `app`.
+    /// The `service` label of inbound requests: `name.namespace` of `FERRY_SERVICE`, or `app`.
     local_service: Arc<str>,
+    /// This workload's Service as (namespace, name): `FERRY_SERVICE` as `ns/name`, or `name` in `FERRY_NAMESPACE`.
+    local: Option<(String, String)>,
     /// Every listener address of this process: never dialled (loop protection).
     own_listeners: Vec<SocketAddr>,
     /// Open connections, for `/config_dump`.
@@ -83,8 +89,12 @@ impl Proxy {
             // Upgrades (WebSocket) between proxies travel as extended CONNECT (RFC 8441).
             .enable_connect_protocol();
         let pool = Pool::new(settings.connect_timeout, settings.pool_idle_timeout, tls.clone(), metrics.clone());
-        let local_service = match &settings.service {
-            Some(name) => format!("{name}.{}", settings.namespace).into(),
+        let local = settings.service.as_ref().map(|s| match s.split_once('/') {
+            Some((ns, name)) => (ns.to_string(), name.to_string()),
+            None => (settings.namespace.clone(), s.clone()),
+        });
+        let local_service = match &local {
+            Some((ns, name)) => format!("{name}.{ns}").into(),
             None => "app".into(),
         };
         let own_listeners =
@@ -99,6 +109,7 @@ impl Proxy {
             tls,
             pool,
             local_service,
+            local,
             own_listeners,
             connections,
             h1,
@@ -171,16 +182,25 @@ impl Proxy {
         };
         let start = Instant::now();
         let mut hello = None;
-        let (protocol, reason) = if target_port.is_some_and(|p| self.is_opaque_port(p)) {
+        let opaque = target_port.is_some_and(|p| self.is_opaque_port(p));
+        let (protocol, reason) = if opaque && direction == Direction::Outbound {
             (Protocol::Tcp, Reason::OpaquePort)
         } else {
-            match detect::detect(&mut io, self.settings.detect_timeout).await {
+            // Inbound on an opaque port a mesh peer's ClientHello still comes first; a server-speaks-first client
+            // sends nothing, so it is waited for only briefly (permissive mode; strict refuses such clients anyway).
+            let timeout =
+                if opaque { self.settings.detect_timeout.min(OPAQUE_TLS_PEEK) } else { self.settings.detect_timeout };
+            match detect::detect(&mut io, timeout).await {
                 Ok((protocol, reason, prefix)) => {
                     if protocol == Protocol::Tls && direction == Direction::Inbound {
                         hello = tls::client_hello(&prefix);
                     }
                     io.replay(prefix);
-                    (protocol, reason)
+                    match (opaque, protocol) {
+                        (true, Protocol::Tls) => (Protocol::Tls, reason),
+                        (true, _) => (Protocol::Tcp, Reason::OpaquePort),
+                        (false, _) => (protocol, reason),
+                    }
                 }
                 Err(e) => {
                     tracing::debug!(%peer, error = %e, "connection failed during protocol detection");
@@ -226,9 +246,14 @@ impl Proxy {
         };
         let session = stream.get_ref().1;
         let alpn = session.alpn_protocol().and_then(Alpn::of);
-        let identity = match tls::peer_identity(session.peer_certificates()) {
-            Ok(identity) => identity,
-            Err(message) => {
+        let leaf = session.peer_certificates().and_then(|c| c.first());
+        let info = match leaf.map(|c| ferry_xds::identity::inspect(c)) {
+            Some(Ok(info)) => info,
+            other => {
+                let message = match other {
+                    Some(Err(e)) => e.to_string(),
+                    _ => "no client certificate".to_string(),
+                };
                 self.metrics.tls_handshake_failures.with_label_values(&[inbound, "bad-certificate"]).inc();
                 tracing::info!(peer = %conn.peer, error = %message, "mesh peer refused");
                 return;
@@ -236,10 +261,13 @@ impl Proxy {
         };
         self.metrics.tls_handshakes.with_label_values(&[inbound]).inc();
         conn.sni_port = hello.server_name.as_deref().and_then(tls::sni_port);
-        tracing::debug!(peer = %conn.peer, identity = %identity, sni = ?hello.server_name, alpn = ?alpn, "mesh connection");
-        conn.peer_identity = Some(Arc::new(identity));
+        conn.peer_not_after = Some(info.not_after);
+        tracing::debug!(peer = %conn.peer, identity = %info.identity, sni = ?hello.server_name, alpn = ?alpn, "mesh connection");
+        conn.peer_identity = Some(Arc::new(info.identity));
         match alpn {
             Some(Alpn::H2) => self.serve_http(stream, Protocol::Http2, conn).await,
+            // An opaque stream (a database session, say) is not cut when the peer's certificate expires: it was
+            // authenticated when it opened, and cutting it would break long-lived streams at every rotation.
             Some(Alpn::Tcp) => self.forward_tcp(stream, conn).await,
             None => {}
         }
@@ -250,6 +278,7 @@ impl Proxy {
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let (peer, direction) = (conn.peer, conn.direction);
+        let expires = conn.peer_expires_in();
         let state = Arc::new(ConnState::default());
         let proxy = self.clone();
         let conn_state = state.clone();
@@ -262,11 +291,12 @@ impl Proxy {
         let io = TokioIo::new(io);
         let result = if protocol == Protocol::Http2 {
             let conn = self.h2.serve_connection(io, service);
-            drive(&self.drain, &state, None, conn, http2::Connection::graceful_shutdown).await
+            drive(&self.drain, &state, None, expires, conn, http2::Connection::graceful_shutdown).await
         } else {
             let conn = self.h1.serve_connection(io, service).with_upgrades();
             let header_deadline = Some(self.settings.header_read_timeout);
-            drive(&self.drain, &state, header_deadline, conn, http1::UpgradeableConnection::graceful_shutdown).await
+            let shutdown = http1::UpgradeableConnection::graceful_shutdown;
+            drive(&self.drain, &state, header_deadline, expires, conn, shutdown).await
         };
         let bad_input = match &result {
             Ok(()) => return,
@@ -331,8 +361,8 @@ impl Proxy {
 
     /// What the inbound side enforces now for this workload's Service.
     pub fn inbound_policy(&self) -> crate::authz::InboundPolicy {
-        let service = self.settings.service.as_deref();
-        self.store.load().inbound_policy(service, &self.settings.namespace, self.local_service.clone())
+        let local = self.local.as_ref().map(|(ns, name)| (ns.as_str(), name.as_str()));
+        self.store.load().inbound_policy(local, self.local_service.clone())
     }
 
     fn is_opaque_port(&self, port: u16) -> bool {
@@ -403,7 +433,7 @@ enum ConnEnd {
     HeaderTimeout,
 }
 
-/// Runs a server connection until it ends.
+/// Runs a server connection until it ends (`expires`: a mesh peer's certificate runs out then).
 /// - `header_deadline`: the first request's headers must be complete within it (HTTP/1 slow-header defence).
 /// - Draining: in-flight requests finish, HTTP/1 closes after the current response, HTTP/2 sends GOAWAY. A
 ///   connection that has not sent its first request yet (accepted just before or during the drain) is given that
@@ -412,18 +442,27 @@ async fn drive<C: Future<Output = hyper::Result<()>>>(
     drain: &Drain,
     state: &ConnState,
     header_deadline: Option<Duration>,
+    expires: Option<Duration>,
     conn: C,
     graceful_shutdown: fn(Pin<&mut C>),
 ) -> Result<(), ConnEnd> {
     tokio::pin!(conn);
     let deadline = tokio::time::sleep(header_deadline.unwrap_or(Duration::MAX / 4));
     tokio::pin!(deadline);
+    // The drain, or the end of the mesh peer's certificate: either way the connection winds down gracefully.
+    let stop = async {
+        tokio::select! {
+            _ = drain.signaled() => {}
+            _ = tokio::time::sleep(expires.unwrap_or(Duration::MAX / 4)) => {}
+        }
+    };
+    tokio::pin!(stop);
     let mut draining = false;
     loop {
         let before_first_request = state.requests.load(Ordering::Relaxed) == 0;
         tokio::select! {
             res = conn.as_mut() => return res.map_err(ConnEnd::Http),
-            _ = drain.signaled(), if !draining => {
+            _ = &mut stop, if !draining => {
                 draining = true;
                 if !before_first_request {
                     graceful_shutdown(conn.as_mut());

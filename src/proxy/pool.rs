@@ -28,9 +28,9 @@ pub enum HttpVersion {
     Http2,
 }
 
-/// A pooled HTTP/2 connection: plaintext per endpoint, mTLS per endpoint and SNI (with the TLS generation it was
-/// made with).
-type H2Key = (SocketAddr, Option<String>);
+/// A pooled HTTP/2 connection: plaintext per endpoint; mTLS per endpoint, SNI and the identities the peer was checked
+/// against (a change of the Service's identities means new connections), with the TLS generation it was made with.
+type H2Key = (SocketAddr, Option<PeerTls>);
 
 pub struct Pool {
     idle: Mutex<HashMap<SocketAddr, Vec<Idle>>>,
@@ -75,7 +75,7 @@ impl Pool {
         self.h2
             .lock()
             .expect("pool lock")
-            .retain(|(_, sni), (tx, g)| !tx.is_closed() && (sni.is_none() || Some(*g) == generation));
+            .retain(|(_, peer), (tx, g)| !tx.is_closed() && (peer.is_none() || Some(*g) == generation));
     }
 
     /// Sends `req` to `addr` over a pooled connection of `version` (always HTTP/2 over mTLS to a meshed peer),
@@ -164,7 +164,7 @@ impl Pool {
         tls: Option<&PeerTls>,
         req: Request<ProxyBody>,
     ) -> Result<Response<Incoming>, ProxyError> {
-        let key = (addr, tls.map(|t| t.sni.clone()));
+        let key = (addr, tls.cloned());
         // A mesh connection made with an older certificate or bundle finishes its streams but takes no new ones.
         let generation = match tls {
             Some(_) => self.tls.current().map(|s| s.generation).unwrap_or(0),

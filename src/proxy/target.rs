@@ -51,6 +51,9 @@ pub struct ConnInfo {
     /// Inbound mTLS: the target port the SNI names (it wins over the original destination).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sni_port: Option<u16>,
+    /// Inbound mTLS: when the peer's certificate expires (Unix seconds); the connection ends then.
+    #[serde(skip)]
+    pub peer_not_after: Option<i64>,
 }
 
 impl ConnInfo {
@@ -62,7 +65,22 @@ impl ConnInfo {
         let original = if local.is_ipv4() { sock.original_dst_v4() } else { sock.original_dst_v6() };
         let original_dst = original.ok().and_then(|a| a.as_socket()).filter(|o| *o != local);
         let mode = if original_dst.is_some() { Mode::Transparent } else { Mode::Explicit };
-        Ok(ConnInfo { direction, mode, peer, local, original_dst, peer_identity: None, sni_port: None })
+        Ok(ConnInfo {
+            direction,
+            mode,
+            peer,
+            local,
+            original_dst,
+            peer_identity: None,
+            sni_port: None,
+            peer_not_after: None,
+        })
+    }
+
+    /// How long until the mesh peer's certificate expires (a connection must not outlive it).
+    pub fn peer_expires_in(&self) -> Option<std::time::Duration> {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok()?.as_secs() as i64;
+        self.peer_not_after.map(|t| std::time::Duration::from_secs(t.saturating_sub(now).max(0) as u64))
     }
 }
 
@@ -100,8 +118,18 @@ impl Proxy {
                 let addr = match (conn.sni_port, original, self.settings.app_addr) {
                     // Local mode: the one app address.
                     (Some(_), _, Some(app)) => app,
-                    // The target port a mesh peer names in its SNI, else the original port, selects the app's port.
-                    (Some(port), _, None) => SocketAddr::new(self.app_ip(), port),
+                    // The target port a mesh peer names in its SNI, else the original port, selects the app's port;
+                    // the SNI may name only the port the connection was for or one the local Service declares
+                    // (never, say, a debug port the app keeps on loopback).
+                    (Some(port), original, None) => {
+                        if original.is_none_or(|o| o.port() != port) && !self.local_target_ports().contains(&port) {
+                            let why = format!(
+                                "the peer's SNI names port {port}, which this workload's Service does not declare"
+                            );
+                            return Err((service, ProxyError::NoRoute(why)));
+                        }
+                        SocketAddr::new(self.app_ip(), port)
+                    }
                     (None, Some(original), _) => SocketAddr::new(self.app_ip(), original.port()),
                     (None, None, _) => self.inbound_target().ok_or_else(|| {
                         (service.clone(), ProxyError::NoRoute("no app address is configured (FERRY_APP_ADDR)".into()))
@@ -121,12 +149,25 @@ impl Proxy {
     /// An outbound route's destination: mTLS to a meshed endpoint once this proxy holds an identity.
     fn outbound_destination(&self, route: &Route) -> Destination {
         let svc = &route.service;
-        let tls = (route.meshed && self.tls.current().is_some()).then(|| PeerTls {
+        // With a control plane a meshed endpoint is only ever reached over mTLS (before the first certificate the
+        // connection fails with `tls-failed`); without one (file source) there is no identity, so plaintext.
+        let mesh = self.tls.current().is_some() || self.settings.control.is_some();
+        let tls = (route.meshed && mesh).then(|| PeerTls {
             sni: tls::sni(route.port.target_port.unwrap_or(route.port.port), &svc.name, &svc.namespace),
             service: svc.qualified_name.to_string(),
             identities: svc.identities.clone(),
         });
         Destination { service: svc.qualified_name.clone(), addr: route.endpoint, tls }
+    }
+
+    /// The app ports of this workload's Service (each port's `targetPort`, else the port).
+    fn local_target_ports(&self) -> Vec<u16> {
+        let snapshot = self.store.load();
+        let Some((ns, name)) = &self.local else { return Vec::new() };
+        snapshot
+            .service(name, ns)
+            .map(|s| s.spec.ports.iter().map(|p| p.target_port.unwrap_or(p.port)).collect())
+            .unwrap_or_default()
     }
 
     /// Where inbound traffic goes without an original destination: `FERRY_APP_ADDR`, else the local Service's
@@ -136,7 +177,8 @@ impl Proxy {
             return Some(addr);
         }
         let snapshot = self.store.load();
-        let service = snapshot.service(self.settings.service.as_deref()?, &self.settings.namespace)?;
+        let (ns, name) = self.local.as_ref()?;
+        let service = snapshot.service(name, ns)?;
         match service.spec.ports.as_slice() {
             [port] => Some(SocketAddr::new(self.app_ip(), port.target_port.unwrap_or(port.port))),
             _ => None,

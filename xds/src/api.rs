@@ -71,7 +71,7 @@ impl ControlMetrics {
             counter("ferry_control_xds_nacks_total", "xDS pushes NACKed (rejected) by proxies, by type.", "type");
         let xds_refused = counter(
             "ferry_control_xds_refused_total",
-            "xDS connections refused, by reason (missing, malformed, unknown, expired, revoked token; service claim).",
+            "Connections to the xDS port refused, by reason (tls: a failed handshake; missing, certificate, expired, revoked: no usable client certificate; service: a false claim).",
             "reason",
         );
         let certificates_issued = counter(

@@ -83,6 +83,19 @@ impl Ca {
             message: format!("not a PEM private key: {e}"),
         })?;
         let cert_pem = read(&files.cert)?;
+        // A key that does not belong to the certificate would sign leaves nobody can verify.
+        let cert_key = crate::identity::pem_certificates(&cert_pem)
+            .ok()
+            .and_then(|ders| ders.into_iter().next())
+            .and_then(|der| {
+                x509_parser::certificate::X509Certificate::from_der(&der).ok().map(|(_, c)| c.public_key().raw.to_vec())
+            });
+        if cert_key.as_deref() != Some(rcgen::PublicKeyData::subject_public_key_info(&key).as_slice()) {
+            return Err(CaError::Invalid {
+                path: files.key.clone(),
+                message: format!("is not the key of {}", files.cert.display()),
+            });
+        }
         let issuer = Issuer::from_ca_cert_pem(&cert_pem, key).map_err(|e| CaError::Invalid {
             path: files.cert.clone(),
             message: format!("not a PEM CA certificate: {e}"),
@@ -273,6 +286,12 @@ impl MeshCa {
     /// Opens the CA and any rotation in progress.
     pub fn open(state_dir: &Path, supplied: Option<CaFiles>) -> Result<MeshCa, CaError> {
         let is_supplied = supplied.is_some();
+        // A promotion interrupted between its two renames (the key moved, the certificate not yet): finish it.
+        let (next_crt, next_key) = (state_dir.join("ca-next.crt"), state_dir.join("ca-next.key"));
+        if next_crt.exists() && !next_key.exists() && state_dir.join("ca-previous.crt").exists() {
+            std::fs::rename(&next_crt, state_dir.join("ca.crt"))
+                .map_err(|source| CaError::Io { path: next_crt.clone(), source })?;
+        }
         let signing = std::sync::Arc::new(Ca::ensure(state_dir, supplied)?);
         let next_files = CaFiles { cert: state_dir.join("ca-next.crt"), key: state_dir.join("ca-next.key") };
         let next = if next_files.cert.exists() && next_files.key.exists() {
@@ -353,6 +372,7 @@ impl MeshCa {
         let previous = self.dir.join("ca-previous.crt");
         let _ = std::fs::remove_file(&previous);
         write_new(&previous, s.signing.cert_pem.as_bytes(), 0o644)?;
+        // Key first: `open` finishes a promotion interrupted between the two renames.
         for (from, to) in [("ca-next.key", "ca.key"), ("ca-next.crt", "ca.crt")] {
             std::fs::rename(self.dir.join(from), self.dir.join(to)).map_err(io(&self.dir.join(to)))?;
         }

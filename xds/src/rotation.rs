@@ -22,12 +22,19 @@ pub struct Authority {
     /// Workload certificate lifetime: how long a retired signer's certificates may live.
     pub lifetime: Duration,
     pub metrics: Arc<crate::api::ControlMetrics>,
+    /// A staged root signs only after it has been in the trust bundle this long (the endpoint grace period), and
+    /// this long after a start: a proxy between reconnects, or connected before a restart, is back by then and has
+    /// the bundle ("every connected proxy" alone could be nobody right after a restart).
+    pub min_overlap: Duration,
+    /// When the staged root joined the bundle (or the control plane started, for one staged before).
+    pub staged_at: std::sync::Mutex<std::time::Instant>,
 }
 
 impl Authority {
     /// `ferryctl ca rotate`: stage a new root (trusted now, signing once every proxy trusts it).
     pub fn rotate(&self) -> Result<(), RotationError> {
         self.ca.rotate()?;
+        *self.staged_at.lock().expect("rotation lock") = std::time::Instant::now();
         tracing::info!("new root staged: in the trust bundle now, signing once every connected proxy has ACKed it");
         self.publish()
     }
@@ -41,7 +48,8 @@ impl Authority {
 
     /// Promotes a staged root once the bundle holding it is ACKed by every connected proxy; call it periodically.
     pub fn tick(&self) -> Result<(), RotationError> {
-        if self.ca.has_next() && self.xds.bundle_trusted_by_all(&self.ca.trust_bundle()) {
+        let settled = self.staged_at.lock().expect("rotation lock").elapsed() >= self.min_overlap;
+        if settled && self.ca.has_next() && self.xds.bundle_trusted_by_all(&self.ca.trust_bundle()) {
             self.ca.promote(self.lifetime)?;
             tracing::info!("the new root signs from now on; the previous one stays trusted until retired");
             self.publish()?;

@@ -75,8 +75,14 @@ impl ServingTls {
         Ok(())
     }
 
-    /// The accepted, handshaken connections of `listener`, for `serve_with_incoming`. Handshakes run concurrently.
-    pub fn incoming(self: Arc<Self>, listener: TcpListener) -> ReceiverStream<Result<TlsConn, io::Error>> {
+    /// The accepted, handshaken connections of `listener`, for `serve_with_incoming`. Handshakes run concurrently;
+    /// failed ones (an expired certificate, one from an unknown or retired root) are logged and counted in
+    /// `ferry_control_xds_refused_total{reason="tls"}`.
+    pub fn incoming(
+        self: Arc<Self>,
+        listener: TcpListener,
+        metrics: Arc<crate::api::ControlMetrics>,
+    ) -> ReceiverStream<Result<TlsConn, io::Error>> {
         let (tx, rx) = mpsc::channel(128);
         tokio::spawn(async move {
             loop {
@@ -89,15 +95,21 @@ impl ServingTls {
                     }
                 };
                 let config = self.config.read().expect("tls lock").clone();
-                let tx = tx.clone();
+                let (tx, metrics) = (tx.clone(), metrics.clone());
                 tokio::spawn(async move {
                     let accept = tokio_rustls::TlsAcceptor::from(config).accept(tcp);
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
                         Ok(Ok(stream)) => {
                             let _ = tx.send(Ok(TlsConn { stream, remote })).await;
                         }
-                        Ok(Err(e)) => tracing::debug!(peer = %remote, error = %e, "xDS TLS handshake failed"),
-                        Err(_) => tracing::debug!(peer = %remote, "xDS TLS handshake timed out"),
+                        Ok(Err(e)) => {
+                            metrics.xds_refused.with_label_values(&["tls"]).inc();
+                            tracing::info!(peer = %remote, error = %e, "TLS handshake on the xDS port failed");
+                        }
+                        Err(_) => {
+                            metrics.xds_refused.with_label_values(&["tls"]).inc();
+                            tracing::info!(peer = %remote, "TLS handshake on the xDS port timed out");
+                        }
                     }
                 });
             }

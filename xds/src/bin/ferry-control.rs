@@ -178,6 +178,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         server_ips: ips.to_vec(),
         lifetime: args.cert_lifetime,
         metrics: metrics.clone(),
+        min_overlap: args.endpoint_grace,
+        staged_at: std::sync::Mutex::new(std::time::Instant::now()),
     });
     authority.observe();
     tokio::spawn(authority.clone().run());
@@ -194,7 +196,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
         .add_service(AdsService(xds))
         .add_service(ferry_xds::resources::pb::identity_server::IdentityServer::new(certify));
-    let incoming = serving.incoming(xds_listener);
+    let incoming = serving.incoming(xds_listener, metrics.clone());
     tokio::spawn(async move {
         if let Err(e) = xds_server.serve_with_incoming(incoming).await {
             tracing::error!(error = %e, "the xDS server stopped");
