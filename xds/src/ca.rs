@@ -108,8 +108,11 @@ impl Ca {
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "ferry.dev");
-        // Each root is told apart by when it was made (a rotation puts two in the trust bundle).
-        dn.push(DnType::CommonName, format!("Ferry mesh root CA {}", OffsetDateTime::now_utc().unix_timestamp()));
+        // Each root has its own name (a rotation puts two in the trust bundle): when it was made, and a random tag.
+        let mut tag = [0u8; 4];
+        getrandom::fill(&mut tag).map_err(|e| CaError::BadRequest(format!("no randomness: {e}")))?;
+        let made = OffsetDateTime::now_utc().unix_timestamp();
+        dn.push(DnType::CommonName, format!("Ferry mesh root CA {made}-{}", crate::store::hex(&tag)));
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages =
