@@ -315,5 +315,6 @@ mod tests {
         assert!(!serde_json::to_string(&s).unwrap().contains("secret"), "the token never shows in /config_dump");
         let err = settings(&[all[0], all[1], all[2], ("FERRY_CONFIG_FILE", "/x.yaml")]).unwrap_err().to_string();
         assert!(err.starts_with("FERRY_CONFIG_FILE") && err.contains("choose one"), "{err}");
+        std::fs::remove_file(root).unwrap();
     }
 }
