@@ -162,6 +162,8 @@ pub fn decide(mode: MtlsMode, authorization: Option<&Authorization>, call: &Call
 pub struct InboundPolicy {
     pub mode: MtlsMode,
     pub authorization: Option<Arc<Authorization>>,
+    /// The Service's TrafficPolicy rateLimit (the destination's proxy enforces it, after authorization).
+    pub rate_limit: Option<ferry_xds::policy::RateLimit>,
     /// The `service` label of the decision metric.
     pub service: Arc<str>,
 }
@@ -340,6 +342,7 @@ mod tests {
         let inbound = InboundPolicy {
             mode: MtlsMode::Permissive,
             authorization: Some(Arc::new(Authorization::compile(&[&rule]))),
+            rate_limit: None,
             service: "payments.shop".into(),
         };
         let metrics = Arc::new(crate::metrics::Metrics::new());

@@ -28,6 +28,8 @@ pub enum ProxyError {
     Tls(#[from] crate::tls::TlsError),
     #[error("{0}")]
     Unauthorized(String),
+    #[error("the service's rate limit is reached; retry in {} ms", retry_after.as_millis())]
+    RateLimited { retry_after: std::time::Duration },
 }
 
 impl From<RouteError> for ProxyError {
@@ -51,6 +53,7 @@ impl ProxyError {
             ProxyError::BadRequest(_) => "bad-request",
             ProxyError::Tls(_) => "tls-failed",
             ProxyError::Unauthorized(_) => "unauthorized",
+            ProxyError::RateLimited { .. } => "rate-limited",
         }
     }
 
@@ -64,17 +67,20 @@ impl ProxyError {
             ProxyError::NoHealthyEndpoints(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::Unauthorized(_) => StatusCode::FORBIDDEN,
+            ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
     /// The gRPC status code a gRPC caller gets instead of the HTTP status.
     pub fn grpc_status(&self) -> u8 {
         const PERMISSION_DENIED: u8 = 7;
+        const RESOURCE_EXHAUSTED: u8 = 8;
         const INTERNAL: u8 = 13;
         const UNAVAILABLE: u8 = 14;
         match self {
             ProxyError::BadRequest(_) => INTERNAL,
             ProxyError::Unauthorized(_) => PERMISSION_DENIED,
+            ProxyError::RateLimited { .. } => RESOURCE_EXHAUSTED,
             _ => UNAVAILABLE,
         }
     }
@@ -96,12 +102,15 @@ pub fn respond(err: &ProxyError, grpc: bool) -> Response<ProxyBody> {
             .expect("valid response");
     }
     let body = format!("{}: {}\n", err.reason(), err);
-    Response::builder()
+    let mut resp = Response::builder()
         .status(err.status())
         .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
-        .header(PROXY_ERROR_HEADER, reason)
-        .body(ProxyBody::full(body))
-        .expect("valid response")
+        .header(PROXY_ERROR_HEADER, reason);
+    if let ProxyError::RateLimited { retry_after } = err {
+        // Whole seconds, rounded up (RFC 9110 §10.2.3): never 0, which would invite an immediate retry.
+        resp = resp.header(header::RETRY_AFTER, retry_after.as_secs_f64().ceil().max(1.0).to_string());
+    }
+    resp.body(ProxyBody::full(body)).expect("valid response")
 }
 
 /// grpc-message is percent-encoded (gRPC over HTTP/2 spec).
@@ -135,6 +144,8 @@ mod tests {
             ),
             (ProxyError::ConnectTimeout(addr), 502, "connect-timeout", 14),
             (ProxyError::BadRequest("no authority"), 400, "bad-request", 13),
+            (ProxyError::Unauthorized("x".into()), 403, "unauthorized", 7),
+            (ProxyError::RateLimited { retry_after: std::time::Duration::from_millis(1500) }, 429, "rate-limited", 8),
         ];
         for (err, status, reason, grpc) in cases {
             let http = respond(&err, false);
@@ -146,6 +157,13 @@ mod tests {
             assert_eq!(g.headers()[PROXY_ERROR_HEADER], reason);
             assert!(http_body::Body::is_end_stream(g.body()), "Trailers-Only has no body");
         }
+    }
+
+    #[test]
+    fn rate_limited_says_when_to_retry() {
+        let at = |ms| respond(&ProxyError::RateLimited { retry_after: std::time::Duration::from_millis(ms) }, false);
+        assert_eq!(at(1500).headers()[header::RETRY_AFTER], "2");
+        assert_eq!(at(10).headers()[header::RETRY_AFTER], "1");
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod io;
 pub mod logging;
 pub mod metrics;
 pub mod proxy;
+pub mod ratelimit;
 pub mod snapshot;
 pub mod source;
 pub mod tls;

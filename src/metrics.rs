@@ -44,6 +44,7 @@ pub struct Metrics {
     pub tls_handshakes: IntCounterVec,
     pub tls_handshake_failures: IntCounterVec,
     pub authz_decisions: IntCounterVec,
+    pub rate_limited: IntCounterVec,
 }
 
 /// The counters and histograms of one (direction, service), one per status class.
@@ -178,6 +179,11 @@ impl Metrics {
                 "ferry_authz_decisions_total",
                 "Inbound authorization decisions (mTLS mode and AuthorizationPolicy), by local service and decision.",
                 &["service", "decision"],
+            ),
+            rate_limited: counter(
+                "ferry_rate_limited_total",
+                "Inbound requests refused by the local Service's rate limit (429 rate-limited), by local service.",
+                &["service"],
             ),
             registry,
         };

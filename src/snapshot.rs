@@ -39,6 +39,8 @@ pub struct Snapshot {
     #[serde(skip)]
     mtls: HashMap<String, MtlsMode>,
     #[serde(skip)]
+    rate_limits: HashMap<String, ferry_xds::policy::RateLimit>,
+    #[serde(skip)]
     authorization: HashMap<String, Arc<Authorization>>,
 }
 
@@ -164,12 +166,17 @@ impl Snapshot {
             by_host.entry(host).or_insert_with(|| vec![(None, index)]);
         }
         let mut mtls = HashMap::new();
+        let mut rate_limits = HashMap::new();
         let mut authz_docs: HashMap<String, Vec<&ferry_xds::policy::AuthorizationPolicy>> = HashMap::new();
         for doc in &policies {
             match doc {
                 Document::TrafficPolicy(p) => {
+                    let target = format!("{}/{}", p.metadata.namespace, p.spec.target_ref.name);
                     if let Some(mode) = p.spec.mtls {
-                        mtls.insert(format!("{}/{}", p.metadata.namespace, p.spec.target_ref.name), mode);
+                        mtls.insert(target.clone(), mode);
+                    }
+                    if let Some(limit) = &p.spec.rate_limit {
+                        rate_limits.insert(target, limit.clone());
                     }
                 }
                 Document::AuthorizationPolicy(p) => {
@@ -192,6 +199,7 @@ impl Snapshot {
             opaque_ports,
             default_mtls,
             mtls,
+            rate_limits,
             authorization,
         }
     }
@@ -260,6 +268,7 @@ impl Snapshot {
         InboundPolicy {
             mode: self.mtls.get(key).copied().unwrap_or(self.default_mtls),
             authorization: self.authorization.get(key).cloned(),
+            rate_limit: self.rate_limits.get(key).cloned(),
             service: label,
         }
     }

@@ -248,3 +248,50 @@ async fn the_sni_may_name_only_a_port_the_service_declares() {
     assert_eq!(debug.requests.load(std::sync::atomic::Ordering::SeqCst), 0, "the debug server was never reached");
     assert!(local.logs().contains("which this workload's Service does not declare"), "{}", local.logs());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rate_limit_never_admits_more_than_rate_times_seconds_plus_burst() {
+    let app = backend::http_backend().await;
+    let cp = tokio::task::block_in_place(|| ControlPlane::start(&state_dir("authz-rate")));
+    cp.ok(&["apply", "-f", "-"], Some(&service("api", "api.local", "")));
+    let limit = "apiVersion: ferry.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: api}\nspec: {targetRef: {kind: Service, name: api}, rateLimit: {requestsPerSecond: 20, burst: 5}}\n";
+    cp.ok(&["apply", "-f", "-"], Some(limit));
+    let (api, web) =
+        tokio::task::block_in_place(|| (proxy(&cp, "api", Some(app.addr), &[]), proxy(&cp, "web", None, &[])));
+    let call = || http_exchange_full(web.outbound, "GET", "/", &[("Host", "api.local")], "");
+    tokio::task::block_in_place(|| {
+        wait_until("web reaches api", Duration::from_secs(10), || call().is_some_and(|r| r.status != 502))
+    });
+    // Let the bucket fill again, then send as fast as one client can for 2 s (at most 2,000 requests).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = app.requests.load(std::sync::atomic::Ordering::SeqCst);
+    let (admitted, limited, seconds) = tokio::task::block_in_place(|| {
+        let started = std::time::Instant::now();
+        let (mut admitted, mut limited) = (0u64, 0u64);
+        for _ in 0..2_000 {
+            if started.elapsed() > Duration::from_secs(2) {
+                break;
+            }
+            let r = call().expect("an answer");
+            match r.status {
+                200 => admitted += 1,
+                429 => {
+                    assert_eq!(r.header("ferry-proxy-error"), Some("rate-limited"), "{r:?}");
+                    assert!(r.header("retry-after").is_some_and(|v| v.parse::<u64>().is_ok_and(|s| s >= 1)), "{r:?}");
+                    limited += 1;
+                }
+                other => panic!("unexpected status {other}: {r:?}"),
+            }
+        }
+        (admitted, limited, started.elapsed().as_secs_f64())
+    });
+    eprintln!("rate limit 20/s burst 5: {admitted} admitted, {limited} limited in {seconds:.2} s");
+    assert!(limited > 0, "the client sent faster than the limit");
+    assert!((admitted as f64) <= 20.0 * seconds + 5.0, "{admitted} admitted in {seconds:.2} s");
+    assert_eq!(
+        app.requests.load(std::sync::atomic::Ordering::SeqCst) - before,
+        admitted as usize,
+        "only admitted calls reached the app"
+    );
+    assert_eq!(api.metric("ferry_rate_limited_total{service=\"api.default\"}"), limited as f64);
+}

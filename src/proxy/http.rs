@@ -17,6 +17,7 @@ use super::target::{ConnInfo, Destination, Mode, Refusal, UNKNOWN_SERVICE};
 use super::{Direction, Proxy};
 use crate::authz::AuthzLayer;
 use crate::errors::{self, ProxyError};
+use crate::ratelimit::RateLimitLayer;
 use tower::ServiceExt;
 
 /// The verified SPIFFE ID of the calling workload, set by the destination's proxy (and removed from anything else).
@@ -85,11 +86,16 @@ impl Proxy {
     ) -> impl tower::Service<Request<Incoming>, Response = Response<ProxyBody>, Error = ProxyError, Future: Send> + Send
     {
         let policy = self.inbound_policy();
-        let authz = AuthzLayer::new(policy, conn.peer_identity.clone(), dest.addr.port(), self.metrics.clone());
+        let (caller, limit, service) = (conn.peer_identity.clone(), policy.rate_limit.clone(), policy.service.clone());
+        let rate_limit =
+            RateLimitLayer::new(self.rate_limits.clone(), limit, service, caller.clone(), self.metrics.clone());
+        let authz = AuthzLayer::new(policy, caller, dest.addr.port(), self.metrics.clone());
         tower::ServiceBuilder::new()
             // Authorization first: a call the Service does not allow (or plaintext under strict mTLS) never reaches
-            // the app.
+            // the app, and never spends the rate limit of callers that are allowed.
             .layer(authz)
+            // The Service's own protection against overload: admitted calls within its rate (per caller if asked).
+            .layer(rate_limit)
             .service(tower::service_fn(move |req| {
                 let (proxy, dest, authority, conn) = (self.clone(), dest.clone(), authority.clone(), conn.clone());
                 async move { proxy.send(req, &dest, authority, &conn).await }

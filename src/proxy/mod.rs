@@ -59,6 +59,8 @@ pub struct Proxy {
     pub drain: Drain,
     pub tls: Arc<MeshTls>,
     pool: Arc<Pool>,
+    /// Token buckets of the inbound rate limits (state that outlives config swaps).
+    rate_limits: Arc<crate::ratelimit::RateLimits>,
     /// The `service` label of inbound requests: `name.namespace` of `FERRY_SERVICE`, or `app`.
     local_service: Arc<str>,
     /// This workload's Service as (namespace, name): `FERRY_SERVICE` as `ns/name`, or `name` in `FERRY_NAMESPACE`.
@@ -110,6 +112,7 @@ impl Proxy {
             pool,
             local_service,
             local,
+            rate_limits: Default::default(),
             own_listeners,
             connections,
             h1,
