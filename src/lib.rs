@@ -5,6 +5,7 @@ pub mod admin;
 pub mod app;
 pub mod authz;
 pub mod bootstrap;
+pub mod breaker;
 pub mod detect;
 pub mod drain;
 pub mod errors;
