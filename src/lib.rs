@@ -16,6 +16,7 @@ pub mod logging;
 pub mod metrics;
 pub mod proxy;
 pub mod ratelimit;
+pub mod retry;
 pub mod snapshot;
 pub mod source;
 pub mod tls;
