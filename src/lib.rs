@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod app;
 pub mod authz;
+pub mod balance;
 pub mod bootstrap;
 pub mod breaker;
 pub mod detect;
@@ -14,6 +15,7 @@ pub mod init;
 pub mod io;
 pub mod logging;
 pub mod metrics;
+pub mod outlier;
 pub mod proxy;
 pub mod ratelimit;
 pub mod retry;
