@@ -28,6 +28,8 @@ pub enum ProxyError {
     Tls(#[from] crate::tls::TlsError),
     #[error("{0}")]
     Unauthorized(String),
+    #[error("no response within the request timeout ({0:?})")]
+    RequestTimeout(std::time::Duration),
     #[error("the service's rate limit is reached; retry in {} ms", retry_after.as_millis())]
     RateLimited { retry_after: std::time::Duration },
 }
@@ -54,6 +56,7 @@ impl ProxyError {
             ProxyError::Tls(_) => "tls-failed",
             ProxyError::Unauthorized(_) => "unauthorized",
             ProxyError::RateLimited { .. } => "rate-limited",
+            ProxyError::RequestTimeout(_) => "request-timeout",
         }
     }
 
@@ -68,11 +71,13 @@ impl ProxyError {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::Unauthorized(_) => StatusCode::FORBIDDEN,
             ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::RequestTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
         }
     }
 
     /// The gRPC status code a gRPC caller gets instead of the HTTP status.
     pub fn grpc_status(&self) -> u8 {
+        const DEADLINE_EXCEEDED: u8 = 4;
         const PERMISSION_DENIED: u8 = 7;
         const RESOURCE_EXHAUSTED: u8 = 8;
         const INTERNAL: u8 = 13;
@@ -81,6 +86,7 @@ impl ProxyError {
             ProxyError::BadRequest(_) => INTERNAL,
             ProxyError::Unauthorized(_) => PERMISSION_DENIED,
             ProxyError::RateLimited { .. } => RESOURCE_EXHAUSTED,
+            ProxyError::RequestTimeout(_) => DEADLINE_EXCEEDED,
             _ => UNAVAILABLE,
         }
     }

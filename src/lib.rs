@@ -21,6 +21,7 @@ pub mod ratelimit;
 pub mod retry;
 pub mod snapshot;
 pub mod source;
+pub mod timeout;
 pub mod tls;
 pub mod xds_client;
 

@@ -54,6 +54,9 @@ pub struct ServiceEntry {
     /// The SPIFFE IDs its `identities` name: a mesh peer serving it must present one of them.
     #[serde(skip)]
     pub identities: Arc<[Identity]>,
+    /// Its TrafficPolicy's request timeout (the caller's proxy applies it).
+    #[serde(skip)]
+    pub timeout: Option<std::time::Duration>,
     /// Round-robin cursor (replaced by P2C over EWMA with the resilience policies).
     #[serde(skip)]
     next: AtomicUsize,
@@ -114,6 +117,18 @@ impl Snapshot {
         let mut policies = Vec::new();
         let mut opaque_ports = HashSet::new();
         let mut implicit = Vec::new();
+        // Caller-side settings of each Service's TrafficPolicy, to attach to the Service.
+        let timeouts: HashMap<String, std::time::Duration> = documents
+            .iter()
+            .filter_map(|d| match d {
+                Document::TrafficPolicy(p) => p
+                    .spec
+                    .timeout
+                    .as_ref()
+                    .map(|t| (format!("{}/{}", p.metadata.namespace, p.spec.target_ref.name), t.as_std())),
+                _ => None,
+            })
+            .collect();
         for doc in documents {
             let svc = match doc {
                 Document::Service(svc) => svc,
@@ -155,6 +170,7 @@ impl Snapshot {
                 .into();
             services.push(Arc::new(ServiceEntry {
                 identities,
+                timeout: timeouts.get(&format!("{ns}/{name}")).copied(),
                 qualified_name: format!("{name}.{ns}").into(),
                 name: svc.metadata.name,
                 namespace: svc.metadata.namespace,

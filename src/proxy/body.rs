@@ -1,17 +1,36 @@
-//! The body type of every proxied or proxy-made message: streamed from a peer, or a small in-memory body.
+//! The body type of every proxied or proxy-made message: streamed from a peer, or a small in-memory body; a
+//! response body may carry the request's deadline, which ends it with an error when it passes mid-stream.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The request timeout passed while the response body was still streaming.
+#[derive(Debug, thiserror::Error)]
+#[error("the request timeout ({0:?}) passed while the response body was streaming")]
+pub struct BodyTimeout(pub Duration);
 
 /// Streams are never buffered whole: `Incoming` passes each frame (data or trailers) through as it arrives.
 #[derive(Debug)]
 pub enum ProxyBody {
     Incoming(Incoming),
     Full(Option<Bytes>),
+    /// A body that must be done by a deadline (the request timeout covers the body too).
+    Timed(Box<Timed>),
+}
+
+#[derive(Debug)]
+pub struct Timed {
+    inner: ProxyBody,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    timeout: Duration,
 }
 
 impl ProxyBody {
@@ -23,6 +42,18 @@ impl ProxyBody {
         let data = data.into();
         ProxyBody::Full((!data.is_empty()).then_some(data))
     }
+
+    /// This body, ended with `BodyTimeout` if it is not done by `deadline` (`timeout` says which one, for the error).
+    pub fn with_deadline(self, deadline: tokio::time::Instant, timeout: Duration) -> Self {
+        if self.is_end_stream() {
+            return self;
+        }
+        ProxyBody::Timed(Box::new(Timed {
+            inner: self,
+            deadline: Box::pin(tokio::time::sleep_until(deadline)),
+            timeout,
+        }))
+    }
 }
 
 impl From<Incoming> for ProxyBody {
@@ -33,12 +64,19 @@ impl From<Incoming> for ProxyBody {
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
-            ProxyBody::Incoming(body) => Pin::new(body).poll_frame(cx),
+            ProxyBody::Incoming(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
             ProxyBody::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            ProxyBody::Timed(t) => match Pin::new(&mut t.inner).poll_frame(cx) {
+                Poll::Pending => match t.deadline.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(BodyTimeout(t.timeout).into()))),
+                    Poll::Pending => Poll::Pending,
+                },
+                ready => ready,
+            },
         }
     }
 
@@ -46,6 +84,7 @@ impl Body for ProxyBody {
         match self {
             ProxyBody::Incoming(body) => body.is_end_stream(),
             ProxyBody::Full(data) => data.is_none(),
+            ProxyBody::Timed(t) => t.inner.is_end_stream(),
         }
     }
 
@@ -54,6 +93,7 @@ impl Body for ProxyBody {
             ProxyBody::Incoming(body) => body.size_hint(),
             ProxyBody::Full(Some(d)) => SizeHint::with_exact(d.len() as u64),
             ProxyBody::Full(None) => SizeHint::with_exact(0),
+            ProxyBody::Timed(t) => t.inner.size_hint(),
         }
     }
 }

@@ -18,6 +18,7 @@ use super::{Direction, Proxy};
 use crate::authz::AuthzLayer;
 use crate::errors::{self, ProxyError};
 use crate::ratelimit::RateLimitLayer;
+use crate::timeout::RequestTimeoutLayer;
 use tower::ServiceExt;
 
 /// The verified SPIFFE ID of the calling workload, set by the destination's proxy (and removed from anything else).
@@ -39,7 +40,9 @@ impl Proxy {
                 let service = dest.service.clone();
                 let addr = dest.addr;
                 let result = match direction {
-                    Direction::Outbound => self.send(req, &dest, authority, &conn).await,
+                    Direction::Outbound => {
+                        self.clone().outbound_stack(dest, authority, conn.clone()).oneshot(req).await
+                    }
                     Direction::Inbound => self.clone().inbound_stack(dest, authority, conn.clone()).oneshot(req).await,
                 };
                 (service, Some(addr), result)
@@ -74,6 +77,25 @@ impl Proxy {
             );
         }
         response
+    }
+
+    /// The outbound HTTP stack, outermost first (metrics, the access log and the error responder wrap it in
+    /// `forward`).
+    fn outbound_stack(
+        self: Arc<Self>,
+        dest: Destination,
+        authority: String,
+        conn: ConnInfo,
+    ) -> impl tower::Service<Request<Incoming>, Response = Response<ProxyBody>, Error = ProxyError, Future: Send> + Send
+    {
+        tower::ServiceBuilder::new()
+            // The destination's request timeout covers everything under it, the response body included, and a gRPC
+            // caller's own deadline when shorter.
+            .layer(RequestTimeoutLayer::new(dest.timeout))
+            .service(tower::service_fn(move |req| {
+                let (proxy, dest, authority, conn) = (self.clone(), dest.clone(), authority.clone(), conn.clone());
+                async move { proxy.send(req, &dest, authority, &conn).await }
+            }))
     }
 
     /// The inbound HTTP stack, outermost first (metrics, the access log and the error responder wrap it in

@@ -91,6 +91,8 @@ pub struct Destination {
     pub addr: SocketAddr,
     /// A meshed endpoint: mTLS with this SNI, to one of these identities.
     pub tls: Option<PeerTls>,
+    /// Outbound: the destination Service's request timeout.
+    pub timeout: Option<std::time::Duration>,
 }
 
 /// A failed decision, with the service label to count it under.
@@ -111,7 +113,7 @@ impl Proxy {
             }
             (Direction::Outbound, Some(original)) => match self.store.load().route_original(original) {
                 Some(route) => self.outbound_destination(&route),
-                None => Destination { service: PASSTHROUGH_SERVICE.into(), addr: original, tls: None },
+                None => Destination { service: PASSTHROUGH_SERVICE.into(), addr: original, tls: None, timeout: None },
             },
             (Direction::Inbound, original) => {
                 let service = self.local_service.clone();
@@ -135,7 +137,7 @@ impl Proxy {
                         (service.clone(), ProxyError::NoRoute("no app address is configured (FERRY_APP_ADDR)".into()))
                     })?,
                 };
-                Destination { service, addr, tls: None }
+                Destination { service, addr, tls: None, timeout: None }
             }
         };
         if self.is_own_listener(dest.addr) {
@@ -157,7 +159,7 @@ impl Proxy {
             service: svc.qualified_name.to_string(),
             identities: svc.identities.clone(),
         });
-        Destination { service: svc.qualified_name.clone(), addr: route.endpoint, tls }
+        Destination { service: svc.qualified_name.clone(), addr: route.endpoint, tls, timeout: svc.timeout }
     }
 
     /// The app ports of this workload's Service (each port's `targetPort`, else the port).

@@ -106,7 +106,8 @@ fn query(req: &Request<Incoming>, key: &str) -> Option<u64> {
 }
 
 /// The test app. `/echo` streams the request body back; `/sha256` hashes the body; `/download?bytes=N` streams N
-/// pattern bytes; `/delay?ms=N` answers after N ms; `/status?code=N` answers N; anything else says hello.
+/// pattern bytes; `/delay?ms=N` answers after N ms; `/stall?ms=N` sends its headers and a first chunk, the rest after
+/// N ms; `/status?code=N` answers N; anything else says hello.
 /// Every response tells the HTTP version, Host/authority and `ferry-client-id` the app saw.
 async fn app(req: Request<Incoming>) -> Result<Response<TestBody>, Infallible> {
     let version = format!("{:?}", req.version());
@@ -135,6 +136,21 @@ async fn app(req: Request<Incoming>) -> Result<Response<TestBody>, Infallible> {
             builder.body(full("delayed"))
         }
         "/status" => builder.status(query(&req, "code").unwrap_or(200) as u16).body(full("status")),
+        "/stall" => {
+            // Headers and a first chunk at once, the rest after `ms`: a body that stalls mid-stream.
+            let ms = query(&req, "ms").unwrap_or(0);
+            let chunks = futures_util::stream::unfold(0u8, move |step| async move {
+                match step {
+                    0 => Some((Ok::<_, BoxError>(Frame::data(Bytes::from_static(b"start\n"))), 1)),
+                    1 => {
+                        tokio::time::sleep(Duration::from_millis(ms)).await;
+                        Some((Ok(Frame::data(Bytes::from_static(b"end\n"))), 2))
+                    }
+                    _ => None,
+                }
+            });
+            builder.body(BodyExt::boxed(StreamBody::new(chunks)))
+        }
         _ => builder.body(full("hello from backend")),
     };
     Ok(resp.unwrap())

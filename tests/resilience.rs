@@ -1,0 +1,59 @@
+//! Resilience policies with real `ferry` processes and real backends: the request timeout on a hanging backend, on
+//! one that stalls mid-body, and for a gRPC caller with its own deadline.
+
+mod support;
+
+use support::backend;
+use support::{Ferry, http_exchange_full};
+
+fn config(backend: std::net::SocketAddr, timeout: &str) -> String {
+    format!(
+        "{}apiVersion: ferry.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: api}}\nspec: {{targetRef: {{kind: Service, name: api}}, timeout: {timeout}}}\n",
+        support::service_yaml("api", 80, &[backend])
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_request_timeout_covers_slow_headers_and_a_stalled_body() {
+    let app = backend::http_backend().await;
+    let ferry = tokio::task::block_in_place(|| Ferry::start(Some(&config(app.addr, "500ms")), &[]));
+    let get = |path: &str| http_exchange_full(ferry.outbound, "GET", path, &[("Host", "api")], "").expect("an answer");
+    // In time: untouched.
+    let ok = tokio::task::block_in_place(|| get("/delay?ms=10"));
+    assert_eq!((ok.status, ok.body.as_str()), (200, "delayed"), "{ok:?}");
+    // A backend that does not answer in time: 504 request-timeout.
+    let hung = tokio::task::block_in_place(|| get("/delay?ms=3000"));
+    assert_eq!((hung.status, hung.header("ferry-proxy-error")), (504, Some("request-timeout")), "{hung:?}");
+    // A body that stalls past the deadline is cut: the first chunk arrived, the end never does.
+    let stalled = tokio::task::block_in_place(|| get("/stall?ms=3000"));
+    assert_eq!(stalled.status, 200, "{stalled:?}");
+    assert!(stalled.body.contains("start") && !stalled.body.contains("end"), "{stalled:?}");
+    assert_eq!(
+        ferry.metric(r#"ferry_proxy_errors_total{direction="outbound",reason="request-timeout"}"#),
+        1.0,
+        "the stalled body is not a proxy-made response"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_callers_deadline_is_honoured_and_answered_with_deadline_exceeded() {
+    let app = backend::http_backend().await;
+    // The policy allows 5 s; the caller asks for 200 ms.
+    let ferry = tokio::task::block_in_place(|| Ferry::start(Some(&config(app.addr, "5s")), &[]));
+    let tcp = tokio::net::TcpStream::connect(ferry.outbound).await.unwrap();
+    let (mut tx, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::post("http://api/delay?ms=3000")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-timeout", "200m")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = tx.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200, "gRPC errors are Trailers-Only");
+    assert_eq!(resp.headers().get("grpc-status").map(|v| v.to_str().unwrap()), Some("4"), "{resp:?}");
+    assert_eq!(resp.headers().get("ferry-proxy-error").map(|v| v.to_str().unwrap()), Some("request-timeout"));
+}
