@@ -1,12 +1,24 @@
-//! The circuit breaker's state machine, per destination Service (pure: time is passed in; the layer that applies it
-//! to requests comes with the outbound stack). Config: TrafficPolicy.circuitBreaker. Closed → Open on a failure
-//! ratio over an interval (with a minimum of requests) or on consecutive failures; Open fails fast for `openFor`;
-//! then Half-open lets `halfOpenRequests` probes through: all succeed → Closed, one fails → Open again.
+//! Circuit breaking per destination Service: a pure state machine (time passed in, table-tested), a registry of one
+//! breaker per Service that survives config swaps, and `BreakerLayer` in the outbound stack. Config:
+//! TrafficPolicy.circuitBreaker. Closed → Open on a failure ratio over an interval (with a minimum of requests) or on
+//! consecutive failures; Open fails fast (503 `circuit-open`, no upstream attempt) for `openFor`; then Half-open lets
+//! `halfOpenRequests` probes through: all succeed → Closed, one fails → Open again. Failures: connection failures,
+//! resets, timeouts and 5xx responses. Metrics: `ferry_circuit_breaker_state`, `..._transitions_total`.
 
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use ferry_xds::policy::CircuitBreaker;
+use http::{Request, Response};
 use tokio::time::Instant;
+
+use crate::errors::ProxyError;
+use crate::metrics::Metrics;
+use crate::proxy::body::ProxyBody;
 
 /// When a trip condition is not configured, the other one alone decides; with neither, the breaker never opens.
 #[derive(Debug, Clone, PartialEq)]
@@ -169,6 +181,121 @@ impl Breaker {
                 if by_count || by_ratio { self.go(State::Open, now) } else { None }
             }
         }
+    }
+}
+
+// ===== registry =====
+
+/// One breaker per destination Service, kept across config swaps (a new config reconfigures the live breaker).
+#[derive(Default)]
+pub struct Breakers {
+    map: Mutex<HashMap<Arc<str>, Breaker>>,
+}
+
+impl Breakers {
+    fn with<T>(&self, service: &Arc<str>, config: &Config, now: Instant, f: impl FnOnce(&mut Breaker) -> T) -> T {
+        let mut map = self.map.lock().expect("breaker lock");
+        let b = map.entry(service.clone()).or_insert_with(|| Breaker::new(config.clone(), now));
+        if b.config != *config {
+            b.reconfigure(config.clone());
+        }
+        f(b)
+    }
+}
+
+fn observe(metrics: &Metrics, service: &str, transition: Option<Transition>) {
+    if let Some(t) = transition {
+        metrics.breaker_transitions.with_label_values(&[service, t.to.as_str()]).inc();
+        metrics.breaker_state.with_label_values(&[service]).set(match t.to {
+            State::Closed => 0,
+            State::Open => 1,
+            State::HalfOpen => 2,
+        });
+        tracing::info!(service, from = t.from.as_str(), to = t.to.as_str(), "circuit breaker");
+    }
+}
+
+/// Whether an outcome counts against the breaker.
+fn failed(result: &Result<Response<ProxyBody>, ProxyError>) -> bool {
+    match result {
+        Ok(resp) => resp.status().is_server_error(),
+        Err(e) => matches!(
+            e,
+            ProxyError::ConnectRefused { .. }
+                | ProxyError::ConnectTimeout(_)
+                | ProxyError::UpstreamReset { .. }
+                | ProxyError::Tls(_)
+                | ProxyError::RequestTimeout(_)
+        ),
+    }
+}
+
+// ===== layer =====
+
+/// Fails fast while the destination's breaker is open; counts every outcome.
+#[derive(Clone)]
+pub struct BreakerLayer {
+    breakers: Arc<Breakers>,
+    config: Option<Arc<Config>>,
+    service: Arc<str>,
+    metrics: Arc<Metrics>,
+}
+
+impl BreakerLayer {
+    pub fn new(breakers: Arc<Breakers>, config: Option<Arc<Config>>, service: Arc<str>, metrics: Arc<Metrics>) -> Self {
+        BreakerLayer { breakers, config, service, metrics }
+    }
+}
+
+impl<S> tower::Layer<S> for BreakerLayer {
+    type Service = Breaking<S>;
+
+    fn layer(&self, inner: S) -> Breaking<S> {
+        Breaking { layer: self.clone(), inner }
+    }
+}
+
+#[derive(Clone)]
+pub struct Breaking<S> {
+    layer: BreakerLayer,
+    inner: S,
+}
+
+// ===== impl Breaking =====
+
+impl<S, B> tower::Service<Request<B>> for Breaking<S>
+where
+    S: tower::Service<Request<B>, Response = Response<ProxyBody>, Error = ProxyError>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<ProxyBody>;
+    type Error = ProxyError;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, ProxyError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let Some(config) = self.layer.config.clone() else { return Box::pin(self.inner.call(req)) };
+        let l = self.layer.clone();
+        let (admitted, transition) = l.breakers.with(&l.service, &config, Instant::now(), |b| b.admit(Instant::now()));
+        observe(&l.metrics, &l.service, transition);
+        if let Err(rejected) = admitted {
+            let service = l.service.to_string();
+            return Box::pin(std::future::ready(Err(ProxyError::CircuitOpen {
+                service,
+                retry_after: rejected.retry_after,
+            })));
+        }
+        let call = self.inner.call(req);
+        Box::pin(async move {
+            let result = call.await;
+            let ok = !failed(&result);
+            let transition = l.breakers.with(&l.service, &config, Instant::now(), |b| b.record(Instant::now(), ok));
+            observe(&l.metrics, &l.service, transition);
+            result
+        })
     }
 }
 

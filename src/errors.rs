@@ -28,6 +28,8 @@ pub enum ProxyError {
     Tls(#[from] crate::tls::TlsError),
     #[error("{0}")]
     Unauthorized(String),
+    #[error("the circuit breaker of {service} is open (probes again in {} ms)", retry_after.as_millis())]
+    CircuitOpen { service: String, retry_after: std::time::Duration },
     #[error("no response within the request timeout ({0:?})")]
     RequestTimeout(std::time::Duration),
     #[error("the service's rate limit is reached; retry in {} ms", retry_after.as_millis())]
@@ -57,6 +59,7 @@ impl ProxyError {
             ProxyError::Unauthorized(_) => "unauthorized",
             ProxyError::RateLimited { .. } => "rate-limited",
             ProxyError::RequestTimeout(_) => "request-timeout",
+            ProxyError::CircuitOpen { .. } => "circuit-open",
         }
     }
 
@@ -72,6 +75,7 @@ impl ProxyError {
             ProxyError::Unauthorized(_) => StatusCode::FORBIDDEN,
             ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::RequestTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::CircuitOpen { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 

@@ -45,6 +45,8 @@ pub struct Metrics {
     pub tls_handshake_failures: IntCounterVec,
     pub authz_decisions: IntCounterVec,
     pub rate_limited: IntCounterVec,
+    pub breaker_state: IntGaugeVec,
+    pub breaker_transitions: IntCounterVec,
 }
 
 /// The counters and histograms of one (direction, service), one per status class.
@@ -184,6 +186,16 @@ impl Metrics {
                 "ferry_rate_limited_total",
                 "Inbound requests refused by the local Service's rate limit (429 rate-limited), by local service.",
                 &["service"],
+            ),
+            breaker_state: gauge_vec(
+                "ferry_circuit_breaker_state",
+                "Circuit breaker of each destination Service: 0 closed, 1 open, 2 half-open.",
+                &["service"],
+            ),
+            breaker_transitions: counter(
+                "ferry_circuit_breaker_transitions_total",
+                "Circuit breaker transitions, by destination Service and the state entered.",
+                &["service", "to"],
             ),
             registry,
         };

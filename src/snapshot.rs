@@ -57,6 +57,9 @@ pub struct ServiceEntry {
     /// Its TrafficPolicy's request timeout (the caller's proxy applies it).
     #[serde(skip)]
     pub timeout: Option<std::time::Duration>,
+    /// Its TrafficPolicy's circuit breaker (the caller's proxy applies it).
+    #[serde(skip)]
+    pub breaker: Option<Arc<crate::breaker::Config>>,
     /// Round-robin cursor (replaced by P2C over EWMA with the resilience policies).
     #[serde(skip)]
     next: AtomicUsize,
@@ -129,6 +132,16 @@ impl Snapshot {
                 _ => None,
             })
             .collect();
+        let breakers: HashMap<String, Arc<crate::breaker::Config>> = documents
+            .iter()
+            .filter_map(|d| match d {
+                Document::TrafficPolicy(p) => p.spec.circuit_breaker.as_ref().map(|b| {
+                    let target = format!("{}/{}", p.metadata.namespace, p.spec.target_ref.name);
+                    (target, Arc::new(crate::breaker::Config::from_policy(b)))
+                }),
+                _ => None,
+            })
+            .collect();
         for doc in documents {
             let svc = match doc {
                 Document::Service(svc) => svc,
@@ -171,6 +184,7 @@ impl Snapshot {
             services.push(Arc::new(ServiceEntry {
                 identities,
                 timeout: timeouts.get(&format!("{ns}/{name}")).copied(),
+                breaker: breakers.get(&format!("{ns}/{name}")).cloned(),
                 qualified_name: format!("{name}.{ns}").into(),
                 name: svc.metadata.name,
                 namespace: svc.metadata.namespace,

@@ -3,7 +3,9 @@
 
 mod support;
 
+use std::time::Duration;
 use support::backend;
+
 use support::{Ferry, http_exchange_full};
 
 fn config(backend: std::net::SocketAddr, timeout: &str) -> String {
@@ -56,4 +58,46 @@ async fn a_grpc_callers_deadline_is_honoured_and_answered_with_deadline_exceeded
     assert_eq!(resp.status(), 200, "gRPC errors are Trailers-Only");
     assert_eq!(resp.headers().get("grpc-status").map(|v| v.to_str().unwrap()), Some("4"), "{resp:?}");
     assert_eq!(resp.headers().get("ferry-proxy-error").map(|v| v.to_str().unwrap()), Some("request-timeout"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_breaker_opens_fails_fast_half_opens_and_closes() {
+    let app = backend::http_backend().await;
+    let config = format!(
+        "{}apiVersion: ferry.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: api}}\nspec: {{targetRef: {{kind: Service, name: api}}, circuitBreaker: {{consecutiveFailures: 3, openFor: 1s, halfOpenRequests: 1}}}}\n",
+        support::service_yaml("api", 80, &[app.addr])
+    );
+    let ferry = tokio::task::block_in_place(|| Ferry::start(Some(&config), &[]));
+    let get = |path: &str| {
+        tokio::task::block_in_place(|| {
+            http_exchange_full(ferry.outbound, "GET", path, &[("Host", "api")], "").expect("an answer")
+        })
+    };
+    let reached = || app.requests.load(std::sync::atomic::Ordering::SeqCst);
+    let series = |to: &str| format!(r#"ferry_circuit_breaker_transitions_total{{service="api.default",to="{to}"}}"#);
+    // Three failures in a row open it.
+    for _ in 0..3 {
+        assert_eq!(get("/status?code=500").status, 500, "the app's own 500s pass through");
+    }
+    assert_eq!(ferry.metric(&series("open")), 1.0);
+    assert_eq!(ferry.metric(r#"ferry_circuit_breaker_state{service="api.default"}"#), 1.0);
+    // Open: immediate 503 circuit-open, and the backend's own counter proves no attempt reached it.
+    let before = reached();
+    for _ in 0..5 {
+        let r = get("/");
+        assert_eq!((r.status, r.header("ferry-proxy-error")), (503, Some("circuit-open")), "{r:?}");
+    }
+    assert_eq!(reached(), before, "no attempt while open");
+    // After openFor one probe goes through; it fails, so the breaker opens again.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(get("/status?code=500").status, 500);
+    assert_eq!(get("/").status, 503, "open again after a failed probe");
+    assert_eq!(ferry.metric(&series("half-open")), 1.0);
+    assert_eq!(ferry.metric(&series("open")), 2.0);
+    // The next probe succeeds: closed, and traffic flows.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(get("/").status, 200);
+    assert_eq!(get("/").status, 200);
+    assert_eq!(ferry.metric(&series("closed")), 1.0);
+    assert_eq!(ferry.metric(r#"ferry_circuit_breaker_state{service="api.default"}"#), 0.0);
 }

@@ -16,6 +16,7 @@ use super::pool::HttpVersion;
 use super::target::{ConnInfo, Destination, Mode, Refusal, UNKNOWN_SERVICE};
 use super::{Direction, Proxy};
 use crate::authz::AuthzLayer;
+use crate::breaker::BreakerLayer;
 use crate::errors::{self, ProxyError};
 use crate::ratelimit::RateLimitLayer;
 use crate::timeout::RequestTimeoutLayer;
@@ -88,10 +89,14 @@ impl Proxy {
         conn: ConnInfo,
     ) -> impl tower::Service<Request<Incoming>, Response = Response<ProxyBody>, Error = ProxyError, Future: Send> + Send
     {
+        let breaker =
+            BreakerLayer::new(self.breakers.clone(), dest.breaker.clone(), dest.service.clone(), self.metrics.clone());
         tower::ServiceBuilder::new()
             // The destination's request timeout covers everything under it, the response body included, and a gRPC
             // caller's own deadline when shorter.
             .layer(RequestTimeoutLayer::new(dest.timeout))
+            // A failing destination is given a rest: while its breaker is open, calls fail fast without an attempt.
+            .layer(breaker)
             .service(tower::service_fn(move |req| {
                 let (proxy, dest, authority, conn) = (self.clone(), dest.clone(), authority.clone(), conn.clone());
                 async move { proxy.send(req, &dest, authority, &conn).await }

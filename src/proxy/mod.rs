@@ -59,8 +59,10 @@ pub struct Proxy {
     pub drain: Drain,
     pub tls: Arc<MeshTls>,
     pool: Arc<Pool>,
-    /// Token buckets of the inbound rate limits (state that outlives config swaps).
+    /// Token buckets of the inbound rate limits and circuit breakers of destinations (state that outlives config
+    /// swaps).
     rate_limits: Arc<crate::ratelimit::RateLimits>,
+    breakers: Arc<crate::breaker::Breakers>,
     /// The `service` label of inbound requests: `name.namespace` of `FERRY_SERVICE`, or `app`.
     local_service: Arc<str>,
     /// This workload's Service as (namespace, name): `FERRY_SERVICE` as `ns/name`, or `name` in `FERRY_NAMESPACE`.
@@ -113,6 +115,7 @@ impl Proxy {
             local_service,
             local,
             rate_limits: Default::default(),
+            breakers: Default::default(),
             own_listeners,
             connections,
             h1,

@@ -91,8 +91,9 @@ pub struct Destination {
     pub addr: SocketAddr,
     /// A meshed endpoint: mTLS with this SNI, to one of these identities.
     pub tls: Option<PeerTls>,
-    /// Outbound: the destination Service's request timeout.
+    /// Outbound: the destination Service's request timeout and circuit breaker.
     pub timeout: Option<std::time::Duration>,
+    pub breaker: Option<Arc<crate::breaker::Config>>,
 }
 
 /// A failed decision, with the service label to count it under.
@@ -113,7 +114,13 @@ impl Proxy {
             }
             (Direction::Outbound, Some(original)) => match self.store.load().route_original(original) {
                 Some(route) => self.outbound_destination(&route),
-                None => Destination { service: PASSTHROUGH_SERVICE.into(), addr: original, tls: None, timeout: None },
+                None => Destination {
+                    service: PASSTHROUGH_SERVICE.into(),
+                    addr: original,
+                    tls: None,
+                    timeout: None,
+                    breaker: None,
+                },
             },
             (Direction::Inbound, original) => {
                 let service = self.local_service.clone();
@@ -137,7 +144,7 @@ impl Proxy {
                         (service.clone(), ProxyError::NoRoute("no app address is configured (FERRY_APP_ADDR)".into()))
                     })?,
                 };
-                Destination { service, addr, tls: None, timeout: None }
+                Destination { service, addr, tls: None, timeout: None, breaker: None }
             }
         };
         if self.is_own_listener(dest.addr) {
@@ -159,7 +166,13 @@ impl Proxy {
             service: svc.qualified_name.to_string(),
             identities: svc.identities.clone(),
         });
-        Destination { service: svc.qualified_name.clone(), addr: route.endpoint, tls, timeout: svc.timeout }
+        Destination {
+            service: svc.qualified_name.clone(),
+            addr: route.endpoint,
+            tls,
+            timeout: svc.timeout,
+            breaker: svc.breaker.clone(),
+        }
     }
 
     /// The app ports of this workload's Service (each port's `targetPort`, else the port).
