@@ -30,6 +30,8 @@ pub enum ProxyError {
     Unauthorized(String),
     #[error("the circuit breaker of {service} is open (probes again in {} ms)", retry_after.as_millis())]
     CircuitOpen { service: String, retry_after: std::time::Duration },
+    #[error("{service} is at its limit of concurrent and queued requests")]
+    Overloaded { service: String },
     #[error("no response within the request timeout ({0:?})")]
     RequestTimeout(std::time::Duration),
     #[error("the service's rate limit is reached; retry in {} ms", retry_after.as_millis())]
@@ -60,6 +62,7 @@ impl ProxyError {
             ProxyError::RateLimited { .. } => "rate-limited",
             ProxyError::RequestTimeout(_) => "request-timeout",
             ProxyError::CircuitOpen { .. } => "circuit-open",
+            ProxyError::Overloaded { .. } => "overloaded",
         }
     }
 
@@ -75,7 +78,7 @@ impl ProxyError {
             ProxyError::Unauthorized(_) => StatusCode::FORBIDDEN,
             ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::RequestTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            ProxyError::CircuitOpen { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::CircuitOpen { .. } | ProxyError::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 

@@ -7,6 +7,7 @@ pub mod authz;
 pub mod balance;
 pub mod bootstrap;
 pub mod breaker;
+pub mod concurrency;
 pub mod detect;
 pub mod drain;
 pub mod errors;

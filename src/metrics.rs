@@ -47,6 +47,9 @@ pub struct Metrics {
     pub rate_limited: IntCounterVec,
     pub breaker_state: IntGaugeVec,
     pub breaker_transitions: IntCounterVec,
+    pub upstream_active: IntGaugeVec,
+    pub upstream_pending: IntGaugeVec,
+    pub upstream_limit: IntGaugeVec,
 }
 
 /// The counters and histograms of one (direction, service), one per status class.
@@ -196,6 +199,21 @@ impl Metrics {
                 "ferry_circuit_breaker_transitions_total",
                 "Circuit breaker transitions, by destination Service and the state entered.",
                 &["service", "to"],
+            ),
+            upstream_active: gauge_vec(
+                "ferry_upstream_requests_active",
+                "Requests in flight to each destination Service under a maxRequests limit.",
+                &["service"],
+            ),
+            upstream_pending: gauge_vec(
+                "ferry_upstream_requests_pending",
+                "Requests waiting for a slot under each destination Service's maxRequests limit.",
+                &["service"],
+            ),
+            upstream_limit: gauge_vec(
+                "ferry_upstream_requests_limit",
+                "Each destination Service's maxRequests limit (set once a request met it).",
+                &["service"],
             ),
             registry,
         };

@@ -57,9 +57,11 @@ pub struct ServiceEntry {
     /// Its TrafficPolicy's request timeout (the caller's proxy applies it).
     #[serde(skip)]
     pub timeout: Option<std::time::Duration>,
-    /// Its TrafficPolicy's circuit breaker (the caller's proxy applies it).
+    /// Its TrafficPolicy's circuit breaker and its request caps (the caller's proxy applies them).
     #[serde(skip)]
     pub breaker: Option<Arc<crate::breaker::Config>>,
+    #[serde(skip)]
+    pub caps: Option<crate::concurrency::Caps>,
     /// Round-robin cursor (replaced by P2C over EWMA with the resilience policies).
     #[serde(skip)]
     next: AtomicUsize,
@@ -132,6 +134,18 @@ impl Snapshot {
                 _ => None,
             })
             .collect();
+        let caps: HashMap<String, crate::concurrency::Caps> = documents
+            .iter()
+            .filter_map(|d| match d {
+                Document::TrafficPolicy(p) => p
+                    .spec
+                    .circuit_breaker
+                    .as_ref()
+                    .and_then(crate::concurrency::Caps::from_policy)
+                    .map(|c| (format!("{}/{}", p.metadata.namespace, p.spec.target_ref.name), c)),
+                _ => None,
+            })
+            .collect();
         let breakers: HashMap<String, Arc<crate::breaker::Config>> = documents
             .iter()
             .filter_map(|d| match d {
@@ -185,6 +199,7 @@ impl Snapshot {
                 identities,
                 timeout: timeouts.get(&format!("{ns}/{name}")).copied(),
                 breaker: breakers.get(&format!("{ns}/{name}")).cloned(),
+                caps: caps.get(&format!("{ns}/{name}")).copied(),
                 qualified_name: format!("{name}.{ns}").into(),
                 name: svc.metadata.name,
                 namespace: svc.metadata.namespace,

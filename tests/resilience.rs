@@ -101,3 +101,31 @@ async fn the_breaker_opens_fails_fast_half_opens_and_closes() {
     assert_eq!(ferry.metric(&series("closed")), 1.0);
     assert_eq!(ferry.metric(r#"ferry_circuit_breaker_state{service="api.default"}"#), 0.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_over_the_caps_are_refused_without_an_attempt() {
+    let app = backend::http_backend().await;
+    let config = format!(
+        "{}apiVersion: ferry.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: api}}\nspec: {{targetRef: {{kind: Service, name: api}}, circuitBreaker: {{maxRequests: 2, maxPendingRequests: 1}}}}\n",
+        support::service_yaml("api", 80, &[app.addr])
+    );
+    let ferry = tokio::task::block_in_place(|| Ferry::start(Some(&config), &[]));
+    let outbound = ferry.outbound;
+    let before = app.requests.load(std::sync::atomic::Ordering::SeqCst);
+    // Five at once against a backend that takes a second: two run, one waits for a slot, two are refused at once.
+    let threads: Vec<_> = (0..5)
+        .map(|_| {
+            std::thread::spawn(move || {
+                http_exchange_full(outbound, "GET", "/delay?ms=1000", &[("Host", "api")], "").expect("an answer")
+            })
+        })
+        .collect();
+    let answers: Vec<_> = tokio::task::block_in_place(|| threads.into_iter().map(|t| t.join().unwrap()).collect());
+    let ok = answers.iter().filter(|r| r.status == 200).count();
+    let overloaded =
+        answers.iter().filter(|r| (r.status, r.header("ferry-proxy-error")) == (503, Some("overloaded"))).count();
+    assert_eq!((ok, overloaded), (3, 2), "{answers:?}");
+    assert_eq!(app.requests.load(std::sync::atomic::Ordering::SeqCst) - before, 3, "no attempt for the refused ones");
+    assert_eq!(ferry.metric(r#"ferry_upstream_requests_limit{service="api.default"}"#), 2.0);
+    assert_eq!(ferry.metric(r#"ferry_upstream_requests_active{service="api.default"}"#), 0.0);
+}

@@ -17,6 +17,7 @@ use super::target::{ConnInfo, Destination, Mode, Refusal, UNKNOWN_SERVICE};
 use super::{Direction, Proxy};
 use crate::authz::AuthzLayer;
 use crate::breaker::BreakerLayer;
+use crate::concurrency::ConcurrencyLayer;
 use crate::errors::{self, ProxyError};
 use crate::ratelimit::RateLimitLayer;
 use crate::timeout::RequestTimeoutLayer;
@@ -97,6 +98,8 @@ impl Proxy {
             .layer(RequestTimeoutLayer::new(dest.timeout))
             // A failing destination is given a rest: while its breaker is open, calls fail fast without an attempt.
             .layer(breaker)
+            // And it is never sent more than its caps allow at once (a queue of bounded length, then `overloaded`).
+            .layer(ConcurrencyLayer::new(self.limits.clone(), dest.caps, dest.service.clone(), self.metrics.clone()))
             .service(tower::service_fn(move |req| {
                 let (proxy, dest, authority, conn) = (self.clone(), dest.clone(), authority.clone(), conn.clone());
                 async move { proxy.send(req, &dest, authority, &conn).await }

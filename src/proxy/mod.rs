@@ -63,6 +63,7 @@ pub struct Proxy {
     /// swaps).
     rate_limits: Arc<crate::ratelimit::RateLimits>,
     breakers: Arc<crate::breaker::Breakers>,
+    limits: Arc<crate::concurrency::Limits>,
     /// The `service` label of inbound requests: `name.namespace` of `FERRY_SERVICE`, or `app`.
     local_service: Arc<str>,
     /// This workload's Service as (namespace, name): `FERRY_SERVICE` as `ns/name`, or `name` in `FERRY_NAMESPACE`.
@@ -116,6 +117,7 @@ impl Proxy {
             local,
             rate_limits: Default::default(),
             breakers: Default::default(),
+            limits: Default::default(),
             own_listeners,
             connections,
             h1,

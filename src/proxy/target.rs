@@ -94,6 +94,7 @@ pub struct Destination {
     /// Outbound: the destination Service's request timeout and circuit breaker.
     pub timeout: Option<std::time::Duration>,
     pub breaker: Option<Arc<crate::breaker::Config>>,
+    pub caps: Option<crate::concurrency::Caps>,
 }
 
 /// A failed decision, with the service label to count it under.
@@ -120,6 +121,7 @@ impl Proxy {
                     tls: None,
                     timeout: None,
                     breaker: None,
+                    caps: None,
                 },
             },
             (Direction::Inbound, original) => {
@@ -144,7 +146,7 @@ impl Proxy {
                         (service.clone(), ProxyError::NoRoute("no app address is configured (FERRY_APP_ADDR)".into()))
                     })?,
                 };
-                Destination { service, addr, tls: None, timeout: None, breaker: None }
+                Destination { service, addr, tls: None, timeout: None, breaker: None, caps: None }
             }
         };
         if self.is_own_listener(dest.addr) {
@@ -172,6 +174,7 @@ impl Proxy {
             tls,
             timeout: svc.timeout,
             breaker: svc.breaker.clone(),
+            caps: svc.caps,
         }
     }
 
