@@ -32,6 +32,8 @@ pub enum ProxyError {
     CircuitOpen { service: String, retry_after: std::time::Duration },
     #[error("{service} is at its limit of concurrent and queued requests")]
     Overloaded { service: String },
+    #[error("no response within the per-try timeout ({0:?})")]
+    PerTryTimeout(std::time::Duration),
     #[error("no response within the request timeout ({0:?})")]
     RequestTimeout(std::time::Duration),
     #[error("the service's rate limit is reached; retry in {} ms", retry_after.as_millis())]
@@ -61,6 +63,7 @@ impl ProxyError {
             ProxyError::Unauthorized(_) => "unauthorized",
             ProxyError::RateLimited { .. } => "rate-limited",
             ProxyError::RequestTimeout(_) => "request-timeout",
+            ProxyError::PerTryTimeout(_) => "per-try-timeout",
             ProxyError::CircuitOpen { .. } => "circuit-open",
             ProxyError::Overloaded { .. } => "overloaded",
         }
@@ -77,7 +80,7 @@ impl ProxyError {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::Unauthorized(_) => StatusCode::FORBIDDEN,
             ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ProxyError::RequestTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::RequestTimeout(_) | ProxyError::PerTryTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::CircuitOpen { .. } | ProxyError::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -93,7 +96,7 @@ impl ProxyError {
             ProxyError::BadRequest(_) => INTERNAL,
             ProxyError::Unauthorized(_) => PERMISSION_DENIED,
             ProxyError::RateLimited { .. } => RESOURCE_EXHAUSTED,
-            ProxyError::RequestTimeout(_) => DEADLINE_EXCEEDED,
+            ProxyError::RequestTimeout(_) | ProxyError::PerTryTimeout(_) => DEADLINE_EXCEEDED,
             _ => UNAVAILABLE,
         }
     }

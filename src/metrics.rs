@@ -50,6 +50,7 @@ pub struct Metrics {
     pub upstream_active: IntGaugeVec,
     pub upstream_pending: IntGaugeVec,
     pub upstream_limit: IntGaugeVec,
+    pub retries: IntCounterVec,
 }
 
 /// The counters and histograms of one (direction, service), one per status class.
@@ -214,6 +215,11 @@ impl Metrics {
                 "ferry_upstream_requests_limit",
                 "Each destination Service's maxRequests limit (set once a request met it).",
                 &["service"],
+            ),
+            retries: counter(
+                "ferry_retries_total",
+                "Retries by destination Service and result (attempted, exhausted: the policy's attempts used up, budget-denied).",
+                &["service", "result"],
             ),
             registry,
         };

@@ -1,12 +1,30 @@
-//! Retry decisions (pure; the layer that replays requests comes with the outbound stack): which failures a
-//! TrafficPolicy's `retries.on` covers and whether a request may be retried at all, the jittered exponential backoff,
-//! and the retry budget (a share of the requests over a 10 s window, plus a per-second floor) that stops retry storms.
+//! Retries: the pure decisions (which failures a TrafficPolicy's `retries.on` covers, whether a request may be retried
+//! at all, the jittered exponential backoff, the retry budget — a share of the requests over a 10 s window plus a
+//! per-second floor — that stops retry storms) and `RetryLayer`, second in the outbound stack. A request is retried
+//! only if its body fits the replay buffer (64 KiB, declared by `content-length`, or empty); streaming bodies never
+//! are. Metrics: `ferry_retries_total{result}` (attempted, exhausted, budget-denied).
 
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use ferry_xds::policy::{Retries, RetryBudget};
-use http::Method;
+use http::{Method, Request, Response};
+use http_body::Body;
+use http_body_util::BodyExt;
 use tokio::time::Instant;
+use tower::ServiceExt;
+
+use crate::errors::ProxyError;
+use crate::metrics::Metrics;
+use crate::proxy::body::ProxyBody;
+
+/// Bodies up to this size (by `content-length`) are kept for replay.
+pub const REPLAY_LIMIT: u64 = 64 * 1024;
 
 /// How one try ended, as far as retrying is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,7 +127,8 @@ pub fn backoff(retry: u32, base: Duration, max: Duration, jitter: f64) -> Durati
 }
 
 /// The retry budget over a sliding 10 s window of one-second slots: retries are allowed while they stay under
-/// `percent` of the requests in the window plus `min_per_second` × 10.
+/// `percent` of the requests in the window plus the floor, `min_per_second` for each second of the window that has
+/// passed (so over any run, retries ≤ percent × requests + min_per_second × seconds).
 #[derive(Debug, Clone)]
 pub struct Budget {
     percent: f64,
@@ -162,8 +181,8 @@ impl Budget {
     /// Takes a retry from the budget, if it has one.
     pub fn withdraw(&mut self, now: Instant) -> bool {
         let (requests, retries) = self.window(now);
-        let allowed =
-            self.percent / 100.0 * f64::from(requests) + f64::from(self.min_per_second) * WINDOW_SECONDS as f64;
+        let seconds = now.saturating_duration_since(self.origin).as_secs_f64().min(WINDOW_SECONDS as f64);
+        let allowed = self.percent / 100.0 * f64::from(requests) + f64::from(self.min_per_second) * seconds;
         if f64::from(retries) + 1.0 > allowed {
             return false;
         }
@@ -173,22 +192,184 @@ impl Budget {
 }
 
 /// The retry settings of one Service, parsed.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Policy {
     pub attempts: u32,
     pub on: On,
     pub base: Duration,
     pub max: Duration,
+    pub per_try_timeout: Option<Duration>,
+    pub budget: RetryBudget,
 }
 
 impl Policy {
-    /// Backoff defaults when the policy gives none: 25 ms doubling to 250 ms.
+    /// Defaults for what the policy leaves out: backoff 25 ms doubling to 250 ms, budget 20 % + 10/s.
     pub fn from_policy(r: &Retries) -> Policy {
         let (base, max) = r
             .backoff
             .as_ref()
             .map_or((Duration::from_millis(25), Duration::from_millis(250)), |b| (b.base.as_std(), b.max.as_std()));
-        Policy { attempts: r.attempts, on: On::parse(&r.on), base, max }
+        Policy {
+            attempts: r.attempts,
+            on: On::parse(&r.on),
+            base,
+            max,
+            per_try_timeout: r.per_try_timeout.as_ref().map(|d| d.as_std()),
+            budget: r.budget.clone().unwrap_or(RetryBudget { percent: 20.0, min_per_second: 10 }),
+        }
+    }
+}
+
+/// How a try ended, for the retry decision (`None`: an error retrying cannot help, such as an open breaker).
+pub fn classify(result: &Result<Response<ProxyBody>, ProxyError>) -> Option<Outcome> {
+    match result {
+        Ok(resp) => {
+            let grpc = resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
+            Some(Outcome::Response { status: resp.status().as_u16(), grpc })
+        }
+        Err(ProxyError::ConnectRefused { .. } | ProxyError::ConnectTimeout(_) | ProxyError::Tls(_)) => {
+            Some(Outcome::ConnectFailure)
+        }
+        Err(ProxyError::UpstreamReset { source, .. }) => {
+            let refused = std::error::Error::source(source)
+                .and_then(|s| s.downcast_ref::<h2::Error>())
+                .is_some_and(|e| e.reason() == Some(h2::Reason::REFUSED_STREAM));
+            Some(if refused { Outcome::RefusedStream } else { Outcome::Reset })
+        }
+        Err(ProxyError::PerTryTimeout(_)) => Some(Outcome::Response { status: 504, grpc: Some(4) }),
+        Err(_) => None,
+    }
+}
+
+// ===== registry =====
+
+/// One budget per destination Service, kept across config swaps.
+#[derive(Default)]
+pub struct Budgets {
+    map: Mutex<HashMap<Arc<str>, Budget>>,
+}
+
+impl Budgets {
+    fn with<T>(&self, service: &Arc<str>, budget: &RetryBudget, f: impl FnOnce(&mut Budget, Instant) -> T) -> T {
+        let now = Instant::now();
+        let mut map = self.map.lock().expect("budget lock");
+        let b = map.entry(service.clone()).or_insert_with(|| Budget::new(budget, now));
+        b.reconfigure(budget);
+        f(b, now)
+    }
+}
+
+// ===== layer =====
+
+/// Retries failed tries of a destination's requests within its policy and budget.
+#[derive(Clone)]
+pub struct RetryLayer {
+    policy: Option<Arc<Policy>>,
+    budgets: Arc<Budgets>,
+    service: Arc<str>,
+    metrics: Arc<Metrics>,
+}
+
+impl RetryLayer {
+    pub fn new(policy: Option<Arc<Policy>>, budgets: Arc<Budgets>, service: Arc<str>, metrics: Arc<Metrics>) -> Self {
+        RetryLayer { policy, budgets, service, metrics }
+    }
+}
+
+impl<S> tower::Layer<S> for RetryLayer {
+    type Service = Retrying<S>;
+
+    fn layer(&self, inner: S) -> Retrying<S> {
+        Retrying { layer: self.clone(), inner }
+    }
+}
+
+#[derive(Clone)]
+pub struct Retrying<S> {
+    layer: RetryLayer,
+    inner: S,
+}
+
+/// A copy of a request for another try (upgrades are never retried, so no extensions are needed).
+fn replay(
+    method: &Method,
+    uri: &http::Uri,
+    version: http::Version,
+    headers: &http::HeaderMap,
+    body: &Bytes,
+) -> Request<ProxyBody> {
+    let mut req = Request::new(ProxyBody::full(body.clone()));
+    *req.method_mut() = method.clone();
+    *req.uri_mut() = uri.clone();
+    *req.version_mut() = version;
+    *req.headers_mut() = headers.clone();
+    req
+}
+
+// ===== impl Retrying =====
+
+impl<S> tower::Service<Request<ProxyBody>> for Retrying<S>
+where
+    S: tower::Service<Request<ProxyBody>, Response = Response<ProxyBody>, Error = ProxyError> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response<ProxyBody>;
+    type Error = ProxyError;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, ProxyError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ProxyBody>) -> Self::Future {
+        let Some(policy) = self.layer.policy.clone() else { return Box::pin(self.inner.call(req)) };
+        let l = self.layer.clone();
+        l.budgets.with(&l.service, &policy.budget, |b, now| b.deposit(now));
+        let grpc = req
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ct| ct.starts_with("application/grpc"));
+        let upgrade = req.headers().contains_key(http::header::UPGRADE)
+            || req.extensions().get::<hyper::ext::Protocol>().is_some();
+        let eligible = policy.attempts > 0 && !upgrade;
+        let length = req.body().size_hint().exact();
+        if !eligible || length.is_none_or(|n| n > REPLAY_LIMIT) {
+            // Not retryable (or a body too large or of unknown length to keep): one try, the body streamed.
+            return Box::pin(self.inner.call(req));
+        }
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            let (parts, body) = req.into_parts();
+            let body = http_body_util::Limited::new(body, REPLAY_LIMIT as usize)
+                .collect()
+                .await
+                .map_err(|_| ProxyError::BadRequest("the request body does not match its content-length"))?
+                .to_bytes();
+            let (method, uri, version, headers) = (parts.method, parts.uri, parts.version, parts.headers);
+            let mut tries = 0;
+            loop {
+                tries += 1;
+                let result = inner.clone().oneshot(replay(&method, &uri, version, &headers, &body)).await;
+                let Some(outcome) = classify(&result) else { return result };
+                if !policy.on.covers(outcome) {
+                    return result;
+                }
+                if tries > policy.attempts {
+                    l.metrics.retries.with_label_values(&[&*l.service, "exhausted"]).inc();
+                    return result;
+                }
+                if !may_retry(policy.attempts, &policy.on, outcome, &method, grpc, true, tries) {
+                    return result;
+                }
+                if !l.budgets.with(&l.service, &policy.budget, |b, now| b.withdraw(now)) {
+                    l.metrics.retries.with_label_values(&[&*l.service, "budget-denied"]).inc();
+                    return result;
+                }
+                l.metrics.retries.with_label_values(&[&*l.service, "attempted"]).inc();
+                tokio::time::sleep(backoff(tries, policy.base, policy.max, crate::random_fraction())).await;
+            }
+        })
     }
 }
 
@@ -268,15 +449,17 @@ mod tests {
         let s = |secs: u64| t0 + Duration::from_secs(secs);
         // 20 % of requests, floor 1/s (10 over the window).
         let mut b = Budget::new(&RetryBudget { percent: 20.0, min_per_second: 1 }, t0);
-        // No requests yet: the floor alone allows 10 retries in the window.
-        assert_eq!((0..20).filter(|_| b.withdraw(s(0))).count(), 10);
-        // 100 requests add 20 more.
+        // No requests yet: the floor alone, 1 per second passed (at most the window's 10).
+        assert_eq!((0..20).filter(|_| b.withdraw(s(0))).count(), 0);
+        assert_eq!((0..20).filter(|_| b.withdraw(s(3))).count(), 3);
+        assert_eq!((0..20).filter(|_| b.withdraw(s(10))).count(), 7, "10 in the window now, 3 taken");
+        // 100 requests add 20 more (the 3 of second 3 are still in the window).
         for _ in 0..100 {
-            b.deposit(s(1));
+            b.deposit(s(11));
         }
-        assert_eq!((0..40).filter(|_| b.withdraw(s(1))).count(), 20);
+        assert_eq!((0..40).filter(|_| b.withdraw(s(11))).count(), 20);
         // After the window has slid past everything, the budget is back to the floor.
-        assert_eq!((0..20).filter(|_| b.withdraw(s(12))).count(), 10);
+        assert_eq!((0..20).filter(|_| b.withdraw(s(25))).count(), 10);
         // A 100 %-failing workload at 50 req/s for 30 s: retries stay within 20 % + the floor.
         let mut b = Budget::new(&RetryBudget { percent: 20.0, min_per_second: 10 }, t0);
         let mut retries = 0;

@@ -62,6 +62,9 @@ pub struct ServiceEntry {
     pub breaker: Option<Arc<crate::breaker::Config>>,
     #[serde(skip)]
     pub caps: Option<crate::concurrency::Caps>,
+    /// Its TrafficPolicy's retries (the caller's proxy applies them).
+    #[serde(skip)]
+    pub retry: Option<Arc<crate::retry::Policy>>,
     /// Round-robin cursor (replaced by P2C over EWMA with the resilience policies).
     #[serde(skip)]
     next: AtomicUsize,
@@ -134,6 +137,16 @@ impl Snapshot {
                 _ => None,
             })
             .collect();
+        let retries: HashMap<String, Arc<crate::retry::Policy>> = documents
+            .iter()
+            .filter_map(|d| match d {
+                Document::TrafficPolicy(p) => p.spec.retries.as_ref().map(|r| {
+                    let target = format!("{}/{}", p.metadata.namespace, p.spec.target_ref.name);
+                    (target, Arc::new(crate::retry::Policy::from_policy(r)))
+                }),
+                _ => None,
+            })
+            .collect();
         let caps: HashMap<String, crate::concurrency::Caps> = documents
             .iter()
             .filter_map(|d| match d {
@@ -200,6 +213,7 @@ impl Snapshot {
                 timeout: timeouts.get(&format!("{ns}/{name}")).copied(),
                 breaker: breakers.get(&format!("{ns}/{name}")).cloned(),
                 caps: caps.get(&format!("{ns}/{name}")).copied(),
+                retry: retries.get(&format!("{ns}/{name}")).cloned(),
                 qualified_name: format!("{name}.{ns}").into(),
                 name: svc.metadata.name,
                 namespace: svc.metadata.namespace,

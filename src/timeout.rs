@@ -105,6 +105,58 @@ where
     }
 }
 
+/// The per-try timeout of a destination's retry policy: each try must get its response headers in time, else it
+/// ends as `PerTryTimeout` (which the retry layer may retry).
+#[derive(Clone, Copy, Debug)]
+pub struct PerTryTimeoutLayer {
+    timeout: Option<Duration>,
+}
+
+impl PerTryTimeoutLayer {
+    pub fn new(timeout: Option<Duration>) -> Self {
+        PerTryTimeoutLayer { timeout }
+    }
+}
+
+impl<S> tower::Layer<S> for PerTryTimeoutLayer {
+    type Service = PerTryTimeout<S>;
+
+    fn layer(&self, inner: S) -> PerTryTimeout<S> {
+        PerTryTimeout { timeout: self.timeout, inner }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct PerTryTimeout<S> {
+    timeout: Option<Duration>,
+    inner: S,
+}
+
+impl<S, B> tower::Service<Request<B>> for PerTryTimeout<S>
+where
+    S: tower::Service<Request<B>, Response = Response<ProxyBody>, Error = ProxyError>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<ProxyBody>;
+    type Error = ProxyError;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, ProxyError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let call = self.inner.call(req);
+        let Some(timeout) = self.timeout else { return Box::pin(call) };
+        Box::pin(async move {
+            match tokio::time::timeout(timeout, call).await {
+                Err(_) => Err(ProxyError::PerTryTimeout(timeout)),
+                Ok(result) => result,
+            }
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -129,3 +129,71 @@ async fn requests_over_the_caps_are_refused_without_an_attempt() {
     assert_eq!(ferry.metric(r#"ferry_upstream_requests_limit{service="api.default"}"#), 2.0);
     assert_eq!(ferry.metric(r#"ferry_upstream_requests_active{service="api.default"}"#), 0.0);
 }
+
+fn retry_config(backend: std::net::SocketAddr, retries: &str) -> String {
+    format!(
+        "{}apiVersion: ferry.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: api}}\nspec: {{targetRef: {{kind: Service, name: api}}, retries: {retries}}}\n",
+        support::service_yaml("api", 80, &[backend])
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_turn_a_flaky_backend_reliable_within_the_budget() {
+    let app = backend::http_backend().await;
+    // Every 5th answer fails (20 %); two retries on gateway errors.
+    let config = retry_config(app.addr, "{attempts: 2, on: [gateway-error], backoff: {base: 1ms, max: 5ms}}");
+    let ferry = tokio::task::block_in_place(|| Ferry::start(Some(&config), &[]));
+    let before = app.requests.load(std::sync::atomic::Ordering::SeqCst);
+    // At about 100 req/s (paced), where the 25 % of retries needed fit the budget of 20 % + 10/s.
+    let requests = 1_000;
+    let ok = tokio::task::block_in_place(|| {
+        (0..requests)
+            .filter(|_| {
+                std::thread::sleep(Duration::from_millis(9));
+                http_exchange_full(ferry.outbound, "GET", "/flaky?every=5", &[("Host", "api")], "")
+                    .is_some_and(|r| r.status == 200)
+            })
+            .count()
+    });
+    let attempts = app.requests.load(std::sync::atomic::Ordering::SeqCst) - before;
+    eprintln!("flaky 20 %: {ok}/{requests} succeeded, {attempts} upstream attempts");
+    assert!(ok as f64 >= 0.99 * requests as f64, "{ok}/{requests}");
+    let retried = ferry.metric(r#"ferry_retries_total{result="attempted",service="api.default"}"#);
+    assert_eq!(retried as usize, attempts - requests, "every extra attempt is a counted retry");
+    // POST is not idempotent: its failures come back as they are.
+    let post_failures = tokio::task::block_in_place(|| {
+        (0..50)
+            .filter(|_| {
+                http_exchange_full(ferry.outbound, "POST", "/flaky?every=5", &[("Host", "api")], "x")
+                    .is_some_and(|r| r.status == 503)
+            })
+            .count()
+    });
+    assert_eq!(post_failures, 10, "every 5th POST fails, none retried");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_budget_stops_a_retry_storm_on_a_dead_backend() {
+    let app = backend::http_backend().await;
+    let config = retry_config(
+        app.addr,
+        "{attempts: 3, on: [\"503\"], backoff: {base: 1ms, max: 2ms}, budget: {percent: 20, minPerSecond: 1}}",
+    );
+    let ferry = tokio::task::block_in_place(|| Ferry::start(Some(&config), &[]));
+    let before = app.requests.load(std::sync::atomic::Ordering::SeqCst);
+    let started = std::time::Instant::now();
+    let requests = 500;
+    tokio::task::block_in_place(|| {
+        for _ in 0..requests {
+            let r = http_exchange_full(ferry.outbound, "GET", "/status?code=503", &[("Host", "api")], "").unwrap();
+            assert_eq!(r.status, 503);
+        }
+    });
+    let seconds = started.elapsed().as_secs_f64();
+    let attempts = (app.requests.load(std::sync::atomic::Ordering::SeqCst) - before) as f64;
+    // The issue's bound: attempts <= requests x (1 + budget) + floor x seconds.
+    let bound = requests as f64 * 1.2 + 1.0 * seconds;
+    eprintln!("dead backend: {requests} requests, {attempts} attempts in {seconds:.1} s (bound {bound:.0})");
+    assert!(attempts <= bound, "{attempts} attempts > {bound}");
+    assert!(ferry.metric(r#"ferry_retries_total{result="budget-denied",service="api.default"}"#) > 0.0);
+}

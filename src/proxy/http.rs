@@ -20,7 +20,8 @@ use crate::breaker::BreakerLayer;
 use crate::concurrency::ConcurrencyLayer;
 use crate::errors::{self, ProxyError};
 use crate::ratelimit::RateLimitLayer;
-use crate::timeout::RequestTimeoutLayer;
+use crate::retry::RetryLayer;
+use crate::timeout::{PerTryTimeoutLayer, RequestTimeoutLayer};
 use tower::ServiceExt;
 
 /// The verified SPIFFE ID of the calling workload, set by the destination's proxy (and removed from anything else).
@@ -41,6 +42,7 @@ impl Proxy {
             Ok((dest, authority)) => {
                 let service = dest.service.clone();
                 let addr = dest.addr;
+                let req = req.map(ProxyBody::from);
                 let result = match direction {
                     Direction::Outbound => {
                         self.clone().outbound_stack(dest, authority, conn.clone()).oneshot(req).await
@@ -88,18 +90,25 @@ impl Proxy {
         dest: Destination,
         authority: String,
         conn: ConnInfo,
-    ) -> impl tower::Service<Request<Incoming>, Response = Response<ProxyBody>, Error = ProxyError, Future: Send> + Send
+    ) -> impl tower::Service<Request<ProxyBody>, Response = Response<ProxyBody>, Error = ProxyError, Future: Send> + Send
     {
         let breaker =
             BreakerLayer::new(self.breakers.clone(), dest.breaker.clone(), dest.service.clone(), self.metrics.clone());
+        let retry =
+            RetryLayer::new(dest.retry.clone(), self.budgets.clone(), dest.service.clone(), self.metrics.clone());
+        let per_try = dest.retry.as_ref().and_then(|r| r.per_try_timeout);
         tower::ServiceBuilder::new()
             // The destination's request timeout covers everything under it, the response body included, and a gRPC
             // caller's own deadline when shorter.
             .layer(RequestTimeoutLayer::new(dest.timeout))
+            // Retries within the policy and the budget (each try passes the breaker and caps below).
+            .layer(retry)
             // A failing destination is given a rest: while its breaker is open, calls fail fast without an attempt.
             .layer(breaker)
             // And it is never sent more than its caps allow at once (a queue of bounded length, then `overloaded`).
             .layer(ConcurrencyLayer::new(self.limits.clone(), dest.caps, dest.service.clone(), self.metrics.clone()))
+            // Each try must answer in time, so that a retry can still fit in the request timeout.
+            .layer(PerTryTimeoutLayer::new(per_try))
             .service(tower::service_fn(move |req| {
                 let (proxy, dest, authority, conn) = (self.clone(), dest.clone(), authority.clone(), conn.clone());
                 async move { proxy.send(req, &dest, authority, &conn).await }
@@ -113,7 +122,7 @@ impl Proxy {
         dest: Destination,
         authority: String,
         conn: ConnInfo,
-    ) -> impl tower::Service<Request<Incoming>, Response = Response<ProxyBody>, Error = ProxyError, Future: Send> + Send
+    ) -> impl tower::Service<Request<ProxyBody>, Response = Response<ProxyBody>, Error = ProxyError, Future: Send> + Send
     {
         let policy = self.inbound_policy();
         let (caller, limit, service) = (conn.peer_identity.clone(), policy.rate_limit.clone(), policy.service.clone());
@@ -133,7 +142,7 @@ impl Proxy {
     }
 
     /// The request's destination and the authority to send it with (the app's own, else the address dialled).
-    fn request_destination(&self, req: &Request<Incoming>, conn: &ConnInfo) -> Result<(Destination, String), Refusal> {
+    fn request_destination<B>(&self, req: &Request<B>, conn: &ConnInfo) -> Result<(Destination, String), Refusal> {
         let mesh_upgrade = conn.peer_identity.is_some() && req.extensions().get::<hyper::ext::Protocol>().is_some();
         if req.method() == http::Method::CONNECT && !mesh_upgrade {
             // Tunnels through an explicit proxy are not a mesh feature: transparent interception carries any TCP.
@@ -150,7 +159,7 @@ impl Proxy {
 
     async fn send(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<ProxyBody>,
         dest: &Destination,
         authority: String,
         conn: &ConnInfo,
@@ -222,7 +231,7 @@ impl Proxy {
                 }
             }
         }
-        let mut resp = self.pool.send(dest.addr, version, dest.tls.as_ref(), req.map(ProxyBody::from)).await?;
+        let mut resp = self.pool.send(dest.addr, version, dest.tls.as_ref(), req).await?;
         let upstream_upgraded = match version {
             HttpVersion::Http1 => resp.status() == StatusCode::SWITCHING_PROTOCOLS,
             HttpVersion::Http2 => resp.status() == StatusCode::OK,

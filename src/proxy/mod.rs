@@ -64,6 +64,7 @@ pub struct Proxy {
     rate_limits: Arc<crate::ratelimit::RateLimits>,
     breakers: Arc<crate::breaker::Breakers>,
     limits: Arc<crate::concurrency::Limits>,
+    budgets: Arc<crate::retry::Budgets>,
     /// The `service` label of inbound requests: `name.namespace` of `FERRY_SERVICE`, or `app`.
     local_service: Arc<str>,
     /// This workload's Service as (namespace, name): `FERRY_SERVICE` as `ns/name`, or `name` in `FERRY_NAMESPACE`.
@@ -118,6 +119,7 @@ impl Proxy {
             rate_limits: Default::default(),
             breakers: Default::default(),
             limits: Default::default(),
+            budgets: Default::default(),
             own_listeners,
             connections,
             h1,

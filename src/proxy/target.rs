@@ -95,6 +95,7 @@ pub struct Destination {
     pub timeout: Option<std::time::Duration>,
     pub breaker: Option<Arc<crate::breaker::Config>>,
     pub caps: Option<crate::concurrency::Caps>,
+    pub retry: Option<Arc<crate::retry::Policy>>,
 }
 
 /// A failed decision, with the service label to count it under.
@@ -122,6 +123,7 @@ impl Proxy {
                     timeout: None,
                     breaker: None,
                     caps: None,
+                    retry: None,
                 },
             },
             (Direction::Inbound, original) => {
@@ -146,7 +148,7 @@ impl Proxy {
                         (service.clone(), ProxyError::NoRoute("no app address is configured (FERRY_APP_ADDR)".into()))
                     })?,
                 };
-                Destination { service, addr, tls: None, timeout: None, breaker: None, caps: None }
+                Destination { service, addr, tls: None, timeout: None, breaker: None, caps: None, retry: None }
             }
         };
         if self.is_own_listener(dest.addr) {
@@ -175,6 +177,7 @@ impl Proxy {
             timeout: svc.timeout,
             breaker: svc.breaker.clone(),
             caps: svc.caps,
+            retry: svc.retry.clone(),
         }
     }
 

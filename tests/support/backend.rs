@@ -136,6 +136,16 @@ async fn app(req: Request<Incoming>) -> Result<Response<TestBody>, Infallible> {
             builder.body(full("delayed"))
         }
         "/status" => builder.status(query(&req, "code").unwrap_or(200) as u16).body(full("status")),
+        "/flaky" => {
+            // Every Nth request this process's backends answer here fails with 503 (a fixed, seeded pattern).
+            static SEEN: AtomicUsize = AtomicUsize::new(0);
+            let every = query(&req, "every").unwrap_or(5).max(1) as usize;
+            if SEEN.fetch_add(1, Ordering::SeqCst) % every == every - 1 {
+                builder.status(503).body(full("flaky failure"))
+            } else {
+                builder.body(full("flaky ok"))
+            }
+        }
         "/stall" => {
             // Headers and a first chunk at once, the rest after `ms`: a body that stalls mid-stream.
             let ms = query(&req, "ms").unwrap_or(0);
