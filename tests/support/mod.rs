@@ -65,9 +65,32 @@ pub fn service_yaml(name: &str, port: u16, endpoints: &[SocketAddr]) -> String {
 impl Ferry {
     /// Starts ferry with `config` (file source, if any) and extra env, and waits until it is ready.
     pub fn start(config: Option<&str>, env: &[(&str, &str)]) -> Ferry {
-        let ferry = Self::spawn(config, env);
-        ferry.wait_ready();
-        ferry
+        // A port that was free when picked can be taken before ferry binds it (by an outgoing connection's source
+        // port): start again on new ports, a few times.
+        for _ in 0..3 {
+            let mut ferry = Self::spawn(config, env);
+            if ferry.wait_ready_unless_port_taken() {
+                return ferry;
+            }
+        }
+        panic!("ferry could not bind its ports three times in a row");
+    }
+
+    /// Waits for readiness; false when the process exited because a port was taken meanwhile.
+    fn wait_ready_unless_port_taken(&mut self) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if http_get(self.health, "/health/ready").map(|(s, _)| s) == Some(200) {
+                return true;
+            }
+            if let Ok(Some(_)) = self.child.try_wait()
+                && self.logs().contains("Address already in use")
+            {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("ferry not ready within 30s; log:\n{}", self.logs());
     }
 
     /// Starts ferry without waiting for readiness.
