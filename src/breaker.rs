@@ -6,8 +6,6 @@
 //! resets, timeouts and 5xx responses. Metrics: `ferry_circuit_breaker_state`, `..._transitions_total`.
 
 use std::collections::HashMap;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -16,7 +14,7 @@ use ferry_xds::policy::CircuitBreaker;
 use http::{Request, Response};
 use tokio::time::Instant;
 
-use crate::errors::ProxyError;
+use crate::errors::{ProxyError, ResponseFuture};
 use crate::metrics::Metrics;
 use crate::proxy::body::ProxyBody;
 
@@ -270,7 +268,7 @@ where
 {
     type Response = Response<ProxyBody>;
     type Error = ProxyError;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, ProxyError>> + Send>>;
+    type Future = ResponseFuture;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         self.inner.poll_ready(cx)

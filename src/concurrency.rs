@@ -4,8 +4,6 @@
 //! and `ferry_upstream_requests_pending` against `ferry_upstream_requests_limit`.
 
 use std::collections::HashMap;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -13,7 +11,7 @@ use std::task::{Context, Poll};
 use http::{Request, Response};
 use tokio::sync::Semaphore;
 
-use crate::errors::ProxyError;
+use crate::errors::{ProxyError, ResponseFuture};
 use crate::metrics::Metrics;
 use crate::proxy::body::ProxyBody;
 
@@ -98,7 +96,7 @@ where
 {
     type Response = Response<ProxyBody>;
     type Error = ProxyError;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, ProxyError>> + Send>>;
+    type Future = ResponseFuture;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         self.inner.poll_ready(cx)

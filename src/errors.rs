@@ -9,6 +9,10 @@ use crate::snapshot::RouteError;
 
 pub const PROXY_ERROR_HEADER: &str = "ferry-proxy-error";
 
+/// The future of a policy layer that wraps its inner service's call (boxed: one type for every layer).
+pub type ResponseFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response<ProxyBody>, ProxyError>> + Send>>;
+
 /// A failure of the proxy itself (never the app's own error response).
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {

@@ -3,8 +3,9 @@
 //! at half of its remaining life with jittered retries, and swapped in for new handshakes.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
+use ferry_xds::identity::unix_now;
 use ferry_xds::resources::pb;
 use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
@@ -29,10 +30,6 @@ pub enum CertifyError {
     Status(#[from] tonic::Status),
     #[error("the issued certificate is unusable: {0}")]
     Issued(String),
-}
-
-fn unix_now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }
 
 /// Pure: how long to wait before renewing a certificate with `remaining` life: half of it, less up to 10 % jitter

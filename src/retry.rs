@@ -5,8 +5,6 @@
 //! are. Metrics: `ferry_retries_total{result}` (attempted, exhausted, budget-denied).
 
 use std::collections::HashMap;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -19,7 +17,7 @@ use http_body_util::BodyExt;
 use tokio::time::Instant;
 use tower::ServiceExt;
 
-use crate::errors::ProxyError;
+use crate::errors::{ProxyError, ResponseFuture};
 use crate::metrics::Metrics;
 use crate::proxy::body::ProxyBody;
 
@@ -315,7 +313,7 @@ where
 {
     type Response = Response<ProxyBody>;
     type Error = ProxyError;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, ProxyError>> + Send>>;
+    type Future = ResponseFuture;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         self.inner.poll_ready(cx)

@@ -54,20 +54,33 @@ pub struct ServiceEntry {
     /// The SPIFFE IDs its `identities` name: a mesh peer serving it must present one of them.
     #[serde(skip)]
     pub identities: Arc<[Identity]>,
-    /// Its TrafficPolicy's request timeout (the caller's proxy applies it).
+    /// What the caller's proxy applies to requests for it (its TrafficPolicy's timeout, retries, breaker, caps).
     #[serde(skip)]
-    pub timeout: Option<std::time::Duration>,
-    /// Its TrafficPolicy's circuit breaker and its request caps (the caller's proxy applies them).
-    #[serde(skip)]
-    pub breaker: Option<Arc<crate::breaker::Config>>,
-    #[serde(skip)]
-    pub caps: Option<crate::concurrency::Caps>,
-    /// Its TrafficPolicy's retries (the caller's proxy applies them).
-    #[serde(skip)]
-    pub retry: Option<Arc<crate::retry::Policy>>,
+    pub outbound: Arc<Outbound>,
     /// Round-robin cursor (replaced by P2C over EWMA with the resilience policies).
     #[serde(skip)]
     next: AtomicUsize,
+}
+
+/// The caller-side settings of a Service's TrafficPolicy, compiled for the outbound stack (all `None`: no policy).
+#[derive(Debug, Default)]
+pub struct Outbound {
+    pub timeout: Option<std::time::Duration>,
+    pub retry: Option<Arc<crate::retry::Policy>>,
+    pub breaker: Option<Arc<crate::breaker::Config>>,
+    pub caps: Option<crate::concurrency::Caps>,
+}
+
+impl Outbound {
+    fn from_policy(spec: &ferry_xds::policy::TrafficPolicySpec) -> Outbound {
+        let breaker = spec.circuit_breaker.as_ref();
+        Outbound {
+            timeout: spec.timeout.as_ref().map(|t| t.as_std()),
+            retry: spec.retries.as_ref().map(|r| Arc::new(crate::retry::Policy::from_policy(r))),
+            breaker: breaker.map(|b| Arc::new(crate::breaker::Config::from_policy(b))),
+            caps: breaker.and_then(crate::concurrency::Caps::from_policy),
+        }
+    }
 }
 
 /// Why a request could not be given a destination.
@@ -125,47 +138,14 @@ impl Snapshot {
         let mut policies = Vec::new();
         let mut opaque_ports = HashSet::new();
         let mut implicit = Vec::new();
-        // Caller-side settings of each Service's TrafficPolicy, to attach to the Service.
-        let timeouts: HashMap<String, std::time::Duration> = documents
+        // What the caller's proxy applies per destination, from each Service's TrafficPolicy (compiled once here).
+        let outbound: HashMap<String, Arc<Outbound>> = documents
             .iter()
             .filter_map(|d| match d {
-                Document::TrafficPolicy(p) => p
-                    .spec
-                    .timeout
-                    .as_ref()
-                    .map(|t| (format!("{}/{}", p.metadata.namespace, p.spec.target_ref.name), t.as_std())),
-                _ => None,
-            })
-            .collect();
-        let retries: HashMap<String, Arc<crate::retry::Policy>> = documents
-            .iter()
-            .filter_map(|d| match d {
-                Document::TrafficPolicy(p) => p.spec.retries.as_ref().map(|r| {
+                Document::TrafficPolicy(p) => {
                     let target = format!("{}/{}", p.metadata.namespace, p.spec.target_ref.name);
-                    (target, Arc::new(crate::retry::Policy::from_policy(r)))
-                }),
-                _ => None,
-            })
-            .collect();
-        let caps: HashMap<String, crate::concurrency::Caps> = documents
-            .iter()
-            .filter_map(|d| match d {
-                Document::TrafficPolicy(p) => p
-                    .spec
-                    .circuit_breaker
-                    .as_ref()
-                    .and_then(crate::concurrency::Caps::from_policy)
-                    .map(|c| (format!("{}/{}", p.metadata.namespace, p.spec.target_ref.name), c)),
-                _ => None,
-            })
-            .collect();
-        let breakers: HashMap<String, Arc<crate::breaker::Config>> = documents
-            .iter()
-            .filter_map(|d| match d {
-                Document::TrafficPolicy(p) => p.spec.circuit_breaker.as_ref().map(|b| {
-                    let target = format!("{}/{}", p.metadata.namespace, p.spec.target_ref.name);
-                    (target, Arc::new(crate::breaker::Config::from_policy(b)))
-                }),
+                    Some((target, Arc::new(Outbound::from_policy(&p.spec))))
+                }
                 _ => None,
             })
             .collect();
@@ -210,10 +190,7 @@ impl Snapshot {
                 .into();
             services.push(Arc::new(ServiceEntry {
                 identities,
-                timeout: timeouts.get(&format!("{ns}/{name}")).copied(),
-                breaker: breakers.get(&format!("{ns}/{name}")).cloned(),
-                caps: caps.get(&format!("{ns}/{name}")).copied(),
-                retry: retries.get(&format!("{ns}/{name}")).cloned(),
+                outbound: outbound.get(&format!("{ns}/{name}")).cloned().unwrap_or_default(),
                 qualified_name: format!("{name}.{ns}").into(),
                 name: svc.metadata.name,
                 namespace: svc.metadata.namespace,

@@ -3,15 +3,13 @@
 //! caller's own `grpc-timeout` is honoured when shorter and passed on as the time left. Expiry: `RequestTimeout`
 //! (504 `request-timeout`; gRPC: DEADLINE_EXCEEDED).
 
-use std::future::Future;
-use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{HeaderValue, Request, Response};
 use tokio::time::Instant;
 
-use crate::errors::ProxyError;
+use crate::errors::{ProxyError, ResponseFuture};
 use crate::proxy::body::ProxyBody;
 
 pub const GRPC_TIMEOUT: &str = "grpc-timeout";
@@ -75,7 +73,7 @@ where
 {
     type Response = Response<ProxyBody>;
     type Error = ProxyError;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, ProxyError>> + Send>>;
+    type Future = ResponseFuture;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         self.inner.poll_ready(cx)
@@ -139,7 +137,7 @@ where
 {
     type Response = Response<ProxyBody>;
     type Error = ProxyError;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, ProxyError>> + Send>>;
+    type Future = ResponseFuture;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         self.inner.poll_ready(cx)

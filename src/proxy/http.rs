@@ -92,27 +92,26 @@ impl Proxy {
         conn: ConnInfo,
     ) -> impl tower::Service<Request<ProxyBody>, Response = Response<ProxyBody>, Error = ProxyError, Future: Send> + Send
     {
+        let policy = dest.outbound.clone();
+        let (service, metrics) = (dest.service.clone(), self.metrics.clone());
         let breaker =
-            BreakerLayer::new(self.breakers.clone(), dest.breaker.clone(), dest.service.clone(), self.metrics.clone());
-        let retry =
-            RetryLayer::new(dest.retry.clone(), self.budgets.clone(), dest.service.clone(), self.metrics.clone());
-        let per_try = dest.retry.as_ref().and_then(|r| r.per_try_timeout);
+            BreakerLayer::new(self.breakers.clone(), policy.breaker.clone(), service.clone(), metrics.clone());
+        let retry = RetryLayer::new(policy.retry.clone(), self.budgets.clone(), service.clone(), metrics.clone());
+        let caps = ConcurrencyLayer::new(self.limits.clone(), policy.caps, service, metrics);
+        let per_try = policy.retry.as_ref().and_then(|r| r.per_try_timeout);
         tower::ServiceBuilder::new()
             // The destination's request timeout covers everything under it, the response body included, and a gRPC
             // caller's own deadline when shorter.
-            .layer(RequestTimeoutLayer::new(dest.timeout))
+            .layer(RequestTimeoutLayer::new(policy.timeout))
             // Retries within the policy and the budget (each try passes the breaker and caps below).
             .layer(retry)
             // A failing destination is given a rest: while its breaker is open, calls fail fast without an attempt.
             .layer(breaker)
             // And it is never sent more than its caps allow at once (a queue of bounded length, then `overloaded`).
-            .layer(ConcurrencyLayer::new(self.limits.clone(), dest.caps, dest.service.clone(), self.metrics.clone()))
+            .layer(caps)
             // Each try must answer in time, so that a retry can still fit in the request timeout.
             .layer(PerTryTimeoutLayer::new(per_try))
-            .service(tower::service_fn(move |req| {
-                let (proxy, dest, authority, conn) = (self.clone(), dest.clone(), authority.clone(), conn.clone());
-                async move { proxy.send(req, &dest, authority, &conn).await }
-            }))
+            .service(self.upstream(dest, authority, conn))
     }
 
     /// The inbound HTTP stack, outermost first (metrics, the access log and the error responder wrap it in
@@ -135,10 +134,22 @@ impl Proxy {
             .layer(authz)
             // The Service's own protection against overload: admitted calls within its rate (per caller if asked).
             .layer(rate_limit)
-            .service(tower::service_fn(move |req| {
-                let (proxy, dest, authority, conn) = (self.clone(), dest.clone(), authority.clone(), conn.clone());
-                async move { proxy.send(req, &dest, authority, &conn).await }
-            }))
+            .service(self.upstream(dest, authority, conn))
+    }
+
+    /// The innermost service of both stacks: sends each request (each try) to the destination.
+    fn upstream(
+        self: Arc<Self>,
+        dest: Destination,
+        authority: String,
+        conn: ConnInfo,
+    ) -> impl tower::Service<Request<ProxyBody>, Response = Response<ProxyBody>, Error = ProxyError, Future: Send>
+    + Clone
+    + Send {
+        tower::service_fn(move |req| {
+            let (proxy, dest, authority, conn) = (self.clone(), dest.clone(), authority.clone(), conn.clone());
+            async move { proxy.send(req, &dest, authority, &conn).await }
+        })
     }
 
     /// The request's destination and the authority to send it with (the app's own, else the address dialled).

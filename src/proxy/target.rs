@@ -9,7 +9,7 @@ use tokio::net::TcpStream;
 
 use super::{Direction, Proxy};
 use crate::errors::ProxyError;
-use crate::snapshot::Route;
+use crate::snapshot::{Outbound, Route};
 use crate::tls::{self, PeerTls};
 
 /// The `service` label of outbound requests that matched no Service in explicit mode.
@@ -79,7 +79,7 @@ impl ConnInfo {
 
     /// How long until the mesh peer's certificate expires (a connection must not outlive it).
     pub fn peer_expires_in(&self) -> Option<std::time::Duration> {
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok()?.as_secs() as i64;
+        let now = ferry_xds::identity::unix_now();
         self.peer_not_after.map(|t| std::time::Duration::from_secs(t.saturating_sub(now).max(0) as u64))
     }
 }
@@ -91,11 +91,8 @@ pub struct Destination {
     pub addr: SocketAddr,
     /// A meshed endpoint: mTLS with this SNI, to one of these identities.
     pub tls: Option<PeerTls>,
-    /// Outbound: the destination Service's request timeout and circuit breaker.
-    pub timeout: Option<std::time::Duration>,
-    pub breaker: Option<Arc<crate::breaker::Config>>,
-    pub caps: Option<crate::concurrency::Caps>,
-    pub retry: Option<Arc<crate::retry::Policy>>,
+    /// Outbound: what the caller's proxy applies for the destination Service (timeout, retries, breaker, caps).
+    pub outbound: Arc<Outbound>,
 }
 
 /// A failed decision, with the service label to count it under.
@@ -120,10 +117,7 @@ impl Proxy {
                     service: PASSTHROUGH_SERVICE.into(),
                     addr: original,
                     tls: None,
-                    timeout: None,
-                    breaker: None,
-                    caps: None,
-                    retry: None,
+                    outbound: Default::default(),
                 },
             },
             (Direction::Inbound, original) => {
@@ -148,7 +142,7 @@ impl Proxy {
                         (service.clone(), ProxyError::NoRoute("no app address is configured (FERRY_APP_ADDR)".into()))
                     })?,
                 };
-                Destination { service, addr, tls: None, timeout: None, breaker: None, caps: None, retry: None }
+                Destination { service, addr, tls: None, outbound: Default::default() }
             }
         };
         if self.is_own_listener(dest.addr) {
@@ -170,15 +164,7 @@ impl Proxy {
             service: svc.qualified_name.to_string(),
             identities: svc.identities.clone(),
         });
-        Destination {
-            service: svc.qualified_name.clone(),
-            addr: route.endpoint,
-            tls,
-            timeout: svc.timeout,
-            breaker: svc.breaker.clone(),
-            caps: svc.caps,
-            retry: svc.retry.clone(),
-        }
+        Destination { service: svc.qualified_name.clone(), addr: route.endpoint, tls, outbound: svc.outbound.clone() }
     }
 
     /// The app ports of this workload's Service (each port's `targetPort`, else the port).

@@ -15,6 +15,7 @@ use x509_parser::certification_request::X509CertificationRequest;
 use x509_parser::prelude::FromDer;
 
 use crate::identity::{Identity, TOKEN_UNIT_PREFIX};
+use crate::tokens::unix_now;
 use time::{Duration, OffsetDateTime};
 
 #[derive(Debug, thiserror::Error)]
@@ -269,10 +270,6 @@ pub enum RotationError {
     Ca(#[from] CaError),
     #[error("{0}")]
     Refused(String),
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 /// Subject CN and expiry (Unix seconds) of a PEM certificate.

@@ -47,7 +47,7 @@ pub fn by_certificate(tokens: &Mutex<Tokens>, chain: &[CertificateDer<'_>]) -> R
     let leaf = chain.first().ok_or_else(|| Refusal::new("missing", "no client certificate"))?;
     let info = identity::inspect(leaf).map_err(|e| Refusal::new("certificate", e.to_string()))?;
     // The handshake checked validity when the connection opened; a connection may outlive the certificate.
-    let now = crate::tokens::unix_now() as i64;
+    let now = identity::unix_now();
     if info.not_after <= now {
         return Err(Refusal::new("expired", "the client certificate has expired"));
     }

@@ -12,6 +12,11 @@ use crate::TRUST_DOMAIN;
 /// id is public (`ferryctl token list`); the secret never appears.
 pub const TOKEN_UNIT_PREFIX: &str = "join-token ";
 
+/// Seconds since the Unix epoch, the unit of certificate validity here.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
 /// Who a workload is: a service account in a namespace of the mesh's trust domain.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use clap::{Parser, Subcommand, ValueEnum};
+use ferry_xds::identity::unix_now;
 use ferry_xds::{canonical_kind, parse_documents};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
@@ -311,10 +312,6 @@ async fn run(command: Command) -> anyhow::Result<()> {
     }
 }
 
-fn unix_now() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
-}
-
 /// Time left until `t` (Unix seconds), or `EXPIRED`.
 fn left(t: i64, now: i64) -> String {
     if t <= now { "EXPIRED".into() } else { format!("in {}", human_duration((t - now) as u64)) }
@@ -397,7 +394,7 @@ fn print_status(reply: &serde_json::Value) {
         "{:<28} {:<44} {:<22} {:>8} {:<12} {:<14} {:<14} {:<14} {:<14} STATUS",
         "NODE", "IDENTITY", "ADDRESS", "AGE", "CERT EXPIRY", types[0], types[1], types[2], types[3]
     );
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let now = unix_now().max(0) as u64;
     let mut nacks = Vec::new();
     for p in reply["proxies"].as_array().into_iter().flatten() {
         let cell = |t: &str| {
