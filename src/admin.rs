@@ -67,6 +67,8 @@ pub struct AdminState {
     pub health: Arc<Health>,
     pub log: Option<LogHandle>,
     pub connections: Arc<OpenConnections>,
+    /// Per-endpoint load and outlier state, for `/endpoints`.
+    pub balancers: Arc<crate::balance::Balancers>,
 }
 
 type Body = Full<Bytes>;
@@ -132,7 +134,18 @@ impl AdminState {
                             .spec
                             .ports
                             .iter()
-                            .map(|p| serde_json::json!({"port": p.port, "endpoints": s.endpoints(p.port).map(|a| a.to_string()).collect::<Vec<_>>()}))
+                            .map(|p| {
+                                // The balancer's view once it has sent there: latency, in flight, ejections.
+                                let endpoints = match self.balancers.state(&s.qualified_name, p.port) {
+                                    Some(state) => serde_json::json!(state),
+                                    None => serde_json::json!(
+                                        s.endpoints(p.port)
+                                            .map(|address| serde_json::json!({"address": address}))
+                                            .collect::<Vec<_>>()
+                                    ),
+                                };
+                                serde_json::json!({"port": p.port, "endpoints": endpoints})
+                            })
                             .collect();
                         serde_json::json!({"service": &*s.qualified_name, "ports": ports})
                     })

@@ -108,6 +108,7 @@ pub async fn run(settings: Settings, log: Option<LogHandle>) -> Result<(), Start
         health: health.clone(),
         log,
         connections: proxy.connections.clone(),
+        balancers: proxy.balancers.clone(),
     });
     tracing::info!(admin = %settings.admin_addr, health = %settings.health_addr, "admin and health servers listening");
     tokio::spawn(admin::serve(state.clone(), admin_listener, admin::Server::Admin));

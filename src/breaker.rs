@@ -213,21 +213,6 @@ fn observe(metrics: &Metrics, service: &str, transition: Option<Transition>) {
     }
 }
 
-/// Whether an outcome counts against the breaker.
-fn failed(result: &Result<Response<ProxyBody>, ProxyError>) -> bool {
-    match result {
-        Ok(resp) => resp.status().is_server_error(),
-        Err(e) => matches!(
-            e,
-            ProxyError::ConnectRefused { .. }
-                | ProxyError::ConnectTimeout(_)
-                | ProxyError::UpstreamReset { .. }
-                | ProxyError::Tls(_)
-                | ProxyError::RequestTimeout(_)
-        ),
-    }
-}
-
 // ===== layer =====
 
 /// Fails fast while the destination's breaker is open; counts every outcome.
@@ -289,7 +274,7 @@ where
         let call = self.inner.call(req);
         Box::pin(async move {
             let result = call.await;
-            let ok = !failed(&result);
+            let ok = !crate::errors::is_failure(&result);
             let transition = l.breakers.with(&l.service, &config, Instant::now(), |b| b.record(Instant::now(), ok));
             observe(&l.metrics, &l.service, transition);
             result

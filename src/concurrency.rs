@@ -1,6 +1,6 @@
-//! The circuit breaker's hard limits on requests to a destination Service: at most `maxRequests` at once, at most
-//! `maxPendingRequests` waiting for one of those slots; anything beyond gets 503 `overloaded` at once, with no
-//! upstream attempt. State: `Limits`, per Service, kept across config swaps; metrics: `ferry_upstream_requests_active`
+//! The circuit breaker's hard limits on a destination Service: at most `maxRequests` at once, at most
+//! `maxPendingRequests` waiting for one of those slots, at most `maxConnections` open to its endpoints; anything beyond
+//! gets 503 `overloaded` at once (an opaque connection is closed), with no upstream attempt. State: `Limits`, per Service, kept across config swaps; metrics: `ferry_upstream_requests_active`
 //! and `ferry_upstream_requests_pending` against `ferry_upstream_requests_limit`.
 
 use std::collections::HashMap;
@@ -20,12 +20,21 @@ use crate::proxy::body::ProxyBody;
 pub struct Caps {
     pub max_requests: Option<u32>,
     pub max_pending: Option<u32>,
+    pub max_connections: Option<u32>,
 }
 
 impl Caps {
-    pub fn from_policy(p: &ferry_xds::policy::CircuitBreaker) -> Option<Caps> {
-        (p.max_requests.is_some() || p.max_pending_requests.is_some())
-            .then_some(Caps { max_requests: p.max_requests, max_pending: p.max_pending_requests })
+    /// The default of each cap left out (as Envoy's): 1024.
+    pub const DEFAULT: u32 = 1024;
+
+    /// The caps of a `circuitBreaker` (`None`: defaults for all).
+    pub fn from_policy(p: Option<&ferry_xds::policy::CircuitBreaker>) -> Caps {
+        let or_default = |v: Option<u32>| Some(v.unwrap_or(Caps::DEFAULT));
+        Caps {
+            max_requests: or_default(p.and_then(|p| p.max_requests)),
+            max_pending: or_default(p.and_then(|p| p.max_pending_requests)),
+            max_connections: or_default(p.and_then(|p| p.max_connections)),
+        }
     }
 }
 
@@ -34,6 +43,21 @@ struct Slots {
     caps: Caps,
     semaphore: Arc<Semaphore>,
     pending: AtomicUsize,
+    connections: Arc<Semaphore>,
+}
+
+/// A destination's limit on open connections, as the connection pool sees it.
+#[derive(Clone)]
+pub struct ConnectionLimit {
+    pub service: Arc<str>,
+    slots: Arc<Semaphore>,
+}
+
+impl ConnectionLimit {
+    /// A slot for one more connection, held as long as the connection is open; `overloaded` when there is none.
+    pub fn admit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, ProxyError> {
+        self.slots.clone().try_acquire_owned().map_err(|_| ProxyError::Overloaded { service: self.service.to_string() })
+    }
 }
 
 /// Per destination Service.
@@ -46,8 +70,14 @@ impl Limits {
     fn slots(&self, service: &Arc<str>, caps: Caps) -> Arc<Slots> {
         let mut map = self.map.lock().expect("limits lock");
         let fresh = || {
-            let permits = caps.max_requests.map_or(Semaphore::MAX_PERMITS, |n| n as usize);
-            Arc::new(Slots { caps, semaphore: Arc::new(Semaphore::new(permits)), pending: AtomicUsize::new(0) })
+            let permits =
+                |cap: Option<u32>| Arc::new(Semaphore::new(cap.map_or(Semaphore::MAX_PERMITS, |n| n as usize)));
+            Arc::new(Slots {
+                caps,
+                semaphore: permits(caps.max_requests),
+                pending: AtomicUsize::new(0),
+                connections: permits(caps.max_connections),
+            })
         };
         let slots = map.entry(service.clone()).or_insert_with(fresh);
         if slots.caps != caps {
@@ -55,6 +85,11 @@ impl Limits {
             *slots = fresh();
         }
         slots.clone()
+    }
+
+    /// The connection limit of `service` under `caps`.
+    pub fn connections(&self, service: &Arc<str>, caps: Caps) -> ConnectionLimit {
+        ConnectionLimit { service: service.clone(), slots: self.slots(service, caps).connections.clone() }
     }
 }
 
@@ -153,7 +188,7 @@ mod tests {
     async fn two_at_once_one_waiting_the_rest_refused() {
         let limits = Arc::new(Limits::default());
         let metrics = Arc::new(Metrics::new());
-        let caps = Caps { max_requests: Some(2), max_pending: Some(1) };
+        let caps = Caps { max_requests: Some(2), max_pending: Some(1), max_connections: None };
         let layer = ConcurrencyLayer::new(limits, Some(caps), "api.default".into(), metrics.clone());
         let slow = tower::service_fn(|_req: Request<()>| async {
             tokio::time::sleep(std::time::Duration::from_secs(1)).await;
@@ -166,5 +201,20 @@ mod tests {
         assert_eq!((results.len() - refused, refused), (3, 2), "2 running + 1 queued served, 2 refused");
         assert_eq!(metrics.upstream_active.with_label_values(&["api.default"]).get(), 0);
         assert_eq!(metrics.upstream_pending.with_label_values(&["api.default"]).get(), 0);
+    }
+
+    #[test]
+    fn connection_slots_are_held_until_released() {
+        let limits = Limits::default();
+        let caps = Caps { max_requests: None, max_pending: None, max_connections: Some(2) };
+        let limit = limits.connections(&"db.default".into(), caps);
+        let (a, b) = (limit.admit().unwrap(), limit.admit().unwrap());
+        assert_eq!(limit.admit().map(|_| ()).unwrap_err().reason(), "overloaded");
+        drop(a);
+        let _c = limit.admit().expect("a closed connection frees its slot");
+        drop(b);
+        // Defaults: 1024 of each.
+        let d = Caps::from_policy(None);
+        assert_eq!((d.max_requests, d.max_pending, d.max_connections), (Some(1024), Some(1024), Some(1024)));
     }
 }

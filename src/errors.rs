@@ -34,7 +34,7 @@ pub enum ProxyError {
     Unauthorized(String),
     #[error("the circuit breaker of {service} is open (probes again in {} ms)", retry_after.as_millis())]
     CircuitOpen { service: String, retry_after: std::time::Duration },
-    #[error("{service} is at its limit of concurrent and queued requests")]
+    #[error("{service} is at its limit of concurrent and queued requests or of open connections")]
     Overloaded { service: String },
     #[error("no response within the per-try timeout ({0:?})")]
     PerTryTimeout(std::time::Duration),
@@ -42,6 +42,23 @@ pub enum ProxyError {
     RequestTimeout(std::time::Duration),
     #[error("the service's rate limit is reached; retry in {} ms", retry_after.as_millis())]
     RateLimited { retry_after: std::time::Duration },
+}
+
+/// Whether a try's outcome counts against its destination (circuit breaker, outlier detection): a 5xx answer, or no
+/// answer (connection failures, resets, TLS failures, timeouts). Refusals by the proxy itself do not count.
+pub fn is_failure(result: &Result<Response<ProxyBody>, ProxyError>) -> bool {
+    match result {
+        Ok(resp) => resp.status().is_server_error(),
+        Err(e) => matches!(
+            e,
+            ProxyError::ConnectRefused { .. }
+                | ProxyError::ConnectTimeout(_)
+                | ProxyError::UpstreamReset { .. }
+                | ProxyError::Tls(_)
+                | ProxyError::PerTryTimeout(_)
+                | ProxyError::RequestTimeout(_)
+        ),
+    }
 }
 
 impl From<RouteError> for ProxyError {

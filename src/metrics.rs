@@ -51,6 +51,7 @@ pub struct Metrics {
     pub upstream_pending: IntGaugeVec,
     pub upstream_limit: IntGaugeVec,
     pub retries: IntCounterVec,
+    pub outlier_ejections: IntCounterVec,
 }
 
 /// The counters and histograms of one (direction, service), one per status class.
@@ -220,6 +221,11 @@ impl Metrics {
                 "ferry_retries_total",
                 "Retries by destination Service and result (attempted, exhausted: the policy's attempts used up, budget-denied).",
                 &["service", "result"],
+            ),
+            outlier_ejections: counter(
+                "ferry_outlier_ejections_total",
+                "Outlier detection events by destination Service: ejected, skipped (the maximum share of endpoints was already ejected), recovered (a readmitted endpoint answered).",
+                &["service", "event"],
             ),
             registry,
         };

@@ -179,7 +179,8 @@ impl Budget {
     /// Takes a retry from the budget, if it has one.
     pub fn withdraw(&mut self, now: Instant) -> bool {
         let (requests, retries) = self.window(now);
-        let seconds = now.saturating_duration_since(self.origin).as_secs_f64().min(WINDOW_SECONDS as f64);
+        // The floor of the second under way is there from its start: a fresh budget can retry at once.
+        let seconds = (now.saturating_duration_since(self.origin).as_secs_f64() + 1.0).min(WINDOW_SECONDS as f64);
         let allowed = self.percent / 100.0 * f64::from(requests) + f64::from(self.min_per_second) * seconds;
         if f64::from(retries) + 1.0 > allowed {
             return false;
@@ -201,6 +202,19 @@ pub struct Policy {
 }
 
 impl Policy {
+    /// For a Service whose TrafficPolicy sets no `retries`: one retry on `connect-failure` and `refused-stream` (the
+    /// request cannot have reached the app) and on `reset` (for idempotent requests only, as RFC 9110 §9.2.2 allows
+    /// clients: typically a pooled connection the endpoint closed or a crashed endpoint), default backoff and budget.
+    pub fn default_for_unconfigured() -> Policy {
+        Policy::from_policy(&Retries {
+            attempts: 1,
+            per_try_timeout: None,
+            on: vec!["connect-failure".into(), "refused-stream".into(), "reset".into()],
+            backoff: None,
+            budget: None,
+        })
+    }
+
     /// Defaults for what the policy leaves out: backoff 25 ms doubling to 250 ms, budget 20 % + 10/s.
     pub fn from_policy(r: &Retries) -> Policy {
         let (base, max) = r
@@ -447,10 +461,14 @@ mod tests {
         let s = |secs: u64| t0 + Duration::from_secs(secs);
         // 20 % of requests, floor 1/s (10 over the window).
         let mut b = Budget::new(&RetryBudget { percent: 20.0, min_per_second: 1 }, t0);
-        // No requests yet: the floor alone, 1 per second passed (at most the window's 10).
-        assert_eq!((0..20).filter(|_| b.withdraw(s(0))).count(), 0);
+        // No requests yet: the floor alone, 1 per second begun (at most the window's 10).
+        assert_eq!((0..20).filter(|_| b.withdraw(s(0))).count(), 1, "a fresh budget can retry at once");
         assert_eq!((0..20).filter(|_| b.withdraw(s(3))).count(), 3);
-        assert_eq!((0..20).filter(|_| b.withdraw(s(10))).count(), 7, "10 in the window now, 3 taken");
+        assert_eq!(
+            (0..20).filter(|_| b.withdraw(s(10))).count(),
+            7,
+            "10 in the window now, 3 taken (second 0 has left)"
+        );
         // 100 requests add 20 more (the 3 of second 3 are still in the window).
         for _ in 0..100 {
             b.deposit(s(11));
@@ -466,7 +484,7 @@ mod tests {
             b.deposit(now);
             retries += usize::from(b.withdraw(now));
         }
-        let bound = (0.2 * 1500.0 + 10.0 * 30.0) as usize;
+        let bound = (0.2 * 1500.0 + 10.0 * 31.0) as usize;
         assert!(retries <= bound && retries >= 550, "{retries} retries for 1500 requests (bound {bound})");
     }
 }

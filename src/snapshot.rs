@@ -3,11 +3,13 @@
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use arc_swap::ArcSwap;
 use ferry_xds::identity::Identity;
-use ferry_xds::policy::MtlsMode;
+use ferry_xds::policy::{LoadBalancer, MtlsMode};
+
+use crate::balance::Endpoint;
 
 use crate::authz::{Authorization, InboundPolicy};
 use ferry_xds::{Document, PortProtocol, ServicePort, ServiceSpec, split_host_port};
@@ -57,28 +59,41 @@ pub struct ServiceEntry {
     /// What the caller's proxy applies to requests for it (its TrafficPolicy's timeout, retries, breaker, caps).
     #[serde(skip)]
     pub outbound: Arc<Outbound>,
-    /// Round-robin cursor (replaced by P2C over EWMA with the resilience policies).
+    /// Its endpoints per service port, as the load balancer chooses among them.
     #[serde(skip)]
-    next: AtomicUsize,
+    by_port: HashMap<u16, Arc<[Endpoint]>>,
 }
 
-/// The caller-side settings of a Service's TrafficPolicy, compiled for the outbound stack (all `None`: no policy).
+/// The caller-side settings for a destination Service, compiled for the outbound stack from its TrafficPolicy, with
+/// the defaults (README, "Defaults") for every field the policy leaves out, or for a Service no policy targets.
+/// `Outbound::default()` (all off) is for destinations that are not Services (pass-through, inbound).
 #[derive(Debug, Default)]
 pub struct Outbound {
     pub timeout: Option<std::time::Duration>,
     pub retry: Option<Arc<crate::retry::Policy>>,
     pub breaker: Option<Arc<crate::breaker::Config>>,
     pub caps: Option<crate::concurrency::Caps>,
+    pub balancer: LoadBalancer,
+    pub outlier: Option<Arc<crate::outlier::Config>>,
 }
 
 impl Outbound {
-    fn from_policy(spec: &ferry_xds::policy::TrafficPolicySpec) -> Outbound {
-        let breaker = spec.circuit_breaker.as_ref();
+    pub fn for_service(spec: Option<&ferry_xds::policy::TrafficPolicySpec>) -> Outbound {
+        let breaker = spec.and_then(|s| s.circuit_breaker.as_ref());
         Outbound {
-            timeout: spec.timeout.as_ref().map(|t| t.as_std()),
-            retry: spec.retries.as_ref().map(|r| Arc::new(crate::retry::Policy::from_policy(r))),
+            // No request timeout: it would cover the body, cutting long downloads, streams and long polls.
+            timeout: spec.and_then(|s| s.timeout.as_ref()).map(|t| t.as_std()),
+            retry: Some(Arc::new(match spec.and_then(|s| s.retries.as_ref()) {
+                Some(r) => crate::retry::Policy::from_policy(r),
+                // One retry when the request cannot have reached the app (idempotent requests only).
+                None => crate::retry::Policy::default_for_unconfigured(),
+            })),
             breaker: breaker.map(|b| Arc::new(crate::breaker::Config::from_policy(b))),
-            caps: breaker.and_then(crate::concurrency::Caps::from_policy),
+            caps: Some(crate::concurrency::Caps::from_policy(breaker)),
+            balancer: spec.and_then(|s| s.load_balancer).unwrap_or_default(),
+            outlier: spec
+                .and_then(|s| s.outlier_detection.as_ref())
+                .map(|o| Arc::new(crate::outlier::Config::from_policy(o))),
         }
     }
 }
@@ -94,14 +109,21 @@ pub enum RouteError {
     NoEndpoints(String),
 }
 
-/// The decision for one request: which service and port, and which endpoint to dial.
+/// The decision for one request: which service and port, and where it may go.
 #[derive(Debug, Clone)]
 pub struct Route {
     pub service: Arc<ServiceEntry>,
     pub port: ServicePort,
-    pub endpoint: SocketAddr,
-    /// The endpoint is a meshed workload (it has an identity): the connection is mTLS.
-    pub meshed: bool,
+    pub target: Target,
+}
+
+/// Where a routed request or connection may go.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Target {
+    /// This endpoint (the app dialled an endpoint's own address).
+    Endpoint(Endpoint),
+    /// One of the Service port's endpoints, chosen by the load balancer for each try (never empty).
+    Balanced(Arc<[Endpoint]>),
 }
 
 impl ServiceEntry {
@@ -110,14 +132,9 @@ impl ServiceEntry {
         self.spec.endpoints.iter().filter_map(move |e| e.socket_addr(port))
     }
 
-    /// The next endpoint (round robin) for `port`, and whether it is meshed.
-    fn pick_endpoint(&self, port: u16) -> Option<(SocketAddr, bool)> {
-        let n = self.spec.endpoints.len();
-        if n == 0 {
-            return None;
-        }
-        let e = &self.spec.endpoints[self.next.fetch_add(1, Ordering::Relaxed) % n];
-        Some((e.socket_addr(port)?, e.identity.is_some()))
+    /// The endpoints a request to `port` is balanced over (`None`: it has none).
+    fn balanced(&self, port: u16) -> Option<Target> {
+        self.by_port.get(&port).filter(|list| !list.is_empty()).map(|list| Target::Balanced(list.clone()))
     }
 }
 
@@ -139,12 +156,13 @@ impl Snapshot {
         let mut opaque_ports = HashSet::new();
         let mut implicit = Vec::new();
         // What the caller's proxy applies per destination, from each Service's TrafficPolicy (compiled once here).
+        let unconfigured = Arc::new(Outbound::for_service(None));
         let outbound: HashMap<String, Arc<Outbound>> = documents
             .iter()
             .filter_map(|d| match d {
                 Document::TrafficPolicy(p) => {
                     let target = format!("{}/{}", p.metadata.namespace, p.spec.target_ref.name);
-                    Some((target, Arc::new(Outbound::from_policy(&p.spec))))
+                    Some((target, Arc::new(Outbound::for_service(Some(&p.spec)))))
                 }
                 _ => None,
             })
@@ -190,12 +208,22 @@ impl Snapshot {
                 .into();
             services.push(Arc::new(ServiceEntry {
                 identities,
-                outbound: outbound.get(&format!("{ns}/{name}")).cloned().unwrap_or_default(),
+                outbound: outbound.get(&format!("{ns}/{name}")).cloned().unwrap_or_else(|| unconfigured.clone()),
                 qualified_name: format!("{name}.{ns}").into(),
                 name: svc.metadata.name,
                 namespace: svc.metadata.namespace,
+                by_port: svc
+                    .spec
+                    .ports
+                    .iter()
+                    .map(|p| {
+                        let list = svc.spec.endpoints.iter().filter_map(|e| {
+                            Some(Endpoint { addr: e.socket_addr(p.port)?, meshed: e.identity.is_some() })
+                        });
+                        (p.port, list.collect())
+                    })
+                    .collect(),
                 spec: svc.spec,
-                next: AtomicUsize::new(0),
             }));
         }
         for (host, index) in implicit {
@@ -264,10 +292,10 @@ impl Snapshot {
             .or_else(|| candidates.iter().any(|(p, _)| *p == Some(port)).then(|| &service.spec.ports[0]))
             .cloned()
             .ok_or_else(|| RouteError::NoPort { service: service.qualified_name.to_string(), port })?;
-        let (endpoint, meshed) = service
-            .pick_endpoint(service_port.port)
+        let target = service
+            .balanced(service_port.port)
             .ok_or_else(|| RouteError::NoEndpoints(service.qualified_name.to_string()))?;
-        Ok(Route { service: service.clone(), port: service_port, endpoint, meshed })
+        Ok(Route { service: service.clone(), port: service_port, target })
     }
 
     /// Pure route decision for intercepted traffic by its original destination: a Service VIP (`addresses` holding
@@ -285,15 +313,16 @@ impl Snapshot {
                 let service = &self.services[*index];
                 let service_port =
                     service.spec.ports.iter().find(|p| p.port == port).unwrap_or(&service.spec.ports[0]).clone();
-                if let Some((endpoint, meshed)) = service.pick_endpoint(service_port.port) {
-                    return Some(Route { service: service.clone(), port: service_port, endpoint, meshed });
+                if let Some(target) = service.balanced(service_port.port) {
+                    return Some(Route { service: service.clone(), port: service_port, target });
                 }
             }
         }
         let (index, port, meshed) = self.by_endpoint.get(&original)?;
         let service = &self.services[*index];
         let service_port = service.spec.ports.iter().find(|p| p.port == *port)?.clone();
-        Some(Route { service: service.clone(), port: service_port, endpoint: original, meshed: *meshed })
+        let target = Target::Endpoint(Endpoint { addr: original, meshed: *meshed });
+        Some(Route { service: service.clone(), port: service_port, target })
     }
 
     /// What the inbound side enforces for the local Service `(namespace, name)` (none: the mesh default, no policy);
@@ -406,13 +435,21 @@ spec: {ports: [{port: 80}, {port: 5432, protocol: tcp}]}
         }
     }
 
+    /// The endpoints a route may go to, comma-separated.
+    fn endpoints(route: &Route) -> String {
+        match &route.target {
+            Target::Endpoint(e) => e.addr.to_string(),
+            Target::Balanced(list) => list.iter().map(|e| e.addr.to_string()).collect::<Vec<_>>().join(","),
+        }
+    }
+
     #[test]
     fn route_by_original_destination_table() {
         let s = snapshot();
         // (original destination, Some((service, endpoint)) when a Service claims it)
         let cases: &[(&str, Option<(&str, &str)>)] = &[
-            ("10.96.0.7:8080", Some(("payments", "127.0.0.1:18001"))), // VIP + a service port: balanced
-            ("10.96.0.7:9090", Some(("payments", "127.0.0.2:9090"))),
+            ("10.96.0.7:8080", Some(("payments", "127.0.0.1:18001,127.0.0.2:8080"))), // VIP + a service port: balanced
+            ("10.96.0.7:9090", Some(("payments", "127.0.0.1:18001,127.0.0.2:9090"))),
             ("10.96.0.7:22", None), // VIP, but not a service port
             ("127.0.0.1:18001", Some(("payments", "127.0.0.1:18001"))), // an endpoint: kept
             ("127.0.0.2:8080", Some(("payments", "127.0.0.2:8080"))),
@@ -421,17 +458,16 @@ spec: {ports: [{port: 80}, {port: 5432, protocol: tcp}]}
             ("192.0.2.1:80", None), // nobody's: passed through unchanged
         ];
         for (original, want) in cases {
-            let got =
-                s.route_original(original.parse().unwrap()).map(|r| (r.service.name.clone(), r.endpoint.to_string()));
+            let got = s.route_original(original.parse().unwrap()).map(|r| (r.service.name.clone(), endpoints(&r)));
             assert_eq!(got, want.map(|(n, e)| (n.to_string(), e.to_string())), "{original}");
         }
     }
 
     #[test]
-    fn endpoints_rotate_and_take_the_service_port() {
+    fn endpoints_take_the_service_port() {
         let s = snapshot();
-        let picks: Vec<_> = (0..4).map(|_| s.route("payments.shop:8080").unwrap().endpoint.to_string()).collect();
-        assert_eq!(picks, ["127.0.0.1:18001", "127.0.0.2:8080", "127.0.0.1:18001", "127.0.0.2:8080"]);
+        assert_eq!(endpoints(&s.route("payments.shop:8080").unwrap()), "127.0.0.1:18001,127.0.0.2:8080");
+        assert_eq!(endpoints(&s.route("payments.shop:9090").unwrap()), "127.0.0.1:18001,127.0.0.2:9090");
         assert!(s.is_opaque_port(5432));
         assert!(!s.is_opaque_port(80));
     }

@@ -1,5 +1,7 @@
-//! Resilience policies with real `ferry` processes and real backends: the request timeout on a hanging backend, on
-//! one that stalls mid-body, and for a gRPC caller with its own deadline.
+//! Resilience policies with real `ferry` processes and real backends (loopback only, paced at <= 100 req/s, every
+//! loop bounded): timeouts on a hanging backend, on one that stalls mid-body and for a gRPC caller's deadline; the
+//! breaker; request caps; retries on a seeded 20 % failing backend and budgets on a dead one; outlier ejection of a
+//! killed endpoint and its readmission; P2C-EWMA against a slow endpoint; policy changes under load.
 
 mod support;
 
@@ -137,30 +139,54 @@ fn retry_config(backend: std::net::SocketAddr, retries: &str) -> String {
     )
 }
 
+/// Sends `count` requests one after another, paced to at most `per_second`, each answered by `each` (bounded by the
+/// count and by `limit`).
+fn paced(count: usize, per_second: u32, limit: Duration, mut each: impl FnMut(usize)) -> usize {
+    let started = std::time::Instant::now();
+    let interval = Duration::from_secs(1) / per_second;
+    let mut sent = 0;
+    while sent < count && started.elapsed() < limit {
+        let due = started + interval * sent as u32;
+        if let Some(wait) = due.checked_duration_since(std::time::Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        each(sent);
+        sent += 1;
+    }
+    sent
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_turn_a_flaky_backend_reliable_within_the_budget() {
     let app = backend::http_backend().await;
-    // Every 5th answer fails (20 %); two retries on gateway errors.
+    // A seeded 20 % of answers fail; two retries on gateway errors, the default budget (20 % + 10/s).
     let config = retry_config(app.addr, "{attempts: 2, on: [gateway-error], backoff: {base: 1ms, max: 5ms}}");
     let ferry = tokio::task::block_in_place(|| Ferry::start(Some(&config), &[]));
     let before = app.requests.load(std::sync::atomic::Ordering::SeqCst);
-    // At about 100 req/s (paced), where the 25 % of retries needed fit the budget of 20 % + 10/s.
-    let requests = 1_000;
-    let ok = tokio::task::block_in_place(|| {
-        (0..requests)
-            .filter(|_| {
-                std::thread::sleep(Duration::from_millis(9));
-                http_exchange_full(ferry.outbound, "GET", "/flaky?every=5", &[("Host", "api")], "")
-                    .is_some_and(|r| r.status == 200)
-            })
-            .count()
+    let requests = 10_000;
+    let mut ok = 0;
+    let sent = tokio::task::block_in_place(|| {
+        paced(requests, 100, Duration::from_secs(180), |_| {
+            let r = http_exchange_full(ferry.outbound, "GET", "/flaky?percent=20&seed=7", &[("Host", "api")], "");
+            ok += usize::from(r.is_some_and(|r| r.status == 200));
+        })
     });
+    assert_eq!(sent, requests, "the load loop ran out of time");
     let attempts = app.requests.load(std::sync::atomic::Ordering::SeqCst) - before;
-    eprintln!("flaky 20 %: {ok}/{requests} succeeded, {attempts} upstream attempts");
+    eprintln!(
+        "flaky 20 %: {ok}/{requests} succeeded ({:.2} %), {attempts} upstream attempts; the backend failed {} answers",
+        100.0 * ok as f64 / requests as f64,
+        attempts - ok
+    );
     assert!(ok as f64 >= 0.99 * requests as f64, "{ok}/{requests}");
     let retried = ferry.metric(r#"ferry_retries_total{result="attempted",service="api.default"}"#);
     assert_eq!(retried as usize, attempts - requests, "every extra attempt is a counted retry");
+    assert_eq!(ferry.metric(r#"ferry_retries_total{result="budget-denied",service="api.default"}"#), 0.0);
     // POST is not idempotent: its failures come back as they are.
+    let app = backend::http_backend().await;
+    let ferry = tokio::task::block_in_place(|| {
+        Ferry::start(Some(&retry_config(app.addr, "{attempts: 2, on: [gateway-error]}")), &[])
+    });
     let post_failures = tokio::task::block_in_place(|| {
         (0..50)
             .filter(|_| {
@@ -182,13 +208,14 @@ async fn the_budget_stops_a_retry_storm_on_a_dead_backend() {
     let ferry = tokio::task::block_in_place(|| Ferry::start(Some(&config), &[]));
     let before = app.requests.load(std::sync::atomic::Ordering::SeqCst);
     let started = std::time::Instant::now();
-    let requests = 500;
-    tokio::task::block_in_place(|| {
-        for _ in 0..requests {
+    let requests = 10_000;
+    let sent = tokio::task::block_in_place(|| {
+        paced(requests, 100, Duration::from_secs(180), |_| {
             let r = http_exchange_full(ferry.outbound, "GET", "/status?code=503", &[("Host", "api")], "").unwrap();
             assert_eq!(r.status, 503);
-        }
+        })
     });
+    assert_eq!(sent, requests, "the load loop ran out of time");
     let seconds = started.elapsed().as_secs_f64();
     let attempts = (app.requests.load(std::sync::atomic::Ordering::SeqCst) - before) as f64;
     // The issue's bound: attempts <= requests x (1 + budget) + floor x seconds.
@@ -196,4 +223,134 @@ async fn the_budget_stops_a_retry_storm_on_a_dead_backend() {
     eprintln!("dead backend: {requests} requests, {attempts} attempts in {seconds:.1} s (bound {bound:.0})");
     assert!(attempts <= bound, "{attempts} attempts > {bound}");
     assert!(ferry.metric(r#"ferry_retries_total{result="budget-denied",service="api.default"}"#) > 0.0);
+}
+
+fn policy(spec: &str) -> String {
+    format!(
+        "apiVersion: ferry.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: api}}\nspec: {{targetRef: {{kind: Service, name: api}}, {spec}}}\n"
+    )
+}
+
+/// Which backend (port) answered, and the status: `(None, 0)` when nothing answered.
+fn call(ferry: &Ferry, path: &str) -> (Option<u16>, u16) {
+    match http_exchange_full(ferry.outbound, "GET", path, &[("Host", "api")], "") {
+        Some(r) => (r.header("x-backend").and_then(|p| p.parse().ok()), r.status),
+        None => (None, 0),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_endpoint_is_ejected_and_readmitted_when_it_recovers() {
+    let apps = [backend::http_backend().await, backend::http_backend().await, backend::http_backend().await];
+    let addrs: Vec<_> = apps.iter().map(|a| a.addr).collect();
+    // No retries, so that the errors before the ejection show; round robin, so that the killed endpoint keeps
+    // getting its share until it is ejected (P2C would avoid it after its first failure).
+    let config = format!(
+        "{}{}",
+        support::service_yaml("api", 80, &addrs),
+        policy(
+            "loadBalancer: round-robin, retries: {attempts: 0}, outlierDetection: {consecutive5xx: 3, baseEjectionTime: 5s, maxEjectionPercent: 50}"
+        )
+    );
+    let ferry = tokio::task::block_in_place(|| Ferry::start(Some(&config), &[]));
+    let ejected = r#"ferry_outlier_ejections_total{event="ejected",service="api.default"}"#;
+    let recovered = r#"ferry_outlier_ejections_total{event="recovered",service="api.default"}"#;
+    let killed = addrs[2].port();
+    // All three take traffic.
+    let mut seen = std::collections::HashMap::new();
+    tokio::task::block_in_place(|| {
+        paced(300, 100, Duration::from_secs(30), |_| {
+            let (port, status) = call(&ferry, "/");
+            assert_eq!(status, 200);
+            *seen.entry(port.unwrap()).or_insert(0) += 1;
+        })
+    });
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    // Killed mid-run: its failures until outlier detection ejects it, then only the healthy ones answer.
+    apps[2].kill();
+    let (mut errors, mut after) = (0, 0);
+    tokio::task::block_in_place(|| {
+        paced(1_000, 100, Duration::from_secs(30), |_| {
+            if ferry.metric(ejected) == 0.0 {
+                errors += usize::from(call(&ferry, "/").1 != 200);
+            } else if after < 200 {
+                let (port, status) = call(&ferry, "/");
+                assert_eq!(status, 200, "after the ejection every request succeeds");
+                assert_ne!(port, Some(killed));
+                after += 1;
+            }
+        })
+    });
+    eprintln!("killed endpoint: {errors} failed requests before its ejection, then {after} of {after} ok");
+    assert_eq!(ferry.metric(ejected), 1.0);
+    assert!((1..=3).contains(&errors), "three consecutive failures eject it: {errors}");
+    let (_, endpoints) = support::http_get(ferry.admin, "/endpoints").unwrap();
+    let json: serde_json::Value = serde_json::from_str(&endpoints).unwrap();
+    let state = json["services"][0]["ports"][0]["endpoints"].as_array().unwrap().clone();
+    let dead = state.iter().find(|e| e["address"] == addrs[2].to_string()).expect("the killed endpoint is listed");
+    assert_eq!(dead["ejections"], 1, "{dead}");
+    assert!(support::metric_value(&ferry.metrics(), ejected) == 1.0);
+    // It comes back on its port; once the ejection runs out it is readmitted on probation, answers, and recovers.
+    let listener = tokio::net::TcpListener::bind(addrs[2]).await.unwrap();
+    let back = backend::http_backend_on(listener);
+    tokio::task::block_in_place(|| {
+        paced(1_000, 100, Duration::from_secs(30), |_| {
+            if back.requests.load(std::sync::atomic::Ordering::SeqCst) < 10 {
+                assert_eq!(call(&ferry, "/").1, 200);
+            }
+        })
+    });
+    assert!(back.requests.load(std::sync::atomic::Ordering::SeqCst) >= 10, "readmitted");
+    assert_eq!(ferry.metric(recovered), 1.0);
+    eprintln!("killed endpoint: /endpoints while ejected: {dead}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_defaults_a_dead_endpoint_costs_no_request() {
+    let apps = [backend::http_backend().await, backend::http_backend().await];
+    let addrs: Vec<_> = apps.iter().map(|a| a.addr).collect();
+    // No TrafficPolicy: one retry (to another endpoint) when a connection fails or an idempotent request finds it
+    // reset, and P2C avoids the failing one.
+    let ferry = tokio::task::block_in_place(|| Ferry::start(Some(&support::service_yaml("api", 80, &addrs)), &[]));
+    apps[1].kill();
+    let mut ok = 0;
+    tokio::task::block_in_place(|| {
+        paced(500, 100, Duration::from_secs(30), |_| ok += usize::from(call(&ferry, "/").1 == 200));
+    });
+    let retried = ferry.metric(r#"ferry_retries_total{result="attempted",service="api.default"}"#);
+    eprintln!("defaults, one of two endpoints dead: {ok}/500 ok, {retried} retries");
+    assert_eq!(ok, 500);
+    assert!(retried >= 1.0, "the dead endpoint was tried and the request retried elsewhere");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p2c_ewma_sends_most_load_away_from_a_slow_endpoint() {
+    let apps = [backend::http_backend().await, backend::http_backend().await, backend::http_backend().await];
+    let addrs: Vec<_> = apps.iter().map(|a| a.addr).collect();
+    for app in &apps {
+        app.delay_ms.store(2, std::sync::atomic::Ordering::SeqCst);
+    }
+    let ferry = tokio::task::block_in_place(|| Ferry::start(Some(&support::service_yaml("api", 80, &addrs)), &[]));
+    let count = |requests: usize| {
+        let mut split = [0usize; 3];
+        let sent = tokio::task::block_in_place(|| {
+            paced(requests, 100, Duration::from_secs(150), |_| {
+                let (port, status) = call(&ferry, "/");
+                assert_eq!(status, 200);
+                split[addrs.iter().position(|a| Some(a.port()) == port).unwrap()] += 1;
+            })
+        });
+        assert_eq!(sent, requests, "the load loop ran out of time");
+        split
+    };
+    let even = count(1_000);
+    eprintln!("P2C-EWMA, three equal endpoints: {even:?}");
+    assert!(even.iter().all(|&n| n >= 100), "every endpoint takes a share: {even:?}");
+    // One endpoint becomes 10x slower.
+    apps[1].delay_ms.store(20, std::sync::atomic::Ordering::SeqCst);
+    let requests = 10_000;
+    let split = count(requests);
+    let slow_share = split[1] as f64 / requests as f64;
+    eprintln!("P2C-EWMA, endpoint 2 made 10x slower: {split:?} ({:.2} % to the slow one)", slow_share * 100.0);
+    assert!(slow_share < 0.10, "most load goes elsewhere (a fair share is 33 %): {split:?}");
 }

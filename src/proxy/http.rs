@@ -16,6 +16,7 @@ use super::pool::HttpVersion;
 use super::target::{ConnInfo, Destination, Mode, Refusal, UNKNOWN_SERVICE};
 use super::{Direction, Proxy};
 use crate::authz::AuthzLayer;
+use crate::balance::{BalanceLayer, Picked};
 use crate::breaker::BreakerLayer;
 use crate::concurrency::ConcurrencyLayer;
 use crate::errors::{self, ProxyError};
@@ -38,21 +39,29 @@ impl Proxy {
         // Only what the access log needs, and only when it is on.
         let logged =
             self.settings.access_log.then(|| (req.method().clone(), req.uri().path().to_string(), req.version()));
-        let (service, upstream, result) = match self.request_destination(&req, &conn) {
+        // The endpoint of each try, in order (the load balancer adds them).
+        let tried = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (service, result) = match self.request_destination(&req, &conn) {
             Ok((dest, authority)) => {
                 let service = dest.service.clone();
-                let addr = dest.addr;
                 let req = req.map(ProxyBody::from);
                 let result = match direction {
                     Direction::Outbound => {
-                        self.clone().outbound_stack(dest, authority, conn.clone()).oneshot(req).await
+                        let stack = self.clone().outbound_stack(dest, authority, conn.clone(), tried.clone());
+                        stack.oneshot(req).await
                     }
-                    Direction::Inbound => self.clone().inbound_stack(dest, authority, conn.clone()).oneshot(req).await,
+                    Direction::Inbound => {
+                        if let Some(addr) = dest.fixed_addr() {
+                            tried.lock().expect("tried lock").push(addr);
+                        }
+                        self.clone().inbound_stack(dest, authority, conn.clone()).oneshot(req).await
+                    }
                 };
-                (service, Some(addr), result)
+                (service, result)
             }
-            Err((service, e)) => (service, None, Err(e)),
+            Err((service, e)) => (service, Err(e)),
         };
+        let upstream = tried.lock().expect("tried lock").last().copied();
         let (response, error) = match result {
             Ok(resp) => (resp, None),
             Err(e) => {
@@ -90,6 +99,7 @@ impl Proxy {
         dest: Destination,
         authority: String,
         conn: ConnInfo,
+        tried: Arc<std::sync::Mutex<Vec<std::net::SocketAddr>>>,
     ) -> impl tower::Service<Request<ProxyBody>, Response = Response<ProxyBody>, Error = ProxyError, Future: Send> + Send
     {
         let policy = dest.outbound.clone();
@@ -97,7 +107,8 @@ impl Proxy {
         let breaker =
             BreakerLayer::new(self.breakers.clone(), policy.breaker.clone(), service.clone(), metrics.clone());
         let retry = RetryLayer::new(policy.retry.clone(), self.budgets.clone(), service.clone(), metrics.clone());
-        let caps = ConcurrencyLayer::new(self.limits.clone(), policy.caps, service, metrics);
+        let caps = ConcurrencyLayer::new(self.limits.clone(), policy.caps, service, metrics.clone());
+        let balance = BalanceLayer::new(self.balancers.clone(), dest.fixed_or_choice().err(), tried, metrics);
         let per_try = policy.retry.as_ref().and_then(|r| r.per_try_timeout);
         tower::ServiceBuilder::new()
             // The destination's request timeout covers everything under it, the response body included, and a gRPC
@@ -111,6 +122,9 @@ impl Proxy {
             .layer(caps)
             // Each try must answer in time, so that a retry can still fit in the request timeout.
             .layer(PerTryTimeoutLayer::new(per_try))
+            // Each try to the endpoint with the least expected latency (another one than the failed try's when it
+            // can), never to one outlier detection has ejected.
+            .layer(balance)
             .service(self.upstream(dest, authority, conn))
     }
 
@@ -127,7 +141,7 @@ impl Proxy {
         let (caller, limit, service) = (conn.peer_identity.clone(), policy.rate_limit.clone(), policy.service.clone());
         let rate_limit =
             RateLimitLayer::new(self.rate_limits.clone(), limit, service, caller.clone(), self.metrics.clone());
-        let authz = AuthzLayer::new(policy, caller, dest.addr.port(), self.metrics.clone());
+        let authz = AuthzLayer::new(policy, caller, dest.port, self.metrics.clone());
         tower::ServiceBuilder::new()
             // Authorization first: a call the Service does not allow (or plaintext under strict mTLS) never reaches
             // the app, and never spends the rate limit of callers that are allowed.
@@ -164,7 +178,13 @@ impl Proxy {
             return Err((UNKNOWN_SERVICE.into(), ProxyError::BadRequest("request names no host")));
         }
         let dest = self.destination(conn, authority.as_deref())?;
-        let authority = authority.unwrap_or_else(|| dest.addr.to_string());
+        // Without a Host, the address the app dialled (a balanced destination is only reached by original
+        // destination then: explicit mode needs a Host).
+        let authority = match (authority, dest.fixed_addr(), conn.original_dst) {
+            (Some(a), _, _) => a,
+            (None, Some(addr), _) | (None, None, Some(addr)) => addr.to_string(),
+            (None, None, None) => return Err((dest.service, ProxyError::BadRequest("request names no host"))),
+        };
         Ok((dest, authority))
     }
 
@@ -175,6 +195,14 @@ impl Proxy {
         authority: String,
         conn: &ConnInfo,
     ) -> Result<Response<ProxyBody>, ProxyError> {
+        // The endpoint the load balancer chose for this try, else the destination's one address.
+        let endpoint = match (req.extensions_mut().remove::<Picked>(), dest.fixed_or_choice()) {
+            (Some(Picked(e)), _) | (None, Ok(e)) => e,
+            (None, Err(_)) => {
+                return Err(ProxyError::NoHealthyEndpoints(format!("no endpoint of {} was chosen", dest.service)));
+            }
+        };
+        self.not_own_listener(endpoint.addr)?;
         let from_mesh = conn.peer_identity.is_some();
         // Only the destination's proxy says who called; nothing from outside gets through under that name.
         if conn.direction == Direction::Inbound {
@@ -194,7 +222,7 @@ impl Proxy {
         } else {
             is_upgrade(req.headers()).then(|| req.headers().get(header::UPGRADE).cloned()).flatten()
         };
-        let version = match (&dest.tls, from_mesh && orig_proto.is_some()) {
+        let version = match (dest.tls_for(&endpoint), from_mesh && orig_proto.is_some()) {
             (Some(_), _) => HttpVersion::Http2,
             (None, true) => HttpVersion::Http1,
             (None, false) if downstream_h2 => HttpVersion::Http2,
@@ -231,7 +259,7 @@ impl Proxy {
                     .path_and_query(path)
                     .build()
                     .map_err(|_| ProxyError::BadRequest("invalid authority"))?;
-                if dest.tls.is_some() && !downstream_h2 {
+                if dest.tls_for(&endpoint).is_some() && !downstream_h2 {
                     *req.version_mut() = Version::HTTP_2;
                     req.headers_mut().remove(header::HOST);
                     req.headers_mut().insert(ORIG_PROTO_HEADER, HeaderValue::from_static("HTTP/1.1"));
@@ -242,7 +270,8 @@ impl Proxy {
                 }
             }
         }
-        let mut resp = self.pool.send(dest.addr, version, dest.tls.as_ref(), req).await?;
+        let limit = dest.outbound.caps.map(|caps| self.limits.connections(&dest.service, caps));
+        let mut resp = self.pool.send(endpoint.addr, version, dest.tls_for(&endpoint), limit.as_ref(), req).await?;
         let upstream_upgraded = match version {
             HttpVersion::Http1 => resp.status() == StatusCode::SWITCHING_PROTOCOLS,
             HttpVersion::Http2 => resp.status() == StatusCode::OK,

@@ -65,6 +65,7 @@ pub struct Proxy {
     breakers: Arc<crate::breaker::Breakers>,
     limits: Arc<crate::concurrency::Limits>,
     budgets: Arc<crate::retry::Budgets>,
+    pub balancers: Arc<crate::balance::Balancers>,
     /// The `service` label of inbound requests: `name.namespace` of `FERRY_SERVICE`, or `app`.
     local_service: Arc<str>,
     /// This workload's Service as (namespace, name): `FERRY_SERVICE` as `ns/name`, or `name` in `FERRY_NAMESPACE`.
@@ -120,6 +121,7 @@ impl Proxy {
             breakers: Default::default(),
             limits: Default::default(),
             budgets: Default::default(),
+            balancers: Default::default(),
             own_listeners,
             connections,
             h1,
@@ -335,38 +337,58 @@ impl Proxy {
             }
         };
         if direction == Direction::Inbound {
-            let call = crate::authz::Call {
-                peer: conn.peer_identity.as_deref(),
-                method: None,
-                path: None,
-                port: dest.addr.port(),
-            };
+            let call =
+                crate::authz::Call { peer: conn.peer_identity.as_deref(), method: None, path: None, port: dest.port };
             if let crate::authz::Decision::Deny(why) = self.inbound_policy().check(&call, &self.metrics) {
                 self.metrics.proxy_error(direction, "unauthorized");
-                tracing::info!(peer = %conn.peer, target = %dest.addr, "opaque connection refused: {why}");
+                tracing::info!(peer = %conn.peer, port = dest.port, "opaque connection refused: {why}");
                 return;
             }
         }
-        tracing::debug!(peer = %conn.peer, mode = conn.mode.as_str(), service = %dest.service, target = %dest.addr, mtls = dest.tls.is_some(), "opaque connection");
-        // copy_bidirectional shuts down each write side when its read side ends: half-close is kept.
-        let copied = match &dest.tls {
-            Some(peer) => match self.pool.connect_mesh(dest.addr, peer, Alpn::Tcp).await {
-                Ok((upstream, _)) => tokio::io::copy_bidirectional(&mut io, &mut upstream.into_inner()).await,
-                Err(e) => return self.tcp_not_forwarded(direction, dest.addr, e),
-            },
-            None => match self.pool.connect_tcp(dest.addr).await {
-                Ok(mut upstream) => tokio::io::copy_bidirectional(&mut io, &mut upstream).await,
-                Err(e) => return self.tcp_not_forwarded(direction, dest.addr, e),
+        // A Service's endpoint is chosen as for a request (connecting is the try judged), once per connection.
+        let (endpoint, attempt) = match dest.fixed_or_choice() {
+            Ok(endpoint) => (endpoint, None),
+            Err(choice) => match self.balancers.start(&choice, &mut Vec::new()) {
+                Ok((endpoint, attempt)) => (endpoint, Some(attempt)),
+                Err(e) => return self.tcp_not_forwarded(direction, &dest.service, e),
             },
         };
+        if let Err(e) = self.not_own_listener(endpoint.addr) {
+            return self.tcp_not_forwarded(direction, &dest.service, e);
+        }
+        let target = endpoint.addr;
+        // The connection holds a slot of the destination's `maxConnections` while it is open.
+        let limit = dest.outbound.caps.map(|caps| self.limits.connections(&dest.service, caps));
+        let _slot = match limit.as_ref().map(|l| l.admit()).transpose() {
+            Ok(slot) => slot,
+            Err(e) => return self.tcp_not_forwarded(direction, &dest.service, e),
+        };
+        tracing::debug!(peer = %conn.peer, mode = conn.mode.as_str(), service = %dest.service, %target, mtls = dest.tls_for(&endpoint).is_some(), "opaque connection");
+        let connected = match dest.tls_for(&endpoint) {
+            Some(peer) => self
+                .pool
+                .connect_mesh(target, peer, Alpn::Tcp)
+                .await
+                .map(|(s, _)| Upstream::Mesh(Box::new(s.into_inner()))),
+            None => self.pool.connect_tcp(target).await.map(Upstream::Plain),
+        };
+        if let Some(attempt) = attempt {
+            attempt.finish(connected.is_err(), &self.metrics);
+        }
+        // copy_bidirectional shuts down each write side when its read side ends: half-close is kept.
+        let copied = match connected {
+            Ok(Upstream::Mesh(mut upstream)) => tokio::io::copy_bidirectional(&mut io, &mut upstream).await,
+            Ok(Upstream::Plain(mut upstream)) => tokio::io::copy_bidirectional(&mut io, &mut upstream).await,
+            Err(e) => return self.tcp_not_forwarded(direction, &dest.service, e),
+        };
         if let Err(e) = copied {
-            tracing::debug!(target = %dest.addr, error = %e, "opaque connection ended with an error");
+            tracing::debug!(%target, error = %e, "opaque connection ended with an error");
         }
     }
 
-    fn tcp_not_forwarded(&self, direction: Direction, target: SocketAddr, e: crate::errors::ProxyError) {
+    fn tcp_not_forwarded(&self, direction: Direction, service: &str, e: crate::errors::ProxyError) {
         self.metrics.proxy_error(direction, e.reason());
-        tracing::warn!(%target, error = %e, "opaque connection not forwarded");
+        tracing::warn!(service, error = %e, "opaque connection not forwarded");
     }
 
     /// What the inbound side enforces now for this workload's Service.
@@ -502,4 +524,10 @@ fn is_bad_input(e: &hyper::Error) -> bool {
         source = s.source();
     }
     false
+}
+
+/// An opaque connection's upstream side.
+enum Upstream {
+    Plain(TcpStream),
+    Mesh(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }

@@ -15,6 +15,7 @@ use tokio::net::TcpStream;
 
 use super::Direction;
 use super::body::ProxyBody;
+use crate::concurrency::ConnectionLimit;
 use crate::errors::ProxyError;
 use crate::metrics::Metrics;
 use crate::tls::{Alpn, MeshTls, PeerTls};
@@ -39,6 +40,13 @@ pub struct Pool {
     idle_timeout: Duration,
     tls: Arc<MeshTls>,
     metrics: Arc<Metrics>,
+}
+
+/// A slot of the destination's `maxConnections`, held by a connection while it is open (`None`: no limit).
+type Slot = Option<tokio::sync::OwnedSemaphorePermit>;
+
+fn admit(limit: Option<&ConnectionLimit>) -> Result<Slot, ProxyError> {
+    limit.map(ConnectionLimit::admit).transpose()
 }
 
 struct Idle {
@@ -85,24 +93,26 @@ impl Pool {
         addr: SocketAddr,
         version: HttpVersion,
         tls: Option<&PeerTls>,
+        limit: Option<&ConnectionLimit>,
         req: Request<ProxyBody>,
     ) -> Result<Response<Incoming>, ProxyError> {
         match (tls, version) {
-            (Some(peer), _) => self.send_h2(addr, Some(peer), req).await,
-            (None, HttpVersion::Http1) => self.send_h1(addr, req).await,
-            (None, HttpVersion::Http2) => self.send_h2(addr, None, req).await,
+            (Some(peer), _) => self.send_h2(addr, Some(peer), limit, req).await,
+            (None, HttpVersion::Http1) => self.send_h1(addr, limit, req).await,
+            (None, HttpVersion::Http2) => self.send_h2(addr, None, limit, req).await,
         }
     }
 
     async fn send_h1(
         self: &Arc<Self>,
         addr: SocketAddr,
+        limit: Option<&ConnectionLimit>,
         mut req: Request<ProxyBody>,
     ) -> Result<Response<Incoming>, ProxyError> {
         loop {
             let (mut tx, reused) = match self.checkout_h1(addr) {
                 Some(tx) => (tx, true),
-                None => (self.connect_h1(addr).await?, false),
+                None => (self.connect_h1(addr, admit(limit)?).await?, false),
             };
             match tx.try_send_request(req).await {
                 Ok(resp) => {
@@ -146,11 +156,13 @@ impl Pool {
         });
     }
 
-    async fn connect_h1(&self, addr: SocketAddr) -> Result<http1::SendRequest<ProxyBody>, ProxyError> {
+    async fn connect_h1(&self, addr: SocketAddr, slot: Slot) -> Result<http1::SendRequest<ProxyBody>, ProxyError> {
         let io = self.connect(addr).await?;
         let (tx, conn) =
             http1::Builder::new().handshake(io).await.map_err(|source| ProxyError::UpstreamReset { addr, source })?;
         tokio::spawn(async move {
+            // The connection holds its slot of the destination's `maxConnections` until it closes.
+            let _slot = slot;
             if let Err(e) = conn.with_upgrades().await {
                 tracing::debug!(%addr, error = %e, "upstream HTTP/1 connection ended");
             }
@@ -162,6 +174,7 @@ impl Pool {
         &self,
         addr: SocketAddr,
         tls: Option<&PeerTls>,
+        limit: Option<&ConnectionLimit>,
         req: Request<ProxyBody>,
     ) -> Result<Response<Incoming>, ProxyError> {
         let key = (addr, tls.cloned());
@@ -180,12 +193,13 @@ impl Pool {
         let mut tx = match existing {
             Some(tx) => tx,
             None => {
+                let slot = admit(limit)?;
                 let (tx, generation) = match tls {
                     Some(peer) => {
                         let (io, generation) = self.connect_mesh(addr, peer, Alpn::H2).await?;
-                        (self.handshake_h2(addr, io).await?, generation)
+                        (self.handshake_h2(addr, io, slot).await?, generation)
                     }
-                    None => (self.handshake_h2(addr, self.connect(addr).await?).await?, 0),
+                    None => (self.handshake_h2(addr, self.connect(addr).await?, slot).await?, 0),
                 };
                 self.h2.lock().expect("pool lock").insert(key, (tx.clone(), generation));
                 tx
@@ -195,7 +209,12 @@ impl Pool {
         tx.send_request(req).await.map_err(|source| ProxyError::UpstreamReset { addr, source })
     }
 
-    async fn handshake_h2<I>(&self, addr: SocketAddr, io: I) -> Result<http2::SendRequest<ProxyBody>, ProxyError>
+    async fn handshake_h2<I>(
+        &self,
+        addr: SocketAddr,
+        io: I,
+        slot: Slot,
+    ) -> Result<http2::SendRequest<ProxyBody>, ProxyError>
     where
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     {
@@ -206,6 +225,7 @@ impl Pool {
             .await
             .map_err(|source| ProxyError::UpstreamReset { addr, source })?;
         tokio::spawn(async move {
+            let _slot = slot;
             if let Err(e) = conn.await {
                 tracing::debug!(%addr, error = %e, "upstream HTTP/2 connection ended");
             }

@@ -8,8 +8,9 @@ use serde::Serialize;
 use tokio::net::TcpStream;
 
 use super::{Direction, Proxy};
+use crate::balance::Endpoint;
 use crate::errors::ProxyError;
-use crate::snapshot::{Outbound, Route};
+use crate::snapshot::{Outbound, Route, Target};
 use crate::tls::{self, PeerTls};
 
 /// The `service` label of outbound requests that matched no Service in explicit mode.
@@ -88,11 +89,48 @@ impl ConnInfo {
 #[derive(Clone)]
 pub struct Destination {
     pub service: Arc<str>,
-    pub addr: SocketAddr,
-    /// A meshed endpoint: mTLS with this SNI, to one of these identities.
+    /// The Service port (the load balancer's state is kept per Service port), else the port dialled.
+    pub port: u16,
+    pub target: Target,
+    /// To a meshed endpoint: mTLS with this SNI, to one of these identities.
     pub tls: Option<PeerTls>,
     /// Outbound: what the caller's proxy applies for the destination Service (timeout, retries, breaker, caps).
     pub outbound: Arc<Outbound>,
+}
+
+impl Destination {
+    /// A destination of one fixed address, not meshed.
+    fn fixed(service: Arc<str>, addr: SocketAddr) -> Destination {
+        let target = Target::Endpoint(Endpoint { addr, meshed: false });
+        Destination { service, port: addr.port(), target, tls: None, outbound: Default::default() }
+    }
+
+    /// The fixed endpoint, when the load balancer has no choice to make.
+    pub fn fixed_addr(&self) -> Option<SocketAddr> {
+        match &self.target {
+            Target::Endpoint(e) => Some(e.addr),
+            Target::Balanced(_) => None,
+        }
+    }
+
+    /// How to reach `endpoint`: mTLS when it is meshed.
+    pub fn tls_for(&self, endpoint: &Endpoint) -> Option<&PeerTls> {
+        self.tls.as_ref().filter(|_| endpoint.meshed)
+    }
+
+    /// The one endpoint, or what the load balancer chooses among.
+    pub fn fixed_or_choice(&self) -> Result<Endpoint, crate::balance::Choice> {
+        match &self.target {
+            Target::Endpoint(e) => Ok(*e),
+            Target::Balanced(list) => Err(crate::balance::Choice {
+                service: self.service.clone(),
+                port: self.port,
+                endpoints: list.clone(),
+                kind: self.outbound.balancer,
+                outlier: self.outbound.outlier.clone(),
+            }),
+        }
+    }
 }
 
 /// A failed decision, with the service label to count it under.
@@ -113,12 +151,7 @@ impl Proxy {
             }
             (Direction::Outbound, Some(original)) => match self.store.load().route_original(original) {
                 Some(route) => self.outbound_destination(&route),
-                None => Destination {
-                    service: PASSTHROUGH_SERVICE.into(),
-                    addr: original,
-                    tls: None,
-                    outbound: Default::default(),
-                },
+                None => Destination::fixed(PASSTHROUGH_SERVICE.into(), original),
             },
             (Direction::Inbound, original) => {
                 let service = self.local_service.clone();
@@ -142,15 +175,23 @@ impl Proxy {
                         (service.clone(), ProxyError::NoRoute("no app address is configured (FERRY_APP_ADDR)".into()))
                     })?,
                 };
-                Destination { service, addr, tls: None, outbound: Default::default() }
+                Destination::fixed(service, addr)
             }
         };
-        if self.is_own_listener(dest.addr) {
-            let why = format!("refusing to dial {}: it is one of this proxy's own listeners (a loop)", dest.addr);
-            tracing::warn!(direction = conn.direction.as_str(), peer = %conn.peer, "{why}");
-            return Err((dest.service, ProxyError::NoRoute(why)));
+        if let Some(addr) = dest.fixed_addr() {
+            self.not_own_listener(addr).map_err(|e| (dest.service.clone(), e))?;
         }
         Ok(dest)
+    }
+
+    /// Refuses to dial one of this proxy's own listeners (a loop).
+    pub(super) fn not_own_listener(&self, addr: SocketAddr) -> Result<(), ProxyError> {
+        if self.is_own_listener(addr) {
+            let why = format!("refusing to dial {addr}: it is one of this proxy's own listeners (a loop)");
+            tracing::warn!("{why}");
+            return Err(ProxyError::NoRoute(why));
+        }
+        Ok(())
     }
 
     /// An outbound route's destination: mTLS to a meshed endpoint once this proxy holds an identity.
@@ -159,12 +200,18 @@ impl Proxy {
         // With a control plane a meshed endpoint is only ever reached over mTLS (before the first certificate the
         // connection fails with `tls-failed`); without one (file source) there is no identity, so plaintext.
         let mesh = self.tls.current().is_some() || self.settings.control.is_some();
-        let tls = (route.meshed && mesh).then(|| PeerTls {
+        let tls = mesh.then(|| PeerTls {
             sni: tls::sni(route.port.target_port.unwrap_or(route.port.port), &svc.name, &svc.namespace),
             service: svc.qualified_name.to_string(),
             identities: svc.identities.clone(),
         });
-        Destination { service: svc.qualified_name.clone(), addr: route.endpoint, tls, outbound: svc.outbound.clone() }
+        Destination {
+            service: svc.qualified_name.clone(),
+            port: route.port.port,
+            target: route.target.clone(),
+            tls,
+            outbound: svc.outbound.clone(),
+        }
     }
 
     /// The app ports of this workload's Service (each port's `targetPort`, else the port).

@@ -1,9 +1,8 @@
 //! Real backends on loopback for the integration tests: an HTTP/1 + h2c app, a WebSocket echo, raw TCP servers.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -27,12 +26,25 @@ pub struct Backend {
     pub connections: Arc<AtomicUsize>,
     /// HTTP requests the test app answered (HTTP backends only).
     pub requests: Arc<AtomicUsize>,
+    /// Added to every answer of the HTTP test app (an endpoint made slow).
+    pub delay_ms: Arc<AtomicU64>,
     task: JoinHandle<()>,
 }
 
 impl Backend {
     pub fn from_parts(addr: SocketAddr, task: JoinHandle<()>) -> Self {
-        Backend { addr, connections: Default::default(), requests: Default::default(), task }
+        Backend {
+            addr,
+            connections: Default::default(),
+            requests: Default::default(),
+            delay_ms: Default::default(),
+            task,
+        }
+    }
+
+    /// Kills the server as a crashed process would go: the listener and every open connection are closed.
+    pub fn kill(&self) {
+        self.task.abort();
     }
 }
 
@@ -105,11 +117,22 @@ fn query(req: &Request<Incoming>, key: &str) -> Option<u64> {
     req.uri().query()?.split('&').find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
 }
 
+/// Whether the `n`th request (0-based) of a backend fails at `percent` % with `seed`: a fixed pseudo-random pattern
+/// (splitmix64), so a test sees the same failures on every run.
+pub fn seeded_failure(seed: u64, n: u64, percent: u64) -> bool {
+    let mut z = seed.wrapping_add(n.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    (z ^ (z >> 31)) % 100 < percent
+}
+
 /// The test app. `/echo` streams the request body back; `/sha256` hashes the body; `/download?bytes=N` streams N
 /// pattern bytes; `/delay?ms=N` answers after N ms; `/stall?ms=N` sends its headers and a first chunk, the rest after
-/// N ms; `/status?code=N` answers N; anything else says hello.
-/// Every response tells the HTTP version, Host/authority and `ferry-client-id` the app saw.
-async fn app(req: Request<Incoming>) -> Result<Response<TestBody>, Infallible> {
+/// N ms; `/status?code=N` answers N; `/flaky?every=N` fails every Nth request of this backend with 503,
+/// `/flaky?percent=P&seed=S` a seeded P % of them; `/reset` closes the connection without an answer; anything else
+/// says hello (after `?delay_ms=N`). Every response tells the HTTP version, Host/authority and `ferry-client-id` the
+/// app saw, and `x-backend` its port. `n` is the request's number at this backend.
+async fn app(req: Request<Incoming>, n: u64, port: u16) -> Result<Response<TestBody>, std::io::Error> {
     let version = format!("{:?}", req.version());
     let host = req
         .headers()
@@ -120,6 +143,7 @@ async fn app(req: Request<Incoming>) -> Result<Response<TestBody>, Infallible> {
         .unwrap_or_default();
     let client_id = req.headers().get("ferry-client-id").cloned().unwrap_or(http::HeaderValue::from_static("none"));
     let builder = Response::builder()
+        .header("x-backend", port)
         .header("x-seen-version", version)
         .header("x-seen-host", host)
         .header("x-seen-client-id", client_id);
@@ -137,15 +161,17 @@ async fn app(req: Request<Incoming>) -> Result<Response<TestBody>, Infallible> {
         }
         "/status" => builder.status(query(&req, "code").unwrap_or(200) as u16).body(full("status")),
         "/flaky" => {
-            // Every Nth request this process's backends answer here fails with 503 (a fixed, seeded pattern).
-            static SEEN: AtomicUsize = AtomicUsize::new(0);
-            let every = query(&req, "every").unwrap_or(5).max(1) as usize;
-            if SEEN.fetch_add(1, Ordering::SeqCst) % every == every - 1 {
-                builder.status(503).body(full("flaky failure"))
-            } else {
-                builder.body(full("flaky ok"))
-            }
+            let fails = match (query(&req, "every"), query(&req, "percent")) {
+                (_, Some(percent)) => seeded_failure(query(&req, "seed").unwrap_or(0), n, percent),
+                (every, None) => {
+                    let every = every.unwrap_or(5).max(1);
+                    n % every == every - 1
+                }
+            };
+            if fails { builder.status(503).body(full("flaky failure")) } else { builder.body(full("flaky ok")) }
         }
+        // An error from the service makes hyper close the connection without a response.
+        "/reset" => return Err(std::io::Error::other("reset by the test app")),
         "/stall" => {
             // Headers and a first chunk at once, the rest after `ms`: a body that stalls mid-stream.
             let ms = query(&req, "ms").unwrap_or(0);
@@ -161,38 +187,56 @@ async fn app(req: Request<Incoming>) -> Result<Response<TestBody>, Infallible> {
             });
             builder.body(BodyExt::boxed(StreamBody::new(chunks)))
         }
-        _ => builder.body(full("hello from backend")),
+        _ => {
+            if let Some(ms) = query(&req, "delay_ms") {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
+            builder.body(full("hello from backend"))
+        }
     };
     Ok(resp.unwrap())
 }
 
 /// The test app on HTTP/1.1 and h2c (prior knowledge), on a fresh loopback port.
 pub async fn http_backend() -> Backend {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    http_backend_on(TcpListener::bind("127.0.0.1:0").await.unwrap())
+}
+
+/// The test app on `listener` (to bring a killed backend back on its port).
+pub fn http_backend_on(listener: TcpListener) -> Backend {
     let addr = listener.local_addr().unwrap();
     let connections = Arc::new(AtomicUsize::new(0));
     let accepted = connections.clone();
     let requests = Arc::new(AtomicUsize::new(0));
     let answered = requests.clone();
+    let delay_ms = Arc::new(AtomicU64::new(0));
+    let delay = delay_ms.clone();
     let task = tokio::spawn(async move {
+        // Connection tasks belong to the server: killing it closes them all.
+        let mut open = tokio::task::JoinSet::new();
         loop {
             let Ok((stream, _)) = listener.accept().await else { continue };
             accepted.fetch_add(1, Ordering::SeqCst);
-            let answered = answered.clone();
-            tokio::spawn(async move {
+            let (answered, delay) = (answered.clone(), delay.clone());
+            while open.try_join_next().is_some() {}
+            open.spawn(async move {
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection_with_upgrades(
                         TokioIo::new(stream),
                         hyper::service::service_fn(move |req| {
-                            answered.fetch_add(1, Ordering::SeqCst);
-                            app(req)
+                            let n = answered.fetch_add(1, Ordering::SeqCst) as u64;
+                            let delay = Duration::from_millis(delay.load(Ordering::SeqCst));
+                            async move {
+                                tokio::time::sleep(delay).await;
+                                app(req, n, addr.port()).await
+                            }
                         }),
                     )
                     .await;
             });
         }
     });
-    Backend { addr, connections, requests, task }
+    Backend { addr, connections, requests, delay_ms, task }
 }
 
 /// A WebSocket server that echoes every message.
@@ -215,7 +259,7 @@ pub async fn websocket_backend() -> Backend {
             });
         }
     });
-    Backend { addr, connections: Default::default(), requests: Default::default(), task }
+    Backend::from_parts(addr, task)
 }
 
 /// Reads until the client half-closes, then answers `echo N: <what it read>` and closes: proves half-close is relayed.
@@ -239,7 +283,7 @@ pub fn half_close_backend_on(listener: TcpListener) -> Backend {
             });
         }
     });
-    Backend { addr, connections: Default::default(), requests: Default::default(), task }
+    Backend::from_parts(addr, task)
 }
 
 /// A server-speaks-first protocol (like SMTP or MySQL): greets on accept, then echoes lines.
@@ -261,5 +305,5 @@ pub async fn greeting_backend(listener: TcpListener) -> Backend {
             });
         }
     });
-    Backend { addr, connections: Default::default(), requests: Default::default(), task }
+    Backend::from_parts(addr, task)
 }

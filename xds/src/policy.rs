@@ -192,11 +192,15 @@ pub struct RateLimit {
     pub per_client_identity: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum LoadBalancer {
+    /// Power of two choices over peak-EWMA latency (the default).
+    #[default]
     P2cEwma,
     RoundRobin,
+    /// The endpoint with the fewest requests in flight.
+    LeastRequest,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -114,6 +114,7 @@ pub fn to_resource(doc: &Document) -> Resource {
                     None => pb::LoadBalancer::Unset,
                     Some(LoadBalancer::P2cEwma) => pb::LoadBalancer::P2cEwma,
                     Some(LoadBalancer::RoundRobin) => pb::LoadBalancer::RoundRobin,
+                    Some(LoadBalancer::LeastRequest) => pb::LoadBalancer::LeastRequest,
                 } as i32,
                 mtls: match s.mtls {
                     None => pb::MtlsMode::MtlsUnset,
@@ -227,6 +228,7 @@ pub fn from_resource(resource: Resource) -> Result<Document, ConfigError> {
                     pb::LoadBalancer::Unset => None,
                     pb::LoadBalancer::P2cEwma => Some(LoadBalancer::P2cEwma),
                     pb::LoadBalancer::RoundRobin => Some(LoadBalancer::RoundRobin),
+                    pb::LoadBalancer::LeastRequest => Some(LoadBalancer::LeastRequest),
                 },
                 mtls: match pb::MtlsMode::try_from(tp.mtls).unwrap_or(pb::MtlsMode::MtlsUnset) {
                     pb::MtlsMode::MtlsUnset => None,
