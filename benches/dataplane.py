@@ -230,6 +230,38 @@ metadata: {name: backend, namespace: default}
 spec: {ports: [{port: 80, protocol: http}], addresses: [backend.mesh], identities: [backend]}
 """
 
+# The same backend as Service `guarded`, with every policy enabled and set so that none fires at the benchmark's
+# rates: the caller's proxy applies the timeout, retries (with a budget), the breaker and its caps, outlier
+# detection and P2C; the destination's proxy strict mTLS, the AuthorizationPolicy and the rate limit.
+MESH_POLICIES = """apiVersion: ferry.dev/v1alpha1
+kind: Service
+metadata: {name: guarded, namespace: default}
+spec: {ports: [{port: 80, protocol: http}], addresses: [guarded.mesh], identities: [guarded]}
+---
+apiVersion: ferry.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: guarded, namespace: default}
+spec:
+  targetRef: {kind: Service, name: guarded}
+  timeout: 30s
+  retries: {attempts: 2, perTryTimeout: 10s, on: [connect-failure, refused-stream, reset, gateway-error],
+            budget: {percent: 20, minPerSecond: 10}}
+  circuitBreaker: {failureRatio: 0.5, minRequests: 100, interval: 10s, consecutiveFailures: 1000, openFor: 5s,
+                   halfOpenRequests: 3, maxConnections: 10000, maxPendingRequests: 10000, maxRequests: 10000}
+  outlierDetection: {consecutive5xx: 100, baseEjectionTime: 30s, maxEjectionPercent: 50}
+  rateLimit: {requestsPerSecond: 1000000, burst: 1000000}
+  loadBalancer: p2c-ewma
+  mtls: strict
+---
+apiVersion: ferry.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: guarded, namespace: default}
+spec:
+  targetRef: {kind: Service, name: guarded}
+  defaultAction: deny
+  allow: [{from: {identities: ["spiffe://cluster.local/ns/default/sa/client"]}, to: {methods: [GET], paths: [/]}}]
+"""
+
 
 def envoy_mesh_certs(work):
     """A CA and two leaves (EC P-256, URI SANs like Ferry's) for the Envoy pair, made with openssl."""
@@ -372,9 +404,12 @@ def main():
             "envoy": (f"http://127.0.0.1:{envoy_port}/", "backend", [envoy]),
             "ferry-mesh": (mesh["ferry"][0], "backend.mesh", mesh["ferry"][1]),
             "envoy-mesh": (mesh["envoy"][0], "backend.mesh", mesh["envoy"][1]),
+            "ferry-policies": (mesh["policies"][0], "guarded.mesh", mesh["policies"][1]),
         }
-        pairs = [("ferry", "envoy"), ("ferry-mesh", "envoy-mesh")]
-        proxies = [t for pair in pairs for t in pair]
+        # (report label, a, b): latency added by a vs by b, and their CPU per request.
+        pairs = [("hop", "ferry", "envoy"), ("mesh", "ferry-mesh", "envoy-mesh"),
+                 ("policies", "ferry-policies", "ferry-mesh")]
+        proxies = list(dict.fromkeys(t for _, a, b in pairs for t in (a, b)))
         for name, (url, host, _) in targets.items():
             wait_http(url, {"Host": host})
         time.sleep(1)
@@ -402,7 +437,7 @@ def main():
         # Closed loop: requests per proxy CPU-second (the mesh path: both proxies' CPU together).
         efficiency = {t: [] for t in proxies}
         for run in range(args.runs):
-            for pair in pairs:
+            for _, *pair in pairs:
                 for name in (pair if run % 2 == 0 else pair[::-1]):
                     url, host, procs_of = targets[name]
                     before = sum(cpu_seconds(p.pid) for p in procs_of)
@@ -423,33 +458,33 @@ def main():
     failures = 0
     for rate in rates:
         entry = {}
-        for fname, ename in pairs:
-            path = {}
+        for label, a, b in pairs:
+            path = {"a": a, "b": b}
             for q in ["p50_ms", "p90_ms", "p99_ms", "p99.9_ms"]:
                 direct = [r[q] for r in latency[rate]["direct"]]
-                f_add = [r[q] - d for r, d in zip(latency[rate][fname], direct)]
-                e_add = [r[q] - d for r, d in zip(latency[rate][ename], direct)]
-                ratios = [f / e if e > 0 else float("inf") for f, e in zip(f_add, e_add)]
+                a_add = [r[q] - d for r, d in zip(latency[rate][a], direct)]
+                b_add = [r[q] - d for r, d in zip(latency[rate][b], direct)]
+                ratios = [x / y if y > 0 else float("inf") for x, y in zip(a_add, b_add)]
                 path[q] = {
                     "direct": spread(direct),
-                    "ferry": spread([r[q] for r in latency[rate][fname]]),
-                    "envoy": spread([r[q] for r in latency[rate][ename]]),
-                    "ferry_added": spread(f_add),
-                    "envoy_added": spread(e_add),
+                    "a": spread([r[q] for r in latency[rate][a]]),
+                    "b": spread([r[q] for r in latency[rate][b]]),
+                    "a_added": spread(a_add),
+                    "b_added": spread(b_add),
                     "ratio_added": spread(ratios),
                 }
-            entry["hop" if fname == "ferry" else "mesh"] = path
+            entry[label] = path
         for t in targets:
             failures += sum(r["failed"] for r in latency[rate][t])
         entry["achieved_rps"] = {t: spread([r["rps"] for r in latency[rate][t]]) for t in targets}
         report["rates"][str(rate)] = entry
     report["requests_per_cpu_second"] = {k: spread(v) for k, v in efficiency.items()}
-    for fname, ename in pairs:
-        report["requests_per_cpu_second"][f"ratio {fname}/{ename}"] = (
-            report["requests_per_cpu_second"][fname]["median"] / report["requests_per_cpu_second"][ename]["median"])
+    for _, a, b in pairs:
+        report["requests_per_cpu_second"][f"ratio {a}/{b}"] = (
+            report["requests_per_cpu_second"][a]["median"] / report["requests_per_cpu_second"][b]["median"])
     report["rss"] = {"idle": rss_idle, "after_latency_runs": rss_after, "after_closed_loop": rss_end,
                      "ratio_after_latency_runs": {
-                         f"{f}/{e}": rss_after[f]["rss_kib"] / rss_after[e]["rss_kib"] for f, e in pairs}}
+                         f"{a}/{b}": rss_after[a]["rss_kib"] / rss_after[b]["rss_kib"] for _, a, b in pairs}}
     report["failed_requests"] = failures
     report["error_kinds"] = sorted({k for rate in rates for t in targets for r in latency[rate][t] for k in r["errors"]})
     report["raw"] = {str(rate): latency[rate] for rate in rates}
@@ -491,7 +526,7 @@ def start_mesh(args, work, backend, proxy_cpu, load_cpu, procs):
                    FERRY_TOKEN=open(f"{cp_dir}/admin.token").read().strip())
     ctl = lambda *a, stdin=None: subprocess.run([args.ctl, *a], env=ctl_env, input=stdin, capture_output=True,
                                                 text=True, check=True).stdout.strip()
-    ctl("apply", "-f", "-", stdin=MESH_SERVICE)
+    ctl("apply", "-f", "-", stdin=MESH_SERVICE + "---\n" + MESH_POLICIES)
     base = {"FERRY_CONTROL_ADDR": f"127.0.0.1:{xds}", "FERRY_CA_ROOT": f"{cp_dir}/ca.crt", "FERRY_WORKERS": "1",
             "FERRY_ACCESS_LOG": "off", "FERRY_LOG_LEVEL": "warn"}
     server_in, client_out = free_port(), free_port()
@@ -506,9 +541,15 @@ def start_mesh(args, work, backend, proxy_cpu, load_cpu, procs):
                       FERRY_OUTBOUND_ADDR=f"127.0.0.1:{client_out}", FERRY_INBOUND_ADDR=f"127.0.0.1:{free_port()}",
                       FERRY_HEALTH_ADDR=f"127.0.0.1:{free_port()}", FERRY_ADMIN_ADDR=f"127.0.0.1:{free_port()}",
                       FERRY_NODE_ID="bench-client")
+    guarded_env = dict(server_env, FERRY_JOIN_TOKEN=ctl("token", "create", "-n", "default", "--service-account",
+                                                        "guarded"),
+                       FERRY_SERVICE="guarded", FERRY_INBOUND_ADDR=f"127.0.0.1:{free_port()}",
+                       FERRY_OUTBOUND_ADDR=f"127.0.0.1:{free_port()}", FERRY_HEALTH_ADDR=f"127.0.0.1:{free_port()}",
+                       FERRY_ADMIN_ADDR=f"127.0.0.1:{free_port()}", FERRY_NODE_ID="bench-guarded")
     fs = Proc("ferry-server", [args.ferry], f"{work}/ferry-server.log", env=server_env, cpu=proxy_cpu)
     fc = Proc("ferry-client", [args.ferry], f"{work}/ferry-client.log", env=client_env, cpu=proxy_cpu)
-    procs += [fs, fc]
+    fg = Proc("ferry-guarded", [args.ferry], f"{work}/ferry-guarded.log", env=guarded_env, cpu=proxy_cpu)
+    procs += [fs, fc, fg]
     envoy_mesh_certs(work)
     envoy_in, envoy_out = free_port(), free_port()
     with open(f"{work}/envoy-server.yaml", "w") as f:
@@ -520,7 +561,8 @@ def start_mesh(args, work, backend, proxy_cpu, load_cpu, procs):
                    f"{work}/envoy-{side}.log", cpu=proxy_cpu) for i, side in enumerate(["server", "client"])]
     procs += envoys
     return {"ferry": (f"http://127.0.0.1:{client_out}/", [fc, fs]),
-            "envoy": (f"http://127.0.0.1:{envoy_out}/", envoys)}
+            "envoy": (f"http://127.0.0.1:{envoy_out}/", envoys),
+            "policies": (f"http://127.0.0.1:{client_out}/", [fc, fg])}
 
 
 def port_open(port):
@@ -541,20 +583,20 @@ def cpu_model():
 
 def print_table(report, rates, pairs):
     fmt = lambda s: f"{s['median']:.3f} [{s['min']:.3f}..{s['max']:.3f}]"
-    for path, (fname, ename) in zip(["hop", "mesh"], pairs):
+    for path, a, b in pairs:
         print(f"\n== {path}: added latency (proxied - direct), ms: median [min..max] over runs; "
-              f"ratio = {fname}/{ename} per run ==")
-        print(f"{'rate':>6} {'pct':>6} | {'direct':>18} | {'ferry added':>22} | {'envoy added':>22} | {'ratio':>20}")
+              f"ratio = {a}/{b} per run ==")
+        print(f"{'rate':>6} {'pct':>6} | {'direct':>18} | {a + ' added':>22} | {b + ' added':>22} | {'ratio':>20}")
         for rate in rates:
             e = report["rates"][str(rate)][path]
             for q in ["p50_ms", "p90_ms", "p99_ms", "p99.9_ms"]:
                 row = e[q]
-                print(f"{rate:>6} {q[:-3]:>6} | {fmt(row['direct']):>18} | {fmt(row['ferry_added']):>22} | "
-                      f"{fmt(row['envoy_added']):>22} | {fmt(row['ratio_added']):>20}")
+                print(f"{rate:>6} {q[:-3]:>6} | {fmt(row['direct']):>18} | {fmt(row['a_added']):>22} | "
+                      f"{fmt(row['b_added']):>22} | {fmt(row['ratio_added']):>20}")
     c = report["requests_per_cpu_second"]
     print("\nrequests per proxy CPU-second (closed loop; the mesh path counts both proxies):")
-    for fname, ename in pairs:
-        print(f"  {fname} {fmt(c[fname])}, {ename} {fmt(c[ename])}, ratio {c[f'ratio {fname}/{ename}']:.2f}")
+    for _, a, b in pairs:
+        print(f"  {a} {fmt(c[a])}, {b} {fmt(c[b])}, ratio {c[f'ratio {a}/{b}']:.2f}")
     r = report["rss"]
     mib = lambda k: f"{k / 1024:.1f} MiB"
     for when in ["idle", "after_latency_runs"]:

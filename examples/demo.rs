@@ -1,6 +1,7 @@
-//! The local demo mesh: ferry-control plus two sample services behind Ferry sidecars on loopback, configured over
+//! The local demo mesh: ferry-control plus sample services behind Ferry sidecars on loopback, configured over
 //! xDS, every hop between sidecars mTLS with identities from ferry-control's CA; an AuthorizationPolicy that lets
-//! `web` call `api` and refuses a third workload; a short load during which `ferryctl apply` changes routing; a report.
+//! `web` call `api` and refuses a third workload; a short load during which `ferryctl apply` changes routing; a flaky
+//! service made reliable by a retry policy, and its circuit breaker tripping and recovering; a report.
 //!
 //! Run: `cargo run --release --example demo` (builds `ferry`, `ferry-control` and `ferryctl` first; `FERRY_BIN`,
 //! `FERRY_CONTROL_BIN` and `FERRYCTL_BIN` override them).
@@ -74,6 +75,11 @@ metadata: {name: web, namespace: default}
 spec: {ports: [{port: 80, protocol: http}], addresses: [web.demo.local], identities: [web]}
 ---
 apiVersion: ferry.dev/v1alpha1
+kind: Service
+metadata: {name: quotes, namespace: default}
+spec: {ports: [{port: 80, protocol: http}], addresses: [quotes.demo.local], identities: [quotes]}
+---
+apiVersion: ferry.dev/v1alpha1
 kind: TrafficPolicy
 metadata: {name: api, namespace: default}
 spec:
@@ -89,6 +95,53 @@ spec:
   defaultAction: deny
   allow: [{from: {identities: [\"spiffe://cluster.local/ns/default/sa/web\"]}}]
 ";
+
+/// Applied to the flaky `quotes` service during the demo: two retries on gateway errors, and a breaker that opens
+/// after 5 failures in a row for 2 s.
+const QUOTES_POLICY: &str = "\
+apiVersion: ferry.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: quotes, namespace: default}
+spec:
+  targetRef: {kind: Service, name: quotes}
+  retries: {attempts: 2, on: [gateway-error], backoff: {base: 5ms, max: 50ms}}
+  circuitBreaker: {consecutiveFailures: 5, openFor: 2s, halfOpenRequests: 1}
+";
+
+/// The quotes app: every 5th answer is a 503; while `down`, every answer is.
+#[derive(Default)]
+struct Flaky {
+    answered: std::sync::atomic::AtomicUsize,
+    down: std::sync::atomic::AtomicBool,
+}
+
+/// Sends `n` GETs for `host` through `proxy`, one after another: (ok, failed, the distinct failure bodies).
+async fn run(proxy: SocketAddr, host: &str, n: usize) -> anyhow::Result<(usize, usize, Vec<String>)> {
+    let (mut ok, mut failed, mut reasons) = (0, 0, Vec::new());
+    for _ in 0..n {
+        let (status, body) = get(proxy, host, "/").await?;
+        if status == StatusCode::OK {
+            ok += 1;
+        } else {
+            failed += 1;
+            let reason = format!("{status} {}", String::from_utf8_lossy(&body).split(':').next().unwrap_or("").trim());
+            if !reasons.contains(&reason) {
+                reasons.push(reason);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok((ok, failed, reasons))
+}
+
+/// One series of a sidecar's /metrics (0 when absent).
+async fn metric(s: &Sidecar, series: &str) -> anyhow::Result<f64> {
+    let (_, metrics) = get(s.health, "localhost", "/metrics").await?;
+    Ok(String::from_utf8_lossy(&metrics)
+        .lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0.0))
+}
 
 /// The running control plane and what ferryctl needs to reach it.
 struct ControlPlane {
@@ -239,6 +292,24 @@ async fn main() -> anyhow::Result<()> {
     let web = start_sidecar(&bin, "web", &control, Some(web_app), &dir)?;
     // A third workload with no app of its own: the AuthorizationPolicy on api does not list it.
     let batch = start_sidecar(&bin, "batch", &control, None, &dir)?;
+    // A flaky service.
+    let quotes_app = free_addr();
+    let quotes = start_sidecar(&bin, "quotes", &control, Some(quotes_app), &dir)?;
+    let flaky = Arc::new(Flaky::default());
+    let state = flaky.clone();
+    serve(quotes_app, move |_req| {
+        let state = state.clone();
+        async move {
+            use std::sync::atomic::Ordering::SeqCst;
+            let n = state.answered.fetch_add(1, SeqCst);
+            let mut r = Response::new(Full::new(Bytes::from_static(b"quote of the day\n")));
+            if state.down.load(SeqCst) || n % 5 == 4 {
+                *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+            }
+            r
+        }
+    })
+    .await?;
 
     // The sample apps: api answers with JSON, naming the caller its sidecar verified (ferry-client-id); web calls
     // api through its own sidecar (explicit outbound).
@@ -266,6 +337,7 @@ async fn main() -> anyhow::Result<()> {
     wait_ready(&api).await?;
     wait_ready(&web).await?;
     wait_ready(&batch).await?;
+    wait_ready(&quotes).await?;
     println!(
         "mesh up: web app {web_app} + sidecar (inbound {}), api app {api_app} + sidecar (inbound {})",
         web.inbound, api.inbound
@@ -348,14 +420,70 @@ async fn main() -> anyhow::Result<()> {
         );
     }
 
+    // Resilience: the quotes app fails every 5th request. Without a policy, web's sidecar retries only what cannot have
+    // reached the app (connect failures, refused streams, resets): the app's 503s reach the caller.
+    let (reliable, breaker_ok) = {
+        println!("\nquotes: its app answers every 5th request with 503");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while get(web.outbound, "quotes.demo.local", "/").await?.0 != StatusCode::OK && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let (ok, failed, reasons) = run(web.outbound, "quotes.demo.local", 100).await?;
+        println!("quotes without a retry policy: {ok} ok, {failed} failed {reasons:?}");
+        let acked = r#"ferry_xds_updates_total{result="ack",type="TrafficPolicy"} "#;
+        let before = metric(&web, acked).await?;
+        let policy = dir.join("quotes-policy.yaml");
+        std::fs::write(&policy, QUOTES_POLICY)?;
+        control.ctl(&["apply", "-f", policy.to_str().unwrap()], true)?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while metric(&web, acked).await? <= before && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let retries = r#"ferry_retries_total{result="attempted",service="quotes.default"} "#;
+        let retried_before = metric(&web, retries).await?;
+        let (ok, failed, reasons) = run(web.outbound, "quotes.demo.local", 100).await?;
+        let retried = metric(&web, retries).await? - retried_before;
+        println!(
+            "quotes with retries (2 on gateway-error): {ok} ok, {failed} failed {reasons:?}; web's sidecar retried {retried} times"
+        );
+        let reliable = failed == 0;
+
+        // The app goes down: the breaker opens after 5 failures in a row and fails fast; the app sees no attempts.
+        flaky.down.store(true, std::sync::atomic::Ordering::SeqCst);
+        let (_, failed, reasons) = run(web.outbound, "quotes.demo.local", 10).await?;
+        let seen = flaky.answered.load(std::sync::atomic::Ordering::SeqCst);
+        let (_, more, _) = run(web.outbound, "quotes.demo.local", 10).await?;
+        let reached = flaky.answered.load(std::sync::atomic::Ordering::SeqCst) - seen;
+        println!(
+            "quotes down: {failed} of 10 failed {reasons:?}; 10 more failed ({more}) with {reached} reaching the app: the breaker is open"
+        );
+        // It recovers: after openFor a probe goes through, succeeds, and the breaker closes.
+        flaky.down.store(false, std::sync::atomic::Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(2200)).await;
+        let (ok, failed, _) = run(web.outbound, "quotes.demo.local", 3).await?;
+        let mut transitions = Vec::new();
+        for to in ["open", "half-open", "closed"] {
+            let series = format!(r#"ferry_circuit_breaker_transitions_total{{service="quotes.default",to="{to}"}} "#);
+            transitions.push(format!("{to} {}", metric(&web, &series).await?));
+        }
+        println!("quotes back: {ok} ok, {failed} failed; breaker transitions: {}", transitions.join(", "));
+        (reliable, reached == 0 && transitions.iter().all(|t| !t.ends_with(" 0")))
+    };
+
     println!("\nwhat the sidecars counted (their /metrics):");
     for s in [&web, &api] {
         let (_, metrics) = get(s.health, "localhost", "/metrics").await?;
         for line in String::from_utf8_lossy(&metrics).lines() {
-            let interesting = ["ferry_requests_total", "ferry_proxy_errors_total", "ferry_tls_handshakes_total"]
-                .iter()
-                .any(|m| line.starts_with(m))
-                || line.starts_with("ferry_authz_decisions_total");
+            let interesting = [
+                "ferry_requests_total",
+                "ferry_proxy_errors_total",
+                "ferry_tls_handshakes_total",
+                "ferry_authz_decisions_total",
+                "ferry_retries_total",
+                "ferry_circuit_breaker_transitions_total",
+            ]
+            .iter()
+            .any(|m| line.starts_with(m));
             if interesting && !line.ends_with(" 0") {
                 println!("  {:<4} {line}", s.name);
             }
@@ -367,6 +495,7 @@ async fn main() -> anyhow::Result<()> {
     control.ctl(&["check"], true)?;
 
     drop(batch);
+    drop(quotes);
     println!("\nSIGTERM to both sidecars: they drain and exit");
     let mut sidecars = vec![web, api];
     for s in &sidecars {
@@ -386,5 +515,7 @@ async fn main() -> anyhow::Result<()> {
          network namespaces; `cargo test --test interception -- --nocapture` (as root) shows it end to end."
     );
     anyhow::ensure!(failed == 0, "{failed} requests failed");
+    anyhow::ensure!(reliable, "the retry policy must make quotes reliable");
+    anyhow::ensure!(breaker_ok, "the breaker must open, fail fast and close again");
     Ok(())
 }

@@ -31,6 +31,16 @@ fn demo_runs_and_reports_no_failures() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "demo failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("300 ok, 0 failed"), "{stdout}");
+    // Resilience: the flaky service fails a fifth of its requests without a policy, none with retries; the breaker
+    // opens with no request reaching the app, then half-opens and closes.
+    assert!(stdout.contains("quotes without a retry policy: 80 ok, 20 failed"), "{stdout}");
+    assert!(stdout.contains("quotes with retries (2 on gateway-error): 100 ok, 0 failed"), "{stdout}");
+    assert!(stdout.contains("with 0 reaching the app: the breaker is open"), "{stdout}");
+    assert!(stdout.contains("circuit-open"), "{stdout}");
+    assert!(
+        stdout.contains("quotes back: 3 ok, 0 failed; breaker transitions: open 1, half-open 1, closed 1"),
+        "{stdout}"
+    );
     // Identities: api's app names its caller as web's sidecar verified it; batch is refused by the policy; status and
     // check show the certificates.
     assert!(stdout.contains(r#""caller": "spiffe://cluster.local/ns/default/sa/web""#), "{stdout}");
@@ -58,14 +68,14 @@ fn demo_runs_and_reports_no_failures() {
     assert!(routed.is_some_and(|n| n >= 302), "{stdout}");
     assert!(stdout.contains("service.ferry.dev/api configured"), "{stdout}");
     assert!(stdout.contains("answered 502 Bad Gateway before the apply, 200 OK"), "{stdout}");
-    // The last `ferryctl status`: all three sidecars SYNCED, for every type, at the control plane's generation (its
+    // The last `ferryctl status`: all four sidecars SYNCED, for every type, at the control plane's generation (its
     // number depends on how registrations and the apply fell into debounce windows).
     let last = stdout.rsplit("$ ferryctl status").next().unwrap();
     let generation = last.split("control plane generation ").nth(1).and_then(|r| r.split_whitespace().next()).unwrap();
     assert_eq!(
         last.matches(&format!("SYNCED {generation} ")).count(),
-        12,
-        "three sidecars x four types in sync after the change:\n{stdout}"
+        16,
+        "four sidecars x four types in sync after the change:\n{stdout}"
     );
     assert_eq!(stdout.matches("exited: exit status: 0").count(), 2, "{stdout}");
 }

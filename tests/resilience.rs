@@ -3,6 +3,10 @@
 //! breaker; request caps; retries on a seeded 20 % failing backend and budgets on a dead one; outlier ejection of a
 //! killed endpoint and its readmission; P2C-EWMA against a slow endpoint; policy changes under load.
 
+#[path = "../xds/tests/support/mod.rs"]
+mod control;
+#[path = "support/mesh.rs"]
+mod mesh;
 mod support;
 
 use std::time::Duration;
@@ -139,9 +143,9 @@ fn retry_config(backend: std::net::SocketAddr, retries: &str) -> String {
     )
 }
 
-/// Sends `count` requests one after another, paced to at most `per_second`, each answered by `each` (bounded by the
-/// count and by `limit`).
-fn paced(count: usize, per_second: u32, limit: Duration, mut each: impl FnMut(usize)) -> usize {
+/// Sends up to `count` requests one after another, paced to at most `per_second`, each made by `each` (bounded by
+/// the count and by `limit`; `each` returns false to stop early). Returns how many were sent.
+fn paced(count: usize, per_second: u32, limit: Duration, mut each: impl FnMut(usize) -> bool) -> usize {
     let started = std::time::Instant::now();
     let interval = Duration::from_secs(1) / per_second;
     let mut sent = 0;
@@ -150,8 +154,10 @@ fn paced(count: usize, per_second: u32, limit: Duration, mut each: impl FnMut(us
         if let Some(wait) = due.checked_duration_since(std::time::Instant::now()) {
             std::thread::sleep(wait);
         }
-        each(sent);
         sent += 1;
+        if !each(sent - 1) {
+            break;
+        }
     }
     sent
 }
@@ -169,6 +175,7 @@ async fn retries_turn_a_flaky_backend_reliable_within_the_budget() {
         paced(requests, 100, Duration::from_secs(180), |_| {
             let r = http_exchange_full(ferry.outbound, "GET", "/flaky?percent=20&seed=7", &[("Host", "api")], "");
             ok += usize::from(r.is_some_and(|r| r.status == 200));
+            true
         })
     });
     assert_eq!(sent, requests, "the load loop ran out of time");
@@ -213,6 +220,7 @@ async fn the_budget_stops_a_retry_storm_on_a_dead_backend() {
         paced(requests, 100, Duration::from_secs(180), |_| {
             let r = http_exchange_full(ferry.outbound, "GET", "/status?code=503", &[("Host", "api")], "").unwrap();
             assert_eq!(r.status, 503);
+            true
         })
     });
     assert_eq!(sent, requests, "the load loop ran out of time");
@@ -263,6 +271,7 @@ async fn a_killed_endpoint_is_ejected_and_readmitted_when_it_recovers() {
             let (port, status) = call(&ferry, "/");
             assert_eq!(status, 200);
             *seen.entry(port.unwrap()).or_insert(0) += 1;
+            true
         })
     });
     assert_eq!(seen.len(), 3, "{seen:?}");
@@ -273,12 +282,13 @@ async fn a_killed_endpoint_is_ejected_and_readmitted_when_it_recovers() {
         paced(1_000, 100, Duration::from_secs(30), |_| {
             if ferry.metric(ejected) == 0.0 {
                 errors += usize::from(call(&ferry, "/").1 != 200);
-            } else if after < 200 {
-                let (port, status) = call(&ferry, "/");
-                assert_eq!(status, 200, "after the ejection every request succeeds");
-                assert_ne!(port, Some(killed));
-                after += 1;
+                return true;
             }
+            let (port, status) = call(&ferry, "/");
+            assert_eq!(status, 200, "after the ejection every request succeeds");
+            assert_ne!(port, Some(killed));
+            after += 1;
+            after < 200
         })
     });
     eprintln!("killed endpoint: {errors} failed requests before its ejection, then {after} of {after} ok");
@@ -289,15 +299,15 @@ async fn a_killed_endpoint_is_ejected_and_readmitted_when_it_recovers() {
     let state = json["services"][0]["ports"][0]["endpoints"].as_array().unwrap().clone();
     let dead = state.iter().find(|e| e["address"] == addrs[2].to_string()).expect("the killed endpoint is listed");
     assert_eq!(dead["ejections"], 1, "{dead}");
+    assert!(dead["ejectedForMs"].as_u64().is_some_and(|ms| ms > 0 && ms <= 5_000), "{dead}");
     assert!(support::metric_value(&ferry.metrics(), ejected) == 1.0);
     // It comes back on its port; once the ejection runs out it is readmitted on probation, answers, and recovers.
     let listener = tokio::net::TcpListener::bind(addrs[2]).await.unwrap();
     let back = backend::http_backend_on(listener);
     tokio::task::block_in_place(|| {
         paced(1_000, 100, Duration::from_secs(30), |_| {
-            if back.requests.load(std::sync::atomic::Ordering::SeqCst) < 10 {
-                assert_eq!(call(&ferry, "/").1, 200);
-            }
+            assert_eq!(call(&ferry, "/").1, 200);
+            back.requests.load(std::sync::atomic::Ordering::SeqCst) < 10
         })
     });
     assert!(back.requests.load(std::sync::atomic::Ordering::SeqCst) >= 10, "readmitted");
@@ -315,7 +325,10 @@ async fn with_the_defaults_a_dead_endpoint_costs_no_request() {
     apps[1].kill();
     let mut ok = 0;
     tokio::task::block_in_place(|| {
-        paced(500, 100, Duration::from_secs(30), |_| ok += usize::from(call(&ferry, "/").1 == 200));
+        paced(500, 100, Duration::from_secs(30), |_| {
+            ok += usize::from(call(&ferry, "/").1 == 200);
+            true
+        });
     });
     let retried = ferry.metric(r#"ferry_retries_total{result="attempted",service="api.default"}"#);
     eprintln!("defaults, one of two endpoints dead: {ok}/500 ok, {retried} retries");
@@ -338,6 +351,7 @@ async fn p2c_ewma_sends_most_load_away_from_a_slow_endpoint() {
                 let (port, status) = call(&ferry, "/");
                 assert_eq!(status, 200);
                 split[addrs.iter().position(|a| Some(a.port()) == port).unwrap()] += 1;
+                true
             })
         });
         assert_eq!(sent, requests, "the load loop ran out of time");
@@ -353,4 +367,93 @@ async fn p2c_ewma_sends_most_load_away_from_a_slow_endpoint() {
     let slow_share = split[1] as f64 / requests as f64;
     eprintln!("P2C-EWMA, endpoint 2 made 10x slower: {split:?} ({:.2} % to the slow one)", slow_share * 100.0);
     assert!(slow_share < 0.10, "most load goes elsewhere (a fair share is 33 %): {split:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_policy_changes_under_load_without_a_failed_request() {
+    let app = backend::http_backend().await;
+    tokio::task::block_in_place(|| {
+        let cp = control::ControlPlane::start(&control::state_dir("policies"));
+        cp.ok(&["apply", "-f", "-"], Some(&mesh::service("api", "api.local", "")));
+        let api = mesh::proxy(&cp, "api", Some(app.addr), &[]);
+        let web = mesh::proxy(&cp, "web", None, &[]);
+        support::wait_until("web routes api.local", Duration::from_secs(10), || {
+            support::http_exchange(web.outbound, "GET", "/", &[("Host", "api.local")], "").map(|r| r.0) == Some(200)
+        });
+        let acks =
+            |p: &Ferry, kind: &str| p.metric(&format!(r#"ferry_xds_updates_total{{result="ack",type="{kind}"}}"#));
+        let load = support::Load::start(web.outbound, "api.local");
+        // Each step sets one more policy (or changes one) on Service api; the caller's proxy enforces most, the
+        // destination's the rate limit, the mTLS mode and the AuthorizationPolicy.
+        let steps = [
+            ("timeout", "10s"),
+            (
+                "retries",
+                "{attempts: 2, perTryTimeout: 5s, on: [gateway-error, reset], backoff: {base: 5ms, max: 50ms}, budget: {percent: 30, minPerSecond: 5}}",
+            ),
+            (
+                "circuitBreaker",
+                "{failureRatio: 0.9, minRequests: 100, interval: 10s, consecutiveFailures: 100, openFor: 1s, halfOpenRequests: 2, maxConnections: 500, maxPendingRequests: 500, maxRequests: 500}",
+            ),
+            ("outlierDetection", "{consecutive5xx: 10, baseEjectionTime: 1s, maxEjectionPercent: 50}"),
+            ("loadBalancer", "round-robin"),
+            ("loadBalancer", "least-request"),
+            ("rateLimit", "{requestsPerSecond: 100000, burst: 100000}"),
+            ("rateLimit", "{requestsPerSecond: 100000, burst: 100000, perClientIdentity: true}"),
+            ("mtls", "strict"),
+            ("mtls", "permissive"),
+            ("timeout", "20s"),
+        ];
+        let mut spec: Vec<(&str, &str)> = vec![("targetRef", "{kind: Service, name: api}")];
+        for (key, value) in steps {
+            match spec.iter_mut().find(|(k, _)| *k == key) {
+                Some(entry) => entry.1 = value,
+                None => spec.push((key, value)),
+            }
+            let fields: Vec<String> = spec.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+            let before = (acks(&web, "TrafficPolicy"), acks(&api, "TrafficPolicy"));
+            let doc = format!(
+                "apiVersion: ferry.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: api}}\nspec: {{{}}}\n",
+                fields.join(", ")
+            );
+            cp.ok(&["apply", "-f", "-"], Some(&doc));
+            support::wait_until(&format!("both proxies ACK {key}: {value}"), Duration::from_secs(10), || {
+                acks(&web, "TrafficPolicy") > before.0 && acks(&api, "TrafficPolicy") > before.1
+            });
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        // An AuthorizationPolicy that allows the caller, then none again; and the TrafficPolicy removed.
+        let allow = "apiVersion: ferry.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: api}\nspec: {targetRef: {kind: Service, name: api}, defaultAction: deny, allow: [{from: {identities: [\"spiffe://cluster.local/ns/default/sa/web\"]}}]}\n";
+        for args in
+            [&["apply", "-f", "-"][..], &["delete", "AuthorizationPolicy", "api"], &["delete", "TrafficPolicy", "api"]]
+        {
+            let before = (acks(&api, "AuthorizationPolicy"), acks(&api, "TrafficPolicy"));
+            cp.ok(args, (args[0] == "apply").then_some(allow));
+            support::wait_until(&format!("api ACKs {args:?}"), Duration::from_secs(10), || {
+                acks(&api, "AuthorizationPolicy") > before.0 || acks(&api, "TrafficPolicy") > before.1
+            });
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        // Invalid values are refused naming the field, and change nothing.
+        for (bad, field) in [
+            ("rateLimit: {requestsPerSecond: -5, burst: 1}", "spec.rateLimit.requestsPerSecond"),
+            ("retries: {attempts: 11}", "spec.retries.attempts"),
+            ("loadBalancer: fastest", "spec.loadBalancer"),
+            (
+                "outlierDetection: {consecutive5xx: 5, baseEjectionTime: 30s, maxEjectionPercent: 150}",
+                "spec.outlierDetection.maxEjectionPercent",
+            ),
+        ] {
+            let doc = format!(
+                "apiVersion: ferry.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: api}}\nspec: {{targetRef: {{kind: Service, name: api}}, {bad}}}\n"
+            );
+            let err = cp.fails(&["apply", "-f", "-"], Some(&doc));
+            assert!(err.contains(field), "{bad}: {err}");
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        let (ok, failed, failures) = load.finish();
+        eprintln!("every policy changed under load: {ok} ok, {failed} failed");
+        assert_eq!(failed, 0, "{failures:?}");
+        assert!(ok > 100, "{ok}");
+    });
 }
