@@ -129,7 +129,7 @@ pub fn seeded_failure(seed: u64, n: u64, percent: u64) -> bool {
 /// The test app. `/echo` streams the request body back; `/sha256` hashes the body; `/download?bytes=N` streams N
 /// pattern bytes; `/delay?ms=N` answers after N ms; `/stall?ms=N` sends its headers and a first chunk, the rest after
 /// N ms; `/status?code=N` answers N; `/flaky?every=N` fails every Nth request of this backend with 503,
-/// `/flaky?percent=P&seed=S` a seeded P % of them; `/reset` closes the connection without an answer; anything else
+/// `/flaky?percent=P&seed=S` a seeded P % of them (with `&reset=1` by closing the connection instead); `/reset` closes the connection without an answer; anything else
 /// says hello (after `?delay_ms=N`). Every response tells the HTTP version, Host/authority and `ferry-client-id` the
 /// app saw, and `x-backend` its port. `n` is the request's number at this backend.
 async fn app(req: Request<Incoming>, n: u64, port: u16) -> Result<Response<TestBody>, std::io::Error> {
@@ -168,7 +168,12 @@ async fn app(req: Request<Incoming>, n: u64, port: u16) -> Result<Response<TestB
                     n % every == every - 1
                 }
             };
-            if fails { builder.status(503).body(full("flaky failure")) } else { builder.body(full("flaky ok")) }
+            match (fails, query(&req, "reset")) {
+                // `reset=1`: the failure is a connection closed without an answer.
+                (true, Some(1)) => return Err(std::io::Error::other("flaky reset")),
+                (true, _) => builder.status(503).body(full("flaky failure")),
+                (false, _) => builder.body(full("flaky ok")),
+            }
         }
         // An error from the service makes hyper close the connection without a response.
         "/reset" => return Err(std::io::Error::other("reset by the test app")),
