@@ -126,7 +126,10 @@ pub fn backoff(retry: u32, base: Duration, max: Duration, jitter: f64) -> Durati
 
 /// The retry budget over a sliding 10 s window of one-second slots: retries are allowed while they stay under
 /// `percent` of the requests in the window plus the floor, `min_per_second` for each second of the window that has
-/// passed (so over any run, retries ≤ percent × requests + min_per_second × seconds).
+/// passed (at least one: a fresh budget can retry at once). The same holds over the budget's whole life, checked
+/// with running totals, so over any run retries ≤ percent × requests + min_per_second × max(seconds, 1) holds exactly
+/// (the window alone could overshoot it by a fraction at its edges); the window keeps a long healthy past from
+/// paying for a burst of retries.
 #[derive(Debug, Clone)]
 pub struct Budget {
     percent: f64,
@@ -134,6 +137,8 @@ pub struct Budget {
     /// Per slot: (the second it counts, requests, retries).
     slots: [(u64, u32, u32); WINDOW_SECONDS as usize],
     origin: Instant,
+    /// Requests and retries since `origin`.
+    totals: (u64, u64),
 }
 
 const WINDOW_SECONDS: u64 = 10;
@@ -145,6 +150,7 @@ impl Budget {
             min_per_second: budget.min_per_second,
             slots: [(u64::MAX, 0, 0); WINDOW_SECONDS as usize],
             origin: now,
+            totals: (0, 0),
         }
     }
 
@@ -174,18 +180,24 @@ impl Budget {
     /// Counts a request (a first try).
     pub fn deposit(&mut self, now: Instant) {
         self.slot(now).1 += 1;
+        self.totals.0 += 1;
     }
 
     /// Takes a retry from the budget, if it has one.
     pub fn withdraw(&mut self, now: Instant) -> bool {
         let (requests, retries) = self.window(now);
-        // The floor of the second under way is there from its start: a fresh budget can retry at once.
-        let seconds = (now.saturating_duration_since(self.origin).as_secs_f64() + 1.0).min(WINDOW_SECONDS as f64);
-        let allowed = self.percent / 100.0 * f64::from(requests) + f64::from(self.min_per_second) * seconds;
-        if f64::from(retries) + 1.0 > allowed {
+        // A fresh budget has its first second's floor at once (it can retry its very first request); from then on the
+        // floor accrues per second, so over any run retries <= percent x requests + floor x max(seconds, 1).
+        let lifetime = now.saturating_duration_since(self.origin).as_secs_f64().max(1.0);
+        let allowed =
+            |requests: f64, seconds: f64| self.percent / 100.0 * requests + f64::from(self.min_per_second) * seconds;
+        let in_window = f64::from(retries) + 1.0 <= allowed(f64::from(requests), lifetime.min(WINDOW_SECONDS as f64));
+        let in_life = (self.totals.1 + 1) as f64 <= allowed(self.totals.0 as f64, lifetime);
+        if !(in_window && in_life) {
             return false;
         }
         self.slot(now).2 += 1;
+        self.totals.1 += 1;
         true
     }
 }
@@ -461,19 +473,16 @@ mod tests {
         let s = |secs: u64| t0 + Duration::from_secs(secs);
         // 20 % of requests, floor 1/s (10 over the window).
         let mut b = Budget::new(&RetryBudget { percent: 20.0, min_per_second: 1 }, t0);
-        // No requests yet: the floor alone, 1 per second begun (at most the window's 10).
+        // No requests yet: the floor alone, 1 per second passed (at least 1, at most the window's 10).
         assert_eq!((0..20).filter(|_| b.withdraw(s(0))).count(), 1, "a fresh budget can retry at once");
-        assert_eq!((0..20).filter(|_| b.withdraw(s(3))).count(), 3);
-        assert_eq!(
-            (0..20).filter(|_| b.withdraw(s(10))).count(),
-            7,
-            "10 in the window now, 3 taken (second 0 has left)"
-        );
-        // 100 requests add 20 more (the 3 of second 3 are still in the window).
+        assert_eq!((0..20).filter(|_| b.withdraw(s(3))).count(), 2, "3 by second 3, 1 taken");
+        // The window (second 0 has left it) would allow 8 more; the lifetime total, 10 by second 10 with 3 taken, 7.
+        assert_eq!((0..20).filter(|_| b.withdraw(s(10))).count(), 7);
+        // 100 requests add 20: the window (slots 2-11) holds 9 of the 10 retries taken and allows 30, so 21 more.
         for _ in 0..100 {
             b.deposit(s(11));
         }
-        assert_eq!((0..40).filter(|_| b.withdraw(s(11))).count(), 20);
+        assert_eq!((0..40).filter(|_| b.withdraw(s(11))).count(), 21);
         // After the window has slid past everything, the budget is back to the floor.
         assert_eq!((0..20).filter(|_| b.withdraw(s(25))).count(), 10);
         // A 100 %-failing workload at 50 req/s for 30 s: retries stay within 20 % + the floor.
@@ -484,7 +493,7 @@ mod tests {
             b.deposit(now);
             retries += usize::from(b.withdraw(now));
         }
-        let bound = (0.2 * 1500.0 + 10.0 * 31.0) as usize;
+        let bound = (0.2 * 1500.0 + 10.0 * 30.0) as usize;
         assert!(retries <= bound && retries >= 550, "{retries} retries for 1500 requests (bound {bound})");
     }
 }

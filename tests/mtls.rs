@@ -201,7 +201,8 @@ async fn a_peer_whose_identity_the_service_does_not_list_is_refused_by_the_calle
     });
     let resp = http_exchange_full(web.outbound, "GET", "/", &[("Host", "billing.local")], "").unwrap();
     assert_eq!((resp.status, resp.header("ferry-proxy-error")), (502, Some("tls-failed")), "{resp:?}");
-    assert_eq!(web.metric("ferry_tls_handshake_failures_total{direction=\"outbound\",reason=\"wrong-identity\"}"), 1.0);
+    // Both tries fail the check: the first and the default retry on connection failures (there is no other endpoint).
+    assert_eq!(web.metric("ferry_tls_handshake_failures_total{direction=\"outbound\",reason=\"wrong-identity\"}"), 2.0);
     let log = web.logs();
     assert!(
         log.contains("presented spiffe://cluster.local/ns/default/sa/api, which service billing.default does not list"),
