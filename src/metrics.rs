@@ -15,12 +15,35 @@ use crate::proxy::Direction;
 pub const LATENCY_BUCKETS: &[f64] =
     &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 
+/// Message size buckets, 0 bytes to 64 MiB.
+pub const SIZE_BUCKETS: &[f64] =
+    &[0.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0, 4194304.0, 16777216.0, 67108864.0];
+
 const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// The labels of one request's series besides direction and service (all bounded: Services, identities, and fixed
+/// vocabularies; never paths, IDs or endpoint addresses).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RequestLabels {
+    /// The calling Service: outbound, this proxy's own; inbound, the one the caller's identity serves (`unknown`).
+    pub source: Arc<str>,
+    /// Inbound over mTLS: the caller's verified SPIFFE ID (empty otherwise).
+    pub peer_identity: Arc<str>,
+    /// `http1`, `http2` or `grpc`, as the caller spoke.
+    pub protocol: &'static str,
+    pub status: u16,
+    /// gRPC calls: the `grpc-status` of the response (headers or trailers).
+    pub grpc_status: Option<u16>,
+    /// The `ferry-proxy-error` reason of a proxy-made response (empty for the app's own).
+    pub error: &'static str,
+}
 
 pub struct Metrics {
     registry: Registry,
     requests: IntCounterVec,
     request_duration: HistogramVec,
+    request_size: HistogramVec,
+    response_size: HistogramVec,
     /// Labelled handles per direction (inbound, outbound) and service, so the request path does not hash label values.
     request_handles: [RwLock<HashMap<String, Arc<RequestHandles>>>; 2],
     pub proxy_errors: IntCounterVec,
@@ -54,17 +77,50 @@ pub struct Metrics {
     pub outlier_ejections: IntCounterVec,
 }
 
-/// The counters and histograms of one (direction, service), one per status class.
+/// The request metrics of one (direction, service): message sizes, and per label set a counter and a latency
+/// histogram, created on first use and then found with one read-locked lookup.
 pub struct RequestHandles {
-    requests: [IntCounter; 5],
-    duration: [Histogram; 5],
+    direction: &'static str,
+    service: String,
+    pub request_size: Histogram,
+    pub response_size: Histogram,
+    series: RwLock<HashMap<RequestLabels, (IntCounter, Histogram)>>,
+    requests: IntCounterVec,
+    duration: HistogramVec,
 }
 
 impl RequestHandles {
-    pub fn record(&self, status: u16, elapsed: Duration) {
-        let class = usize::from(status / 100).clamp(1, 5) - 1;
-        self.requests[class].inc();
-        self.duration[class].observe(elapsed.as_secs_f64());
+    /// Counts one request with its outcome; `elapsed`: until the response headers were sent.
+    pub fn record(&self, labels: RequestLabels, elapsed: Duration) {
+        let handles = self.series.read().expect("metrics lock").get(&labels).cloned();
+        let (counter, histogram) = match handles {
+            Some(h) => h,
+            None => {
+                let class = STATUS_CLASSES[usize::from(labels.status / 100).clamp(1, 5) - 1];
+                let grpc = labels.grpc_status.map(|g| g.to_string()).unwrap_or_default();
+                let counter = self.requests.with_label_values(&[
+                    self.direction,
+                    &self.service,
+                    &labels.source,
+                    &labels.peer_identity,
+                    labels.protocol,
+                    class,
+                    &grpc,
+                    labels.error,
+                ]);
+                let histogram = self.duration.with_label_values(&[
+                    self.direction,
+                    &self.service,
+                    &labels.source,
+                    labels.protocol,
+                    class,
+                ]);
+                let mut series = self.series.write().expect("metrics lock");
+                series.entry(labels).or_insert((counter, histogram)).clone()
+            }
+        };
+        counter.inc();
+        histogram.observe(elapsed.as_secs_f64());
     }
 }
 
@@ -90,14 +146,35 @@ impl Metrics {
         let m = Metrics {
             requests: counter(
                 "ferry_requests_total",
-                "HTTP/gRPC requests handled, by direction, service and response status class.",
-                &["direction", "service", "status_class"],
+                "HTTP/gRPC requests handled, by direction, destination service, source service, peer identity (inbound mTLS), protocol, response status class, gRPC status and ferry-proxy-error reason.",
+                &[
+                    "direction",
+                    "service",
+                    "source",
+                    "peer_identity",
+                    "protocol",
+                    "status_class",
+                    "grpc_status",
+                    "error",
+                ],
             ),
             request_duration: histogram(
                 "ferry_request_duration_seconds",
-                "Time from request received to response headers sent.",
-                &["direction", "service", "status_class"],
+                "Time from request received to response headers sent, by direction, destination and source service, protocol and status class.",
+                &["direction", "service", "source", "protocol", "status_class"],
                 LATENCY_BUCKETS,
+            ),
+            request_size: histogram(
+                "ferry_request_size_bytes",
+                "Request body sizes, by direction and destination service.",
+                &["direction", "service"],
+                SIZE_BUCKETS,
+            ),
+            response_size: histogram(
+                "ferry_response_size_bytes",
+                "Response body sizes, by direction and destination service.",
+                &["direction", "service"],
+                SIZE_BUCKETS,
             ),
             request_handles: Default::default(),
             proxy_errors: counter(
@@ -269,10 +346,15 @@ impl Metrics {
         if let Some(h) = map.read().expect("metrics lock").get(service) {
             return h.clone();
         }
+        let labels = [direction.as_str(), service];
         let handles = Arc::new(RequestHandles {
-            requests: STATUS_CLASSES.map(|c| self.requests.with_label_values(&[direction.as_str(), service, c])),
-            duration: STATUS_CLASSES
-                .map(|c| self.request_duration.with_label_values(&[direction.as_str(), service, c])),
+            direction: direction.as_str(),
+            service: service.to_string(),
+            request_size: self.request_size.with_label_values(&labels),
+            response_size: self.response_size.with_label_values(&labels),
+            series: Default::default(),
+            requests: self.requests.clone(),
+            duration: self.request_duration.clone(),
         });
         map.write().expect("metrics lock").entry(service.to_string()).or_insert(handles).clone()
     }

@@ -44,6 +44,9 @@ pub struct Snapshot {
     rate_limits: HashMap<String, ferry_xds::policy::RateLimit>,
     #[serde(skip)]
     authorization: HashMap<String, Arc<Authorization>>,
+    /// Which Service each workload identity serves (the first Service listing it), for the `source` metric label.
+    #[serde(skip)]
+    by_identity: HashMap<Identity, Arc<str>>,
 }
 
 #[derive(Debug, Serialize)]
@@ -97,6 +100,9 @@ impl Outbound {
         }
     }
 }
+
+/// The `source` label of a caller whose Service is not known.
+pub const UNKNOWN_SOURCE: &str = "unknown";
 
 /// Why a request could not be given a destination.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -252,6 +258,12 @@ impl Snapshot {
         }
         let authorization =
             authz_docs.into_iter().map(|(target, docs)| (target, Arc::new(Authorization::compile(&docs)))).collect();
+        let mut by_identity = HashMap::new();
+        for svc in &services {
+            for id in svc.identities.iter() {
+                by_identity.entry(id.clone()).or_insert_with(|| svc.qualified_name.clone());
+            }
+        }
         Snapshot {
             version,
             source,
@@ -265,7 +277,13 @@ impl Snapshot {
             mtls,
             rate_limits,
             authorization,
+            by_identity,
         }
+    }
+
+    /// The Service a workload identity serves (`unknown` when no Service lists it), for metrics.
+    pub fn service_of(&self, identity: &Identity) -> Arc<str> {
+        self.by_identity.get(identity).cloned().unwrap_or_else(|| Arc::from(UNKNOWN_SOURCE))
     }
 
     /// Pure route decision for an authority (`host`, `host:port`, `[v6]:port`); a missing port means 80.

@@ -2,6 +2,7 @@
 
 #[path = "../xds/tests/support/mod.rs"]
 mod control;
+mod support;
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -57,15 +58,13 @@ fn demo_runs_and_reports_no_failures() {
         assert!(stdout.contains(line), "ferryctl apply output missing {line:?}:\n{stdout}");
     }
     // 300 + the first request + the routing probes, all through web's sidecar to api's.
-    let routed = stdout
-        .lines()
-        .find_map(|l| {
-            l.trim().strip_prefix(
-                r#"web  ferry_requests_total{direction="outbound",service="api.default",status_class="2xx"} "#,
-            )
-        })
-        .and_then(|v| v.parse::<u64>().ok());
-    assert!(routed.is_some_and(|n| n >= 302), "{stdout}");
+    let web_metrics: String =
+        stdout.lines().filter_map(|l| l.trim().strip_prefix("web  ")).map(|l| format!("{l}\n")).collect();
+    let routed = support::metric_value(
+        &web_metrics,
+        r#"ferry_requests_total{direction="outbound",service="api.default",status_class="2xx"}"#,
+    );
+    assert!(routed >= 302.0, "{stdout}");
     assert!(stdout.contains("service.ferry.dev/api configured"), "{stdout}");
     assert!(stdout.contains("answered 502 Bad Gateway before the apply, 200 OK"), "{stdout}");
     // The last `ferryctl status`: all four sidecars SYNCED, for every type, at the control plane's generation (its

@@ -1,5 +1,6 @@
 //! The body type of every proxied or proxy-made message: streamed from a peer, or a small in-memory body; a
-//! response body may carry the request's deadline, which ends it with an error when it passes mid-stream.
+//! response body may carry the request's deadline, which ends it with an error when it passes mid-stream, and a body
+//! may be observed (its size and trailers reported when it ends, for metrics).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -24,6 +25,37 @@ pub enum ProxyBody {
     Full(Option<Bytes>),
     /// A body that must be done by a deadline (the request timeout covers the body too).
     Timed(Box<Timed>),
+    /// A body whose size (and trailers) are reported once it ends or is dropped.
+    Observed(Box<Observed>),
+}
+
+/// Called once with the data bytes a body carried and its trailers, if any.
+pub type OnEnd = Box<dyn FnOnce(u64, Option<&http::HeaderMap>) + Send>;
+
+pub struct Observed {
+    inner: ProxyBody,
+    bytes: u64,
+    on_end: Option<OnEnd>,
+}
+
+impl Observed {
+    fn end(&mut self, trailers: Option<&http::HeaderMap>) {
+        if let Some(f) = self.on_end.take() {
+            f(self.bytes, trailers);
+        }
+    }
+}
+
+impl Drop for Observed {
+    fn drop(&mut self) {
+        self.end(None);
+    }
+}
+
+impl std::fmt::Debug for Observed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Observed").field("inner", &self.inner).field("bytes", &self.bytes).finish()
+    }
 }
 
 #[derive(Debug)]
@@ -56,6 +88,13 @@ impl ProxyBody {
     }
 }
 
+impl ProxyBody {
+    /// This body, with `on_end` called once with its data bytes and trailers when it ends (or is dropped).
+    pub fn observed(self, on_end: impl FnOnce(u64, Option<&http::HeaderMap>) + Send + 'static) -> Self {
+        ProxyBody::Observed(Box::new(Observed { inner: self, bytes: 0, on_end: Some(Box::new(on_end)) }))
+    }
+}
+
 impl From<Incoming> for ProxyBody {
     fn from(body: Incoming) -> Self {
         ProxyBody::Incoming(body)
@@ -77,6 +116,18 @@ impl Body for ProxyBody {
                 },
                 ready => ready,
             },
+            ProxyBody::Observed(o) => {
+                let polled = Pin::new(&mut o.inner).poll_frame(cx);
+                match &polled {
+                    Poll::Ready(Some(Ok(frame))) => match frame.trailers_ref() {
+                        Some(trailers) => o.end(Some(trailers)),
+                        None => o.bytes += frame.data_ref().map_or(0, |d| d.len() as u64),
+                    },
+                    Poll::Ready(None | Some(Err(_))) => o.end(None),
+                    Poll::Pending => {}
+                }
+                polled
+            }
         }
     }
 
@@ -85,6 +136,7 @@ impl Body for ProxyBody {
             ProxyBody::Incoming(body) => body.is_end_stream(),
             ProxyBody::Full(data) => data.is_none(),
             ProxyBody::Timed(t) => t.inner.is_end_stream(),
+            ProxyBody::Observed(o) => o.inner.is_end_stream(),
         }
     }
 
@@ -94,6 +146,7 @@ impl Body for ProxyBody {
             ProxyBody::Full(Some(d)) => SizeHint::with_exact(d.len() as u64),
             ProxyBody::Full(None) => SizeHint::with_exact(0),
             ProxyBody::Timed(t) => t.inner.size_hint(),
+            ProxyBody::Observed(o) => o.inner.size_hint(),
         }
     }
 }

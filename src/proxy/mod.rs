@@ -275,6 +275,7 @@ impl Proxy {
         conn.sni_port = hello.server_name.as_deref().and_then(tls::sni_port);
         conn.peer_not_after = Some(info.not_after);
         tracing::debug!(peer = %conn.peer, identity = %info.identity, sni = ?hello.server_name, alpn = ?alpn, "mesh connection");
+        conn.peer_spiffe = Some(info.identity.spiffe().into());
         conn.peer_identity = Some(Arc::new(info.identity));
         match alpn {
             Some(Alpn::H2) => self.serve_http(stream, Protocol::Http2, conn).await,

@@ -49,6 +49,9 @@ pub struct ConnInfo {
     /// Inbound mTLS: the peer proxy's verified identity.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peer_identity: Option<Arc<ferry_xds::identity::Identity>>,
+    /// Its SPIFFE ID, formatted once per connection (metrics, `ferry-client-id`).
+    #[serde(skip)]
+    pub peer_spiffe: Option<Arc<str>>,
     /// Inbound mTLS: the target port the SNI names (it wins over the original destination).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sni_port: Option<u16>,
@@ -73,6 +76,7 @@ impl ConnInfo {
             local,
             original_dst,
             peer_identity: None,
+            peer_spiffe: None,
             sni_port: None,
             peer_not_after: None,
         })

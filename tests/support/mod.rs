@@ -212,12 +212,47 @@ pub fn rss_kib(pid: u32) -> (u64, u64) {
     (field("VmRSS:"), field("RssAnon:"))
 }
 
+/// The value of `series` (`name` or `name{label="value",...}`) in a Prometheus text exposition: the sum over every
+/// series of that name whose labels include the given ones (0 when none does).
 pub fn metric_value(text: &str, series: &str) -> f64 {
+    let (name, wanted) = split_series(series);
     text.lines()
-        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (s, value) = l.rsplit_once(' ')?;
+            let (n, labels) = split_series(s);
+            (n == name && wanted.iter().all(|w| labels.contains(w))).then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
+}
+
+/// `name{a="1",b="2"}` → (`name`, [`a="1"`, `b="2"`]) (label values hold no commas here).
+fn split_series(series: &str) -> (&str, Vec<&str>) {
+    match series.split_once('{') {
+        Some((name, rest)) => {
+            let labels = rest.trim_end_matches('}');
+            (name, labels.split(',').filter(|l| !l.is_empty()).collect())
+        }
+        None => (series, Vec::new()),
+    }
+}
+
+/// Whether every prerequisite `(what, present)` of `test` is there. Under `CI=true` a missing one fails the test;
+/// elsewhere the test returns early with a message.
+pub fn prerequisites(test: &str, checks: &[(&str, bool)]) -> bool {
+    let missing: Vec<&str> = checks.iter().filter(|(_, ok)| !ok).map(|(what, _)| *what).collect();
+    if missing.is_empty() {
+        return true;
+    }
+    let message = format!("{test}: needs {}", missing.join(", "));
+    assert!(std::env::var("CI").as_deref() != Ok("true"), "{message} (CI=true: prerequisites are mandatory)");
+    eprintln!("skipped: {message}");
+    false
+}
+
+/// Whether `program args` runs and succeeds.
+pub fn works(program: &str, args: &[&str]) -> bool {
+    Command::new(program).args(args).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
 }
 
 /// A blocking GET for probes: (status, body).

@@ -1,6 +1,8 @@
 //! Network namespaces for the interception tests: two hosts joined by a veth pair, test addresses only inside them.
 
 use std::fs::File;
+
+use super::works;
 use std::future::Future;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Mutex;
@@ -13,29 +15,17 @@ pub const SERVER_V6: &str = "fd00:f0e7::2";
 /// Whether this machine can run namespace tests (root, iproute2, iptables, ip6tables, setpriv, curl). Under
 /// `CI=true` a missing prerequisite fails the test; elsewhere the test returns early with a message.
 pub fn available(test: &str) -> bool {
-    let missing: Vec<String> = [
-        ("root", Command::new("id").arg("-u").output().ok().filter(|o| o.stdout.starts_with(b"0\n")).is_some()),
-        ("ip (iproute2)", works("ip", &["-V"])),
-        ("iptables", works("iptables", &["--version"])),
-        ("ip6tables", works("ip6tables", &["--version"])),
-        ("setpriv (util-linux)", works("setpriv", &["--version"])),
-        ("curl", works("curl", &["--version"])),
-    ]
-    .into_iter()
-    .filter(|(_, ok)| !ok)
-    .map(|(what, _)| what.to_string())
-    .collect();
-    if missing.is_empty() {
-        return true;
-    }
-    let message = format!("{test}: needs {}", missing.join(", "));
-    assert!(std::env::var("CI").as_deref() != Ok("true"), "{message} (CI=true: prerequisites are mandatory)");
-    eprintln!("skipped: {message}");
-    false
-}
-
-fn works(program: &str, args: &[&str]) -> bool {
-    Command::new(program).args(args).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+    super::prerequisites(
+        test,
+        &[
+            ("root", Command::new("id").arg("-u").output().ok().filter(|o| o.stdout.starts_with(b"0\n")).is_some()),
+            ("ip (iproute2)", works("ip", &["-V"])),
+            ("iptables", works("iptables", &["--version"])),
+            ("ip6tables", works("ip6tables", &["--version"])),
+            ("setpriv (util-linux)", works("setpriv", &["--version"])),
+            ("curl", works("curl", &["--version"])),
+        ],
+    )
 }
 
 /// Runs a command and panics with its output when it fails.

@@ -104,7 +104,8 @@ impl ControlPlane {
         write!(s, "GET /metrics HTTP/1.0\r\nHost: test\r\n\r\n").unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).unwrap();
-        out
+        // The body only: the exposition text.
+        out.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or(out)
     }
 
     /// Mints a join token for `namespace`/`service_account`.
