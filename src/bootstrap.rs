@@ -31,7 +31,8 @@ pub struct Settings {
     pub drain: Duration,
     pub log_format: LogFormat,
     pub log_level: String,
-    pub access_log: bool,
+    /// The share of requests logged (1: every one, 0: none).
+    pub access_log: f64,
     #[serde(serialize_with = "as_text")]
     pub detect_timeout: Duration,
     pub opaque_ports: Vec<u16>,
@@ -42,6 +43,10 @@ pub struct Settings {
     pub connect_timeout: Duration,
     #[serde(serialize_with = "as_text")]
     pub pool_idle_timeout: Duration,
+    /// The share of new traces (requests arriving without trace context) that are sampled, 0-1.
+    pub trace_sampling: f64,
+    /// Where spans go (OTLP/gRPC, `http://host:port`); none: spans are not exported (context is still propagated).
+    pub otlp_endpoint: Option<String>,
 }
 
 /// Where and how the proxy reaches ferry-control.
@@ -93,6 +98,7 @@ pub mod defaults {
     pub const HEADER_READ_TIMEOUT: &str = "10s";
     pub const CONNECT_TIMEOUT: &str = "1s";
     pub const POOL_IDLE_TIMEOUT: &str = "60s";
+    pub const TRACE_SAMPLING: &str = "0.01";
     pub const CONFIG_POLL: &str = "1s";
 }
 
@@ -143,11 +149,15 @@ impl Settings {
             },
             log_level: env.raw("FERRY_LOG_LEVEL").filter(|s| !s.is_empty()).unwrap_or_else(|| "info".into()),
             access_log: match env.raw("FERRY_ACCESS_LOG").as_deref() {
-                None | Some("") | Some("on") | Some("true") => true,
-                Some("off") | Some("false") => false,
-                Some(other) => {
-                    return Err(env.error("FERRY_ACCESS_LOG", other, "must be on or off"));
-                }
+                None | Some("") | Some("on") | Some("true") => 1.0,
+                Some("off") | Some("false") => 0.0,
+                Some(other) => match other.parse::<f64>() {
+                    Ok(share) if (0.0..=1.0).contains(&share) => share,
+                    _ => {
+                        let message = "must be on, off, or the share of requests to log (0-1, e.g. 0.1)";
+                        return Err(env.error("FERRY_ACCESS_LOG", other, message));
+                    }
+                },
             },
             detect_timeout: env.duration("FERRY_DETECT_TIMEOUT", defaults::DETECT_TIMEOUT)?,
             opaque_ports: env.list("FERRY_OPAQUE_PORTS", defaults::OPAQUE_PORTS)?,
@@ -155,7 +165,20 @@ impl Settings {
             header_read_timeout: env.duration("FERRY_HEADER_READ_TIMEOUT", defaults::HEADER_READ_TIMEOUT)?,
             connect_timeout: env.duration("FERRY_CONNECT_TIMEOUT", defaults::CONNECT_TIMEOUT)?,
             pool_idle_timeout: env.duration("FERRY_POOL_IDLE_TIMEOUT", defaults::POOL_IDLE_TIMEOUT)?,
+            trace_sampling: env.parse("FERRY_TRACE_SAMPLING", defaults::TRACE_SAMPLING)?,
+            otlp_endpoint: env.raw("FERRY_OTLP_ENDPOINT").filter(|s| !s.is_empty()),
         };
+        if !(0.0..=1.0).contains(&s.trace_sampling) {
+            let value = s.trace_sampling.to_string();
+            return Err(env.error("FERRY_TRACE_SAMPLING", &value, "must be a share between 0 and 1 (0.01 = 1 %)"));
+        }
+        if let Some(endpoint) = &s.otlp_endpoint {
+            let scheme = endpoint.starts_with("http://") || endpoint.starts_with("https://");
+            if !scheme || endpoint.parse::<http::Uri>().is_err() {
+                let message = "must be an http:// or https:// URI (OTLP over gRPC)";
+                return Err(env.error("FERRY_OTLP_ENDPOINT", endpoint, message));
+            }
+        }
         if let (Some(_), Some(file)) = (&s.control, &s.config_file) {
             let message = "FERRY_CONFIG_FILE and FERRY_CONTROL_ADDR are both set; choose one config source";
             return Err(env.error("FERRY_CONFIG_FILE", &file.display().to_string(), message));
@@ -266,7 +289,7 @@ mod tests {
         assert_eq!(s.detect_timeout, Duration::from_secs(10));
         assert_eq!(s.opaque_ports, vec![25, 587, 3306, 4444, 5432, 6379, 9300, 11211]);
         assert_eq!(s.log_format, LogFormat::Json);
-        assert!(s.access_log);
+        assert_eq!(s.access_log, 1.0);
     }
 
     /// Each bad value and the variable its error must name.
@@ -285,6 +308,10 @@ mod tests {
             ("FERRY_LOG_FORMAT", "xml"),
             ("FERRY_LOG_LEVEL", "ferry=loud"),
             ("FERRY_ACCESS_LOG", "maybe"),
+            ("FERRY_ACCESS_LOG", "1.5"),
+            ("FERRY_TRACE_SAMPLING", "2"),
+            ("FERRY_TRACE_SAMPLING", "1%"),
+            ("FERRY_OTLP_ENDPOINT", "collector:4317"),
             ("FERRY_APP_ADDR", "app:8080"),
             ("FERRY_MAX_HEADER_BYTES", "10"),
             ("FERRY_CONTROL_ADDR", "ferry-control"),

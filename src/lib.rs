@@ -24,6 +24,7 @@ pub mod snapshot;
 pub mod source;
 pub mod timeout;
 pub mod tls;
+pub mod trace;
 pub mod xds_client;
 
 /// A number in [0, 1) for jitter, from the std hasher's per-process random keys (no extra dependency for jitter).

@@ -75,6 +75,8 @@ pub struct Metrics {
     pub upstream_limit: IntGaugeVec,
     pub retries: IntCounterVec,
     pub outlier_ejections: IntCounterVec,
+    pub trace_spans_exported: IntCounter,
+    pub trace_spans_dropped: IntCounterVec,
 }
 
 /// The request metrics of one (direction, service): message sizes, and per label set a counter and a latency
@@ -299,6 +301,16 @@ impl Metrics {
                 "Retries by destination Service and result (attempted, exhausted: the policy's attempts used up, budget-denied).",
                 &["service", "result"],
             ),
+            trace_spans_exported: IntCounter::new(
+                "ferry_trace_spans_exported_total",
+                "Spans accepted by the OTLP collector (FERRY_OTLP_ENDPOINT).",
+            )
+            .expect("valid metric"),
+            trace_spans_dropped: counter(
+                "ferry_trace_spans_dropped_total",
+                "Sampled spans not exported, by reason: queue-full (the export queue of 4,096 was full), export-failed (the collector refused the batch, was unreachable or took over 5 s).",
+                &["reason"],
+            ),
             outlier_ejections: counter(
                 "ferry_outlier_ejections_total",
                 "Outlier detection events by destination Service: ejected, skipped (the maximum share of endpoints was already ejected), recovered (a readmitted endpoint answered).",
@@ -313,6 +325,10 @@ impl Metrics {
         m.registry.register(Box::new(m.config_version.clone())).expect("unique metric");
         m.registry.register(Box::new(m.config_age.clone())).expect("unique metric");
         m.registry.register(Box::new(m.xds_connected.clone())).expect("unique metric");
+        m.registry.register(Box::new(m.trace_spans_exported.clone())).expect("unique metric");
+        for reason in ["queue-full", "export-failed"] {
+            m.trace_spans_dropped.with_label_values(&[reason]);
+        }
         m.config_age.set(-1.0);
         for t in ["Service", "TrafficPolicy", "AuthorizationPolicy", "TrustBundle"] {
             for result in ["ack", "nack"] {

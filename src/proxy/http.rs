@@ -23,6 +23,7 @@ use crate::errors::{self, ProxyError};
 use crate::ratelimit::RateLimitLayer;
 use crate::retry::RetryLayer;
 use crate::timeout::{PerTryTimeoutLayer, RequestTimeoutLayer};
+use crate::trace;
 use tower::ServiceExt;
 
 /// The verified SPIFFE ID of the calling workload, set by the destination's proxy (and removed from anything else).
@@ -65,8 +66,17 @@ impl Proxy {
                 id
             }
         };
-        // Only what the access log needs, and only when it is on.
-        let logged = self.settings.access_log.then(|| {
+        // This hop's span, the parent of the next hop's (the request now carries it).
+        let kind = match direction {
+            Direction::Outbound => trace::Kind::Client,
+            Direction::Inbound => trace::Kind::Server,
+        };
+        let hop = self.tracer.start(req.headers_mut(), kind);
+        let traced = self.tracer.exports(&hop);
+        // Only what the access log and an exported span need, and only when one of them is on.
+        let share = self.settings.access_log;
+        let logged = share >= 1.0 || (share > 0.0 && crate::random_fraction() < share);
+        let described = (logged || traced).then(|| {
             let authority = authority_of(&req).unwrap_or_default();
             (req.method().clone(), req.uri().path().to_string(), req.version(), authority)
         });
@@ -132,7 +142,25 @@ impl Proxy {
             handles.record(labels, elapsed);
             response.map(|body| sized(body, response_size))
         };
-        if let Some((method, path, version, authority)) = logged {
+        if let Some((method, path, version, authority)) = described.as_ref().filter(|_| traced) {
+            let done = trace::Finished {
+                method: method.as_str(),
+                path,
+                authority,
+                protocol_version: match *version {
+                    Version::HTTP_2 => "2",
+                    Version::HTTP_10 => "1.0",
+                    _ => "1.1",
+                },
+                status,
+                error: error.as_ref().map_or("", |e| e.reason()),
+                service: &service,
+                peer_identity: conn.peer_spiffe.as_deref().unwrap_or(""),
+                upstream,
+            };
+            self.tracer.finish(hop.clone(), done);
+        }
+        if let Some((method, path, version, authority)) = described.filter(|_| logged) {
             tracing::info!(
                 target: "ferry::access",
                 direction = direction.as_str(),
@@ -149,6 +177,8 @@ impl Proxy {
                 status,
                 duration_ms = elapsed.as_secs_f64() * 1000.0,
                 request_id = request_id.to_str().unwrap_or(""),
+                trace_id = %trace::hex(&hop.context.trace_id),
+                span_id = %trace::hex(&hop.context.span_id),
                 error = error.as_ref().map(|e| e.reason()).unwrap_or(""),
                 detail = error.as_ref().map(|e| e.to_string()).unwrap_or_default(),
             );

@@ -66,6 +66,8 @@ pub struct Proxy {
     limits: Arc<crate::concurrency::Limits>,
     budgets: Arc<crate::retry::Budgets>,
     pub balancers: Arc<crate::balance::Balancers>,
+    /// Trace context per hop and span export.
+    tracer: crate::trace::Tracer,
     /// The `service` label of inbound requests: `name.namespace` of `FERRY_SERVICE`, or `app`.
     local_service: Arc<str>,
     /// This workload's Service as (namespace, name): `FERRY_SERVICE` as `ns/name`, or `name` in `FERRY_NAMESPACE`.
@@ -100,7 +102,7 @@ impl Proxy {
             Some((ns, name)) => (ns.to_string(), name.to_string()),
             None => (settings.namespace.clone(), s.clone()),
         });
-        let local_service = match &local {
+        let local_service: Arc<str> = match &local {
             Some((ns, name)) => format!("{name}.{ns}").into(),
             None => "app".into(),
         };
@@ -108,6 +110,12 @@ impl Proxy {
             [&settings.outbound_addrs[..], &settings.inbound_addrs[..], &[settings.admin_addr, settings.health_addr]]
                 .concat();
         let connections = Arc::new(OpenConnections::default());
+        let tracer = crate::trace::Tracer::new(
+            settings.trace_sampling,
+            settings.otlp_endpoint.clone(),
+            local_service.to_string(),
+            metrics.clone(),
+        );
         Arc::new(Proxy {
             settings,
             store,
@@ -122,6 +130,7 @@ impl Proxy {
             limits: Default::default(),
             budgets: Default::default(),
             balancers: Default::default(),
+            tracer,
             own_listeners,
             connections,
             h1,

@@ -142,13 +142,17 @@ async fn app(req: Request<Incoming>, n: u64, port: u16) -> Result<Response<TestB
         .or_else(|| req.uri().authority().map(|a| a.to_string()))
         .unwrap_or_default();
     let client_id = req.headers().get("ferry-client-id").cloned().unwrap_or(http::HeaderValue::from_static("none"));
-    let request_id = req.headers().get("x-request-id").cloned().unwrap_or(http::HeaderValue::from_static("none"));
+    let seen = |name: &str| req.headers().get(name).cloned().unwrap_or(http::HeaderValue::from_static("none"));
+    let request_id = seen("x-request-id");
+    let (traceparent, b3) = (seen("traceparent"), seen("b3"));
     let builder = Response::builder()
         .header("x-backend", port)
         .header("x-seen-version", version)
         .header("x-seen-host", host)
         .header("x-seen-client-id", client_id)
-        .header("x-seen-request-id", request_id);
+        .header("x-seen-request-id", request_id)
+        .header("x-seen-traceparent", traceparent)
+        .header("x-seen-b3", b3);
     let path = req.uri().path().to_string();
     let resp = match path.as_str() {
         "/echo" => builder.body(req.into_body().map_err(BoxError::from).boxed()),
