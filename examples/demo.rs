@@ -4,7 +4,9 @@
 //! service made reliable by a retry policy, and its circuit breaker tripping and recovering; a report.
 //!
 //! Run: `cargo run --release --example demo` (builds `ferry`, `ferry-control` and `ferryctl` first; `FERRY_BIN`,
-//! `FERRY_CONTROL_BIN` and `FERRYCTL_BIN` override them).
+//! `FERRY_CONTROL_BIN` and `FERRYCTL_BIN` override them). With `-- --prometheus`, it then starts Prometheus (Debian's
+//! `prometheus`) scraping every sidecar and the control plane, for the dashboards in `deploy/grafana/`, and keeps the
+//! mesh up until Enter.
 //!
 //! ```text
 //! load ──► sidecar(web) inbound ──► web app ──► sidecar(web) outbound ──► sidecar(api) inbound ──► api app
@@ -108,6 +110,9 @@ spec:
   circuitBreaker: {consecutiveFailures: 5, openFor: 2s, halfOpenRequests: 1}
 ";
 
+/// Then a rate limit on quotes, enforced by quotes' own sidecar.
+const QUOTES_RATE_LIMIT: &str = "  rateLimit: {requestsPerSecond: 5, burst: 5}\n";
+
 /// The quotes app: every 5th answer is a 503; while `down`, every answer is.
 #[derive(Default)]
 struct Flaky {
@@ -149,6 +154,7 @@ struct ControlPlane {
     ctl: PathBuf,
     api: SocketAddr,
     xds: SocketAddr,
+    metrics: SocketAddr,
     state: PathBuf,
     token: String,
 }
@@ -175,7 +181,7 @@ impl ControlPlane {
             std::thread::sleep(Duration::from_millis(20));
         }
         let token = std::fs::read_to_string(state.join("admin.token"))?.trim().to_string();
-        Ok(ControlPlane { child, ctl, api, xds, state, token })
+        Ok(ControlPlane { child, ctl, api, xds, metrics, state, token })
     }
 
     /// Runs `ferryctl ARGS`, echoing the command and (when `show`) its output.
@@ -196,7 +202,7 @@ impl ControlPlane {
 }
 
 fn start_sidecar(
-    bin: &PathBuf,
+    bin: &std::path::Path,
     name: &'static str,
     control: &ControlPlane,
     app: Option<SocketAddr>,
@@ -204,6 +210,28 @@ fn start_sidecar(
 ) -> anyhow::Result<Sidecar> {
     // Each sidecar's bootstrap credential: a join token bound to its identity (default/<name>).
     let join_token = control.ctl(&["token", "create", "--namespace", "default", "--service-account", name], false)?;
+    spawn_sidecar(bin, name, control, app, join_token.trim(), logs)
+}
+
+/// A sidecar with a join token the control plane never issued (its certificate request is refused).
+fn start_sidecar_with_token(
+    bin: &std::path::Path,
+    name: &'static str,
+    control: &ControlPlane,
+    join_token: &str,
+    logs: &std::path::Path,
+) -> anyhow::Result<Sidecar> {
+    spawn_sidecar(bin, name, control, None, join_token, logs)
+}
+
+fn spawn_sidecar(
+    bin: &std::path::Path,
+    name: &'static str,
+    control: &ControlPlane,
+    app: Option<SocketAddr>,
+    join_token: &str,
+    logs: &std::path::Path,
+) -> anyhow::Result<Sidecar> {
     let (outbound, inbound, admin, health) = (free_addr(), free_addr(), free_addr(), free_addr());
     let log = std::fs::File::create(logs.join(format!("{name}.log")))?;
     let mut command = Command::new(bin);
@@ -218,7 +246,7 @@ fn start_sidecar(
         .env("FERRY_HEALTH_ADDR", health.to_string())
         .env("FERRY_CONTROL_ADDR", control.xds.to_string())
         .env("FERRY_CA_ROOT", control.state.join("ca.crt"))
-        .env("FERRY_JOIN_TOKEN", join_token.trim())
+        .env("FERRY_JOIN_TOKEN", join_token)
         .env("FERRY_NODE_ID", name)
         .env("FERRY_WORKERS", "1")
         .env("FERRY_LOG_FORMAT", "json")
@@ -470,6 +498,40 @@ async fn main() -> anyhow::Result<()> {
         (reliable, reached == 0 && transitions.iter().all(|t| !t.ends_with(" 0")))
     };
 
+    // Rate limiting: quotes' own sidecar admits 5 requests per second (burst 5); a burst of 30 gets 429s.
+    let acked = r#"ferry_xds_updates_total{result="ack",type="TrafficPolicy"} "#;
+    let policy = dir.join("quotes-policy.yaml");
+    let before = metric(&quotes, acked).await?;
+    std::fs::write(&policy, format!("{QUOTES_POLICY}{QUOTES_RATE_LIMIT}"))?;
+    control.ctl(&["apply", "-f", policy.to_str().unwrap()], true)?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(&quotes, acked).await? <= before && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut limited = 0;
+    for _ in 0..30 {
+        limited += usize::from(get(web.outbound, "quotes.demo.local", "/").await?.0 == StatusCode::TOO_MANY_REQUESTS);
+    }
+    println!("quotes rate limit (5/s, burst 5): {limited} of a burst of 30 answered 429 Too Many Requests");
+
+    // A workload with a join token the control plane never issued: its certificate request is refused.
+    let mut intruder = start_sidecar_with_token(&bin, "intruder", &control, "not-a-token", &dir)?;
+    let refused = "ferry_control_certificate_requests_refused_total";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut refusals = 0.0;
+    while refusals < 1.0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (_, text) = get(control.metrics, "localhost", "/metrics").await?;
+        refusals = String::from_utf8_lossy(&text)
+            .lines()
+            .filter(|l| l.starts_with(refused))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+    }
+    let _ = intruder.child.kill();
+    let _ = intruder.child.wait();
+    println!("a proxy with an unknown join token: {refusals} certificate request(s) refused ({refused})");
+
     println!("\nwhat the sidecars counted (their /metrics):");
     for s in [&web, &api] {
         let (_, metrics) = get(s.health, "localhost", "/metrics").await?;
@@ -493,6 +555,55 @@ async fn main() -> anyhow::Result<()> {
     println!();
     control.ctl(&["status"], true)?;
     control.ctl(&["check"], true)?;
+
+    // The scrape targets of every sidecar and the control plane (Prometheus file_sd format), for `--prometheus` and
+    // the dashboard test (FERRY_DEMO_HOLD: wait until told to go on).
+    let proxies: Vec<String> = [&web, &api, &quotes, &batch].iter().map(|s| s.health.to_string()).collect();
+    let targets = serde_json::json!([
+        {"targets": proxies, "labels": {"job": "ferry-proxy"}},
+        {"targets": [control.metrics.to_string()], "labels": {"job": "ferry-control"}},
+    ]);
+    if std::env::args().any(|a| a == "--prometheus") {
+        let file = dir.join("targets.json");
+        std::fs::write(&file, targets.to_string())?;
+        let port = free_addr().port();
+        let config = dir.join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global: {{scrape_interval: 5s}}\nscrape_configs:\n  - job_name: ferry\n    file_sd_configs: [{{files: [\"{}\"]}}]\n",
+                file.display()
+            ),
+        )?;
+        let log = std::fs::File::create(dir.join("prometheus.log"))?;
+        let mut prometheus = Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!("--storage.tsdb.path={}", dir.join("prometheus-data").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .map_err(|e| anyhow::anyhow!("starting prometheus (Debian package `prometheus`): {e}"))?;
+        println!(
+            "\nPrometheus: http://127.0.0.1:{port} scraping the 4 sidecars and ferry-control every 5 s.\n\
+             Point Grafana at it and import deploy/grafana/*.json. Press Enter to stop the mesh."
+        );
+        let mut line = String::new();
+        tokio::task::spawn_blocking(move || std::io::stdin().read_line(&mut line)).await??;
+        let _ = prometheus.kill();
+        let _ = prometheus.wait();
+    }
+    if let Some(hold) = std::env::var_os("FERRY_DEMO_HOLD").map(PathBuf::from) {
+        let info = serde_json::json!({"api": control.api.to_string(), "token": control.token});
+        std::fs::write(hold.join("control.json"), info.to_string())?;
+        std::fs::write(hold.join("targets.json.tmp"), targets.to_string())?;
+        std::fs::rename(hold.join("targets.json.tmp"), hold.join("targets.json"))?;
+        println!("\nholding for the dashboard test (until {} exists)", hold.join("done").display());
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while !hold.join("done").exists() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 
     drop(batch);
     drop(quotes);

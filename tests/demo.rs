@@ -42,6 +42,9 @@ fn demo_runs_and_reports_no_failures() {
         stdout.contains("quotes back: 3 ok, 0 failed; breaker transitions: open 1, half-open 1, closed 1"),
         "{stdout}"
     );
+    // The rate limit answers 429 to most of a burst; a proxy with a made-up join token is refused its certificate.
+    assert!(stdout.contains("answered 429 Too Many Requests") && !stdout.contains(": 0 of a burst of 30"), "{stdout}");
+    assert!(stdout.contains("a proxy with an unknown join token: 1 certificate request(s) refused"), "{stdout}");
     // Identities: api's app names its caller as web's sidecar verified it; batch is refused by the policy; status and
     // check show the certificates.
     assert!(stdout.contains(r#""caller": "spiffe://cluster.local/ns/default/sa/web""#), "{stdout}");

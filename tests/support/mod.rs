@@ -319,8 +319,24 @@ pub fn http_exchange_full(
         .skip(1)
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
-    Some(RawResponse { status, headers, body: body.to_string() })
+        .collect::<Vec<(String, String)>>();
+    let chunked = headers.iter().any(|(k, v)| k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
+    let body = if chunked { dechunk(body) } else { body.to_string() };
+    Some(RawResponse { status, headers, body })
+}
+
+/// The data of a chunked HTTP/1.1 body (`<hex size>\r\n<data>\r\n` ... `0\r\n\r\n`); what cannot be parsed is kept.
+fn dechunk(mut rest: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16) else { break };
+        if n == 0 || after.len() < n {
+            break;
+        }
+        out.push_str(&after[..n]);
+        rest = after[n..].strip_prefix("\r\n").unwrap_or(&after[n..]);
+    }
+    out
 }
 
 /// Polls `f` every 25 ms until it holds; panics naming `what` after `limit`.
