@@ -27,8 +27,8 @@ const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 pub struct RequestLabels {
     /// The calling Service: outbound, this proxy's own; inbound, the one the caller's identity serves (`unknown`).
     pub source: Arc<str>,
-    /// Inbound over mTLS: the caller's verified SPIFFE ID (empty otherwise).
-    pub peer_identity: Arc<str>,
+    /// Inbound over mTLS: the caller's verified SPIFFE ID (the label is empty otherwise).
+    pub peer_identity: Option<Arc<str>>,
     /// `http1`, `http2` or `grpc`, as the caller spoke.
     pub protocol: &'static str,
     pub status: u16,
@@ -105,7 +105,7 @@ impl RequestHandles {
                     self.direction,
                     &self.service,
                     &labels.source,
-                    &labels.peer_identity,
+                    labels.peer_identity.as_deref().unwrap_or(""),
                     labels.protocol,
                     class,
                     &grpc,

@@ -101,8 +101,11 @@ impl Outbound {
     }
 }
 
-/// The `source` label of a caller whose Service is not known.
-pub const UNKNOWN_SOURCE: &str = "unknown";
+/// The `source` label of a caller whose Service is not known (one shared value: no allocation per request).
+pub fn unknown_source() -> Arc<str> {
+    static UNKNOWN: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from("unknown"));
+    UNKNOWN.clone()
+}
 
 /// Why a request could not be given a destination.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -283,7 +286,7 @@ impl Snapshot {
 
     /// The Service a workload identity serves (`unknown` when no Service lists it), for metrics.
     pub fn service_of(&self, identity: &Identity) -> Arc<str> {
-        self.by_identity.get(identity).cloned().unwrap_or_else(|| Arc::from(UNKNOWN_SOURCE))
+        self.by_identity.get(identity).cloned().unwrap_or_else(unknown_source)
     }
 
     /// Pure route decision for an authority (`host`, `host:port`, `[v6]:port`); a missing port means 80.

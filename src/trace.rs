@@ -217,13 +217,21 @@ impl Tracer {
         let context = child(parent.as_ref(), self.ratio, crate::random_fraction(), ids);
         let parent_id = parent.map(|p| p.span_id);
         inject(headers, &context, parent_id, formats);
-        let tracestate = headers.get("tracestate").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+        // Only an exported span needs its own copy of the tracestate.
+        let tracestate = match headers.get("tracestate").and_then(|v| v.to_str().ok()) {
+            Some(state) if self.exports_context(&context) => state.to_string(),
+            _ => String::new(),
+        };
         Hop { context, parent: parent_id, tracestate, kind, start: SystemTime::now() }
     }
 
     /// Whether `hop` will be exported (sampled, with an endpoint set).
     pub fn exports(&self, hop: &Hop) -> bool {
-        self.queue.is_some() && hop.context.sampled
+        self.exports_context(&hop.context)
+    }
+
+    fn exports_context(&self, context: &SpanContext) -> bool {
+        self.queue.is_some() && context.sampled
     }
 
     /// Ends `hop` (at the response headers) and queues it for export when sampled; never waits.

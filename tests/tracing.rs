@@ -16,7 +16,7 @@ use std::time::Duration;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
 use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
 use opentelemetry_proto::tonic::trace::v1::{Span, span::SpanKind};
-use support::backend;
+use support::backend::{self, hex};
 use support::{http_exchange_full, wait_until};
 
 /// Every span received, in order.
@@ -68,10 +68,6 @@ async fn receiver() -> (Receiver, SocketAddr, tokio::sync::oneshot::Sender<()>) 
 
 fn unhex(s: &str) -> Vec<u8> {
     (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// The (client span, server span) of one trace, once both have arrived.

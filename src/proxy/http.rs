@@ -72,7 +72,7 @@ impl Proxy {
             Direction::Inbound => trace::Kind::Server,
         };
         let hop = self.tracer.start(req.headers_mut(), kind);
-        let traced = self.tracer.exports(&hop);
+        let (span, traced) = (hop.context, self.tracer.exports(&hop));
         // Only what the access log and an exported span need, and only when one of them is on.
         let share = self.settings.access_log;
         let logged = share >= 1.0 || (share > 0.0 && crate::random_fraction() < share);
@@ -119,9 +119,9 @@ impl Proxy {
             source: match (direction, &conn.peer_identity) {
                 (Direction::Outbound, _) => self.local_service.clone(),
                 (Direction::Inbound, Some(id)) => self.store.load().service_of(id),
-                (Direction::Inbound, None) => Arc::from(crate::snapshot::UNKNOWN_SOURCE),
+                (Direction::Inbound, None) => crate::snapshot::unknown_source(),
             },
-            peer_identity: conn.peer_spiffe.clone().unwrap_or_else(|| Arc::from("")),
+            peer_identity: conn.peer_spiffe.clone(),
             protocol,
             status,
             grpc_status: if grpc { grpc_status(response.headers()) } else { None },
@@ -158,7 +158,7 @@ impl Proxy {
                 peer_identity: conn.peer_spiffe.as_deref().unwrap_or(""),
                 upstream,
             };
-            self.tracer.finish(hop.clone(), done);
+            self.tracer.finish(hop, done);
         }
         if let Some((method, path, version, authority)) = described.filter(|_| logged) {
             tracing::info!(
@@ -177,8 +177,8 @@ impl Proxy {
                 status,
                 duration_ms = elapsed.as_secs_f64() * 1000.0,
                 request_id = request_id.to_str().unwrap_or(""),
-                trace_id = %trace::hex(&hop.context.trace_id),
-                span_id = %trace::hex(&hop.context.span_id),
+                trace_id = %trace::hex(&span.trace_id),
+                span_id = %trace::hex(&span.span_id),
                 error = error.as_ref().map(|e| e.reason()).unwrap_or(""),
                 detail = error.as_ref().map(|e| e.to_string()).unwrap_or_default(),
             );
@@ -254,9 +254,12 @@ impl Proxy {
     ) -> impl tower::Service<Request<ProxyBody>, Response = Response<ProxyBody>, Error = ProxyError, Future: Send>
     + Clone
     + Send {
+        // The destination's `maxConnections` slots, found once for every try of the request.
+        let limit = dest.outbound.caps.map(|caps| self.limits.connections(&dest.service, caps));
         tower::service_fn(move |req| {
             let (proxy, dest, authority, conn) = (self.clone(), dest.clone(), authority.clone(), conn.clone());
-            async move { proxy.send(req, &dest, authority, &conn).await }
+            let limit = limit.clone();
+            async move { proxy.send(req, &dest, authority, &conn, limit.as_ref()).await }
         })
     }
 
@@ -288,6 +291,7 @@ impl Proxy {
         dest: &Destination,
         authority: String,
         conn: &ConnInfo,
+        limit: Option<&crate::concurrency::ConnectionLimit>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         // The endpoint the load balancer chose for this try, else the destination's one address.
         let endpoint = match (req.extensions_mut().remove::<Picked>(), dest.fixed_or_choice()) {
@@ -301,8 +305,8 @@ impl Proxy {
         // Only the destination's proxy says who called; nothing from outside gets through under that name.
         if conn.direction == Direction::Inbound {
             req.headers_mut().remove(CLIENT_ID_HEADER);
-            if let Some(id) = &conn.peer_identity
-                && let Ok(value) = HeaderValue::from_str(&id.spiffe())
+            if let Some(id) = &conn.peer_spiffe
+                && let Ok(value) = HeaderValue::from_str(id)
             {
                 req.headers_mut().insert(CLIENT_ID_HEADER, value);
             }
@@ -364,8 +368,7 @@ impl Proxy {
                 }
             }
         }
-        let limit = dest.outbound.caps.map(|caps| self.limits.connections(&dest.service, caps));
-        let mut resp = self.pool.send(endpoint.addr, version, dest.tls_for(&endpoint), limit.as_ref(), req).await?;
+        let mut resp = self.pool.send(endpoint.addr, version, dest.tls_for(&endpoint), limit, req).await?;
         let upstream_upgraded = match version {
             HttpVersion::Http1 => resp.status() == StatusCode::SWITCHING_PROTOCOLS,
             HttpVersion::Http2 => resp.status() == StatusCode::OK,
