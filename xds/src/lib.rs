@@ -14,6 +14,8 @@ pub mod certify;
 pub mod config;
 pub mod duration;
 pub mod identity;
+#[cfg(feature = "kubernetes")]
+pub mod kubernetes;
 pub mod policy;
 pub mod protocol;
 pub mod resources;

@@ -74,11 +74,45 @@ impl<'de> Deserialize<'de> for Duration {
     }
 }
 
+/// The CRD schema of a duration: the same grammar as [`parse_duration`], which CEL's `duration()` also reads.
+#[cfg(feature = "kubernetes")]
+impl schemars::JsonSchema for Duration {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Duration".into()
+    }
+    fn inline_schema() -> bool {
+        true
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "pattern": DURATION_PATTERN,
+            "description": "A duration with units: 250ms, 2s, 1m30s, 1h.",
+        })
+    }
+}
+
+/// Durations as the CRD schema matches them (the same grammar as [`parse_duration`]).
+pub const DURATION_PATTERN: &str = "^([0-9]+(ms|s|m|h))+$";
+
+/// The `status` of a policy object in Kubernetes mode: an `Accepted` condition (`False` with the error, naming the
+/// field, when the control plane refused it).
+#[cfg(feature = "kubernetes")]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyStatus {
+    #[serde(default)]
+    pub conditions: Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,
+}
+
 /// What a policy applies to: a Service in the policy's namespace.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kubernetes", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TargetRef {
+    #[cfg_attr(feature = "kubernetes", schemars(extend("enum" = ["Service"])))]
     pub kind: String,
+    #[cfg_attr(feature = "kubernetes", schemars(length(min = 1)))]
     pub name: String,
 }
 
@@ -93,6 +127,29 @@ pub struct TrafficPolicy {
 /// Enforced by the caller's proxy (timeouts, retries, breaker, outlier detection, load balancing) and, for
 /// `rateLimit`, by the destination's proxy.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(
+    feature = "kubernetes",
+    derive(kube::CustomResource, schemars::JsonSchema),
+    kube(
+        group = "ferry.dev",
+        version = "v1alpha1",
+        kind = "TrafficPolicy",
+        root = "TrafficPolicyResource",
+        namespaced,
+        status = "PolicyStatus",
+        shortname = "tp",
+        category = "ferry",
+        doc = "Timeouts, retries, circuit breaking, outlier detection and load balancing for calls to a Service \
+               (enforced by the callers' proxies), and its rate limit (enforced by its own proxies).",
+        printcolumn(name = "Target", type_ = "string", json_path = ".spec.targetRef.name"),
+        printcolumn(name = "Accepted", type_ = "string", json_path = ".status.conditions[?(@.type==\"Accepted\")].status"),
+        printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    ),
+    schemars(extend("x-kubernetes-validations" = [{
+        "rule": "!has(self.timeout) || !has(self.retries) || !has(self.retries.perTryTimeout) || duration(self.retries.perTryTimeout) <= duration(self.timeout)",
+        "message": "retries.perTryTimeout is longer than timeout",
+    }]))
+)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TrafficPolicySpec {
     pub target_ref: TargetRef,
@@ -114,15 +171,23 @@ pub struct TrafficPolicySpec {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kubernetes", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Retries {
     /// Retries after the first try.
+    #[cfg_attr(feature = "kubernetes", schemars(range(max = 10)))]
     pub attempts: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub per_try_timeout: Option<Duration>,
     /// When to retry: `connect-failure`, `refused-stream`, `reset`, `5xx`, `gateway-error`, a status code such as
     /// `"503"`, or a gRPC code (`cancelled`, `deadline-exceeded`, `internal`, `resource-exhausted`, `unavailable`).
     #[serde(default)]
+    #[cfg_attr(
+        feature = "kubernetes",
+        schemars(inner(regex(
+            pattern = "^(connect-failure|refused-stream|reset|5xx|gateway-error|cancelled|deadline-exceeded|internal|resource-exhausted|unavailable|[1-5][0-9][0-9])$"
+        )))
+    )]
     pub on: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backoff: Option<Backoff>,
@@ -131,6 +196,13 @@ pub struct Retries {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kubernetes", derive(schemars::JsonSchema))]
+#[cfg_attr(
+    feature = "kubernetes",
+    schemars(extend("x-kubernetes-validations" = [{
+        "rule": "duration(self.max) >= duration(self.base)", "message": "max is less than base",
+    }]))
+)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Backoff {
     pub base: Duration,
@@ -138,9 +210,11 @@ pub struct Backoff {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kubernetes", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RetryBudget {
     /// Retries as a percentage of requests over a 10 s window (0-100).
+    #[cfg_attr(feature = "kubernetes", schemars(range(min = 0, max = 100)))]
     pub percent: f64,
     /// Retries per second always allowed.
     #[serde(default)]
@@ -148,44 +222,58 @@ pub struct RetryBudget {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kubernetes", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CircuitBreaker {
     /// Trip when this share of requests (0-1) failed over `interval`, with at least `minRequests`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "kubernetes", schemars(range(min = 0, max = 1), extend("exclusiveMinimum" = true)))]
     pub failure_ratio: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "kubernetes", schemars(range(min = 1)))]
     pub min_requests: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interval: Option<Duration>,
     /// Or trip after this many failures in a row.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "kubernetes", schemars(range(min = 1)))]
     pub consecutive_failures: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub open_for: Option<Duration>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "kubernetes", schemars(range(min = 1)))]
     pub half_open_requests: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "kubernetes", schemars(range(min = 1)))]
     pub max_connections: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "kubernetes", schemars(range(min = 1)))]
     pub max_pending_requests: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "kubernetes", schemars(range(min = 1)))]
     pub max_requests: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kubernetes", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct OutlierDetection {
     #[serde(rename = "consecutive5xx")]
+    #[cfg_attr(feature = "kubernetes", schemars(range(min = 1)))]
     pub consecutive_5xx: u32,
     pub base_ejection_time: Duration,
     /// At most this share of endpoints (0-100) ejected at once.
+    #[cfg_attr(feature = "kubernetes", schemars(range(min = 0, max = 100)))]
     pub max_ejection_percent: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kubernetes", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RateLimit {
+    #[cfg_attr(feature = "kubernetes", schemars(range(min = 0), extend("exclusiveMinimum" = true)))]
     pub requests_per_second: f64,
+    #[cfg_attr(feature = "kubernetes", schemars(range(min = 1)))]
     pub burst: u32,
     /// One bucket per calling identity instead of one for the Service.
     #[serde(default)]
@@ -193,6 +281,7 @@ pub struct RateLimit {
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kubernetes", derive(schemars::JsonSchema))]
 #[serde(rename_all = "kebab-case")]
 pub enum LoadBalancer {
     /// Power of two choices over peak-EWMA latency (the default).
@@ -204,10 +293,13 @@ pub enum LoadBalancer {
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kubernetes", derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum MtlsMode {
+    /// The Service's proxies also accept plaintext from clients outside the mesh (the default).
     #[default]
     Permissive,
+    /// Only mutual TLS from mesh proxies.
     Strict,
 }
 
@@ -221,6 +313,29 @@ pub struct AuthorizationPolicy {
 
 /// Enforced by the destination's proxy: who may call the target Service.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(
+    feature = "kubernetes",
+    derive(kube::CustomResource, schemars::JsonSchema),
+    kube(
+        group = "ferry.dev",
+        version = "v1alpha1",
+        kind = "AuthorizationPolicy",
+        root = "AuthorizationPolicyResource",
+        namespaced,
+        status = "PolicyStatus",
+        shortname = "ap",
+        category = "ferry",
+        doc = "Who may call a Service (enforced by the Service's own proxies).",
+        printcolumn(name = "Target", type_ = "string", json_path = ".spec.targetRef.name"),
+        printcolumn(name = "Default", type_ = "string", json_path = ".spec.defaultAction"),
+        printcolumn(
+            name = "Accepted",
+            type_ = "string",
+            json_path = ".status.conditions[?(@.type==\"Accepted\")].status"
+        ),
+        printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    )
+)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AuthorizationPolicySpec {
     pub target_ref: TargetRef,
@@ -231,6 +346,7 @@ pub struct AuthorizationPolicySpec {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kubernetes", derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Action {
     Allow,
@@ -240,6 +356,11 @@ pub enum Action {
 /// One allow rule: it matches a call from one of `from` (absent: any caller, even one without an identity) to one of
 /// `to` (absent: anything).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kubernetes", derive(schemars::JsonSchema))]
+#[cfg_attr(
+    feature = "kubernetes",
+    schemars(extend("x-kubernetes-validations" = [{"rule": "has(self.from) || has(self.to)", "message": "needs `from`, `to` or both"}]))
+)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AuthorizationRule {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -251,21 +372,34 @@ pub struct AuthorizationRule {
 /// What a call does: HTTP methods, path prefixes, target ports; an empty list matches anything. An opaque TCP
 /// connection has no method or path, so only rules without them can allow it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kubernetes", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Operation {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[cfg_attr(feature = "kubernetes", schemars(inner(regex(pattern = "^[A-Z]+$"))))]
     pub methods: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[cfg_attr(feature = "kubernetes", schemars(inner(regex(pattern = "^/"))))]
     pub paths: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[cfg_attr(feature = "kubernetes", schemars(inner(range(min = 1))))]
     pub ports: Vec<u16>,
 }
 
 /// Callers, by SPIFFE identity or by namespace; a rule matches a caller that matches any entry.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kubernetes", derive(schemars::JsonSchema))]
+#[cfg_attr(
+    feature = "kubernetes",
+    schemars(extend("x-kubernetes-validations" = [{
+        "rule": "(has(self.identities) && size(self.identities) > 0) || (has(self.namespaces) && size(self.namespaces) > 0)",
+        "message": "names no identities and no namespaces",
+    }]))
+)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Source {
     #[serde(default)]
+    #[cfg_attr(feature = "kubernetes", schemars(inner(regex(pattern = "^spiffe://[^/]+/ns/[^/]+/sa/[^/]+$"))))]
     pub identities: Vec<String>,
     #[serde(default)]
     pub namespaces: Vec<String>,

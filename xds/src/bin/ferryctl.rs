@@ -75,6 +75,12 @@ enum Command {
         #[arg(long, value_parser = duration)]
         leaf_horizon: Option<std::time::Duration>,
     },
+    /// Print the CustomResourceDefinitions of Ferry's policies (generated from the same types the control plane
+    /// validates with), or write one file per CRD into a directory (`deploy/crds`).
+    Crds {
+        #[arg(long)]
+        output_dir: Option<PathBuf>,
+    },
     /// Print ferryctl's version.
     Version,
 }
@@ -165,6 +171,20 @@ async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Version => {
             println!("ferryctl {}", env!("CARGO_PKG_VERSION"));
+            Ok(())
+        }
+        Command::Crds { output_dir } => {
+            for (file, crd) in ferry_xds::kubernetes::crd::crds() {
+                let yaml = ferry_xds::kubernetes::crd::to_yaml(&crd);
+                match &output_dir {
+                    Some(dir) => {
+                        let path = dir.join(file);
+                        std::fs::write(&path, yaml).with_context(|| format!("writing {}", path.display()))?;
+                        eprintln!("wrote {}", path.display());
+                    }
+                    None => print!("---\n{yaml}"),
+                }
+            }
             Ok(())
         }
         Command::Validate { file } => {

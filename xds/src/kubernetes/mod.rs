@@ -1,0 +1,3 @@
+//! Kubernetes mode: the CRDs, sidecar injection (CLI and admission webhook), and discovery through the API server.
+
+pub mod crd;
