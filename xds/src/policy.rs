@@ -151,6 +151,8 @@ pub struct TrafficPolicy {
     }]))
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+// The printcolumns repeat `type_ = "string"`, which clippy takes for a duplicated attribute.
+#[allow(clippy::duplicated_attributes)]
 pub struct TrafficPolicySpec {
     pub target_ref: TargetRef,
     /// The whole request, including retries and the body.
@@ -337,6 +339,8 @@ pub struct AuthorizationPolicy {
     )
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+// The printcolumns repeat `type_ = "string"`, which clippy takes for a duplicated attribute.
+#[allow(clippy::duplicated_attributes)]
 pub struct AuthorizationPolicySpec {
     pub target_ref: TargetRef,
     /// What happens to a call no rule allows.
