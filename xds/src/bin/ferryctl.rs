@@ -75,6 +75,20 @@ enum Command {
         #[arg(long, value_parser = duration)]
         leaf_horizon: Option<std::time::Duration>,
     },
+    /// Add the Ferry sidecar to every workload in FILE or stdin (-): Deployments, StatefulSets, DaemonSets,
+    /// ReplicaSets, Jobs, CronJobs, Pods and Lists, multi-document YAML or JSON; prints the result on stdout and what
+    /// happened to each object on stderr. Objects already injected are left as they are.
+    Inject {
+        #[arg(short = 'f', long = "filename")]
+        file: String,
+        #[command(flatten)]
+        settings: InjectArgs,
+    },
+    /// Remove what `inject` added (containers, volumes, label) and restore the app's probes.
+    Uninject {
+        #[arg(short = 'f', long = "filename")]
+        file: String,
+    },
     /// Print the CustomResourceDefinitions of Ferry's policies (generated from the same types the control plane
     /// validates with), or write one file per CRD into a directory (`deploy/crds`).
     Crds {
@@ -83,6 +97,47 @@ enum Command {
     },
     /// Print ferryctl's version.
     Version,
+}
+
+#[derive(clap::Args)]
+struct InjectArgs {
+    /// The proxy image (it also runs the `ferry init` step).
+    #[arg(long, env = "FERRY_PROXY_IMAGE")]
+    proxy_image: Option<String>,
+    /// The control plane's xDS address as pods reach it.
+    #[arg(long, default_value = "ferry-control.ferry-system.svc:15010")]
+    control_addr: String,
+    /// Inject the proxy as a native sidecar (Kubernetes 1.29+); `false`: a regular container listed first.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    native_sidecar: bool,
+}
+
+impl InjectArgs {
+    fn settings(self) -> ferry_xds::kubernetes::inject::Settings {
+        let defaults = ferry_xds::kubernetes::inject::Settings::default();
+        ferry_xds::kubernetes::inject::Settings {
+            proxy_image: self.proxy_image.unwrap_or(defaults.proxy_image.clone()),
+            control_addr: self.control_addr,
+            native_sidecar: self.native_sidecar,
+            ..defaults
+        }
+    }
+}
+
+/// One stderr line per object, as `kubectl` names them.
+fn print_report(report: &ferry_xds::kubernetes::inject::Report) {
+    use ferry_xds::kubernetes::inject::Outcome;
+    for (object, outcome) in report {
+        let what = match outcome {
+            Outcome::Injected => "injected".to_string(),
+            Outcome::AlreadyInjected => "already injected, left as it is".to_string(),
+            Outcome::Skipped(why) => format!("skipped: {why}"),
+            Outcome::NotAWorkload => "no pods, passed through".to_string(),
+            Outcome::Uninjected => "uninjected".to_string(),
+            Outcome::NotInjected => "not injected, left as it is".to_string(),
+        };
+        eprintln!("{object} {what}");
+    }
 }
 
 #[derive(Subcommand)]
@@ -171,6 +226,18 @@ async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Version => {
             println!("ferryctl {}", env!("CARGO_PKG_VERSION"));
+            Ok(())
+        }
+        Command::Inject { file, settings } => {
+            let (yaml, report) = ferry_xds::kubernetes::inject::inject_yaml(&read_input(&file)?, &settings.settings())?;
+            print!("{yaml}");
+            print_report(&report);
+            Ok(())
+        }
+        Command::Uninject { file } => {
+            let (yaml, report) = ferry_xds::kubernetes::inject::uninject_yaml(&read_input(&file)?)?;
+            print!("{yaml}");
+            print_report(&report);
             Ok(())
         }
         Command::Crds { output_dir } => {

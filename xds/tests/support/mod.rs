@@ -173,3 +173,57 @@ pub fn state_dir(tag: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     dir
 }
+
+/// Whether every prerequisite `(what, present)` of `test` is there. Under `CI=true` a missing one fails the test;
+/// elsewhere the test returns early with a message.
+#[allow(dead_code)]
+pub fn prerequisites(test: &str, checks: &[(&str, bool)]) -> bool {
+    let missing: Vec<&str> = checks.iter().filter(|(_, ok)| !ok).map(|(what, _)| *what).collect();
+    if missing.is_empty() {
+        return true;
+    }
+    let message = format!("{test}: needs {}", missing.join(", "));
+    assert!(std::env::var("CI").as_deref() != Ok("true"), "{message} (CI=true: prerequisites are mandatory)");
+    eprintln!("skipped: {message}");
+    false
+}
+
+/// Whether `program args` runs and succeeds.
+#[allow(dead_code)]
+pub fn works(program: &str, args: &[&str]) -> bool {
+    Command::new(program).args(args).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+}
+
+/// `kubernetes-validate --strict` for Kubernetes 1.33 on `files`: fails on any error and on any warning (an unknown
+/// kind, a deprecated field).
+#[allow(dead_code)]
+pub fn kubernetes_validate(files: &[PathBuf]) {
+    // kubernetes-validate has no schema for `List`: its items are checked as documents of their own.
+    let scratch = state_dir("kubernetes-validate");
+    std::fs::create_dir_all(&scratch).unwrap();
+    let files: Vec<PathBuf> = files
+        .iter()
+        .enumerate()
+        .map(|(i, f)| {
+            let text = std::fs::read_to_string(f).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+            let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&text).unwrap();
+            if !docs.iter().any(|d| d["kind"] == "List") {
+                return f.clone();
+            }
+            let items = docs.iter().flat_map(|d| match d["items"].as_array() {
+                Some(items) if d["kind"] == "List" => items.clone(),
+                _ => vec![d.clone()],
+            });
+            let expanded: Vec<String> = items.map(|d| serde_json::to_string(&d).unwrap()).collect();
+            let name = format!("{i}-items-of-{}", f.file_name().unwrap().to_string_lossy());
+            std::fs::write(scratch.join(&name), expanded.join("\n---\n")).unwrap();
+            scratch.join(name)
+        })
+        .collect();
+    let out = Command::new("kubernetes-validate").args(["--strict", "-k", "1.33"]).args(&files).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let bad: Vec<&str> = text.lines().filter(|l| !l.starts_with("INFO")).collect();
+    assert!(out.status.success() && bad.is_empty(), "kubernetes-validate:\n{text}");
+    assert!(text.lines().count() >= files.len(), "kubernetes-validate checked too little:\n{text}");
+    let _ = std::fs::remove_dir_all(&scratch);
+}
