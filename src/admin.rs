@@ -73,6 +73,9 @@ pub struct AdminState {
 
 type Body = Full<Bytes>;
 
+/// The longest an app probe may take here; the kubelet's own `timeoutSeconds` usually ends it sooner.
+const APP_PROBE_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 fn reply(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
     Response::builder()
         .status(status)
@@ -107,6 +110,13 @@ impl AdminState {
             "/health/startup" => probe(started, "started"),
             "/health/ready" => probe(started && !self.drain.is_draining(), "ready"),
             "/metrics" => reply(StatusCode::OK, "text/plain; version=0.0.4", self.metrics.encode()),
+            path if path.starts_with("/app-health/") => match self.settings.app_probes.get(path) {
+                Some(probe) => {
+                    let (status, body) = crate::probe::run(probe, self.settings.pod_ip, APP_PROBE_LIMIT).await;
+                    text(status, body)
+                }
+                None => text(StatusCode::NOT_FOUND, format!("no app probe at {path} (FERRY_APP_PROBES)\n")),
+            },
             _ => text(StatusCode::NOT_FOUND, "try /health/live, /health/ready, /health/startup or /metrics\n"),
         }
     }

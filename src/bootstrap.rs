@@ -47,6 +47,10 @@ pub struct Settings {
     pub trace_sampling: f64,
     /// Where spans go (OTLP/gRPC, `http://host:port`); none: spans are not exported (context is still propagated).
     pub otlp_endpoint: Option<String>,
+    /// The app's probes that injection moved onto the health port (`FERRY_APP_PROBES`), by path.
+    pub app_probes: std::collections::BTreeMap<String, crate::probe::AppProbe>,
+    /// The pod's IP (`FERRY_POD_IP`, from the downward API), where app probes go; default 127.0.0.1.
+    pub pod_ip: std::net::IpAddr,
 }
 
 /// Where and how the proxy reaches ferry-control.
@@ -57,11 +61,38 @@ pub struct ControlSettings {
     /// The name the serving certificate must carry (default: the host of `addr`).
     pub server_name: String,
     pub ca_root: PathBuf,
-    /// The bootstrap credential; never shown.
-    #[serde(skip)]
-    pub join_token: String,
+    /// The bootstrap credential for the first certificate.
+    pub credential: Credential,
     /// The node id shown by `ferryctl status` (default `<hostname>-<pid>`).
     pub node_id: String,
+}
+
+/// What a proxy proves its identity with when it has no certificate yet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Credential {
+    /// Local mode: a join token (`FERRY_JOIN_TOKEN`); never shown.
+    #[serde(serialize_with = "hidden")]
+    JoinToken(String),
+    /// Kubernetes: the file of the pod's projected, audience-bound ServiceAccount token
+    /// (`FERRY_SERVICE_ACCOUNT_TOKEN`), read again for every request because the kubelet rotates it.
+    ServiceAccountToken(PathBuf),
+}
+
+fn hidden<S: serde::Serializer>(_: &str, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str("(hidden)")
+}
+
+impl Credential {
+    /// The bearer token to send now.
+    pub fn token(&self) -> Result<String, String> {
+        match self {
+            Credential::JoinToken(t) => Ok(t.clone()),
+            Credential::ServiceAccountToken(path) => std::fs::read_to_string(path)
+                .map(|t| t.trim().to_string())
+                .map_err(|e| format!("reading the ServiceAccount token {}: {e}", path.display())),
+        }
+    }
 }
 
 /// Shows durations as the settings take them (`1.5s`, `250ms`) in `/config_dump`.
@@ -167,6 +198,14 @@ impl Settings {
             pool_idle_timeout: env.duration("FERRY_POOL_IDLE_TIMEOUT", defaults::POOL_IDLE_TIMEOUT)?,
             trace_sampling: env.parse("FERRY_TRACE_SAMPLING", defaults::TRACE_SAMPLING)?,
             otlp_endpoint: env.raw("FERRY_OTLP_ENDPOINT").filter(|s| !s.is_empty()),
+            app_probes: match env.raw("FERRY_APP_PROBES").filter(|s| !s.trim().is_empty()) {
+                Some(json) => crate::probe::parse(&json).map_err(|e| env.error("FERRY_APP_PROBES", &json, &e))?,
+                None => Default::default(),
+            },
+            pod_ip: env.parse(
+                "FERRY_POD_IP",
+                &env.raw("FERRY_POD_IP").filter(|s| !s.is_empty()).unwrap_or("127.0.0.1".into()),
+            )?,
         };
         if !(0.0..=1.0).contains(&s.trace_sampling) {
             let value = s.trace_sampling.to_string();
@@ -217,7 +256,23 @@ fn control_settings<F: Fn(&str) -> Option<String>>(env: &Env<F>) -> Result<Optio
     if !ca_root.is_file() {
         return Err(env.error("FERRY_CA_ROOT", &ca_root.display().to_string(), "no such file"));
     }
-    let join_token = required("FERRY_JOIN_TOKEN", "the proxy's join token (ferryctl token create)")?.trim().to_string();
+    let credential = match env.raw("FERRY_SERVICE_ACCOUNT_TOKEN").filter(|s| !s.trim().is_empty()) {
+        Some(path) => {
+            let path = PathBuf::from(path.trim());
+            if !path.is_file() {
+                return Err(env.error("FERRY_SERVICE_ACCOUNT_TOKEN", &path.display().to_string(), "no such file"));
+            }
+            Credential::ServiceAccountToken(path)
+        }
+        None => Credential::JoinToken(
+            required(
+                "FERRY_JOIN_TOKEN",
+                "the proxy's join token (ferryctl token create), or FERRY_SERVICE_ACCOUNT_TOKEN in Kubernetes",
+            )?
+            .trim()
+            .to_string(),
+        ),
+    };
     let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_else(|_| "ferry".into());
     Ok(Some(ControlSettings {
         server_name: env
@@ -226,7 +281,7 @@ fn control_settings<F: Fn(&str) -> Option<String>>(env: &Env<F>) -> Result<Optio
             .unwrap_or_else(|| host.trim_start_matches('[').trim_end_matches(']').to_string()),
         addr,
         ca_root,
-        join_token,
+        credential,
         node_id: env
             .raw("FERRY_NODE_ID")
             .filter(|s| !s.is_empty())
@@ -316,6 +371,8 @@ mod tests {
             ("FERRY_MAX_HEADER_BYTES", "10"),
             ("FERRY_CONTROL_ADDR", "ferry-control"),
             ("FERRY_CONTROL_ADDR", "127.0.0.1:0"),
+            ("FERRY_APP_PROBES", "{\"/healthz\": {}}"),
+            ("FERRY_POD_IP", "pod"),
         ];
         for (var, value) in cases {
             let err = settings(&[(var, value)]).expect_err(var).to_string();
@@ -338,10 +395,26 @@ mod tests {
         let all = [addr, ("FERRY_CA_ROOT", root), ("FERRY_JOIN_TOKEN", "id.secret")];
         let s = settings(&all).unwrap();
         let control = s.control.as_ref().unwrap();
-        assert_eq!((control.server_name.as_str(), control.join_token.as_str()), ("127.0.0.1", "id.secret"));
+        assert_eq!(
+            (control.server_name.as_str(), control.credential.token().unwrap().as_str()),
+            ("127.0.0.1", "id.secret")
+        );
         assert!(!serde_json::to_string(&s).unwrap().contains("secret"), "the token never shows in /config_dump");
         let err = settings(&[all[0], all[1], all[2], ("FERRY_CONFIG_FILE", "/x.yaml")]).unwrap_err().to_string();
         assert!(err.starts_with("FERRY_CONFIG_FILE") && err.contains("choose one"), "{err}");
+
+        // Kubernetes: the projected ServiceAccount token instead of a join token, read again for each use.
+        let token = std::env::temp_dir().join(format!("ferry-bootstrap-token-{}", std::process::id()));
+        std::fs::write(&token, "eyJ.first\n").unwrap();
+        let with_token = [addr, ("FERRY_CA_ROOT", root), ("FERRY_SERVICE_ACCOUNT_TOKEN", token.to_str().unwrap())];
+        let s = settings(&with_token).unwrap();
+        let credential = &s.control.as_ref().unwrap().credential;
+        assert_eq!(credential.token().unwrap(), "eyJ.first");
+        std::fs::write(&token, "eyJ.rotated").unwrap();
+        assert_eq!(credential.token().unwrap(), "eyJ.rotated", "a rotated token is picked up");
+        let err = settings(&[addr, ("FERRY_CA_ROOT", root), ("FERRY_SERVICE_ACCOUNT_TOKEN", "/nonexistent")]);
+        assert!(err.unwrap_err().to_string().starts_with("FERRY_SERVICE_ACCOUNT_TOKEN"));
+        std::fs::remove_file(token).unwrap();
         std::fs::remove_file(root).unwrap();
     }
 }

@@ -137,9 +137,10 @@ async fn certify(
         .await?;
     let mut request = tonic::Request::new(pb::CertifyRequest { csr_pem: csr });
     if valid.is_none() {
-        let bearer = format!("Bearer {}", control.join_token)
+        let token = control.credential.token().map_err(tonic::Status::unavailable)?;
+        let bearer = format!("Bearer {token}")
             .parse()
-            .map_err(|_| tonic::Status::invalid_argument("FERRY_JOIN_TOKEN is not a valid header value"))?;
+            .map_err(|_| tonic::Status::invalid_argument("the bootstrap token is not a valid header value"))?;
         request.metadata_mut().insert("authorization", bearer);
     }
     let response = pb::identity_client::IdentityClient::new(channel).certify(request).await?.into_inner();

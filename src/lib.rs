@@ -17,6 +17,7 @@ pub mod io;
 pub mod logging;
 pub mod metrics;
 pub mod outlier;
+pub mod probe;
 pub mod proxy;
 pub mod ratelimit;
 pub mod retry;
