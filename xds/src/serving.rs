@@ -35,9 +35,32 @@ pub enum ServingError {
     Tls(#[from] rustls::Error),
 }
 
-/// The live server configuration of the xDS port.
+/// The live server configuration of the xDS port, and of the admission webhook (the same certificate, no client
+/// certificates, HTTP/1.1).
 pub struct ServingTls {
     config: RwLock<Arc<ServerConfig>>,
+    webhook: RwLock<Arc<ServerConfig>>,
+}
+
+fn webhook_config(cert_pem: &str, key_pem: &str) -> Result<Arc<ServerConfig>, ServingError> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let (chain, key) = chain_and_key(cert_pem, key_pem)?;
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+type ChainAndKey = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
+
+fn chain_and_key(cert_pem: &str, key_pem: &str) -> Result<ChainAndKey, ServingError> {
+    let chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ServingError::Pem(e.to_string()))?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| ServingError::Pem(e.to_string()))?;
+    Ok((chain, key))
 }
 
 fn server_config(cert_pem: &str, key_pem: &str, roots_pem: &[String]) -> Result<Arc<ServerConfig>, ServingError> {
@@ -52,10 +75,7 @@ fn server_config(cert_pem: &str, key_pem: &str, roots_pem: &[String]) -> Result<
         .allow_unauthenticated()
         .build()
         .map_err(|e| ServingError::Tls(rustls::Error::General(e.to_string())))?;
-    let chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| ServingError::Pem(e.to_string()))?;
-    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| ServingError::Pem(e.to_string()))?;
+    let (chain, key) = chain_and_key(cert_pem, key_pem)?;
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)
@@ -66,13 +86,22 @@ fn server_config(cert_pem: &str, key_pem: &str, roots_pem: &[String]) -> Result<
 
 impl ServingTls {
     pub fn new(cert_pem: &str, key_pem: &str, roots_pem: &[String]) -> Result<Arc<ServingTls>, ServingError> {
-        Ok(Arc::new(ServingTls { config: RwLock::new(server_config(cert_pem, key_pem, roots_pem)?) }))
+        Ok(Arc::new(ServingTls {
+            config: RwLock::new(server_config(cert_pem, key_pem, roots_pem)?),
+            webhook: RwLock::new(webhook_config(cert_pem, key_pem)?),
+        }))
     }
 
     /// New handshakes use these from now on; open connections keep theirs.
     pub fn update(&self, cert_pem: &str, key_pem: &str, roots_pem: &[String]) -> Result<(), ServingError> {
         *self.config.write().expect("tls lock") = server_config(cert_pem, key_pem, roots_pem)?;
+        *self.webhook.write().expect("tls lock") = webhook_config(cert_pem, key_pem)?;
         Ok(())
+    }
+
+    /// The admission webhook's current server configuration (renewed with the xDS serving certificate).
+    pub fn webhook(&self) -> Arc<ServerConfig> {
+        self.webhook.read().expect("tls lock").clone()
     }
 
     /// The accepted, handshaken connections of `listener`, for `serve_with_incoming`. Handshakes run concurrently;

@@ -68,6 +68,38 @@ struct ServeArgs {
     /// Extra DNS names for the serving certificate of the xDS port (besides ferry-control and localhost).
     #[arg(long = "server-name", env = "FERRY_CONTROL_SERVER_NAMES", value_delimiter = ',')]
     server_names: Vec<String>,
+    /// The sidecar-injection admission webhook (HTTPS, the xDS serving certificate; `POST /inject`). Kubernetes mode
+    /// listens on 0.0.0.0:15017; elsewhere it is off unless given (to test it, or to inject from outside a cluster).
+    #[arg(long, env = "FERRY_WEBHOOK_ADDR")]
+    webhook_addr: Option<SocketAddr>,
+    #[command(flatten)]
+    inject: InjectSettings,
+}
+
+/// What the webhook injects (the same settings as `ferryctl inject`).
+#[derive(clap::Args)]
+struct InjectSettings {
+    /// The proxy image the webhook injects (it also runs the `ferry init` step).
+    #[arg(long, env = "FERRY_PROXY_IMAGE")]
+    proxy_image: Option<String>,
+    /// The control plane's xDS address as injected pods reach it.
+    #[arg(long, env = "FERRY_INJECT_CONTROL_ADDR", default_value = "ferry-control.ferry-system.svc:15010")]
+    inject_control_addr: String,
+    /// Inject the proxy as a native sidecar (Kubernetes 1.29+); `false`: a regular container listed first.
+    #[arg(long, env = "FERRY_NATIVE_SIDECAR", default_value_t = true, action = clap::ArgAction::Set)]
+    native_sidecar: bool,
+}
+
+impl InjectSettings {
+    fn settings(&self) -> ferry_xds::kubernetes::inject::Settings {
+        let defaults = ferry_xds::kubernetes::inject::Settings::default();
+        ferry_xds::kubernetes::inject::Settings {
+            proxy_image: self.proxy_image.clone().unwrap_or(defaults.proxy_image.clone()),
+            control_addr: self.inject_control_addr.clone(),
+            native_sidecar: self.native_sidecar,
+            ..defaults
+        }
+    }
 }
 
 fn grace(text: &str) -> Result<std::time::Duration, String> {
@@ -196,12 +228,19 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
         .add_service(AdsService(xds))
         .add_service(ferry_xds::resources::pb::identity_server::IdentityServer::new(certify));
-    let incoming = serving.incoming(xds_listener, metrics.clone());
+    let incoming = serving.clone().incoming(xds_listener, metrics.clone());
     tokio::spawn(async move {
         if let Err(e) = xds_server.serve_with_incoming(incoming).await {
             tracing::error!(error = %e, "the xDS server stopped");
         }
     });
+
+    if let Some(addr) = args.webhook_addr {
+        let listener =
+            tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding the webhook on {addr}"))?;
+        tracing::info!(webhook = %addr, "sidecar-injection webhook listening (POST /inject)");
+        ferry_xds::kubernetes::webhook::serve(listener, serving.clone(), args.inject.settings());
+    }
 
     let api_listener = tokio::net::TcpListener::bind(args.api_addr)
         .await
