@@ -335,9 +335,14 @@ pub struct Xds {
     proxies: Mutex<BTreeMap<u64, Arc<ProxyStatus>>>,
     next_id: AtomicU64,
     endpoints_file: PathBuf,
+    /// Kubernetes mode: where the documents come from instead of the store (the cluster's watched objects).
+    source: Mutex<Option<DocumentSource>>,
     #[cfg(feature = "testing")]
     injected: Mutex<BTreeMap<String, Any>>,
 }
+
+/// The documents to serve, read at each rebuild.
+pub type DocumentSource = Arc<dyn Fn() -> Vec<Document> + Send + Sync>;
 
 impl Xds {
     /// Loads the endpoints registered before a restart (kept for `grace`) and builds the first model.
@@ -384,11 +389,18 @@ impl Xds {
             proxies: Mutex::new(BTreeMap::new()),
             next_id: AtomicU64::new(1),
             endpoints_file,
+            source: Mutex::new(None),
             #[cfg(feature = "testing")]
             injected: Mutex::new(BTreeMap::new()),
         });
         xds.rebuild();
         xds
+    }
+
+    /// Serves the documents `source` gives (Kubernetes mode) instead of the store's, from the next rebuild on.
+    pub fn set_source(&self, source: DocumentSource) {
+        *self.source.lock().expect("source lock") = Some(source);
+        self.changed();
     }
 
     /// Something the model depends on changed; the publisher rebuilds after the debounce window.
@@ -454,9 +466,13 @@ impl Xds {
             }
             current
         };
-        let documents: Vec<Document> = {
-            let store = self.store.lock().expect("store lock");
-            crate::KINDS.iter().flat_map(|k| store.list(k, None)).map(|s| s.document.clone()).collect()
+        let source = self.source.lock().expect("source lock").clone();
+        let documents: Vec<Document> = match source {
+            Some(source) => source(),
+            None => {
+                let store = self.store.lock().expect("store lock");
+                crate::KINDS.iter().flat_map(|k| store.list(k, None)).map(|s| s.document.clone()).collect()
+            }
         };
         let previous = self.published.borrow().clone();
         let mesh = self.mesh.lock().expect("mesh lock").clone();

@@ -91,10 +91,19 @@ pub fn by_token(tokens: &Mutex<Tokens>, authorization: Option<&str>, now: u64) -
     }
 }
 
+/// Checks a bearer credential that is not a join token (Kubernetes mode: the pod's ServiceAccount token, by a
+/// TokenReview).
+#[tonic::async_trait]
+pub trait BearerCheck: Send + Sync {
+    async fn check(&self, token: &str, peer: Option<std::net::SocketAddr>) -> Result<Authenticated, Refusal>;
+}
+
 /// Signs workload certificates for authenticated proxies.
 pub struct CertifyService {
     pub ca: Arc<MeshCa>,
     pub tokens: Arc<Mutex<Tokens>>,
+    /// Set in Kubernetes mode: bearer tokens are ServiceAccount tokens, never join tokens.
+    pub bearer: Option<Arc<dyn BearerCheck>>,
     pub metrics: Arc<ControlMetrics>,
     pub lifetime: Duration,
 }
@@ -120,7 +129,10 @@ impl pb::identity_server::Identity for CertifyService {
             Some(chain) => by_certificate(&self.tokens, &chain),
             None => {
                 let authorization = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
-                by_token(&self.tokens, authorization, crate::tokens::unix_now())
+                match (&self.bearer, authorization.and_then(|v| v.strip_prefix("Bearer "))) {
+                    (Some(check), Some(token)) => check.check(token, peer).await,
+                    _ => by_token(&self.tokens, authorization, crate::tokens::unix_now()),
+                }
             }
         }
         .map_err(|r| self.refuse(r, peer))?;

@@ -35,8 +35,25 @@ enum Command {
     Serve(ServeArgs),
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Discovery {
+    /// The embedded default: policies and Services in the state directory (ferryctl apply), endpoints registered by
+    /// the proxies, join tokens.
+    Local,
+    /// Services, EndpointSlices, Pods and the policy CRDs from the API server (in-cluster or KUBECONFIG); the CA root
+    /// in the Secret ferry-ca; ServiceAccount tokens checked by TokenReview. No admin API, no join tokens: the state
+    /// directory holds only scratch files, so replicas are stateless.
+    Kubernetes,
+}
+
 #[derive(clap::Args)]
 struct ServeArgs {
+    /// Where Services, endpoints and policies come from.
+    #[arg(long, env = "FERRY_DISCOVERY", value_enum, default_value_t = Discovery::Local)]
+    discovery: Discovery,
+    /// Kubernetes mode: the control plane's own namespace (the Secret ferry-ca lives there).
+    #[arg(long, env = "FERRY_CONTROL_NAMESPACE", default_value = "ferry-system")]
+    namespace: String,
     /// Where accepted objects and the admin token live (created 0700 at first start).
     #[arg(long, env = "FERRY_STATE_DIR", default_value = "./ferry-state")]
     state_dir: PathBuf,
@@ -171,6 +188,16 @@ fn admin_token(path: &Path) -> anyhow::Result<String> {
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.state_dir).with_context(|| format!("creating {}", args.state_dir.display()))?;
     std::fs::set_permissions(&args.state_dir, std::fs::Permissions::from_mode(0o700))?;
+    let kube_client = match args.discovery {
+        Discovery::Local => None,
+        Discovery::Kubernetes => {
+            let client = kube::Client::try_default()
+                .await
+                .context("connecting to the Kubernetes API server (in-cluster service account, or KUBECONFIG)")?;
+            ferry_xds::kubernetes::cluster::ensure_ca_secret(&client, &args.namespace, &args.state_dir).await?;
+            Some(client)
+        }
+    };
     let token = admin_token(&args.state_dir.join("admin.token"))?;
     let supplied = args.ca_cert.clone().zip(args.ca_key.clone()).map(|(cert, key)| CaFiles { cert, key });
     let ca = Arc::new(MeshCa::open(&args.state_dir, supplied)?);
@@ -193,9 +220,52 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         args.endpoint_grace,
         ferry_xds::protocol::Mesh { roots_pem: ca.trust_bundle(), default_mtls: args.mtls_mode },
     );
+    let cluster = kube_client.clone().map(|client| {
+        let xds = xds.clone();
+        ferry_xds::kubernetes::cluster::Cluster::start(client, Arc::new(move || xds.changed()))
+    });
+    if let Some(cluster) = &cluster {
+        tracing::info!("Kubernetes discovery: listing Services, EndpointSlices, Pods, Namespaces and policies");
+        cluster.wait_until_synced().await;
+        let (verdicts, mut changed) = tokio::sync::watch::channel(Vec::new());
+        let source = cluster.clone();
+        // Served from the first model on: nothing before the cluster has been listed once.
+        xds.set_source(Arc::new(move || {
+            let (documents, v) = source.documents();
+            verdicts.send_replace(v);
+            documents
+        }));
+        let (writer, ca, client) = (cluster.clone(), ca.clone(), kube_client.clone().expect("a client"));
+        tokio::spawn(async move {
+            let mut webhook_ca_set = false;
+            loop {
+                let current = changed.borrow_and_update().clone();
+                writer.write_statuses(current).await;
+                writer.publish_bundle(&ca.trust_bundle()).await;
+                if !webhook_ca_set {
+                    match ferry_xds::kubernetes::cluster::patch_webhook_ca(&client, &ca.trust_bundle()).await {
+                        Ok(()) => {
+                            webhook_ca_set = true;
+                            tracing::info!("the injector webhook's caBundle is the mesh root");
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "setting the injector webhook's caBundle failed; retrying")
+                        }
+                    }
+                }
+                let retry = tokio::time::sleep(std::time::Duration::from_secs(if webhook_ca_set { 300 } else { 10 }));
+                tokio::select! {
+                    r = changed.changed() => if r.is_err() { break },
+                    _ = retry => {}
+                }
+            }
+        });
+        tracing::info!(generation = xds.generation(), "Kubernetes discovery synced");
+    }
     let certify = ferry_xds::certify::CertifyService {
         ca: ca.clone(),
         tokens: tokens.clone(),
+        bearer: cluster.clone().map(|c| c as Arc<dyn ferry_xds::certify::BearerCheck>),
         metrics: metrics.clone(),
         lifetime: args.cert_lifetime,
     };
@@ -226,8 +296,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         // Dead proxies are noticed (and their streams freed) without waiting for TCP timeouts.
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
-        .add_service(AdsService(xds))
+        .add_service(AdsService(xds.clone()))
         .add_service(ferry_xds::resources::pb::identity_server::IdentityServer::new(certify));
+    let xds_status = xds;
     let incoming = serving.clone().incoming(xds_listener, metrics.clone());
     tokio::spawn(async move {
         if let Err(e) = xds_server.serve_with_incoming(incoming).await {
@@ -235,27 +306,42 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
     });
 
-    if let Some(addr) = args.webhook_addr {
+    let webhook_addr = match args.discovery {
+        Discovery::Kubernetes => Some(args.webhook_addr.unwrap_or(SocketAddr::from(([0, 0, 0, 0], 15017)))),
+        Discovery::Local => args.webhook_addr,
+    };
+    if let Some(addr) = webhook_addr {
         let listener =
             tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding the webhook on {addr}"))?;
         tracing::info!(webhook = %addr, "sidecar-injection webhook listening (POST /inject)");
         ferry_xds::kubernetes::webhook::serve(listener, serving.clone(), args.inject.settings());
     }
 
-    let api_listener = tokio::net::TcpListener::bind(args.api_addr)
-        .await
-        .with_context(|| format!("binding the API on {}", args.api_addr))?;
+    // Kubernetes mode has no admin API: policies are the CRDs, written through the API server.
+    let api_listener = match args.discovery {
+        Discovery::Local => Some(
+            tokio::net::TcpListener::bind(args.api_addr)
+                .await
+                .with_context(|| format!("binding the API on {}", args.api_addr))?,
+        ),
+        Discovery::Kubernetes => None,
+    };
     let metrics_listener = tokio::net::TcpListener::bind(args.metrics_addr)
         .await
         .with_context(|| format!("binding metrics on {}", args.metrics_addr))?;
     tracing::info!(api = %args.api_addr, xds = %args.xds_addr, metrics = %args.metrics_addr, "ferry-control ready");
 
-    spawn_http1(api_listener, move |req| api.clone().handle(req));
+    if let Some(api_listener) = api_listener {
+        spawn_http1(api_listener, move |req| api.clone().handle(req));
+    }
     spawn_http1(metrics_listener, move |req: http::Request<hyper::body::Incoming>| {
-        let metrics = metrics.clone();
+        let (metrics, xds) = (metrics.clone(), xds_status.clone());
         async move {
             let (status, body) = match req.uri().path() {
                 "/metrics" => (200, metrics.encode()),
+                // The connected proxies and their sync state, read-only (ferryctl status/check in Kubernetes mode
+                // reach it through the API server's pod proxy).
+                "/status" => (200, serde_json::to_vec(&xds.status_json()).expect("serializable")),
                 "/health/ready" | "/health/live" => (200, b"ready\n".to_vec()),
                 _ => (404, b"try /metrics or /health/ready\n".to_vec()),
             };

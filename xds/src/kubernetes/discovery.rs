@@ -1,0 +1,353 @@
+//! Kubernetes discovery, the pure part: Services, EndpointSlices, Pods and Ferry's policy CRDs as the API server
+//! holds them, turned into the same documents the local store holds (and each policy's verdict for its status).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::api::core::v1::{Pod, Service as KubeService};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::ResourceExt;
+
+use crate::config::{Document, Endpoint, Metadata, PortProtocol, Service, ServicePort, ServiceSpec};
+use crate::policy::{AuthorizationPolicy, AuthorizationPolicyResource, TrafficPolicy, TrafficPolicyResource};
+
+/// The label EndpointSlices carry naming their Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// One view of the cluster, as the watchers last saw it.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterView {
+    pub services: Vec<KubeService>,
+    pub slices: Vec<EndpointSlice>,
+    pub pods: Vec<Pod>,
+    pub traffic_policies: Vec<TrafficPolicyResource>,
+    pub authorization_policies: Vec<AuthorizationPolicyResource>,
+}
+
+/// Whether a policy object was accepted; written back as its `Accepted` condition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    pub kind: &'static str,
+    pub namespace: String,
+    pub name: String,
+    pub generation: Option<i64>,
+    /// `None`: accepted; otherwise every error, each naming its field.
+    pub error: Option<String>,
+}
+
+/// A pod runs Ferry's proxy (it was injected): its endpoints are called over mTLS as its service account.
+pub fn is_meshed(pod: &Pod) -> bool {
+    let labelled = pod.labels().get(super::inject::INJECTED_LABEL).is_some_and(|v| v == "true");
+    let has_proxy = pod.spec.as_ref().is_some_and(|s| {
+        s.init_containers.iter().flatten().chain(&s.containers).any(|c| c.name == super::inject::PROXY_CONTAINER)
+    });
+    labelled || has_proxy
+}
+
+/// What a Service port speaks, from its `appProtocol` or, like Istio, its name's prefix (`grpc-web`, `http2-api`);
+/// anything else is detected per connection (HTTP/1, h2c, or opaque TCP).
+pub fn port_protocol(app_protocol: Option<&str>, name: Option<&str>) -> PortProtocol {
+    let word = |s: &str| match s.to_ascii_lowercase().as_str() {
+        "grpc" => Some(PortProtocol::Grpc),
+        "http2" | "h2c" | "kubernetes.io/h2c" => Some(PortProtocol::Http2),
+        "http" | "https" | "kubernetes.io/ws" | "kubernetes.io/wss" => Some(PortProtocol::Http),
+        "tcp" | "tls" | "mysql" | "mongo" | "redis" | "postgres" => Some(PortProtocol::Tcp),
+        _ => None,
+    };
+    app_protocol
+        .and_then(word)
+        .or_else(|| name.and_then(|n| word(n.split('-').next().unwrap_or(n))))
+        .unwrap_or(PortProtocol::Http)
+}
+
+/// The Ferry `Service` of a Kubernetes Service: its TCP ports (target ports from the EndpointSlices), its names
+/// and cluster IPs as addresses, its ready endpoints by pod IP with the pod's service account as identity when the
+/// pod is meshed, and those accounts as the identities allowed to serve it. `None` for kinds Ferry does not route
+/// (ExternalName) and Services without TCP ports.
+pub fn service(
+    svc: &KubeService,
+    slices: &[&EndpointSlice],
+    pods: &BTreeMap<(String, String), &Pod>,
+) -> Option<Service> {
+    let spec = svc.spec.as_ref()?;
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return None;
+    }
+    let (name, namespace) = (svc.name_any(), svc.namespace().unwrap_or_else(|| "default".into()));
+    let mut ports = Vec::new();
+    for p in spec.ports.iter().flatten() {
+        if p.protocol.as_deref().is_some_and(|proto| proto != "TCP") {
+            continue;
+        }
+        let Ok(port) = u16::try_from(p.port) else { continue };
+        // The slices' port of the same name is the resolved target port (named target ports included).
+        let from_slices = slices
+            .iter()
+            .flat_map(|s| s.ports.iter().flatten())
+            .find(|sp| sp.name == p.name || (sp.name.as_deref().unwrap_or("").is_empty() && p.name.is_none()))
+            .and_then(|sp| sp.port)
+            .and_then(|n| u16::try_from(n).ok());
+        let declared = match &p.target_port {
+            Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(n)) => u16::try_from(*n).ok(),
+            _ => None,
+        };
+        let target = from_slices.or(declared).filter(|t| *t != port);
+        ports.push(ServicePort {
+            port,
+            protocol: port_protocol(p.app_protocol.as_deref(), p.name.as_deref()),
+            name: p.name.clone(),
+            target_port: target,
+        });
+    }
+    if ports.is_empty() {
+        return None;
+    }
+    let mut addresses: Vec<String> = vec![
+        format!("{name}.{namespace}"),
+        format!("{name}.{namespace}.svc"),
+        format!("{name}.{namespace}.svc.cluster.local"),
+    ];
+    let ips = spec.cluster_ips.iter().flatten().chain(spec.cluster_ip.iter());
+    for ip in ips.filter(|ip| ip.parse::<std::net::IpAddr>().is_ok()) {
+        if !addresses.contains(ip) {
+            addresses.push(ip.clone());
+        }
+    }
+    let mut endpoints: BTreeMap<String, Option<String>> = BTreeMap::new();
+    for slice in slices {
+        for ep in &slice.endpoints {
+            // Ready, or not said otherwise (the API's meaning of an absent condition).
+            if ep.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
+                continue;
+            }
+            let pod =
+                ep.target_ref.as_ref().filter(|r| r.kind.as_deref() == Some("Pod")).and_then(|r| {
+                    pods.get(&(r.namespace.clone().unwrap_or_else(|| namespace.clone()), r.name.clone()?))
+                });
+            let identity = pod
+                .filter(|p| is_meshed(p))
+                .and_then(|p| p.spec.as_ref()?.service_account_name.clone().or_else(|| Some("default".into())));
+            for address in &ep.addresses {
+                endpoints.insert(address.clone(), identity.clone());
+            }
+        }
+    }
+    let identities: BTreeSet<String> = endpoints.values().flatten().cloned().collect();
+    Some(Service {
+        metadata: Metadata { name, namespace, labels: BTreeMap::new() },
+        spec: ServiceSpec {
+            ports,
+            addresses,
+            identities: identities.into_iter().collect(),
+            endpoints: endpoints.into_iter().map(|(address, identity)| Endpoint { address, identity }).collect(),
+        },
+    })
+}
+
+/// The documents for one view of the cluster, each validated by the same rules as the local store; the policies'
+/// verdicts. A refused policy is left out (the proxies keep what they have for its Service: nothing invalid reaches a
+/// proxy), and a second TrafficPolicy for one Service is refused in favour of the older one.
+pub fn documents(view: &ClusterView) -> (Vec<Document>, Vec<Verdict>) {
+    let pods: BTreeMap<(String, String), &Pod> =
+        view.pods.iter().map(|p| ((p.namespace().unwrap_or_default(), p.name_any()), p)).collect();
+    let mut docs = Vec::new();
+    for svc in &view.services {
+        let (name, namespace) = (svc.name_any(), svc.namespace().unwrap_or_default());
+        let slices: Vec<&EndpointSlice> = view
+            .slices
+            .iter()
+            .filter(|s| s.namespace().as_deref() == Some(namespace.as_str()))
+            .filter(|s| s.labels().get(SERVICE_NAME_LABEL) == Some(&name))
+            .collect();
+        if let Some(service) = service(svc, &slices, &pods) {
+            match validated(Document::Service(service)) {
+                Ok(doc) => docs.push(doc),
+                Err(e) => tracing::warn!(service = %format!("{namespace}/{name}"), error = %e, "Service not routable"),
+            }
+        }
+    }
+    let mut verdicts = Vec::new();
+    // Oldest first, so that of two TrafficPolicies for one Service the first one stays.
+    let mut traffic: Vec<&TrafficPolicyResource> = view.traffic_policies.iter().collect();
+    traffic.sort_by_key(|p| (p.metadata.creation_timestamp.clone().map(|t| t.0), p.name_any()));
+    let mut targets: BTreeMap<(String, String), String> = BTreeMap::new();
+    for p in traffic {
+        let meta = metadata(&p.metadata);
+        let doc = TrafficPolicy { metadata: meta.clone(), spec: p.spec.clone() };
+        let mut result = validated(Document::TrafficPolicy(Box::new(doc)));
+        if result.is_ok() {
+            let key = (meta.namespace.clone(), p.spec.target_ref.name.clone());
+            match targets.get(&key) {
+                Some(existing) => {
+                    result = Err(crate::one_traffic_policy_error(&key.1, existing).to_string());
+                }
+                None => {
+                    targets.insert(key, meta.name.clone());
+                }
+            }
+        }
+        verdicts.push(verdict("TrafficPolicy", &p.metadata, &result));
+        if let Ok(doc) = result {
+            docs.push(doc);
+        }
+    }
+    for p in &view.authorization_policies {
+        let doc = AuthorizationPolicy { metadata: metadata(&p.metadata), spec: p.spec.clone() };
+        let result = validated(Document::AuthorizationPolicy(doc));
+        verdicts.push(verdict("AuthorizationPolicy", &p.metadata, &result));
+        if let Ok(doc) = result {
+            docs.push(doc);
+        }
+    }
+    (docs, verdicts)
+}
+
+fn metadata(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Metadata {
+    Metadata {
+        name: meta.name.clone().unwrap_or_default(),
+        namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
+        labels: BTreeMap::new(),
+    }
+}
+
+fn verdict(
+    kind: &'static str,
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    result: &Result<Document, String>,
+) -> Verdict {
+    Verdict {
+        kind,
+        namespace: meta.namespace.clone().unwrap_or_default(),
+        name: meta.name.clone().unwrap_or_default(),
+        generation: meta.generation,
+        error: result.as_ref().err().cloned(),
+    }
+}
+
+/// The document through the store's own validation (field paths in the error, without the document's name: the
+/// condition sits on the object already).
+fn validated(doc: Document) -> Result<Document, String> {
+    crate::parse_value(crate::document_json(&doc)).map_err(|e| {
+        e.documents.iter().flat_map(|(_, errors)| errors.iter().map(|f| f.to_string())).collect::<Vec<_>>().join("; ")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn svc() -> KubeService {
+        serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "api", "namespace": "shop"},
+            "spec": {"clusterIP": "10.96.0.20", "clusterIPs": ["10.96.0.20", "fd00::20"], "selector": {"app": "api"},
+                     "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"},
+                               {"name": "grpc-admin", "port": 9000, "targetPort": 9000},
+                               {"name": "dns", "port": 53, "protocol": "UDP"}]}
+        }))
+        .unwrap()
+    }
+
+    fn slice() -> EndpointSlice {
+        serde_json::from_value(json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
+            "metadata": {"name": "api-x1", "namespace": "shop", "labels": {"kubernetes.io/service-name": "api"}},
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}, {"name": "grpc-admin", "port": 9000}],
+            "endpoints": [
+                {"addresses": ["10.1.0.5"], "conditions": {"ready": true}, "targetRef": {"kind": "Pod", "name": "api-1", "namespace": "shop"}},
+                {"addresses": ["10.1.0.6"], "conditions": {"ready": false}, "targetRef": {"kind": "Pod", "name": "api-2", "namespace": "shop"}},
+                {"addresses": ["10.1.0.7"], "targetRef": {"kind": "Pod", "name": "legacy-1", "namespace": "shop"}}
+            ]
+        }))
+        .unwrap()
+    }
+
+    fn pod(name: &str, sa: &str, meshed: bool) -> Pod {
+        let labels = if meshed { json!({"ferry.dev/injected": "true"}) } else { json!({}) };
+        serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": "shop", "labels": labels},
+            "spec": {"serviceAccountName": sa, "containers": [{"name": "app", "image": "app"}]}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_service_with_its_slices_and_pods() {
+        let view = ClusterView {
+            services: vec![svc()],
+            slices: vec![slice()],
+            pods: vec![pod("api-1", "api", true), pod("api-2", "api", true), pod("legacy-1", "legacy", false)],
+            ..Default::default()
+        };
+        let (docs, verdicts) = documents(&view);
+        assert!(verdicts.is_empty());
+        let [Document::Service(s)] = docs.as_slice() else { panic!("{docs:?}") };
+        assert_eq!((s.metadata.name.as_str(), s.metadata.namespace.as_str()), ("api", "shop"));
+        let ports: Vec<(u16, PortProtocol, Option<u16>)> =
+            s.spec.ports.iter().map(|p| (p.port, p.protocol, p.target_port)).collect();
+        assert_eq!(ports, [(80, PortProtocol::Http, Some(8080)), (9000, PortProtocol::Grpc, None)], "UDP left out");
+        assert_eq!(
+            s.spec.addresses,
+            ["api.shop", "api.shop.svc", "api.shop.svc.cluster.local", "10.96.0.20", "fd00::20"]
+        );
+        // The unready endpoint is left out; the unmeshed pod is called in plaintext (no identity).
+        assert_eq!(
+            s.spec.endpoints,
+            [
+                Endpoint { address: "10.1.0.5".into(), identity: Some("api".into()) },
+                Endpoint { address: "10.1.0.7".into(), identity: None },
+            ]
+        );
+        assert_eq!(s.spec.identities, ["api"]);
+    }
+
+    #[test]
+    fn policies_get_verdicts_and_only_accepted_ones_are_served() {
+        let policy = |name: &str, created: &str, spec: serde_json::Value| -> TrafficPolicyResource {
+            serde_json::from_value(json!({
+                "apiVersion": "ferry.dev/v1alpha1", "kind": "TrafficPolicy",
+                "metadata": {"name": name, "namespace": "shop", "generation": 3, "creationTimestamp": created},
+                "spec": spec
+            }))
+            .unwrap()
+        };
+        let good = json!({"targetRef": {"kind": "Service", "name": "api"}, "timeout": "2s"});
+        let second = json!({"targetRef": {"kind": "Service", "name": "api"}, "timeout": "5s"});
+        // What the CRD schema cannot say: perTryTimeout longer than timeout is caught by the store's rules too.
+        let bad = json!({"targetRef": {"kind": "Service", "name": "web"}, "timeout": "1s",
+                         "retries": {"attempts": 2, "perTryTimeout": "3s"}});
+        let view = ClusterView {
+            traffic_policies: vec![
+                policy("api-v2", "2026-12-01T10:00:00Z", second),
+                policy("api", "2026-11-01T10:00:00Z", good),
+                policy("web", "2026-11-01T10:00:00Z", bad),
+            ],
+            ..Default::default()
+        };
+        let (docs, verdicts) = documents(&view);
+        assert_eq!(docs.len(), 1);
+        let by_name: BTreeMap<&str, &Verdict> = verdicts.iter().map(|v| (v.name.as_str(), v)).collect();
+        assert_eq!(by_name["api"].error, None);
+        assert_eq!(by_name["api"].generation, Some(3));
+        let err = by_name["api-v2"].error.as_deref().unwrap();
+        assert!(err.contains("Service `api` already has TrafficPolicy `api`"), "{err}");
+        let err = by_name["web"].error.as_deref().unwrap();
+        assert!(err.starts_with("spec.retries.perTryTimeout: 3s is longer than spec.timeout 1s"), "{err}");
+    }
+
+    #[test]
+    fn protocols_from_app_protocol_or_name() {
+        for (app, name, want) in [
+            (Some("kubernetes.io/h2c"), None, PortProtocol::Http2),
+            (Some("grpc"), Some("tcp-x"), PortProtocol::Grpc),
+            (None, Some("grpc-web"), PortProtocol::Grpc),
+            (None, Some("tcp"), PortProtocol::Tcp),
+            (None, Some("postgres"), PortProtocol::Tcp),
+            (None, Some("web"), PortProtocol::Http),
+            (None, None, PortProtocol::Http),
+        ] {
+            assert_eq!(port_protocol(app, name), want, "{app:?} {name:?}");
+        }
+    }
+}

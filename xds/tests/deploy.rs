@@ -1,0 +1,210 @@
+//! `deploy/`: every Kubernetes manifest validates strictly for Kubernetes 1.33, both kustomizations render, and every
+//! Ferry policy object (in `deploy/` and in the README) validates against the CRD schema generated from the types.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::{Value, json};
+
+fn deploy() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
+}
+
+/// Kubernetes manifests under `deploy/` (YAML, not the kustomizations, the Grafana dashboards or Prometheus' own
+/// configuration).
+fn manifests() -> Vec<PathBuf> {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            if path.is_dir() {
+                if name != "grafana" && name != "prometheus" {
+                    walk(&path, out);
+                }
+            } else if name.ends_with(".yaml") && name != "kustomization.yaml" {
+                out.push(path);
+            }
+        }
+    }
+    let mut files = Vec::new();
+    walk(&deploy(), &mut files);
+    files.sort();
+    files
+}
+
+fn documents(path: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap();
+    let docs: Vec<Value> = serde_saphyr::from_multiple(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    docs.into_iter().filter(|d| !d.is_null()).collect()
+}
+
+fn is_ferry_policy(doc: &Value) -> bool {
+    doc["apiVersion"].as_str().is_some_and(|v| v.starts_with("ferry.dev/"))
+}
+
+/// Validates Ferry policy objects against the openAPIV3Schema of their kind's generated CRD with Python's
+/// `jsonschema` (Draft 4, the dialect of OpenAPI v3.0 schemas); returns one error line per invalid object.
+fn crd_schema_errors(docs: &[Value]) -> Vec<String> {
+    let schemas: serde_json::Map<String, Value> = ["TrafficPolicy", "AuthorizationPolicy"]
+        .iter()
+        .map(|k| (k.to_string(), ferry_xds::kubernetes::crd::schema(k).unwrap()))
+        .collect();
+    let input = json!({"schemas": schemas, "documents": docs}).to_string();
+    let script = r#"
+import json, sys, jsonschema
+data = json.load(sys.stdin)
+for i, doc in enumerate(data["documents"]):
+    schema = data["schemas"].get(doc.get("kind"))
+    if schema is None:
+        print(f"document {i}: no CRD for kind {doc.get('kind')}")
+        continue
+    for e in jsonschema.Draft4Validator(schema).iter_errors(doc):
+        print(f"document {i} ({doc['kind']} {doc['metadata']['name']}): {'.'.join(map(str, e.absolute_path))}: {e.message}")
+"#;
+    let mut child = Command::new("python3")
+        .args(["-c", script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "python3 jsonschema: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().lines().map(str::to_string).collect()
+}
+
+fn have_jsonschema() -> bool {
+    support::prerequisites(
+        "CRD schema checks",
+        &[("python3 with jsonschema", support::works("python3", &["-c", "import jsonschema"]))],
+    )
+}
+
+#[test]
+fn manifests_validate_for_kubernetes_1_33() {
+    let ok = support::prerequisites(
+        "deploy manifests",
+        &[("kubernetes-validate (pip)", support::works("kubernetes-validate", &["--version"]))],
+    );
+    if !ok {
+        return;
+    }
+    // Files with Ferry policy objects are checked against the CRD schema instead (the other test).
+    let files: Vec<PathBuf> = manifests().into_iter().filter(|f| !documents(f).iter().any(is_ferry_policy)).collect();
+    let names: Vec<String> = files.iter().map(|f| f.strip_prefix(deploy()).unwrap().display().to_string()).collect();
+    for want in [
+        "namespace.yaml",
+        "crds/trafficpolicies.ferry.dev.yaml",
+        "control-plane/deployment.yaml",
+        "control-plane/rbac.yaml",
+        "control-plane/webhook.yaml",
+        "control-plane/pdb.yaml",
+        "example/api.yaml",
+    ] {
+        assert!(names.iter().any(|n| n == want), "{want} not among {names:?}");
+    }
+    support::kubernetes_validate(&files);
+}
+
+#[test]
+fn policy_objects_validate_against_the_crd_schema() {
+    if !have_jsonschema() {
+        return;
+    }
+    let docs: Vec<Value> = manifests().iter().flat_map(|f| documents(f)).filter(is_ferry_policy).collect();
+    assert!(docs.len() >= 2, "{docs:?}");
+    assert_eq!(crd_schema_errors(&docs), Vec::<String>::new());
+    // The check can fail: each broken copy of the example TrafficPolicy is refused, naming the field.
+    let traffic = docs.iter().find(|d| d["kind"] == "TrafficPolicy").unwrap();
+    let mut broken = Vec::new();
+    for (pointer, value) in [
+        ("/spec/retries/attempts", json!(11)),
+        ("/spec/timeout", json!("2 seconds")),
+        ("/spec/retries/on/0", json!("sometimes")),
+        ("/spec/mtls", json!("sometimes")),
+        ("/spec/targetRef/kind", json!("Pod")),
+    ] {
+        let mut doc = traffic.clone();
+        *doc.pointer_mut(pointer).unwrap() = value;
+        broken.push(doc);
+    }
+    let errors = crd_schema_errors(&broken);
+    assert_eq!(errors.len(), 5, "{errors:?}");
+    for (error, field) in errors.iter().zip([
+        "spec.retries.attempts",
+        "spec.timeout",
+        "spec.retries.on.0",
+        "spec.mtls",
+        "spec.targetRef.kind",
+    ]) {
+        assert!(error.contains(field), "{error}");
+    }
+}
+
+/// The ```yaml examples of the README that are policies (local-mode `Service` documents have no CRD).
+#[test]
+fn readme_policy_examples_validate_against_the_crd_schema() {
+    if !have_jsonschema() {
+        return;
+    }
+    let readme = std::fs::read_to_string(deploy().join("../README.md")).unwrap();
+    let mut docs = Vec::new();
+    let mut block: Option<String> = None;
+    for line in readme.lines() {
+        match &mut block {
+            None if line.trim_start() == "```yaml" => block = Some(String::new()),
+            Some(text) if line.trim() == "```" => {
+                let parsed: Vec<Value> = serde_saphyr::from_multiple(text).unwrap();
+                docs.extend(parsed.into_iter().filter(is_ferry_policy).filter(|d| d["kind"] != "Service"));
+                block = None;
+            }
+            Some(text) => {
+                text.push_str(line);
+                text.push('\n');
+            }
+            None => {}
+        }
+    }
+    let kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
+    assert!(kinds.contains(&"TrafficPolicy") && kinds.contains(&"AuthorizationPolicy"), "{kinds:?}");
+    assert_eq!(crd_schema_errors(&docs), Vec::<String>::new());
+}
+
+#[test]
+fn kustomizations_render() {
+    if !support::prerequisites("kustomize", &[("kubectl", support::works("kubectl", &["version", "--client"]))]) {
+        return;
+    }
+    for (dir, want) in [
+        (
+            "",
+            vec![
+                "Namespace",
+                "CustomResourceDefinition",
+                "ServiceAccount",
+                "ClusterRole",
+                "Deployment",
+                "Service",
+                "PodDisruptionBudget",
+                "MutatingWebhookConfiguration",
+            ],
+        ),
+        ("example", vec!["Namespace", "Deployment", "TrafficPolicy", "AuthorizationPolicy"]),
+    ] {
+        let out = Command::new("kubectl").args(["kustomize"]).arg(deploy().join(dir)).output().unwrap();
+        assert!(out.status.success(), "kubectl kustomize deploy/{dir}: {}", String::from_utf8_lossy(&out.stderr));
+        let docs: Vec<Value> = serde_saphyr::from_multiple(&String::from_utf8(out.stdout).unwrap()).unwrap();
+        let kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
+        for kind in want {
+            assert!(kinds.contains(&kind), "deploy/{dir}: no {kind} in {kinds:?}");
+        }
+        if dir.is_empty() {
+            let control = docs.iter().find(|d| d["kind"] == "Deployment").unwrap();
+            assert_eq!(control["spec"]["replicas"], 2);
+        }
+    }
+}
