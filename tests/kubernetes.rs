@@ -1,18 +1,26 @@
-//! What injection sets up, run for real: the proxy started with the environment the injector writes answers the app's
-//! rewritten probes on its health port while the app's own port accepts only mesh mTLS.
+//! Kubernetes mode for real, short of a cluster: `ferry-control --discovery kubernetes` against a local server
+//! speaking the API's JSON (lists, streamed watches with deletes, bookmarks and a `410 Gone` relist, TokenReviews),
+//! with a real proxy that gets its certificate with a ServiceAccount token and its config over xDS; and the proxy
+//! started with the environment the injector writes, answering the app's rewritten probes on its health port while
+//! the app's own port accepts only mesh mTLS.
 
+#[path = "../xds/tests/support/apiserver.rs"]
+mod apiserver;
 #[path = "../xds/tests/support/mod.rs"]
 mod control;
 #[path = "support/mesh.rs"]
 mod mesh;
 mod support;
 
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use control::{ControlPlane, state_dir};
+use apiserver::{AUTHZ, ApiServer, CONFIGMAPS, NAMESPACES, PODS, SECRETS, SERVICES, SLICES, TRAFFIC, WEBHOOKS};
+use control::{ControlPlane, free_addr, state_dir};
 use ferry_xds::kubernetes::inject;
 use mesh::{proxy, service};
-use support::{backend, http_exchange_full, http_get};
+use serde_json::{Value, json};
+use support::{Ferry, TempDir, backend, http_exchange_full, http_get, metric_value, wait_until};
 
 /// The `FERRY_APP_PROBES` value the injector writes for a pod whose app listens on `port`.
 fn injected_app_probes(port: u16) -> String {
@@ -68,4 +76,228 @@ async fn rewritten_app_probes_work_under_strict_mtls() {
     }
     // The proxy's own probes are untouched by all this.
     assert_eq!(http_get(api.health, "/health/ready").unwrap().0, 200);
+}
+
+fn pod(name: &str, account: &str, ip: &str) -> Value {
+    json!({"metadata": {"name": name, "namespace": "shop", "uid": format!("uid-{name}"),
+                        "labels": {"app": account, "ferry.dev/injected": "true"}},
+           "spec": {"serviceAccountName": account, "containers": [{"name": "app", "image": "app"}]},
+           "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}})
+}
+
+fn kube_service(name: &str, cluster_ip: &str) -> Value {
+    json!({"metadata": {"name": name, "namespace": "shop"},
+           "spec": {"clusterIP": cluster_ip, "clusterIPs": [cluster_ip], "selector": {"app": name},
+                    "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]}})
+}
+
+fn slice(service: &str, endpoints: &[(&str, &str)]) -> Value {
+    let endpoints: Vec<Value> = endpoints
+        .iter()
+        .map(|(ip, pod)| {
+            json!({"addresses": [ip], "conditions": {"ready": true},
+                                "targetRef": {"kind": "Pod", "name": pod, "namespace": "shop"}})
+        })
+        .collect();
+    json!({"metadata": {"name": format!("{service}-abcde"), "namespace": "shop",
+                        "labels": {"kubernetes.io/service-name": service}},
+           "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}], "endpoints": endpoints})
+}
+
+/// A bound ServiceAccount token's review, as the API server answers it.
+fn reviewed(account: &str, pod: &str) -> Value {
+    json!({"authenticated": true, "audiences": ["ferry.dev"],
+           "user": {"username": format!("system:serviceaccount:shop:{account}"), "uid": "sa-uid",
+                    "groups": ["system:serviceaccounts", "system:serviceaccounts:shop"],
+                    "extra": {"authentication.kubernetes.io/pod-name": [pod],
+                              "authentication.kubernetes.io/pod-uid": [format!("uid-{pod}")]}}})
+}
+
+struct Control {
+    child: Child,
+    metrics: std::net::SocketAddr,
+    log: std::path::PathBuf,
+}
+
+impl Drop for Control {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Control {
+    fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+    fn metric(&self, series: &str) -> f64 {
+        metric_value(&http_get(self.metrics, "/metrics").map(|r| r.1).unwrap_or_default(), series)
+    }
+}
+
+/// The services a proxy's snapshot holds: `name` → (endpoints, addresses).
+fn proxy_services(p: &Ferry) -> std::collections::BTreeMap<String, (Vec<Value>, Vec<Value>)> {
+    let dump: Value = serde_json::from_str(&http_get(p.admin, "/config_dump").unwrap().1).unwrap();
+    dump["snapshot"]["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            let spec = &s["spec"];
+            (
+                s["name"].as_str().unwrap().to_string(),
+                (spec["endpoints"].as_array().unwrap().clone(), spec["addresses"].as_array().unwrap().clone()),
+            )
+        })
+        .collect()
+}
+
+fn proxy_policies(p: &Ferry) -> Vec<Value> {
+    let dump: Value = serde_json::from_str(&http_get(p.admin, "/config_dump").unwrap().1).unwrap();
+    dump["snapshot"]["policies"].as_array().unwrap().clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_discovery_and_identity_through_the_api_server() {
+    let api = ApiServer::start().await;
+    let dir = TempDir::new("k8s-discovery");
+    api.apply(NAMESPACES, json!({"metadata": {"name": "shop", "labels": {"ferry.dev/inject": "enabled"}}}));
+    api.apply(NAMESPACES, json!({"metadata": {"name": "ferry-system"}}));
+    api.apply(
+        WEBHOOKS,
+        json!({"metadata": {"name": "ferry-injector"}, "webhooks": [{"name": "inject.ferry.dev",
+        "admissionReviewVersions": ["v1"], "sideEffects": "None",
+        "clientConfig": {"service": {"name": "ferry-control", "namespace": "ferry-system", "path": "/inject"}}}]}),
+    );
+    api.apply(SERVICES, kube_service("api", "10.96.0.20"));
+    api.apply(SLICES, slice("api", &[("10.1.0.5", "api-1")]));
+    api.apply(PODS, pod("api-1", "api", "10.1.0.5"));
+    // The proxy under test runs as web-1, whose pod IP is where its connections come from.
+    api.apply(PODS, pod("web-1", "web", "127.0.0.1"));
+    api.token("token-web-1", reviewed("web", "web-1"));
+    api.token("token-ghost", reviewed("web", "ghost-1"));
+
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let (xds, metrics, webhook) = (free_addr(), free_addr(), free_addr());
+    let log = dir.path().join("control.log");
+    let out = std::fs::File::create(&log).unwrap();
+    let child = Command::new(control::control_bin())
+        .args(["serve", "--discovery", "kubernetes", "--state-dir", state.to_str().unwrap()])
+        .args(["--xds-addr", &xds.to_string(), "--metrics-addr", &metrics.to_string()])
+        .args(["--webhook-addr", &webhook.to_string(), "--server-name", "ferry-control.ferry-system.svc"])
+        .env("KUBECONFIG", api.kubeconfig(dir.path()))
+        .env("FERRY_LOG_LEVEL", "info,ferry_xds=debug")
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let cp = Control { child, metrics, log };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while http_get(cp.metrics, "/health/ready").is_none_or(|r| r.0 != 200) {
+        assert!(std::time::Instant::now() < deadline, "ferry-control did not sync and serve:\n{}", cp.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for kind in [SERVICES, SLICES, PODS, NAMESPACES, TRAFFIC, AUTHZ] {
+        assert_eq!(api.lists(kind), 1, "{} listed once: {}", kind.plural, cp.logs());
+    }
+
+    // The mesh root: created in the Secret ferry-ca, published to the labelled namespace, set as the webhook's CA.
+    let secret = api.get(SECRETS, "ferry-system", "ferry-ca").expect("the Secret ferry-ca was created");
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let root = String::from_utf8(b64.decode(secret["data"]["tls.crt"].as_str().unwrap()).unwrap()).unwrap();
+    assert!(root.starts_with("-----BEGIN CERTIFICATE-----"));
+    assert_eq!(std::fs::read_to_string(state.join("ca.crt")).unwrap(), root);
+    tokio::task::block_in_place(|| {
+        wait_until("the ferry-ca-root ConfigMap and the webhook caBundle", Duration::from_secs(20), || {
+            let cm = api.get(CONFIGMAPS, "shop", "ferry-ca-root");
+            let hook = api.get(WEBHOOKS, "", "ferry-injector").unwrap();
+            cm.is_some_and(|c| c["data"]["root.pem"] == root.as_str())
+                && hook["webhooks"][0]["clientConfig"]["caBundle"]
+                    .as_str()
+                    .is_some_and(|b| b64.decode(b).unwrap() == root.as_bytes())
+        })
+    });
+
+    // A proxy with web-1's projected token gets its certificate (TokenReview, matched to the pod) and its config.
+    let token = dir.path().join("token");
+    std::fs::write(&token, "token-web-1").unwrap();
+    let env = [
+        ("FERRY_CONTROL_ADDR", xds.to_string()),
+        ("FERRY_CA_ROOT", state.join("ca.crt").display().to_string()),
+        ("FERRY_SERVICE_ACCOUNT_TOKEN", token.display().to_string()),
+        ("FERRY_NODE_ID", "web-1.shop".into()),
+        ("FERRY_NAMESPACE", "shop".into()),
+    ];
+    let env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let web = tokio::task::block_in_place(|| Ferry::start(None, &env_refs));
+    let reviews = api.reviews();
+    assert_eq!(reviews[0]["spec"], json!({"token": "token-web-1", "audiences": ["ferry.dev"]}), "{reviews:?}");
+    let status: Value = serde_json::from_str(&http_get(cp.metrics, "/status").unwrap().1).unwrap();
+    assert_eq!(status["proxies"][0]["identity"], "spiffe://cluster.local/ns/shop/sa/web", "{status}");
+    let services = proxy_services(&web);
+    let (endpoints, addresses) = &services["api"];
+    assert_eq!(endpoints, &vec![json!({"address": "10.1.0.5", "identity": "api"})]);
+    assert!(
+        addresses.contains(&json!("10.96.0.20")) && addresses.contains(&json!("api.shop.svc.cluster.local")),
+        "{addresses:?}"
+    );
+
+    let wait = |what: &str, f: &mut dyn FnMut() -> bool| {
+        tokio::task::block_in_place(|| wait_until(what, Duration::from_secs(20), f));
+    };
+    // MODIFIED: a second endpoint; a BOOKMARK changes nothing; DELETED: the Service goes.
+    api.apply(PODS, pod("api-2", "api", "10.1.0.6"));
+    api.apply(SLICES, slice("api", &[("10.1.0.5", "api-1"), ("10.1.0.6", "api-2")]));
+    wait("the new endpoint reaches the proxy", &mut || proxy_services(&web)["api"].0.len() == 2);
+    api.bookmark(SERVICES);
+    api.bookmark(SLICES);
+    api.apply(SERVICES, kube_service("cart", "10.96.0.30"));
+    wait("cart arrives after the bookmarks", &mut || proxy_services(&web).contains_key("cart"));
+    assert_eq!(proxy_services(&web)["api"].0.len(), 2);
+    api.delete(SERVICES, "shop", "cart");
+    wait("the deleted Service leaves the proxy", &mut || !proxy_services(&web).contains_key("cart"));
+
+    // 410 Gone: what changed while the watch was down arrives with the relist.
+    api.apply_silently(SERVICES, kube_service("orders", "10.96.0.40"));
+    api.expire_watches(SERVICES);
+    wait("the relist after 410 Gone brings orders", &mut || proxy_services(&web).contains_key("orders"));
+    assert!(api.lists(SERVICES) >= 2, "services listed again");
+
+    // Policies: an invalid one is refused in its status (and not served), fixed it is Accepted and served.
+    let mut policy = json!({"metadata": {"name": "orders", "namespace": "shop", "generation": 1,
+                                          "creationTimestamp": "2026-12-01T00:00:00Z"},
+                            "spec": {"targetRef": {"kind": "Service", "name": "orders"}, "timeout": "1s",
+                                     "retries": {"attempts": 2, "perTryTimeout": "3s"}}});
+    api.apply(TRAFFIC, policy.clone());
+    let condition = |api: &ApiServer| api.get(TRAFFIC, "shop", "orders").map(|p| p["status"]["conditions"][0].clone());
+    wait("the Accepted=False condition", &mut || condition(&api).is_some_and(|c| c["status"] == "False"));
+    let c = condition(&api).unwrap();
+    assert_eq!(
+        (c["type"].as_str(), c["reason"].as_str(), c["observedGeneration"].as_i64()),
+        (Some("Accepted"), Some("Invalid"), Some(1))
+    );
+    assert!(
+        c["message"].as_str().unwrap().contains("spec.retries.perTryTimeout: 3s is longer than spec.timeout 1s"),
+        "{c}"
+    );
+    assert!(proxy_policies(&web).is_empty(), "nothing invalid reaches a proxy");
+    policy["metadata"]["generation"] = json!(2);
+    policy["spec"]["retries"]["perTryTimeout"] = json!("500ms");
+    api.apply(TRAFFIC, policy);
+    wait("the Accepted=True condition", &mut || condition(&api).is_some_and(|c| c["status"] == "True"));
+    assert_eq!(condition(&api).unwrap()["observedGeneration"], 2);
+    wait("the accepted policy reaches the proxy", &mut || !proxy_policies(&web).is_empty());
+
+    // A token bound to a pod that does not exist gets no certificate.
+    std::fs::write(&token, "token-ghost").unwrap();
+    let ghost = Ferry::spawn(None, &env_refs);
+    wait("the ghost's certificate request is refused", &mut || {
+        cp.metric("ferry_control_certificate_requests_refused_total{reason=\"no-pod\"}") >= 1.0
+    });
+    assert_ne!(http_get(ghost.health, "/health/startup").map(|r| r.0), Some(200), "no identity, not started");
+    assert!(cp.logs().contains("pod shop/ghost-1 does not exist"), "{}", cp.logs());
+    drop(web);
 }

@@ -81,7 +81,7 @@ impl ControlMetrics {
         );
         let certificates_refused = counter(
             "ferry_control_certificate_requests_refused_total",
-            "Certificate requests refused, by reason (missing, malformed, unknown, expired, revoked token; bad-request).",
+            "Certificate requests refused, by reason (missing, malformed, unknown, expired, revoked token; bad-request; Kubernetes: unauthenticated, audience, not-a-service-account, unbound, no-pod, mismatch, unavailable).",
             "reason",
         );
         let ca_root_expiry = prometheus::IntGaugeVec::new(

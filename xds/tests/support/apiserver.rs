@@ -1,0 +1,369 @@
+//! A local HTTP server speaking the Kubernetes API's JSON, for tests (no API server exists here): lists with a
+//! resourceVersion, watches as streamed newline-delimited events (ADDED, MODIFIED, DELETED, BOOKMARK, and an ERROR
+//! `410 Gone` that makes clients list again), TokenReviews answered from a table, and the writes the control plane
+//! makes (Secrets, ConfigMaps, status patches, the webhook's caBundle), recorded for assertions.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+type Body = BoxBody<Bytes, Infallible>;
+
+/// A collection the fake serves: its list path (all namespaces), API version, kind, and plural.
+#[derive(Clone, Copy)]
+pub struct Kind {
+    pub group_version: &'static str,
+    pub kind: &'static str,
+    pub plural: &'static str,
+}
+
+pub const SERVICES: Kind = Kind { group_version: "v1", kind: "Service", plural: "services" };
+pub const PODS: Kind = Kind { group_version: "v1", kind: "Pod", plural: "pods" };
+pub const NAMESPACES: Kind = Kind { group_version: "v1", kind: "Namespace", plural: "namespaces" };
+pub const SLICES: Kind = Kind { group_version: "discovery.k8s.io/v1", kind: "EndpointSlice", plural: "endpointslices" };
+pub const TRAFFIC: Kind =
+    Kind { group_version: "ferry.dev/v1alpha1", kind: "TrafficPolicy", plural: "trafficpolicies" };
+pub const AUTHZ: Kind =
+    Kind { group_version: "ferry.dev/v1alpha1", kind: "AuthorizationPolicy", plural: "authorizationpolicies" };
+pub const SECRETS: Kind = Kind { group_version: "v1", kind: "Secret", plural: "secrets" };
+pub const CONFIGMAPS: Kind = Kind { group_version: "v1", kind: "ConfigMap", plural: "configmaps" };
+pub const WEBHOOKS: Kind = Kind {
+    group_version: "admissionregistration.k8s.io/v1",
+    kind: "MutatingWebhookConfiguration",
+    plural: "mutatingwebhookconfigurations",
+};
+const KINDS: [Kind; 9] = [SERVICES, PODS, NAMESPACES, SLICES, TRAFFIC, AUTHZ, SECRETS, CONFIGMAPS, WEBHOOKS];
+
+impl Kind {
+    fn prefix(&self) -> String {
+        if self.group_version == "v1" { "/api/v1".into() } else { format!("/apis/{}", self.group_version) }
+    }
+}
+
+#[derive(Default)]
+struct State {
+    version: u64,
+    /// plural → (namespace, name) → object.
+    objects: BTreeMap<&'static str, BTreeMap<(String, String), Value>>,
+    watchers: BTreeMap<&'static str, Vec<mpsc::UnboundedSender<Bytes>>>,
+    /// token → the TokenReview status to answer.
+    tokens: BTreeMap<String, Value>,
+    /// Every request that was not a read: (method, path, body).
+    writes: Vec<(String, String, Value)>,
+    /// Every TokenReview request body.
+    reviews: Vec<Value>,
+    /// How many lists each collection has served (a relist after 410 shows here).
+    lists: BTreeMap<&'static str, usize>,
+}
+
+/// The fake API server; stops with the test process.
+#[derive(Clone)]
+pub struct ApiServer {
+    pub addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+}
+
+fn key(obj: &Value) -> (String, String) {
+    let meta = &obj["metadata"];
+    (meta["namespace"].as_str().unwrap_or_default().to_string(), meta["name"].as_str().unwrap_or_default().to_string())
+}
+
+fn status(code: u16, reason: &str, message: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Status", "metadata": {}, "status": "Failure", "message": message,
+           "reason": reason, "code": code})
+}
+
+fn line(value: &Value) -> Bytes {
+    let mut text = serde_json::to_vec(value).unwrap();
+    text.push(b'\n');
+    Bytes::from(text)
+}
+
+impl ApiServer {
+    pub async fn start() -> ApiServer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server = ApiServer { addr: listener.local_addr().unwrap(), state: Arc::default() };
+        let this = server.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else { continue };
+                let this = this.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| {
+                        let this = this.clone();
+                        async move { Ok::<_, Infallible>(this.handle(req).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc).await;
+                });
+            }
+        });
+        server
+    }
+
+    /// A kubeconfig for this server (plain HTTP, a bearer token nobody checks).
+    pub fn kubeconfig(&self, dir: &std::path::Path) -> std::path::PathBuf {
+        let path = dir.join("kubeconfig");
+        let text = format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: test\nclusters:\n- name: test\n  cluster: {{server: \"http://{}\"}}\ncontexts:\n- name: test\n  context: {{cluster: test, user: test}}\nusers:\n- name: test\n  user: {{token: test-token}}\n",
+            self.addr
+        );
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// Creates or replaces an object (a new resourceVersion) and tells the watchers (ADDED or MODIFIED).
+    pub fn apply(&self, kind: Kind, mut obj: Value) {
+        let mut s = self.state.lock().unwrap();
+        s.version += 1;
+        obj["apiVersion"] = json!(kind.group_version);
+        obj["kind"] = json!(kind.kind);
+        obj["metadata"]["resourceVersion"] = json!(s.version.to_string());
+        let k = key(&obj);
+        let existed = s.objects.entry(kind.plural).or_default().insert(k, obj.clone()).is_some();
+        let event = json!({"type": if existed { "MODIFIED" } else { "ADDED" }, "object": obj});
+        Self::send(&mut s, kind.plural, line(&event));
+    }
+
+    /// Deletes an object and tells the watchers (DELETED, with the object's last state).
+    pub fn delete(&self, kind: Kind, namespace: &str, name: &str) {
+        let mut s = self.state.lock().unwrap();
+        s.version += 1;
+        let removed = s.objects.entry(kind.plural).or_default().remove(&(namespace.to_string(), name.to_string()));
+        if let Some(mut obj) = removed {
+            obj["metadata"]["resourceVersion"] = json!(s.version.to_string());
+            Self::send(&mut s, kind.plural, line(&json!({"type": "DELETED", "object": obj})));
+        }
+    }
+
+    /// A BOOKMARK event: only the resourceVersion moves on.
+    pub fn bookmark(&self, kind: Kind) {
+        let mut s = self.state.lock().unwrap();
+        s.version += 1;
+        let object = json!({"apiVersion": kind.group_version, "kind": kind.kind,
+                            "metadata": {"resourceVersion": s.version.to_string()}});
+        Self::send(&mut s, kind.plural, line(&json!({"type": "BOOKMARK", "object": object})));
+    }
+
+    /// Ends every watch of `kind` with `410 Gone` (the resourceVersion is too old): clients must list again.
+    pub fn expire_watches(&self, kind: Kind) {
+        let mut s = self.state.lock().unwrap();
+        let gone = status(410, "Expired", "too old resource version");
+        Self::send(&mut s, kind.plural, line(&json!({"type": "ERROR", "object": gone})));
+        s.watchers.remove(kind.plural);
+    }
+
+    /// Changes an object without telling anyone (what a client misses while its watch is down).
+    pub fn apply_silently(&self, kind: Kind, mut obj: Value) {
+        let mut s = self.state.lock().unwrap();
+        s.version += 1;
+        obj["apiVersion"] = json!(kind.group_version);
+        obj["kind"] = json!(kind.kind);
+        obj["metadata"]["resourceVersion"] = json!(s.version.to_string());
+        let k = key(&obj);
+        s.objects.entry(kind.plural).or_default().insert(k, obj);
+    }
+
+    #[allow(dead_code)]
+    pub fn watchers(&self, kind: Kind) -> usize {
+        self.state.lock().unwrap().watchers.get(kind.plural).map_or(0, |w| w.iter().filter(|t| !t.is_closed()).count())
+    }
+
+    pub fn lists(&self, kind: Kind) -> usize {
+        self.state.lock().unwrap().lists.get(kind.plural).copied().unwrap_or(0)
+    }
+
+    /// What a TokenReview of `token` answers.
+    pub fn token(&self, token: &str, status: Value) {
+        self.state.lock().unwrap().tokens.insert(token.into(), status);
+    }
+
+    pub fn reviews(&self) -> Vec<Value> {
+        self.state.lock().unwrap().reviews.clone()
+    }
+
+    #[allow(dead_code)]
+    pub fn writes(&self) -> Vec<(String, String, Value)> {
+        self.state.lock().unwrap().writes.clone()
+    }
+
+    pub fn get(&self, kind: Kind, namespace: &str, name: &str) -> Option<Value> {
+        self.state.lock().unwrap().objects.get(kind.plural)?.get(&(namespace.to_string(), name.to_string())).cloned()
+    }
+
+    fn send(s: &mut State, plural: &'static str, event: Bytes) {
+        if let Some(watchers) = s.watchers.get_mut(plural) {
+            watchers.retain(|w| w.send(event.clone()).is_ok());
+        }
+    }
+
+    async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+        let (method, path, query) =
+            (req.method().clone(), req.uri().path().to_string(), req.uri().query().unwrap_or("").to_string());
+        let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        if method != Method::GET {
+            self.state.lock().unwrap().writes.push((method.to_string(), path.clone(), body.clone()));
+        }
+        if method == Method::POST && path == "/apis/authentication.k8s.io/v1/tokenreviews" {
+            let token = body["spec"]["token"].as_str().unwrap_or_default().to_string();
+            let mut s = self.state.lock().unwrap();
+            s.reviews.push(body.clone());
+            let answer = s
+                .tokens
+                .get(&token)
+                .cloned()
+                .unwrap_or(json!({"authenticated": false, "error": "invalid bearer token"}));
+            let mut review = body;
+            review["status"] = answer;
+            return json_reply(StatusCode::CREATED, &review);
+        }
+        // /namespaces/<ns>/<plural>[/<name>[/status]] first, then /<plural>[/<name>[/status]] (all namespaces, or
+        // cluster-scoped objects).
+        for namespaced in [true, false] {
+            for kind in KINDS {
+                let Some(rest) = path.strip_prefix(&kind.prefix()) else { continue };
+                let parts: Vec<&str> = rest.trim_start_matches('/').split('/').collect();
+                let (namespace, tail): (String, &[&str]) = match (namespaced, parts.as_slice()) {
+                    (true, ["namespaces", ns, plural, tail @ ..]) if *plural == kind.plural => (ns.to_string(), tail),
+                    (false, [plural, tail @ ..]) if *plural == kind.plural && tail.len() <= 2 => (String::new(), tail),
+                    _ => continue,
+                };
+                return self.collection(kind, &method, &namespace, tail, &query, body);
+            }
+        }
+        json_reply(
+            StatusCode::NOT_FOUND,
+            &status(404, "NotFound", &format!("{method} {path}: not served by this fake")),
+        )
+    }
+
+    fn collection(
+        &self,
+        kind: Kind,
+        method: &Method,
+        ns: &str,
+        tail: &[&str],
+        query: &str,
+        body: Value,
+    ) -> Response<Body> {
+        let watch = query.split('&').any(|p| p == "watch=true" || p == "watch=1");
+        let name = tail.first().copied();
+        let mut s = self.state.lock().unwrap();
+        match (method, name) {
+            (&Method::GET, None) if watch => {
+                let (tx, rx) = mpsc::unbounded_channel::<Bytes>();
+                s.watchers.entry(kind.plural).or_default().push(tx);
+                use futures_util::StreamExt;
+                let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(rx).map(|b| Ok(Frame::data(b)));
+                let body = StreamBody::new(stream);
+                Response::builder().header("content-type", "application/json").body(BodyExt::boxed(body)).unwrap()
+            }
+            (&Method::GET, None) => {
+                *s.lists.entry(kind.plural).or_default() += 1;
+                let items: Vec<Value> = s
+                    .objects
+                    .get(kind.plural)
+                    .map(|m| m.iter().filter(|((n, _), _)| ns.is_empty() || n == ns).map(|(_, v)| v.clone()).collect())
+                    .unwrap_or_default();
+                let list = json!({"apiVersion": kind.group_version, "kind": format!("{}List", kind.kind),
+                                  "metadata": {"resourceVersion": s.version.to_string()}, "items": items});
+                json_reply(StatusCode::OK, &list)
+            }
+            (&Method::GET, Some(name)) => {
+                match s.objects.get(kind.plural).and_then(|m| m.get(&(ns.to_string(), name.to_string()))) {
+                    Some(obj) => json_reply(StatusCode::OK, obj),
+                    None => json_reply(
+                        StatusCode::NOT_FOUND,
+                        &status(404, "NotFound", &format!("{} \"{name}\" not found", kind.plural)),
+                    ),
+                }
+            }
+            (&Method::POST, None) => {
+                let mut obj = body;
+                if !ns.is_empty() {
+                    obj["metadata"]["namespace"] = json!(ns);
+                }
+                let k = key(&obj);
+                if s.objects.get(kind.plural).is_some_and(|m| m.contains_key(&k)) {
+                    return json_reply(
+                        StatusCode::CONFLICT,
+                        &status(409, "AlreadyExists", &format!("{} \"{}\" already exists", kind.plural, k.1)),
+                    );
+                }
+                drop(s);
+                self.apply(kind, obj);
+                let stored = self.get(kind, &k.0, &k.1).unwrap();
+                json_reply(StatusCode::CREATED, &stored)
+            }
+            (&Method::PUT, Some(_)) => {
+                drop(s);
+                let mut obj = body;
+                if !ns.is_empty() {
+                    obj["metadata"]["namespace"] = json!(ns);
+                }
+                let k = key(&obj);
+                self.apply(kind, obj);
+                json_reply(StatusCode::OK, &self.get(kind, &k.0, &k.1).unwrap())
+            }
+            (&Method::PATCH, Some(name)) => {
+                let Some(mut obj) =
+                    s.objects.get(kind.plural).and_then(|m| m.get(&(ns.to_string(), name.to_string()))).cloned()
+                else {
+                    return json_reply(StatusCode::NOT_FOUND, &status(404, "NotFound", "not found"));
+                };
+                drop(s);
+                match &body {
+                    // A JSON patch: the `add`/`replace` operations the control plane sends.
+                    Value::Array(ops) => {
+                        for op in ops {
+                            let path = op["path"].as_str().unwrap_or_default();
+                            let (parent, leaf) = path.rsplit_once('/').unwrap_or(("", path));
+                            if let Some(Value::Object(parent)) = obj.pointer_mut(parent) {
+                                parent.insert(leaf.to_string(), op["value"].clone());
+                            }
+                        }
+                    }
+                    patch => merge(&mut obj, patch),
+                }
+                self.apply(kind, obj.clone());
+                json_reply(StatusCode::OK, &self.get(kind, ns, name).unwrap())
+            }
+            _ => {
+                json_reply(StatusCode::METHOD_NOT_ALLOWED, &status(405, "MethodNotAllowed", "not served by this fake"))
+            }
+        }
+    }
+}
+
+/// RFC 7386 merge patch.
+fn merge(target: &mut Value, patch: &Value) {
+    match (target, patch) {
+        (Value::Object(t), Value::Object(p)) => {
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else {
+                    merge(t.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        (t, p) => *t = p.clone(),
+    }
+}
+
+fn json_reply(status: StatusCode, value: &Value) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(BodyExt::boxed(Full::new(Bytes::from(serde_json::to_vec(value).unwrap()))))
+        .unwrap()
+}
