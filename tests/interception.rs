@@ -28,10 +28,27 @@ fn client_config() -> String {
     out
 }
 
-/// `ferry init` (with `init_args`) then `ferry run` as UID 1337 inside `ns`, waiting until it is ready.
-fn start_sidecar(ns: &NetNs, dir: &TempDir, name: &str, config: &str, init_args: &[&str], service: &str) {
-    let mut args = vec!["init"];
-    args.extend_from_slice(init_args);
+/// The `ferry init` arguments injection writes into the `ferry-init` container of a pod with these annotations
+/// (`ferryctl inject`'s transformation itself, on a Pod).
+fn injected_init_args(annotations: &[(&str, &str)]) -> Vec<String> {
+    let notes: serde_json::Map<String, serde_json::Value> =
+        annotations.iter().map(|(k, v)| (k.to_string(), serde_json::Value::from(*v))).collect();
+    let pod = serde_json::json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "app", "namespace": "default", "annotations": notes},
+        "spec": {"containers": [{"name": "app", "image": "app"}]}});
+    let settings = ferry_xds::kubernetes::inject::Settings::default();
+    let (out, _) = ferry_xds::kubernetes::inject::inject_yaml(&pod.to_string(), &settings).unwrap();
+    let pod: serde_json::Value = serde_saphyr::from_str(&out).unwrap();
+    let init = &pod["spec"]["initContainers"][0];
+    assert_eq!(init["name"], "ferry-init");
+    init["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap().to_string()).collect()
+}
+
+/// `ferry init` (exactly as injected for a pod with `annotations`) then `ferry run` as UID 1337 inside `ns`, waiting
+/// until it is ready.
+fn start_sidecar(ns: &NetNs, dir: &TempDir, name: &str, config: &str, annotations: &[(&str, &str)], service: &str) {
+    let args = injected_init_args(annotations);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     ns.must(FERRY, &args);
     let config_path = dir.path().join(format!("{name}.yaml"));
     std::fs::write(&config_path, config).unwrap();
@@ -105,8 +122,9 @@ fn transparent_interception_between_two_namespaces() {
     let dir = TempDir::new("interception");
     let _apps = pair.server.background(server_apps);
     // Port 9001 is excluded on both sides: it must bypass both proxies.
-    start_sidecar(&pair.server, &dir, "server", "", &["--exclude-inbound-ports", "9001"], "web");
-    start_sidecar(&pair.client, &dir, "client", &client_config(), &["--exclude-outbound-ports", "9001"], "client");
+    start_sidecar(&pair.server, &dir, "server", "", &[("ferry.dev/skip-inbound-ports", "9001")], "web");
+    let client_notes = [("ferry.dev/skip-outbound-ports", "9001")];
+    start_sidecar(&pair.client, &dir, "client", &client_config(), &client_notes, "client");
 
     // Outbound and inbound HTTP with an unmodified client (curl), over IPv4 and IPv6.
     for url in [format!("http://{SERVER_V4}:8080/page"), format!("http://[{SERVER_V6}]:8080/page6")] {
