@@ -15,7 +15,9 @@ mod support;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use apiserver::{AUTHZ, ApiServer, CONFIGMAPS, NAMESPACES, PODS, SECRETS, SERVICES, SLICES, TRAFFIC, WEBHOOKS};
+use apiserver::{
+    AUTHZ, ApiServer, CONFIGMAPS, CRDS, DEPLOYMENTS, NAMESPACES, PODS, SECRETS, SERVICES, SLICES, TRAFFIC, WEBHOOKS,
+};
 use control::{ControlPlane, free_addr, state_dir};
 use ferry_xds::kubernetes::inject;
 use mesh::{proxy, service};
@@ -290,6 +292,89 @@ async fn kubernetes_discovery_and_identity_through_the_api_server() {
     wait("the Accepted=True condition", &mut || condition(&api).is_some_and(|c| c["status"] == "True"));
     assert_eq!(condition(&api).unwrap()["observedGeneration"], 2);
     wait("the accepted policy reaches the proxy", &mut || !proxy_policies(&web).is_empty());
+
+    // ferryctl in Kubernetes mode, through the same API server: the CRDs and the control plane installed (its
+    // replica's /status reached through the pod proxy).
+    for crd in ["trafficpolicies", "authorizationpolicies"] {
+        let text = std::fs::read_to_string(format!("{}/deploy/crds/{crd}.ferry.dev.yaml", env!("CARGO_MANIFEST_DIR")))
+            .unwrap();
+        api.apply(CRDS, serde_saphyr::from_str(&text).unwrap());
+    }
+    let labels = json!({"app.kubernetes.io/name": "ferry-control"});
+    api.apply(DEPLOYMENTS, json!({"metadata": {"name": "ferry-control", "namespace": "ferry-system"},
+        "spec": {"replicas": 1, "selector": {"matchLabels": labels},
+                 "template": {"metadata": {"labels": labels}, "spec": {"containers": [{"name": "ferry-control", "image": "control"}]}}},
+        "status": {"replicas": 1, "readyReplicas": 1}}));
+    api.apply(
+        PODS,
+        json!({"metadata": {"name": "ferry-control-0", "namespace": "ferry-system", "uid": "uid-cp", "labels": labels},
+        "spec": {"containers": [{"name": "ferry-control", "image": "control"}]}, "status": {"phase": "Running"}}),
+    );
+    api.proxy_pod("ferry-system", "ferry-control-0", cp.metrics);
+    let kubeconfig = api.kubeconfig(dir.path());
+    let ctl = |args: &[&str]| {
+        let out = Command::new(control::ctl_bin())
+            .arg("--kubernetes")
+            .args(args)
+            .env("KUBECONFIG", &kubeconfig)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // The api pods are meshed and running but have no proxy here: check says so, with a hint, and fails.
+    let (ok, out, err) = tokio::task::block_in_place(|| ctl(&["check"]));
+    assert!(!ok, "{out}{err}");
+    for line in [
+        "\u{2714} Kubernetes API server reachable (v1.33)",
+        "\u{2714} CRD trafficpolicies.ferry.dev installed",
+        "\u{2714} CRD authorizationpolicies.ferry.dev installed",
+        "\u{2714} control plane ready (1/1 replicas of ferry-system/ferry-control)",
+        "\u{2714} injector webhook ferry-injector configured with the mesh root",
+        "\u{2714} proxy web-1.shop (spiffe://cluster.local/ns/shop/sa/web) in sync",
+        "\u{2718} 2 meshed pod(s) not connected to the control plane: api-1.shop, api-2.shop",
+        "    hint: kubectl logs <pod> -c ferry-proxy",
+    ] {
+        assert!(out.contains(line), "missing `{line}` in:\n{out}");
+    }
+    assert!(out.contains("\u{2714} mesh root (ferry-system/ferry-ca) valid for 36"), "{out}");
+    api.delete(PODS, "shop", "api-1");
+    api.delete(PODS, "shop", "api-2");
+    let (ok, out, err) = tokio::task::block_in_place(|| ctl(&["check"]));
+    assert!(ok, "{out}{err}");
+    assert!(out.lines().filter(|l| !l.starts_with("all ")).all(|l| l.starts_with('\u{2714}')), "{out}");
+    assert!(out.contains("\u{2714} every running meshed pod's proxy connected (1)"), "{out}");
+    // A stale CRD is noticed.
+    let mut crd = api.get(CRDS, "", "trafficpolicies.ferry.dev").unwrap();
+    crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["description"] = json!("an older release");
+    api.apply(CRDS, crd);
+    let (ok, out, _) = tokio::task::block_in_place(|| ctl(&["check"]));
+    assert!(!ok && out.contains("\u{2718} CRD trafficpolicies.ferry.dev installed but not this version's"), "{out}");
+
+    // ferryctl apply writes the CRD object (server-side apply) after the control plane's own checks.
+    let file = dir.path().join("authz.yaml");
+    std::fs::write(&file, "apiVersion: ferry.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: orders, namespace: shop}\nspec: {targetRef: {kind: Service, name: orders}, defaultAction: deny, allow: [{from: {namespaces: [shop]}}]}\n").unwrap();
+    let (ok, out, err) = tokio::task::block_in_place(|| ctl(&["apply", "-f", file.to_str().unwrap()]));
+    assert!(ok, "{out}{err}");
+    assert!(out.starts_with("authorizationpolicy.ferry.dev/orders serverside-applied"), "{out}");
+    assert_eq!(api.get(AUTHZ, "shop", "orders").unwrap()["spec"]["defaultAction"], "deny");
+    wait("the applied AuthorizationPolicy is accepted", &mut || {
+        api.get(AUTHZ, "shop", "orders").is_some_and(|p| p["status"]["conditions"][0]["status"] == "True")
+    });
+    std::fs::write(&file, "apiVersion: ferry.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: cart, namespace: shop}\nspec: {targetRef: {kind: Service, name: cart}, retries: {attempts: 11}}\n").unwrap();
+    let (ok, _, err) = tokio::task::block_in_place(|| ctl(&["apply", "-f", file.to_str().unwrap()]));
+    assert!(!ok && err.contains("spec.retries.attempts: must be 0-10"), "{err}");
+    assert!(api.get(TRAFFIC, "shop", "cart").is_none(), "nothing invalid is written");
+    let (ok, out, err) = tokio::task::block_in_place(|| ctl(&["status", "-o", "json"]));
+    assert!(ok, "{err}");
+    let status: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (status["proxies"][0]["node"].as_str(), status["proxies"][0]["controlPlane"].as_str()),
+        (Some("web-1.shop"), Some("ferry-control-0"))
+    );
 
     // A token bound to a pod that does not exist gets no certificate.
     std::fs::write(&token, "token-ghost").unwrap();

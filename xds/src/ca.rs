@@ -272,6 +272,11 @@ pub enum RotationError {
     Refused(String),
 }
 
+/// The expiry (Unix seconds) of the first certificate of a PEM bundle; `None` when there is none.
+pub fn root_expiry(pem: &str) -> Option<i64> {
+    Some(describe(pem)).filter(|(subject, _)| subject != "unparsable").map(|(_, not_after)| not_after)
+}
+
 /// Subject CN and expiry (Unix seconds) of a PEM certificate.
 fn describe(pem: &str) -> (String, i64) {
     let der = crate::identity::pem_certificates(pem).ok().and_then(|mut d| (!d.is_empty()).then(|| d.remove(0)));

@@ -20,6 +20,13 @@ use hyper_util::rt::TokioIo;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Kubernetes mode: apply/delete write the policy CRDs through the API server with your kubeconfig; status and
+    /// check read the cluster and the control plane's replicas there. No admin token.
+    #[arg(long, global = true, env = "FERRYCTL_KUBERNETES")]
+    kubernetes: bool,
+    /// Kubernetes mode: the control plane's namespace.
+    #[arg(long, global = true, env = "FERRY_CONTROL_NAMESPACE", default_value = "ferry-system")]
+    control_namespace: String,
 }
 
 #[derive(Subcommand)]
@@ -190,7 +197,12 @@ enum Output {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    match runtime.block_on(run(cli.command)) {
+    let result = if cli.kubernetes {
+        runtime.block_on(run_kubernetes(cli.command, &cli.control_namespace))
+    } else {
+        runtime.block_on(run(cli.command))
+    };
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ferryctl: error: {e:#}");
@@ -220,6 +232,63 @@ fn read_input(file: &str) -> anyhow::Result<String> {
         return Ok(texts?.join("\n---\n"));
     }
     std::fs::read_to_string(path).with_context(|| format!("reading {file}"))
+}
+
+/// The commands that reach a cluster in Kubernetes mode; the offline ones (inject, validate, crds) run as usual.
+async fn run_kubernetes(command: Command, namespace: &str) -> anyhow::Result<()> {
+    use ferry_xds::kubernetes::ctl;
+    match command {
+        Command::Apply { file, dry_run } => {
+            // The control plane's own rules first (the CRD schema holds most, not all, of them).
+            let docs = parse_documents(&read_input(&file)?).map_err(|e| anyhow::anyhow!("{e}"))?;
+            for line in ctl::apply(&ctl::client().await?, &docs, dry_run).await? {
+                println!("{line}");
+            }
+            Ok(())
+        }
+        Command::Delete { kind, name, namespace: ns } => {
+            let Some(kind) = canonical_kind(&kind) else {
+                bail!("unknown kind `{kind}` (TrafficPolicy, AuthorizationPolicy)")
+            };
+            ctl::delete(&ctl::client().await?, kind, &ns, &name).await?;
+            println!("{}.ferry.dev/{name} deleted", kind.to_ascii_lowercase());
+            Ok(())
+        }
+        Command::Status { output } => {
+            let reply = ctl::status(&ctl::client().await?, namespace).await?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&reply)?),
+                Output::Yaml => print!("{}", serde_saphyr::to_string(&reply)?),
+                Output::Table => print_status(&reply),
+            }
+            Ok(())
+        }
+        Command::Check { horizon, leaf_horizon } => {
+            let client = ctl::client().await?;
+            // As in local mode: a quarter of the default 24 h lifetime (a healthy proxy renews at half).
+            let leaf = Some(leaf_horizon.map_or(6 * 3600, |h| h.as_secs() as i64));
+            let checks = ctl::check(&client, namespace, horizon.as_secs() as i64, leaf).await;
+            for c in &checks {
+                println!("{} {}", if c.ok { "\u{2714}" } else { "\u{2718}" }, c.what);
+                if let Some(hint) = &c.hint {
+                    println!("    hint: {hint}");
+                }
+            }
+            let failed = checks.iter().filter(|c| !c.ok).count();
+            if failed > 0 {
+                bail!("{failed} of {} checks failed", checks.len());
+            }
+            println!("all {} checks passed", checks.len());
+            Ok(())
+        }
+        Command::Get { .. } => bail!(
+            "in Kubernetes mode: kubectl get trafficpolicies,authorizationpolicies -A (the ACCEPTED column is the control plane's verdict)"
+        ),
+        Command::Token(_) | Command::Ca(_) => bail!(
+            "join tokens and CA rotation are local mode only (Kubernetes mode: ServiceAccount tokens, the root in the Secret ferry-ca)"
+        ),
+        other => run(other).await,
+    }
 }
 
 async fn run(command: Command) -> anyhow::Result<()> {

@@ -2,6 +2,7 @@
 
 pub mod cluster;
 pub mod crd;
+pub mod ctl;
 pub mod discovery;
 pub mod inject;
 pub mod webhook;

@@ -41,7 +41,14 @@ pub const WEBHOOKS: Kind = Kind {
     kind: "MutatingWebhookConfiguration",
     plural: "mutatingwebhookconfigurations",
 };
-const KINDS: [Kind; 9] = [SERVICES, PODS, NAMESPACES, SLICES, TRAFFIC, AUTHZ, SECRETS, CONFIGMAPS, WEBHOOKS];
+pub const CRDS: Kind = Kind {
+    group_version: "apiextensions.k8s.io/v1",
+    kind: "CustomResourceDefinition",
+    plural: "customresourcedefinitions",
+};
+pub const DEPLOYMENTS: Kind = Kind { group_version: "apps/v1", kind: "Deployment", plural: "deployments" };
+const KINDS: [Kind; 11] =
+    [SERVICES, PODS, NAMESPACES, SLICES, TRAFFIC, AUTHZ, SECRETS, CONFIGMAPS, WEBHOOKS, CRDS, DEPLOYMENTS];
 
 impl Kind {
     fn prefix(&self) -> String {
@@ -61,6 +68,8 @@ struct State {
     writes: Vec<(String, String, Value)>,
     /// Every TokenReview request body.
     reviews: Vec<Value>,
+    /// `namespace/pod` → where its pod-proxy requests go (the API server's `pods/proxy` subresource).
+    pod_proxies: BTreeMap<String, SocketAddr>,
     /// How many lists each collection has served (a relist after 410 shows here).
     lists: BTreeMap<&'static str, usize>,
 }
@@ -181,6 +190,13 @@ impl ApiServer {
         self.state.lock().unwrap().lists.get(kind.plural).copied().unwrap_or(0)
     }
 
+    /// Requests to `/api/v1/namespaces/<namespace>/pods/<pod>:<port>/proxy/<path>` go to `addr` (the port named in
+    /// the path is the test's business).
+    #[allow(dead_code)]
+    pub fn proxy_pod(&self, namespace: &str, pod: &str, addr: SocketAddr) {
+        self.state.lock().unwrap().pod_proxies.insert(format!("{namespace}/{pod}"), addr);
+    }
+
     /// What a TokenReview of `token` answers.
     pub fn token(&self, token: &str, status: Value) {
         self.state.lock().unwrap().tokens.insert(token.into(), status);
@@ -212,6 +228,36 @@ impl ApiServer {
         let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
         if method != Method::GET {
             self.state.lock().unwrap().writes.push((method.to_string(), path.clone(), body.clone()));
+        }
+        if path == "/version" {
+            return json_reply(
+                StatusCode::OK,
+                &json!({"major": "1", "minor": "33", "gitVersion": "v1.33.0",
+                "gitCommit": "fake", "gitTreeState": "clean", "buildDate": "2026-01-01T00:00:00Z",
+                "goVersion": "go1.24", "compiler": "gc", "platform": "linux/amd64"}),
+            );
+        }
+        if let Some(rest) = path.strip_prefix("/api/v1/namespaces/")
+            && let [ns, "pods", pod, "proxy", tail @ ..] = rest.split('/').collect::<Vec<_>>().as_slice()
+        {
+            let pod = pod.split(':').next().unwrap_or_default();
+            let upstream = self.state.lock().unwrap().pod_proxies.get(&format!("{ns}/{pod}")).copied();
+            let Some(upstream) = upstream else {
+                return json_reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &status(503, "ServiceUnavailable", "no such pod endpoint"),
+                );
+            };
+            let target = format!("/{}", tail.join("/"));
+            let answer = tokio::task::spawn_blocking(move || forward_get(upstream, &target)).await.unwrap();
+            return match answer {
+                Some((code, body)) => {
+                    Response::builder().status(code).body(BodyExt::boxed(Full::new(Bytes::from(body)))).unwrap()
+                }
+                None => {
+                    json_reply(StatusCode::SERVICE_UNAVAILABLE, &status(503, "ServiceUnavailable", "pod unreachable"))
+                }
+            };
         }
         if method == Method::POST && path == "/apis/authentication.k8s.io/v1/tokenreviews" {
             let token = body["spec"]["token"].as_str().unwrap_or_default().to_string();
@@ -269,10 +315,29 @@ impl ApiServer {
             }
             (&Method::GET, None) => {
                 *s.lists.entry(kind.plural).or_default() += 1;
+                // Equality label selectors (`labelSelector=a%3Db,c%3Dd`).
+                let selector: Vec<(String, String)> = query
+                    .split('&')
+                    .filter_map(|p| p.strip_prefix("labelSelector="))
+                    .flat_map(|v| {
+                        let v = v.replace("%3D", "=").replace("%2F", "/").replace("%2C", ",");
+                        v.split(',')
+                            .filter_map(|kv| kv.split_once('='))
+                            .map(|(k, v)| (k.to_string(), v.to_string()))
+                            .collect::<Vec<_>>()
+                    })
+                    .collect();
+                let matches =
+                    |v: &Value| selector.iter().all(|(k, want)| v["metadata"]["labels"][k.as_str()] == want.as_str());
                 let items: Vec<Value> = s
                     .objects
                     .get(kind.plural)
-                    .map(|m| m.iter().filter(|((n, _), _)| ns.is_empty() || n == ns).map(|(_, v)| v.clone()).collect())
+                    .map(|m| {
+                        m.iter()
+                            .filter(|((n, _), v)| (ns.is_empty() || n == ns) && matches(v))
+                            .map(|(_, v)| v.clone())
+                            .collect()
+                    })
                     .unwrap_or_default();
                 let list = json!({"apiVersion": kind.group_version, "kind": format!("{}List", kind.kind),
                                   "metadata": {"resourceVersion": s.version.to_string()}, "items": items});
@@ -315,8 +380,10 @@ impl ApiServer {
                 json_reply(StatusCode::OK, &self.get(kind, &k.0, &k.1).unwrap())
             }
             (&Method::PATCH, Some(name)) => {
-                let Some(mut obj) =
-                    s.objects.get(kind.plural).and_then(|m| m.get(&(ns.to_string(), name.to_string()))).cloned()
+                let existing =
+                    s.objects.get(kind.plural).and_then(|m| m.get(&(ns.to_string(), name.to_string()))).cloned();
+                // A server-side apply of an object that does not exist creates it.
+                let Some(mut obj) = existing.or_else(|| query.contains("fieldManager=ferryctl").then(|| json!({})))
                 else {
                     return json_reply(StatusCode::NOT_FOUND, &status(404, "NotFound", "not found"));
                 };
@@ -342,6 +409,20 @@ impl ApiServer {
             }
         }
     }
+}
+
+/// A plain HTTP/1.0 GET to `addr`: (status, body).
+fn forward_get(addr: SocketAddr, path: &str) -> Option<(u16, Vec<u8>)> {
+    use std::io::{Read, Write};
+    let mut tcp = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5)).ok()?;
+    tcp.set_read_timeout(Some(std::time::Duration::from_secs(5))).ok()?;
+    write!(tcp, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut raw = Vec::new();
+    tcp.read_to_end(&mut raw).ok()?;
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let code = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((code, raw[split + 4..].to_vec()))
 }
 
 /// RFC 7386 merge patch.
