@@ -130,16 +130,22 @@ impl ApiServer {
     }
 
     /// Creates or replaces an object (a new resourceVersion) and tells the watchers (ADDED or MODIFIED).
-    pub fn apply(&self, kind: Kind, mut obj: Value) {
+    pub fn apply(&self, kind: Kind, obj: Value) {
         let mut s = self.state.lock().unwrap();
+        let (obj, existed) = Self::store(&mut s, kind, obj);
+        let event = json!({"type": if existed { "MODIFIED" } else { "ADDED" }, "object": obj});
+        Self::send(&mut s, kind.plural, line(&event));
+    }
+
+    /// Stores an object at a new resourceVersion: (the stored object, whether it replaced one).
+    fn store(s: &mut State, kind: Kind, mut obj: Value) -> (Value, bool) {
         s.version += 1;
         obj["apiVersion"] = json!(kind.group_version);
         obj["kind"] = json!(kind.kind);
         obj["metadata"]["resourceVersion"] = json!(s.version.to_string());
         let k = key(&obj);
         let existed = s.objects.entry(kind.plural).or_default().insert(k, obj.clone()).is_some();
-        let event = json!({"type": if existed { "MODIFIED" } else { "ADDED" }, "object": obj});
-        Self::send(&mut s, kind.plural, line(&event));
+        (obj, existed)
     }
 
     /// Deletes an object and tells the watchers (DELETED, with the object's last state).
@@ -171,14 +177,8 @@ impl ApiServer {
     }
 
     /// Changes an object without telling anyone (what a client misses while its watch is down).
-    pub fn apply_silently(&self, kind: Kind, mut obj: Value) {
-        let mut s = self.state.lock().unwrap();
-        s.version += 1;
-        obj["apiVersion"] = json!(kind.group_version);
-        obj["kind"] = json!(kind.kind);
-        obj["metadata"]["resourceVersion"] = json!(s.version.to_string());
-        let k = key(&obj);
-        s.objects.entry(kind.plural).or_default().insert(k, obj);
+    pub fn apply_silently(&self, kind: Kind, obj: Value) {
+        Self::store(&mut self.state.lock().unwrap(), kind, obj);
     }
 
     #[allow(dead_code)]

@@ -2,6 +2,13 @@
 //! `ferry-control` process over a temporary state directory, and ferryctl.
 #![allow(dead_code)]
 
+// Root tests that include both supports load this file twice, as two modules: harmless.
+#[allow(clippy::duplicate_mod)]
+#[path = "prereq.rs"]
+mod prereq;
+#[allow(unused_imports)]
+pub use prereq::{prerequisites, works};
+
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -172,26 +179,6 @@ pub fn state_dir(tag: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("ferry-control-test-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     dir
-}
-
-/// Whether every prerequisite `(what, present)` of `test` is there. Under `CI=true` a missing one fails the test;
-/// elsewhere the test returns early with a message.
-#[allow(dead_code)]
-pub fn prerequisites(test: &str, checks: &[(&str, bool)]) -> bool {
-    let missing: Vec<&str> = checks.iter().filter(|(_, ok)| !ok).map(|(what, _)| *what).collect();
-    if missing.is_empty() {
-        return true;
-    }
-    let message = format!("{test}: needs {}", missing.join(", "));
-    assert!(std::env::var("CI").as_deref() != Ok("true"), "{message} (CI=true: prerequisites are mandatory)");
-    eprintln!("skipped: {message}");
-    false
-}
-
-/// Whether `program args` runs and succeeds.
-#[allow(dead_code)]
-pub fn works(program: &str, args: &[&str]) -> bool {
-    Command::new(program).args(args).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
 }
 
 /// `kubernetes-validate --strict` for Kubernetes 1.33 on `files`: fails on any error and on any warning (an unknown
