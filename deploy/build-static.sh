@@ -8,7 +8,7 @@ TARGET=x86_64-unknown-linux-gnu
 export RUSTFLAGS="-C target-feature=+crt-static"
 cargo build --release --locked --target "$TARGET" -p ferry --bin ferry
 cargo build --release --locked --target "$TARGET" -p ferry-xds --bins
-OUT="target/$TARGET/release"
+OUT="${CARGO_TARGET_DIR:-target}/$TARGET/release"
 for bin in ferry ferry-control ferryctl; do
   if ! file "$OUT/$bin" | grep -Eq "static(-pie)? linked|statically linked"; then
     echo "$OUT/$bin is not statically linked: $(file "$OUT/$bin")" >&2

@@ -232,6 +232,35 @@ fn spawn_sidecar(
     join_token: &str,
     logs: &std::path::Path,
 ) -> anyhow::Result<Sidecar> {
+    // A port that was free when picked can be taken before the sidecar binds it (as the source port of some other
+    // connection): start again on new ports, a few times.
+    for _ in 0..3 {
+        let mut sidecar = spawn_sidecar_once(bin, name, control, app, join_token, logs)?;
+        let started = Instant::now();
+        // The health listener is bound last: once it accepts, every port is the sidecar's.
+        while started.elapsed() < Duration::from_secs(5) && sidecar.child.try_wait()?.is_none() {
+            if std::net::TcpStream::connect(sidecar.health).is_ok() {
+                return Ok(sidecar);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let log = std::fs::read_to_string(logs.join(format!("{name}.log"))).unwrap_or_default();
+        if sidecar.child.try_wait()?.is_some() && log.contains("Address already in use") {
+            continue;
+        }
+        return Ok(sidecar);
+    }
+    anyhow::bail!("sidecar {name} could not bind its ports three times in a row")
+}
+
+fn spawn_sidecar_once(
+    bin: &std::path::Path,
+    name: &'static str,
+    control: &ControlPlane,
+    app: Option<SocketAddr>,
+    join_token: &str,
+    logs: &std::path::Path,
+) -> anyhow::Result<Sidecar> {
     let (outbound, inbound, admin, health) = (free_addr(), free_addr(), free_addr(), free_addr());
     let log = std::fs::File::create(logs.join(format!("{name}.log")))?;
     let mut command = Command::new(bin);
@@ -265,13 +294,21 @@ async fn get(addr: SocketAddr, host: &str, path: &str) -> anyhow::Result<(Status
     Ok((status, resp.into_body().collect().await?.to_bytes()))
 }
 
-/// Serves `handler` on `addr` (a sample app).
-async fn serve<F, Fut>(addr: SocketAddr, handler: F) -> anyhow::Result<()>
+/// A loopback port for a sample app, bound now (a port only picked could be taken before the app binds it).
+fn app_listener() -> anyhow::Result<(std::net::TcpListener, SocketAddr)> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    Ok((listener, addr))
+}
+
+/// Serves `handler` on `listener` (a sample app).
+async fn serve<F, Fut>(listener: std::net::TcpListener, handler: F) -> anyhow::Result<()>
 where
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: std::future::Future<Output = Response<Full<Bytes>>> + Send,
 {
-    let listener = TcpListener::bind(addr).await?;
+    listener.set_nonblocking(true)?;
+    let listener = TcpListener::from_std(listener)?;
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             let handler = handler.clone();
@@ -312,7 +349,7 @@ async fn main() -> anyhow::Result<()> {
     std::fs::write(&policies, POLICIES)?;
     control.ctl(&["apply", "-f", policies.to_str().unwrap()], true)?;
     control.ctl(&["get", "services"], true)?;
-    let (web_app, api_app) = (free_addr(), free_addr());
+    let ((web_listener, web_app), (api_listener, api_app)) = (app_listener()?, app_listener()?);
 
     // Both sidecars connect to ferry-control over xDS; each registers its inbound address as an endpoint of its
     // Service (the Service lists the sidecar's identity), and receives every Service with its endpoints.
@@ -321,11 +358,11 @@ async fn main() -> anyhow::Result<()> {
     // A third workload with no app of its own: the AuthorizationPolicy on api does not list it.
     let batch = start_sidecar(&bin, "batch", &control, None, &dir)?;
     // A flaky service.
-    let quotes_app = free_addr();
+    let (quotes_listener, quotes_app) = app_listener()?;
     let quotes = start_sidecar(&bin, "quotes", &control, Some(quotes_app), &dir)?;
     let flaky = Arc::new(Flaky::default());
     let state = flaky.clone();
-    serve(quotes_app, move |_req| {
+    serve(quotes_listener, move |_req| {
         let state = state.clone();
         async move {
             use std::sync::atomic::Ordering::SeqCst;
@@ -341,13 +378,13 @@ async fn main() -> anyhow::Result<()> {
 
     // The sample apps: api answers with JSON, naming the caller its sidecar verified (ferry-client-id); web calls
     // api through its own sidecar (explicit outbound).
-    serve(api_app, |req| async move {
+    serve(api_listener, |req| async move {
         let caller = req.headers().get("ferry-client-id").and_then(|v| v.to_str().ok()).unwrap_or("unknown");
         Response::new(Full::new(Bytes::from(format!(r#"{{"price": 42, "currency": "EUR", "caller": "{caller}"}}"#))))
     })
     .await?;
     let web_outbound = web.outbound;
-    serve(web_app, move |_req| async move {
+    serve(web_listener, move |_req| async move {
         match get(web_outbound, "api", "/price").await {
             Ok((status, body)) if status.is_success() => {
                 Response::new(Full::new(Bytes::from(format!("web got from api: {}", String::from_utf8_lossy(&body)))))
