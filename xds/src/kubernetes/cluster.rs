@@ -53,15 +53,20 @@ pub struct Cluster {
     bundles: Mutex<(Vec<String>, BTreeSet<String>)>,
 }
 
-fn watch<K>(client: &Client, on_change: Arc<dyn Fn() + Send + Sync>) -> Store<K>
+fn watch<K>(client: &Client, on_change: Arc<dyn Fn() + Send + Sync>, trim: fn(&mut K)) -> Store<K>
 where
     K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
 {
     let (reader, writer) = reflector::store();
     // The watcher lists, then watches from the list's resourceVersion; on `410 Gone` or a broken stream it lists
     // again (with backoff), and the reflector replaces its copy wholesale; bookmarks only move the version on.
+    // Objects are trimmed to what discovery reads before they are kept.
     let stream = watcher(Api::<K>::all(client.clone()), watcher::Config::default().any_semantic())
         .default_backoff()
+        .modify(move |k| {
+            k.meta_mut().managed_fields = None;
+            trim(k);
+        })
         .reflect(writer);
     let kind = K::kind(&()).to_string();
     tokio::spawn(async move {
@@ -80,12 +85,12 @@ impl Cluster {
     /// Starts the watchers; `on_change` is called after each event (the xDS publisher debounces).
     pub fn start(client: Client, on_change: Arc<dyn Fn() + Send + Sync>) -> Arc<Cluster> {
         Arc::new(Cluster {
-            services: watch(&client, on_change.clone()),
-            slices: watch(&client, on_change.clone()),
-            pods: watch(&client, on_change.clone()),
-            namespaces: watch(&client, on_change.clone()),
-            traffic: watch(&client, on_change.clone()),
-            authz: watch(&client, on_change),
+            services: watch(&client, on_change.clone(), |_| {}),
+            slices: watch(&client, on_change.clone(), |_| {}),
+            pods: watch(&client, on_change.clone(), trim_pod),
+            namespaces: watch(&client, on_change.clone(), |_| {}),
+            traffic: watch(&client, on_change.clone(), |_| {}),
+            authz: watch(&client, on_change, |_| {}),
             client,
             written: Mutex::new(BTreeMap::new()),
             bundles: Mutex::new((Vec::new(), BTreeSet::new())),
@@ -226,6 +231,34 @@ impl Cluster {
 impl crate::certify::BearerCheck for Cluster {
     async fn check(&self, token: &str, peer: Option<SocketAddr>) -> Result<Authenticated, Refusal> {
         self.review_token(token, peer).await
+    }
+}
+
+/// Pods are the bulk of a cluster: keep what discovery and token checks read (name, namespace, uid, labels, the
+/// service account, container names, phase and IPs), not their specs' env, volumes or annotations.
+fn trim_pod(pod: &mut Pod) {
+    pod.metadata.annotations = None;
+    pod.metadata.owner_references = None;
+    if let Some(spec) = pod.spec.take() {
+        let names = |list: Vec<k8s_openapi::api::core::v1::Container>| {
+            list.into_iter()
+                .map(|c| k8s_openapi::api::core::v1::Container { name: c.name, ..Default::default() })
+                .collect()
+        };
+        pod.spec = Some(k8s_openapi::api::core::v1::PodSpec {
+            service_account_name: spec.service_account_name,
+            containers: names(spec.containers),
+            init_containers: spec.init_containers.map(names),
+            ..Default::default()
+        });
+    }
+    if let Some(status) = pod.status.take() {
+        pod.status = Some(k8s_openapi::api::core::v1::PodStatus {
+            phase: status.phase,
+            pod_ip: status.pod_ip,
+            pod_ips: status.pod_ips,
+            ..Default::default()
+        });
     }
 }
 

@@ -49,8 +49,11 @@ pub fn port_protocol(app_protocol: Option<&str>, name: Option<&str>) -> PortProt
     let word = |s: &str| match s.to_ascii_lowercase().as_str() {
         "grpc" => Some(PortProtocol::Grpc),
         "http2" | "h2c" | "kubernetes.io/h2c" => Some(PortProtocol::Http2),
-        "http" | "https" | "kubernetes.io/ws" | "kubernetes.io/wss" => Some(PortProtocol::Http),
-        "tcp" | "tls" | "mysql" | "mongo" | "redis" | "postgres" => Some(PortProtocol::Tcp),
+        "http" | "kubernetes.io/ws" => Some(PortProtocol::Http),
+        // The app's own TLS (the API server's `https` port, for one) is passed through uninspected.
+        "https" | "tls" | "kubernetes.io/wss" | "tcp" | "mysql" | "mongo" | "redis" | "postgres" => {
+            Some(PortProtocol::Tcp)
+        }
         _ => None,
     };
     app_protocol
@@ -344,6 +347,8 @@ mod tests {
             (None, Some("grpc-web"), PortProtocol::Grpc),
             (None, Some("tcp"), PortProtocol::Tcp),
             (None, Some("postgres"), PortProtocol::Tcp),
+            (None, Some("https"), PortProtocol::Tcp),
+            (Some("kubernetes.io/wss"), None, PortProtocol::Tcp),
             (None, Some("web"), PortProtocol::Http),
             (None, None, PortProtocol::Http),
         ] {
