@@ -397,10 +397,11 @@ impl Xds {
         xds
     }
 
-    /// Serves the documents `source` gives (Kubernetes mode) instead of the store's, from the next rebuild on.
+    /// Serves the documents `source` gives (Kubernetes mode) instead of the store's. The model is rebuilt from it
+    /// before this returns, so a proxy that connects afterwards never sees the store's (empty) one.
     pub fn set_source(&self, source: DocumentSource) {
         *self.source.lock().expect("source lock") = Some(source);
-        self.changed();
+        self.rebuild();
     }
 
     /// Something the model depends on changed; the publisher rebuilds after the debounce window.

@@ -100,7 +100,7 @@ struct InjectSettings {
     #[arg(long, env = "FERRY_PROXY_IMAGE")]
     proxy_image: Option<String>,
     /// The control plane's xDS address as injected pods reach it.
-    #[arg(long, env = "FERRY_INJECT_CONTROL_ADDR", default_value = "ferry-control.ferry-system.svc:15010")]
+    #[arg(long, env = "FERRY_INJECT_CONTROL_ADDR", default_value = ferry_xds::kubernetes::inject::DEFAULT_CONTROL_ADDR)]
     inject_control_addr: String,
     /// Inject the proxy as a native sidecar (Kubernetes 1.29+); `false`: a regular container listed first.
     #[arg(long, env = "FERRY_NATIVE_SIDECAR", default_value_t = true, action = clap::ArgAction::Set)]
@@ -109,13 +109,11 @@ struct InjectSettings {
 
 impl InjectSettings {
     fn settings(&self) -> ferry_xds::kubernetes::inject::Settings {
-        let defaults = ferry_xds::kubernetes::inject::Settings::default();
-        ferry_xds::kubernetes::inject::Settings {
-            proxy_image: self.proxy_image.clone().unwrap_or(defaults.proxy_image.clone()),
-            control_addr: self.inject_control_addr.clone(),
-            native_sidecar: self.native_sidecar,
-            ..defaults
-        }
+        ferry_xds::kubernetes::inject::Settings::new(
+            self.proxy_image.clone(),
+            self.inject_control_addr.clone(),
+            self.native_sidecar,
+        )
     }
 }
 

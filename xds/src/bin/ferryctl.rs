@@ -112,7 +112,7 @@ struct InjectArgs {
     #[arg(long, env = "FERRY_PROXY_IMAGE")]
     proxy_image: Option<String>,
     /// The control plane's xDS address as pods reach it.
-    #[arg(long, default_value = "ferry-control.ferry-system.svc:15010")]
+    #[arg(long, default_value = ferry_xds::kubernetes::inject::DEFAULT_CONTROL_ADDR)]
     control_addr: String,
     /// Inject the proxy as a native sidecar (Kubernetes 1.29+); `false`: a regular container listed first.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
@@ -121,13 +121,7 @@ struct InjectArgs {
 
 impl InjectArgs {
     fn settings(self) -> ferry_xds::kubernetes::inject::Settings {
-        let defaults = ferry_xds::kubernetes::inject::Settings::default();
-        ferry_xds::kubernetes::inject::Settings {
-            proxy_image: self.proxy_image.unwrap_or(defaults.proxy_image.clone()),
-            control_addr: self.control_addr,
-            native_sidecar: self.native_sidecar,
-            ..defaults
-        }
+        ferry_xds::kubernetes::inject::Settings::new(self.proxy_image, self.control_addr, self.native_sidecar)
     }
 }
 

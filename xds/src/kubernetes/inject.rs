@@ -66,11 +66,27 @@ pub struct Settings {
     pub memory_limit: String,
 }
 
+/// Where injected proxies reach the control plane unless told otherwise (the Service in `deploy/`).
+pub const DEFAULT_CONTROL_ADDR: &str = "ferry-control.ferry-system.svc:15010";
+
+impl Settings {
+    /// The defaults with what `ferryctl inject` and the webhook let an operator choose.
+    pub fn new(proxy_image: Option<String>, control_addr: String, native_sidecar: bool) -> Settings {
+        let defaults = Settings::default();
+        Settings {
+            proxy_image: proxy_image.unwrap_or(defaults.proxy_image.clone()),
+            control_addr,
+            native_sidecar,
+            ..defaults
+        }
+    }
+}
+
 impl Default for Settings {
     fn default() -> Self {
         Settings {
             proxy_image: format!("ghcr.io/ferry-mesh/proxy:{}", env!("CARGO_PKG_VERSION")),
-            control_addr: "ferry-control.ferry-system.svc:15010".to_string(),
+            control_addr: DEFAULT_CONTROL_ADDR.to_string(),
             native_sidecar: true,
             proxy_uid: 1337,
             cpu_request: "100m".to_string(),
