@@ -62,6 +62,16 @@ impl Family {
             Family::V6 => "::1/128",
         }
     }
+
+    /// The source address the proxy dials the app from when it delivers inbound traffic to the pod's own address
+    /// (as Istio does): the one connection from UID 1337 over `lo` that is not sent back to the inbound listener.
+    pub fn inbound_source(self) -> std::net::IpAddr {
+        match self {
+            Family::V4 => INBOUND_SOURCE_V4.into(),
+            Family::V6 => INBOUND_SOURCE_V6.into(),
+        }
+    }
+
     fn matches(self, cidr: &Cidr) -> bool {
         matches!((self, cidr.addr), (Family::V4, IpAddr::V4(_)) | (Family::V6, IpAddr::V6(_)))
     }
@@ -102,6 +112,11 @@ impl fmt::Display for Cidr {
     }
 }
 
+/// The proxy's source address for inbound delivery to the app (IPv4: inside 127.0.0.0/8, always on `lo`).
+pub const INBOUND_SOURCE_V4: std::net::Ipv4Addr = std::net::Ipv4Addr::new(127, 0, 0, 6);
+/// The same for IPv6: `::6`, which is not a loopback address by itself; `ferry init` adds it to `lo`.
+pub const INBOUND_SOURCE_V6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6);
+
 pub const CHAINS: [&str; 4] = ["FERRY_INBOUND", "FERRY_IN_REDIRECT", "FERRY_OUTBOUND", "FERRY_REDIRECT"];
 /// The jumps from the built-in chains into Ferry's, as `iptables` arguments (removed again by `--cleanup`).
 const JUMPS: [(&str, &str); 2] = [("PREROUTING", "FERRY_INBOUND"), ("OUTPUT", "FERRY_OUTBOUND")];
@@ -134,7 +149,12 @@ pub fn rules(cfg: &InitConfig, family: Family) -> String {
     // Outbound: everything the app sends, except the proxy's own traffic, loopback and exclusions.
     let lo = family.loopback();
     let uid = cfg.proxy_uid;
-    // The proxy calling its own pod's address goes through its inbound side, as a peer's call would.
+    // The proxy delivering inbound traffic to the app at the pod's own address, from its reserved source: not
+    // intercepted again (the app sees this source address).
+    let source = family.inbound_source();
+    let bits = if source.is_ipv4() { 32 } else { 128 };
+    out += &format!("-A FERRY_OUTBOUND -o lo -s {source}/{bits} -j RETURN\n");
+    // Any other call of the proxy to its own pod's address goes through its inbound side, as a peer's call would.
     out += &format!("-A FERRY_OUTBOUND -o lo ! -d {lo} -m owner --uid-owner {uid} -j FERRY_IN_REDIRECT\n");
     // The app talking to itself over loopback (or its own address) is not mesh traffic.
     out += &format!("-A FERRY_OUTBOUND -o lo -m owner ! --uid-owner {uid} -j RETURN\n");
@@ -186,7 +206,9 @@ impl Tools {
 
 #[derive(Debug, thiserror::Error)]
 pub enum InitError {
-    #[error("{0} not found: install iptables (Debian: apt-get install iptables) or choose --iptables-mode")]
+    #[error(
+        "{0} not found: install iptables and iproute2 (Debian: apt-get install iptables iproute2) or choose --iptables-mode"
+    )]
     Missing(String),
     #[error(
         "{command} was not permitted ({detail}): ferry init needs root or CAP_NET_ADMIN in the pod's network namespace"
@@ -270,6 +292,23 @@ pub fn cleanup(tools: &Tools) -> Result<(), InitError> {
     Ok(())
 }
 
+/// Puts `::6` on `lo` (IPv6 only; IPv4's source is already a loopback address), so the proxy can dial the app from
+/// it. Idempotent: an address already there is fine.
+pub fn add_inbound_source(family: Family) -> Result<(), InitError> {
+    if family == Family::V4 {
+        return Ok(());
+    }
+    let address = format!("{}/128", family.inbound_source());
+    match run("ip", &["-6", "addr", "add", &address, "dev", "lo", "nodad"], None) {
+        Err(InitError::Failed { detail, .. })
+            if detail.contains("File exists") || detail.contains("already assigned") =>
+        {
+            Ok(())
+        }
+        other => other.map(|_| ()),
+    }
+}
+
 /// Installs the rules: cleanup first, so running twice leaves one copy.
 pub fn apply(tools: &Tools, rules: &str) -> Result<(), InitError> {
     cleanup(tools)?;
@@ -294,6 +333,7 @@ mod tests {
 -A FERRY_REDIRECT -p tcp -j REDIRECT --to-ports 15001
 -A FERRY_INBOUND -p tcp --dport 15020 -j RETURN
 -A FERRY_INBOUND -p tcp -j FERRY_IN_REDIRECT
+-A FERRY_OUTBOUND -o lo -s 127.0.0.6/32 -j RETURN
 -A FERRY_OUTBOUND -o lo ! -d 127.0.0.1/32 -m owner --uid-owner 1337 -j FERRY_IN_REDIRECT
 -A FERRY_OUTBOUND -o lo -m owner ! --uid-owner 1337 -j RETURN
 -A FERRY_OUTBOUND -m owner --uid-owner 1337 -j RETURN
@@ -331,6 +371,7 @@ COMMIT
         let v6 = rules(&cfg, Family::V6);
         assert!(v6.contains("-A FERRY_OUTBOUND -d fd00::/8 -j RETURN\n"));
         assert!(v6.contains("-A FERRY_OUTBOUND -d ::1/128 -j RETURN\n"));
+        assert!(v6.contains("-A FERRY_OUTBOUND -o lo -s ::6/128 -j RETURN\n"), "{v6}");
         assert!(!v6.contains("10.0.0.0"));
     }
 

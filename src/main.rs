@@ -141,6 +141,7 @@ fn run_init(args: InitArgs) -> anyhow::Result<()> {
             eprintln!("ferry init: removed Ferry's {} rules ({})", family.tools_name(), tools.iptables);
         } else {
             init::apply(&tools, &rules)?;
+            init::add_inbound_source(family)?;
             eprintln!("ferry init: {} rules installed with {}", family.tools_name(), tools.restore);
         }
     }

@@ -10,7 +10,6 @@ use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
-use tokio::net::TcpStream;
 
 /// One rewritten probe: what the app's container asked the kubelet to check.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -79,8 +78,7 @@ pub fn parse(json: &str) -> Result<BTreeMap<String, AppProbe>, String> {
         .collect()
 }
 
-/// Runs a probe against the app at `ip` (the pod's IP; the proxy's own connections are never redirected) and says
-/// what the kubelet should see.
+/// Runs a probe against the app at `ip` (the pod's IP, as the kubelet would) and says what the kubelet should see.
 pub async fn run(probe: &AppProbe, ip: IpAddr, limit: Duration) -> (StatusCode, String) {
     let addr = SocketAddr::new(ip, probe.port);
     match tokio::time::timeout(limit, check(probe, addr)).await {
@@ -91,7 +89,9 @@ pub async fn run(probe: &AppProbe, ip: IpAddr, limit: Duration) -> (StatusCode, 
 }
 
 async fn check(probe: &AppProbe, addr: SocketAddr) -> Result<StatusCode, Box<dyn std::error::Error + Send + Sync>> {
-    let stream = TcpStream::connect(addr).await?;
+    // From the reserved source `ferry init` lets through: any other connection of the proxy's UID to the pod's own
+    // address is sent to its inbound listener, where strict mTLS would refuse it.
+    let stream = crate::proxy::pool::dial(addr, crate::proxy::pool::app_source(addr.ip())).await?;
     let Action::Http { path, headers } = &probe.action else { return Ok(StatusCode::OK) };
     let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     let conn = tokio::spawn(conn);

@@ -47,18 +47,31 @@ fn injected_init_args(annotations: &[(&str, &str)]) -> Vec<String> {
 /// `ferry init` (exactly as injected for a pod with `annotations`) then `ferry run` as UID 1337 inside `ns`, waiting
 /// until it is ready.
 fn start_sidecar(ns: &NetNs, dir: &TempDir, name: &str, config: &str, annotations: &[(&str, &str)], service: &str) {
+    start_sidecar_with(ns, dir, name, config, annotations, service, &[]);
+}
+
+fn start_sidecar_with(
+    ns: &NetNs,
+    dir: &TempDir,
+    name: &str,
+    config: &str,
+    annotations: &[(&str, &str)],
+    service: &str,
+    env: &[(&str, String)],
+) {
     let args = injected_init_args(annotations);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     ns.must(FERRY, &args);
     let config_path = dir.path().join(format!("{name}.yaml"));
     std::fs::write(&config_path, config).unwrap();
     let log = std::fs::File::create(dir.path().join(format!("{name}.log"))).unwrap();
-    let envs = [
+    let mut envs = vec![
         ("FERRY_CONFIG_FILE", config_path.display().to_string()),
         ("FERRY_SERVICE", service.to_string()),
         ("FERRY_LOG_FORMAT", "json".to_string()),
         ("FERRY_WORKERS", "1".to_string()),
     ];
+    envs.extend(env.iter().cloned());
     ns.spawn("setpriv", &["--reuid", "1337", "--regid", "1337", "--clear-groups", "--", FERRY, "run"], &envs, log);
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
@@ -82,10 +95,11 @@ async fn server_apps() {
     let http = |port: u16| async move {
         let listener = tokio::net::TcpListener::bind(("::", port)).await.unwrap();
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let Ok((stream, from)) = listener.accept().await else { continue };
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| async move {
-                    let body = format!("hello from the server app on port {port}, path {}\n", req.uri().path());
+                    let (path, from) = (req.uri().path(), from.ip().to_canonical());
+                    let body = format!("hello from the server app on port {port}, path {path}, from {from}\n");
                     Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
                         bytes::Bytes::from(body),
                     )))
@@ -99,8 +113,13 @@ async fn server_apps() {
     let grpc = support::grpc::grpc_backend_on(tokio::net::TcpListener::bind(("::", 50051)).await.unwrap());
     let echo = |port: u16| async move { tokio::net::TcpListener::bind(("::", port)).await.unwrap() };
     let tcp = [half_close_backend_on(echo(9000).await), half_close_backend_on(echo(9001).await)];
+    // What the app keeps to itself: a listener on loopback only (a debug or admin port).
+    let private = [
+        half_close_backend_on(tokio::net::TcpListener::bind(("127.0.0.1", 9999)).await.unwrap()),
+        half_close_backend_on(tokio::net::TcpListener::bind(("::1", 9999)).await.unwrap()),
+    ];
     tokio::join!(http(8080), http(8081));
-    drop((grpc, tcp));
+    drop((grpc, tcp, private));
 }
 
 /// Sends `payload`, half-closes, reads the answer.
@@ -177,6 +196,35 @@ fn transparent_interception_between_two_namespaces() {
         "the server sees the client's address:\n{server_log}"
     );
 
+    // Inbound is delivered to the pod's own address the client dialled, from the proxy's reserved source (ferry init
+    // put ::6 on lo for IPv6), so what the app binds only on loopback stays private to the pod.
+    for (url, source) in [
+        (format!("http://{SERVER_V4}:8080/source"), "from 127.0.0.6"),
+        (format!("http://[{SERVER_V6}]:8080/source"), "from ::6"),
+    ] {
+        let body = pair.client.must("curl", &["-sS", "-g", "-m", "10", &url]);
+        assert!(body.trim_end().ends_with(source), "{url}: {body}");
+    }
+    assert!(pair.server.must("ip", &["-6", "addr", "show", "dev", "lo"]).contains("inet6 ::6/128"));
+    for addr in [format!("{SERVER_V4}:9999"), format!("[{SERVER_V6}]:9999")] {
+        let url = format!("http://{addr}/debug");
+        let out = pair.client.must("curl", &["-sS", "-g", "-m", "10", "-D", "-", "-o", "/dev/null", &url]);
+        assert!(out.starts_with("HTTP/1.1 502") && out.contains("ferry-proxy-error: connect-refused"), "{url}: {out}");
+        let target = addr.clone();
+        let tcp = pair.client.block_on(|| async move {
+            let mut s = tokio::net::TcpStream::connect(target).await.unwrap();
+            let _ = s.write_all(b"opaque").await;
+            let _ = s.shutdown().await;
+            let mut out = String::new();
+            let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out)).await;
+            out
+        });
+        assert_eq!(tcp, "", "{addr}: the loopback-only listener answered");
+    }
+    // Inside the pod, the app still reaches its own loopback listener.
+    let inside = pair.server.block_on(|| async { tcp_exchange("127.0.0.1:9999", b"self").await });
+    assert_eq!(inside, "echo 4: self");
+
     // A port no Service claims is passed through unchanged (still detected and counted).
     let body = pair.client.must("curl", &["-sS", "-m", "10", &format!("http://{SERVER_V4}:8081/other")]);
     assert!(body.starts_with("hello from the server app on port 8081"));
@@ -251,13 +299,14 @@ fn transparent_interception_between_two_namespaces() {
         ),
         2.0
     );
-    // Inbound so far: two curls, the pass-through, the explicit request and two gRPC calls (IPv4, IPv6).
+    // Inbound so far: two curls, two source checks, the pass-through, the explicit request and two gRPC calls (IPv4,
+    // IPv6).
     assert_eq!(
         series(
             &server_metrics,
             r#"ferry_requests_total{direction="inbound",service="web.default",status_class="2xx"}"#
         ),
-        6.0
+        8.0
     );
     // Port 9000 is `protocol: tcp` in the client's config: the held connection and two exchanges skip detection.
     assert_eq!(
@@ -286,6 +335,66 @@ fn transparent_interception_between_two_namespaces() {
                 eprintln!("{side}: {line}");
             }
         }
+    }
+}
+
+/// The `FERRY_APP_PROBES` value the injector writes for an app with an HTTP liveness probe on 8080, a TCP readiness
+/// probe on 9000 and a startup probe on its loopback-only port 9999.
+fn injected_app_probes() -> String {
+    let pod = "apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: default}
+spec:
+  containers:
+  - name: app
+    image: example.com/web:1
+    livenessProbe: {httpGet: {path: /healthz, port: 8080}}
+    readinessProbe: {tcpSocket: {port: 9000}}
+    startupProbe: {tcpSocket: {port: 9999}}
+";
+    let (out, _) = ferry_xds::kubernetes::inject::inject_yaml(pod, &Default::default()).unwrap();
+    let pod: serde_json::Value = serde_saphyr::from_str(&out).unwrap();
+    let proxy = pod["spec"]["initContainers"].as_array().unwrap().iter().find(|c| c["name"] == "ferry-proxy").unwrap();
+    let env = proxy["env"].as_array().unwrap().iter().find(|e| e["name"] == "FERRY_APP_PROBES").unwrap();
+    env["value"].as_str().unwrap().to_string()
+}
+
+/// The app's rewritten probes under strict mTLS, with the real rules and the pod's real address, over IPv4 and (in a
+/// second pair of namespaces whose pod address is IPv6) IPv6: the proxy dials the app from its reserved source,
+/// which the rules let through, while a plaintext call from outside is refused and the app's loopback-only port
+/// stays unreachable even to the probe (as it would be to the kubelet).
+#[test]
+fn rewritten_app_probes_pass_under_strict_mtls_with_the_real_rules() {
+    if !netns::available("rewritten_app_probes_pass_under_strict_mtls_with_the_real_rules") {
+        return;
+    }
+    let config = "apiVersion: ferry.dev/v1alpha1\nkind: Service\nmetadata: {name: web}\nspec: {ports: [{port: 8080}, {port: 9000, protocol: tcp}]}\n---\napiVersion: ferry.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: web}\nspec: {targetRef: {kind: Service, name: web}, mtls: strict}\n";
+    for (tag, pod_ip) in [("p4", SERVER_V4), ("p6", SERVER_V6)] {
+        let pair = Pair::new(tag);
+        let dir = TempDir::new(&format!("interception-probes-{tag}"));
+        let _apps = pair.server.background(server_apps);
+        let env = [("FERRY_POD_IP", pod_ip.to_string()), ("FERRY_APP_PROBES", injected_app_probes())];
+        start_sidecar_with(&pair.server, &dir, "server", config, &[], "web", &env);
+        let host = if tag == "p6" { format!("[{pod_ip}]") } else { pod_ip.to_string() };
+        let plain = pair.client.must(
+            "curl",
+            &["-sS", "-g", "-m", "10", "-o", "/dev/null", "-w", "%{http_code}", &format!("http://{host}:8080/")],
+        );
+        assert_eq!(plain, "403", "{tag}: strict mTLS refuses a plaintext caller");
+        let probe = |kind: &str| {
+            let url = format!("http://127.0.0.1:15020/app-health/app/{kind}");
+            let out = pair.server.must("curl", &["-sS", "-m", "10", "-w", "\n%{http_code}", &url]);
+            let (body, code) = out.rsplit_once('\n').unwrap();
+            (code.to_string(), body.to_string())
+        };
+        let logs = || std::fs::read_to_string(dir.path().join("server.log")).unwrap_or_default();
+        let (code, body) = probe("live");
+        assert_eq!(code, "200", "{tag}: {body}\n{}", logs());
+        let (code, body) = probe("ready");
+        assert_eq!(code, "200", "{tag}: {body}\n{}", logs());
+        let (code, body) = probe("startup");
+        assert_eq!(code, "503", "{tag}: the loopback-only port is not the pod's: {body}");
+        assert!(body.contains(&format!("app probe to {host}:9999 failed")), "{tag}: {body}");
     }
 }
 

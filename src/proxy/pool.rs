@@ -3,7 +3,7 @@
 //! port), which takes no new requests once this proxy's certificate or trust bundle has changed.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -11,7 +11,7 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 
 use super::Direction;
 use super::body::ProxyBody;
@@ -234,8 +234,14 @@ impl Pool {
     }
 
     /// Opens a TCP connection within the connect timeout.
+    /// A plaintext connection to the pod's own (non-loopback) address is the delivery of inbound traffic to the app:
+    /// it is made from the reserved source that `ferry init`'s rules let through (see [`app_source`]).
     pub async fn connect_tcp(&self, addr: SocketAddr) -> Result<TcpStream, ProxyError> {
-        match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
+        self.dial(addr, app_source(addr.ip())).await
+    }
+
+    async fn dial(&self, addr: SocketAddr, source: Option<IpAddr>) -> Result<TcpStream, ProxyError> {
+        match tokio::time::timeout(self.connect_timeout, dial(addr, source)).await {
             Err(_) => Err(ProxyError::ConnectTimeout(addr)),
             Ok(Err(source)) => Err(ProxyError::ConnectRefused { addr, source }),
             Ok(Ok(stream)) => {
@@ -257,7 +263,7 @@ impl Pool {
         peer: &PeerTls,
         alpn: Alpn,
     ) -> Result<(TokioIo<tokio_rustls::client::TlsStream<TcpStream>>, u64), ProxyError> {
-        let tcp = self.connect_tcp(addr).await?;
+        let tcp = self.dial(addr, None).await?;
         let outbound = Direction::Outbound.as_str();
         match tokio::time::timeout(self.connect_timeout, self.tls.connect(tcp, addr, peer, alpn)).await {
             Err(_) => {
@@ -275,4 +281,24 @@ impl Pool {
             }
         }
     }
+}
+
+/// Dials `addr`, from `source` when given.
+pub async fn dial(addr: SocketAddr, source: Option<IpAddr>) -> std::io::Result<TcpStream> {
+    let Some(source) = source else { return TcpStream::connect(addr).await };
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    socket.bind(SocketAddr::new(source, 0)).map_err(|e| {
+        let hint = if source.is_ipv6() { " (`ferry init` puts it on lo)" } else { "" };
+        std::io::Error::new(e.kind(), format!("binding the app-delivery source {source}{hint}: {e}"))
+    })?;
+    socket.connect(addr).await
+}
+
+/// The source address the proxy dials its own app from when the app is at one of the pod's own non-loopback
+/// addresses (transparent inbound delivers to the address the caller dialled): 127.0.0.6 or ::6, which `ferry init`
+/// lets through, where any other connection of the proxy's UID to the pod's address goes to its inbound listener. The
+/// app sees this address as the caller's. `None` for loopback and for addresses that are not this host's.
+pub fn app_source(ip: IpAddr) -> Option<IpAddr> {
+    let family = if ip.is_ipv4() { crate::init::Family::V4 } else { crate::init::Family::V6 };
+    (!ip.is_loopback() && !ip.is_unspecified() && super::target::is_local_ip(ip)).then(|| family.inbound_source())
 }

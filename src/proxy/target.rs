@@ -165,6 +165,9 @@ impl Proxy {
                     // The target port a mesh peer names in its SNI, else the original port, selects the app's port;
                     // the SNI may name only the port the connection was for or one the local Service declares
                     // (never, say, a debug port the app keeps on loopback).
+                    // Transparent mode delivers to the pod's own address the caller dialled (the original
+                    // destination), as a caller without a mesh would reach the app: what the app binds only on
+                    // loopback stays private to the pod.
                     (Some(port), original, None) => {
                         if original.is_none_or(|o| o.port() != port) && !self.local_target_ports().contains(&port) {
                             let why = format!(
@@ -172,9 +175,10 @@ impl Proxy {
                             );
                             return Err((service, ProxyError::NoRoute(why)));
                         }
-                        SocketAddr::new(self.app_ip(), port)
+                        SocketAddr::new(original.map_or(self.app_ip(), |o| o.ip()), port)
                     }
-                    (None, Some(original), _) => SocketAddr::new(self.app_ip(), original.port()),
+                    (None, Some(original), None) => original,
+                    (None, Some(original), Some(app)) => SocketAddr::new(app.ip(), original.port()),
                     (None, None, _) => self.inbound_target().ok_or_else(|| {
                         (service.clone(), ProxyError::NoRoute("no app address is configured (FERRY_APP_ADDR)".into()))
                     })?,
@@ -243,7 +247,7 @@ impl Proxy {
         }
     }
 
-    /// The app's IP: that of `FERRY_APP_ADDR`, else 127.0.0.1.
+    /// The app's IP when no original destination says it: that of `FERRY_APP_ADDR`, else 127.0.0.1.
     fn app_ip(&self) -> IpAddr {
         self.settings.app_addr.map(|a| a.ip()).unwrap_or(IpAddr::from([127, 0, 0, 1]))
     }
@@ -258,6 +262,6 @@ impl Proxy {
 }
 
 /// Whether `ip` belongs to this host: loopback, or an address a socket can bind to.
-fn is_local_ip(ip: IpAddr) -> bool {
+pub(crate) fn is_local_ip(ip: IpAddr) -> bool {
     ip.is_loopback() || std::net::UdpSocket::bind((ip, 0)).is_ok()
 }
