@@ -79,6 +79,7 @@ pub async fn run(settings: Settings, log: Option<LogHandle>) -> Result<(), Start
                 path.clone(),
                 settings.config_poll,
                 settings.namespace.clone(),
+                settings.declared_services(),
                 store.clone(),
                 metrics.clone(),
             ));

@@ -86,6 +86,23 @@ impl Authorization {
         }
     }
 
+    /// The default inbound policy of ports no Service selects (`None`: `allow`, no check at all).
+    pub fn for_unselected(default: ferry_xds::workload::DefaultInbound) -> Option<Authorization> {
+        use ferry_xds::workload::DefaultInbound;
+        let any_identity =
+            Rule { from: Some(vec![Caller::AnyIdentity]), methods: vec![], paths: vec![], ports: vec![] };
+        let rules = match default {
+            DefaultInbound::Allow => return None,
+            DefaultInbound::MeshOnly => vec![any_identity],
+            DefaultInbound::Deny => vec![],
+        };
+        Some(Authorization {
+            default_allow: false,
+            rules,
+            policies: vec![format!("the default inbound policy `{default}` of ports no Service selects")],
+        })
+    }
+
     fn allows(&self, call: &Call<'_>) -> bool {
         self.rules.iter().any(|r| r.matches(call))
     }
@@ -157,15 +174,21 @@ pub fn decide(mode: MtlsMode, authorization: Option<&Authorization>, call: &Call
     }
 }
 
-/// What the inbound side enforces for its Service, from the live snapshot.
+/// What the inbound side enforces on one port of its pod: that of every Service selecting the port (the strictest
+/// mTLS mode, every AuthorizationPolicy merged, each Service's rate limit), or the default inbound policy of ports no
+/// Service selects. Compiled once per snapshot (`Snapshot::inbound_policy`).
 #[derive(Debug, Clone)]
 pub struct InboundPolicy {
     pub mode: MtlsMode,
     pub authorization: Option<Arc<Authorization>>,
-    /// The Service's TrafficPolicy rateLimit (the destination's proxy enforces it, after authorization).
-    pub rate_limit: Option<ferry_xds::policy::RateLimit>,
-    /// The `service` label of the decision metric.
+    /// The selecting Services' TrafficPolicy rateLimits with their `service` labels (the destination's proxy enforces
+    /// them, after authorization; a request takes a token from each).
+    pub rate_limits: Arc<[(Arc<str>, ferry_xds::policy::RateLimit)]>,
+    /// The `service` label of the decision metric and of inbound requests: the selecting Service first in
+    /// `namespace/name` order, or `unselected`.
     pub service: Arc<str>,
+    /// The Services disagree on the port's protocol, or declare it `tcp`: it is forwarded uninspected.
+    pub opaque: bool,
 }
 
 impl InboundPolicy {
@@ -183,7 +206,7 @@ impl InboundPolicy {
 /// Authorizes each inbound HTTP request before it goes on; a denied request never reaches the app.
 #[derive(Clone)]
 pub struct AuthzLayer {
-    policy: InboundPolicy,
+    policy: Arc<InboundPolicy>,
     peer: Option<Arc<Identity>>,
     port: u16,
     metrics: Arc<crate::metrics::Metrics>,
@@ -191,7 +214,7 @@ pub struct AuthzLayer {
 
 impl AuthzLayer {
     pub fn new(
-        policy: InboundPolicy,
+        policy: Arc<InboundPolicy>,
         peer: Option<Arc<Identity>>,
         port: u16,
         metrics: Arc<crate::metrics::Metrics>,
@@ -342,13 +365,14 @@ mod tests {
         let inbound = InboundPolicy {
             mode: MtlsMode::Permissive,
             authorization: Some(Arc::new(Authorization::compile(&[&rule]))),
-            rate_limit: None,
+            rate_limits: Arc::new([]),
             service: "payments.shop".into(),
+            opaque: false,
         };
         let metrics = Arc::new(crate::metrics::Metrics::new());
         let peer = Some(Arc::new(Identity::new("shop", "orders")));
         let inner = tower::service_fn(|_req: Request<()>| async { Ok::<_, ProxyError>("reached") });
-        let mut svc = AuthzLayer::new(inbound.clone(), peer, 8080, metrics.clone()).layer(inner);
+        let mut svc = AuthzLayer::new(Arc::new(inbound), peer, 8080, metrics.clone()).layer(inner);
         let mut upgrade = Request::connect("http://payments/ws").body(()).unwrap();
         upgrade.extensions_mut().insert(hyper::ext::Protocol::from_static("websocket"));
         assert_eq!(svc.ready().await.unwrap().call(upgrade).await.unwrap(), "reached");

@@ -134,6 +134,20 @@ pub mod defaults {
 }
 
 impl Settings {
+    /// The Services this proxy declares it serves (`FERRY_SERVICE`: comma-separated, each `namespace/name` or a
+    /// name in `FERRY_NAMESPACE`), as (namespace, name).
+    pub fn declared_services(&self) -> Vec<(String, String)> {
+        let Some(list) = &self.service else { return Vec::new() };
+        list.split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| match s.split_once('/') {
+                Some((ns, name)) => (ns.to_string(), name.to_string()),
+                None => (self.namespace.clone(), s.to_string()),
+            })
+            .collect()
+    }
+
     /// Reads the process environment.
     pub fn from_env() -> Result<Self, BootstrapError> {
         Self::from_lookup(|k| std::env::var(k).ok(), std::io::IsTerminal::is_terminal(&std::io::stderr()))

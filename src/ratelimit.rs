@@ -118,12 +118,13 @@ impl RateLimits {
 
 // ===== layer =====
 
-/// Admits each inbound HTTP request within the Service's rate limit; over it, the request never reaches the app.
+/// Admits each inbound HTTP request within the rate limits of the Services that select its port: it takes a token
+/// from each one's bucket and is refused when any is empty; refused, the request never reaches the app.
 #[derive(Clone)]
 pub struct RateLimitLayer {
     limits: Arc<RateLimits>,
-    limit: Option<RateLimit>,
-    service: Arc<str>,
+    /// Per selecting Service with a limit: its `service` label and its limit (empty: no limit).
+    services: Arc<[(Arc<str>, RateLimit)]>,
     caller: Option<Arc<Identity>>,
     metrics: Arc<crate::metrics::Metrics>,
 }
@@ -131,12 +132,11 @@ pub struct RateLimitLayer {
 impl RateLimitLayer {
     pub fn new(
         limits: Arc<RateLimits>,
-        limit: Option<RateLimit>,
-        service: Arc<str>,
+        services: Arc<[(Arc<str>, RateLimit)]>,
         caller: Option<Arc<Identity>>,
         metrics: Arc<crate::metrics::Metrics>,
     ) -> Self {
-        RateLimitLayer { limits, limit, service, caller, metrics }
+        RateLimitLayer { limits, services, caller, metrics }
     }
 }
 
@@ -170,13 +170,17 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let l = &self.layer;
-        let Some(limit) = &l.limit else { return Either::Left(self.inner.call(req)) };
-        match l.limits.check(&l.service, l.caller.as_deref(), limit, Instant::now()) {
-            Ok(()) => Either::Left(self.inner.call(req)),
-            Err(retry_after) => {
-                l.metrics.rate_limited.with_label_values(&[&l.service]).inc();
-                Either::Right(std::future::ready(Err(ProxyError::RateLimited { retry_after })))
+        let now = Instant::now();
+        let mut refused: Option<Duration> = None;
+        for (service, limit) in l.services.iter() {
+            if let Err(retry_after) = l.limits.check(service, l.caller.as_deref(), limit, now) {
+                l.metrics.rate_limited.with_label_values(&[service]).inc();
+                refused = Some(refused.map_or(retry_after, |r| r.max(retry_after)));
             }
+        }
+        match refused {
+            None => Either::Left(self.inner.call(req)),
+            Some(retry_after) => Either::Right(std::future::ready(Err(ProxyError::RateLimited { retry_after }))),
         }
     }
 }

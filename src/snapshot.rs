@@ -3,7 +3,6 @@
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use arc_swap::ArcSwap;
 use ferry_xds::identity::Identity;
@@ -12,6 +11,7 @@ use ferry_xds::policy::{LoadBalancer, MtlsMode};
 use crate::balance::Endpoint;
 
 use crate::authz::{Authorization, InboundPolicy};
+use ferry_xds::workload::{DefaultInbound, SelectingService, Workload};
 use ferry_xds::{Document, PortProtocol, ServicePort, ServiceSpec, split_host_port};
 use serde::Serialize;
 
@@ -37,13 +37,12 @@ pub struct Snapshot {
     opaque_ports: HashSet<u16>,
     /// The mTLS mode of Services whose TrafficPolicy sets none.
     pub default_mtls: MtlsMode,
-    /// Per Service (`namespace/name`): its TrafficPolicy's mTLS mode, and its compiled AuthorizationPolicies.
+    /// What this pod serves: the Services selecting it, with the pod ports each selects, and the default inbound
+    /// policy of its other ports.
+    pub workload: Workload,
+    /// The inbound policy of each of the pod's ports, compiled from the workload and the policies.
     #[serde(skip)]
-    mtls: HashMap<String, MtlsMode>,
-    #[serde(skip)]
-    rate_limits: HashMap<String, ferry_xds::policy::RateLimit>,
-    #[serde(skip)]
-    authorization: HashMap<String, Arc<Authorization>>,
+    inbound: Inbound,
     /// Which Service each workload identity serves (the first Service listing it), for the `source` metric label.
     #[serde(skip)]
     by_identity: HashMap<Identity, Arc<str>>,
@@ -156,6 +155,7 @@ impl Snapshot {
         documents: Vec<Document>,
         local_namespace: &str,
         default_mtls: MtlsMode,
+        workload: Workload,
     ) -> Self {
         let mut services = Vec::new();
         let mut by_host: HashMap<String, Vec<(Option<u16>, usize)>> = HashMap::new();
@@ -198,7 +198,10 @@ impl Snapshot {
             for port in &svc.spec.ports {
                 for e in &svc.spec.endpoints {
                     if let Some(addr) = e.socket_addr(port.port) {
-                        by_endpoint.entry(addr).or_insert((index, port.port, e.identity.is_some()));
+                        // The first Service listing the address keeps it, but it is meshed if any lists it with an
+                        // identity: another Service cannot make calls to a meshed endpoint plaintext.
+                        let entry = by_endpoint.entry(addr).or_insert((index, port.port, false));
+                        entry.2 |= e.identity.is_some();
                     }
                 }
             }
@@ -259,8 +262,7 @@ impl Snapshot {
                 Document::Service(_) => {}
             }
         }
-        let authorization =
-            authz_docs.into_iter().map(|(target, docs)| (target, Arc::new(Authorization::compile(&docs)))).collect();
+        let inbound = Inbound::compile(&workload, &mtls, &rate_limits, &authz_docs, default_mtls);
         let mut by_identity = HashMap::new();
         for svc in &services {
             for id in svc.identities.iter() {
@@ -277,9 +279,8 @@ impl Snapshot {
             by_endpoint,
             opaque_ports,
             default_mtls,
-            mtls,
-            rate_limits,
-            authorization,
+            workload,
+            inbound,
             by_identity,
         }
     }
@@ -346,17 +347,19 @@ impl Snapshot {
         Some(Route { service: service.clone(), port: service_port, target })
     }
 
-    /// What the inbound side enforces for the local Service `(namespace, name)` (none: the mesh default, no policy);
-    /// `label` is its metrics label.
-    pub fn inbound_policy(&self, local: Option<(&str, &str)>, label: Arc<str>) -> InboundPolicy {
-        let key = local.map(|(namespace, n)| format!("{namespace}/{n}"));
-        let key = key.as_deref().unwrap_or_default();
-        InboundPolicy {
-            mode: self.mtls.get(key).copied().unwrap_or(self.default_mtls),
-            authorization: self.authorization.get(key).cloned(),
-            rate_limit: self.rate_limits.get(key).cloned(),
-            service: label,
+    /// What the inbound side enforces on the pod port `port`: the policy of the Services selecting it, else the
+    /// default inbound policy. `None` (an explicit connection with no port to go by, local mode's one app address):
+    /// every selecting Service's at once, so that no caller gets a laxer Service's policy by how it connects.
+    pub fn inbound_policy(&self, port: Option<u16>) -> &Arc<InboundPolicy> {
+        match port {
+            Some(port) => self.inbound.by_port.get(&port).unwrap_or(&self.inbound.unselected),
+            None => &self.inbound.all,
         }
+    }
+
+    /// The pod ports some Service selects.
+    pub fn selected_ports(&self) -> impl Iterator<Item = u16> + '_ {
+        self.inbound.by_port.keys().copied()
     }
 
     /// The service named `name` in `namespace`, if the snapshot has it.
@@ -370,6 +373,103 @@ impl Snapshot {
     }
 }
 
+/// The `service` label of inbound traffic on ports no Service selects.
+pub const UNSELECTED_SERVICE: &str = "unselected";
+
+/// The inbound policies of one pod's ports.
+#[derive(Debug)]
+struct Inbound {
+    by_port: HashMap<u16, Arc<InboundPolicy>>,
+    all: Arc<InboundPolicy>,
+    unselected: Arc<InboundPolicy>,
+}
+
+impl Default for Inbound {
+    fn default() -> Self {
+        Inbound::compile(&Workload::default(), &HashMap::new(), &HashMap::new(), &HashMap::new(), MtlsMode::Permissive)
+    }
+}
+
+impl Inbound {
+    /// Per port, from every Service selecting it: the strictest mTLS mode (a Service without one has the mesh's), the
+    /// union of their AuthorizationPolicies (a deny default from any of them denies), each one's rate limit, opaque
+    /// when they disagree on the protocol (or say `tcp`). Ports no Service selects: the mesh's mTLS mode and the
+    /// workload's default inbound policy.
+    fn compile(
+        workload: &Workload,
+        mtls: &HashMap<String, MtlsMode>,
+        rate_limits: &HashMap<String, ferry_xds::policy::RateLimit>,
+        authz: &HashMap<String, Vec<&ferry_xds::policy::AuthorizationPolicy>>,
+        default_mtls: MtlsMode,
+    ) -> Inbound {
+        let policy = |services: &[&SelectingService], protocols: &[PortProtocol]| -> Arc<InboundPolicy> {
+            let keys: Vec<String> = services.iter().map(|s| s.key()).collect();
+            let mode = keys.iter().map(|k| mtls.get(k).copied().unwrap_or(default_mtls)).max().unwrap_or(default_mtls);
+            let docs: Vec<&ferry_xds::policy::AuthorizationPolicy> =
+                keys.iter().flat_map(|k| authz.get(k).into_iter().flatten().copied()).collect();
+            let label = |s: &SelectingService| -> Arc<str> { format!("{}.{}", s.name, s.namespace).into() };
+            let first = protocols.first();
+            Arc::new(InboundPolicy {
+                mode,
+                authorization: (!docs.is_empty()).then(|| Arc::new(Authorization::compile(&docs))),
+                rate_limits: services
+                    .iter()
+                    .filter_map(|s| rate_limits.get(&s.key()).map(|l| (label(s), l.clone())))
+                    .collect(),
+                service: services.first().map_or_else(|| UNSELECTED_SERVICE.into(), |s| label(s)),
+                opaque: protocols.iter().any(|p| Some(p) != first || *p == PortProtocol::Tcp),
+            })
+        };
+        let mut ports: HashMap<u16, (Vec<&SelectingService>, Vec<PortProtocol>)> = HashMap::new();
+        for service in &workload.services {
+            for (port, protocol) in &service.ports {
+                let entry = ports.entry(*port).or_default();
+                if !entry.0.contains(&service) {
+                    entry.0.push(service);
+                }
+                entry.1.push(*protocol);
+            }
+        }
+        let every: Vec<&SelectingService> = workload.services.iter().collect();
+        let unselected = Arc::new(InboundPolicy {
+            mode: default_mtls,
+            authorization: Authorization::for_unselected(workload.default_inbound).map(Arc::new),
+            rate_limits: Arc::new([]),
+            service: UNSELECTED_SERVICE.into(),
+            opaque: false,
+        });
+        Inbound {
+            by_port: ports
+                .into_iter()
+                .map(|(port, (services, protocols))| (port, policy(&services, &protocols)))
+                .collect(),
+            all: if every.is_empty() { unselected.clone() } else { policy(&every, &[]) },
+            unselected,
+        }
+    }
+}
+
+/// The workload of a proxy that declares its Services (`FERRY_SERVICE`, file source): those of `documents` it names,
+/// each selecting its ports' target ports; other ports are allowed, as before there were default inbound policies.
+pub fn declared_workload(declared: &[(String, String)], documents: &[Document]) -> Workload {
+    let services = documents
+        .iter()
+        .filter_map(|d| match d {
+            Document::Service(svc)
+                if declared.iter().any(|(ns, n)| *ns == svc.metadata.namespace && *n == svc.metadata.name) =>
+            {
+                Some(SelectingService {
+                    namespace: svc.metadata.namespace.clone(),
+                    name: svc.metadata.name.clone(),
+                    ports: svc.spec.ports.iter().map(|p| (p.target_port.unwrap_or(p.port), p.protocol)).collect(),
+                })
+            }
+            _ => None,
+        })
+        .collect();
+    Workload::new(services, DefaultInbound::Allow)
+}
+
 fn normalize_host(host: &str) -> String {
     host.trim_end_matches('.').to_ascii_lowercase()
 }
@@ -377,14 +477,14 @@ fn normalize_host(host: &str) -> String {
 /// Holds the live snapshot; sources store into it, the data path only loads.
 pub struct ConfigStore {
     current: ArcSwap<Snapshot>,
-    applied: AtomicBool,
+    applied: tokio::sync::watch::Sender<bool>,
 }
 
 impl ConfigStore {
     pub fn new() -> Self {
         ConfigStore {
             current: ArcSwap::from_pointee(Snapshot { source: "none".into(), ..Default::default() }),
-            applied: AtomicBool::new(false),
+            applied: tokio::sync::watch::Sender::new(false),
         }
     }
 
@@ -394,12 +494,18 @@ impl ConfigStore {
 
     pub fn store(&self, snapshot: Snapshot) {
         self.current.store(Arc::new(snapshot));
-        self.applied.store(true, Ordering::SeqCst);
+        self.applied.send_replace(true);
     }
 
     /// Whether a config source has delivered a config at least once.
     pub fn applied(&self) -> bool {
-        self.applied.load(Ordering::SeqCst)
+        *self.applied.borrow()
+    }
+
+    /// Until a config source has delivered a config, at most `limit`; whether one has.
+    pub async fn wait_applied(&self, limit: std::time::Duration) -> bool {
+        let mut applied = self.applied.subscribe();
+        tokio::time::timeout(limit, applied.wait_for(|a| *a)).await.is_ok_and(|r| r.is_ok())
     }
 }
 
@@ -428,7 +534,8 @@ kind: Service
 metadata: {name: orders, namespace: default}
 spec: {ports: [{port: 80}, {port: 5432, protocol: tcp}]}
 "#;
-        Snapshot::build(1, "test".into(), ferry_xds::parse_documents(yaml).unwrap(), "default", MtlsMode::Permissive)
+        let docs = ferry_xds::parse_documents(yaml).unwrap();
+        Snapshot::build(1, "test".into(), docs, "default", MtlsMode::Permissive, Workload::default())
     }
 
     #[test]
@@ -491,5 +598,87 @@ spec: {ports: [{port: 80}, {port: 5432, protocol: tcp}]}
         assert_eq!(endpoints(&s.route("payments.shop:9090").unwrap()), "127.0.0.1:18001,127.0.0.2:9090");
         assert!(s.is_opaque_port(5432));
         assert!(!s.is_opaque_port(80));
+    }
+
+    #[test]
+    fn inbound_policy_per_port_table() {
+        let yaml = r#"
+apiVersion: ferry.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: strict, namespace: shop}
+spec: {targetRef: {kind: Service, name: strict}, mtls: strict, rateLimit: {requestsPerSecond: 5, burst: 5}}
+---
+apiVersion: ferry.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: lax, namespace: shop}
+spec: {targetRef: {kind: Service, name: lax}, rateLimit: {requestsPerSecond: 50, burst: 50}}
+---
+apiVersion: ferry.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: strict, namespace: shop}
+spec: {targetRef: {kind: Service, name: strict}, defaultAction: deny, allow: [{from: {namespaces: [shop]}}]}
+---
+apiVersion: ferry.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: lax, namespace: shop}
+spec: {targetRef: {kind: Service, name: lax}, defaultAction: allow}
+"#;
+        let service = |name: &str, ports: &[(u16, PortProtocol)]| SelectingService {
+            namespace: "shop".into(),
+            name: name.into(),
+            ports: ports.to_vec(),
+        };
+        let workload = Workload::new(
+            vec![
+                // `strict` and `lax` both select 8080; `lax` alone selects 9090 (and says grpc where `other` says
+                // tcp: the port is opaque); `other` has no policies.
+                service("strict", &[(8080, PortProtocol::Http)]),
+                service("lax", &[(8080, PortProtocol::Http), (9090, PortProtocol::Grpc)]),
+                service("other", &[(9090, PortProtocol::Tcp), (7070, PortProtocol::Http)]),
+            ],
+            DefaultInbound::Deny,
+        );
+        let docs = ferry_xds::parse_documents(yaml).unwrap();
+        let s = Snapshot::build(1, "test".into(), docs, "shop", MtlsMode::Permissive, workload);
+        let (web, stranger) = (Identity::new("shop", "web"), Identity::new("elsewhere", "x"));
+        fn allowed(p: &InboundPolicy, peer: Option<&Identity>, port: u16) -> bool {
+            let call = crate::authz::Call { peer, method: None, path: None, port };
+            crate::authz::decide(p.mode, p.authorization.as_deref(), &call) == crate::authz::Decision::Allow
+        }
+        // (port, label, mode, rate-limited Services, opaque, shop caller allowed, other namespace allowed,
+        // plaintext allowed)
+        type Row<'a> = (Option<u16>, &'a str, MtlsMode, &'a [&'a str], bool, bool, bool, bool);
+        let rows: &[Row] = &[
+            // Both Services: the stricter mode and the deny default win; a token from each bucket.
+            (Some(8080), "lax.shop", MtlsMode::Strict, &["lax.shop", "strict.shop"], false, true, false, false),
+            (Some(9090), "lax.shop", MtlsMode::Permissive, &["lax.shop"], true, true, true, true),
+            (Some(7070), "other.shop", MtlsMode::Permissive, &[], false, true, true, true),
+            // No Service selects it: the default inbound policy (deny) and the mesh's mode.
+            (Some(22), UNSELECTED_SERVICE, MtlsMode::Permissive, &[], false, false, false, false),
+            // No port to go by (one app address): every Service at once.
+            (None, "lax.shop", MtlsMode::Strict, &["lax.shop", "strict.shop"], false, true, false, false),
+        ];
+        for (port, label, mode, limited, opaque, shop, elsewhere, plaintext) in rows {
+            let p = s.inbound_policy(*port);
+            let what = format!("{port:?}");
+            assert_eq!((&*p.service, p.mode, p.opaque), (*label, *mode, *opaque), "{what}");
+            let mut names: Vec<&str> = p.rate_limits.iter().map(|(n, _)| &**n).collect();
+            names.sort();
+            assert_eq!(names, *limited, "{what}");
+            let n = port.unwrap_or(8080);
+            assert_eq!(allowed(p, Some(&web), n), *shop, "{what}: a shop caller");
+            assert_eq!(allowed(p, Some(&stranger), n), *elsewhere, "{what}: another namespace");
+            assert_eq!(allowed(p, None, n), *plaintext, "{what}: plaintext");
+        }
+        let mut ports: Vec<u16> = s.selected_ports().collect();
+        ports.sort();
+        assert_eq!(ports, [7070, 8080, 9090]);
+        // mesh-only admits any mesh identity and no plaintext; allow admits everyone.
+        for (default, mesh, plain) in [(DefaultInbound::MeshOnly, true, false), (DefaultInbound::Allow, true, true)] {
+            let s =
+                Snapshot::build(1, "t".into(), vec![], "shop", MtlsMode::Permissive, Workload::new(vec![], default));
+            let p = s.inbound_policy(Some(22));
+            assert_eq!((allowed(p, Some(&stranger), 22), allowed(p, None, 22)), (mesh, plain), "{default}");
+        }
     }
 }

@@ -15,14 +15,21 @@ pub enum SourceError {
     Invalid { path: PathBuf, source: ferry_xds::ConfigError },
 }
 
-/// Validates the file's content into a snapshot.
-pub fn parse(path: &Path, bytes: &[u8], version: u64, local_namespace: &str) -> Result<Snapshot, SourceError> {
+/// Validates the file's content into a snapshot; the pod serves the `declared` Services (`FERRY_SERVICE`).
+pub fn parse(
+    path: &Path,
+    bytes: &[u8],
+    version: u64,
+    local_namespace: &str,
+    declared: &[(String, String)],
+) -> Result<Snapshot, SourceError> {
     let text = String::from_utf8_lossy(bytes);
     let documents =
         ferry_xds::parse_documents(&text).map_err(|source| SourceError::Invalid { path: path.into(), source })?;
     // No control plane, no identity: nothing is mTLS, so nothing can be strict.
     let mode = ferry_xds::policy::MtlsMode::Permissive;
-    Ok(Snapshot::build(version, format!("file:{}", path.display()), documents, local_namespace, mode))
+    let workload = crate::snapshot::declared_workload(declared, &documents);
+    Ok(Snapshot::build(version, format!("file:{}", path.display()), documents, local_namespace, mode, workload))
 }
 
 /// Watches `path`: loads it now, then again on SIGHUP and whenever its content changes (checked every `poll`).
@@ -30,6 +37,7 @@ pub async fn run_file_source(
     path: PathBuf,
     poll: Duration,
     namespace: String,
+    declared: Vec<(String, String)>,
     store: Arc<ConfigStore>,
     metrics: Arc<Metrics>,
 ) {
@@ -60,7 +68,7 @@ pub async fn run_file_source(
             Err(source) => Err(SourceError::Read { path: path.clone(), source }),
             Ok(bytes) if !forced && last.as_ref() == Some(&bytes) => Ok(None),
             Ok(bytes) => {
-                let parsed = parse(&path, &bytes, version + 1, &namespace);
+                let parsed = parse(&path, &bytes, version + 1, &namespace, &declared);
                 last = Some(bytes);
                 parsed.map(Some)
             }

@@ -10,6 +10,7 @@ use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service
 use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
 use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
 use ferry_xds::protocol::{self, NODE_INBOUND_PORT, NODE_SERVICE, Received, TYPES, short_type};
+use ferry_xds::workload::{DefaultInbound, Workload};
 use ferry_xds::{Document, one_traffic_policy_error};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -26,9 +27,9 @@ const BACKOFF: (Duration, Duration) = (Duration::from_millis(250), Duration::fro
 /// The resources held per type (name → version and document): the last good config.
 #[derive(Debug, Default, Clone)]
 pub struct Resources {
-    types: [BTreeMap<String, (String, Received)>; 4],
+    types: [BTreeMap<String, (String, Received)>; 5],
     /// Which types have had their first response (the snapshot is built only once all have).
-    initialized: [bool; 4],
+    initialized: [bool; 5],
 }
 
 impl Resources {
@@ -88,7 +89,7 @@ impl Resources {
             .flat_map(|t| t.values())
             .filter_map(|(_, r)| match r {
                 Received::Document(d) => Some(d.clone()),
-                Received::Mesh(_) => None,
+                Received::Mesh(_) | Received::Workload(_) => None,
             })
             .collect()
     }
@@ -97,8 +98,18 @@ impl Resources {
     pub fn mesh(&self) -> Option<&protocol::Mesh> {
         self.types[3].values().find_map(|(_, r)| match r {
             Received::Mesh(mesh) => Some(mesh),
-            Received::Document(_) => None,
+            _ => None,
         })
+    }
+
+    /// What this proxy's pod serves, as the control plane answered. Without an answer held (it was removed) nothing
+    /// is served: every port is denied, never open.
+    pub fn workload(&self) -> Workload {
+        let held = self.types[4].values().find_map(|(_, r)| match r {
+            Received::Workload(w) => Some(w.clone()),
+            _ => None,
+        });
+        held.unwrap_or(Workload { services: Vec::new(), default_inbound: DefaultInbound::Deny })
     }
 
     fn versions(&self, index: usize) -> std::collections::HashMap<String, String> {
@@ -106,12 +117,14 @@ impl Resources {
     }
 }
 
-/// What the node tells the control plane: its id, and (with `FERRY_SERVICE`) the Service whose endpoint it registers.
+/// What the node tells the control plane: its id, and (local mode, `FERRY_SERVICE`) the Services whose endpoint it
+/// registers. In Kubernetes mode the control plane ignores the claim: the pod's Services are those selecting it.
 fn node(settings: &Settings, control: &ControlSettings) -> Node {
     let mut fields = std::collections::HashMap::new();
-    if let Some(service) = &settings.service {
-        let service = if service.contains('/') { service.clone() } else { format!("{}/{service}", settings.namespace) };
-        fields.insert(NODE_SERVICE.to_string(), Value { kind: Some(Kind::StringValue(service)) });
+    let declared = settings.declared_services();
+    if !declared.is_empty() {
+        let services = declared.iter().map(|(ns, name)| format!("{ns}/{name}")).collect::<Vec<_>>().join(",");
+        fields.insert(NODE_SERVICE.to_string(), Value { kind: Some(Kind::StringValue(services)) });
         // Local explicit mode (the app address is given): callers dial this proxy's inbound listener directly.
         // Transparent mode: callers dial the pod IP at the service port, and interception delivers it here.
         if let (Some(_), Some(inbound)) = (settings.app_addr, settings.inbound_addrs.first()) {
@@ -258,6 +271,7 @@ async fn session(
                         &settings.namespace,
                         // Without the mesh settings resource, the mode last known stays (never a silent downgrade).
                         resources.mesh().map_or(store.load().default_mtls, |m| m.default_mtls),
+                        resources.workload(),
                     );
                     tracing::info!(version = *version, type_url = %label, generation = %response.system_version_info, changed = response.resources.len(), removed = response.removed_resources.len(), services = snapshot.services.len(), "config applied");
                     store.store(snapshot);
@@ -353,7 +367,21 @@ mod tests {
         let err = r.apply(&bundle(vec![])).unwrap_err();
         assert!(err.contains("at least one root"), "{err}");
         let (_, r) = r.apply(&bundle(vec![ca(true), ca(true)])).unwrap();
+        assert!(!r.ready(), "not before the control plane has said what the pod serves");
+        assert_eq!(r.workload().default_inbound, DefaultInbound::Deny, "no answer held: nothing served");
+        let workload = |w: &Workload| DeltaDiscoveryResponse {
+            type_url: protocol::WORKLOAD_TYPE.into(),
+            resources: vec![Resource {
+                name: "pod/default/web-1".into(),
+                version: "v".into(),
+                resource: Some(protocol::encode_workload(w)),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let (_, r) = r.apply(&workload(&Workload::default())).unwrap();
         assert!(r.ready());
+        assert_eq!(r.workload(), Workload::default());
         let mesh = r.mesh().map(|m| (m.roots_pem.len(), m.default_mtls));
         assert_eq!(mesh, Some((2, ferry_xds::policy::MtlsMode::Strict)));
         assert_eq!(r.documents().len(), 2);

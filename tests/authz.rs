@@ -246,7 +246,7 @@ async fn the_sni_may_name_only_a_port_the_service_declares() {
     let answer = probe.exchange(local.inbound, &sni(debug.addr.port()), request).await;
     assert!(answer.map_or(true, |b| b.is_empty()), "a port the Service does not declare is refused");
     assert_eq!(debug.requests.load(std::sync::atomic::Ordering::SeqCst), 0, "the debug server was never reached");
-    assert!(local.logs().contains("which this workload's Service does not declare"), "{}", local.logs());
+    assert!(local.logs().contains("which no Service selecting this pod declares"), "{}", local.logs());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

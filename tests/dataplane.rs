@@ -77,7 +77,10 @@ async fn http1_keep_alive_and_chunked_through_outbound_and_inbound() {
         ferry.metric(r#"ferry_requests_total{direction="outbound",service="echo.default",status_class="2xx"}"#),
         5.0
     );
-    assert_eq!(ferry.metric(r#"ferry_requests_total{direction="inbound",service="app",status_class="2xx"}"#), 4.0);
+    assert_eq!(
+        ferry.metric(r#"ferry_requests_total{direction="inbound",service="unselected",status_class="2xx"}"#),
+        4.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -141,7 +141,9 @@ fn transparent_interception_between_two_namespaces() {
     let dir = TempDir::new("interception");
     let _apps = pair.server.background(server_apps);
     // Port 9001 is excluded on both sides: it must bypass both proxies.
-    start_sidecar(&pair.server, &dir, "server", "", &[("ferry.dev/skip-inbound-ports", "9001")], "web");
+    // The server pod's Service `web` selects its HTTP and gRPC ports (the inbound metrics label names it there).
+    let server_config = "apiVersion: ferry.dev/v1alpha1\nkind: Service\nmetadata: {name: web}\nspec: {ports: [{port: 8080}, {port: 8081}, {port: 50051, protocol: grpc}]}\n";
+    start_sidecar(&pair.server, &dir, "server", server_config, &[("ferry.dev/skip-inbound-ports", "9001")], "web");
     let client_notes = [("ferry.dev/skip-outbound-ports", "9001")];
     start_sidecar(&pair.client, &dir, "client", &client_config(), &client_notes, "client");
 

@@ -231,10 +231,14 @@ impl Proxy {
         conn: ConnInfo,
     ) -> impl tower::Service<Request<ProxyBody>, Response = Response<ProxyBody>, Error = ProxyError, Future: Send> + Send
     {
-        let policy = self.inbound_policy();
-        let (caller, limit, service) = (conn.peer_identity.clone(), policy.rate_limit.clone(), policy.service.clone());
-        let rate_limit =
-            RateLimitLayer::new(self.rate_limits.clone(), limit, service, caller.clone(), self.metrics.clone());
+        let policy = self.inbound_policy(dest.port);
+        let caller = conn.peer_identity.clone();
+        let rate_limit = RateLimitLayer::new(
+            self.rate_limits.clone(),
+            policy.rate_limits.clone(),
+            caller.clone(),
+            self.metrics.clone(),
+        );
         let authz = AuthzLayer::new(policy, caller, dest.port, self.metrics.clone());
         tower::ServiceBuilder::new()
             // Authorization first: a call the Service does not allow (or plaintext under strict mTLS) never reaches

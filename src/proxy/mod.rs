@@ -31,6 +31,9 @@ use crate::tls::{self, Alpn, ClientHello, MeshTls};
 use pool::Pool;
 use target::ConnInfo;
 
+/// How long an inbound connection that arrives before the first config waits for it before it is refused.
+const INBOUND_CONFIG_WAIT: Duration = Duration::from_secs(10);
+
 /// How long the inbound side waits for a mesh peer's ClientHello on an opaque (server-speaks-first) port before it
 /// treats the connection as an unmeshed client's plaintext.
 const OPAQUE_TLS_PEEK: Duration = Duration::from_millis(300);
@@ -68,10 +71,9 @@ pub struct Proxy {
     pub balancers: Arc<crate::balance::Balancers>,
     /// Trace context per hop and span export.
     tracer: crate::trace::Tracer,
-    /// The `service` label of inbound requests: `name.namespace` of `FERRY_SERVICE`, or `app`.
+    /// The `source` label of outbound requests and the traces' service name: `name.namespace` of the first Service
+    /// `FERRY_SERVICE` declares, or `app`.
     local_service: Arc<str>,
-    /// This workload's Service as (namespace, name): `FERRY_SERVICE` as `ns/name`, or `name` in `FERRY_NAMESPACE`.
-    local: Option<(String, String)>,
     /// Every listener address of this process: never dialled (loop protection).
     own_listeners: Vec<SocketAddr>,
     /// Open connections, for `/config_dump`.
@@ -98,11 +100,7 @@ impl Proxy {
             // Upgrades (WebSocket) between proxies travel as extended CONNECT (RFC 8441).
             .enable_connect_protocol();
         let pool = Pool::new(settings.connect_timeout, settings.pool_idle_timeout, tls.clone(), metrics.clone());
-        let local = settings.service.as_ref().map(|s| match s.split_once('/') {
-            Some((ns, name)) => (ns.to_string(), name.to_string()),
-            None => (settings.namespace.clone(), s.clone()),
-        });
-        let local_service: Arc<str> = match &local {
+        let local_service: Arc<str> = match settings.declared_services().first() {
             Some((ns, name)) => format!("{name}.{ns}").into(),
             None => "app".into(),
         };
@@ -124,7 +122,6 @@ impl Proxy {
             tls,
             pool,
             local_service,
-            local,
             rate_limits: Default::default(),
             breakers: Default::default(),
             limits: Default::default(),
@@ -177,6 +174,16 @@ impl Proxy {
 
     async fn handle(self: Arc<Self>, stream: TcpStream, peer: SocketAddr, direction: Direction) {
         let _in_flight = self.drain.track();
+        // Fail closed: with a control plane, inbound traffic waits (bounded) until it has said what this pod serves,
+        // and is refused if it does not; it is never served with no policy.
+        if direction == Direction::Inbound
+            && self.settings.control.is_some()
+            && !self.store.wait_applied(INBOUND_CONFIG_WAIT).await
+        {
+            self.metrics.tcp_failed.with_label_values(&[direction.as_str(), "unauthorized"]).inc();
+            tracing::warn!(%peer, "inbound connection refused: the control plane has not said yet what this pod serves");
+            return;
+        }
         let conn = match ConnInfo::of(&stream, peer, direction) {
             Ok(c) => c,
             Err(e) => {
@@ -203,7 +210,7 @@ impl Proxy {
         };
         let start = Instant::now();
         let mut hello = None;
-        let opaque = target_port.is_some_and(|p| self.is_opaque_port(p));
+        let opaque = target_port.is_some_and(|p| self.is_opaque_port(direction, p));
         let (protocol, reason) = if opaque && direction == Direction::Outbound {
             (Protocol::Tcp, Reason::OpaquePort)
         } else {
@@ -345,7 +352,7 @@ impl Proxy {
         if direction == Direction::Inbound {
             let call =
                 crate::authz::Call { peer: conn.peer_identity.as_deref(), method: None, path: None, port: dest.port };
-            if let crate::authz::Decision::Deny(why) = self.inbound_policy().check(&call, &self.metrics) {
+            if let crate::authz::Decision::Deny(why) = self.inbound_policy(dest.port).check(&call, &self.metrics) {
                 self.metrics.proxy_error(direction, "unauthorized");
                 self.metrics.tcp_failed.with_label_values(&[direction.as_str(), "unauthorized"]).inc();
                 tracing::info!(peer = %conn.peer, port = dest.port, "opaque connection refused: {why}");
@@ -399,14 +406,18 @@ impl Proxy {
         tracing::warn!(service, error = %e, "opaque connection not forwarded");
     }
 
-    /// What the inbound side enforces now for this workload's Service.
-    pub fn inbound_policy(&self) -> crate::authz::InboundPolicy {
-        let local = self.local.as_ref().map(|(ns, name)| (ns.as_str(), name.as_str()));
-        self.store.load().inbound_policy(local, self.local_service.clone())
+    /// What the inbound side enforces now on a connection or request delivered to the app's `port`: the policy of the
+    /// Services selecting that port. With `FERRY_APP_ADDR` (local mode: every port goes to one app address) the
+    /// port says nothing, so every selecting Service's policy applies at once.
+    pub fn inbound_policy(&self, port: u16) -> Arc<crate::authz::InboundPolicy> {
+        let port = self.settings.app_addr.is_none().then_some(port);
+        self.store.load().inbound_policy(port).clone()
     }
 
-    fn is_opaque_port(&self, port: u16) -> bool {
-        self.settings.opaque_ports.contains(&port) || self.store.load().is_opaque_port(port)
+    fn is_opaque_port(&self, direction: Direction, port: u16) -> bool {
+        let snapshot = self.store.load();
+        let selected = direction == Direction::Inbound && snapshot.inbound_policy(Some(port)).opaque;
+        self.settings.opaque_ports.contains(&port) || selected || snapshot.is_opaque_port(port)
     }
 }
 

@@ -158,7 +158,8 @@ impl Proxy {
                 None => Destination::fixed(PASSTHROUGH_SERVICE.into(), original),
             },
             (Direction::Inbound, original) => {
-                let service = self.local_service.clone();
+                let port = conn.sni_port.or(original.map(|o| o.port()));
+                let service = self.inbound_policy(port.unwrap_or(0)).service.clone();
                 let addr = match (conn.sni_port, original, self.settings.app_addr) {
                     // Local mode: the one app address.
                     (Some(_), _, Some(app)) => app,
@@ -171,7 +172,7 @@ impl Proxy {
                     (Some(port), original, None) => {
                         if original.is_none_or(|o| o.port() != port) && !self.local_target_ports().contains(&port) {
                             let why = format!(
-                                "the peer's SNI names port {port}, which this workload's Service does not declare"
+                                "the peer's SNI names port {port}, which no Service selecting this pod declares"
                             );
                             return Err((service, ProxyError::NoRoute(why)));
                         }
@@ -222,27 +223,19 @@ impl Proxy {
         }
     }
 
-    /// The app ports of this workload's Service (each port's `targetPort`, else the port).
+    /// The pod ports the Services selecting this pod select (their `targetPort`s).
     fn local_target_ports(&self) -> Vec<u16> {
-        let snapshot = self.store.load();
-        let Some((ns, name)) = &self.local else { return Vec::new() };
-        snapshot
-            .service(name, ns)
-            .map(|s| s.spec.ports.iter().map(|p| p.target_port.unwrap_or(p.port)).collect())
-            .unwrap_or_default()
+        self.store.load().selected_ports().collect()
     }
 
-    /// Where inbound traffic goes without an original destination: `FERRY_APP_ADDR`, else the local Service's
-    /// single port on localhost.
+    /// Where inbound traffic goes without an original destination: `FERRY_APP_ADDR`, else the one pod port the
+    /// Services selecting this pod select, on localhost.
     pub fn inbound_target(&self) -> Option<SocketAddr> {
         if let Some(addr) = self.settings.app_addr {
             return Some(addr);
         }
-        let snapshot = self.store.load();
-        let (ns, name) = self.local.as_ref()?;
-        let service = snapshot.service(name, ns)?;
-        match service.spec.ports.as_slice() {
-            [port] => Some(SocketAddr::new(self.app_ip(), port.target_port.unwrap_or(port.port))),
+        match self.local_target_ports().as_slice() {
+            [port] => Some(SocketAddr::new(self.app_ip(), *port)),
             _ => None,
         }
     }

@@ -1,8 +1,8 @@
 //! The delta-ADS server: authenticates proxies by their workload certificate, registers their endpoints, and pushes the `ferry.v1`
 //! model with versions, nonces, ACK/NACK and at most one un-ACKed push per type per proxy.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::net::SocketAddr;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -27,6 +27,7 @@ pub use crate::identity::Identity;
 use crate::protocol::{self, NODE_INBOUND_PORT, NODE_SERVICE, TYPES, short_type};
 use crate::store::{Store, hex, write_atomic};
 use crate::tokens::{Tokens, unix_now};
+use crate::workload::{DefaultInbound, SelectingService, Workload};
 
 /// Changes arriving within this window are pushed together.
 pub const DEBOUNCE: Duration = Duration::from_millis(100);
@@ -139,11 +140,50 @@ impl Push {
     }
 }
 
+/// Index of the Workload type in [`TYPES`] (each proxy gets only its own).
+const WORKLOAD: usize = 4;
+
+/// What one pod (Kubernetes) or one set of declared Services (local mode) serves, as the model publishes it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkloadRecord {
+    pub workload: Workload,
+    /// Kubernetes: the pod's uid and IPs; a stream bound to the pod is checked against them.
+    pub pod: Option<PodBinding>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PodBinding {
+    pub uid: String,
+    pub ips: Vec<IpAddr>,
+}
+
+/// What a stream's proxy is bound to in the model: the Services it serves (it gets their AuthorizationPolicies) and,
+/// for a pod, the pod's uid and IPs.
+#[derive(Debug, Clone, PartialEq)]
+struct Bound {
+    services: BTreeSet<String>,
+    pod: Option<PodBinding>,
+}
+
+/// The Workload resource name of a pod.
+pub fn pod_workload_name(namespace: &str, name: &str) -> String {
+    format!("pod/{namespace}/{name}")
+}
+
+/// The Workload resource name of a local-mode proxy declaring `services` (`namespace/name` each).
+fn local_workload_name(services: &[String]) -> String {
+    let mut sorted = services.to_vec();
+    sorted.sort();
+    sorted.dedup();
+    format!("local/{}", sorted.join(","))
+}
+
 /// Everything the control plane serves, per type, at one generation.
 #[derive(Debug, Default)]
 pub struct Model {
     pub generation: u64,
-    types: [BTreeMap<Arc<str>, Entry>; 4],
+    types: [BTreeMap<Arc<str>, Entry>; 5],
+    bound: BTreeMap<Arc<str>, Bound>,
 }
 
 fn type_index(type_url: &str) -> Option<usize> {
@@ -162,8 +202,15 @@ impl Model {
         documents: Vec<Document>,
         registrations: &[Registration],
         mesh: Option<&protocol::Mesh>,
+        workloads: &BTreeMap<String, WorkloadRecord>,
     ) -> Model {
         let mut model = Model { generation, ..Default::default() };
+        for (name, record) in workloads {
+            let any = protocol::encode_workload(&record.workload);
+            model.types[WORKLOAD].insert(name.as_str().into(), Entry::new(name, any, None));
+            let services = record.workload.services.iter().map(SelectingService::key).collect();
+            model.bound.insert(name.as_str().into(), Bound { services, pod: record.pod.clone() });
+        }
         if let Some(mesh) = mesh {
             let name = protocol::TRUST_BUNDLE_NAME;
             model.types[3].insert(name.into(), Entry::new(name, protocol::encode_mesh(mesh), None));
@@ -217,14 +264,15 @@ impl Model {
     }
 
     fn same_content(&self, other: &Model) -> bool {
-        self.types.iter().zip(&other.types).all(|(a, b)| {
-            a.len() == b.len() && a.iter().zip(b).all(|((n1, e1), (n2, e2))| n1 == n2 && e1.version == e2.version)
-        })
+        self.bound == other.bound
+            && self.types.iter().zip(&other.types).all(|(a, b)| {
+                a.len() == b.len() && a.iter().zip(b).all(|((n1, e1), (n2, e2))| n1 == n2 && e1.version == e2.version)
+            })
     }
 
     /// Resource counts per type (for logs).
-    pub fn counts(&self) -> [usize; 4] {
-        [self.types[0].len(), self.types[1].len(), self.types[2].len(), self.types[3].len()]
+    pub fn counts(&self) -> [usize; 5] {
+        std::array::from_fn(|i| self.types[i].len())
     }
 }
 
@@ -232,7 +280,7 @@ impl Model {
 /// stay until their deadline or until a proxy registers the same Service and address again.
 #[derive(Default)]
 struct Registry {
-    live: BTreeMap<u64, Registration>,
+    live: BTreeMap<u64, Vec<Registration>>,
     retained: Vec<(Registration, Instant)>,
     persisted: Vec<Registration>,
 }
@@ -240,7 +288,7 @@ struct Registry {
 impl Registry {
     fn current(&self) -> Vec<Registration> {
         let mut all: Vec<Registration> =
-            self.live.values().cloned().chain(self.retained.iter().map(|(r, _)| r.clone())).collect();
+            self.live.values().flatten().cloned().chain(self.retained.iter().map(|(r, _)| r.clone())).collect();
         all.sort();
         all.dedup();
         all
@@ -283,7 +331,10 @@ pub struct ProxyStatus {
     /// The expiry of the certificate the stream was opened with (Unix seconds).
     pub certificate_expiry: Option<i64>,
     pub address: Option<SocketAddr>,
+    /// The Services it declared (local mode), comma-separated.
     pub service: Option<String>,
+    /// The Workload resource it is bound to: its pod, or its declared Services.
+    pub workload: Arc<str>,
     pub connected_since: u64,
     types: Mutex<BTreeMap<&'static str, TypeStatus>>,
 }
@@ -311,6 +362,7 @@ impl ProxyStatus {
             "certificateExpiry": self.certificate_expiry,
             "address": self.address.map(|a| a.to_string()),
             "service": self.service,
+            "workload": &*self.workload,
             "connectedSince": self.connected_since,
             "types": types,
             "stale": stale,
@@ -335,14 +387,24 @@ pub struct Xds {
     proxies: Mutex<BTreeMap<u64, Arc<ProxyStatus>>>,
     next_id: AtomicU64,
     endpoints_file: PathBuf,
-    /// Kubernetes mode: where the documents come from instead of the store (the cluster's watched objects).
+    /// Kubernetes mode: where the documents and workloads come from instead of the store (the cluster's watched
+    /// objects).
     source: Mutex<Option<DocumentSource>>,
+    /// Local mode: who may call the ports no declared Service selects.
+    default_inbound: DefaultInbound,
     #[cfg(feature = "testing")]
     injected: Mutex<BTreeMap<String, Any>>,
 }
 
-/// The documents to serve, read at each rebuild.
-pub type DocumentSource = Arc<dyn Fn() -> Vec<Document> + Send + Sync>;
+/// What a document source gives at each rebuild: the documents, and what each meshed pod serves (by Workload name).
+#[derive(Debug, Default)]
+pub struct Sourced {
+    pub documents: Vec<Document>,
+    pub workloads: BTreeMap<String, WorkloadRecord>,
+}
+
+/// The documents (and workloads) to serve, read at each rebuild.
+pub type DocumentSource = Arc<dyn Fn() -> Sourced + Send + Sync>;
 
 impl Xds {
     /// Loads the endpoints registered before a restart (kept for `grace`) and builds the first model.
@@ -353,6 +415,7 @@ impl Xds {
         state_dir: &std::path::Path,
         grace: Duration,
         mesh: protocol::Mesh,
+        default_inbound: DefaultInbound,
     ) -> Arc<Xds> {
         let endpoints_file = state_dir.join("endpoints.json");
         let retained: Vec<Registration> = match std::fs::read(&endpoints_file) {
@@ -390,6 +453,7 @@ impl Xds {
             next_id: AtomicU64::new(1),
             endpoints_file,
             source: Mutex::new(None),
+            default_inbound,
             #[cfg(feature = "testing")]
             injected: Mutex::new(BTreeMap::new()),
         });
@@ -468,17 +532,21 @@ impl Xds {
             current
         };
         let source = self.source.lock().expect("source lock").clone();
-        let documents: Vec<Document> = match source {
+        let Sourced { documents, workloads } = match source {
             Some(source) => source(),
             None => {
                 let store = self.store.lock().expect("store lock");
-                crate::KINDS.iter().flat_map(|k| store.list(k, None)).map(|s| s.document.clone()).collect()
+                let documents: Vec<Document> =
+                    crate::KINDS.iter().flat_map(|k| store.list(k, None)).map(|s| s.document.clone()).collect();
+                drop(store);
+                let workloads = self.local_workloads(&documents);
+                Sourced { documents, workloads }
             }
         };
         let previous = self.published.borrow().clone();
         let mesh = self.mesh.lock().expect("mesh lock").clone();
         #[allow(unused_mut)]
-        let mut model = Model::build(previous.generation + 1, documents, &registrations, Some(&mesh));
+        let mut model = Model::build(previous.generation + 1, documents, &registrations, Some(&mesh), &workloads);
         #[cfg(feature = "testing")]
         for (name, any) in self.injected.lock().expect("injected lock").iter() {
             model.inject(name, any.clone());
@@ -495,6 +563,46 @@ impl Xds {
         tracing::info!(generation = model.generation, resources = ?model.counts(), endpoints = registrations.len(), "model published");
         self.metrics.xds_generation.set(model.generation as i64);
         self.published.send_replace(Arc::new(model));
+    }
+
+    /// Local mode: the workloads of the connected proxies, one per set of declared Services (none declared: every
+    /// port is unselected), from those Services' ports.
+    fn local_workloads(&self, documents: &[Document]) -> BTreeMap<String, WorkloadRecord> {
+        let mut declared: BTreeSet<Vec<String>> = BTreeSet::from([Vec::new()]);
+        for proxy in self.proxies.lock().expect("proxies lock").values() {
+            if proxy.workload.starts_with("local/") {
+                let services = proxy.workload["local/".len()..].split(',').filter(|s| !s.is_empty());
+                declared.insert(services.map(str::to_string).collect());
+            }
+        }
+        let ports: BTreeMap<String, Vec<(u16, crate::PortProtocol)>> = documents
+            .iter()
+            .filter_map(|d| match d {
+                Document::Service(svc) => Some((
+                    format!("{}/{}", svc.metadata.namespace, svc.metadata.name),
+                    svc.spec.ports.iter().map(|p| (p.target_port.unwrap_or(p.port), p.protocol)).collect(),
+                )),
+                _ => None,
+            })
+            .collect();
+        declared
+            .into_iter()
+            .map(|services| {
+                let selecting = services
+                    .iter()
+                    .filter_map(|key| {
+                        let (namespace, name) = key.split_once('/')?;
+                        Some(SelectingService {
+                            namespace: namespace.into(),
+                            name: name.into(),
+                            ports: ports.get(key)?.clone(),
+                        })
+                    })
+                    .collect();
+                let record = WorkloadRecord { workload: Workload::new(selecting, self.default_inbound), pod: None };
+                (local_workload_name(&services), record)
+            })
+            .collect()
     }
 
     /// Test-only: publishes `any` as resource `name` without validation (until `clear_injected`).
@@ -541,32 +649,45 @@ impl Xds {
         Ok(rx)
     }
 
-    /// Checks a proxy's claim to serve `service` and registers `peer_ip:inbound_port` for it.
-    fn register(&self, id: u64, identity: &Identity, peer: SocketAddr, claim: &NodeClaim) -> Result<String, String> {
-        let (ns, name) = match claim.service.split_once('/') {
-            Some((ns, name)) => (ns.to_string(), name.to_string()),
-            None => (identity.namespace.clone(), claim.service.clone()),
-        };
-        let key = crate::store::Key { kind: "Service".into(), namespace: ns.clone(), name: name.clone() };
-        let allowed = match self.store.lock().expect("store lock").get(&key).map(|s| &s.document) {
-            Some(Document::Service(svc)) => {
-                ns == identity.namespace && svc.spec.identities.contains(&identity.service_account)
+    /// Checks a proxy's claim to serve each of its declared Services and registers `peer_ip:inbound_port` for them;
+    /// returns their `namespace/name` keys.
+    fn register(
+        &self,
+        id: u64,
+        identity: &Identity,
+        peer: SocketAddr,
+        claim: &NodeClaim,
+    ) -> Result<Vec<String>, String> {
+        let mut registrations = Vec::new();
+        for declared in &claim.services {
+            let (ns, name) = match declared.split_once('/') {
+                Some((ns, name)) => (ns.to_string(), name.to_string()),
+                None => (identity.namespace.clone(), declared.clone()),
+            };
+            let key = crate::store::Key { kind: "Service".into(), namespace: ns.clone(), name: name.clone() };
+            let allowed = match self.store.lock().expect("store lock").get(&key).map(|s| &s.document) {
+                Some(Document::Service(svc)) => {
+                    ns == identity.namespace && svc.spec.identities.contains(&identity.service_account)
+                }
+                _ => return Err(format!("Service {ns}/{name} does not exist")),
+            };
+            if !allowed {
+                return Err(format!("Service {ns}/{name} does not list identity {}", identity.spiffe()));
             }
-            _ => return Err(format!("Service {ns}/{name} does not exist")),
-        };
-        if !allowed {
-            return Err(format!("Service {ns}/{name} does not list identity {}", identity.spiffe()));
+            // Without an inbound port the endpoint is the bare IP: callers dial the service port, interception
+            // delivers.
+            let address = SocketAddr::new(peer.ip(), claim.inbound_port.unwrap_or(0));
+            registrations.push(Registration { service: format!("{ns}/{name}"), address, identity: identity.clone() });
         }
-        let service = format!("{ns}/{name}");
-        // Without an inbound port the endpoint is the bare IP: callers dial the service port, interception delivers.
-        let address = SocketAddr::new(peer.ip(), claim.inbound_port.unwrap_or(0));
-        let registration = Registration { service: service.clone(), address, identity: identity.clone() };
+        let services: Vec<String> = registrations.iter().map(|r| r.service.clone()).collect();
         let mut registry = self.registry.lock().expect("registry lock");
-        registry.retained.retain(|(r, _)| r.service != registration.service || r.address != registration.address);
-        registry.live.insert(id, registration);
+        registry
+            .retained
+            .retain(|(r, _)| !registrations.iter().any(|n| n.service == r.service && n.address == r.address));
+        registry.live.insert(id, registrations);
         drop(registry);
         self.changed();
-        Ok(service)
+        Ok(services)
     }
 
     /// The stream ended; its endpoint lingers briefly (a reconnect does not flap it), unless its credential was
@@ -576,13 +697,15 @@ impl Xds {
         self.proxies.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
         self.metrics.xds_connected.dec();
         let mut registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(r) = registry.live.remove(&id) {
-            if !revoked {
-                registry.retained.push((r, Instant::now() + DISCONNECT_LINGER));
-            }
-            drop(registry);
-            self.changed();
+        if let Some(registrations) = registry.live.remove(&id)
+            && !revoked
+        {
+            let until = Instant::now() + DISCONNECT_LINGER;
+            registry.retained.extend(registrations.into_iter().map(|r| (r, until)));
         }
+        drop(registry);
+        // Its registrations, and (local mode) its set of declared Services' workload, may be gone.
+        self.changed();
     }
 
     /// One proxy's stream, from its first request to its end.
@@ -619,32 +742,57 @@ impl Xds {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let node = first.node.clone().unwrap_or_default();
         let claim = NodeClaim::of(&node);
-        let mut service = None;
-        if let Some(claim) = &claim {
-            let registered = match peer {
-                Some(peer) => self.register(id, &identity, peer, claim),
-                None => Err("the connection has no peer address".to_string()),
-            };
-            match registered {
-                Ok(s) => service = Some(s),
-                Err(message) => {
-                    self.refuse("service", peer, &format!("{} ({}): {message}", node.id, identity.spiffe()));
-                    let _ = tx.send(Err(Status::permission_denied(message))).await;
-                    return;
+        let kubernetes = self.source.lock().expect("source lock").is_some();
+        let pod = authenticated.pod.clone();
+        // Which Workload the stream is bound to: the pod its certificate was issued for (Kubernetes mode: never a
+        // claim of the proxy's), or the Services it declared (local mode, each checked against its identities).
+        let (service, workload) = match (&pod, kubernetes) {
+            (Some(pod), _) => {
+                if let Some(claim) = &claim {
+                    tracing::info!(node = %node.id, declared = ?claim.services, "ignoring the Services a pod's proxy declares: the pod's Services are those that select it");
+                }
+                (None, pod_workload_name(&identity.namespace, &pod.name))
+            }
+            (None, true) => {
+                let message = "the certificate names no pod: request one with the pod's ServiceAccount token";
+                self.refuse("no-pod", peer, &format!("{} ({}): {message}", node.id, identity.spiffe()));
+                let _ = tx.send(Err(Status::unauthenticated(message))).await;
+                return;
+            }
+            (None, false) => {
+                let registered = match (&claim, peer) {
+                    (None, _) => Ok(Vec::new()),
+                    (Some(claim), Some(peer)) => self.register(id, &identity, peer, claim),
+                    (Some(_), None) => Err("the connection has no peer address".to_string()),
+                };
+                match registered {
+                    Ok(services) => {
+                        let name = local_workload_name(&services);
+                        ((!services.is_empty()).then(|| services.join(",")), name)
+                    }
+                    Err(message) => {
+                        self.refuse("service", peer, &format!("{} ({}): {message}", node.id, identity.spiffe()));
+                        let _ = tx.send(Err(Status::permission_denied(message))).await;
+                        return;
+                    }
                 }
             }
-        }
+        };
+        let workload: Arc<str> = workload.into();
         let status = Arc::new(ProxyStatus {
             node: node.id.clone(),
             identity: identity.clone(),
             certificate_expiry: authenticated.not_after,
             address: peer,
             service: service.clone(),
+            workload: workload.clone(),
             connected_since: unix_now(),
             types: Mutex::new(BTreeMap::new()),
         });
         self.proxies.lock().expect("proxies lock").insert(id, status.clone());
         self.metrics.xds_connected.inc();
+        // Local mode: a new set of declared Services needs its workload in the model.
+        self.changed();
         // From here on, however the task ends (even by a panic), the proxy is unlisted and its endpoint released.
         let mut connected = Connected { xds: self.clone(), id, revoked: false };
         tracing::info!(node = %node.id, identity = %identity.spiffe(), peer = ?peer, service = ?service, "proxy connected");
@@ -654,8 +802,13 @@ impl Xds {
         let expiry = tokio::time::sleep(left.map_or(Duration::MAX / 4, Duration::from_secs));
         tokio::pin!(expiry);
         let mut model_rx = self.published.subscribe();
-        let mut session = Session { id, service: service.map(Arc::from), types: HashMap::new(), nonces: 0 };
+        let mut session = Session { id, workload, types: HashMap::new(), nonces: 0 };
         let mut next = Some(first);
+        // A pod-bound stream waits this long for its pod to appear in the model (a watch event behind the TokenReview's
+        // own lookup); a pod that never appears, or that leaves, ends the stream.
+        let mut pod_seen = false;
+        let unknown_pod = tokio::time::sleep(POD_UNKNOWN_TIMEOUT);
+        tokio::pin!(unknown_pod);
         loop {
             if let Some(request) = next.take()
                 && let Err(refused) = session.on_request(request, &status, &self.metrics, &node.id)
@@ -665,6 +818,21 @@ impl Xds {
                 break;
             }
             let model = model_rx.borrow_and_update().clone();
+            if let Some(pod) = &pod {
+                match model.bound.get(&session.workload).map(|b| check_pod(b, pod, peer)) {
+                    Some(Ok(())) => pod_seen = true,
+                    Some(Err(message)) => {
+                        self.close_unbound(&node.id, &identity, peer, &message, &tx);
+                        break;
+                    }
+                    None if pod_seen => {
+                        let message = format!("pod {}/{} was deleted", identity.namespace, pod.name);
+                        self.close_unbound(&node.id, &identity, peer, &message, &tx);
+                        break;
+                    }
+                    None => {}
+                }
+            }
             let mut end = None;
             for response in session.due(&model, &status) {
                 self.metrics.xds_pushes.with_label_values(&[short_type(response.type_url)]).inc();
@@ -710,6 +878,15 @@ impl Xds {
                     }
                 },
                 r = model_rx.changed() => if r.is_err() { break },
+                _ = &mut unknown_pod, if pod.is_some() && !pod_seen => {
+                    let message = format!(
+                        "pod {}/{} is not a meshed pod the control plane knows",
+                        identity.namespace,
+                        pod.as_ref().map_or("", |p| p.name.as_str())
+                    );
+                    self.close_unbound(&node.id, &identity, peer, &message, &tx);
+                    break;
+                }
                 _ = &mut expiry => {
                     let message = "the certificate this stream was opened with expired; reconnect with the renewed one";
                     tracing::info!(node = %node.id, identity = %identity.spiffe(), "{message}");
@@ -739,6 +916,19 @@ impl Xds {
         }
     }
 
+    /// Ends a pod-bound stream whose pod is gone or is not the one its certificate names.
+    fn close_unbound(
+        &self,
+        node: &str,
+        identity: &Identity,
+        peer: Option<SocketAddr>,
+        message: &str,
+        tx: &mpsc::Sender<Result<Push, Status>>,
+    ) {
+        self.refuse("no-pod", peer, &format!("{node} ({}): {message}; closing its stream", identity.spiffe()));
+        let _ = tx.try_send(Err(Status::unauthenticated(message.to_string())));
+    }
+
     fn close_revoked(
         &self,
         token_id: &str,
@@ -753,26 +943,48 @@ impl Xds {
     }
 }
 
-/// What a proxy's node metadata asks for: registration as an endpoint of `service` on `inbound_port`.
+/// Pure: whether the pod a stream's certificate names is the one the model holds (same uid) and, when both are
+/// known, the stream comes from one of its IPs.
+fn check_pod(bound: &Bound, pod: &crate::identity::PodRef, peer: Option<SocketAddr>) -> Result<(), String> {
+    let Some(binding) = &bound.pod else { return Err("the Workload is not a pod's".into()) };
+    if binding.uid != pod.uid {
+        return Err(format!("pod {} was replaced (uid {} is not {})", pod.name, binding.uid, pod.uid));
+    }
+    match peer {
+        Some(peer) if !binding.ips.is_empty() && !binding.ips.contains(&peer.ip().to_canonical()) => {
+            Err(format!("the stream comes from {}, and pod {} has the IPs {:?}", peer.ip(), pod.name, binding.ips))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// How long a pod-bound stream may wait for its pod to appear in the model.
+const POD_UNKNOWN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What a proxy's node metadata asks for (local mode): registration as an endpoint of each of `services` on
+/// `inbound_port`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct NodeClaim {
-    service: String,
+    services: Vec<String>,
     inbound_port: Option<u16>,
 }
 
 impl NodeClaim {
     fn of(node: &Node) -> Option<NodeClaim> {
         let fields = &node.metadata.as_ref()?.fields;
-        let service = match fields.get(NODE_SERVICE)?.kind.as_ref()? {
-            Kind::StringValue(s) if !s.is_empty() => s.clone(),
+        let services: Vec<String> = match fields.get(NODE_SERVICE)?.kind.as_ref()? {
+            Kind::StringValue(s) => s.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_string).collect(),
             _ => return None,
         };
+        if services.is_empty() {
+            return None;
+        }
         let inbound_port = match fields.get(NODE_INBOUND_PORT).and_then(|v| v.kind.as_ref()) {
             Some(Kind::NumberValue(n)) if *n >= 1.0 && *n <= 65535.0 && n.fract() == 0.0 => Some(*n as u16),
             Some(Kind::StringValue(s)) => s.parse().ok().filter(|p| *p != 0),
             _ => None,
         };
-        Some(NodeClaim { service, inbound_port })
+        Some(NodeClaim { services, inbound_port })
     }
 }
 
@@ -804,7 +1016,8 @@ struct TypeState {
 
 struct Session {
     id: u64,
-    service: Option<Arc<str>>,
+    /// The name of the proxy's Workload resource (its pod, or its declared Services).
+    workload: Arc<str>,
     types: HashMap<&'static str, TypeState>,
     nonces: u64,
 }
@@ -908,12 +1121,18 @@ impl Session {
     fn due(&mut self, model: &Model, status: &ProxyStatus) -> Vec<Push> {
         let mut out = Vec::new();
         // Within one generation the trust bundle goes first (a new root is trusted before anything relies on it),
-        // and policies go before Services: a new Service is never live without its policies (a policy for a Service
-        // the proxy does not know yet is harmless).
-        for index in [3, 2, 1, 0] {
+        // and policies go before the Workload and Services: a Service the pod starts to serve, or a new Service, is
+        // never live without its policies (a policy for a Service the proxy does not serve yet is harmless).
+        let bound = model.bound.get(&self.workload);
+        for index in [3, 2, 1, WORKLOAD, 0] {
             let type_url = &TYPES[index];
             let Some(t) = self.types.get_mut(type_url) else { continue };
             if t.pending.is_some() {
+                continue;
+            }
+            // What the pod serves is answered only once the control plane knows it: until then the proxy is not
+            // ready and serves no inbound traffic (never with "no policy").
+            if index == WORKLOAD && bound.is_none() {
                 continue;
             }
             if t.synced == Some(model.generation) && !t.dirty {
@@ -927,8 +1146,12 @@ impl Session {
                 if !(t.wildcard || t.names.contains(&**name)) {
                     continue;
                 }
+                if index == WORKLOAD && *name != self.workload {
+                    continue;
+                }
+                // An AuthorizationPolicy goes to the proxies of the pods its Service selects.
                 if let Some(target) = &entry.target
-                    && self.service.as_deref() != Some(&**target)
+                    && !bound.is_some_and(|b| b.services.contains(&**target))
                 {
                     continue;
                 }
@@ -1025,11 +1248,11 @@ spec: {targetRef: {kind: Service, name: api}, defaultAction: deny}
             reg("demo/api", "127.0.0.3:1003", "other", "api"),
             reg("demo/web", "127.0.0.4:1004", "demo", "api"),
         ];
-        let model = Model::build(1, docs.clone(), &regs, None);
+        let model = Model::build(1, docs.clone(), &regs, None, &BTreeMap::new());
         assert_eq!(endpoints(&model), ["127.0.0.1:1001"]);
-        assert_eq!(model.counts(), [1, 0, 1, 0]);
-        assert!(model.same_content(&Model::build(2, docs.clone(), &regs, None)));
-        assert!(!model.same_content(&Model::build(2, docs, &regs[..0], None)));
+        assert_eq!(model.counts(), [1, 0, 1, 0, 0]);
+        assert!(model.same_content(&Model::build(2, docs.clone(), &regs, None, &BTreeMap::new())));
+        assert!(!model.same_content(&Model::build(2, docs, &regs[..0], None, &BTreeMap::new())));
     }
 
     /// What a proxy decodes from a push: the framed bytes through the standard message type.
@@ -1048,6 +1271,7 @@ spec: {targetRef: {kind: Service, name: api}, defaultAction: deny}
             identity: Identity { namespace: "demo".into(), service_account: account.into() },
             address: None,
             service: service.map(str::to_string),
+            workload: local_workload_name(&service.map(str::to_string).into_iter().collect::<Vec<_>>()).into(),
             connected_since: 0,
             types: Mutex::default(),
         }
@@ -1057,8 +1281,8 @@ spec: {targetRef: {kind: Service, name: api}, defaultAction: deny}
     fn named_subscriptions() {
         let metrics = ControlMetrics::new();
         let status = proxy_status("api", Some("demo/api"));
-        let model = Model::build(1, crate::parse_documents(DOCS).unwrap(), &[], None);
-        let mut s = Session { id: 1, service: Some("demo/api".into()), types: HashMap::new(), nonces: 0 };
+        let model = Model::build(1, crate::parse_documents(DOCS).unwrap(), &[], None, &BTreeMap::new());
+        let mut s = Session { id: 1, workload: status.workload.clone(), types: HashMap::new(), nonces: 0 };
         // Named: only what is named; a name that does not exist comes back as removed.
         s.on_request(request(protocol::SERVICE_TYPE, &["demo/api", "demo/nope"], "", None), &status, &metrics, "n")
             .unwrap();
@@ -1096,6 +1320,7 @@ spec: {targetRef: {kind: Service, name: api}, defaultAction: deny}
             &dir,
             Duration::from_secs(60),
             test_mesh(),
+            DefaultInbound::Allow,
         );
         assert_eq!(xds.generation(), 1);
         tokio::spawn(xds.clone().run_publisher());
@@ -1112,7 +1337,7 @@ spec: {targetRef: {kind: Service, name: api}, defaultAction: deny}
         }
         tokio::time::sleep(DEBOUNCE * 3).await;
         assert_eq!(xds.generation(), 2, "five changes inside the window: one push");
-        assert_eq!(xds.published.borrow().counts(), [5, 0, 0, 1]);
+        assert_eq!(xds.published.borrow().counts(), [5, 0, 0, 1, 1], "and the workload of proxies declaring nothing");
         // Nothing changed: a notification publishes nothing new.
         xds.changed();
         tokio::time::sleep(DEBOUNCE * 3).await;
@@ -1143,8 +1368,8 @@ spec: {targetRef: {kind: Service, name: api}, defaultAction: deny}
         let metrics = ControlMetrics::new();
         let status = proxy_status("web", None);
         let docs = crate::parse_documents(DOCS).unwrap();
-        let m1 = Model::build(1, docs.clone(), &[], None);
-        let mut s = Session { id: 7, service: None, types: HashMap::new(), nonces: 0 };
+        let m1 = Model::build(1, docs.clone(), &[], None, &BTreeMap::new());
+        let mut s = Session { id: 7, workload: status.workload.clone(), types: HashMap::new(), nonces: 0 };
         // Wildcard subscription to Services and AuthorizationPolicies.
         s.on_request(request(protocol::SERVICE_TYPE, &[], "", None), &status, &metrics, "n").unwrap();
         s.on_request(request(protocol::AUTHORIZATION_POLICY_TYPE, &["*"], "", None), &status, &metrics, "n").unwrap();
@@ -1158,7 +1383,8 @@ spec: {targetRef: {kind: Service, name: api}, defaultAction: deny}
         assert_eq!(out[0].type_url, protocol::SERVICE_TYPE);
         assert!(protocol::decode("demo/api", out[0].resources[0].resource.as_ref().unwrap()).is_ok());
         // At most one push in flight: a new generation waits for the ACK.
-        let m2 = Model::build(2, docs.clone(), &[reg("demo/api", "127.0.0.1:1", "demo", "api")], None);
+        let m2 =
+            Model::build(2, docs.clone(), &[reg("demo/api", "127.0.0.1:1", "demo", "api")], None, &BTreeMap::new());
         assert!(s.due(&m2, &status).is_empty());
         s.on_request(request(protocol::SERVICE_TYPE, &[], &out[0].nonce, None), &status, &metrics, "n").unwrap();
         s.on_request(request(protocol::AUTHORIZATION_POLICY_TYPE, &[], &out[1].nonce, None), &status, &metrics, "n")
@@ -1176,17 +1402,83 @@ spec: {targetRef: {kind: Service, name: api}, defaultAction: deny}
         assert_eq!(json["stale"], true);
         // Nothing is resent at the same generation; the next one resends what the proxy refused (it kept the old).
         assert!(s.due(&m2, &status).is_empty());
-        let m2b = Model::build(3, docs.clone(), &[reg("demo/api", "127.0.0.1:1", "demo", "api")], None);
+        let m2b =
+            Model::build(3, docs.clone(), &[reg("demo/api", "127.0.0.1:1", "demo", "api")], None, &BTreeMap::new());
         let again: Vec<DeltaDiscoveryResponse> = s.due(&m2b, &status).iter().map(wire).collect();
         assert_eq!(again.len(), 1);
         assert_eq!(again[0].resources[0].version, out2[0].resources[0].version, "the refused version, again");
         s.on_request(request(protocol::SERVICE_TYPE, &[], &again[0].nonce, None), &status, &metrics, "n").unwrap();
         assert_eq!(status.to_json(Instant::now())["stale"], false, "an ACK of the whole difference clears it");
         // Deleting the Service is a removal.
-        let m3 = Model::build(4, docs[1..].to_vec(), &[], None);
+        let m3 = Model::build(4, docs[1..].to_vec(), &[], None, &BTreeMap::new());
         let out3: Vec<DeltaDiscoveryResponse> = s.due(&m3, &status).iter().map(wire).collect();
         assert_eq!(out3[0].removed_resources, ["demo/api"]);
         assert_eq!(metrics.xds_acks.with_label_values(&["Service"]).get(), 2);
         assert_eq!(metrics.xds_nacks.with_label_values(&["Service"]).get(), 1);
+    }
+
+    #[test]
+    fn each_proxy_gets_its_own_workload_and_the_policies_of_the_services_selecting_it() {
+        let metrics = ControlMetrics::new();
+        let docs = crate::parse_documents(DOCS).unwrap();
+        let record = |services: &[&str]| WorkloadRecord {
+            workload: Workload::new(
+                services
+                    .iter()
+                    .map(|n| SelectingService {
+                        namespace: "demo".into(),
+                        name: n.to_string(),
+                        ports: vec![(8080, crate::PortProtocol::Http)],
+                    })
+                    .collect(),
+                DefaultInbound::MeshOnly,
+            ),
+            pod: Some(PodBinding { uid: "u1".into(), ips: vec!["10.0.0.5".parse().unwrap()] }),
+        };
+        let workloads = BTreeMap::from([
+            (pod_workload_name("demo", "api-1"), record(&["api"])),
+            (pod_workload_name("demo", "web-1"), record(&[])),
+        ]);
+        let model = Model::build(1, docs, &[], None, &workloads);
+        // (the proxy's Workload name, the AuthorizationPolicies it gets, whether its Workload is answered)
+        for (workload, policies, answered) in [
+            ("pod/demo/api-1", vec!["demo/api"], true),
+            ("pod/demo/web-1", vec![], true),
+            ("pod/demo/unknown-1", vec![], false),
+        ] {
+            let mut status = proxy_status("x", None);
+            status.workload = workload.into();
+            let mut s = Session { id: 1, workload: workload.into(), types: HashMap::new(), nonces: 0 };
+            for t in [protocol::AUTHORIZATION_POLICY_TYPE, protocol::WORKLOAD_TYPE] {
+                s.on_request(request(t, &[], "", None), &status, &metrics, "n").unwrap();
+            }
+            let out: Vec<DeltaDiscoveryResponse> = s.due(&model, &status).iter().map(wire).collect();
+            let names = |t: &str| -> Option<Vec<String>> {
+                out.iter().find(|r| r.type_url == t).map(|r| r.resources.iter().map(|x| x.name.clone()).collect())
+            };
+            assert_eq!(
+                names(protocol::AUTHORIZATION_POLICY_TYPE),
+                Some(policies.iter().map(|p| p.to_string()).collect()),
+                "{workload}"
+            );
+            let own = names(protocol::WORKLOAD_TYPE);
+            assert_eq!(own, answered.then(|| vec![workload.to_string()]), "{workload}: only its own, once known");
+            if answered {
+                let r = &out.iter().find(|r| r.type_url == protocol::WORKLOAD_TYPE).unwrap().resources[0];
+                let Ok(protocol::Received::Workload(w)) = protocol::decode(&r.name, r.resource.as_ref().unwrap())
+                else {
+                    panic!("not a Workload")
+                };
+                assert_eq!(w.default_inbound, DefaultInbound::MeshOnly);
+            }
+        }
+        // A stream is bound to the pod its certificate names: same uid, from one of its IPs.
+        let bound = &model.bound[&*pod_workload_name("demo", "api-1")];
+        let pod = |uid: &str| crate::identity::PodRef { name: "api-1".into(), uid: uid.into() };
+        let from = |ip: &str| Some(SocketAddr::new(ip.parse().unwrap(), 40000));
+        assert_eq!(check_pod(bound, &pod("u1"), from("10.0.0.5")), Ok(()));
+        assert_eq!(check_pod(bound, &pod("u1"), from("::ffff:10.0.0.5")), Ok(()));
+        assert!(check_pod(bound, &pod("u0"), from("10.0.0.5")).unwrap_err().contains("replaced"));
+        assert!(check_pod(bound, &pod("u1"), from("10.0.0.9")).unwrap_err().contains("comes from 10.0.0.9"));
     }
 }

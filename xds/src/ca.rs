@@ -14,7 +14,7 @@ use rcgen::{
 use x509_parser::certification_request::X509CertificationRequest;
 use x509_parser::prelude::FromDer;
 
-use crate::identity::{Identity, TOKEN_UNIT_PREFIX};
+use crate::identity::{Identity, Lineage};
 use crate::tokens::unix_now;
 use time::{Duration, OffsetDateTime};
 
@@ -158,13 +158,13 @@ impl Ca {
 
     /// Issues a workload certificate for `identity` valid for `lifetime`, to the key of `csr_der` (PKCS#10, its
     /// signature checked: the requester holds the key). Everything else in the request — subject, SANs, extensions
-    /// such as CA:TRUE — is ignored: the leaf is CA:FALSE with one URI SAN, the identity's SPIFFE ID. `token_id`
-    /// records the join token the certificate's lineage started from (see [`TOKEN_UNIT_PREFIX`]).
+    /// such as CA:TRUE — is ignored: the leaf is CA:FALSE with one URI SAN, the identity's SPIFFE ID. `lineage`
+    /// records what the certificate's lineage started from (a join token, or the pod; see [`Lineage`]).
     pub fn certify(
         &self,
         csr_der: &[u8],
         identity: &Identity,
-        token_id: Option<&str>,
+        lineage: Lineage<'_>,
         lifetime: std::time::Duration,
     ) -> Result<Issued, CaError> {
         let (rest, csr) = X509CertificationRequest::from_der(csr_der)
@@ -179,8 +179,8 @@ impl Ca {
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "ferry.dev");
-        if let Some(id) = token_id {
-            dn.push(DnType::OrganizationalUnitName, format!("{TOKEN_UNIT_PREFIX}{id}"));
+        if let Some(unit) = lineage.unit() {
+            dn.push(DnType::OrganizationalUnitName, unit);
         }
         params.distinguished_name = dn;
         params.is_ca = IsCa::ExplicitNoCa;

@@ -9,7 +9,7 @@ use tonic::{Request, Response, Status};
 
 use crate::api::ControlMetrics;
 use crate::ca::MeshCa;
-use crate::identity::{self, Identity};
+use crate::identity::{self, Identity, Lineage, PodRef};
 use crate::resources::pb;
 use crate::serving::PeerInfo;
 use crate::tokens::{TokenError, Tokens};
@@ -26,6 +26,19 @@ pub struct Authenticated {
     pub credential: &'static str,
     /// The presented certificate's expiry (Unix seconds), when a certificate was presented.
     pub not_after: Option<i64>,
+    /// Kubernetes mode: the pod the ServiceAccount token was bound to, or the presented certificate was issued for.
+    pub pod: Option<PodRef>,
+}
+
+impl Authenticated {
+    /// What a certificate issued on this authentication records of its lineage.
+    pub fn lineage(&self) -> Lineage<'_> {
+        match (&self.pod, &self.token_id) {
+            (Some(pod), _) => Lineage::Pod(pod),
+            (None, Some(id)) => Lineage::JoinToken(id),
+            (None, None) => Lineage::None,
+        }
+    }
 }
 
 /// Why a request was refused: `reason` is the metric label, `message` what the client and the log see.
@@ -61,6 +74,7 @@ pub fn by_certificate(tokens: &Mutex<Tokens>, chain: &[CertificateDer<'_>]) -> R
         token_id: info.token_id,
         credential: "certificate",
         not_after: Some(info.not_after),
+        pod: info.pod,
     })
 }
 
@@ -78,6 +92,7 @@ pub fn by_token(tokens: &Mutex<Tokens>, authorization: Option<&str>, now: u64) -
             token_id: Some(record.id.clone()),
             credential: "join-token",
             not_after: None,
+            pod: None,
         }),
         Err(e) => {
             let reason = match e {
@@ -92,10 +107,14 @@ pub fn by_token(tokens: &Mutex<Tokens>, authorization: Option<&str>, now: u64) -
 }
 
 /// Checks a bearer credential that is not a join token (Kubernetes mode: the pod's ServiceAccount token, by a
-/// TokenReview).
+/// TokenReview), and that the pod a certificate was issued for still exists (renewals).
 #[tonic::async_trait]
 pub trait BearerCheck: Send + Sync {
     async fn check(&self, token: &str, peer: Option<std::net::SocketAddr>) -> Result<Authenticated, Refusal>;
+
+    /// Whether the pod `authenticated` names still exists with the same uid and service account (and, when known,
+    /// the caller's IP): a deleted pod's certificate is never renewed.
+    fn still_bound(&self, authenticated: &Authenticated, peer: Option<std::net::SocketAddr>) -> Result<(), Refusal>;
 }
 
 /// Signs workload certificates for authenticated proxies.
@@ -126,7 +145,11 @@ impl pb::identity_server::Identity for CertifyService {
         let peer = info.as_ref().and_then(|i| i.remote);
         // A presented certificate wins: a renewal must not fall back to a (possibly stale) token.
         let authenticated = match info.and_then(|i| i.certs).filter(|c| !c.is_empty()) {
-            Some(chain) => by_certificate(&self.tokens, &chain),
+            // Kubernetes mode: a renewal also proves that the pod it was issued for still exists.
+            Some(chain) => by_certificate(&self.tokens, &chain).and_then(|a| match &self.bearer {
+                Some(check) => check.still_bound(&a, peer).map(|()| a),
+                None => Ok(a),
+            }),
             None => {
                 let authorization = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
                 match (&self.bearer, authorization.and_then(|v| v.strip_prefix("Bearer "))) {
@@ -145,11 +168,10 @@ impl pb::identity_server::Identity for CertifyService {
         // Signed in place: an ECDSA P-256 signature and a CSR check take tens of microseconds, less than handing
         // them to the blocking pool, whose extra threads (and their allocator arenas) a burst of thousands of
         // proxies would otherwise grow.
-        let token = authenticated.token_id.as_deref();
         let issued = self
             .ca
             .signing()
-            .certify(&csr, &authenticated.identity, token, self.lifetime)
+            .certify(&csr, &authenticated.identity, authenticated.lineage(), self.lifetime)
             .map_err(|e| self.refuse(Refusal::new("bad-request", e.to_string()), peer))?;
         self.metrics.certificates_issued.with_label_values(&[authenticated.credential]).inc();
         tracing::info!(identity = %authenticated.identity, peer = ?peer, credential = authenticated.credential, not_after = issued.not_after, "workload certificate issued");

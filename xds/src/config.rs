@@ -98,7 +98,7 @@ pub struct ServicePort {
 }
 
 /// What a port speaks. `http` is detected per connection (HTTP/1 or h2c); `tcp` is never inspected.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PortProtocol {
     #[default]
@@ -375,7 +375,14 @@ fn validate_service(spec: &ServiceSpec, errors: &mut Vec<FieldError>) {
         }
     }
     for (i, id) in spec.identities.iter().enumerate() {
-        check_name(&format!("spec.identities[{i}]"), id, errors);
+        // A service account of the Service's namespace, or (a pod of another namespace) its full SPIFFE ID.
+        if id.starts_with("spiffe://") {
+            if let Err(e) = crate::identity::Identity::parse(id) {
+                errors.push(field(&format!("spec.identities[{i}]"), e.to_string()));
+            }
+        } else {
+            check_name(&format!("spec.identities[{i}]"), id, errors);
+        }
     }
     for (i, e) in spec.endpoints.iter().enumerate() {
         if parse_endpoint_address(&e.address, 1).is_none() {

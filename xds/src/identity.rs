@@ -11,6 +11,36 @@ use crate::TRUST_DOMAIN;
 /// (`join-token <id>`), so that revoking the token also ends renewals and xDS streams of its certificates. The token
 /// id is public (`ferryctl token list`); the secret never appears.
 pub const TOKEN_UNIT_PREFIX: &str = "join-token ";
+/// In Kubernetes mode the organizational unit names the pod the certificate's lineage was issued for
+/// (`pod <name> <uid>`; the namespace is the identity's): any replica, and a restarted control plane, can check that
+/// the pod still exists before renewing, and bind an xDS stream to it.
+pub const POD_UNIT_PREFIX: &str = "pod ";
+
+/// The pod a Kubernetes-mode certificate was issued for (in its identity's namespace).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct PodRef {
+    pub name: String,
+    pub uid: String,
+}
+
+/// What a certificate's lineage started from, recorded in the certificate itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lineage<'a> {
+    None,
+    JoinToken(&'a str),
+    Pod(&'a PodRef),
+}
+
+impl Lineage<'_> {
+    /// The organizational unit that records it.
+    pub fn unit(&self) -> Option<String> {
+        match self {
+            Lineage::None => None,
+            Lineage::JoinToken(id) => Some(format!("{TOKEN_UNIT_PREFIX}{id}")),
+            Lineage::Pod(pod) => Some(format!("{POD_UNIT_PREFIX}{} {}", pod.name, pod.uid)),
+        }
+    }
+}
 
 /// Seconds since the Unix epoch, the unit of certificate validity here.
 pub fn unix_now() -> i64 {
@@ -89,6 +119,8 @@ pub struct CertInfo {
     pub serial: String,
     /// The join token the certificate's lineage started from, if the CA recorded one.
     pub token_id: Option<String>,
+    /// Kubernetes mode: the pod it was issued for.
+    pub pod: Option<PodRef>,
 }
 
 /// Reads a DER workload certificate: exactly one `spiffe://` URI SAN, in this trust domain.
@@ -105,17 +137,19 @@ pub fn inspect(cert_der: &[u8]) -> Result<CertInfo, IdentityError> {
         }
     }
     let [uri] = uris.as_slice() else { return Err(IdentityError::UriSans(uris.len())) };
-    let token_id = cert
-        .subject()
-        .iter_organizational_unit()
-        .filter_map(|ou| ou.as_str().ok())
-        .find_map(|ou| ou.strip_prefix(TOKEN_UNIT_PREFIX).map(str::to_string));
+    let units: Vec<&str> = cert.subject().iter_organizational_unit().filter_map(|ou| ou.as_str().ok()).collect();
+    let token_id = units.iter().find_map(|ou| ou.strip_prefix(TOKEN_UNIT_PREFIX).map(str::to_string));
+    let pod = units.iter().find_map(|ou| {
+        let (name, uid) = ou.strip_prefix(POD_UNIT_PREFIX)?.split_once(' ')?;
+        Some(PodRef { name: name.to_string(), uid: uid.to_string() })
+    });
     Ok(CertInfo {
         identity: Identity::parse(uri)?,
         not_before: cert.validity().not_before.timestamp(),
         not_after: cert.validity().not_after.timestamp(),
         serial: cert.raw_serial_as_string().replace(':', "").to_uppercase(),
         token_id,
+        pod,
     })
 }
 

@@ -27,6 +27,7 @@ pub mod serving;
 pub mod store;
 #[cfg(feature = "server")]
 pub mod tokens;
+pub mod workload;
 
 pub use config::{
     API_VERSION, ConfigError, Document, Endpoint, FieldError, KINDS, Metadata, PortProtocol, Service, ServicePort,

@@ -294,9 +294,10 @@ pub enum LoadBalancer {
     LeastRequest,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[cfg_attr(feature = "kubernetes", derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
+// Ordered from laxest to strictest: the strictest of several Services selecting one port wins.
 pub enum MtlsMode {
     /// The Service's proxies also accept plaintext from clients outside the mesh (the default).
     #[default]

@@ -12,11 +12,15 @@ pub const SERVICE_TYPE: &str = "type.googleapis.com/ferry.v1.Service";
 pub const TRAFFIC_POLICY_TYPE: &str = "type.googleapis.com/ferry.v1.TrafficPolicy";
 pub const AUTHORIZATION_POLICY_TYPE: &str = "type.googleapis.com/ferry.v1.AuthorizationPolicy";
 pub const TRUST_BUNDLE_TYPE: &str = "type.googleapis.com/ferry.v1.TrustBundle";
+pub const WORKLOAD_TYPE: &str = "type.googleapis.com/ferry.v1.Workload";
 /// The one TrustBundle resource's name.
 pub const TRUST_BUNDLE_NAME: &str = "mesh";
 
 /// Every type a proxy subscribes to, in the order it subscribes (Services first, so policies find their targets).
-pub const TYPES: [&str; 4] = [SERVICE_TYPE, TRAFFIC_POLICY_TYPE, AUTHORIZATION_POLICY_TYPE, TRUST_BUNDLE_TYPE];
+/// A proxy's snapshot is built only once every type has answered: the Workload answer (what its pod serves, possibly
+/// nothing) comes only once the control plane knows the pod, so a proxy never serves inbound without it.
+pub const TYPES: [&str; 5] =
+    [SERVICE_TYPE, TRAFFIC_POLICY_TYPE, AUTHORIZATION_POLICY_TYPE, TRUST_BUNDLE_TYPE, WORKLOAD_TYPE];
 
 /// The node metadata key naming the Service (`namespace/name` or `name` in the identity's namespace) whose endpoint
 /// the proxy registers, and the key for the port its inbound listener takes mesh traffic on.
@@ -81,6 +85,12 @@ pub fn encode_mesh(mesh: &Mesh) -> Any {
 pub enum Received {
     Document(Document),
     Mesh(Mesh),
+    Workload(crate::workload::Workload),
+}
+
+/// Packs what one pod serves.
+pub fn encode_workload(workload: &crate::workload::Workload) -> Any {
+    Any { type_url: WORKLOAD_TYPE.to_string(), value: workload.encode() }
 }
 
 /// Why a received resource was refused; the text goes into the NACK's `error_detail`.
@@ -112,6 +122,9 @@ pub fn decode(name: &str, any: &Any) -> Result<Received, DecodeError> {
             Err(_) => return Err(fail(format!("default_mtls: unknown mode {}", bundle.default_mtls))),
         };
         return Ok(Received::Mesh(Mesh { roots_pem: bundle.roots_pem, default_mtls }));
+    }
+    if any.type_url == WORKLOAD_TYPE {
+        return crate::workload::Workload::decode(&any.value).map(Received::Workload).map_err(fail);
     }
     let resource = match any.type_url.as_str() {
         SERVICE_TYPE => pb::Service::decode(any.value.as_slice()).map(Resource::Service),

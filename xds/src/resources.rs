@@ -40,6 +40,26 @@ fn target(name: &str) -> TargetRef {
     TargetRef { kind: "Service".into(), name: name.to_string() }
 }
 
+/// A port's protocol on the wire.
+pub fn protocol_to_pb(protocol: PortProtocol) -> pb::Protocol {
+    match protocol {
+        PortProtocol::Http => pb::Protocol::Http,
+        PortProtocol::Http2 => pb::Protocol::Http2,
+        PortProtocol::Grpc => pb::Protocol::Grpc,
+        PortProtocol::Tcp => pb::Protocol::Tcp,
+    }
+}
+
+/// A port's protocol from the wire (an unknown value is detected per connection, as `http` is).
+pub fn protocol_from_pb(protocol: i32) -> PortProtocol {
+    match pb::Protocol::try_from(protocol).unwrap_or(pb::Protocol::Http) {
+        pb::Protocol::Http => PortProtocol::Http,
+        pb::Protocol::Http2 => PortProtocol::Http2,
+        pb::Protocol::Grpc => PortProtocol::Grpc,
+        pb::Protocol::Tcp => PortProtocol::Tcp,
+    }
+}
+
 /// Document → resource (what the control plane sends).
 pub fn to_resource(doc: &Document) -> Resource {
     match doc {
@@ -51,12 +71,7 @@ pub fn to_resource(doc: &Document) -> Resource {
                 .iter()
                 .map(|p| pb::Port {
                     port: p.port.into(),
-                    protocol: match p.protocol {
-                        PortProtocol::Http => pb::Protocol::Http,
-                        PortProtocol::Http2 => pb::Protocol::Http2,
-                        PortProtocol::Grpc => pb::Protocol::Grpc,
-                        PortProtocol::Tcp => pb::Protocol::Tcp,
-                    } as i32,
+                    protocol: protocol_to_pb(p.protocol) as i32,
                     name: p.name.clone().unwrap_or_default(),
                     target_port: p.target_port.map(u32::from).unwrap_or(0),
                 })
@@ -169,12 +184,7 @@ pub fn from_resource(resource: Resource) -> Result<Document, ConfigError> {
                     .map(|p| ServicePort {
                         // Out-of-range ports become 0, which validation refuses with the field named.
                         port: u16::try_from(p.port).unwrap_or(0),
-                        protocol: match pb::Protocol::try_from(p.protocol).unwrap_or(pb::Protocol::Http) {
-                            pb::Protocol::Http => PortProtocol::Http,
-                            pb::Protocol::Http2 => PortProtocol::Http2,
-                            pb::Protocol::Grpc => PortProtocol::Grpc,
-                            pb::Protocol::Tcp => PortProtocol::Tcp,
-                        },
+                        protocol: protocol_from_pb(p.protocol),
                         name: (!p.name.is_empty()).then_some(p.name),
                         target_port: (p.target_port != 0).then(|| u16::try_from(p.target_port).unwrap_or(0)),
                     })

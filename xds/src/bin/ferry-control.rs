@@ -82,6 +82,11 @@ struct ServeArgs {
     /// unmeshed clients' own TLS) or `strict` (mesh mTLS only).
     #[arg(long, env = "FERRY_MTLS_MODE", default_value = "permissive", value_parser = mtls_mode)]
     mtls_mode: ferry_xds::policy::MtlsMode,
+    /// Who may call a pod port that no Service selects: `allow` (anyone, as without a mesh; Linkerd's
+    /// all-unauthenticated), `mesh-only` (callers with a mesh identity) or `deny`. A pod's
+    /// `ferry.dev/default-inbound-policy` annotation overrides it; `--mtls-mode` still decides those ports' mTLS.
+    #[arg(long, env = "FERRY_DEFAULT_INBOUND_POLICY", default_value = "allow")]
+    default_inbound_policy: ferry_xds::workload::DefaultInbound,
     /// Extra DNS names for the serving certificate of the xDS port (besides ferry-control and localhost).
     #[arg(long = "server-name", env = "FERRY_CONTROL_SERVER_NAMES", value_delimiter = ',')]
     server_names: Vec<String>,
@@ -217,6 +222,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         &args.state_dir,
         args.endpoint_grace,
         ferry_xds::protocol::Mesh { roots_pem: ca.trust_bundle(), default_mtls: args.mtls_mode },
+        args.default_inbound_policy,
     );
     let cluster = kube_client.clone().map(|client| {
         let xds = xds.clone();
@@ -227,11 +233,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         cluster.wait_until_synced().await;
         let (verdicts, mut changed) = tokio::sync::watch::channel(Vec::new());
         let source = cluster.clone();
+        let default_inbound = args.default_inbound_policy;
         // Served from the first model on: nothing before the cluster has been listed once.
         xds.set_source(Arc::new(move || {
-            let (documents, v) = source.documents();
+            let (sourced, v) = source.documents(default_inbound);
             verdicts.send_replace(v);
-            documents
+            sourced
         }));
         let (writer, ca, client) = (cluster.clone(), ca.clone(), kube_client.clone().expect("a client"));
         tokio::spawn(async move {

@@ -22,8 +22,7 @@ use serde_json::json;
 use super::discovery::{ClusterView, Verdict};
 use super::inject::{CA_ROOT_CONFIGMAP, INJECT, TOKEN_AUDIENCE};
 use crate::certify::{Authenticated, Refusal};
-use crate::config::Document;
-use crate::identity::Identity;
+use crate::identity::{Identity, PodRef};
 use crate::policy::{AuthorizationPolicyResource, TrafficPolicyResource};
 
 /// The Secret holding the mesh root, in the control plane's namespace.
@@ -35,8 +34,8 @@ const MANAGER: &str = "ferry-control";
 
 /// `(kind, namespace, name)` of a policy object.
 type PolicyKey = (&'static str, String, String);
-/// The generation and error of the last status written.
-type Written = (Option<i64>, Option<String>);
+/// The generation, error and resolution of the last status written.
+type Written = (Option<i64>, Option<String>, Option<(bool, &'static str, String)>);
 
 /// Live, watched copies of what discovery reads.
 pub struct Cluster {
@@ -125,21 +124,26 @@ impl Cluster {
         }
     }
 
-    /// The documents to serve now; the verdicts go to [`Cluster::write_statuses`].
-    pub fn documents(&self) -> (Vec<Document>, Vec<Verdict>) {
-        super::discovery::documents(&self.view())
+    /// The documents and workloads to serve now; the verdicts go to [`Cluster::write_statuses`].
+    pub fn documents(&self, default_inbound: crate::workload::DefaultInbound) -> (crate::ads::Sourced, Vec<Verdict>) {
+        let view = self.view();
+        let (documents, mut verdicts) = super::discovery::documents(&view);
+        let workloads = super::discovery::workloads(&view, default_inbound);
+        super::discovery::resolve(&mut verdicts, &view, &workloads);
+        (crate::ads::Sourced { documents, workloads }, verdicts)
     }
 
     /// Writes each policy's `Accepted` condition where it changed since last written (replicas write the same).
     pub async fn write_statuses(&self, verdicts: Vec<Verdict>) {
         for v in verdicts {
             let key = (v.kind, v.namespace.clone(), v.name.clone());
-            let value = (v.generation, v.error.clone());
+            let value = (v.generation, v.error.clone(), v.resolved.clone());
             if self.written.lock().expect("status lock").get(&key) == Some(&value) {
                 continue;
             }
-            let condition = accepted_condition(&v);
-            let patch = Patch::Merge(json!({"status": {"conditions": [condition]}}));
+            let conditions: Vec<Condition> =
+                std::iter::once(accepted_condition(&v)).chain(resolved_condition(&v)).collect();
+            let patch = Patch::Merge(json!({"status": {"conditions": conditions}}));
             let params = PatchParams::apply(MANAGER);
             let result = match v.kind {
                 "TrafficPolicy" => Api::<TrafficPolicyResource>::namespaced(self.client.clone(), &v.namespace)
@@ -220,10 +224,18 @@ impl Cluster {
             .await
             .map_err(|e| Refusal { reason: "unavailable", message: format!("TokenReview failed: {e}") })?;
         let status = answer.status.unwrap_or_default();
-        let identity = token_identity(&status, peer, |ns, name| {
-            self.pods.get(&reflector::ObjectRef::new(name).within(ns)).map(|p| (*p).clone())
-        })?;
-        Ok(Authenticated { identity, token_id: None, credential: "service-account-token", not_after: None })
+        let (identity, pod) = token_identity(&status, peer, |ns, name| self.pod(ns, name))?;
+        Ok(Authenticated {
+            identity,
+            token_id: None,
+            credential: "service-account-token",
+            not_after: None,
+            pod: Some(pod),
+        })
+    }
+
+    fn pod(&self, namespace: &str, name: &str) -> Option<Pod> {
+        self.pods.get(&reflector::ObjectRef::new(name).within(namespace)).map(|p| (*p).clone())
     }
 }
 
@@ -232,17 +244,33 @@ impl crate::certify::BearerCheck for Cluster {
     async fn check(&self, token: &str, peer: Option<SocketAddr>) -> Result<Authenticated, Refusal> {
         self.review_token(token, peer).await
     }
+
+    fn still_bound(&self, authenticated: &Authenticated, peer: Option<SocketAddr>) -> Result<(), Refusal> {
+        let Some(pod) = &authenticated.pod else {
+            return Err(Refusal {
+                reason: "no-pod",
+                message: "the certificate names no pod; request a new one with the ServiceAccount token".into(),
+            });
+        };
+        let identity = &authenticated.identity;
+        pod_matches(identity, pod, peer, |ns, name| self.pod(ns, name))
+    }
 }
 
 /// Pods are the bulk of a cluster: keep what discovery and token checks read (name, namespace, uid, labels, the
-/// service account, container names, phase and IPs), not their specs' env, volumes or annotations.
+/// default-inbound-policy annotation, the service account, container names and ports, phase and IPs), not their
+/// specs' env, volumes or other annotations.
 fn trim_pod(pod: &mut Pod) {
-    pod.metadata.annotations = None;
+    let note = super::inject::annotation::DEFAULT_INBOUND_POLICY;
+    pod.metadata.annotations = pod.metadata.annotations.take().and_then(|mut all| {
+        let kept: BTreeMap<String, String> = all.remove_entry(note).into_iter().collect();
+        (!kept.is_empty()).then_some(kept)
+    });
     pod.metadata.owner_references = None;
     if let Some(spec) = pod.spec.take() {
         let names = |list: Vec<k8s_openapi::api::core::v1::Container>| {
             list.into_iter()
-                .map(|c| k8s_openapi::api::core::v1::Container { name: c.name, ..Default::default() })
+                .map(|c| k8s_openapi::api::core::v1::Container { name: c.name, ports: c.ports, ..Default::default() })
                 .collect()
         };
         pod.spec = Some(k8s_openapi::api::core::v1::PodSpec {
@@ -274,17 +302,31 @@ pub fn accepted_condition(v: &Verdict) -> Condition {
     }
 }
 
+/// The `ResolvedRefs` condition of an accepted policy: whether its Service exists and selects a meshed pod.
+pub fn resolved_condition(v: &Verdict) -> Option<Condition> {
+    let (ok, reason, message) = v.resolved.clone()?;
+    Some(Condition {
+        type_: "ResolvedRefs".into(),
+        status: if ok { "True" } else { "False" }.into(),
+        reason: reason.into(),
+        message,
+        observed_generation: v.generation,
+        last_transition_time: Time(jiff_now()),
+    })
+}
+
 fn jiff_now() -> k8s_openapi::jiff::Timestamp {
     k8s_openapi::jiff::Timestamp::now()
 }
 
-/// Pure: who a reviewed token belongs to. It must be authenticated for the `ferry.dev` audience, name a service
-/// account, and be bound to a pod that exists, runs as that account, and (when known) has the caller's IP.
+/// Pure: who a reviewed token belongs to, and the pod it is bound to. It must be authenticated for the `ferry.dev`
+/// audience, name a service account, and be bound to a pod that exists, runs as that account, and (when known) has
+/// the caller's IP.
 pub fn token_identity(
     status: &TokenReviewStatus,
     peer: Option<SocketAddr>,
     pod: impl Fn(&str, &str) -> Option<Pod>,
-) -> Result<Identity, Refusal> {
+) -> Result<(Identity, PodRef), Refusal> {
     let refuse = |reason: &'static str, message: String| Refusal { reason, message };
     if status.authenticated != Some(true) {
         let why = status.error.clone().unwrap_or_else(|| "not authenticated".into());
@@ -308,29 +350,43 @@ pub fn token_identity(
             "the token is not bound to a pod (use the projected token ferry injects)".into(),
         ));
     };
-    let Some(pod) = pod(ns, &pod_name) else {
+    let identity = Identity::new(ns, sa);
+    let bound = PodRef { name: pod_name, uid: pod_uid };
+    pod_matches(&identity, &bound, peer, pod)?;
+    Ok((identity, bound))
+}
+
+/// Pure: the pod `bound` names exists in the identity's namespace with that uid, runs as the identity's service
+/// account and (when both are known) has the caller's IP.
+pub fn pod_matches(
+    identity: &Identity,
+    bound: &PodRef,
+    peer: Option<SocketAddr>,
+    pod: impl Fn(&str, &str) -> Option<Pod>,
+) -> Result<(), Refusal> {
+    let refuse = |reason: &'static str, message: String| Refusal { reason, message };
+    let (ns, sa, pod_name) = (&identity.namespace, &identity.service_account, &bound.name);
+    let Some(pod) = pod(ns, pod_name) else {
         return Err(refuse("no-pod", format!("pod {ns}/{pod_name} does not exist")));
     };
-    if pod.metadata.uid.as_deref() != Some(pod_uid.as_str()) {
-        return Err(refuse("no-pod", format!("pod {ns}/{pod_name} is not the pod the token was issued to")));
+    if pod.metadata.uid.as_deref() != Some(bound.uid.as_str()) {
+        return Err(refuse("no-pod", format!("pod {ns}/{pod_name} is not the pod the credential was issued to")));
     }
     let runs_as = pod.spec.as_ref().and_then(|s| s.service_account_name.clone()).unwrap_or_else(|| "default".into());
-    if runs_as != sa {
+    if runs_as != *sa {
         return Err(refuse("mismatch", format!("pod {ns}/{pod_name} runs as {runs_as}, not {sa}")));
     }
-    let pod_ips: Vec<String> = pod.status.as_ref().map_or_else(Vec::new, |s| {
-        s.pod_ips.iter().flatten().map(|ip| ip.ip.clone()).chain(s.pod_ip.clone()).collect()
-    });
+    let pod_ips = super::discovery::pod_ips(&pod);
     if let Some(peer) = peer
         && !pod_ips.is_empty()
-        && !pod_ips.iter().any(|ip| ip.parse::<std::net::IpAddr>().ok() == Some(peer.ip()))
+        && !pod_ips.contains(&peer.ip().to_canonical())
     {
         return Err(refuse(
             "mismatch",
             format!("pod {ns}/{pod_name} has IP {pod_ips:?}, the request came from {}", peer.ip()),
         ));
     }
-    Ok(Identity::new(ns, sa))
+    Ok(())
 }
 
 /// Puts the mesh root into `state_dir` (`ca.crt`, `ca.key`) from the Secret `ferry-ca` in `namespace`, creating the
@@ -437,7 +493,8 @@ mod tests {
             move |ns: &str, name: &str| (ns == "shop" && name == "web-1").then(|| pod(sa, uid, "10.1.0.5"))
         };
         let good = reviewed("system:serviceaccount:shop:web", bound("web-1", "p1"), json!(["ferry.dev"]));
-        assert_eq!(token_identity(&good, Some(peer), pods("web", "p1")).unwrap(), Identity::new("shop", "web"));
+        let (identity, pod) = token_identity(&good, Some(peer), pods("web", "p1")).unwrap();
+        assert_eq!((identity, pod.name.as_str(), pod.uid.as_str()), (Identity::new("shop", "web"), "web-1", "p1"));
         let cases = [
             (
                 TokenReviewStatus {
@@ -477,7 +534,7 @@ mod tests {
                 pods("web", "p1"),
                 "does not exist",
             ),
-            (good.clone(), Some(peer), pods("web", "p0"), "not the pod the token was issued to"),
+            (good.clone(), Some(peer), pods("web", "p0"), "not the pod the credential was issued to"),
             (good.clone(), Some(peer), pods("admin", "p1"), "runs as admin, not web"),
             (
                 good.clone(),

@@ -7,8 +7,10 @@ use k8s_openapi::api::core::v1::{Pod, Service as KubeService};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::ResourceExt;
 
+use crate::ads::{PodBinding, WorkloadRecord, pod_workload_name};
 use crate::config::{Document, Endpoint, Metadata, PortProtocol, Service, ServicePort, ServiceSpec};
 use crate::policy::{AuthorizationPolicy, AuthorizationPolicyResource, TrafficPolicy, TrafficPolicyResource};
+use crate::workload::{DefaultInbound, SelectingService, Workload};
 
 /// The label EndpointSlices carry naming their Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -32,6 +34,32 @@ pub struct Verdict {
     pub generation: Option<i64>,
     /// `None`: accepted; otherwise every error, each naming its field.
     pub error: Option<String>,
+    /// The Service the policy targets (`spec.targetRef.name`, in the policy's namespace).
+    pub target: String,
+    /// Whether that Service exists and selects a meshed pod (whose proxy enforces the policy): `None` until
+    /// [`resolve`] says, else `(true, "ResolvedRefs", …)` or `(false, reason, message)`.
+    pub resolved: Option<(bool, &'static str, String)>,
+}
+
+/// Says, for each accepted policy, whether its Service exists and selects any meshed pod (`kubectl get` then shows
+/// whether anything enforces it).
+pub fn resolve(verdicts: &mut [Verdict], view: &ClusterView, workloads: &BTreeMap<String, WorkloadRecord>) {
+    let served: BTreeSet<String> =
+        workloads.values().flat_map(|w| w.workload.services.iter().map(SelectingService::key)).collect();
+    for v in verdicts.iter_mut().filter(|v| v.error.is_none()) {
+        let key = format!("{}/{}", v.namespace, v.target);
+        let exists = view
+            .services
+            .iter()
+            .any(|s| s.namespace().as_deref() == Some(v.namespace.as_str()) && s.name_any() == v.target);
+        v.resolved = Some(if !exists {
+            (false, "BackendNotFound", format!("Service {key} does not exist: nothing enforces this policy"))
+        } else if !served.contains(&key) {
+            (false, "NoMeshedPods", format!("Service {key} selects no meshed pod: nothing enforces this policy"))
+        } else {
+            (true, "ResolvedRefs", format!("Service {key} selects meshed pods, whose proxies enforce this policy"))
+        });
+    }
 }
 
 /// A pod runs Ferry's proxy (it was injected): its endpoints are called over mTLS as its service account.
@@ -41,6 +69,17 @@ pub fn is_meshed(pod: &Pod) -> bool {
         s.init_containers.iter().flatten().chain(&s.containers).any(|c| c.name == super::inject::PROXY_CONTAINER)
     });
     labelled || has_proxy
+}
+
+/// The pod's IPs (`status.podIPs`, and `status.podIP`).
+pub fn pod_ips(pod: &Pod) -> Vec<std::net::IpAddr> {
+    let status = pod.status.as_ref();
+    let listed = status.into_iter().flat_map(|s| s.pod_ips.iter().flatten().map(|ip| ip.ip.clone()));
+    let mut ips: Vec<std::net::IpAddr> =
+        listed.chain(status.and_then(|s| s.pod_ip.clone())).filter_map(|ip| ip.parse().ok()).collect();
+    ips.sort();
+    ips.dedup();
+    ips
 }
 
 /// What a Service port speaks, from its `appProtocol` or, like Istio, its name's prefix (`grpc-web`, `http2-api`);
@@ -70,6 +109,7 @@ pub fn service(
     svc: &KubeService,
     slices: &[&EndpointSlice],
     pods: &BTreeMap<(String, String), &Pod>,
+    by_ip: &BTreeMap<std::net::IpAddr, &Pod>,
 ) -> Option<Service> {
     let spec = svc.spec.as_ref()?;
     if spec.type_.as_deref() == Some("ExternalName") {
@@ -122,15 +162,21 @@ pub fn service(
             if ep.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
                 continue;
             }
-            let pod =
+            let target =
                 ep.target_ref.as_ref().filter(|r| r.kind.as_deref() == Some("Pod")).and_then(|r| {
                     pods.get(&(r.namespace.clone().unwrap_or_else(|| namespace.clone()), r.name.clone()?))
                 });
-            let identity = pod
-                .filter(|p| is_meshed(p))
-                .and_then(|p| p.spec.as_ref()?.service_account_name.clone().or_else(|| Some("default".into())));
             for address in &ep.addresses {
-                endpoints.insert(address.clone(), identity.clone());
+                // Whether an address is meshed, and as whom, comes from the pod that has it, whatever the slice
+                // says: a slice (of any namespace) listing a meshed pod's IP without its targetRef cannot make calls
+                // to it plaintext. The targetRef only counts for a pod that has no IP yet.
+                let owner = address
+                    .parse::<std::net::IpAddr>()
+                    .ok()
+                    .and_then(|ip| by_ip.get(&ip).copied())
+                    .or(target.copied().filter(|p| pod_ips(p).is_empty()));
+                endpoints
+                    .insert(address.clone(), owner.filter(|p| is_meshed(p)).map(|p| identity_entry(p, &namespace)));
             }
         }
     }
@@ -146,12 +192,39 @@ pub fn service(
     })
 }
 
+/// How a Service of `namespace` names the identity of a meshed pod: its service account, or (a pod of another
+/// namespace) its full SPIFFE ID.
+fn identity_entry(pod: &Pod, namespace: &str) -> String {
+    let account = pod.spec.as_ref().and_then(|s| s.service_account_name.clone()).unwrap_or_else(|| "default".into());
+    let pod_namespace = pod.namespace().unwrap_or_default();
+    if pod_namespace == namespace { account } else { crate::identity::Identity::new(&pod_namespace, &account).spiffe() }
+}
+
+/// The live pods (not finished: a finished pod's IP may be another pod's now) by IP.
+fn pods_by_ip(pods: &[Pod]) -> BTreeMap<std::net::IpAddr, &Pod> {
+    let live = pods
+        .iter()
+        .filter(|p| !matches!(p.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded") | Some("Failed")));
+    let mut by_ip = BTreeMap::new();
+    for pod in live {
+        for ip in pod_ips(pod) {
+            // Pods sharing an IP (the node's, with hostNetwork) are never meshed: a meshed one wins.
+            let slot = by_ip.entry(ip).or_insert(pod);
+            if is_meshed(pod) {
+                *slot = pod;
+            }
+        }
+    }
+    by_ip
+}
+
 /// The documents for one view of the cluster, each validated by the same rules as the local store; the policies'
 /// verdicts. A refused policy is left out (the proxies keep what they have for its Service: nothing invalid reaches a
 /// proxy), and a second TrafficPolicy for one Service is refused in favour of the older one.
 pub fn documents(view: &ClusterView) -> (Vec<Document>, Vec<Verdict>) {
     let pods: BTreeMap<(String, String), &Pod> =
         view.pods.iter().map(|p| ((p.namespace().unwrap_or_default(), p.name_any()), p)).collect();
+    let by_ip = pods_by_ip(&view.pods);
     let mut docs = Vec::new();
     for svc in &view.services {
         let (name, namespace) = (svc.name_any(), svc.namespace().unwrap_or_default());
@@ -161,7 +234,7 @@ pub fn documents(view: &ClusterView) -> (Vec<Document>, Vec<Verdict>) {
             .filter(|s| s.namespace().as_deref() == Some(namespace.as_str()))
             .filter(|s| s.labels().get(SERVICE_NAME_LABEL) == Some(&name))
             .collect();
-        if let Some(service) = service(svc, &slices, &pods) {
+        if let Some(service) = service(svc, &slices, &pods, &by_ip) {
             match validated(Document::Service(service)) {
                 Ok(doc) => docs.push(doc),
                 Err(e) => tracing::warn!(service = %format!("{namespace}/{name}"), error = %e, "Service not routable"),
@@ -188,7 +261,7 @@ pub fn documents(view: &ClusterView) -> (Vec<Document>, Vec<Verdict>) {
                 }
             }
         }
-        verdicts.push(verdict("TrafficPolicy", &p.metadata, &result));
+        verdicts.push(verdict("TrafficPolicy", &p.metadata, &p.spec.target_ref.name, &result));
         if let Ok(doc) = result {
             docs.push(doc);
         }
@@ -196,12 +269,103 @@ pub fn documents(view: &ClusterView) -> (Vec<Document>, Vec<Verdict>) {
     for p in &view.authorization_policies {
         let doc = AuthorizationPolicy { metadata: metadata(&p.metadata), spec: p.spec.clone() };
         let result = validated(Document::AuthorizationPolicy(doc));
-        verdicts.push(verdict("AuthorizationPolicy", &p.metadata, &result));
+        verdicts.push(verdict("AuthorizationPolicy", &p.metadata, &p.spec.target_ref.name, &result));
         if let Ok(doc) = result {
             docs.push(doc);
         }
     }
     (docs, verdicts)
+}
+
+/// What each meshed pod serves, by Workload name: the Services of its namespace that select it — by their selector
+/// against its labels, or by an EndpointSlice endpoint that targets it, ready or not (a starting pod gets its
+/// policies before it is ready) — with the pod ports each selects (its target ports; a named one resolved against
+/// the pod's container ports); and who may call its other ports (its annotation, else `default`).
+pub fn workloads(view: &ClusterView, default: DefaultInbound) -> BTreeMap<String, WorkloadRecord> {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    let mut out = BTreeMap::new();
+    for pod in view.pods.iter().filter(|p| is_meshed(p)) {
+        let (namespace, name) = (pod.namespace().unwrap_or_default(), pod.name_any());
+        let labels = pod.labels();
+        let container_port = |port_name: &str| {
+            let spec = pod.spec.as_ref()?;
+            let containers = spec.containers.iter().chain(spec.init_containers.iter().flatten());
+            containers.flat_map(|c| c.ports.iter().flatten()).find_map(|p| {
+                (p.name.as_deref() == Some(port_name) && p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+                    .then(|| u16::try_from(p.container_port).ok())
+                    .flatten()
+            })
+        };
+        let mut selecting = Vec::new();
+        for svc in view.services.iter().filter(|s| s.namespace().as_deref() == Some(namespace.as_str())) {
+            let Some(spec) = svc.spec.as_ref().filter(|s| s.type_.as_deref() != Some("ExternalName")) else {
+                continue;
+            };
+            let by_selector = spec
+                .selector
+                .as_ref()
+                .is_some_and(|sel| !sel.is_empty() && sel.iter().all(|(k, v)| labels.get(k) == Some(v)));
+            let svc_name = svc.name_any();
+            let slices = view.slices.iter().filter(|s| {
+                s.namespace().as_deref() == Some(namespace.as_str())
+                    && s.labels().get(SERVICE_NAME_LABEL) == Some(&svc_name)
+            });
+            // The slices' own port numbers are the resolved target ports of the Service ports of the same name.
+            let mut slice_ports: BTreeMap<String, u16> = BTreeMap::new();
+            let mut by_slice = false;
+            for slice in slices {
+                let targets_pod = slice.endpoints.iter().any(|e| {
+                    e.target_ref.as_ref().is_some_and(|r| {
+                        r.kind.as_deref() == Some("Pod")
+                            && r.name.as_deref() == Some(name.as_str())
+                            && r.namespace.as_deref().unwrap_or(namespace.as_str()) == namespace
+                            && r.uid.as_ref().is_none_or(|uid| pod.metadata.uid.as_ref() == Some(uid))
+                    })
+                });
+                if targets_pod {
+                    by_slice = true;
+                    for p in slice.ports.iter().flatten() {
+                        if let Some(port) = p.port.and_then(|n| u16::try_from(n).ok()) {
+                            slice_ports.insert(p.name.clone().unwrap_or_default(), port);
+                        }
+                    }
+                }
+            }
+            if !by_selector && !by_slice {
+                continue;
+            }
+            let mut ports = Vec::new();
+            for p in spec.ports.iter().flatten() {
+                if p.protocol.as_deref().is_some_and(|proto| proto != "TCP") {
+                    continue;
+                }
+                let target = match &p.target_port {
+                    Some(IntOrString::Int(n)) => u16::try_from(*n).ok(),
+                    Some(IntOrString::String(port_name)) => container_port(port_name),
+                    None => u16::try_from(p.port).ok(),
+                }
+                .or_else(|| slice_ports.get(p.name.as_deref().unwrap_or("")).copied());
+                if let Some(target) = target.filter(|t| *t != 0) {
+                    ports.push((target, port_protocol(p.app_protocol.as_deref(), p.name.as_deref())));
+                }
+            }
+            selecting.push(SelectingService { namespace: namespace.clone(), name: svc_name, ports });
+        }
+        let note = pod.annotations().get(super::inject::annotation::DEFAULT_INBOUND_POLICY);
+        let default_inbound = match note.map(|v| v.parse::<DefaultInbound>()) {
+            None => default,
+            Some(Ok(policy)) => policy,
+            Some(Err(e)) => {
+                // Admission refuses such a value; one that got past it (a pod created before) fails closed.
+                tracing::warn!(pod = %format!("{namespace}/{name}"), error = %e, "bad {} annotation: denying its unselected ports", super::inject::annotation::DEFAULT_INBOUND_POLICY);
+                DefaultInbound::Deny
+            }
+        };
+        let binding = PodBinding { uid: pod.metadata.uid.clone().unwrap_or_default(), ips: pod_ips(pod) };
+        let record = WorkloadRecord { workload: Workload::new(selecting, default_inbound), pod: Some(binding) };
+        out.insert(pod_workload_name(&namespace, &name), record);
+    }
+    out
 }
 
 fn metadata(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Metadata {
@@ -215,6 +379,7 @@ fn metadata(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -
 fn verdict(
     kind: &'static str,
     meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    target: &str,
     result: &Result<Document, String>,
 ) -> Verdict {
     Verdict {
@@ -223,6 +388,8 @@ fn verdict(
         name: meta.name.clone().unwrap_or_default(),
         generation: meta.generation,
         error: result.as_ref().err().cloned(),
+        target: target.to_string(),
+        resolved: None,
     }
 }
 

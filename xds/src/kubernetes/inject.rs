@@ -48,6 +48,9 @@ pub mod annotation {
     pub const REWRITE_APP_PROBES: &str = "ferry.dev/rewrite-app-probes";
     pub const NATIVE_SIDECAR: &str = "ferry.dev/native-sidecar";
     pub const LOG_LEVEL: &str = "ferry.dev/proxy-log-level";
+    /// Who may call the pod's ports that no Service selects (`allow`, `mesh-only`, `deny`); read by the control plane
+    /// from the running pod, overriding `ferry-control --default-inbound-policy`.
+    pub const DEFAULT_INBOUND_POLICY: &str = "ferry.dev/default-inbound-policy";
 }
 
 /// Cluster-wide settings of the injector (flags of `ferryctl inject`, the webhook's configuration).
@@ -225,6 +228,10 @@ pub fn inject_template(template: &mut Value, settings: &Settings) -> Result<Outc
             ));
         }
     };
+    if let Some(v) = notes.get(annotation::DEFAULT_INBOUND_POLICY) {
+        v.parse::<crate::workload::DefaultInbound>()
+            .map_err(|e| error(&format!("metadata.annotations[{}]", annotation::DEFAULT_INBOUND_POLICY), e))?;
+    }
     let init = init_container(settings, &notes)?;
     let rewrite = notes.get(annotation::REWRITE_APP_PROBES).map(String::as_str) != Some("false");
     let spec = template["spec"].as_object_mut().expect("checked above");

@@ -3,6 +3,8 @@
 //! `410 Gone` that makes clients list again), TokenReviews answered from a table, and the writes the control plane
 //! makes (Secrets, ConfigMaps, status patches, the webhook's caBundle), recorded for assertions.
 
+#![allow(dead_code)]
+
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
