@@ -681,4 +681,24 @@ spec: {targetRef: {kind: Service, name: lax}, defaultAction: allow}
             assert_eq!((allowed(p, Some(&stranger), 22), allowed(p, None, 22)), (mesh, plain), "{default}");
         }
     }
+
+    #[test]
+    fn an_endpoint_listed_with_an_identity_anywhere_stays_meshed() {
+        // `grab` lists the address first, without an identity; `api` lists it as a meshed endpoint.
+        let yaml = r#"
+apiVersion: ferry.dev/v1alpha1
+kind: Service
+metadata: {name: grab, namespace: evil}
+spec: {ports: [{port: 8080}], endpoints: [{address: "10.1.0.5"}]}
+---
+apiVersion: ferry.dev/v1alpha1
+kind: Service
+metadata: {name: api, namespace: shop}
+spec: {ports: [{port: 8080}], identities: [api], endpoints: [{address: "10.1.0.5", identity: api}]}
+"#;
+        let docs = ferry_xds::parse_documents(yaml).unwrap();
+        let s = Snapshot::build(1, "t".into(), docs, "shop", MtlsMode::Permissive, Workload::default());
+        let route = s.route_original("10.1.0.5:8080".parse().unwrap()).unwrap();
+        assert_eq!(route.target, Target::Endpoint(Endpoint { addr: "10.1.0.5:8080".parse().unwrap(), meshed: true }));
+    }
 }

@@ -384,5 +384,26 @@ async fn kubernetes_discovery_and_identity_through_the_api_server() {
     });
     assert_ne!(http_get(ghost.health, "/health/startup").map(|r| r.0), Some(200), "no identity, not started");
     assert!(cp.logs().contains("pod shop/ghost-1 does not exist"), "{}", cp.logs());
+
+    // Lineage: a certificate issued on web-1's token names the pod (any replica, or a restarted control plane, can
+    // check it); its renewal re-checks that the pod still exists with that uid.
+    let root = state.join("ca.crt");
+    let key = rcgen::KeyPair::generate().unwrap();
+    let csr =
+        || rcgen::CertificateParams::new(Vec::<String>::new()).unwrap().serialize_request(&key).unwrap().pem().unwrap();
+    let issued = mesh::certify_at(xds, &root, csr(), Some("token-web-1"), None).await.unwrap();
+    let leaf = ferry_xds::identity::pem_certificates(&issued.chain_pem[0]).unwrap().remove(0);
+    let info = ferry_xds::identity::inspect(&leaf).unwrap();
+    assert_eq!(info.pod, Some(ferry_xds::identity::PodRef { name: "web-1".into(), uid: "uid-web-1".into() }));
+    let client = Some((issued.chain_pem[0].clone(), key.serialize_pem()));
+    assert!(mesh::certify_at(xds, &root, csr(), None, client.clone()).await.is_ok(), "renewed while the pod exists");
+    // The pod is deleted: no renewal, and its proxy's xDS stream is closed.
+    api.delete(PODS, "shop", "web-1");
+    wait("the deleted pod's stream is closed", &mut || {
+        cp.logs().contains("pod shop/web-1 was deleted; closing its stream")
+    });
+    let refused = mesh::certify_at(xds, &root, csr(), None, client).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+    assert!(refused.message().contains("pod shop/web-1 does not exist"), "{refused:?}");
     drop(web);
 }

@@ -38,14 +38,25 @@ pub async fn certify(
     token: Option<&str>,
     client: Option<(String, String)>,
 ) -> Result<pb::CertifyResponse, tonic::Status> {
-    let root = std::fs::read(cp.state.join("ca.crt")).unwrap();
+    certify_at(cp.xds, &cp.state.join("ca.crt"), csr_pem, token, client).await
+}
+
+/// [`certify`] against the control plane at `xds` whose root is in the file `root`.
+pub async fn certify_at(
+    xds: SocketAddr,
+    root: &std::path::Path,
+    csr_pem: String,
+    token: Option<&str>,
+    client: Option<(String, String)>,
+) -> Result<pb::CertifyResponse, tonic::Status> {
+    let root = std::fs::read(root).unwrap();
     let mut tls = tonic::transport::ClientTlsConfig::new()
         .ca_certificate(tonic::transport::Certificate::from_pem(root))
         .domain_name("localhost");
     if let Some((cert, key)) = client {
         tls = tls.identity(tonic::transport::Identity::from_pem(cert, key));
     }
-    let channel = tonic::transport::Endpoint::from_shared(format!("https://{}", cp.xds))
+    let channel = tonic::transport::Endpoint::from_shared(format!("https://{xds}"))
         .unwrap()
         .tls_config(tls)
         .unwrap()

@@ -11,13 +11,21 @@ pub enum DurationError {
     Malformed(String),
     #[error("`{0}`: duration too large")]
     Overflow(String),
+    #[error("`{0}`: longer than {MAX_DURATION_TEXT} characters")]
+    TooLong(String),
 }
+
+/// The longest duration text accepted (the CRD schema's `maxLength` too).
+pub const MAX_DURATION_TEXT: usize = 32;
 
 /// Parses `250ms`, `2s`, `1m30s`, `1h`, `0s`. A bare number is refused: the unit is never guessed.
 pub fn parse_duration(text: &str) -> Result<Duration, DurationError> {
     let s = text.trim();
     if s.is_empty() {
         return Err(DurationError::Empty);
+    }
+    if s.len() > MAX_DURATION_TEXT {
+        return Err(DurationError::TooLong(s.to_string()));
     }
     let malformed = || DurationError::Malformed(s.to_string());
     let mut total = Duration::ZERO;

@@ -86,6 +86,7 @@ impl schemars::JsonSchema for Duration {
     fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
         schemars::json_schema!({
             "type": "string",
+            "maxLength": bounds::DURATION,
             "pattern": DURATION_PATTERN,
             "description": "A duration with units: 250ms, 2s, 1m30s, 1h.",
         })
@@ -94,6 +95,23 @@ impl schemars::JsonSchema for Duration {
 
 /// Durations as the CRD schema matches them (the same grammar as [`parse_duration`]).
 pub const DURATION_PATTERN: &str = "^([0-9]+(ms|s|m|h))+$";
+
+/// Bounds of the policies' strings and lists, checked by the store's validation and carried by the CRD schema (so
+/// that the API server can bound the cost of the CEL rules that read them).
+pub mod bounds {
+    /// A duration's text.
+    pub const DURATION: usize = crate::duration::MAX_DURATION_TEXT;
+    /// A Service or namespace name.
+    pub const NAME: usize = 253;
+    /// A SPIFFE ID.
+    pub const IDENTITY: usize = 512;
+    /// A path prefix.
+    pub const PATH: usize = 1024;
+    /// An HTTP method.
+    pub const METHOD: usize = 32;
+    /// `spec.allow` rules, and the entries of any list in a rule or in `retries.on`.
+    pub const LIST: usize = 64;
+}
 
 /// The `status` of a policy object in Kubernetes mode: an `Accepted` condition (`False` with the error, naming the
 /// field, when the control plane refused it).
@@ -112,7 +130,7 @@ pub struct PolicyStatus {
 pub struct TargetRef {
     #[cfg_attr(feature = "kubernetes", schemars(extend("enum" = ["Service"])))]
     pub kind: String,
-    #[cfg_attr(feature = "kubernetes", schemars(length(min = 1)))]
+    #[cfg_attr(feature = "kubernetes", schemars(length(min = 1, max = bounds::NAME)))]
     pub name: String,
 }
 
@@ -186,9 +204,15 @@ pub struct Retries {
     #[serde(default)]
     #[cfg_attr(
         feature = "kubernetes",
-        schemars(inner(regex(
-            pattern = "^(connect-failure|refused-stream|reset|5xx|gateway-error|cancelled|deadline-exceeded|internal|resource-exhausted|unavailable|[1-5][0-9][0-9])$"
-        )))
+        schemars(
+            length(max = bounds::LIST),
+            inner(
+                regex(
+                    pattern = "^(connect-failure|refused-stream|reset|5xx|gateway-error|cancelled|deadline-exceeded|internal|resource-exhausted|unavailable|[1-5][0-9][0-9])$"
+                ),
+                length(max = bounds::METHOD)
+            )
+        )
     )]
     pub on: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -347,6 +371,7 @@ pub struct AuthorizationPolicySpec {
     /// What happens to a call no rule allows.
     pub default_action: Action,
     #[serde(default)]
+    #[cfg_attr(feature = "kubernetes", schemars(length(max = bounds::LIST)))]
     pub allow: Vec<AuthorizationRule>,
 }
 
@@ -381,13 +406,19 @@ pub struct AuthorizationRule {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Operation {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[cfg_attr(feature = "kubernetes", schemars(inner(regex(pattern = "^[A-Z]+$"))))]
+    #[cfg_attr(
+        feature = "kubernetes",
+        schemars(length(max = bounds::LIST), inner(regex(pattern = "^[A-Z]+$"), length(max = bounds::METHOD)))
+    )]
     pub methods: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[cfg_attr(feature = "kubernetes", schemars(inner(regex(pattern = "^/"))))]
+    #[cfg_attr(
+        feature = "kubernetes",
+        schemars(length(max = bounds::LIST), inner(regex(pattern = "^/"), length(max = bounds::PATH)))
+    )]
     pub paths: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[cfg_attr(feature = "kubernetes", schemars(inner(range(min = 1))))]
+    #[cfg_attr(feature = "kubernetes", schemars(length(max = bounds::LIST), inner(range(min = 1))))]
     pub ports: Vec<u16>,
 }
 
@@ -404,9 +435,16 @@ pub struct Operation {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Source {
     #[serde(default)]
-    #[cfg_attr(feature = "kubernetes", schemars(inner(regex(pattern = "^spiffe://[^/]+/ns/[^/]+/sa/[^/]+$"))))]
+    #[cfg_attr(
+        feature = "kubernetes",
+        schemars(
+            length(max = bounds::LIST),
+            inner(regex(pattern = "^spiffe://[^/]+/ns/[^/]+/sa/[^/]+$"), length(max = bounds::IDENTITY))
+        )
+    )]
     pub identities: Vec<String>,
     #[serde(default)]
+    #[cfg_attr(feature = "kubernetes", schemars(length(max = bounds::LIST), inner(length(min = 1, max = bounds::NAME))))]
     pub namespaces: Vec<String>,
 }
 
@@ -442,6 +480,16 @@ impl Check<'_> {
             self.fail(path, format!("must be at least {min}, got {v}"));
         }
     }
+    fn at_most_chars(&mut self, path: &str, s: &str, max: usize) {
+        if s.len() > max {
+            self.fail(path, format!("must be at most {max} characters, got {}", s.len()));
+        }
+    }
+    fn at_most_items<T>(&mut self, path: &str, list: &[T], max: usize) {
+        if list.len() > max {
+            self.fail(path, format!("must have at most {max} entries, got {}", list.len()));
+        }
+    }
     fn positive(&mut self, path: &str, d: &Duration) {
         if d.value.is_zero() {
             self.fail(path, format!("must be more than 0s, got {d}"));
@@ -456,6 +504,7 @@ fn check_target(c: &mut Check, t: &TargetRef) {
     if t.name.is_empty() {
         c.fail("spec.targetRef.name", "required");
     }
+    c.at_most_chars("spec.targetRef.name", &t.name, bounds::NAME);
 }
 
 pub(crate) fn validate_traffic_policy(spec: &TrafficPolicySpec, errors: &mut Vec<FieldError>) {
@@ -476,6 +525,7 @@ pub(crate) fn validate_traffic_policy(spec: &TrafficPolicySpec, errors: &mut Vec
                 c.fail("spec.retries.perTryTimeout", format!("{t} is longer than spec.timeout {total}"));
             }
         }
+        c.at_most_items("spec.retries.on", &r.on, bounds::LIST);
         for (i, on) in r.on.iter().enumerate() {
             let code_ok = on.len() == 3 && on.parse::<u16>().is_ok_and(|c| (100..=599).contains(&c));
             if !code_ok && !RETRY_ON.contains(&on.as_str()) {
@@ -539,6 +589,7 @@ pub(crate) fn validate_traffic_policy(spec: &TrafficPolicySpec, errors: &mut Vec
 pub(crate) fn validate_authorization_policy(spec: &AuthorizationPolicySpec, errors: &mut Vec<FieldError>) {
     let c = &mut Check(errors);
     check_target(c, &spec.target_ref);
+    c.at_most_items("spec.allow", &spec.allow, bounds::LIST);
     for (i, rule) in spec.allow.iter().enumerate() {
         if rule.from.is_none() && rule.to.is_none() {
             c.fail(&format!("spec.allow[{i}]"), "needs `from`, `to` or both");
@@ -547,7 +598,17 @@ pub(crate) fn validate_authorization_policy(spec: &AuthorizationPolicySpec, erro
             if from.identities.is_empty() && from.namespaces.is_empty() {
                 c.fail(&format!("spec.allow[{i}].from"), "names no identities and no namespaces");
             }
+            c.at_most_items(&format!("spec.allow[{i}].from.identities"), &from.identities, bounds::LIST);
+            c.at_most_items(&format!("spec.allow[{i}].from.namespaces"), &from.namespaces, bounds::LIST);
+            for (j, ns) in from.namespaces.iter().enumerate() {
+                let path = format!("spec.allow[{i}].from.namespaces[{j}]");
+                if ns.is_empty() {
+                    c.fail(&path, "must not be empty");
+                }
+                c.at_most_chars(&path, ns, bounds::NAME);
+            }
             for (j, id) in from.identities.iter().enumerate() {
+                c.at_most_chars(&format!("spec.allow[{i}].from.identities[{j}]"), id, bounds::IDENTITY);
                 if !is_spiffe_id(id) {
                     c.fail(
                         &format!("spec.allow[{i}].from.identities[{j}]"),
@@ -560,7 +621,11 @@ pub(crate) fn validate_authorization_policy(spec: &AuthorizationPolicySpec, erro
             if to.methods.is_empty() && to.paths.is_empty() && to.ports.is_empty() {
                 c.fail(&format!("spec.allow[{i}].to"), "names no methods, paths or ports");
             }
+            c.at_most_items(&format!("spec.allow[{i}].to.methods"), &to.methods, bounds::LIST);
+            c.at_most_items(&format!("spec.allow[{i}].to.paths"), &to.paths, bounds::LIST);
+            c.at_most_items(&format!("spec.allow[{i}].to.ports"), &to.ports, bounds::LIST);
             for (j, m) in to.methods.iter().enumerate() {
+                c.at_most_chars(&format!("spec.allow[{i}].to.methods[{j}]"), m, bounds::METHOD);
                 if m.is_empty() || !m.bytes().all(|b| b.is_ascii_uppercase()) {
                     c.fail(
                         &format!("spec.allow[{i}].to.methods[{j}]"),
@@ -569,6 +634,7 @@ pub(crate) fn validate_authorization_policy(spec: &AuthorizationPolicySpec, erro
                 }
             }
             for (j, p) in to.paths.iter().enumerate() {
+                c.at_most_chars(&format!("spec.allow[{i}].to.paths[{j}]"), p, bounds::PATH);
                 if !p.starts_with('/') {
                     c.fail(&format!("spec.allow[{i}].to.paths[{j}]"), format!("`{p}` must start with /"));
                 }

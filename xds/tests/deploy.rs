@@ -208,3 +208,167 @@ fn kustomizations_render() {
         }
     }
 }
+
+/// Every `x-kubernetes-validations` rule of a schema, with where it sits: (JSON pointer, rule, message).
+fn cel_rules(schema: &Value, at: &str, out: &mut Vec<(String, String, String)>) {
+    if let Some(rules) = schema["x-kubernetes-validations"].as_array() {
+        for r in rules {
+            let text = |k: &str| r[k].as_str().unwrap().to_string();
+            out.push((at.to_string(), text("rule"), text("message")));
+        }
+    }
+    for (key, child) in schema["properties"].as_object().into_iter().flatten() {
+        cel_rules(child, &format!("{at}/{key}"), out);
+    }
+    if schema["items"].is_object() {
+        cel_rules(&schema["items"], &format!("{at}/items"), out);
+    }
+}
+
+/// Every string and list under `schema` that is not bounded (`maxLength` or `enum`; `maxItems`).
+fn unbounded(schema: &Value, at: &str, out: &mut Vec<String>) {
+    match schema["type"].as_str() {
+        Some("string") if schema["maxLength"].is_null() && schema["enum"].is_null() => out.push(at.to_string()),
+        Some("array") if schema["maxItems"].is_null() => out.push(at.to_string()),
+        _ => {}
+    }
+    for (key, child) in schema["properties"].as_object().into_iter().flatten() {
+        unbounded(child, &format!("{at}/{key}"), out);
+    }
+    if schema["items"].is_object() {
+        unbounded(&schema["items"], &format!("{at}/items"), out);
+    }
+}
+
+/// The CRDs' CEL rules, evaluated by a CEL implementation (cel-python) on valid and invalid objects: each rule holds
+/// where it should and fails where it should, every rule is covered both ways, and every string and list of a spec
+/// is bounded, so that the API server can bound the rules' cost.
+#[test]
+fn cel_rules_hold_on_valid_and_invalid_objects() {
+    let ok = support::prerequisites(
+        "CEL rules",
+        &[("python3 with cel-python (pip install cel-python)", support::works("python3", &["-c", "import celpy"]))],
+    );
+    if !ok {
+        return;
+    }
+    // (kind, the rule's message, `self` at the rule's place, whether the rule holds)
+    let cases: Vec<(&str, &str, Value, bool)> = vec![
+        (
+            "TrafficPolicy",
+            "retries.perTryTimeout is longer than timeout",
+            json!({"targetRef": {"kind": "Service", "name": "a"}}),
+            true,
+        ),
+        (
+            "TrafficPolicy",
+            "retries.perTryTimeout is longer than timeout",
+            json!({"timeout": "2s", "retries": {"attempts": 1}}),
+            true,
+        ),
+        (
+            "TrafficPolicy",
+            "retries.perTryTimeout is longer than timeout",
+            json!({"retries": {"attempts": 1, "perTryTimeout": "1h"}}),
+            true,
+        ),
+        (
+            "TrafficPolicy",
+            "retries.perTryTimeout is longer than timeout",
+            json!({"timeout": "2s", "retries": {"attempts": 1, "perTryTimeout": "500ms"}}),
+            true,
+        ),
+        (
+            "TrafficPolicy",
+            "retries.perTryTimeout is longer than timeout",
+            json!({"timeout": "1m30s", "retries": {"attempts": 1, "perTryTimeout": "90s"}}),
+            true,
+        ),
+        (
+            "TrafficPolicy",
+            "retries.perTryTimeout is longer than timeout",
+            json!({"timeout": "1s", "retries": {"attempts": 1, "perTryTimeout": "3s"}}),
+            false,
+        ),
+        (
+            "TrafficPolicy",
+            "retries.perTryTimeout is longer than timeout",
+            json!({"timeout": "1m", "retries": {"attempts": 1, "perTryTimeout": "1m1s"}}),
+            false,
+        ),
+        ("TrafficPolicy", "max is less than base", json!({"base": "25ms", "max": "250ms"}), true),
+        ("TrafficPolicy", "max is less than base", json!({"base": "1s", "max": "1000ms"}), true),
+        ("TrafficPolicy", "max is less than base", json!({"base": "1s", "max": "500ms"}), false),
+        ("AuthorizationPolicy", "needs `from`, `to` or both", json!({"from": {"namespaces": ["shop"]}}), true),
+        ("AuthorizationPolicy", "needs `from`, `to` or both", json!({"to": {"methods": ["GET"]}}), true),
+        ("AuthorizationPolicy", "needs `from`, `to` or both", json!({}), false),
+        (
+            "AuthorizationPolicy",
+            "names no identities and no namespaces",
+            json!({"identities": ["spiffe://cluster.local/ns/a/sa/b"]}),
+            true,
+        ),
+        ("AuthorizationPolicy", "names no identities and no namespaces", json!({"namespaces": ["shop"]}), true),
+        ("AuthorizationPolicy", "names no identities and no namespaces", json!({}), false),
+        (
+            "AuthorizationPolicy",
+            "names no identities and no namespaces",
+            json!({"identities": [], "namespaces": []}),
+            false,
+        ),
+    ];
+    let mut rules = Vec::new();
+    for kind in ["TrafficPolicy", "AuthorizationPolicy"] {
+        let schema = ferry_xds::kubernetes::crd::schema(kind).unwrap();
+        let mut found = Vec::new();
+        cel_rules(&schema["properties"]["spec"], "/spec", &mut found);
+        let mut open = Vec::new();
+        unbounded(&schema["properties"]["spec"], "/spec", &mut open);
+        assert_eq!(open, Vec::<String>::new(), "{kind}: unbounded strings or lists");
+        rules.extend(found.into_iter().map(|(at, rule, message)| (kind, at, rule, message)));
+    }
+    assert_eq!(rules.len(), 4, "{rules:?}");
+    // Every rule is exercised both ways.
+    for (kind, at, _, message) in &rules {
+        for want in [true, false] {
+            assert!(
+                cases.iter().any(|(k, m, _, w)| k == kind && m == message && *w == want),
+                "{kind} {at}: no case where `{message}` is {want}"
+            );
+        }
+    }
+    let input: Vec<Value> = cases
+        .iter()
+        .map(|(kind, message, object, _)| {
+            let (_, _, rule, _) = rules.iter().find(|(k, _, _, m)| k == kind && m == message).unwrap();
+            json!({"rule": rule, "self": object})
+        })
+        .collect();
+    let script = r#"
+import json, sys, celpy
+env = celpy.Environment()
+for case in json.load(sys.stdin):
+    try:
+        result = env.program(env.compile(case["rule"])).evaluate({"self": celpy.json_to_cel(case["self"])})
+        print(json.dumps(bool(result) if isinstance(result, celpy.celtypes.BoolType) else f"not a bool: {result!r}"))
+    except Exception as e:
+        print(json.dumps(f"error: {e}"))
+"#;
+    let mut child = Command::new("python3")
+        .args(["-c", script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(Value::from(input).to_string().as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "cel-python: {}", String::from_utf8_lossy(&out.stderr));
+    let results: Vec<Value> =
+        String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(results.len(), cases.len());
+    for ((kind, message, object, want), got) in cases.iter().zip(results) {
+        assert_eq!(got, json!(want), "{kind} `{message}` on {object}");
+    }
+}

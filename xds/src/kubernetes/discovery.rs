@@ -522,4 +522,156 @@ mod tests {
             assert_eq!(port_protocol(app, name), want, "{app:?} {name:?}");
         }
     }
+
+    fn pod_at(ns: &str, name: &str, sa: &str, ip: &str, labels: serde_json::Value, meshed: bool) -> Pod {
+        let mut labels = labels;
+        if meshed {
+            labels["ferry.dev/injected"] = json!("true");
+        }
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": ns, "uid": format!("uid-{name}"), "labels": labels},
+            "spec": {"serviceAccountName": sa, "containers": [{"name": "app", "image": "app",
+                     "ports": [{"name": "http", "containerPort": 8080}, {"name": "metrics", "containerPort": 9102}]}]},
+            "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}
+        }))
+        .unwrap()
+    }
+
+    fn kube_service(ns: &str, name: &str, selector: serde_json::Value, ports: serde_json::Value) -> KubeService {
+        serde_json::from_value(json!({"metadata": {"name": name, "namespace": ns},
+            "spec": {"clusterIP": "10.96.0.9", "selector": selector, "ports": ports}}))
+        .unwrap()
+    }
+
+    fn slice_for(ns: &str, service: &str, endpoints: serde_json::Value) -> EndpointSlice {
+        serde_json::from_value(json!({"addressType": "IPv4",
+            "metadata": {"name": format!("{service}-x"), "namespace": ns, "labels": {SERVICE_NAME_LABEL: service}},
+            "ports": [{"name": "http", "port": 8080}], "endpoints": endpoints}))
+        .unwrap()
+    }
+
+    #[test]
+    fn what_each_meshed_pod_serves() {
+        let http = json!([{"name": "http", "port": 80, "targetPort": "http"},
+                          {"name": "grpc-admin", "port": 9000, "targetPort": 9090}]);
+        let view = ClusterView {
+            services: vec![
+                kube_service("shop", "api", json!({"app": "api"}), http.clone()),
+                // Selects by label only.
+                kube_service(
+                    "shop",
+                    "metrics",
+                    json!({"app": "api"}),
+                    json!([{"name": "tcp-m", "port": 9102, "targetPort": "metrics"}]),
+                ),
+                // No selector: its slice targets api-2 (not ready yet), which counts.
+                kube_service("shop", "manual", json!(null), json!([{"name": "http", "port": 80, "targetPort": 8080}])),
+                // Another namespace's Service with the same selector selects nothing here.
+                kube_service("other", "api", json!({"app": "api"}), http),
+            ],
+            slices: vec![slice_for(
+                "shop",
+                "manual",
+                json!([{"addresses": ["10.1.0.6"], "conditions": {"ready": false},
+                        "targetRef": {"kind": "Pod", "name": "api-2", "namespace": "shop", "uid": "uid-api-2"}}]),
+            )],
+            pods: vec![
+                pod_at("shop", "api-1", "api", "10.1.0.5", json!({"app": "api"}), true),
+                pod_at("shop", "api-2", "api", "10.1.0.6", json!({"app": "canary"}), true),
+                pod_at("shop", "legacy-1", "legacy", "10.1.0.7", json!({"app": "api"}), false),
+            ],
+            ..Default::default()
+        };
+        let mut annotated = view.clone();
+        annotated.pods[1].metadata.annotations =
+            Some([("ferry.dev/default-inbound-policy".to_string(), "deny".to_string())].into());
+        let served_by = workloads(&annotated, DefaultInbound::MeshOnly);
+        let served = |pod: &str| -> Vec<(String, Vec<(u16, PortProtocol)>)> {
+            served_by[&pod_workload_name("shop", pod)]
+                .workload
+                .services
+                .iter()
+                .map(|s| (s.key(), s.ports.clone()))
+                .collect()
+        };
+        assert_eq!(
+            served("api-1"),
+            [
+                ("shop/api".to_string(), vec![(8080, PortProtocol::Http), (9090, PortProtocol::Grpc)]),
+                ("shop/metrics".to_string(), vec![(9102, PortProtocol::Tcp)]),
+            ]
+        );
+        assert_eq!(served("api-2"), [("shop/manual".to_string(), vec![(8080, PortProtocol::Http)])]);
+        assert!(!served_by.contains_key("pod/shop/legacy-1"), "unmeshed pods have no workload");
+        let api1 = &served_by["pod/shop/api-1"];
+        assert_eq!(api1.workload.default_inbound, DefaultInbound::MeshOnly);
+        assert_eq!(api1.pod, Some(PodBinding { uid: "uid-api-1".into(), ips: vec!["10.1.0.5".parse().unwrap()] }));
+        assert_eq!(served_by["pod/shop/api-2"].workload.default_inbound, DefaultInbound::Deny, "the annotation wins");
+
+        // The policies' status: a missing Service, one selecting only an unmeshed pod, one enforced.
+        let mut with_legacy = view.clone();
+        with_legacy.services.push(kube_service("shop", "legacy", json!({"app": "legacy"}), json!([{"port": 80}])));
+        with_legacy.pods[2].metadata.labels = Some([("app".to_string(), "legacy".to_string())].into());
+        let mut verdicts: Vec<Verdict> = ["api", "legacy", "nope"]
+            .iter()
+            .map(|target| Verdict {
+                kind: "AuthorizationPolicy",
+                namespace: "shop".into(),
+                name: target.to_string(),
+                generation: Some(1),
+                error: None,
+                target: target.to_string(),
+                resolved: None,
+            })
+            .collect();
+        resolve(&mut verdicts, &with_legacy, &workloads(&with_legacy, DefaultInbound::Allow));
+        let reasons: Vec<(bool, &str)> =
+            verdicts.iter().map(|v| v.resolved.as_ref().map(|r| (r.0, r.1)).unwrap()).collect();
+        assert_eq!(reasons, [(true, "ResolvedRefs"), (false, "NoMeshedPods"), (false, "BackendNotFound")]);
+    }
+
+    #[test]
+    fn a_slice_cannot_make_a_meshed_pod_plaintext() {
+        // A Service of another namespace lists the meshed pod shop/api-1's IP without a targetRef (or with a
+        // targetRef of its own): calls to the IP stay mTLS to api-1's identity, whichever Service comes first.
+        let view = ClusterView {
+            services: vec![
+                kube_service("evil", "grab", json!(null), json!([{"name": "http", "port": 80, "targetPort": 8080}])),
+                kube_service(
+                    "shop",
+                    "api",
+                    json!({"app": "api"}),
+                    json!([{"name": "http", "port": 80, "targetPort": 8080}]),
+                ),
+            ],
+            slices: vec![
+                slice_for(
+                    "evil",
+                    "grab",
+                    json!([{"addresses": ["10.1.0.5"]},
+                    {"addresses": ["10.1.0.5"], "targetRef": {"kind": "Pod", "name": "decoy", "namespace": "evil"}}]),
+                ),
+                slice_for(
+                    "shop",
+                    "api",
+                    json!([{"addresses": ["10.1.0.5"],
+                    "targetRef": {"kind": "Pod", "name": "api-1", "namespace": "shop"}}]),
+                ),
+            ],
+            pods: vec![
+                pod_at("shop", "api-1", "api", "10.1.0.5", json!({"app": "api"}), true),
+                pod_at("evil", "decoy", "decoy", "10.9.9.9", json!({}), false),
+            ],
+            ..Default::default()
+        };
+        let (docs, _) = documents(&view);
+        for doc in &docs {
+            let Document::Service(s) = doc else { continue };
+            assert_eq!(s.spec.endpoints.len(), 1, "{s:?}");
+            let want = if s.metadata.namespace == "shop" { "api" } else { "spiffe://cluster.local/ns/shop/sa/api" };
+            assert_eq!(s.spec.endpoints[0].identity.as_deref(), Some(want), "{}", s.metadata.namespace);
+            assert_eq!(s.spec.identities, [want]);
+        }
+        assert_eq!(docs.len(), 2, "both Services validate");
+    }
 }
