@@ -137,6 +137,103 @@ impl Control {
     }
 }
 
+/// A real `ferry-control --discovery kubernetes` against `api`, once it has synced and serves: (it, its xDS address,
+/// its state directory).
+async fn start_control(api: &ApiServer, dir: &TempDir) -> (Control, std::net::SocketAddr, std::path::PathBuf) {
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let (xds, metrics, webhook) = (free_addr(), free_addr(), free_addr());
+    let log = dir.path().join("control.log");
+    let out = std::fs::File::create(&log).unwrap();
+    let child = Command::new(control::control_bin())
+        .args(["serve", "--discovery", "kubernetes", "--state-dir", state.to_str().unwrap()])
+        .args(["--xds-addr", &xds.to_string(), "--metrics-addr", &metrics.to_string()])
+        .args(["--webhook-addr", &webhook.to_string(), "--server-name", "ferry-control.ferry-system.svc"])
+        .env("KUBECONFIG", api.kubeconfig(dir.path()))
+        .env("FERRY_LOG_LEVEL", "info,ferry_xds=debug")
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let cp = Control { child, metrics, log };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while http_get(cp.metrics, "/health/ready").is_none_or(|r| r.0 != 200) {
+        assert!(std::time::Instant::now() < deadline, "ferry-control did not sync and serve:\n{}", cp.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    (cp, xds, state)
+}
+
+/// The environment of a Kubernetes-mode proxy for pod `shop/<pod>`, whose projected token (`token-<pod>`) is in the
+/// returned file.
+fn proxy_env(
+    dir: &TempDir,
+    xds: std::net::SocketAddr,
+    state: &std::path::Path,
+    pod: &str,
+) -> (std::path::PathBuf, [(&'static str, String); 5]) {
+    let token = dir.path().join("token");
+    std::fs::write(&token, format!("token-{pod}")).unwrap();
+    let env = [
+        ("FERRY_CONTROL_ADDR", xds.to_string()),
+        ("FERRY_CA_ROOT", state.join("ca.crt").display().to_string()),
+        ("FERRY_SERVICE_ACCOUNT_TOKEN", token.display().to_string()),
+        ("FERRY_NODE_ID", format!("{pod}.shop")),
+        ("FERRY_NAMESPACE", "shop".into()),
+    ];
+    (token, env)
+}
+
+/// Fail closed: a proxy whose pod the control plane does not know as meshed yet holds its certificate but is told
+/// nothing of what it serves: it is not ready, and an inbound request waits. Once the pod is known, the request is
+/// decided by its Service's policy (here: refused), never served without one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_waits_for_what_the_pod_serves_and_is_never_served_without_its_policy() {
+    let app = backend::http_backend().await;
+    let api = ApiServer::start().await;
+    let dir = TempDir::new("k8s-fail-closed");
+    api.apply(NAMESPACES, json!({"metadata": {"name": "shop"}}));
+    let mut late = pod("late-1", "late", "127.0.0.1");
+    late["metadata"]["labels"] = json!({"app": "late"});
+    api.apply(PODS, late.clone());
+    api.token("token-late-1", reviewed("late", "late-1"));
+    api.apply(
+        SERVICES,
+        json!({"metadata": {"name": "late", "namespace": "shop"},
+               "spec": {"clusterIP": "10.96.0.50", "selector": {"app": "late"},
+                        "ports": [{"name": "http", "port": 80, "targetPort": app.addr.port(), "protocol": "TCP"}]}}),
+    );
+    api.apply(
+        AUTHZ,
+        json!({"metadata": {"name": "late", "namespace": "shop", "generation": 1},
+               "spec": {"targetRef": {"kind": "Service", "name": "late"}, "defaultAction": "deny",
+                        "allow": [{"from": {"namespaces": ["shop"]}}]}}),
+    );
+    let (cp, xds, state) = start_control(&api, &dir).await;
+    let (_, env) = proxy_env(&dir, xds, &state, "late-1");
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let proxy = Ferry::spawn(None, &env);
+    let connected = || cp.logs().contains("proxy connected");
+    tokio::task::block_in_place(|| wait_until("the proxy's stream opens", Duration::from_secs(20), connected));
+    let inbound = proxy.inbound;
+    let held = std::thread::spawn(move || http_exchange_full(inbound, "GET", "/", &[], ""));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!held.is_finished(), "the request waits for the pod's policy");
+    assert_ne!(http_get(proxy.health, "/health/ready").map(|r| r.0), Some(200), "not ready: {}", proxy.logs());
+    // Injected: the pod is meshed, its Workload (Service `late`, deny by default) reaches the proxy.
+    late["metadata"]["labels"]["ferry.dev/injected"] = json!("true");
+    api.apply(PODS, late);
+    let answer = tokio::task::block_in_place(|| held.join().unwrap()).expect("an answer");
+    assert_eq!((answer.status, answer.header("ferry-proxy-error")), (403, Some("unauthorized")), "{answer:?}");
+    assert_eq!(app.requests.load(std::sync::atomic::Ordering::SeqCst), 0, "the app was never reached");
+    tokio::task::block_in_place(|| {
+        wait_until("ready", Duration::from_secs(10), || {
+            http_get(proxy.health, "/health/ready").is_some_and(|r| r.0 == 200)
+        })
+    });
+}
+
 /// The services a proxy's snapshot holds: `name` → (endpoints, addresses).
 fn proxy_services(p: &Ferry) -> std::collections::BTreeMap<String, (Vec<Value>, Vec<Value>)> {
     let dump: Value = serde_json::from_str(&http_get(p.admin, "/config_dump").unwrap().1).unwrap();
@@ -179,28 +276,7 @@ async fn kubernetes_discovery_and_identity_through_the_api_server() {
     api.token("token-web-1", reviewed("web", "web-1"));
     api.token("token-ghost", reviewed("web", "ghost-1"));
 
-    let state = dir.path().join("state");
-    std::fs::create_dir_all(&state).unwrap();
-    let (xds, metrics, webhook) = (free_addr(), free_addr(), free_addr());
-    let log = dir.path().join("control.log");
-    let out = std::fs::File::create(&log).unwrap();
-    let child = Command::new(control::control_bin())
-        .args(["serve", "--discovery", "kubernetes", "--state-dir", state.to_str().unwrap()])
-        .args(["--xds-addr", &xds.to_string(), "--metrics-addr", &metrics.to_string()])
-        .args(["--webhook-addr", &webhook.to_string(), "--server-name", "ferry-control.ferry-system.svc"])
-        .env("KUBECONFIG", api.kubeconfig(dir.path()))
-        .env("FERRY_LOG_LEVEL", "info,ferry_xds=debug")
-        .stdout(out.try_clone().unwrap())
-        .stderr(out)
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
-    let cp = Control { child, metrics, log };
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while http_get(cp.metrics, "/health/ready").is_none_or(|r| r.0 != 200) {
-        assert!(std::time::Instant::now() < deadline, "ferry-control did not sync and serve:\n{}", cp.logs());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (cp, xds, state) = start_control(&api, &dir).await;
     for kind in [SERVICES, SLICES, PODS, NAMESPACES, TRAFFIC, AUTHZ] {
         assert_eq!(api.lists(kind), 1, "{} listed once: {}", kind.plural, cp.logs());
     }
@@ -224,15 +300,7 @@ async fn kubernetes_discovery_and_identity_through_the_api_server() {
     });
 
     // A proxy with web-1's projected token gets its certificate (TokenReview, matched to the pod) and its config.
-    let token = dir.path().join("token");
-    std::fs::write(&token, "token-web-1").unwrap();
-    let env = [
-        ("FERRY_CONTROL_ADDR", xds.to_string()),
-        ("FERRY_CA_ROOT", state.join("ca.crt").display().to_string()),
-        ("FERRY_SERVICE_ACCOUNT_TOKEN", token.display().to_string()),
-        ("FERRY_NODE_ID", "web-1.shop".into()),
-        ("FERRY_NAMESPACE", "shop".into()),
-    ];
+    let (token, env) = proxy_env(&dir, xds, &state, "web-1");
     let env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let web = tokio::task::block_in_place(|| Ferry::start(None, &env_refs));
     let reviews = api.reviews();

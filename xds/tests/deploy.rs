@@ -63,6 +63,11 @@ for i, doc in enumerate(data["documents"]):
     for e in jsonschema.Draft4Validator(schema).iter_errors(doc):
         print(f"document {i} ({doc['kind']} {doc['metadata']['name']}): {'.'.join(map(str, e.absolute_path))}: {e.message}")
 "#;
+    python(script, &input).lines().map(str::to_string).collect()
+}
+
+/// Runs a Python `script` with `input` on its stdin; its stdout.
+fn python(script: &str, input: &str) -> String {
     let mut child = Command::new("python3")
         .args(["-c", script])
         .stdin(std::process::Stdio::piped())
@@ -73,8 +78,8 @@ for i, doc in enumerate(data["documents"]):
     use std::io::Write;
     child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
     let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "python3 jsonschema: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap().lines().map(str::to_string).collect()
+    assert!(out.status.success(), "python3: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
 }
 
 fn have_jsonschema() -> bool {
@@ -253,69 +258,32 @@ fn cel_rules_hold_on_valid_and_invalid_objects() {
         return;
     }
     // (kind, the rule's message, `self` at the rule's place, whether the rule holds)
+    let (tp, ap) = ("TrafficPolicy", "AuthorizationPolicy");
+    let per_try = "retries.perTryTimeout is longer than timeout";
+    let backoff = "max is less than base";
+    let (rule, from) = ("needs `from`, `to` or both", "names no identities and no namespaces");
+    let retries = |timeout: Option<&str>, per_try: &str| match timeout {
+        Some(t) => json!({"timeout": t, "retries": {"attempts": 1, "perTryTimeout": per_try}}),
+        None => json!({"retries": {"attempts": 1, "perTryTimeout": per_try}}),
+    };
     let cases: Vec<(&str, &str, Value, bool)> = vec![
-        (
-            "TrafficPolicy",
-            "retries.perTryTimeout is longer than timeout",
-            json!({"targetRef": {"kind": "Service", "name": "a"}}),
-            true,
-        ),
-        (
-            "TrafficPolicy",
-            "retries.perTryTimeout is longer than timeout",
-            json!({"timeout": "2s", "retries": {"attempts": 1}}),
-            true,
-        ),
-        (
-            "TrafficPolicy",
-            "retries.perTryTimeout is longer than timeout",
-            json!({"retries": {"attempts": 1, "perTryTimeout": "1h"}}),
-            true,
-        ),
-        (
-            "TrafficPolicy",
-            "retries.perTryTimeout is longer than timeout",
-            json!({"timeout": "2s", "retries": {"attempts": 1, "perTryTimeout": "500ms"}}),
-            true,
-        ),
-        (
-            "TrafficPolicy",
-            "retries.perTryTimeout is longer than timeout",
-            json!({"timeout": "1m30s", "retries": {"attempts": 1, "perTryTimeout": "90s"}}),
-            true,
-        ),
-        (
-            "TrafficPolicy",
-            "retries.perTryTimeout is longer than timeout",
-            json!({"timeout": "1s", "retries": {"attempts": 1, "perTryTimeout": "3s"}}),
-            false,
-        ),
-        (
-            "TrafficPolicy",
-            "retries.perTryTimeout is longer than timeout",
-            json!({"timeout": "1m", "retries": {"attempts": 1, "perTryTimeout": "1m1s"}}),
-            false,
-        ),
-        ("TrafficPolicy", "max is less than base", json!({"base": "25ms", "max": "250ms"}), true),
-        ("TrafficPolicy", "max is less than base", json!({"base": "1s", "max": "1000ms"}), true),
-        ("TrafficPolicy", "max is less than base", json!({"base": "1s", "max": "500ms"}), false),
-        ("AuthorizationPolicy", "needs `from`, `to` or both", json!({"from": {"namespaces": ["shop"]}}), true),
-        ("AuthorizationPolicy", "needs `from`, `to` or both", json!({"to": {"methods": ["GET"]}}), true),
-        ("AuthorizationPolicy", "needs `from`, `to` or both", json!({}), false),
-        (
-            "AuthorizationPolicy",
-            "names no identities and no namespaces",
-            json!({"identities": ["spiffe://cluster.local/ns/a/sa/b"]}),
-            true,
-        ),
-        ("AuthorizationPolicy", "names no identities and no namespaces", json!({"namespaces": ["shop"]}), true),
-        ("AuthorizationPolicy", "names no identities and no namespaces", json!({}), false),
-        (
-            "AuthorizationPolicy",
-            "names no identities and no namespaces",
-            json!({"identities": [], "namespaces": []}),
-            false,
-        ),
+        (tp, per_try, json!({"targetRef": {"kind": "Service", "name": "a"}}), true),
+        (tp, per_try, json!({"timeout": "2s", "retries": {"attempts": 1}}), true),
+        (tp, per_try, retries(None, "1h"), true),
+        (tp, per_try, retries(Some("2s"), "500ms"), true),
+        (tp, per_try, retries(Some("1m30s"), "90s"), true),
+        (tp, per_try, retries(Some("1s"), "3s"), false),
+        (tp, per_try, retries(Some("1m"), "1m1s"), false),
+        (tp, backoff, json!({"base": "25ms", "max": "250ms"}), true),
+        (tp, backoff, json!({"base": "1s", "max": "1000ms"}), true),
+        (tp, backoff, json!({"base": "1s", "max": "500ms"}), false),
+        (ap, rule, json!({"from": {"namespaces": ["shop"]}}), true),
+        (ap, rule, json!({"to": {"methods": ["GET"]}}), true),
+        (ap, rule, json!({}), false),
+        (ap, from, json!({"identities": ["spiffe://cluster.local/ns/a/sa/b"]}), true),
+        (ap, from, json!({"namespaces": ["shop"]}), true),
+        (ap, from, json!({}), false),
+        (ap, from, json!({"identities": [], "namespaces": []}), false),
     ];
     let mut rules = Vec::new();
     for kind in ["TrafficPolicy", "AuthorizationPolicy"] {
@@ -354,19 +322,8 @@ for case in json.load(sys.stdin):
     except Exception as e:
         print(json.dumps(f"error: {e}"))
 "#;
-    let mut child = Command::new("python3")
-        .args(["-c", script])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child.stdin.take().unwrap().write_all(Value::from(input).to_string().as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "cel-python: {}", String::from_utf8_lossy(&out.stderr));
-    let results: Vec<Value> =
-        String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let out = python(script, &Value::from(input).to_string());
+    let results: Vec<Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(results.len(), cases.len());
     for ((kind, message, object, want), got) in cases.iter().zip(results) {
         assert_eq!(got, json!(want), "{kind} `{message}` on {object}");
