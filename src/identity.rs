@@ -53,9 +53,12 @@ pub fn retry_delay(attempt: u32, remaining: Duration, jitter: f64) -> Duration {
 /// Keeps this proxy's certificate fresh for the life of the process.
 pub async fn run(control: ControlSettings, tls: Arc<MeshTls>, metrics: Arc<Metrics>) {
     let mut attempt = 0u32;
+    // After a renewal refused as unauthenticated (a certificate from before an upgrade, whose lineage the control
+    // plane no longer accepts), the next requests use the bootstrap credential again until one succeeds.
+    let mut by_bootstrap = false;
     loop {
         let state = tls.current();
-        let current = state.as_ref().map(|s| s.credentials.clone());
+        let current = state.as_ref().map(|s| s.credentials.clone()).filter(|_| !by_bootstrap);
         let bundle = state.map(|s| s.roots_pem.clone()).unwrap_or_default();
         let remaining = |c: &Option<Credentials>| {
             c.as_ref().map(|c| Duration::from_secs((c.info.not_after - unix_now()).max(0) as u64)).unwrap_or_default()
@@ -63,6 +66,7 @@ pub async fn run(control: ControlSettings, tls: Arc<MeshTls>, metrics: Arc<Metri
         match certify(&control, current.as_ref(), &bundle).await {
             Ok((credentials, bundle)) => {
                 attempt = 0;
+                by_bootstrap = false;
                 let info = credentials.info.clone();
                 // The CSR answer's bundle bootstraps trust, and during a root rotation it may hold a root this proxy
                 // has not had over xDS yet (the one its new certificate chains to): taken when it adds a root. Roots
@@ -92,7 +96,12 @@ pub async fn run(control: ControlSettings, tls: Arc<MeshTls>, metrics: Arc<Metri
             }
             Err(e) => {
                 metrics.identity_renewals.with_label_values(&["error"]).inc();
-                let left = remaining(&current);
+                if current.is_some()
+                    && matches!(&e, CertifyError::Status(s) if s.code() == tonic::Code::Unauthenticated)
+                {
+                    by_bootstrap = true;
+                }
+                let left = remaining(&tls.current().map(|s| s.credentials.clone()));
                 let wait = retry_delay(attempt, left, crate::random_fraction());
                 attempt = attempt.saturating_add(1);
                 tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, remaining_s = left.as_secs(), "certificate request failed");

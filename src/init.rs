@@ -298,6 +298,11 @@ pub fn add_inbound_source(family: Family) -> Result<(), InitError> {
     if family == Family::V4 {
         return Ok(());
     }
+    let disabled = std::fs::read_to_string("/proc/sys/net/ipv6/conf/lo/disable_ipv6");
+    if disabled.is_ok_and(|v| v.trim() == "1") {
+        eprintln!("ferry init: IPv6 is disabled on lo: no ::6 added (there is no IPv6 traffic to deliver)");
+        return Ok(());
+    }
     let address = format!("{}/128", family.inbound_source());
     match run("ip", &["-6", "addr", "add", &address, "dev", "lo", "nodad"], None) {
         Err(InitError::Failed { detail, .. })

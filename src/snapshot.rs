@@ -32,6 +32,10 @@ pub struct Snapshot {
     /// Endpoint socket addresses (per service port), for transparent traffic addressed to an endpoint.
     #[serde(skip)]
     by_endpoint: HashMap<SocketAddr, (usize, u16, bool)>,
+    /// Meshed endpoints' IPs, with a Service listing them: traffic to such an IP on a port no Service declares is
+    /// still mTLS to that pod.
+    #[serde(skip)]
+    meshed_ips: HashMap<IpAddr, usize>,
     /// Service ports declared `protocol: tcp` (looked up once per connection).
     #[serde(skip)]
     opaque_ports: HashSet<u16>,
@@ -161,6 +165,7 @@ impl Snapshot {
         let mut by_host: HashMap<String, Vec<(Option<u16>, usize)>> = HashMap::new();
         let mut by_ip: HashMap<IpAddr, Vec<(Option<u16>, usize)>> = HashMap::new();
         let mut by_endpoint = HashMap::new();
+        let mut meshed_ips = HashMap::new();
         let mut policies = Vec::new();
         let mut opaque_ports = HashSet::new();
         let mut implicit = Vec::new();
@@ -198,10 +203,16 @@ impl Snapshot {
             for port in &svc.spec.ports {
                 for e in &svc.spec.endpoints {
                     if let Some(addr) = e.socket_addr(port.port) {
-                        // The first Service listing the address keeps it, but it is meshed if any lists it with an
-                        // identity: another Service cannot make calls to a meshed endpoint plaintext.
-                        let entry = by_endpoint.entry(addr).or_insert((index, port.port, false));
-                        entry.2 |= e.identity.is_some();
+                        // A Service listing the address with an identity takes it from one listing it without:
+                        // another Service cannot make calls to a meshed endpoint plaintext.
+                        let meshed = e.identity.is_some();
+                        let entry = by_endpoint.entry(addr).or_insert((index, port.port, meshed));
+                        if meshed && !entry.2 {
+                            *entry = (index, port.port, true);
+                        }
+                        if meshed {
+                            meshed_ips.entry(addr.ip()).or_insert(index);
+                        }
                     }
                 }
             }
@@ -277,6 +288,7 @@ impl Snapshot {
             by_host,
             by_ip,
             by_endpoint,
+            meshed_ips,
             opaque_ports,
             default_mtls,
             workload,
@@ -340,11 +352,19 @@ impl Snapshot {
                 }
             }
         }
-        let (index, port, meshed) = self.by_endpoint.get(&original)?;
+        if let Some((index, port, meshed)) = self.by_endpoint.get(&original) {
+            let service = &self.services[*index];
+            let service_port = service.spec.ports.iter().find(|p| p.port == *port)?.clone();
+            let target = Target::Endpoint(Endpoint { addr: original, meshed: *meshed });
+            return Some(Route { service: service.clone(), port: service_port, target });
+        }
+        // A meshed pod's own address on a port no Service declares (a metrics or debug port): mTLS to that pod, with
+        // the port named in the SNI; the pod's proxy applies that port's policy.
+        let index = self.meshed_ips.get(&original.ip())?;
         let service = &self.services[*index];
-        let service_port = service.spec.ports.iter().find(|p| p.port == *port)?.clone();
-        let target = Target::Endpoint(Endpoint { addr: original, meshed: *meshed });
-        Some(Route { service: service.clone(), port: service_port, target })
+        let port = ServicePort { port: original.port(), protocol: PortProtocol::Http, name: None, target_port: None };
+        let target = Target::Endpoint(Endpoint { addr: original, meshed: true });
+        Some(Route { service: service.clone(), port, target })
     }
 
     /// What the inbound side enforces on the pod port `port`: the policy of the Services selecting it, else the
@@ -700,5 +720,10 @@ spec: {ports: [{port: 8080}], identities: [api], endpoints: [{address: "10.1.0.5
         let s = Snapshot::build(1, "t".into(), docs, "shop", MtlsMode::Permissive, Workload::default());
         let route = s.route_original("10.1.0.5:8080".parse().unwrap()).unwrap();
         assert_eq!(route.target, Target::Endpoint(Endpoint { addr: "10.1.0.5:8080".parse().unwrap(), meshed: true }));
+        assert_eq!(route.service.name, "api", "the Service that names its identity");
+        // Another port of the meshed pod: still mTLS to it, under that Service, naming the port.
+        let other = s.route_original("10.1.0.5:9102".parse().unwrap()).unwrap();
+        assert_eq!((other.service.name.as_str(), other.port.port), ("api", 9102));
+        assert_eq!(other.target, Target::Endpoint(Endpoint { addr: "10.1.0.5:9102".parse().unwrap(), meshed: true }));
     }
 }

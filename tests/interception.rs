@@ -223,6 +223,12 @@ fn transparent_interception_between_two_namespaces() {
         });
         assert_eq!(tcp, "", "{addr}: the loopback-only listener answered");
     }
+    // Traffic routed to the pod for another address (a neighbour's packet for 198.51.100.7) is never relayed.
+    pair.client.must("ip", &["route", "add", "198.51.100.7/32", "via", SERVER_V4]);
+    let out = pair.client.must("curl", &["-sS", "-m", "10", "-D", "-", "-o", "/dev/null", "http://198.51.100.7:8080/"]);
+    assert!(out.starts_with("HTTP/1.1 502") && out.contains("ferry-proxy-error: no-route"), "{out}");
+    let server_log = std::fs::read_to_string(dir.path().join("server.log")).unwrap();
+    assert!(server_log.contains("which is not this pod's address"), "{server_log}");
     // Inside the pod, the app still reaches its own loopback listener.
     let inside = pair.server.block_on(|| async { tcp_exchange("127.0.0.1:9999", b"self").await });
     assert_eq!(inside, "echo 4: self");

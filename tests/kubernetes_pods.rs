@@ -293,7 +293,8 @@ fn injected_pods_enforce_their_services_policies_and_fail_closed() {
         node.pod(4, "job-1"),
         node.pod(5, "client"),
     );
-    let _apps = (api_pod.ns.background(|| app(8080)), job.ns.background(|| app(9000)));
+    let _apps =
+        (api_pod.ns.background(|| app(8080)), api_pod.ns.background(|| app(9100)), job.ns.background(|| app(9000)));
     let api = &node.api;
     api.apply(NAMESPACES, json!({"metadata": {"name": "shop", "labels": {"ferry.dev/inject": "enabled"}}}));
     node.pod_object(&api_pod, "api", json!({"app": "api"}), json!({}));
@@ -374,6 +375,15 @@ fn injected_pods_enforce_their_services_policies_and_fail_closed() {
         "{}",
         logs(&api_pod)
     );
+
+    // api-1's port 9100, which no Service selects, has the mesh's default (`mesh-only`): a meshed caller reaches it
+    // over mTLS (the pod's address is a meshed endpoint's, on any port), an unmeshed one is refused.
+    let unselected = format!("http://{}:9100/", api_pod.ip);
+    let (status, _, body) = call(&web, &unselected);
+    assert_eq!(status, 200, "{body}\n{}", logs(&api_pod));
+    assert!(body.starts_with("app on 9100: caller spiffe://cluster.local/ns/shop/sa/web"), "{body}");
+    let (status, error, body) = call(&client, &unselected);
+    assert_eq!((status, error.as_str()), (403, "unauthorized"), "{body}");
 
     // job-1: no Service selects it, yet it became ready; its ports get the mesh's default inbound policy
     // (`mesh-only` here): an unmeshed caller is refused...

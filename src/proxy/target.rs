@@ -160,6 +160,12 @@ impl Proxy {
             (Direction::Inbound, original) => {
                 let port = conn.sni_port.or(original.map(|o| o.port()));
                 let service = self.inbound_policy(port.unwrap_or(0)).service.clone();
+                // Redirected inbound traffic is for this pod: an original destination that is not one of its own
+                // addresses (a packet routed to the pod for someone else) is never relayed.
+                if let Some(original) = original.filter(|o| !is_local_ip(o.ip())) {
+                    let why = format!("inbound traffic for {original}, which is not this pod's address");
+                    return Err((service, ProxyError::NoRoute(why)));
+                }
                 let addr = match (conn.sni_port, original, self.settings.app_addr) {
                     // Local mode: the one app address.
                     (Some(_), _, Some(app)) => app,
@@ -240,9 +246,11 @@ impl Proxy {
         }
     }
 
-    /// The app's IP when no original destination says it: that of `FERRY_APP_ADDR`, else 127.0.0.1.
+    /// The app's IP when no original destination says it: that of `FERRY_APP_ADDR`, else the pod's own
+    /// (`FERRY_POD_IP`, 127.0.0.1 by default), so that an explicit connection to the inbound listener reaches only
+    /// what the app serves to other pods, never a listener it keeps on loopback.
     fn app_ip(&self) -> IpAddr {
-        self.settings.app_addr.map(|a| a.ip()).unwrap_or(IpAddr::from([127, 0, 0, 1]))
+        self.settings.app_addr.map(|a| a.ip()).unwrap_or(self.settings.pod_ip)
     }
 
     /// Whether dialling `addr` would reach one of this proxy's listeners (a listener on an unspecified address

@@ -697,15 +697,20 @@ impl Xds {
         self.proxies.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
         self.metrics.xds_connected.dec();
         let mut registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(registrations) = registry.live.remove(&id)
+        let registered = registry.live.remove(&id);
+        let had_registrations = registered.as_ref().is_some_and(|r| !r.is_empty());
+        if let Some(registrations) = registered
             && !revoked
         {
             let until = Instant::now() + DISCONNECT_LINGER;
             registry.retained.extend(registrations.into_iter().map(|r| (r, until)));
         }
         drop(registry);
-        // Its registrations, and (local mode) its set of declared Services' workload, may be gone.
-        self.changed();
+        // Its registrations, and (local mode) the workload of its set of declared Services, may be gone; in
+        // Kubernetes mode a proxy leaving changes nothing in the model.
+        if had_registrations || self.source.lock().unwrap_or_else(|e| e.into_inner()).is_none() {
+            self.changed();
+        }
     }
 
     /// One proxy's stream, from its first request to its end.
@@ -791,8 +796,10 @@ impl Xds {
         });
         self.proxies.lock().expect("proxies lock").insert(id, status.clone());
         self.metrics.xds_connected.inc();
-        // Local mode: a new set of declared Services needs its workload in the model.
-        self.changed();
+        if !kubernetes {
+            // Local mode: a new set of declared Services needs its workload in the model.
+            self.changed();
+        }
         // From here on, however the task ends (even by a panic), the proxy is unlisted and its endpoint released.
         let mut connected = Connected { xds: self.clone(), id, revoked: false };
         tracing::info!(node = %node.id, identity = %identity.spiffe(), peer = ?peer, service = ?service, "proxy connected");
@@ -802,11 +809,12 @@ impl Xds {
         let expiry = tokio::time::sleep(left.map_or(Duration::MAX / 4, Duration::from_secs));
         tokio::pin!(expiry);
         let mut model_rx = self.published.subscribe();
-        let mut session = Session { id, workload, types: HashMap::new(), nonces: 0 };
+        let mut session = Session { id, workload, served: BTreeSet::new(), types: HashMap::new(), nonces: 0 };
         let mut next = Some(first);
         // A pod-bound stream waits this long for its pod to appear in the model (a watch event behind the TokenReview's
         // own lookup); a pod that never appears, or that leaves, ends the stream.
         let mut pod_seen = false;
+        let mut unbound_reason: Option<String> = None;
         let unknown_pod = tokio::time::sleep(POD_UNKNOWN_TIMEOUT);
         tokio::pin!(unknown_pod);
         loop {
@@ -821,10 +829,13 @@ impl Xds {
             if let Some(pod) = &pod {
                 match model.bound.get(&session.workload).map(|b| check_pod(b, pod, peer)) {
                     Some(Ok(())) => pod_seen = true,
-                    Some(Err(message)) => {
+                    // Seen before: the pod was replaced or moved. Never seen: the model may lag the pod watcher (a
+                    // pod recreated under the same name); the stream waits, bounded, as for an unknown pod.
+                    Some(Err(message)) if pod_seen => {
                         self.close_unbound(&node.id, &identity, peer, &message, &tx);
                         break;
                     }
+                    Some(Err(message)) => unbound_reason = Some(message),
                     None if pod_seen => {
                         let message = format!("pod {}/{} was deleted", identity.namespace, pod.name);
                         self.close_unbound(&node.id, &identity, peer, &message, &tx);
@@ -879,11 +890,11 @@ impl Xds {
                 },
                 r = model_rx.changed() => if r.is_err() { break },
                 _ = &mut unknown_pod, if pod.is_some() && !pod_seen => {
-                    let message = format!(
+                    let message = unbound_reason.take().unwrap_or_else(|| format!(
                         "pod {}/{} is not a meshed pod the control plane knows",
                         identity.namespace,
                         pod.as_ref().map_or("", |p| p.name.as_str())
-                    );
+                    ));
                     self.close_unbound(&node.id, &identity, peer, &message, &tx);
                     break;
                 }
@@ -1018,6 +1029,10 @@ struct Session {
     id: u64,
     /// The name of the proxy's Workload resource (its pod, or its declared Services).
     workload: Arc<str>,
+    /// The Services of the Workload last sent to the proxy: their AuthorizationPolicies stay until a Workload without
+    /// them has been sent (a proxy applies responses in order, so a Service never selects its port without its
+    /// policies, on the way in or out).
+    served: BTreeSet<String>,
     types: HashMap<&'static str, TypeState>,
     nonces: u64,
 }
@@ -1126,13 +1141,25 @@ impl Session {
         let bound = model.bound.get(&self.workload);
         for index in [3, 2, 1, WORKLOAD, 0] {
             let type_url = &TYPES[index];
+            // A new Workload waits while a policy push is in flight (or was refused): it would otherwise reach the
+            // proxy before the policies of a Service it adds.
+            let policies_unsettled = index == WORKLOAD
+                && [1, 2].iter().any(|&i| {
+                    self.types.get(TYPES[i]).is_some_and(|t| t.pending.is_some())
+                        || status
+                            .types
+                            .lock()
+                            .expect("status lock")
+                            .get(short_type(TYPES[i]))
+                            .is_some_and(|s| s.nacked.is_some())
+                });
             let Some(t) = self.types.get_mut(type_url) else { continue };
             if t.pending.is_some() {
                 continue;
             }
             // What the pod serves is answered only once the control plane knows it: until then the proxy is not
             // ready and serves no inbound traffic (never with "no policy").
-            if index == WORKLOAD && bound.is_none() {
+            if index == WORKLOAD && (bound.is_none() || policies_unsettled) {
                 continue;
             }
             if t.synced == Some(model.generation) && !t.dirty {
@@ -1149,9 +1176,11 @@ impl Session {
                 if index == WORKLOAD && *name != self.workload {
                     continue;
                 }
-                // An AuthorizationPolicy goes to the proxies of the pods its Service selects.
+                // An AuthorizationPolicy goes to the proxies of the pods its Service selects (or selected in the
+                // Workload they were last sent).
                 if let Some(target) = &entry.target
                     && !bound.is_some_and(|b| b.services.contains(&**target))
+                    && !self.served.contains(&**target)
                 {
                     continue;
                 }
@@ -1189,6 +1218,15 @@ impl Session {
             self.nonces += 1;
             let nonce = format!("{}-{}", self.id, self.nonces);
             t.pending = Some(Pending { nonce: nonce.clone(), generation: model.generation, undo });
+            if index == WORKLOAD
+                && let Some(b) = bound
+            {
+                // The policies of Services this Workload drops are withdrawn next, after it.
+                self.served = b.services.clone();
+                if let Some(authz) = self.types.get_mut(TYPES[2]) {
+                    authz.dirty = true;
+                }
+            }
             status.update(type_url, |s| {
                 s.sent = model.generation;
                 s.pending_since = Some(Instant::now());
@@ -1282,7 +1320,13 @@ spec: {targetRef: {kind: Service, name: api}, defaultAction: deny}
         let metrics = ControlMetrics::new();
         let status = proxy_status("api", Some("demo/api"));
         let model = Model::build(1, crate::parse_documents(DOCS).unwrap(), &[], None, &BTreeMap::new());
-        let mut s = Session { id: 1, workload: status.workload.clone(), types: HashMap::new(), nonces: 0 };
+        let mut s = Session {
+            id: 1,
+            workload: status.workload.clone(),
+            served: BTreeSet::new(),
+            types: HashMap::new(),
+            nonces: 0,
+        };
         // Named: only what is named; a name that does not exist comes back as removed.
         s.on_request(request(protocol::SERVICE_TYPE, &["demo/api", "demo/nope"], "", None), &status, &metrics, "n")
             .unwrap();
@@ -1369,7 +1413,13 @@ spec: {targetRef: {kind: Service, name: api}, defaultAction: deny}
         let status = proxy_status("web", None);
         let docs = crate::parse_documents(DOCS).unwrap();
         let m1 = Model::build(1, docs.clone(), &[], None, &BTreeMap::new());
-        let mut s = Session { id: 7, workload: status.workload.clone(), types: HashMap::new(), nonces: 0 };
+        let mut s = Session {
+            id: 7,
+            workload: status.workload.clone(),
+            served: BTreeSet::new(),
+            types: HashMap::new(),
+            nonces: 0,
+        };
         // Wildcard subscription to Services and AuthorizationPolicies.
         s.on_request(request(protocol::SERVICE_TYPE, &[], "", None), &status, &metrics, "n").unwrap();
         s.on_request(request(protocol::AUTHORIZATION_POLICY_TYPE, &["*"], "", None), &status, &metrics, "n").unwrap();
@@ -1448,11 +1498,19 @@ spec: {targetRef: {kind: Service, name: api}, defaultAction: deny}
         ] {
             let mut status = proxy_status("x", None);
             status.workload = workload.into();
-            let mut s = Session { id: 1, workload: workload.into(), types: HashMap::new(), nonces: 0 };
+            let mut s =
+                Session { id: 1, workload: workload.into(), served: BTreeSet::new(), types: HashMap::new(), nonces: 0 };
             for t in [protocol::AUTHORIZATION_POLICY_TYPE, protocol::WORKLOAD_TYPE] {
                 s.on_request(request(t, &[], "", None), &status, &metrics, "n").unwrap();
             }
-            let out: Vec<DeltaDiscoveryResponse> = s.due(&model, &status).iter().map(wire).collect();
+            let first: Vec<DeltaDiscoveryResponse> = s.due(&model, &status).iter().map(wire).collect();
+            // The policies go first; the Workload waits for their ACK (it must never arrive before them).
+            assert!(first.iter().all(|r| r.type_url != protocol::WORKLOAD_TYPE), "{workload}");
+            let nonce = first.iter().find(|r| r.type_url == protocol::AUTHORIZATION_POLICY_TYPE).unwrap().nonce.clone();
+            s.on_request(request(protocol::AUTHORIZATION_POLICY_TYPE, &[], &nonce, None), &status, &metrics, "n")
+                .unwrap();
+            let out: Vec<DeltaDiscoveryResponse> =
+                first.into_iter().chain(s.due(&model, &status).iter().map(wire)).collect();
             let names = |t: &str| -> Option<Vec<String>> {
                 out.iter().find(|r| r.type_url == t).map(|r| r.resources.iter().map(|x| x.name.clone()).collect())
             };
@@ -1472,6 +1530,42 @@ spec: {targetRef: {kind: Service, name: api}, defaultAction: deny}
                 assert_eq!(w.default_inbound, DefaultInbound::MeshOnly);
             }
         }
+        // The Service stops selecting api-1: the Workload without it goes out before its policy is withdrawn (a
+        // proxy applies responses in order, so the port never keeps the Service without its policy).
+        let mut status = proxy_status("x", None);
+        status.workload = "pod/demo/api-1".into();
+        let mut s = Session {
+            id: 2,
+            workload: "pod/demo/api-1".into(),
+            served: BTreeSet::new(),
+            types: HashMap::new(),
+            nonces: 0,
+        };
+        for t in [protocol::AUTHORIZATION_POLICY_TYPE, protocol::WORKLOAD_TYPE] {
+            s.on_request(request(t, &[], "", None), &status, &metrics, "n").unwrap();
+        }
+        let exchange = |s: &mut Session, model: &Model| -> Vec<(String, Vec<String>, Vec<String>)> {
+            let mut seen = Vec::new();
+            loop {
+                let out: Vec<DeltaDiscoveryResponse> = s.due(model, &status).iter().map(wire).collect();
+                if out.is_empty() {
+                    return seen;
+                }
+                for r in out {
+                    let names = r.resources.iter().map(|x| x.name.clone()).collect();
+                    seen.push((short_type(&r.type_url).to_string(), names, r.removed_resources.clone()));
+                    s.on_request(request(&r.type_url, &[], &r.nonce, None), &status, &metrics, "n").unwrap();
+                }
+            }
+        };
+        exchange(&mut s, &model);
+        let dropped = BTreeMap::from([(pod_workload_name("demo", "api-1"), record(&[]))]);
+        let model2 = Model::build(2, crate::parse_documents(DOCS).unwrap(), &[], None, &dropped);
+        let order = exchange(&mut s, &model2);
+        let workload_at = order.iter().position(|(t, _, _)| t == "Workload").expect("a new Workload");
+        let withdrawn = order.iter().position(|(t, _, removed)| t == "AuthorizationPolicy" && removed == &["demo/api"]);
+        assert!(withdrawn.is_some_and(|w| w > workload_at), "{order:?}");
+
         // A stream is bound to the pod its certificate names: same uid, from one of its IPs.
         let bound = &model.bound[&*pod_workload_name("demo", "api-1")];
         let pod = |uid: &str| crate::identity::PodRef { name: "api-1".into(), uid: uid.into() };

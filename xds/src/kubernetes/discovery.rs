@@ -192,6 +192,17 @@ pub fn service(
     })
 }
 
+/// The EndpointSlices of each Service, by (namespace, Service name).
+fn slices_by_service(view: &ClusterView) -> BTreeMap<(String, String), Vec<&EndpointSlice>> {
+    let mut out: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
+    for slice in &view.slices {
+        if let (Some(ns), Some(service)) = (slice.namespace(), slice.labels().get(SERVICE_NAME_LABEL)) {
+            out.entry((ns, service.clone())).or_default().push(slice);
+        }
+    }
+    out
+}
+
 /// How a Service of `namespace` names the identity of a meshed pod: its service account, or (a pod of another
 /// namespace) its full SPIFFE ID.
 fn identity_entry(pod: &Pod, namespace: &str) -> String {
@@ -225,15 +236,12 @@ pub fn documents(view: &ClusterView) -> (Vec<Document>, Vec<Verdict>) {
     let pods: BTreeMap<(String, String), &Pod> =
         view.pods.iter().map(|p| ((p.namespace().unwrap_or_default(), p.name_any()), p)).collect();
     let by_ip = pods_by_ip(&view.pods);
+    let slices_of = slices_by_service(view);
     let mut docs = Vec::new();
     for svc in &view.services {
         let (name, namespace) = (svc.name_any(), svc.namespace().unwrap_or_default());
-        let slices: Vec<&EndpointSlice> = view
-            .slices
-            .iter()
-            .filter(|s| s.namespace().as_deref() == Some(namespace.as_str()))
-            .filter(|s| s.labels().get(SERVICE_NAME_LABEL) == Some(&name))
-            .collect();
+        let slices: Vec<&EndpointSlice> =
+            slices_of.get(&(namespace.clone(), name.clone())).cloned().unwrap_or_default();
         if let Some(service) = service(svc, &slices, &pods, &by_ip) {
             match validated(Document::Service(service)) {
                 Ok(doc) => docs.push(doc),
@@ -283,6 +291,11 @@ pub fn documents(view: &ClusterView) -> (Vec<Document>, Vec<Verdict>) {
 /// the pod's container ports); and who may call its other ports (its annotation, else `default`).
 pub fn workloads(view: &ClusterView, default: DefaultInbound) -> BTreeMap<String, WorkloadRecord> {
     use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    let slices_of = slices_by_service(view);
+    let mut services_in: BTreeMap<String, Vec<&KubeService>> = BTreeMap::new();
+    for svc in &view.services {
+        services_in.entry(svc.namespace().unwrap_or_default()).or_default().push(svc);
+    }
     let mut out = BTreeMap::new();
     for pod in view.pods.iter().filter(|p| is_meshed(p)) {
         let (namespace, name) = (pod.namespace().unwrap_or_default(), pod.name_any());
@@ -297,7 +310,7 @@ pub fn workloads(view: &ClusterView, default: DefaultInbound) -> BTreeMap<String
             })
         };
         let mut selecting = Vec::new();
-        for svc in view.services.iter().filter(|s| s.namespace().as_deref() == Some(namespace.as_str())) {
+        for svc in services_in.get(&namespace).into_iter().flatten() {
             let Some(spec) = svc.spec.as_ref().filter(|s| s.type_.as_deref() != Some("ExternalName")) else {
                 continue;
             };
@@ -306,10 +319,7 @@ pub fn workloads(view: &ClusterView, default: DefaultInbound) -> BTreeMap<String
                 .as_ref()
                 .is_some_and(|sel| !sel.is_empty() && sel.iter().all(|(k, v)| labels.get(k) == Some(v)));
             let svc_name = svc.name_any();
-            let slices = view.slices.iter().filter(|s| {
-                s.namespace().as_deref() == Some(namespace.as_str())
-                    && s.labels().get(SERVICE_NAME_LABEL) == Some(&svc_name)
-            });
+            let slices = slices_of.get(&(namespace.clone(), svc_name.clone())).into_iter().flatten();
             // The slices' own port numbers are the resolved target ports of the Service ports of the same name.
             let mut slice_ports: BTreeMap<String, u16> = BTreeMap::new();
             let mut by_slice = false;
