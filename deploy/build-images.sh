@@ -3,12 +3,16 @@
 # Debian base made with debootstrap from Debian's packages (iptables and iproute2 included), the control plane on
 # `scratch`, both with the static binaries deploy/build-static.sh built (BIN, default
 # ${CARGO_TARGET_DIR:-target}/x86_64-unknown-linux-gnu/release), stripped into target/image-bin. Needs a running
-# Docker engine and debootstrap; tags ferry/proxy:ci and ferry/control:ci, then runs each image's binaries once.
+# Docker engine and debootstrap; tags ferry/proxy:$TAG and ferry/control:$TAG (TAG default `ci`; IMAGES="proxy" builds
+# only the proxy's, e.g. from dynamically linked debug binaries, which the scratch control image could not run), then
+# runs each image's binaries once.
 # `build-images.sh base` makes only the base (ferry/debian-base:bookworm), which is kept and reused.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN="${BIN:-${CARGO_TARGET_DIR:-target}/x86_64-unknown-linux-gnu/release}"
 MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
+TAG="${TAG:-ci}"
+IMAGES="${IMAGES:-proxy control}"
 # Debian's docker.io client (20.10) builds with the engine's own BuildKit; a newer client elsewhere on PATH would want
 # the buildx plugin.
 DOCKER="${DOCKER:-$([ -x /usr/bin/docker ] && echo /usr/bin/docker || echo docker)}"
@@ -34,13 +38,17 @@ done
 args=(--build-arg BINARIES=prebuilt --build-arg PREBUILT=target/image-bin --build-arg "PROXY_BASE=$BASE"
       --build-arg PROXY_PACKAGES= --build-arg CONTROL_BASE=scratch)
 export DOCKER_BUILDKIT=1
-docker build -q -f deploy/Dockerfile --target proxy -t ferry/proxy:ci "${args[@]}" . >/dev/null
-docker build -q -f deploy/Dockerfile --target control -t ferry/control:ci "${args[@]}" . >/dev/null
+for image in $IMAGES; do
+  docker build -q -f deploy/Dockerfile --target "$image" -t "ferry/$image:$TAG" "${args[@]}" . >/dev/null
+  echo "$(docker image ls --format '{{.Repository}}:{{.Tag}} {{.Size}}' "ferry/$image:$TAG")"
+done
 # Each image runs what it carries: the proxy (as UID 1337) and its iptables and ip, the control plane and the CLI.
-docker run --rm --network none ferry/proxy:ci --version
-docker run --rm --network none --entrypoint iptables ferry/proxy:ci --version
-docker run --rm --network none --entrypoint ip ferry/proxy:ci -V
-docker run --rm --network none ferry/control:ci --version
-docker run --rm --network none --entrypoint /usr/local/bin/ferryctl ferry/control:ci --version
-docker image ls --format '{{.Repository}}:{{.Tag}} {{.Size}}' ferry/proxy:ci
-docker image ls --format '{{.Repository}}:{{.Tag}} {{.Size}}' ferry/control:ci
+case " $IMAGES " in *" proxy "*)
+  docker run --rm --network none "ferry/proxy:$TAG" --version
+  docker run --rm --network none --entrypoint iptables "ferry/proxy:$TAG" --version
+  docker run --rm --network none --entrypoint ip "ferry/proxy:$TAG" -V
+esac
+case " $IMAGES " in *" control "*)
+  docker run --rm --network none "ferry/control:$TAG" --version
+  docker run --rm --network none --entrypoint /usr/local/bin/ferryctl "ferry/control:$TAG" --version
+esac

@@ -162,7 +162,8 @@ impl Proxy {
                 let service = self.inbound_policy(port.unwrap_or(0)).service.clone();
                 // Redirected inbound traffic is for this pod: an original destination that is not one of its own
                 // addresses (a packet routed to the pod for someone else) is never relayed.
-                if let Some(original) = original.filter(|o| !is_local_ip(o.ip())) {
+                // (The common case, the pod's primary address, is the connection's own local address: no syscall.)
+                if let Some(original) = original.filter(|o| o.ip() != conn.local.ip() && !is_local_ip(o.ip())) {
                     let why = format!("inbound traffic for {original}, which is not this pod's address");
                     return Err((service, ProxyError::NoRoute(why)));
                 }
