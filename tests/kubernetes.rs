@@ -379,7 +379,7 @@ async fn kubernetes_discovery_and_identity_through_the_api_server() {
         "spec": {"containers": [{"name": "ferry-control", "image": "control"}]}, "status": {"phase": "Running"}}),
     );
     api.proxy_pod("ferry-system", "ferry-control-0", cp.metrics);
-    let kubeconfig = api.kubeconfig(dir.path());
+    let kubeconfig = api.kubeconfig_as(dir.path(), "admin-token");
     let ctl = |args: &[&str]| {
         let out = Command::new(control::ctl_bin())
             .arg("--kubernetes")
@@ -474,4 +474,26 @@ async fn kubernetes_discovery_and_identity_through_the_api_server() {
     assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
     assert!(refused.message().contains("pod shop/web-1 does not exist"), "{refused:?}");
     drop(web);
+
+    // RBAC: every call the control plane made here (lists, watches, TokenReviews, the CA Secret, ConfigMaps, policy
+    // status, the webhook) is one `deploy/control-plane/rbac.yaml` grants; the check itself refuses what it does not.
+    let rbac =
+        std::fs::read_to_string(format!("{}/deploy/control-plane/rbac.yaml", env!("CARGO_MANIFEST_DIR"))).unwrap();
+    let calls = api.calls_with(apiserver::CONTROL_TOKEN);
+    assert!(calls.len() > 20, "{calls:?}");
+    assert_eq!(apiserver::rbac_violations(&calls, &rbac), Vec::<String>::new());
+    let forbidden = [
+        ("DELETE", "/api/v1/namespaces/shop/pods/web-1", ""),
+        ("GET", "/api/v1/namespaces/shop/secrets/other", ""),
+        ("PATCH", "/api/v1/namespaces/ferry-system/secrets/ferry-ca", ""),
+        ("PATCH", "/api/v1/namespaces/shop/configmaps/other", ""),
+        ("PATCH", "/apis/ferry.dev/v1alpha1/namespaces/shop/trafficpolicies/orders", ""),
+    ];
+    let forbidden: Vec<(String, String, String)> =
+        forbidden.iter().map(|(m, p, q)| (m.to_string(), p.to_string(), q.to_string())).collect();
+    let refused = apiserver::rbac_violations(&forbidden, &rbac);
+    assert_eq!(refused.len(), 5, "{refused:?}");
+    let granted = [("PUT", "/api/v1/namespaces/ferry-system/secrets/ferry-ca", "")]
+        .map(|(m, p, q)| (m.into(), p.into(), q.into()));
+    assert_eq!(apiserver::rbac_violations(&granted, &rbac), Vec::<String>::new());
 }

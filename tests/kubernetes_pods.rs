@@ -414,4 +414,9 @@ fn injected_pods_enforce_their_services_policies_and_fail_closed() {
     for pod in [&api_pod, &web, &other, &job] {
         assert!(status.contains(&format!("\"workload\":\"pod/shop/{}\"", pod.name)), "{status}");
     }
+    // Every call the control plane made is one its ClusterRole and Role grant.
+    let rbac =
+        std::fs::read_to_string(format!("{}/deploy/control-plane/rbac.yaml", env!("CARGO_MANIFEST_DIR"))).unwrap();
+    let calls = api.calls_with(apiserver::CONTROL_TOKEN);
+    assert_eq!(apiserver::rbac_violations(&calls, &rbac), Vec::<String>::new(), "{calls:?}");
 }

@@ -74,6 +74,8 @@ struct State {
     pod_proxies: BTreeMap<String, SocketAddr>,
     /// How many lists each collection has served (a relist after 410 shows here).
     lists: BTreeMap<&'static str, usize>,
+    /// Every request: (bearer token, method, path, query).
+    calls: Vec<(String, String, String, String)>,
 }
 
 /// The fake API server; stops with the test process.
@@ -120,11 +122,17 @@ impl ApiServer {
         server
     }
 
-    /// A kubeconfig for this server (plain HTTP, a bearer token nobody checks).
+    /// A kubeconfig for this server (plain HTTP, the bearer token `control-token`, the control plane's: its calls are
+    /// checked against its RBAC by [`rbac_violations`]).
     pub fn kubeconfig(&self, dir: &std::path::Path) -> std::path::PathBuf {
-        let path = dir.join("kubeconfig");
+        self.kubeconfig_as(dir, CONTROL_TOKEN)
+    }
+
+    /// A kubeconfig with another bearer token (a user's, for ferryctl), in its own file.
+    pub fn kubeconfig_as(&self, dir: &std::path::Path, token: &str) -> std::path::PathBuf {
+        let path = dir.join(format!("kubeconfig-{token}"));
         let text = format!(
-            "apiVersion: v1\nkind: Config\ncurrent-context: test\nclusters:\n- name: test\n  cluster: {{server: \"http://{}\"}}\ncontexts:\n- name: test\n  context: {{cluster: test, user: test}}\nusers:\n- name: test\n  user: {{token: test-token}}\n",
+            "apiVersion: v1\nkind: Config\ncurrent-context: test\nclusters:\n- name: test\n  cluster: {{server: \"http://{}\"}}\ncontexts:\n- name: test\n  context: {{cluster: test, user: test}}\nusers:\n- name: test\n  user: {{token: {token}}}\n",
             self.addr
         );
         std::fs::write(&path, text).unwrap();
@@ -223,9 +231,18 @@ impl ApiServer {
         }
     }
 
+    /// Every request made with `token`: (method, path, query).
+    pub fn calls_with(&self, token: &str) -> Vec<(String, String, String)> {
+        let calls = self.state.lock().unwrap().calls.clone();
+        calls.into_iter().filter(|(t, ..)| t == token).map(|(_, m, p, q)| (m, p, q)).collect()
+    }
+
     async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
         let (method, path, query) =
             (req.method().clone(), req.uri().path().to_string(), req.uri().query().unwrap_or("").to_string());
+        let token = req.headers().get("authorization").and_then(|v| v.to_str().ok()).unwrap_or_default();
+        let token = token.strip_prefix("Bearer ").unwrap_or(token).to_string();
+        self.state.lock().unwrap().calls.push((token, method.to_string(), path.clone(), query.clone()));
         let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
         let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
         if method != Method::GET {
@@ -449,4 +466,91 @@ fn json_reply(status: StatusCode, value: &Value) -> Response<Body> {
         .header("content-type", "application/json")
         .body(BodyExt::boxed(Full::new(Bytes::from(serde_json::to_vec(value).unwrap()))))
         .unwrap()
+}
+
+/// The bearer token of the control plane's kubeconfig.
+pub const CONTROL_TOKEN: &str = "control-token";
+
+/// One request as RBAC sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Access {
+    pub verb: String,
+    pub group: String,
+    pub resource: String,
+    pub name: String,
+    pub namespace: String,
+}
+
+/// Pure: the RBAC attributes of a request (`None`: a non-resource URL such as `/version`, allowed to everyone
+/// authenticated).
+pub fn access(method: &str, path: &str, query: &str) -> Option<Access> {
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let (group, rest) = match parts.as_slice() {
+        ["api", "v1", rest @ ..] => (String::new(), rest),
+        ["apis", group, _version, rest @ ..] => (group.to_string(), rest),
+        _ => return None,
+    };
+    let (namespace, rest) = match rest {
+        ["namespaces", ns, more @ ..] if !more.is_empty() => (ns.to_string(), more),
+        other => (String::new(), other),
+    };
+    let (resource, name, sub) = match rest {
+        [r] => (r.to_string(), String::new(), None),
+        [r, n] => (r.to_string(), n.to_string(), None),
+        [r, n, s, ..] => (r.to_string(), n.split(':').next().unwrap_or(n).to_string(), Some(s.to_string())),
+        [] => return None,
+    };
+    let watch = query.split('&').any(|kv| kv == "watch=true" || kv == "watch=1");
+    let verb = match method {
+        "GET" if watch => "watch",
+        "GET" if name.is_empty() => "list",
+        "GET" => "get",
+        "POST" => "create",
+        "PUT" => "update",
+        "PATCH" => "patch",
+        "DELETE" if name.is_empty() => "deletecollection",
+        "DELETE" => "delete",
+        other => other,
+    };
+    let resource = match sub {
+        Some(s) => format!("{resource}/{s}"),
+        None => resource,
+    };
+    Some(Access { verb: verb.into(), group, resource, name, namespace })
+}
+
+/// The calls of `calls` (method, path, query) that the ClusterRoles and Roles of `rbac_yaml` do not grant, one line
+/// each (Roles grant in their own namespace only; `resourceNames` restrict everything but create, list and watch,
+/// which they cannot name).
+pub fn rbac_violations(calls: &[(String, String, String)], rbac_yaml: &str) -> Vec<String> {
+    let docs: Vec<Value> = serde_saphyr::from_multiple(rbac_yaml).unwrap();
+    let rules: Vec<(Option<String>, &Value)> = docs
+        .iter()
+        .filter(|d| d["kind"] == "ClusterRole" || d["kind"] == "Role")
+        .flat_map(|d| {
+            let scope = (d["kind"] == "Role").then(|| d["metadata"]["namespace"].as_str().unwrap_or("").to_string());
+            d["rules"].as_array().into_iter().flatten().map(move |r| (scope.clone(), r))
+        })
+        .collect();
+    let has = |list: &Value, item: &str| list.as_array().is_some_and(|l| l.iter().any(|v| v == item || v == "*"));
+    let mut out = Vec::new();
+    for (method, path, query) in calls {
+        let Some(a) = access(method, path, query) else { continue };
+        let granted = rules.iter().any(|(scope, r)| {
+            scope.as_ref().is_none_or(|ns| *ns == a.namespace)
+                && has(&r["verbs"], &a.verb)
+                && has(&r["apiGroups"], &a.group)
+                && has(&r["resources"], &a.resource)
+                && (r["resourceNames"].as_array().is_none_or(|n| n.is_empty())
+                    || (!["create", "list", "watch"].contains(&a.verb.as_str()) && has(&r["resourceNames"], &a.name)))
+        });
+        if !granted {
+            let line =
+                format!("{} {}/{} {:?} in {:?} ({method} {path})", a.verb, a.group, a.resource, a.name, a.namespace);
+            if !out.contains(&line) {
+                out.push(line);
+            }
+        }
+    }
+    out
 }
