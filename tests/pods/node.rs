@@ -100,7 +100,18 @@ impl Node {
         let k = std::process::id() % 250 + 1;
         let network = format!("ferry-pods-{}-{tag}", std::process::id());
         let prefix = format!("198.19.{k}");
-        let _ = docker_run(&["network", "rm", &network]);
+        // Networks a crashed run left behind (its process is gone) would hold their subnets: removed first.
+        let existing = docker_must(&["network", "ls", "--format", "{{.Name}}", "--filter", "name=ferry-pods-"]);
+        for stale in existing.lines() {
+            let pid = stale.strip_prefix("ferry-pods-").and_then(|r| r.split('-').next());
+            if pid.is_some_and(|p| !Path::new(&format!("/proc/{p}")).exists()) || stale == network {
+                let containers = docker_must(&["ps", "-aq", "--filter", &format!("network={stale}")]);
+                for id in containers.lines() {
+                    let _ = docker_run(&["rm", "-f", id]);
+                }
+                let _ = docker_run(&["network", "rm", stale]);
+            }
+        }
         docker_must(&[
             "network",
             "create",
