@@ -1,6 +1,8 @@
 //! The pod suite: pods made from `ferryctl inject`'s output run in real containers of the images `deploy/Dockerfile`
 //! builds, on a small test node (`node.rs`; Docker Engine, root).
 
+#[path = "../../xds/tests/support/apiserver.rs"]
+mod apiserver;
 #[path = "../../xds/tests/support/mod.rs"]
 mod control;
 mod node;
@@ -10,8 +12,9 @@ mod support;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use apiserver::{AUTHZ, ApiServer, NAMESPACES, PODS, SERVICES, SLICES};
 use ferry_xds::kubernetes::inject;
-use node::{Node, Pod, docker_must, images};
+use node::{APP_IMAGE, Node, Pod, docker_must, images};
 use serde_json::{Value, json};
 
 /// A Pod `shop/<name>` (service account `account`, one app container) as `ferryctl inject` writes it.
@@ -106,4 +109,131 @@ fn injected_containers_run_with_no_more_than_their_spec_grants() {
     let out = node.run_init(&pod, &writer, &local_image);
     assert!(!out.status.success(), "a write to a read-only root succeeded");
     assert!(String::from_utf8_lossy(&out.stderr).contains("Read-only file system"), "{out:?}");
+}
+
+/// `ferry-control --discovery kubernetes` on the host, serving the node's pods on the network's gateway; killed when
+/// dropped.
+struct Control {
+    child: std::process::Child,
+    state: std::path::PathBuf,
+    log: std::path::PathBuf,
+}
+
+impl Drop for Control {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Control {
+    fn start(api: &ApiServer, node: &Node) -> Control {
+        let dir = node.dir.path();
+        let state = dir.join("control-state");
+        std::fs::create_dir_all(&state).unwrap();
+        let log = dir.join("control.log");
+        let out = std::fs::File::create(&log).unwrap();
+        let metrics = control::free_addr();
+        let child = std::process::Command::new(control::control_bin())
+            .args(["serve", "--discovery", "kubernetes", "--state-dir", state.to_str().unwrap()])
+            .args(["--xds-addr", &format!("{}.1:15010", node.prefix), "--metrics-addr", &metrics.to_string()])
+            .args([
+                "--webhook-addr",
+                &control::free_addr().to_string(),
+                "--server-name",
+                "ferry-control.ferry-system.svc",
+            ])
+            .env("KUBECONFIG", api.kubeconfig(dir))
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        let control = Control { child, state, log };
+        support::wait_until("ferry-control serves", Duration::from_secs(60), || {
+            support::http_get(metrics, "/health/ready").is_some_and(|r| r.0 == 200)
+        });
+        control
+    }
+
+    fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// A meshed pod `shop/<name>` whose app is the tests' own server on 8080, as injection wrote it, with its Pod object
+/// and its token in the API server.
+fn meshed_pod(node: &Node, api: &ApiServer, control: &Control, name: &str, account: &str, n: u8) -> Pod {
+    let spec = json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": "shop", "uid": format!("uid-{name}"), "labels": {"app": account}},
+        "spec": {"serviceAccountName": account, "containers": [{"name": "app", "image": APP_IMAGE,
+                 "command": ["/pod_app", "serve", "8080"], "ports": [{"name": "http", "containerPort": 8080}]}]}});
+    let settings = inject::Settings::new(None, "ferry-control.ferry-system.svc:15010".into(), true);
+    let (out, _) = inject::inject_yaml(&spec.to_string(), &settings).unwrap();
+    let mut spec: Value = serde_saphyr::from_str(&out).unwrap();
+    let gateway = format!("{}.1", node.prefix);
+    let ip = node.pause(name, n, &[("ferry-control.ferry-system.svc", &gateway)]);
+    let mut object = spec.clone();
+    object["status"] = json!({"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]});
+    api.apply(PODS, object);
+    api.token(
+        &format!("token-{name}"),
+        json!({"authenticated": true, "audiences": ["ferry.dev"],
+               "user": {"username": format!("system:serviceaccount:shop:{account}"), "uid": "sa",
+                        "extra": {"authentication.kubernetes.io/pod-name": [name],
+                                  "authentication.kubernetes.io/pod-uid": [format!("uid-{name}")]}}}),
+    );
+    let volumes = volumes(node, name);
+    std::fs::copy(control.state.join("ca.crt"), volumes["ferry-ca-root"].join("root.pem")).unwrap();
+    spec["metadata"]["uid"] = json!(format!("uid-{name}"));
+    Pod { name: name.into(), namespace: "shop".into(), pause: format!("{}-{name}", node.network), ip, volumes, spec }
+}
+
+/// Injected pods in real containers, joined to a real control plane through the fake API server: the proxy starts
+/// (its startup probe passes) before the app, and the AuthorizationPolicy of `api` lets `web` in and refuses `batch`,
+/// with unmodified clients calling the Service's ClusterIP from inside their pods.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn injected_pods_call_each_other_through_their_proxies() {
+    if !node::available("injected_pods_call_each_other_through_their_proxies") {
+        return;
+    }
+    let api = ApiServer::start().await;
+    let node = tokio::task::block_in_place(|| Node::new("mesh"));
+    api.apply(NAMESPACES, json!({"metadata": {"name": "shop", "labels": {"ferry.dev/inject": "enabled"}}}));
+    let control = tokio::task::block_in_place(|| Control::start(&api, &node));
+    let pods: Vec<Pod> = [("api-1", "api", 20), ("web-1", "web", 21), ("batch-1", "batch", 22)]
+        .iter()
+        .map(|(name, account, n)| meshed_pod(&node, &api, &control, name, account, *n))
+        .collect();
+    let (api_pod, web, batch) = (&pods[0], &pods[1], &pods[2]);
+    api.apply(
+        SERVICES,
+        json!({"metadata": {"name": "api", "namespace": "shop"},
+               "spec": {"clusterIP": "10.96.0.20", "clusterIPs": ["10.96.0.20"], "selector": {"app": "api"},
+                        "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]}}),
+    );
+    api.apply(
+        SLICES,
+        json!({"metadata": {"name": "api-x", "namespace": "shop", "labels": {"kubernetes.io/service-name": "api"}},
+               "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+               "endpoints": [{"addresses": [api_pod.ip], "conditions": {"ready": true},
+                              "targetRef": {"kind": "Pod", "name": "api-1", "namespace": "shop", "uid": "uid-api-1"}}]}),
+    );
+    api.apply(
+        AUTHZ,
+        json!({"metadata": {"name": "api", "namespace": "shop", "generation": 1},
+               "spec": {"targetRef": {"kind": "Service", "name": "api"}, "defaultAction": "deny",
+                        "allow": [{"from": {"identities": ["spiffe://cluster.local/ns/shop/sa/web"]}}]}}),
+    );
+    for pod in &pods {
+        let started = tokio::task::block_in_place(|| node.run_pod(pod, &local_image));
+        assert!(started.is_ok(), "{}: {started:?}\n--- control ---\n{}", pod.name, control.logs());
+    }
+    let call = |pod: &Pod| tokio::task::block_in_place(|| node.get_from(pod, "http://10.96.0.20/"));
+    tokio::task::block_in_place(|| {
+        support::wait_until("web reaches api", Duration::from_secs(30), || call(web).starts_with("200"))
+    });
+    let answer = call(web);
+    assert_eq!(answer, "200 \napp on 8080: caller spiffe://cluster.local/ns/shop/sa/web from 127.0.0.6", "{answer}");
+    let refused = call(batch);
+    assert!(refused.starts_with("403 unauthorized"), "{refused}");
 }

@@ -5,11 +5,12 @@
 //! `no-new-privileges`, env (downward-API fields resolved, `$(VAR)` expanded) and volumes (emptyDirs as tmpfs, the
 //! projected token and the `ferry-ca-root` ConfigMap as files the test provides). Init containers run in order to
 //! completion; a native sidecar (an init container with `restartPolicy: Always`) is started and waited for until its
-//! startup probe passes, as the kubelet does, before what follows.
+//! startup probe passes, as the kubelet does, before what follows; app containers (image [`APP_IMAGE`]) are the
+//! tests' own `pod_app` on the base image.
 //!
 //! What it does not model: scheduling, cgroup limits (requests and limits are ignored), image pulls (the images are
 //! built locally from `deploy/Dockerfile`), Services' DNS, kube-proxy, probes other than the sidecar's startup probe,
-//! the endpoint-slice controller and deletion order — the next parts of the suite.
+//! readiness, the endpoint-slice controller and deletion order — the next parts of the suite.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -18,6 +19,19 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+
+/// The image name a test spec gives its app containers: the node runs them as the tests' own `pod_app` binary
+/// (`examples/pod_app.rs`, built with the tests) on the base image.
+pub const APP_IMAGE: &str = "ferry-test/app:1";
+
+/// The `pod_app` example of this build.
+pub fn app_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let profile = exe.parent().unwrap().parent().unwrap();
+    let bin = profile.join("examples/pod_app");
+    assert!(bin.exists(), "{} is missing: cargo test builds the examples", bin.display());
+    bin
+}
 
 /// Debian's Docker client: it builds with the engine's own BuildKit (a newer client on PATH would want buildx).
 pub fn docker() -> Command {
@@ -97,7 +111,10 @@ pub struct Node {
 
 impl Node {
     pub fn new(tag: &str) -> Node {
-        let k = std::process::id() % 250 + 1;
+        // Each node of this process its own subnet (tests run in parallel), apart from other processes' as far as
+        // 50 of them go.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let k = ((std::process::id() % 50) * 5 + NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 5) % 250 + 1;
         let network = format!("ferry-pods-{}-{tag}", std::process::id());
         let prefix = format!("198.19.{k}");
         // Networks a crashed run left behind (its process is gone) would hold their subnets: removed first.
@@ -211,13 +228,63 @@ impl Node {
         if let Some(entry) = command.first() {
             args.push(format!("--entrypoint={entry}"));
         }
-        args.push(image(container["image"].as_str().unwrap()));
+        let spec_image = container["image"].as_str().unwrap();
+        if spec_image == APP_IMAGE {
+            // The tests' own app and client, on the base image.
+            args.push(format!("--volume={}:/pod_app:ro", app_binary().display()));
+            args.push(images().base.clone());
+        } else {
+            args.push(image(spec_image));
+        }
         args.extend(command.iter().skip(1).cloned());
         args.extend(container["args"].as_array().into_iter().flatten().map(|a| a.as_str().unwrap().to_string()));
         if detach {
             self.track(&name);
         }
         args
+    }
+
+    /// Runs a pod as the kubelet would: the pause container, the init containers in order (each to completion; a
+    /// native sidecar is started and waited for until its startup probe passes), then the app containers.
+    pub fn run_pod(&self, pod: &Pod, image: &dyn Fn(&str) -> String) -> Result<(), String> {
+        for init in pod.init_containers() {
+            if init["restartPolicy"] == "Always" {
+                let name = self.start(pod, &init, image);
+                let probe = &init["startupProbe"];
+                let (period, failures) =
+                    (probe["periodSeconds"].as_u64().unwrap_or(10), probe["failureThreshold"].as_u64().unwrap_or(3));
+                let limit = Duration::from_secs((period * failures).min(60));
+                self.wait_probe(pod, probe, limit).map_err(|e| format!("{e}\n{}", self.logs(&name)))?;
+            } else {
+                let out = self.run_init(pod, &init, image);
+                if !out.status.success() {
+                    return Err(format!("init container {} failed: {out:?}", init["name"]));
+                }
+            }
+        }
+        for app in pod.spec["spec"]["containers"].as_array().into_iter().flatten() {
+            self.start(pod, app, image);
+        }
+        Ok(())
+    }
+
+    /// Runs `pod_app get <url>` as a client inside the pod (root, like an app's own process): its output.
+    pub fn get_from(&self, pod: &Pod, url: &str) -> String {
+        let network = format!("container:{}", pod.pause);
+        let bin = format!("{}:/pod_app:ro", app_binary().display());
+        let out = docker_run(&[
+            "run",
+            "--rm",
+            "--network",
+            &network,
+            "--volume",
+            &bin,
+            &images().base,
+            "/pod_app",
+            "get",
+            url,
+        ]);
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)).trim().to_string()
     }
 
     /// Runs an init container to completion: its exit status and output.
