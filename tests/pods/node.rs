@@ -24,13 +24,22 @@ use serde_json::Value;
 /// (`examples/pod_app.rs`, built with the tests) on the base image.
 pub const APP_IMAGE: &str = "ferry-test/app:1";
 
-/// The `pod_app` example of this build.
+/// The `pod_app` example of this build (`cargo test --workspace` builds it; a single test target builds it here).
 pub fn app_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let profile = exe.parent().unwrap().parent().unwrap();
-    let bin = profile.join("examples/pod_app");
-    assert!(bin.exists(), "{} is missing: cargo test builds the examples", bin.display());
-    bin
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let exe = std::env::current_exe().unwrap();
+            let profile = exe.parent().unwrap().parent().unwrap().to_path_buf();
+            let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+            build.args(["build", "-p", "ferry", "--example", "pod_app", "--quiet"]);
+            if profile.ends_with("release") {
+                build.arg("--release");
+            }
+            assert!(build.status().unwrap().success(), "building examples/pod_app failed");
+            profile.join("examples/pod_app")
+        })
+        .clone()
 }
 
 /// Debian's Docker client: it builds with the engine's own BuildKit (a newer client on PATH would want buildx).
