@@ -236,4 +236,17 @@ async fn injected_pods_call_each_other_through_their_proxies() {
     assert_eq!(answer, "200 \napp on 8080: caller spiffe://cluster.local/ns/shop/sa/web from 127.0.0.6", "{answer}");
     let refused = call(batch);
     assert!(refused.starts_with("403 unauthorized"), "{refused}");
+
+    // A headless Service: clients dial the pod's own IP, still mTLS to the identity the pod's Service names.
+    api.apply(
+        SERVICES,
+        json!({"metadata": {"name": "api-pods", "namespace": "shop"},
+               "spec": {"clusterIP": "None", "selector": {"app": "api"},
+                        "ports": [{"name": "http", "port": 8080, "targetPort": 8080, "protocol": "TCP"}]}}),
+    );
+    let direct = format!("http://{}:8080/", api_pod.ip);
+    let answer = tokio::task::block_in_place(|| node.get_from(web, &direct));
+    assert_eq!(answer, "200 \napp on 8080: caller spiffe://cluster.local/ns/shop/sa/web from 127.0.0.6", "{answer}");
+    let refused = tokio::task::block_in_place(|| node.get_from(batch, &direct));
+    assert!(refused.starts_with("403 unauthorized"), "{refused}");
 }
