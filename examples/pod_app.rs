@@ -1,5 +1,6 @@
 //! The test pods' app and client (the `pods` suite mounts this binary into its containers):
-//! `pod_app serve <port>...` answers every HTTP request with who called (`ferry-client-id`) and from where;
+//! `pod_app serve <port>...` answers every HTTP request with who called (`ferry-client-id`) and from where (a port
+//! written `lo:<port>` is bound to 127.0.0.1 only);
 //! `pod_app get <url>` prints the status line, the `ferry-proxy-error` header and the body of one GET.
 
 use std::convert::Infallible;
@@ -15,7 +16,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         Some("serve") => {
             let mut servers = Vec::new();
             for port in &args[1..] {
-                let listener = tokio::net::TcpListener::bind(("0.0.0.0", port.parse::<u16>()?)).await?;
+                // `lo:<port>`: a listener the app keeps to itself, on loopback only.
+                let (host, port) = match port.strip_prefix("lo:") {
+                    Some(port) => ("127.0.0.1", port),
+                    None => ("0.0.0.0", port.as_str()),
+                };
+                let listener = tokio::net::TcpListener::bind((host, port.parse::<u16>()?)).await?;
                 servers.push(tokio::spawn(serve(listener)));
             }
             for server in servers {

@@ -166,7 +166,8 @@ fn meshed_pod(node: &Node, api: &ApiServer, control: &Control, name: &str, accou
     let spec = json!({"apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": name, "namespace": "shop", "uid": format!("uid-{name}"), "labels": {"app": account}},
         "spec": {"serviceAccountName": account, "containers": [{"name": "app", "image": APP_IMAGE,
-                 "command": ["/pod_app", "serve", "8080"], "ports": [{"name": "http", "containerPort": 8080}]}]}});
+                 "command": ["/pod_app", "serve", "8080", "lo:9999"], "ports": [{"name": "http", "containerPort": 8080}],
+                 "readinessProbe": {"httpGet": {"path": "/ready", "port": "http"}}}]}});
     let settings = inject::Settings::new(None, "ferry-control.ferry-system.svc:15010".into(), true);
     let (out, _) = inject::inject_yaml(&spec.to_string(), &settings).unwrap();
     let mut spec: Value = serde_saphyr::from_str(&out).unwrap();
@@ -249,4 +250,40 @@ async fn injected_pods_call_each_other_through_their_proxies() {
     assert_eq!(answer, "200 \napp on 8080: caller spiffe://cluster.local/ns/shop/sa/web from 127.0.0.6", "{answer}");
     let refused = tokio::task::block_in_place(|| node.get_from(batch, &direct));
     assert!(refused.starts_with("403 unauthorized"), "{refused}");
+
+    // What api's app keeps on loopback (port 9999) is not reachable from another pod.
+    let private = format!("http://{}:9999/", api_pod.ip);
+    let answer = tokio::task::block_in_place(|| node.get_from(web, &private));
+    assert!(answer.starts_with("502 connect-refused"), "{answer}");
+
+    // Strict mTLS on api: an unmeshed pod's plaintext is refused; api's rewritten readiness probe (the kubelet's
+    // call on the health port) still passes.
+    let (kind, strict) = (
+        apiserver::TRAFFIC,
+        json!({"metadata": {"name": "api", "namespace": "shop", "generation": 1},
+        "spec": {"targetRef": {"kind": "Service", "name": "api"}, "mtls": "strict"}}),
+    );
+    api.apply(kind, strict);
+    let outsider_ip = node.pause("outsider", 30, &[]);
+    let outsider = Pod {
+        name: "outsider".into(),
+        namespace: "shop".into(),
+        pause: format!("{}-outsider", node.network),
+        ip: outsider_ip,
+        volumes: BTreeMap::new(),
+        spec: json!({}),
+    };
+    let refused = tokio::task::block_in_place(|| {
+        let mut last = String::new();
+        support::wait_until("strict mode reaches api", Duration::from_secs(20), || {
+            last = node.get_from(&outsider, &direct);
+            last.contains("mTLS is required")
+        });
+        last
+    });
+    assert!(refused.starts_with("403 unauthorized"), "{refused}");
+    let probe = api_pod.spec["spec"]["containers"][0]["readinessProbe"].clone();
+    assert_eq!(probe["httpGet"]["port"], 15020, "{probe}");
+    let passed = tokio::task::block_in_place(|| node.wait_probe(api_pod, &probe, Duration::from_secs(10)));
+    assert!(passed.is_ok(), "{passed:?}");
 }
