@@ -286,4 +286,18 @@ async fn injected_pods_call_each_other_through_their_proxies() {
     assert_eq!(probe["httpGet"]["port"], 15020, "{probe}");
     let passed = tokio::task::block_in_place(|| node.wait_probe(api_pod, &probe, Duration::from_secs(10)));
     assert!(passed.is_ok(), "{passed:?}");
+
+    // A rate limit on api (burst 2, refilled every 100 s): web's third call is answered 429.
+    let limited = json!({"metadata": {"name": "api", "namespace": "shop", "generation": 2},
+        "spec": {"targetRef": {"kind": "Service", "name": "api"}, "mtls": "strict",
+                 "rateLimit": {"requestsPerSecond": 0.01, "burst": 2}}});
+    api.apply(apiserver::TRAFFIC, limited);
+    tokio::task::block_in_place(|| {
+        support::wait_until("the rate limit reaches api", Duration::from_secs(20), || {
+            node.get_from(api_pod, "http://127.0.0.1:15000/config_dump").contains("requestsPerSecond")
+        })
+    });
+    let statuses: Vec<String> =
+        (0..3).map(|_| call(web).lines().next().unwrap_or_default().trim().to_string()).collect();
+    assert_eq!(statuses, ["200", "200", "429 rate-limited"]);
 }
