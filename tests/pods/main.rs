@@ -300,4 +300,11 @@ async fn injected_pods_call_each_other_through_their_proxies() {
     let statuses: Vec<String> =
         (0..3).map(|_| call(web).lines().next().unwrap_or_default().trim().to_string()).collect();
     assert_eq!(statuses, ["200", "200", "429 rate-limited"]);
+
+    // Every call the control plane made to the API server is one `deploy/control-plane/rbac.yaml` grants.
+    let rbac =
+        std::fs::read_to_string(format!("{}/deploy/control-plane/rbac.yaml", env!("CARGO_MANIFEST_DIR"))).unwrap();
+    let calls = api.calls_with(apiserver::CONTROL_TOKEN);
+    assert!(calls.len() > 10, "{calls:?}");
+    assert_eq!(apiserver::rbac_violations(&calls, &rbac), Vec::<String>::new());
 }
