@@ -1,7 +1,8 @@
 //! The test pods' app and client (the `pods` suite mounts this binary into its containers):
 //! `pod_app serve <port>...` answers every HTTP request with who called (`ferry-client-id`) and from where (a port
 //! written `lo:<port>` is bound to 127.0.0.1 only);
-//! `pod_app get <url>` prints the status line, the `ferry-proxy-error` header and the body of one GET.
+//! `pod_app get <url>` prints the status line, the `ferry-proxy-error` header and the body of one GET;
+//! `pod_app load <url> <count> <pause-ms>` makes that many GETs in sequence and prints how many failed, and how.
 
 use std::convert::Infallible;
 
@@ -30,7 +31,26 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             Ok(())
         }
         Some("get") if args.len() == 2 => get(&args[1]).await,
-        _ => Err("usage: pod_app serve <port>... | pod_app get <url>".into()),
+        Some("load") if args.len() == 4 => {
+            // `load <url> <count> <pause-ms>`: sequential GETs, each on its own connection, bounded in count; prints
+            // how many answered 200 and every other outcome.
+            let (count, pause): (usize, u64) = (args[2].parse()?, args[3].parse()?);
+            let (mut ok, mut failed) = (0usize, Vec::new());
+            for _ in 0..count {
+                match fetch(&args[1]).await {
+                    Ok((200, _, _)) => ok += 1,
+                    Ok((status, error, _)) => failed.push(format!("{status} {error}")),
+                    Err(e) => failed.push(e.to_string()),
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
+            }
+            println!("ok {ok} failed {}", failed.len());
+            for f in failed {
+                println!("{f}");
+            }
+            Ok(())
+        }
+        _ => Err("usage: pod_app serve <port>... | pod_app get <url> | pod_app load <url> <count> <pause-ms>".into()),
     }
 }
 
@@ -50,6 +70,13 @@ async fn serve(listener: tokio::net::TcpListener) {
 }
 
 async fn get(url: &str) -> Result<(), Box<dyn std::error::Error>> {
+    let (status, error, body) = fetch(url).await?;
+    println!("{status} {error}\n{}", body.trim_end());
+    Ok(())
+}
+
+/// One GET: (status, `ferry-proxy-error`, body).
+async fn fetch(url: &str) -> Result<(u16, String, String), Box<dyn std::error::Error>> {
     let uri: http::Uri = url.parse()?;
     let authority = uri.authority().ok_or("the URL has no host")?.clone();
     let port = authority.port_u16().unwrap_or(80);
@@ -62,6 +89,5 @@ async fn get(url: &str) -> Result<(), Box<dyn std::error::Error>> {
     let status = resp.status().as_u16();
     let error = resp.headers().get("ferry-proxy-error").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
     let body = resp.into_body().collect().await?.to_bytes();
-    println!("{status} {error}\n{}", String::from_utf8_lossy(&body).trim_end());
-    Ok(())
+    Ok((status, error, String::from_utf8_lossy(&body).into_owned()))
 }

@@ -117,6 +117,9 @@ struct Control {
     child: std::process::Child,
     state: std::path::PathBuf,
     log: std::path::PathBuf,
+    metrics: std::net::SocketAddr,
+    command: Vec<String>,
+    kubeconfig: std::path::PathBuf,
 }
 
 impl Drop for Control {
@@ -134,25 +137,53 @@ impl Control {
         let log = dir.join("control.log");
         let out = std::fs::File::create(&log).unwrap();
         let metrics = control::free_addr();
-        let child = std::process::Command::new(control::control_bin())
-            .args(["serve", "--discovery", "kubernetes", "--state-dir", state.to_str().unwrap()])
-            .args(["--xds-addr", &format!("{}.1:15010", node.prefix), "--metrics-addr", &metrics.to_string()])
-            .args([
-                "--webhook-addr",
-                &control::free_addr().to_string(),
-                "--server-name",
-                "ferry-control.ferry-system.svc",
-            ])
-            .env("KUBECONFIG", api.kubeconfig(dir))
+        let command: Vec<String> = [
+            "serve",
+            "--discovery",
+            "kubernetes",
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--xds-addr",
+            &format!("{}.1:15010", node.prefix),
+            "--metrics-addr",
+            &metrics.to_string(),
+            "--webhook-addr",
+            &control::free_addr().to_string(),
+            "--server-name",
+            "ferry-control.ferry-system.svc",
+        ]
+        .map(String::from)
+        .to_vec();
+        let kubeconfig = api.kubeconfig(dir);
+        let child = Self::spawn(&command, &kubeconfig, out);
+        let control = Control { child, state, log, metrics, command, kubeconfig };
+        control.wait_serving();
+        control
+    }
+
+    fn spawn(command: &[String], kubeconfig: &std::path::Path, out: std::fs::File) -> std::process::Child {
+        std::process::Command::new(control::control_bin())
+            .args(command)
+            .env("KUBECONFIG", kubeconfig)
             .stdout(out.try_clone().unwrap())
             .stderr(out)
             .spawn()
-            .unwrap();
-        let control = Control { child, state, log };
+            .unwrap()
+    }
+
+    fn wait_serving(&self) {
         support::wait_until("ferry-control serves", Duration::from_secs(60), || {
-            support::http_get(metrics, "/health/ready").is_some_and(|r| r.0 == 200)
+            support::http_get(self.metrics, "/health/ready").is_some_and(|r| r.0 == 200)
         });
-        control
+    }
+
+    /// SIGKILL, then the same command again (a replica replaced: the root comes back from the Secret `ferry-ca`).
+    fn kill_and_restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let out = std::fs::OpenOptions::new().append(true).open(&self.log).unwrap();
+        self.child = Self::spawn(&self.command, &self.kubeconfig, out);
+        self.wait_serving();
     }
 
     fn logs(&self) -> String {
@@ -200,7 +231,7 @@ async fn injected_pods_call_each_other_through_their_proxies() {
     let api = ApiServer::start().await;
     let node = tokio::task::block_in_place(|| Node::new("mesh"));
     api.apply(NAMESPACES, json!({"metadata": {"name": "shop", "labels": {"ferry.dev/inject": "enabled"}}}));
-    let control = tokio::task::block_in_place(|| Control::start(&api, &node));
+    let mut control = tokio::task::block_in_place(|| Control::start(&api, &node));
     let pods: Vec<Pod> = [("api-1", "api", 20), ("web-1", "web", 21), ("batch-1", "batch", 22)]
         .iter()
         .map(|(name, account, n)| meshed_pod(&node, &api, &control, name, account, *n))
@@ -286,6 +317,44 @@ async fn injected_pods_call_each_other_through_their_proxies() {
     assert_eq!(probe["httpGet"]["port"], 15020, "{probe}");
     let passed = tokio::task::block_in_place(|| node.wait_probe(api_pod, &probe, Duration::from_secs(10)));
     assert!(passed.is_ok(), "{passed:?}");
+
+    // ferry-control SIGKILLed and started again while web calls api: no request fails (the proxies keep their config),
+    // and every proxy is back in sync with the new one.
+    let network = format!("container:{}", web.pause);
+    let bin = format!("{}:/pod_app:ro", node::app_binary().display());
+    let load_name = format!("{}-load", node.network);
+    let base = &images().base;
+    let load = [
+        "run",
+        "-d",
+        "--name",
+        &load_name,
+        "--network",
+        &network,
+        "--volume",
+        &bin,
+        base,
+        "/pod_app",
+        "load",
+        "http://10.96.0.20/",
+        "150",
+        "20",
+    ];
+    docker_must(&load);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    tokio::task::block_in_place(|| control.kill_and_restart());
+    docker_must(&["wait", &load_name]);
+    let report = docker_must(&["logs", &load_name]);
+    let _ = node::docker_run(&["rm", "-f", &load_name]);
+    assert_eq!(report.lines().next(), Some("ok 150 failed 0"), "{report}");
+    tokio::task::block_in_place(|| {
+        support::wait_until("every proxy back in sync", Duration::from_secs(30), || {
+            let status = support::http_get(control.metrics, "/status").map(|r| r.1).unwrap_or_default();
+            let status: Value = serde_json::from_str(&status).unwrap_or_default();
+            let proxies = status["proxies"].as_array().cloned().unwrap_or_default();
+            proxies.len() == 3 && proxies.iter().all(|p| p["stale"] == false)
+        })
+    });
 
     // A rate limit on api (burst 2, refilled every 100 s): web's third call is answered 429.
     let limited = json!({"metadata": {"name": "api", "namespace": "shop", "generation": 2},
