@@ -382,11 +382,6 @@ impl Snapshot {
         self.inbound.by_port.keys().copied()
     }
 
-    /// The service named `name` in `namespace`, if the snapshot has it.
-    pub fn service(&self, name: &str, namespace: &str) -> Option<&Arc<ServiceEntry>> {
-        self.services.iter().find(|s| s.name == name && s.namespace == namespace)
-    }
-
     /// Whether a port of a known service is declared opaque (`protocol: tcp`).
     pub fn is_opaque_port(&self, port: u16) -> bool {
         self.opaque_ports.contains(&port)

@@ -12,13 +12,13 @@ mod control;
 mod mesh;
 mod support;
 
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use apiserver::{
     AUTHZ, ApiServer, CONFIGMAPS, CRDS, DEPLOYMENTS, NAMESPACES, PODS, SECRETS, SERVICES, SLICES, TRAFFIC, WEBHOOKS,
 };
-use control::{ControlPlane, free_addr, state_dir};
+use control::{ControlPlane, KubeControl, free_addr, state_dir};
 use ferry_xds::kubernetes::inject;
 use mesh::{proxy, service};
 use serde_json::{Value, json};
@@ -115,54 +115,17 @@ fn reviewed(account: &str, pod: &str) -> Value {
                               "authentication.kubernetes.io/pod-uid": [format!("uid-{pod}")]}}})
 }
 
-struct Control {
-    child: Child,
-    metrics: std::net::SocketAddr,
-    log: std::path::PathBuf,
-}
-
-impl Drop for Control {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Control {
-    fn logs(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-    fn metric(&self, series: &str) -> f64 {
-        metric_value(&http_get(self.metrics, "/metrics").map(|r| r.1).unwrap_or_default(), series)
-    }
-}
-
 /// A real `ferry-control --discovery kubernetes` against `api`, once it has synced and serves: (it, its xDS address,
 /// its state directory).
-async fn start_control(api: &ApiServer, dir: &TempDir) -> (Control, std::net::SocketAddr, std::path::PathBuf) {
-    let state = dir.path().join("state");
-    std::fs::create_dir_all(&state).unwrap();
-    let (xds, metrics, webhook) = (free_addr(), free_addr(), free_addr());
-    let log = dir.path().join("control.log");
-    let out = std::fs::File::create(&log).unwrap();
-    let child = Command::new(control::control_bin())
-        .args(["serve", "--discovery", "kubernetes", "--state-dir", state.to_str().unwrap()])
-        .args(["--xds-addr", &xds.to_string(), "--metrics-addr", &metrics.to_string()])
-        .args(["--webhook-addr", &webhook.to_string(), "--server-name", "ferry-control.ferry-system.svc"])
-        .env("KUBECONFIG", api.kubeconfig(dir.path()))
-        .env("FERRY_LOG_LEVEL", "info,ferry_xds=debug")
-        .stdout(out.try_clone().unwrap())
-        .stderr(out)
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
-    let cp = Control { child, metrics, log };
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while http_get(cp.metrics, "/health/ready").is_none_or(|r| r.0 != 200) {
-        assert!(std::time::Instant::now() < deadline, "ferry-control did not sync and serve:\n{}", cp.logs());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+fn start_control(api: &ApiServer, dir: &TempDir) -> (KubeControl, std::net::SocketAddr, std::path::PathBuf) {
+    let cp = tokio::task::block_in_place(|| KubeControl::start(dir.path(), &api.kubeconfig(dir.path()), free_addr()));
+    let (xds, state) = (cp.xds, cp.state.clone());
     (cp, xds, state)
+}
+
+/// A series of the control plane's metrics (0 when absent).
+fn control_metric(cp: &KubeControl, series: &str) -> f64 {
+    metric_value(&http_get(cp.metrics, "/metrics").map(|r| r.1).unwrap_or_default(), series)
 }
 
 /// The environment of a Kubernetes-mode proxy for pod `shop/<pod>`, whose projected token (`token-<pod>`) is in the
@@ -210,7 +173,7 @@ async fn inbound_waits_for_what_the_pod_serves_and_is_never_served_without_its_p
                "spec": {"targetRef": {"kind": "Service", "name": "late"}, "defaultAction": "deny",
                         "allow": [{"from": {"namespaces": ["shop"]}}]}}),
     );
-    let (cp, xds, state) = start_control(&api, &dir).await;
+    let (cp, xds, state) = start_control(&api, &dir);
     let (_, env) = proxy_env(&dir, xds, &state, "late-1");
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let proxy = Ferry::spawn(None, &env);
@@ -276,7 +239,7 @@ async fn kubernetes_discovery_and_identity_through_the_api_server() {
     api.token("token-web-1", reviewed("web", "web-1"));
     api.token("token-ghost", reviewed("web", "ghost-1"));
 
-    let (cp, xds, state) = start_control(&api, &dir).await;
+    let (cp, xds, state) = start_control(&api, &dir);
     for kind in [SERVICES, SLICES, PODS, NAMESPACES, TRAFFIC, AUTHZ] {
         assert_eq!(api.lists(kind), 1, "{} listed once: {}", kind.plural, cp.logs());
     }
@@ -448,7 +411,7 @@ async fn kubernetes_discovery_and_identity_through_the_api_server() {
     std::fs::write(&token, "token-ghost").unwrap();
     let ghost = Ferry::spawn(None, &env_refs);
     wait("the ghost's certificate request is refused", &mut || {
-        cp.metric("ferry_control_certificate_requests_refused_total{reason=\"no-pod\"}") >= 1.0
+        control_metric(&cp, "ferry_control_certificate_requests_refused_total{reason=\"no-pod\"}") >= 1.0
     });
     assert_ne!(http_get(ghost.health, "/health/startup").map(|r| r.0), Some(200), "no identity, not started");
     assert!(cp.logs().contains("pod shop/ghost-1 does not exist"), "{}", cp.logs());

@@ -231,7 +231,7 @@ impl Proxy {
         conn: ConnInfo,
     ) -> impl tower::Service<Request<ProxyBody>, Response = Response<ProxyBody>, Error = ProxyError, Future: Send> + Send
     {
-        let policy = self.inbound_policy(dest.port);
+        let policy = dest.inbound.clone().unwrap_or_else(|| self.inbound_policy(dest.port));
         let caller = conn.peer_identity.clone();
         let rate_limit = RateLimitLayer::new(
             self.rate_limits.clone(),

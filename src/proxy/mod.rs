@@ -352,7 +352,8 @@ impl Proxy {
         if direction == Direction::Inbound {
             let call =
                 crate::authz::Call { peer: conn.peer_identity.as_deref(), method: None, path: None, port: dest.port };
-            if let crate::authz::Decision::Deny(why) = self.inbound_policy(dest.port).check(&call, &self.metrics) {
+            let policy = dest.inbound.clone().unwrap_or_else(|| self.inbound_policy(dest.port));
+            if let crate::authz::Decision::Deny(why) = policy.check(&call, &self.metrics) {
                 self.metrics.proxy_error(direction, "unauthorized");
                 self.metrics.tcp_failed.with_label_values(&[direction.as_str(), "unauthorized"]).inc();
                 tracing::info!(peer = %conn.peer, port = dest.port, "opaque connection refused: {why}");
@@ -406,7 +407,8 @@ impl Proxy {
         tracing::warn!(service, error = %e, "opaque connection not forwarded");
     }
 
-    /// What the inbound side enforces now on a connection or request delivered to the app's `port`: the policy of the
+    /// What the inbound side enforces now on a connection or request delivered to the app's `port` (`Proxy::destination`
+    /// finds it once per connection or request and hands it on in the `Destination`): the policy of the
     /// Services selecting that port. With `FERRY_APP_ADDR` (local mode: every port goes to one app address) the
     /// port says nothing, so every selecting Service's policy applies at once.
     pub fn inbound_policy(&self, port: u16) -> Arc<crate::authz::InboundPolicy> {

@@ -100,13 +100,16 @@ pub struct Destination {
     pub tls: Option<PeerTls>,
     /// Outbound: what the caller's proxy applies for the destination Service (timeout, retries, breaker, caps).
     pub outbound: Arc<Outbound>,
+    /// Inbound: the policy of the port the connection is delivered to (its `service` is this destination's), found
+    /// once with the destination, from the same snapshot.
+    pub inbound: Option<Arc<crate::authz::InboundPolicy>>,
 }
 
 impl Destination {
     /// A destination of one fixed address, not meshed.
     fn fixed(service: Arc<str>, addr: SocketAddr) -> Destination {
         let target = Target::Endpoint(Endpoint { addr, meshed: false });
-        Destination { service, port: addr.port(), target, tls: None, outbound: Default::default() }
+        Destination { service, port: addr.port(), target, tls: None, outbound: Default::default(), inbound: None }
     }
 
     /// The fixed endpoint, when the load balancer has no choice to make.
@@ -158,14 +161,15 @@ impl Proxy {
                 None => Destination::fixed(PASSTHROUGH_SERVICE.into(), original),
             },
             (Direction::Inbound, original) => {
+                // The label of a connection refused before its port is settled: the policy of the port it names.
                 let port = conn.sni_port.or(original.map(|o| o.port()));
-                let service = self.inbound_policy(port.unwrap_or(0)).service.clone();
+                let label = || self.inbound_policy(port.unwrap_or(0)).service.clone();
                 // Redirected inbound traffic is for this pod: an original destination that is not one of its own
                 // addresses (a packet routed to the pod for someone else) is never relayed.
                 // (The common case, the pod's primary address, is the connection's own local address: no syscall.)
                 if let Some(original) = original.filter(|o| o.ip() != conn.local.ip() && !is_local_ip(o.ip())) {
                     let why = format!("inbound traffic for {original}, which is not this pod's address");
-                    return Err((service, ProxyError::NoRoute(why)));
+                    return Err((label(), ProxyError::NoRoute(why)));
                 }
                 let addr = match (conn.sni_port, original, self.settings.app_addr) {
                     // Local mode: the one app address.
@@ -181,17 +185,20 @@ impl Proxy {
                             let why = format!(
                                 "the peer's SNI names port {port}, which no Service selecting this pod declares"
                             );
-                            return Err((service, ProxyError::NoRoute(why)));
+                            return Err((label(), ProxyError::NoRoute(why)));
                         }
                         SocketAddr::new(original.map_or(self.app_ip(), |o| o.ip()), port)
                     }
                     (None, Some(original), None) => original,
                     (None, Some(original), Some(app)) => SocketAddr::new(app.ip(), original.port()),
                     (None, None, _) => self.inbound_target().ok_or_else(|| {
-                        (service.clone(), ProxyError::NoRoute("no app address is configured (FERRY_APP_ADDR)".into()))
+                        (label(), ProxyError::NoRoute("no app address is configured (FERRY_APP_ADDR)".into()))
                     })?,
                 };
-                Destination::fixed(service, addr)
+                let policy = self.inbound_policy(addr.port());
+                let mut dest = Destination::fixed(policy.service.clone(), addr);
+                dest.inbound = Some(policy);
+                dest
             }
         };
         if let Some(addr) = dest.fixed_addr() {
@@ -227,6 +234,7 @@ impl Proxy {
             target: route.target.clone(),
             tls,
             outbound: svc.outbound.clone(),
+            inbound: None,
         }
     }
 

@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use apiserver::{AUTHZ, ApiServer, NAMESPACES, PODS, SERVICES, SLICES};
+use control::KubeControl;
 use ferry_xds::kubernetes::inject;
 use node::{APP_IMAGE, Node, Pod, docker_must, images};
 use serde_json::{Value, json};
@@ -57,16 +58,7 @@ fn injected_containers_run_with_no_more_than_their_spec_grants() {
         return;
     }
     let node = Node::new("sec");
-    let spec = injected("api-1", "api");
-    let pause = node.pause("api-1", 10, &[]);
-    let pod = Pod {
-        name: "api-1".into(),
-        namespace: "shop".into(),
-        pause: format!("{}-api-1", node.network),
-        ip: pause,
-        volumes: volumes(&node, "api-1"),
-        spec,
-    };
+    let pod = node.pod("api-1", 10, &[], injected("api-1", "api"), volumes(&node, "api-1"));
     let inits = pod.init_containers();
     let (init, proxy) = (&inits[0], &inits[1]);
     assert_eq!((init["name"].as_str(), proxy["name"].as_str()), (Some("ferry-init"), Some("ferry-proxy")));
@@ -111,89 +103,15 @@ fn injected_containers_run_with_no_more_than_their_spec_grants() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("Read-only file system"), "{out:?}");
 }
 
-/// `ferry-control --discovery kubernetes` on the host, serving the node's pods on the network's gateway; killed when
-/// dropped.
-struct Control {
-    child: std::process::Child,
-    state: std::path::PathBuf,
-    log: std::path::PathBuf,
-    metrics: std::net::SocketAddr,
-    command: Vec<String>,
-    kubeconfig: std::path::PathBuf,
-}
-
-impl Drop for Control {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Control {
-    fn start(api: &ApiServer, node: &Node) -> Control {
-        let dir = node.dir.path();
-        let state = dir.join("control-state");
-        std::fs::create_dir_all(&state).unwrap();
-        let log = dir.join("control.log");
-        let out = std::fs::File::create(&log).unwrap();
-        let metrics = control::free_addr();
-        let command: Vec<String> = [
-            "serve",
-            "--discovery",
-            "kubernetes",
-            "--state-dir",
-            state.to_str().unwrap(),
-            "--xds-addr",
-            &format!("{}.1:15010", node.prefix),
-            "--metrics-addr",
-            &metrics.to_string(),
-            "--webhook-addr",
-            &control::free_addr().to_string(),
-            "--server-name",
-            "ferry-control.ferry-system.svc",
-        ]
-        .map(String::from)
-        .to_vec();
-        let kubeconfig = api.kubeconfig(dir);
-        let child = Self::spawn(&command, &kubeconfig, out);
-        let control = Control { child, state, log, metrics, command, kubeconfig };
-        control.wait_serving();
-        control
-    }
-
-    fn spawn(command: &[String], kubeconfig: &std::path::Path, out: std::fs::File) -> std::process::Child {
-        std::process::Command::new(control::control_bin())
-            .args(command)
-            .env("KUBECONFIG", kubeconfig)
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .unwrap()
-    }
-
-    fn wait_serving(&self) {
-        support::wait_until("ferry-control serves", Duration::from_secs(60), || {
-            support::http_get(self.metrics, "/health/ready").is_some_and(|r| r.0 == 200)
-        });
-    }
-
-    /// SIGKILL, then the same command again (a replica replaced: the root comes back from the Secret `ferry-ca`).
-    fn kill_and_restart(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let out = std::fs::OpenOptions::new().append(true).open(&self.log).unwrap();
-        self.child = Self::spawn(&self.command, &self.kubeconfig, out);
-        self.wait_serving();
-    }
-
-    fn logs(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
+/// `ferry-control --discovery kubernetes` on the host, serving the node's pods on the network's gateway.
+fn start_control(api: &ApiServer, node: &Node) -> KubeControl {
+    let xds = format!("{}.1:15010", node.prefix).parse().unwrap();
+    KubeControl::start(node.dir.path(), &api.kubeconfig(node.dir.path()), xds)
 }
 
 /// A meshed pod `shop/<name>` whose app is the tests' own server on 8080, as injection wrote it, with its Pod object
 /// and its token in the API server.
-fn meshed_pod(node: &Node, api: &ApiServer, control: &Control, name: &str, account: &str, n: u8) -> Pod {
+fn meshed_pod(node: &Node, api: &ApiServer, control: &KubeControl, name: &str, account: &str, n: u8) -> Pod {
     let spec = json!({"apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": name, "namespace": "shop", "uid": format!("uid-{name}"), "labels": {"app": account}},
         "spec": {"serviceAccountName": account, "containers": [{"name": "app", "image": APP_IMAGE,
@@ -203,9 +121,12 @@ fn meshed_pod(node: &Node, api: &ApiServer, control: &Control, name: &str, accou
     let (out, _) = inject::inject_yaml(&spec.to_string(), &settings).unwrap();
     let mut spec: Value = serde_saphyr::from_str(&out).unwrap();
     let gateway = format!("{}.1", node.prefix);
-    let ip = node.pause(name, n, &[("ferry-control.ferry-system.svc", &gateway)]);
-    let mut object = spec.clone();
-    object["status"] = json!({"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]});
+    let volumes = volumes(node, name);
+    std::fs::copy(control.state.join("ca.crt"), volumes["ferry-ca-root"].join("root.pem")).unwrap();
+    spec["metadata"]["uid"] = json!(format!("uid-{name}"));
+    let pod = node.pod(name, n, &[("ferry-control.ferry-system.svc", &gateway)], spec, volumes);
+    let mut object = pod.spec.clone();
+    object["status"] = json!({"phase": "Running", "podIP": pod.ip, "podIPs": [{"ip": pod.ip}]});
     api.apply(PODS, object);
     api.token(
         &format!("token-{name}"),
@@ -214,10 +135,7 @@ fn meshed_pod(node: &Node, api: &ApiServer, control: &Control, name: &str, accou
                         "extra": {"authentication.kubernetes.io/pod-name": [name],
                                   "authentication.kubernetes.io/pod-uid": [format!("uid-{name}")]}}}),
     );
-    let volumes = volumes(node, name);
-    std::fs::copy(control.state.join("ca.crt"), volumes["ferry-ca-root"].join("root.pem")).unwrap();
-    spec["metadata"]["uid"] = json!(format!("uid-{name}"));
-    Pod { name: name.into(), namespace: "shop".into(), pause: format!("{}-{name}", node.network), ip, volumes, spec }
+    pod
 }
 
 /// Injected pods in real containers, joined to a real control plane through the fake API server: the proxy starts
@@ -231,7 +149,7 @@ async fn injected_pods_call_each_other_through_their_proxies() {
     let api = ApiServer::start().await;
     let node = tokio::task::block_in_place(|| Node::new("mesh"));
     api.apply(NAMESPACES, json!({"metadata": {"name": "shop", "labels": {"ferry.dev/inject": "enabled"}}}));
-    let mut control = tokio::task::block_in_place(|| Control::start(&api, &node));
+    let mut control = tokio::task::block_in_place(|| start_control(&api, &node));
     let pods: Vec<Pod> = [("api-1", "api", 20), ("web-1", "web", 21), ("batch-1", "batch", 22)]
         .iter()
         .map(|(name, account, n)| meshed_pod(&node, &api, &control, name, account, *n))
@@ -295,15 +213,7 @@ async fn injected_pods_call_each_other_through_their_proxies() {
         "spec": {"targetRef": {"kind": "Service", "name": "api"}, "mtls": "strict"}}),
     );
     api.apply(kind, strict);
-    let outsider_ip = node.pause("outsider", 30, &[]);
-    let outsider = Pod {
-        name: "outsider".into(),
-        namespace: "shop".into(),
-        pause: format!("{}-outsider", node.network),
-        ip: outsider_ip,
-        volumes: BTreeMap::new(),
-        spec: json!({}),
-    };
+    let outsider = node.pod("outsider", 30, &[], json!({"metadata": {"namespace": "shop"}}), BTreeMap::new());
     let refused = tokio::task::block_in_place(|| {
         let mut last = String::new();
         support::wait_until("strict mode reaches api", Duration::from_secs(20), || {

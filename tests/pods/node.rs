@@ -160,8 +160,16 @@ impl Node {
         self.containers.lock().unwrap().push(name.to_string());
     }
 
-    /// Starts the pod's pause container at `<prefix>.<n>`; `hosts` are extra /etc/hosts entries (name, IP).
-    pub fn pause(&self, pod: &str, n: u8, hosts: &[(&str, &str)]) -> String {
+    /// Starts the pause container of pod `pod` at `<prefix>.<n>` (`hosts`: extra /etc/hosts entries, name and IP) and
+    /// returns the pod with its `spec` (the namespace is the spec's) and `volumes`; its containers are yet to run.
+    pub fn pod(
+        &self,
+        pod: &str,
+        n: u8,
+        hosts: &[(&str, &str)],
+        spec: Value,
+        volumes: BTreeMap<String, PathBuf>,
+    ) -> Pod {
         let name = format!("{}-{pod}", self.network);
         let ip = format!("{}.{n}", self.prefix);
         let mut args: Vec<String> =
@@ -175,7 +183,8 @@ impl Node {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         docker_must(&args);
         self.track(&name);
-        ip
+        let namespace = spec["metadata"]["namespace"].as_str().unwrap_or("default").to_string();
+        Pod { name: pod.into(), namespace, spec, pause: name, ip, volumes }
     }
 
     /// `docker run` arguments for one container of a pod spec, joined to the pod's pause container: image (mapped

@@ -832,13 +832,13 @@ impl Xds {
                     // Seen before: the pod was replaced or moved. Never seen: the model may lag the pod watcher (a
                     // pod recreated under the same name); the stream waits, bounded, as for an unknown pod.
                     Some(Err(message)) if pod_seen => {
-                        self.close_unbound(&node.id, &identity, peer, &message, &tx);
+                        self.close_stream("no-pod", &node.id, &identity, peer, &message, &tx);
                         break;
                     }
                     Some(Err(message)) => unbound_reason = Some(message),
                     None if pod_seen => {
                         let message = format!("pod {}/{} was deleted", identity.namespace, pod.name);
-                        self.close_unbound(&node.id, &identity, peer, &message, &tx);
+                        self.close_stream("no-pod", &node.id, &identity, peer, &message, &tx);
                         break;
                     }
                     None => {}
@@ -895,7 +895,7 @@ impl Xds {
                         identity.namespace,
                         pod.as_ref().map_or("", |p| p.name.as_str())
                     ));
-                    self.close_unbound(&node.id, &identity, peer, &message, &tx);
+                    self.close_stream("no-pod", &node.id, &identity, peer, &message, &tx);
                     break;
                 }
                 _ = &mut expiry => {
@@ -927,16 +927,18 @@ impl Xds {
         }
     }
 
-    /// Ends a pod-bound stream whose pod is gone or is not the one its certificate names.
-    fn close_unbound(
+    /// Ends a stream whose credential no longer holds (`reason`, the refusal metric's label): logged, counted, and
+    /// answered UNAUTHENTICATED with `message`.
+    fn close_stream(
         &self,
+        reason: &'static str,
         node: &str,
         identity: &Identity,
         peer: Option<SocketAddr>,
         message: &str,
         tx: &mpsc::Sender<Result<Push, Status>>,
     ) {
-        self.refuse("no-pod", peer, &format!("{node} ({}): {message}; closing its stream", identity.spiffe()));
+        self.refuse(reason, peer, &format!("{node} ({}): {message}; closing its stream", identity.spiffe()));
         let _ = tx.try_send(Err(Status::unauthenticated(message.to_string())));
     }
 
@@ -948,9 +950,7 @@ impl Xds {
         identity: &Identity,
         tx: &mpsc::Sender<Result<Push, Status>>,
     ) {
-        let message = format!("token {token_id} was revoked");
-        self.refuse("revoked", peer, &format!("{node} ({}): {message}; closing its stream", identity.spiffe()));
-        let _ = tx.try_send(Err(Status::unauthenticated(message)));
+        self.close_stream("revoked", node, identity, peer, &format!("token {token_id} was revoked"), tx);
     }
 }
 

@@ -42,6 +42,17 @@ pub fn built(name: &str) -> PathBuf {
     dir.join(name)
 }
 
+/// `GET path` (HTTP/1.0): the status and the body, `None` when nothing answers.
+pub fn get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let status = out.split(' ').nth(1)?.parse().ok()?;
+    Some((status, out.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or(out)))
+}
+
 pub fn free_addr() -> SocketAddr {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
 }
@@ -106,13 +117,7 @@ impl ControlPlane {
 
     /// The control plane's `/metrics` text.
     pub fn metrics_text(&self) -> String {
-        use std::io::Read;
-        let mut s = std::net::TcpStream::connect(self.metrics).unwrap();
-        write!(s, "GET /metrics HTTP/1.0\r\nHost: test\r\n\r\n").unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        // The body only: the exposition text.
-        out.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or(out)
+        get(self.metrics, "/metrics").expect("the control plane's metrics port answers").1
     }
 
     /// Mints a join token for `namespace`/`service_account`.
@@ -213,4 +218,88 @@ pub fn kubernetes_validate(files: &[PathBuf]) {
     assert!(out.status.success() && bad.is_empty(), "kubernetes-validate:\n{text}");
     assert!(text.lines().count() >= files.len(), "kubernetes-validate checked too little:\n{text}");
     let _ = std::fs::remove_dir_all(&scratch);
+}
+
+/// A real `ferry-control serve --discovery kubernetes` reading the API server of `kubeconfig`, with xDS on `xds`,
+/// returned once it has synced and serves; killed when dropped, and restartable with the same command (a replica
+/// replaced: the root comes back from the Secret `ferry-ca`).
+pub struct KubeControl {
+    child: Child,
+    pub xds: SocketAddr,
+    pub metrics: SocketAddr,
+    pub state: PathBuf,
+    pub log: PathBuf,
+    command: Vec<String>,
+    kubeconfig: PathBuf,
+}
+
+impl KubeControl {
+    pub fn start(dir: &Path, kubeconfig: &Path, xds: SocketAddr) -> KubeControl {
+        let state = dir.join("control-state");
+        std::fs::create_dir_all(&state).unwrap();
+        let (metrics, webhook) = (free_addr(), free_addr());
+        let command: Vec<String> = [
+            "serve",
+            "--discovery",
+            "kubernetes",
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--xds-addr",
+            &xds.to_string(),
+            "--metrics-addr",
+            &metrics.to_string(),
+            "--webhook-addr",
+            &webhook.to_string(),
+            "--server-name",
+            "ferry-control.ferry-system.svc",
+        ]
+        .map(String::from)
+        .to_vec();
+        let log = dir.join("control.log");
+        std::fs::File::create(&log).unwrap();
+        let child = Self::spawn(&command, kubeconfig, &log);
+        let control = KubeControl { child, xds, metrics, state, log, command, kubeconfig: kubeconfig.into() };
+        control.wait_serving();
+        control
+    }
+
+    fn spawn(command: &[String], kubeconfig: &Path, log: &Path) -> Child {
+        let out = std::fs::OpenOptions::new().append(true).open(log).unwrap();
+        Command::new(control_bin())
+            .args(command)
+            .env("KUBECONFIG", kubeconfig)
+            .env("FERRY_LOG_LEVEL", "info,ferry_xds=debug")
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap()
+    }
+
+    fn wait_serving(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while get(self.metrics, "/health/ready").map(|r| r.0) != Some(200) {
+            assert!(Instant::now() < deadline, "ferry-control did not sync and serve:\n{}", self.logs());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILL, then the same command again.
+    pub fn kill_and_restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = Self::spawn(&self.command, &self.kubeconfig, &self.log);
+        self.wait_serving();
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for KubeControl {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
