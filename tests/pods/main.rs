@@ -12,10 +12,10 @@ mod support;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use apiserver::{AUTHZ, ApiServer, NAMESPACES, PODS, SERVICES, SLICES};
+use apiserver::{AUTHZ, ApiServer, NAMESPACES, TRAFFIC};
 use control::KubeControl;
 use ferry_xds::kubernetes::inject;
-use node::{APP_IMAGE, Node, Pod, docker_must, images};
+use node::{APP_IMAGE, Exit, Node, Pod, docker_must, images};
 use serde_json::{Value, json};
 
 /// A Pod `shop/<name>` (service account `account`, one app container) as `ferryctl inject` writes it.
@@ -58,7 +58,7 @@ fn injected_containers_run_with_no_more_than_their_spec_grants() {
         return;
     }
     let node = Node::new("sec");
-    let pod = node.pod("api-1", 10, &[], injected("api-1", "api"), volumes(&node, "api-1"));
+    let pod = node.pod("api-1", 10, injected("api-1", "api"), volumes(&node, "api-1"));
     let inits = pod.init_containers();
     let (init, proxy) = (&inits[0], &inits[1]);
     assert_eq!((init["name"].as_str(), proxy["name"].as_str()), (Some("ferry-init"), Some("ferry-proxy")));
@@ -103,71 +103,124 @@ fn injected_containers_run_with_no_more_than_their_spec_grants() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("Read-only file system"), "{out:?}");
 }
 
-/// `ferry-control --discovery kubernetes` on the host, serving the node's pods on the network's gateway.
-fn start_control(api: &ApiServer, node: &Node) -> KubeControl {
-    let xds = format!("{}.1:15010", node.prefix).parse().unwrap();
-    KubeControl::start(node.dir.path(), &api.kubeconfig(node.dir.path()), xds)
+/// The node's own honesty: an app container starts only once the native sidecar before it passes its startup probe
+/// (here a sidecar that listens only after 2 s, and an app that exits at once if the sidecar does not answer); the
+/// same app started without waiting fails, so the check can fail.
+#[test]
+fn the_app_starts_only_after_the_sidecars_startup_probe_passes() {
+    if !node::available("the_app_starts_only_after_the_sidecars_startup_probe_passes") {
+        return;
+    }
+    let node = Node::new("order");
+    let spec = json!({"metadata": {"name": "ordered", "namespace": "shop"}, "spec": {
+        "initContainers": [{"name": "side", "image": APP_IMAGE, "restartPolicy": "Always",
+            "command": ["/bin/sh", "-c", "sleep 2; exec /pod_app serve 7000"],
+            "startupProbe": {"httpGet": {"path": "/", "port": 7000}, "periodSeconds": 1, "failureThreshold": 30}}],
+        "containers": [{"name": "app", "image": APP_IMAGE,
+            "command": ["/bin/sh", "-c", "/pod_app get http://127.0.0.1:7000/ && exec /pod_app serve 8080"]}]}});
+    let pod = node.pod("ordered", 10, spec.clone(), BTreeMap::new());
+    node.run_pod(&pod, &local_image).unwrap();
+    let (_, apps) = node.container_names(&pod);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        docker_must(&["inspect", "--format", "{{.State.Running}}", &apps[0]]),
+        "true",
+        "{}",
+        node.logs(&apps[0])
+    );
+    assert!(node.logs(&apps[0]).starts_with("200"), "{}", node.logs(&apps[0]));
+
+    // Without the wait, the same app finds no sidecar and exits.
+    let hasty = node.pod("hasty", 11, spec, BTreeMap::new());
+    node.start(&hasty, &hasty.init_containers()[0], &local_image);
+    let app = node.start(&hasty, &hasty.spec["spec"]["containers"][0], &local_image);
+    assert_ne!(docker_must(&["wait", &app]), "0", "the app found a sidecar that cannot listen yet");
 }
 
-/// A meshed pod `shop/<name>` whose app is the tests' own server on 8080, as injection wrote it, with its Pod object
-/// and its token in the API server.
-fn meshed_pod(node: &Node, api: &ApiServer, control: &KubeControl, name: &str, account: &str, n: u8) -> Pod {
-    let spec = json!({"apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "namespace": "shop", "uid": format!("uid-{name}"), "labels": {"app": account}},
-        "spec": {"serviceAccountName": account, "containers": [{"name": "app", "image": APP_IMAGE,
-                 "command": ["/pod_app", "serve", "8080", "lo:9999"], "ports": [{"name": "http", "containerPort": 8080}],
-                 "readinessProbe": {"httpGet": {"path": "/ready", "port": "http"}}}]}});
-    let settings = inject::Settings::new(None, "ferry-control.ferry-system.svc:15010".into(), true);
-    let (out, _) = inject::inject_yaml(&spec.to_string(), &settings).unwrap();
-    let mut spec: Value = serde_saphyr::from_str(&out).unwrap();
+/// `ferry-control --discovery kubernetes` on the host, serving the node's pods on the network's gateway, and the node
+/// attached to the same API server (pods resolve the control plane's Service name to the gateway).
+fn start_control(api: &ApiServer, node: &mut Node, extra: &[&str]) -> KubeControl {
     let gateway = format!("{}.1", node.prefix);
+    node.attach(api, &[("ferry-control.ferry-system.svc", &gateway)]);
+    let xds = format!("{gateway}:15010").parse().unwrap();
+    KubeControl::start_with(node.dir.path(), &api.kubeconfig(node.dir.path()), xds, extra)
+}
+
+/// Puts an injected pod spec on the node as the API server and kubelet would: its name and uid, the volumes (the
+/// control plane's CA root as the `ferry-ca-root` ConfigMap, a projected token the fake API server's TokenReview
+/// binds to the pod and its service account).
+fn admit(node: &Node, api: &ApiServer, control: &KubeControl, mut spec: Value, name: &str, n: u8) -> Pod {
+    let namespace = spec["metadata"]["namespace"].as_str().unwrap().to_string();
+    let account = spec["spec"]["serviceAccountName"].as_str().unwrap_or("default").to_string();
+    spec["metadata"]["name"] = json!(name);
+    spec["metadata"]["uid"] = json!(format!("uid-{name}"));
     let volumes = volumes(node, name);
     std::fs::copy(control.state.join("ca.crt"), volumes["ferry-ca-root"].join("root.pem")).unwrap();
-    spec["metadata"]["uid"] = json!(format!("uid-{name}"));
-    let pod = node.pod(name, n, &[("ferry-control.ferry-system.svc", &gateway)], spec, volumes);
-    let mut object = pod.spec.clone();
-    object["status"] = json!({"phase": "Running", "podIP": pod.ip, "podIPs": [{"ip": pod.ip}]});
-    api.apply(PODS, object);
     api.token(
         &format!("token-{name}"),
         json!({"authenticated": true, "audiences": ["ferry.dev"],
-               "user": {"username": format!("system:serviceaccount:shop:{account}"), "uid": "sa",
+               "user": {"username": format!("system:serviceaccount:{namespace}:{account}"), "uid": "sa",
                         "extra": {"authentication.kubernetes.io/pod-name": [name],
                                   "authentication.kubernetes.io/pod-uid": [format!("uid-{name}")]}}}),
     );
-    pod
+    node.pod(name, n, spec, volumes)
 }
 
-/// Injected pods in real containers, joined to a real control plane through the fake API server: the proxy starts
-/// (its startup probe passes) before the app, and the AuthorizationPolicy of `api` lets `web` in and refuses `batch`,
-/// with unmodified clients calling the Service's ClusterIP from inside their pods.
+/// The injection of a pod spec, as `ferryctl inject` does it (the library it runs).
+fn inject(spec: Value) -> Value {
+    let settings = inject::Settings::new(None, "ferry-control.ferry-system.svc:15010".into(), true);
+    let (out, _) = inject::inject_yaml(&spec.to_string(), &settings).unwrap();
+    serde_saphyr::from_str(&out).unwrap()
+}
+
+/// A meshed pod `shop/<name>` whose app is the tests' own server on 8080 (and 9999 on loopback), as injection wrote
+/// it.
+fn meshed_pod(node: &Node, api: &ApiServer, control: &KubeControl, name: &str, account: &str, n: u8) -> Pod {
+    let spec = json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"namespace": "shop", "labels": {"app": account}},
+        "spec": {"serviceAccountName": account, "containers": [{"name": "app", "image": APP_IMAGE,
+                 "command": ["/pod_app", "serve", "8080", "lo:9999"], "ports": [{"name": "http", "containerPort": 8080}],
+                 "readinessProbe": {"httpGet": {"path": "/ready", "port": "http"}}}]}});
+    admit(node, api, control, inject(spec), name, n)
+}
+
+/// A Service of namespace `shop` selecting `app: <name>`, port 80 to the pods' port named `http`.
+fn shop_service(name: &str, cluster_ip: &str) -> Value {
+    json!({"metadata": {"name": name, "namespace": "shop"},
+           "spec": {"clusterIP": cluster_ip, "clusterIPs": [cluster_ip], "selector": {"app": name},
+                    "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]}})
+}
+
+fn run(node: &Node, control: &KubeControl, pod: &Pod) {
+    let started = node.run_pod(pod, &local_image);
+    assert!(started.is_ok(), "{}: {started:?}\n--- control ---\n{}", pod.name, control.logs());
+}
+
+/// Waits until `what` holds, in a blocking section of the runtime.
+fn wait(what: &str, limit: Duration, check: &mut dyn FnMut() -> bool) {
+    tokio::task::block_in_place(|| support::wait_until(what, limit, check));
+}
+
+/// Injected pods in real containers, joined to a real control plane through the fake API server, with the node's
+/// Services, slices and names: the AuthorizationPolicy of `api` lets `web` in and refuses `batch`; a headless Service;
+/// api's loopback-only listener; strict and permissive mTLS with an unmeshed pod; ferry-control SIGKILLed under load;
+/// a Job; a rate limit; a deleted pod's certificate renewal; and every control-plane call checked against its RBAC.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn injected_pods_call_each_other_through_their_proxies() {
     if !node::available("injected_pods_call_each_other_through_their_proxies") {
         return;
     }
     let api = ApiServer::start().await;
-    let node = tokio::task::block_in_place(|| Node::new("mesh"));
+    let mut node = tokio::task::block_in_place(|| Node::new("mesh"));
     api.apply(NAMESPACES, json!({"metadata": {"name": "shop", "labels": {"ferry.dev/inject": "enabled"}}}));
-    let mut control = tokio::task::block_in_place(|| start_control(&api, &node));
+    // Certificates of 20 s: every proxy renews its own every ~10 s while the test runs.
+    let mut control = tokio::task::block_in_place(|| start_control(&api, &mut node, &["--cert-lifetime", "20s"]));
+    node.service(shop_service("api", "10.96.0.20"));
     let pods: Vec<Pod> = [("api-1", "api", 20), ("web-1", "web", 21), ("batch-1", "batch", 22)]
         .iter()
         .map(|(name, account, n)| meshed_pod(&node, &api, &control, name, account, *n))
         .collect();
     let (api_pod, web, batch) = (&pods[0], &pods[1], &pods[2]);
-    api.apply(
-        SERVICES,
-        json!({"metadata": {"name": "api", "namespace": "shop"},
-               "spec": {"clusterIP": "10.96.0.20", "clusterIPs": ["10.96.0.20"], "selector": {"app": "api"},
-                        "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]}}),
-    );
-    api.apply(
-        SLICES,
-        json!({"metadata": {"name": "api-x", "namespace": "shop", "labels": {"kubernetes.io/service-name": "api"}},
-               "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
-               "endpoints": [{"addresses": [api_pod.ip], "conditions": {"ready": true},
-                              "targetRef": {"kind": "Pod", "name": "api-1", "namespace": "shop", "uid": "uid-api-1"}}]}),
-    );
     api.apply(
         AUTHZ,
         json!({"metadata": {"name": "api", "namespace": "shop", "generation": 1},
@@ -175,29 +228,28 @@ async fn injected_pods_call_each_other_through_their_proxies() {
                         "allow": [{"from": {"identities": ["spiffe://cluster.local/ns/shop/sa/web"]}}]}}),
     );
     for pod in &pods {
-        let started = tokio::task::block_in_place(|| node.run_pod(pod, &local_image));
-        assert!(started.is_ok(), "{}: {started:?}\n--- control ---\n{}", pod.name, control.logs());
+        tokio::task::block_in_place(|| run(&node, &control, pod));
     }
-    let call = |pod: &Pod| tokio::task::block_in_place(|| node.get_from(pod, "http://10.96.0.20/"));
-    tokio::task::block_in_place(|| {
-        support::wait_until("web reaches api", Duration::from_secs(30), || call(web).starts_with("200"))
-    });
+    tokio::task::block_in_place(|| node.wait_ready(api_pod, Duration::from_secs(30))).unwrap();
+    // web's app calls the Service by name (the node's /etc/hosts) and port 80; its proxy picks api's pod.
+    let call = |pod: &Pod| tokio::task::block_in_place(|| node.get_from(pod, "http://api.shop/"));
+    wait("web reaches api", Duration::from_secs(30), &mut || call(web).starts_with("200"));
     let answer = call(web);
     assert_eq!(answer, "200 \napp on 8080: caller spiffe://cluster.local/ns/shop/sa/web from 127.0.0.6", "{answer}");
     let refused = call(batch);
     assert!(refused.starts_with("403 unauthorized"), "{refused}");
+    let slice = api.get(apiserver::SLICES, "shop", "api-node").unwrap();
+    assert_eq!(slice["endpoints"][0]["conditions"], json!({"ready": true, "serving": true, "terminating": false}));
+    assert_eq!(slice["ports"][0]["port"], 8080, "{slice}");
 
     // A headless Service: clients dial the pod's own IP, still mTLS to the identity the pod's Service names.
-    api.apply(
-        SERVICES,
-        json!({"metadata": {"name": "api-pods", "namespace": "shop"},
-               "spec": {"clusterIP": "None", "selector": {"app": "api"},
-                        "ports": [{"name": "http", "port": 8080, "targetPort": 8080, "protocol": "TCP"}]}}),
-    );
-    let direct = format!("http://{}:8080/", api_pod.ip);
-    let answer = tokio::task::block_in_place(|| node.get_from(web, &direct));
+    node.service(json!({"metadata": {"name": "api-pods", "namespace": "shop"},
+        "spec": {"clusterIP": "None", "selector": {"app": "api"},
+                 "ports": [{"name": "http", "port": 8080, "targetPort": 8080, "protocol": "TCP"}]}}));
+    let direct = "http://api-pods.shop:8080/";
+    let answer = tokio::task::block_in_place(|| node.get_from(web, direct));
     assert_eq!(answer, "200 \napp on 8080: caller spiffe://cluster.local/ns/shop/sa/web from 127.0.0.6", "{answer}");
-    let refused = tokio::task::block_in_place(|| node.get_from(batch, &direct));
+    let refused = tokio::task::block_in_place(|| node.get_from(batch, direct));
     assert!(refused.starts_with("403 unauthorized"), "{refused}");
 
     // What api's app keeps on loopback (port 9999) is not reachable from another pod.
@@ -205,28 +257,35 @@ async fn injected_pods_call_each_other_through_their_proxies() {
     let answer = tokio::task::block_in_place(|| node.get_from(web, &private));
     assert!(answer.starts_with("502 connect-refused"), "{answer}");
 
-    // Strict mTLS on api: an unmeshed pod's plaintext is refused; api's rewritten readiness probe (the kubelet's
-    // call on the health port) still passes.
-    let (kind, strict) = (
-        apiserver::TRAFFIC,
-        json!({"metadata": {"name": "api", "namespace": "shop", "generation": 1},
-        "spec": {"targetRef": {"kind": "Service", "name": "api"}, "mtls": "strict"}}),
-    );
-    api.apply(kind, strict);
-    let outsider = node.pod("outsider", 30, &[], json!({"metadata": {"namespace": "shop"}}), BTreeMap::new());
-    let refused = tokio::task::block_in_place(|| {
-        let mut last = String::new();
-        support::wait_until("strict mode reaches api", Duration::from_secs(20), || {
-            last = node.get_from(&outsider, &direct);
-            last.contains("mTLS is required")
-        });
-        last
+    // Strict mTLS on api: an unmeshed pod's plaintext, through kube-proxy's DNAT of the ClusterIP, is refused; api's
+    // rewritten readiness probe (the kubelet's call on the health port) still passes. web, permissive (the default)
+    // and without an AuthorizationPolicy, serves the same call.
+    let policy = |target: &str, generation: u32, spec: Value| {
+        let mut spec = spec;
+        spec["targetRef"] = json!({"kind": "Service", "name": target});
+        json!({"metadata": {"name": target, "namespace": "shop", "generation": generation}, "spec": spec})
+    };
+    api.apply(TRAFFIC, policy("api", 1, json!({"mtls": "strict"})));
+    node.service(shop_service("web", "10.96.0.21"));
+    let outsider = node.pod("outsider", 30, json!({"metadata": {"namespace": "shop"}}), BTreeMap::new());
+    let mut last = String::new();
+    wait("strict mode reaches api", Duration::from_secs(20), &mut || {
+        last = node.get_from(&outsider, "http://api.shop/");
+        last.contains("mTLS is required")
     });
-    assert!(refused.starts_with("403 unauthorized"), "{refused}");
+    assert!(last.starts_with("403 unauthorized"), "{last}");
     let probe = api_pod.spec["spec"]["containers"][0]["readinessProbe"].clone();
     assert_eq!(probe["httpGet"]["port"], 15020, "{probe}");
-    let passed = tokio::task::block_in_place(|| node.wait_probe(api_pod, &probe, Duration::from_secs(10)));
-    assert!(passed.is_ok(), "{passed:?}");
+    assert!(node.ready(api_pod), "api's rewritten probe fails under strict mTLS");
+    wait("web serves the outsider", Duration::from_secs(20), &mut || {
+        last = node.get_from(&outsider, "http://web.shop/");
+        last.starts_with("200")
+    });
+    assert_eq!(last, "200 \napp on 8080: caller none from 127.0.0.6", "{last}");
+    api.apply(TRAFFIC, policy("web", 1, json!({"mtls": "strict"})));
+    wait("strict mode reaches web", Duration::from_secs(20), &mut || {
+        node.get_from(&outsider, "http://web.shop/").contains("mTLS is required")
+    });
 
     // ferry-control SIGKILLed and started again while web calls api: no request fails (the proxies keep their config),
     // and every proxy is back in sync with the new one.
@@ -246,7 +305,7 @@ async fn injected_pods_call_each_other_through_their_proxies() {
         base,
         "/pod_app",
         "load",
-        "http://10.96.0.20/",
+        "http://api.shop/",
         "150",
         "20",
     ];
@@ -257,28 +316,55 @@ async fn injected_pods_call_each_other_through_their_proxies() {
     let report = docker_must(&["logs", &load_name]);
     let _ = node::docker_run(&["rm", "-f", &load_name]);
     assert_eq!(report.lines().next(), Some("ok 150 failed 0"), "{report}");
-    tokio::task::block_in_place(|| {
-        support::wait_until("every proxy back in sync", Duration::from_secs(30), || {
-            let status = support::http_get(control.metrics, "/status").map(|r| r.1).unwrap_or_default();
-            let status: Value = serde_json::from_str(&status).unwrap_or_default();
-            let proxies = status["proxies"].as_array().cloned().unwrap_or_default();
-            proxies.len() == 3 && proxies.iter().all(|p| p["stale"] == false)
-        })
+    wait("every proxy back in sync", Duration::from_secs(30), &mut || {
+        let status = support::http_get(control.metrics, "/status").map(|r| r.1).unwrap_or_default();
+        let status: Value = serde_json::from_str(&status).unwrap_or_default();
+        let proxies = status["proxies"].as_array().cloned().unwrap_or_default();
+        proxies.len() == 3 && proxies.iter().all(|p| p["stale"] == false)
     });
 
+    // A Job's pod (no Service selects it): its app calls api and ends; its sidecar, started first, exits after it.
+    let job = json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"namespace": "shop", "labels": {"job-name": "report"}},
+        "spec": {"serviceAccountName": "web", "restartPolicy": "Never", "containers": [{"name": "report",
+                 "image": APP_IMAGE, "command": ["/pod_app", "get", "http://api.shop/"]}]}});
+    let job = admit(&node, &api, &control, inject(job), "report-1", 40);
+    let exits = tokio::task::block_in_place(|| node.run_to_completion(&job, &local_image, Duration::from_secs(60)));
+    let exits = exits.unwrap();
+    let order: Vec<(&str, i64)> = exits.iter().map(|e: &Exit| (e.name.rsplit('-').next().unwrap(), e.code)).collect();
+    assert_eq!(order, [("report", 0), ("proxy", 0)], "{exits:?}");
+    let said = node.logs(&exits[0].name);
+    assert!(said.starts_with("200 \napp on 8080: caller spiffe://cluster.local/ns/shop/sa/web"), "{said}");
+
     // A rate limit on api (burst 2, refilled every 100 s): web's third call is answered 429.
-    let limited = json!({"metadata": {"name": "api", "namespace": "shop", "generation": 2},
-        "spec": {"targetRef": {"kind": "Service", "name": "api"}, "mtls": "strict",
-                 "rateLimit": {"requestsPerSecond": 0.01, "burst": 2}}});
-    api.apply(apiserver::TRAFFIC, limited);
-    tokio::task::block_in_place(|| {
-        support::wait_until("the rate limit reaches api", Duration::from_secs(20), || {
-            node.get_from(api_pod, "http://127.0.0.1:15000/config_dump").contains("requestsPerSecond")
-        })
+    api.apply(
+        TRAFFIC,
+        policy("api", 2, json!({"mtls": "strict", "rateLimit": {"requestsPerSecond": 0.01, "burst": 2}})),
+    );
+    wait("the rate limit reaches api", Duration::from_secs(20), &mut || {
+        node.get_from(api_pod, "http://127.0.0.1:15000/config_dump").contains("requestsPerSecond")
     });
     let statuses: Vec<String> =
         (0..3).map(|_| call(web).lines().next().unwrap_or_default().trim().to_string()).collect();
     assert_eq!(statuses, ["200", "200", "429 rate-limited"]);
+
+    // batch's Pod object is deleted while its containers still run (a node cut off from the API server): its stream
+    // is closed, and its next renewal, over its still-valid certificate from its own IP, is refused; web's renewal
+    // (every ~10 s) went on.
+    tokio::task::block_in_place(|| node.delete_object(batch));
+    wait("batch's stream closed", Duration::from_secs(20), &mut || {
+        control.logs().contains("pod shop/batch-1 was deleted; closing its stream")
+    });
+    wait("batch's renewal refused", Duration::from_secs(30), &mut || {
+        control.logs().contains("pod shop/batch-1 does not exist")
+    });
+    let scrape = format!("{}:15020", web.ip).parse().unwrap();
+    let metrics = tokio::task::block_in_place(|| support::http_get(scrape, "/metrics")).unwrap_or_default().1;
+    let renewed = metrics
+        .lines()
+        .find(|l| l.starts_with("ferry_identity_certificate_requests_total{result=\"ok\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
+    assert!(renewed.is_some_and(|n| n >= 2.0), "first and a renewal: {metrics}");
 
     // Every call the control plane made to the API server is one `deploy/control-plane/rbac.yaml` grants.
     let rbac =

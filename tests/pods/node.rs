@@ -1,24 +1,43 @@
-//! A small test "node" for the `pods` suite: it runs a Kubernetes pod from its spec, exactly as injection wrote it, in
-//! real containers of the project's images — a pause container holding the pod's network namespace on a Docker
-//! network of the node's own (198.19.0.0/16, internal: nothing leaves the machine, nothing is SNATed), and every
-//! container of the spec joined to it, with the spec's image, command, args, user, capabilities, read-only root,
-//! `no-new-privileges`, env (downward-API fields resolved, `$(VAR)` expanded) and volumes (emptyDirs as tmpfs, the
-//! projected token and the `ferry-ca-root` ConfigMap as files the test provides). Init containers run in order to
-//! completion; a native sidecar (an init container with `restartPolicy: Always`) is started and waited for until its
-//! startup probe passes, as the kubelet does, before what follows; app containers (image [`APP_IMAGE`]) are the
-//! tests' own `pod_app` on the base image.
+//! A small test "node" for the `pods` suite: it does for the suite's pods what the kubelet (with a Docker runtime, as
+//! dockershim did), kube-proxy and the endpoint-slice controller do, from each pod's spec exactly as injection wrote it.
 //!
-//! What it does not model: scheduling, cgroup limits (requests and limits are ignored), image pulls (the images are
-//! built locally from `deploy/Dockerfile`), Services' DNS, kube-proxy, probes other than the sidecar's startup probe,
-//! readiness, the endpoint-slice controller and deletion order — the next parts of the suite.
+//! - **Pods**: a pause container holds the pod's network namespace on a Docker network of the node's own
+//!   (198.19.<k>.0/24, internal: nothing leaves the machine, nothing is SNATed; the host is the gateway `.1`, where the
+//!   tests' `ferry-control` listens); every container of the spec joins it, with the spec's image, command, args,
+//!   user, capabilities, read-only root, `no-new-privileges`, Docker's default seccomp profile (`RuntimeDefault`), env
+//!   (downward-API fields resolved, `$(VAR)` expanded) and volumes (emptyDirs as tmpfs, the projected token and the
+//!   `ferry-ca-root` ConfigMap as files the test provides). The Pod object (phase, pod IP, the `Ready` condition) is
+//!   written to the fake API server.
+//! - **Start order**: init containers in order, each to completion; a native sidecar (an init container with
+//!   `restartPolicy: Always`) is started and its startup probe waited for before anything after it starts; then the
+//!   app containers (image [`APP_IMAGE`]: the tests' own `pod_app` on the base image).
+//! - **Probes and readiness**: readiness probes of every container (the rewritten `/app-health/...` ones included)
+//!   run from the host on the pod's IP, as the kubelet's do, every `periodSeconds` (at most 1 s here) with the spec's
+//!   failure threshold; the pod is ready when all pass.
+//! - **Services**: the EndpointSlices the endpoint-slice controller would write (`ready`, `serving`, `terminating`;
+//!   named ports resolved per pod), ClusterIP → pod DNAT rules in a chain of the node as kube-proxy writes them
+//!   (random choice among ready endpoints, terminating-but-serving ones when none is ready), and `/etc/hosts` in each
+//!   pod resolving Service names (`<svc>.<ns>`, `<svc>.<ns>.svc`, `.svc.cluster.local`, and `<svc>` in its own
+//!   namespace; a headless Service to its ready endpoints' first IP) as cluster DNS would.
+//! - **Deletion** in the kubelet's order: the pod marked deleted and its endpoints terminating, SIGTERM to the app
+//!   containers, the native sidecars after the apps have exited (in reverse order), SIGKILL at the end of the grace
+//!   period; a pod whose app containers all exit (a Job's) has its sidecars stopped after them.
+//!
+//! What it does not model: scheduling and more than one node, cgroup limits (requests and limits are ignored), image
+//! pulls (the images are built locally from `deploy/Dockerfile`), restarts of failed containers, liveness-probe
+//! kills, exec and TCP probes, preStop hooks, DNS search paths (only `/etc/hosts`), NodePorts and session affinity.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{Value, json};
+
+use super::apiserver::{ApiServer, PODS, SERVICES, SLICES};
 
 /// The image name a test spec gives its app containers: the node runs them as the tests' own `pod_app` binary
 /// (`examples/pod_app.rs`, built with the tests) on the base image.
@@ -109,13 +128,51 @@ pub fn images() -> &'static Images {
     })
 }
 
-/// The node: a Docker network of its own; every container it started is removed when it is dropped.
+/// The node: a Docker network of its own and a NAT chain on the host; every container it started is removed, and
+/// the chain with it, when it is dropped.
 pub struct Node {
     pub network: String,
     /// `198.19.<k>`: pods get `.<n>`, the host side (the network's gateway) `.1`.
     pub prefix: String,
     containers: Mutex<Vec<String>>,
     pub dir: super::support::TempDir,
+    /// kube-proxy's rules for this node's pods: the chain in the host's `nat` table its pods' traffic goes through.
+    chain: String,
+    cluster: Arc<Mutex<Cluster>>,
+    stop: Arc<AtomicBool>,
+    prober: Option<std::thread::JoinHandle<()>>,
+}
+
+/// What the node's kubelet, kube-proxy and endpoint-slice controller act on.
+#[derive(Default)]
+struct Cluster {
+    api: Option<ApiServer>,
+    /// Names every pod's `/etc/hosts` resolves besides Services' (the control plane on the gateway).
+    hosts: Vec<(String, String)>,
+    services: Vec<Value>,
+    pods: BTreeMap<String, Member>,
+    /// What was last written (slices, Pod objects, rules), so only changes are written.
+    written: BTreeMap<String, Value>,
+}
+
+/// A pod as the node tracks it.
+struct Member {
+    namespace: String,
+    uid: String,
+    ip: String,
+    spec: Value,
+    hosts_path: PathBuf,
+    /// Readiness probes: (address, path, period, failure threshold) and their state (passing, consecutive failures).
+    probes: Vec<(SocketAddr, String, Duration, u32)>,
+    state: Vec<(bool, u32, Instant)>,
+    running: bool,
+    terminating: bool,
+}
+
+impl Member {
+    fn ready(&self) -> bool {
+        self.running && self.state.iter().all(|(passing, ..)| *passing)
+    }
 }
 
 impl Node {
@@ -123,7 +180,7 @@ impl Node {
         // Each node of this process its own subnet (tests run in parallel), apart from other processes' as far as
         // 50 of them go.
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let k = ((std::process::id() % 50) * 5 + NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 5) % 250 + 1;
+        let k = ((std::process::id() % 50) * 5 + NEXT.fetch_add(1, Ordering::Relaxed) % 5) % 250 + 1;
         let network = format!("ferry-pods-{}-{tag}", std::process::id());
         let prefix = format!("198.19.{k}");
         // Networks a crashed run left behind (its process is gone) would hold their subnets: removed first.
@@ -148,42 +205,103 @@ impl Node {
             &format!("{prefix}.1"),
             &network,
         ]);
+        // kube-proxy's DNAT needs the replies, bridged from pod to pod, to pass conntrack (as on every Kubernetes
+        // node with a bridge CNI).
+        let bridged = std::fs::read_to_string("/proc/sys/net/bridge/bridge-nf-call-iptables").unwrap_or_default();
+        assert_eq!(bridged.trim(), "1", "the node needs br_netfilter with net.bridge.bridge-nf-call-iptables=1");
+        let chain = format!("FERRY-NODE-{k}");
+        let source = format!("{prefix}.0/24");
+        Self::remove_chain(&chain, &source);
+        iptables_must(&["-t", "nat", "-N", &chain]);
+        iptables_must(&["-t", "nat", "-I", "PREROUTING", "-s", &source, "-j", &chain]);
         Node {
             network,
             prefix,
             containers: Mutex::new(Vec::new()),
             dir: super::support::TempDir::new(&format!("pods-{tag}")),
+            chain,
+            cluster: Arc::default(),
+            stop: Arc::default(),
+            prober: None,
         }
+    }
+
+    fn remove_chain(chain: &str, source: &str) {
+        while iptables(&["-t", "nat", "-D", "PREROUTING", "-s", source, "-j", chain]).status.success() {}
+        let _ = iptables(&["-t", "nat", "-F", chain]);
+        let _ = iptables(&["-t", "nat", "-X", chain]);
+    }
+
+    /// Joins the node to a (fake) API server: from now on it writes Pod objects, EndpointSlices and the Services'
+    /// rules, and probes its pods' readiness. `hosts`: names every pod resolves besides Services (name, IP).
+    pub fn attach(&mut self, api: &ApiServer, hosts: &[(&str, &str)]) {
+        {
+            let mut cluster = self.cluster.lock().unwrap();
+            cluster.api = Some(api.clone());
+            cluster.hosts = hosts.iter().map(|(n, ip)| (n.to_string(), ip.to_string())).collect();
+        }
+        let (cluster, stop, chain) = (self.cluster.clone(), self.stop.clone(), self.chain.clone());
+        self.prober = Some(std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                if probe_all(&cluster) {
+                    sync(&mut cluster.lock().unwrap(), &chain);
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }));
+    }
+
+    /// Creates (or replaces) a Service in the API server; its slices, rules and names follow.
+    pub fn service(&self, service: Value) {
+        let mut cluster = self.cluster.lock().unwrap();
+        let key = |s: &Value| (s["metadata"]["namespace"].clone(), s["metadata"]["name"].clone());
+        cluster.services.retain(|s| key(s) != key(&service));
+        cluster.services.push(service.clone());
+        cluster.api.as_ref().expect("attached").apply(SERVICES, service);
+        sync(&mut cluster, &self.chain);
     }
 
     fn track(&self, name: &str) {
         self.containers.lock().unwrap().push(name.to_string());
     }
 
-    /// Starts the pause container of pod `pod` at `<prefix>.<n>` (`hosts`: extra /etc/hosts entries, name and IP) and
-    /// returns the pod with its `spec` (the namespace is the spec's) and `volumes`; its containers are yet to run.
-    pub fn pod(
-        &self,
-        pod: &str,
-        n: u8,
-        hosts: &[(&str, &str)],
-        spec: Value,
-        volumes: BTreeMap<String, PathBuf>,
-    ) -> Pod {
+    /// Starts the pause container of pod `pod` at `<prefix>.<n>` and returns the pod with its `spec` (the namespace
+    /// is the spec's) and `volumes`; its containers are yet to run. Attached, the node writes its Pod object (pending).
+    pub fn pod(&self, pod: &str, n: u8, spec: Value, volumes: BTreeMap<String, PathBuf>) -> Pod {
         let name = format!("{}-{pod}", self.network);
         let ip = format!("{}.{n}", self.prefix);
-        let mut args: Vec<String> =
-            ["run", "-d", "--name", &name, "--network", &self.network, "--ip", &ip, "--hostname", pod]
-                .map(String::from)
-                .to_vec();
-        for (host, addr) in hosts {
-            args.push(format!("--add-host={host}:{addr}"));
-        }
-        args.extend([images().base.clone(), "sleep".into(), "infinity".into()]);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        docker_must(&args);
+        docker_must(&[
+            "run",
+            "-d",
+            "--name",
+            &name,
+            "--network",
+            &self.network,
+            "--ip",
+            &ip,
+            "--hostname",
+            pod,
+            &images().base,
+            "sleep",
+            "infinity",
+        ]);
         self.track(&name);
         let namespace = spec["metadata"]["namespace"].as_str().unwrap_or("default").to_string();
+        let hosts_path = PathBuf::from(docker_must(&["inspect", "--format", "{{.HostsPath}}", &name]));
+        let member = Member {
+            namespace: namespace.clone(),
+            uid: spec["metadata"]["uid"].as_str().unwrap_or_default().to_string(),
+            ip: ip.clone(),
+            spec: spec.clone(),
+            hosts_path,
+            probes: Vec::new(),
+            state: Vec::new(),
+            running: false,
+            terminating: false,
+        };
+        let mut cluster = self.cluster.lock().unwrap();
+        cluster.pods.insert(pod.to_string(), member);
+        sync(&mut cluster, &self.chain);
         Pod { name: pod.into(), namespace, spec, pause: name, ip, volumes }
     }
 
@@ -283,7 +401,106 @@ impl Node {
         for app in pod.spec["spec"]["containers"].as_array().into_iter().flatten() {
             self.start(pod, app, image);
         }
+        let mut cluster = self.cluster.lock().unwrap();
+        if let Some(member) = cluster.pods.get_mut(&pod.name) {
+            member.probes = readiness_probes(pod);
+            member.state = vec![(false, 0, Instant::now()); member.probes.len()];
+            member.running = true;
+        }
+        sync(&mut cluster, &self.chain);
         Ok(())
+    }
+
+    /// Whether the node counts `pod` ready (every readiness probe passing).
+    pub fn ready(&self, pod: &Pod) -> bool {
+        self.cluster.lock().unwrap().pods.get(&pod.name).is_some_and(Member::ready)
+    }
+
+    /// Waits (up to `limit`) until the node counts `pod` ready.
+    pub fn wait_ready(&self, pod: &Pod, limit: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + limit;
+        while !self.ready(pod) {
+            if Instant::now() > deadline {
+                let (sidecars, apps) = self.container_names(pod);
+                let logs: Vec<String> = sidecars.iter().chain(&apps).map(|c| self.logs(c)).collect();
+                return Err(format!("{} not ready after {limit:?}\n{}", pod.name, logs.join("\n---\n")));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// The node's names of a pod's containers: the native sidecars (in spec order), then the app containers.
+    pub fn container_names(&self, pod: &Pod) -> (Vec<String>, Vec<String>) {
+        let name = |c: &Value| format!("{}-{}-{}", self.network, pod.name, c["name"].as_str().unwrap());
+        let sidecars = pod.init_containers().iter().filter(|c| c["restartPolicy"] == "Always").map(name).collect();
+        let apps = pod.spec["spec"]["containers"].as_array().into_iter().flatten().map(name).collect();
+        (sidecars, apps)
+    }
+
+    /// Deletes a pod as the API server, the endpoint-slice controller and the kubelet do, in their order: the Pod
+    /// marked deleted and its endpoints terminating (not ready, serving while it still passes its probes); SIGTERM to
+    /// the app containers; once they have exited, SIGTERM to the native sidecars, last first; SIGKILL to whatever
+    /// still runs when `grace` is over; then the Pod object removed. What each container did, in order of exit.
+    pub fn delete(&self, pod: &Pod, grace: Duration) -> Vec<Exit> {
+        let deadline = Instant::now() + grace;
+        {
+            let mut cluster = self.cluster.lock().unwrap();
+            if let Some(member) = cluster.pods.get_mut(&pod.name) {
+                member.terminating = true;
+            }
+            sync(&mut cluster, &self.chain);
+        }
+        let (sidecars, apps) = self.container_names(pod);
+        self.stop_containers(&apps, deadline);
+        self.stop_containers(&sidecars.iter().rev().cloned().collect::<Vec<_>>(), deadline);
+        self.delete_object(pod);
+        exits(&[apps, sidecars].concat())
+    }
+
+    /// Runs a pod whose app containers end by themselves (a Job's): starts it, waits (up to `limit`) for every app
+    /// container to exit, then stops the native sidecars as the kubelet does. What each container did, in order of
+    /// exit.
+    pub fn run_to_completion(
+        &self,
+        pod: &Pod,
+        image: &dyn Fn(&str) -> String,
+        limit: Duration,
+    ) -> Result<Vec<Exit>, String> {
+        self.run_pod(pod, image)?;
+        let deadline = Instant::now() + limit;
+        let (sidecars, apps) = self.container_names(pod);
+        for app in &apps {
+            while docker_must(&["inspect", "--format", "{{.State.Running}}", app]) == "true" {
+                if Instant::now() > deadline {
+                    return Err(format!("{app} still runs after {limit:?}: {}", self.logs(app)));
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        self.stop_containers(&sidecars.iter().rev().cloned().collect::<Vec<_>>(), Instant::now() + limit);
+        self.delete_object(pod);
+        Ok(exits(&[apps, sidecars].concat()))
+    }
+
+    /// SIGTERM to each container, SIGKILL at `deadline` (Docker's stop timeout, in whole seconds).
+    fn stop_containers(&self, names: &[String], deadline: Instant) {
+        for name in names {
+            let left = deadline.saturating_duration_since(Instant::now()).as_secs().to_string();
+            let _ = docker_run(&["stop", "--time", &left, name]);
+        }
+    }
+
+    /// The API server forgets the pod (its object deleted) while its containers still run, as for a node cut off
+    /// from the API server; the node no longer writes or selects it. [`Node::delete`] ends with this.
+    pub fn delete_object(&self, pod: &Pod) {
+        let mut cluster = self.cluster.lock().unwrap();
+        cluster.pods.remove(&pod.name);
+        if let Some(api) = &cluster.api {
+            api.delete(PODS, &pod.namespace, &pod.name);
+        }
+        cluster.written.remove(&format!("pod/{}/{}", pod.namespace, pod.name));
+        sync(&mut cluster, &self.chain);
     }
 
     /// Runs `pod_app get <url>` as a client inside the pod (root, like an app's own process): its output.
@@ -321,14 +538,12 @@ impl Node {
         name
     }
 
-    /// Waits until `container`'s HTTP probe (`httpGet` on the pod's IP) answers 200-399, as the kubelet's would.
+    /// Waits until a container's HTTP probe (`httpGet` on the pod's IP) answers 200-399, as the kubelet's would.
     pub fn wait_probe(&self, pod: &Pod, probe: &Value, limit: Duration) -> Result<(), String> {
-        let port = probe["httpGet"]["port"].as_u64().unwrap() as u16;
-        let path = probe["httpGet"]["path"].as_str().unwrap_or("/");
-        let addr: std::net::SocketAddr = format!("{}:{port}", pod.ip).parse().unwrap();
+        let (addr, path) = probe_target(pod.ip.as_str(), &Value::Null, probe);
         let deadline = Instant::now() + limit;
         loop {
-            let answer = super::support::http_get(addr, path);
+            let answer = super::support::http_get(addr, &path);
             if answer.as_ref().is_some_and(|(s, _)| (200..400).contains(s)) {
                 return Ok(());
             }
@@ -348,6 +563,11 @@ impl Node {
 
 impl Drop for Node {
     fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(prober) = self.prober.take() {
+            let _ = prober.join();
+        }
+        Self::remove_chain(&self.chain, &format!("{}.0/24", self.prefix));
         let names = self.containers.lock().unwrap().clone();
         if !names.is_empty() {
             let mut args = vec!["rm", "-f"];
@@ -399,4 +619,250 @@ impl Pod {
     pub fn init_containers(&self) -> Vec<Value> {
         self.spec["spec"]["initContainers"].as_array().cloned().unwrap_or_default()
     }
+}
+
+/// How a container ended: its name, exit code and when it finished.
+#[derive(Debug, Clone)]
+pub struct Exit {
+    pub name: String,
+    pub code: i64,
+    pub finished: String,
+}
+
+/// The containers' exits, in the order they happened (Docker's RFC 3339 times, nanoseconds, sort as text).
+fn exits(names: &[String]) -> Vec<Exit> {
+    let mut exits: Vec<Exit> = names
+        .iter()
+        .map(|name| {
+            let state = docker_must(&["inspect", "--format", "{{.State.ExitCode}} {{.State.FinishedAt}}", name]);
+            let (code, finished) = state.split_once(' ').unwrap();
+            Exit { name: name.clone(), code: code.parse().unwrap(), finished: finished.to_string() }
+        })
+        .collect();
+    exits.sort_by(|a, b| a.finished.cmp(&b.finished));
+    exits
+}
+
+/// A probe's address and path on the pod's IP; a named port is looked up among `container`'s ports.
+fn probe_target(ip: &str, container: &Value, probe: &Value) -> (SocketAddr, String) {
+    let port = match &probe["httpGet"]["port"] {
+        Value::Number(n) => n.as_u64().unwrap(),
+        Value::String(name) => container["ports"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["name"] == name.as_str())
+            .and_then(|p| p["containerPort"].as_u64())
+            .unwrap_or_else(|| panic!("no port named {name} in {container}")),
+        other => panic!("probe port {other}"),
+    };
+    let path = probe["httpGet"]["path"].as_str().unwrap_or("/").to_string();
+    (format!("{ip}:{port}").parse().unwrap(), path)
+}
+
+/// The readiness probes of a pod's native sidecars and app containers: (address, path, period, failure threshold).
+fn readiness_probes(pod: &Pod) -> Vec<(SocketAddr, String, Duration, u32)> {
+    let sidecars = pod.init_containers().into_iter().filter(|c| c["restartPolicy"] == "Always");
+    let apps = pod.spec["spec"]["containers"].as_array().cloned().unwrap_or_default();
+    sidecars
+        .chain(apps)
+        .filter(|c| c["readinessProbe"]["httpGet"].is_object())
+        .map(|c| {
+            let probe = &c["readinessProbe"];
+            let (addr, path) = probe_target(&pod.ip, &c, probe);
+            let period = Duration::from_secs(probe["periodSeconds"].as_u64().unwrap_or(10)).min(Duration::from_secs(1));
+            (addr, path, period, probe["failureThreshold"].as_u64().unwrap_or(3) as u32)
+        })
+        .collect()
+}
+
+/// Runs the readiness probes that are due (outside the lock); whether any pod's readiness changed.
+fn probe_all(cluster: &Mutex<Cluster>) -> bool {
+    let due: Vec<(String, usize, SocketAddr, String)> = {
+        let cluster = cluster.lock().unwrap();
+        let now = Instant::now();
+        cluster
+            .pods
+            .iter()
+            .filter(|(_, m)| m.running && !m.terminating)
+            .flat_map(|(name, m)| {
+                m.probes
+                    .iter()
+                    .zip(&m.state)
+                    .enumerate()
+                    .filter(move |(_, ((_, _, period, _), (_, _, last)))| now.duration_since(*last) >= *period)
+                    .map(move |(i, ((addr, path, ..), _))| (name.clone(), i, *addr, path.clone()))
+            })
+            .collect()
+    };
+    let results: Vec<(String, usize, bool)> = due
+        .into_iter()
+        .map(|(name, i, addr, path)| {
+            let passed = super::support::http_get(addr, &path).is_some_and(|(s, _)| (200..400).contains(&s));
+            (name, i, passed)
+        })
+        .collect();
+    let mut cluster = cluster.lock().unwrap();
+    let mut changed = false;
+    for (name, i, passed) in results {
+        let Some(member) = cluster.pods.get_mut(&name) else { continue };
+        let before = member.ready();
+        let threshold = member.probes[i].3;
+        let state = &mut member.state[i];
+        state.2 = Instant::now();
+        if passed {
+            *state = (true, 0, state.2);
+        } else {
+            state.1 += 1;
+            if state.1 >= threshold {
+                state.0 = false;
+            }
+        }
+        changed |= member.ready() != before;
+    }
+    changed
+}
+
+/// Whether a pod's labels satisfy a Service's selector.
+fn selects(service: &Value, member: &Member) -> bool {
+    let selector = service["spec"]["selector"].as_object();
+    service["metadata"]["namespace"] == member.namespace.as_str()
+        && selector.is_some_and(|s| {
+            !s.is_empty() && s.iter().all(|(k, v)| &member.spec["metadata"]["labels"][k.as_str()] == v)
+        })
+}
+
+/// A Service port's target on one pod: a number, or a named port among the pod's containers.
+fn target_port(port: &Value, member: &Member) -> Option<u64> {
+    match &port["targetPort"] {
+        Value::Number(n) => n.as_u64(),
+        Value::String(name) => member.spec["spec"]["containers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|c| c["ports"].as_array().cloned().unwrap_or_default())
+            .find(|p| p["name"] == name.as_str())
+            .and_then(|p| p["containerPort"].as_u64()),
+        _ => port["port"].as_u64(),
+    }
+}
+
+/// Writes what follows from the node's state: Pod objects, EndpointSlices, kube-proxy's rules and each pod's
+/// `/etc/hosts` (each only when it changed).
+fn sync(cluster: &mut Cluster, chain: &str) {
+    let mut writes: Vec<(String, super::apiserver::Kind, Value)> = Vec::new();
+    let mut rules = Vec::new();
+    let mut names: Vec<(String, String)> = cluster.hosts.clone();
+    for (name, m) in &cluster.pods {
+        let mut object = m.spec.clone();
+        object["metadata"]["name"] = json!(name);
+        object["metadata"]["namespace"] = json!(m.namespace);
+        if m.terminating {
+            object["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+        }
+        let ready = if m.ready() && !m.terminating { "True" } else { "False" };
+        object["status"] = json!({"phase": if m.running { "Running" } else { "Pending" }, "podIP": m.ip,
+            "podIPs": [{"ip": m.ip}], "conditions": [{"type": "Ready", "status": ready}]});
+        writes.push((format!("pod/{}/{name}", m.namespace), PODS, object));
+    }
+    for service in &cluster.services {
+        let (svc, ns) =
+            (service["metadata"]["name"].as_str().unwrap(), service["metadata"]["namespace"].as_str().unwrap());
+        let members: Vec<(&String, &Member)> =
+            cluster.pods.iter().filter(|(_, m)| m.running && selects(service, m)).collect();
+        let ports = service["spec"]["ports"].as_array().cloned().unwrap_or_default();
+        let endpoints: Vec<Value> = members
+            .iter()
+            .map(|(name, m)| {
+                json!({"addresses": [m.ip], "conditions": {"ready": m.ready() && !m.terminating,
+                       "serving": m.ready(), "terminating": m.terminating},
+                       "targetRef": {"kind": "Pod", "name": name, "namespace": ns, "uid": m.uid}})
+            })
+            .collect();
+        let slice_ports: Vec<Value> = ports
+            .iter()
+            .filter_map(|p| {
+                let target = members.iter().find_map(|(_, m)| target_port(p, m))?;
+                Some(json!({"name": p["name"].as_str().unwrap_or(""), "port": target, "protocol": "TCP"}))
+            })
+            .collect();
+        if service["spec"]["selector"].is_object() {
+            let slice = json!({"metadata": {"name": format!("{svc}-node"), "namespace": ns,
+                    "labels": {"kubernetes.io/service-name": svc,
+                               "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io"}},
+                "addressType": "IPv4", "ports": slice_ports, "endpoints": endpoints});
+            writes.push((format!("slice/{ns}/{svc}"), SLICES, slice));
+        }
+        // kube-proxy: the ready endpoints, or those still serving while terminating when none is ready.
+        let ready: Vec<&Member> =
+            members.iter().filter(|(_, m)| m.ready() && !m.terminating).map(|(_, m)| *m).collect();
+        let chosen =
+            if ready.is_empty() { members.iter().filter(|(_, m)| m.ready()).map(|(_, m)| *m).collect() } else { ready };
+        let vip = service["spec"]["clusterIP"].as_str().unwrap_or("None");
+        if vip == "None" {
+            if let Some(first) = chosen.first() {
+                names.push((format!("{svc}.{ns}"), first.ip.clone()));
+            }
+            continue;
+        }
+        names.push((format!("{svc}.{ns}"), vip.to_string()));
+        for port in &ports {
+            let n = chosen.len();
+            for (i, m) in chosen.iter().enumerate() {
+                let Some(target) = target_port(port, m) else { continue };
+                let mut rule = format!("-A {chain} -d {vip}/32 -p tcp --dport {}", port["port"]);
+                if i + 1 < n {
+                    rule.push_str(&format!(" -m statistic --mode random --probability {:.5}", 1.0 / (n - i) as f64));
+                }
+                rule.push_str(&format!(" -j DNAT --to-destination {}:{target}", m.ip));
+                rules.push(rule);
+            }
+        }
+    }
+    let Some(api) = cluster.api.clone() else { return };
+    for (key, kind, object) in writes {
+        if cluster.written.get(&key) != Some(&object) {
+            api.apply(kind, object.clone());
+            cluster.written.insert(key, object);
+        }
+    }
+    let restore = format!("*nat\n:{chain} - [0:0]\n{}\nCOMMIT\n", rules.join("\n"));
+    if cluster.written.get("rules") != Some(&json!(restore)) {
+        let mut child = Command::new("iptables-restore")
+            .arg("--noflush")
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .expect("iptables-restore");
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(restore.as_bytes()).unwrap();
+        assert!(child.wait().unwrap().success(), "iptables-restore:\n{restore}");
+        cluster.written.insert("rules".into(), json!(restore));
+    }
+    for m in cluster.pods.values() {
+        let mut hosts = format!(
+            "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n{}\t{}\n",
+            m.ip,
+            m.spec["metadata"]["name"].as_str().unwrap_or_default()
+        );
+        for (name, ip) in &names {
+            let mut aliases = vec![name.clone()];
+            if let Some((svc, ns)) = name.split_once('.').filter(|(_, ns)| !ns.contains('.')) {
+                aliases.extend([format!("{name}.svc"), format!("{name}.svc.cluster.local")]);
+                if ns == m.namespace {
+                    aliases.push(svc.to_string());
+                }
+            }
+            hosts.push_str(&format!("{ip}\t{}\n", aliases.join(" ")));
+        }
+        let _ = std::fs::write(&m.hosts_path, hosts);
+    }
+}
+
+fn iptables(args: &[&str]) -> Output {
+    Command::new("iptables").args(args).output().expect("iptables")
+}
+
+fn iptables_must(args: &[&str]) {
+    let out = iptables(args);
+    assert!(out.status.success(), "iptables {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
 }

@@ -235,6 +235,11 @@ pub struct KubeControl {
 
 impl KubeControl {
     pub fn start(dir: &Path, kubeconfig: &Path, xds: SocketAddr) -> KubeControl {
+        Self::start_with(dir, kubeconfig, xds, &[])
+    }
+
+    /// Started with more arguments (`--cert-lifetime 20s`, ...).
+    pub fn start_with(dir: &Path, kubeconfig: &Path, xds: SocketAddr, extra: &[&str]) -> KubeControl {
         let state = dir.join("control-state");
         std::fs::create_dir_all(&state).unwrap();
         let (metrics, webhook) = (free_addr(), free_addr());
@@ -255,6 +260,7 @@ impl KubeControl {
         ]
         .map(String::from)
         .to_vec();
+        let command = [command, extra.iter().map(|a| a.to_string()).collect()].concat();
         let log = dir.join("control.log");
         std::fs::File::create(&log).unwrap();
         let child = Self::spawn(&command, kubeconfig, &log);
