@@ -373,3 +373,117 @@ async fn injected_pods_call_each_other_through_their_proxies() {
     assert!(calls.len() > 10, "{calls:?}");
     assert_eq!(apiserver::rbac_violations(&calls, &rbac), Vec::<String>::new());
 }
+
+/// The documents of a `deploy/example` file.
+fn example(file: &str) -> Vec<Value> {
+    let path = format!("{}/deploy/example/{file}", env!("CARGO_MANIFEST_DIR"));
+    serde_saphyr::from_multiple(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// The pod a Deployment's template makes (namespace from the Deployment), its app container running the tests'
+/// `pod_app` with `command` in place of the example's image, everything else (ports, probes, security context) kept.
+fn pod_of(deployment: &Value, command: &[&str]) -> Value {
+    let template = &deployment["spec"]["template"];
+    let mut pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": template["metadata"].clone(),
+                         "spec": template["spec"].clone()});
+    pod["metadata"]["namespace"] = deployment["metadata"]["namespace"].clone();
+    let app = &mut pod["spec"]["containers"][0];
+    app["image"] = json!(APP_IMAGE);
+    app["command"] = json!(command);
+    app.as_object_mut().unwrap().remove("args");
+    pod
+}
+
+/// The pod through the control plane's admission webhook (its review and patch, applied as the API server does).
+fn through_webhook(pod: Value) -> Value {
+    use base64::Engine;
+    let review = json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {
+        "uid": "review-1", "kind": {"group": "", "version": "v1", "kind": "Pod"},
+        "resource": {"group": "", "version": "v1", "resource": "pods"}, "namespace": pod["metadata"]["namespace"],
+        "operation": "CREATE", "userInfo": {"username": "system:serviceaccount:kube-system:replicaset-controller"},
+        "object": pod.clone()}});
+    let settings = inject::Settings::new(None, "ferry-control.ferry-system.svc:15010".into(), true);
+    let answer = ferry_xds::kubernetes::webhook::review(review.to_string().as_bytes(), &settings).unwrap();
+    let answer = ferry_xds::kubernetes::webhook::wire(answer);
+    assert_eq!(answer["response"]["allowed"], true, "{answer}");
+    assert_eq!(answer["response"]["patchType"], "JSONPatch", "{answer}");
+    let patch =
+        base64::engine::general_purpose::STANDARD.decode(answer["response"]["patch"].as_str().unwrap()).unwrap();
+    let patch: json_patch::Patch = serde_json::from_slice(&patch).unwrap();
+    let mut pod = pod;
+    json_patch::patch(&mut pod, &patch).unwrap();
+    pod
+}
+
+/// `deploy/example` as a user applies it: its namespace, Services and policies as objects in the API server; api's
+/// Deployment injected by the `ferryctl inject` binary, web's pod by the admission webhook's patch. web's app is a
+/// constant load on `api.ferry-demo` while api's two replicas are replaced one by one as the Deployment controller
+/// would (a new pod ready before an old one terminates): no request fails, and each old pod's sidecar exits after its
+/// app.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_example_survives_a_rolling_update_under_load() {
+    if !node::available("the_example_survives_a_rolling_update_under_load") {
+        return;
+    }
+    let api = ApiServer::start().await;
+    let mut node = tokio::task::block_in_place(|| Node::new("demo"));
+    let control = tokio::task::block_in_place(|| start_control(&api, &mut node, &[]));
+    for doc in ["namespace.yaml", "api.yaml", "web.yaml", "policies.yaml"].iter().flat_map(|f| example(f)) {
+        let mut doc = doc;
+        match doc["kind"].as_str().unwrap() {
+            "Namespace" => api.apply(NAMESPACES, doc),
+            "Service" => {
+                doc["spec"]["clusterIP"] = json!("10.96.1.10");
+                tokio::task::block_in_place(|| node.service(doc));
+            }
+            "TrafficPolicy" | "AuthorizationPolicy" => {
+                doc["metadata"]["generation"] = json!(1);
+                api.apply(if doc["kind"] == "TrafficPolicy" { TRAFFIC } else { AUTHZ }, doc);
+            }
+            "ServiceAccount" | "Deployment" => {}
+            other => panic!("deploy/example has a {other}: the test does not know it"),
+        }
+    }
+    let file = format!("{}/deploy/example/api.yaml", env!("CARGO_MANIFEST_DIR"));
+    let out = std::process::Command::new(control::ctl_bin()).args(["inject", "-f", &file]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let injected: Vec<Value> = serde_saphyr::from_multiple(&String::from_utf8_lossy(&out.stdout)).unwrap();
+    let deployment = injected.iter().find(|d| d["kind"] == "Deployment").unwrap();
+    assert_eq!(deployment["spec"]["replicas"], 2);
+    let api_spec = pod_of(deployment, &["/pod_app", "serve", "8080"]);
+    let web_deployment = example("web.yaml").into_iter().find(|d| d["kind"] == "Deployment").unwrap();
+    let web_spec =
+        through_webhook(pod_of(&web_deployment, &["/pod_app", "load", "http://api.ferry-demo/", "4000", "10"]));
+    assert_eq!(web_spec["spec"]["initContainers"][1]["name"], "ferry-proxy", "{web_spec}");
+
+    let replica = |name: &str, n: u8| {
+        let pod = admit(&node, &api, &control, api_spec.clone(), name, n);
+        run(&node, &control, &pod);
+        node.wait_ready(&pod, Duration::from_secs(30)).unwrap();
+        pod
+    };
+    let old = tokio::task::block_in_place(|| [replica("api-1", 20), replica("api-2", 21)]);
+    let web = admit(&node, &api, &control, web_spec, "web-1", 30);
+    tokio::task::block_in_place(|| run(&node, &control, &web));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // The rolling update: maxSurge 1, maxUnavailable 0 (the Deployment defaults for 2 replicas).
+    for (old, (name, n)) in old.iter().zip([("api-3", 22), ("api-4", 23)]) {
+        tokio::task::block_in_place(|| replica(name, n));
+        let exits = tokio::task::block_in_place(|| node.delete(old, Duration::from_secs(30)));
+        let order: Vec<(&str, i64)> = exits.iter().map(|e| (e.name.rsplit('-').next().unwrap(), e.code)).collect();
+        assert_eq!(order, [("api", 0), ("proxy", 0)], "{exits:?}");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let slice = api.get(apiserver::SLICES, "ferry-demo", "api-node").unwrap();
+    let ready: Vec<&Value> = slice["endpoints"].as_array().unwrap().iter().map(|e| &e["targetRef"]["name"]).collect();
+    assert_eq!(ready, ["api-3", "api-4"], "{slice}");
+
+    // web's load ends on SIGTERM and reports.
+    let exits = tokio::task::block_in_place(|| node.delete(&web, Duration::from_secs(30)));
+    let report = node.logs(&exits.iter().find(|e| e.name.ends_with("-web")).unwrap().name);
+    let ok: usize = report.split_whitespace().nth(1).and_then(|n| n.parse().ok()).unwrap_or(0);
+    assert!(report.starts_with("ok ") && report.lines().next().unwrap().ends_with(" failed 0"), "{report}");
+    eprintln!("web load: {report}");
+    assert!(ok >= 100, "the load ran through the update: {report}");
+}

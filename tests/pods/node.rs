@@ -838,6 +838,7 @@ fn sync(cluster: &mut Cluster, chain: &str) {
         assert!(child.wait().unwrap().success(), "iptables-restore:\n{restore}");
         cluster.written.insert("rules".into(), json!(restore));
     }
+    let mut written = Vec::new();
     for m in cluster.pods.values() {
         let mut hosts = format!(
             "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n{}\t{}\n",
@@ -854,8 +855,18 @@ fn sync(cluster: &mut Cluster, chain: &str) {
             }
             hosts.push_str(&format!("{ip}\t{}\n", aliases.join(" ")));
         }
-        let _ = std::fs::write(&m.hosts_path, hosts);
+        // In place (the file is bind-mounted into the pod's containers), only when it changed, in one write before
+        // the truncation, so a resolver never reads it empty.
+        let key = format!("hosts/{}", m.hosts_path.display());
+        if cluster.written.get(&key) != Some(&json!(hosts)) {
+            use std::io::Write;
+            let mut file = std::fs::OpenOptions::new().write(true).open(&m.hosts_path).unwrap();
+            file.write_all(hosts.as_bytes()).unwrap();
+            file.set_len(hosts.len() as u64).unwrap();
+            written.push((key, json!(hosts)));
+        }
     }
+    cluster.written.extend(written);
 }
 
 fn iptables(args: &[&str]) -> Output {
