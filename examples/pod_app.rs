@@ -1,8 +1,11 @@
 //! The test pods' app and client (the `pods` suite mounts this binary into its containers):
-//! `pod_app serve <port>...` answers every HTTP request with who called (`ferry-client-id`) and from where (a port
-//! written `lo:<port>` is bound to 127.0.0.1 only); on SIGTERM it stops accepting, finishes what is in flight and
-//! exits, as a well-behaved app does;
+//! `pod_app serve <port>...` answers every HTTP/1.1 or HTTP/2 request with who called (`ferry-client-id`) and from
+//! where, a gRPC call to `test.Echo/Unary` with its echo, a WebSocket with an echo of each message (a port written
+//! `lo:<port>` is bound to 127.0.0.1 only; `tcp:<port>` echoes raw bytes, no HTTP); on SIGTERM it stops accepting,
+//! finishes what is in flight and exits, as a well-behaved app does;
 //! `pod_app get <url>` prints the status line, the `ferry-proxy-error` header and the body of one GET;
+//! `pod_app grpc <url> <text>`, `pod_app ws <url> <text>`, `pod_app tcp <host:port> <text>` print the echo, or how
+//! the call was refused;
 //! `pod_app load <url> <count> <pause-ms>` makes that many GETs in sequence (fewer if SIGTERM comes first) and prints
 //! how many failed, and how.
 
@@ -25,6 +28,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     Some(port) => ("127.0.0.1", port),
                     None => ("0.0.0.0", port.as_str()),
                 };
+                if let Some(port) = port.strip_prefix("tcp:") {
+                    let listener = tokio::net::TcpListener::bind(("0.0.0.0", port.parse::<u16>()?)).await?;
+                    servers.push(tokio::spawn(echo_tcp(listener, stopped.clone())));
+                    continue;
+                }
                 let listener = tokio::net::TcpListener::bind((host, port.parse::<u16>()?)).await?;
                 servers.push(tokio::spawn(serve(listener, stopped.clone())));
             }
@@ -40,6 +48,47 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             Ok(())
         }
         Some("get") if args.len() == 2 => get(&args[1]).await,
+        Some("grpc") if args.len() == 3 => {
+            let channel = tonic::transport::Endpoint::from_shared(args[1].clone())?.connect().await?;
+            let mut grpc = tonic::client::Grpc::new(channel);
+            grpc.ready().await?;
+            let path = http::uri::PathAndQuery::from_static("/test.Echo/Unary");
+            let request = tonic::Request::new(Msg { text: args[2].clone() });
+            match grpc.unary(request, path, tonic_prost::ProstCodec::<Msg, Msg>::default()).await {
+                Ok(reply) => println!("OK {}", reply.into_inner().text),
+                Err(status) => println!("{:?} {}", status.code(), status.message()),
+            }
+            Ok(())
+        }
+        Some("ws") if args.len() == 3 => {
+            use futures_util::{SinkExt, StreamExt};
+            use tokio_tungstenite::tungstenite::{Error, Message};
+            match tokio_tungstenite::connect_async(args[1].as_str()).await {
+                Ok((mut ws, _)) => {
+                    ws.send(Message::text(args[2].clone())).await?;
+                    match ws.next().await {
+                        Some(Ok(Message::Text(text))) => println!("{text}"),
+                        other => println!("no echo: {other:?}"),
+                    }
+                }
+                Err(Error::Http(response)) => println!("refused {}", response.status().as_u16()),
+                Err(e) => println!("failed {e}"),
+            }
+            Ok(())
+        }
+        Some("tcp") if args.len() == 3 => {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut stream = tokio::net::TcpStream::connect(args[1].as_str()).await?;
+            let _ = stream.write_all(args[2].as_bytes()).await;
+            let mut reply = Vec::new();
+            let read = tokio::time::timeout(std::time::Duration::from_secs(5), stream.read_to_end(&mut reply)).await;
+            match (read, reply.is_empty()) {
+                (_, false) => println!("{}", String::from_utf8_lossy(&reply)),
+                (Ok(_), true) => println!("closed"),
+                (Err(_), true) => println!("no answer"),
+            }
+            Ok(())
+        }
         Some("load") if args.len() == 4 => {
             // `load <url> <count> <pause-ms>`: sequential GETs, each on its own connection, bounded in count; prints
             // how many answered 200 and every other outcome.
@@ -63,7 +112,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
             Ok(())
         }
-        _ => Err("usage: pod_app serve <port>... | pod_app get <url> | pod_app load <url> <count> <pause-ms>".into()),
+        _ => Err("usage: pod_app serve <port>... | get <url> | grpc <url> <text> | ws <url> <text> | tcp <host:port> <text> \
+                  | load <url> <count> <pause-ms>"
+            .into()),
     }
 }
 
@@ -78,7 +129,69 @@ async fn terminated() -> std::io::Result<()> {
     Ok(())
 }
 
-/// Serves until `stop` turns true; then every open connection finishes its request and closes.
+/// The one message of the test gRPC service `test.Echo/Unary`.
+#[derive(Clone, PartialEq, prost::Message)]
+struct Msg {
+    #[prost(string, tag = "1")]
+    text: String,
+}
+
+/// `test.Echo/Unary`: the text back, with who called.
+struct Echo;
+
+impl tonic::server::UnaryService<Msg> for Echo {
+    type Response = Msg;
+    type Future = std::future::Ready<Result<tonic::Response<Msg>, tonic::Status>>;
+
+    fn call(&mut self, request: tonic::Request<Msg>) -> Self::Future {
+        let caller = request.metadata().get("ferry-client-id").and_then(|v| v.to_str().ok()).unwrap_or("none");
+        let text = format!("echo {} caller {caller}", request.get_ref().text);
+        std::future::ready(Ok(tonic::Response::new(Msg { text })))
+    }
+}
+
+/// One request: gRPC, a WebSocket upgrade, or plain HTTP.
+async fn answer(
+    mut req: http::Request<hyper::body::Incoming>,
+    port: u16,
+    from: std::net::SocketAddr,
+) -> Result<http::Response<tonic::body::Body>, Infallible> {
+    let header = |name: http::header::HeaderName| req.headers().get(name).and_then(|v| v.to_str().ok());
+    let caller = header(http::header::HeaderName::from_static("ferry-client-id")).unwrap_or("none").to_string();
+    if header(http::header::CONTENT_TYPE).is_some_and(|t| t.starts_with("application/grpc")) {
+        let codec = tonic_prost::ProstCodec::<Msg, Msg>::default();
+        return Ok(tonic::server::Grpc::new(codec).unary(Echo, req).await);
+    }
+    if header(http::header::UPGRADE).is_some_and(|u| u.eq_ignore_ascii_case("websocket")) {
+        let key = header(http::header::SEC_WEBSOCKET_KEY).unwrap_or_default().as_bytes().to_vec();
+        let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(&key);
+        tokio::spawn(async move {
+            use futures_util::{SinkExt, StreamExt};
+            use tokio_tungstenite::tungstenite::{Message, protocol::Role};
+            let Ok(upgraded) = hyper::upgrade::on(&mut req).await else { return };
+            let mut ws =
+                tokio_tungstenite::WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+            while let Some(Ok(Message::Text(text))) = ws.next().await {
+                if ws.send(Message::text(format!("echo {text} caller {caller}"))).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let response = http::Response::builder()
+            .status(http::StatusCode::SWITCHING_PROTOCOLS)
+            .header(http::header::UPGRADE, "websocket")
+            .header(http::header::CONNECTION, "Upgrade")
+            .header(http::header::SEC_WEBSOCKET_ACCEPT, accept)
+            .body(tonic::body::Body::empty())
+            .expect("valid response");
+        return Ok(response);
+    }
+    let body = format!("app on {port}: caller {caller} from {}\n", from.ip().to_canonical());
+    Ok(http::Response::new(tonic::body::Body::new(Full::new(Bytes::from(body)))))
+}
+
+/// Serves HTTP/1.1 (with upgrades) and HTTP/2 until `stop` turns true; then every open connection finishes its
+/// request and closes.
 async fn serve(listener: tokio::net::TcpListener, mut stop: tokio::sync::watch::Receiver<bool>) {
     let port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
     let mut connections = tokio::task::JoinSet::new();
@@ -92,12 +205,9 @@ async fn serve(listener: tokio::net::TcpListener, mut stop: tokio::sync::watch::
         };
         let mut stop = stop.clone();
         connections.spawn(async move {
-            let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| async move {
-                let caller = req.headers().get("ferry-client-id").and_then(|v| v.to_str().ok()).unwrap_or("none");
-                let body = format!("app on {port}: caller {caller} from {}\n", from.ip().to_canonical());
-                Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from(body))))
-            });
-            let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
+            let svc = hyper::service::service_fn(move |req| answer(req, port, from));
+            let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
             tokio::pin!(conn);
             tokio::select! {
                 _ = conn.as_mut() => return,
@@ -108,6 +218,26 @@ async fn serve(listener: tokio::net::TcpListener, mut stop: tokio::sync::watch::
     }
     drop(listener);
     while connections.join_next().await.is_some() {}
+}
+
+/// Echoes the first bytes of each connection, prefixed `echo `, then closes it.
+async fn echo_tcp(listener: tokio::net::TcpListener, mut stop: tokio::sync::watch::Receiver<bool>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        let mut stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(_) => continue,
+            },
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            if let Ok(n @ 1..) = stream.read(&mut buf).await {
+                let _ = stream.write_all(&[b"echo ", &buf[..n]].concat()).await;
+            }
+        });
+    }
 }
 
 async fn get(url: &str) -> Result<(), Box<dyn std::error::Error>> {

@@ -173,22 +173,25 @@ fn inject(spec: Value) -> Value {
     serde_saphyr::from_str(&out).unwrap()
 }
 
-/// A meshed pod `shop/<name>` whose app is the tests' own server on 8080 (and 9999 on loopback), as injection wrote
-/// it.
+/// A meshed pod `shop/<name>` whose app is the tests' own server on 8080 (HTTP, gRPC, WebSocket), 7000 (raw TCP) and
+/// 9999 (on loopback), as injection wrote it.
 fn meshed_pod(node: &Node, api: &ApiServer, control: &KubeControl, name: &str, account: &str, n: u8) -> Pod {
     let spec = json!({"apiVersion": "v1", "kind": "Pod",
         "metadata": {"namespace": "shop", "labels": {"app": account}},
         "spec": {"serviceAccountName": account, "containers": [{"name": "app", "image": APP_IMAGE,
-                 "command": ["/pod_app", "serve", "8080", "lo:9999"], "ports": [{"name": "http", "containerPort": 8080}],
+                 "command": ["/pod_app", "serve", "8080", "lo:9999", "tcp:7000"],
+                 "ports": [{"name": "http", "containerPort": 8080}, {"name": "tcp", "containerPort": 7000}],
                  "readinessProbe": {"httpGet": {"path": "/ready", "port": "http"}}}]}});
     admit(node, api, control, inject(spec), name, n)
 }
 
-/// A Service of namespace `shop` selecting `app: <name>`, port 80 to the pods' port named `http`.
+/// A Service of namespace `shop` selecting `app: <name>`, port 80 to the pods' port named `http` (and 7000 to
+/// `tcp`).
 fn shop_service(name: &str, cluster_ip: &str) -> Value {
     json!({"metadata": {"name": name, "namespace": "shop"},
            "spec": {"clusterIP": cluster_ip, "clusterIPs": [cluster_ip], "selector": {"app": name},
-                    "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]}})
+                    "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"},
+                              {"name": "tcp", "port": 7000, "targetPort": "tcp", "protocol": "TCP"}]}})
 }
 
 fn run(node: &Node, control: &KubeControl, pod: &Pod) {
@@ -238,6 +241,16 @@ async fn injected_pods_call_each_other_through_their_proxies() {
     assert_eq!(answer, "200 \napp on 8080: caller spiffe://cluster.local/ns/shop/sa/web from 127.0.0.6", "{answer}");
     let refused = call(batch);
     assert!(refused.starts_with("403 unauthorized"), "{refused}");
+    // The same policy for gRPC (PERMISSION_DENIED), WebSocket (the upgrade refused) and raw TCP (closed).
+    let client = |pod: &Pod, args: &[&str]| tokio::task::block_in_place(|| node.client(pod, args));
+    let web_id = "caller spiffe://cluster.local/ns/shop/sa/web";
+    assert_eq!(client(web, &["grpc", "http://api.shop", "hi"]), format!("OK echo hi {web_id}"));
+    let refused = client(batch, &["grpc", "http://api.shop", "hi"]);
+    assert!(refused.starts_with("PermissionDenied"), "{refused}");
+    assert_eq!(client(web, &["ws", "ws://api.shop/", "hi"]), format!("echo hi {web_id}"));
+    assert_eq!(client(batch, &["ws", "ws://api.shop/", "hi"]), "refused 403");
+    assert_eq!(client(web, &["tcp", "api.shop:7000", "hi"]), "echo hi");
+    assert_eq!(client(batch, &["tcp", "api.shop:7000", "hi"]), "closed");
     let slice = api.get(apiserver::SLICES, "shop", "api-node").unwrap();
     assert_eq!(slice["endpoints"][0]["conditions"], json!({"ready": true, "serving": true, "terminating": false}));
     assert_eq!(slice["ports"][0]["port"], 8080, "{slice}");
@@ -359,12 +372,12 @@ async fn injected_pods_call_each_other_through_their_proxies() {
         control.logs().contains("pod shop/batch-1 does not exist")
     });
     let scrape = format!("{}:15020", web.ip).parse().unwrap();
-    let metrics = tokio::task::block_in_place(|| support::http_get(scrape, "/metrics")).unwrap_or_default().1;
-    let renewed = metrics
-        .lines()
-        .find(|l| l.starts_with("ferry_identity_certificate_requests_total{result=\"ok\"}"))
-        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
-    assert!(renewed.is_some_and(|n| n >= 2.0), "first and a renewal: {metrics}");
+    let renewed = || {
+        let metrics = support::http_get(scrape, "/metrics").unwrap_or_default().1;
+        let line = metrics.lines().find(|l| l.starts_with("ferry_identity_certificate_requests_total{result=\"ok\"}"));
+        line.and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).unwrap_or_default()
+    };
+    wait("web's first certificate and a renewal", Duration::from_secs(30), &mut || renewed() >= 2.0);
 
     // Every call the control plane made to the API server is one `deploy/control-plane/rbac.yaml` grants.
     let rbac =

@@ -505,20 +505,16 @@ impl Node {
 
     /// Runs `pod_app get <url>` as a client inside the pod (root, like an app's own process): its output.
     pub fn get_from(&self, pod: &Pod, url: &str) -> String {
+        self.client(pod, &["get", url])
+    }
+
+    /// Runs `pod_app <args>` (a client: get, grpc, ws, tcp) inside the pod: its output.
+    pub fn client(&self, pod: &Pod, args: &[&str]) -> String {
         let network = format!("container:{}", pod.pause);
         let bin = format!("{}:/pod_app:ro", app_binary().display());
-        let out = docker_run(&[
-            "run",
-            "--rm",
-            "--network",
-            &network,
-            "--volume",
-            &bin,
-            &images().base,
-            "/pod_app",
-            "get",
-            url,
-        ]);
+        let mut run = vec!["run", "--rm", "--network", &network, "--volume", &bin, &images().base, "/pod_app"];
+        run.extend(args);
+        let out = docker_run(&run);
         format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)).trim().to_string()
     }
 
