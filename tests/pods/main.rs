@@ -147,15 +147,22 @@ fn start_control(api: &ApiServer, node: &mut Node, extra: &[&str]) -> KubeContro
 }
 
 /// Puts an injected pod spec on the node as the API server and kubelet would: its name and uid, the volumes (the
-/// control plane's CA root as the `ferry-ca-root` ConfigMap, a projected token the fake API server's TokenReview
-/// binds to the pod and its service account).
-fn admit(node: &Node, api: &ApiServer, control: &KubeControl, mut spec: Value, name: &str, n: u8) -> Pod {
+/// `ferry-ca-root` ConfigMap the control plane wrote into the namespace, a projected token the fake API server's
+/// TokenReview binds to the pod and its service account).
+fn admit(node: &Node, api: &ApiServer, mut spec: Value, name: &str, n: u8) -> Pod {
     let namespace = spec["metadata"]["namespace"].as_str().unwrap().to_string();
     let account = spec["spec"]["serviceAccountName"].as_str().unwrap_or("default").to_string();
     spec["metadata"]["name"] = json!(name);
     spec["metadata"]["uid"] = json!(format!("uid-{name}"));
     let volumes = volumes(node, name);
-    std::fs::copy(control.state.join("ca.crt"), volumes["ferry-ca-root"].join("root.pem")).unwrap();
+    // The ConfigMap the control plane wrote into the pod's namespace, as the kubelet mounts it.
+    let mut bundle = None;
+    wait("the ferry-ca-root ConfigMap", Duration::from_secs(20), &mut || {
+        bundle = api.get(apiserver::CONFIGMAPS, &namespace, "ferry-ca-root");
+        bundle.is_some()
+    });
+    let bundle = bundle.unwrap()["data"]["root.pem"].as_str().unwrap().to_string();
+    std::fs::write(volumes["ferry-ca-root"].join("root.pem"), bundle).unwrap();
     api.token(
         &format!("token-{name}"),
         json!({"authenticated": true, "audiences": ["ferry.dev"],
@@ -175,14 +182,14 @@ fn inject(spec: Value) -> Value {
 
 /// A meshed pod `shop/<name>` whose app is the tests' own server on 8080 (HTTP, gRPC, WebSocket), 7000 (raw TCP) and
 /// 9999 (on loopback), as injection wrote it.
-fn meshed_pod(node: &Node, api: &ApiServer, control: &KubeControl, name: &str, account: &str, n: u8) -> Pod {
+fn meshed_pod(node: &Node, api: &ApiServer, name: &str, account: &str, n: u8) -> Pod {
     let spec = json!({"apiVersion": "v1", "kind": "Pod",
         "metadata": {"namespace": "shop", "labels": {"app": account}},
         "spec": {"serviceAccountName": account, "containers": [{"name": "app", "image": APP_IMAGE,
                  "command": ["/pod_app", "serve", "8080", "lo:9999", "tcp:7000"],
                  "ports": [{"name": "http", "containerPort": 8080}, {"name": "tcp", "containerPort": 7000}],
                  "readinessProbe": {"httpGet": {"path": "/ready", "port": "http"}}}]}});
-    admit(node, api, control, inject(spec), name, n)
+    admit(node, api, inject(spec), name, n)
 }
 
 /// A Service of namespace `shop` selecting `app: <name>`, port 80 to the pods' port named `http` (and 7000 to
@@ -221,7 +228,7 @@ async fn injected_pods_call_each_other_through_their_proxies() {
     node.service(shop_service("api", "10.96.0.20"));
     let pods: Vec<Pod> = [("api-1", "api", 20), ("web-1", "web", 21), ("batch-1", "batch", 22)]
         .iter()
-        .map(|(name, account, n)| meshed_pod(&node, &api, &control, name, account, *n))
+        .map(|(name, account, n)| meshed_pod(&node, &api, name, account, *n))
         .collect();
     let (api_pod, web, batch) = (&pods[0], &pods[1], &pods[2]);
     api.apply(
@@ -341,7 +348,7 @@ async fn injected_pods_call_each_other_through_their_proxies() {
         "metadata": {"namespace": "shop", "labels": {"job-name": "report"}},
         "spec": {"serviceAccountName": "web", "restartPolicy": "Never", "containers": [{"name": "report",
                  "image": APP_IMAGE, "command": ["/pod_app", "get", "http://api.shop/"]}]}});
-    let job = admit(&node, &api, &control, inject(job), "report-1", 40);
+    let job = admit(&node, &api, inject(job), "report-1", 40);
     let exits = tokio::task::block_in_place(|| node.run_to_completion(&job, &local_image, Duration::from_secs(60)));
     let exits = exits.unwrap();
     let order: Vec<(&str, i64)> = exits.iter().map(|e: &Exit| (e.name.rsplit('-').next().unwrap(), e.code)).collect();
@@ -470,13 +477,13 @@ async fn the_example_survives_a_rolling_update_under_load() {
     assert_eq!(web_spec["spec"]["initContainers"][1]["name"], "ferry-proxy", "{web_spec}");
 
     let replica = |name: &str, n: u8| {
-        let pod = admit(&node, &api, &control, api_spec.clone(), name, n);
+        let pod = admit(&node, &api, api_spec.clone(), name, n);
         run(&node, &control, &pod);
         node.wait_ready(&pod, Duration::from_secs(30)).unwrap();
         pod
     };
     let old = tokio::task::block_in_place(|| [replica("api-1", 20), replica("api-2", 21)]);
-    let web = admit(&node, &api, &control, web_spec, "web-1", 30);
+    let web = admit(&node, &api, web_spec, "web-1", 30);
     tokio::task::block_in_place(|| run(&node, &control, &web));
     tokio::time::sleep(Duration::from_secs(2)).await;
 
