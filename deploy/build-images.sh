@@ -18,6 +18,9 @@ IMAGES="${IMAGES:-proxy control}"
 DOCKER="${DOCKER:-$([ -x /usr/bin/docker ] && echo /usr/bin/docker || echo docker)}"
 docker() { "$DOCKER" "$@"; }
 BASE=ferry/debian-base:bookworm
+# One build at a time (CI's background base build and a test's proxy image share the base and target/image-bin).
+exec 9>"${TMPDIR:-/tmp}/ferry-build-images.lock"
+flock 9
 if ! docker image inspect "$BASE" >/dev/null 2>&1; then
   rootfs=$(mktemp -d)
   if ! debootstrap --variant=minbase --include=iptables,iproute2 bookworm "$rootfs" "$MIRROR" >"$rootfs.log" 2>&1; then

@@ -207,7 +207,11 @@ impl Node {
         ]);
         // kube-proxy's DNAT needs the replies, bridged from pod to pod, to pass conntrack (as on every Kubernetes
         // node with a bridge CNI).
-        let bridged = std::fs::read_to_string("/proc/sys/net/bridge/bridge-nf-call-iptables").unwrap_or_default();
+        let sysctl = "/proc/sys/net/bridge/bridge-nf-call-iptables";
+        if std::fs::read_to_string(sysctl).is_ok_and(|v| v.trim() == "0") {
+            let _ = std::fs::write(sysctl, "1");
+        }
+        let bridged = std::fs::read_to_string(sysctl).unwrap_or_default();
         assert_eq!(bridged.trim(), "1", "the node needs br_netfilter with net.bridge.bridge-nf-call-iptables=1");
         let chain = format!("FERRY-NODE-{k}");
         let source = format!("{prefix}.0/24");
