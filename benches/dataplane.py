@@ -85,7 +85,7 @@ http {{
   keepalive_requests 1000000;
   keepalive_timeout 300s;
   server {{
-    listen 127.0.0.1:{port} reuseport backlog=4096;
+    listen {listen}:{port} reuseport backlog=4096;
     location / {{ return 200 "ok\\n"; }}
   }}
 }}
@@ -109,7 +109,7 @@ static_resources:
             virtual_hosts:
             - name: all
               domains: ["*"]
-              routes: [{{match: {{prefix: "/"}}, route: {{cluster: backend}}}}]
+              routes: [{{match: {{prefix: "/"}}, route: {{cluster: backend{route}}}}}]
           http_filters:
           - name: envoy.filters.http.router
             typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
@@ -122,6 +122,15 @@ static_resources:
       endpoints:
       - lb_endpoints:
         - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {backend}}}}}}}
+"""
+
+# What a mesh sidecar's outbound route carries (Istio's defaults: a 15 s route timeout is Envoy's own default too, two
+# retries); the same as Ferry's TrafficPolicy below. "Today's" Envoy targets leave the route bare.
+ENVOY_SIDECAR_ROUTE = ", timeout: 15s, retry_policy: {retry_on: 5xx, num_retries: 2}"
+FERRY_POLICY = """apiVersion: ferry.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {{name: {name}, namespace: default}}
+spec: {{targetRef: {{kind: Service, name: {name}}}, timeout: 15s, retries: {{attempts: 2, on: [5xx]}}}}
 """
 
 # The Envoy pair of the mesh path: the client side originates mTLS (TLS 1.3, client certificate, the server's SPIFFE
@@ -144,7 +153,7 @@ static_resources:
             virtual_hosts:
             - name: all
               domains: ["*"]
-              routes: [{{match: {{prefix: "/"}}, route: {{cluster: mesh}}}}]
+              routes: [{{match: {{prefix: "/"}}, route: {{cluster: mesh{route}}}}}]
           http_filters:
           - name: envoy.filters.http.router
             typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
@@ -285,7 +294,8 @@ metadata: {{name: backend, namespace: default}}
 spec:
   ports: [{{port: 80, protocol: http}}]
   endpoints: [{{address: "127.0.0.1:{backend}"}}]
-"""
+---
+""" + FERRY_POLICY.replace("{name}", "backend")
 
 
 class Proc:
@@ -314,11 +324,13 @@ def oha_json_flag():
     return ["--output-format", "json"] if "--output-format" in out else ["-j"]
 
 
-def run_oha(url, host, args, seconds, rate, conns, cpu):
+def run_oha(url, host, args, seconds, rate, conns, cpu, ns=None):
     cmd = ["oha", "--no-tui", *oha_json_flag(), "-z", f"{seconds}s", "-c", str(conns), "-H", f"Host: {host}"]
     if rate:
         cmd += ["-q", str(rate), "--latency-correction"]
     cmd.append(url)
+    if ns:
+        cmd = ["ip", "netns", "exec", ns] + cmd
     out = subprocess.run(pinned(cmd, cpu), capture_output=True, text=True, timeout=seconds + 120)
     if out.returncode != 0:
         raise RuntimeError(f"oha failed: {out.stderr}")
@@ -349,6 +361,414 @@ def spread(values):
     return {"median": statistics.median(values), "min": values[0], "max": values[-1], "values": values}
 
 
+# ---- Transparent targets: pods as network namespaces on a bridge, behind `ferry init` rules ----
+
+# The bench's own namespaces: a "node" holding a bridge (ferry-control listens there) and one namespace per pod.
+NODE_NET = "198.18.77"
+PODS = {"load-direct": 2, "plain-server": 3, "ferry-client": 4, "ferry-server": 5, "envoy-client": 6,
+        "envoy-bare-client": 7, "envoy-server": 8}
+
+# Envoy as a sidecar in transparent mode: the outbound listener on 15001 reads the original destination (as
+# Istio's virtualOutbound does) and picks the chain by destination IP; the plain server is reached over HTTP/1.1, the
+# Envoy-fronted server over mTLS (TLS 1.3, h2, SPIFFE SAN checked). Same rules as Ferry's (`ferry init`).
+ENVOY_T_CLIENT_CONF = """
+admin:
+  address: {{socket_address: {{address: 127.0.0.1, port_value: 15000}}}}
+static_resources:
+  listeners:
+  - name: virtualOutbound
+    address: {{socket_address: {{address: 0.0.0.0, port_value: 15001}}}}
+    listener_filters:
+    - name: envoy.filters.listener.original_dst
+      typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst}}
+    filter_chains:
+    - filter_chain_match: {{prefix_ranges: [{{address_prefix: "{plain}", prefix_len: 32}}]}}
+      filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: outbound_plain
+          codec_type: AUTO
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes: [{{match: {{prefix: "/"}}, route: {{cluster: plain{route}}}}}]
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+    - filter_chain_match: {{prefix_ranges: [{{address_prefix: "{server}", prefix_len: 32}}]}}
+      filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: outbound_mesh
+          codec_type: AUTO
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes: [{{match: {{prefix: "/"}}, route: {{cluster: mesh{route}}}}}]
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+  clusters:
+  - name: plain
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: plain
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: "{plain}", port_value: 80}}}}}}}}]}}]
+  - name: mesh
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{http2_protocol_options: {{}}}}
+    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+        sni: outbound_.80_._.backend.default.svc.cluster.local
+        common_tls_context:
+          tls_params: {{tls_minimum_protocol_version: TLSv1_3, tls_maximum_protocol_version: TLSv1_3}}
+          alpn_protocols: ["h2"]
+          tls_certificates: [{{certificate_chain: {{filename: "{dir}/client.crt"}}, private_key: {{filename: "{dir}/client.key"}}}}]
+          validation_context:
+            trusted_ca: {{filename: "{dir}/ca.crt"}}
+            match_typed_subject_alt_names:
+            - {{san_type: URI, matcher: {{exact: "spiffe://cluster.local/ns/default/sa/backend"}}}}
+    load_assignment:
+      cluster_name: mesh
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: "{server}", port_value: 80}}}}}}}}]}}]
+"""
+
+# The server side's inbound listener on 15006 (the redirected port 80): mTLS required, then HTTP/1.1 to the app at the
+# pod's own IP from 127.0.0.6, as Ferry delivers (and Istio since 1.10).
+ENVOY_T_SERVER_CONF = """
+admin:
+  address: {{socket_address: {{address: 127.0.0.1, port_value: 15000}}}}
+static_resources:
+  listeners:
+  - name: virtualInbound
+    address: {{socket_address: {{address: 0.0.0.0, port_value: 15006}}}}
+    listener_filters:
+    - name: envoy.filters.listener.original_dst
+      typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst}}
+    filter_chains:
+    - transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+          require_client_certificate: true
+          common_tls_context:
+            tls_params: {{tls_minimum_protocol_version: TLSv1_3, tls_maximum_protocol_version: TLSv1_3}}
+            alpn_protocols: ["h2"]
+            tls_certificates: [{{certificate_chain: {{filename: "{dir}/server.crt"}}, private_key: {{filename: "{dir}/server.key"}}}}]
+            validation_context:
+              trusted_ca: {{filename: "{dir}/ca.crt"}}
+              match_typed_subject_alt_names:
+              - {{san_type: URI, matcher: {{prefix: "spiffe://cluster.local/"}}}}
+      filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: inbound
+          codec_type: AUTO
+          forward_client_cert_details: SANITIZE_SET
+          set_current_client_cert_details: {{uri: true}}
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes: [{{match: {{prefix: "/"}}, route: {{cluster: app, timeout: 0s}}}}]
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+  clusters:
+  - name: app
+    type: STATIC
+    connect_timeout: 1s
+    upstream_bind_config: {{source_address: {{address: 127.0.0.6, port_value: 0}}}}
+    load_assignment:
+      cluster_name: app
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: "{server}", port_value: 80}}}}}}}}]}}]
+"""
+
+
+def sh(*cmd):
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)}: {out.stderr.strip()}")
+    return out.stdout
+
+
+class Node:
+    """The node namespace (a bridge at NODE_NET.1) and the pods' namespaces, each with a veth on the bridge. Only
+    addresses inside these namespaces are used; everything is deleted by `close`."""
+
+    def __init__(self):
+        self.tag = f"fb{os.getpid() % 100000}"
+        self.node = f"{self.tag}-node"
+        self.namespaces = []
+        self.add_ns(self.node)
+        self.exec(self.node, "ip", "link", "add", "br0", "type", "bridge")
+        self.exec(self.node, "ip", "addr", "add", f"{NODE_NET}.1/24", "dev", "br0")
+        self.exec(self.node, "ip", "link", "set", "br0", "up")
+        self.pods = {}
+        for name, n in PODS.items():
+            ns = f"{self.tag}-{name}"
+            self.add_ns(ns)
+            outer, inner = f"{self.tag}v{n}a", f"{self.tag}v{n}b"
+            sh("ip", "link", "add", outer, "type", "veth", "peer", "name", inner)
+            sh("ip", "link", "set", outer, "netns", self.node)
+            sh("ip", "link", "set", inner, "netns", ns)
+            self.exec(self.node, "ip", "link", "set", outer, "master", "br0", "up")
+            self.exec(ns, "ip", "link", "set", inner, "name", "eth0")
+            self.exec(ns, "ip", "addr", "add", f"{NODE_NET}.{n}/24", "dev", "eth0")
+            self.exec(ns, "ip", "link", "set", "eth0", "up")
+            self.pods[name] = (ns, f"{NODE_NET}.{n}")
+
+    def add_ns(self, ns):
+        sh("ip", "netns", "add", ns)
+        self.namespaces.append(ns)
+        self.exec(ns, "ip", "link", "set", "lo", "up")
+
+    @staticmethod
+    def exec(ns, *cmd):
+        return sh("ip", "netns", "exec", ns, *cmd)
+
+    def ns(self, pod):
+        return self.pods[pod][0]
+
+    def ip(self, pod):
+        return self.pods[pod][1]
+
+    def wait_http(self, pod, url, timeout=30.0):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            out = subprocess.run(["ip", "netns", "exec", self.ns(pod), "curl", "-sf", "-o", "/dev/null", "-m", "1", url],
+                                 capture_output=True)
+            if out.returncode == 0:
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"{url} not answering in {pod}")
+
+    def close(self):
+        for ns in reversed(self.namespaces):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def in_ns(ns, cmd, as_proxy=False):
+    """`cmd` in namespace `ns` (as UID 1337, the proxies' user that `ferry init` exempts, when `as_proxy`)."""
+    prefix = ["ip", "netns", "exec", ns]
+    if as_proxy:
+        prefix += ["setpriv", "--reuid", "1337", "--regid", "1337", "--clear-groups", "--"]
+    return prefix + cmd
+
+
+def start_transparent(args, work, proxy_cpu, load_cpu, procs):
+    """Pods on a bridge: nginx in three servers; a Ferry pair and two Envoy clients (sidecar and bare config) and an
+    Envoy server, each behind `ferry init`'s rules; ferry-control on the node. Returns (node, targets)."""
+    node = Node()
+    os.chmod(work, 0o755)  # the proxies (UID 1337) read their certificates and the CA root here
+    for pod in ["plain-server", "ferry-server", "envoy-server"]:
+        conf = f"{work}/nginx-{pod}.conf"
+        os.makedirs(f"{work}/nginx-{pod}", exist_ok=True)
+        with open(conf, "w") as f:
+            f.write(NGINX_CONF.format(dir=f"{work}/nginx-{pod}", port=80, listen="0.0.0.0"))
+        nginx_bin = shutil.which("nginx") or "/usr/sbin/nginx"
+        procs.append(Proc(f"nginx-{pod}", in_ns(node.ns(pod), [nginx_bin, "-c", conf, "-p", f"{work}/nginx-{pod}"]),
+                          f"{work}/nginx-{pod}.log", cpu=load_cpu))
+    for pod in ["ferry-client", "ferry-server", "envoy-client", "envoy-bare-client", "envoy-server"]:
+        node.exec(node.ns(pod), args.ferry, "init")
+    # The control plane on the node, its API on the node's loopback.
+    cp_dir = f"{work}/t-control"
+    api = 15080
+    control = Proc("t-ferry-control", in_ns(node.node, [args.control, "serve", "--state-dir", cp_dir, "--api-addr",
+                                                       f"127.0.0.1:{api}", "--xds-addr", f"{NODE_NET}.1:15010",
+                                                       "--metrics-addr", "127.0.0.1:15014"]),
+                   f"{work}/t-control.log", cpu=load_cpu)
+    procs.append(control)
+    deadline = time.time() + 20
+    while not os.path.exists(f"{cp_dir}/admin.token"):
+        if time.time() > deadline:
+            raise RuntimeError("ferry-control (transparent) did not start")
+        time.sleep(0.05)
+    time.sleep(0.5)
+    ctl_env = dict(os.environ, FERRY_CONTROL_API=f"http://127.0.0.1:{api}",
+                   FERRY_TOKEN=open(f"{cp_dir}/admin.token").read().strip())
+    ctl = lambda *a, stdin=None: subprocess.run(in_ns(node.node, [args.ctl, *a]), env=ctl_env, input=stdin,
+                                                capture_output=True, text=True, check=True).stdout.strip()
+    plain, server = node.ip("plain-server"), node.ip("ferry-server")
+    services = f"""apiVersion: ferry.dev/v1alpha1
+kind: Service
+metadata: {{name: plain, namespace: default}}
+spec: {{ports: [{{port: 80, protocol: http}}], addresses: ["{plain}"], endpoints: [{{address: "{plain}:80"}}]}}
+---
+apiVersion: ferry.dev/v1alpha1
+kind: Service
+metadata: {{name: backend, namespace: default}}
+spec: {{ports: [{{port: 80, protocol: http}}], addresses: [backend.mesh], identities: [backend]}}
+---
+""" + FERRY_POLICY.format(name="plain") + "---\n" + FERRY_POLICY.format(name="backend")
+    ctl("apply", "-f", "-", stdin=services)
+    shutil.copy(f"{cp_dir}/ca.crt", f"{work}/t-ca.crt")
+    os.chmod(f"{work}/t-ca.crt", 0o644)
+    base = {"FERRY_CONTROL_ADDR": f"{NODE_NET}.1:15010", "FERRY_CONTROL_SERVER_NAME": "ferry-control",
+            "FERRY_CA_ROOT": f"{work}/t-ca.crt", "FERRY_WORKERS": "1", "FERRY_ACCESS_LOG": "off",
+            "FERRY_LOG_LEVEL": "warn", "FERRY_NAMESPACE": "default"}
+    ferries = {}
+    for pod, account, extra in [("ferry-server", "backend", {"FERRY_SERVICE": "backend"}),
+                                ("ferry-client", "client", {})]:
+        env = dict(os.environ, **base, **extra, FERRY_NODE_ID=f"t-{pod}",
+                   FERRY_JOIN_TOKEN=ctl("token", "create", "-n", "default", "--service-account", account))
+        ferries[pod] = Proc(f"t-{pod}", in_ns(node.ns(pod), [args.ferry, "run"], as_proxy=True), f"{work}/t-{pod}.log",
+                            env=env, cpu=proxy_cpu)
+        procs.append(ferries[pod])
+        node.wait_http(pod, "http://127.0.0.1:15020/health/ready")
+    # Envoy: certificates from openssl (made by envoy_mesh_certs for the loopback pair), readable by UID 1337.
+    for name in ["ca.crt", "client.crt", "client.key", "server.crt", "server.key"]:
+        os.chmod(f"{work}/{name}", 0o644)
+    envoys = {}
+    for i, (pod, conf) in enumerate([
+            ("envoy-server", ENVOY_T_SERVER_CONF.format(dir=work, server=node.ip("envoy-server"))),
+            ("envoy-client", ENVOY_T_CLIENT_CONF.format(dir=work, plain=plain, server=node.ip("envoy-server"),
+                                                       route=ENVOY_SIDECAR_ROUTE)),
+            ("envoy-bare-client", ENVOY_T_CLIENT_CONF.format(dir=work, plain=plain, server=node.ip("envoy-server"),
+                                                            route=""))]):
+        with open(f"{work}/t-{pod}.yaml", "w") as f:
+            f.write(conf)
+        envoys[pod] = Proc(f"t-{pod}", in_ns(node.ns(pod), [args.envoy, "-c", f"{work}/t-{pod}.yaml", "--concurrency",
+                                                           "1", "--log-level", "warn", "--disable-hot-restart",
+                                                           "--base-id", str(i + 20)], as_proxy=True),
+                           f"{work}/t-{pod}.log", cpu=proxy_cpu)
+        procs.append(envoys[pod])
+        node.wait_http(pod, "http://127.0.0.1:15000/ready")
+    fc, fs = ferries["ferry-client"], ferries["ferry-server"]
+    es, ec, eb = envoys["envoy-server"], envoys["envoy-client"], envoys["envoy-bare-client"]
+    targets = {
+        "t-direct": (f"http://{plain}/", plain, [], node.ns("load-direct")),
+        "t-ferry": (f"http://{plain}/", plain, [fc], node.ns("ferry-client")),
+        "t-envoy": (f"http://{plain}/", plain, [eb], node.ns("envoy-bare-client")),
+        "t-envoy-sc": (f"http://{plain}/", plain, [ec], node.ns("envoy-client")),
+        "t-ferry-mesh": (f"http://{server}/", server, [fc, fs], node.ns("ferry-client")),
+        "t-envoy-mesh": (f"http://{node.ip('envoy-server')}/", node.ip("envoy-server"), [eb, es],
+                         node.ns("envoy-bare-client")),
+        "t-envoy-sc-mesh": (f"http://{node.ip('envoy-server')}/", node.ip("envoy-server"), [ec, es],
+                            node.ns("envoy-client")),
+    }
+    return node, targets
+
+
+# ---- Instructions, allocations and syscalls per request (repeatable whatever else the machine does) ----
+
+ALLOC_FUNCTIONS = {"malloc", "calloc", "realloc", "posix_memalign", "aligned_alloc", "memalign"}
+
+
+def callgrind_totals(path):
+    """(instructions, allocation calls) of a callgrind output file: the `totals:`/`summary:` Ir, and the calls into
+    the C allocator (`calls=` lines under a `cfn=` naming one of ALLOC_FUNCTIONS)."""
+    names, current, ir, allocs = {}, None, 0, 0
+    with open(path) as f:
+        for line in f:
+            if line.startswith(("totals:", "summary:")):
+                ir = int(line.split()[1])
+            elif line.startswith("cfn="):
+                ref = line[4:].strip()
+                if ref.startswith("("):
+                    key, _, name = ref.partition(")")
+                    name = name.strip()
+                    if name:
+                        names[key] = name
+                    current = names.get(key)
+                else:
+                    current = ref
+            elif line.startswith("calls=") and current in ALLOC_FUNCTIONS:
+                allocs += int(line[6:].split()[0])
+    return ir, allocs
+
+
+def oha_count(url, host, count, cpu, ns=None):
+    cmd = ["oha", "--no-tui", *oha_json_flag(), "-n", str(count), "-c", "4", "-H", f"Host: {host}", url]
+    if ns:
+        cmd = ["ip", "netns", "exec", ns] + cmd
+    out = subprocess.run(pinned(cmd, cpu), capture_output=True, text=True, timeout=600)
+    data = json.loads(out.stdout)
+    return int(data.get("statusCodeDistribution", {}).get("200", 0))
+
+
+def per_request(args, work, label, start, url, host, requests, load_cpu, proxy_cpu):
+    """Instructions and allocations per request (callgrind, counting only while `requests` requests run after a
+    warm-up) and syscalls per request (strace -c on a native run) of the proxies `start` launches.
+    `start(wrapper) -> [Proc]` starts the proxies of a path, each command prefixed with `wrapper`."""
+    outs = f"{work}/callgrind-{label}"
+    os.makedirs(outs, exist_ok=True)
+    grind = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={outs}/out.%p"]
+    procs = start(grind)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                wait_http(url, {"Host": host}, timeout=5)
+                break
+            except RuntimeError:
+                if time.time() > deadline:
+                    raise
+        oha_count(url, host, 200, load_cpu)
+        for p in procs:
+            subprocess.run(["callgrind_control", "-i", "on", str(p.pid)], capture_output=True, check=True)
+        ok = oha_count(url, host, requests, load_cpu)
+        for p in procs:
+            subprocess.run(["callgrind_control", "-i", "off", str(p.pid)], capture_output=True, check=True)
+    finally:
+        for p in procs:
+            p.stop()
+    ir = allocs = 0
+    for p in procs:
+        i, a = callgrind_totals(f"{outs}/out.{p.pid}")
+        ir, allocs = ir + i, allocs + a
+    # Syscalls: a native run, strace attached to every thread of each proxy for `requests` requests.
+    procs = start([])
+    syscalls = 0
+    try:
+        wait_http(url, {"Host": host}, timeout=30)
+        oha_count(url, host, 200, load_cpu)
+        tracers = []
+        for p in procs:
+            tids = [a for t in os.listdir(f"/proc/{p.pid}/task") for a in ("-p", t)]
+            tracers.append(subprocess.Popen(["strace", "-c", "-f", *tids], stderr=subprocess.PIPE, text=True))
+        time.sleep(1)
+        oha_count(url, host, requests, load_cpu)
+        for t in tracers:
+            t.send_signal(2)
+            _, err = t.communicate(timeout=30)
+            total = [line for line in err.splitlines() if line.strip().endswith("total")]
+            if total:
+                syscalls += int(total[-1].split()[3])
+    finally:
+        for p in procs:
+            p.stop()
+    return {"requests": ok, "instructions": ir / max(ok, 1), "allocations": allocs / max(ok, 1),
+            "syscalls": syscalls / max(requests, 1)}
+
+
+# (report label, a, b): latency added by a vs by b, and their CPU per request. Envoy appears twice per path: as a mesh
+# sidecar is configured ("-sc": route timeout and retries, like Ferry's TrafficPolicy) and bare; the goals are read
+# against the better of the two.
+PAIRS = [("hop", "ferry", "envoy"), ("hop", "ferry", "envoy-sc"),
+         ("mesh", "ferry-mesh", "envoy-mesh"), ("mesh", "ferry-mesh", "envoy-sc-mesh"),
+         ("t-hop", "t-ferry", "t-envoy"), ("t-hop", "t-ferry", "t-envoy-sc"),
+         ("t-mesh", "t-ferry-mesh", "t-envoy-mesh"), ("t-mesh", "t-ferry-mesh", "t-envoy-sc-mesh"),
+         ("policies", "ferry-policies", "ferry-mesh"), ("tracing", "ferry-traced", "ferry")]
+
+
+def baseline(target):
+    """The direct target a proxied target's added latency is measured against."""
+    return "t-direct" if target.startswith("t-") else "direct"
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ferry", required=True)
@@ -356,29 +776,41 @@ def main():
     ap.add_argument("--control", required=True, help="ferry-control binary (the mesh path gets identities from it)")
     ap.add_argument("--ctl", required=True, help="ferryctl binary")
     ap.add_argument("--otlp-sink", required=True, help="the otlp_sink example (receives the traced target's spans)")
-    ap.add_argument("--runs", type=int, default=int(os.environ.get("BENCH_RUNS", 5)))
-    ap.add_argument("--seconds", type=int, default=int(os.environ.get("BENCH_SECONDS", 30)))
+    ap.add_argument("--runs", type=int, default=int(os.environ.get("BENCH_RUNS", 3)))
+    ap.add_argument("--seconds", type=int, default=int(os.environ.get("BENCH_SECONDS", 20)))
     ap.add_argument("--rates", default=os.environ.get("BENCH_RATES", "1000 4000"))
     ap.add_argument("--conns", type=int, default=int(os.environ.get("BENCH_CONNS", 32)))
     ap.add_argument("--cpu-seconds", type=int, default=int(os.environ.get("BENCH_CPU_SECONDS", 10)))
+    ap.add_argument("--targets", default=os.environ.get("BENCH_TARGETS", ""),
+                    help="only these targets (space-separated; default all)")
+    ap.add_argument("--requests", type=int, default=int(os.environ.get("BENCH_REQUESTS", 2000)),
+                    help="requests counted per callgrind / strace measurement")
+    ap.add_argument("--no-instructions", action="store_true", help="skip callgrind, allocations and syscalls")
+    ap.add_argument("--ab", nargs=2, metavar=("OLD", "NEW"), help="compare two ferry builds (A/B mode)")
+    ap.add_argument("--ab-reps", type=int, default=int(os.environ.get("BENCH_AB_REPS", 3)),
+                    help="A/B mode: callgrind repetitions per build")
     ap.add_argument("--out", default="target/bench/dataplane.json")
     args = ap.parse_args()
+    if args.ab:
+        return ab_main(args)
     rates = [int(r) for r in args.rates.split()]
     two_cpus = (os.cpu_count() or 1) >= 2 and os.environ.get("BENCH_PIN", "1") != "0"
     proxy_cpu, load_cpu = (1, 0) if two_cpus else (None, None)
 
     work = tempfile.mkdtemp(prefix="ferry-bench-")
-    backend, ferry_port, envoy_port = free_port(), free_port(), free_port()
+    backend, ferry_port, envoy_port, envoy_sc_port = free_port(), free_port(), free_port(), free_port()
     with open(f"{work}/nginx.conf", "w") as f:
-        f.write(NGINX_CONF.format(dir=work, port=backend))
-    with open(f"{work}/envoy.yaml", "w") as f:
-        f.write(ENVOY_CONF.format(admin=free_port(), port=envoy_port, backend=backend))
+        f.write(NGINX_CONF.format(dir=work, port=backend, listen="127.0.0.1"))
+    for name, port, route in [("envoy", envoy_port, ""), ("envoy-sc", envoy_sc_port, ENVOY_SIDECAR_ROUTE)]:
+        with open(f"{work}/{name}.yaml", "w") as f:
+            f.write(ENVOY_CONF.format(admin=free_port(), port=port, backend=backend, route=route))
     with open(f"{work}/ferry.yaml", "w") as f:
         f.write(FERRY_CONF.format(backend=backend))
     nginx_bin = shutil.which("nginx") or "/usr/sbin/nginx"
     envoy_version = subprocess.run([args.envoy, "--version"], capture_output=True, text=True).stdout.strip()
 
     procs = []
+    node = None
     try:
         nginx = Proc("nginx", [nginx_bin, "-c", f"{work}/nginx.conf", "-p", work], f"{work}/nginx.log", cpu=load_cpu)
         procs.append(nginx)
@@ -404,32 +836,39 @@ def main():
                           FERRY_OTLP_ENDPOINT=f"http://127.0.0.1:{sink_port}")
         traced = Proc("ferry-traced", [args.ferry], f"{work}/ferry-traced.log", env=traced_env, cpu=proxy_cpu)
         procs += [sink, traced]
-        envoy = Proc("envoy", [args.envoy, "-c", f"{work}/envoy.yaml", "--concurrency", "1", "--log-level", "warn",
-                               "--disable-hot-restart"], f"{work}/envoy.log", cpu=proxy_cpu)
-        procs += [ferry, envoy]
+        envoys = {name: Proc(name, [args.envoy, "-c", f"{work}/{name}.yaml", "--concurrency", "1", "--log-level",
+                                    "warn", "--disable-hot-restart", "--base-id", str(i + 1)],
+                             f"{work}/{name}.log", cpu=proxy_cpu) for i, name in enumerate(["envoy", "envoy-sc"])}
+        procs += [ferry, *envoys.values()]
         mesh = start_mesh(args, work, backend, proxy_cpu, load_cpu, procs)
+        node, transparent = start_transparent(args, work, proxy_cpu, load_cpu, procs)
         targets = {
-            "direct": (f"http://127.0.0.1:{backend}/", "backend", None),
-            "ferry": (f"http://127.0.0.1:{ferry_port}/", "backend", [ferry]),
-            "envoy": (f"http://127.0.0.1:{envoy_port}/", "backend", [envoy]),
-            "ferry-mesh": (mesh["ferry"][0], "backend.mesh", mesh["ferry"][1]),
-            "envoy-mesh": (mesh["envoy"][0], "backend.mesh", mesh["envoy"][1]),
-            "ferry-policies": (mesh["policies"][0], "guarded.mesh", mesh["policies"][1]),
-            "ferry-traced": (f"http://127.0.0.1:{traced_port}/", "backend", [traced]),
+            "direct": (f"http://127.0.0.1:{backend}/", "backend", [], None),
+            "ferry": (f"http://127.0.0.1:{ferry_port}/", "backend", [ferry], None),
+            "envoy": (f"http://127.0.0.1:{envoy_port}/", "backend", [envoys["envoy"]], None),
+            "envoy-sc": (f"http://127.0.0.1:{envoy_sc_port}/", "backend", [envoys["envoy-sc"]], None),
+            "ferry-mesh": (mesh["ferry"][0], "backend.mesh", mesh["ferry"][1], None),
+            "envoy-mesh": (mesh["envoy"][0], "backend.mesh", mesh["envoy"][1], None),
+            "envoy-sc-mesh": (mesh["envoy-sc"][0], "backend.mesh", mesh["envoy-sc"][1], None),
+            "ferry-policies": (mesh["policies"][0], "guarded.mesh", mesh["policies"][1], None),
+            "ferry-traced": (f"http://127.0.0.1:{traced_port}/", "backend", [traced], None),
+            **transparent,
         }
-        # (report label, a, b): latency added by a vs by b, and their CPU per request.
-        pairs = [("hop", "ferry", "envoy"), ("mesh", "ferry-mesh", "envoy-mesh"),
-                 ("policies", "ferry-policies", "ferry-mesh"), ("tracing", "ferry-traced", "ferry")]
+        if args.targets:
+            wanted = set(args.targets.split())
+            wanted |= {baseline(t) for t in wanted}
+            targets = {k: v for k, v in targets.items() if k in wanted}
+        pairs = [p for p in PAIRS if p[1] in targets and p[2] in targets]
         proxies = list(dict.fromkeys(t for _, a, b in pairs for t in (a, b)))
-        for name, (url, host, _) in targets.items():
-            wait_http(url, {"Host": host})
+        for name, (url, host, _, ns) in targets.items():
+            wait_target(url, host, ns)
         time.sleep(1)
         rss_idle = {t: rss_of(targets[t][2]) for t in proxies}
         print(f"idle RSS: {rss_idle}", flush=True)
 
         # Warm-up (connection pools, allocator), not recorded.
-        for name, (url, host, _) in targets.items():
-            run_oha(url, host, args, 3, 1000, args.conns, load_cpu)
+        for name, (url, host, _, ns) in targets.items():
+            run_oha(url, host, args, 3, 1000, args.conns, load_cpu, ns)
 
         latency = {rate: {t: [] for t in targets} for rate in rates}
         order = list(targets)
@@ -437,10 +876,10 @@ def main():
             for rate in rates:
                 rotated = order[run % len(order):] + order[:run % len(order)]
                 for name in rotated:
-                    url, host, _ = targets[name]
-                    r = run_oha(url, host, args, args.seconds, rate, args.conns, load_cpu)
+                    url, host, _, ns = targets[name]
+                    r = run_oha(url, host, args, args.seconds, rate, args.conns, load_cpu, ns)
                     latency[rate][name].append(r)
-                    print(f"run {run + 1}/{args.runs} {rate:>5} req/s {name:<6} p50 {r['p50_ms']:.3f} ms  "
+                    print(f"run {run + 1}/{args.runs} {rate:>5} req/s {name:<16} p50 {r['p50_ms']:.3f} ms  "
                           f"p99 {r['p99_ms']:.3f} ms  p99.9 {r['p99.9_ms']:.3f} ms  ok {r['ok']} failed {r['failed']}",
                           flush=True)
         rss_after = {t: rss_of(targets[t][2]) for t in proxies}
@@ -448,31 +887,41 @@ def main():
         # Closed loop: requests per proxy CPU-second (the mesh path: both proxies' CPU together).
         efficiency = {t: [] for t in proxies}
         for run in range(args.runs):
-            for _, *pair in pairs:
-                for name in (pair if run % 2 == 0 else pair[::-1]):
-                    url, host, procs_of = targets[name]
-                    before = sum(cpu_seconds(p.pid) for p in procs_of)
-                    r = run_oha(url, host, args, args.cpu_seconds, None, args.conns, load_cpu)
-                    used = sum(cpu_seconds(p.pid) for p in procs_of) - before
-                    efficiency[name].append(r["ok"] / used if used > 0 else 0.0)
-                    print(f"closed loop {name:<10} {r['rps']:.0f} req/s, {used:.2f} CPU-s, "
-                          f"{efficiency[name][-1]:.0f} req per CPU-s", flush=True)
+            for name in (proxies if run % 2 == 0 else proxies[::-1]):
+                url, host, procs_of, ns = targets[name]
+                before = sum(cpu_seconds(p.pid) for p in procs_of)
+                r = run_oha(url, host, args, args.cpu_seconds, None, args.conns, load_cpu, ns)
+                used = sum(cpu_seconds(p.pid) for p in procs_of) - before
+                efficiency[name].append(r["ok"] / used if used > 0 else 0.0)
+                print(f"closed loop {name:<16} {r['rps']:.0f} req/s, {used:.2f} CPU-s, "
+                      f"{efficiency[name][-1]:.0f} req per CPU-s", flush=True)
         rss_end = {t: rss_of(targets[t][2]) for t in proxies}
+        instructions = {}
+        if not args.no_instructions:
+            hop = ferry_hop(args.ferry, backend, work, proxy_cpu, "cg-hop")
+            pair = ferry_pair(args.ferry, mesh["control"], "cg-backend", backend, work, proxy_cpu)
+            for label, (url, host, start) in [("hop", hop), ("mesh", pair)]:
+                instructions[label] = per_request(args, work, label, start, url, host, args.requests, load_cpu,
+                                                  proxy_cpu)
+                print(f"per request, {label}: {instructions[label]}", flush=True)
     finally:
         for p in reversed(procs):
             p.stop()
+        if node:
+            node.close()
 
-    # Per run: added latency (proxied - direct) and the ferry/envoy ratio of added latency.
     report = {"rates": {}, "machine": {
         "cpus": os.cpu_count(), "kernel": platform.release(), "cpu": cpu_model(), "pinning": two_cpus,
-    }, "envoy_version": envoy_version, "runs": args.runs, "seconds": args.seconds, "conns": args.conns}
+    }, "envoy_version": envoy_version, "runs": args.runs, "seconds": args.seconds, "conns": args.conns,
+        "commit": git_commit(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "command": " ".join(sys.argv)}
     failures = 0
     for rate in rates:
         entry = {}
         for label, a, b in pairs:
             path = {"a": a, "b": b}
             for q in ["p50_ms", "p90_ms", "p99_ms", "p99.9_ms"]:
-                direct = [r[q] for r in latency[rate]["direct"]]
+                direct = [r[q] for r in latency[rate][baseline(a)]]
                 a_add = [r[q] - d for r, d in zip(latency[rate][a], direct)]
                 b_add = [r[q] - d for r, d in zip(latency[rate][b], direct)]
                 ratios = [x / y if y > 0 else float("inf") for x, y in zip(a_add, b_add)]
@@ -484,7 +933,7 @@ def main():
                     "b_added": spread(b_add),
                     "ratio_added": spread(ratios),
                 }
-            entry[label] = path
+            entry[f"{a}/{b}"] = path
         for t in targets:
             failures += sum(r["failed"] for r in latency[rate][t])
         entry["achieved_rps"] = {t: spread([r["rps"] for r in latency[rate][t]]) for t in targets}
@@ -496,6 +945,7 @@ def main():
     report["rss"] = {"idle": rss_idle, "after_latency_runs": rss_after, "after_closed_loop": rss_end,
                      "ratio_after_latency_runs": {
                          f"{a}/{b}": rss_after[a]["rss_kib"] / rss_after[b]["rss_kib"] for _, a, b in pairs}}
+    report["per_request"] = instructions
     report["failed_requests"] = failures
     report["error_kinds"] = sorted({k for rate in rates for t in targets for r in latency[rate][t] for k in r["errors"]})
     report["raw"] = {str(rate): latency[rate] for rate in rates}
@@ -503,10 +953,140 @@ def main():
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)
-    print_table(report, rates, pairs)
+    text = print_table(report, rates, pairs)
+    print(text)
     print(f"\nwrote {args.out}; logs in {work}")
     if failures:
         print(f"WARNING: {failures} requests failed", file=sys.stderr)
+    if not args.targets:
+        append_run_log(report, text)
+
+
+def ab_main(args):
+    """Two Ferry builds in one run: one explicit hop and a mesh pair each, in front of the same nginx, through the
+    same control plane; latency runs interleaved (rotated order), closed-loop efficiency alternating, then callgrind
+    and strace per request, alternating builds. Ratios are new/old per run, with their spread."""
+    old, new = args.ab
+    rates = [int(r) for r in args.rates.split()]
+    two_cpus = (os.cpu_count() or 1) >= 2 and os.environ.get("BENCH_PIN", "1") != "0"
+    proxy_cpu, load_cpu = (1, 0) if two_cpus else (None, None)
+    work = tempfile.mkdtemp(prefix="ferry-ab-")
+    backend = free_port()
+    with open(f"{work}/nginx.conf", "w") as f:
+        f.write(NGINX_CONF.format(dir=work, port=backend, listen="127.0.0.1"))
+    with open(f"{work}/ferry.yaml", "w") as f:
+        f.write(FERRY_CONF.format(backend=backend))
+    procs = []
+    try:
+        nginx_bin = shutil.which("nginx") or "/usr/sbin/nginx"
+        procs.append(Proc("nginx", [nginx_bin, "-c", f"{work}/nginx.conf", "-p", work], f"{work}/nginx.log",
+                          cpu=load_cpu))
+        wait_http(f"http://127.0.0.1:{backend}/")
+        control = start_control(args, work, load_cpu, procs)
+        paths = {"a": ferry_hop(old, backend, work, proxy_cpu, "a"), "b": ferry_hop(new, backend, work, proxy_cpu, "b"),
+                 "a-mesh": ferry_pair(old, control, "backend-a", backend, work, proxy_cpu),
+                 "b-mesh": ferry_pair(new, control, "backend-b", backend, work, proxy_cpu)}
+        targets = {"direct": (f"http://127.0.0.1:{backend}/", "backend", [])}
+        for name, (url, host, start) in paths.items():
+            started = start([])
+            procs += started
+            targets[name] = (url, host, started)
+        for url, host, _ in targets.values():
+            wait_http(url, {"Host": host})
+        for url, host, _ in targets.values():
+            run_oha(url, host, args, 3, 1000, args.conns, load_cpu)
+        latency = {rate: {t: [] for t in targets} for rate in rates}
+        order = list(targets)
+        for run in range(args.runs):
+            for rate in rates:
+                for name in order[run % len(order):] + order[:run % len(order)]:
+                    url, host, _ = targets[name]
+                    r = run_oha(url, host, args, args.seconds, rate, args.conns, load_cpu)
+                    latency[rate][name].append(r)
+                    print(f"run {run + 1}/{args.runs} {rate:>5} req/s {name:<7} p50 {r['p50_ms']:.3f} ms  "
+                          f"p99 {r['p99_ms']:.3f} ms  ok {r['ok']} failed {r['failed']}", flush=True)
+        efficiency = {t: [] for t in paths}
+        for run in range(args.runs):
+            for name in (list(paths) if run % 2 == 0 else list(paths)[::-1]):
+                url, host, ps = targets[name]
+                before = sum(cpu_seconds(p.pid) for p in ps)
+                r = run_oha(url, host, args, args.cpu_seconds, None, args.conns, load_cpu)
+                used = sum(cpu_seconds(p.pid) for p in ps) - before
+                efficiency[name].append(r["ok"] / used if used > 0 else 0.0)
+                print(f"closed loop {name:<7} {efficiency[name][-1]:.0f} req per CPU-s", flush=True)
+        for p in [p for t in paths for p in targets[t][2]]:
+            p.stop()
+        grind = {t: [] for t in paths}
+        for rep in range(args.ab_reps):
+            for name in (list(paths) if rep % 2 == 0 else list(paths)[::-1]):
+                url, host, start = paths[name]
+                grind[name].append(per_request(args, work, f"{name}-{rep}", start, url, host, args.requests,
+                                               load_cpu, proxy_cpu))
+                print(f"per request {name}: {grind[name][-1]}", flush=True)
+    finally:
+        for p in reversed(procs):
+            p.stop()
+    lines = [f"A/B: a = {old}, b = {new}; ratio b/a (median [min..max] over runs)"]
+    fmt = lambda v: f"{statistics.median(v):.3f} [{min(v):.3f}..{max(v):.3f}]"
+    report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": git_commit(),
+              "command": " ".join(sys.argv), "runs": args.runs, "seconds": args.seconds, "conns": args.conns,
+              "latency": {}, "efficiency": efficiency, "per_request": grind}
+    for path, (a, b) in {"hop": ("a", "b"), "mesh": ("a-mesh", "b-mesh")}.items():
+        for rate in rates:
+            for q in ["p50_ms", "p99_ms"]:
+                d = [r[q] for r in latency[rate]["direct"]]
+                ra = [x[q] - y for x, y in zip(latency[rate][a], d)]
+                rb = [x[q] - y for x, y in zip(latency[rate][b], d)]
+                ratio = [y / x if x > 0 else float("inf") for x, y in zip(ra, rb)]
+                report["latency"][f"{path} {rate} {q}"] = {"a_added": ra, "b_added": rb, "ratio": ratio}
+                lines.append(f"{path:<5} added {q[:-3]} @{rate}/s: a {fmt(ra)} ms, b {fmt(rb)} ms, ratio {fmt(ratio)}")
+        ea, eb = efficiency[a], efficiency[b]
+        lines.append(f"{path:<5} requests per CPU-second: a {statistics.median(ea):.0f}, b {statistics.median(eb):.0f}, "
+                     f"ratio {fmt([y / x for x, y in zip(ea, eb)])}")
+        for key in ["instructions", "allocations", "syscalls"]:
+            va, vb = [m[key] for m in grind[a]], [m[key] for m in grind[b]]
+            lines.append(f"{path:<5} {key} per request: a {fmt(va)}, b {fmt(vb)}, ratio of medians "
+                         f"{statistics.median(vb) / statistics.median(va):.4f}, per rep {fmt([y / x for x, y in zip(va, vb)])}")
+    text = "\n".join(lines)
+    print(text)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out.replace(".json", "-ab.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    readme = os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")
+    with open(readme, "a") as f:
+        f.write(f"\n### {report['date']}, commit {report['commit']} (A/B)\n\n`{report['command']}` "
+                f"({args.runs} runs x {args.seconds} s, {args.ab_reps} callgrind reps of {args.requests} requests)"
+                f"\n\n```\n{text}\n```\n")
+    print(f"logs in {work}")
+
+
+def wait_target(url, host, ns):
+    if ns is None:
+        return wait_http(url, {"Host": host})
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        out = subprocess.run(["ip", "netns", "exec", ns, "curl", "-sf", "-o", "/dev/null", "-m", "1", "-H",
+                              f"Host: {host}", url], capture_output=True)
+        if out.returncode == 0:
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} not answering from {ns}")
+
+
+def git_commit():
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def append_run_log(report, text):
+    """Every full run goes into benches/README.md's run log: date, commit, command and the table."""
+    readme = os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")
+    with open(readme, "a") as f:
+        f.write(f"\n### {report['date']}, commit {report['commit']}\n\n`{report['command']}` "
+                f"({report['runs']} runs x {report['seconds']} s, {report['conns']} connections; "
+                f"{report['envoy_version'].split('/')[1] if '/' in report['envoy_version'] else report['envoy_version']})"
+                f"\n\n```\n{text.strip()}\n```\n")
 
 
 def rss_of(procs):
@@ -518,10 +1098,8 @@ def rss_of(procs):
     return total
 
 
-def start_mesh(args, work, backend, proxy_cpu, load_cpu, procs):
-    """The mesh path's two pairs. Ferry: ferry-control (identities, the Service) and two proxies, each with a
-    certificate from the CSR service; the server-side proxy registers as the endpoint of Service backend. Envoy: two
-    Envoys with static certificates. Returns {name: (url, [proxy processes])}."""
+def start_control(args, work, load_cpu, procs):
+    """ferry-control on loopback: (ctl(*args, stdin=None) -> stdout, the proxies' base environment)."""
     cp_dir = f"{work}/control"
     api, xds = free_port(), free_port()
     control = Proc("ferry-control", [args.control, "serve", "--state-dir", cp_dir, "--api-addr", f"127.0.0.1:{api}",
@@ -537,9 +1115,60 @@ def start_mesh(args, work, backend, proxy_cpu, load_cpu, procs):
                    FERRY_TOKEN=open(f"{cp_dir}/admin.token").read().strip())
     ctl = lambda *a, stdin=None: subprocess.run([args.ctl, *a], env=ctl_env, input=stdin, capture_output=True,
                                                 text=True, check=True).stdout.strip()
-    ctl("apply", "-f", "-", stdin=MESH_SERVICE + "---\n" + MESH_POLICIES)
     base = {"FERRY_CONTROL_ADDR": f"127.0.0.1:{xds}", "FERRY_CA_ROOT": f"{cp_dir}/ca.crt", "FERRY_WORKERS": "1",
             "FERRY_ACCESS_LOG": "off", "FERRY_LOG_LEVEL": "warn"}
+    return ctl, base
+
+
+def ferry_pair(ferry, control, service, backend, work, proxy_cpu):
+    """A mesh path of its own for build `ferry`: Service `service` (identity `service`, the sidecar policy) served by a
+    server-side proxy in front of nginx, called through a client-side proxy. Returns (url, host, start) where
+    start(wrapper) launches both proxies (each command prefixed with `wrapper`, e.g. valgrind) with fresh join tokens
+    and returns them, client first."""
+    ctl, base = control
+    ctl("apply", "-f", "-", stdin=f"""apiVersion: ferry.dev/v1alpha1
+kind: Service
+metadata: {{name: {service}, namespace: default}}
+spec: {{ports: [{{port: 80, protocol: http}}], addresses: [{service}.mesh], identities: [{service}]}}
+---
+""" + FERRY_POLICY.format(name=service))
+    client_out = free_port()
+    ports = {side: {k: f"127.0.0.1:{free_port()}" for k in ["FERRY_INBOUND_ADDR", "FERRY_OUTBOUND_ADDR",
+                                                           "FERRY_HEALTH_ADDR", "FERRY_ADMIN_ADDR"]}
+             for side in ["client", "server"]}
+    ports["client"]["FERRY_OUTBOUND_ADDR"] = f"127.0.0.1:{client_out}"
+
+    def start(wrapper):
+        token = lambda account: ctl("token", "create", "-n", "default", "--service-account", account)
+        server = dict(os.environ, **base, **ports["server"], FERRY_JOIN_TOKEN=token(service), FERRY_SERVICE=service,
+                      FERRY_APP_ADDR=f"127.0.0.1:{backend}", FERRY_NODE_ID=f"{service}-server")
+        client = dict(os.environ, **base, **ports["client"], FERRY_JOIN_TOKEN=token(f"{service}-client"),
+                      FERRY_NODE_ID=f"{service}-client")
+        tag = f"{service}-{len(wrapper) and 'grind' or 'native'}"
+        return [Proc(f"{tag}-client", wrapper + [ferry], f"{work}/{tag}-client.log", env=client, cpu=proxy_cpu),
+                Proc(f"{tag}-server", wrapper + [ferry], f"{work}/{tag}-server.log", env=server, cpu=proxy_cpu)]
+    return f"http://127.0.0.1:{client_out}/", f"{service}.mesh", start
+
+
+def ferry_hop(ferry, backend, work, proxy_cpu, tag):
+    """One explicit hop of build `ferry` to nginx (the file source, the sidecar policy): (url, host, start)."""
+    port = free_port()
+    env = dict(os.environ, FERRY_OUTBOUND_ADDR=f"127.0.0.1:{port}", FERRY_INBOUND_ADDR=f"127.0.0.1:{free_port()}",
+               FERRY_ADMIN_ADDR=f"127.0.0.1:{free_port()}", FERRY_HEALTH_ADDR=f"127.0.0.1:{free_port()}",
+               FERRY_CONFIG_FILE=f"{work}/ferry.yaml", FERRY_WORKERS="1", FERRY_ACCESS_LOG="off", FERRY_LOG_LEVEL="warn")
+
+    def start(wrapper):
+        name = f"{tag}-{len(wrapper) and 'grind' or 'native'}"
+        return [Proc(name, wrapper + [ferry], f"{work}/{name}.log", env=env, cpu=proxy_cpu)]
+    return f"http://127.0.0.1:{port}/", "backend", start
+
+
+def start_mesh(args, work, backend, proxy_cpu, load_cpu, procs):
+    """The mesh path's two pairs. Ferry: ferry-control (identities, the Service) and two proxies, each with a
+    certificate from the CSR service; the server-side proxy registers as the endpoint of Service backend. Envoy: two
+    Envoys with static certificates. Returns {name: (url, [proxy processes])}."""
+    ctl, base = start_control(args, work, load_cpu, procs)
+    ctl("apply", "-f", "-", stdin=MESH_SERVICE + "---\n" + FERRY_POLICY.format(name="backend") + "---\n" + MESH_POLICIES)
     server_in, client_out = free_port(), free_port()
     server_env = dict(os.environ, **base, FERRY_JOIN_TOKEN=ctl("token", "create", "-n", "default",
                                                                "--service-account", "backend"),
@@ -565,14 +1194,19 @@ def start_mesh(args, work, backend, proxy_cpu, load_cpu, procs):
     envoy_in, envoy_out = free_port(), free_port()
     with open(f"{work}/envoy-server.yaml", "w") as f:
         f.write(ENVOY_SERVER_CONF.format(admin=free_port(), port=envoy_in, backend=backend, dir=work))
+    envoy_sc_out = free_port()
     with open(f"{work}/envoy-client.yaml", "w") as f:
-        f.write(ENVOY_CLIENT_CONF.format(admin=free_port(), port=envoy_out, peer=envoy_in, dir=work))
+        f.write(ENVOY_CLIENT_CONF.format(admin=free_port(), port=envoy_out, peer=envoy_in, dir=work, route=""))
+    with open(f"{work}/envoy-sc-client.yaml", "w") as f:
+        f.write(ENVOY_CLIENT_CONF.format(admin=free_port(), port=envoy_sc_out, peer=envoy_in, dir=work,
+                                         route=ENVOY_SIDECAR_ROUTE))
     envoys = [Proc(f"envoy-{side}", [args.envoy, "-c", f"{work}/envoy-{side}.yaml", "--concurrency", "1",
                                      "--log-level", "warn", "--disable-hot-restart", "--base-id", str(i + 10)],
-                   f"{work}/envoy-{side}.log", cpu=proxy_cpu) for i, side in enumerate(["server", "client"])]
+                   f"{work}/envoy-{side}.log", cpu=proxy_cpu) for i, side in enumerate(["server", "client", "sc-client"])]
     procs += envoys
-    return {"ferry": (f"http://127.0.0.1:{client_out}/", [fc, fs]),
-            "envoy": (f"http://127.0.0.1:{envoy_out}/", envoys),
+    return {"control": (ctl, base), "ferry": (f"http://127.0.0.1:{client_out}/", [fc, fs]),
+            "envoy": (f"http://127.0.0.1:{envoy_out}/", envoys[:2]),
+            "envoy-sc": (f"http://127.0.0.1:{envoy_sc_out}/", [envoys[2], envoys[0]]),
             "policies": (f"http://127.0.0.1:{client_out}/", [fc, fg])}
 
 
@@ -593,27 +1227,51 @@ def cpu_model():
 
 
 def print_table(report, rates, pairs):
+    """The report as text: per pair the added latency and ratio; then efficiency, memory, and the goals read against
+    the better Envoy of each path."""
+    out = []
     fmt = lambda s: f"{s['median']:.3f} [{s['min']:.3f}..{s['max']:.3f}]"
     for path, a, b in pairs:
-        print(f"\n== {path}: added latency (proxied - direct), ms: median [min..max] over runs; "
-              f"ratio = {a}/{b} per run ==")
-        print(f"{'rate':>6} {'pct':>6} | {'direct':>18} | {a + ' added':>22} | {b + ' added':>22} | {'ratio':>20}")
+        out.append(f"\n== {path}: added latency (proxied - {baseline(a)}), ms: median [min..max] over runs; "
+                   f"ratio = {a}/{b} per run ==")
+        out.append(f"{'rate':>6} {'pct':>6} | {'direct':>18} | {a + ' added':>24} | {b + ' added':>24} | {'ratio':>20}")
         for rate in rates:
-            e = report["rates"][str(rate)][path]
-            for q in ["p50_ms", "p90_ms", "p99_ms", "p99.9_ms"]:
+            e = report["rates"][str(rate)][f"{a}/{b}"]
+            for q in ["p50_ms", "p99_ms"]:
                 row = e[q]
-                print(f"{rate:>6} {q[:-3]:>6} | {fmt(row['direct']):>18} | {fmt(row['a_added']):>22} | "
-                      f"{fmt(row['b_added']):>22} | {fmt(row['ratio_added']):>20}")
+                out.append(f"{rate:>6} {q[:-3]:>6} | {fmt(row['direct']):>18} | {fmt(row['a_added']):>24} | "
+                           f"{fmt(row['b_added']):>24} | {fmt(row['ratio_added']):>20}")
     c = report["requests_per_cpu_second"]
-    print("\nrequests per proxy CPU-second (closed loop; the mesh path counts both proxies):")
+    out.append("\nrequests per proxy CPU-second (closed loop; a pair counts both proxies):")
     for _, a, b in pairs:
-        print(f"  {a} {fmt(c[a])}, {b} {fmt(c[b])}, ratio {c[f'ratio {a}/{b}']:.2f}")
+        out.append(f"  {a} {c[a]['median']:.0f} [{c[a]['min']:.0f}..{c[a]['max']:.0f}], "
+                   f"{b} {c[b]['median']:.0f} [{c[b]['min']:.0f}..{c[b]['max']:.0f}], ratio {c[f'ratio {a}/{b}']:.2f}")
     r = report["rss"]
     mib = lambda k: f"{k / 1024:.1f} MiB"
     for when in ["idle", "after_latency_runs"]:
         row = ", ".join(f"{t} {mib(v['rss_kib'])} (anon {mib(v['anon_kib'])})" for t, v in r[when].items())
-        print(f"RSS {when}: {row}")
-    print(f"failed requests: {report['failed_requests']} {report['error_kinds']}")
+        out.append(f"RSS {when}: {row}")
+    # The goals, against the better of the two Envoy configurations of each path.
+    out.append("\ngoals, against the better Envoy (lower added p50 / more requests per CPU-second) of each path:")
+    by_label = {}
+    for label, a, b in pairs:
+        if b.startswith(("envoy", "t-envoy")):
+            by_label.setdefault((label, a), []).append(b)
+    for (label, a), envoys in by_label.items():
+        for rate in rates:
+            added = {b: report["rates"][str(rate)][f"{a}/{b}"]["p50_ms"]["b_added"]["median"] for b in envoys}
+            best = min(added, key=added.get)
+            ratio = report["rates"][str(rate)][f"{a}/{best}"]["p50_ms"]["ratio_added"]["median"]
+            out.append(f"  {label:<7} p50 added @{rate}/s: {a} / {best} = {ratio:.2f} (goal <= 0.5)")
+        best = max(envoys, key=lambda b: c[b]["median"])
+        goal = "2" if "hop" in label else "1.5"
+        out.append(f"  {label:<7} requests per CPU-second: {a} / {best} = {c[f'ratio {a}/{best}']:.2f} (goal >= {goal})")
+    for label, m in report.get("per_request", {}).items():
+        out.append(f"per request, Ferry {label} (callgrind / strace, {m['requests']} requests): "
+                   f"{m['instructions']:,.0f} instructions, {m['allocations']:.1f} allocations, "
+                   f"{m['syscalls']:.2f} syscalls")
+    out.append(f"failed requests: {report['failed_requests']} {report['error_kinds']}")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":

