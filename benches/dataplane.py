@@ -675,16 +675,18 @@ def callgrind_totals(path):
         for line in f:
             if line.startswith(("totals:", "summary:")):
                 ir = int(line.split()[1])
-            elif line.startswith("cfn="):
-                ref = line[4:].strip()
+            elif line.startswith(("fn=", "cfn=")):
+                # Compressed names: `(id) name` the first time (under fn= or cfn=), `(id)` afterwards.
+                ref = line.split("=", 1)[1].strip()
+                key, name = ref, ref
                 if ref.startswith("("):
                     key, _, name = ref.partition(")")
                     name = name.strip()
                     if name:
                         names[key] = name
-                    current = names.get(key)
-                else:
-                    current = ref
+                    name = names.get(key)
+                if line.startswith("cfn="):
+                    current = name
             elif line.startswith("calls=") and current in ALLOC_FUNCTIONS:
                 allocs += int(line[6:].split()[0])
     return ir, allocs
