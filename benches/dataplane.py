@@ -916,7 +916,7 @@ def main():
         "cpus": os.cpu_count(), "kernel": platform.release(), "cpu": cpu_model(), "pinning": two_cpus,
     }, "envoy_version": envoy_version, "runs": args.runs, "seconds": args.seconds, "conns": args.conns,
         "commit": git_commit(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "command": " ".join(sys.argv)}
+        "command": command_line()}
     failures = 0
     for rate in rates:
         entry = {}
@@ -1031,7 +1031,7 @@ def ab_main(args):
     lines = [f"A/B: a = {old}, b = {new}; ratio b/a (median [min..max] over runs)"]
     fmt = lambda v: f"{statistics.median(v):.3f} [{min(v):.3f}..{max(v):.3f}]"
     report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": git_commit(),
-              "command": " ".join(sys.argv), "runs": args.runs, "seconds": args.seconds, "conns": args.conns,
+              "command": command_line(), "runs": args.runs, "seconds": args.seconds, "conns": args.conns,
               "latency": {}, "efficiency": efficiency, "per_request": grind}
     for path, (a, b) in {"hop": ("a", "b"), "mesh": ("a-mesh", "b-mesh")}.items():
         for rate in rates:
@@ -1081,13 +1081,26 @@ def git_commit():
     return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
+def envoy_release(version):
+    """`1.40.0` out of `envoy --version`'s line."""
+    import re
+    found = re.search(r"/(\d+\.\d+\.\d+)/", version)
+    return found.group(1) if found else version
+
+
+def command_line():
+    """How the benchmark was started, with the knobs set in the environment."""
+    knobs = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("BENCH_"))
+    return (knobs + " " if knobs else "") + " ".join(sys.argv)
+
+
 def append_run_log(report, text):
     """Every full run goes into benches/README.md's run log: date, commit, command and the table."""
     readme = os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")
     with open(readme, "a") as f:
         f.write(f"\n### {report['date']}, commit {report['commit']}\n\n`{report['command']}` "
                 f"({report['runs']} runs x {report['seconds']} s, {report['conns']} connections; "
-                f"{report['envoy_version'].split('/')[1] if '/' in report['envoy_version'] else report['envoy_version']})"
+                f"Envoy {envoy_release(report['envoy_version'])})"
                 f"\n\n```\n{text.strip()}\n```\n")
 
 
