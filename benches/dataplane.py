@@ -91,147 +91,103 @@ http {{
 }}
 """
 
-ENVOY_CONF = """
-admin:
-  address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}
-static_resources:
-  listeners:
-  - name: bench
-    address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: bench
-          codec_type: AUTO
-          route_config:
-            virtual_hosts:
-            - name: all
-              domains: ["*"]
-              routes: [{{match: {{prefix: "/"}}, route: {{cluster: backend{route}}}}}]
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
-  clusters:
-  - name: backend
-    type: STATIC
-    connect_timeout: 1s
-    load_assignment:
-      cluster_name: backend
-      endpoints:
-      - lb_endpoints:
-        - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {backend}}}}}}}
-"""
-
+# Envoy's configurations, built as data (Envoy reads JSON as YAML): the pieces every target shares.
+ROUTER = {"name": "envoy.filters.http.router",
+          "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
+TLS13 = {"tls_minimum_protocol_version": "TLSv1_3", "tls_maximum_protocol_version": "TLSv1_3"}
+ORIGINAL_DST = {"name": "envoy.filters.listener.original_dst", "typed_config": {
+    "@type": "type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst"}}
 # What a mesh sidecar's outbound route carries (Istio's defaults: a 15 s route timeout is Envoy's own default too, two
-# retries); the same as Ferry's TrafficPolicy below. "Today's" Envoy targets leave the route bare.
-ENVOY_SIDECAR_ROUTE = ", timeout: 15s, retry_policy: {retry_on: 5xx, num_retries: 2}"
+# retries); the same as Ferry's TrafficPolicy below. "Today's" (bare) Envoy targets leave the route without them.
+SIDECAR_ROUTE = {"timeout": "15s", "retry_policy": {"retry_on": "5xx", "num_retries": 2}}
+
+
+def hcm(prefix, cluster, route=None, client_cert=False):
+    """An HTTP connection manager sending everything to `cluster` (route fields added from `route`); with
+    `client_cert`, the peer's URI SAN passed on in `x-forwarded-client-cert` (the mesh's inbound side)."""
+    config = {"@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
+                       "HttpConnectionManager",
+              "stat_prefix": prefix, "codec_type": "AUTO", "http_filters": [ROUTER],
+              "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [
+                  {"match": {"prefix": "/"}, "route": {"cluster": cluster, **(route or {})}}]}]}}
+    if client_cert:
+        config.update(forward_client_cert_details="SANITIZE_SET", set_current_client_cert_details={"uri": True})
+    return {"name": "envoy.filters.network.http_connection_manager", "typed_config": config}
+
+
+def tls_context(work, side, san):
+    """TLS 1.3 with a certificate of the bench CA (`side`: client or server); the peer's URI SAN matched by `san`."""
+    return {"tls_params": TLS13, "alpn_protocols": ["h2"],
+            "tls_certificates": [{"certificate_chain": {"filename": f"{work}/{side}.crt"},
+                                  "private_key": {"filename": f"{work}/{side}.key"}}],
+            "validation_context": {"trusted_ca": {"filename": f"{work}/ca.crt"},
+                                   "match_typed_subject_alt_names": [{"san_type": "URI", "matcher": san}]}}
+
+
+def downstream_tls(work):
+    """The mesh's inbound side: a client certificate of the bench CA with a SPIFFE ID required."""
+    return {"name": "envoy.transport_sockets.tls", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+        "require_client_certificate": True,
+        "common_tls_context": tls_context(work, "server", {"prefix": "spiffe://cluster.local/"})}}
+
+
+def cluster(name, address, port, mesh_tls=None, bind=None):
+    """A static cluster of one endpoint; `mesh_tls` (work, sni): HTTP/2 over mTLS to the server's SPIFFE ID;
+    `bind`: the source address of upstream connections."""
+    c = {"name": name, "type": "STATIC", "connect_timeout": "1s", "load_assignment": {
+        "cluster_name": name, "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": {"socket_address": {"address": address, "port_value": port}}}}]}]}}
+    if mesh_tls:
+        work, sni = mesh_tls
+        c["typed_extension_protocol_options"] = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http2_protocol_options": {}}}}
+        c["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext", "sni": sni,
+            "common_tls_context": tls_context(work, "client", {"exact": "spiffe://cluster.local/ns/default/sa/backend"})}}
+    if bind:
+        c["upstream_bind_config"] = {"source_address": {"address": bind, "port_value": 0}}
+    return c
+
+
+def listener(name, address, port, chains, original_dst=False):
+    out = {"name": name, "address": {"socket_address": {"address": address, "port_value": port}},
+           "filter_chains": chains}
+    if original_dst:
+        out["listener_filters"] = [ORIGINAL_DST]
+    return out
+
+
+def envoy_conf(admin, listeners, clusters):
+    return json.dumps({"admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
+                       "static_resources": {"listeners": listeners, "clusters": clusters}}, indent=1)
+
+
+def envoy_hop(admin, port, backend, route):
+    """One explicit hop to nginx on loopback."""
+    return envoy_conf(admin, [listener("bench", "127.0.0.1", port, [{"filters": [hcm("bench", "backend", route)]}])],
+                      [cluster("backend", "127.0.0.1", backend)])
+
+
+def envoy_mesh_client(admin, port, peer, work, route):
+    """The mesh pair's client side on loopback: mTLS (TLS 1.3, h2, the server's SPIFFE ID checked) to `peer`."""
+    return envoy_conf(admin, [listener("outbound", "127.0.0.1", port, [{"filters": [hcm("outbound", "mesh", route)]}])],
+                      [cluster("mesh", "127.0.0.1", peer, mesh_tls=(work, "80.backend.default.mesh"))])
+
+
+def envoy_mesh_server(admin, port, backend, work):
+    """The mesh pair's server side on loopback: a client certificate required, HTTP/1.1 to nginx."""
+    chain = {"transport_socket": downstream_tls(work), "filters": [hcm("inbound", "backend", client_cert=True)]}
+    return envoy_conf(admin, [listener("inbound", "127.0.0.1", port, [chain])], [cluster("backend", "127.0.0.1", backend)])
+
+
 FERRY_POLICY = """apiVersion: ferry.dev/v1alpha1
 kind: TrafficPolicy
 metadata: {{name: {name}, namespace: default}}
 spec: {{targetRef: {{kind: Service, name: {name}}}, timeout: 15s, retries: {{attempts: 2, on: [5xx]}}}}
 """
 
-# The Envoy pair of the mesh path: the client side originates mTLS (TLS 1.3, client certificate, the server's SPIFFE
-# ID checked), HTTP/2 upstream; the server side requires a client certificate from the mesh CA.
-ENVOY_CLIENT_CONF = """
-admin:
-  address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}
-static_resources:
-  listeners:
-  - name: outbound
-    address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: outbound
-          codec_type: AUTO
-          route_config:
-            virtual_hosts:
-            - name: all
-              domains: ["*"]
-              routes: [{{match: {{prefix: "/"}}, route: {{cluster: mesh{route}}}}}]
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
-  clusters:
-  - name: mesh
-    type: STATIC
-    connect_timeout: 1s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {{http2_protocol_options: {{}}}}
-    transport_socket:
-      name: envoy.transport_sockets.tls
-      typed_config:
-        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
-        sni: 80.backend.default.mesh
-        common_tls_context:
-          tls_params: {{tls_minimum_protocol_version: TLSv1_3, tls_maximum_protocol_version: TLSv1_3}}
-          alpn_protocols: ["h2"]
-          tls_certificates: [{{certificate_chain: {{filename: "{dir}/client.crt"}}, private_key: {{filename: "{dir}/client.key"}}}}]
-          validation_context:
-            trusted_ca: {{filename: "{dir}/ca.crt"}}
-            match_typed_subject_alt_names:
-            - {{san_type: URI, matcher: {{exact: "spiffe://cluster.local/ns/default/sa/backend"}}}}
-    load_assignment:
-      cluster_name: mesh
-      endpoints:
-      - lb_endpoints:
-        - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {peer}}}}}}}
-"""
-
-ENVOY_SERVER_CONF = """
-admin:
-  address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}
-static_resources:
-  listeners:
-  - name: inbound
-    address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
-    filter_chains:
-    - transport_socket:
-        name: envoy.transport_sockets.tls
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
-          require_client_certificate: true
-          common_tls_context:
-            tls_params: {{tls_minimum_protocol_version: TLSv1_3, tls_maximum_protocol_version: TLSv1_3}}
-            alpn_protocols: ["h2"]
-            tls_certificates: [{{certificate_chain: {{filename: "{dir}/server.crt"}}, private_key: {{filename: "{dir}/server.key"}}}}]
-            validation_context:
-              trusted_ca: {{filename: "{dir}/ca.crt"}}
-              match_typed_subject_alt_names:
-              - {{san_type: URI, matcher: {{prefix: "spiffe://cluster.local/"}}}}
-      filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: inbound
-          codec_type: AUTO
-          forward_client_cert_details: SANITIZE_SET
-          set_current_client_cert_details: {{uri: true}}
-          route_config:
-            virtual_hosts:
-            - name: all
-              domains: ["*"]
-              routes: [{{match: {{prefix: "/"}}, route: {{cluster: backend}}}}]
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
-  clusters:
-  - name: backend
-    type: STATIC
-    connect_timeout: 1s
-    load_assignment:
-      cluster_name: backend
-      endpoints:
-      - lb_endpoints:
-        - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {backend}}}}}}}
-"""
 
 MESH_SERVICE = """apiVersion: ferry.dev/v1alpha1
 kind: Service
@@ -368,133 +324,25 @@ NODE_NET = "198.18.77"
 PODS = {"load-direct": 2, "plain-server": 3, "ferry-client": 4, "ferry-server": 5, "envoy-client": 6,
         "envoy-bare-client": 7, "envoy-server": 8}
 
-# Envoy as a sidecar in transparent mode: the outbound listener on 15001 reads the original destination (as
-# Istio's virtualOutbound does) and picks the chain by destination IP; the plain server is reached over HTTP/1.1, the
-# Envoy-fronted server over mTLS (TLS 1.3, h2, SPIFFE SAN checked). Same rules as Ferry's (`ferry init`).
-ENVOY_T_CLIENT_CONF = """
-admin:
-  address: {{socket_address: {{address: 127.0.0.1, port_value: 15000}}}}
-static_resources:
-  listeners:
-  - name: virtualOutbound
-    address: {{socket_address: {{address: 0.0.0.0, port_value: 15001}}}}
-    listener_filters:
-    - name: envoy.filters.listener.original_dst
-      typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst}}
-    filter_chains:
-    - filter_chain_match: {{prefix_ranges: [{{address_prefix: "{plain}", prefix_len: 32}}]}}
-      filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: outbound_plain
-          codec_type: AUTO
-          route_config:
-            virtual_hosts:
-            - name: all
-              domains: ["*"]
-              routes: [{{match: {{prefix: "/"}}, route: {{cluster: plain{route}}}}}]
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
-    - filter_chain_match: {{prefix_ranges: [{{address_prefix: "{server}", prefix_len: 32}}]}}
-      filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: outbound_mesh
-          codec_type: AUTO
-          route_config:
-            virtual_hosts:
-            - name: all
-              domains: ["*"]
-              routes: [{{match: {{prefix: "/"}}, route: {{cluster: mesh{route}}}}}]
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
-  clusters:
-  - name: plain
-    type: STATIC
-    connect_timeout: 1s
-    load_assignment:
-      cluster_name: plain
-      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: "{plain}", port_value: 80}}}}}}}}]}}]
-  - name: mesh
-    type: STATIC
-    connect_timeout: 1s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {{http2_protocol_options: {{}}}}
-    transport_socket:
-      name: envoy.transport_sockets.tls
-      typed_config:
-        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
-        sni: outbound_.80_._.backend.default.svc.cluster.local
-        common_tls_context:
-          tls_params: {{tls_minimum_protocol_version: TLSv1_3, tls_maximum_protocol_version: TLSv1_3}}
-          alpn_protocols: ["h2"]
-          tls_certificates: [{{certificate_chain: {{filename: "{dir}/client.crt"}}, private_key: {{filename: "{dir}/client.key"}}}}]
-          validation_context:
-            trusted_ca: {{filename: "{dir}/ca.crt"}}
-            match_typed_subject_alt_names:
-            - {{san_type: URI, matcher: {{exact: "spiffe://cluster.local/ns/default/sa/backend"}}}}
-    load_assignment:
-      cluster_name: mesh
-      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: "{server}", port_value: 80}}}}}}}}]}}]
-"""
+def envoy_t_client(work, plain, server, route):
+    """Envoy as a sidecar in transparent mode: the outbound listener on 15001 reads the original destination (as
+    Istio's virtualOutbound does) and picks the chain by destination IP; the plain server is reached over HTTP/1.1, the
+    Envoy-fronted server over mTLS. Same rules as Ferry's (`ferry init`)."""
+    match = lambda ip: {"prefix_ranges": [{"address_prefix": ip, "prefix_len": 32}]}
+    chains = [{"filter_chain_match": match(plain), "filters": [hcm("outbound_plain", "plain", route)]},
+              {"filter_chain_match": match(server), "filters": [hcm("outbound_mesh", "mesh", route)]}]
+    return envoy_conf(15000, [listener("virtualOutbound", "0.0.0.0", 15001, chains, original_dst=True)],
+                      [cluster("plain", plain, 80),
+                       cluster("mesh", server, 80, mesh_tls=(work, "outbound_.80_._.backend.default.svc.cluster.local"))])
 
-# The server side's inbound listener on 15006 (the redirected port 80): mTLS required, then HTTP/1.1 to the app at the
-# pod's own IP from 127.0.0.6, as Ferry delivers (and Istio since 1.10).
-ENVOY_T_SERVER_CONF = """
-admin:
-  address: {{socket_address: {{address: 127.0.0.1, port_value: 15000}}}}
-static_resources:
-  listeners:
-  - name: virtualInbound
-    address: {{socket_address: {{address: 0.0.0.0, port_value: 15006}}}}
-    listener_filters:
-    - name: envoy.filters.listener.original_dst
-      typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst}}
-    filter_chains:
-    - transport_socket:
-        name: envoy.transport_sockets.tls
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
-          require_client_certificate: true
-          common_tls_context:
-            tls_params: {{tls_minimum_protocol_version: TLSv1_3, tls_maximum_protocol_version: TLSv1_3}}
-            alpn_protocols: ["h2"]
-            tls_certificates: [{{certificate_chain: {{filename: "{dir}/server.crt"}}, private_key: {{filename: "{dir}/server.key"}}}}]
-            validation_context:
-              trusted_ca: {{filename: "{dir}/ca.crt"}}
-              match_typed_subject_alt_names:
-              - {{san_type: URI, matcher: {{prefix: "spiffe://cluster.local/"}}}}
-      filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: inbound
-          codec_type: AUTO
-          forward_client_cert_details: SANITIZE_SET
-          set_current_client_cert_details: {{uri: true}}
-          route_config:
-            virtual_hosts:
-            - name: all
-              domains: ["*"]
-              routes: [{{match: {{prefix: "/"}}, route: {{cluster: app, timeout: 0s}}}}]
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
-  clusters:
-  - name: app
-    type: STATIC
-    connect_timeout: 1s
-    upstream_bind_config: {{source_address: {{address: 127.0.0.6, port_value: 0}}}}
-    load_assignment:
-      cluster_name: app
-      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: "{server}", port_value: 80}}}}}}}}]}}]
-"""
+
+def envoy_t_server(work, server):
+    """The server side's inbound listener on 15006 (the redirected port 80): mTLS required, then HTTP/1.1 to the app
+    at the pod's own IP from 127.0.0.6, as Ferry delivers (and Istio since 1.10)."""
+    chain = {"transport_socket": downstream_tls(work),
+             "filters": [hcm("inbound", "app", {"timeout": "0s"}, client_cert=True)]}
+    return envoy_conf(15000, [listener("virtualInbound", "0.0.0.0", 15006, [chain], original_dst=True)],
+                      [cluster("app", server, 80, bind="127.0.0.6")])
 
 
 def sh(*cmd):
@@ -633,11 +481,9 @@ spec: {{ports: [{{port: 80, protocol: http}}], addresses: [backend.mesh], identi
         os.chmod(f"{work}/{name}", 0o644)
     envoys = {}
     for i, (pod, conf) in enumerate([
-            ("envoy-server", ENVOY_T_SERVER_CONF.format(dir=work, server=node.ip("envoy-server"))),
-            ("envoy-client", ENVOY_T_CLIENT_CONF.format(dir=work, plain=plain, server=node.ip("envoy-server"),
-                                                       route=ENVOY_SIDECAR_ROUTE)),
-            ("envoy-bare-client", ENVOY_T_CLIENT_CONF.format(dir=work, plain=plain, server=node.ip("envoy-server"),
-                                                            route=""))]):
+            ("envoy-server", envoy_t_server(work, node.ip("envoy-server"))),
+            ("envoy-client", envoy_t_client(work, plain, node.ip("envoy-server"), SIDECAR_ROUTE)),
+            ("envoy-bare-client", envoy_t_client(work, plain, node.ip("envoy-server"), None))]):
         with open(f"{work}/t-{pod}.yaml", "w") as f:
             f.write(conf)
         envoys[pod] = Proc(f"t-{pod}", in_ns(node.ns(pod), [args.envoy, "-c", f"{work}/t-{pod}.yaml", "--concurrency",
@@ -803,9 +649,9 @@ def main():
     backend, ferry_port, envoy_port, envoy_sc_port = free_port(), free_port(), free_port(), free_port()
     with open(f"{work}/nginx.conf", "w") as f:
         f.write(NGINX_CONF.format(dir=work, port=backend, listen="127.0.0.1"))
-    for name, port, route in [("envoy", envoy_port, ""), ("envoy-sc", envoy_sc_port, ENVOY_SIDECAR_ROUTE)]:
+    for name, port, route in [("envoy", envoy_port, None), ("envoy-sc", envoy_sc_port, SIDECAR_ROUTE)]:
         with open(f"{work}/{name}.yaml", "w") as f:
-            f.write(ENVOY_CONF.format(admin=free_port(), port=port, backend=backend, route=route))
+            f.write(envoy_hop(free_port(), port, backend, route))
     with open(f"{work}/ferry.yaml", "w") as f:
         f.write(FERRY_CONF.format(backend=backend))
     nginx_bin = shutil.which("nginx") or "/usr/sbin/nginx"
@@ -1208,13 +1054,12 @@ def start_mesh(args, work, backend, proxy_cpu, load_cpu, procs):
     envoy_mesh_certs(work)
     envoy_in, envoy_out = free_port(), free_port()
     with open(f"{work}/envoy-server.yaml", "w") as f:
-        f.write(ENVOY_SERVER_CONF.format(admin=free_port(), port=envoy_in, backend=backend, dir=work))
+        f.write(envoy_mesh_server(free_port(), envoy_in, backend, work))
     envoy_sc_out = free_port()
     with open(f"{work}/envoy-client.yaml", "w") as f:
-        f.write(ENVOY_CLIENT_CONF.format(admin=free_port(), port=envoy_out, peer=envoy_in, dir=work, route=""))
+        f.write(envoy_mesh_client(free_port(), envoy_out, envoy_in, work, None))
     with open(f"{work}/envoy-sc-client.yaml", "w") as f:
-        f.write(ENVOY_CLIENT_CONF.format(admin=free_port(), port=envoy_sc_out, peer=envoy_in, dir=work,
-                                         route=ENVOY_SIDECAR_ROUTE))
+        f.write(envoy_mesh_client(free_port(), envoy_sc_out, envoy_in, work, SIDECAR_ROUTE))
     envoys = [Proc(f"envoy-{side}", [args.envoy, "-c", f"{work}/envoy-{side}.yaml", "--concurrency", "1",
                                      "--log-level", "warn", "--disable-hot-restart", "--base-id", str(i + 10)],
                    f"{work}/envoy-{side}.log", cpu=proxy_cpu) for i, side in enumerate(["server", "client", "sc-client"])]
