@@ -5,7 +5,7 @@
 //! finishes what is in flight and exits, as a well-behaved app does;
 //! `pod_app get <url>` prints the status line, the `ferry-proxy-error` header and the body of one GET;
 //! `pod_app grpc <url> <text>`, `pod_app ws <url> <text>`, `pod_app tcp <host:port> <text>` print the echo, or how
-//! the call was refused;
+//! the call was refused; every client call gives up after 10 s;
 //! `pod_app load <url> <count> <pause-ms>` makes that many GETs in sequence (fewer if SIGTERM comes first) and prints
 //! how many failed, and how.
 
@@ -48,9 +48,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             Ok(())
         }
         Some("get") if args.len() == 2 => get(&args[1]).await,
-        Some("grpc") if args.len() == 3 => {
-            let channel = tonic::transport::Endpoint::from_shared(args[1].clone())?.connect().await?;
-            let mut grpc = tonic::client::Grpc::new(channel);
+        Some("grpc") if args.len() == 3 => within(async {
+            let endpoint = tonic::transport::Endpoint::from_shared(args[1].clone())?;
+            let mut grpc = tonic::client::Grpc::new(endpoint.connect().await?);
             grpc.ready().await?;
             let path = http::uri::PathAndQuery::from_static("/test.Echo/Unary");
             let request = tonic::Request::new(Msg { text: args[2].clone() });
@@ -59,8 +59,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 Err(status) => println!("{:?} {}", status.code(), status.message()),
             }
             Ok(())
-        }
-        Some("ws") if args.len() == 3 => {
+        })
+        .await,
+        Some("ws") if args.len() == 3 => within(async {
             use futures_util::{SinkExt, StreamExt};
             use tokio_tungstenite::tungstenite::{Error, Message};
             match tokio_tungstenite::connect_async(args[1].as_str()).await {
@@ -75,8 +76,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 Err(e) => println!("failed {e}"),
             }
             Ok(())
-        }
-        Some("tcp") if args.len() == 3 => {
+        })
+        .await,
+        Some("tcp") if args.len() == 3 => within(async {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
             let mut stream = tokio::net::TcpStream::connect(args[1].as_str()).await?;
             let _ = stream.write_all(args[2].as_bytes()).await;
@@ -88,7 +90,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 (Err(_), true) => println!("no answer"),
             }
             Ok(())
-        }
+        })
+        .await,
         Some("load") if args.len() == 4 => {
             // `load <url> <count> <pause-ms>`: sequential GETs, each on its own connection, bounded in count; prints
             // how many answered 200 and every other outcome.
@@ -116,6 +119,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                   | load <url> <count> <pause-ms>"
             .into()),
     }
+}
+
+/// How long a client waits for one call (connection, request and answer) before it gives up with an error.
+const CALL_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A client call bounded by [`CALL_LIMIT`]: a call that hangs is an error, never a hung test.
+async fn within<T>(
+    call: impl std::future::Future<Output = Result<T, Box<dyn std::error::Error>>>,
+) -> Result<T, Box<dyn std::error::Error>> {
+    tokio::time::timeout(CALL_LIMIT, call).await.map_err(|_| format!("no answer within {CALL_LIMIT:?}"))?
 }
 
 /// SIGTERM (or SIGINT).
@@ -246,8 +259,12 @@ async fn get(url: &str) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// One GET: (status, `ferry-proxy-error`, body).
+/// One GET, within [`CALL_LIMIT`]: (status, `ferry-proxy-error`, body).
 async fn fetch(url: &str) -> Result<(u16, String, String), Box<dyn std::error::Error>> {
+    within(fetch_unbounded(url)).await
+}
+
+async fn fetch_unbounded(url: &str) -> Result<(u16, String, String), Box<dyn std::error::Error>> {
     let uri: http::Uri = url.parse()?;
     let authority = uri.authority().ok_or("the URL has no host")?.clone();
     let port = authority.port_u16().unwrap_or(80);

@@ -105,36 +105,43 @@ fn injected_containers_run_with_no_more_than_their_spec_grants() {
 
 /// The node's own honesty: an app container starts only once the native sidecar before it passes its startup probe
 /// (here a sidecar that listens only after 2 s, and an app that exits at once if the sidecar does not answer); the
-/// same app started without waiting fails, so the check can fail.
+/// same app started without waiting (beside a sidecar that listens only after 30 s) fails, so the check can fail.
 #[test]
 fn the_app_starts_only_after_the_sidecars_startup_probe_passes() {
     if !node::available("the_app_starts_only_after_the_sidecars_startup_probe_passes") {
         return;
     }
     let node = Node::new("order");
-    let spec = json!({"metadata": {"name": "ordered", "namespace": "shop"}, "spec": {
+    let spec = |delay: u32, app: &str| {
+        json!({"metadata": {"name": "ordered", "namespace": "shop"}, "spec": {
         "initContainers": [{"name": "side", "image": APP_IMAGE, "restartPolicy": "Always",
-            "command": ["/bin/sh", "-c", "sleep 2; exec /pod_app serve 7000"],
+            "command": ["/bin/sh", "-c", format!("sleep {delay}; exec /pod_app serve 7000")],
             "startupProbe": {"httpGet": {"path": "/", "port": 7000}, "periodSeconds": 1, "failureThreshold": 30}}],
-        "containers": [{"name": "app", "image": APP_IMAGE,
-            "command": ["/bin/sh", "-c", "/pod_app get http://127.0.0.1:7000/ && exec /pod_app serve 8080"]}]}});
-    let pod = node.pod("ordered", 10, spec.clone(), BTreeMap::new());
+        "containers": [{"name": "app", "image": APP_IMAGE, "command": ["/bin/sh", "-c", app]}]}})
+    };
+    let pod = node.pod(
+        "ordered",
+        10,
+        spec(2, "/pod_app get http://127.0.0.1:7000/ && exec /pod_app serve 8080"),
+        BTreeMap::new(),
+    );
     node.run_pod(&pod, &local_image).unwrap();
     let (_, apps) = node.container_names(&pod);
-    std::thread::sleep(Duration::from_millis(500));
+    wait("the app's call to the sidecar", Duration::from_secs(20), &mut || !node.logs(&apps[0]).is_empty());
+    assert!(node.logs(&apps[0]).starts_with("200"), "{}", node.logs(&apps[0]));
     assert_eq!(
         docker_must(&["inspect", "--format", "{{.State.Running}}", &apps[0]]),
         "true",
         "{}",
         node.logs(&apps[0])
     );
-    assert!(node.logs(&apps[0]).starts_with("200"), "{}", node.logs(&apps[0]));
 
-    // Without the wait, the same app finds no sidecar and exits.
-    let hasty = node.pod("hasty", 11, spec, BTreeMap::new());
+    // Without the wait, the same call finds no sidecar and fails.
+    let hasty = node.pod("hasty", 11, spec(30, "exec /pod_app get http://127.0.0.1:7000/"), BTreeMap::new());
     node.start(&hasty, &hasty.init_containers()[0], &local_image);
     let app = node.start(&hasty, &hasty.spec["spec"]["containers"][0], &local_image);
-    assert_ne!(docker_must(&["wait", &app]), "0", "the app found a sidecar that cannot listen yet");
+    let code = node.wait_exit(&app, Duration::from_secs(20)).unwrap();
+    assert_ne!(code, 0, "the app found a sidecar that cannot listen yet: {}", node.logs(&app));
 }
 
 /// `ferry-control --discovery kubernetes` on the host, serving the node's pods on the network's gateway, and the node
@@ -296,6 +303,11 @@ async fn injected_pods_call_each_other_through_their_proxies() {
     assert!(last.starts_with("403 unauthorized"), "{last}");
     let probe = api_pod.spec["spec"]["containers"][0]["readinessProbe"].clone();
     assert_eq!(probe["httpGet"]["port"], 15020, "{probe}");
+    // The kubelet's call itself, now (the node's prober would take a few periods to count failures).
+    let addr = format!("{}:15020", api_pod.ip).parse().unwrap();
+    let path = probe["httpGet"]["path"].as_str().unwrap();
+    let answer = tokio::task::block_in_place(|| support::http_get(addr, path));
+    assert_eq!(answer.map(|a| a.0), Some(200), "api's rewritten probe {path} under strict mTLS");
     assert!(node.ready(api_pod), "api's rewritten probe fails under strict mTLS");
     wait("web serves the outsider", Duration::from_secs(20), &mut || {
         last = node.get_from(&outsider, "http://web.shop/");
@@ -309,32 +321,11 @@ async fn injected_pods_call_each_other_through_their_proxies() {
 
     // ferry-control SIGKILLed and started again while web calls api: no request fails (the proxies keep their config),
     // and every proxy is back in sync with the new one.
-    let network = format!("container:{}", web.pause);
-    let bin = format!("{}:/pod_app:ro", node::app_binary().display());
-    let load_name = format!("{}-load", node.network);
-    let base = &images().base;
-    let load = [
-        "run",
-        "-d",
-        "--name",
-        &load_name,
-        "--network",
-        &network,
-        "--volume",
-        &bin,
-        base,
-        "/pod_app",
-        "load",
-        "http://api.shop/",
-        "150",
-        "20",
-    ];
-    docker_must(&load);
+    let load = node.spawn_client(web, "load", &["load", "http://api.shop/", "150", "20"]);
     tokio::time::sleep(Duration::from_millis(800)).await;
     tokio::task::block_in_place(|| control.kill_and_restart());
-    docker_must(&["wait", &load_name]);
-    let report = docker_must(&["logs", &load_name]);
-    let _ = node::docker_run(&["rm", "-f", &load_name]);
+    tokio::task::block_in_place(|| node.wait_exit(&load, Duration::from_secs(120))).unwrap();
+    let report = node.logs(&load);
     assert_eq!(report.lines().next(), Some("ok 150 failed 0"), "{report}");
     wait("every proxy back in sync", Duration::from_secs(30), &mut || {
         let status = support::http_get(control.metrics, "/status").map(|r| r.1).unwrap_or_default();
@@ -499,7 +490,11 @@ async fn the_example_survives_a_rolling_update_under_load() {
     let ready: Vec<&Value> = slice["endpoints"].as_array().unwrap().iter().map(|e| &e["targetRef"]["name"]).collect();
     assert_eq!(ready, ["api-3", "api-4"], "{slice}");
 
-    // web's load ends on SIGTERM and reports.
+    // web's load (4,000 calls, 10 ms apart: 40 s at least) still runs: it spanned the whole update. It ends on
+    // SIGTERM and reports.
+    let (_, web_apps) = node.container_names(&web);
+    let running = docker_must(&["inspect", "--format", "{{.State.Running}}", &web_apps[0]]);
+    assert_eq!(running, "true", "web's load ended before the update did: {}", node.logs(&web_apps[0]));
     let exits = tokio::task::block_in_place(|| node.delete(&web, Duration::from_secs(30)));
     let report = node.logs(&exits.iter().find(|e| e.name.ends_with("-web")).unwrap().name);
     let ok: usize = report.split_whitespace().nth(1).and_then(|n| n.parse().ok()).unwrap_or(0);

@@ -3,7 +3,7 @@
 //!
 //! - **Pods**: a pause container holds the pod's network namespace on a Docker network of the node's own
 //!   (198.19.<k>.0/24, internal: nothing leaves the machine, nothing is SNATed; the host is the gateway `.1`, where the
-//!   tests' `ferry-control` listens); every container of the spec joins it, with the spec's image, command, args,
+//!   tests' `ferry-control` listens, and the route to the Services' ClusterIPs, [`SERVICE_CIDR`]); every container of the spec joins it, with the spec's image, command, args,
 //!   user, capabilities, read-only root, `no-new-privileges`, Docker's default seccomp profile (`RuntimeDefault`), env
 //!   (downward-API fields resolved, `$(VAR)` expanded) and volumes (emptyDirs as tmpfs, the projected token and the
 //!   `ferry-ca-root` ConfigMap as files the test provides). The Pod object (phase, pod IP, the `Ready` condition) is
@@ -42,6 +42,9 @@ use super::apiserver::{ApiServer, PODS, SERVICES, SLICES};
 /// The image name a test spec gives its app containers: the node runs them as the tests' own `pod_app` binary
 /// (`examples/pod_app.rs`, built with the tests) on the base image.
 pub const APP_IMAGE: &str = "ferry-test/app:1";
+
+/// The Service ClusterIP range the tests' Services take their addresses from (Kubernetes' default).
+pub const SERVICE_CIDR: &str = "10.96.0.0/12";
 
 /// The `pod_app` example of this build (`cargo test --workspace` builds it; a single test target builds it here).
 pub fn app_binary() -> PathBuf {
@@ -290,6 +293,14 @@ impl Node {
             "infinity",
         ]);
         self.track(&name);
+        // Docker gives a container on an internal network a default route only up to Engine 24 (25 and later give
+        // none); ClusterIPs are reached through the node (the host, `.1`) either way, as on a Kubernetes node.
+        let pid = docker_must(&["inspect", "--format", "{{.State.Pid}}", &name]);
+        let route = Command::new("nsenter")
+            .args(["-t", &pid, "-n", "ip", "route", "replace", SERVICE_CIDR, "via", &format!("{}.1", self.prefix)])
+            .output()
+            .expect("nsenter");
+        assert!(route.status.success(), "route to the Services in {name}: {}", String::from_utf8_lossy(&route.stderr));
         let namespace = spec["metadata"]["namespace"].as_str().unwrap_or("default").to_string();
         let hosts_path = PathBuf::from(docker_must(&["inspect", "--format", "{{.HostsPath}}", &name]));
         let member = Member {
@@ -522,6 +533,35 @@ impl Node {
         format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)).trim().to_string()
     }
 
+    /// Starts `pod_app <args>` (a client: get, grpc, ws, tcp, load) inside the pod in the background, as container
+    /// `name` of the node (removed with it); see [`Node::wait_exit`] and [`Node::logs`].
+    pub fn spawn_client(&self, pod: &Pod, name: &str, args: &[&str]) -> String {
+        let name = format!("{}-{name}", self.network);
+        let network = format!("container:{}", pod.pause);
+        let bin = format!("{}:/pod_app:ro", app_binary().display());
+        let mut run = vec!["run", "-d", "--name", &name, "--network", &network, "--volume", &bin, &images().base];
+        run.push("/pod_app");
+        run.extend(args);
+        docker_must(&run);
+        self.track(&name);
+        name
+    }
+
+    /// Waits (up to `limit`) until a container of the node has exited: its exit code.
+    pub fn wait_exit(&self, name: &str, limit: Duration) -> Result<i64, String> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let state = docker_must(&["inspect", "--format", "{{.State.Running}} {{.State.ExitCode}}", name]);
+            if let Some(code) = state.strip_prefix("false ") {
+                return code.parse().map_err(|e| format!("{name}: exit code {code}: {e}"));
+            }
+            if Instant::now() > deadline {
+                return Err(format!("{name} still runs after {limit:?}: {}", self.logs(name)));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Runs an init container to completion: its exit status and output.
     pub fn run_init(&self, pod: &Pod, container: &Value, image: &dyn Fn(&str) -> String) -> Output {
         let args = self.container_args(pod, container, image, false);
@@ -621,7 +661,7 @@ impl Pod {
     }
 }
 
-/// How a container ended: its name, exit code and when it finished.
+/// How a container ended: its name, exit code and when it finished (UTC, a text that sorts in time order).
 #[derive(Debug, Clone)]
 pub struct Exit {
     pub name: String,
@@ -629,18 +669,30 @@ pub struct Exit {
     pub finished: String,
 }
 
-/// The containers' exits, in the order they happened (Docker's RFC 3339 times, nanoseconds, sort as text).
+/// The containers' exits, in the order they happened. A container still running is an error, never an exit.
 fn exits(names: &[String]) -> Vec<Exit> {
     let mut exits: Vec<Exit> = names
         .iter()
         .map(|name| {
-            let state = docker_must(&["inspect", "--format", "{{.State.ExitCode}} {{.State.FinishedAt}}", name]);
-            let (code, finished) = state.split_once(' ').unwrap();
-            Exit { name: name.clone(), code: code.parse().unwrap(), finished: finished.to_string() }
+            let format = "{{.State.Running}} {{.State.ExitCode}} {{.State.FinishedAt}}";
+            let state = docker_must(&["inspect", "--format", format, name]);
+            let mut fields = state.split(' ');
+            assert_eq!(fields.next(), Some("false"), "{name} still runs: {state}");
+            let code = fields.next().and_then(|c| c.parse().ok()).unwrap_or_else(|| panic!("{name}: {state}"));
+            let finished = fields.next().map(sortable_time).unwrap_or_else(|| panic!("{name}: {state}"));
+            Exit { name: name.clone(), code, finished }
         })
         .collect();
     exits.sort_by(|a, b| a.finished.cmp(&b.finished));
     exits
+}
+
+/// Docker's RFC 3339 time (UTC, its fraction of a second with trailing zeros cut) with the fraction padded to nine
+/// digits, so that times sort as text.
+fn sortable_time(time: &str) -> String {
+    let time = time.trim_end_matches('Z');
+    let (seconds, fraction) = time.split_once('.').unwrap_or((time, ""));
+    format!("{seconds}.{fraction:0<9}Z")
 }
 
 /// A probe's address and path on the pod's IP; a named port is looked up among `container`'s ports.
@@ -676,7 +728,8 @@ fn readiness_probes(pod: &Pod) -> Vec<(SocketAddr, String, Duration, u32)> {
         .collect()
 }
 
-/// Runs the readiness probes that are due (outside the lock); whether any pod's readiness changed.
+/// Runs the readiness probes that are due (outside the lock), terminating pods' too (their endpoints stay
+/// `serving` only while they pass); whether any pod's readiness changed.
 fn probe_all(cluster: &Mutex<Cluster>) -> bool {
     let due: Vec<(String, usize, SocketAddr, String)> = {
         let cluster = cluster.lock().unwrap();
@@ -684,7 +737,7 @@ fn probe_all(cluster: &Mutex<Cluster>) -> bool {
         cluster
             .pods
             .iter()
-            .filter(|(_, m)| m.running && !m.terminating)
+            .filter(|(_, m)| m.running)
             .flat_map(|(name, m)| {
                 m.probes
                     .iter()
@@ -829,7 +882,7 @@ fn sync(cluster: &mut Cluster, chain: &str) {
     let restore = format!("*nat\n:{chain} - [0:0]\n{}\nCOMMIT\n", rules.join("\n"));
     if cluster.written.get("rules") != Some(&json!(restore)) {
         let mut child = Command::new("iptables-restore")
-            .arg("--noflush")
+            .args(["--noflush", "-w"])
             .stdin(std::process::Stdio::piped())
             .spawn()
             .expect("iptables-restore");
@@ -870,10 +923,37 @@ fn sync(cluster: &mut Cluster, chain: &str) {
 }
 
 fn iptables(args: &[&str]) -> Output {
-    Command::new("iptables").args(args).output().expect("iptables")
+    // `-w`: Docker writes its own rules at the same time.
+    Command::new("iptables").arg("-w").args(args).output().expect("iptables")
 }
 
 fn iptables_must(args: &[&str]) {
     let out = iptables(args);
     assert!(out.status.success(), "iptables {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sortable_time;
+
+    #[test]
+    fn docker_times_sort_in_time_order() {
+        let times = [
+            "2026-12-03T04:00:05.12Z",
+            "2026-12-03T04:00:05.1Z",
+            "2026-12-03T04:00:05Z",
+            "2026-12-03T04:00:04.999999999Z",
+        ];
+        let mut sorted: Vec<String> = times.iter().map(|t| sortable_time(t)).collect();
+        sorted.sort();
+        assert_eq!(
+            sorted,
+            [
+                "2026-12-03T04:00:04.999999999Z",
+                "2026-12-03T04:00:05.000000000Z",
+                "2026-12-03T04:00:05.100000000Z",
+                "2026-12-03T04:00:05.120000000Z"
+            ]
+        );
+    }
 }
