@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
-"""Data-plane benchmark, all on loopback, to a fixed-response nginx: direct; one hop (a Ferry outbound vs an Envoy
-listener); and the mesh path (client -> Ferry -> mTLS -> Ferry -> nginx vs client -> Envoy -> mTLS -> Envoy -> nginx,
-TLS 1.3 with client certificates and SPIFFE URI SAN checks on both sides, HTTP/2 between the proxies).
+"""Data-plane benchmark to a fixed-response nginx: direct; one hop (a Ferry outbound vs an Envoy listener); and the
+mesh path (client -> Ferry -> mTLS -> Ferry -> nginx vs client -> Envoy -> mTLS -> Envoy -> nginx, TLS 1.3 with client
+certificates and SPIFFE URI SAN checks on both sides, HTTP/2 between the proxies). Explicit targets on loopback;
+transparent targets ("t-") in network namespaces of the bench's own (pods on a bridge, behind `ferry init` rules).
 
 Latency: open-loop at constant rates with oha's latency correction, runs interleaved (direct, ferry, envoy rotated),
 each run's added latency (proxied - direct) and the Ferry/Envoy ratio per run; medians and spread are reported.
 Efficiency: closed-loop load, requests per proxy CPU-second (utime+stime from /proc/PID/stat).
 Memory: proxy RSS (and anonymous RSS) idle and after the highest-rate runs.
 Pinning: proxies on CPU 1, load generator and backend on CPU 0 (when the machine has 2+ CPUs).
-Writes target/bench/dataplane.json and prints a table. Traffic goes to 127.0.0.1 only; every run is bounded in time.
+Writes target/bench/dataplane.json and prints a table. Traffic goes to 127.0.0.1 and to the bench's own namespaces
+only; every run is bounded in time.
 """
 
 import argparse
@@ -16,6 +18,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -97,8 +100,10 @@ ROUTER = {"name": "envoy.filters.http.router",
 TLS13 = {"tls_minimum_protocol_version": "TLSv1_3", "tls_maximum_protocol_version": "TLSv1_3"}
 ORIGINAL_DST = {"name": "envoy.filters.listener.original_dst", "typed_config": {
     "@type": "type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst"}}
-# What a mesh sidecar's outbound route carries (Istio's defaults: a 15 s route timeout is Envoy's own default too, two
-# retries); the same as Ferry's TrafficPolicy below. "Today's" (bare) Envoy targets leave the route without them.
+# A mesh sidecar's outbound route as the data-path issue's independent run configured it: a 15 s route timeout (Envoy's
+# own default) and 2 retries on 5xx; the same as Ferry's TrafficPolicy below. (Istio's own defaults differ: no route
+# timeout, 2 retries on connect-failure, refused-stream, unavailable, cancelled and retriable status codes.) The bare
+# Envoy targets leave the route without them.
 SIDECAR_ROUTE = {"timeout": "15s", "retry_policy": {"retry_on": "5xx", "num_retries": 2}}
 
 
@@ -357,9 +362,26 @@ class Node:
     addresses inside these namespaces are used; everything is deleted by `close`."""
 
     def __init__(self):
-        self.tag = f"fb{os.getpid() % 100000}"
+        self.tag = f"fb{os.getpid()}"
         self.node = f"{self.tag}-node"
         self.namespaces = []
+        self.remove_stale()
+        try:
+            self.build()
+        except BaseException:
+            self.close()
+            raise
+
+    @staticmethod
+    def remove_stale():
+        """Namespaces of an earlier run whose process is gone (killed before it could clean up)."""
+        listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split("\n")
+        for ns in (line.split()[0] for line in listed if line.strip()):
+            pid = ns[2:].split("-")[0] if ns.startswith("fb") and "-" in ns else ""
+            if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+                subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+    def build(self):
         self.add_ns(self.node)
         self.exec(self.node, "ip", "link", "add", "br0", "type", "bridge")
         self.exec(self.node, "ip", "addr", "add", f"{NODE_NET}.1/24", "dev", "br0")
@@ -416,10 +438,10 @@ def in_ns(ns, cmd, as_proxy=False):
     return prefix + cmd
 
 
-def start_transparent(args, work, proxy_cpu, load_cpu, procs):
-    """Pods on a bridge: nginx in three servers; a Ferry pair and two Envoy clients (sidecar and bare config) and an
-    Envoy server, each behind `ferry init`'s rules; ferry-control on the node. Returns (node, targets)."""
-    node = Node()
+def start_transparent(args, work, node, proxy_cpu, load_cpu, procs):
+    """Pods on `node`'s bridge: nginx in three servers; a Ferry pair and two Envoy clients (sidecar and bare config)
+    and an Envoy server, each behind `ferry init`'s rules; ferry-control on the node. Returns the targets (the caller
+    stops `procs` and closes `node`, whatever happens)."""
     os.chmod(work, 0o755)  # the proxies (UID 1337) read their certificates and the CA root here
     for pod in ["plain-server", "ferry-server", "envoy-server"]:
         conf = f"{work}/nginx-{pod}.conf"
@@ -505,7 +527,7 @@ spec: {{ports: [{{port: 80, protocol: http}}], addresses: [backend.mesh], identi
         "t-envoy-sc-mesh": (f"http://{node.ip('envoy-server')}/", node.ip("envoy-server"), [ec, es],
                             node.ns("envoy-client")),
     }
-    return node, targets
+    return targets
 
 
 # ---- Instructions, allocations and syscalls per request (repeatable whatever else the machine does) ----
@@ -566,10 +588,10 @@ def per_request(args, work, label, start, url, host, requests, load_cpu, proxy_c
                     raise
         oha_count(url, host, 200, load_cpu)
         for p in procs:
-            subprocess.run(["callgrind_control", "-i", "on", str(p.pid)], capture_output=True, check=True)
+            subprocess.run(["callgrind_control", "-i", "on", str(p.pid)], capture_output=True, check=True, timeout=60)
         ok = oha_count(url, host, requests, load_cpu)
         for p in procs:
-            subprocess.run(["callgrind_control", "-i", "off", str(p.pid)], capture_output=True, check=True)
+            subprocess.run(["callgrind_control", "-i", "off", str(p.pid)], capture_output=True, check=True, timeout=60)
     finally:
         for p in procs:
             p.stop()
@@ -588,18 +610,20 @@ def per_request(args, work, label, start, url, host, requests, load_cpu, proxy_c
             tids = [a for t in os.listdir(f"/proc/{p.pid}/task") for a in ("-p", t)]
             tracers.append(subprocess.Popen(["strace", "-c", "-f", *tids], stderr=subprocess.PIPE, text=True))
         time.sleep(1)
-        oha_count(url, host, requests, load_cpu)
+        traced_ok = oha_count(url, host, requests, load_cpu)
         for t in tracers:
             t.send_signal(2)
             _, err = t.communicate(timeout=30)
+            # The summary's last line: `100.00  <seconds>  <usecs/call>  <calls>  [<errors>]  total`.
             total = [line for line in err.splitlines() if line.strip().endswith("total")]
-            if total:
-                syscalls += int(total[-1].split()[3])
+            if not total:
+                raise RuntimeError(f"strace printed no summary: {err[-500:]}")
+            syscalls += int(total[-1].split()[3])
     finally:
         for p in procs:
             p.stop()
     return {"requests": ok, "instructions": ir / max(ok, 1), "allocations": allocs / max(ok, 1),
-            "syscalls": syscalls / max(requests, 1)}
+            "syscalls": syscalls / max(traced_ok, 1)}
 
 
 # (report label, a, b): latency added by a vs by b, and their CPU per request. Envoy appears twice per path: as a mesh
@@ -689,7 +713,8 @@ def main():
                              f"{work}/{name}.log", cpu=proxy_cpu) for i, name in enumerate(["envoy", "envoy-sc"])}
         procs += [ferry, *envoys.values()]
         mesh = start_mesh(args, work, backend, proxy_cpu, load_cpu, procs)
-        node, transparent = start_transparent(args, work, proxy_cpu, load_cpu, procs)
+        node = Node()
+        transparent = start_transparent(args, work, node, proxy_cpu, load_cpu, procs)
         targets = {
             "direct": (f"http://127.0.0.1:{backend}/", "backend", [], None),
             "ferry": (f"http://127.0.0.1:{ferry_port}/", "backend", [ferry], None),
@@ -1135,4 +1160,6 @@ def print_table(report, rates, pairs):
 
 
 if __name__ == "__main__":
+    # SIGTERM (a timeout, a wrapper stopped) unwinds like an exception: processes stopped, namespaces deleted.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     main()
