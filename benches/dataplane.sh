@@ -28,7 +28,7 @@ if [ -z "$ENVOY" ] || [ ! -x "$ENVOY" ] || ! "$ENVOY" --version 2>/dev/null | gr
   ENVOY=$(python3 -c 'import envoy, os; print(os.path.join(os.path.dirname(envoy.__file__), "_bin", "envoy"))')
 fi
 cargo build --release -p ferry --bin ferry --example otlp_sink
-cargo build --release -p ferry-xds --bins
+cargo build --release -p ferry-control -p ferryctl
 exec python3 benches/dataplane.py --ferry target/release/ferry --envoy "$ENVOY" \
   --control target/release/ferry-control --ctl target/release/ferryctl \
   --otlp-sink target/release/examples/otlp_sink "$@"

@@ -16,9 +16,10 @@ use std::time::{Duration, Instant};
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
-use ferry_xds::Document;
-use ferry_xds::protocol::{self, Received, TYPES};
-use ferry_xds::resources::pb;
+use ferry_api::Document;
+use ferry_api::protocol::{self, Received, TYPES};
+use ferry_api::resources::pb;
+use ferry_test_support::free_addr;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
@@ -63,10 +64,6 @@ fn args() -> Args {
         }
     }
     a
-}
-
-fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
 }
 
 fn rss_kib(pid: u32) -> u64 {

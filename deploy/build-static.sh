@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# Builds the static release binaries that deploy/Dockerfile copies (the proxy alone, then the control plane and CLI,
-# so the proxy never links Kubernetes code) and checks that each is static and runs. CI runs this; the Dockerfile's
+# Builds the static release binaries that deploy/Dockerfile copies (the proxy alone, so no feature the control plane
+# turns on in a shared dependency reaches it; then the control plane and CLI) and checks that each is static and runs. CI runs this; the Dockerfile's
 # build stage runs the same two cargo commands.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TARGET=x86_64-unknown-linux-gnu
 export RUSTFLAGS="-C target-feature=+crt-static"
 cargo build --release --locked --target "$TARGET" -p ferry --bin ferry
-cargo build --release --locked --target "$TARGET" -p ferry-xds --bins
+cargo build --release --locked --target "$TARGET" -p ferry-control -p ferryctl
 OUT="${CARGO_TARGET_DIR:-target}/$TARGET/release"
 for bin in ferry ferry-control ferryctl; do
   if ! file "$OUT/$bin" | grep -Eq "static(-pie)? linked|statically linked"; then

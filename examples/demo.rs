@@ -30,6 +30,7 @@ use tokio::net::{TcpListener, TcpStream};
 const REQUESTS: usize = 300;
 const CONCURRENCY: usize = 8;
 
+/// A loopback address whose port was free a moment ago (the demo depends on no test code).
 fn free_addr() -> SocketAddr {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
 }
@@ -163,8 +164,8 @@ impl ControlPlane {
     /// Starts ferry-control on free loopback ports (its xDS port serves TLS with a certificate from its own CA).
     fn start(dir: &std::path::Path) -> anyhow::Result<ControlPlane> {
         let (control, ctl) = (
-            binary("ferry-control", "ferry-xds", "FERRY_CONTROL_BIN")?,
-            binary("ferryctl", "ferry-xds", "FERRYCTL_BIN")?,
+            binary("ferry-control", "ferry-control", "FERRY_CONTROL_BIN")?,
+            binary("ferryctl", "ferryctl", "FERRYCTL_BIN")?,
         );
         let (api, xds, metrics) = (free_addr(), free_addr(), free_addr());
         let state = dir.join("control-state");

@@ -6,8 +6,8 @@
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use ferry_xds::identity::Identity;
-use ferry_xds::policy::{Action, AuthorizationPolicy, MtlsMode};
+use ferry_api::identity::Identity;
+use ferry_api::policy::{Action, AuthorizationPolicy, MtlsMode};
 use futures_util::future::Either;
 use http::{Method, Request};
 
@@ -87,8 +87,8 @@ impl Authorization {
     }
 
     /// The default inbound policy of ports no Service selects (`None`: `allow`, no check at all).
-    pub fn for_unselected(default: ferry_xds::workload::DefaultInbound) -> Option<Authorization> {
-        use ferry_xds::workload::DefaultInbound;
+    pub fn for_unselected(default: ferry_api::workload::DefaultInbound) -> Option<Authorization> {
+        use ferry_api::workload::DefaultInbound;
         let any_identity =
             Rule { from: Some(vec![Caller::AnyIdentity]), methods: vec![], paths: vec![], ports: vec![] };
         let rules = match default {
@@ -110,7 +110,7 @@ impl Authorization {
 
 /// A policy's identity pattern; one outside this mesh's trust domain never matches.
 fn caller(pattern: &str) -> Option<Caller> {
-    let rest = pattern.strip_prefix(&format!("spiffe://{}/", ferry_xds::TRUST_DOMAIN))?;
+    let rest = pattern.strip_prefix(&format!("spiffe://{}/", ferry_api::TRUST_DOMAIN))?;
     match rest.split('/').collect::<Vec<_>>().as_slice() {
         ["ns", "*", "sa", "*"] => Some(Caller::AnyIdentity),
         ["ns", ns, "sa", "*"] => Some(Caller::Namespace(ns.to_string())),
@@ -183,7 +183,7 @@ pub struct InboundPolicy {
     pub authorization: Option<Arc<Authorization>>,
     /// The selecting Services' TrafficPolicy rateLimits with their `service` labels (the destination's proxy enforces
     /// them, after authorization; a request takes a token from each).
-    pub rate_limits: Arc<[(Arc<str>, ferry_xds::policy::RateLimit)]>,
+    pub rate_limits: Arc<[(Arc<str>, ferry_api::policy::RateLimit)]>,
     /// The `service` label of the decision metric and of inbound requests: the selecting Service first in
     /// `namespace/name` order, or `unselected`.
     pub service: Arc<str>,
@@ -267,13 +267,13 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ferry_xds::Document;
+    use ferry_api::Document;
 
     fn policy(yaml_spec: &str) -> AuthorizationPolicy {
         let doc = format!(
             "apiVersion: ferry.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: p, namespace: shop}}\nspec: {yaml_spec}\n"
         );
-        match ferry_xds::parse_documents(&doc).unwrap().remove(0) {
+        match ferry_api::parse_documents(&doc).unwrap().remove(0) {
             Document::AuthorizationPolicy(p) => p,
             other => panic!("{other:?}"),
         }

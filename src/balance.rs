@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use ferry_xds::policy::LoadBalancer;
+use ferry_api::policy::LoadBalancer;
 use http::{Request, Response};
 use serde::Serialize;
 use tokio::time::Instant;

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use ferry_xds::parse_duration;
+use ferry_api::parse_duration;
 use serde::Serialize;
 
 /// Everything the proxy starts with; shown verbatim by the admin `/config_dump`.
@@ -257,7 +257,7 @@ impl Settings {
 /// `FERRY_CONTROL_ADDR` and the variables it requires (`FERRY_CA_ROOT`, `FERRY_JOIN_TOKEN`).
 fn control_settings<F: Fn(&str) -> Option<String>>(env: &Env<F>) -> Result<Option<ControlSettings>, BootstrapError> {
     let Some(addr) = env.raw("FERRY_CONTROL_ADDR").filter(|s| !s.is_empty()) else { return Ok(None) };
-    let (host, port) = ferry_xds::split_host_port(&addr);
+    let (host, port) = ferry_api::split_host_port(&addr);
     if host.is_empty() || port.and_then(|p| p.parse::<u16>().ok()).is_none_or(|p| p == 0) {
         return Err(env.error("FERRY_CONTROL_ADDR", &addr, "must be host:port (e.g. 127.0.0.1:15010)"));
     }

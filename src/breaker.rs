@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use ferry_xds::policy::CircuitBreaker;
+use ferry_api::policy::CircuitBreaker;
 use http::{Request, Response};
 use tokio::time::Instant;
 

@@ -28,7 +28,7 @@ impl Caps {
     pub const DEFAULT: u32 = 1024;
 
     /// The caps of a `circuitBreaker` (`None`: defaults for all).
-    pub fn from_policy(p: Option<&ferry_xds::policy::CircuitBreaker>) -> Caps {
+    pub fn from_policy(p: Option<&ferry_api::policy::CircuitBreaker>) -> Caps {
         let or_default = |v: Option<u32>| Some(v.unwrap_or(Caps::DEFAULT));
         Caps {
             max_requests: or_default(p.and_then(|p| p.max_requests)),

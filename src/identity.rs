@@ -5,8 +5,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_xds::identity::unix_now;
-use ferry_xds::resources::pb;
+use ferry_api::identity::unix_now;
+use ferry_api::resources::pb;
 use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
@@ -156,10 +156,10 @@ async fn certify(
     let leaf = response
         .chain_pem
         .first()
-        .and_then(|pem| ferry_xds::identity::pem_certificates(pem).ok())
+        .and_then(|pem| ferry_api::identity::pem_certificates(pem).ok())
         .and_then(|ders| ders.into_iter().next())
         .ok_or_else(|| CertifyError::Issued("no certificate in the answer".into()))?;
-    let info = ferry_xds::identity::inspect(&leaf).map_err(|e| CertifyError::Issued(e.to_string()))?;
+    let info = ferry_api::identity::inspect(&leaf).map_err(|e| CertifyError::Issued(e.to_string()))?;
     let credentials = Credentials {
         chain_pem: response.chain_pem,
         key_pkcs8: key.serialize_der(),

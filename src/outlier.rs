@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use ferry_xds::policy::OutlierDetection;
+use ferry_api::policy::OutlierDetection;
 use serde::Serialize;
 use tokio::time::Instant;
 

@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use ferry_xds::identity::Identity;
-use ferry_xds::policy::RateLimit;
+use ferry_api::identity::Identity;
+use ferry_api::policy::RateLimit;
 use futures_util::future::Either;
 use http::Request;
 use tokio::time::Instant;

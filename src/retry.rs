@@ -10,7 +10,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use ferry_xds::policy::{Retries, RetryBudget};
+use ferry_api::policy::{Retries, RetryBudget};
 use http::{Method, Request, Response};
 use http_body::Body;
 use http_body_util::BodyExt;

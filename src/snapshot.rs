@@ -5,14 +5,14 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use ferry_xds::identity::Identity;
-use ferry_xds::policy::{LoadBalancer, MtlsMode};
+use ferry_api::identity::Identity;
+use ferry_api::policy::{LoadBalancer, MtlsMode};
 
 use crate::balance::Endpoint;
 
 use crate::authz::{Authorization, InboundPolicy};
-use ferry_xds::workload::{DefaultInbound, SelectingService, Workload};
-use ferry_xds::{Document, PortProtocol, ServicePort, ServiceSpec, split_host_port};
+use ferry_api::workload::{DefaultInbound, SelectingService, Workload};
+use ferry_api::{Document, PortProtocol, ServicePort, ServiceSpec, split_host_port};
 use serde::Serialize;
 
 /// Everything the data path needs to route, as one immutable value.
@@ -84,7 +84,7 @@ pub struct Outbound {
 }
 
 impl Outbound {
-    pub fn for_service(spec: Option<&ferry_xds::policy::TrafficPolicySpec>) -> Outbound {
+    pub fn for_service(spec: Option<&ferry_api::policy::TrafficPolicySpec>) -> Outbound {
         let breaker = spec.and_then(|s| s.circuit_breaker.as_ref());
         Outbound {
             // No request timeout: it would cover the body, cutting long downloads, streams and long polls.
@@ -254,7 +254,7 @@ impl Snapshot {
         }
         let mut mtls = HashMap::new();
         let mut rate_limits = HashMap::new();
-        let mut authz_docs: HashMap<String, Vec<&ferry_xds::policy::AuthorizationPolicy>> = HashMap::new();
+        let mut authz_docs: HashMap<String, Vec<&ferry_api::policy::AuthorizationPolicy>> = HashMap::new();
         for doc in &policies {
             match doc {
                 Document::TrafficPolicy(p) => {
@@ -413,14 +413,14 @@ impl Inbound {
     fn compile(
         workload: &Workload,
         mtls: &HashMap<String, MtlsMode>,
-        rate_limits: &HashMap<String, ferry_xds::policy::RateLimit>,
-        authz: &HashMap<String, Vec<&ferry_xds::policy::AuthorizationPolicy>>,
+        rate_limits: &HashMap<String, ferry_api::policy::RateLimit>,
+        authz: &HashMap<String, Vec<&ferry_api::policy::AuthorizationPolicy>>,
         default_mtls: MtlsMode,
     ) -> Inbound {
         let policy = |services: &[&SelectingService], protocols: &[PortProtocol]| -> Arc<InboundPolicy> {
             let keys: Vec<String> = services.iter().map(|s| s.key()).collect();
             let mode = keys.iter().map(|k| mtls.get(k).copied().unwrap_or(default_mtls)).max().unwrap_or(default_mtls);
-            let docs: Vec<&ferry_xds::policy::AuthorizationPolicy> =
+            let docs: Vec<&ferry_api::policy::AuthorizationPolicy> =
                 keys.iter().flat_map(|k| authz.get(k).into_iter().flatten().copied()).collect();
             let label = |s: &SelectingService| -> Arc<str> { format!("{}.{}", s.name, s.namespace).into() };
             let first = protocols.first();
@@ -549,7 +549,7 @@ kind: Service
 metadata: {name: orders, namespace: default}
 spec: {ports: [{port: 80}, {port: 5432, protocol: tcp}]}
 "#;
-        let docs = ferry_xds::parse_documents(yaml).unwrap();
+        let docs = ferry_api::parse_documents(yaml).unwrap();
         Snapshot::build(1, "test".into(), docs, "default", MtlsMode::Permissive, Workload::default())
     }
 
@@ -653,7 +653,7 @@ spec: {targetRef: {kind: Service, name: lax}, defaultAction: allow}
             ],
             DefaultInbound::Deny,
         );
-        let docs = ferry_xds::parse_documents(yaml).unwrap();
+        let docs = ferry_api::parse_documents(yaml).unwrap();
         let s = Snapshot::build(1, "test".into(), docs, "shop", MtlsMode::Permissive, workload);
         let (web, stranger) = (Identity::new("shop", "web"), Identity::new("elsewhere", "x"));
         fn allowed(p: &InboundPolicy, peer: Option<&Identity>, port: u16) -> bool {
@@ -711,7 +711,7 @@ kind: Service
 metadata: {name: api, namespace: shop}
 spec: {ports: [{port: 8080}], identities: [api], endpoints: [{address: "10.1.0.5", identity: api}]}
 "#;
-        let docs = ferry_xds::parse_documents(yaml).unwrap();
+        let docs = ferry_api::parse_documents(yaml).unwrap();
         let s = Snapshot::build(1, "t".into(), docs, "shop", MtlsMode::Permissive, Workload::default());
         let route = s.route_original("10.1.0.5:8080".parse().unwrap()).unwrap();
         assert_eq!(route.target, Target::Endpoint(Endpoint { addr: "10.1.0.5:8080".parse().unwrap(), meshed: true }));

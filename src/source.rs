@@ -12,7 +12,7 @@ pub enum SourceError {
     #[error("cannot read {path}: {source}")]
     Read { path: PathBuf, source: std::io::Error },
     #[error("{path}: {source}")]
-    Invalid { path: PathBuf, source: ferry_xds::ConfigError },
+    Invalid { path: PathBuf, source: ferry_api::ConfigError },
 }
 
 /// Validates the file's content into a snapshot; the pod serves the `declared` Services (`FERRY_SERVICE`).
@@ -25,9 +25,9 @@ pub fn parse(
 ) -> Result<Snapshot, SourceError> {
     let text = String::from_utf8_lossy(bytes);
     let documents =
-        ferry_xds::parse_documents(&text).map_err(|source| SourceError::Invalid { path: path.into(), source })?;
+        ferry_api::parse_documents(&text).map_err(|source| SourceError::Invalid { path: path.into(), source })?;
     // No control plane, no identity: nothing is mTLS, so nothing can be strict.
-    let mode = ferry_xds::policy::MtlsMode::Permissive;
+    let mode = ferry_api::policy::MtlsMode::Permissive;
     let workload = crate::snapshot::declared_workload(declared, &documents);
     Ok(Snapshot::build(version, format!("file:{}", path.display()), documents, local_namespace, mode, workload))
 }

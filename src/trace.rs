@@ -3,7 +3,6 @@
 //! `FERRY_TRACE_SAMPLING`, when there is none), exported over OTLP/gRPC in batches by a bounded, never-blocking queue
 //! whose drops are counted.
 
-use std::fmt::Write as _;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::{HeaderMap, HeaderValue};
@@ -13,6 +12,8 @@ use opentelemetry_proto::tonic::common::v1::{AnyValue, InstrumentationScope, Key
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, Status, span, status};
 use tokio::sync::mpsc;
+
+use ferry_api::hex;
 
 use crate::metrics::Metrics;
 
@@ -70,13 +71,6 @@ fn trace_id(s: &str) -> Option<[u8; 16]> {
         }),
         _ => hex_to::<16>(s),
     }
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
 }
 
 /// Pure: a W3C `traceparent` (`00-<trace>-<span>-<flags>`; a later version is read by the same first fields).
@@ -261,7 +255,7 @@ fn string(key: &str, value: &str) -> KeyValue {
 
 /// Pure: the OTLP span of a finished hop.
 pub fn to_span(hop: Hop, done: &Finished<'_>, end: SystemTime) -> Span {
-    let (host, port) = ferry_xds::split_host_port(done.authority);
+    let (host, port) = ferry_api::split_host_port(done.authority);
     let mut attributes = vec![
         string("http.request.method", done.method),
         string("url.path", done.path),

@@ -9,9 +9,9 @@ use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
 use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
-use ferry_xds::protocol::{self, NODE_INBOUND_PORT, NODE_SERVICE, Received, TYPES, short_type};
-use ferry_xds::workload::{DefaultInbound, Workload};
-use ferry_xds::{Document, one_traffic_policy_error};
+use ferry_api::protocol::{self, NODE_INBOUND_PORT, NODE_SERVICE, Received, TYPES, short_type};
+use ferry_api::workload::{DefaultInbound, Workload};
+use ferry_api::{Document, one_traffic_policy_error};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
@@ -312,7 +312,7 @@ mod tests {
     fn response(type_url: &str, docs: &str, removed: &[&str]) -> DeltaDiscoveryResponse {
         DeltaDiscoveryResponse {
             type_url: type_url.into(),
-            resources: ferry_xds::parse_documents(docs)
+            resources: ferry_api::parse_documents(docs)
                 .unwrap()
                 .iter()
                 .map(|d| Resource {
@@ -356,7 +356,7 @@ mod tests {
                 version: "v".into(),
                 resource: Some(protocol::encode_mesh(&protocol::Mesh {
                     roots_pem,
-                    default_mtls: ferry_xds::policy::MtlsMode::Strict,
+                    default_mtls: ferry_api::policy::MtlsMode::Strict,
                 })),
                 ..Default::default()
             }],
@@ -383,7 +383,7 @@ mod tests {
         assert!(r.ready());
         assert_eq!(r.workload(), Workload::default());
         let mesh = r.mesh().map(|m| (m.roots_pem.len(), m.default_mtls));
-        assert_eq!(mesh, Some((2, ferry_xds::policy::MtlsMode::Strict)));
+        assert_eq!(mesh, Some((2, ferry_api::policy::MtlsMode::Strict)));
         assert_eq!(r.documents().len(), 2);
         // A second TrafficPolicy for the same Service: the whole response is refused, naming both.
         let err = r.apply(&response(protocol::TRAFFIC_POLICY_TYPE, &tp("two", "a"), &[])).unwrap_err();

@@ -2,11 +2,7 @@
 //! unmeshed TLS and certificates from another CA, permissive accepts them and still uses mTLS between proxies; an
 //! AuthorizationPolicy lets listed callers through and answers the rest 403 (gRPC PERMISSION_DENIED, TCP closed).
 
-#[path = "../xds/tests/support/mod.rs"]
-mod control;
-#[path = "support/mesh.rs"]
-mod mesh;
-mod support;
+use ferry_test_support::{self as support, control, mesh};
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -73,7 +69,7 @@ async fn strict_refuses_what_is_not_mesh_mtls_and_permissive_accepts_it() {
     let tls_app = tls_echo_app().await;
     // Strict is the mesh-wide default here; two Services opt back into permissive.
     let cp = tokio::task::block_in_place(|| {
-        let addrs = [control::free_addr(), control::free_addr(), control::free_addr()];
+        let addrs = [support::free_addr(), support::free_addr(), support::free_addr()];
         ControlPlane::start_on(&state_dir("authz-modes"), addrs, &["--mtls-mode", "strict"])
     });
     for (name, permissive) in [("api", false), ("legacy", true), ("tlsapp", true)] {

@@ -1,6 +1,6 @@
 //! Bad input at a real `ferry` process: each gets a clean 4xx + close or a GOAWAY, is counted, and harms no one else.
 
-mod support;
+use ferry_test_support as support;
 
 use std::time::Duration;
 

@@ -5,9 +5,7 @@
 //! result fails. Expressions that pad an empty result (`or vector(0)`, `or on() ...`) or use no Ferry or process
 //! metric are refused by the test itself.
 
-#[path = "../xds/tests/support/mod.rs"]
-mod control;
-mod support;
+use ferry_test_support::{self as support, control};
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -148,19 +146,19 @@ fn every_dashboard_expression_has_data_on_a_real_prometheus_scraping_the_demo() 
         serde_json::from_str(&std::fs::read_to_string(hold.join("control.json")).unwrap()).unwrap();
     let api: std::net::SocketAddr = info["api"].as_str().unwrap().parse().unwrap();
     let bearer = format!("Bearer {}", info["token"].as_str().unwrap());
-    let bad = ferry_xds::resources::pb::Service {
-        meta: Some(ferry_xds::resources::pb::Meta {
+    let bad = ferry_api::resources::pb::Service {
+        meta: Some(ferry_api::resources::pb::Meta {
             name: "quotes".into(),
             namespace: "default".into(),
             ..Default::default()
         }),
-        ports: vec![ferry_xds::resources::pb::Port { port: 70000, ..Default::default() }],
+        ports: vec![ferry_api::resources::pb::Port { port: 70000, ..Default::default() }],
         identities: vec!["quotes".into()],
         ..Default::default()
     };
     let hex: String = bad.encode_to_vec().iter().map(|b| format!("{b:02x}")).collect();
     let body =
-        serde_json::json!({"typeUrl": ferry_xds::protocol::SERVICE_TYPE, "name": "default/quotes", "valueHex": hex});
+        serde_json::json!({"typeUrl": ferry_api::protocol::SERVICE_TYPE, "name": "default/quotes", "valueHex": hex});
     let (status, reply) =
         http_exchange(api, "POST", "/v1/testing/inject", &[("Authorization", &bearer)], &body.to_string()).unwrap();
     assert_eq!(status, 200, "the test build of ferry-control has the injection route: {reply}");

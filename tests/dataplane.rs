@@ -1,6 +1,6 @@
 //! Forwarding through a real `ferry` process: HTTP/1.1, h2c, upgrades, large streamed bodies, opaque TCP.
 
-mod support;
+use ferry_test_support as support;
 
 use std::time::Duration;
 
@@ -114,7 +114,7 @@ async fn fifty_mib_upload_and_download_stream_without_buffering() {
             }
         }
     }
-    assert_eq!((n, backend::hex(&sha2::Digest::finalize(hasher))), (SIZE, expected.clone()));
+    assert_eq!((n, ferry_api::hex(&sha2::Digest::finalize(hasher))), (SIZE, expected.clone()));
 
     // The same through h2c.
     let mut tx2 = h2(ferry.outbound).await;

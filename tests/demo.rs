@@ -1,8 +1,6 @@
 //! The README's demo command must keep working: run the built `demo` example against this build's `ferry`.
 
-#[path = "../xds/tests/support/mod.rs"]
-mod control;
-mod support;
+use ferry_test_support::{self as support, control};
 
 use std::path::PathBuf;
 use std::process::Command;

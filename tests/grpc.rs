@@ -1,6 +1,6 @@
 //! gRPC through a real `ferry` process: a tonic bidirectional stream with trailers and large messages.
 
-mod support;
+use ferry_test_support as support;
 
 use http::uri::PathAndQuery;
 use support::grpc::{Chunk, Codec, MAX_MESSAGE, grpc_backend, tokio_stream_from};

@@ -1,7 +1,7 @@
 //! Transparent interception end to end: `ferry init` rules and `ferry run` (as UID 1337) in two network namespaces
 //! joined by a veth pair; unmodified clients (curl, a gRPC client, a TCP client) talk to the server's address.
 
-mod support;
+use ferry_test_support as support;
 
 use std::time::{Duration, Instant};
 
@@ -36,8 +36,8 @@ fn injected_init_args(annotations: &[(&str, &str)]) -> Vec<String> {
     let pod = serde_json::json!({"apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": "app", "namespace": "default", "annotations": notes},
         "spec": {"containers": [{"name": "app", "image": "app"}]}});
-    let settings = ferry_xds::kubernetes::inject::Settings::default();
-    let (out, _) = ferry_xds::kubernetes::inject::inject_yaml(&pod.to_string(), &settings).unwrap();
+    let settings = ferry_api::kubernetes::inject::Settings::default();
+    let (out, _) = ferry_api::kubernetes::inject::inject_yaml(&pod.to_string(), &settings).unwrap();
     let pod: serde_json::Value = serde_saphyr::from_str(&out).unwrap();
     let init = &pod["spec"]["initContainers"][0];
     assert_eq!(init["name"], "ferry-init");
@@ -360,7 +360,7 @@ spec:
     readinessProbe: {tcpSocket: {port: 9000}}
     startupProbe: {tcpSocket: {port: 9999}}
 ";
-    let (out, _) = ferry_xds::kubernetes::inject::inject_yaml(pod, &Default::default()).unwrap();
+    let (out, _) = ferry_api::kubernetes::inject::inject_yaml(pod, &Default::default()).unwrap();
     let pod: serde_json::Value = serde_saphyr::from_str(&out).unwrap();
     let proxy = pod["spec"]["initContainers"].as_array().unwrap().iter().find(|c| c["name"] == "ferry-proxy").unwrap();
     let env = proxy["env"].as_array().unwrap().iter().find(|e| e["name"] == "FERRY_APP_PROBES").unwrap();

@@ -2,9 +2,7 @@
 //! sidecars joined to a real `ferry-control`; an unmodified client's call to the server's address is mTLS between the
 //! sidecars (the SNI names the target port), and the server app learns the caller's identity. HTTP and opaque TCP.
 
-#[path = "../xds/tests/support/mod.rs"]
-mod control;
-mod support;
+use ferry_test_support::{self as support, control};
 
 use std::time::{Duration, Instant};
 

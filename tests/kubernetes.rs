@@ -4,13 +4,7 @@
 //! started with the environment the injector writes, answering the app's rewritten probes on its health port while
 //! the app's own port accepts only mesh mTLS.
 
-#[path = "../xds/tests/support/apiserver.rs"]
-mod apiserver;
-#[path = "../xds/tests/support/mod.rs"]
-mod control;
-#[path = "support/mesh.rs"]
-mod mesh;
-mod support;
+use ferry_test_support::{self as support, apiserver, control, mesh};
 
 use std::process::Command;
 use std::time::Duration;
@@ -18,10 +12,11 @@ use std::time::Duration;
 use apiserver::{
     AUTHZ, ApiServer, CONFIGMAPS, CRDS, DEPLOYMENTS, NAMESPACES, PODS, SECRETS, SERVICES, SLICES, TRAFFIC, WEBHOOKS,
 };
-use control::{ControlPlane, KubeControl, free_addr, state_dir};
-use ferry_xds::kubernetes::inject;
+use control::{ControlPlane, KubeControl, state_dir};
+use ferry_api::kubernetes::inject;
 use mesh::{proxy, service};
 use serde_json::{Value, json};
+use support::free_addr;
 use support::{Ferry, TempDir, backend, http_exchange_full, http_get, metric_value, wait_until};
 
 /// The `FERRY_APP_PROBES` value the injector writes for a pod whose app listens on `port`.
@@ -53,7 +48,7 @@ async fn rewritten_app_probes_work_under_strict_mtls() {
     let app = backend::http_backend().await;
     let probes = injected_app_probes(app.addr.port());
     let cp = tokio::task::block_in_place(|| {
-        let addrs = [control::free_addr(), control::free_addr(), control::free_addr()];
+        let addrs = [support::free_addr(), support::free_addr(), support::free_addr()];
         ControlPlane::start_on(&state_dir("k8s-probes"), addrs, &["--mtls-mode", "strict"])
     });
     cp.ok(&["apply", "-f", "-"], Some(&service("api", "api.local", "")));
@@ -423,9 +418,9 @@ async fn kubernetes_discovery_and_identity_through_the_api_server() {
     let csr =
         || rcgen::CertificateParams::new(Vec::<String>::new()).unwrap().serialize_request(&key).unwrap().pem().unwrap();
     let issued = mesh::certify_at(xds, &root, csr(), Some("token-web-1"), None).await.unwrap();
-    let leaf = ferry_xds::identity::pem_certificates(&issued.chain_pem[0]).unwrap().remove(0);
-    let info = ferry_xds::identity::inspect(&leaf).unwrap();
-    assert_eq!(info.pod, Some(ferry_xds::identity::PodRef { name: "web-1".into(), uid: "uid-web-1".into() }));
+    let leaf = ferry_api::identity::pem_certificates(&issued.chain_pem[0]).unwrap().remove(0);
+    let info = ferry_api::identity::inspect(&leaf).unwrap();
+    assert_eq!(info.pod, Some(ferry_api::identity::PodRef { name: "web-1".into(), uid: "uid-web-1".into() }));
     let client = Some((issued.chain_pem[0].clone(), key.serialize_pem()));
     assert!(mesh::certify_at(xds, &root, csr(), None, client.clone()).await.is_ok(), "renewed while the pod exists");
     // The pod is deleted: no renewal, and its proxy's xDS stream is closed.

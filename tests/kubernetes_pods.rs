@@ -6,17 +6,13 @@
 //! resolved by the namespace's /etc/hosts, as cluster DNS would). Policies are CRD objects; callers are unmodified
 //! clients (curl) in their pods, meshed or not.
 
-#[path = "../xds/tests/support/apiserver.rs"]
-mod apiserver;
-#[path = "../xds/tests/support/mod.rs"]
-mod control;
-mod support;
+use ferry_test_support::{self as support, apiserver, control};
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use apiserver::{AUTHZ, ApiServer, NAMESPACES, PODS, SERVICES, SLICES, TRAFFIC};
-use ferry_xds::kubernetes::inject;
+use ferry_api::kubernetes::inject;
 use serde_json::{Value, json};
 use support::TempDir;
 use support::netns::{self, Background, NetNs, must};
@@ -91,7 +87,7 @@ impl Node {
         let log = std::fs::File::create(self.dir.path().join("control.log")).unwrap();
         let mut full = vec![
             format!("KUBECONFIG={}", kubeconfig.display()),
-            "FERRY_LOG_LEVEL=info,ferry_xds=debug".into(),
+            "FERRY_LOG_LEVEL=info,ferry_api=debug".into(),
             control::control_bin().display().to_string(),
         ];
         full.extend(["serve", "--discovery", "kubernetes", "--state-dir"].map(String::from));

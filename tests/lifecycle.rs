@@ -1,6 +1,6 @@
 //! A real `ferry` process's life: drain on SIGTERM under load, config reloads, start-up errors, admin endpoints.
 
-mod support;
+use ferry_test_support as support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -2,11 +2,7 @@
 //! the app who called, a peer with an identity the destination does not list is refused, the CSR service refuses bad
 //! credentials and ignores what a CSR asks for, and certificates rotate under load without a failed request.
 
-#[path = "../xds/tests/support/mod.rs"]
-mod control;
-#[path = "support/mesh.rs"]
-mod mesh;
-mod support;
+use ferry_test_support::{self as support, control, mesh};
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -233,7 +229,7 @@ async fn the_csr_service_issues_only_what_the_credential_proves() {
     let token = tokio::task::block_in_place(|| cp.join_token("default", "api", "1h"));
     let (key, csr) = greedy_csr();
     let issued = certify(&cp, csr.clone(), Some(&token), None).await.unwrap();
-    let der = ferry_xds::identity::pem_certificates(&issued.chain_pem[0]).unwrap().remove(0);
+    let der = ferry_api::identity::pem_certificates(&issued.chain_pem[0]).unwrap().remove(0);
     let (_, cert) = X509Certificate::from_der(&der).unwrap();
     let sans: Vec<String> =
         cert.subject_alternative_name().unwrap().unwrap().value.general_names.iter().map(|n| n.to_string()).collect();
@@ -262,10 +258,10 @@ async fn the_csr_service_issues_only_what_the_credential_proves() {
     let (_, csr2) = greedy_csr();
     let client = (issued.chain_pem.concat(), key.serialize_pem());
     let renewed = certify(&cp, csr2, None, Some(client)).await.unwrap();
-    let info = ferry_xds::identity::inspect(&ferry_xds::identity::pem_certificates(&renewed.chain_pem[0]).unwrap()[0])
+    let info = ferry_api::identity::inspect(&ferry_api::identity::pem_certificates(&renewed.chain_pem[0]).unwrap()[0])
         .unwrap();
     assert_eq!(info.identity.spiffe(), "spiffe://cluster.local/ns/default/sa/api");
-    assert_ne!(info.serial, ferry_xds::identity::inspect(&der).unwrap().serial, "a new serial");
+    assert_ne!(info.serial, ferry_api::identity::inspect(&der).unwrap().serial, "a new serial");
 
     // Refusals: no credential, unknown, expired and revoked tokens, and a request that is not a CSR.
     let expired = tokio::task::block_in_place(|| cp.join_token("default", "api", "1s"));
@@ -327,7 +323,7 @@ async fn certificates_rotate_under_load_without_a_failed_request() {
     let cp = tokio::task::block_in_place(|| {
         ControlPlane::start_on(
             &state_dir("mtls-rotate"),
-            [control::free_addr(), control::free_addr(), control::free_addr()],
+            [support::free_addr(), support::free_addr(), support::free_addr()],
             &["--cert-lifetime", "4s"],
         )
     });
@@ -406,7 +402,7 @@ async fn the_root_rotates_with_overlap_and_no_failed_request() {
     let cp = tokio::task::block_in_place(|| {
         ControlPlane::start_on(
             &state_dir("mtls-root"),
-            [control::free_addr(), control::free_addr(), control::free_addr()],
+            [support::free_addr(), support::free_addr(), support::free_addr()],
             // A staged root signs no sooner than the endpoint grace after it joined the bundle.
             &["--cert-lifetime", "4s", "--endpoint-grace", "2s"],
         )

@@ -2,11 +2,7 @@
 //! IDs add no series), the labels of a meshed request on both sides, gRPC statuses from trailers, message sizes,
 //! generated request IDs, and `promtool check metrics` (Debian's `prometheus`) clean on busy scrapes.
 
-#[path = "../xds/tests/support/mod.rs"]
-mod control;
-#[path = "support/mesh.rs"]
-mod mesh;
-mod support;
+use ferry_test_support::{self as support, control, mesh};
 
 use std::io::Write;
 use std::process::{Command, Stdio};

@@ -3,11 +3,7 @@
 //! breaker; request caps; retries on a seeded 20 % failing backend and budgets on a dead one; outlier ejection of a
 //! killed endpoint and its readmission; P2C-EWMA against a slow endpoint; policy changes under load.
 
-#[path = "../xds/tests/support/mod.rs"]
-mod control;
-#[path = "support/mesh.rs"]
-mod mesh;
-mod support;
+use ferry_test_support::{self as support, control, mesh};
 
 use std::time::Duration;
 use support::backend;

@@ -3,20 +3,17 @@
 //! and the server app sees the trace in `traceparent`; B3-only and context-free requests; a receiver that is down
 //! costs no request and the drop counter rises.
 
-#[path = "../xds/tests/support/mod.rs"]
-mod control;
-#[path = "support/mesh.rs"]
-mod mesh;
-mod support;
+use ferry_test_support::{self as support, control, mesh};
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use ferry_api::hex;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
 use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
 use opentelemetry_proto::tonic::trace::v1::{Span, span::SpanKind};
-use support::backend::{self, hex};
+use support::backend;
 use support::{http_exchange_full, wait_until};
 
 /// Every span received, in order.

@@ -2,9 +2,7 @@
 //! ACKed once each, long-lived streams untouched by 20 pushes under load, NACKs visible in `ferryctl status`, a
 //! SIGKILLed control plane costing no request, and refused credentials.
 
-#[path = "../xds/tests/support/mod.rs"]
-mod control;
-mod support;
+use ferry_test_support::{self as support, control};
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -205,20 +203,20 @@ async fn an_invalid_resource_is_nacked_and_the_old_config_kept() {
 fn invalid_resource_is_nacked() {
     let m = mesh_blocking("nack");
     // Past validation, as only the test build can: Service default/api with port 70000.
-    let bad = ferry_xds::resources::pb::Service {
-        meta: Some(ferry_xds::resources::pb::Meta {
+    let bad = ferry_api::resources::pb::Service {
+        meta: Some(ferry_api::resources::pb::Meta {
             name: "api".into(),
             namespace: "default".into(),
             ..Default::default()
         }),
-        ports: vec![ferry_xds::resources::pb::Port { port: 70000, ..Default::default() }],
+        ports: vec![ferry_api::resources::pb::Port { port: 70000, ..Default::default() }],
         addresses: vec!["api.v0.local".into(), "api.bad.local".into()],
         identities: vec!["api".into()],
         ..Default::default()
     };
     let hex: String = bad.encode_to_vec().iter().map(|b| format!("{b:02x}")).collect();
     let body =
-        serde_json::json!({ "typeUrl": ferry_xds::protocol::SERVICE_TYPE, "name": "default/api", "valueHex": hex });
+        serde_json::json!({ "typeUrl": ferry_api::protocol::SERVICE_TYPE, "name": "default/api", "valueHex": hex });
     let (status, reply) = api(&m.cp, "POST", "/v1/testing/inject", &body.to_string());
     assert_eq!(status, 200, "the test build has the injection route: {reply}");
     wait_until("both proxies NACK", Duration::from_secs(5), || {

@@ -177,8 +177,8 @@ impl Proxy {
                 status,
                 duration_ms = elapsed.as_secs_f64() * 1000.0,
                 request_id = request_id.to_str().unwrap_or(""),
-                trace_id = %trace::hex(&span.trace_id),
-                span_id = %trace::hex(&span.span_id),
+                trace_id = %ferry_api::hex(&span.trace_id),
+                span_id = %ferry_api::hex(&span.span_id),
                 error = error.as_ref().map(|e| e.reason()).unwrap_or(""),
                 detail = error.as_ref().map(|e| e.to_string()).unwrap_or_default(),
             );

@@ -275,7 +275,7 @@ impl Proxy {
         let session = stream.get_ref().1;
         let alpn = session.alpn_protocol().and_then(Alpn::of);
         let leaf = session.peer_certificates().and_then(|c| c.first());
-        let info = match leaf.map(|c| ferry_xds::identity::inspect(c)) {
+        let info = match leaf.map(|c| ferry_api::identity::inspect(c)) {
             Some(Ok(info)) => info,
             other => {
                 let message = match other {

@@ -48,7 +48,7 @@ pub struct ConnInfo {
     pub original_dst: Option<SocketAddr>,
     /// Inbound mTLS: the peer proxy's verified identity.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub peer_identity: Option<Arc<ferry_xds::identity::Identity>>,
+    pub peer_identity: Option<Arc<ferry_api::identity::Identity>>,
     /// Its SPIFFE ID, formatted once per connection (metrics, `ferry-client-id`).
     #[serde(skip)]
     pub peer_spiffe: Option<Arc<str>>,
@@ -84,7 +84,7 @@ impl ConnInfo {
 
     /// How long until the mesh peer's certificate expires (a connection must not outlive it).
     pub fn peer_expires_in(&self) -> Option<std::time::Duration> {
-        let now = ferry_xds::identity::unix_now();
+        let now = ferry_api::identity::unix_now();
         self.peer_not_after.map(|t| std::time::Duration::from_secs(t.saturating_sub(now).max(0) as u64))
     }
 }

@@ -1,20 +1,15 @@
 //! The pod suite: pods made from `ferryctl inject`'s output run in real containers of the images `deploy/Dockerfile`
 //! builds, on a small test node (`node.rs`; Docker Engine, root).
 
-#[path = "../../xds/tests/support/apiserver.rs"]
-mod apiserver;
-#[path = "../../xds/tests/support/mod.rs"]
-mod control;
+use ferry_test_support::{self as support, apiserver, control};
 mod node;
-#[path = "../support/mod.rs"]
-mod support;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use apiserver::{AUTHZ, ApiServer, NAMESPACES, TRAFFIC};
 use control::KubeControl;
-use ferry_xds::kubernetes::inject;
+use ferry_api::kubernetes::inject;
 use node::{APP_IMAGE, Exit, Node, Pod, docker_must, images};
 use serde_json::{Value, json};
 
@@ -414,8 +409,8 @@ fn through_webhook(pod: Value) -> Value {
         "operation": "CREATE", "userInfo": {"username": "system:serviceaccount:kube-system:replicaset-controller"},
         "object": pod.clone()}});
     let settings = inject::Settings::new(None, "ferry-control.ferry-system.svc:15010".into(), true);
-    let answer = ferry_xds::kubernetes::webhook::review(review.to_string().as_bytes(), &settings).unwrap();
-    let answer = ferry_xds::kubernetes::webhook::wire(answer);
+    let answer = ferry_control::kubernetes::webhook::review(review.to_string().as_bytes(), &settings).unwrap();
+    let answer = ferry_control::kubernetes::webhook::wire(answer);
     assert_eq!(answer["response"]["allowed"], true, "{answer}");
     assert_eq!(answer["response"]["patchType"], "JSONPatch", "{answer}");
     let patch =

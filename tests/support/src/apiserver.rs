@@ -3,8 +3,6 @@
 //! `410 Gone` that makes clients list again), TokenReviews answered from a table, and the writes the control plane
 //! makes (Secrets, ConfigMaps, status patches, the webhook's caBundle), recorded for assertions.
 
-#![allow(dead_code)]
-
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -191,7 +189,6 @@ impl ApiServer {
         Self::store(&mut self.state.lock().unwrap(), kind, obj);
     }
 
-    #[allow(dead_code)]
     pub fn watchers(&self, kind: Kind) -> usize {
         self.state.lock().unwrap().watchers.get(kind.plural).map_or(0, |w| w.iter().filter(|t| !t.is_closed()).count())
     }
@@ -202,7 +199,6 @@ impl ApiServer {
 
     /// Requests to `/api/v1/namespaces/<namespace>/pods/<pod>:<port>/proxy/<path>` go to `addr` (the port named in
     /// the path is the test's business).
-    #[allow(dead_code)]
     pub fn proxy_pod(&self, namespace: &str, pod: &str, addr: SocketAddr) {
         self.state.lock().unwrap().pod_proxies.insert(format!("{namespace}/{pod}"), addr);
     }
@@ -216,7 +212,6 @@ impl ApiServer {
         self.state.lock().unwrap().reviews.clone()
     }
 
-    #[allow(dead_code)]
     pub fn writes(&self) -> Vec<(String, String, Value)> {
         self.state.lock().unwrap().writes.clone()
     }

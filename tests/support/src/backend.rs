@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
+use ferry_api::hex;
 use futures_util::StreamExt;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
@@ -91,10 +92,6 @@ pub fn pattern_sha256(total: u64) -> String {
         h.update(pattern_chunk(i, len));
     }
     hex(&h.finalize())
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Reads a body frame by frame, hashing it: (length, sha256 hex).

@@ -1,13 +1,4 @@
-//! Shared by the control-plane tests and the proxy package's xDS tests (`#[path]`-included there): a real
-//! `ferry-control` process over a temporary state directory, and ferryctl.
-#![allow(dead_code)]
-
-// Root tests that include both supports load this file twice, as two modules: harmless.
-#[allow(clippy::duplicate_mod)]
-#[path = "prereq.rs"]
-mod prereq;
-#[allow(unused_imports)]
-pub use prereq::{prerequisites, works};
+//! A real `ferry-control` process over a temporary state directory (local and Kubernetes mode), and ferryctl.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -15,24 +6,41 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-/// `ferry-control`: cargo's own build inside this package; elsewhere built once by [`built`].
+use crate::free_addr;
+
+/// `ferry-control`, with the test-only `testing` module (see [`built`]).
 pub fn control_bin() -> PathBuf {
-    option_env!("CARGO_BIN_EXE_ferry-control").map(PathBuf::from).unwrap_or_else(|| built("ferry-control"))
+    built("ferry-control")
 }
 
 pub fn ctl_bin() -> PathBuf {
-    option_env!("CARGO_BIN_EXE_ferryctl").map(PathBuf::from).unwrap_or_else(|| built("ferryctl"))
+    built("ferryctl")
 }
 
-/// Builds ferry-xds's binaries once per test process, with the test-only injection route, in this test's profile
-/// and target directory (what `cargo test --workspace` builds too, so nothing is rebuilt there).
+/// The directory of this test's profile (`target/debug` or `target/release`): the test binary runs from its `deps`.
+pub fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().unwrap().parent().unwrap().to_path_buf()
+}
+
+/// Builds ferry-control (with its `testing` feature) and ferryctl once per test process, in this test's profile and
+/// target directory; `cargo test --workspace` has built the same already (this package turns the feature on), so
+/// nothing is rebuilt there.
 pub fn built(name: &str) -> PathBuf {
     static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     let dir = BUILT.get_or_init(|| {
-        let exe = std::env::current_exe().unwrap();
-        let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
+        let profile_dir = profile_dir();
         let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        build.args(["build", "-p", "ferry-xds", "--bins", "--features", "testing", "--quiet"]);
+        build.args([
+            "build",
+            "-p",
+            "ferry-control",
+            "-p",
+            "ferryctl",
+            "--features",
+            "ferry-control/testing",
+            "--quiet",
+        ]);
         if profile_dir.ends_with("release") {
             build.arg("--release");
         }
@@ -51,10 +59,6 @@ pub fn get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     s.read_to_string(&mut out).ok()?;
     let status = out.split(' ').nth(1)?.parse().ok()?;
     Some((status, out.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or(out)))
-}
-
-pub fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
 }
 
 /// A `ferry-control serve` process over a state directory; killed when dropped.
@@ -99,7 +103,7 @@ impl ControlPlane {
             .args(["--api-addr", &api.to_string(), "--xds-addr", &xds.to_string()])
             .args(["--metrics-addr", &metrics.to_string()])
             .args(extra)
-            .env("FERRY_LOG_LEVEL", "info,ferry_xds=debug")
+            .env("FERRY_LOG_LEVEL", "info,ferry_control=debug,ferry_api=debug")
             .stdout(out.try_clone().unwrap())
             .stderr(out)
             .spawn()
@@ -188,7 +192,6 @@ pub fn state_dir(tag: &str) -> PathBuf {
 
 /// `kubernetes-validate --strict` for Kubernetes 1.33 on `files`: fails on any error and on any warning (an unknown
 /// kind, a deprecated field).
-#[allow(dead_code)]
 pub fn kubernetes_validate(files: &[PathBuf]) {
     // kubernetes-validate has no schema for `List`: its items are checked as documents of their own.
     let scratch = state_dir("kubernetes-validate");
@@ -274,7 +277,7 @@ impl KubeControl {
         Command::new(control_bin())
             .args(command)
             .env("KUBECONFIG", kubeconfig)
-            .env("FERRY_LOG_LEVEL", "info,ferry_xds=debug")
+            .env("FERRY_LOG_LEVEL", "info,ferry_control=debug,ferry_api=debug")
             .stdout(out.try_clone().unwrap())
             .stderr(out)
             .stdin(Stdio::null())

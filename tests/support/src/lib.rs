@@ -1,12 +1,14 @@
-//! Shared by the integration tests: runs a real `ferry` process on free loopback ports, and small real backends.
-#![allow(dead_code)]
+//! Ferry's multi-process test helpers, one copy for every package's tests: a real `ferry` process on free loopback
+//! ports ([`Ferry`]), small real backends, gRPC, network namespaces, the mesh, a real `ferry-control`
+//! ([`control`]), the fake Kubernetes API server ([`apiserver`]) and prerequisites.
 
+pub mod apiserver;
 pub mod backend;
+pub mod control;
 pub mod grpc;
+pub mod mesh;
 pub mod netns;
-#[path = "../../xds/tests/support/prereq.rs"]
 mod prereq;
-#[allow(unused_imports)]
 pub use prereq::{prerequisites, works};
 
 use std::io::Write;
@@ -17,9 +19,19 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+/// The `ferry` proxy of this test's profile: cargo builds it before it runs the root package's integration tests.
+pub fn ferry_bin() -> PathBuf {
+    control::profile_dir().join("ferry")
+}
+
 /// A loopback port that was free a moment ago.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A loopback address whose port was free a moment ago.
+pub fn free_addr() -> SocketAddr {
+    loopback(free_port())
 }
 
 pub fn loopback(port: u16) -> SocketAddr {
@@ -104,7 +116,7 @@ impl Ferry {
             (loopback(free_port()), loopback(free_port()), loopback(free_port()), loopback(free_port()));
         let log_path = dir.path().join("ferry.log");
         let log = std::fs::File::create(&log_path).unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferry"));
+        let mut cmd = Command::new(ferry_bin());
         cmd.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("FERRY_OUTBOUND_ADDR", outbound.to_string())

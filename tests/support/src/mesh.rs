@@ -1,14 +1,13 @@
-//! Helpers for tests of the mesh itself (included with `#[path]` next to `control`): Services, proxies joined to a
-//! control plane, CSRs, and a mesh client of the test's own that reads what a proxy presents.
-#![allow(dead_code)]
+//! Helpers for tests of the mesh itself: Services, proxies joined to a control plane, CSRs, and a mesh client of the
+//! test's own that reads what a proxy presents.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use ferry_xds::resources::pb;
+use ferry_api::resources::pb;
 
+use crate::Ferry;
 use crate::control::ControlPlane;
-use crate::support::Ferry;
 
 pub fn service(name: &str, addresses: &str, extra: &str) -> String {
     format!(
@@ -137,7 +136,7 @@ impl Probe {
                 let token = tokio::task::block_in_place(|| cp.join_token("default", account, "1h"));
                 let csr = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap().serialize_request(&key).unwrap();
                 let issued = certify(cp, csr.pem().unwrap(), Some(&token), None).await.unwrap();
-                let chain = ferry_xds::identity::pem_certificates(&issued.chain_pem[0]).unwrap();
+                let chain = ferry_api::identity::pem_certificates(&issued.chain_pem[0]).unwrap();
                 let chain = chain.into_iter().map(rustls::pki_types::CertificateDer::from).collect();
                 builder.with_client_auth_cert(chain, pkcs8()).unwrap()
             }
@@ -177,7 +176,7 @@ impl Probe {
 
     /// The serial of the certificate a proxy's inbound listener presents to a new handshake.
     pub async fn served_serial(&self, inbound: SocketAddr) -> String {
-        ferry_xds::identity::inspect(&self.served_certificate(inbound).await).unwrap().serial
+        ferry_api::identity::inspect(&self.served_certificate(inbound).await).unwrap().serial
     }
 
     /// The issuer (DN) of the certificate a proxy's inbound listener presents to a new handshake.

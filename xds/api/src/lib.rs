@@ -1,32 +1,17 @@
-//! Shared between the proxy and the control plane: the `ferry.dev/v1alpha1` documents and their validation.
+//! What the proxy, the control plane and the CLI share: the `ferry.dev/v1alpha1` documents and their validation, the
+//! `ferry.v1` protos, identities and certificates, the HTTP API's limits; with `kubernetes`, the pure Kubernetes
+//! transformations (CRDs, injection, discovery's object → model mapping).
 #![forbid(unsafe_code)]
 
-#[cfg(feature = "server")]
-pub mod ads;
-#[cfg(feature = "server")]
-pub mod ads_transport;
-#[cfg(feature = "server")]
-pub mod api;
-#[cfg(feature = "server")]
-pub mod ca;
-#[cfg(feature = "server")]
-pub mod certify;
 pub mod config;
 pub mod duration;
+pub mod http_api;
 pub mod identity;
 #[cfg(feature = "kubernetes")]
 pub mod kubernetes;
 pub mod policy;
 pub mod protocol;
 pub mod resources;
-#[cfg(feature = "server")]
-pub mod rotation;
-#[cfg(feature = "server")]
-pub mod serving;
-#[cfg(feature = "server")]
-pub mod store;
-#[cfg(feature = "server")]
-pub mod tokens;
 pub mod workload;
 
 pub use config::{
@@ -35,6 +20,15 @@ pub use config::{
     split_host_port,
 };
 pub use duration::{DurationError, parse_duration};
+
+/// Lower-case hex of `bytes`, as digests, versions and trace IDs are written.
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
 
 /// The SPIFFE trust domain of local mode: identities are `spiffe://cluster.local/ns/<namespace>/sa/<account>`.
 pub const TRUST_DOMAIN: &str = "cluster.local";

@@ -147,8 +147,9 @@ pub struct TrafficPolicy {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(
     feature = "kubernetes",
-    derive(kube::CustomResource, schemars::JsonSchema),
+    derive(kube_derive::CustomResource, schemars::JsonSchema),
     kube(
+        crates(kube_core = "::kube_core"),
         group = "ferry.dev",
         version = "v1alpha1",
         kind = "TrafficPolicy",
@@ -342,8 +343,9 @@ pub struct AuthorizationPolicy {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(
     feature = "kubernetes",
-    derive(kube::CustomResource, schemars::JsonSchema),
+    derive(kube_derive::CustomResource, schemars::JsonSchema),
     kube(
+        crates(kube_core = "::kube_core"),
         group = "ferry.dev",
         version = "v1alpha1",
         kind = "AuthorizationPolicy",

@@ -11,7 +11,7 @@ use crate::policy::{
     TrafficPolicy, TrafficPolicySpec,
 };
 
-/// The generated messages (`xds/proto/ferry/v1/resources.proto`).
+/// The generated messages (`xds/api/proto/ferry/v1/resources.proto`).
 pub mod pb {
     include!(concat!(env!("OUT_DIR"), "/ferry.v1.rs"));
 }

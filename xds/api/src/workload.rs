@@ -147,6 +147,25 @@ impl Workload {
     }
 }
 
+/// What one pod (Kubernetes) or one set of declared Services (local mode) serves, as the model publishes it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkloadRecord {
+    pub workload: Workload,
+    /// Kubernetes: the pod's uid and IPs; a stream bound to the pod is checked against them.
+    pub pod: Option<PodBinding>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PodBinding {
+    pub uid: String,
+    pub ips: Vec<std::net::IpAddr>,
+}
+
+/// The Workload resource name of a pod.
+pub fn pod_workload_name(namespace: &str, name: &str) -> String {
+    format!("pod/{namespace}/{name}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

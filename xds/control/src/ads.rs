@@ -2,7 +2,7 @@
 //! model with versions, nonces, ACK/NACK and at most one un-ACKed push per type per proxy.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,12 +22,14 @@ use tonic::{Status, Streaming};
 use crate::ads_transport::Incoming;
 use crate::api::ControlMetrics;
 use crate::certify::{Authenticated, by_certificate};
-use crate::config::{Document, Endpoint};
-pub use crate::identity::Identity;
-use crate::protocol::{self, NODE_INBOUND_PORT, NODE_SERVICE, TYPES, short_type};
-use crate::store::{Store, hex, write_atomic};
-use crate::tokens::{Tokens, unix_now};
-use crate::workload::{DefaultInbound, SelectingService, Workload};
+use crate::store::{Store, write_atomic};
+use crate::tokens::Tokens;
+use ferry_api::config::{Document, Endpoint};
+use ferry_api::hex;
+pub use ferry_api::identity::Identity;
+use ferry_api::identity::unix_now;
+use ferry_api::protocol::{self, NODE_INBOUND_PORT, NODE_SERVICE, TYPES, short_type};
+use ferry_api::workload::{DefaultInbound, PodBinding, SelectingService, Workload, WorkloadRecord, pod_workload_name};
 
 /// Changes arriving within this window are pushed together.
 pub const DEBOUNCE: Duration = Duration::from_millis(100);
@@ -143,31 +145,12 @@ impl Push {
 /// Index of the Workload type in [`TYPES`] (each proxy gets only its own).
 const WORKLOAD: usize = 4;
 
-/// What one pod (Kubernetes) or one set of declared Services (local mode) serves, as the model publishes it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct WorkloadRecord {
-    pub workload: Workload,
-    /// Kubernetes: the pod's uid and IPs; a stream bound to the pod is checked against them.
-    pub pod: Option<PodBinding>,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct PodBinding {
-    pub uid: String,
-    pub ips: Vec<IpAddr>,
-}
-
 /// What a stream's proxy is bound to in the model: the Services it serves (it gets their AuthorizationPolicies) and,
 /// for a pod, the pod's uid and IPs.
 #[derive(Debug, Clone, PartialEq)]
 struct Bound {
     services: BTreeSet<String>,
     pod: Option<PodBinding>,
-}
-
-/// The Workload resource name of a pod.
-pub fn pod_workload_name(namespace: &str, name: &str) -> String {
-    format!("pod/{namespace}/{name}")
 }
 
 /// The Workload resource name of a local-mode proxy declaring `services` (`namespace/name` each).
@@ -255,9 +238,8 @@ impl Model {
         model
     }
 
-    /// Puts a raw resource in place of (or beside) the validated ones: the test-only injection route.
-    #[cfg(feature = "testing")]
-    fn inject(&mut self, name: &str, any: Any) {
+    /// Puts a raw resource in place of (or beside) the validated ones (the overlay; see [`Xds::overlay`]).
+    fn overlay(&mut self, name: &str, any: Any) {
         if let Some(index) = type_index(&any.type_url) {
             self.types[index].insert(name.into(), Entry::new(name, any, None));
         }
@@ -335,7 +317,7 @@ pub struct ProxyStatus {
     pub service: Option<String>,
     /// The Workload resource it is bound to: its pod, or its declared Services.
     pub workload: Arc<str>,
-    pub connected_since: u64,
+    pub connected_since: i64,
     types: Mutex<BTreeMap<&'static str, TypeStatus>>,
 }
 
@@ -392,8 +374,9 @@ pub struct Xds {
     source: Mutex<Option<DocumentSource>>,
     /// Local mode: who may call the ports no declared Service selects.
     default_inbound: DefaultInbound,
-    #[cfg(feature = "testing")]
-    injected: Mutex<BTreeMap<String, Any>>,
+    /// Raw resources published over the model as they are, unvalidated; empty unless the test-only `testing`
+    /// module sets some (to make proxies NACK).
+    overlay: Mutex<BTreeMap<String, Any>>,
 }
 
 /// What a document source gives at each rebuild: the documents, and what each meshed pod serves (by Workload name).
@@ -454,8 +437,7 @@ impl Xds {
             endpoints_file,
             source: Mutex::new(None),
             default_inbound,
-            #[cfg(feature = "testing")]
-            injected: Mutex::new(BTreeMap::new()),
+            overlay: Mutex::new(BTreeMap::new()),
         });
         xds.rebuild();
         xds
@@ -537,7 +519,7 @@ impl Xds {
             None => {
                 let store = self.store.lock().expect("store lock");
                 let documents: Vec<Document> =
-                    crate::KINDS.iter().flat_map(|k| store.list(k, None)).map(|s| s.document.clone()).collect();
+                    ferry_api::KINDS.iter().flat_map(|k| store.list(k, None)).map(|s| s.document.clone()).collect();
                 drop(store);
                 let workloads = self.local_workloads(&documents);
                 Sourced { documents, workloads }
@@ -545,11 +527,9 @@ impl Xds {
         };
         let previous = self.published.borrow().clone();
         let mesh = self.mesh.lock().expect("mesh lock").clone();
-        #[allow(unused_mut)]
         let mut model = Model::build(previous.generation + 1, documents, &registrations, Some(&mesh), &workloads);
-        #[cfg(feature = "testing")]
-        for (name, any) in self.injected.lock().expect("injected lock").iter() {
-            model.inject(name, any.clone());
+        for (name, any) in self.overlay.lock().expect("overlay lock").iter() {
+            model.overlay(name, any.clone());
         }
         if previous.generation > 0 && model.same_content(&previous) {
             return;
@@ -575,7 +555,7 @@ impl Xds {
                 declared.insert(services.map(str::to_string).collect());
             }
         }
-        let ports: BTreeMap<String, Vec<(u16, crate::PortProtocol)>> = documents
+        let ports: BTreeMap<String, Vec<(u16, ferry_api::PortProtocol)>> = documents
             .iter()
             .filter_map(|d| match d {
                 Document::Service(svc) => Some((
@@ -605,16 +585,15 @@ impl Xds {
             .collect()
     }
 
-    /// Test-only: publishes `any` as resource `name` without validation (until `clear_injected`).
-    #[cfg(feature = "testing")]
-    pub fn inject(&self, name: String, any: Any) {
-        self.injected.lock().expect("injected lock").insert(name, any);
+    /// Publishes `any` as resource `name` without validation, over the model, until [`Xds::clear_overlay`]. For the
+    /// test-only `testing` module: nothing else calls it.
+    pub fn overlay(&self, name: String, any: Any) {
+        self.overlay.lock().expect("overlay lock").insert(name, any);
         self.changed();
     }
 
-    #[cfg(feature = "testing")]
-    pub fn clear_injected(&self) {
-        self.injected.lock().expect("injected lock").clear();
+    pub fn clear_overlay(&self) {
+        self.overlay.lock().expect("overlay lock").clear();
         self.changed();
     }
 
@@ -805,7 +784,7 @@ impl Xds {
         tracing::info!(node = %node.id, identity = %identity.spiffe(), peer = ?peer, service = ?service, "proxy connected");
 
         // A stream lives no longer than the certificate that opened it (the proxy reconnects with its renewed one).
-        let left = authenticated.not_after.map(|t| t.saturating_sub(unix_now() as i64).max(0) as u64);
+        let left = authenticated.not_after.map(|t| t.saturating_sub(unix_now()).max(0) as u64);
         let expiry = tokio::time::sleep(left.map_or(Duration::MAX / 4, Duration::from_secs));
         tokio::pin!(expiry);
         let mut model_rx = self.published.subscribe();
@@ -956,7 +935,7 @@ impl Xds {
 
 /// Pure: whether the pod a stream's certificate names is the one the model holds (same uid) and, when both are
 /// known, the stream comes from one of its IPs.
-fn check_pod(bound: &Bound, pod: &crate::identity::PodRef, peer: Option<SocketAddr>) -> Result<(), String> {
+fn check_pod(bound: &Bound, pod: &ferry_api::identity::PodRef, peer: Option<SocketAddr>) -> Result<(), String> {
     let Some(binding) = &bound.pod else { return Err("the Workload is not a pod's".into()) };
     if binding.uid != pod.uid {
         return Err(format!("pod {} was replaced (uid {} is not {})", pod.name, binding.uid, pod.uid));
@@ -1255,7 +1234,7 @@ spec: {targetRef: {kind: Service, name: api}, defaultAction: deny}
 "#;
 
     fn test_mesh() -> protocol::Mesh {
-        protocol::Mesh { roots_pem: vec![], default_mtls: crate::policy::MtlsMode::Permissive }
+        protocol::Mesh { roots_pem: vec![], default_mtls: ferry_api::policy::MtlsMode::Permissive }
     }
 
     fn reg(service: &str, addr: &str, ns: &str, sa: &str) -> Registration {
@@ -1278,7 +1257,7 @@ spec: {targetRef: {kind: Service, name: api}, defaultAction: deny}
 
     #[test]
     fn endpoints_only_for_listed_identities() {
-        let docs = crate::parse_documents(DOCS).unwrap();
+        let docs = ferry_api::parse_documents(DOCS).unwrap();
         let regs = [
             reg("demo/api", "127.0.0.1:1001", "demo", "api"),
             reg("demo/api", "127.0.0.1:1001", "demo", "api"),
@@ -1319,7 +1298,7 @@ spec: {targetRef: {kind: Service, name: api}, defaultAction: deny}
     fn named_subscriptions() {
         let metrics = ControlMetrics::new();
         let status = proxy_status("api", Some("demo/api"));
-        let model = Model::build(1, crate::parse_documents(DOCS).unwrap(), &[], None, &BTreeMap::new());
+        let model = Model::build(1, ferry_api::parse_documents(DOCS).unwrap(), &[], None, &BTreeMap::new());
         let mut s = Session {
             id: 1,
             workload: status.workload.clone(),
@@ -1369,7 +1348,7 @@ spec: {targetRef: {kind: Service, name: api}, defaultAction: deny}
         assert_eq!(xds.generation(), 1);
         tokio::spawn(xds.clone().run_publisher());
         let service = |name: &str| {
-            crate::parse_documents(&format!(
+            ferry_api::parse_documents(&format!(
                 "apiVersion: ferry.dev/v1alpha1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{ports: [{{port: 80}}]}}\n"
             ))
             .unwrap()
@@ -1411,7 +1390,7 @@ spec: {targetRef: {kind: Service, name: api}, defaultAction: deny}
     fn session_protocol() {
         let metrics = ControlMetrics::new();
         let status = proxy_status("web", None);
-        let docs = crate::parse_documents(DOCS).unwrap();
+        let docs = ferry_api::parse_documents(DOCS).unwrap();
         let m1 = Model::build(1, docs.clone(), &[], None, &BTreeMap::new());
         let mut s = Session {
             id: 7,
@@ -1470,7 +1449,7 @@ spec: {targetRef: {kind: Service, name: api}, defaultAction: deny}
     #[test]
     fn each_proxy_gets_its_own_workload_and_the_policies_of_the_services_selecting_it() {
         let metrics = ControlMetrics::new();
-        let docs = crate::parse_documents(DOCS).unwrap();
+        let docs = ferry_api::parse_documents(DOCS).unwrap();
         let record = |services: &[&str]| WorkloadRecord {
             workload: Workload::new(
                 services
@@ -1478,7 +1457,7 @@ spec: {targetRef: {kind: Service, name: api}, defaultAction: deny}
                     .map(|n| SelectingService {
                         namespace: "demo".into(),
                         name: n.to_string(),
-                        ports: vec![(8080, crate::PortProtocol::Http)],
+                        ports: vec![(8080, ferry_api::PortProtocol::Http)],
                     })
                     .collect(),
                 DefaultInbound::MeshOnly,
@@ -1560,7 +1539,7 @@ spec: {targetRef: {kind: Service, name: api}, defaultAction: deny}
         };
         exchange(&mut s, &model);
         let dropped = BTreeMap::from([(pod_workload_name("demo", "api-1"), record(&[]))]);
-        let model2 = Model::build(2, crate::parse_documents(DOCS).unwrap(), &[], None, &dropped);
+        let model2 = Model::build(2, ferry_api::parse_documents(DOCS).unwrap(), &[], None, &dropped);
         let order = exchange(&mut s, &model2);
         let workload_at = order.iter().position(|(t, _, _)| t == "Workload").expect("a new Workload");
         let withdrawn = order.iter().position(|(t, _, removed)| t == "AuthorizationPolicy" && removed == &["demo/api"]);
@@ -1568,7 +1547,7 @@ spec: {targetRef: {kind: Service, name: api}, defaultAction: deny}
 
         // A stream is bound to the pod its certificate names: same uid, from one of its IPs.
         let bound = &model.bound[&*pod_workload_name("demo", "api-1")];
-        let pod = |uid: &str| crate::identity::PodRef { name: "api-1".into(), uid: uid.into() };
+        let pod = |uid: &str| ferry_api::identity::PodRef { name: "api-1".into(), uid: uid.into() };
         let from = |ip: &str| Some(SocketAddr::new(ip.parse().unwrap(), 40000));
         assert_eq!(check_pod(bound, &pod("u1"), from("10.0.0.5")), Ok(()));
         assert_eq!(check_pod(bound, &pod("u1"), from("::ffff:10.0.0.5")), Ok(()));

@@ -10,12 +10,12 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 
 use crate::ads::Xds;
-use crate::config::{canonical_kind, is_dns_label, parse_documents};
 use crate::store::{Key, Store, StoreError};
 use crate::tokens::Tokens;
+use ferry_api::config::{canonical_kind, is_dns_label, parse_documents};
 
 /// Request bodies larger than this are refused with 413 before they are read whole.
-pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+pub use ferry_api::http_api::MAX_BODY_BYTES;
 
 pub struct Api {
     pub store: Arc<Mutex<Store>>,
@@ -28,7 +28,7 @@ pub struct Api {
     pub authority: Option<Arc<crate::rotation::Authority>>,
 }
 
-type Body = Full<Bytes>;
+pub(crate) type Body = Full<Bytes>;
 
 /// The control plane's metrics (on its metrics port).
 pub struct ControlMetrics {
@@ -132,7 +132,7 @@ impl ControlMetrics {
 
     /// Refreshes the store gauges (after each change and at start).
     pub fn observe_store(&self, store: &Store) {
-        for kind in crate::config::KINDS {
+        for kind in ferry_api::config::KINDS {
             self.store_objects.with_label_values(&[kind]).set(0);
         }
         for (kind, n) in store.counts() {
@@ -154,7 +154,7 @@ impl Default for ControlMetrics {
     }
 }
 
-fn json(status: StatusCode, value: serde_json::Value) -> Response<Body> {
+pub(crate) fn json(status: StatusCode, value: serde_json::Value) -> Response<Body> {
     Response::builder()
         .status(status)
         .header(header::CONTENT_TYPE, "application/json")
@@ -162,7 +162,7 @@ fn json(status: StatusCode, value: serde_json::Value) -> Response<Body> {
         .expect("valid response")
 }
 
-fn error(status: StatusCode, message: impl std::fmt::Display) -> Response<Body> {
+pub(crate) fn error(status: StatusCode, message: impl std::fmt::Display) -> Response<Body> {
     json(status, serde_json::json!({ "error": message.to_string() }))
 }
 
@@ -228,20 +228,9 @@ impl Api {
                 Some(xds) => json(StatusCode::OK, xds.status_json()),
                 None => error(StatusCode::NOT_FOUND, "this control plane serves no xDS"),
             },
+            // Test builds only: the `testing` module's routes (see there).
             #[cfg(feature = "testing")]
-            (Method::POST, ["v1", "testing", "inject"]) => match (read_body(req).await, &self.xds) {
-                (Ok(text), Some(xds)) => inject(xds, &text),
-                (Err(r), _) => r,
-                (_, None) => error(StatusCode::NOT_FOUND, "this control plane serves no xDS"),
-            },
-            #[cfg(feature = "testing")]
-            (Method::DELETE, ["v1", "testing", "inject"]) => match &self.xds {
-                Some(xds) => {
-                    xds.clear_injected();
-                    json(StatusCode::OK, serde_json::json!({ "result": "cleared" }))
-                }
-                None => error(StatusCode::NOT_FOUND, "this control plane serves no xDS"),
-            },
+            (_, ["v1", "testing", ..]) => crate::testing::route(req, self.xds.as_deref()).await,
             (Method::GET, ["v1", "ca"]) => match &self.authority {
                 Some(a) => json(StatusCode::OK, a.status_json()),
                 None => error(StatusCode::NOT_FOUND, "this control plane has no CA"),
@@ -349,7 +338,7 @@ impl Api {
                 return error(StatusCode::UNPROCESSABLE_ENTITY, format!("{field}: `{value}` must be a DNS label"));
             }
         }
-        let ttl = match crate::parse_duration(req.ttl.as_deref().unwrap_or("24h")) {
+        let ttl = match ferry_api::parse_duration(req.ttl.as_deref().unwrap_or("24h")) {
             Ok(d) if !d.is_zero() && d <= std::time::Duration::from_secs(366 * 24 * 3600) => d,
             Ok(_) => return error(StatusCode::UNPROCESSABLE_ENTITY, "ttl: must be more than 0s and at most 366 days"),
             Err(e) => return error(StatusCode::UNPROCESSABLE_ENTITY, format!("ttl: {e}")),
@@ -390,30 +379,6 @@ impl Api {
     }
 }
 
-/// Test-only (`testing` feature): publishes `{"typeUrl", "name", "valueHex"}` as a resource, unvalidated.
-#[cfg(feature = "testing")]
-fn inject(xds: &Xds, text: &str) -> Response<Body> {
-    #[derive(serde::Deserialize)]
-    #[serde(rename_all = "camelCase")]
-    struct Inject {
-        type_url: String,
-        name: String,
-        value_hex: String,
-    }
-    let req: Inject = match serde_json::from_str(text) {
-        Ok(r) => r,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e),
-    };
-    let bytes: Result<Vec<u8>, _> = (0..req.value_hex.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(req.value_hex.get(i..i + 2).unwrap_or("zz"), 16))
-        .collect();
-    let Ok(value) = bytes else { return error(StatusCode::BAD_REQUEST, "valueHex: not hex") };
-    tracing::warn!(type_url = %req.type_url, name = %req.name, "TESTING: injecting an unvalidated resource");
-    xds.inject(req.name, envoy_types::pb::google::protobuf::Any { type_url: req.type_url, value });
-    json(StatusCode::OK, serde_json::json!({ "result": "injected" }))
-}
-
 fn unknown_kind(kind: &str) -> Response<Body> {
     error(StatusCode::NOT_FOUND, format!("unknown kind `{kind}` (Service, TrafficPolicy, AuthorizationPolicy)"))
 }
@@ -433,7 +398,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
     tokio::task::spawn_blocking(f).await.expect("store task panicked")
 }
 
-async fn read_body(req: Request<Incoming>) -> Result<String, Response<Body>> {
+pub(crate) async fn read_body(req: Request<Incoming>) -> Result<String, Response<Body>> {
     if req
         .headers()
         .get(header::CONTENT_LENGTH)

@@ -14,8 +14,8 @@ use rcgen::{
 use x509_parser::certification_request::X509CertificationRequest;
 use x509_parser::prelude::FromDer;
 
-use crate::identity::{Identity, Lineage};
-use crate::tokens::unix_now;
+use ferry_api::identity::unix_now;
+use ferry_api::identity::{Identity, Lineage};
 use time::{Duration, OffsetDateTime};
 
 #[derive(Debug, thiserror::Error)]
@@ -85,7 +85,7 @@ impl Ca {
         })?;
         let cert_pem = read(&files.cert)?;
         // A key that does not belong to the certificate would sign leaves nobody can verify.
-        let cert_key = crate::identity::pem_certificates(&cert_pem)
+        let cert_key = ferry_api::identity::pem_certificates(&cert_pem)
             .ok()
             .and_then(|ders| ders.into_iter().next())
             .and_then(|der| {
@@ -113,7 +113,7 @@ impl Ca {
         let mut tag = [0u8; 4];
         getrandom::fill(&mut tag).map_err(|e| CaError::BadRequest(format!("no randomness: {e}")))?;
         let made = OffsetDateTime::now_utc().unix_timestamp();
-        dn.push(DnType::CommonName, format!("Ferry mesh root CA {made}-{}", crate::store::hex(&tag)));
+        dn.push(DnType::CommonName, format!("Ferry mesh root CA {made}-{}", ferry_api::hex(&tag)));
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages =
@@ -254,13 +254,13 @@ struct Rotation {
     signing: std::sync::Arc<Ca>,
     next: Option<std::sync::Arc<Ca>>,
     /// The previous root's certificate and the Unix time after which no certificate it signed is alive.
-    previous: Option<(String, u64)>,
+    previous: Option<(String, i64)>,
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct PreviousRoot {
-    retire_after: u64,
+    retire_after: i64,
 }
 
 /// Why a rotation step was refused.
@@ -270,21 +270,6 @@ pub enum RotationError {
     Ca(#[from] CaError),
     #[error("{0}")]
     Refused(String),
-}
-
-/// The expiry (Unix seconds) of the first certificate of a PEM bundle; `None` when there is none.
-pub fn root_expiry(pem: &str) -> Option<i64> {
-    Some(describe(pem)).filter(|(subject, _)| subject != "unparsable").map(|(_, not_after)| not_after)
-}
-
-/// Subject CN and expiry (Unix seconds) of a PEM certificate.
-fn describe(pem: &str) -> (String, i64) {
-    let der = crate::identity::pem_certificates(pem).ok().and_then(|mut d| (!d.is_empty()).then(|| d.remove(0)));
-    let parsed = der.as_deref().and_then(|der| x509_parser::certificate::X509Certificate::from_der(der).ok());
-    match parsed {
-        Some((_, cert)) => (cert.subject().to_string(), cert.validity().not_after.timestamp()),
-        None => ("unparsable".into(), 0),
-    }
 }
 
 impl MeshCa {
@@ -366,7 +351,7 @@ impl MeshCa {
     pub fn promote(&self, lifetime: std::time::Duration) -> Result<(), RotationError> {
         let mut s = self.state.lock().expect("ca lock");
         let Some(next) = s.next.clone() else { return Ok(()) };
-        let retire_after = unix_now() + lifetime.as_secs() + 1;
+        let retire_after = unix_now() + i64::try_from(lifetime.as_secs()).unwrap_or(i64::MAX / 2) + 1;
         let io = |path: &Path| {
             let path = path.to_path_buf();
             move |source| CaError::Io { path, source }
@@ -411,7 +396,7 @@ impl MeshCa {
         let s = self.state.lock().expect("ca lock");
         let mut roots = Vec::new();
         let mut row = |pem: &str, role: Role| {
-            let (subject, not_after) = describe(pem);
+            let (subject, not_after) = ferry_api::identity::describe_certificate(pem);
             roots.push(serde_json::json!({ "role": role, "subject": subject, "notAfter": not_after }));
         };
         if let Some((pem, _)) = &s.previous {

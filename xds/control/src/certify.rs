@@ -9,10 +9,10 @@ use tonic::{Request, Response, Status};
 
 use crate::api::ControlMetrics;
 use crate::ca::MeshCa;
-use crate::identity::{self, Identity, Lineage, PodRef};
-use crate::resources::pb;
 use crate::serving::PeerInfo;
 use crate::tokens::{TokenError, Tokens};
+use ferry_api::identity::{self, Identity, Lineage, PodRef};
+use ferry_api::resources::pb;
 
 /// Certificates are refused above this lifetime (a week): short-lived certificates are the point.
 pub const MAX_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -79,7 +79,7 @@ pub fn by_certificate(tokens: &Mutex<Tokens>, chain: &[CertificateDer<'_>]) -> R
 }
 
 /// Authenticates by a join token sent as `authorization: Bearer <token>`.
-pub fn by_token(tokens: &Mutex<Tokens>, authorization: Option<&str>, now: u64) -> Result<Authenticated, Refusal> {
+pub fn by_token(tokens: &Mutex<Tokens>, authorization: Option<&str>, now: i64) -> Result<Authenticated, Refusal> {
     let Some(token) = authorization.and_then(|v| v.strip_prefix("Bearer ")) else {
         return Err(Refusal::new(
             "missing",
@@ -154,7 +154,7 @@ impl pb::identity_server::Identity for CertifyService {
                 let authorization = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
                 match (&self.bearer, authorization.and_then(|v| v.strip_prefix("Bearer "))) {
                     (Some(check), Some(token)) => check.check(token, peer).await,
-                    _ => by_token(&self.tokens, authorization, crate::tokens::unix_now()),
+                    _ => by_token(&self.tokens, authorization, identity::unix_now()),
                 }
             }
         }

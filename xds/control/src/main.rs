@@ -10,14 +10,14 @@ use std::sync::{Arc, Mutex};
 use anyhow::Context;
 use bytes::Bytes;
 use clap::{Parser, Subcommand};
-use ferry_xds::ads::Xds;
-use ferry_xds::ads_transport::AdsService;
-use ferry_xds::api::{Api, ControlMetrics};
-use ferry_xds::ca::{CaFiles, MeshCa};
-use ferry_xds::rotation::Authority;
-use ferry_xds::serving::ServingTls;
-use ferry_xds::store::Store;
-use ferry_xds::tokens::Tokens;
+use ferry_control::ads::Xds;
+use ferry_control::ads_transport::AdsService;
+use ferry_control::api::{Api, ControlMetrics};
+use ferry_control::ca::{CaFiles, MeshCa};
+use ferry_control::rotation::Authority;
+use ferry_control::serving::ServingTls;
+use ferry_control::store::Store;
+use ferry_control::tokens::Tokens;
 use http_body_util::Full;
 use hyper::server::conn::http1;
 use hyper_util::rt::TokioIo;
@@ -81,12 +81,12 @@ struct ServeArgs {
     /// The mesh-wide mTLS mode of Services whose TrafficPolicy sets none: `permissive` (also accept plaintext and
     /// unmeshed clients' own TLS) or `strict` (mesh mTLS only).
     #[arg(long, env = "FERRY_MTLS_MODE", default_value = "permissive", value_parser = mtls_mode)]
-    mtls_mode: ferry_xds::policy::MtlsMode,
+    mtls_mode: ferry_api::policy::MtlsMode,
     /// Who may call a pod port that no Service selects: `allow` (anyone, as without a mesh; Linkerd's
     /// all-unauthenticated), `mesh-only` (callers with a mesh identity) or `deny`. A pod's
     /// `ferry.dev/default-inbound-policy` annotation overrides it; `--mtls-mode` still decides those ports' mTLS.
     #[arg(long, env = "FERRY_DEFAULT_INBOUND_POLICY", default_value = "allow")]
-    default_inbound_policy: ferry_xds::workload::DefaultInbound,
+    default_inbound_policy: ferry_api::workload::DefaultInbound,
     /// Extra DNS names for the serving certificate of the xDS port (besides ferry-control and localhost).
     #[arg(long = "server-name", env = "FERRY_CONTROL_SERVER_NAMES", value_delimiter = ',')]
     server_names: Vec<String>,
@@ -105,7 +105,7 @@ struct InjectSettings {
     #[arg(long, env = "FERRY_PROXY_IMAGE")]
     proxy_image: Option<String>,
     /// The control plane's xDS address as injected pods reach it.
-    #[arg(long, env = "FERRY_INJECT_CONTROL_ADDR", default_value = ferry_xds::kubernetes::inject::DEFAULT_CONTROL_ADDR)]
+    #[arg(long, env = "FERRY_INJECT_CONTROL_ADDR", default_value = ferry_api::kubernetes::inject::DEFAULT_CONTROL_ADDR)]
     inject_control_addr: String,
     /// Inject the proxy as a native sidecar (Kubernetes 1.29+); `false`: a regular container listed first.
     #[arg(long, env = "FERRY_NATIVE_SIDECAR", default_value_t = true, action = clap::ArgAction::Set)]
@@ -113,8 +113,8 @@ struct InjectSettings {
 }
 
 impl InjectSettings {
-    fn settings(&self) -> ferry_xds::kubernetes::inject::Settings {
-        ferry_xds::kubernetes::inject::Settings::new(
+    fn settings(&self) -> ferry_api::kubernetes::inject::Settings {
+        ferry_api::kubernetes::inject::Settings::new(
             self.proxy_image.clone(),
             self.inject_control_addr.clone(),
             self.native_sidecar,
@@ -123,21 +123,21 @@ impl InjectSettings {
 }
 
 fn grace(text: &str) -> Result<std::time::Duration, String> {
-    ferry_xds::parse_duration(text).map_err(|e| e.to_string())
+    ferry_api::parse_duration(text).map_err(|e| e.to_string())
 }
 
 fn lifetime(text: &str) -> Result<std::time::Duration, String> {
-    let d = ferry_xds::parse_duration(text).map_err(|e| e.to_string())?;
-    if d < std::time::Duration::from_secs(2) || d > ferry_xds::certify::MAX_LIFETIME {
+    let d = ferry_api::parse_duration(text).map_err(|e| e.to_string())?;
+    if d < std::time::Duration::from_secs(2) || d > ferry_control::certify::MAX_LIFETIME {
         return Err("must be between 2s and 168h".into());
     }
     Ok(d)
 }
 
-fn mtls_mode(text: &str) -> Result<ferry_xds::policy::MtlsMode, String> {
+fn mtls_mode(text: &str) -> Result<ferry_api::policy::MtlsMode, String> {
     match text {
-        "permissive" => Ok(ferry_xds::policy::MtlsMode::Permissive),
-        "strict" => Ok(ferry_xds::policy::MtlsMode::Strict),
+        "permissive" => Ok(ferry_api::policy::MtlsMode::Permissive),
+        "strict" => Ok(ferry_api::policy::MtlsMode::Strict),
         other => Err(format!("`{other}`: expected permissive or strict")),
     }
 }
@@ -197,7 +197,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             let client = kube::Client::try_default()
                 .await
                 .context("connecting to the Kubernetes API server (in-cluster service account, or KUBECONFIG)")?;
-            ferry_xds::kubernetes::cluster::ensure_ca_secret(&client, &args.namespace, &args.state_dir).await?;
+            ferry_control::kubernetes::cluster::ensure_ca_secret(&client, &args.namespace, &args.state_dir).await?;
             Some(client)
         }
     };
@@ -221,12 +221,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         metrics.clone(),
         &args.state_dir,
         args.endpoint_grace,
-        ferry_xds::protocol::Mesh { roots_pem: ca.trust_bundle(), default_mtls: args.mtls_mode },
+        ferry_api::protocol::Mesh { roots_pem: ca.trust_bundle(), default_mtls: args.mtls_mode },
         args.default_inbound_policy,
     );
     let cluster = kube_client.clone().map(|client| {
         let xds = xds.clone();
-        ferry_xds::kubernetes::cluster::Cluster::start(client, Arc::new(move || xds.changed()))
+        ferry_control::kubernetes::cluster::Cluster::start(client, Arc::new(move || xds.changed()))
     });
     if let Some(cluster) = &cluster {
         tracing::info!("Kubernetes discovery: listing Services, EndpointSlices, Pods, Namespaces and policies");
@@ -248,7 +248,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 writer.write_statuses(current).await;
                 writer.publish_bundle(&ca.trust_bundle()).await;
                 if !webhook_ca_set {
-                    match ferry_xds::kubernetes::cluster::patch_webhook_ca(&client, &ca.trust_bundle()).await {
+                    match ferry_control::kubernetes::cluster::patch_webhook_ca(&client, &ca.trust_bundle()).await {
                         Ok(()) => {
                             webhook_ca_set = true;
                             tracing::info!("the injector webhook's caBundle is the mesh root");
@@ -267,10 +267,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         });
         tracing::info!(generation = xds.generation(), "Kubernetes discovery synced");
     }
-    let certify = ferry_xds::certify::CertifyService {
+    let certify = ferry_control::certify::CertifyService {
         ca: ca.clone(),
         tokens: tokens.clone(),
-        bearer: cluster.clone().map(|c| c as Arc<dyn ferry_xds::certify::BearerCheck>),
+        bearer: cluster.clone().map(|c| c as Arc<dyn ferry_control::certify::BearerCheck>),
         metrics: metrics.clone(),
         lifetime: args.cert_lifetime,
     };
@@ -302,7 +302,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
         .add_service(AdsService(xds.clone()))
-        .add_service(ferry_xds::resources::pb::identity_server::IdentityServer::new(certify));
+        .add_service(ferry_api::resources::pb::identity_server::IdentityServer::new(certify));
     let xds_status = xds;
     let incoming = serving.clone().incoming(xds_listener, metrics.clone());
     tokio::spawn(async move {
@@ -319,7 +319,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let listener =
             tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding the webhook on {addr}"))?;
         tracing::info!(webhook = %addr, "sidecar-injection webhook listening (POST /inject)");
-        ferry_xds::kubernetes::webhook::serve(listener, serving.clone(), args.inject.settings());
+        ferry_control::kubernetes::webhook::serve(listener, serving.clone(), args.inject.settings());
     }
 
     // Kubernetes mode has no admin API: policies are the CRDs, written through the API server.

@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::config::{ConfigError, Document, document_json, one_traffic_policy_error, parse_value};
+use ferry_api::config::{ConfigError, Document, document_json, one_traffic_policy_error, parse_value};
+use ferry_api::hex;
 
 /// Which object: kind, namespace, name.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -304,10 +305,6 @@ pub(crate) fn read_envelope<T: serde::de::DeserializeOwned>(path: &Path) -> Resu
     serde_json::from_value(data.clone()).map_err(|e| corrupt(e.to_string()))
 }
 
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// Write to a temp file, fsync it, rename over the target, fsync the directory.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), StoreError> {
     let tmp = path.with_extension(format!(
@@ -344,7 +341,7 @@ fn walk(dir: &Path) -> Result<Vec<PathBuf>, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::parse_documents;
+    use ferry_api::parse_documents;
 
     fn tmpdir(tag: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("ferry-store-{tag}-{}", std::process::id()));

@@ -4,12 +4,15 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
+
+use ferry_api::identity::unix_now;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::store::{StoreError, envelope, hex, read_envelope, write_atomic};
+use crate::store::{StoreError, envelope, read_envelope, write_atomic};
+use ferry_api::hex;
 
 /// What a token grants, and its state (never the secret itself).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -19,8 +22,8 @@ pub struct TokenRecord {
     pub namespace: String,
     pub service_account: String,
     /// Unix seconds.
-    pub created_at: u64,
-    pub expires_at: u64,
+    pub created_at: i64,
+    pub expires_at: i64,
     pub revoked: bool,
     secret_sha256: String,
 }
@@ -55,11 +58,6 @@ impl TokenRecord {
 pub struct Tokens {
     dir: PathBuf,
     records: BTreeMap<String, TokenRecord>,
-}
-
-/// Seconds since the Unix epoch.
-pub fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 fn random_hex(bytes: usize) -> String {
@@ -101,7 +99,7 @@ impl Tokens {
             namespace: namespace.to_string(),
             service_account: service_account.to_string(),
             created_at,
-            expires_at: created_at.saturating_add(ttl.as_secs()),
+            expires_at: created_at.saturating_add(i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX)),
             revoked: false,
             secret_sha256: hex(&Sha256::digest(secret.as_bytes())),
         };
@@ -128,7 +126,7 @@ impl Tokens {
     }
 
     /// The identity a presented token stands for, at `at` (Unix seconds).
-    pub fn verify(&self, token: &str, at: u64) -> Result<&TokenRecord, TokenError> {
+    pub fn verify(&self, token: &str, at: i64) -> Result<&TokenRecord, TokenError> {
         let (id, secret) = token.trim().split_once('.').ok_or(TokenError::Malformed)?;
         let record = self.records.get(id).ok_or_else(|| TokenError::Unknown(id.to_string()))?;
         let presented = hex(&Sha256::digest(secret.as_bytes()));
@@ -166,7 +164,7 @@ mod tests {
         tokens.revoke(&revoked.id).unwrap();
         let t = unix_now();
         let (id, _) = good_token.split_once('.').unwrap();
-        let cases: Vec<(String, u64, Result<&str, TokenError>)> = vec![
+        let cases: Vec<(String, i64, Result<&str, TokenError>)> = vec![
             (good_token.clone(), t, Ok("payments")),
             (good_token.clone(), good.expires_at, Err(TokenError::Expired(good.id.clone()))),
             (format!("{id}.{}", "0".repeat(64)), t, Err(TokenError::Unknown(id.to_string()))),

@@ -1,6 +1,6 @@
 //! `ferry-control` and `ferryctl` as real processes: round trips, validation messages, durability, security.
 
-mod support;
+use ferry_test_support::control as support;
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -9,7 +9,8 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{ControlPlane, control_bin, ctl_bin, free_addr, state_dir};
+use ferry_test_support::free_addr;
+use support::{ControlPlane, control_bin, ctl_bin, state_dir};
 
 const SERVICE: &str = "apiVersion: ferry.dev/v1alpha1\nkind: Service\nmetadata: {name: payments, namespace: shop}\nspec: {ports: [{port: 8080, protocol: http}], addresses: [payments, payments.shop], identities: [payments]}\n";
 const TRAFFIC: &str = "apiVersion: ferry.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: payments, namespace: shop}\nspec:\n  targetRef: {kind: Service, name: payments}\n  timeout: 2s\n  retries: {attempts: 2, perTryTimeout: 500ms, on: [connect-failure, \"503\"], budget: {percent: 20, minPerSecond: 10}}\n  circuitBreaker: {failureRatio: 0.6, minRequests: 3, interval: 60s, openFor: 10s}\n  rateLimit: {requestsPerSecond: 100, burst: 200}\n";
@@ -46,7 +47,7 @@ fn apply_get_delete_round_trip_for_every_kind() {
             serde_json::from_str(&cp.ok(&["get", spelling, "payments", "-n", "shop", "-o", "json"], None)).unwrap();
         assert_eq!(json["kind"], kind);
         assert_eq!(json["metadata"]["namespace"], "shop");
-        let applied: serde_json::Value = serde_json::to_value(&ferry_xds::parse_documents(doc).unwrap()[0]).unwrap();
+        let applied: serde_json::Value = serde_json::to_value(&ferry_api::parse_documents(doc).unwrap()[0]).unwrap();
         if kind != "TrafficPolicy" {
             assert_eq!(json["spec"], applied["spec"], "{kind} comes back as applied");
         }

@@ -1,7 +1,7 @@
 //! `deploy/`: every Kubernetes manifest validates strictly for Kubernetes 1.33, both kustomizations render, and every
 //! Ferry policy object (in `deploy/` and in the README) validates against the CRD schema generated from the types.
 
-mod support;
+use ferry_test_support::control as support;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -9,7 +9,7 @@ use std::process::Command;
 use serde_json::{Value, json};
 
 fn deploy() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy")
 }
 
 /// Kubernetes manifests under `deploy/` (YAML, not the kustomizations, the Grafana dashboards or Prometheus' own
@@ -49,7 +49,7 @@ fn is_ferry_policy(doc: &Value) -> bool {
 fn crd_schema_errors(docs: &[Value]) -> Vec<String> {
     let schemas: serde_json::Map<String, Value> = ["TrafficPolicy", "AuthorizationPolicy"]
         .iter()
-        .map(|k| (k.to_string(), ferry_xds::kubernetes::crd::schema(k).unwrap()))
+        .map(|k| (k.to_string(), ferry_api::kubernetes::crd::schema(k).unwrap()))
         .collect();
     let input = json!({"schemas": schemas, "documents": docs}).to_string();
     let script = r#"
@@ -83,17 +83,17 @@ fn python(script: &str, input: &str) -> String {
 }
 
 fn have_jsonschema() -> bool {
-    support::prerequisites(
+    ferry_test_support::prerequisites(
         "CRD schema checks",
-        &[("python3 with jsonschema", support::works("python3", &["-c", "import jsonschema"]))],
+        &[("python3 with jsonschema", ferry_test_support::works("python3", &["-c", "import jsonschema"]))],
     )
 }
 
 #[test]
 fn manifests_validate_for_kubernetes_1_33() {
-    let ok = support::prerequisites(
+    let ok = ferry_test_support::prerequisites(
         "deploy manifests",
-        &[("kubernetes-validate (pip)", support::works("kubernetes-validate", &["--version"]))],
+        &[("kubernetes-validate (pip)", ferry_test_support::works("kubernetes-validate", &["--version"]))],
     );
     if !ok {
         return;
@@ -181,7 +181,10 @@ fn readme_policy_examples_validate_against_the_crd_schema() {
 
 #[test]
 fn kustomizations_render() {
-    if !support::prerequisites("kustomize", &[("kubectl", support::works("kubectl", &["version", "--client"]))]) {
+    if !ferry_test_support::prerequisites(
+        "kustomize",
+        &[("kubectl", ferry_test_support::works("kubectl", &["version", "--client"]))],
+    ) {
         return;
     }
     for (dir, want) in [
@@ -250,9 +253,12 @@ fn unbounded(schema: &Value, at: &str, out: &mut Vec<String>) {
 /// is bounded, so that the API server can bound the rules' cost.
 #[test]
 fn cel_rules_hold_on_valid_and_invalid_objects() {
-    let ok = support::prerequisites(
+    let ok = ferry_test_support::prerequisites(
         "CEL rules",
-        &[("python3 with cel-python (pip install cel-python)", support::works("python3", &["-c", "import celpy"]))],
+        &[(
+            "python3 with cel-python (pip install cel-python)",
+            ferry_test_support::works("python3", &["-c", "import celpy"]),
+        )],
     );
     if !ok {
         return;
@@ -287,7 +293,7 @@ fn cel_rules_hold_on_valid_and_invalid_objects() {
     ];
     let mut rules = Vec::new();
     for kind in ["TrafficPolicy", "AuthorizationPolicy"] {
-        let schema = ferry_xds::kubernetes::crd::schema(kind).unwrap();
+        let schema = ferry_api::kubernetes::crd::schema(kind).unwrap();
         let mut found = Vec::new();
         cel_rules(&schema["properties"]["spec"], "/spec", &mut found);
         let mut open = Vec::new();

@@ -1,6 +1,6 @@
 //! Every YAML example in the README is applied to a real `ferry-control` with `ferryctl`, and accepted.
 
-mod support;
+use ferry_test_support::control as support;
 
 use support::{ControlPlane, state_dir};
 
@@ -28,7 +28,7 @@ fn yaml_examples(readme: &str) -> Vec<String> {
 
 #[test]
 fn every_readme_yaml_example_is_accepted() {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md")).unwrap();
     let examples = yaml_examples(&readme);
     assert!(examples.len() >= 4, "found {} examples", examples.len());
     let cp = ControlPlane::start(&state_dir("readme"));

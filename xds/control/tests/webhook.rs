@@ -2,18 +2,19 @@
 //! AdmissionReview JSON as the API server sends it: the JSON patch, applied, equals `ferryctl inject`'s output; an
 //! opt-out and an injected pod get no patch; malformed reviews get a clear 400 and the webhook keeps serving.
 
-mod support;
+use ferry_test_support::control as support;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use base64::Engine;
 use bytes::Bytes;
+use ferry_test_support::free_addr;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use rustls_pki_types::pem::PemObject;
 use serde_json::{Value, json};
-use support::{ControlPlane, free_addr, state_dir};
+use support::{ControlPlane, state_dir};
 
 const IMAGE: &str = "example.com/ferry/proxy:test";
 

@@ -9,9 +9,9 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use serde_json::Value;
 
-use super::cluster::{CA_SECRET, WEBHOOK_CONFIGURATION};
-use crate::config::Document;
-use crate::policy::{AuthorizationPolicyResource, TrafficPolicyResource};
+use ferry_api::config::Document;
+use ferry_api::kubernetes::{CA_SECRET, WEBHOOK_CONFIGURATION};
+use ferry_api::policy::{AuthorizationPolicyResource, TrafficPolicyResource};
 
 /// The field manager of `ferryctl apply`.
 const MANAGER: &str = "ferryctl";
@@ -34,7 +34,7 @@ fn object(doc: &Document) -> anyhow::Result<Value> {
             s.metadata.name
         );
     }
-    let mut json = crate::document_json(doc);
+    let mut json = ferry_api::document_json(doc);
     if let Some(meta) = json["metadata"].as_object_mut() {
         meta.retain(|k, _| k == "name" || k == "namespace" || k == "labels");
     }
@@ -161,7 +161,7 @@ pub async fn check(client: &Client, namespace: &str, horizon: i64, leaf_horizon:
         }
     }
     let crds = Api::<CustomResourceDefinition>::all(client.clone());
-    for (_, ours) in super::crd::crds() {
+    for (_, ours) in ferry_api::kubernetes::crd::crds() {
         let name = ours.name_any();
         match crds.get_opt(&name).await {
             Ok(Some(theirs)) => {
@@ -206,8 +206,8 @@ pub async fn check(client: &Client, namespace: &str, horizon: i64, leaf_horizon:
         Ok(Some(s)) => s.data.and_then(|d| d.get("tls.crt").map(|b| String::from_utf8_lossy(&b.0).into_owned())),
         _ => None,
     };
-    let now = crate::identity::unix_now();
-    match root.as_deref().map(crate::ca::root_expiry) {
+    let now = ferry_api::identity::unix_now();
+    match root.as_deref().map(ferry_api::identity::root_expiry) {
         Some(Some(not_after)) if not_after - now > horizon => {
             checks.push(pass(format!("mesh root ({namespace}/{CA_SECRET}) valid for {}", days(not_after - now))))
         }
@@ -275,7 +275,7 @@ pub async fn check(client: &Client, namespace: &str, horizon: i64, leaf_horizon:
         Err(e) => checks.push(fail(format!("listing control-plane pods: {e}"), "kubectl apply -k deploy/")),
     }
     let meshed = Api::<Pod>::all(client.clone())
-        .list(&ListParams::default().labels(&format!("{}=true", super::inject::INJECTED_LABEL)))
+        .list(&ListParams::default().labels(&format!("{}=true", ferry_api::kubernetes::inject::INJECTED_LABEL)))
         .await
         .map(|l| l.items)
         .unwrap_or_default();

@@ -1,13 +1,15 @@
 //! `ferryctl`: apply, get, delete and validate Ferry's policies through the control plane's API.
 
+mod kubernetes;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use clap::{Parser, Subcommand, ValueEnum};
-use ferry_xds::identity::unix_now;
-use ferry_xds::{canonical_kind, parse_documents};
+use ferry_api::identity::unix_now;
+use ferry_api::{canonical_kind, parse_documents};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 
@@ -112,7 +114,7 @@ struct InjectArgs {
     #[arg(long, env = "FERRY_PROXY_IMAGE")]
     proxy_image: Option<String>,
     /// The control plane's xDS address as pods reach it.
-    #[arg(long, default_value = ferry_xds::kubernetes::inject::DEFAULT_CONTROL_ADDR)]
+    #[arg(long, default_value = ferry_api::kubernetes::inject::DEFAULT_CONTROL_ADDR)]
     control_addr: String,
     /// Inject the proxy as a native sidecar (Kubernetes 1.29+); `false`: a regular container listed first.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
@@ -120,14 +122,14 @@ struct InjectArgs {
 }
 
 impl InjectArgs {
-    fn settings(self) -> ferry_xds::kubernetes::inject::Settings {
-        ferry_xds::kubernetes::inject::Settings::new(self.proxy_image, self.control_addr, self.native_sidecar)
+    fn settings(self) -> ferry_api::kubernetes::inject::Settings {
+        ferry_api::kubernetes::inject::Settings::new(self.proxy_image, self.control_addr, self.native_sidecar)
     }
 }
 
 /// One stderr line per object, as `kubectl` names them.
-fn print_report(report: &ferry_xds::kubernetes::inject::Report) {
-    use ferry_xds::kubernetes::inject::Outcome;
+fn print_report(report: &ferry_api::kubernetes::inject::Report) {
+    use ferry_api::kubernetes::inject::Outcome;
     for (object, outcome) in report {
         let what = match outcome {
             Outcome::Injected => "injected".to_string(),
@@ -159,7 +161,7 @@ enum CaCommand {
 fn duration(text: &str) -> Result<std::time::Duration, String> {
     match text.strip_suffix('d').and_then(|d| d.parse::<u64>().ok()) {
         Some(days) => Ok(std::time::Duration::from_secs(days * 86_400)),
-        None => ferry_xds::parse_duration(text).map_err(|e| e.to_string()),
+        None => ferry_api::parse_duration(text).map_err(|e| e.to_string()),
     }
 }
 
@@ -230,7 +232,7 @@ fn read_input(file: &str) -> anyhow::Result<String> {
 
 /// The commands that reach a cluster in Kubernetes mode; the offline ones (inject, validate, crds) run as usual.
 async fn run_kubernetes(command: Command, namespace: &str) -> anyhow::Result<()> {
-    use ferry_xds::kubernetes::ctl;
+    use crate::kubernetes as ctl;
     match command {
         Command::Apply { file, dry_run } => {
             // The control plane's own rules first (the CRD schema holds most, not all, of them).
@@ -292,20 +294,20 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Inject { file, settings } => {
-            let (yaml, report) = ferry_xds::kubernetes::inject::inject_yaml(&read_input(&file)?, &settings.settings())?;
+            let (yaml, report) = ferry_api::kubernetes::inject::inject_yaml(&read_input(&file)?, &settings.settings())?;
             print!("{yaml}");
             print_report(&report);
             Ok(())
         }
         Command::Uninject { file } => {
-            let (yaml, report) = ferry_xds::kubernetes::inject::uninject_yaml(&read_input(&file)?)?;
+            let (yaml, report) = ferry_api::kubernetes::inject::uninject_yaml(&read_input(&file)?)?;
             print!("{yaml}");
             print_report(&report);
             Ok(())
         }
         Command::Crds { output_dir } => {
-            for (file, crd) in ferry_xds::kubernetes::crd::crds() {
-                let yaml = ferry_xds::kubernetes::crd::to_yaml(&crd);
+            for (file, crd) in ferry_api::kubernetes::crd::crds() {
+                let yaml = ferry_api::kubernetes::crd::to_yaml(&crd);
                 match &output_dir {
                     Some(dir) => {
                         let path = dir.join(file);
@@ -594,10 +596,10 @@ fn name_given(reply: &serde_json::Value) -> bool {
 /// One API call; a non-2xx answer becomes an error carrying the server's message.
 async fn call(method: &str, path: &str, body: Option<String>) -> anyhow::Result<serde_json::Value> {
     // The server refuses these too (413), but closes before a large body is sent whole: say so up front.
-    if body.as_ref().is_some_and(|b| b.len() > ferry_xds::api::MAX_BODY_BYTES) {
+    if body.as_ref().is_some_and(|b| b.len() > ferry_api::http_api::MAX_BODY_BYTES) {
         bail!(
             "request body over {} MiB: the control plane refuses it (413)",
-            ferry_xds::api::MAX_BODY_BYTES / (1024 * 1024)
+            ferry_api::http_api::MAX_BODY_BYTES / (1024 * 1024)
         );
     }
     let token =

@@ -1,12 +1,12 @@
 //! `ferryctl inject` / `uninject` on real-world manifests of every kind: golden files, structural checks, idempotence,
 //! a semantic round trip, and `kubernetes-validate --strict` for Kubernetes 1.33 on every input and output.
 
-mod support;
+use ferry_test_support::control as support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use ferry_xds::kubernetes::inject::{self, Outcome, Settings};
+use ferry_api::kubernetes::inject::{self, Outcome, Settings};
 use serde_json::{Value, json};
 
 fn dir() -> PathBuf {
@@ -261,9 +261,9 @@ fn ferryctl_inject_and_uninject() {
 /// Every input and every injected output is a valid Kubernetes 1.33 object, strictly (no unknown field, no warning).
 #[test]
 fn inputs_and_outputs_validate_for_kubernetes_1_33() {
-    if !support::prerequisites(
+    if !ferry_test_support::prerequisites(
         "kubernetes-validate",
-        &[("kubernetes-validate (pip)", support::works("kubernetes-validate", &["--version"]))],
+        &[("kubernetes-validate (pip)", ferry_test_support::works("kubernetes-validate", &["--version"]))],
     ) {
         return;
     }

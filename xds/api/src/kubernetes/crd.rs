@@ -1,7 +1,7 @@
 //! The `ferry.dev/v1alpha1` CustomResourceDefinitions, generated from the policy types themselves.
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::CustomResourceExt;
+use kube_core::CustomResourceExt;
 
 use crate::policy::{AuthorizationPolicyResource, TrafficPolicyResource};
 
@@ -35,12 +35,12 @@ mod tests {
     /// `deploy/crds/` must be what the types generate: run `ferryctl crds --output-dir deploy/crds` after changing them.
     #[test]
     fn committed_crds_are_current() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/crds");
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/crds");
         for (file, crd) in super::crds() {
             let committed = std::fs::read_to_string(dir.join(file)).unwrap_or_default();
             assert!(
                 committed == super::to_yaml(&crd),
-                "deploy/crds/{file} is stale: run `cargo run -p ferry-xds --bin ferryctl -- crds --output-dir deploy/crds`"
+                "deploy/crds/{file} is stale: run `cargo run -p ferryctl -- crds --output-dir deploy/crds`"
             );
         }
     }

@@ -5,12 +5,12 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::{Pod, Service as KubeService};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::ResourceExt;
+use kube_core::ResourceExt;
 
-use crate::ads::{PodBinding, WorkloadRecord, pod_workload_name};
 use crate::config::{Document, Endpoint, Metadata, PortProtocol, Service, ServicePort, ServiceSpec};
 use crate::policy::{AuthorizationPolicy, AuthorizationPolicyResource, TrafficPolicy, TrafficPolicyResource};
 use crate::workload::{DefaultInbound, SelectingService, Workload};
+use crate::workload::{PodBinding, WorkloadRecord, pod_workload_name};
 
 /// The label EndpointSlices carry naming their Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";

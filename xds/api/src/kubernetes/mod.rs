@@ -1,8 +1,11 @@
-//! Kubernetes mode: the CRDs, sidecar injection (CLI and admission webhook), and discovery through the API server.
+//! Kubernetes, as pure transformations: the CRDs, injection of a pod template (one function for `ferryctl inject`
+//! and the admission webhook), and discovery's mapping of Services, EndpointSlices and Pods to the model.
 
-pub mod cluster;
 pub mod crd;
-pub mod ctl;
 pub mod discovery;
 pub mod inject;
-pub mod webhook;
+
+/// The Secret holding the mesh root, in the control plane's namespace.
+pub const CA_SECRET: &str = "ferry-ca";
+/// The injector's MutatingWebhookConfiguration, whose `caBundle` the control plane keeps at the mesh root.
+pub const WEBHOOK_CONFIGURATION: &str = "ferry-injector";

@@ -19,16 +19,13 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 
-use super::discovery::{ClusterView, Verdict};
-use super::inject::{CA_ROOT_CONFIGMAP, INJECT, TOKEN_AUDIENCE};
 use crate::certify::{Authenticated, Refusal};
-use crate::identity::{Identity, PodRef};
-use crate::policy::{AuthorizationPolicyResource, TrafficPolicyResource};
+use ferry_api::identity::{Identity, PodRef};
+use ferry_api::kubernetes::discovery::{ClusterView, Verdict};
+use ferry_api::kubernetes::inject::{CA_ROOT_CONFIGMAP, INJECT, TOKEN_AUDIENCE};
+use ferry_api::policy::{AuthorizationPolicyResource, TrafficPolicyResource};
 
-/// The Secret holding the mesh root, in the control plane's namespace.
-pub const CA_SECRET: &str = "ferry-ca";
-/// The injector's MutatingWebhookConfiguration, whose `caBundle` the control plane keeps at the mesh root.
-pub const WEBHOOK_CONFIGURATION: &str = "ferry-injector";
+use ferry_api::kubernetes::{CA_SECRET, WEBHOOK_CONFIGURATION};
 /// The field manager of everything the control plane writes.
 const MANAGER: &str = "ferry-control";
 
@@ -125,11 +122,14 @@ impl Cluster {
     }
 
     /// The documents and workloads to serve now; the verdicts go to [`Cluster::write_statuses`].
-    pub fn documents(&self, default_inbound: crate::workload::DefaultInbound) -> (crate::ads::Sourced, Vec<Verdict>) {
+    pub fn documents(
+        &self,
+        default_inbound: ferry_api::workload::DefaultInbound,
+    ) -> (crate::ads::Sourced, Vec<Verdict>) {
         let view = self.view();
-        let (documents, mut verdicts) = super::discovery::documents(&view);
-        let workloads = super::discovery::workloads(&view, default_inbound);
-        super::discovery::resolve(&mut verdicts, &view, &workloads);
+        let (documents, mut verdicts) = ferry_api::kubernetes::discovery::documents(&view);
+        let workloads = ferry_api::kubernetes::discovery::workloads(&view, default_inbound);
+        ferry_api::kubernetes::discovery::resolve(&mut verdicts, &view, &workloads);
         (crate::ads::Sourced { documents, workloads }, verdicts)
     }
 
@@ -171,7 +171,7 @@ impl Cluster {
     pub fn meshed_namespaces(&self) -> BTreeSet<String> {
         let labelled =
             self.namespaces.state().into_iter().filter(|n| n.labels().get(INJECT).is_some_and(|v| v == "enabled"));
-        let with_pods = self.pods.state().into_iter().filter(|p| super::discovery::is_meshed(p));
+        let with_pods = self.pods.state().into_iter().filter(|p| ferry_api::kubernetes::discovery::is_meshed(p));
         labelled.map(|n| n.name_any()).chain(with_pods.filter_map(|p| p.namespace())).collect()
     }
 
@@ -261,7 +261,7 @@ impl crate::certify::BearerCheck for Cluster {
 /// default-inbound-policy annotation, the service account, container names and ports, phase and IPs), not their
 /// specs' env, volumes or other annotations.
 fn trim_pod(pod: &mut Pod) {
-    let note = super::inject::annotation::DEFAULT_INBOUND_POLICY;
+    let note = ferry_api::kubernetes::inject::annotation::DEFAULT_INBOUND_POLICY;
     pod.metadata.annotations = pod.metadata.annotations.take().and_then(|mut all| {
         let kept: BTreeMap<String, String> = all.remove_entry(note).into_iter().collect();
         (!kept.is_empty()).then_some(kept)
@@ -376,7 +376,7 @@ pub fn pod_matches(
     if runs_as != *sa {
         return Err(refuse("mismatch", format!("pod {ns}/{pod_name} runs as {runs_as}, not {sa}")));
     }
-    let pod_ips = super::discovery::pod_ips(&pod);
+    let pod_ips = ferry_api::kubernetes::discovery::pod_ips(&pod);
     if let Some(peer) = peer
         && !pod_ips.is_empty()
         && !pod_ips.contains(&peer.ip().to_canonical())

@@ -15,8 +15,8 @@ use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview
 use serde_json::Value;
 use tokio::net::TcpListener;
 
-use super::inject::{self, Outcome, Settings};
 use crate::serving::ServingTls;
+use ferry_api::kubernetes::inject::{self, Outcome, Settings};
 
 /// An AdmissionReview larger than this is refused (the API server's own limit on a request is 3 MiB).
 const MAX_REVIEW_BYTES: usize = 4 * 1024 * 1024;
