@@ -24,9 +24,22 @@ pub fn ferry_bin() -> PathBuf {
     control::profile_dir().join("ferry")
 }
 
-/// A loopback port that was free a moment ago.
+/// A loopback port that was free a moment ago. Taken below the kernel's ephemeral range (32768–60999 by default),
+/// so no outgoing connection can take it before the process it is meant for binds it (a port from `bind(0)` could be,
+/// and was, taken that way under load); each test process walks its own order through 10000–32767, each port once.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    const FIRST: u32 = 10_000;
+    const SPAN: u32 = 32_768 - FIRST;
+    let start = std::process::id().wrapping_mul(7_919) % SPAN;
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        assert!(n < SPAN, "no free loopback port left below 32768");
+        let port = (FIRST + (start + n) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// A loopback address whose port was free a moment ago.
