@@ -16,6 +16,10 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command};
+
+// Free ports as the tests pick them (below the ephemeral range); the demo is an example of this package, whose
+// dev-dependencies it shares.
+use ferry_test_support::free_addr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -29,11 +33,6 @@ use tokio::net::{TcpListener, TcpStream};
 
 const REQUESTS: usize = 300;
 const CONCURRENCY: usize = 8;
-
-/// A loopback address whose port was free a moment ago (the demo depends on no test code).
-fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
-}
 
 /// A sidecar process and its addresses.
 struct Sidecar {
