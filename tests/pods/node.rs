@@ -3,7 +3,8 @@
 //!
 //! - **Pods**: a pause container holds the pod's network namespace on a Docker network of the node's own
 //!   (198.19.<k>.0/24, internal: nothing leaves the machine, nothing is SNATed; the host is the gateway `.1`, where the
-//!   tests' `ferry-control` listens, and the route to the Services' ClusterIPs, [`SERVICE_CIDR`]); every container of the spec joins it, with the spec's image, command, args,
+//!   tests' `ferry-control` listens, and the route to the Services' ClusterIPs, [`SERVICE_CIDR`]); every container
+//!   of the spec joins it, with the spec's image, command, args,
 //!   user, capabilities, read-only root, `no-new-privileges`, Docker's default seccomp profile (`RuntimeDefault`), env
 //!   (downward-API fields resolved, `$(VAR)` expanded) and volumes (emptyDirs as tmpfs, the projected token and the
 //!   `ferry-ca-root` ConfigMap as files the test provides). The Pod object (phase, pod IP, the `Ready` condition) is
@@ -486,12 +487,7 @@ impl Node {
         let deadline = Instant::now() + limit;
         let (sidecars, apps) = self.container_names(pod);
         for app in &apps {
-            while docker_must(&["inspect", "--format", "{{.State.Running}}", app]) == "true" {
-                if Instant::now() > deadline {
-                    return Err(format!("{app} still runs after {limit:?}: {}", self.logs(app)));
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
+            self.wait_exit(app, deadline.saturating_duration_since(Instant::now()))?;
         }
         self.stop_containers(&sidecars.iter().rev().cloned().collect::<Vec<_>>(), Instant::now() + limit);
         self.delete_object(pod);
@@ -525,11 +521,8 @@ impl Node {
 
     /// Runs `pod_app <args>` (a client: get, grpc, ws, tcp) inside the pod: its output.
     pub fn client(&self, pod: &Pod, args: &[&str]) -> String {
-        let network = format!("container:{}", pod.pause);
-        let bin = format!("{}:/pod_app:ro", app_binary().display());
-        let mut run = vec!["run", "--rm", "--network", &network, "--volume", &bin, &images().base, "/pod_app"];
-        run.extend(args);
-        let out = docker_run(&run);
+        let run = client_run(pod, &["--rm"], args);
+        let out = docker_run(&run.iter().map(String::as_str).collect::<Vec<_>>());
         format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)).trim().to_string()
     }
 
@@ -537,12 +530,8 @@ impl Node {
     /// `name` of the node (removed with it); see [`Node::wait_exit`] and [`Node::logs`].
     pub fn spawn_client(&self, pod: &Pod, name: &str, args: &[&str]) -> String {
         let name = format!("{}-{name}", self.network);
-        let network = format!("container:{}", pod.pause);
-        let bin = format!("{}:/pod_app:ro", app_binary().display());
-        let mut run = vec!["run", "-d", "--name", &name, "--network", &network, "--volume", &bin, &images().base];
-        run.push("/pod_app");
-        run.extend(args);
-        docker_must(&run);
+        let run = client_run(pod, &["-d", "--name", &name], args);
+        docker_must(&run.iter().map(String::as_str).collect::<Vec<_>>());
         self.track(&name);
         name
     }
@@ -667,6 +656,17 @@ pub struct Exit {
     pub name: String,
     pub code: i64,
     pub finished: String,
+}
+
+/// `docker run <how> ... /pod_app <args>`: the tests' client in the pod's network namespace, on the base image.
+fn client_run(pod: &Pod, how: &[&str], args: &[&str]) -> Vec<String> {
+    let mut run: Vec<String> = vec!["run".into()];
+    run.extend(how.iter().map(|a| a.to_string()));
+    run.extend(["--network".into(), format!("container:{}", pod.pause)]);
+    run.extend(["--volume".into(), format!("{}:/pod_app:ro", app_binary().display())]);
+    run.extend([images().base.clone(), "/pod_app".into()]);
+    run.extend(args.iter().map(|a| a.to_string()));
+    run
 }
 
 /// The containers' exits, in the order they happened. A container still running is an error, never an exit.
