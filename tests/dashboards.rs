@@ -156,7 +156,7 @@ fn every_dashboard_expression_has_data_on_a_real_prometheus_scraping_the_demo() 
         identities: vec!["quotes".into()],
         ..Default::default()
     };
-    let hex: String = bad.encode_to_vec().iter().map(|b| format!("{b:02x}")).collect();
+    let hex = ferry_api::hex(&bad.encode_to_vec());
     let body =
         serde_json::json!({"typeUrl": ferry_api::protocol::SERVICE_TYPE, "name": "default/quotes", "valueHex": hex});
     let (status, reply) =

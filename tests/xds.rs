@@ -214,7 +214,7 @@ fn invalid_resource_is_nacked() {
         identities: vec!["api".into()],
         ..Default::default()
     };
-    let hex: String = bad.encode_to_vec().iter().map(|b| format!("{b:02x}")).collect();
+    let hex = ferry_api::hex(&bad.encode_to_vec());
     let body =
         serde_json::json!({ "typeUrl": ferry_api::protocol::SERVICE_TYPE, "name": "default/api", "valueHex": hex });
     let (status, reply) = api(&m.cp, "POST", "/v1/testing/inject", &body.to_string());

@@ -155,17 +155,14 @@ pub fn inspect(cert_der: &[u8]) -> Result<CertInfo, IdentityError> {
 
 /// The expiry (Unix seconds) of the first certificate of a PEM bundle; `None` when there is none.
 pub fn root_expiry(pem: &str) -> Option<i64> {
-    Some(describe_certificate(pem)).filter(|(subject, _)| subject != "unparsable").map(|(_, not_after)| not_after)
+    describe_certificate(pem).map(|(_, not_after)| not_after)
 }
 
-/// Subject and expiry (Unix seconds) of the first certificate of a PEM bundle (`("unparsable", 0)` when none is).
-pub fn describe_certificate(pem: &str) -> (String, i64) {
-    let der = pem_certificates(pem).ok().and_then(|mut d| (!d.is_empty()).then(|| d.remove(0)));
-    let parsed = der.as_deref().and_then(|der| X509Certificate::from_der(der).ok());
-    match parsed {
-        Some((_, cert)) => (cert.subject().to_string(), cert.validity().not_after.timestamp()),
-        None => ("unparsable".into(), 0),
-    }
+/// Subject and expiry (Unix seconds) of the first certificate of a PEM bundle; `None` when none parses.
+pub fn describe_certificate(pem: &str) -> Option<(String, i64)> {
+    let der = pem_certificates(pem).ok()?.into_iter().next()?;
+    let (_, cert) = X509Certificate::from_der(&der).ok()?;
+    Some((cert.subject().to_string(), cert.validity().not_after.timestamp()))
 }
 
 /// The DER bytes of every certificate in a PEM text, in order.

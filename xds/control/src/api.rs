@@ -13,9 +13,7 @@ use crate::ads::Xds;
 use crate::store::{Key, Store, StoreError};
 use crate::tokens::Tokens;
 use ferry_api::config::{canonical_kind, is_dns_label, parse_documents};
-
-/// Request bodies larger than this are refused with 413 before they are read whole.
-pub use ferry_api::http_api::MAX_BODY_BYTES;
+use ferry_api::http_api::MAX_BODY_BYTES;
 
 pub struct Api {
     pub store: Arc<Mutex<Store>>,

@@ -14,8 +14,7 @@ use rcgen::{
 use x509_parser::certification_request::X509CertificationRequest;
 use x509_parser::prelude::FromDer;
 
-use ferry_api::identity::unix_now;
-use ferry_api::identity::{Identity, Lineage};
+use ferry_api::identity::{Identity, Lineage, unix_now};
 use time::{Duration, OffsetDateTime};
 
 #[derive(Debug, thiserror::Error)]
@@ -396,7 +395,8 @@ impl MeshCa {
         let s = self.state.lock().expect("ca lock");
         let mut roots = Vec::new();
         let mut row = |pem: &str, role: Role| {
-            let (subject, not_after) = ferry_api::identity::describe_certificate(pem);
+            let (subject, not_after) =
+                ferry_api::identity::describe_certificate(pem).unwrap_or_else(|| ("unparsable".into(), 0));
             roots.push(serde_json::json!({ "role": role, "subject": subject, "notAfter": not_after }));
         };
         if let Some((pem, _)) = &s.previous {
