@@ -7,14 +7,14 @@ use socket2::{Domain, Socket, Type};
 use tokio::net::TcpListener;
 
 use crate::admin::{self, AdminState, Health};
-use crate::bootstrap::Settings;
-use crate::drain::Drain;
-use crate::logging::LogHandle;
-use crate::metrics::Metrics;
-use crate::proxy::{Direction, Proxy};
-use crate::snapshot::ConfigStore;
-use crate::source;
-use crate::tls::MeshTls;
+use crate::discovery::file;
+use crate::discovery::snapshot::ConfigStore;
+use crate::identity::tls::MeshTls;
+use crate::listen::drain::Drain;
+use crate::listen::{Direction, Proxy};
+use crate::settings::Settings;
+use crate::telemetry::logging::LogHandle;
+use crate::telemetry::metrics::Metrics;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -75,7 +75,7 @@ pub async fn run(settings: Settings, log: Option<LogHandle>) -> Result<(), Start
 
     match &settings.config_file {
         Some(path) => {
-            tokio::spawn(source::run_file_source(
+            tokio::spawn(file::run_file_source(
                 path.clone(),
                 settings.config_poll,
                 settings.namespace.clone(),
@@ -86,7 +86,7 @@ pub async fn run(settings: Settings, log: Option<LogHandle>) -> Result<(), Start
         }
         None if let Some(control) = &settings.control => {
             tokio::spawn(crate::identity::run(control.clone(), tls.clone(), metrics.clone()));
-            tokio::spawn(crate::xds_client::run(settings.clone(), store.clone(), metrics.clone(), tls.clone()));
+            tokio::spawn(crate::discovery::xds::run(settings.clone(), store.clone(), metrics.clone(), tls.clone()));
         }
         None => tracing::info!(
             "no config source (FERRY_CONFIG_FILE and FERRY_CONTROL_ADDR unset): explicit requests get 502 no-route"

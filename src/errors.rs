@@ -4,8 +4,8 @@ use std::net::SocketAddr;
 
 use http::{HeaderValue, Response, StatusCode, header};
 
-use crate::proxy::body::ProxyBody;
-use crate::snapshot::RouteError;
+use crate::body::ProxyBody;
+use crate::discovery::snapshot::RouteError;
 
 pub const PROXY_ERROR_HEADER: &str = "ferry-proxy-error";
 
@@ -29,7 +29,7 @@ pub enum ProxyError {
     #[error("bad request: {0}")]
     BadRequest(&'static str),
     #[error("{0}")]
-    Tls(#[from] crate::tls::TlsError),
+    Tls(#[from] crate::identity::tls::TlsError),
     #[error("{0}")]
     Unauthorized(String),
     #[error("the circuit breaker of {service} is open (probes again in {} ms)", retry_after.as_millis())]

@@ -3,30 +3,15 @@
 
 pub mod admin;
 pub mod app;
-pub mod authz;
-pub mod balance;
-pub mod bootstrap;
-pub mod breaker;
-pub mod concurrency;
-pub mod detect;
-pub mod drain;
+pub mod body;
+pub mod discovery;
 pub mod errors;
 pub mod identity;
 pub mod init;
-pub mod io;
-pub mod logging;
-pub mod metrics;
-pub mod outlier;
-pub mod probe;
-pub mod proxy;
-pub mod ratelimit;
-pub mod retry;
-pub mod snapshot;
-pub mod source;
-pub mod timeout;
-pub mod tls;
-pub mod trace;
-pub mod xds_client;
+pub mod listen;
+pub mod policy;
+pub mod settings;
+pub mod telemetry;
 
 /// A number in [0, 1) for jitter, from the std hasher's per-process random keys (no extra dependency for jitter).
 pub fn random_fraction() -> f64 {

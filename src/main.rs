@@ -1,8 +1,8 @@
 //! The `ferry` command: `ferry run` (the default) starts the sidecar proxy; `ferry init` writes the pod's iptables rules.
 
 use clap::{Args, Parser, Subcommand};
-use ferry::bootstrap::Settings;
 use ferry::init::{self, Cidr, Family, InitConfig, Mode};
+use ferry::settings::Settings;
 
 #[derive(Parser)]
 #[command(
@@ -99,7 +99,7 @@ fn main() -> std::process::ExitCode {
 
 fn run() -> anyhow::Result<()> {
     let settings = Settings::from_env()?;
-    let log = ferry::logging::init(settings.log_format, &settings.log_level);
+    let log = ferry::telemetry::logging::init(settings.log_format, &settings.log_level);
     let runtime = if settings.workers == 1 {
         tokio::runtime::Builder::new_current_thread().enable_all().build()?
     } else {

@@ -11,9 +11,9 @@ use std::task::{Context, Poll};
 use http::{Request, Response};
 use tokio::sync::Semaphore;
 
+use crate::body::ProxyBody;
 use crate::errors::{ProxyError, ResponseFuture};
-use crate::metrics::Metrics;
-use crate::proxy::body::ProxyBody;
+use crate::telemetry::metrics::Metrics;
 
 /// The limits of one Service (`None`: no limit).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

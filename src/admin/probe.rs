@@ -91,7 +91,7 @@ pub async fn run(probe: &AppProbe, ip: IpAddr, limit: Duration) -> (StatusCode, 
 async fn check(probe: &AppProbe, addr: SocketAddr) -> Result<StatusCode, Box<dyn std::error::Error + Send + Sync>> {
     // From the reserved source `ferry init` lets through: any other connection of the proxy's UID to the pod's own
     // address is sent to its inbound listener, where strict mTLS would refuse it.
-    let stream = crate::proxy::pool::dial(addr, crate::proxy::pool::app_source(addr.ip())).await?;
+    let stream = crate::listen::pool::dial(addr, crate::listen::pool::app_source(addr.ip())).await?;
     let Action::Http { path, headers } = &probe.action else { return Ok(StatusCode::OK) };
     let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     let conn = tokio::spawn(conn);

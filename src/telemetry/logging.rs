@@ -2,7 +2,7 @@
 
 use tracing_subscriber::{EnvFilter, Registry, layer::SubscriberExt, reload, util::SubscriberInitExt};
 
-use crate::bootstrap::LogFormat;
+use crate::settings::LogFormat;
 
 /// Changes the log filter of the running process (admin `PUT /log_level`).
 #[derive(Clone)]

@@ -9,8 +9,8 @@ use std::time::Duration;
 use http::{HeaderValue, Request, Response};
 use tokio::time::Instant;
 
+use crate::body::ProxyBody;
 use crate::errors::{ProxyError, ResponseFuture};
-use crate::proxy::body::ProxyBody;
 
 pub const GRPC_TIMEOUT: &str = "grpc-timeout";
 

@@ -48,7 +48,7 @@ pub struct Settings {
     /// Where spans go (OTLP/gRPC, `http://host:port`); none: spans are not exported (context is still propagated).
     pub otlp_endpoint: Option<String>,
     /// The app's probes that injection moved onto the health port (`FERRY_APP_PROBES`), by path.
-    pub app_probes: std::collections::BTreeMap<String, crate::probe::AppProbe>,
+    pub app_probes: std::collections::BTreeMap<String, crate::admin::probe::AppProbe>,
     /// The pod's IP (`FERRY_POD_IP`, from the downward API), where app probes go; default 127.0.0.1.
     pub pod_ip: std::net::IpAddr,
 }
@@ -213,7 +213,9 @@ impl Settings {
             trace_sampling: env.parse("FERRY_TRACE_SAMPLING", defaults::TRACE_SAMPLING)?,
             otlp_endpoint: env.raw("FERRY_OTLP_ENDPOINT").filter(|s| !s.is_empty()),
             app_probes: match env.raw("FERRY_APP_PROBES").filter(|s| !s.trim().is_empty()) {
-                Some(json) => crate::probe::parse(&json).map_err(|e| env.error("FERRY_APP_PROBES", &json, &e))?,
+                Some(json) => {
+                    crate::admin::probe::parse(&json).map_err(|e| env.error("FERRY_APP_PROBES", &json, &e))?
+                }
                 None => Default::default(),
             },
             pod_ip: env.parse(

@@ -1,8 +1,10 @@
 //! The listeners' side of the proxy: accept, detect the protocol, terminate mesh TLS (inbound), then serve HTTP or
 //! forward opaque TCP.
 
-pub mod body;
+pub mod detect;
+pub mod drain;
 mod http;
+pub mod io;
 pub mod pool;
 pub mod target;
 
@@ -21,13 +23,13 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 
-use crate::bootstrap::Settings;
-use crate::detect::{self, Protocol, Reason};
-use crate::drain::Drain;
-use crate::io::ConnIo;
-use crate::metrics::Metrics;
-use crate::snapshot::ConfigStore;
-use crate::tls::{self, Alpn, ClientHello, MeshTls};
+use crate::discovery::snapshot::ConfigStore;
+use crate::identity::tls::{self, Alpn, ClientHello, MeshTls};
+use crate::settings::Settings;
+use crate::telemetry::metrics::Metrics;
+use detect::{Protocol, Reason};
+use drain::Drain;
+use io::ConnIo;
 use pool::Pool;
 use target::ConnInfo;
 
@@ -64,13 +66,13 @@ pub struct Proxy {
     pool: Arc<Pool>,
     /// Token buckets of the inbound rate limits and circuit breakers of destinations (state that outlives config
     /// swaps).
-    rate_limits: Arc<crate::ratelimit::RateLimits>,
-    breakers: Arc<crate::breaker::Breakers>,
-    limits: Arc<crate::concurrency::Limits>,
-    budgets: Arc<crate::retry::Budgets>,
-    pub balancers: Arc<crate::balance::Balancers>,
+    rate_limits: Arc<crate::policy::ratelimit::RateLimits>,
+    breakers: Arc<crate::policy::breaker::Breakers>,
+    limits: Arc<crate::policy::concurrency::Limits>,
+    budgets: Arc<crate::policy::retry::Budgets>,
+    pub balancers: Arc<crate::policy::balance::Balancers>,
     /// Trace context per hop and span export.
-    tracer: crate::trace::Tracer,
+    tracer: crate::telemetry::trace::Tracer,
     /// The `source` label of outbound requests and the traces' service name: `name.namespace` of the first Service
     /// `FERRY_SERVICE` declares, or `app`.
     local_service: Arc<str>,
@@ -108,7 +110,7 @@ impl Proxy {
             [&settings.outbound_addrs[..], &settings.inbound_addrs[..], &[settings.admin_addr, settings.health_addr]]
                 .concat();
         let connections = Arc::new(OpenConnections::default());
-        let tracer = crate::trace::Tracer::new(
+        let tracer = crate::telemetry::trace::Tracer::new(
             settings.trace_sampling,
             settings.otlp_endpoint.clone(),
             local_service.to_string(),
@@ -350,10 +352,14 @@ impl Proxy {
             Err((service, e)) => return self.tcp_not_forwarded(direction, &service, e),
         };
         if direction == Direction::Inbound {
-            let call =
-                crate::authz::Call { peer: conn.peer_identity.as_deref(), method: None, path: None, port: dest.port };
+            let call = crate::policy::authz::Call {
+                peer: conn.peer_identity.as_deref(),
+                method: None,
+                path: None,
+                port: dest.port,
+            };
             let policy = dest.inbound.clone().unwrap_or_else(|| self.inbound_policy(dest.port));
-            if let crate::authz::Decision::Deny(why) = policy.check(&call, &self.metrics) {
+            if let crate::policy::authz::Decision::Deny(why) = policy.check(&call, &self.metrics) {
                 self.metrics.proxy_error(direction, "unauthorized");
                 self.metrics.tcp_failed.with_label_values(&[direction.as_str(), "unauthorized"]).inc();
                 tracing::info!(peer = %conn.peer, port = dest.port, "opaque connection refused: {why}");
@@ -411,7 +417,7 @@ impl Proxy {
     /// finds it once per connection or request and hands it on in the `Destination`): the policy of the
     /// Services selecting that port. With `FERRY_APP_ADDR` (local mode: every port goes to one app address) the
     /// port says nothing, so every selecting Service's policy applies at once.
-    pub fn inbound_policy(&self, port: u16) -> Arc<crate::authz::InboundPolicy> {
+    pub fn inbound_policy(&self, port: u16) -> Arc<crate::policy::authz::InboundPolicy> {
         let port = self.settings.app_addr.is_none().then_some(port);
         self.store.load().inbound_policy(port).clone()
     }

@@ -193,7 +193,7 @@ pub struct InboundPolicy {
 
 impl InboundPolicy {
     /// Decides and counts.
-    pub fn check(&self, call: &Call<'_>, metrics: &crate::metrics::Metrics) -> Decision {
+    pub fn check(&self, call: &Call<'_>, metrics: &crate::telemetry::metrics::Metrics) -> Decision {
         let decision = decide(self.mode, self.authorization.as_deref(), call);
         let label = if decision == Decision::Allow { "allow" } else { "deny" };
         metrics.authz_decisions.with_label_values(&[&self.service, label]).inc();
@@ -209,7 +209,7 @@ pub struct AuthzLayer {
     policy: Arc<InboundPolicy>,
     peer: Option<Arc<Identity>>,
     port: u16,
-    metrics: Arc<crate::metrics::Metrics>,
+    metrics: Arc<crate::telemetry::metrics::Metrics>,
 }
 
 impl AuthzLayer {
@@ -217,7 +217,7 @@ impl AuthzLayer {
         policy: Arc<InboundPolicy>,
         peer: Option<Arc<Identity>>,
         port: u16,
-        metrics: Arc<crate::metrics::Metrics>,
+        metrics: Arc<crate::telemetry::metrics::Metrics>,
     ) -> Self {
         AuthzLayer { policy, peer, port, metrics }
     }
@@ -369,7 +369,7 @@ mod tests {
             service: "payments.shop".into(),
             opaque: false,
         };
-        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let metrics = Arc::new(crate::telemetry::metrics::Metrics::new());
         let peer = Some(Arc::new(Identity::new("shop", "orders")));
         let inner = tower::service_fn(|_req: Request<()>| async { Ok::<_, ProxyError>("reached") });
         let mut svc = AuthzLayer::new(Arc::new(inbound), peer, 8080, metrics.clone()).layer(inner);

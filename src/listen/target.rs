@@ -8,10 +8,10 @@ use serde::Serialize;
 use tokio::net::TcpStream;
 
 use super::{Direction, Proxy};
-use crate::balance::Endpoint;
+use crate::discovery::snapshot::{Outbound, Route, Target};
 use crate::errors::ProxyError;
-use crate::snapshot::{Outbound, Route, Target};
-use crate::tls::{self, PeerTls};
+use crate::identity::tls::{self, PeerTls};
+use crate::policy::balance::Endpoint;
 
 /// The `service` label of outbound requests that matched no Service in explicit mode.
 pub const UNKNOWN_SERVICE: &str = "unknown";
@@ -102,7 +102,7 @@ pub struct Destination {
     pub outbound: Arc<Outbound>,
     /// Inbound: the policy of the port the connection is delivered to (its `service` is this destination's), found
     /// once with the destination, from the same snapshot.
-    pub inbound: Option<Arc<crate::authz::InboundPolicy>>,
+    pub inbound: Option<Arc<crate::policy::authz::InboundPolicy>>,
 }
 
 impl Destination {
@@ -126,10 +126,10 @@ impl Destination {
     }
 
     /// The one endpoint, or what the load balancer chooses among.
-    pub fn fixed_or_choice(&self) -> Result<Endpoint, crate::balance::Choice> {
+    pub fn fixed_or_choice(&self) -> Result<Endpoint, crate::policy::balance::Choice> {
         match &self.target {
             Target::Endpoint(e) => Ok(*e),
-            Target::Balanced(list) => Err(crate::balance::Choice {
+            Target::Balanced(list) => Err(crate::policy::balance::Choice {
                 service: self.service.clone(),
                 port: self.port,
                 endpoints: list.clone(),

@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 
 use ferry_api::hex;
 
-use crate::metrics::Metrics;
+use crate::telemetry::metrics::Metrics;
 
 pub const TRACEPARENT: &str = "traceparent";
 pub const B3: &str = "b3";

@@ -16,10 +16,10 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
 
-use crate::bootstrap::{ControlSettings, Settings};
-use crate::metrics::Metrics;
-use crate::snapshot::{ConfigStore, Snapshot};
-use crate::tls::MeshTls;
+use crate::discovery::snapshot::{ConfigStore, Snapshot};
+use crate::identity::tls::MeshTls;
+use crate::settings::{ControlSettings, Settings};
+use crate::telemetry::metrics::Metrics;
 
 /// Reconnect delays grow from the first to the last, each with up to 50 % random jitter.
 const BACKOFF: (Duration, Duration) = (Duration::from_millis(250), Duration::from_secs(15));

@@ -17,9 +17,9 @@ use http_body_util::BodyExt;
 use tokio::time::Instant;
 use tower::ServiceExt;
 
+use crate::body::ProxyBody;
 use crate::errors::{ProxyError, ResponseFuture};
-use crate::metrics::Metrics;
-use crate::proxy::body::ProxyBody;
+use crate::telemetry::metrics::Metrics;
 
 /// Bodies up to this size (by `content-length`) are kept for replay.
 pub const REPLAY_LIMIT: u64 = 64 * 1024;

@@ -14,11 +14,11 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpSocket, TcpStream};
 
 use super::Direction;
-use super::body::ProxyBody;
-use crate::concurrency::ConnectionLimit;
+use crate::body::ProxyBody;
 use crate::errors::ProxyError;
-use crate::metrics::Metrics;
-use crate::tls::{Alpn, MeshTls, PeerTls};
+use crate::identity::tls::{Alpn, MeshTls, PeerTls};
+use crate::policy::concurrency::ConnectionLimit;
+use crate::telemetry::metrics::Metrics;
 
 /// Idle HTTP/1 connections kept per endpoint.
 const MAX_IDLE_PER_ENDPOINT: usize = 64;

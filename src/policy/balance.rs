@@ -16,10 +16,10 @@ use http::{Request, Response};
 use serde::Serialize;
 use tokio::time::Instant;
 
+use crate::body::ProxyBody;
 use crate::errors::{ProxyError, ResponseFuture};
-use crate::metrics::Metrics;
-use crate::outlier::{self, Detector};
-use crate::proxy::body::ProxyBody;
+use crate::policy::outlier::{self, Detector};
+use crate::telemetry::metrics::Metrics;
 
 /// How fast old latency is forgotten.
 pub const DECAY: Duration = Duration::from_secs(10);

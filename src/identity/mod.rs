@@ -2,6 +2,8 @@
 //! control plane's CSR service (join token for the first, the current certificate over mTLS for renewals), renewed
 //! at half of its remaining life with jittered retries, and swapped in for new handshakes.
 
+pub mod tls;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,9 +12,9 @@ use ferry_api::resources::pb;
 use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
-use crate::bootstrap::ControlSettings;
-use crate::metrics::Metrics;
-use crate::tls::{Credentials, MeshTls};
+use crate::identity::tls::{Credentials, MeshTls};
+use crate::settings::ControlSettings;
+use crate::telemetry::metrics::Metrics;
 
 /// Retries after a failed request grow from the first to the last (each jittered), but never past a quarter of the
 /// certificate's remaining life.

@@ -126,7 +126,7 @@ pub struct RateLimitLayer {
     /// Per selecting Service with a limit: its `service` label and its limit (empty: no limit).
     services: Arc<[(Arc<str>, RateLimit)]>,
     caller: Option<Arc<Identity>>,
-    metrics: Arc<crate::metrics::Metrics>,
+    metrics: Arc<crate::telemetry::metrics::Metrics>,
 }
 
 impl RateLimitLayer {
@@ -134,7 +134,7 @@ impl RateLimitLayer {
         limits: Arc<RateLimits>,
         services: Arc<[(Arc<str>, RateLimit)]>,
         caller: Option<Arc<Identity>>,
-        metrics: Arc<crate::metrics::Metrics>,
+        metrics: Arc<crate::telemetry::metrics::Metrics>,
     ) -> Self {
         RateLimitLayer { limits, services, caller, metrics }
     }

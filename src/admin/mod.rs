@@ -1,5 +1,7 @@
 //! The health + metrics server (kubelet and Prometheus) and the localhost-only admin server.
 
+pub mod probe;
+
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,12 +14,12 @@ use hyper::server::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-use crate::bootstrap::Settings;
-use crate::drain::Drain;
-use crate::logging::LogHandle;
-use crate::metrics::Metrics;
-use crate::proxy::OpenConnections;
-use crate::snapshot::ConfigStore;
+use crate::discovery::snapshot::ConfigStore;
+use crate::listen::OpenConnections;
+use crate::listen::drain::Drain;
+use crate::settings::Settings;
+use crate::telemetry::logging::LogHandle;
+use crate::telemetry::metrics::Metrics;
 
 /// Startup, readiness and liveness as DESIGN.md defines them.
 pub struct Health {
@@ -25,11 +27,11 @@ pub struct Health {
     started: AtomicBool,
     needs_config: bool,
     /// With a control plane: startup waits for a workload identity (and trust bundle).
-    needs_identity: Option<Arc<crate::tls::MeshTls>>,
+    needs_identity: Option<Arc<crate::identity::tls::MeshTls>>,
 }
 
 impl Health {
-    pub fn new(needs_config: bool, needs_identity: Option<Arc<crate::tls::MeshTls>>) -> Self {
+    pub fn new(needs_config: bool, needs_identity: Option<Arc<crate::identity::tls::MeshTls>>) -> Self {
         Health {
             listeners_bound: AtomicBool::new(false),
             started: AtomicBool::new(false),
@@ -68,7 +70,7 @@ pub struct AdminState {
     pub log: Option<LogHandle>,
     pub connections: Arc<OpenConnections>,
     /// Per-endpoint load and outlier state, for `/endpoints`.
-    pub balancers: Arc<crate::balance::Balancers>,
+    pub balancers: Arc<crate::policy::balance::Balancers>,
 }
 
 type Body = Full<Bytes>;
@@ -112,7 +114,7 @@ impl AdminState {
             "/metrics" => reply(StatusCode::OK, "text/plain; version=0.0.4", self.metrics.encode()),
             path if path.starts_with("/app-health/") => match self.settings.app_probes.get(path) {
                 Some(probe) => {
-                    let (status, body) = crate::probe::run(probe, self.settings.pod_ip, APP_PROBE_LIMIT).await;
+                    let (status, body) = crate::admin::probe::run(probe, self.settings.pod_ip, APP_PROBE_LIMIT).await;
                     text(status, body)
                 }
                 None => text(StatusCode::NOT_FOUND, format!("no app probe at {path} (FERRY_APP_PROBES)\n")),

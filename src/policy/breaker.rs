@@ -14,9 +14,9 @@ use ferry_api::policy::CircuitBreaker;
 use http::{Request, Response};
 use tokio::time::Instant;
 
+use crate::body::ProxyBody;
 use crate::errors::{ProxyError, ResponseFuture};
-use crate::metrics::Metrics;
-use crate::proxy::body::ProxyBody;
+use crate::telemetry::metrics::Metrics;
 
 /// When a trip condition is not configured, the other one alone decides; with neither, the breaker never opens.
 #[derive(Debug, Clone, PartialEq)]

@@ -11,19 +11,19 @@ use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
-use super::body::ProxyBody;
 use super::pool::HttpVersion;
 use super::target::{ConnInfo, Destination, Mode, Refusal, UNKNOWN_SERVICE};
 use super::{Direction, Proxy};
-use crate::authz::AuthzLayer;
-use crate::balance::{BalanceLayer, Picked};
-use crate::breaker::BreakerLayer;
-use crate::concurrency::ConcurrencyLayer;
+use crate::body::ProxyBody;
 use crate::errors::{self, ProxyError};
-use crate::ratelimit::RateLimitLayer;
-use crate::retry::RetryLayer;
-use crate::timeout::{PerTryTimeoutLayer, RequestTimeoutLayer};
-use crate::trace;
+use crate::policy::authz::AuthzLayer;
+use crate::policy::balance::{BalanceLayer, Picked};
+use crate::policy::breaker::BreakerLayer;
+use crate::policy::concurrency::ConcurrencyLayer;
+use crate::policy::ratelimit::RateLimitLayer;
+use crate::policy::retry::RetryLayer;
+use crate::policy::timeout::{PerTryTimeoutLayer, RequestTimeoutLayer};
+use crate::telemetry::trace;
 use tower::ServiceExt;
 
 /// The verified SPIFFE ID of the calling workload, set by the destination's proxy (and removed from anything else).
@@ -115,11 +115,11 @@ impl Proxy {
         let elapsed = start.elapsed();
         let status = response.status().as_u16();
         let grpc_status = |h: &HeaderMap| h.get("grpc-status").and_then(|v| v.to_str().ok()?.parse::<u16>().ok());
-        let mut labels = crate::metrics::RequestLabels {
+        let mut labels = crate::telemetry::metrics::RequestLabels {
             source: match (direction, &conn.peer_identity) {
                 (Direction::Outbound, _) => self.local_service.clone(),
                 (Direction::Inbound, Some(id)) => self.store.load().service_of(id),
-                (Direction::Inbound, None) => crate::snapshot::unknown_source(),
+                (Direction::Inbound, None) => crate::discovery::snapshot::unknown_source(),
             },
             peer_identity: conn.peer_spiffe.clone(),
             protocol,
@@ -295,7 +295,7 @@ impl Proxy {
         dest: &Destination,
         authority: String,
         conn: &ConnInfo,
-        limit: Option<&crate::concurrency::ConnectionLimit>,
+        limit: Option<&crate::policy::concurrency::ConnectionLimit>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         // The endpoint the load balancer chose for this try, else the destination's one address.
         let endpoint = match (req.extensions_mut().remove::<Picked>(), dest.fixed_or_choice()) {

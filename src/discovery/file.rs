@@ -4,8 +4,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::metrics::Metrics;
-use crate::snapshot::{ConfigStore, Snapshot};
+use crate::discovery::snapshot::{ConfigStore, Snapshot};
+use crate::telemetry::metrics::Metrics;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -28,7 +28,7 @@ pub fn parse(
         ferry_api::parse_documents(&text).map_err(|source| SourceError::Invalid { path: path.into(), source })?;
     // No control plane, no identity: nothing is mTLS, so nothing can be strict.
     let mode = ferry_api::policy::MtlsMode::Permissive;
-    let workload = crate::snapshot::declared_workload(declared, &documents);
+    let workload = crate::discovery::snapshot::declared_workload(declared, &documents);
     Ok(Snapshot::build(version, format!("file:{}", path.display()), documents, local_namespace, mode, workload))
 }
 

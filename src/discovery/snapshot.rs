@@ -8,9 +8,9 @@ use arc_swap::ArcSwap;
 use ferry_api::identity::Identity;
 use ferry_api::policy::{LoadBalancer, MtlsMode};
 
-use crate::balance::Endpoint;
+use crate::policy::balance::Endpoint;
 
-use crate::authz::{Authorization, InboundPolicy};
+use crate::policy::authz::{Authorization, InboundPolicy};
 use ferry_api::workload::{DefaultInbound, SelectingService, Workload};
 use ferry_api::{Document, PortProtocol, ServicePort, ServiceSpec, split_host_port};
 use serde::Serialize;
@@ -76,11 +76,11 @@ pub struct ServiceEntry {
 #[derive(Debug, Default)]
 pub struct Outbound {
     pub timeout: Option<std::time::Duration>,
-    pub retry: Option<Arc<crate::retry::Policy>>,
-    pub breaker: Option<Arc<crate::breaker::Config>>,
-    pub caps: Option<crate::concurrency::Caps>,
+    pub retry: Option<Arc<crate::policy::retry::Policy>>,
+    pub breaker: Option<Arc<crate::policy::breaker::Config>>,
+    pub caps: Option<crate::policy::concurrency::Caps>,
     pub balancer: LoadBalancer,
-    pub outlier: Option<Arc<crate::outlier::Config>>,
+    pub outlier: Option<Arc<crate::policy::outlier::Config>>,
 }
 
 impl Outbound {
@@ -90,16 +90,16 @@ impl Outbound {
             // No request timeout: it would cover the body, cutting long downloads, streams and long polls.
             timeout: spec.and_then(|s| s.timeout.as_ref()).map(|t| t.as_std()),
             retry: Some(Arc::new(match spec.and_then(|s| s.retries.as_ref()) {
-                Some(r) => crate::retry::Policy::from_policy(r),
+                Some(r) => crate::policy::retry::Policy::from_policy(r),
                 // One retry when the request cannot have reached the app (idempotent requests only).
-                None => crate::retry::Policy::default_for_unconfigured(),
+                None => crate::policy::retry::Policy::default_for_unconfigured(),
             })),
-            breaker: breaker.map(|b| Arc::new(crate::breaker::Config::from_policy(b))),
-            caps: Some(crate::concurrency::Caps::from_policy(breaker)),
+            breaker: breaker.map(|b| Arc::new(crate::policy::breaker::Config::from_policy(b))),
+            caps: Some(crate::policy::concurrency::Caps::from_policy(breaker)),
             balancer: spec.and_then(|s| s.load_balancer).unwrap_or_default(),
             outlier: spec
                 .and_then(|s| s.outlier_detection.as_ref())
-                .map(|o| Arc::new(crate::outlier::Config::from_policy(o))),
+                .map(|o| Arc::new(crate::policy::outlier::Config::from_policy(o))),
         }
     }
 }
@@ -657,8 +657,9 @@ spec: {targetRef: {kind: Service, name: lax}, defaultAction: allow}
         let s = Snapshot::build(1, "test".into(), docs, "shop", MtlsMode::Permissive, workload);
         let (web, stranger) = (Identity::new("shop", "web"), Identity::new("elsewhere", "x"));
         fn allowed(p: &InboundPolicy, peer: Option<&Identity>, port: u16) -> bool {
-            let call = crate::authz::Call { peer, method: None, path: None, port };
-            crate::authz::decide(p.mode, p.authorization.as_deref(), &call) == crate::authz::Decision::Allow
+            let call = crate::policy::authz::Call { peer, method: None, path: None, port };
+            crate::policy::authz::decide(p.mode, p.authorization.as_deref(), &call)
+                == crate::policy::authz::Decision::Allow
         }
         // (port, label, mode, rate-limited Services, opaque, shop caller allowed, other namespace allowed,
         // plaintext allowed)

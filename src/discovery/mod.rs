@@ -1,0 +1,5 @@
+//! Where the proxy's config comes from and what it becomes: the immutable snapshot, the file source, the xDS client.
+
+pub mod file;
+pub mod snapshot;
+pub mod xds;
