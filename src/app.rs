@@ -7,11 +7,12 @@ use socket2::{Domain, Socket, Type};
 use tokio::net::TcpListener;
 
 use crate::admin::{self, AdminState, Health};
+use crate::direction::Direction;
 use crate::discovery::file;
 use crate::discovery::snapshot::ConfigStore;
 use crate::identity::tls::MeshTls;
+use crate::listen::Proxy;
 use crate::listen::drain::Drain;
-use crate::listen::{Direction, Proxy};
 use crate::settings::Settings;
 use crate::telemetry::logging::LogHandle;
 use crate::telemetry::metrics::Metrics;

@@ -5,7 +5,6 @@ use std::net::SocketAddr;
 use http::{HeaderValue, Response, StatusCode, header};
 
 use crate::body::ProxyBody;
-use crate::discovery::snapshot::RouteError;
 
 pub const PROXY_ERROR_HEADER: &str = "ferry-proxy-error";
 
@@ -29,7 +28,7 @@ pub enum ProxyError {
     #[error("bad request: {0}")]
     BadRequest(&'static str),
     #[error("{0}")]
-    Tls(#[from] crate::identity::tls::TlsError),
+    Tls(#[from] TlsError),
     #[error("{0}")]
     Unauthorized(String),
     #[error("the circuit breaker of {service} is open (probes again in {} ms)", retry_after.as_millis())]
@@ -42,6 +41,49 @@ pub enum ProxyError {
     RequestTimeout(std::time::Duration),
     #[error("the service's rate limit is reached; retry in {} ms", retry_after.as_millis())]
     RateLimited { retry_after: std::time::Duration },
+}
+
+/// Why a mesh handshake failed: the `reason` label of `ferry_tls_handshake_failures_total`.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("no workload identity yet (the certificate has not been issued)")]
+    NoIdentity,
+    #[error("TLS handshake with {addr} failed: {source}")]
+    Handshake { addr: SocketAddr, source: std::io::Error },
+    #[error("{addr} presented {found}, which service {service} does not list ({expected})")]
+    WrongIdentity { addr: SocketAddr, service: String, found: String, expected: String },
+    #[error("{addr} presented no usable identity: {message}")]
+    BadPeer { addr: SocketAddr, message: String },
+}
+
+impl TlsError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            TlsError::NoIdentity => "no-identity",
+            TlsError::Handshake { source, .. } => handshake_reason(source),
+            TlsError::WrongIdentity { .. } => "wrong-identity",
+            TlsError::BadPeer { .. } => "bad-certificate",
+        }
+    }
+}
+
+/// A short label for a failed handshake's cause.
+pub fn handshake_reason(e: &std::io::Error) -> &'static str {
+    let Some(tls) = e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) else {
+        return "io";
+    };
+    match tls {
+        rustls::Error::InvalidCertificate(rustls::CertificateError::Expired) => "expired",
+        rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer) => "unknown-ca",
+        rustls::Error::InvalidCertificate(_) => "bad-certificate",
+        rustls::Error::NoCertificatesPresented => "no-client-certificate",
+        rustls::Error::AlertReceived(rustls::AlertDescription::UnknownCA) => "peer-unknown-ca",
+        rustls::Error::AlertReceived(rustls::AlertDescription::CertificateExpired) => "peer-expired",
+        rustls::Error::AlertReceived(_) => "peer-alert",
+        rustls::Error::NoApplicationProtocol => "alpn",
+        rustls::Error::PeerIncompatible(_) => "incompatible",
+        _ => "protocol",
+    }
 }
 
 /// Whether a try's outcome counts against its destination (circuit breaker, outlier detection): a 5xx answer, or no
@@ -58,15 +100,6 @@ pub fn is_failure(result: &Result<Response<ProxyBody>, ProxyError>) -> bool {
                 | ProxyError::PerTryTimeout(_)
                 | ProxyError::RequestTimeout(_)
         ),
-    }
-}
-
-impl From<RouteError> for ProxyError {
-    fn from(e: RouteError) -> Self {
-        match e {
-            RouteError::NoEndpoints(_) => ProxyError::NoHealthyEndpoints(e.to_string()),
-            RouteError::NoRoute(_) | RouteError::NoPort { .. } => ProxyError::NoRoute(e.to_string()),
-        }
     }
 }
 

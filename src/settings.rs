@@ -1,11 +1,12 @@
 //! Bootstrap settings from `FERRY_*` environment variables; a bad value stops start-up naming the variable.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use ferry_api::parse_duration;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Everything the proxy starts with; shown verbatim by the admin `/config_dump`.
 #[derive(Debug, Clone, Serialize)]
@@ -48,7 +49,7 @@ pub struct Settings {
     /// Where spans go (OTLP/gRPC, `http://host:port`); none: spans are not exported (context is still propagated).
     pub otlp_endpoint: Option<String>,
     /// The app's probes that injection moved onto the health port (`FERRY_APP_PROBES`), by path.
-    pub app_probes: std::collections::BTreeMap<String, crate::admin::probe::AppProbe>,
+    pub app_probes: std::collections::BTreeMap<String, AppProbe>,
     /// The pod's IP (`FERRY_POD_IP`, from the downward API), where app probes go; default 127.0.0.1.
     pub pod_ip: std::net::IpAddr,
 }
@@ -213,9 +214,7 @@ impl Settings {
             trace_sampling: env.parse("FERRY_TRACE_SAMPLING", defaults::TRACE_SAMPLING)?,
             otlp_endpoint: env.raw("FERRY_OTLP_ENDPOINT").filter(|s| !s.is_empty()),
             app_probes: match env.raw("FERRY_APP_PROBES").filter(|s| !s.trim().is_empty()) {
-                Some(json) => {
-                    crate::admin::probe::parse(&json).map_err(|e| env.error("FERRY_APP_PROBES", &json, &e))?
-                }
+                Some(json) => parse_app_probes(&json).map_err(|e| env.error("FERRY_APP_PROBES", &json, &e))?,
                 None => Default::default(),
             },
             pod_ip: env.parse(
@@ -339,6 +338,75 @@ impl<F: Fn(&str) -> Option<String>> Env<'_, F> {
     }
 }
 
+// ===== FERRY_APP_PROBES =====
+
+/// One rewritten probe: what the app's container asked the kubelet to check.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AppProbe {
+    pub port: u16,
+    pub action: Action,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    /// `GET path` with the probe's headers; the app's status is the answer (the kubelet takes 200-399 as success).
+    Http { path: String, headers: Vec<(String, String)> },
+    /// The app accepts a connection.
+    Tcp,
+}
+
+/// The injector's JSON (`FERRY_APP_PROBES`): `{"/app-health/<container>/<kind>": {"httpGet"|"tcpSocket": <the
+/// original action>, "port": <its number>}}`.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Wire {
+    port: u16,
+    http_get: Option<HttpGet>,
+    tcp_socket: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct HttpGet {
+    #[serde(default)]
+    path: Option<String>,
+    #[serde(default)]
+    http_headers: Vec<Header>,
+}
+
+#[derive(Deserialize)]
+struct Header {
+    name: String,
+    value: String,
+}
+
+/// Parses `FERRY_APP_PROBES`; the error says which entry is wrong.
+pub fn parse_app_probes(json: &str) -> Result<BTreeMap<String, AppProbe>, String> {
+    let raw: BTreeMap<String, serde_json::Value> =
+        serde_json::from_str(json).map_err(|e| format!("not a JSON object of probes: {e}"))?;
+    raw.into_iter()
+        .map(|(path, value)| {
+            if !path.starts_with("/app-health/") {
+                return Err(format!("`{path}`: probe paths start with /app-health/"));
+            }
+            let wire: Wire = serde_json::from_value(value).map_err(|e| format!("`{path}`: {e}"))?;
+            if wire.port == 0 {
+                return Err(format!("`{path}`: port must be 1-65535"));
+            }
+            let action = match (wire.http_get, wire.tcp_socket) {
+                (Some(get), None) => Action::Http {
+                    path: get.path.filter(|p| !p.is_empty()).unwrap_or_else(|| "/".into()),
+                    headers: get.http_headers.into_iter().map(|h| (h.name, h.value)).collect(),
+                },
+                (None, Some(_)) => Action::Tcp,
+                _ => return Err(format!("`{path}`: needs exactly one of httpGet and tcpSocket")),
+            };
+            Ok((path, AppProbe { port: wire.port, action }))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -432,5 +500,31 @@ mod tests {
         assert!(err.unwrap_err().to_string().starts_with("FERRY_SERVICE_ACCOUNT_TOKEN"));
         std::fs::remove_file(token).unwrap();
         std::fs::remove_file(root).unwrap();
+    }
+
+    #[test]
+    fn parses_the_injectors_json() {
+        let json = r#"{"/app-health/web/live": {"httpGet": {"path": "/healthz", "port": "http",
+                        "httpHeaders": [{"name": "X-Probe", "value": "liveness"}]}, "port": 8080},
+                      "/app-health/web/ready": {"tcpSocket": {"port": 8080}, "port": 8080}}"#;
+        let probes = parse_app_probes(json).unwrap();
+        assert_eq!(
+            probes["/app-health/web/live"],
+            AppProbe {
+                port: 8080,
+                action: Action::Http { path: "/healthz".into(), headers: vec![("X-Probe".into(), "liveness".into())] }
+            }
+        );
+        assert_eq!(probes["/app-health/web/ready"].action, Action::Tcp);
+        for (bad, want) in [
+            ("[]", "not a JSON object"),
+            (r#"{"/x": {"tcpSocket": {}, "port": 1}}"#, "start with /app-health/"),
+            (r#"{"/app-health/a/live": {"port": 1}}"#, "exactly one of"),
+            (r#"{"/app-health/a/live": {"tcpSocket": {}, "port": 0}}"#, "port must be"),
+            (r#"{"/app-health/a/live": {"tcpSocket": {}, "port": 70000}}"#, "/app-health/a/live"),
+        ] {
+            let err = parse_app_probes(bad).unwrap_err();
+            assert!(err.contains(want), "{bad}: {err}");
+        }
     }
 }

@@ -530,6 +530,15 @@ impl Default for ConfigStore {
     }
 }
 
+impl From<RouteError> for crate::errors::ProxyError {
+    fn from(e: RouteError) -> Self {
+        match e {
+            RouteError::NoEndpoints(_) => crate::errors::ProxyError::NoHealthyEndpoints(e.to_string()),
+            RouteError::NoRoute(_) | RouteError::NoPort { .. } => crate::errors::ProxyError::NoRoute(e.to_string()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

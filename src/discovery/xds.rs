@@ -171,7 +171,7 @@ pub async fn run(settings: Arc<Settings>, store: Arc<ConfigStore>, metrics: Arc<
         if started.elapsed() > Duration::from_secs(30) {
             delay = BACKOFF.0;
         }
-        let jittered = delay.mul_f64(1.0 + 0.5 * crate::random_fraction());
+        let jittered = delay.mul_f64(1.0 + 0.5 * crate::util::random_fraction());
         tracing::info!(retry_in_ms = jittered.as_millis() as u64, "reconnecting to the control plane");
         tokio::time::sleep(jittered).await;
         delay = (delay * 2).min(BACKOFF.1);

@@ -86,13 +86,13 @@ pub async fn run(control: ControlSettings, tls: Arc<MeshTls>, metrics: Arc<Metri
                 if let Err(e) = taken {
                     tracing::error!(error = %e, "the issued certificate cannot be used for TLS");
                     metrics.identity_renewals.with_label_values(&["error"]).inc();
-                    tokio::time::sleep(retry_delay(0, Duration::from_secs(60), crate::random_fraction())).await;
+                    tokio::time::sleep(retry_delay(0, Duration::from_secs(60), crate::util::random_fraction())).await;
                     continue;
                 }
                 metrics.identity_renewals.with_label_values(&["ok"]).inc();
                 metrics.identity_expiry.set(info.not_after);
                 let life = Duration::from_secs((info.not_after - unix_now()).max(0) as u64);
-                let wait = renewal_delay(life, crate::random_fraction());
+                let wait = renewal_delay(life, crate::util::random_fraction());
                 tracing::info!(identity = %info.identity, serial = %info.serial, not_after = info.not_after, renew_in_ms = wait.as_millis() as u64, "workload certificate in use");
                 tokio::time::sleep(wait).await;
             }
@@ -104,7 +104,7 @@ pub async fn run(control: ControlSettings, tls: Arc<MeshTls>, metrics: Arc<Metri
                     by_bootstrap = true;
                 }
                 let left = remaining(&tls.current().map(|s| s.credentials.clone()));
-                let wait = retry_delay(attempt, left, crate::random_fraction());
+                let wait = retry_delay(attempt, left, crate::util::random_fraction());
                 attempt = attempt.saturating_add(1);
                 tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, remaining_s = left.as_secs(), "certificate request failed");
                 tokio::time::sleep(wait).await;

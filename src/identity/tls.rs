@@ -16,6 +16,8 @@ use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, S
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
+use crate::errors::TlsError;
+
 pub const ALPN_H2: &[u8] = b"ferry/h2";
 pub const ALPN_TCP: &[u8] = b"ferry/tcp";
 /// SNI suffix of mesh connections: `<port>.<service>.<namespace>.ferry.internal`.
@@ -50,49 +52,6 @@ pub fn sni_port(sni: &str) -> Option<u16> {
     let rest = sni.strip_suffix(SNI_SUFFIX)?;
     let (port, _) = rest.split_once('.')?;
     port.parse().ok().filter(|p| *p != 0)
-}
-
-/// Why a mesh handshake failed: the `reason` label of `ferry_tls_handshake_failures_total`.
-#[derive(Debug, thiserror::Error)]
-pub enum TlsError {
-    #[error("no workload identity yet (the certificate has not been issued)")]
-    NoIdentity,
-    #[error("TLS handshake with {addr} failed: {source}")]
-    Handshake { addr: SocketAddr, source: std::io::Error },
-    #[error("{addr} presented {found}, which service {service} does not list ({expected})")]
-    WrongIdentity { addr: SocketAddr, service: String, found: String, expected: String },
-    #[error("{addr} presented no usable identity: {message}")]
-    BadPeer { addr: SocketAddr, message: String },
-}
-
-impl TlsError {
-    pub fn reason(&self) -> &'static str {
-        match self {
-            TlsError::NoIdentity => "no-identity",
-            TlsError::Handshake { source, .. } => handshake_reason(source),
-            TlsError::WrongIdentity { .. } => "wrong-identity",
-            TlsError::BadPeer { .. } => "bad-certificate",
-        }
-    }
-}
-
-/// A short label for a failed handshake's cause.
-pub fn handshake_reason(e: &std::io::Error) -> &'static str {
-    let Some(tls) = e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) else {
-        return "io";
-    };
-    match tls {
-        rustls::Error::InvalidCertificate(rustls::CertificateError::Expired) => "expired",
-        rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer) => "unknown-ca",
-        rustls::Error::InvalidCertificate(_) => "bad-certificate",
-        rustls::Error::NoCertificatesPresented => "no-client-certificate",
-        rustls::Error::AlertReceived(rustls::AlertDescription::UnknownCA) => "peer-unknown-ca",
-        rustls::Error::AlertReceived(rustls::AlertDescription::CertificateExpired) => "peer-expired",
-        rustls::Error::AlertReceived(_) => "peer-alert",
-        rustls::Error::NoApplicationProtocol => "alpn",
-        rustls::Error::PeerIncompatible(_) => "incompatible",
-        _ => "protocol",
-    }
 }
 
 /// This proxy's certificate and key as issued, in memory only.

@@ -11,10 +11,11 @@ use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
+use super::Proxy;
 use super::pool::HttpVersion;
 use super::target::{ConnInfo, Destination, Mode, Refusal, UNKNOWN_SERVICE};
-use super::{Direction, Proxy};
 use crate::body::ProxyBody;
+use crate::direction::Direction;
 use crate::errors::{self, ProxyError};
 use crate::policy::authz::AuthzLayer;
 use crate::policy::balance::{BalanceLayer, Picked};
@@ -61,7 +62,7 @@ impl Proxy {
         let request_id = match req.headers().get(REQUEST_ID_HEADER) {
             Some(id) => id.clone(),
             None => {
-                let id = HeaderValue::from_str(&crate::request_id()).expect("an ID is a valid header value");
+                let id = HeaderValue::from_str(&crate::util::request_id()).expect("an ID is a valid header value");
                 req.headers_mut().insert(REQUEST_ID_HEADER, id.clone());
                 id
             }
@@ -75,7 +76,7 @@ impl Proxy {
         let (span, traced) = (hop.context, self.tracer.exports(&hop));
         // Only what the access log and an exported span need, and only when one of them is on.
         let share = self.settings.access_log;
-        let logged = share >= 1.0 || (share > 0.0 && crate::random_fraction() < share);
+        let logged = share >= 1.0 || (share > 0.0 && crate::util::random_fraction() < share);
         let described = (logged || traced).then(|| {
             let authority = authority_of(&req).unwrap_or_default();
             (req.method().clone(), req.uri().path().to_string(), req.version(), authority)

@@ -23,6 +23,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 
+use crate::direction::Direction;
 use crate::discovery::snapshot::ConfigStore;
 use crate::identity::tls::{self, Alpn, ClientHello, MeshTls};
 use crate::settings::Settings;
@@ -39,23 +40,6 @@ const INBOUND_CONFIG_WAIT: Duration = Duration::from_secs(10);
 /// How long the inbound side waits for a mesh peer's ClientHello on an opaque (server-speaks-first) port before it
 /// treats the connection as an unmeshed client's plaintext.
 const OPAQUE_TLS_PEEK: Duration = Duration::from_millis(300);
-
-/// Which listener a connection arrived on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Direction {
-    Inbound = 0,
-    Outbound = 1,
-}
-
-impl Direction {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Direction::Inbound => "inbound",
-            Direction::Outbound => "outbound",
-        }
-    }
-}
 
 pub struct Proxy {
     pub settings: Arc<Settings>,
@@ -265,7 +249,10 @@ impl Proxy {
         let stream = match tokio::time::timeout(self.settings.header_read_timeout, accept).await {
             Ok(Ok(stream)) => stream,
             Ok(Err(e)) => {
-                self.metrics.tls_handshake_failures.with_label_values(&[inbound, tls::handshake_reason(&e)]).inc();
+                self.metrics
+                    .tls_handshake_failures
+                    .with_label_values(&[inbound, crate::errors::handshake_reason(&e)])
+                    .inc();
                 tracing::info!(peer = %conn.peer, error = %e, "mesh TLS handshake failed");
                 return;
             }

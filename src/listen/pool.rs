@@ -13,8 +13,8 @@ use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpSocket, TcpStream};
 
-use super::Direction;
 use crate::body::ProxyBody;
+use crate::direction::Direction;
 use crate::errors::ProxyError;
 use crate::identity::tls::{Alpn, MeshTls, PeerTls};
 use crate::policy::concurrency::ConnectionLimit;

@@ -7,7 +7,8 @@ use std::sync::Arc;
 use serde::Serialize;
 use tokio::net::TcpStream;
 
-use super::{Direction, Proxy};
+use super::Proxy;
+use crate::direction::Direction;
 use crate::discovery::snapshot::{Outbound, Route, Target};
 use crate::errors::ProxyError;
 use crate::identity::tls::{self, PeerTls};

@@ -326,7 +326,7 @@ impl Balancers {
     pub fn start(&self, choice: &Choice, tried: &mut Vec<SocketAddr>) -> Result<(Endpoint, Attempt), ProxyError> {
         let group = self.group(&choice.service, choice.port);
         let now = Instant::now();
-        let random = (crate::random_fraction(), crate::random_fraction());
+        let random = (crate::util::random_fraction(), crate::util::random_fraction());
         let picked = group.lock().expect("balancer lock").pick(&choice.endpoints, choice.kind, tried, now, random);
         let endpoint = picked
             .ok_or_else(|| ProxyError::NoHealthyEndpoints(format!("service {} has no endpoints", choice.service)))?;

@@ -391,7 +391,7 @@ where
                     return result;
                 }
                 l.metrics.retries.with_label_values(&[&*l.service, "attempted"]).inc();
-                tokio::time::sleep(backoff(tries, policy.base, policy.max, crate::random_fraction())).await;
+                tokio::time::sleep(backoff(tries, policy.base, policy.max, crate::util::random_fraction())).await;
             }
         })
     }

@@ -9,7 +9,7 @@ use prometheus::{
     TextEncoder,
 };
 
-use crate::listen::Direction;
+use crate::direction::Direction;
 
 /// Latency buckets from 0.5 ms to 30 s.
 pub const LATENCY_BUCKETS: &[f64] =

@@ -207,8 +207,8 @@ impl Tracer {
     pub fn start(&self, headers: &mut HeaderMap, kind: Kind) -> Hop {
         let (parent, formats) = extract(headers);
         let mut ids = [0u8; 24];
-        crate::random_bytes(&mut ids);
-        let context = child(parent.as_ref(), self.ratio, crate::random_fraction(), ids);
+        crate::util::random_bytes(&mut ids);
+        let context = child(parent.as_ref(), self.ratio, crate::util::random_fraction(), ids);
         let parent_id = parent.map(|p| p.span_id);
         inject(headers, &context, parent_id, formats);
         // Only an exported span needs its own copy of the tracestate.
