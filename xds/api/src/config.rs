@@ -1,12 +1,13 @@
 //! The `ferry.dev/v1alpha1` documents (`Service`, `TrafficPolicy`, `AuthorizationPolicy`) parsed from multi-document
 //! YAML, with errors that name the document and the field.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::meta::{FieldError, Metadata};
 use crate::policy::{
     AuthorizationPolicy, AuthorizationPolicySpec, TrafficPolicy, TrafficPolicySpec, validate_authorization_policy,
     validate_traffic_policy,
@@ -46,20 +47,6 @@ impl Document {
         let m = self.metadata();
         format!("{} {}/{}", self.kind(), m.namespace, m.name)
     }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Metadata {
-    pub name: String,
-    #[serde(default = "default_namespace")]
-    pub namespace: String,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub labels: BTreeMap<String, String>,
-}
-
-fn default_namespace() -> String {
-    "default".to_string()
 }
 
 /// A mesh service: the names clients use for it, its ports, who may serve it and (file source only) where it runs.
@@ -133,19 +120,6 @@ fn parse_endpoint_address(text: &str, default_port: u16) -> Option<SocketAddr> {
 }
 
 // ===== errors =====
-
-/// One refused field: `spec.ports[0].port: must be 1-65535`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FieldError {
-    pub path: String,
-    pub message: String,
-}
-
-impl fmt::Display for FieldError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.path.is_empty() { f.write_str(&self.message) } else { write!(f, "{}: {}", self.path, self.message) }
-    }
-}
 
 /// Every error of every refused document; a document is named by kind, namespace/name and position.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

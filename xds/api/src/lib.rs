@@ -9,6 +9,7 @@ pub mod http_api;
 pub mod identity;
 #[cfg(feature = "kubernetes")]
 pub mod kubernetes;
+pub mod meta;
 pub mod policy;
 pub mod protocol;
 pub mod resources;

@@ -4,8 +4,8 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{FieldError, Metadata};
 use crate::duration::parse_duration;
+use crate::meta::{FieldError, Metadata};
 
 // ===== durations and target references =====
 
