@@ -110,7 +110,7 @@ pub async fn run(settings: Settings, log: Option<LogHandle>) -> Result<(), Start
         health: health.clone(),
         log,
         connections: proxy.connections.clone(),
-        balancers: proxy.balancers.clone(),
+        balancers: proxy.registries.balancers.clone(),
     });
     tracing::info!(admin = %settings.admin_addr, health = %settings.health_addr, "admin and health servers listening");
     tokio::spawn(admin::serve(state.clone(), admin_listener, admin::Server::Admin));

@@ -12,5 +12,6 @@ pub mod init;
 pub mod listen;
 pub mod policy;
 pub mod settings;
+pub mod stack;
 pub mod telemetry;
 pub mod util;

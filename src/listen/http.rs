@@ -3,6 +3,7 @@
 //! upgrade travels as an extended CONNECT (RFC 8441); the receiving proxy restores both for the app, and tells the app
 //! who called in `ferry-client-id`.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -12,18 +13,15 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use super::Proxy;
-use super::pool::HttpVersion;
-use super::target::{ConnInfo, Destination, Mode, Refusal, UNKNOWN_SERVICE};
+use super::pool::{HttpVersion, Pool};
+use super::target::{ConnInfo, Mode, Refusal, UNKNOWN_SERVICE, is_own_listener};
 use crate::body::ProxyBody;
 use crate::direction::Direction;
+use crate::discovery::destination::Destination;
 use crate::errors::{self, ProxyError};
-use crate::policy::authz::AuthzLayer;
-use crate::policy::balance::{BalanceLayer, Picked};
-use crate::policy::breaker::BreakerLayer;
-use crate::policy::concurrency::ConcurrencyLayer;
-use crate::policy::ratelimit::RateLimitLayer;
-use crate::policy::retry::RetryLayer;
-use crate::policy::timeout::{PerTryTimeoutLayer, RequestTimeoutLayer};
+use crate::policy::balance::Picked;
+use crate::policy::concurrency::ConnectionLimit;
+use crate::stack::Call;
 use crate::telemetry::trace;
 use tower::ServiceExt;
 
@@ -82,26 +80,29 @@ impl Proxy {
             (req.method().clone(), req.uri().path().to_string(), req.version(), authority)
         });
         // The endpoint of each try, in order (the load balancer adds them).
-        let tried = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let tried: crate::policy::balance::Tried = Default::default();
         let (service, handles, result) = match self.request_destination(&req, &conn) {
-            Ok((dest, authority)) => {
+            Ok((mut dest, authority)) => {
                 let service = dest.service.clone();
                 let handles = self.metrics.requests(direction, &service);
                 let size = handles.request_size.clone();
-                let req = req.map(|body| sized(ProxyBody::from(body), size));
-                let result = match direction {
-                    Direction::Outbound => {
-                        let stack = self.clone().outbound_stack(dest, authority, conn.clone(), tried.clone());
-                        stack.oneshot(req).await
-                    }
+                let mut req = req.map(|body| sized(ProxyBody::from(body), size));
+                // The destination's `maxConnections` slots, found once for every try of the request.
+                let limit = dest.outbound.caps.map(|caps| self.registries.limits.connections(&dest.service, caps));
+                let stack = match direction {
+                    Direction::Outbound => &self.outbound,
                     Direction::Inbound => {
                         if let Some(addr) = dest.fixed_addr() {
                             tried.lock().expect("tried lock").push(addr);
                         }
-                        self.clone().inbound_stack(dest, authority, conn.clone()).oneshot(req).await
+                        dest.inbound = Some(dest.inbound.clone().unwrap_or_else(|| self.inbound_policy(dest.port)));
+                        &self.inbound
                     }
                 };
-                (service, handles, result)
+                let caller = conn.peer_identity.clone();
+                let upstream = Sent { authority, conn: conn.clone(), limit };
+                req.extensions_mut().insert(Arc::new(Call { dest, caller, tried: tried.clone(), upstream }));
+                (service, handles, stack.clone().oneshot(req).await)
             }
             Err((service, e)) => (service.clone(), self.metrics.requests(direction, &service), Err(e)),
         };
@@ -187,87 +188,6 @@ impl Proxy {
         response
     }
 
-    /// The outbound HTTP stack, outermost first (metrics, the access log and the error responder wrap it in
-    /// `forward`).
-    fn outbound_stack(
-        self: Arc<Self>,
-        dest: Destination,
-        authority: String,
-        conn: ConnInfo,
-        tried: Arc<std::sync::Mutex<Vec<std::net::SocketAddr>>>,
-    ) -> impl tower::Service<Request<ProxyBody>, Response = Response<ProxyBody>, Error = ProxyError, Future: Send> + Send
-    {
-        let policy = dest.outbound.clone();
-        let (service, metrics) = (dest.service.clone(), self.metrics.clone());
-        let breaker =
-            BreakerLayer::new(self.breakers.clone(), policy.breaker.clone(), service.clone(), metrics.clone());
-        let retry = RetryLayer::new(policy.retry.clone(), self.budgets.clone(), service.clone(), metrics.clone());
-        let caps = ConcurrencyLayer::new(self.limits.clone(), policy.caps, service, metrics.clone());
-        let balance = BalanceLayer::new(self.balancers.clone(), dest.fixed_or_choice().err(), tried, metrics);
-        let per_try = policy.retry.as_ref().and_then(|r| r.per_try_timeout);
-        tower::ServiceBuilder::new()
-            // The destination's request timeout covers everything under it, the response body included, and a gRPC
-            // caller's own deadline when shorter.
-            .layer(RequestTimeoutLayer::new(policy.timeout))
-            // Retries within the policy and the budget (each try passes the breaker and caps below).
-            .layer(retry)
-            // A failing destination is given a rest: while its breaker is open, calls fail fast without an attempt.
-            .layer(breaker)
-            // And it is never sent more than its caps allow at once (a queue of bounded length, then `overloaded`).
-            .layer(caps)
-            // Each try must answer in time, so that a retry can still fit in the request timeout.
-            .layer(PerTryTimeoutLayer::new(per_try))
-            // Each try to the endpoint with the least expected latency (another one than the failed try's when it
-            // can), never to one outlier detection has ejected.
-            .layer(balance)
-            .service(self.upstream(dest, authority, conn))
-    }
-
-    /// The inbound HTTP stack, outermost first (metrics, the access log and the error responder wrap it in
-    /// `forward`).
-    fn inbound_stack(
-        self: Arc<Self>,
-        dest: Destination,
-        authority: String,
-        conn: ConnInfo,
-    ) -> impl tower::Service<Request<ProxyBody>, Response = Response<ProxyBody>, Error = ProxyError, Future: Send> + Send
-    {
-        let policy = dest.inbound.clone().unwrap_or_else(|| self.inbound_policy(dest.port));
-        let caller = conn.peer_identity.clone();
-        let rate_limit = RateLimitLayer::new(
-            self.rate_limits.clone(),
-            policy.rate_limits.clone(),
-            caller.clone(),
-            self.metrics.clone(),
-        );
-        let authz = AuthzLayer::new(policy, caller, dest.port, self.metrics.clone());
-        tower::ServiceBuilder::new()
-            // Authorization first: a call the Service does not allow (or plaintext under strict mTLS) never reaches
-            // the app, and never spends the rate limit of callers that are allowed.
-            .layer(authz)
-            // The Service's own protection against overload: admitted calls within its rate (per caller if asked).
-            .layer(rate_limit)
-            .service(self.upstream(dest, authority, conn))
-    }
-
-    /// The innermost service of both stacks: sends each request (each try) to the destination.
-    fn upstream(
-        self: Arc<Self>,
-        dest: Destination,
-        authority: String,
-        conn: ConnInfo,
-    ) -> impl tower::Service<Request<ProxyBody>, Response = Response<ProxyBody>, Error = ProxyError, Future: Send>
-    + Clone
-    + Send {
-        // The destination's `maxConnections` slots, found once for every try of the request.
-        let limit = dest.outbound.caps.map(|caps| self.limits.connections(&dest.service, caps));
-        tower::service_fn(move |req| {
-            let (proxy, dest, authority, conn) = (self.clone(), dest.clone(), authority.clone(), conn.clone());
-            let limit = limit.clone();
-            async move { proxy.send(req, &dest, authority, &conn, limit.as_ref()).await }
-        })
-    }
-
     /// The request's destination and the authority to send it with (the app's own, else the address dialled).
     fn request_destination<B>(&self, req: &Request<B>, conn: &ConnInfo) -> Result<(Destination, String), Refusal> {
         let mesh_upgrade = conn.peer_identity.is_some() && req.extensions().get::<hyper::ext::Protocol>().is_some();
@@ -289,15 +209,42 @@ impl Proxy {
         };
         Ok((dest, authority))
     }
+}
 
-    async fn send(
-        &self,
-        mut req: Request<ProxyBody>,
-        dest: &Destination,
-        authority: String,
-        conn: &ConnInfo,
-        limit: Option<&crate::policy::concurrency::ConnectionLimit>,
-    ) -> Result<Response<ProxyBody>, ProxyError> {
+/// What the innermost service needs of a request besides its destination.
+pub(super) struct Sent {
+    /// The authority to send it with (the app's own, else the address dialled).
+    authority: String,
+    conn: ConnInfo,
+    limit: Option<ConnectionLimit>,
+}
+
+/// The innermost service of both stacks: sends each request (each try) to its destination.
+#[derive(Clone)]
+pub(super) struct Upstream {
+    pub(super) pool: Arc<Pool>,
+    /// Every listener address of this process: never dialled (loop protection).
+    pub(super) own_listeners: Arc<[SocketAddr]>,
+}
+
+impl Upstream {
+    /// As a tower service, for the stacks.
+    pub(super) fn service(
+        self,
+    ) -> impl tower::Service<Request<ProxyBody>, Response = Response<ProxyBody>, Error = ProxyError, Future: Send>
+    + Clone
+    + Send
+    + Sync
+    + 'static {
+        tower::service_fn(move |req| self.clone().send(req))
+    }
+
+    /// Sends one request (one try) to its destination: the endpoint the load balancer chose for it, else the
+    /// destination's one address.
+    async fn send(self, mut req: Request<ProxyBody>) -> Result<Response<ProxyBody>, ProxyError> {
+        let call = req.extensions().get::<Arc<Call<Sent>>>().expect("the listener attaches a Call").clone();
+        let (dest, conn, limit) = (&call.dest, &call.upstream.conn, call.upstream.limit.as_ref());
+        let authority = call.upstream.authority.as_str();
         // The endpoint the load balancer chose for this try, else the destination's one address.
         let endpoint = match (req.extensions_mut().remove::<Picked>(), dest.fixed_or_choice()) {
             (Some(Picked(e)), _) | (None, Ok(e)) => e,
@@ -305,7 +252,11 @@ impl Proxy {
                 return Err(ProxyError::NoHealthyEndpoints(format!("no endpoint of {} was chosen", dest.service)));
             }
         };
-        self.not_own_listener(endpoint.addr)?;
+        if is_own_listener(&self.own_listeners, endpoint.addr) {
+            let why = format!("refusing to dial {}: it is one of this proxy's own listeners (a loop)", endpoint.addr);
+            tracing::warn!("{why}");
+            return Err(ProxyError::NoRoute(why));
+        }
         let from_mesh = conn.peer_identity.is_some();
         // Only the destination's proxy says who called; nothing from outside gets through under that name.
         if conn.direction == Direction::Inbound {
@@ -342,7 +293,7 @@ impl Proxy {
                 *req.uri_mut() = Uri::try_from(path).map_err(|_| ProxyError::BadRequest("invalid request target"))?;
                 *req.version_mut() = Version::HTTP_11;
                 if absolute_form || !req.headers().contains_key(header::HOST) {
-                    let host = HeaderValue::from_str(&authority).map_err(|_| ProxyError::BadRequest("invalid host"))?;
+                    let host = HeaderValue::from_str(authority).map_err(|_| ProxyError::BadRequest("invalid host"))?;
                     req.headers_mut().insert(header::HOST, host);
                 }
                 if let Some(token) = &upgrade_token {
@@ -358,7 +309,7 @@ impl Proxy {
             HttpVersion::Http2 => {
                 *req.uri_mut() = Uri::builder()
                     .scheme("http")
-                    .authority(authority.as_str())
+                    .authority(authority)
                     .path_and_query(path)
                     .build()
                     .map_err(|_| ProxyError::BadRequest("invalid authority"))?;

@@ -27,6 +27,7 @@ use crate::direction::Direction;
 use crate::discovery::snapshot::ConfigStore;
 use crate::identity::tls::{self, Alpn, ClientHello, MeshTls};
 use crate::settings::Settings;
+use crate::stack::{self, Registries, Stack};
 use crate::telemetry::metrics::Metrics;
 use detect::{Protocol, Reason};
 use drain::Drain;
@@ -48,20 +49,18 @@ pub struct Proxy {
     pub drain: Drain,
     pub tls: Arc<MeshTls>,
     pool: Arc<Pool>,
-    /// Token buckets of the inbound rate limits and circuit breakers of destinations (state that outlives config
-    /// swaps).
-    rate_limits: Arc<crate::policy::ratelimit::RateLimits>,
-    breakers: Arc<crate::policy::breaker::Breakers>,
-    limits: Arc<crate::policy::concurrency::Limits>,
-    budgets: Arc<crate::policy::retry::Budgets>,
-    pub balancers: Arc<crate::policy::balance::Balancers>,
+    /// The policies' state that outlives config swaps (breakers, caps, budgets, balancers, rate limits).
+    pub registries: Arc<Registries>,
+    /// The HTTP stacks, built once (`stack.rs`).
+    outbound: Stack,
+    inbound: Stack,
     /// Trace context per hop and span export.
     tracer: crate::telemetry::trace::Tracer,
     /// The `source` label of outbound requests and the traces' service name: `name.namespace` of the first Service
     /// `FERRY_SERVICE` declares, or `app`.
     local_service: Arc<str>,
     /// Every listener address of this process: never dialled (loop protection).
-    own_listeners: Vec<SocketAddr>,
+    own_listeners: Arc<[SocketAddr]>,
     /// Open connections, for `/config_dump`.
     pub connections: Arc<OpenConnections>,
     h1: http1::Builder,
@@ -90,9 +89,14 @@ impl Proxy {
             Some((ns, name)) => format!("{name}.{ns}").into(),
             None => "app".into(),
         };
-        let own_listeners =
+        let own_listeners: Arc<[SocketAddr]> =
             [&settings.outbound_addrs[..], &settings.inbound_addrs[..], &[settings.admin_addr, settings.health_addr]]
-                .concat();
+                .concat()
+                .into();
+        let registries = Arc::new(Registries::default());
+        let upstream = http::Upstream { pool: pool.clone(), own_listeners: own_listeners.clone() };
+        let outbound = stack::outbound::<http::Sent, _>(&registries, &metrics, upstream.clone().service());
+        let inbound = stack::inbound::<http::Sent, _>(&registries, &metrics, upstream.service());
         let connections = Arc::new(OpenConnections::default());
         let tracer = crate::telemetry::trace::Tracer::new(
             settings.trace_sampling,
@@ -108,11 +112,9 @@ impl Proxy {
             tls,
             pool,
             local_service,
-            rate_limits: Default::default(),
-            breakers: Default::default(),
-            limits: Default::default(),
-            budgets: Default::default(),
-            balancers: Default::default(),
+            registries,
+            outbound,
+            inbound,
             tracer,
             own_listeners,
             connections,
@@ -356,7 +358,7 @@ impl Proxy {
         // A Service's endpoint is chosen as for a request (connecting is the try judged), once per connection.
         let (endpoint, attempt) = match dest.fixed_or_choice() {
             Ok(endpoint) => (endpoint, None),
-            Err(choice) => match self.balancers.start(&choice, &mut Vec::new()) {
+            Err(choice) => match self.registries.balancers.start(&choice, &mut Vec::new()) {
                 Ok((endpoint, attempt)) => (endpoint, Some(attempt)),
                 Err(e) => return self.tcp_not_forwarded(direction, &dest.service, e),
             },
@@ -366,7 +368,7 @@ impl Proxy {
         }
         let target = endpoint.addr;
         // The connection holds a slot of the destination's `maxConnections` while it is open.
-        let limit = dest.outbound.caps.map(|caps| self.limits.connections(&dest.service, caps));
+        let limit = dest.outbound.caps.map(|caps| self.registries.limits.connections(&dest.service, caps));
         let _slot = match limit.as_ref().map(|l| l.admit()).transpose() {
             Ok(slot) => slot,
             Err(e) => return self.tcp_not_forwarded(direction, &dest.service, e),

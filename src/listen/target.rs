@@ -9,10 +9,10 @@ use tokio::net::TcpStream;
 
 use super::Proxy;
 use crate::direction::Direction;
-use crate::discovery::snapshot::{Outbound, Route, Target};
+use crate::discovery::destination::Destination;
+use crate::discovery::snapshot::Route;
 use crate::errors::ProxyError;
 use crate::identity::tls::{self, PeerTls};
-use crate::policy::balance::Endpoint;
 
 /// The `service` label of outbound requests that matched no Service in explicit mode.
 pub const UNKNOWN_SERVICE: &str = "unknown";
@@ -87,57 +87,6 @@ impl ConnInfo {
     pub fn peer_expires_in(&self) -> Option<std::time::Duration> {
         let now = ferry_api::identity::unix_now();
         self.peer_not_after.map(|t| std::time::Duration::from_secs(t.saturating_sub(now).max(0) as u64))
-    }
-}
-
-/// Where a request or connection goes and under which service it is counted.
-#[derive(Clone)]
-pub struct Destination {
-    pub service: Arc<str>,
-    /// The Service port (the load balancer's state is kept per Service port), else the port dialled.
-    pub port: u16,
-    pub target: Target,
-    /// To a meshed endpoint: mTLS with this SNI, to one of these identities.
-    pub tls: Option<PeerTls>,
-    /// Outbound: what the caller's proxy applies for the destination Service (timeout, retries, breaker, caps).
-    pub outbound: Arc<Outbound>,
-    /// Inbound: the policy of the port the connection is delivered to (its `service` is this destination's), found
-    /// once with the destination, from the same snapshot.
-    pub inbound: Option<Arc<crate::policy::authz::InboundPolicy>>,
-}
-
-impl Destination {
-    /// A destination of one fixed address, not meshed.
-    fn fixed(service: Arc<str>, addr: SocketAddr) -> Destination {
-        let target = Target::Endpoint(Endpoint { addr, meshed: false });
-        Destination { service, port: addr.port(), target, tls: None, outbound: Default::default(), inbound: None }
-    }
-
-    /// The fixed endpoint, when the load balancer has no choice to make.
-    pub fn fixed_addr(&self) -> Option<SocketAddr> {
-        match &self.target {
-            Target::Endpoint(e) => Some(e.addr),
-            Target::Balanced(_) => None,
-        }
-    }
-
-    /// How to reach `endpoint`: mTLS when it is meshed.
-    pub fn tls_for(&self, endpoint: &Endpoint) -> Option<&PeerTls> {
-        self.tls.as_ref().filter(|_| endpoint.meshed)
-    }
-
-    /// The one endpoint, or what the load balancer chooses among.
-    pub fn fixed_or_choice(&self) -> Result<Endpoint, crate::policy::balance::Choice> {
-        match &self.target {
-            Target::Endpoint(e) => Ok(*e),
-            Target::Balanced(list) => Err(crate::policy::balance::Choice {
-                service: self.service.clone(),
-                port: self.port,
-                endpoints: list.clone(),
-                kind: self.outbound.balancer,
-                outlier: self.outbound.outlier.clone(),
-            }),
-        }
     }
 }
 
@@ -266,10 +215,15 @@ impl Proxy {
     /// Whether dialling `addr` would reach one of this proxy's listeners (a listener on an unspecified address
     /// is reachable on every local address).
     pub fn is_own_listener(&self, addr: SocketAddr) -> bool {
-        self.own_listeners.iter().any(|l| {
-            l.port() == addr.port() && (l.ip() == addr.ip() || (l.ip().is_unspecified() && is_local_ip(addr.ip())))
-        })
+        is_own_listener(&self.own_listeners, addr)
     }
+}
+
+/// Whether `addr` is one of `listeners` (a listener on `0.0.0.0`/`::` counts on every local address).
+pub(super) fn is_own_listener(listeners: &[SocketAddr], addr: SocketAddr) -> bool {
+    listeners.iter().any(|l| {
+        l.port() == addr.port() && (l.ip() == addr.ip() || (l.ip().is_unspecified() && is_local_ip(addr.ip())))
+    })
 }
 
 /// Whether `ip` belongs to this host: loopback, or an address a socket can bind to.

@@ -4,14 +4,14 @@
 //! `ProxyError::Unauthorized` (403 `unauthorized`, gRPC PERMISSION_DENIED) or a closed connection.
 
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use ferry_api::identity::Identity;
 use ferry_api::policy::{Action, AuthorizationPolicy, MtlsMode};
-use futures_util::future::Either;
-use http::{Method, Request};
+use http::{Method, Request, Response};
 
-use crate::errors::ProxyError;
+use super::Mechanism;
+use crate::body::ProxyBody;
+use crate::errors::{ProxyError, ResponseFuture};
 
 /// The compiled AuthorizationPolicies of one Service (several merge: any rule of any policy may allow; a call no
 /// rule allows is denied when any policy's default is deny).
@@ -203,63 +203,33 @@ impl InboundPolicy {
 
 // ===== layer =====
 
-/// Authorizes each inbound HTTP request before it goes on; a denied request never reaches the app.
-#[derive(Clone)]
-pub struct AuthzLayer {
-    policy: Arc<InboundPolicy>,
-    peer: Option<Arc<Identity>>,
-    port: u16,
+/// Refuses a request its destination port's policy does not allow (`Config`: that policy, the caller's verified
+/// identity, the port).
+pub struct Authz {
     metrics: Arc<crate::telemetry::metrics::Metrics>,
 }
 
-impl AuthzLayer {
-    pub fn new(
-        policy: Arc<InboundPolicy>,
-        peer: Option<Arc<Identity>>,
-        port: u16,
-        metrics: Arc<crate::telemetry::metrics::Metrics>,
-    ) -> Self {
-        AuthzLayer { policy, peer, port, metrics }
+impl Authz {
+    pub fn new(metrics: Arc<crate::telemetry::metrics::Metrics>) -> Self {
+        Authz { metrics }
     }
 }
 
-impl<S> tower::Layer<S> for AuthzLayer {
-    type Service = Authz<S>;
+impl Mechanism for Authz {
+    type Config = (Arc<InboundPolicy>, Option<Arc<Identity>>, u16);
 
-    fn layer(&self, inner: S) -> Authz<S> {
-        Authz { layer: self.clone(), inner }
-    }
-}
-
-#[derive(Clone)]
-pub struct Authz<S> {
-    layer: AuthzLayer,
-    inner: S,
-}
-
-// ===== impl Authz =====
-
-impl<S, B, R> tower::Service<Request<B>> for Authz<S>
-where
-    S: tower::Service<Request<B>, Response = R, Error = ProxyError>,
-{
-    type Response = R;
-    type Error = ProxyError;
-    type Future = Either<S::Future, std::future::Ready<Result<R, ProxyError>>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request<B>) -> Self::Future {
-        let l = &self.layer;
+    fn call<S>(&self, (policy, peer, port): Self::Config, inner: &mut S, req: Request<ProxyBody>) -> ResponseFuture
+    where
+        S: tower::Service<Request<ProxyBody>, Response = Response<ProxyBody>, Error = ProxyError>,
+        S::Future: Send + 'static,
+    {
         // An HTTP/1 upgrade (WebSocket) travels between proxies as an extended CONNECT; the app gets a GET again.
         let extended = req.method() == Method::CONNECT && req.extensions().get::<hyper::ext::Protocol>().is_some();
-        let method = if extended && l.peer.is_some() { &Method::GET } else { req.method() };
-        let call = Call { peer: l.peer.as_deref(), method: Some(method), path: Some(req.uri().path()), port: l.port };
-        match l.policy.check(&call, &l.metrics) {
-            Decision::Allow => Either::Left(self.inner.call(req)),
-            Decision::Deny(why) => Either::Right(std::future::ready(Err(ProxyError::Unauthorized(why)))),
+        let method = if extended && peer.is_some() { &Method::GET } else { req.method() };
+        let call = Call { peer: peer.as_deref(), method: Some(method), path: Some(req.uri().path()), port };
+        match policy.check(&call, &self.metrics) {
+            Decision::Allow => Box::pin(inner.call(req)),
+            Decision::Deny(why) => super::refuse(ProxyError::Unauthorized(why)),
         }
     }
 }
@@ -371,16 +341,23 @@ mod tests {
         };
         let metrics = Arc::new(crate::telemetry::metrics::Metrics::new());
         let peer = Some(Arc::new(Identity::new("shop", "orders")));
-        let inner = tower::service_fn(|_req: Request<()>| async { Ok::<_, ProxyError>("reached") });
-        let mut svc = AuthzLayer::new(Arc::new(inbound), peer, 8080, metrics.clone()).layer(inner);
-        let mut upgrade = Request::connect("http://payments/ws").body(()).unwrap();
+        let inner = tower::service_fn(|_req: Request<ProxyBody>| async {
+            Ok::<_, ProxyError>(Response::new(ProxyBody::full("reached")))
+        });
+        let inbound = Arc::new(inbound);
+        let layer = crate::policy::Layer::new(Authz::new(metrics.clone()), move |_| {
+            Some((inbound.clone(), peer.clone(), 8080))
+        });
+        let mut svc = layer.layer(inner);
+        let reached = |r: Response<ProxyBody>| matches!(r.body(), ProxyBody::Full(Some(b)) if b == "reached");
+        let mut upgrade = Request::connect("http://payments/ws").body(ProxyBody::empty()).unwrap();
         upgrade.extensions_mut().insert(hyper::ext::Protocol::from_static("websocket"));
-        assert_eq!(svc.ready().await.unwrap().call(upgrade).await.unwrap(), "reached");
-        let post = Request::post("http://payments/").body(()).unwrap();
+        assert!(reached(svc.ready().await.unwrap().call(upgrade).await.unwrap()));
+        let post = Request::post("http://payments/").body(ProxyBody::empty()).unwrap();
         let denied = svc.ready().await.unwrap().call(post).await.unwrap_err();
         assert_eq!(denied.reason(), "unauthorized");
         // A plain CONNECT (no upgrade protocol) is no GET.
-        let connect = Request::connect("http://payments/").body(()).unwrap();
+        let connect = Request::connect("http://payments/").body(ProxyBody::empty()).unwrap();
         assert!(svc.ready().await.unwrap().call(connect).await.is_err());
         assert_eq!(metrics.authz_decisions.with_label_values(&["payments.shop", "deny"]).get(), 2);
     }

@@ -8,7 +8,6 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use ferry_api::policy::LoadBalancer;
@@ -16,6 +15,7 @@ use http::{Request, Response};
 use serde::Serialize;
 use tokio::time::Instant;
 
+use super::Mechanism;
 use crate::body::ProxyBody;
 use crate::errors::{ProxyError, ResponseFuture};
 use crate::policy::outlier::{self, Detector};
@@ -250,68 +250,39 @@ pub struct Choice {
     pub outlier: Option<Arc<outlier::Config>>,
 }
 
-/// Chooses each try's endpoint (`None`: the destination is one fixed endpoint, passed through). `tried` is shared by
-/// the tries of one request, so that a retry prefers an endpoint not tried yet; its last entry is the endpoint of
-/// the last try (for the access log).
-#[derive(Clone)]
-pub struct BalanceLayer {
+/// The endpoints of one request's tries so far, in order, shared by its tries (so that a retry prefers an endpoint
+/// not tried yet); its last entry is the endpoint of the last try (for the access log).
+pub type Tried = Arc<Mutex<Vec<SocketAddr>>>;
+
+/// Chooses each try's endpoint (`Config`: what to choose among, and the request's tries so far; a destination of one
+/// fixed endpoint has nothing to choose and passes through).
+pub struct Balance {
     balancers: Arc<Balancers>,
-    choice: Option<Choice>,
-    tried: Arc<Mutex<Vec<SocketAddr>>>,
     metrics: Arc<Metrics>,
 }
 
-impl BalanceLayer {
-    pub fn new(
-        balancers: Arc<Balancers>,
-        choice: Option<Choice>,
-        tried: Arc<Mutex<Vec<SocketAddr>>>,
-        metrics: Arc<Metrics>,
-    ) -> Self {
-        BalanceLayer { balancers, choice, tried, metrics }
+impl Balance {
+    pub fn new(balancers: Arc<Balancers>, metrics: Arc<Metrics>) -> Self {
+        Balance { balancers, metrics }
     }
 }
 
-impl<S> tower::Layer<S> for BalanceLayer {
-    type Service = Balance<S>;
+impl Mechanism for Balance {
+    type Config = (Choice, Tried);
 
-    fn layer(&self, inner: S) -> Balance<S> {
-        Balance { layer: self.clone(), inner }
-    }
-}
-
-#[derive(Clone)]
-pub struct Balance<S> {
-    layer: BalanceLayer,
-    inner: S,
-}
-
-impl<S> tower::Service<Request<ProxyBody>> for Balance<S>
-where
-    S: tower::Service<Request<ProxyBody>, Response = Response<ProxyBody>, Error = ProxyError>,
-    S::Future: Send + 'static,
-{
-    type Response = Response<ProxyBody>;
-    type Error = ProxyError;
-    type Future = ResponseFuture;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut req: Request<ProxyBody>) -> Self::Future {
-        let Some(choice) = &self.layer.choice else { return Box::pin(self.inner.call(req)) };
-        let attempt = {
-            let mut tried = self.layer.tried.lock().expect("tried lock");
-            self.layer.balancers.start(choice, &mut tried)
-        };
+    fn call<S>(&self, (choice, tried): Self::Config, inner: &mut S, mut req: Request<ProxyBody>) -> ResponseFuture
+    where
+        S: tower::Service<Request<ProxyBody>, Response = Response<ProxyBody>, Error = ProxyError>,
+        S::Future: Send + 'static,
+    {
+        let attempt = self.balancers.start(&choice, &mut tried.lock().expect("tried lock"));
         let (endpoint, attempt) = match attempt {
             Ok(a) => a,
-            Err(e) => return Box::pin(async move { Err(e) }),
+            Err(e) => return super::refuse(e),
         };
         req.extensions_mut().insert(Picked(endpoint));
-        let fut = self.inner.call(req);
-        let metrics = self.layer.metrics.clone();
+        let fut = inner.call(req);
+        let metrics = self.metrics.clone();
         Box::pin(async move {
             let result = fut.await;
             attempt.finish(crate::errors::is_failure(&result), &metrics);
@@ -452,6 +423,49 @@ mod tests {
         for &r in &grid {
             assert_eq!(p2c(&[&slow, &fast], t0, r, 1.0 - r), Some(1));
         }
+    }
+
+    /// tests/resilience.rs' scenario on simulated time: paced requests (100/s) through `Group` to three endpoints,
+    /// every one measured once first. Equal endpoints share the load; one made 10x slower gets little of it.
+    #[tokio::test(start_paused = true)]
+    async fn p2c_ewma_shares_under_paced_load() {
+        let endpoints: Arc<[Endpoint]> =
+            (1..=3).map(|i| Endpoint { addr: SocketAddr::from(([127, 0, 0, 1], 8000 + i)), meshed: false }).collect();
+        let mut group = Group::default();
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut draw = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed >> 11) as f64 / (1u64 << 53) as f64
+        };
+        // Warm-up: a try prefers endpoints not tried yet, so three tries measure all three.
+        let mut tried = Vec::new();
+        for _ in 0..3 {
+            let e = group.pick(&endpoints, LoadBalancer::P2cEwma, &tried, Instant::now(), (draw(), draw())).unwrap();
+            group.done(e.addr, Duration::from_millis(2), Some(false), None, Instant::now());
+            tried.push(e.addr);
+        }
+        // Each try takes its endpoint's latency, give or take 0.5 ms; one request every 10 ms.
+        let mut run = async |group: &mut Group, latency_ms: [f64; 3], requests: usize, tried: &mut Vec<SocketAddr>| {
+            let mut split = [0usize; 3];
+            for _ in 0..requests {
+                let now = Instant::now();
+                let e = group.pick(&endpoints, LoadBalancer::P2cEwma, tried, now, (draw(), draw())).unwrap();
+                let i = endpoints.iter().position(|x| x.addr == e.addr).unwrap();
+                split[i] += 1;
+                let rtt = Duration::from_secs_f64((latency_ms[i] + draw() - 0.5) / 1000.0);
+                tokio::time::advance(rtt).await;
+                group.done(e.addr, rtt, Some(false), None, Instant::now());
+                tokio::time::advance(Duration::from_millis(10).saturating_sub(rtt)).await;
+                tried.clear();
+            }
+            split
+        };
+        let even = run(&mut group, [2.0, 2.0, 2.0], 1_000, &mut tried).await;
+        assert!(even.iter().all(|&n| n >= 100), "every endpoint takes a share: {even:?}");
+        let split = run(&mut group, [2.0, 20.0, 2.0], 10_000, &mut tried).await;
+        assert!(split[1] < 1_000, "the 10x slower endpoint gets under 10 %: {split:?}");
     }
 
     #[tokio::test(start_paused = true)]

@@ -1,5 +1,5 @@
 //! Circuit breaking per destination Service: a pure state machine (time passed in, table-tested), a registry of one
-//! breaker per Service that survives config swaps, and `BreakerLayer` in the outbound stack. Config:
+//! breaker per Service that survives config swaps, and the `Breaking` mechanism of the outbound stack. Config:
 //! TrafficPolicy.circuitBreaker. Closed → Open on a failure ratio over an interval (with a minimum of requests) or on
 //! consecutive failures; Open fails fast (503 `circuit-open`, no upstream attempt) for `openFor`; then Half-open lets
 //! `halfOpenRequests` probes through: all succeed → Closed, one fails → Open again. Failures: connection failures,
@@ -7,13 +7,13 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use ferry_api::policy::CircuitBreaker;
 use http::{Request, Response};
 use tokio::time::Instant;
 
+use super::{Mechanism, refuse};
 use crate::body::ProxyBody;
 use crate::errors::{ProxyError, ResponseFuture};
 use crate::telemetry::metrics::Metrics;
@@ -215,68 +215,39 @@ fn observe(metrics: &Metrics, service: &str, transition: Option<Transition>) {
 
 // ===== layer =====
 
-/// Fails fast while the destination's breaker is open; counts every outcome.
-#[derive(Clone)]
-pub struct BreakerLayer {
+/// Fails fast while the destination's breaker is open; counts every outcome. `Config`: the destination Service's
+/// breaker settings and the Service (one breaker each).
+pub struct Breaking {
     breakers: Arc<Breakers>,
-    config: Option<Arc<Config>>,
-    service: Arc<str>,
     metrics: Arc<Metrics>,
 }
 
-impl BreakerLayer {
-    pub fn new(breakers: Arc<Breakers>, config: Option<Arc<Config>>, service: Arc<str>, metrics: Arc<Metrics>) -> Self {
-        BreakerLayer { breakers, config, service, metrics }
+impl Breaking {
+    pub fn new(breakers: Arc<Breakers>, metrics: Arc<Metrics>) -> Self {
+        Breaking { breakers, metrics }
     }
 }
 
-impl<S> tower::Layer<S> for BreakerLayer {
-    type Service = Breaking<S>;
+impl Mechanism for Breaking {
+    type Config = (Arc<Config>, Arc<str>);
 
-    fn layer(&self, inner: S) -> Breaking<S> {
-        Breaking { layer: self.clone(), inner }
-    }
-}
-
-#[derive(Clone)]
-pub struct Breaking<S> {
-    layer: BreakerLayer,
-    inner: S,
-}
-
-// ===== impl Breaking =====
-
-impl<S, B> tower::Service<Request<B>> for Breaking<S>
-where
-    S: tower::Service<Request<B>, Response = Response<ProxyBody>, Error = ProxyError>,
-    S::Future: Send + 'static,
-{
-    type Response = Response<ProxyBody>;
-    type Error = ProxyError;
-    type Future = ResponseFuture;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request<B>) -> Self::Future {
-        let Some(config) = self.layer.config.clone() else { return Box::pin(self.inner.call(req)) };
-        let l = self.layer.clone();
-        let (admitted, transition) = l.breakers.with(&l.service, &config, Instant::now(), |b| b.admit(Instant::now()));
-        observe(&l.metrics, &l.service, transition);
+    fn call<S>(&self, (config, service): Self::Config, inner: &mut S, req: Request<ProxyBody>) -> ResponseFuture
+    where
+        S: tower::Service<Request<ProxyBody>, Response = Response<ProxyBody>, Error = ProxyError>,
+        S::Future: Send + 'static,
+    {
+        let (breakers, metrics) = (self.breakers.clone(), self.metrics.clone());
+        let (admitted, transition) = breakers.with(&service, &config, Instant::now(), |b| b.admit(Instant::now()));
+        observe(&metrics, &service, transition);
         if let Err(rejected) = admitted {
-            let service = l.service.to_string();
-            return Box::pin(std::future::ready(Err(ProxyError::CircuitOpen {
-                service,
-                retry_after: rejected.retry_after,
-            })));
+            return refuse(ProxyError::CircuitOpen { service: service.to_string(), retry_after: rejected.retry_after });
         }
-        let call = self.inner.call(req);
+        let call = inner.call(req);
         Box::pin(async move {
             let result = call.await;
             let ok = !crate::errors::is_failure(&result);
-            let transition = l.breakers.with(&l.service, &config, Instant::now(), |b| b.record(Instant::now(), ok));
-            observe(&l.metrics, &l.service, transition);
+            let transition = breakers.with(&service, &config, Instant::now(), |b| b.record(Instant::now(), ok));
+            observe(&metrics, &service, transition);
             result
         })
     }

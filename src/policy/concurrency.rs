@@ -6,11 +6,11 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 
 use http::{Request, Response};
 use tokio::sync::Semaphore;
 
+use super::{Mechanism, refuse};
 use crate::body::ProxyBody;
 use crate::errors::{ProxyError, ResponseFuture};
 use crate::telemetry::metrics::Metrics;
@@ -93,57 +93,31 @@ impl Limits {
     }
 }
 
-/// Admits requests within the destination's caps.
-#[derive(Clone)]
-pub struct ConcurrencyLayer {
+/// Admits requests within the destination's caps (`Config`: its caps and the Service they are kept for).
+pub struct Concurrency {
     limits: Arc<Limits>,
-    caps: Option<Caps>,
-    service: Arc<str>,
     metrics: Arc<Metrics>,
 }
 
-impl ConcurrencyLayer {
-    pub fn new(limits: Arc<Limits>, caps: Option<Caps>, service: Arc<str>, metrics: Arc<Metrics>) -> Self {
-        ConcurrencyLayer { limits, caps, service, metrics }
+impl Concurrency {
+    pub fn new(limits: Arc<Limits>, metrics: Arc<Metrics>) -> Self {
+        Concurrency { limits, metrics }
     }
 }
 
-impl<S> tower::Layer<S> for ConcurrencyLayer {
-    type Service = Concurrency<S>;
+impl Mechanism for Concurrency {
+    type Config = (Caps, Arc<str>);
 
-    fn layer(&self, inner: S) -> Concurrency<S> {
-        Concurrency { layer: self.clone(), inner }
-    }
-}
-
-#[derive(Clone)]
-pub struct Concurrency<S> {
-    layer: ConcurrencyLayer,
-    inner: S,
-}
-
-// ===== impl Concurrency =====
-
-impl<S, B> tower::Service<Request<B>> for Concurrency<S>
-where
-    S: tower::Service<Request<B>, Response = Response<ProxyBody>, Error = ProxyError>,
-    S::Future: Send + 'static,
-{
-    type Response = Response<ProxyBody>;
-    type Error = ProxyError;
-    type Future = ResponseFuture;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request<B>) -> Self::Future {
-        let Some(caps) = self.layer.caps else { return Box::pin(self.inner.call(req)) };
-        let l = self.layer.clone();
-        let slots = l.limits.slots(&l.service, caps);
-        let labels = [&*l.service];
+    fn call<S>(&self, (caps, service): Self::Config, inner: &mut S, req: Request<ProxyBody>) -> ResponseFuture
+    where
+        S: tower::Service<Request<ProxyBody>, Response = Response<ProxyBody>, Error = ProxyError>,
+        S::Future: Send + 'static,
+    {
+        let metrics = self.metrics.clone();
+        let slots = self.limits.slots(&service, caps);
+        let labels = [&*service];
         if let Some(max) = caps.max_requests {
-            l.metrics.upstream_limit.with_label_values(&labels).set(i64::from(max));
+            metrics.upstream_limit.with_label_values(&labels).set(i64::from(max));
         }
         // A free slot, or a place in the queue, or 503 at once.
         let permit = match slots.semaphore.clone().try_acquire_owned() {
@@ -152,28 +126,27 @@ where
                 let max_pending = caps.max_pending.map_or(usize::MAX, |n| n as usize);
                 if slots.pending.fetch_add(1, Ordering::SeqCst) >= max_pending {
                     slots.pending.fetch_sub(1, Ordering::SeqCst);
-                    let service = l.service.to_string();
-                    return Box::pin(std::future::ready(Err(ProxyError::Overloaded { service })));
+                    return refuse(ProxyError::Overloaded { service: service.to_string() });
                 }
                 None
             }
         };
-        let call = self.inner.call(req);
+        let call = inner.call(req);
         Box::pin(async move {
-            let labels = [&*l.service];
+            let labels = [&*service];
             let _permit = match permit {
                 Some(p) => p,
                 None => {
-                    l.metrics.upstream_pending.with_label_values(&labels).inc();
+                    metrics.upstream_pending.with_label_values(&labels).inc();
                     let p = slots.semaphore.clone().acquire_owned().await;
                     slots.pending.fetch_sub(1, Ordering::SeqCst);
-                    l.metrics.upstream_pending.with_label_values(&labels).dec();
-                    p.map_err(|_| ProxyError::Overloaded { service: l.service.to_string() })?
+                    metrics.upstream_pending.with_label_values(&labels).dec();
+                    p.map_err(|_| ProxyError::Overloaded { service: service.to_string() })?
                 }
             };
-            l.metrics.upstream_active.with_label_values(&labels).inc();
+            metrics.upstream_active.with_label_values(&labels).inc();
             let result = call.await;
-            l.metrics.upstream_active.with_label_values(&labels).dec();
+            metrics.upstream_active.with_label_values(&labels).dec();
             result
         })
     }
@@ -188,13 +161,15 @@ mod tests {
     async fn two_at_once_one_waiting_the_rest_refused() {
         let limits = Arc::new(Limits::default());
         let metrics = Arc::new(Metrics::new());
-        let caps = Caps { max_requests: Some(2), max_pending: Some(1), max_connections: None };
-        let layer = ConcurrencyLayer::new(limits, Some(caps), "api.default".into(), metrics.clone());
-        let slow = tower::service_fn(|_req: Request<()>| async {
+        let caps = |_: &Request<ProxyBody>| {
+            Some((Caps { max_requests: Some(2), max_pending: Some(1), max_connections: None }, "api.default".into()))
+        };
+        let layer = crate::policy::Layer::new(Concurrency::new(limits, metrics.clone()), caps);
+        let slow = tower::service_fn(|_req: Request<ProxyBody>| async {
             tokio::time::sleep(std::time::Duration::from_secs(1)).await;
             Ok::<_, ProxyError>(Response::new(ProxyBody::empty()))
         });
-        let call = || layer.layer(slow).oneshot(Request::new(()));
+        let call = || layer.layer(slow).oneshot(Request::new(ProxyBody::empty()));
         let (a, b, c, d, e) = tokio::join!(call(), call(), call(), call(), call());
         let results = [a, b, c, d, e];
         let refused = results.iter().filter(|r| r.as_ref().is_err_and(|e| e.reason() == "overloaded")).count();

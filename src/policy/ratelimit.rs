@@ -5,16 +5,16 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use ferry_api::identity::Identity;
 use ferry_api::policy::RateLimit;
-use futures_util::future::Either;
-use http::Request;
+use http::{Request, Response};
 use tokio::time::Instant;
 
-use crate::errors::ProxyError;
+use super::Mechanism;
+use crate::body::ProxyBody;
+use crate::errors::{ProxyError, ResponseFuture};
 
 /// A token bucket: `burst` tokens at most, refilled at `rate` per second; a request takes one. Kept as GCRA (the
 /// theoretical arrival time of the next request, in integer nanoseconds), which is exact where adding up fractional
@@ -119,68 +119,38 @@ impl RateLimits {
 // ===== layer =====
 
 /// Admits each inbound HTTP request within the rate limits of the Services that select its port: it takes a token
-/// from each one's bucket and is refused when any is empty; refused, the request never reaches the app.
-#[derive(Clone)]
-pub struct RateLimitLayer {
+/// from each one's bucket and is refused when any is empty; refused, the request never reaches the app. `Config`:
+/// per selecting Service with a limit, its `service` label and its limit; and the caller, for per-caller limits.
+pub struct RateLimited {
     limits: Arc<RateLimits>,
-    /// Per selecting Service with a limit: its `service` label and its limit (empty: no limit).
-    services: Arc<[(Arc<str>, RateLimit)]>,
-    caller: Option<Arc<Identity>>,
     metrics: Arc<crate::telemetry::metrics::Metrics>,
 }
 
-impl RateLimitLayer {
-    pub fn new(
-        limits: Arc<RateLimits>,
-        services: Arc<[(Arc<str>, RateLimit)]>,
-        caller: Option<Arc<Identity>>,
-        metrics: Arc<crate::telemetry::metrics::Metrics>,
-    ) -> Self {
-        RateLimitLayer { limits, services, caller, metrics }
+impl RateLimited {
+    pub fn new(limits: Arc<RateLimits>, metrics: Arc<crate::telemetry::metrics::Metrics>) -> Self {
+        RateLimited { limits, metrics }
     }
 }
 
-impl<S> tower::Layer<S> for RateLimitLayer {
-    type Service = RateLimited<S>;
+impl Mechanism for RateLimited {
+    type Config = (Arc<[(Arc<str>, RateLimit)]>, Option<Arc<Identity>>);
 
-    fn layer(&self, inner: S) -> RateLimited<S> {
-        RateLimited { layer: self.clone(), inner }
-    }
-}
-
-#[derive(Clone)]
-pub struct RateLimited<S> {
-    layer: RateLimitLayer,
-    inner: S,
-}
-
-// ===== impl RateLimited =====
-
-impl<S, B, R> tower::Service<Request<B>> for RateLimited<S>
-where
-    S: tower::Service<Request<B>, Response = R, Error = ProxyError>,
-{
-    type Response = R;
-    type Error = ProxyError;
-    type Future = Either<S::Future, std::future::Ready<Result<R, ProxyError>>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request<B>) -> Self::Future {
-        let l = &self.layer;
+    fn call<S>(&self, (services, caller): Self::Config, inner: &mut S, req: Request<ProxyBody>) -> ResponseFuture
+    where
+        S: tower::Service<Request<ProxyBody>, Response = Response<ProxyBody>, Error = ProxyError>,
+        S::Future: Send + 'static,
+    {
         let now = Instant::now();
         let mut refused: Option<Duration> = None;
-        for (service, limit) in l.services.iter() {
-            if let Err(retry_after) = l.limits.check(service, l.caller.as_deref(), limit, now) {
-                l.metrics.rate_limited.with_label_values(&[service]).inc();
+        for (service, limit) in services.iter() {
+            if let Err(retry_after) = self.limits.check(service, caller.as_deref(), limit, now) {
+                self.metrics.rate_limited.with_label_values(&[service]).inc();
                 refused = Some(refused.map_or(retry_after, |r| r.max(retry_after)));
             }
         }
         match refused {
-            None => Either::Left(self.inner.call(req)),
-            Some(retry_after) => Either::Right(std::future::ready(Err(ProxyError::RateLimited { retry_after }))),
+            None => Box::pin(inner.call(req)),
+            Some(retry_after) => super::refuse(ProxyError::RateLimited { retry_after }),
         }
     }
 }

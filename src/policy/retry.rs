@@ -1,12 +1,11 @@
 //! Retries: the pure decisions (which failures a TrafficPolicy's `retries.on` covers, whether a request may be retried
 //! at all, the jittered exponential backoff, the retry budget — a share of the requests over a 10 s window plus a
-//! per-second floor — that stops retry storms) and `RetryLayer`, second in the outbound stack. A request is retried
+//! per-second floor — that stops retry storms) and the `Retrying` mechanism, second in the outbound stack. A request is retried
 //! only if its body fits the replay buffer (64 KiB, declared by `content-length`, or empty); streaming bodies never
 //! are. Metrics: `ferry_retries_total{result}` (attempted, exhausted, budget-denied).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -17,6 +16,7 @@ use http_body_util::BodyExt;
 use tokio::time::Instant;
 use tower::ServiceExt;
 
+use super::Mechanism;
 use crate::body::ProxyBody;
 use crate::errors::{ProxyError, ResponseFuture};
 use crate::telemetry::metrics::Metrics;
@@ -283,72 +283,46 @@ impl Budgets {
     }
 }
 
-// ===== layer =====
+// ===== mechanism =====
 
-/// Retries failed tries of a destination's requests within its policy and budget.
-#[derive(Clone)]
-pub struct RetryLayer {
-    policy: Option<Arc<Policy>>,
+/// Retries failed tries of a destination's requests within its policy and budget (`Config`: the destination's retry
+/// policy and the Service whose budget it spends).
+pub struct Retrying {
     budgets: Arc<Budgets>,
-    service: Arc<str>,
     metrics: Arc<Metrics>,
 }
 
-impl RetryLayer {
-    pub fn new(policy: Option<Arc<Policy>>, budgets: Arc<Budgets>, service: Arc<str>, metrics: Arc<Metrics>) -> Self {
-        RetryLayer { policy, budgets, service, metrics }
+impl Retrying {
+    pub fn new(budgets: Arc<Budgets>, metrics: Arc<Metrics>) -> Self {
+        Retrying { budgets, metrics }
     }
 }
 
-impl<S> tower::Layer<S> for RetryLayer {
-    type Service = Retrying<S>;
-
-    fn layer(&self, inner: S) -> Retrying<S> {
-        Retrying { layer: self.clone(), inner }
-    }
-}
-
-#[derive(Clone)]
-pub struct Retrying<S> {
-    layer: RetryLayer,
-    inner: S,
-}
-
-/// A copy of a request for another try (upgrades are never retried, so no extensions are needed).
-fn replay(
-    method: &Method,
-    uri: &http::Uri,
-    version: http::Version,
-    headers: &http::HeaderMap,
-    body: &Bytes,
-) -> Request<ProxyBody> {
+/// A copy of a request for another try: upgrades are never retried, so the extensions (which carry what the stack
+/// below needs of the request) are plain values that clone.
+fn replay(parts: &http::request::Parts, body: &Bytes) -> Request<ProxyBody> {
     let mut req = Request::new(ProxyBody::full(body.clone()));
-    *req.method_mut() = method.clone();
-    *req.uri_mut() = uri.clone();
-    *req.version_mut() = version;
-    *req.headers_mut() = headers.clone();
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = parts.uri.clone();
+    *req.version_mut() = parts.version;
+    *req.headers_mut() = parts.headers.clone();
+    *req.extensions_mut() = parts.extensions.clone();
     req
 }
 
-// ===== impl Retrying =====
+impl Mechanism for Retrying {
+    type Config = (Arc<Policy>, Arc<str>);
 
-impl<S> tower::Service<Request<ProxyBody>> for Retrying<S>
-where
-    S: tower::Service<Request<ProxyBody>, Response = Response<ProxyBody>, Error = ProxyError> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-{
-    type Response = Response<ProxyBody>;
-    type Error = ProxyError;
-    type Future = ResponseFuture;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request<ProxyBody>) -> Self::Future {
-        let Some(policy) = self.layer.policy.clone() else { return Box::pin(self.inner.call(req)) };
-        let l = self.layer.clone();
-        l.budgets.with(&l.service, &policy.budget, |b, now| b.deposit(now));
+    fn call<S>(&self, (policy, service): Self::Config, inner: &mut S, req: Request<ProxyBody>) -> ResponseFuture
+    where
+        S: tower::Service<Request<ProxyBody>, Response = Response<ProxyBody>, Error = ProxyError>
+            + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        let (budgets, metrics) = (self.budgets.clone(), self.metrics.clone());
+        budgets.with(&service, &policy.budget, |b, now| b.deposit(now));
         let grpc = req
             .headers()
             .get(http::header::CONTENT_TYPE)
@@ -360,9 +334,9 @@ where
         let length = req.body().size_hint().exact();
         if !eligible || length.is_none_or(|n| n > REPLAY_LIMIT) {
             // Not retryable (or a body too large or of unknown length to keep): one try, the body streamed.
-            return Box::pin(self.inner.call(req));
+            return Box::pin(inner.call(req));
         }
-        let inner = self.inner.clone();
+        let inner = inner.clone();
         Box::pin(async move {
             let (parts, body) = req.into_parts();
             let body = http_body_util::Limited::new(body, REPLAY_LIMIT as usize)
@@ -370,27 +344,26 @@ where
                 .await
                 .map_err(|_| ProxyError::BadRequest("the request body does not match its content-length"))?
                 .to_bytes();
-            let (method, uri, version, headers) = (parts.method, parts.uri, parts.version, parts.headers);
             let mut tries = 0;
             loop {
                 tries += 1;
-                let result = inner.clone().oneshot(replay(&method, &uri, version, &headers, &body)).await;
+                let result = inner.clone().oneshot(replay(&parts, &body)).await;
                 let Some(outcome) = classify(&result) else { return result };
                 if !policy.on.covers(outcome) {
                     return result;
                 }
                 if tries > policy.attempts {
-                    l.metrics.retries.with_label_values(&[&*l.service, "exhausted"]).inc();
+                    metrics.retries.with_label_values(&[&*service, "exhausted"]).inc();
                     return result;
                 }
-                if !may_retry(policy.attempts, &policy.on, outcome, &method, grpc, true, tries) {
+                if !may_retry(policy.attempts, &policy.on, outcome, &parts.method, grpc, true, tries) {
                     return result;
                 }
-                if !l.budgets.with(&l.service, &policy.budget, |b, now| b.withdraw(now)) {
-                    l.metrics.retries.with_label_values(&[&*l.service, "budget-denied"]).inc();
+                if !budgets.with(&service, &policy.budget, |b, now| b.withdraw(now)) {
+                    metrics.retries.with_label_values(&[&*service, "budget-denied"]).inc();
                     return result;
                 }
-                l.metrics.retries.with_label_values(&[&*l.service, "attempted"]).inc();
+                metrics.retries.with_label_values(&[&*service, "attempted"]).inc();
                 tokio::time::sleep(backoff(tries, policy.base, policy.max, crate::util::random_fraction())).await;
             }
         })

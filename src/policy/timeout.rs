@@ -3,12 +3,12 @@
 //! caller's own `grpc-timeout` is honoured when shorter and passed on as the time left. Expiry: `RequestTimeout`
 //! (504 `request-timeout`; gRPC: DEADLINE_EXCEEDED).
 
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{HeaderValue, Request, Response};
 use tokio::time::Instant;
 
+use super::Mechanism;
 use crate::body::ProxyBody;
 use crate::errors::{ProxyError, ResponseFuture};
 
@@ -38,61 +38,31 @@ pub fn format_grpc_timeout(d: Duration) -> String {
     format!("{ms}m")
 }
 
-/// Applies the timeout of one request.
+/// The request timeout: `Config` is the destination's timeout (none: only a gRPC caller's own deadline applies).
 #[derive(Clone, Copy, Debug)]
-pub struct RequestTimeoutLayer {
-    timeout: Option<Duration>,
-}
+pub struct RequestTimeout;
 
-impl RequestTimeoutLayer {
-    pub fn new(timeout: Option<Duration>) -> Self {
-        RequestTimeoutLayer { timeout }
-    }
-}
+impl Mechanism for RequestTimeout {
+    type Config = Option<Duration>;
 
-impl<S> tower::Layer<S> for RequestTimeoutLayer {
-    type Service = RequestTimeout<S>;
-
-    fn layer(&self, inner: S) -> RequestTimeout<S> {
-        RequestTimeout { timeout: self.timeout, inner }
-    }
-}
-
-#[derive(Clone, Debug)]
-pub struct RequestTimeout<S> {
-    timeout: Option<Duration>,
-    inner: S,
-}
-
-// ===== impl RequestTimeout =====
-
-impl<S, B> tower::Service<Request<B>> for RequestTimeout<S>
-where
-    S: tower::Service<Request<B>, Response = Response<ProxyBody>, Error = ProxyError>,
-    S::Future: Send + 'static,
-{
-    type Response = Response<ProxyBody>;
-    type Error = ProxyError;
-    type Future = ResponseFuture;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+    fn call<S>(&self, configured: Option<Duration>, inner: &mut S, mut req: Request<ProxyBody>) -> ResponseFuture
+    where
+        S: tower::Service<Request<ProxyBody>, Response = Response<ProxyBody>, Error = ProxyError>,
+        S::Future: Send + 'static,
+    {
         let caller = req.headers().get(GRPC_TIMEOUT).and_then(|v| v.to_str().ok()).and_then(parse_grpc_timeout);
-        let timeout = match (self.timeout, caller) {
+        let timeout = match (configured, caller) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        let Some(timeout) = timeout else { return Box::pin(self.inner.call(req)) };
+        let Some(timeout) = timeout else { return Box::pin(inner.call(req)) };
         if caller.is_some() {
             // The next hop learns how long it really has.
             let value = HeaderValue::from_str(&format_grpc_timeout(timeout)).expect("digits and a unit");
             req.headers_mut().insert(GRPC_TIMEOUT, value);
         }
         let deadline = Instant::now() + timeout;
-        let call = self.inner.call(req);
+        let call = inner.call(req);
         Box::pin(async move {
             match tokio::time::timeout_at(deadline, call).await {
                 Err(_) => Err(ProxyError::RequestTimeout(timeout)),
@@ -103,49 +73,20 @@ where
     }
 }
 
-/// The per-try timeout of a destination's retry policy: each try must get its response headers in time, else it
-/// ends as `PerTryTimeout` (which the retry layer may retry).
+/// The per-try timeout of a destination's retry policy (`Config`): each try must get its response headers in time,
+/// else it ends as `PerTryTimeout` (which the retry layer may retry).
 #[derive(Clone, Copy, Debug)]
-pub struct PerTryTimeoutLayer {
-    timeout: Option<Duration>,
-}
+pub struct PerTryTimeout;
 
-impl PerTryTimeoutLayer {
-    pub fn new(timeout: Option<Duration>) -> Self {
-        PerTryTimeoutLayer { timeout }
-    }
-}
+impl Mechanism for PerTryTimeout {
+    type Config = Duration;
 
-impl<S> tower::Layer<S> for PerTryTimeoutLayer {
-    type Service = PerTryTimeout<S>;
-
-    fn layer(&self, inner: S) -> PerTryTimeout<S> {
-        PerTryTimeout { timeout: self.timeout, inner }
-    }
-}
-
-#[derive(Clone, Debug)]
-pub struct PerTryTimeout<S> {
-    timeout: Option<Duration>,
-    inner: S,
-}
-
-impl<S, B> tower::Service<Request<B>> for PerTryTimeout<S>
-where
-    S: tower::Service<Request<B>, Response = Response<ProxyBody>, Error = ProxyError>,
-    S::Future: Send + 'static,
-{
-    type Response = Response<ProxyBody>;
-    type Error = ProxyError;
-    type Future = ResponseFuture;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request<B>) -> Self::Future {
-        let call = self.inner.call(req);
-        let Some(timeout) = self.timeout else { return Box::pin(call) };
+    fn call<S>(&self, timeout: Duration, inner: &mut S, req: Request<ProxyBody>) -> ResponseFuture
+    where
+        S: tower::Service<Request<ProxyBody>, Response = Response<ProxyBody>, Error = ProxyError>,
+        S::Future: Send + 'static,
+    {
+        let call = inner.call(req);
         Box::pin(async move {
             match tokio::time::timeout(timeout, call).await {
                 Err(_) => Err(ProxyError::PerTryTimeout(timeout)),
@@ -158,7 +99,8 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tower::{Layer, Service, ServiceExt};
+    use crate::policy::Layer;
+    use tower::{Layer as _, Service, ServiceExt};
 
     #[test]
     fn grpc_timeout_values() {
@@ -185,41 +127,50 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_response_must_begin_in_time_and_grpc_callers_are_heard() {
         // Headers after 300 ms, against a 200 ms timeout.
-        let slow = tower::service_fn(|_req: Request<()>| async {
+        let slow = tower::service_fn(|_req: Request<ProxyBody>| async {
             tokio::time::sleep(Duration::from_millis(300)).await;
             Ok::<_, ProxyError>(Response::new(ProxyBody::empty()))
         });
-        let err = RequestTimeoutLayer::new(Some(Duration::from_millis(200)))
+        let err = Layer::new(RequestTimeout, |_| Some(Some(Duration::from_millis(200))))
             .layer(slow)
-            .oneshot(Request::new(()))
+            .oneshot(Request::new(ProxyBody::empty()))
             .await
             .unwrap_err();
         assert_eq!((err.reason(), err.status().as_u16(), err.grpc_status()), ("request-timeout", 504, 4));
         // A gRPC caller's shorter deadline wins and is passed on as the time left.
         let seen = std::sync::Arc::new(std::sync::Mutex::new(None));
         let s = seen.clone();
-        let upstream = tower::service_fn(move |req: Request<()>| {
+        let upstream = tower::service_fn(move |req: Request<ProxyBody>| {
             *s.lock().unwrap() = req.headers().get(GRPC_TIMEOUT).cloned();
             async {
                 tokio::time::sleep(Duration::from_millis(150)).await;
                 Ok::<_, ProxyError>(Response::new(ProxyBody::empty()))
             }
         });
-        let req = Request::builder().header(GRPC_TIMEOUT, "100m").body(()).unwrap();
-        let err =
-            RequestTimeoutLayer::new(Some(Duration::from_secs(2))).layer(upstream).oneshot(req).await.unwrap_err();
+        let req = Request::builder().header(GRPC_TIMEOUT, "100m").body(ProxyBody::empty()).unwrap();
+        let err = Layer::new(RequestTimeout, |_| Some(Some(Duration::from_secs(2))))
+            .layer(upstream)
+            .oneshot(req)
+            .await
+            .unwrap_err();
         assert_eq!(err.reason(), "request-timeout");
         assert_eq!(seen.lock().unwrap().as_ref().unwrap(), "100m");
         // In time: the response passes, its body now bounded by the same deadline.
-        let quick =
-            tower::service_fn(|_req: Request<()>| async { Ok::<_, ProxyError>(Response::new(ProxyBody::full("ok"))) });
-        let mut svc = RequestTimeoutLayer::new(Some(Duration::from_secs(1))).layer(quick);
-        let resp = svc.ready().await.unwrap().call(Request::new(())).await.unwrap();
+        let quick = tower::service_fn(|_req: Request<ProxyBody>| async {
+            Ok::<_, ProxyError>(Response::new(ProxyBody::full("ok")))
+        });
+        let mut svc = Layer::new(RequestTimeout, |_| Some(Some(Duration::from_secs(1)))).layer(quick);
+        let resp = svc.ready().await.unwrap().call(Request::new(ProxyBody::empty())).await.unwrap();
         assert!(matches!(resp.body(), ProxyBody::Timed(_)));
         // Nothing configured, nothing asked: nothing applied.
-        let plain =
-            tower::service_fn(|_req: Request<()>| async { Ok::<_, ProxyError>(Response::new(ProxyBody::full("ok"))) });
-        let resp = RequestTimeoutLayer::new(None).layer(plain).oneshot(Request::new(())).await.unwrap();
+        let plain = tower::service_fn(|_req: Request<ProxyBody>| async {
+            Ok::<_, ProxyError>(Response::new(ProxyBody::full("ok")))
+        });
+        let resp = Layer::new(RequestTimeout, |_| Some(None))
+            .layer(plain)
+            .oneshot(Request::new(ProxyBody::empty()))
+            .await
+            .unwrap();
         assert!(matches!(resp.body(), ProxyBody::Full(_)));
     }
 }

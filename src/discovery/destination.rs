@@ -1,0 +1,61 @@
+//! What a route resolves to for one connection or request: the Service it is counted under, its endpoint or the
+//! endpoints to balance over, mTLS to a meshed endpoint, and the policies that apply (outbound and inbound).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use crate::discovery::snapshot::{Outbound, Target};
+use crate::identity::tls::PeerTls;
+use crate::policy::authz::InboundPolicy;
+use crate::policy::balance::{Choice, Endpoint};
+
+/// Where a request or connection goes and under which service it is counted.
+#[derive(Clone)]
+pub struct Destination {
+    pub service: Arc<str>,
+    /// The Service port (the load balancer's state is kept per Service port), else the port dialled.
+    pub port: u16,
+    pub target: Target,
+    /// To a meshed endpoint: mTLS with this SNI, to one of these identities.
+    pub tls: Option<PeerTls>,
+    /// Outbound: what the caller's proxy applies for the destination Service (timeout, retries, breaker, caps).
+    pub outbound: Arc<Outbound>,
+    /// Inbound: the policy of the port the connection is delivered to (its `service` is this destination's), found
+    /// once with the destination, from the same snapshot.
+    pub inbound: Option<Arc<InboundPolicy>>,
+}
+
+impl Destination {
+    /// A destination of one fixed address, not meshed.
+    pub fn fixed(service: Arc<str>, addr: SocketAddr) -> Destination {
+        let target = Target::Endpoint(Endpoint { addr, meshed: false });
+        Destination { service, port: addr.port(), target, tls: None, outbound: Default::default(), inbound: None }
+    }
+
+    /// The fixed endpoint, when the load balancer has no choice to make.
+    pub fn fixed_addr(&self) -> Option<SocketAddr> {
+        match &self.target {
+            Target::Endpoint(e) => Some(e.addr),
+            Target::Balanced(_) => None,
+        }
+    }
+
+    /// How to reach `endpoint`: mTLS when it is meshed.
+    pub fn tls_for(&self, endpoint: &Endpoint) -> Option<&PeerTls> {
+        self.tls.as_ref().filter(|_| endpoint.meshed)
+    }
+
+    /// The one endpoint, or what the load balancer chooses among.
+    pub fn fixed_or_choice(&self) -> Result<Endpoint, Choice> {
+        match &self.target {
+            Target::Endpoint(e) => Ok(*e),
+            Target::Balanced(list) => Err(Choice {
+                service: self.service.clone(),
+                port: self.port,
+                endpoints: list.clone(),
+                kind: self.outbound.balancer,
+                outlier: self.outbound.outlier.clone(),
+            }),
+        }
+    }
+}

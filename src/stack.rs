@@ -1,0 +1,130 @@
+//! The one place where the request stacks are composed, outermost first, each layer with why it is there. A stack
+//! is built once per proxy and serves every destination: the listener finds a request's destination once and
+//! attaches it as a [`Call`]; each layer reads its own config from it, and passes the request through when the
+//! destination does not configure it. Metrics, the access log and the error responder wrap the stacks (in
+//! `listen/http.rs`, `forward`).
+
+use std::sync::Arc;
+
+use ferry_api::identity::Identity;
+use http::{Request, Response};
+use tower::ServiceBuilder;
+use tower::util::BoxCloneSyncService;
+
+use crate::body::ProxyBody;
+use crate::discovery::destination::Destination;
+use crate::errors::ProxyError;
+use crate::policy::Layer;
+use crate::policy::authz::Authz;
+use crate::policy::balance::{Balance, Balancers, Tried};
+use crate::policy::breaker::{Breakers, Breaking};
+use crate::policy::concurrency::{Concurrency, Limits};
+use crate::policy::ratelimit::{RateLimited, RateLimits};
+use crate::policy::retry::{Budgets, Retrying};
+use crate::policy::timeout::{PerTryTimeout, RequestTimeout};
+use crate::telemetry::metrics::Metrics;
+
+/// What the layers of a stack know of one request: found once by the listener, attached to the request (and to each
+/// try's copy of it) as an `Arc<Call<U>>` extension.
+pub struct Call<U> {
+    /// Where it goes; inbound, `dest.inbound` is the policy of the port it is delivered to.
+    pub dest: Destination,
+    /// The caller's verified identity (inbound, from a mesh peer).
+    pub caller: Option<Arc<Identity>>,
+    /// The endpoints of its tries so far (the load balancer adds them).
+    pub tried: Tried,
+    /// What the innermost service needs besides (the listener's own).
+    pub upstream: U,
+}
+
+impl<U: Send + Sync + 'static> Call<U> {
+    /// The call attached to `req` (the listener attaches one to every request before the stack sees it).
+    pub fn of(req: &Request<ProxyBody>) -> &Call<U> {
+        req.extensions().get::<Arc<Call<U>>>().expect("the listener attaches a Call to every request")
+    }
+}
+
+/// The state of the policies that outlives config swaps, kept per Service (or Service port) and owned by the proxy.
+#[derive(Default)]
+pub struct Registries {
+    pub breakers: Arc<Breakers>,
+    pub limits: Arc<Limits>,
+    pub budgets: Arc<Budgets>,
+    pub balancers: Arc<Balancers>,
+    pub rate_limits: Arc<RateLimits>,
+}
+
+/// A composed stack: one request (with its `Call`) in, the response or the proxy's error out.
+pub type Stack = BoxCloneSyncService<Request<ProxyBody>, Response<ProxyBody>, ProxyError>;
+
+/// The outbound HTTP stack over `send`, which sends each try to the endpoint chosen for it.
+pub fn outbound<U, S>(r: &Registries, metrics: &Arc<Metrics>, send: S) -> Stack
+where
+    U: Send + Sync + 'static,
+    S: tower::Service<Request<ProxyBody>, Response = Response<ProxyBody>, Error = ProxyError>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let m = metrics.clone();
+    let stack = ServiceBuilder::new()
+        // The destination's request timeout covers everything under it, the response body included, and a gRPC
+        // caller's own deadline when shorter.
+        .layer(Layer::new(RequestTimeout, |req| Some(Call::<U>::of(req).dest.outbound.timeout)))
+        // Retries within the policy and the budget (each try passes the breaker and caps below).
+        .layer(Layer::new(Retrying::new(r.budgets.clone(), m.clone()), |req| {
+            let dest = &Call::<U>::of(req).dest;
+            Some((dest.outbound.retry.clone()?, dest.service.clone()))
+        }))
+        // A failing destination is given a rest: while its breaker is open, calls fail fast without an attempt.
+        .layer(Layer::new(Breaking::new(r.breakers.clone(), m.clone()), |req| {
+            let dest = &Call::<U>::of(req).dest;
+            Some((dest.outbound.breaker.clone()?, dest.service.clone()))
+        }))
+        // And it is never sent more than its caps allow at once (a queue of bounded length, then `overloaded`).
+        .layer(Layer::new(Concurrency::new(r.limits.clone(), m.clone()), |req| {
+            let dest = &Call::<U>::of(req).dest;
+            Some((dest.outbound.caps?, dest.service.clone()))
+        }))
+        // Each try must answer in time, so that a retry can still fit in the request timeout.
+        .layer(Layer::new(PerTryTimeout, |req| Call::<U>::of(req).dest.outbound.retry.as_ref()?.per_try_timeout))
+        // Each try to the endpoint with the least expected latency (another one than the failed try's when it can),
+        // never to one outlier detection has ejected. A destination of one fixed endpoint has no choice to make.
+        .layer(Layer::new(Balance::new(r.balancers.clone(), m), |req| {
+            let call = Call::<U>::of(req);
+            Some((call.dest.fixed_or_choice().err()?, call.tried.clone()))
+        }))
+        .service(send);
+    BoxCloneSyncService::new(stack)
+}
+
+/// The inbound HTTP stack over `send`, which delivers each request to the app.
+pub fn inbound<U, S>(r: &Registries, metrics: &Arc<Metrics>, send: S) -> Stack
+where
+    U: Send + Sync + 'static,
+    S: tower::Service<Request<ProxyBody>, Response = Response<ProxyBody>, Error = ProxyError>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let stack = ServiceBuilder::new()
+        // Authorization first: a call the Service does not allow (or plaintext under strict mTLS) never reaches the
+        // app, and never spends the rate limit of callers that are allowed.
+        .layer(Layer::new(Authz::new(metrics.clone()), |req| {
+            let call = Call::<U>::of(req);
+            let policy = call.dest.inbound.clone().expect("an inbound destination carries its port's policy");
+            Some((policy, call.caller.clone(), call.dest.port))
+        }))
+        // The Service's own protection against overload: admitted calls within its rate (per caller if asked).
+        .layer(Layer::new(RateLimited::new(r.rate_limits.clone(), metrics.clone()), |req| {
+            let call = Call::<U>::of(req);
+            let limits = &call.dest.inbound.as_ref()?.rate_limits;
+            (!limits.is_empty()).then(|| (limits.clone(), call.caller.clone()))
+        }))
+        .service(send);
+    BoxCloneSyncService::new(stack)
+}
