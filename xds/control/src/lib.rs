@@ -3,14 +3,8 @@
 #![forbid(unsafe_code)]
 
 pub mod ads;
-pub mod ads_transport;
 pub mod api;
-pub mod ca;
-pub mod certify;
+pub mod identity;
 pub mod kubernetes;
-pub mod rotation;
-pub mod serving;
+pub mod metrics;
 pub mod store;
-#[cfg(feature = "testing")]
-pub mod testing;
-pub mod tokens;

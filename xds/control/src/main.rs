@@ -11,13 +11,14 @@ use anyhow::Context;
 use bytes::Bytes;
 use clap::{Parser, Subcommand};
 use ferry_control::ads::Xds;
-use ferry_control::ads_transport::AdsService;
-use ferry_control::api::{Api, ControlMetrics};
-use ferry_control::ca::{CaFiles, MeshCa};
-use ferry_control::rotation::Authority;
-use ferry_control::serving::ServingTls;
+use ferry_control::ads::transport::AdsService;
+use ferry_control::api::Api;
+use ferry_control::identity::ca::{CaFiles, MeshCa};
+use ferry_control::identity::rotation::Authority;
+use ferry_control::identity::serving::ServingTls;
+use ferry_control::identity::tokens::Tokens;
+use ferry_control::metrics::ControlMetrics;
 use ferry_control::store::Store;
-use ferry_control::tokens::Tokens;
 use http_body_util::Full;
 use hyper::server::conn::http1;
 use hyper_util::rt::TokioIo;
@@ -128,7 +129,7 @@ fn grace(text: &str) -> Result<std::time::Duration, String> {
 
 fn lifetime(text: &str) -> Result<std::time::Duration, String> {
     let d = ferry_api::parse_duration(text).map_err(|e| e.to_string())?;
-    if d < std::time::Duration::from_secs(2) || d > ferry_control::certify::MAX_LIFETIME {
+    if d < std::time::Duration::from_secs(2) || d > ferry_control::identity::certify::MAX_LIFETIME {
         return Err("must be between 2s and 168h".into());
     }
     Ok(d)
@@ -267,10 +268,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         });
         tracing::info!(generation = xds.generation(), "Kubernetes discovery synced");
     }
-    let certify = ferry_control::certify::CertifyService {
+    let certify = ferry_control::identity::certify::CertifyService {
         ca: ca.clone(),
         tokens: tokens.clone(),
-        bearer: cluster.clone().map(|c| c as Arc<dyn ferry_control::certify::BearerCheck>),
+        bearer: cluster.clone().map(|c| c as Arc<dyn ferry_control::identity::certify::BearerCheck>),
         metrics: metrics.clone(),
         lifetime: args.cert_lifetime,
     };

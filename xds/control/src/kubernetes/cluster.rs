@@ -19,7 +19,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 
-use crate::certify::{Authenticated, Refusal};
+use crate::identity::certify::{Authenticated, Refusal};
 use ferry_api::identity::{Identity, PodRef};
 use ferry_api::kubernetes::discovery::{ClusterView, Verdict};
 use ferry_api::kubernetes::inject::{CA_ROOT_CONFIGMAP, INJECT, TOKEN_AUDIENCE};
@@ -240,7 +240,7 @@ impl Cluster {
 }
 
 #[tonic::async_trait]
-impl crate::certify::BearerCheck for Cluster {
+impl crate::identity::certify::BearerCheck for Cluster {
     async fn check(&self, token: &str, peer: Option<SocketAddr>) -> Result<Authenticated, Refusal> {
         self.review_token(token, peer).await
     }
@@ -415,7 +415,7 @@ pub async fn ensure_ca_secret(client: &Client, namespace: &str, state_dir: &Path
     let scratch = state_dir.join("new-root");
     let _ = std::fs::remove_dir_all(&scratch);
     std::fs::create_dir_all(&scratch)?;
-    crate::ca::Ca::ensure(&scratch, None)?;
+    crate::identity::ca::Ca::ensure(&scratch, None)?;
     let secret = Secret {
         metadata: kube::api::ObjectMeta {
             name: Some(CA_SECRET.into()),

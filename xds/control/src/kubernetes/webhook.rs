@@ -15,7 +15,7 @@ use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview
 use serde_json::Value;
 use tokio::net::TcpListener;
 
-use crate::serving::ServingTls;
+use crate::identity::serving::ServingTls;
 use ferry_api::kubernetes::inject::{self, Outcome, Settings};
 
 /// An AdmissionReview larger than this is refused (the API server's own limit on a request is 3 MiB).

@@ -7,21 +7,30 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::ads::Xds;
-use crate::ca::{MeshCa, RotationError};
-use crate::serving::ServingTls;
+use crate::identity::ca::{MeshCa, RotationError};
+use crate::identity::serving::ServingTls;
+
+/// What a CA change needs of the xDS server (`ads::Xds` implements it; a trait, so that `identity` does not depend
+/// on `ads`, which authenticates its streams with `identity`).
+pub trait BundlePublisher: Send + Sync {
+    /// The mesh's roots changed (rotation): every proxy gets the new bundle.
+    fn set_trust_bundle(&self, roots: Vec<String>);
+
+    /// Whether `roots` is the published trust bundle and every connected proxy has ACKed it.
+    fn bundle_trusted_by_all(&self, roots: &[String]) -> bool;
+}
 
 /// Everything a CA change must reach.
 pub struct Authority {
     pub ca: Arc<MeshCa>,
-    pub xds: Arc<Xds>,
+    pub xds: Arc<dyn BundlePublisher>,
     pub serving: Arc<ServingTls>,
     pub state_dir: PathBuf,
     pub server_names: Vec<String>,
     pub server_ips: Vec<IpAddr>,
     /// Workload certificate lifetime: how long a retired signer's certificates may live.
     pub lifetime: Duration,
-    pub metrics: Arc<crate::api::ControlMetrics>,
+    pub metrics: Arc<crate::metrics::ControlMetrics>,
     /// A staged root signs only after it has been in the trust bundle this long (the endpoint grace period), and
     /// this long after a start: a proxy between reconnects, or connected before a restart, is back by then and has
     /// the bundle ("every connected proxy" alone could be nobody right after a restart).

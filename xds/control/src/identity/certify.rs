@@ -7,10 +7,10 @@ use std::time::Duration;
 use rustls_pki_types::CertificateDer;
 use tonic::{Request, Response, Status};
 
-use crate::api::ControlMetrics;
-use crate::ca::MeshCa;
-use crate::serving::PeerInfo;
-use crate::tokens::{TokenError, Tokens};
+use crate::identity::ca::MeshCa;
+use crate::identity::serving::PeerInfo;
+use crate::identity::tokens::{TokenError, Tokens};
+use crate::metrics::ControlMetrics;
 use ferry_api::identity::{self, Identity, Lineage, PodRef};
 use ferry_api::resources::pb;
 

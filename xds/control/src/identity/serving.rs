@@ -110,7 +110,7 @@ impl ServingTls {
     pub fn incoming(
         self: Arc<Self>,
         listener: TcpListener,
-        metrics: Arc<crate::api::ControlMetrics>,
+        metrics: Arc<crate::metrics::ControlMetrics>,
     ) -> ReceiverStream<Result<TlsConn, io::Error>> {
         let (tx, rx) = mpsc::channel(128);
         tokio::spawn(async move {

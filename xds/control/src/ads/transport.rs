@@ -7,7 +7,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use crate::serving::PeerInfo;
+use crate::identity::serving::PeerInfo;
 use bytes::Bytes;
 use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 use http::{HeaderMap, HeaderValue, Request, Response, header};
@@ -17,7 +17,8 @@ use tokio::sync::mpsc;
 use tonic::Status;
 use tonic::codec::{BufferSettings, DecodeBuf, Decoder, Streaming};
 
-use crate::ads::{Push, Xds};
+use super::Xds;
+use super::session::Push;
 
 const SERVICE: &str = "envoy.service.discovery.v3.AggregatedDiscoveryService";
 const DELTA_PATH: &str = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";

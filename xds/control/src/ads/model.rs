@@ -1,0 +1,158 @@
+//! The model: everything the control plane serves, per type, at one generation — each resource encoded once and
+//! versioned by its content, each Service's endpoints extended by the registrations its identities allow, and what
+//! each Workload resource binds its proxy to (the Services selecting it, its pod).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use envoy_types::pb::envoy::service::discovery::v3::Resource;
+use envoy_types::pb::google::protobuf::Any;
+use prost::Message;
+use sha2::{Digest, Sha256};
+
+use super::registry::Registration;
+use ferry_api::config::{Document, Endpoint};
+use ferry_api::hex;
+use ferry_api::protocol::{self, TYPES};
+use ferry_api::workload::{PodBinding, SelectingService, WorkloadRecord};
+
+/// One published resource.
+#[derive(Debug, Clone)]
+pub(super) struct Entry {
+    pub(super) version: Arc<str>,
+    /// The xDS `Resource` message (name, version, `Any`), encoded once per generation and shared by every push.
+    pub(super) encoded: Bytes,
+    /// AuthorizationPolicy: the `namespace/name` of the Service it protects (only that Service's proxies get it).
+    pub(super) target: Option<Arc<str>>,
+}
+
+impl Entry {
+    fn new(name: &str, any: Any, target: Option<Arc<str>>) -> Entry {
+        let version = version_of(&any);
+        let resource = Resource {
+            name: name.to_string(),
+            version: version.to_string(),
+            resource: Some(any),
+            ..Default::default()
+        };
+        Entry { version, encoded: resource.encode_to_vec().into(), target }
+    }
+}
+
+/// Index of the Workload type in [`TYPES`] (each proxy gets only its own).
+pub(super) const WORKLOAD: usize = 4;
+
+/// What a stream's proxy is bound to in the model: the Services it serves (it gets their AuthorizationPolicies) and,
+/// for a pod, the pod's uid and IPs.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct Bound {
+    pub(super) services: BTreeSet<String>,
+    pub(super) pod: Option<PodBinding>,
+}
+
+/// The Workload resource name of a local-mode proxy declaring `services` (`namespace/name` each).
+pub(super) fn local_workload_name(services: &[String]) -> String {
+    let mut sorted = services.to_vec();
+    sorted.sort();
+    sorted.dedup();
+    format!("local/{}", sorted.join(","))
+}
+
+/// Everything the control plane serves, per type, at one generation.
+#[derive(Debug, Default)]
+pub struct Model {
+    pub generation: u64,
+    pub(super) types: [BTreeMap<Arc<str>, Entry>; 5],
+    pub(super) bound: BTreeMap<Arc<str>, Bound>,
+}
+
+pub(super) fn type_index(type_url: &str) -> Option<usize> {
+    TYPES.iter().position(|t| *t == type_url)
+}
+
+fn version_of(any: &Any) -> Arc<str> {
+    hex(&Sha256::digest(&any.value)[..8]).into()
+}
+
+impl Model {
+    /// The model for `documents`, with each Service's endpoints extended by the registrations its `identities` allow,
+    /// and the trust bundle.
+    pub fn build(
+        generation: u64,
+        documents: Vec<Document>,
+        registrations: &[Registration],
+        mesh: Option<&protocol::Mesh>,
+        workloads: &BTreeMap<String, WorkloadRecord>,
+    ) -> Model {
+        let mut model = Model { generation, ..Default::default() };
+        for (name, record) in workloads {
+            let any = protocol::encode_workload(&record.workload);
+            model.types[WORKLOAD].insert(name.as_str().into(), Entry::new(name, any, None));
+            let services = record.workload.services.iter().map(SelectingService::key).collect();
+            model.bound.insert(name.as_str().into(), Bound { services, pod: record.pod.clone() });
+        }
+        if let Some(mesh) = mesh {
+            let name = protocol::TRUST_BUNDLE_NAME;
+            model.types[3].insert(name.into(), Entry::new(name, protocol::encode_mesh(mesh), None));
+        }
+        for mut doc in documents {
+            let name = protocol::resource_name(&doc);
+            let mut target = None;
+            match &mut doc {
+                Document::Service(svc) => {
+                    let mut endpoints: Vec<Endpoint> = registrations
+                        .iter()
+                        .filter(|r| {
+                            r.service == name
+                                && r.identity.namespace == svc.metadata.namespace
+                                && svc.spec.identities.contains(&r.identity.service_account)
+                        })
+                        .map(|r| Endpoint {
+                            address: match r.address.port() {
+                                0 => r.address.ip().to_string(),
+                                _ => r.address.to_string(),
+                            },
+                            identity: Some(r.identity.service_account.clone()),
+                        })
+                        .collect();
+                    endpoints.sort_by(|a, b| a.address.cmp(&b.address));
+                    endpoints.dedup_by(|a, b| a.address == b.address);
+                    for e in endpoints {
+                        if !svc.spec.endpoints.iter().any(|x| x.address == e.address) {
+                            svc.spec.endpoints.push(e);
+                        }
+                    }
+                }
+                Document::AuthorizationPolicy(p) => {
+                    target = Some(format!("{}/{}", p.metadata.namespace, p.spec.target_ref.name).into());
+                }
+                Document::TrafficPolicy(_) => {}
+            }
+            let any = protocol::encode(&doc);
+            let index = type_index(&any.type_url).expect("every document kind has a type");
+            model.types[index].insert(name.as_str().into(), Entry::new(&name, any, target));
+        }
+        model
+    }
+
+    /// Puts a raw resource in place of (or beside) the validated ones (the overlay; see
+    /// [`Xds::overlay`](super::Xds::overlay)).
+    pub(super) fn overlay(&mut self, name: &str, any: Any) {
+        if let Some(index) = type_index(&any.type_url) {
+            self.types[index].insert(name.into(), Entry::new(name, any, None));
+        }
+    }
+
+    pub(super) fn same_content(&self, other: &Model) -> bool {
+        self.bound == other.bound
+            && self.types.iter().zip(&other.types).all(|(a, b)| {
+                a.len() == b.len() && a.iter().zip(b).all(|((n1, e1), (n2, e2))| n1 == n2 && e1.version == e2.version)
+            })
+    }
+
+    /// Resource counts per type (for logs).
+    pub fn counts(&self) -> [usize; 5] {
+        std::array::from_fn(|i| self.types[i].len())
+    }
+}

@@ -1,0 +1,295 @@
+//! One stream's delta-xDS protocol, without I/O: what the proxy subscribed to and holds of each type, its ACKs and
+//! NACKs, and the pushes due — at most one un-ACKed per type, in an order that never makes a Service live without
+//! its policies — each built from the model's shared encodings and framed for the wire.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
+use tonic::Status;
+
+use super::model::{Model, WORKLOAD, type_index};
+use super::status::{Nack, ProxyStatus};
+use crate::metrics::ControlMetrics;
+use ferry_api::protocol::{TYPES, short_type};
+
+/// Named subscriptions per type and stream beyond this are refused (a proxy wanting more subscribes with `*`).
+pub(super) const MAX_SUBSCRIBED_NAMES: usize = 10_000;
+
+/// One response to one proxy: the pre-encoded resources it lacks and the names it must drop.
+#[derive(Debug, Clone)]
+pub struct Push {
+    pub type_url: &'static str,
+    pub generation: u64,
+    pub nonce: String,
+    resources: Vec<Bytes>,
+    pub removed: Vec<String>,
+}
+
+impl Push {
+    /// The `DeltaDiscoveryResponse` as a gRPC frame (flag byte, length, message), built from the shared resource
+    /// encodings without decoding or re-encoding them.
+    pub fn framed(&self) -> Bytes {
+        use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len, string};
+        let version = self.generation.to_string();
+        let type_url = self.type_url.to_string();
+        let len = string::encoded_len(1, &version)
+            + self.resources.iter().map(|r| key_len(2) + encoded_len_varint(r.len() as u64) + r.len()).sum::<usize>()
+            + string::encoded_len(4, &type_url)
+            + string::encoded_len(5, &self.nonce)
+            + string::encoded_len_repeated(6, &self.removed);
+        let mut buf = BytesMut::with_capacity(5 + len);
+        buf.put_u8(0);
+        buf.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
+        string::encode(1, &version, &mut buf);
+        for r in &self.resources {
+            encode_key(2, WireType::LengthDelimited, &mut buf);
+            encode_varint(r.len() as u64, &mut buf);
+            buf.put_slice(r);
+        }
+        string::encode(4, &type_url, &mut buf);
+        string::encode(5, &self.nonce, &mut buf);
+        string::encode_repeated(6, &self.removed, &mut buf);
+        buf.freeze()
+    }
+}
+
+/// A push awaiting its answer, and how to take it back from `known` if the proxy NACKs it.
+struct Pending {
+    nonce: String,
+    generation: u64,
+    /// Each name the push changed, with the version the proxy held before (`None`: it held none).
+    undo: Vec<(Arc<str>, Option<Arc<str>>)>,
+}
+
+/// Per type: what the proxy subscribed to, what it holds, and the push awaiting its ACK.
+#[derive(Default)]
+pub(super) struct TypeState {
+    pub(super) wildcard: bool,
+    /// Wildcard only because the first request named nothing (legacy form): naming resources later ends it.
+    pub(super) legacy_wildcard: bool,
+    names: HashSet<String>,
+    /// Names just subscribed: each is answered in the next push, as a resource or (if absent) a removal.
+    unanswered: HashSet<String>,
+    /// name → version the proxy holds (or was last sent).
+    known: HashMap<Arc<str>, Arc<str>>,
+    pending: Option<Pending>,
+    /// The generation the proxy is at for this type; `None` until the first response.
+    synced: Option<u64>,
+    /// A subscription changed: recompute even if the generation did not.
+    dirty: bool,
+}
+
+pub(super) struct Session {
+    pub(super) id: u64,
+    /// The name of the proxy's Workload resource (its pod, or its declared Services).
+    pub(super) workload: Arc<str>,
+    /// The Services of the Workload last sent to the proxy: their AuthorizationPolicies stay until a Workload without
+    /// them has been sent (a proxy applies responses in order, so a Service never selects its port without its
+    /// policies, on the way in or out).
+    pub(super) served: BTreeSet<String>,
+    pub(super) types: HashMap<&'static str, TypeState>,
+    pub(super) nonces: u64,
+}
+
+impl Session {
+    pub(super) fn on_request(
+        &mut self,
+        r: DeltaDiscoveryRequest,
+        status: &ProxyStatus,
+        metrics: &ControlMetrics,
+        node: &str,
+    ) -> Result<(), Status> {
+        let Some(index) = type_index(&r.type_url) else {
+            tracing::debug!(node, type_url = %r.type_url, "ignoring a request for an unknown type");
+            return Ok(());
+        };
+        let type_url = TYPES[index];
+        let first = !self.types.contains_key(type_url);
+        let t = self.types.entry(type_url).or_default();
+        // Only a subscription change calls for a new diff at the same generation (not an ACK).
+        t.dirty |= first || !r.resource_names_subscribe.is_empty() || !r.resource_names_unsubscribe.is_empty();
+        if first {
+            // A first request with no names is a (legacy) wildcard subscription.
+            t.wildcard = r.resource_names_subscribe.is_empty();
+            t.legacy_wildcard = t.wildcard;
+            t.known = r.initial_resource_versions.into_iter().map(|(n, v)| (n.into(), v.into())).collect();
+        } else if t.legacy_wildcard && !r.resource_names_subscribe.is_empty() {
+            // Naming resources ends a legacy wildcard, unless `*` is among them.
+            t.legacy_wildcard = false;
+            t.wildcard = r.resource_names_subscribe.iter().any(|n| n == "*");
+        }
+        for name in r.resource_names_subscribe {
+            if name == "*" {
+                t.wildcard = true;
+                t.legacy_wildcard = false;
+            } else {
+                // The protocol says: always send what was just subscribed, even if the proxy seems to have it.
+                t.known.remove(name.as_str());
+                t.unanswered.insert(name.clone());
+                t.names.insert(name);
+            }
+        }
+        if t.names.len() > MAX_SUBSCRIBED_NAMES {
+            return Err(Status::resource_exhausted(format!(
+                "over {MAX_SUBSCRIBED_NAMES} resource names subscribed for {}; subscribe with `*`",
+                short_type(type_url)
+            )));
+        }
+        for name in r.resource_names_unsubscribe {
+            if name == "*" {
+                t.wildcard = false;
+            } else {
+                t.names.remove(&name);
+                t.known.remove(name.as_str());
+            }
+        }
+        if r.response_nonce.is_empty() {
+            return Ok(());
+        }
+        match t.pending.take() {
+            Some(pending) if pending.nonce == r.response_nonce => {
+                let generation = pending.generation;
+                let label = short_type(type_url);
+                match r.error_detail {
+                    Some(error) => {
+                        // The proxy kept what it had: diff the next generation against that, so the refused change
+                        // (or a fixed version of it) is sent again rather than assumed applied.
+                        for (name, previous) in pending.undo {
+                            match previous {
+                                Some(version) => t.known.insert(name, version),
+                                None => t.known.remove(&name),
+                            };
+                        }
+                        tracing::warn!(node, type_url = label, generation, error = %error.message, "proxy NACKed a push");
+                        metrics.xds_nacks.with_label_values(&[label]).inc();
+                        status.update(type_url, |s| {
+                            s.pending_since = None;
+                            s.nacked = Some(Nack { version: generation, message: error.message });
+                        });
+                    }
+                    None => {
+                        metrics.xds_acks.with_label_values(&[label]).inc();
+                        status.update(type_url, |s| {
+                            if let Some(since) = s.pending_since.take() {
+                                metrics.xds_ack_seconds.observe(since.elapsed().as_secs_f64());
+                            }
+                            s.acked = generation;
+                            s.nacked = None;
+                        });
+                    }
+                }
+            }
+            // An answer to an older push (a proxy answers every push in order, so this does not happen with one in
+            // flight), or a nonce we never sent: nothing to record.
+            other => t.pending = other,
+        }
+        Ok(())
+    }
+
+    /// The pushes due now: per type with no push in flight, what changed since the proxy's state.
+    pub(super) fn due(&mut self, model: &Model, status: &ProxyStatus) -> Vec<Push> {
+        let mut out = Vec::new();
+        // Within one generation the trust bundle goes first (a new root is trusted before anything relies on it),
+        // and policies go before the Workload and Services: a Service the pod starts to serve, or a new Service, is
+        // never live without its policies (a policy for a Service the proxy does not serve yet is harmless).
+        let bound = model.bound.get(&self.workload);
+        for index in [3, 2, 1, WORKLOAD, 0] {
+            let type_url = &TYPES[index];
+            // A new Workload waits while a policy push is in flight (or was refused): it would otherwise reach the
+            // proxy before the policies of a Service it adds.
+            let policies_unsettled = index == WORKLOAD
+                && [1, 2].iter().any(|&i| {
+                    self.types.get(TYPES[i]).is_some_and(|t| t.pending.is_some())
+                        || status
+                            .types
+                            .lock()
+                            .expect("status lock")
+                            .get(short_type(TYPES[i]))
+                            .is_some_and(|s| s.nacked.is_some())
+                });
+            let Some(t) = self.types.get_mut(type_url) else { continue };
+            if t.pending.is_some() {
+                continue;
+            }
+            // What the pod serves is answered only once the control plane knows it: until then the proxy is not
+            // ready and serves no inbound traffic (never with "no policy").
+            if index == WORKLOAD && (bound.is_none() || policies_unsettled) {
+                continue;
+            }
+            if t.synced == Some(model.generation) && !t.dirty {
+                continue;
+            }
+            t.dirty = false;
+            let mut resources = Vec::new();
+            let mut undo = Vec::new();
+            let mut wanted = HashSet::new();
+            for (name, entry) in &model.types[index] {
+                if !(t.wildcard || t.names.contains(&**name)) {
+                    continue;
+                }
+                if index == WORKLOAD && *name != self.workload {
+                    continue;
+                }
+                // An AuthorizationPolicy goes to the proxies of the pods its Service selects (or selected in the
+                // Workload they were last sent).
+                if let Some(target) = &entry.target
+                    && !bound.is_some_and(|b| b.services.contains(&**target))
+                    && !self.served.contains(&**target)
+                {
+                    continue;
+                }
+                wanted.insert(name.clone());
+                if t.known.get(name) != Some(&entry.version) {
+                    undo.push((name.clone(), t.known.insert(name.clone(), entry.version.clone())));
+                    resources.push(entry.encoded.clone());
+                }
+            }
+            let mut removed: Vec<String> =
+                t.known.keys().filter(|n| !wanted.contains(*n)).map(|n| n.to_string()).collect();
+            // A subscribed name that does not exist is answered as removed (the proxy then knows it is absent).
+            for name in t.unanswered.drain() {
+                if !wanted.contains(name.as_str()) && !removed.contains(&name) {
+                    removed.push(name);
+                }
+            }
+            for name in &removed {
+                if let Some((name, version)) = t.known.remove_entry(name.as_str()) {
+                    undo.push((name, Some(version)));
+                }
+            }
+            let first = t.synced.is_none();
+            t.synced = Some(model.generation);
+            if resources.is_empty() && removed.is_empty() && !first {
+                // The proxy holds exactly what this generation has for it (nothing changed for it, or a refused
+                // change was withdrawn): it is in sync, and an earlier NACK no longer applies.
+                status.update(type_url, |s| {
+                    s.sent = model.generation;
+                    s.acked = s.acked.max(model.generation);
+                    s.nacked = None;
+                });
+                continue;
+            }
+            self.nonces += 1;
+            let nonce = format!("{}-{}", self.id, self.nonces);
+            t.pending = Some(Pending { nonce: nonce.clone(), generation: model.generation, undo });
+            if index == WORKLOAD
+                && let Some(b) = bound
+            {
+                // The policies of Services this Workload drops are withdrawn next, after it.
+                self.served = b.services.clone();
+                if let Some(authz) = self.types.get_mut(TYPES[2]) {
+                    authz.dirty = true;
+                }
+            }
+            status.update(type_url, |s| {
+                s.sent = model.generation;
+                s.pending_since = Some(Instant::now());
+            });
+            out.push(Push { type_url, generation: model.generation, nonce, resources, removed });
+        }
+        out
+    }
+}

@@ -1,0 +1,337 @@
+//! Unit tests of the delta-ADS server: the model's endpoints, a session's subscriptions, ACKs, NACKs and push order,
+//! the publisher's debounce, and a stream's binding to its pod.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource};
+use prost::Message;
+
+use super::Xds;
+use super::model::{Model, local_workload_name};
+use super::publisher::DEBOUNCE;
+use super::registry::Registration;
+use super::session::{MAX_SUBSCRIBED_NAMES, Push, Session};
+use super::status::ProxyStatus;
+use super::stream::check_pod;
+use crate::identity::tokens::Tokens;
+use crate::metrics::ControlMetrics;
+use crate::store::Store;
+use ferry_api::config::Document;
+use ferry_api::identity::Identity;
+use ferry_api::protocol::{self, short_type};
+use ferry_api::workload::{DefaultInbound, PodBinding, SelectingService, Workload, WorkloadRecord, pod_workload_name};
+
+const DOCS: &str = r#"
+apiVersion: ferry.dev/v1alpha1
+kind: Service
+metadata: {name: api, namespace: demo}
+spec: {ports: [{port: 80}], identities: [api]}
+---
+apiVersion: ferry.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: api, namespace: demo}
+spec: {targetRef: {kind: Service, name: api}, defaultAction: deny}
+"#;
+
+fn test_mesh() -> protocol::Mesh {
+    protocol::Mesh { roots_pem: vec![], default_mtls: ferry_api::policy::MtlsMode::Permissive }
+}
+
+fn reg(service: &str, addr: &str, ns: &str, sa: &str) -> Registration {
+    Registration {
+        service: service.into(),
+        address: addr.parse().unwrap(),
+        identity: Identity { namespace: ns.into(), service_account: sa.into() },
+    }
+}
+
+fn endpoints(model: &Model) -> Vec<String> {
+    let resource = Resource::decode(model.types[0].get("demo/api").unwrap().encoded.clone()).unwrap();
+    match protocol::decode("demo/api", resource.resource.as_ref().unwrap()).unwrap() {
+        protocol::Received::Document(Document::Service(s)) => s.spec.endpoints.into_iter().map(|e| e.address).collect(),
+        _ => unreachable!(),
+    }
+}
+
+#[test]
+fn endpoints_only_for_listed_identities() {
+    let docs = ferry_api::parse_documents(DOCS).unwrap();
+    let regs = [
+        reg("demo/api", "127.0.0.1:1001", "demo", "api"),
+        reg("demo/api", "127.0.0.1:1001", "demo", "api"),
+        reg("demo/api", "127.0.0.2:1002", "demo", "web"),
+        reg("demo/api", "127.0.0.3:1003", "other", "api"),
+        reg("demo/web", "127.0.0.4:1004", "demo", "api"),
+    ];
+    let model = Model::build(1, docs.clone(), &regs, None, &BTreeMap::new());
+    assert_eq!(endpoints(&model), ["127.0.0.1:1001"]);
+    assert_eq!(model.counts(), [1, 0, 1, 0, 0]);
+    assert!(model.same_content(&Model::build(2, docs.clone(), &regs, None, &BTreeMap::new())));
+    assert!(!model.same_content(&Model::build(2, docs, &regs[..0], None, &BTreeMap::new())));
+}
+
+/// What a proxy decodes from a push: the framed bytes through the standard message type.
+fn wire(push: &Push) -> DeltaDiscoveryResponse {
+    let framed = push.framed();
+    assert_eq!(framed[0], 0, "uncompressed");
+    assert_eq!(u32::from_be_bytes(framed[1..5].try_into().unwrap()) as usize, framed.len() - 5);
+    DeltaDiscoveryResponse::decode(&framed[5..]).unwrap()
+}
+
+/// The status row of a proxy `demo/<account>`, registered for `service`.
+fn proxy_status(account: &str, service: Option<&str>) -> ProxyStatus {
+    ProxyStatus {
+        certificate_expiry: None,
+        node: "n".into(),
+        identity: Identity { namespace: "demo".into(), service_account: account.into() },
+        address: None,
+        service: service.map(str::to_string),
+        workload: local_workload_name(&service.map(str::to_string).into_iter().collect::<Vec<_>>()).into(),
+        connected_since: 0,
+        types: Mutex::default(),
+    }
+}
+
+#[test]
+fn named_subscriptions() {
+    let metrics = ControlMetrics::new();
+    let status = proxy_status("api", Some("demo/api"));
+    let model = Model::build(1, ferry_api::parse_documents(DOCS).unwrap(), &[], None, &BTreeMap::new());
+    let mut s =
+        Session { id: 1, workload: status.workload.clone(), served: BTreeSet::new(), types: HashMap::new(), nonces: 0 };
+    // Named: only what is named; a name that does not exist comes back as removed.
+    s.on_request(request(protocol::SERVICE_TYPE, &["demo/api", "demo/nope"], "", None), &status, &metrics, "n")
+        .unwrap();
+    let out: Vec<DeltaDiscoveryResponse> = s.due(&model, &status).iter().map(wire).collect();
+    assert_eq!(out[0].resources.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(), ["demo/api"]);
+    assert_eq!(out[0].removed_resources, ["demo/nope"]);
+    // Legacy wildcard (first request names nothing) ends when names are subscribed without `*`.
+    s.on_request(request(protocol::AUTHORIZATION_POLICY_TYPE, &[], "", None), &status, &metrics, "n").unwrap();
+    let t = &s.types[protocol::AUTHORIZATION_POLICY_TYPE];
+    assert!(t.wildcard && t.legacy_wildcard);
+    s.on_request(request(protocol::AUTHORIZATION_POLICY_TYPE, &["demo/x"], "", None), &status, &metrics, "n").unwrap();
+    assert!(!s.types[protocol::AUTHORIZATION_POLICY_TYPE].wildcard);
+    s.on_request(request(protocol::AUTHORIZATION_POLICY_TYPE, &["*"], "", None), &status, &metrics, "n").unwrap();
+    assert!(s.types[protocol::AUTHORIZATION_POLICY_TYPE].wildcard);
+    // Subscriptions are bounded.
+    let many: Vec<String> = (0..=MAX_SUBSCRIBED_NAMES).map(|i| format!("demo/s{i}")).collect();
+    let many: Vec<&str> = many.iter().map(String::as_str).collect();
+    let refused = s.on_request(request(protocol::TRAFFIC_POLICY_TYPE, &many, "", None), &status, &metrics, "n");
+    assert_eq!(refused.unwrap_err().code(), tonic::Code::ResourceExhausted);
+}
+
+/// Changes that arrive within the debounce window make one generation; a change after it makes the next.
+#[tokio::test(start_paused = true)]
+async fn changes_are_debounced_and_coalesced() {
+    let dir = std::env::temp_dir().join(format!("ferry-ads-debounce-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let store = Arc::new(Mutex::new(Store::open(&dir).unwrap()));
+    let tokens = Arc::new(Mutex::new(Tokens::open(&dir).unwrap()));
+    let xds = Xds::new(
+        store.clone(),
+        tokens,
+        Arc::new(ControlMetrics::new()),
+        &dir,
+        Duration::from_secs(60),
+        test_mesh(),
+        DefaultInbound::Allow,
+    );
+    assert_eq!(xds.generation(), 1);
+    tokio::spawn(xds.clone().run_publisher());
+    let service = |name: &str| {
+        ferry_api::parse_documents(&format!(
+            "apiVersion: ferry.dev/v1alpha1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{ports: [{{port: 80}}]}}\n"
+        ))
+        .unwrap()
+    };
+    for i in 0..5 {
+        store.lock().unwrap().apply(service(&format!("s{i}")), false).unwrap();
+        xds.changed();
+        tokio::time::sleep(DEBOUNCE / 10).await;
+    }
+    tokio::time::sleep(DEBOUNCE * 3).await;
+    assert_eq!(xds.generation(), 2, "five changes inside the window: one push");
+    assert_eq!(xds.published.borrow().counts(), [5, 0, 0, 1, 1], "and the workload of proxies declaring nothing");
+    // Nothing changed: a notification publishes nothing new.
+    xds.changed();
+    tokio::time::sleep(DEBOUNCE * 3).await;
+    assert_eq!(xds.generation(), 2);
+    store.lock().unwrap().apply(service("s5"), false).unwrap();
+    xds.changed();
+    tokio::time::sleep(DEBOUNCE * 3).await;
+    assert_eq!(xds.generation(), 3);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn request(type_url: &str, subscribe: &[&str], nonce: &str, error: Option<&str>) -> DeltaDiscoveryRequest {
+    DeltaDiscoveryRequest {
+        type_url: type_url.into(),
+        resource_names_subscribe: subscribe.iter().map(|s| s.to_string()).collect(),
+        response_nonce: nonce.into(),
+        error_detail: error.map(|m| envoy_types::pb::google::rpc::Status {
+            code: 3,
+            message: m.into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn session_protocol() {
+    let metrics = ControlMetrics::new();
+    let status = proxy_status("web", None);
+    let docs = ferry_api::parse_documents(DOCS).unwrap();
+    let m1 = Model::build(1, docs.clone(), &[], None, &BTreeMap::new());
+    let mut s =
+        Session { id: 7, workload: status.workload.clone(), served: BTreeSet::new(), types: HashMap::new(), nonces: 0 };
+    // Wildcard subscription to Services and AuthorizationPolicies.
+    s.on_request(request(protocol::SERVICE_TYPE, &[], "", None), &status, &metrics, "n").unwrap();
+    s.on_request(request(protocol::AUTHORIZATION_POLICY_TYPE, &["*"], "", None), &status, &metrics, "n").unwrap();
+    let out: Vec<DeltaDiscoveryResponse> = s.due(&m1, &status).iter().map(wire).collect();
+    assert_eq!(out.len(), 2, "the first response per type is sent even when empty");
+    assert_eq!(out[0].type_url, protocol::AUTHORIZATION_POLICY_TYPE, "policies before Services");
+    assert!(out[0].resources.is_empty(), "an AuthorizationPolicy goes only to its target's proxies");
+    let out = [out[1].clone(), out[0].clone()];
+    assert_eq!(out[0].resources.len(), 1);
+    assert_eq!(out[0].resources[0].name, "demo/api");
+    assert_eq!(out[0].type_url, protocol::SERVICE_TYPE);
+    assert!(protocol::decode("demo/api", out[0].resources[0].resource.as_ref().unwrap()).is_ok());
+    // At most one push in flight: a new generation waits for the ACK.
+    let m2 = Model::build(2, docs.clone(), &[reg("demo/api", "127.0.0.1:1", "demo", "api")], None, &BTreeMap::new());
+    assert!(s.due(&m2, &status).is_empty());
+    s.on_request(request(protocol::SERVICE_TYPE, &[], &out[0].nonce, None), &status, &metrics, "n").unwrap();
+    s.on_request(request(protocol::AUTHORIZATION_POLICY_TYPE, &[], &out[1].nonce, None), &status, &metrics, "n")
+        .unwrap();
+    let out2: Vec<DeltaDiscoveryResponse> = s.due(&m2, &status).iter().map(wire).collect();
+    assert_eq!(out2.len(), 1, "only the changed type is pushed");
+    assert_eq!(out2[0].system_version_info, "2");
+    // A NACK is recorded with its message; the stale nonce of an old push is ignored.
+    s.on_request(request(protocol::SERVICE_TYPE, &[], "7-1", Some("old")), &status, &metrics, "n").unwrap();
+    s.on_request(request(protocol::SERVICE_TYPE, &[], &out2[0].nonce, Some("bad port")), &status, &metrics, "n")
+        .unwrap();
+    let json = status.to_json(Instant::now());
+    assert_eq!(json["types"]["Service"]["nacked"]["message"], "bad port");
+    assert_eq!(json["types"]["Service"]["acked"], 1);
+    assert_eq!(json["stale"], true);
+    // Nothing is resent at the same generation; the next one resends what the proxy refused (it kept the old).
+    assert!(s.due(&m2, &status).is_empty());
+    let m2b = Model::build(3, docs.clone(), &[reg("demo/api", "127.0.0.1:1", "demo", "api")], None, &BTreeMap::new());
+    let again: Vec<DeltaDiscoveryResponse> = s.due(&m2b, &status).iter().map(wire).collect();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].resources[0].version, out2[0].resources[0].version, "the refused version, again");
+    s.on_request(request(protocol::SERVICE_TYPE, &[], &again[0].nonce, None), &status, &metrics, "n").unwrap();
+    assert_eq!(status.to_json(Instant::now())["stale"], false, "an ACK of the whole difference clears it");
+    // Deleting the Service is a removal.
+    let m3 = Model::build(4, docs[1..].to_vec(), &[], None, &BTreeMap::new());
+    let out3: Vec<DeltaDiscoveryResponse> = s.due(&m3, &status).iter().map(wire).collect();
+    assert_eq!(out3[0].removed_resources, ["demo/api"]);
+    assert_eq!(metrics.xds_acks.with_label_values(&["Service"]).get(), 2);
+    assert_eq!(metrics.xds_nacks.with_label_values(&["Service"]).get(), 1);
+}
+
+#[test]
+fn each_proxy_gets_its_own_workload_and_the_policies_of_the_services_selecting_it() {
+    let metrics = ControlMetrics::new();
+    let docs = ferry_api::parse_documents(DOCS).unwrap();
+    let record = |services: &[&str]| WorkloadRecord {
+        workload: Workload::new(
+            services
+                .iter()
+                .map(|n| SelectingService {
+                    namespace: "demo".into(),
+                    name: n.to_string(),
+                    ports: vec![(8080, ferry_api::PortProtocol::Http)],
+                })
+                .collect(),
+            DefaultInbound::MeshOnly,
+        ),
+        pod: Some(PodBinding { uid: "u1".into(), ips: vec!["10.0.0.5".parse().unwrap()] }),
+    };
+    let workloads = BTreeMap::from([
+        (pod_workload_name("demo", "api-1"), record(&["api"])),
+        (pod_workload_name("demo", "web-1"), record(&[])),
+    ]);
+    let model = Model::build(1, docs, &[], None, &workloads);
+    // (the proxy's Workload name, the AuthorizationPolicies it gets, whether its Workload is answered)
+    for (workload, policies, answered) in [
+        ("pod/demo/api-1", vec!["demo/api"], true),
+        ("pod/demo/web-1", vec![], true),
+        ("pod/demo/unknown-1", vec![], false),
+    ] {
+        let mut status = proxy_status("x", None);
+        status.workload = workload.into();
+        let mut s =
+            Session { id: 1, workload: workload.into(), served: BTreeSet::new(), types: HashMap::new(), nonces: 0 };
+        for t in [protocol::AUTHORIZATION_POLICY_TYPE, protocol::WORKLOAD_TYPE] {
+            s.on_request(request(t, &[], "", None), &status, &metrics, "n").unwrap();
+        }
+        let first: Vec<DeltaDiscoveryResponse> = s.due(&model, &status).iter().map(wire).collect();
+        // The policies go first; the Workload waits for their ACK (it must never arrive before them).
+        assert!(first.iter().all(|r| r.type_url != protocol::WORKLOAD_TYPE), "{workload}");
+        let nonce = first.iter().find(|r| r.type_url == protocol::AUTHORIZATION_POLICY_TYPE).unwrap().nonce.clone();
+        s.on_request(request(protocol::AUTHORIZATION_POLICY_TYPE, &[], &nonce, None), &status, &metrics, "n").unwrap();
+        let out: Vec<DeltaDiscoveryResponse> =
+            first.into_iter().chain(s.due(&model, &status).iter().map(wire)).collect();
+        let names = |t: &str| -> Option<Vec<String>> {
+            out.iter().find(|r| r.type_url == t).map(|r| r.resources.iter().map(|x| x.name.clone()).collect())
+        };
+        assert_eq!(
+            names(protocol::AUTHORIZATION_POLICY_TYPE),
+            Some(policies.iter().map(|p| p.to_string()).collect()),
+            "{workload}"
+        );
+        let own = names(protocol::WORKLOAD_TYPE);
+        assert_eq!(own, answered.then(|| vec![workload.to_string()]), "{workload}: only its own, once known");
+        if answered {
+            let r = &out.iter().find(|r| r.type_url == protocol::WORKLOAD_TYPE).unwrap().resources[0];
+            let Ok(protocol::Received::Workload(w)) = protocol::decode(&r.name, r.resource.as_ref().unwrap()) else {
+                panic!("not a Workload")
+            };
+            assert_eq!(w.default_inbound, DefaultInbound::MeshOnly);
+        }
+    }
+    // The Service stops selecting api-1: the Workload without it goes out before its policy is withdrawn (a
+    // proxy applies responses in order, so the port never keeps the Service without its policy).
+    let mut status = proxy_status("x", None);
+    status.workload = "pod/demo/api-1".into();
+    let mut s =
+        Session { id: 2, workload: "pod/demo/api-1".into(), served: BTreeSet::new(), types: HashMap::new(), nonces: 0 };
+    for t in [protocol::AUTHORIZATION_POLICY_TYPE, protocol::WORKLOAD_TYPE] {
+        s.on_request(request(t, &[], "", None), &status, &metrics, "n").unwrap();
+    }
+    let exchange = |s: &mut Session, model: &Model| -> Vec<(String, Vec<String>, Vec<String>)> {
+        let mut seen = Vec::new();
+        loop {
+            let out: Vec<DeltaDiscoveryResponse> = s.due(model, &status).iter().map(wire).collect();
+            if out.is_empty() {
+                return seen;
+            }
+            for r in out {
+                let names = r.resources.iter().map(|x| x.name.clone()).collect();
+                seen.push((short_type(&r.type_url).to_string(), names, r.removed_resources.clone()));
+                s.on_request(request(&r.type_url, &[], &r.nonce, None), &status, &metrics, "n").unwrap();
+            }
+        }
+    };
+    exchange(&mut s, &model);
+    let dropped = BTreeMap::from([(pod_workload_name("demo", "api-1"), record(&[]))]);
+    let model2 = Model::build(2, ferry_api::parse_documents(DOCS).unwrap(), &[], None, &dropped);
+    let order = exchange(&mut s, &model2);
+    let workload_at = order.iter().position(|(t, _, _)| t == "Workload").expect("a new Workload");
+    let withdrawn = order.iter().position(|(t, _, removed)| t == "AuthorizationPolicy" && removed == &["demo/api"]);
+    assert!(withdrawn.is_some_and(|w| w > workload_at), "{order:?}");
+
+    // A stream is bound to the pod its certificate names: same uid, from one of its IPs.
+    let bound = &model.bound[&*pod_workload_name("demo", "api-1")];
+    let pod = |uid: &str| ferry_api::identity::PodRef { name: "api-1".into(), uid: uid.into() };
+    let from = |ip: &str| Some(SocketAddr::new(ip.parse().unwrap(), 40000));
+    assert_eq!(check_pod(bound, &pod("u1"), from("10.0.0.5")), Ok(()));
+    assert_eq!(check_pod(bound, &pod("u1"), from("::ffff:10.0.0.5")), Ok(()));
+    assert!(check_pod(bound, &pod("u0"), from("10.0.0.5")).unwrap_err().contains("replaced"));
+    assert!(check_pod(bound, &pod("u1"), from("10.0.0.9")).unwrap_err().contains("comes from 10.0.0.9"));
+}
