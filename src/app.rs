@@ -11,7 +11,7 @@ use crate::direction::Direction;
 use crate::discovery::file;
 use crate::discovery::snapshot::ConfigStore;
 use crate::identity::tls::MeshTls;
-use crate::listen::Proxy;
+use crate::listen::Listeners;
 use crate::listen::drain::Drain;
 use crate::settings::Settings;
 use crate::telemetry::logging::LogHandle;
@@ -94,12 +94,12 @@ pub async fn run(settings: Settings, log: Option<LogHandle>) -> Result<(), Start
         ),
     }
 
-    let proxy = Proxy::new(settings.clone(), store.clone(), metrics.clone(), drain.clone(), tls.clone());
-    tokio::spawn(proxy.clone().sweep_idle_connections());
-    for (listeners, direction) in [(outbound, Direction::Outbound), (inbound, Direction::Inbound)] {
-        for l in listeners {
+    let listeners = Listeners::new(settings.clone(), store.clone(), metrics.clone(), drain.clone(), tls.clone());
+    tokio::spawn(listeners.clone().sweep_idle_connections());
+    for (bound, direction) in [(outbound, Direction::Outbound), (inbound, Direction::Inbound)] {
+        for l in bound {
             tracing::info!(addr = ?l.local_addr().ok(), direction = direction.as_str(), "listening");
-            tokio::spawn(proxy.clone().serve(l, direction));
+            tokio::spawn(listeners.clone().serve(l, direction));
         }
     }
     let state = Arc::new(AdminState {
@@ -109,8 +109,8 @@ pub async fn run(settings: Settings, log: Option<LogHandle>) -> Result<(), Start
         drain: drain.clone(),
         health: health.clone(),
         log,
-        connections: proxy.connections.clone(),
-        balancers: proxy.registries.balancers.clone(),
+        connections: listeners.connections.clone(),
+        balancers: listeners.registries.balancers.clone(),
     });
     tracing::info!(admin = %settings.admin_addr, health = %settings.health_addr, "admin and health servers listening");
     tokio::spawn(admin::serve(state.clone(), admin_listener, admin::Server::Admin));

@@ -12,16 +12,18 @@ use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
-use super::Proxy;
+use super::Listeners;
 use super::pool::{HttpVersion, Pool};
 use super::target::{ConnInfo, Mode, Refusal, UNKNOWN_SERVICE, is_own_listener};
 use crate::body::ProxyBody;
 use crate::direction::Direction;
 use crate::discovery::destination::Destination;
 use crate::errors::{self, ProxyError};
-use crate::policy::balance::Picked;
+use crate::policy::balance::{Picked, Tried};
 use crate::policy::concurrency::ConnectionLimit;
 use crate::stack::Call;
+use crate::telemetry::access_log::{self, Seen};
+use crate::telemetry::metrics::{RequestHandles, RequestLabels};
 use crate::telemetry::trace;
 use tower::ServiceExt;
 
@@ -43,28 +45,15 @@ fn sized(body: ProxyBody, histogram: prometheus::Histogram) -> ProxyBody {
     }
 }
 
-impl Proxy {
+impl Listeners {
     /// Handles one request end to end; never fails: proxy errors become responses here, through `errors::respond`.
-    /// Metrics and the access log are recorded here too, once per request (a gRPC call whose status comes in the
-    /// trailers is counted when its response ends).
+    /// Around the stack, once per request: the request ID, this hop's span, metrics and the access log (a gRPC call
+    /// whose status comes in the trailers is counted when its response ends).
     pub(super) async fn forward(self: Arc<Self>, mut req: Request<Incoming>, conn: ConnInfo) -> Response<ProxyBody> {
         let start = Instant::now();
         let direction = conn.direction;
         let grpc = is_grpc(req.headers());
-        let protocol = match (grpc, req.version()) {
-            (true, _) => "grpc",
-            (false, Version::HTTP_2) => "http2",
-            (false, _) => "http1",
-        };
-        // Every request carries an ID from its first proxy on (the app should copy it onto the calls it makes).
-        let request_id = match req.headers().get(REQUEST_ID_HEADER) {
-            Some(id) => id.clone(),
-            None => {
-                let id = HeaderValue::from_str(&crate::util::request_id()).expect("an ID is a valid header value");
-                req.headers_mut().insert(REQUEST_ID_HEADER, id.clone());
-                id
-            }
-        };
+        let request_id = ensure_request_id(&mut req);
         // This hop's span, the parent of the next hop's (the request now carries it).
         let kind = match direction {
             Direction::Outbound => trace::Kind::Client,
@@ -73,39 +62,17 @@ impl Proxy {
         let hop = self.tracer.start(req.headers_mut(), kind);
         let (span, traced) = (hop.context, self.tracer.exports(&hop));
         // Only what the access log and an exported span need, and only when one of them is on.
-        let share = self.settings.access_log;
-        let logged = share >= 1.0 || (share > 0.0 && crate::util::random_fraction() < share);
-        let described = (logged || traced).then(|| {
-            let authority = authority_of(&req).unwrap_or_default();
-            (req.method().clone(), req.uri().path().to_string(), req.version(), authority)
+        let logged = access_log::sampled(self.settings.access_log);
+        let seen = (logged || traced).then(|| Seen {
+            method: req.method().clone(),
+            path: req.uri().path().to_string(),
+            version: req.version(),
+            authority: authority_of(&req).unwrap_or_default(),
         });
+        let labels = (grpc, protocol_of(grpc, req.version()));
         // The endpoint of each try, in order (the load balancer adds them).
-        let tried: crate::policy::balance::Tried = Default::default();
-        let (service, handles, result) = match self.request_destination(&req, &conn) {
-            Ok((mut dest, authority)) => {
-                let service = dest.service.clone();
-                let handles = self.metrics.requests(direction, &service);
-                let size = handles.request_size.clone();
-                let mut req = req.map(|body| sized(ProxyBody::from(body), size));
-                // The destination's `maxConnections` slots, found once for every try of the request.
-                let limit = dest.outbound.caps.map(|caps| self.registries.limits.connections(&dest.service, caps));
-                let stack = match direction {
-                    Direction::Outbound => &self.outbound,
-                    Direction::Inbound => {
-                        if let Some(addr) = dest.fixed_addr() {
-                            tried.lock().expect("tried lock").push(addr);
-                        }
-                        dest.inbound = Some(dest.inbound.clone().unwrap_or_else(|| self.inbound_policy(dest.port)));
-                        &self.inbound
-                    }
-                };
-                let caller = conn.peer_identity.clone();
-                let upstream = Sent { authority, conn: conn.clone(), limit };
-                req.extensions_mut().insert(Arc::new(Call { dest, caller, tried: tried.clone(), upstream }));
-                (service, handles, stack.clone().oneshot(req).await)
-            }
-            Err((service, e)) => (service.clone(), self.metrics.requests(direction, &service), Err(e)),
-        };
+        let tried = Tried::default();
+        let (service, handles, result) = self.call_stack(req, &conn, &tried).await;
         let upstream = tried.lock().expect("tried lock").last().copied();
         let (response, error) = match result {
             Ok(resp) => (resp, None),
@@ -114,11 +81,98 @@ impl Proxy {
                 (errors::respond(&e, grpc), Some(e))
             }
         };
-        let elapsed = start.elapsed();
+        let (elapsed, status) = (start.elapsed(), response.status().as_u16());
+        let response = self.record(response, handles, &conn, labels, error.as_ref(), elapsed);
+        let error = error.as_ref().map(|e| (e.reason(), e));
+        let peer_identity = conn.peer_spiffe.as_deref().unwrap_or("");
+        if let Some(seen) = seen.as_ref().filter(|_| traced) {
+            let done = trace::Finished {
+                method: seen.method.as_str(),
+                path: &seen.path,
+                authority: &seen.authority,
+                protocol_version: seen.protocol_version(),
+                status,
+                error: error.map_or("", |(reason, _)| reason),
+                service: &service,
+                peer_identity,
+                upstream,
+            };
+            self.tracer.finish(hop, done);
+        }
+        if let Some(seen) = seen.as_ref().filter(|_| logged) {
+            access_log::write(access_log::Entry {
+                direction,
+                mode: conn.mode.as_str(),
+                client: conn.peer,
+                original_dst: conn.original_dst,
+                peer_identity,
+                seen,
+                service: &service,
+                upstream,
+                status,
+                elapsed,
+                request_id: request_id.to_str().unwrap_or(""),
+                trace_id: span.trace_id,
+                span_id: span.span_id,
+                error: error.map(|(reason, e)| (reason, e.to_string())),
+            });
+        }
+        response
+    }
+
+    /// Routes the request and runs it through its direction's stack: the destination Service (the `service` label),
+    /// its metric handles and the stack's result.
+    async fn call_stack(
+        &self,
+        req: Request<Incoming>,
+        conn: &ConnInfo,
+        tried: &Tried,
+    ) -> (Arc<str>, Arc<RequestHandles>, Result<Response<ProxyBody>, ProxyError>) {
+        let direction = conn.direction;
+        let (mut dest, authority) = match self.request_destination(&req, conn) {
+            Ok(found) => found,
+            Err((service, e)) => {
+                let handles = self.metrics.requests(direction, &service);
+                return (service, handles, Err(e));
+            }
+        };
+        let service = dest.service.clone();
+        let handles = self.metrics.requests(direction, &service);
+        let size = handles.request_size.clone();
+        let mut req = req.map(|body| sized(ProxyBody::from(body), size));
+        // The destination's `maxConnections` slots, found once for every try of the request.
+        let limit = dest.outbound.caps.map(|caps| self.registries.limits.connections(&dest.service, caps));
+        let stack = match direction {
+            Direction::Outbound => &self.outbound,
+            Direction::Inbound => {
+                if let Some(addr) = dest.fixed_addr() {
+                    tried.lock().expect("tried lock").push(addr);
+                }
+                dest.inbound = Some(dest.inbound.clone().unwrap_or_else(|| self.inbound_policy(dest.port)));
+                &self.inbound
+            }
+        };
+        let caller = conn.peer_identity.clone();
+        let upstream = Sent { authority, conn: conn.clone(), limit };
+        req.extensions_mut().insert(Arc::new(Call { dest, caller, tried: tried.clone(), upstream }));
+        (service, handles, stack.clone().oneshot(req).await)
+    }
+
+    /// Counts the request in its Service's metrics, and the response's size: at once, or when a gRPC response whose
+    /// status comes in the trailers ends.
+    fn record(
+        &self,
+        response: Response<ProxyBody>,
+        handles: Arc<RequestHandles>,
+        conn: &ConnInfo,
+        (grpc, protocol): (bool, &'static str),
+        error: Option<&ProxyError>,
+        elapsed: std::time::Duration,
+    ) -> Response<ProxyBody> {
         let status = response.status().as_u16();
         let grpc_status = |h: &HeaderMap| h.get("grpc-status").and_then(|v| v.to_str().ok()?.parse::<u16>().ok());
-        let mut labels = crate::telemetry::metrics::RequestLabels {
-            source: match (direction, &conn.peer_identity) {
+        let mut labels = RequestLabels {
+            source: match (conn.direction, &conn.peer_identity) {
                 (Direction::Outbound, _) => self.local_service.clone(),
                 (Direction::Inbound, Some(id)) => self.store.load().service_of(id),
                 (Direction::Inbound, None) => crate::discovery::snapshot::unknown_source(),
@@ -127,12 +181,12 @@ impl Proxy {
             protocol,
             status,
             grpc_status: if grpc { grpc_status(response.headers()) } else { None },
-            error: error.as_ref().map_or("", |e| e.reason()),
+            error: error.map_or("", |e| e.reason()),
         };
         // A gRPC call's status usually comes in the trailers: it is counted when the response ends.
         let in_trailers = grpc && labels.grpc_status.is_none() && status == 200;
         let response_size = handles.response_size.clone();
-        let response = if in_trailers {
+        if in_trailers {
             response.map(|body| {
                 body.observed(move |bytes, trailers| {
                     response_size.observe(bytes as f64);
@@ -143,49 +197,7 @@ impl Proxy {
         } else {
             handles.record(labels, elapsed);
             response.map(|body| sized(body, response_size))
-        };
-        if let Some((method, path, version, authority)) = described.as_ref().filter(|_| traced) {
-            let done = trace::Finished {
-                method: method.as_str(),
-                path,
-                authority,
-                protocol_version: match *version {
-                    Version::HTTP_2 => "2",
-                    Version::HTTP_10 => "1.0",
-                    _ => "1.1",
-                },
-                status,
-                error: error.as_ref().map_or("", |e| e.reason()),
-                service: &service,
-                peer_identity: conn.peer_spiffe.as_deref().unwrap_or(""),
-                upstream,
-            };
-            self.tracer.finish(hop, done);
         }
-        if let Some((method, path, version, authority)) = described.filter(|_| logged) {
-            tracing::info!(
-                target: "ferry::access",
-                direction = direction.as_str(),
-                mode = conn.mode.as_str(),
-                client = %conn.peer,
-                original_dst = conn.original_dst.map(|a| a.to_string()).unwrap_or_default(),
-                peer_identity = conn.peer_spiffe.as_deref().unwrap_or(""),
-                method = %method,
-                authority = %authority,
-                path = %path,
-                version = ?version,
-                service = %service,
-                upstream = upstream.map(|a| a.to_string()).unwrap_or_default(),
-                status,
-                duration_ms = elapsed.as_secs_f64() * 1000.0,
-                request_id = request_id.to_str().unwrap_or(""),
-                trace_id = %ferry_api::hex(&span.trace_id),
-                span_id = %ferry_api::hex(&span.span_id),
-                error = error.as_ref().map(|e| e.reason()).unwrap_or(""),
-                detail = error.as_ref().map(|e| e.to_string()).unwrap_or_default(),
-            );
-        }
-        response
     }
 
     /// The request's destination and the authority to send it with (the app's own, else the address dialled).
@@ -372,6 +384,26 @@ fn authority_of<B>(req: &Request<B>) -> Option<String> {
         return Some(a.as_str().to_string());
     }
     req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).filter(|h| !h.is_empty()).map(str::to_string)
+}
+
+/// Every request carries an ID from its first proxy on (the app should copy it onto the calls it makes): the one it
+/// has, or a new one.
+fn ensure_request_id<B>(req: &mut Request<B>) -> HeaderValue {
+    if let Some(id) = req.headers().get(REQUEST_ID_HEADER) {
+        return id.clone();
+    }
+    let id = HeaderValue::from_str(&crate::util::request_id()).expect("an ID is a valid header value");
+    req.headers_mut().insert(REQUEST_ID_HEADER, id.clone());
+    id
+}
+
+/// The `protocol` label.
+fn protocol_of(grpc: bool, version: Version) -> &'static str {
+    match (grpc, version) {
+        (true, _) => "grpc",
+        (false, Version::HTTP_2) => "http2",
+        (false, _) => "http1",
+    }
 }
 
 pub fn is_grpc(headers: &HeaderMap) -> bool {

@@ -42,7 +42,10 @@ const INBOUND_CONFIG_WAIT: Duration = Duration::from_secs(10);
 /// treats the connection as an unmeshed client's plaintext.
 const OPAQUE_TLS_PEEK: Duration = Duration::from_millis(300);
 
-pub struct Proxy {
+/// The data plane's listeners and what their connections share: the live snapshot, mesh TLS, the upstream pool, the
+/// stacks (built once) and the policies' state. Its methods: accepting and TCP here, HTTP in `http.rs`, destinations
+/// in `target.rs`.
+pub struct Listeners {
     pub settings: Arc<Settings>,
     pub store: Arc<ConfigStore>,
     pub metrics: Arc<Metrics>,
@@ -67,7 +70,7 @@ pub struct Proxy {
     h2: http2::Builder<TokioExecutor>,
 }
 
-impl Proxy {
+impl Listeners {
     pub fn new(
         settings: Arc<Settings>,
         store: Arc<ConfigStore>,
@@ -104,7 +107,7 @@ impl Proxy {
             local_service.to_string(),
             metrics.clone(),
         );
-        Arc::new(Proxy {
+        Arc::new(Listeners {
             settings,
             store,
             metrics,
@@ -402,7 +405,7 @@ impl Proxy {
         tracing::warn!(service, error = %e, "opaque connection not forwarded");
     }
 
-    /// What the inbound side enforces now on a connection or request delivered to the app's `port` (`Proxy::destination`
+    /// What the inbound side enforces now on a connection or request delivered to the app's `port` (`Listeners::destination`
     /// finds it once per connection or request and hands it on in the `Destination`): the policy of the
     /// Services selecting that port. With `FERRY_APP_ADDR` (local mode: every port goes to one app address) the
     /// port says nothing, so every selecting Service's policy applies at once.

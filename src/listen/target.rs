@@ -7,7 +7,7 @@ use std::sync::Arc;
 use serde::Serialize;
 use tokio::net::TcpStream;
 
-use super::Proxy;
+use super::Listeners;
 use crate::direction::Direction;
 use crate::discovery::destination::Destination;
 use crate::discovery::snapshot::Route;
@@ -93,7 +93,7 @@ impl ConnInfo {
 /// A failed decision, with the service label to count it under.
 pub type Refusal = (Arc<str>, ProxyError);
 
-impl Proxy {
+impl Listeners {
     /// The destination for a connection (`authority` = None: opaque TCP) or one request on it.
     pub(super) fn destination(&self, conn: &ConnInfo, authority: Option<&str>) -> Result<Destination, Refusal> {
         let dest = match (conn.direction, conn.original_dst) {
