@@ -57,17 +57,27 @@ pub struct Registries {
 /// A composed stack: one request (with its `Call`) in, the response or the proxy's error out.
 pub type Stack = BoxCloneSyncService<Request<ProxyBody>, Response<ProxyBody>, ProxyError>;
 
-/// The outbound HTTP stack over `send`, which sends each try to the endpoint chosen for it.
-pub fn outbound<U, S>(r: &Registries, metrics: &Arc<Metrics>, send: S) -> Stack
-where
-    U: Send + Sync + 'static,
-    S: tower::Service<Request<ProxyBody>, Response = Response<ProxyBody>, Error = ProxyError>
+/// The innermost service of a stack: sends each request (each try) on. Any service of the stacks' types is one.
+pub trait Innermost:
+    tower::Service<Request<ProxyBody>, Response = Response<ProxyBody>, Error = ProxyError, Future: Send + 'static>
+    + Clone
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<S> Innermost for S where
+    S: tower::Service<Request<ProxyBody>, Response = Response<ProxyBody>, Error = ProxyError, Future: Send + 'static>
         + Clone
         + Send
         + Sync
-        + 'static,
-    S::Future: Send + 'static,
+        + 'static
 {
+}
+
+/// The outbound HTTP stack over `send`, which sends each try to the endpoint chosen for it.
+pub fn outbound<U: Send + Sync + 'static>(r: &Registries, metrics: &Arc<Metrics>, send: impl Innermost) -> Stack {
     let m = metrics.clone();
     let stack = ServiceBuilder::new()
         // The destination's request timeout covers everything under it, the response body included, and a gRPC
@@ -101,16 +111,7 @@ where
 }
 
 /// The inbound HTTP stack over `send`, which delivers each request to the app.
-pub fn inbound<U, S>(r: &Registries, metrics: &Arc<Metrics>, send: S) -> Stack
-where
-    U: Send + Sync + 'static,
-    S: tower::Service<Request<ProxyBody>, Response = Response<ProxyBody>, Error = ProxyError>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send + 'static,
-{
+pub fn inbound<U: Send + Sync + 'static>(r: &Registries, metrics: &Arc<Metrics>, send: impl Innermost) -> Stack {
     let stack = ServiceBuilder::new()
         // Authorization first: a call the Service does not allow (or plaintext under strict mTLS) never reaches the
         // app, and never spends the rate limit of callers that are allowed.

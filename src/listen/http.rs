@@ -241,13 +241,7 @@ pub(super) struct Upstream {
 
 impl Upstream {
     /// As a tower service, for the stacks.
-    pub(super) fn service(
-        self,
-    ) -> impl tower::Service<Request<ProxyBody>, Response = Response<ProxyBody>, Error = ProxyError, Future: Send>
-    + Clone
-    + Send
-    + Sync
-    + 'static {
+    pub(super) fn service(self) -> impl crate::stack::Innermost {
         tower::service_fn(move |req| self.clone().send(req))
     }
 

@@ -98,8 +98,8 @@ impl Listeners {
                 .into();
         let registries = Arc::new(Registries::default());
         let upstream = http::Upstream { pool: pool.clone(), own_listeners: own_listeners.clone() };
-        let outbound = stack::outbound::<http::Sent, _>(&registries, &metrics, upstream.clone().service());
-        let inbound = stack::inbound::<http::Sent, _>(&registries, &metrics, upstream.service());
+        let outbound = stack::outbound::<http::Sent>(&registries, &metrics, upstream.clone().service());
+        let inbound = stack::inbound::<http::Sent>(&registries, &metrics, upstream.service());
         let connections = Arc::new(OpenConnections::default());
         let tracer = crate::telemetry::trace::Tracer::new(
             settings.trace_sampling,
