@@ -7,6 +7,7 @@ mod http;
 pub mod io;
 pub mod pool;
 pub mod target;
+mod tcp;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -334,77 +335,6 @@ impl Listeners {
         }
     }
 
-    async fn forward_tcp<I>(&self, mut io: I, conn: ConnInfo)
-    where
-        I: AsyncRead + AsyncWrite + Unpin,
-    {
-        let direction = conn.direction;
-        let dest = match self.destination(&conn, None) {
-            Ok(dest) => dest,
-            Err((service, e)) => return self.tcp_not_forwarded(direction, &service, e),
-        };
-        if direction == Direction::Inbound {
-            let call = crate::policy::authz::Call {
-                peer: conn.peer_identity.as_deref(),
-                method: None,
-                path: None,
-                port: dest.port,
-            };
-            let policy = dest.inbound.clone().unwrap_or_else(|| self.inbound_policy(dest.port));
-            if let crate::policy::authz::Decision::Deny(why) = policy.check(&call, &self.metrics) {
-                self.metrics.proxy_error(direction, "unauthorized");
-                self.metrics.tcp_failed.with_label_values(&[direction.as_str(), "unauthorized"]).inc();
-                tracing::info!(peer = %conn.peer, port = dest.port, "opaque connection refused: {why}");
-                return;
-            }
-        }
-        // A Service's endpoint is chosen as for a request (connecting is the try judged), once per connection.
-        let (endpoint, attempt) = match dest.fixed_or_choice() {
-            Ok(endpoint) => (endpoint, None),
-            Err(choice) => match self.registries.balancers.start(&choice, &mut Vec::new()) {
-                Ok((endpoint, attempt)) => (endpoint, Some(attempt)),
-                Err(e) => return self.tcp_not_forwarded(direction, &dest.service, e),
-            },
-        };
-        if let Err(e) = self.not_own_listener(endpoint.addr) {
-            return self.tcp_not_forwarded(direction, &dest.service, e);
-        }
-        let target = endpoint.addr;
-        // The connection holds a slot of the destination's `maxConnections` while it is open.
-        let limit = dest.outbound.caps.map(|caps| self.registries.limits.connections(&dest.service, caps));
-        let _slot = match limit.as_ref().map(|l| l.admit()).transpose() {
-            Ok(slot) => slot,
-            Err(e) => return self.tcp_not_forwarded(direction, &dest.service, e),
-        };
-        tracing::debug!(peer = %conn.peer, mode = conn.mode.as_str(), service = %dest.service, %target, mtls = dest.tls_for(&endpoint).is_some(), "opaque connection");
-        let connected = match dest.tls_for(&endpoint) {
-            Some(peer) => self
-                .pool
-                .connect_mesh(target, peer, Alpn::Tcp)
-                .await
-                .map(|(s, _)| Upstream::Mesh(Box::new(s.into_inner()))),
-            None => self.pool.connect_tcp(target).await.map(Upstream::Plain),
-        };
-        if let Some(attempt) = attempt {
-            attempt.finish(connected.is_err(), &self.metrics);
-        }
-        // copy_bidirectional shuts down each write side when its read side ends: half-close is kept.
-        let copied = match connected {
-            Ok(Upstream::Mesh(mut upstream)) => tokio::io::copy_bidirectional(&mut io, &mut upstream).await,
-            Ok(Upstream::Plain(mut upstream)) => tokio::io::copy_bidirectional(&mut io, &mut upstream).await,
-            Err(e) => return self.tcp_not_forwarded(direction, &dest.service, e),
-        };
-        if let Err(e) = copied {
-            tracing::debug!(%target, error = %e, "opaque connection ended with an error");
-        }
-    }
-
-    fn tcp_not_forwarded(&self, direction: Direction, service: &str, e: crate::errors::ProxyError) {
-        self.metrics.proxy_error(direction, e.reason());
-        self.metrics.tcp_failed.with_label_values(&[direction.as_str(), e.reason()]).inc();
-        tracing::warn!(service, error = %e, "opaque connection not forwarded");
-    }
-
     /// What the inbound side enforces now on a connection or request delivered to the app's `port` (`Listeners::destination`
     /// finds it once per connection or request and hands it on in the `Destination`): the policy of the
     /// Services selecting that port. With `FERRY_APP_ADDR` (local mode: every port goes to one app address) the
@@ -543,10 +473,4 @@ fn is_bad_input(e: &hyper::Error) -> bool {
         source = s.source();
     }
     false
-}
-
-/// An opaque connection's upstream side.
-enum Upstream {
-    Plain(TcpStream),
-    Mesh(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
