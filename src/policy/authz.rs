@@ -1,6 +1,6 @@
 //! Inbound authorization: the destination's proxy decides whether a caller may make a call to its Service, from the
 //! Service's mTLS mode (strict refuses callers without a mesh identity) and its AuthorizationPolicies. Applied per
-//! HTTP request (`AuthzLayer`) and per opaque connection; metrics: `ferry_authz_decisions_total`; a denial is
+//! HTTP request (the `Authz` mechanism) and per opaque connection; metrics: `ferry_authz_decisions_total`; a denial is
 //! `ProxyError::Unauthorized` (403 `unauthorized`, gRPC PERMISSION_DENIED) or a closed connection.
 
 use std::sync::Arc;
