@@ -130,11 +130,24 @@ async fn meshed_calls_are_tls13_on_the_wire_and_the_app_learns_the_caller() {
     // A client from outside the mesh (plaintext, straight to the inbound listener) cannot claim an identity.
     let resp = http_exchange_full(inbound, "GET", "/", &[("ferry-client-id", spoofed)], "").unwrap();
     assert_eq!((resp.status, resp.header("x-seen-client-id")), (200, Some("none")), "{resp:?}");
-    // Nor by hiding the request from protocol detection behind empty lines, or by sending it slowly.
-    for (lead, pause) in [("\r\n", Duration::ZERO), ("", Duration::from_millis(1500))] {
+    // Nor under the underscore spelling, which CGI, WSGI and Rack read as the same variable (any case).
+    for name in ["ferry_client_id", "Ferry_Client-ID"] {
+        let resp = http_exchange_full(inbound, "GET", "/", &[(name, spoofed)], "").unwrap();
+        assert_eq!(resp.header("x-seen-client-id-underscore"), Some("none"), "{name}: {resp:?}");
+    }
+    // Nor by hiding the request from protocol detection behind empty lines (any number), a lower-case method, or by
+    // sending it slowly.
+    let cases = [
+        ("\r\nGE", Duration::ZERO),
+        ("\r\n\r\n\r\n\r\nGE", Duration::ZERO),
+        ("\n\n\n\n\n\n\n\n\n\nGE", Duration::ZERO),
+        ("ge", Duration::ZERO),
+        ("GE", Duration::from_millis(1500)),
+    ];
+    for (lead, pause) in cases {
         use std::io::{Read, Write};
         let mut s = std::net::TcpStream::connect(inbound).unwrap();
-        s.write_all(format!("{lead}GE").as_bytes()).unwrap();
+        s.write_all(lead.as_bytes()).unwrap();
         std::thread::sleep(pause);
         write!(s, "T / HTTP/1.1\r\nHost: api\r\nferry-client-id: {spoofed}\r\nConnection: close\r\n\r\n").unwrap();
         let mut out = String::new();

@@ -8,6 +8,8 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// The longest method token we wait for before calling the bytes opaque.
 const MAX_METHOD_LEN: usize = 20;
+/// The most bytes detection buffers: a whole TLS record (a ClientHello) and then some; more can only be empty lines.
+const MAX_DETECT_BYTES: usize = 17 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
@@ -62,29 +64,67 @@ pub fn classify(buf: &[u8]) -> Classification {
             Classification::NeedMore
         };
     }
-    // HTTP/1 servers skip empty lines before a request line (RFC 9112 §2.2): so does detection, so that such a
-    // request is still served (and its headers sanitized) as HTTP rather than passed on as bytes.
-    let skipped = buf.iter().take(4).take_while(|b| matches!(b, b'\r' | b'\n')).count();
-    let rest = &buf[skipped..];
+    // HTTP/1 servers skip empty lines before a request line (RFC 9112 §2.2), any number of them: so does detection,
+    // so that such a request is still served (and its headers sanitized) as HTTP rather than passed on as bytes.
+    let rest = &buf[buf.iter().take_while(|b| matches!(b, b'\r' | b'\n')).count()..];
     if rest.is_empty() {
-        return if skipped < 4 { Classification::NeedMore } else { Classification::Known(Protocol::Tcp) };
+        return Classification::NeedMore;
     }
-    for (i, &b) in rest.iter().take(MAX_METHOD_LEN + 1).enumerate() {
-        match b {
-            b'A'..=b'Z' | b'-' | b'_' => continue,
-            b' ' if i > 0 => return Classification::Known(Protocol::Http1),
-            _ => return Classification::Known(Protocol::Tcp),
-        }
+    // A method is any token (RFC 9110 §5.6.2), in any case: servers such as Go's net/http take `get` or `G.T` as a
+    // method, so anything they would parse as a request line must not pass as opaque bytes. Then a space, and a
+    // request target as those servers take it: `/...`, `*`, an absolute URI (`scheme://`), or CONNECT's authority.
+    let token = rest.iter().take(MAX_METHOD_LEN + 1).take_while(|b| is_tchar(**b)).count();
+    if token == rest.len() {
+        return if token > MAX_METHOD_LEN { Classification::Known(Protocol::Tcp) } else { Classification::NeedMore };
     }
-    if rest.len() > MAX_METHOD_LEN { Classification::Known(Protocol::Tcp) } else { Classification::NeedMore }
+    if token == 0 || token > MAX_METHOD_LEN || rest[token] != b' ' {
+        return Classification::Known(Protocol::Tcp);
+    }
+    let target = &rest[token + 1..];
+    match target.first() {
+        None => Classification::NeedMore,
+        Some(b'/' | b'*') => Classification::Known(Protocol::Http1),
+        Some(_) if rest[..token].eq_ignore_ascii_case(b"CONNECT") => Classification::Known(Protocol::Http1),
+        Some(_) => absolute_uri(target),
+    }
 }
 
-/// Pure: whether bytes that were still inconclusive when detection timed out begin an HTTP/1 request (a method token,
-/// maybe after empty lines). Such a connection is served as HTTP (hyper's header deadline then applies), so that
-/// sending a request slowly cannot turn it into opaque bytes that skip HTTP handling.
+/// An `scheme://` start (RFC 3986 §3.1: a letter, then letters, digits, `+`, `-`, `.`).
+fn absolute_uri(target: &[u8]) -> Classification {
+    const MAX_SCHEME: usize = 16;
+    let scheme = target
+        .iter()
+        .take(MAX_SCHEME + 1)
+        .take_while(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'))
+        .count();
+    if !target[0].is_ascii_alphabetic() || scheme > MAX_SCHEME {
+        return Classification::Known(Protocol::Tcp);
+    }
+    let sep = &target[scheme..];
+    let n = sep.len().min(3);
+    if sep[..n] != b"://"[..n] {
+        Classification::Known(Protocol::Tcp)
+    } else if n < 3 {
+        Classification::NeedMore
+    } else {
+        Classification::Known(Protocol::Http1)
+    }
+}
+
+/// A token character (RFC 9110 §5.6.2).
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// Pure: whether bytes that were still inconclusive when detection stopped waiting can begin an HTTP/1 request (empty
+/// lines, a method token, the start of a request line). Such a connection is served as HTTP (hyper's header deadline
+/// then applies), so that sending a request slowly cannot turn it into opaque bytes that skip HTTP handling. Nothing
+/// at all, or the start of a TLS record or of the HTTP/2 preface, is not.
 pub fn partial_http1(buf: &[u8]) -> bool {
-    let rest = &buf[buf.iter().take_while(|b| matches!(b, b'\r' | b'\n')).count()..];
-    !rest.is_empty() && !H2_PREFACE.starts_with(rest) && rest.iter().all(|b| matches!(b, b'A'..=b'Z' | b'-' | b'_'))
+    !buf.is_empty()
+        && buf[0] != 0x16
+        && !H2_PREFACE.starts_with(&buf[..buf.len().min(H2_PREFACE.len())])
+        && classify(buf) == Classification::NeedMore
 }
 
 /// Why detection ended as it did (the `reason` label of `ferry_protocol_detections_total`).
@@ -126,6 +166,10 @@ pub async fn detect<R: AsyncRead + Unpin>(
                 if let Classification::Known(p) = classify(&buf) {
                     return Ok((p, Reason::Detected, buf));
                 }
+                // Only empty lines keep detection reading this long: HTTP's to handle (hyper bounds the rest).
+                if buf.len() > MAX_DETECT_BYTES {
+                    return Ok((Protocol::Http1, Reason::Detected, buf));
+                }
             }
         }
     }
@@ -153,16 +197,28 @@ mod tests {
             (b"PRI * HTTP/1.1\r\n", Known(Protocol::Http1)),
             (b"\r\nGET / HTTP/1.1\r\n", Known(Protocol::Http1)), // empty lines before the request line
             (b"\r\n", NeedMore),
-            (b"\r\n\r\n\r\n", Known(Protocol::Tcp)),
+            (b"\r\n\r\n\r\n", NeedMore), // any number of empty lines
+            (b"\r\n\r\n\r\n\r\nGET / HTTP/1.1", Known(Protocol::Http1)),
+            (b"\n\n\n\n\n\n\n\n\nGET / HTTP/1.1", Known(Protocol::Http1)),
             (b"\x16\x03\x01\x00\x03", NeedMore), // TLS ClientHello record header: wait for the record
             (b"\x16\x03\x01\x00\x03abc", Known(Protocol::Tls)),
             (b"\x16\x03\x01\x00\x03ab", NeedMore),
             (b"\x16\x03", NeedMore),
             (b"\x16\x02", Known(Protocol::Tcp)),
             (b"\x16\x03\x01\xff\xff", Known(Protocol::Tcp)), // longer than any record
-            (b"get / HTTP/1.1", Known(Protocol::Tcp)),
+            (b"get / HTTP/1.1", Known(Protocol::Http1)),     // Go's net/http takes any token as a method
+            (b"G.T /admin HTTP/1.1", Known(Protocol::Http1)),
+            (b"GET ", NeedMore),
+            (b"GET http", NeedMore),
+            (b"GET http://api/x HTTP/1.1", Known(Protocol::Http1)),
+            (b"GET https:/", NeedMore),
+            (b"GET http:x", Known(Protocol::Tcp)),
+            (b"CONNECT api:443 HTTP/1.1", Known(Protocol::Http1)),
+            (b"OPTIONS * HTTP/1.1", Known(Protocol::Http1)),
+            (b"SSH-2.0-OpenSSH_7.4 Debian-10\r\n", Known(Protocol::Tcp)), // a banner, not a request target
+            (b"HELO mail.example\r\n", Known(Protocol::Tcp)),
             (b" GET", Known(Protocol::Tcp)),
-            (b"SSH-2.0-OpenSSH", Known(Protocol::Tcp)),
+            (b"SSH-2.0-OpenSSH", NeedMore),                              // a token so far
             (b"\x00\x00\x00\x08\x04\xd2\x16\x2f", Known(Protocol::Tcp)), // postgres SSLRequest
             (b"ABCDEFGHIJKLMNOPQRSTUVWXYZ", Known(Protocol::Tcp)),
             (b"ABCDEFGHIJKLMNOP", NeedMore),
@@ -182,7 +238,17 @@ mod tests {
         client.write_all(b"GE").await.unwrap();
         let (p, reason, buf) = detect(&mut server, Duration::from_secs(10)).await.unwrap();
         assert_eq!((p, reason, &buf[..]), (Protocol::Http1, Reason::Timeout, &b"GE"[..]));
-        for (bytes, http) in [(&b"\r\nPO"[..], true), (b"PRI * HT", false), (b"\x00\x01", false), (b"ABC1", false)] {
+        let cases = [
+            (&b"\r\nPO"[..], true),
+            (b"PRI * HT", false),
+            (b"\x00\x01", false),
+            (b"\x16\x03", false),
+            (b"ABC1", true), // a token: it may still become a method
+            (b"\r\n\r\n", true),
+            (b"GET ", true),
+            (b"get /x", false), // conclusive already
+        ];
+        for (bytes, http) in cases {
             assert_eq!(partial_http1(bytes), http, "{bytes:?}");
         }
     }

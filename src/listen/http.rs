@@ -270,7 +270,12 @@ impl Upstream {
         let from_mesh = conn.peer_identity.is_some();
         // Only the destination's proxy says who called; nothing from outside gets through under that name.
         if conn.direction == Direction::Inbound {
-            req.headers_mut().remove(CLIENT_ID_HEADER);
+            // Every spelling an app might read as the same name (CGI, WSGI and Rack map `_` and `-` alike).
+            let spoofed: Vec<HeaderName> =
+                req.headers().keys().filter(|n| names_client_id(n.as_str())).cloned().collect();
+            for name in spoofed {
+                req.headers_mut().remove(name);
+            }
             if let Some(id) = &conn.peer_spiffe
                 && let Ok(value) = HeaderValue::from_str(id)
             {
@@ -395,6 +400,12 @@ fn ensure_request_id<B>(req: &mut Request<B>) -> HeaderValue {
     id
 }
 
+/// Pure: whether a (lower-case) header name reads as `ferry-client-id` once `_` is taken for `-`.
+fn names_client_id(name: &str) -> bool {
+    name.len() == CLIENT_ID_HEADER.len()
+        && name.bytes().zip(CLIENT_ID_HEADER.bytes()).all(|(a, b)| a == b || (a == b'_' && b == b'-'))
+}
+
 /// The `protocol` label.
 fn protocol_of(grpc: bool, version: Version) -> &'static str {
     match (grpc, version) {
@@ -503,6 +514,21 @@ mod tests {
         let mut h = headers(&[("te", "trailers, deflate")]);
         strip_hop_by_hop(&mut h, false);
         assert_eq!(h["te"], "trailers");
+    }
+
+    #[test]
+    fn client_id_spellings() {
+        for (name, spoof) in [
+            ("ferry-client-id", true),
+            ("ferry_client_id", true),
+            ("ferry_client-id", true),
+            ("ferry-client_id", true),
+            ("ferry-client-ids", false),
+            ("ferry-clientid", false),
+            ("x-ferry-client-id", false),
+        ] {
+            assert_eq!(names_client_id(name), spoof, "{name}");
+        }
     }
 
     #[test]

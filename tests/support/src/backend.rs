@@ -128,7 +128,7 @@ pub fn seeded_failure(seed: u64, n: u64, percent: u64) -> bool {
 /// N ms; `/status?code=N` answers N; `/flaky?every=N` fails every Nth request of this backend with 503,
 /// `/flaky?percent=P&seed=S` a seeded P % of them (with `&reset=1` by closing the connection instead); `/reset` closes the connection without an answer; anything else
 /// says hello (after `?delay_ms=N`). Every response tells the HTTP version, Host/authority and `ferry-client-id` the
-/// app saw, and `x-backend` its port. `n` is the request's number at this backend.
+/// app saw (and any `ferry_client_id` spelling), and `x-backend` its port. `n` is the request's number at this backend.
 async fn app(req: Request<Incoming>, n: u64, port: u16) -> Result<Response<TestBody>, std::io::Error> {
     let version = format!("{:?}", req.version());
     let host = req
@@ -141,12 +141,19 @@ async fn app(req: Request<Incoming>, n: u64, port: u16) -> Result<Response<TestB
     let client_id = req.headers().get("ferry-client-id").cloned().unwrap_or(http::HeaderValue::from_static("none"));
     let seen = |name: &str| req.headers().get(name).cloned().unwrap_or(http::HeaderValue::from_static("none"));
     let request_id = seen("x-request-id");
+    // A spelling CGI, WSGI and Rack map to the same variable as `ferry-client-id` (HTTP_FERRY_CLIENT_ID).
+    let client_id_underscore = req
+        .headers()
+        .iter()
+        .find(|(name, _)| name.as_str() != "ferry-client-id" && name.as_str().replace('_', "-") == "ferry-client-id")
+        .map_or(http::HeaderValue::from_static("none"), |(_, v)| v.clone());
     let (traceparent, b3) = (seen("traceparent"), seen("b3"));
     let builder = Response::builder()
         .header("x-backend", port)
         .header("x-seen-version", version)
         .header("x-seen-host", host)
         .header("x-seen-client-id", client_id)
+        .header("x-seen-client-id-underscore", client_id_underscore)
         .header("x-seen-request-id", request_id)
         .header("x-seen-traceparent", traceparent)
         .header("x-seen-b3", b3);
