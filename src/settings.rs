@@ -84,6 +84,11 @@ fn hidden<S: serde::Serializer>(_: &str, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str("(hidden)")
 }
 
+/// Probe headers as `[name, "(hidden)"]` pairs.
+fn header_names<S: serde::Serializer>(headers: &[(String, String)], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(headers.iter().map(|(name, _)| (name, "(hidden)")))
+}
+
 impl Credential {
     /// The bearer token to send now.
     pub fn token(&self) -> Result<String, String> {
@@ -351,7 +356,12 @@ pub struct AppProbe {
 #[serde(rename_all = "lowercase")]
 pub enum Action {
     /// `GET path` with the probe's headers; the app's status is the answer (the kubelet takes 200-399 as success).
-    Http { path: String, headers: Vec<(String, String)> },
+    /// `/config_dump` shows the headers' names only: a value may be a credential.
+    Http {
+        path: String,
+        #[serde(serialize_with = "header_names")]
+        headers: Vec<(String, String)>,
+    },
     /// The app accepts a connection.
     Tcp,
 }
@@ -500,6 +510,19 @@ mod tests {
         assert!(err.unwrap_err().to_string().starts_with("FERRY_SERVICE_ACCOUNT_TOKEN"));
         std::fs::remove_file(token).unwrap();
         std::fs::remove_file(root).unwrap();
+    }
+
+    #[test]
+    fn config_dump_hides_probe_header_values() {
+        let probes = r#"{"/app-health/web/live": {"httpGet": {"path": "/healthz",
+                         "httpHeaders": [{"name": "Authorization", "value": "Bearer s3cret"}]}, "port": 8080}}"#;
+        let s = settings(&[("FERRY_APP_PROBES", probes)]).unwrap();
+        let dump = serde_json::to_string(&s).unwrap();
+        assert!(dump.contains("Authorization") && dump.contains("/healthz"), "{dump}");
+        assert!(!dump.contains("s3cret"), "a probe header's value is shown: {dump}");
+        // The probe itself still sends it.
+        let Action::Http { headers, .. } = &s.app_probes["/app-health/web/live"].action else { panic!() };
+        assert_eq!(headers[0].1, "Bearer s3cret");
     }
 
     #[test]

@@ -64,3 +64,30 @@ async fn proxy_errors_reach_grpc_callers_as_status() {
     assert_eq!(status.code(), Code::Unavailable);
     assert_eq!(status.metadata().get("ferry-proxy-error").unwrap(), "no-route");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstreams_grpc_status_cannot_mint_metric_series() {
+    let app = support::backend::http_backend().await;
+    let ferry = Ferry::start(Some(&service_yaml("grpc-codes", 80, &[app.addr])), &[]);
+    // Codes 0-16 are gRPC's; anything else an upstream sends is `other`, however many values it makes up.
+    for code in [5, 16, 17, 999, 65535] {
+        let (status, _) = tokio::task::block_in_place(|| {
+            support::http_exchange(
+                ferry.outbound,
+                "POST",
+                &format!("/grpc-status?code={code}"),
+                &[("Host", "grpc-codes"), ("content-type", "application/grpc")],
+                "",
+            )
+        })
+        .expect("an answer");
+        assert_eq!(status, 200);
+    }
+    let series = |grpc_status: &str| {
+        ferry.metric(&format!(
+            r#"ferry_requests_total{{direction="outbound",service="grpc-codes.default",protocol="grpc",status_class="2xx",grpc_status="{grpc_status}"}}"#
+        ))
+    };
+    assert_eq!((series("5"), series("16"), series("other")), (1.0, 1.0, 3.0));
+    assert_eq!(series("999"), 0.0);
+}

@@ -23,7 +23,7 @@ use crate::policy::balance::{Picked, Tried};
 use crate::policy::concurrency::ConnectionLimit;
 use crate::stack::Call;
 use crate::telemetry::access_log::{self, Seen};
-use crate::telemetry::metrics::{RequestHandles, RequestLabels};
+use crate::telemetry::metrics::{GrpcStatus, RequestHandles, RequestLabels};
 use crate::telemetry::trace;
 use tower::ServiceExt;
 
@@ -170,7 +170,6 @@ impl Listeners {
         elapsed: std::time::Duration,
     ) -> Response<ProxyBody> {
         let status = response.status().as_u16();
-        let grpc_status = |h: &HeaderMap| h.get("grpc-status").and_then(|v| v.to_str().ok()?.parse::<u16>().ok());
         let mut labels = RequestLabels {
             source: match (conn.direction, &conn.peer_identity) {
                 (Direction::Outbound, _) => self.local_service.clone(),
@@ -180,7 +179,7 @@ impl Listeners {
             peer_identity: conn.peer_spiffe.clone(),
             protocol,
             status,
-            grpc_status: if grpc { grpc_status(response.headers()) } else { None },
+            grpc_status: if grpc { GrpcStatus::of(response.headers()) } else { None },
             error: error.map_or("", |e| e.reason()),
         };
         // A gRPC call's status usually comes in the trailers: it is counted when the response ends.
@@ -190,7 +189,7 @@ impl Listeners {
             response.map(|body| {
                 body.observed(move |bytes, trailers| {
                     response_size.observe(bytes as f64);
-                    labels.grpc_status = trailers.and_then(grpc_status);
+                    labels.grpc_status = trailers.and_then(GrpcStatus::of);
                     handles.record(labels, elapsed);
                 })
             })

@@ -32,10 +32,32 @@ pub struct RequestLabels {
     /// `http1`, `http2` or `grpc`, as the caller spoke.
     pub protocol: &'static str,
     pub status: u16,
-    /// gRPC calls: the `grpc-status` of the response (headers or trailers).
-    pub grpc_status: Option<u16>,
+    /// gRPC calls: the `grpc-status` of the response (headers or trailers), as [`GrpcStatus::of`] bounds it.
+    pub grpc_status: Option<GrpcStatus>,
     /// The `ferry-proxy-error` reason of a proxy-made response (empty for the app's own).
     pub error: &'static str,
+}
+
+/// The `grpc_status` label: one of gRPC's 17 codes, or `other` for anything else an upstream sends (its value must
+/// not mint series: a `u16` alone would allow 65,536 per label set).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct GrpcStatus(u8);
+
+impl GrpcStatus {
+    const OTHER: u8 = 17;
+    const LABELS: [&'static str; 18] =
+        ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16", "other"];
+
+    /// The `grpc-status` of `headers` (a response's, or its trailers), if it has one.
+    pub fn of(headers: &http::HeaderMap) -> Option<GrpcStatus> {
+        let value = headers.get("grpc-status")?;
+        let code = value.to_str().ok().and_then(|v| v.parse::<u8>().ok()).filter(|c| *c < Self::OTHER);
+        Some(GrpcStatus(code.unwrap_or(Self::OTHER)))
+    }
+
+    pub fn as_str(self) -> &'static str {
+        Self::LABELS[usize::from(self.0)]
+    }
 }
 
 pub struct Metrics {
@@ -100,7 +122,7 @@ impl RequestHandles {
             Some(h) => h,
             None => {
                 let class = STATUS_CLASSES[usize::from(labels.status / 100).clamp(1, 5) - 1];
-                let grpc = labels.grpc_status.map(|g| g.to_string()).unwrap_or_default();
+                let grpc = labels.grpc_status.map_or("", GrpcStatus::as_str);
                 let counter = self.requests.with_label_values(&[
                     self.direction,
                     &self.service,
@@ -108,7 +130,7 @@ impl RequestHandles {
                     labels.peer_identity.as_deref().unwrap_or(""),
                     labels.protocol,
                     class,
-                    &grpc,
+                    grpc,
                     labels.error,
                 ]);
                 let histogram = self.duration.with_label_values(&[

@@ -125,7 +125,8 @@ pub fn seeded_failure(seed: u64, n: u64, percent: u64) -> bool {
 
 /// The test app. `/echo` streams the request body back; `/sha256` hashes the body; `/download?bytes=N` streams N
 /// pattern bytes; `/delay?ms=N` answers after N ms; `/stall?ms=N` sends its headers and a first chunk, the rest after
-/// N ms; `/status?code=N` answers N; `/flaky?every=N` fails every Nth request of this backend with 503,
+/// N ms; `/status?code=N` answers N; `/grpc-status?code=N` is a gRPC answer with
+/// `grpc-status: N`; `/flaky?every=N` fails every Nth request of this backend with 503,
 /// `/flaky?percent=P&seed=S` a seeded P % of them (with `&reset=1` by closing the connection instead); `/reset` closes the connection without an answer; anything else
 /// says hello (after `?delay_ms=N`). Every response tells the HTTP version, Host/authority and `ferry-client-id` the
 /// app saw (and any `ferry_client_id` spelling), and `x-backend` its port. `n` is the request's number at this backend.
@@ -165,6 +166,11 @@ async fn app(req: Request<Incoming>, n: u64, port: u16) -> Result<Response<TestB
             builder.body(full(format!("{n} {sha}")))
         }
         "/download" => builder.body(pattern_body(query(&req, "bytes").unwrap_or(0))),
+        // A gRPC Trailers-Only answer with any `grpc-status` value, valid or not.
+        "/grpc-status" => builder
+            .header("content-type", "application/grpc")
+            .header("grpc-status", query(&req, "code").unwrap_or(0))
+            .body(full("")),
         "/delay" => {
             tokio::time::sleep(Duration::from_millis(query(&req, "ms").unwrap_or(0))).await;
             builder.body(full("delayed"))
