@@ -177,6 +177,11 @@ spec:
     let r = call(&web, "POST", "/echo");
     assert_eq!(r.status, 200, "the port rule allows web any call to the app's port: {r:?}");
     assert_eq!(call(&other, "GET", "/healthz").status, 200, "anyone may reach /healthz");
+    // Not by a path an app would resolve elsewhere: Tomcat/Spring drop `;` parameters, some apps decode twice.
+    for path in ["/healthz/..;/admin", "/healthz/%252e%252e/admin", "/healthz/..%3b/admin"] {
+        let r = call(&other, "GET", path);
+        assert_eq!((r.status, r.header("ferry-proxy-error")), (400, Some("bad-request")), "{path}: {r:?}");
+    }
     let plaintext = http_exchange_full(api.inbound, "GET", "/", &[], "").unwrap();
     assert!(denied(&plaintext), "a caller without an identity matches no identity rule: {plaintext:?}");
     // A denied gRPC call is a Trailers-Only PERMISSION_DENIED.

@@ -10,6 +10,7 @@ use ferry_api::policy::{Action, AuthorizationPolicy, MtlsMode};
 use http::{Method, Request, Response};
 
 use super::Mechanism;
+use super::path::ambiguous;
 use crate::body::ProxyBody;
 use crate::errors::{ProxyError, ResponseFuture};
 
@@ -19,6 +20,8 @@ use crate::errors::{ProxyError, ResponseFuture};
 pub struct Authorization {
     default_allow: bool,
     rules: Vec<Rule>,
+    /// Some rule matches on paths: an ambiguous path is refused before any rule is judged.
+    path_rules: bool,
     /// `namespace/name` of the policies, for messages.
     policies: Vec<String>,
 }
@@ -57,6 +60,8 @@ pub struct Call<'a> {
 pub enum Decision {
     Allow,
     Deny(String),
+    /// Rules match on paths, and this request's path is one servers resolve differently (`path::ambiguous`): 400.
+    Ambiguous(&'static str),
 }
 
 impl Authorization {
@@ -81,6 +86,7 @@ impl Authorization {
         }
         Authorization {
             default_allow: policies.iter().all(|p| p.spec.default_action == Action::Allow),
+            path_rules: rules.iter().any(|r| !r.paths.is_empty()),
             rules,
             policies: policies.iter().map(|p| format!("{}/{}", p.metadata.namespace, p.metadata.name)).collect(),
         }
@@ -99,6 +105,7 @@ impl Authorization {
         Some(Authorization {
             default_allow: false,
             rules,
+            path_rules: false,
             policies: vec![format!("the default inbound policy `{default}` of ports no Service selects")],
         })
     }
@@ -132,21 +139,10 @@ impl Rule {
         };
         let method = self.methods.is_empty() || call.method.is_some_and(|m| self.methods.contains(m));
         let path = self.paths.is_empty()
-            || call.path.is_some_and(|p| canonical(p) && self.paths.iter().any(|prefix| under(prefix, p)));
+            || call.path.is_some_and(|p| ambiguous(p).is_none() && self.paths.iter().any(|prefix| under(prefix, p)));
         let port = self.ports.is_empty() || self.ports.contains(&call.port);
         from && method && path && port
     }
-}
-
-/// Whether a request path is in canonical form: no dot segments, empty segments, backslashes or percent-encoded
-/// `.`, `/` or backslash. Only such paths can match a path rule, so that `/public/../admin` or
-/// `/public%2F..%2Fadmin` (which an app may resolve to `/admin`) are never allowed by a rule for `/public`.
-fn canonical(path: &str) -> bool {
-    let lower = path.to_ascii_lowercase();
-    if ["%2e", "%2f", "%5c", "\\", "//"].iter().any(|bad| lower.contains(bad)) {
-        return false;
-    }
-    !path.split('/').any(|segment| segment == "." || segment == "..")
 }
 
 /// Whether `path` is `prefix` or below it, segment-wise: `/api` covers `/api` and `/api/x`, not `/apix` (a prefix
@@ -165,6 +161,12 @@ pub fn decide(mode: MtlsMode, authorization: Option<&Authorization>, call: &Call
     }
     match authorization {
         None => Decision::Allow,
+        Some(a)
+            if a.path_rules
+                && let Some(why) = call.path.and_then(ambiguous) =>
+        {
+            Decision::Ambiguous(why)
+        }
         Some(a) if a.allows(call) || a.default_allow => Decision::Allow,
         Some(a) => Decision::Deny(format!(
             "{} may not call this service ({} allows no such call)",
@@ -195,7 +197,11 @@ impl InboundPolicy {
     /// Decides and counts.
     pub fn check(&self, call: &Call<'_>, metrics: &crate::telemetry::metrics::Metrics) -> Decision {
         let decision = decide(self.mode, self.authorization.as_deref(), call);
-        let label = if decision == Decision::Allow { "allow" } else { "deny" };
+        let label = match decision {
+            Decision::Allow => "allow",
+            Decision::Deny(_) => "deny",
+            Decision::Ambiguous(_) => "bad-request",
+        };
         metrics.authz_decisions.with_label_values(&[&self.service, label]).inc();
         decision
     }
@@ -230,6 +236,9 @@ impl Mechanism for Authz {
         match policy.check(&call, &self.metrics) {
             Decision::Allow => Box::pin(inner.call(req)),
             Decision::Deny(why) => super::refuse(ProxyError::Unauthorized(why)),
+            Decision::Ambiguous(_) => super::refuse(ProxyError::BadRequest(
+                "the path is one servers resolve differently (a `;`, dot segments, encoded dots, separators or `%`) and authorization rules match on paths",
+            )),
         }
     }
 }
@@ -310,6 +319,16 @@ mod tests {
             let got = decide(MtlsMode::Permissive, Some(&p), &http(None, &get, path));
             assert_eq!(got == Decision::Allow, allowed, "{path}: {got:?}");
         }
+        // Where rules match on paths, a path servers resolve differently is refused as such (400), before any rule.
+        for path in ["/public/..;/admin", "/public/%252e%252e/admin", "/public/..%3b/admin", "/public/../admin"] {
+            let got = decide(MtlsMode::Permissive, Some(&p), &http(None, &get, path));
+            assert!(matches!(got, Decision::Ambiguous(_)), "{path}: {got:?}");
+        }
+        // Without path rules the path is the app's business.
+        let no_paths = Authorization::compile(&[&policy(
+            r#"{targetRef: {kind: Service, name: payments}, defaultAction: deny, allow: [{to: {methods: [GET]}}]}"#,
+        )]);
+        assert_eq!(decide(MtlsMode::Permissive, Some(&no_paths), &http(None, &get, "/a;b")), Decision::Allow);
         // Without a policy every call is allowed, unless strict mode refuses plaintext.
         assert_eq!(decide(MtlsMode::Permissive, None, &http(None, &get, "/")), Decision::Allow);
         assert!(matches!(decide(MtlsMode::Strict, None, &tcp(None, 1)), Decision::Deny(m) if m.contains("strict")));
