@@ -252,18 +252,29 @@ async fn server_speaks_first_on_an_opaque_port() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn silent_client_on_a_detected_port_becomes_tcp_at_the_timeout() {
+async fn silent_client_on_a_detected_inbound_port_is_closed_not_forwarded() {
+    // A server-first app on a port not declared opaque: inbound, nothing reaches it because bytes came late (a
+    // request sent after the detection timeout must not pass unparsed); the connection ends at the header timeout.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let app = backend::greeting_backend(listener).await;
-    let ferry = Ferry::start(None, &[("FERRY_APP_ADDR", &app.addr.to_string()), ("FERRY_DETECT_TIMEOUT", "500ms")]);
+    let ferry = Ferry::start(
+        None,
+        &[
+            ("FERRY_APP_ADDR", &app.addr.to_string()),
+            ("FERRY_DETECT_TIMEOUT", "300ms"),
+            ("FERRY_HEADER_READ_TIMEOUT", "1s"),
+        ],
+    );
     let mut s = TcpStream::connect(ferry.inbound).await.unwrap();
     let mut buf = [0u8; 64];
-    let n = tokio::time::timeout(Duration::from_secs(20), s.read(&mut buf)).await.expect("connection dropped").unwrap();
-    assert_eq!(&buf[..n], b"220 ferry-test ready\r\n");
+    let n =
+        tokio::time::timeout(Duration::from_secs(20), s.read(&mut buf)).await.expect("connection kept").unwrap_or(0);
+    assert_eq!(n, 0, "closed, no greeting relayed: {:?}", String::from_utf8_lossy(&buf[..n]));
     assert_eq!(
         ferry.metric(r#"ferry_protocol_detections_total{direction="inbound",protocol="tcp",reason="timeout"}"#),
         1.0
     );
+    assert_eq!(ferry.metric(r#"ferry_tcp_connections_failed_total{direction="inbound",reason="detect-timeout"}"#), 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

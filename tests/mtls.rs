@@ -143,6 +143,7 @@ async fn meshed_calls_are_tls13_on_the_wire_and_the_app_learns_the_caller() {
         ("\n\n\n\n\n\n\n\n\n\nGE", Duration::ZERO),
         ("ge", Duration::ZERO),
         ("GE", Duration::from_millis(1500)),
+        ("", Duration::from_millis(1500)), // the first byte after the detection timeout
     ];
     for (lead, pause) in cases {
         use std::io::{Read, Write};

@@ -206,10 +206,15 @@ impl Listeners {
         let (protocol, reason) = if opaque && direction == Direction::Outbound {
             (Protocol::Tcp, Reason::OpaquePort)
         } else {
-            // Inbound on an opaque port a mesh peer's ClientHello still comes first; a server-speaks-first client
-            // sends nothing, so it is waited for only briefly (permissive mode; strict refuses such clients anyway).
-            let timeout =
-                if opaque { self.settings.detect_timeout.min(OPAQUE_TLS_PEEK) } else { self.settings.detect_timeout };
+            let timeout = match (direction, opaque) {
+                // Inbound on an opaque port a mesh peer's ClientHello still comes first; a server-speaks-first client
+                // sends nothing, so it is waited for only briefly (permissive mode; strict refuses such clients).
+                (Direction::Inbound, true) => self.settings.detect_timeout.min(OPAQUE_TLS_PEEK),
+                // An inbound port not declared opaque never hands bytes to the app unparsed because they came late: a
+                // slow first byte is waited for as a slow header is, then the connection is closed (below).
+                (Direction::Inbound, false) => self.settings.header_read_timeout,
+                (Direction::Outbound, _) => self.settings.detect_timeout,
+            };
             match detect::detect(&mut io, timeout).await {
                 Ok((protocol, reason, prefix)) => {
                     if protocol == Protocol::Tls && direction == Direction::Inbound {
@@ -230,6 +235,11 @@ impl Listeners {
         };
         self.metrics.detections.with_label_values(&[direction.as_str(), protocol.as_str(), reason.as_str()]).inc();
         self.metrics.detection_duration.with_label_values(&[direction.as_str()]).observe(start.elapsed().as_secs_f64());
+        if direction == Direction::Inbound && !opaque && (protocol, reason) == (Protocol::Tcp, Reason::Timeout) {
+            self.metrics.tcp_failed.with_label_values(&[direction.as_str(), "detect-timeout"]).inc();
+            tracing::debug!(%peer, "inbound connection closed: nothing conclusive within the header-read timeout");
+            return;
+        }
         let _open = self.connections.insert(conn.clone(), protocol);
 
         match protocol {
