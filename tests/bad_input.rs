@@ -85,3 +85,20 @@ fn frame_types(mut bytes: &[u8]) -> Vec<u8> {
     }
     types
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_headers_on_the_health_and_admin_ports_are_cut_off() {
+    // The health port is never intercepted (the kubelet and Prometheus need it): it must bound a slow client as the
+    // listeners do, and so must the admin port.
+    let ferry = Ferry::start(None, &[("FERRY_HEADER_READ_TIMEOUT", "1s")]);
+    for (port, addr) in [("health", ferry.health), ("admin", ferry.admin)] {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /health/live HTTP/1.1\r\nHost: x\r\nX-Slow: ").await.unwrap();
+        let mut out = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+        assert!(closed.is_ok(), "the {port} port kept a connection with unfinished headers for 10 s");
+        // And a complete request on a new connection is still answered.
+        let out = exchange(addr, b"GET /health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+        assert!(status_line(&out).starts_with("HTTP/1.1 "), "{port}: {}", status_line(&out));
+    }
+}

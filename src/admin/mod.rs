@@ -11,7 +11,7 @@ use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
 use crate::discovery::snapshot::ConfigStore;
@@ -226,6 +226,7 @@ pub async fn serve(state: Arc<AdminState>, listener: TcpListener, which: Server)
             }
         };
         let state = state.clone();
+        let header_timeout = state.settings.header_read_timeout;
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let state = state.clone();
@@ -236,7 +237,11 @@ pub async fn serve(state: Arc<AdminState>, listener: TcpListener, which: Server)
                     })
                 }
             });
-            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+            // Bounded like the listeners: headers within the header-read timeout, which here also closes a
+            // keep-alive connection idle that long (the kubelet and Prometheus reconnect).
+            let mut http = http1::Builder::new();
+            http.timer(TokioTimer::new()).header_read_timeout(header_timeout);
+            let _ = http.serve_connection(TokioIo::new(stream), service).await;
         });
     }
 }
