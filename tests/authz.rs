@@ -296,3 +296,27 @@ async fn the_rate_limit_never_admits_more_than_rate_times_seconds_plus_burst() {
     );
     assert_eq!(api.metric("ferry_rate_limited_total{service=\"api.default\"}"), limited as f64);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_opaque_connection_spends_a_token_as_a_request_does() {
+    let app = backend::http_backend().await;
+    let cp = tokio::task::block_in_place(|| ControlPlane::start(&state_dir("authz-rate-opaque")));
+    cp.ok(&["apply", "-f", "-"], Some(&service("api", "api.local", "")));
+    let limit = "apiVersion: ferry.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: api}\nspec: {targetRef: {kind: Service, name: api}, rateLimit: {requestsPerSecond: 0.01, burst: 1}}\n";
+    cp.ok(&["apply", "-f", "-"], Some(limit));
+    let api = tokio::task::block_in_place(|| proxy(&cp, "api", Some(app.addr), &[]));
+    // Requests until the limit is in force and the bucket is empty (a 429).
+    tokio::task::block_in_place(|| {
+        wait_until("api's rate limit is in force", Duration::from_secs(10), || {
+            http_exchange_full(api.inbound, "GET", "/", &[], "").is_some_and(|r| r.status == 429)
+        })
+    });
+    // Bytes that are not HTTP go to the app as opaque TCP, once admitted: this one is not.
+    let mut s = tokio::net::TcpStream::connect(api.inbound).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(b"\x00\x01 not http\r\n\r\n").await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await.expect("closed");
+    assert!(out.is_empty(), "an opaque connection over the limit reached the app: {}", String::from_utf8_lossy(&out));
+    assert_eq!(api.metric(r#"ferry_tcp_connections_failed_total{direction="inbound",reason="rate-limited"}"#), 1.0);
+}

@@ -1,6 +1,6 @@
-//! Opaque TCP: a connection that is not HTTP (or is on an opaque port) is authorized once (inbound), its endpoint
-//! chosen once by the load balancer and held within the destination's `maxConnections`, and its bytes copied both
-//! ways (half-close kept), over mTLS to a meshed endpoint.
+//! Opaque TCP: a connection that is not HTTP (or is on an opaque port) is authorized and rate-limited once (inbound),
+//! its endpoint chosen once by the load balancer and held within the destination's `maxConnections`, and its bytes
+//! copied both ways (half-close kept), over mTLS to a meshed endpoint.
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
@@ -32,6 +32,14 @@ impl Listeners {
                 self.metrics.proxy_error(direction, "unauthorized");
                 self.metrics.tcp_failed.with_label_values(&[direction.as_str(), "unauthorized"]).inc();
                 tracing::info!(peer = %conn.peer, port = dest.port, "opaque connection refused: {why}");
+                return;
+            }
+            // A connection spends a token from each selecting Service's bucket, as a request does.
+            let caller = conn.peer_identity.as_deref();
+            if self.registries.rate_limits.admit(&policy.rate_limits, caller, &self.metrics).is_err() {
+                self.metrics.proxy_error(direction, "rate-limited");
+                self.metrics.tcp_failed.with_label_values(&[direction.as_str(), "rate-limited"]).inc();
+                tracing::info!(peer = %conn.peer, port = dest.port, "opaque connection refused: over the rate limit");
                 return;
             }
         }

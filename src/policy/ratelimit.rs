@@ -94,6 +94,25 @@ type BucketKey = (Arc<str>, Option<Identity>);
 const IDLE: Duration = Duration::from_secs(60);
 
 impl RateLimits {
+    /// Admits one request or opaque connection to a port within the rate of every Service selecting it (a token from
+    /// each bucket), counting each refusal under its Service; refused: when to retry.
+    pub fn admit(
+        &self,
+        services: &[(Arc<str>, RateLimit)],
+        caller: Option<&Identity>,
+        metrics: &crate::telemetry::metrics::Metrics,
+    ) -> Result<(), Duration> {
+        let now = Instant::now();
+        let mut refused: Option<Duration> = None;
+        for (service, limit) in services {
+            if let Err(retry_after) = self.check(service, caller, limit, now) {
+                metrics.rate_limited.with_label_values(&[service]).inc();
+                refused = Some(refused.map_or(retry_after, |r| r.max(retry_after)));
+            }
+        }
+        refused.map_or(Ok(()), Err)
+    }
+
     /// Takes a token for a call to `service` from `caller` under `limit`.
     pub fn check(
         &self,
@@ -140,17 +159,9 @@ impl Mechanism for RateLimited {
         S: tower::Service<Request<ProxyBody>, Response = Response<ProxyBody>, Error = ProxyError>,
         S::Future: Send + 'static,
     {
-        let now = Instant::now();
-        let mut refused: Option<Duration> = None;
-        for (service, limit) in services.iter() {
-            if let Err(retry_after) = self.limits.check(service, caller.as_deref(), limit, now) {
-                self.metrics.rate_limited.with_label_values(&[service]).inc();
-                refused = Some(refused.map_or(retry_after, |r| r.max(retry_after)));
-            }
-        }
-        match refused {
-            None => Box::pin(inner.call(req)),
-            Some(retry_after) => super::refuse(ProxyError::RateLimited { retry_after }),
+        match self.limits.admit(&services, caller.as_deref(), &self.metrics) {
+            Ok(()) => Box::pin(inner.call(req)),
+            Err(retry_after) => super::refuse(ProxyError::RateLimited { retry_after }),
         }
     }
 }
