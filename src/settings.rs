@@ -44,6 +44,10 @@ pub struct Settings {
     pub connect_timeout: Duration,
     #[serde(serialize_with = "as_text")]
     pub pool_idle_timeout: Duration,
+    /// A downstream connection with no bytes either way for this long is closed (gracefully: in-flight requests
+    /// finish); opaque TCP too.
+    #[serde(serialize_with = "as_text")]
+    pub idle_timeout: Duration,
     /// The share of new traces (requests arriving without trace context) that are sampled, 0-1.
     pub trace_sampling: f64,
     /// Where spans go (OTLP/gRPC, `http://host:port`); none: spans are not exported (context is still propagated).
@@ -135,6 +139,8 @@ pub mod defaults {
     pub const HEADER_READ_TIMEOUT: &str = "10s";
     pub const CONNECT_TIMEOUT: &str = "1s";
     pub const POOL_IDLE_TIMEOUT: &str = "60s";
+    /// Envoy's HTTP connection manager's default `idle_timeout`; it also bounds opaque TCP, as Envoy's tcp_proxy does.
+    pub const IDLE_TIMEOUT: &str = "1h";
     pub const TRACE_SAMPLING: &str = "0.01";
     pub const CONFIG_POLL: &str = "1s";
 }
@@ -216,6 +222,7 @@ impl Settings {
             header_read_timeout: env.duration("FERRY_HEADER_READ_TIMEOUT", defaults::HEADER_READ_TIMEOUT)?,
             connect_timeout: env.duration("FERRY_CONNECT_TIMEOUT", defaults::CONNECT_TIMEOUT)?,
             pool_idle_timeout: env.duration("FERRY_POOL_IDLE_TIMEOUT", defaults::POOL_IDLE_TIMEOUT)?,
+            idle_timeout: env.duration("FERRY_IDLE_TIMEOUT", defaults::IDLE_TIMEOUT)?,
             trace_sampling: env.parse("FERRY_TRACE_SAMPLING", defaults::TRACE_SAMPLING)?,
             otlp_endpoint: env.raw("FERRY_OTLP_ENDPOINT").filter(|s| !s.is_empty()),
             app_probes: match env.raw("FERRY_APP_PROBES").filter(|s| !s.trim().is_empty()) {

@@ -102,3 +102,36 @@ async fn slow_headers_on_the_health_and_admin_ports_are_cut_off() {
         assert!(status_line(&out).starts_with("HTTP/1.1 "), "{port}: {}", status_line(&out));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_closed() {
+    // No bytes either way for FERRY_IDLE_TIMEOUT: an h2c connection that only sent its preface, an HTTP/1 keep-alive
+    // connection after its response, an opaque connection after the app's greeting — each is closed.
+    let app = backend::http_backend().await;
+    let greeting = backend::greeting_backend(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap()).await;
+    let ferry = Ferry::start(
+        Some(&service_yaml("echo", 80, &[app.addr])),
+        &[("FERRY_IDLE_TIMEOUT", "1s"), ("FERRY_APP_ADDR", &greeting.addr.to_string())],
+    );
+    let closed_within = |s: TcpStream, what: &'static str| async move {
+        let mut s = s;
+        let mut out = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+        assert!(read.is_ok(), "{what}: still open after 10 s of idleness");
+        out
+    };
+    // h2c: the preface and an empty SETTINGS frame, then nothing.
+    let mut s = TcpStream::connect(ferry.outbound).await.unwrap();
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00").await.unwrap();
+    closed_within(s, "h2c preface only").await;
+    // HTTP/1 keep-alive: one request, its response, then nothing.
+    let mut s = TcpStream::connect(ferry.outbound).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: echo\r\n\r\n").await.unwrap();
+    let out = closed_within(s, "HTTP/1 keep-alive").await;
+    assert!(String::from_utf8_lossy(&out).starts_with("HTTP/1.1 200"), "{}", String::from_utf8_lossy(&out));
+    // Opaque (inbound, bytes that are not HTTP to a server-first app): its greeting, then nothing.
+    let mut s = TcpStream::connect(ferry.inbound).await.unwrap();
+    s.write_all(b"\x00\x01").await.unwrap();
+    let out = closed_within(s, "opaque").await;
+    assert!(out.starts_with(b"220 ferry-test ready"), "{}", String::from_utf8_lossy(&out));
+}

@@ -1,8 +1,12 @@
-//! An accepted connection's stream: replays the bytes read during detection, and counts bytes each way.
+//! An accepted connection's stream: replays the bytes read during detection, counts bytes each way, and tells when
+//! the connection has been idle (no bytes either way) for a while.
 
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -15,17 +19,31 @@ pub struct ConnIo {
     pub read: u64,
     pub written: u64,
     on_close: Option<Box<dyn FnOnce(u64, u64) + Send>>,
+    /// Bytes moved either way so far, for the idle timeout (`idle_for`) to watch.
+    activity: Option<Arc<AtomicU64>>,
 }
 
 impl ConnIo {
     pub fn new(stream: TcpStream) -> Self {
-        ConnIo { prefix: BytesMut::new(), stream, read: 0, written: 0, on_close: None }
+        ConnIo { prefix: BytesMut::new(), stream, read: 0, written: 0, on_close: None, activity: None }
     }
 
     /// Makes the next reads return `bytes` (already read, and counted, during detection) before the socket's.
     pub fn replay(&mut self, bytes: BytesMut) {
         debug_assert!(self.prefix.is_empty());
         self.prefix = bytes;
+    }
+
+    /// Keeps `activity` at the bytes moved either way.
+    pub fn tracking(mut self, activity: Arc<AtomicU64>) -> Self {
+        self.activity = Some(activity);
+        self
+    }
+
+    fn moved(&self) {
+        if let Some(a) = &self.activity {
+            a.store(self.read + self.written, Ordering::Relaxed);
+        }
     }
 
     /// `f(read, written)` runs once, when the stream is dropped (wherever it ended up, even inside an upgrade).
@@ -55,6 +73,7 @@ impl AsyncRead for ConnIo {
         let before = buf.filled().len();
         let res = Pin::new(&mut this.stream).poll_read(cx, buf);
         this.read += (buf.filled().len() - before) as u64;
+        this.moved();
         res
     }
 }
@@ -64,6 +83,7 @@ impl AsyncWrite for ConnIo {
         let res = Pin::new(&mut self.stream).poll_write(cx, data);
         if let Poll::Ready(Ok(n)) = res {
             self.written += n as u64;
+            self.moved();
         }
         res
     }
@@ -76,6 +96,7 @@ impl AsyncWrite for ConnIo {
         let res = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
         if let Poll::Ready(Ok(n)) = res {
             self.written += n as u64;
+            self.moved();
         }
         res
     }
@@ -90,5 +111,20 @@ impl AsyncWrite for ConnIo {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// Completes once `activity` (a connection's bytes moved) has not changed for `timeout`; checked every quarter of it.
+pub async fn idle_for(activity: &AtomicU64, timeout: Duration) {
+    let step = (timeout / 4).max(Duration::from_millis(50));
+    let (mut last, mut since) = (activity.load(Ordering::Relaxed), tokio::time::Instant::now());
+    loop {
+        tokio::time::sleep(step).await;
+        let now = activity.load(Ordering::Relaxed);
+        if now != last {
+            (last, since) = (now, tokio::time::Instant::now());
+        } else if since.elapsed() >= timeout {
+            return;
+        }
     }
 }

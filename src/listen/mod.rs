@@ -14,7 +14,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use hyper::server::conn::{http1, http2};
@@ -187,7 +187,7 @@ impl Listeners {
         let m = self.metrics.clone();
         m.tcp_opened.with_label_values(&labels).inc();
         m.tcp_open.with_label_values(&labels).inc();
-        let mut io = ConnIo::new(stream).on_close(move |read, written| {
+        let mut io = ConnIo::new(stream).tracking(conn.activity.clone()).on_close(move |read, written| {
             m.tcp_closed.with_label_values(&labels).inc();
             m.tcp_open.with_label_values(&labels).dec();
             m.tcp_received_bytes.with_label_values(&labels).inc_by(read);
@@ -313,6 +313,8 @@ impl Listeners {
     {
         let (peer, direction) = (conn.peer, conn.direction);
         let expires = conn.peer_expires_in();
+        let activity = conn.activity.clone();
+        let idle = (&*activity, self.settings.idle_timeout);
         let state = Arc::new(ConnState::default());
         let proxy = self.clone();
         let conn_state = state.clone();
@@ -325,12 +327,13 @@ impl Listeners {
         let io = TokioIo::new(io);
         let result = if protocol == Protocol::Http2 {
             let conn = self.h2.serve_connection(io, service);
-            drive(&self.drain, &state, None, expires, conn, http2::Connection::graceful_shutdown).await
+            let shutdown = http2::Connection::graceful_shutdown;
+            drive(&self.drain, &state, None, expires, idle, conn, shutdown).await
         } else {
             let conn = self.h1.serve_connection(io, service).with_upgrades();
             let header_deadline = Some(self.settings.header_read_timeout);
             let shutdown = http1::UpgradeableConnection::graceful_shutdown;
-            drive(&self.drain, &state, header_deadline, expires, conn, shutdown).await
+            drive(&self.drain, &state, header_deadline, expires, idle, conn, shutdown).await
         };
         let bad_input = match &result {
             Ok(()) => return,
@@ -426,6 +429,9 @@ enum ConnEnd {
 
 /// Runs a server connection until it ends (`expires`: a mesh peer's certificate runs out then).
 /// - `header_deadline`: the first request's headers must be complete within it (HTTP/1 slow-header defence).
+/// - `idle`: no bytes either way for that long (an idle keep-alive connection, an HTTP/2 connection that only sent
+///   its preface) winds the connection down gracefully, as the drain does (requests in flight finish); idle as long
+///   again, it is dropped.
 /// - Draining: in-flight requests finish, HTTP/1 closes after the current response, HTTP/2 sends GOAWAY. A
 ///   connection that has not sent its first request yet (accepted just before or during the drain) is given that
 ///   request first, so no request that reached the proxy is refused.
@@ -434,10 +440,15 @@ async fn drive<C: Future<Output = hyper::Result<()>>>(
     state: &ConnState,
     header_deadline: Option<Duration>,
     expires: Option<Duration>,
+    idle: (&AtomicU64, Duration),
     conn: C,
     graceful_shutdown: fn(Pin<&mut C>),
 ) -> Result<(), ConnEnd> {
     tokio::pin!(conn);
+    let (activity, timeout) = idle;
+    let idle = io::idle_for(activity, timeout);
+    tokio::pin!(idle);
+    let mut idle_once = false;
     let deadline = tokio::time::sleep(header_deadline.unwrap_or(Duration::MAX / 4));
     tokio::pin!(deadline);
     // The drain, or the end of the mesh peer's certificate: either way the connection winds down gracefully.
@@ -465,6 +476,19 @@ async fn drive<C: Future<Output = hyper::Result<()>>>(
                 }
             }
             _ = &mut deadline, if before_first_request && header_deadline.is_some() => return Err(ConnEnd::HeaderTimeout),
+            () = &mut idle => {
+                // Twice idle: the graceful shutdown did not end it (an HTTP/2 peer that never answers the GOAWAY's
+                // PING, a request silent that long): dropped.
+                if idle_once {
+                    return Ok(());
+                }
+                idle_once = true;
+                if !draining {
+                    draining = true;
+                    graceful_shutdown(conn.as_mut());
+                }
+                idle.set(io::idle_for(activity, timeout));
+            }
         }
     }
 }

@@ -59,6 +59,9 @@ pub struct ConnInfo {
     /// Inbound mTLS: when the peer's certificate expires (Unix seconds); the connection ends then.
     #[serde(skip)]
     pub peer_not_after: Option<i64>,
+    /// Bytes moved either way on the accepted stream (its `ConnIo` keeps it), for the idle timeout.
+    #[serde(skip)]
+    pub activity: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl ConnInfo {
@@ -80,6 +83,7 @@ impl ConnInfo {
             peer_spiffe: None,
             sni_port: None,
             peer_not_after: None,
+            activity: Default::default(),
         })
     }
 

@@ -2,6 +2,9 @@
 //! its endpoint chosen once by the load balancer and held within the destination's `maxConnections`, and its bytes
 //! copied both ways (half-close kept), over mTLS to a meshed endpoint.
 
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
@@ -73,10 +76,10 @@ impl Listeners {
         if let Some(attempt) = attempt {
             attempt.finish(connected.is_err(), &self.metrics);
         }
-        // copy_bidirectional shuts down each write side when its read side ends: half-close is kept.
+        let (activity, idle) = (&conn.activity, self.settings.idle_timeout);
         let copied = match connected {
-            Ok(Upstream::Mesh(mut upstream)) => tokio::io::copy_bidirectional(&mut io, &mut upstream).await,
-            Ok(Upstream::Plain(mut upstream)) => tokio::io::copy_bidirectional(&mut io, &mut upstream).await,
+            Ok(Upstream::Mesh(mut upstream)) => copy_until_idle(&mut io, &mut upstream, activity, idle).await,
+            Ok(Upstream::Plain(mut upstream)) => copy_until_idle(&mut io, &mut upstream, activity, idle).await,
             Err(e) => return self.tcp_not_forwarded(direction, &dest.service, e),
         };
         if let Err(e) = copied {
@@ -88,6 +91,22 @@ impl Listeners {
         self.metrics.proxy_error(direction, e.reason());
         self.metrics.tcp_failed.with_label_values(&[direction.as_str(), e.reason()]).inc();
         tracing::warn!(service, error = %e, "opaque connection not forwarded");
+    }
+}
+
+/// Copies both ways until both sides end (copy_bidirectional shuts down each write side when its read side ends:
+/// half-close is kept), or until no bytes have moved either way for `idle`, which closes both.
+async fn copy_until_idle<A, B>(a: &mut A, b: &mut B, activity: &AtomicU64, idle: Duration) -> std::io::Result<()>
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    tokio::select! {
+        copied = tokio::io::copy_bidirectional(a, b) => copied.map(drop),
+        () = super::io::idle_for(activity, idle) => {
+            tracing::debug!("opaque connection closed: idle");
+            Ok(())
+        }
     }
 }
 
