@@ -250,13 +250,21 @@ async fn the_sni_may_name_only_a_port_the_service_declares() {
     assert!(local.logs().contains("which no Service selecting this pod declares"), "{}", local.logs());
 }
 
+/// A control plane holding Service `api` (`api.local`) with `rate_limit` as its TrafficPolicy's `rateLimit`.
+fn rate_limited_api(state: &str, rate_limit: &str) -> ControlPlane {
+    let cp = ControlPlane::start(&state_dir(state));
+    cp.ok(&["apply", "-f", "-"], Some(&service("api", "api.local", "")));
+    let limit = format!(
+        "apiVersion: ferry.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: api}}\nspec: {{targetRef: {{kind: Service, name: api}}, rateLimit: {rate_limit}}}\n"
+    );
+    cp.ok(&["apply", "-f", "-"], Some(&limit));
+    cp
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_rate_limit_never_admits_more_than_rate_times_seconds_plus_burst() {
     let app = backend::http_backend().await;
-    let cp = tokio::task::block_in_place(|| ControlPlane::start(&state_dir("authz-rate")));
-    cp.ok(&["apply", "-f", "-"], Some(&service("api", "api.local", "")));
-    let limit = "apiVersion: ferry.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: api}\nspec: {targetRef: {kind: Service, name: api}, rateLimit: {requestsPerSecond: 20, burst: 5}}\n";
-    cp.ok(&["apply", "-f", "-"], Some(limit));
+    let cp = tokio::task::block_in_place(|| rate_limited_api("authz-rate", "{requestsPerSecond: 20, burst: 5}"));
     let (api, web) =
         tokio::task::block_in_place(|| (proxy(&cp, "api", Some(app.addr), &[]), proxy(&cp, "web", None, &[])));
     let call = || http_exchange_full(web.outbound, "GET", "/", &[("Host", "api.local")], "");
@@ -300,10 +308,8 @@ async fn the_rate_limit_never_admits_more_than_rate_times_seconds_plus_burst() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_opaque_connection_spends_a_token_as_a_request_does() {
     let app = backend::http_backend().await;
-    let cp = tokio::task::block_in_place(|| ControlPlane::start(&state_dir("authz-rate-opaque")));
-    cp.ok(&["apply", "-f", "-"], Some(&service("api", "api.local", "")));
-    let limit = "apiVersion: ferry.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: api}\nspec: {targetRef: {kind: Service, name: api}, rateLimit: {requestsPerSecond: 0.01, burst: 1}}\n";
-    cp.ok(&["apply", "-f", "-"], Some(limit));
+    let cp =
+        tokio::task::block_in_place(|| rate_limited_api("authz-rate-opaque", "{requestsPerSecond: 0.01, burst: 1}"));
     let api = tokio::task::block_in_place(|| proxy(&cp, "api", Some(app.addr), &[]));
     // Requests until the limit is in force and the bucket is empty (a 429).
     tokio::task::block_in_place(|| {
