@@ -109,9 +109,9 @@ def without_tests(code):
 
 def use_paths(tree):
     """`a::{b, c::{d, e}}` -> ['a::b', 'a::c::d', 'a::c::e'] (`self` inside braces names the prefix)."""
-    tree = re.sub(r"\s+", "", tree)
+    tree = re.sub(r"\s+", "", re.sub(r"\s+as\s+\w+", "", tree))  # renames (`X as Y`) name the same module
     if "{" not in tree:
-        return [re.sub(r"(::\*|as\w+)$", "", tree.split(" as ")[0])]
+        return [re.sub(r"::\*$", "", tree)]
     prefix, _, rest = tree.partition("{")
     inner = rest[: rest.rfind("}")]
     parts, depth, cur = [], 0, ""
@@ -152,9 +152,7 @@ def modules_of(src):
 
 def edges_of(mod, path, mods):
     code = without_tests(strip(open(path, encoding="utf-8").read()))
-    is_dir_module = os.path.basename(path) in ("mod.rs", "lib.rs", "main.rs")
-    here = mod if is_dir_module else mod  # `self` is the module itself either way
-    parent = mod[:-1]
+    here, parent = mod, mod[:-1]  # `self` and `super` relative to the file's module
     raw = []
     for m in re.finditer(r"\buse\s+([^;]+);", code):
         raw.extend(use_paths(m.group(1)))
