@@ -33,11 +33,16 @@ impl Destination {
     }
 
     /// The fixed endpoint, when the load balancer has no choice to make.
-    pub fn fixed_addr(&self) -> Option<SocketAddr> {
+    pub fn fixed_endpoint(&self) -> Option<Endpoint> {
         match &self.target {
-            Target::Endpoint(e) => Some(e.addr),
+            Target::Endpoint(e) => Some(*e),
             Target::Balanced(_) => None,
         }
+    }
+
+    /// The fixed endpoint's address.
+    pub fn fixed_addr(&self) -> Option<SocketAddr> {
+        self.fixed_endpoint().map(|e| e.addr)
     }
 
     /// How to reach `endpoint`: mTLS when it is meshed.

@@ -14,7 +14,7 @@ use hyper_util::rt::TokioIo;
 
 use super::Listeners;
 use super::pool::{HttpVersion, Pool};
-use super::target::{ConnInfo, Mode, Refusal, UNKNOWN_SERVICE, is_own_listener};
+use super::target::{ConnInfo, Mode, Refusal, UNKNOWN_SERVICE, not_own_listener};
 use crate::body::ProxyBody;
 use crate::direction::Direction;
 use crate::discovery::destination::Destination;
@@ -129,7 +129,7 @@ impl Listeners {
         tried: &Tried,
     ) -> (Arc<str>, Arc<RequestHandles>, Result<Response<ProxyBody>, ProxyError>) {
         let direction = conn.direction;
-        let (mut dest, authority) = match self.request_destination(&req, conn) {
+        let (dest, authority) = match self.request_destination(&req, conn) {
             Ok(found) => found,
             Err((service, e)) => {
                 let handles = self.metrics.requests(direction, &service);
@@ -148,7 +148,6 @@ impl Listeners {
                 if let Some(addr) = dest.fixed_addr() {
                     tried.lock().expect("tried lock").push(addr);
                 }
-                dest.inbound = Some(dest.inbound.clone().unwrap_or_else(|| self.inbound_policy(dest.port)));
                 &self.inbound
             }
         };
@@ -239,7 +238,6 @@ pub(super) struct Upstream {
 }
 
 impl Upstream {
-    /// As a tower service, for the stacks.
     /// As a tower service, for the stacks. Its future is boxed once here: a send's state machine is large (kilobytes:
     /// the pool's connect and TLS handshake), and a layer that passes a request through returns its inner future
     /// inline, so an unboxed one would make every layer's future that large, copied at each layer (callgrind showed
@@ -255,17 +253,13 @@ impl Upstream {
         let (dest, conn, limit) = (&call.dest, &call.upstream.conn, call.upstream.limit.as_ref());
         let authority = call.upstream.authority.as_str();
         // The endpoint the load balancer chose for this try, else the destination's one address.
-        let endpoint = match (req.extensions_mut().remove::<Picked>(), dest.fixed_or_choice()) {
-            (Some(Picked(e)), _) | (None, Ok(e)) => e,
-            (None, Err(_)) => {
+        let endpoint = match (req.extensions_mut().remove::<Picked>(), dest.fixed_endpoint()) {
+            (Some(Picked(e)), _) | (None, Some(e)) => e,
+            (None, None) => {
                 return Err(ProxyError::NoHealthyEndpoints(format!("no endpoint of {} was chosen", dest.service)));
             }
         };
-        if is_own_listener(&self.own_listeners, endpoint.addr) {
-            let why = format!("refusing to dial {}: it is one of this proxy's own listeners (a loop)", endpoint.addr);
-            tracing::warn!("{why}");
-            return Err(ProxyError::NoRoute(why));
-        }
+        not_own_listener(&self.own_listeners, endpoint.addr)?;
         let from_mesh = conn.peer_identity.is_some();
         // Only the destination's proxy says who called; nothing from outside gets through under that name.
         if conn.direction == Direction::Inbound {

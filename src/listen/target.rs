@@ -156,19 +156,9 @@ impl Listeners {
             }
         };
         if let Some(addr) = dest.fixed_addr() {
-            self.not_own_listener(addr).map_err(|e| (dest.service.clone(), e))?;
+            not_own_listener(&self.own_listeners, addr).map_err(|e| (dest.service.clone(), e))?;
         }
         Ok(dest)
-    }
-
-    /// Refuses to dial one of this proxy's own listeners (a loop).
-    pub(super) fn not_own_listener(&self, addr: SocketAddr) -> Result<(), ProxyError> {
-        if self.is_own_listener(addr) {
-            let why = format!("refusing to dial {addr}: it is one of this proxy's own listeners (a loop)");
-            tracing::warn!("{why}");
-            return Err(ProxyError::NoRoute(why));
-        }
-        Ok(())
     }
 
     /// An outbound route's destination: mTLS to a meshed endpoint once this proxy holds an identity.
@@ -215,19 +205,20 @@ impl Listeners {
     fn app_ip(&self) -> IpAddr {
         self.settings.app_addr.map(|a| a.ip()).unwrap_or(self.settings.pod_ip)
     }
-
-    /// Whether dialling `addr` would reach one of this proxy's listeners (a listener on an unspecified address
-    /// is reachable on every local address).
-    pub fn is_own_listener(&self, addr: SocketAddr) -> bool {
-        is_own_listener(&self.own_listeners, addr)
-    }
 }
 
-/// Whether `addr` is one of `listeners` (a listener on `0.0.0.0`/`::` counts on every local address).
-pub(super) fn is_own_listener(listeners: &[SocketAddr], addr: SocketAddr) -> bool {
-    listeners.iter().any(|l| {
+/// Refuses to dial one of this proxy's own `listeners` (a loop); a listener on `0.0.0.0`/`::` counts on every local
+/// address.
+pub(super) fn not_own_listener(listeners: &[SocketAddr], addr: SocketAddr) -> Result<(), ProxyError> {
+    let own = listeners.iter().any(|l| {
         l.port() == addr.port() && (l.ip() == addr.ip() || (l.ip().is_unspecified() && is_local_ip(addr.ip())))
-    })
+    });
+    if own {
+        let why = format!("refusing to dial {addr}: it is one of this proxy's own listeners (a loop)");
+        tracing::warn!("{why}");
+        return Err(ProxyError::NoRoute(why));
+    }
+    Ok(())
 }
 
 /// Whether `ip` belongs to this host: loopback, or an address a socket can bind to.

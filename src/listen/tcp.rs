@@ -30,7 +30,7 @@ impl Listeners {
                 path: None,
                 port: dest.port,
             };
-            let policy = dest.inbound.clone().unwrap_or_else(|| self.inbound_policy(dest.port));
+            let policy = dest.inbound.clone().expect("an inbound destination carries its port's policy (destination)");
             if let crate::policy::authz::Decision::Deny(why) = policy.check(&call, &self.metrics) {
                 self.metrics.proxy_error(direction, "unauthorized");
                 self.metrics.tcp_failed.with_label_values(&[direction.as_str(), "unauthorized"]).inc();
@@ -54,7 +54,7 @@ impl Listeners {
                 Err(e) => return self.tcp_not_forwarded(direction, &dest.service, e),
             },
         };
-        if let Err(e) = self.not_own_listener(endpoint.addr) {
+        if let Err(e) = super::target::not_own_listener(&self.own_listeners, endpoint.addr) {
             return self.tcp_not_forwarded(direction, &dest.service, e);
         }
         let target = endpoint.addr;
