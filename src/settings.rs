@@ -48,6 +48,8 @@ pub struct Settings {
     /// finish); opaque TCP too.
     #[serde(serialize_with = "as_text")]
     pub idle_timeout: Duration,
+    /// Open downstream connections per listener (inbound, outbound); at the cap the least useful is closed.
+    pub max_connections: usize,
     /// The share of new traces (requests arriving without trace context) that are sampled, 0-1.
     pub trace_sampling: f64,
     /// Where spans go (OTLP/gRPC, `http://host:port`); none: spans are not exported (context is still propagated).
@@ -142,6 +144,24 @@ pub mod defaults {
     /// Envoy's HTTP connection manager's default `idle_timeout`; it also bounds opaque TCP, as Envoy's tcp_proxy does.
     pub const IDLE_TIMEOUT: &str = "1h";
     pub const TRACE_SAMPLING: &str = "0.01";
+
+    /// Open connections per listener: a fifth of what the open-file limit leaves after 64 for the process itself
+    /// (each downstream connection may hold an upstream one, and there are two listeners), at most 100,000; 1,024
+    /// open files give 192.
+    pub fn max_connections() -> usize {
+        let files = open_files_limit().unwrap_or(1024);
+        (files.saturating_sub(64) / 5).clamp(16, 100_000) as usize
+    }
+
+    /// The soft `RLIMIT_NOFILE`, from `/proc/self/limits` (no libc call needed).
+    fn open_files_limit() -> Option<u64> {
+        let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+        let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+        match line.split_whitespace().nth(3)? {
+            "unlimited" => Some(u64::MAX),
+            n => n.parse().ok(),
+        }
+    }
     pub const CONFIG_POLL: &str = "1s";
 }
 
@@ -223,6 +243,7 @@ impl Settings {
             connect_timeout: env.duration("FERRY_CONNECT_TIMEOUT", defaults::CONNECT_TIMEOUT)?,
             pool_idle_timeout: env.duration("FERRY_POOL_IDLE_TIMEOUT", defaults::POOL_IDLE_TIMEOUT)?,
             idle_timeout: env.duration("FERRY_IDLE_TIMEOUT", defaults::IDLE_TIMEOUT)?,
+            max_connections: env.parse("FERRY_MAX_CONNECTIONS", &defaults::max_connections().to_string())?,
             trace_sampling: env.parse("FERRY_TRACE_SAMPLING", defaults::TRACE_SAMPLING)?,
             otlp_endpoint: env.raw("FERRY_OTLP_ENDPOINT").filter(|s| !s.is_empty()),
             app_probes: match env.raw("FERRY_APP_PROBES").filter(|s| !s.trim().is_empty()) {
@@ -251,6 +272,9 @@ impl Settings {
         }
         if s.workers == 0 {
             return Err(env.error("FERRY_WORKERS", "0", "must be at least 1"));
+        }
+        if s.max_connections == 0 {
+            return Err(env.error("FERRY_MAX_CONNECTIONS", "0", "must be at least 1"));
         }
         if s.max_header_bytes < 1024 {
             return Err(env.error("FERRY_MAX_HEADER_BYTES", &s.max_header_bytes.to_string(), "must be at least 1024"));

@@ -121,9 +121,27 @@ async fn idle_connections_are_closed() {
         out
     };
     // h2c: the preface and an empty SETTINGS frame, then nothing.
+    let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
     let mut s = TcpStream::connect(ferry.outbound).await.unwrap();
-    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00").await.unwrap();
+    s.write_all(preface).await.unwrap();
     closed_within(s, "h2c preface only").await;
+    // h2c: the preface, then only PINGs (bytes move, no request ever does): idle all the same.
+    let s = TcpStream::connect(ferry.outbound).await.unwrap();
+    let (mut read, mut write) = s.into_split();
+    write.write_all(preface).await.unwrap();
+    let pinger = tokio::spawn(async move {
+        for _ in 0..50 {
+            let ping = b"\x00\x00\x08\x06\x00\x00\x00\x00\x00pingping";
+            if write.write_all(ping).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), read.read_to_end(&mut out)).await;
+    assert!(read.is_ok(), "h2c with PINGs only: still open after 10 s without a request");
+    pinger.abort();
     // HTTP/1 keep-alive: one request, its response, then nothing.
     let mut s = TcpStream::connect(ferry.outbound).await.unwrap();
     s.write_all(b"GET / HTTP/1.1\r\nHost: echo\r\n\r\n").await.unwrap();
@@ -134,4 +152,39 @@ async fn idle_connections_are_closed() {
     s.write_all(b"\x00\x01").await.unwrap();
     let out = closed_within(s, "opaque").await;
     assert!(out.starts_with(b"220 ferry-test ready"), "{}", String::from_utf8_lossy(&out));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_request_on_a_keep_alive_connection_has_a_header_deadline() {
+    // After one request and its response, the next request's headers trickle in a byte at a time: the connection is
+    // closed at the header-read timeout (1 s), not kept until the idle timeout (1 h by default).
+    let app = backend::http_backend().await;
+    let app_addr = app.addr.to_string();
+    let env = [("FERRY_HEADER_READ_TIMEOUT", "1s"), ("FERRY_APP_ADDR", app_addr.as_str())];
+    let ferry = Ferry::start(Some(&service_yaml("echo", 80, &[app.addr])), &env);
+    for addr in [ferry.outbound, ferry.inbound] {
+        let s = TcpStream::connect(addr).await.unwrap();
+        let (mut read, mut write) = s.into_split();
+        write.write_all(b"GET / HTTP/1.1\r\nHost: echo\r\n\r\n").await.unwrap();
+        let mut first = [0u8; 12];
+        read.read_exact(&mut first).await.unwrap();
+        assert_eq!(&first, b"HTTP/1.1 200");
+        let trickle = tokio::spawn(async move {
+            for byte in b"GET / HTTP/1.1\r\nHost: echo\r\nX-Slow: ".iter().cycle().take(100) {
+                if write.write_all(&[*byte]).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
+        let mut rest = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(15), read.read_to_end(&mut rest)).await;
+        trickle.abort();
+        assert!(closed.is_ok(), "{addr}: a second request trickled for 15 s kept the connection open");
+    }
+    for direction in ["outbound", "inbound"] {
+        let counted =
+            ferry.metric(&format!(r#"ferry_proxy_errors_total{{direction="{direction}",reason="bad-request"}}"#));
+        assert_eq!(counted, 1.0, "{direction}: {}", ferry.metrics());
+    }
 }

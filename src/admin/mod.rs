@@ -15,8 +15,8 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
 use crate::discovery::snapshot::ConfigStore;
-use crate::listen::OpenConnections;
 use crate::listen::drain::Drain;
+use crate::listen::open::OpenConnections;
 use crate::settings::Settings;
 use crate::telemetry::logging::LogHandle;
 use crate::telemetry::metrics::Metrics;

@@ -1,10 +1,10 @@
-//! An accepted connection's stream: replays the bytes read during detection, counts bytes each way, and tells when
-//! the connection has been idle (no bytes either way) for a while.
+//! An accepted connection's stream: replays the bytes read during detection, counts bytes each way, tells when the
+//! connection has been idle for a while, and when a client starts sending after a response (the next header deadline).
 
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -19,8 +19,41 @@ pub struct ConnIo {
     pub read: u64,
     pub written: u64,
     on_close: Option<Box<dyn FnOnce(u64, u64) + Send>>,
-    /// Bytes moved either way so far, for the idle timeout (`idle_for`) to watch.
-    activity: Option<Arc<AtomicU64>>,
+    activity: Option<Arc<Activity>>,
+}
+
+/// What the connection's timers watch on its stream.
+#[derive(Debug, Default)]
+pub struct Activity {
+    /// Bytes moved either way so far (opaque TCP's idle timeout).
+    moved: AtomicU64,
+    /// Set when an HTTP/1 response has ended: the next bytes read start the next request's header deadline.
+    awaiting_head: AtomicBool,
+    head_started: tokio::sync::Notify,
+}
+
+impl Activity {
+    pub fn moved(&self) -> u64 {
+        self.moved.load(Ordering::Relaxed)
+    }
+
+    /// The connection has nothing in flight: the next bytes the client sends begin a request.
+    pub fn await_head(&self) {
+        self.awaiting_head.store(true, Ordering::Relaxed);
+    }
+
+    /// Completes when bytes arrive after `await_head` (at once if they already did).
+    pub async fn head_started(&self) {
+        self.head_started.notified().await
+    }
+
+    fn read(&self, total: u64, written: u64) {
+        self.moved.store(total + written, Ordering::Relaxed);
+        if self.awaiting_head.load(Ordering::Relaxed) && self.awaiting_head.swap(false, Ordering::Relaxed) {
+            // notify_one keeps a permit when nobody waits yet.
+            self.head_started.notify_one();
+        }
+    }
 }
 
 impl ConnIo {
@@ -34,15 +67,15 @@ impl ConnIo {
         self.prefix = bytes;
     }
 
-    /// Keeps `activity` at the bytes moved either way.
-    pub fn tracking(mut self, activity: Arc<AtomicU64>) -> Self {
+    /// Keeps `activity` up to date with this stream.
+    pub fn tracking(mut self, activity: Arc<Activity>) -> Self {
         self.activity = Some(activity);
         self
     }
 
     fn moved(&self) {
         if let Some(a) = &self.activity {
-            a.store(self.read + self.written, Ordering::Relaxed);
+            a.moved.store(self.read + self.written, Ordering::Relaxed);
         }
     }
 
@@ -72,8 +105,13 @@ impl AsyncRead for ConnIo {
         }
         let before = buf.filled().len();
         let res = Pin::new(&mut this.stream).poll_read(cx, buf);
-        this.read += (buf.filled().len() - before) as u64;
-        this.moved();
+        let n = (buf.filled().len() - before) as u64;
+        if n > 0 {
+            this.read += n;
+            if let Some(a) = &this.activity {
+                a.read(this.read, this.written);
+            }
+        }
         res
     }
 }
@@ -114,14 +152,16 @@ impl AsyncWrite for ConnIo {
     }
 }
 
-/// Completes once `activity` (a connection's bytes moved) has not changed for `timeout`; checked every quarter of it.
-pub async fn idle_for(activity: &AtomicU64, timeout: Duration) {
+/// Completes once `mark()` has stayed the same `Some` for `timeout` (`None`: busy, the wait starts again); checked
+/// every quarter of it. Opaque TCP's mark is the bytes moved; an HTTP connection's, its requests while none is in
+/// flight (HTTP/2 PINGs are not activity, as with Envoy's `idle_timeout`).
+pub async fn idle_for(mark: impl Fn() -> Option<u64>, timeout: Duration) {
     let step = (timeout / 4).max(Duration::from_millis(50));
-    let (mut last, mut since) = (activity.load(Ordering::Relaxed), tokio::time::Instant::now());
+    let (mut last, mut since) = (mark(), tokio::time::Instant::now());
     loop {
         tokio::time::sleep(step).await;
-        let now = activity.load(Ordering::Relaxed);
-        if now != last {
+        let now = mark();
+        if now.is_none() || now != last {
             (last, since) = (now, tokio::time::Instant::now());
         } else if since.elapsed() >= timeout {
             return;

@@ -5,6 +5,7 @@ pub mod detect;
 pub mod drain;
 mod http;
 pub mod io;
+pub mod open;
 pub mod pool;
 pub mod target;
 mod tcp;
@@ -14,15 +15,13 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Notify;
 
 use crate::direction::Direction;
 use crate::discovery::snapshot::ConfigStore;
@@ -32,7 +31,8 @@ use crate::stack::{self, Registries, Stack};
 use crate::telemetry::metrics::Metrics;
 use detect::{Protocol, Reason};
 use drain::Drain;
-use io::ConnIo;
+use io::{Activity, ConnIo};
+use open::{ConnState, OpenConnections, OpenGuard};
 use pool::Pool;
 use target::ConnInfo;
 
@@ -42,6 +42,13 @@ const INBOUND_CONFIG_WAIT: Duration = Duration::from_secs(10);
 /// How long the inbound side waits for a mesh peer's ClientHello on an opaque (server-speaks-first) port before it
 /// treats the connection as an unmeshed client's plaintext.
 const OPAQUE_TLS_PEEK: Duration = Duration::from_millis(300);
+
+/// HTTP/2 server limits (README, "Limits and timeouts").
+const H2_MAX_STREAMS: u32 = 200;
+const H2_MAX_PENDING_RESETS: usize = 20;
+const H2_MAX_LOCAL_RESETS: usize = 1024;
+const H2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The data plane's listeners and what their connections share: the live snapshot, mesh TLS, the upstream pool, the
 /// stacks (built once) and the policies' state. Its methods: accepting and TCP here, HTTP in `http.rs`, destinations
@@ -86,6 +93,15 @@ impl Listeners {
         let mut h2 = http2::Builder::new(TokioExecutor::new());
         h2.timer(TokioTimer::new())
             .max_header_list_size(settings.max_header_bytes.try_into().unwrap_or(u32::MAX))
+            // Explicit, so that the README's limits table is what runs (these are hyper's and h2's defaults; the
+            // reset limits are the rapid-reset and MadeYouReset defences).
+            .max_concurrent_streams(H2_MAX_STREAMS)
+            .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
+            .max_local_error_reset_streams(H2_MAX_LOCAL_RESETS)
+            // A peer that stops answering (a node gone without a FIN) is found out without waiting for the idle
+            // timeout; PINGs are only sent on a connection that has been quiet for the interval.
+            .keep_alive_interval(H2_KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT)
             // Upgrades (WebSocket) between proxies travel as extended CONNECT (RFC 8441).
             .enable_connect_protocol();
         let pool = Pool::new(settings.connect_timeout, settings.pool_idle_timeout, tls.clone(), metrics.clone());
@@ -101,7 +117,7 @@ impl Listeners {
         let upstream = http::Upstream { pool: pool.clone(), own_listeners: own_listeners.clone() };
         let outbound = stack::outbound::<http::Sent>(&registries, &metrics, upstream.clone().service());
         let inbound = stack::inbound::<http::Sent>(&registries, &metrics, upstream.service());
-        let connections = Arc::new(OpenConnections::default());
+        let connections = Arc::new(OpenConnections::new(settings.max_connections));
         let tracer = crate::telemetry::trace::Tracer::new(
             settings.trace_sampling,
             settings.otlp_endpoint.clone(),
@@ -166,6 +182,45 @@ impl Listeners {
 
     async fn handle(self: Arc<Self>, stream: TcpStream, peer: SocketAddr, direction: Direction) {
         let _in_flight = self.drain.track();
+        let conn = match ConnInfo::of(&stream, peer, direction) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "accepted connection already gone");
+                return;
+            }
+        };
+        // At the listener's cap, room is made by closing the connection that least deserves its place; with every
+        // one busy, the newcomer is refused.
+        let state = Arc::new(ConnState::default());
+        let open = match self.connections.admit(conn.clone(), state.clone()) {
+            Ok((open, evicted)) => {
+                if evicted {
+                    self.metrics.tcp_evicted.with_label_values(&[direction.as_str()]).inc();
+                }
+                open
+            }
+            Err(e) => {
+                self.metrics.tcp_failed.with_label_values(&[direction.as_str(), "overloaded"]).inc();
+                tracing::warn!(%peer, direction = direction.as_str(), "connection refused: {e}");
+                return;
+            }
+        };
+        tokio::select! {
+            () = self.clone().handle_admitted(stream, conn, &open, &state) => {}
+            () = state.evicted.notified() => {
+                tracing::debug!(%peer, direction = direction.as_str(), "connection closed to make room at the cap");
+            }
+        }
+    }
+
+    async fn handle_admitted(
+        self: Arc<Self>,
+        stream: TcpStream,
+        conn: ConnInfo,
+        open: &OpenGuard<'_>,
+        state: &Arc<ConnState>,
+    ) {
+        let (peer, direction) = (conn.peer, conn.direction);
         // Fail closed: with a control plane, inbound traffic waits (bounded) until it has said what this pod serves,
         // and is refused if it does not; it is never served with no policy.
         if direction == Direction::Inbound
@@ -176,13 +231,6 @@ impl Listeners {
             tracing::warn!(%peer, "inbound connection refused: the control plane has not said yet what this pod serves");
             return;
         }
-        let conn = match ConnInfo::of(&stream, peer, direction) {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::debug!(%peer, error = %e, "accepted connection already gone");
-                return;
-            }
-        };
         let labels = [direction.as_str(), conn.mode.as_str()];
         let m = self.metrics.clone();
         m.tcp_opened.with_label_values(&labels).inc();
@@ -240,20 +288,30 @@ impl Listeners {
             tracing::debug!(%peer, "inbound connection closed: nothing conclusive within the header-read timeout");
             return;
         }
-        let _open = self.connections.insert(conn.clone(), protocol);
-
+        open.update(&conn, protocol.as_str());
         match protocol {
-            Protocol::Http1 | Protocol::Http2 => self.serve_http(io, protocol, conn).await,
-            Protocol::Tls if direction == Direction::Inbound => self.serve_tls(io, conn, hello).await,
-            Protocol::Tls | Protocol::Tcp => self.forward_tcp(io, conn).await,
+            Protocol::Http1 | Protocol::Http2 => self.serve_http(io, protocol, conn, state).await,
+            Protocol::Tls if direction == Direction::Inbound => self.serve_tls(io, conn, hello, open, state).await,
+            Protocol::Tls | Protocol::Tcp => {
+                state.set_opaque();
+                self.forward_tcp(io, conn).await
+            }
         }
     }
 
     /// Inbound TLS: a mesh peer (a `ferry/*` ALPN) is authenticated and served; anything else is the app's own TLS
     /// from an unmeshed client, forwarded as opaque TCP (permissive).
-    async fn serve_tls(self: &Arc<Self>, io: ConnIo, mut conn: ConnInfo, hello: Option<ClientHello>) {
+    async fn serve_tls(
+        self: &Arc<Self>,
+        io: ConnIo,
+        mut conn: ConnInfo,
+        hello: Option<ClientHello>,
+        open: &OpenGuard<'_>,
+        conn_state: &Arc<ConnState>,
+    ) {
         let inbound = Direction::Inbound.as_str();
         let Some(hello) = hello.filter(|h| h.mesh.is_some()) else {
+            conn_state.set_opaque();
             return self.forward_tcp(io, conn).await;
         };
         let Some(state) = self.tls.current() else {
@@ -298,42 +356,64 @@ impl Listeners {
         tracing::debug!(peer = %conn.peer, identity = %info.identity, sni = ?hello.server_name, alpn = ?alpn, "mesh connection");
         conn.peer_spiffe = Some(info.identity.spiffe().into());
         conn.peer_identity = Some(Arc::new(info.identity));
+        open.update(&conn, Protocol::Tls.as_str());
         match alpn {
-            Some(Alpn::H2) => self.serve_http(stream, Protocol::Http2, conn).await,
+            Some(Alpn::H2) => self.serve_http(stream, Protocol::Http2, conn, conn_state).await,
             // An opaque stream (a database session, say) is not cut when the peer's certificate expires: it was
             // authenticated when it opened, and cutting it would break long-lived streams at every rotation.
-            Some(Alpn::Tcp) => self.forward_tcp(stream, conn).await,
+            Some(Alpn::Tcp) => {
+                conn_state.set_opaque();
+                self.forward_tcp(stream, conn).await
+            }
             None => {}
         }
     }
 
-    async fn serve_http<I>(self: &Arc<Self>, io: I, protocol: Protocol, conn: ConnInfo)
+    async fn serve_http<I>(self: &Arc<Self>, io: I, protocol: Protocol, conn: ConnInfo, state: &Arc<ConnState>)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let (peer, direction) = (conn.peer, conn.direction);
         let expires = conn.peer_expires_in();
         let activity = conn.activity.clone();
-        let idle = (&*activity, self.settings.idle_timeout);
-        let state = Arc::new(ConnState::default());
+        let http1 = protocol == Protocol::Http1;
         let proxy = self.clone();
-        let conn_state = state.clone();
+        let (conn_state, conn_activity) = (state.clone(), activity.clone());
         let service = hyper::service::service_fn(move |req| {
             conn_state.request_started();
             let proxy = proxy.clone();
             let conn = conn.clone();
-            async move { Ok::<_, Infallible>(proxy.forward(req, conn).await) }
+            let state = conn_state.clone();
+            let next_head = http1.then(|| conn_activity.clone());
+            async move {
+                let response = proxy.forward(req, conn).await;
+                // The response's end (its body done or dropped): the request is no longer in flight, and on HTTP/1
+                // the next bytes begin the next request, whose headers have their own deadline.
+                Ok::<_, Infallible>(response.map(|body| {
+                    body.observed(move |_, _| {
+                        state.request_finished();
+                        if let Some(activity) = next_head.filter(|_| state.in_flight() == 0) {
+                            activity.await_head();
+                        }
+                    })
+                }))
+            }
         });
         let io = TokioIo::new(io);
-        let result = if protocol == Protocol::Http2 {
+        let timers = Timers {
+            header_deadline: http1.then_some(self.settings.header_read_timeout),
+            expires,
+            idle: self.settings.idle_timeout,
+            activity: &activity,
+        };
+        let result = if http1 {
+            let conn = self.h1.serve_connection(io, service).with_upgrades();
+            let shutdown = http1::UpgradeableConnection::graceful_shutdown;
+            drive(&self.drain, state, timers, conn, shutdown).await
+        } else {
             let conn = self.h2.serve_connection(io, service);
             let shutdown = http2::Connection::graceful_shutdown;
-            drive(&self.drain, &state, None, expires, idle, conn, shutdown).await
-        } else {
-            let conn = self.h1.serve_connection(io, service).with_upgrades();
-            let header_deadline = Some(self.settings.header_read_timeout);
-            let shutdown = http1::UpgradeableConnection::graceful_shutdown;
-            drive(&self.drain, &state, header_deadline, expires, idle, conn, shutdown).await
+            drive(&self.drain, state, timers, conn, shutdown).await
         };
         let bad_input = match &result {
             Ok(()) => return,
@@ -364,60 +444,6 @@ impl Listeners {
     }
 }
 
-/// The open connections, as `/config_dump` shows them (which mode each one came in by, and what it speaks).
-#[derive(Default)]
-pub struct OpenConnections {
-    next_id: std::sync::atomic::AtomicU64,
-    open: std::sync::Mutex<std::collections::HashMap<u64, OpenConnection>>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct OpenConnection {
-    #[serde(flatten)]
-    pub info: ConnInfo,
-    pub protocol: &'static str,
-}
-
-/// Removes its connection from the table when dropped.
-pub struct OpenGuard<'a> {
-    table: &'a OpenConnections,
-    id: u64,
-}
-
-impl OpenConnections {
-    fn insert(&self, info: ConnInfo, protocol: Protocol) -> OpenGuard<'_> {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.open.lock().expect("connections lock").insert(id, OpenConnection { info, protocol: protocol.as_str() });
-        OpenGuard { table: self, id }
-    }
-
-    pub fn list(&self) -> Vec<OpenConnection> {
-        self.open.lock().expect("connections lock").values().cloned().collect()
-    }
-}
-
-impl Drop for OpenGuard<'_> {
-    fn drop(&mut self) {
-        self.table.open.lock().expect("connections lock").remove(&self.id);
-    }
-}
-
-/// What the drain needs to know about one server connection.
-#[derive(Default)]
-struct ConnState {
-    requests: AtomicUsize,
-    first_request: Notify,
-}
-
-impl ConnState {
-    fn request_started(&self) {
-        if self.requests.fetch_add(1, Ordering::Relaxed) == 0 {
-            // notify_one keeps a permit if nobody waits yet.
-            self.first_request.notify_one();
-        }
-    }
-}
-
 /// How a server connection ended, when not cleanly.
 #[derive(Debug, thiserror::Error)]
 enum ConnEnd {
@@ -427,41 +453,53 @@ enum ConnEnd {
     HeaderTimeout,
 }
 
-/// Runs a server connection until it ends (`expires`: a mesh peer's certificate runs out then).
-/// - `header_deadline`: the first request's headers must be complete within it (HTTP/1 slow-header defence).
-/// - `idle`: no bytes either way for that long (an idle keep-alive connection, an HTTP/2 connection that only sent
-///   its preface) winds the connection down gracefully, as the drain does (requests in flight finish); idle as long
-///   again, it is dropped.
-/// - Draining: in-flight requests finish, HTTP/1 closes after the current response, HTTP/2 sends GOAWAY. A
-///   connection that has not sent its first request yet (accepted just before or during the drain) is given that
-///   request first, so no request that reached the proxy is refused.
+/// A server connection's timers.
+struct Timers<'a> {
+    /// HTTP/1: each request's headers must be complete within it, counted from the connection's start for the first
+    /// and from the first byte after the previous response for the others (slow-header defence).
+    header_deadline: Option<Duration>,
+    /// A mesh peer's certificate runs out then.
+    expires: Option<Duration>,
+    /// No request in flight for this long (an idle keep-alive connection, an HTTP/2 connection that only sent its
+    /// preface or only PINGs) winds the connection down gracefully, as the drain does; idle as long again, it is
+    /// dropped.
+    idle: Duration,
+    activity: &'a Activity,
+}
+
+/// Runs a server connection until it ends. Draining (or the peer's certificate running out, or the idle timeout):
+/// in-flight requests finish, HTTP/1 closes after the current response, HTTP/2 sends GOAWAY. A connection that has
+/// not sent its first request yet (accepted just before or during the drain) is given that request first, so no
+/// request that reached the proxy is refused.
 async fn drive<C: Future<Output = hyper::Result<()>>>(
     drain: &Drain,
     state: &ConnState,
-    header_deadline: Option<Duration>,
-    expires: Option<Duration>,
-    idle: (&AtomicU64, Duration),
+    timers: Timers<'_>,
     conn: C,
     graceful_shutdown: fn(Pin<&mut C>),
 ) -> Result<(), ConnEnd> {
     tokio::pin!(conn);
-    let (activity, timeout) = idle;
-    let idle = io::idle_for(activity, timeout);
+    let timeout = timers.idle;
+    let mark = || state.idle_mark();
+    let idle = io::idle_for(mark, timeout);
     tokio::pin!(idle);
     let mut idle_once = false;
-    let deadline = tokio::time::sleep(header_deadline.unwrap_or(Duration::MAX / 4));
+    // The header deadline runs for the request count it was armed at; a new request disarms it.
+    let far = Duration::MAX / 4;
+    let deadline = tokio::time::sleep(timers.header_deadline.unwrap_or(far));
     tokio::pin!(deadline);
-    // The drain, or the end of the mesh peer's certificate: either way the connection winds down gracefully.
+    let mut armed_at = timers.header_deadline.map(|_| 0);
     let stop = async {
         tokio::select! {
             _ = drain.signaled() => {}
-            _ = tokio::time::sleep(expires.unwrap_or(Duration::MAX / 4)) => {}
+            _ = tokio::time::sleep(timers.expires.unwrap_or(far)) => {}
         }
     };
     tokio::pin!(stop);
     let mut draining = false;
     loop {
-        let before_first_request = state.requests.load(Ordering::Relaxed) == 0;
+        let requests = state.requests.load(Ordering::Relaxed);
+        let before_first_request = requests == 0;
         tokio::select! {
             res = conn.as_mut() => return res.map_err(ConnEnd::Http),
             _ = &mut stop, if !draining => {
@@ -475,7 +513,19 @@ async fn drive<C: Future<Output = hyper::Result<()>>>(
                     graceful_shutdown(conn.as_mut());
                 }
             }
-            _ = &mut deadline, if before_first_request && header_deadline.is_some() => return Err(ConnEnd::HeaderTimeout),
+            () = timers.activity.head_started(), if timers.header_deadline.is_some() => {
+                if state.in_flight() == 0 && armed_at.is_none_or(|at| at != requests) {
+                    let limit = timers.header_deadline.unwrap_or(far);
+                    deadline.as_mut().reset(tokio::time::Instant::now() + limit);
+                    armed_at = Some(requests);
+                }
+            }
+            _ = &mut deadline, if armed_at == Some(requests) => {
+                if state.requests.load(Ordering::Relaxed) == requests {
+                    return Err(ConnEnd::HeaderTimeout);
+                }
+                armed_at = None;
+            }
             () = &mut idle => {
                 // Twice idle: the graceful shutdown did not end it (an HTTP/2 peer that never answers the GOAWAY's
                 // PING, a request silent that long): dropped.
@@ -487,7 +537,7 @@ async fn drive<C: Future<Output = hyper::Result<()>>>(
                     draining = true;
                     graceful_shutdown(conn.as_mut());
                 }
-                idle.set(io::idle_for(activity, timeout));
+                idle.set(io::idle_for(mark, timeout));
             }
         }
     }

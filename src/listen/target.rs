@@ -59,9 +59,9 @@ pub struct ConnInfo {
     /// Inbound mTLS: when the peer's certificate expires (Unix seconds); the connection ends then.
     #[serde(skip)]
     pub peer_not_after: Option<i64>,
-    /// Bytes moved either way on the accepted stream (its `ConnIo` keeps it), for the idle timeout.
+    /// What the accepted stream's `ConnIo` reports, for the idle and header timers.
     #[serde(skip)]
-    pub activity: Arc<std::sync::atomic::AtomicU64>,
+    pub activity: Arc<super::io::Activity>,
 }
 
 impl ConnInfo {

@@ -2,13 +2,13 @@
 //! its endpoint chosen once by the load balancer and held within the destination's `maxConnections`, and its bytes
 //! copied both ways (half-close kept), over mTLS to a meshed endpoint.
 
-use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 use super::Listeners;
+use super::io::Activity;
 use super::target::ConnInfo;
 use crate::direction::Direction;
 use crate::identity::tls::Alpn;
@@ -96,14 +96,14 @@ impl Listeners {
 
 /// Copies both ways until both sides end (copy_bidirectional shuts down each write side when its read side ends:
 /// half-close is kept), or until no bytes have moved either way for `idle`, which closes both.
-async fn copy_until_idle<A, B>(a: &mut A, b: &mut B, activity: &AtomicU64, idle: Duration) -> std::io::Result<()>
+async fn copy_until_idle<A, B>(a: &mut A, b: &mut B, activity: &Activity, idle: Duration) -> std::io::Result<()>
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
     tokio::select! {
         copied = tokio::io::copy_bidirectional(a, b) => copied.map(drop),
-        () = super::io::idle_for(activity, idle) => {
+        () = super::io::idle_for(|| Some(activity.moved()), idle) => {
             tracing::debug!("opaque connection closed: idle");
             Ok(())
         }

@@ -72,6 +72,7 @@ pub struct Metrics {
     pub tcp_opened: IntCounterVec,
     pub tcp_closed: IntCounterVec,
     pub tcp_failed: IntCounterVec,
+    pub tcp_evicted: IntCounterVec,
     pub tcp_open: IntGaugeVec,
     pub tcp_received_bytes: IntCounterVec,
     pub tcp_sent_bytes: IntCounterVec,
@@ -219,8 +220,13 @@ impl Metrics {
             ),
             tcp_failed: counter(
                 "ferry_tcp_connections_failed_total",
-                "Opaque connections not forwarded, by direction and ferry-proxy-error reason (no route, connect refused or timed out, TLS failed, unauthorized, overloaded).",
+                "Opaque connections not forwarded, and accepted connections refused, by direction and ferry-proxy-error reason (no route, connect refused or timed out, TLS failed, unauthorized, rate-limited, detect-timeout; overloaded: the listener at its connection cap with every connection busy).",
                 &["direction", "reason"],
+            ),
+            tcp_evicted: counter(
+                "ferry_tcp_connections_evicted_total",
+                "Connections closed to make room for a new one at the listener's cap (FERRY_MAX_CONNECTIONS): the oldest that had not sent a request, else the oldest with none in flight.",
+                &["direction"],
             ),
             tcp_open: gauge_vec("ferry_tcp_connections_open", "Accepted connections now open.", &["direction", "mode"]),
             tcp_received_bytes: counter(

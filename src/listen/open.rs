@@ -1,0 +1,235 @@
+//! The open downstream connections: what `/config_dump` lists, the cap per listener, and which connection is closed
+//! to make room at the cap (the oldest that has not sent a request yet, else the oldest with none in flight).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use serde::Serialize;
+use tokio::sync::Notify;
+
+use super::target::ConnInfo;
+use crate::direction::Direction;
+
+/// What the server side and the cap need to know about one connection.
+#[derive(Debug, Default)]
+pub struct ConnState {
+    /// Requests started on it.
+    pub requests: AtomicUsize,
+    /// Requests whose response has ended (its body done or dropped).
+    finished: AtomicUsize,
+    /// Opaque TCP: never closed to make room (its bytes cannot be told idle from a quiet session).
+    opaque: std::sync::atomic::AtomicBool,
+    pub first_request: Notify,
+    /// Closed to make room for a newer connection.
+    pub evicted: Notify,
+}
+
+impl ConnState {
+    pub fn request_started(&self) {
+        if self.requests.fetch_add(1, Ordering::Relaxed) == 0 {
+            // notify_one keeps a permit if nobody waits yet.
+            self.first_request.notify_one();
+        }
+    }
+
+    pub fn request_finished(&self) {
+        self.finished.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Requests started whose responses have not ended.
+    pub fn in_flight(&self) -> usize {
+        let finished = self.finished.load(Ordering::Relaxed);
+        self.requests.load(Ordering::Relaxed).saturating_sub(finished)
+    }
+
+    /// The idle timer's mark: the requests seen, while none is in flight.
+    pub fn idle_mark(&self) -> Option<u64> {
+        (self.in_flight() == 0).then(|| self.requests.load(Ordering::Relaxed) as u64)
+    }
+
+    pub fn set_opaque(&self) {
+        self.opaque.store(true, Ordering::Relaxed);
+    }
+
+    /// How willing the cap is to close it: 0 not yet requested, 1 nothing in flight, None busy or opaque.
+    fn eviction_class(&self) -> Option<u8> {
+        if self.opaque.load(Ordering::Relaxed) {
+            return None;
+        }
+        match (self.requests.load(Ordering::Relaxed), self.in_flight()) {
+            (0, _) => Some(0),
+            (_, 0) => Some(1),
+            _ => None,
+        }
+    }
+}
+
+/// The open connections of both listeners, each listener holding at most `cap`.
+pub struct OpenConnections {
+    cap: usize,
+    next_id: AtomicU64,
+    open: Mutex<HashMap<u64, Entry>>,
+}
+
+struct Entry {
+    shown: OpenConnection,
+    state: Arc<ConnState>,
+    accepted: Instant,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct OpenConnection {
+    #[serde(flatten)]
+    pub info: ConnInfo,
+    pub protocol: &'static str,
+}
+
+/// Why a connection could not be admitted.
+#[derive(Debug, thiserror::Error)]
+#[error("{0} connections open on this listener, each busy with a request or opaque: at the cap")]
+pub struct AtCap(pub usize);
+
+/// Removes its connection from the table when dropped.
+pub struct OpenGuard<'a> {
+    table: &'a OpenConnections,
+    id: u64,
+}
+
+impl OpenConnections {
+    pub fn new(cap: usize) -> Self {
+        OpenConnections { cap, next_id: AtomicU64::new(0), open: Mutex::new(HashMap::new()) }
+    }
+
+    /// Admits a new connection; at the cap, first closes the connection of the same listener that least deserves its
+    /// place (returned, for the metric): the oldest not yet requested, else the oldest with nothing in flight.
+    pub fn admit(&self, info: ConnInfo, state: Arc<ConnState>) -> Result<(OpenGuard<'_>, bool), AtCap> {
+        let direction = info.direction;
+        let mut open = self.open.lock().expect("connections lock");
+        let mut evicted = false;
+        if open.values().filter(|e| e.shown.info.direction == direction).count() >= self.cap {
+            let victim = open
+                .iter()
+                .filter(|(_, e)| e.shown.info.direction == direction)
+                .filter_map(|(id, e)| e.state.eviction_class().map(|class| ((class, e.accepted), *id)))
+                .min()
+                .map(|(_, id)| id);
+            let Some(id) = victim else { return Err(AtCap(self.cap)) };
+            if let Some(entry) = open.remove(&id) {
+                entry.state.evicted.notify_one();
+                evicted = true;
+            }
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let shown = OpenConnection { info, protocol: "detecting" };
+        open.insert(id, Entry { shown, state, accepted: Instant::now() });
+        Ok((OpenGuard { table: self, id }, evicted))
+    }
+
+    pub fn list(&self) -> Vec<OpenConnection> {
+        self.open.lock().expect("connections lock").values().map(|e| e.shown.clone()).collect()
+    }
+
+    /// Open connections on one listener.
+    pub fn count(&self, direction: Direction) -> usize {
+        self.open.lock().expect("connections lock").values().filter(|e| e.shown.info.direction == direction).count()
+    }
+}
+
+impl OpenGuard<'_> {
+    /// What the connection turned out to speak, and who it is after a mesh handshake.
+    pub fn update(&self, info: &ConnInfo, protocol: &'static str) {
+        if let Some(e) = self.table.open.lock().expect("connections lock").get_mut(&self.id) {
+            e.shown = OpenConnection { info: info.clone(), protocol };
+        }
+    }
+}
+
+impl Drop for OpenGuard<'_> {
+    fn drop(&mut self) {
+        self.table.open.lock().expect("connections lock").remove(&self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn(direction: Direction) -> ConnInfo {
+        let addr = "127.0.0.1:1".parse().unwrap();
+        ConnInfo {
+            direction,
+            mode: super::super::target::Mode::Explicit,
+            peer: addr,
+            local: addr,
+            original_dst: None,
+            peer_identity: None,
+            peer_spiffe: None,
+            sni_port: None,
+            peer_not_after: None,
+            activity: Default::default(),
+        }
+    }
+
+    #[test]
+    fn at_the_cap_the_oldest_unrequested_goes_first_then_the_oldest_idle_and_busy_ones_stay() {
+        let table = OpenConnections::new(3);
+        let (busy, idle, fresh) = (Arc::new(ConnState::default()), Arc::new(ConnState::default()), Arc::default());
+        busy.request_started();
+        idle.request_started();
+        idle.request_finished();
+        let _a = table.admit(conn(Direction::Inbound), busy.clone()).unwrap();
+        let _b = table.admit(conn(Direction::Inbound), idle.clone()).unwrap();
+        let _c = table.admit(conn(Direction::Inbound), Arc::clone(&fresh)).unwrap();
+        // The other listener has its own cap.
+        let _out = table.admit(conn(Direction::Outbound), Arc::default()).unwrap();
+        assert_eq!(table.count(Direction::Inbound), 3);
+
+        let (_d, evicted) = table.admit(conn(Direction::Inbound), Arc::new(ConnState::default())).unwrap();
+        assert!(evicted);
+        assert!(futures_ready(&fresh.evicted), "the connection that never sent a request is closed first");
+        let unrequested = |e: &&Entry| e.state.requests.load(Ordering::Relaxed) == 0;
+        let inbound = |e: &&Entry| e.shown.info.direction == Direction::Inbound;
+        let left = table.open.lock().unwrap().values().filter(inbound).filter(unrequested).count();
+        assert_eq!(left, 1, "only the newcomer has no request yet");
+
+        let (_e, evicted) = table
+            .admit(conn(Direction::Inbound), {
+                let s = Arc::new(ConnState::default());
+                s.request_started();
+                s
+            })
+            .unwrap();
+        assert!(evicted);
+        // Not-yet-requested beats idle: the connection admitted just before (no request yet) went, not `idle`.
+        assert!(!futures_ready(&idle.evicted));
+
+        let (_f, _) = table.admit(conn(Direction::Inbound), Arc::default()).unwrap();
+        assert!(futures_ready(&idle.evicted), "then the one with nothing in flight");
+        assert_eq!(table.count(Direction::Inbound), 3);
+
+        // Busy and opaque connections are never closed to make room: the newcomer is refused.
+        let opaque = Arc::new(ConnState::default());
+        opaque.set_opaque();
+        let full = OpenConnections::new(2);
+        let _g = full.admit(conn(Direction::Inbound), busy.clone()).unwrap();
+        let _h = full.admit(conn(Direction::Inbound), opaque).unwrap();
+        assert!(full.admit(conn(Direction::Inbound), Arc::default()).is_err());
+        assert!(!futures_ready(&busy.evicted));
+    }
+
+    /// Whether a permit is waiting on `n`.
+    fn futures_ready(n: &Notify) -> bool {
+        let notified = n.notified();
+        tokio::pin!(notified);
+        let waker = std::task::Waker::noop();
+        let ready = notified.as_mut().poll(&mut std::task::Context::from_waker(waker)).is_ready();
+        if ready {
+            n.notify_one(); // put the permit back
+        }
+        ready
+    }
+
+    use std::future::Future;
+}
