@@ -16,7 +16,7 @@ use tokio::net::TcpListener;
 
 use crate::discovery::snapshot::ConfigStore;
 use crate::listen::drain::Drain;
-use crate::listen::open::OpenConnections;
+use crate::listen::open::{ConnState, OpenConnections};
 use crate::settings::Settings;
 use crate::telemetry::logging::LogHandle;
 use crate::telemetry::metrics::Metrics;
@@ -214,10 +214,16 @@ pub enum Server {
     Admin,
 }
 
+/// Connections each of the two small servers keeps open: the kubelet and Prometheus need a few.
+const MAX_CONNECTIONS: usize = 128;
+
 /// Serves one of the two small HTTP/1 servers on `listener` for the life of the process.
 pub async fn serve(state: Arc<AdminState>, listener: TcpListener, which: Server) {
+    // Capped as the listeners are: at the cap the oldest connection without a request in flight makes room, so that
+    // idle sockets held open cannot keep the kubelet's probes out.
+    let open = Arc::new(OpenConnections::new(MAX_CONNECTIONS));
     loop {
-        let (stream, _) = match listener.accept().await {
+        let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(error = %e, "admin accept failed");
@@ -225,23 +231,38 @@ pub async fn serve(state: Arc<AdminState>, listener: TcpListener, which: Server)
                 continue;
             }
         };
+        let Ok(info) = crate::listen::target::ConnInfo::of(&stream, peer, crate::direction::Direction::Inbound) else {
+            continue;
+        };
+        let conn = Arc::new(ConnState::default());
         let state = state.clone();
         let header_timeout = state.settings.header_read_timeout;
+        let open = open.clone();
         tokio::spawn(async move {
+            let Ok((_open, _)) = open.admit(info, conn.clone()) else {
+                return;
+            };
+            let evicted = conn.clone();
             let service = hyper::service::service_fn(move |req| {
-                let state = state.clone();
+                let (state, conn) = (state.clone(), conn.clone());
+                conn.request_started();
                 async move {
-                    Ok::<_, Infallible>(match which {
+                    let response = match which {
                         Server::Health => state.health(req).await,
                         Server::Admin => state.admin(req).await,
-                    })
+                    };
+                    conn.request_finished();
+                    Ok::<_, Infallible>(response)
                 }
             });
             // Bounded like the listeners: headers within the header-read timeout, which here also closes a
             // keep-alive connection idle that long (the kubelet and Prometheus reconnect).
             let mut http = http1::Builder::new();
             http.timer(TokioTimer::new()).header_read_timeout(header_timeout);
-            let _ = http.serve_connection(TokioIo::new(stream), service).await;
+            tokio::select! {
+                _ = http.serve_connection(TokioIo::new(stream), service) => {}
+                () = evicted.evicted.notified() => {}
+            }
         });
     }
 }

@@ -94,10 +94,16 @@ pub fn service_yaml(name: &str, port: u16, endpoints: &[SocketAddr]) -> String {
 impl Ferry {
     /// Starts ferry with `config` (file source, if any) and extra env, and waits until it is ready.
     pub fn start(config: Option<&str>, env: &[(&str, &str)]) -> Ferry {
+        Self::start_limited(config, env, None)
+    }
+
+    /// Starts ferry as `start` does, with its open-file limit (soft and hard) set to `open_files` (util-linux's
+    /// `prlimit`, which execs ferry: the PID is ferry's).
+    pub fn start_limited(config: Option<&str>, env: &[(&str, &str)], open_files: Option<u64>) -> Ferry {
         // A port that was free when picked can be taken before ferry binds it (by an outgoing connection's source
         // port): start again on new ports, a few times.
         for _ in 0..3 {
-            let mut ferry = Self::spawn(config, env);
+            let mut ferry = Self::spawn_limited(config, env, open_files);
             if ferry.wait_ready_unless_port_taken() {
                 return ferry;
             }
@@ -124,12 +130,23 @@ impl Ferry {
 
     /// Starts ferry without waiting for readiness.
     pub fn spawn(config: Option<&str>, env: &[(&str, &str)]) -> Ferry {
+        Self::spawn_limited(config, env, None)
+    }
+
+    fn spawn_limited(config: Option<&str>, env: &[(&str, &str)], open_files: Option<u64>) -> Ferry {
         let dir = TempDir::new("ferry");
         let (outbound, inbound, admin, health) =
             (loopback(free_port()), loopback(free_port()), loopback(free_port()), loopback(free_port()));
         let log_path = dir.path().join("ferry.log");
         let log = std::fs::File::create(&log_path).unwrap();
-        let mut cmd = Command::new(ferry_bin());
+        let mut cmd = match open_files {
+            Some(n) => {
+                let mut cmd = Command::new("prlimit");
+                cmd.arg(format!("--nofile={n}:{n}")).arg("--").arg(ferry_bin());
+                cmd
+            }
+            None => Command::new(ferry_bin()),
+        };
         cmd.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("FERRY_OUTBOUND_ADDR", outbound.to_string())
