@@ -222,13 +222,16 @@ spec:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sni_may_name_only_a_port_the_service_declares() {
-    // The workload's app, and a debug server kept on loopback that no peer may reach.
+    // The workload's app (its port's protocol detected), a second app port declared HTTP, and a debug server kept on
+    // loopback that no peer may reach.
     let app = backend::http_backend().await;
+    let http_app = backend::http_backend().await;
     let debug = backend::http_backend().await;
     let cp = tokio::task::block_in_place(|| ControlPlane::start(&state_dir("authz-sni")));
     let declared = format!(
-        "apiVersion: ferry.dev/v1alpha1\nkind: Service\nmetadata: {{name: local}}\nspec:\n  ports: [{{port: {}, protocol: http}}]\n  identities: [local]\n",
-        app.addr.port()
+        "apiVersion: ferry.dev/v1alpha1\nkind: Service\nmetadata: {{name: local}}\nspec:\n  ports: [{{port: {}}}, {{port: {}, protocol: http}}]\n  identities: [local]\n",
+        app.addr.port(),
+        http_app.addr.port()
     );
     cp.ok(&["apply", "-f", "-"], Some(&declared));
     // Without FERRY_APP_ADDR the SNI's port selects the app's port on 127.0.0.1.
@@ -248,6 +251,13 @@ async fn the_sni_may_name_only_a_port_the_service_declares() {
     assert!(answer.map_or(true, |b| b.is_empty()), "a port the Service does not declare is refused");
     assert_eq!(debug.requests.load(std::sync::atomic::Ordering::SeqCst), 0, "the debug server was never reached");
     assert!(local.logs().contains("which no Service selecting this pod declares"), "{}", local.logs());
+    // An opaque stream to a port declared HTTP would carry requests past header stripping, rate limits and path
+    // rules: refused. (To the detected port above it is how a caller whose detection timed out gets through.)
+    let answer = probe.exchange(local.inbound, &sni(http_app.addr.port()), request).await;
+    assert!(answer.map_or(true, |b| b.is_empty()), "ferry/tcp to a port declared http is refused");
+    assert_eq!(http_app.requests.load(std::sync::atomic::Ordering::SeqCst), 0, "the declared-HTTP app was not reached");
+    let refused = local.metric(r#"ferry_tcp_connections_failed_total{direction="inbound",reason="declared-http"}"#);
+    assert_eq!(refused, 1.0, "{}", local.metrics());
 }
 
 /// A control plane holding Service `api` (`api.local`) with `rate_limit` as its TrafficPolicy's `rateLimit`.

@@ -362,7 +362,8 @@ impl Snapshot {
         // the port named in the SNI; the pod's proxy applies that port's policy.
         let index = self.meshed_ips.get(&original.ip())?;
         let service = &self.services[*index];
-        let port = ServicePort { port: original.port(), protocol: PortProtocol::Http, name: None, target_port: None };
+        let port =
+            ServicePort { port: original.port(), protocol: PortProtocol::Detected, name: None, target_port: None };
         let target = Target::Endpoint(Endpoint { addr: original, meshed: true });
         Some(Route { service: service.clone(), port, target })
     }
@@ -423,7 +424,8 @@ impl Inbound {
             let docs: Vec<&ferry_api::policy::AuthorizationPolicy> =
                 keys.iter().flat_map(|k| authz.get(k).into_iter().flatten().copied()).collect();
             let label = |s: &SelectingService| -> Arc<str> { format!("{}.{}", s.name, s.namespace).into() };
-            let first = protocols.first();
+            let first = protocols.first().map(|p| p.handled_as());
+            let opaque = protocols.iter().any(|p| Some(p.handled_as()) != first || *p == PortProtocol::Tcp);
             Arc::new(InboundPolicy {
                 mode,
                 authorization: (!docs.is_empty()).then(|| Arc::new(Authorization::compile(&docs))),
@@ -432,7 +434,8 @@ impl Inbound {
                     .filter_map(|s| rate_limits.get(&s.key()).map(|l| (label(s), l.clone())))
                     .collect(),
                 service: services.first().map_or_else(|| UNSELECTED_SERVICE.into(), |s| label(s)),
-                opaque: protocols.iter().any(|p| Some(p) != first || *p == PortProtocol::Tcp),
+                opaque,
+                declared_http: !opaque && protocols.iter().any(PortProtocol::is_declared_http),
             })
         };
         let mut ports: HashMap<u16, (Vec<&SelectingService>, Vec<PortProtocol>)> = HashMap::new();
@@ -452,6 +455,7 @@ impl Inbound {
             rate_limits: Arc::new([]),
             service: UNSELECTED_SERVICE.into(),
             opaque: false,
+            declared_http: false,
         });
         Inbound {
             by_port: ports
@@ -656,9 +660,10 @@ spec: {targetRef: {kind: Service, name: lax}, defaultAction: allow}
             vec![
                 // `strict` and `lax` both select 8080; `lax` alone selects 9090 (and says grpc where `other` says
                 // tcp: the port is opaque); `other` has no policies.
-                service("strict", &[(8080, PortProtocol::Http)]),
-                service("lax", &[(8080, PortProtocol::Http), (9090, PortProtocol::Grpc)]),
-                service("other", &[(9090, PortProtocol::Tcp), (7070, PortProtocol::Http)]),
+                // 6060: one Service declares http, the other nothing (detected): HTTP, not opaque.
+                service("strict", &[(8080, PortProtocol::Http), (6060, PortProtocol::Detected)]),
+                service("lax", &[(8080, PortProtocol::Http), (9090, PortProtocol::Grpc), (6060, PortProtocol::Http)]),
+                service("other", &[(9090, PortProtocol::Tcp), (7070, PortProtocol::Detected)]),
             ],
             DefaultInbound::Deny,
         );
@@ -695,9 +700,15 @@ spec: {targetRef: {kind: Service, name: lax}, defaultAction: allow}
             assert_eq!(allowed(p, Some(&stranger), n), *elsewhere, "{what}: another namespace");
             assert_eq!(allowed(p, None, n), *plaintext, "{what}: plaintext");
         }
+        // Declared HTTP (no opaque stream may reach it): 8080 and 6060; 7070 is only detected, 9090 opaque.
+        for (port, declared) in [(8080, true), (6060, true), (7070, false), (9090, false), (22, false)] {
+            let p = s.inbound_policy(Some(port));
+            assert_eq!(p.declared_http, declared, "{port}");
+            assert!(port == 9090 || !p.opaque, "{port}");
+        }
         let mut ports: Vec<u16> = s.selected_ports().collect();
         ports.sort();
-        assert_eq!(ports, [7070, 8080, 9090]);
+        assert_eq!(ports, [6060, 7070, 8080, 9090]);
         // mesh-only admits any mesh identity and no plaintext; allow admits everyone.
         for (default, mesh, plain) in [(DefaultInbound::MeshOnly, true, false), (DefaultInbound::Allow, true, true)] {
             let s =

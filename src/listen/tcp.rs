@@ -31,6 +31,14 @@ impl Listeners {
                 port: dest.port,
             };
             let policy = dest.inbound.clone().expect("an inbound destination carries its port's policy (destination)");
+            // A port declared HTTP takes HTTP only: an opaque stream (a mesh peer's `ferry/tcp`, bytes that are not
+            // HTTP) would carry requests past header stripping, rate limits and path rules.
+            if policy.declared_http {
+                self.metrics.proxy_error(direction, "bad-request");
+                self.metrics.tcp_failed.with_label_values(&[direction.as_str(), "declared-http"]).inc();
+                tracing::info!(peer = %conn.peer, port = dest.port, "opaque connection refused: the port is declared HTTP");
+                return;
+            }
             if let crate::policy::authz::Decision::Deny(why) = policy.check(&call, &self.metrics) {
                 self.metrics.proxy_error(direction, "unauthorized");
                 self.metrics.tcp_failed.with_label_values(&[direction.as_str(), "unauthorized"]).inc();

@@ -191,6 +191,9 @@ pub struct InboundPolicy {
     pub service: Arc<str>,
     /// The Services disagree on the port's protocol, or declare it `tcp`: it is forwarded uninspected.
     pub opaque: bool,
+    /// A Service declares the port HTTP (`http`, `http2`, `grpc`: `appProtocol`, a port name's prefix, or Ferry's
+    /// `protocol`) and it is not opaque: nothing is forwarded to it as opaque bytes, not even from a mesh peer.
+    pub declared_http: bool,
 }
 
 impl InboundPolicy {
@@ -357,6 +360,7 @@ mod tests {
             rate_limits: Arc::new([]),
             service: "payments.shop".into(),
             opaque: false,
+            declared_http: false,
         };
         let metrics = Arc::new(crate::telemetry::metrics::Metrics::new());
         let peer = Some(Arc::new(Identity::new("shop", "orders")));

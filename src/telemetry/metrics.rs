@@ -220,7 +220,7 @@ impl Metrics {
             ),
             tcp_failed: counter(
                 "ferry_tcp_connections_failed_total",
-                "Opaque connections not forwarded, and accepted connections refused, by direction and ferry-proxy-error reason (no route, connect refused or timed out, TLS failed, unauthorized, rate-limited, detect-timeout; overloaded: the listener at its connection cap with every connection busy).",
+                "Opaque connections not forwarded, and accepted connections refused, by direction and ferry-proxy-error reason (no route, connect refused or timed out, TLS failed, unauthorized, rate-limited, detect-timeout; declared-http: an opaque stream to a port declared HTTP; overloaded: the listener at its connection cap with every connection busy).",
                 &["direction", "reason"],
             ),
             tcp_evicted: counter(

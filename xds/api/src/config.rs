@@ -75,7 +75,7 @@ pub struct ServiceSpec {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ServicePort {
     pub port: u16,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "PortProtocol::is_detected")]
     pub protocol: PortProtocol,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
@@ -84,15 +84,39 @@ pub struct ServicePort {
     pub target_port: Option<u16>,
 }
 
-/// What a port speaks. `http` is detected per connection (HTTP/1 or h2c); `tcp` is never inspected.
+/// What a port speaks. `http` is detected per connection (HTTP/1 or h2c); `tcp` is never inspected. A port that says
+/// nothing is `Detected`: handled as `http`, except that a mesh peer may open an opaque stream to it (a caller whose
+/// own detection timed out), which a port declared HTTP refuses.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PortProtocol {
-    #[default]
     Http,
     Http2,
     Grpc,
     Tcp,
+    /// Not a value users write: the absence of one.
+    #[default]
+    #[serde(skip)]
+    Detected,
+}
+
+impl PortProtocol {
+    pub fn is_detected(&self) -> bool {
+        *self == PortProtocol::Detected
+    }
+
+    /// Declared HTTP (`http`, `http2`, `grpc`): every connection to it is handled as HTTP.
+    pub fn is_declared_http(&self) -> bool {
+        matches!(self, PortProtocol::Http | PortProtocol::Http2 | PortProtocol::Grpc)
+    }
+
+    /// How a connection to it is handled: a detected port as an `http` one.
+    pub fn handled_as(self) -> PortProtocol {
+        match self {
+            PortProtocol::Detected => PortProtocol::Http,
+            p => p,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -491,7 +515,7 @@ spec: {ports: [{port: 80}]}
         assert_eq!(p.spec.endpoints[1].socket_addr(8080), Some("[::1]:8080".parse().unwrap()));
         let Document::Service(o) = &docs[1] else { panic!("a Service") };
         assert_eq!(o.metadata.namespace, "default");
-        assert_eq!(o.spec.ports[0].protocol, PortProtocol::Http);
+        assert_eq!(o.spec.ports[0].protocol, PortProtocol::Detected, "no protocol: detected");
         assert_eq!(parse_documents("").unwrap(), vec![]);
     }
 

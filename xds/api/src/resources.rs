@@ -47,16 +47,18 @@ pub fn protocol_to_pb(protocol: PortProtocol) -> pb::Protocol {
         PortProtocol::Http2 => pb::Protocol::Http2,
         PortProtocol::Grpc => pb::Protocol::Grpc,
         PortProtocol::Tcp => pb::Protocol::Tcp,
+        PortProtocol::Detected => pb::Protocol::Detected,
     }
 }
 
-/// A port's protocol from the wire (an unknown value is detected per connection, as `http` is).
+/// A port's protocol from the wire (an unknown value is detected per connection).
 pub fn protocol_from_pb(protocol: i32) -> PortProtocol {
-    match pb::Protocol::try_from(protocol).unwrap_or(pb::Protocol::Http) {
+    match pb::Protocol::try_from(protocol).unwrap_or(pb::Protocol::Detected) {
         pb::Protocol::Http => PortProtocol::Http,
         pb::Protocol::Http2 => PortProtocol::Http2,
         pb::Protocol::Grpc => PortProtocol::Grpc,
         pb::Protocol::Tcp => PortProtocol::Tcp,
+        pb::Protocol::Detected => PortProtocol::Detected,
     }
 }
 

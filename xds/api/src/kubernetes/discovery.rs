@@ -83,7 +83,7 @@ pub fn pod_ips(pod: &Pod) -> Vec<std::net::IpAddr> {
 }
 
 /// What a Service port speaks, from its `appProtocol` or, like Istio, its name's prefix (`grpc-web`, `http2-api`);
-/// anything else is detected per connection (HTTP/1, h2c, or opaque TCP).
+/// anything else is `Detected` per connection (HTTP/1, h2c, or opaque TCP).
 pub fn port_protocol(app_protocol: Option<&str>, name: Option<&str>) -> PortProtocol {
     let word = |s: &str| match s.to_ascii_lowercase().as_str() {
         "grpc" => Some(PortProtocol::Grpc),
@@ -98,7 +98,7 @@ pub fn port_protocol(app_protocol: Option<&str>, name: Option<&str>) -> PortProt
     app_protocol
         .and_then(word)
         .or_else(|| name.and_then(|n| word(n.split('-').next().unwrap_or(n))))
-        .unwrap_or(PortProtocol::Http)
+        .unwrap_or(PortProtocol::Detected)
 }
 
 /// The Ferry `Service` of a Kubernetes Service: its TCP ports (target ports from the EndpointSlices), its names

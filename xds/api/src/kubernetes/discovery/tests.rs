@@ -110,8 +110,11 @@ fn protocols_from_app_protocol_or_name() {
         (None, Some("postgres"), PortProtocol::Tcp),
         (None, Some("https"), PortProtocol::Tcp),
         (Some("kubernetes.io/wss"), None, PortProtocol::Tcp),
-        (None, Some("web"), PortProtocol::Http),
-        (None, None, PortProtocol::Http),
+        (Some("http"), Some("tcp"), PortProtocol::Http),
+        (None, Some("http-api"), PortProtocol::Http),
+        // Declared by neither: detected per connection.
+        (None, Some("web"), PortProtocol::Detected),
+        (None, None, PortProtocol::Detected),
     ] {
         assert_eq!(port_protocol(app, name), want, "{app:?} {name:?}");
     }
