@@ -188,3 +188,21 @@ async fn every_request_on_a_keep_alive_connection_has_a_header_deadline() {
         assert_eq!(counted, 1.0, "{direction}: {}", ferry.metrics());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_services_tcp_idle_timeout_closes_its_opaque_connections() {
+    // The proxy's idle timeout stays at its default (1 h); the Service's TrafficPolicy says 1 s for opaque TCP.
+    let greeting = backend::greeting_backend(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap()).await;
+    let policy = "apiVersion: ferry.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: db}\nspec: {targetRef: {kind: Service, name: db}, tcpIdleTimeout: 1s}\n";
+    let config = format!("{}{policy}", service_yaml("db", 5432, &[greeting.addr]));
+    let ferry = Ferry::start(
+        Some(&config),
+        &[("FERRY_SERVICE", "db"), ("FERRY_APP_ADDR", &greeting.addr.to_string()), ("FERRY_HEADER_READ_TIMEOUT", "1s")],
+    );
+    let mut s = TcpStream::connect(ferry.inbound).await.unwrap();
+    s.write_all(b"\x00\x01").await.unwrap();
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    assert!(read.is_ok(), "an opaque connection idle past the Service's tcpIdleTimeout is still open after 10 s");
+    assert!(out.starts_with(b"220 ferry-test ready"), "{}", String::from_utf8_lossy(&out));
+}

@@ -81,6 +81,8 @@ pub struct Outbound {
     pub caps: Option<crate::policy::concurrency::Caps>,
     pub balancer: LoadBalancer,
     pub outlier: Option<Arc<crate::policy::outlier::Config>>,
+    /// Opaque TCP to the Service: closed after this long without bytes (else `FERRY_IDLE_TIMEOUT`).
+    pub tcp_idle_timeout: Option<std::time::Duration>,
 }
 
 impl Outbound {
@@ -100,6 +102,7 @@ impl Outbound {
             outlier: spec
                 .and_then(|s| s.outlier_detection.as_ref())
                 .map(|o| Arc::new(crate::policy::outlier::Config::from_policy(o))),
+            tcp_idle_timeout: spec.and_then(|s| s.tcp_idle_timeout.as_ref().map(|d| d.as_std())),
         }
     }
 }
@@ -252,19 +255,12 @@ impl Snapshot {
         for (host, index) in implicit {
             by_host.entry(host).or_insert_with(|| vec![(None, index)]);
         }
-        let mut mtls = HashMap::new();
-        let mut rate_limits = HashMap::new();
+        let mut traffic = HashMap::new();
         let mut authz_docs: HashMap<String, Vec<&ferry_api::policy::AuthorizationPolicy>> = HashMap::new();
         for doc in &policies {
             match doc {
                 Document::TrafficPolicy(p) => {
-                    let target = format!("{}/{}", p.metadata.namespace, p.spec.target_ref.name);
-                    if let Some(mode) = p.spec.mtls {
-                        mtls.insert(target.clone(), mode);
-                    }
-                    if let Some(limit) = &p.spec.rate_limit {
-                        rate_limits.insert(target, limit.clone());
-                    }
+                    traffic.insert(format!("{}/{}", p.metadata.namespace, p.spec.target_ref.name), &p.spec);
                 }
                 Document::AuthorizationPolicy(p) => {
                     let target = format!("{}/{}", p.metadata.namespace, p.spec.target_ref.name);
@@ -273,7 +269,7 @@ impl Snapshot {
                 Document::Service(_) => {}
             }
         }
-        let inbound = Inbound::compile(&workload, &mtls, &rate_limits, &authz_docs, default_mtls);
+        let inbound = Inbound::compile(&workload, &traffic, &authz_docs, default_mtls);
         let mut by_identity = HashMap::new();
         for svc in &services {
             for id in svc.identities.iter() {
@@ -402,25 +398,31 @@ struct Inbound {
 
 impl Default for Inbound {
     fn default() -> Self {
-        Inbound::compile(&Workload::default(), &HashMap::new(), &HashMap::new(), &HashMap::new(), MtlsMode::Permissive)
+        Inbound::compile(&Workload::default(), &HashMap::new(), &HashMap::new(), MtlsMode::Permissive)
     }
 }
 
 impl Inbound {
-    /// Per port, from every Service selecting it: the strictest mTLS mode (a Service without one has the mesh's), the
-    /// union of their AuthorizationPolicies (a deny default from any of them denies), each one's rate limit, opaque
-    /// when they disagree on the protocol (or say `tcp`). Ports no Service selects: the mesh's mTLS mode and the
-    /// workload's default inbound policy.
+    /// Per port, from every Service selecting it (`traffic`: TrafficPolicies by `namespace/name` of their Service):
+    /// the strictest mTLS mode (a Service without one has the mesh's), the union of their AuthorizationPolicies (a
+    /// deny default from any of them denies), each one's rate limit, the shortest TCP idle timeout, opaque when they
+    /// disagree on the protocol (or say `tcp`). Ports no Service selects: the mesh's mTLS mode and the workload's
+    /// default inbound policy.
     fn compile(
         workload: &Workload,
-        mtls: &HashMap<String, MtlsMode>,
-        rate_limits: &HashMap<String, ferry_api::policy::RateLimit>,
+        traffic: &HashMap<String, &ferry_api::policy::TrafficPolicySpec>,
         authz: &HashMap<String, Vec<&ferry_api::policy::AuthorizationPolicy>>,
         default_mtls: MtlsMode,
     ) -> Inbound {
         let policy = |services: &[&SelectingService], protocols: &[PortProtocol]| -> Arc<InboundPolicy> {
             let keys: Vec<String> = services.iter().map(|s| s.key()).collect();
-            let mode = keys.iter().map(|k| mtls.get(k).copied().unwrap_or(default_mtls)).max().unwrap_or(default_mtls);
+            let specs: Vec<&ferry_api::policy::TrafficPolicySpec> =
+                keys.iter().filter_map(|k| traffic.get(k).copied()).collect();
+            let mode = keys
+                .iter()
+                .map(|k| traffic.get(k).and_then(|t| t.mtls).unwrap_or(default_mtls))
+                .max()
+                .unwrap_or(default_mtls);
             let docs: Vec<&ferry_api::policy::AuthorizationPolicy> =
                 keys.iter().flat_map(|k| authz.get(k).into_iter().flatten().copied()).collect();
             let label = |s: &SelectingService| -> Arc<str> { format!("{}.{}", s.name, s.namespace).into() };
@@ -431,8 +433,9 @@ impl Inbound {
                 authorization: (!docs.is_empty()).then(|| Arc::new(Authorization::compile(&docs))),
                 rate_limits: services
                     .iter()
-                    .filter_map(|s| rate_limits.get(&s.key()).map(|l| (label(s), l.clone())))
+                    .filter_map(|s| traffic.get(&s.key()).and_then(|t| t.rate_limit.clone()).map(|l| (label(s), l)))
                     .collect(),
+                tcp_idle_timeout: specs.iter().filter_map(|t| t.tcp_idle_timeout.as_ref().map(|d| d.as_std())).min(),
                 service: services.first().map_or_else(|| UNSELECTED_SERVICE.into(), |s| label(s)),
                 opaque,
                 declared_http: !opaque && protocols.iter().any(PortProtocol::is_declared_http),
@@ -453,6 +456,7 @@ impl Inbound {
             mode: default_mtls,
             authorization: Authorization::for_unselected(workload.default_inbound).map(Arc::new),
             rate_limits: Arc::new([]),
+            tcp_idle_timeout: None,
             service: UNSELECTED_SERVICE.into(),
             opaque: false,
             declared_http: false,

@@ -84,7 +84,12 @@ impl Listeners {
         if let Some(attempt) = attempt {
             attempt.finish(connected.is_err(), &self.metrics);
         }
-        let (activity, idle) = (&conn.activity, self.settings.idle_timeout);
+        // The destination Service's own idle timeout (inbound: the selecting Services'), else the proxy's.
+        let service_idle = match &dest.inbound {
+            Some(policy) => policy.tcp_idle_timeout,
+            None => dest.outbound.tcp_idle_timeout,
+        };
+        let (activity, idle) = (&conn.activity, service_idle.unwrap_or(self.settings.idle_timeout));
         let copied = match connected {
             Ok(Upstream::Mesh(mut upstream)) => copy_until_idle(&mut io, &mut upstream, activity, idle).await,
             Ok(Upstream::Plain(mut upstream)) => copy_until_idle(&mut io, &mut upstream, activity, idle).await,

@@ -186,6 +186,9 @@ pub struct InboundPolicy {
     /// The selecting Services' TrafficPolicy rateLimits with their `service` labels (the destination's proxy enforces
     /// them, after authorization; a request takes a token from each).
     pub rate_limits: Arc<[(Arc<str>, ferry_api::policy::RateLimit)]>,
+    /// The shortest `tcpIdleTimeout` of the selecting Services' TrafficPolicies: opaque connections to the port are
+    /// closed after that long without bytes.
+    pub tcp_idle_timeout: Option<std::time::Duration>,
     /// The `service` label of the decision metric and of inbound requests: the selecting Service first in
     /// `namespace/name` order, or `unselected`.
     pub service: Arc<str>,
@@ -361,6 +364,7 @@ mod tests {
             service: "payments.shop".into(),
             opaque: false,
             declared_http: false,
+            tcp_idle_timeout: None,
         };
         let metrics = Arc::new(crate::telemetry::metrics::Metrics::new());
         let peer = Some(Arc::new(Identity::new("shop", "orders")));

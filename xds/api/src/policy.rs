@@ -189,6 +189,11 @@ pub struct TrafficPolicySpec {
     pub load_balancer: Option<LoadBalancer>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtls: Option<MtlsMode>,
+    /// An opaque TCP connection to the Service with no bytes either way this long is closed, by the caller's proxy
+    /// and by the Service's own (Istio's `connectionPool.tcp.idleTimeout`); default the proxy's `FERRY_IDLE_TIMEOUT`
+    /// (1 h).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_idle_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -515,6 +520,9 @@ pub(crate) fn validate_traffic_policy(spec: &TrafficPolicySpec, errors: &mut Vec
     if let Some(t) = &spec.timeout {
         c.positive("spec.timeout", t);
     }
+    if let Some(t) = &spec.tcp_idle_timeout {
+        c.positive("spec.tcpIdleTimeout", t);
+    }
     if let Some(r) = &spec.retries {
         if r.attempts > 10 {
             c.fail("spec.retries.attempts", format!("must be 0-10, got {}", r.attempts));
@@ -704,6 +712,7 @@ spec: {targetRef: {kind: Service, name: payments}, defaultAction: deny,
             ("timeout: 2s", "timeout: banana", "spec.timeout: `banana`"),
             ("timeout: 2s", "timeout: -5s", "spec.timeout: `-5s`"),
             ("timeout: 2s", "timeout: 0s", "spec.timeout: must be more than 0s"),
+            ("  timeout: 2s", "  timeout: 2s\n  tcpIdleTimeout: 0s", "spec.tcpIdleTimeout: must be more than 0s"),
             ("percent: 20", "percent: 150", "spec.retries.budget.percent: must be 0-100, got 150"),
             (
                 "failureRatio: 0.6",

@@ -128,7 +128,9 @@ pub fn decode(name: &str, any: &Any) -> Result<Received, DecodeError> {
     }
     let resource = match any.type_url.as_str() {
         SERVICE_TYPE => pb::Service::decode(any.value.as_slice()).map(Resource::Service),
-        TRAFFIC_POLICY_TYPE => pb::TrafficPolicy::decode(any.value.as_slice()).map(Resource::TrafficPolicy),
+        TRAFFIC_POLICY_TYPE => {
+            pb::TrafficPolicy::decode(any.value.as_slice()).map(|r| Resource::TrafficPolicy(Box::new(r)))
+        }
         AUTHORIZATION_POLICY_TYPE => {
             pb::AuthorizationPolicy::decode(any.value.as_slice()).map(Resource::AuthorizationPolicy)
         }

@@ -20,7 +20,7 @@ pub mod pb {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Resource {
     Service(pb::Service),
-    TrafficPolicy(pb::TrafficPolicy),
+    TrafficPolicy(Box<pb::TrafficPolicy>),
     AuthorizationPolicy(pb::AuthorizationPolicy),
 }
 
@@ -89,10 +89,11 @@ pub fn to_resource(doc: &Document) -> Resource {
         }),
         Document::TrafficPolicy(tp) => {
             let s = &tp.spec;
-            Resource::TrafficPolicy(pb::TrafficPolicy {
+            Resource::TrafficPolicy(Box::new(pb::TrafficPolicy {
                 meta: meta(&tp.metadata),
                 target: s.target_ref.name.clone(),
                 timeout_ms: ms(&s.timeout),
+                tcp_idle_timeout_ms: ms(&s.tcp_idle_timeout),
                 retries: s.retries.as_ref().map(|r| pb::Retries {
                     attempts: r.attempts,
                     per_try_timeout_ms: ms(&r.per_try_timeout),
@@ -138,7 +139,7 @@ pub fn to_resource(doc: &Document) -> Resource {
                     Some(MtlsMode::Permissive) => pb::MtlsMode::Permissive,
                     Some(MtlsMode::Strict) => pb::MtlsMode::Strict,
                 } as i32,
-            })
+            }))
         }
         Document::AuthorizationPolicy(ap) => Resource::AuthorizationPolicy(pb::AuthorizationPolicy {
             meta: meta(&ap.metadata),
@@ -200,54 +201,59 @@ pub fn from_resource(resource: Resource) -> Result<Document, ConfigError> {
                     .collect(),
             },
         }),
-        Resource::TrafficPolicy(tp) => Document::TrafficPolicy(Box::new(TrafficPolicy {
-            metadata: metadata(tp.meta),
-            spec: TrafficPolicySpec {
-                target_ref: target(&tp.target),
-                timeout: duration(tp.timeout_ms),
-                retries: tp.retries.map(|r| Retries {
-                    attempts: r.attempts,
-                    per_try_timeout: duration(r.per_try_timeout_ms),
-                    on: r.on,
-                    backoff: r.backoff.map(|b| Backoff {
-                        base: Duration::from_millis(b.base_ms),
-                        max: Duration::from_millis(b.max_ms),
+        Resource::TrafficPolicy(tp) => Document::TrafficPolicy(Box::new({
+            let tp = *tp;
+            TrafficPolicy {
+                metadata: metadata(tp.meta),
+                spec: TrafficPolicySpec {
+                    target_ref: target(&tp.target),
+                    timeout: duration(tp.timeout_ms),
+                    tcp_idle_timeout: duration(tp.tcp_idle_timeout_ms),
+                    retries: tp.retries.map(|r| Retries {
+                        attempts: r.attempts,
+                        per_try_timeout: duration(r.per_try_timeout_ms),
+                        on: r.on,
+                        backoff: r.backoff.map(|b| Backoff {
+                            base: Duration::from_millis(b.base_ms),
+                            max: Duration::from_millis(b.max_ms),
+                        }),
+                        budget: r.budget.map(|b| RetryBudget { percent: b.percent, min_per_second: b.min_per_second }),
                     }),
-                    budget: r.budget.map(|b| RetryBudget { percent: b.percent, min_per_second: b.min_per_second }),
-                }),
-                circuit_breaker: tp.circuit_breaker.map(|c| CircuitBreaker {
-                    failure_ratio: c.failure_ratio,
-                    min_requests: c.min_requests,
-                    interval: duration(c.interval_ms),
-                    consecutive_failures: c.consecutive_failures,
-                    open_for: duration(c.open_for_ms),
-                    half_open_requests: c.half_open_requests,
-                    max_connections: c.max_connections,
-                    max_pending_requests: c.max_pending_requests,
-                    max_requests: c.max_requests,
-                }),
-                outlier_detection: tp.outlier_detection.map(|o| OutlierDetection {
-                    consecutive_5xx: o.consecutive_5xx,
-                    base_ejection_time: Duration::from_millis(o.base_ejection_time_ms),
-                    max_ejection_percent: o.max_ejection_percent,
-                }),
-                rate_limit: tp.rate_limit.map(|r| RateLimit {
-                    requests_per_second: r.requests_per_second,
-                    burst: r.burst,
-                    per_client_identity: r.per_client_identity,
-                }),
-                load_balancer: match pb::LoadBalancer::try_from(tp.load_balancer).unwrap_or(pb::LoadBalancer::Unset) {
-                    pb::LoadBalancer::Unset => None,
-                    pb::LoadBalancer::P2cEwma => Some(LoadBalancer::P2cEwma),
-                    pb::LoadBalancer::RoundRobin => Some(LoadBalancer::RoundRobin),
-                    pb::LoadBalancer::LeastRequest => Some(LoadBalancer::LeastRequest),
+                    circuit_breaker: tp.circuit_breaker.map(|c| CircuitBreaker {
+                        failure_ratio: c.failure_ratio,
+                        min_requests: c.min_requests,
+                        interval: duration(c.interval_ms),
+                        consecutive_failures: c.consecutive_failures,
+                        open_for: duration(c.open_for_ms),
+                        half_open_requests: c.half_open_requests,
+                        max_connections: c.max_connections,
+                        max_pending_requests: c.max_pending_requests,
+                        max_requests: c.max_requests,
+                    }),
+                    outlier_detection: tp.outlier_detection.map(|o| OutlierDetection {
+                        consecutive_5xx: o.consecutive_5xx,
+                        base_ejection_time: Duration::from_millis(o.base_ejection_time_ms),
+                        max_ejection_percent: o.max_ejection_percent,
+                    }),
+                    rate_limit: tp.rate_limit.map(|r| RateLimit {
+                        requests_per_second: r.requests_per_second,
+                        burst: r.burst,
+                        per_client_identity: r.per_client_identity,
+                    }),
+                    load_balancer: match pb::LoadBalancer::try_from(tp.load_balancer).unwrap_or(pb::LoadBalancer::Unset)
+                    {
+                        pb::LoadBalancer::Unset => None,
+                        pb::LoadBalancer::P2cEwma => Some(LoadBalancer::P2cEwma),
+                        pb::LoadBalancer::RoundRobin => Some(LoadBalancer::RoundRobin),
+                        pb::LoadBalancer::LeastRequest => Some(LoadBalancer::LeastRequest),
+                    },
+                    mtls: match pb::MtlsMode::try_from(tp.mtls).unwrap_or(pb::MtlsMode::MtlsUnset) {
+                        pb::MtlsMode::MtlsUnset => None,
+                        pb::MtlsMode::Permissive => Some(MtlsMode::Permissive),
+                        pb::MtlsMode::Strict => Some(MtlsMode::Strict),
+                    },
                 },
-                mtls: match pb::MtlsMode::try_from(tp.mtls).unwrap_or(pb::MtlsMode::MtlsUnset) {
-                    pb::MtlsMode::MtlsUnset => None,
-                    pb::MtlsMode::Permissive => Some(MtlsMode::Permissive),
-                    pb::MtlsMode::Strict => Some(MtlsMode::Strict),
-                },
-            },
+            }
         })),
         Resource::AuthorizationPolicy(ap) => Document::AuthorizationPolicy(AuthorizationPolicy {
             metadata: metadata(ap.meta),
@@ -321,7 +327,7 @@ spec: {targetRef: {kind: Service, name: payments}, defaultAction: deny, allow: [
             let decoded = match &resource {
                 Resource::Service(m) => Resource::Service(pb::Service::decode(m.encode_to_vec().as_slice()).unwrap()),
                 Resource::TrafficPolicy(m) => {
-                    Resource::TrafficPolicy(pb::TrafficPolicy::decode(m.encode_to_vec().as_slice()).unwrap())
+                    Resource::TrafficPolicy(Box::new(pb::TrafficPolicy::decode(m.encode_to_vec().as_slice()).unwrap()))
                 }
                 Resource::AuthorizationPolicy(m) => Resource::AuthorizationPolicy(
                     pb::AuthorizationPolicy::decode(m.encode_to_vec().as_slice()).unwrap(),
