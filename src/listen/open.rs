@@ -1,10 +1,9 @@
 //! The open downstream connections: what `/config_dump` lists, the cap per listener, and which connection is closed
 //! to make room at the cap (the oldest that has not sent a request yet, else the oldest with none in flight).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use serde::Serialize;
 use tokio::sync::Notify;
@@ -70,13 +69,22 @@ impl ConnState {
 pub struct OpenConnections {
     cap: usize,
     next_id: AtomicU64,
-    open: Mutex<HashMap<u64, Entry>>,
+    /// Per listener (`Direction as usize`).
+    open: Mutex<[Listener; 2]>,
+}
+
+/// One listener's connections by ID, which is also their age order.
+#[derive(Default)]
+struct Listener {
+    entries: BTreeMap<u64, Entry>,
+    /// The IDs of connections not seen with a request yet (pruned lazily, when a victim is looked for): the first
+    /// candidates, found in O(log n).
+    unrequested: BTreeSet<u64>,
 }
 
 struct Entry {
     shown: OpenConnection,
     state: Arc<ConnState>,
-    accepted: Instant,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -94,53 +102,65 @@ pub struct AtCap(pub usize);
 /// Removes its connection from the table when dropped.
 pub struct OpenGuard<'a> {
     table: &'a OpenConnections,
+    direction: Direction,
     id: u64,
+}
+
+impl Listener {
+    /// The connection that least deserves its place: the oldest not yet requested, else the oldest with nothing in
+    /// flight (a scan from the oldest, only when no connection is waiting for its first request).
+    fn victim(&mut self) -> Option<u64> {
+        while let Some(id) = self.unrequested.pop_first() {
+            if self.entries.get(&id).is_some_and(|e| e.state.eviction_class() == Some(0)) {
+                return Some(id);
+            }
+        }
+        self.entries.iter().find(|(_, e)| e.state.eviction_class() == Some(1)).map(|(id, _)| *id)
+    }
 }
 
 impl OpenConnections {
     pub fn new(cap: usize) -> Self {
-        OpenConnections { cap, next_id: AtomicU64::new(0), open: Mutex::new(HashMap::new()) }
+        OpenConnections { cap, next_id: AtomicU64::new(0), open: Mutex::default() }
     }
 
     /// Admits a new connection; at the cap, first closes the connection of the same listener that least deserves its
-    /// place (returned, for the metric): the oldest not yet requested, else the oldest with nothing in flight.
+    /// place (`true`: one was closed, for the metric).
     pub fn admit(&self, info: ConnInfo, state: Arc<ConnState>) -> Result<(OpenGuard<'_>, bool), AtCap> {
         let direction = info.direction;
         let mut open = self.open.lock().expect("connections lock");
+        let listener = &mut open[direction as usize];
         let mut evicted = false;
-        if open.values().filter(|e| e.shown.info.direction == direction).count() >= self.cap {
-            let victim = open
-                .iter()
-                .filter(|(_, e)| e.shown.info.direction == direction)
-                .filter_map(|(id, e)| e.state.eviction_class().map(|class| ((class, e.accepted), *id)))
-                .min()
-                .map(|(_, id)| id);
-            let Some(id) = victim else { return Err(AtCap(self.cap)) };
-            if let Some(entry) = open.remove(&id) {
+        if listener.entries.len() >= self.cap {
+            let Some(id) = listener.victim() else { return Err(AtCap(self.cap)) };
+            if let Some(entry) = listener.entries.remove(&id) {
                 entry.state.evicted.notify_one();
                 evicted = true;
             }
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let shown = OpenConnection { info, protocol: "detecting" };
-        open.insert(id, Entry { shown, state, accepted: Instant::now() });
-        Ok((OpenGuard { table: self, id }, evicted))
+        listener.entries.insert(id, Entry { shown, state });
+        listener.unrequested.insert(id);
+        Ok((OpenGuard { table: self, direction, id }, evicted))
     }
 
     pub fn list(&self) -> Vec<OpenConnection> {
-        self.open.lock().expect("connections lock").values().map(|e| e.shown.clone()).collect()
+        let open = self.open.lock().expect("connections lock");
+        open.iter().flat_map(|l| l.entries.values().map(|e| e.shown.clone())).collect()
     }
 
     /// Open connections on one listener.
     pub fn count(&self, direction: Direction) -> usize {
-        self.open.lock().expect("connections lock").values().filter(|e| e.shown.info.direction == direction).count()
+        self.open.lock().expect("connections lock")[direction as usize].entries.len()
     }
 }
 
 impl OpenGuard<'_> {
     /// What the connection turned out to speak, and who it is after a mesh handshake.
     pub fn update(&self, info: &ConnInfo, protocol: &'static str) {
-        if let Some(e) = self.table.open.lock().expect("connections lock").get_mut(&self.id) {
+        let mut open = self.table.open.lock().expect("connections lock");
+        if let Some(e) = open[self.direction as usize].entries.get_mut(&self.id) {
             e.shown = OpenConnection { info: info.clone(), protocol };
         }
     }
@@ -148,7 +168,10 @@ impl OpenGuard<'_> {
 
 impl Drop for OpenGuard<'_> {
     fn drop(&mut self) {
-        self.table.open.lock().expect("connections lock").remove(&self.id);
+        let mut open = self.table.open.lock().expect("connections lock");
+        let listener = &mut open[self.direction as usize];
+        listener.entries.remove(&self.id);
+        listener.unrequested.remove(&self.id);
     }
 }
 
@@ -190,8 +213,7 @@ mod tests {
         assert!(evicted);
         assert!(futures_ready(&fresh.evicted), "the connection that never sent a request is closed first");
         let unrequested = |e: &&Entry| e.state.requests.load(Ordering::Relaxed) == 0;
-        let inbound = |e: &&Entry| e.shown.info.direction == Direction::Inbound;
-        let left = table.open.lock().unwrap().values().filter(inbound).filter(unrequested).count();
+        let left = table.open.lock().unwrap()[Direction::Inbound as usize].entries.values().filter(unrequested).count();
         assert_eq!(left, 1, "only the newcomer has no request yet");
 
         let (_e, evicted) = table
