@@ -27,9 +27,19 @@ pub struct ConnIo {
 pub struct Activity {
     /// Bytes moved either way so far (opaque TCP's idle timeout).
     moved: AtomicU64,
-    /// Set when an HTTP/1 response has ended: the next bytes read start the next request's header deadline.
+    /// Set when an HTTP/1 response has ended: the next bytes read begin the next request.
     awaiting_head: AtomicBool,
-    head_started: tokio::sync::Notify,
+    /// When they came (milliseconds since `EPOCH`, 0: no request head pending): its header deadline runs from
+    /// there. Read by the connection's periodic check, so the request path pays no timer and no wake-up.
+    head_since: AtomicU64,
+}
+
+/// The origin of `Activity::head_since`.
+static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+
+fn now_ms() -> u64 {
+    // +1: 0 means "none".
+    EPOCH.get_or_init(std::time::Instant::now).elapsed().as_millis() as u64 + 1
 }
 
 impl Activity {
@@ -42,16 +52,24 @@ impl Activity {
         self.awaiting_head.store(true, Ordering::Relaxed);
     }
 
-    /// Completes when bytes arrive after `await_head` (at once if they already did).
-    pub async fn head_started(&self) {
-        self.head_started.notified().await
+    /// A request has begun: its headers are complete.
+    pub fn head_done(&self) {
+        self.awaiting_head.store(false, Ordering::Relaxed);
+        self.head_since.store(0, Ordering::Relaxed);
+    }
+
+    /// How long the pending request's headers have been coming in, if one is pending.
+    pub fn head_pending_for(&self) -> Option<Duration> {
+        match self.head_since.load(Ordering::Relaxed) {
+            0 => None,
+            since => Some(Duration::from_millis(now_ms().saturating_sub(since))),
+        }
     }
 
     fn read(&self, total: u64, written: u64) {
         self.moved.store(total + written, Ordering::Relaxed);
         if self.awaiting_head.load(Ordering::Relaxed) && self.awaiting_head.swap(false, Ordering::Relaxed) {
-            // notify_one keeps a permit when nobody waits yet.
-            self.head_started.notify_one();
+            self.head_since.store(now_ms(), Ordering::Relaxed);
         }
     }
 }

@@ -32,7 +32,7 @@ use crate::telemetry::metrics::Metrics;
 use detect::{Protocol, Reason};
 use drain::Drain;
 use io::{Activity, ConnIo};
-use open::{ConnState, OpenConnections, OpenGuard};
+use open::{ConnState, OpenConnections, OpenGuard, Responding};
 use pool::Pool;
 use target::ConnInfo;
 
@@ -191,7 +191,7 @@ impl Listeners {
         };
         // At the listener's cap, room is made by closing the connection that least deserves its place; with every
         // one busy, the newcomer is refused.
-        let state = Arc::new(ConnState::default());
+        let state = Arc::new(ConnState::new(conn.activity.clone()));
         let open = match self.connections.admit(conn.clone(), state.clone()) {
             Ok((open, evicted)) => {
                 if evicted {
@@ -378,25 +378,18 @@ impl Listeners {
         let activity = conn.activity.clone();
         let http1 = protocol == Protocol::Http1;
         let proxy = self.clone();
-        let (conn_state, conn_activity) = (state.clone(), activity.clone());
+        if http1 {
+            state.set_http1();
+        }
+        let conn_state = state.clone();
         let service = hyper::service::service_fn(move |req| {
             conn_state.request_started();
             let proxy = proxy.clone();
             let conn = conn.clone();
             let state = conn_state.clone();
-            let next_head = http1.then(|| conn_activity.clone());
             async move {
                 let response = proxy.forward(req, conn).await;
-                // The response's end (its body done or dropped): the request is no longer in flight, and on HTTP/1
-                // the next bytes begin the next request, whose headers have their own deadline.
-                Ok::<_, Infallible>(response.map(|body| {
-                    body.observed(move |_, _| {
-                        state.request_finished();
-                        if let Some(activity) = next_head.filter(|_| state.in_flight() == 0) {
-                            activity.await_head();
-                        }
-                    })
-                }))
+                Ok::<_, Infallible>(response.map(|body| Responding::new(body, state)))
             }
         });
         let io = TokioIo::new(io);
@@ -455,14 +448,15 @@ enum ConnEnd {
 
 /// A server connection's timers.
 struct Timers<'a> {
-    /// HTTP/1: each request's headers must be complete within it, counted from the connection's start for the first
-    /// and from the first byte after the previous response for the others (slow-header defence).
+    /// HTTP/1: each request's headers must be complete within it: the first request's from the connection's start,
+    /// the others' from their first byte (`Activity::head_pending_for`, checked every half of it: a slow one is cut
+    /// within 1 to 1.5 times it).
     header_deadline: Option<Duration>,
     /// A mesh peer's certificate runs out then.
     expires: Option<Duration>,
     /// No request in flight for this long (an idle keep-alive connection, an HTTP/2 connection that only sent its
     /// preface or only PINGs) winds the connection down gracefully, as the drain does; idle as long again, it is
-    /// dropped.
+    /// dropped. Checked every quarter of it.
     idle: Duration,
     activity: &'a Activity,
 }
@@ -470,7 +464,8 @@ struct Timers<'a> {
 /// Runs a server connection until it ends. Draining (or the peer's certificate running out, or the idle timeout):
 /// in-flight requests finish, HTTP/1 closes after the current response, HTTP/2 sends GOAWAY. A connection that has
 /// not sent its first request yet (accepted just before or during the drain) is given that request first, so no
-/// request that reached the proxy is refused.
+/// request that reached the proxy is refused. The timers cost the request path nothing: one periodic check reads
+/// what the connection's stream and requests recorded.
 async fn drive<C: Future<Output = hyper::Result<()>>>(
     drain: &Drain,
     state: &ConnState,
@@ -479,16 +474,17 @@ async fn drive<C: Future<Output = hyper::Result<()>>>(
     graceful_shutdown: fn(Pin<&mut C>),
 ) -> Result<(), ConnEnd> {
     tokio::pin!(conn);
-    let timeout = timers.idle;
-    let mark = || state.idle_mark();
-    let idle = io::idle_for(mark, timeout);
-    tokio::pin!(idle);
-    let mut idle_once = false;
-    // The header deadline runs for the request count it was armed at; a new request disarms it.
     let far = Duration::MAX / 4;
-    let deadline = tokio::time::sleep(timers.header_deadline.unwrap_or(far));
-    tokio::pin!(deadline);
-    let mut armed_at = timers.header_deadline.map(|_| 0);
+    let first_deadline = tokio::time::sleep(timers.header_deadline.unwrap_or(far));
+    tokio::pin!(first_deadline);
+    let every = match timers.header_deadline {
+        Some(limit) => (timers.idle / 4).min(limit / 2),
+        None => timers.idle / 4,
+    }
+    .max(Duration::from_millis(50));
+    let check = tokio::time::sleep(every);
+    tokio::pin!(check);
+    let (mut idle_mark, mut idle_since, mut idle_once) = (state.idle_mark(), tokio::time::Instant::now(), false);
     let stop = async {
         tokio::select! {
             _ = drain.signaled() => {}
@@ -498,8 +494,7 @@ async fn drive<C: Future<Output = hyper::Result<()>>>(
     tokio::pin!(stop);
     let mut draining = false;
     loop {
-        let requests = state.requests.load(Ordering::Relaxed);
-        let before_first_request = requests == 0;
+        let before_first_request = state.requests.load(Ordering::Relaxed) == 0;
         tokio::select! {
             res = conn.as_mut() => return res.map_err(ConnEnd::Http),
             _ = &mut stop, if !draining => {
@@ -513,31 +508,32 @@ async fn drive<C: Future<Output = hyper::Result<()>>>(
                     graceful_shutdown(conn.as_mut());
                 }
             }
-            () = timers.activity.head_started(), if timers.header_deadline.is_some() => {
-                if state.in_flight() == 0 && armed_at.is_none_or(|at| at != requests) {
-                    let limit = timers.header_deadline.unwrap_or(far);
-                    deadline.as_mut().reset(tokio::time::Instant::now() + limit);
-                    armed_at = Some(requests);
-                }
+            _ = &mut first_deadline, if before_first_request && timers.header_deadline.is_some() => {
+                return Err(ConnEnd::HeaderTimeout);
             }
-            _ = &mut deadline, if armed_at == Some(requests) => {
-                if state.requests.load(Ordering::Relaxed) == requests {
+            () = &mut check => {
+                let now = tokio::time::Instant::now();
+                if let Some(limit) = timers.header_deadline
+                    && timers.activity.head_pending_for().is_some_and(|pending| pending >= limit)
+                {
                     return Err(ConnEnd::HeaderTimeout);
                 }
-                armed_at = None;
-            }
-            () = &mut idle => {
-                // Twice idle: the graceful shutdown did not end it (an HTTP/2 peer that never answers the GOAWAY's
-                // PING, a request silent that long): dropped.
-                if idle_once {
-                    return Ok(());
+                let mark = state.idle_mark();
+                if mark.is_none() || mark != idle_mark {
+                    (idle_mark, idle_since) = (mark, now);
+                } else if now - idle_since >= timers.idle {
+                    // Twice idle: the graceful shutdown did not end it (an HTTP/2 peer that never answers the
+                    // GOAWAY's PING, a request silent that long): dropped.
+                    if idle_once {
+                        return Ok(());
+                    }
+                    (idle_once, idle_since) = (true, now);
+                    if !draining {
+                        draining = true;
+                        graceful_shutdown(conn.as_mut());
+                    }
                 }
-                idle_once = true;
-                if !draining {
-                    draining = true;
-                    graceful_shutdown(conn.as_mut());
-                }
-                idle.set(io::idle_for(mark, timeout));
+                check.as_mut().reset(now + every);
             }
         }
     }

@@ -8,7 +8,9 @@ use std::sync::{Arc, Mutex};
 use serde::Serialize;
 use tokio::sync::Notify;
 
+use super::io::Activity;
 use super::target::ConnInfo;
+use crate::body::{BoxError, ProxyBody};
 use crate::direction::Direction;
 
 /// What the server side and the cap need to know about one connection.
@@ -23,18 +25,38 @@ pub struct ConnState {
     pub first_request: Notify,
     /// Closed to make room for a newer connection.
     pub evicted: Notify,
+    /// HTTP/1: a response's end starts the wait for the next request's headers on the stream's `Activity`.
+    http1: std::sync::atomic::AtomicBool,
+    activity: Arc<Activity>,
 }
 
 impl ConnState {
+    /// The state of a connection whose stream reports to `activity`.
+    pub fn new(activity: Arc<Activity>) -> Self {
+        ConnState { activity, ..Default::default() }
+    }
+
+    pub fn set_http1(&self) {
+        self.http1.store(true, Ordering::Relaxed);
+    }
+
     pub fn request_started(&self) {
+        if self.http1.load(Ordering::Relaxed) {
+            self.activity.head_done();
+        }
         if self.requests.fetch_add(1, Ordering::Relaxed) == 0 {
             // notify_one keeps a permit if nobody waits yet.
             self.first_request.notify_one();
         }
     }
 
+    /// A response has ended (its body done or dropped); on HTTP/1 with nothing else in flight the next bytes begin
+    /// the next request, whose headers have their own deadline.
     pub fn request_finished(&self) {
-        self.finished.fetch_add(1, Ordering::Relaxed);
+        let finished = self.finished.fetch_add(1, Ordering::Relaxed) + 1;
+        if self.http1.load(Ordering::Relaxed) && finished == self.requests.load(Ordering::Relaxed) {
+            self.activity.await_head();
+        }
     }
 
     /// Requests started whose responses have not ended.
@@ -62,6 +84,56 @@ impl ConnState {
             (_, 0) => Some(1),
             _ => None,
         }
+    }
+}
+
+/// A response as a server connection sends it: its end (body done, failed or dropped) tells the connection that the
+/// request is no longer in flight. No allocation: the body moves in, with one reference to the connection's state.
+pub struct Responding {
+    body: ProxyBody,
+    conn: Option<Arc<ConnState>>,
+}
+
+impl Responding {
+    pub fn new(body: ProxyBody, conn: Arc<ConnState>) -> Self {
+        Responding { body, conn: Some(conn) }
+    }
+
+    fn end(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            conn.request_finished();
+        }
+    }
+}
+
+impl Drop for Responding {
+    fn drop(&mut self) {
+        self.end();
+    }
+}
+
+impl http_body::Body for Responding {
+    type Data = bytes::Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let polled = std::pin::Pin::new(&mut this.body).poll_frame(cx);
+        if let std::task::Poll::Ready(None | Some(Err(_))) = &polled {
+            this.end();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 
