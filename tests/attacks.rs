@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use support::backend::{self, Backend};
+use support::h2raw;
 use support::{Ferry, service_yaml};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -252,150 +253,14 @@ async fn slow_bodies_and_slow_readers_hold_no_more_than_their_connections() {
     assert!(grown < 64 * 1024, "the proxy grew by {grown} KiB under slow readers");
 }
 
-/// Raw HTTP/2 frames (RFC 9113 section 4.1), for attacks no well-behaved client library would send.
-mod h2raw {
-    pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-    pub const HEADERS: u8 = 1;
-    pub const RST_STREAM: u8 = 3;
-    pub const SETTINGS: u8 = 4;
-    pub const PING: u8 = 6;
-    pub const GOAWAY: u8 = 7;
-    pub const CONTINUATION: u8 = 9;
-    pub const END_STREAM: u8 = 0x1;
-    pub const END_HEADERS: u8 = 0x4;
-
-    pub fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-        let len = payload.len() as u32;
-        let mut out = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
-        out.extend_from_slice(&(stream & 0x7fff_ffff).to_be_bytes());
-        out.extend_from_slice(payload);
-        out
-    }
-
-    /// `GET /` to `echo`, in HPACK without Huffman coding or indexing: `:method GET`, `:scheme http`, `:path /`
-    /// (static table 2, 6, 4), `:authority` a literal with the static name 1.
-    pub fn get_echo() -> Vec<u8> {
-        let mut block = vec![0x82, 0x86, 0x84, 0x01, 4];
-        block.extend_from_slice(b"echo");
-        block
-    }
-
-    /// `GET <path>` to `echo` (`:path` a literal with the static name 4).
-    pub fn get_echo_path(path: &str) -> Vec<u8> {
-        let mut block = vec![0x82, 0x86, 0x04, path.len() as u8];
-        block.extend_from_slice(path.as_bytes());
-        block.extend_from_slice(&[0x01, 4]);
-        block.extend_from_slice(b"echo");
-        block
-    }
-
-    /// A literal header `x-a: <16 bytes>` (new name, not indexed), 21 bytes: CONTINUATION padding.
-    pub fn filler() -> Vec<u8> {
-        let mut block = vec![0x00, 3];
-        block.extend_from_slice(b"x-a");
-        block.push(16);
-        block.extend_from_slice(b"aaaaaaaaaaaaaaaa");
-        block
-    }
-}
-
-/// What an HTTP/2 connection saw from the proxy.
-#[derive(Debug, Default)]
-struct H2Outcome {
-    frames_sent: usize,
-    /// The GOAWAY's error code, if one came.
-    goaway: Option<u32>,
-    /// RST_STREAMs with REFUSED_STREAM (7).
-    refused: usize,
-    /// The proxy closed the connection.
-    closed: bool,
-    /// A write was not taken by the end of the attack: the proxy stopped reading (backpressure).
-    stalled: bool,
-}
-
-/// Sends the preface, then `next(i)`'s frames until it says None, the connection ends or `ATTACK` is over; reads
-/// what the proxy sends if `read` (else never reads: its writes back up).
+/// Runs `h2raw::attack` on a new connection to `addr` for `ATTACK`.
 async fn h2_attack(
     addr: SocketAddr,
     read: bool,
     next: impl Fn(usize) -> Option<Vec<u8>> + Send + 'static,
-) -> H2Outcome {
-    let s = TcpStream::connect(addr).await.unwrap();
-    let (mut rx, mut tx) = s.into_split();
-    let seen = Arc::new(std::sync::Mutex::new(H2Outcome::default()));
-    let record = seen.clone();
-    let reader = tokio::spawn(async move {
-        if !read {
-            return std::future::pending().await;
-        }
-        let mut buf = Vec::new();
-        let mut chunk = vec![0u8; 64 * 1024];
-        loop {
-            match rx.read(&mut chunk).await {
-                Ok(0) | Err(_) => {
-                    record.lock().unwrap().closed = true;
-                    return;
-                }
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-            while buf.len() >= 9 {
-                let len = (usize::from(buf[0]) << 16) | (usize::from(buf[1]) << 8) | usize::from(buf[2]);
-                if buf.len() < 9 + len {
-                    break;
-                }
-                let payload = &buf[9..9 + len];
-                let mut seen = record.lock().unwrap();
-                match buf[3] {
-                    h2raw::GOAWAY if len >= 8 => {
-                        seen.goaway = Some(u32::from_be_bytes(payload[4..8].try_into().unwrap()))
-                    }
-                    h2raw::RST_STREAM if payload == 7u32.to_be_bytes() => seen.refused += 1,
-                    _ => {}
-                }
-                drop(seen);
-                buf.drain(..9 + len);
-            }
-        }
-    });
-    let (mut sent, mut stalled) = (0, false);
-    let end = Instant::now() + ATTACK;
-    let mut out = h2raw::PREFACE.to_vec();
-    out.extend(h2raw::frame(h2raw::SETTINGS, 0, 0, &[]));
-    let mut i = 0;
-    while Instant::now() < end {
-        // Frames go out in batches of about 16 KiB; a write the proxy does not take within the attack ends it.
-        while out.len() < 16 * 1024 {
-            match next(i) {
-                Some(frame) => {
-                    out.extend(frame);
-                    i += 1;
-                }
-                None => break,
-            }
-        }
-        if out.is_empty() {
-            break;
-        }
-        match tokio::time::timeout_at(end.into(), tx.write_all(&out)).await {
-            Ok(Ok(())) => sent = i,
-            Ok(Err(_)) => break,
-            Err(_) => {
-                stalled = true;
-                break;
-            }
-        }
-        out.clear();
-        tokio::task::yield_now().await;
-    }
-    // Give the proxy a moment to answer the last frames, then see what it did.
-    let _ = tokio::time::timeout(Duration::from_secs(2), reader).await;
-    let mut seen = std::mem::take(&mut *seen.lock().unwrap());
-    (seen.frames_sent, seen.stalled) = (sent, stalled);
-    seen
+) -> h2raw::Outcome {
+    h2raw::attack(TcpStream::connect(addr).await.unwrap(), read, ATTACK, next).await
 }
-
-/// The GOAWAY code of a peer that misbehaves (RFC 9113 section 7).
-const ENHANCE_YOUR_CALM: u32 = 0xb;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_floods_are_cut_off() {
@@ -416,7 +281,7 @@ async fn http2_floods_are_cut_off() {
         .await;
     for (name, o) in &outcomes {
         eprintln!("rapid reset, {name}: {o:?}");
-        assert_eq!(o.goaway, Some(ENHANCE_YOUR_CALM), "{name}: rapid resets were taken without end: {o:?}");
+        assert_eq!(o.goaway, Some(h2raw::ENHANCE_YOUR_CALM), "{name}: rapid resets were taken without end: {o:?}");
     }
 
     // CONTINUATION flood (CVE-2024-27316 and kin): one header block that never ends.

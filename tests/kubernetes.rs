@@ -455,3 +455,50 @@ async fn kubernetes_discovery_and_identity_through_the_api_server() {
         .map(|(m, p, q)| (m.into(), p.into(), q.into()));
     assert_eq!(apiserver::rbac_violations(&granted, &rbac), Vec::<String>::new());
 }
+
+/// A flood of junk ServiceAccount tokens from one address costs the API server at most the refusal burst plus the
+/// configured rate in TokenReviews, while a proxy on another address still gets its certificate; an accepted token is
+/// reviewed once and reused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn junk_tokens_from_one_address_cost_the_api_server_at_most_the_refusal_rate() {
+    let api = ApiServer::start().await;
+    let dir = TempDir::new("k8s-reviews");
+    api.apply(NAMESPACES, json!({"metadata": {"name": "shop", "labels": {"ferry.dev/inject": "enabled"}}}));
+    api.apply(PODS, pod("web-1", "web", "127.0.0.2"));
+    // A JWT-shaped token: its `exp` (2100) bounds how long an accepted review is reused.
+    let token = "e30.eyJleHAiOjQxMDI0NDQ4MDB9.c2ln";
+    api.token(token, reviewed("web", "web-1"));
+    let (cp, xds, state) = start_control(&api, &dir);
+    let root = state.join("ca.crt");
+    let key = rcgen::KeyPair::generate().unwrap();
+    let csr = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap().serialize_request(&key).unwrap();
+    let csr = csr.pem().unwrap();
+
+    let started = std::time::Instant::now();
+    let attacker = mesh::identity_channel(xds, &root, None, Some("127.0.0.1".parse().unwrap())).await;
+    let mut refused = 0;
+    for i in 0..1000 {
+        let junk = format!("junk-{i}");
+        let answer = mesh::certify_on(attacker.clone(), csr.clone(), Some(&junk)).await;
+        refused += usize::from(answer.is_err_and(|s| s.code() == tonic::Code::Unauthenticated));
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    assert_eq!(refused, 1000);
+    // The legitimate proxy's pod is on another address: its token is reviewed and accepted, twice over one review.
+    let legit = mesh::identity_channel(xds, &root, None, Some("127.0.0.2".parse().unwrap())).await;
+    for _ in 0..2 {
+        mesh::certify_on(legit.clone(), csr.clone(), Some(token))
+            .await
+            .expect("the legitimate proxy's certificate");
+    }
+    let reviews = api.reviews();
+    let junk = reviews.iter().filter(|r| r["spec"]["token"].as_str().is_some_and(|t| t.starts_with("junk-"))).count();
+    // The default: a burst of 10, then 1 per second.
+    let allowed = 10.0 + elapsed.ceil();
+    assert!((junk as f64) <= allowed, "{junk} TokenReviews for junk tokens in {elapsed:.1} s (allowed {allowed})");
+    let legit_reviews = reviews.iter().filter(|r| r["spec"]["token"] == token).count();
+    assert_eq!(legit_reviews, 1, "an accepted token is reviewed once, then reused");
+    let limited = control_metric(&cp, r#"ferry_control_token_reviews_total{result="rate-limited"}"#);
+    assert!(limited >= 1000.0 - allowed, "{limited}");
+    assert_eq!(control_metric(&cp, r#"ferry_control_token_reviews_total{result="cached"}"#), 1.0);
+}

@@ -6,6 +6,7 @@ pub mod apiserver;
 pub mod backend;
 pub mod control;
 pub mod grpc;
+pub mod h2raw;
 pub mod mesh;
 pub mod netns;
 mod prereq;

@@ -48,6 +48,17 @@ pub async fn certify_at(
     token: Option<&str>,
     client: Option<(String, String)>,
 ) -> Result<pb::CertifyResponse, tonic::Status> {
+    let channel = identity_channel(xds, root, client, None).await;
+    certify_on(channel, csr_pem, token).await
+}
+
+/// A channel to the control plane's identity service at `xds` (root in the file `root`), from `local` if given.
+pub async fn identity_channel(
+    xds: SocketAddr,
+    root: &std::path::Path,
+    client: Option<(String, String)>,
+    local: Option<std::net::IpAddr>,
+) -> tonic::transport::Channel {
     let root = std::fs::read(root).unwrap();
     let mut tls = tonic::transport::ClientTlsConfig::new()
         .ca_certificate(tonic::transport::Certificate::from_pem(root))
@@ -55,13 +66,22 @@ pub async fn certify_at(
     if let Some((cert, key)) = client {
         tls = tls.identity(tonic::transport::Identity::from_pem(cert, key));
     }
-    let channel = tonic::transport::Endpoint::from_shared(format!("https://{xds}"))
+    tonic::transport::Endpoint::from_shared(format!("https://{xds}"))
         .unwrap()
         .tls_config(tls)
         .unwrap()
+        .local_address(local)
         .connect()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+/// One certificate request on `channel`, with a bearer token if given.
+pub async fn certify_on(
+    channel: tonic::transport::Channel,
+    csr_pem: String,
+    token: Option<&str>,
+) -> Result<pb::CertifyResponse, tonic::Status> {
     let mut request = tonic::Request::new(pb::CertifyRequest { csr_pem });
     if let Some(token) = token {
         request.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());

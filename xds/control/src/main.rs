@@ -95,6 +95,13 @@ struct ServeArgs {
     /// listens on 0.0.0.0:15017; elsewhere it is off unless given (to test it, or to inject from outside a cluster).
     #[arg(long, env = "FERRY_WEBHOOK_ADDR")]
     webhook_addr: Option<SocketAddr>,
+    /// Kubernetes: refused ServiceAccount tokens (TokenReviews that said no) allowed per second per source address,
+    /// after a burst of 10; beyond, the address's requests are refused without a review.
+    #[arg(long, env = "FERRY_REVIEW_REFUSALS_PER_SECOND", default_value_t = 1.0)]
+    review_refusals_per_second: f64,
+    /// Kubernetes: TokenReviews in flight at once.
+    #[arg(long, env = "FERRY_REVIEWS_IN_FLIGHT", default_value_t = 16)]
+    reviews_in_flight: usize,
     #[command(flatten)]
     inject: InjectSettings,
 }
@@ -271,7 +278,16 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let certify = ferry_control::identity::certify::CertifyService {
         ca: ca.clone(),
         tokens: tokens.clone(),
-        bearer: cluster.clone().map(|c| c as Arc<dyn ferry_control::identity::certify::BearerCheck>),
+        bearer: cluster.clone().map(|c| {
+            use ferry_control::identity::reviews::{Guarded, Limits};
+            let limits = Limits {
+                refusals_per_second: args.review_refusals_per_second,
+                in_flight: args.reviews_in_flight,
+                ..Limits::default()
+            };
+            let guarded = Guarded::new(c, limits, metrics.token_reviews.clone());
+            Arc::new(guarded) as Arc<dyn ferry_control::identity::certify::BearerCheck>
+        }),
         metrics: metrics.clone(),
         lifetime: args.cert_lifetime,
     };
@@ -302,6 +318,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         // Dead proxies are noticed (and their streams freed) without waiting for TCP timeouts.
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
+        // A proxy needs one ADS stream and, now and then, a certificate call: a connection gets a few streams, not
+        // unlimited ones (README, "Control plane limits").
+        .max_concurrent_streams(XDS_MAX_STREAMS)
+        // Rapid reset (CVE-2023-44487) and MadeYouReset: hyper's defaults, which tonic turns off unless set.
+        .http2_max_pending_accept_reset_streams(Some(20))
+        .http2_max_local_error_reset_streams(Some(1024))
+        .http2_max_header_list_size(XDS_MAX_HEADER_LIST)
         .add_service(AdsService(xds.clone()))
         .add_service(ferry_api::resources::pb::identity_server::IdentityServer::new(certify));
     let xds_status = xds;
@@ -365,7 +388,16 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Serves `handler` over HTTP/1 on every connection `listener` accepts, for the life of the process.
+/// Concurrent streams per connection on the xDS port.
+const XDS_MAX_STREAMS: u32 = 16;
+/// Request header list on the xDS port (a proxy sends a few hundred bytes).
+const XDS_MAX_HEADER_LIST: u32 = 16 * 1024;
+/// The API's and the metrics port's header timeout (also how long an idle keep-alive connection stays).
+const HTTP_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Serves `handler` over HTTP/1 on every connection `listener` accepts, for the life of the process: headers within
+/// `HTTP_HEADER_TIMEOUT` (slow clients are cut), and a failing `accept` (typically EMFILE) backs off instead of
+/// spinning.
 fn spawn_http1<F, Fut>(listener: tokio::net::TcpListener, handler: F)
 where
     F: Fn(http::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
@@ -373,11 +405,22 @@ where
 {
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
             let handler = handler.clone();
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(handler);
-                let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+                let _ = http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HTTP_HEADER_TIMEOUT)
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
             });
         }
     });

@@ -17,6 +17,7 @@ pub struct ControlMetrics {
     pub xds_ack_seconds: prometheus::Histogram,
     pub certificates_issued: prometheus::IntCounterVec,
     pub certificates_refused: prometheus::IntCounterVec,
+    pub token_reviews: prometheus::IntCounterVec,
     pub ca_root_expiry: prometheus::IntGaugeVec,
 }
 
@@ -56,6 +57,11 @@ impl ControlMetrics {
             "ferry_control_certificate_requests_refused_total",
             "Certificate requests refused, by reason (missing, malformed, unknown, expired, revoked token; bad-request; Kubernetes: unauthenticated, audience, not-a-service-account, unbound, no-pod, mismatch, unavailable).",
             "reason",
+        );
+        let token_reviews = counter(
+            "ferry_control_token_reviews_total",
+            "Kubernetes: ServiceAccount tokens of certificate requests, by result (accepted, refused, unavailable: a TokenReview was sent; cached: an accepted token reused; rate-limited: its address had too many refused; busy: too many reviews in flight).",
+            "result",
         );
         let ca_root_expiry = prometheus::IntGaugeVec::new(
             prometheus::Opts::new(
@@ -99,6 +105,7 @@ impl ControlMetrics {
             xds_ack_seconds,
             certificates_issued,
             certificates_refused,
+            token_reviews,
             ca_root_expiry,
         }
     }

@@ -1,0 +1,234 @@
+//! What stands between the xDS port and the API server's TokenReviews: an accepted token's result is reused (by its
+//! digest, for at most its validity, its pod binding checked again each time); refused reviews are rate-limited per
+//! source address; at most a few reviews run at once.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use tokio::sync::Semaphore;
+
+use crate::identity::certify::{Authenticated, BearerCheck, Refusal};
+
+/// How many results and source addresses are kept at most (beyond that, none is added until some expire).
+const MAX_ENTRIES: usize = 10_000;
+/// An accepted review is reused for at most this long (and never past the token's own `exp`).
+const CACHE_FOR: Duration = Duration::from_secs(300);
+/// How long a request waits for a review slot before it is refused as `busy`.
+const SLOT_WAIT: Duration = Duration::from_secs(5);
+
+/// The limits (`ferry-control` flags).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Refused reviews per second per source address, and the burst.
+    pub refusals_per_second: f64,
+    pub refusal_burst: f64,
+    /// Reviews in flight at once.
+    pub in_flight: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { refusals_per_second: 1.0, refusal_burst: 10.0, in_flight: 16 }
+    }
+}
+
+/// A `BearerCheck` (the TokenReview) behind a cache, a per-source refusal limit and a cap on reviews in flight.
+pub struct Guarded {
+    inner: Arc<dyn BearerCheck>,
+    limits: Limits,
+    accepted: Mutex<HashMap<[u8; 32], (Authenticated, Instant)>>,
+    refusals: Mutex<HashMap<IpAddr, (f64, Instant)>>,
+    slots: Semaphore,
+    counted: prometheus::IntCounterVec,
+}
+
+impl Guarded {
+    pub fn new(inner: Arc<dyn BearerCheck>, limits: Limits, counted: prometheus::IntCounterVec) -> Guarded {
+        Guarded {
+            inner,
+            limits,
+            accepted: Mutex::default(),
+            refusals: Mutex::default(),
+            slots: Semaphore::new(limits.in_flight.max(1)),
+            counted,
+        }
+    }
+
+    fn count(&self, result: &str) {
+        self.counted.with_label_values(&[result]).inc();
+    }
+
+    /// Whether `source` may have a review now (its refusal bucket is not empty).
+    fn may_review(&self, source: Option<IpAddr>, now: Instant) -> bool {
+        let Some(ip) = source else { return true };
+        let mut buckets = self.refusals.lock().expect("refusals lock");
+        match buckets.get_mut(&ip) {
+            Some((tokens, at)) => {
+                *tokens = refill(*tokens, *at, now, self.limits);
+                *at = now;
+                *tokens >= 1.0
+            }
+            None => true,
+        }
+    }
+
+    /// A review of `source` was refused: it spends a token.
+    fn refused(&self, source: Option<IpAddr>, now: Instant) {
+        let Some(ip) = source else { return };
+        let mut buckets = self.refusals.lock().expect("refusals lock");
+        if buckets.len() >= MAX_ENTRIES && !buckets.contains_key(&ip) {
+            buckets.retain(|_, (tokens, at)| refill(*tokens, *at, now, self.limits) < self.limits.refusal_burst);
+        }
+        let (tokens, at) = buckets.entry(ip).or_insert((self.limits.refusal_burst, now));
+        *tokens = (refill(*tokens, *at, now, self.limits) - 1.0).max(0.0);
+        *at = now;
+    }
+
+    fn remember(&self, digest: [u8; 32], authenticated: &Authenticated, token: &str, now: Instant) {
+        let ttl = match token_expires_in(token) {
+            Some(left) => left.min(CACHE_FOR),
+            None => return,
+        };
+        let mut accepted = self.accepted.lock().expect("reviews lock");
+        if accepted.len() >= MAX_ENTRIES {
+            accepted.retain(|_, (_, until)| *until > now);
+            if accepted.len() >= MAX_ENTRIES {
+                return;
+            }
+        }
+        accepted.insert(digest, (authenticated.clone(), now + ttl));
+    }
+}
+
+/// A refusal bucket's tokens at `now`.
+fn refill(tokens: f64, at: Instant, now: Instant, limits: Limits) -> f64 {
+    (tokens + now.duration_since(at).as_secs_f64() * limits.refusals_per_second).min(limits.refusal_burst)
+}
+
+/// How long until a JWT's `exp` (read, not verified: the TokenReview verified it), if it has one in the future.
+fn token_expires_in(token: &str) -> Option<Duration> {
+    use base64::Engine;
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
+    let exp = serde_json::from_slice::<serde_json::Value>(&bytes).ok()?.get("exp")?.as_i64()?;
+    let left = exp - ferry_api::identity::unix_now();
+    (left > 0).then(|| Duration::from_secs(left as u64))
+}
+
+#[tonic::async_trait]
+impl BearerCheck for Guarded {
+    async fn check(&self, token: &str, peer: Option<SocketAddr>) -> Result<Authenticated, Refusal> {
+        let now = Instant::now();
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let cached =
+            self.accepted.lock().expect("reviews lock").get(&digest).filter(|(_, until)| *until > now).cloned();
+        if let Some((authenticated, _)) = cached {
+            // The pod binding is checked again: the pod may be gone, or the caller elsewhere.
+            self.inner.still_bound(&authenticated, peer)?;
+            self.count("cached");
+            return Ok(authenticated);
+        }
+        let source = peer.map(|p| p.ip());
+        if !self.may_review(source, now) {
+            self.count("rate-limited");
+            return Err(Refusal {
+                reason: "rate-limited",
+                message: "too many refused tokens from this address; retry later".into(),
+            });
+        }
+        let Ok(Ok(_slot)) = tokio::time::timeout(SLOT_WAIT, self.slots.acquire()).await else {
+            self.count("busy");
+            return Err(Refusal { reason: "unavailable", message: "too many token reviews in flight".into() });
+        };
+        match self.inner.check(token, peer).await {
+            Ok(authenticated) => {
+                self.count("accepted");
+                self.remember(digest, &authenticated, token, Instant::now());
+                Ok(authenticated)
+            }
+            // The API server's trouble is not the caller's fault.
+            Err(refusal) if refusal.reason == "unavailable" => {
+                self.count("unavailable");
+                Err(refusal)
+            }
+            Err(refusal) => {
+                self.count("refused");
+                self.refused(source, Instant::now());
+                Err(refusal)
+            }
+        }
+    }
+
+    fn still_bound(&self, authenticated: &Authenticated, peer: Option<SocketAddr>) -> Result<(), Refusal> {
+        self.inner.still_bound(authenticated, peer)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_api::identity::Identity;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Accepts tokens starting with `good`, counting the reviews it is asked for.
+    struct Counting(AtomicUsize);
+
+    #[tonic::async_trait]
+    impl BearerCheck for Counting {
+        async fn check(&self, token: &str, _: Option<SocketAddr>) -> Result<Authenticated, Refusal> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            match token.starts_with("good") {
+                true => Ok(Authenticated {
+                    identity: Identity::new("ns", "sa"),
+                    token_id: None,
+                    credential: "service-account-token",
+                    not_after: None,
+                    pod: None,
+                }),
+                false => Err(Refusal { reason: "unauthenticated", message: "no".into() }),
+            }
+        }
+
+        fn still_bound(&self, _: &Authenticated, _: Option<SocketAddr>) -> Result<(), Refusal> {
+            Ok(())
+        }
+    }
+
+    fn jwt(exp_in: i64) -> String {
+        use base64::Engine;
+        let claims = serde_json::json!({"exp": ferry_api::identity::unix_now() + exp_in}).to_string();
+        format!("good.{}.sig", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(claims))
+    }
+
+    #[tokio::test]
+    async fn accepted_tokens_are_reused_and_refusals_are_limited_per_source() {
+        let inner = Arc::new(Counting(AtomicUsize::new(0)));
+        let counted = prometheus::IntCounterVec::new(prometheus::Opts::new("t", "t"), &["result"]).unwrap();
+        let limits = Limits { refusals_per_second: 0.001, refusal_burst: 3.0, in_flight: 2 };
+        let guarded = Guarded::new(inner.clone(), limits, counted.clone());
+        let (attacker, other) = (Some("10.0.0.1:1".parse().unwrap()), Some("10.0.0.2:1".parse().unwrap()));
+        // 100 junk tokens from one address: 3 reviews (the burst), the rest refused without one.
+        for i in 0..100 {
+            let refusal = guarded.check(&format!("junk-{i}"), attacker).await.unwrap_err();
+            assert_eq!(refusal.reason, if i < 3 { "unauthenticated" } else { "rate-limited" }, "{i}");
+        }
+        assert_eq!(inner.0.load(Ordering::SeqCst), 3);
+        // Another address is not affected; its good token is reviewed once, then reused while valid.
+        let token = jwt(3600);
+        for _ in 0..5 {
+            guarded.check(&token, other).await.unwrap();
+        }
+        assert_eq!(inner.0.load(Ordering::SeqCst), 4);
+        assert_eq!(counted.with_label_values(&["cached"]).get(), 4);
+        // A token without a readable `exp`, or an expired one, is never reused.
+        for token in ["good-opaque", &jwt(-10)] {
+            let before = inner.0.load(Ordering::SeqCst);
+            guarded.check(token, other).await.unwrap();
+            guarded.check(token, other).await.unwrap();
+            assert_eq!(inner.0.load(Ordering::SeqCst), before + 2, "{token}");
+        }
+    }
+}
