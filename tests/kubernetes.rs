@@ -487,9 +487,7 @@ async fn junk_tokens_from_one_address_cost_the_api_server_at_most_the_refusal_ra
     // The legitimate proxy's pod is on another address: its token is reviewed and accepted, twice over one review.
     let legit = mesh::identity_channel(xds, &root, None, Some("127.0.0.2".parse().unwrap())).await;
     for _ in 0..2 {
-        mesh::certify_on(legit.clone(), csr.clone(), Some(token))
-            .await
-            .expect("the legitimate proxy's certificate");
+        mesh::certify_on(legit.clone(), csr.clone(), Some(token)).await.expect("the legitimate proxy's certificate");
     }
     let reviews = api.reviews();
     let junk = reviews.iter().filter(|r| r["spec"]["token"].as_str().is_some_and(|t| t.starts_with("junk-"))).count();
