@@ -45,7 +45,7 @@ impl ControlMetrics {
             counter("ferry_control_xds_nacks_total", "xDS pushes NACKed (rejected) by proxies, by type.", "type");
         let xds_refused = counter(
             "ferry_control_xds_refused_total",
-            "Connections to the xDS port refused, by reason (tls: a failed handshake; missing, certificate, expired, revoked: no usable client certificate; service: a false claim).",
+            "Connections to the xDS port refused, by reason (tls: a failed handshake; missing, certificate, expired, revoked: no usable client certificate; service: a false claim; superseded: a stream closed for newer ones with the same certificate).",
             "reason",
         );
         let certificates_issued = counter(

@@ -89,3 +89,54 @@ async fn half_sent_requests_to_the_api_and_metrics_ports_are_cut_at_the_header_t
     let closed = held.join_all().await.into_iter().filter(|c| *c).count();
     assert_eq!(closed, 1000, "half-sent requests left open past the header timeout");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_certificate_holds_a_few_ads_streams_and_the_newest_is_served() {
+    use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
+    use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+    let cp = tokio::task::block_in_place(|| ControlPlane::start(&state_dir("attack-ads")));
+    let token = tokio::task::block_in_place(|| cp.join_token("default", "web", "1h"));
+    let key = rcgen::KeyPair::generate().unwrap();
+    let csr = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap().serialize_request(&key).unwrap();
+    let issued = ferry_test_support::mesh::certify(&cp, csr.pem().unwrap(), Some(&token), None).await.unwrap();
+    let client = Some((issued.chain_pem.join(""), key.serialize_pem()));
+    let root = cp.state.join("ca.crt");
+    // 100 streams with the one certificate, opened one after another, each on its own connection.
+    let mut streams = Vec::new();
+    for i in 0..100 {
+        let channel = ferry_test_support::mesh::identity_channel(cp.xds, &root, client.clone(), None).await;
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.send(DeltaDiscoveryRequest {
+            node: Some(envoy_types::pb::envoy::config::core::v3::Node { id: format!("dup-{i}"), ..Default::default() }),
+            type_url: ferry_api::protocol::TRUST_BUNDLE_TYPE.into(),
+            resource_names_subscribe: vec!["*".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        let mut answers = AggregatedDiscoveryServiceClient::new(channel)
+            .delta_aggregated_resources(request)
+            .await
+            .expect("a stream is never refused")
+            .into_inner();
+        // Each is served when it opens.
+        let first = tokio::time::timeout(Duration::from_secs(10), answers.message()).await.unwrap();
+        assert!(matches!(first, Ok(Some(_))), "stream {i}: {first:?}");
+        streams.push((tx, answers));
+    }
+    // The older ones were closed as newer ones came: all but the last few end with ABORTED.
+    let mut closed = 0;
+    let count = streams.len();
+    for (i, (_tx, answers)) in streams.iter_mut().enumerate() {
+        match tokio::time::timeout(Duration::from_millis(300), answers.message()).await {
+            Ok(Err(status)) if status.code() == tonic::Code::Aborted => closed += 1,
+            Ok(other) => panic!("stream {i}: {other:?}"),
+            Err(_) => assert!(i >= count - 4, "stream {i} of {count} is still open"),
+        }
+    }
+    assert_eq!(closed, 96, "all but the newest 4 closed");
+    let superseded =
+        ferry_test_support::metric_value(&cp.metrics_text(), r#"ferry_control_xds_refused_total{reason="superseded"}"#);
+    assert_eq!(superseded, 96.0);
+}

@@ -60,6 +60,8 @@ pub struct Xds {
     /// Raw resources published over the model as they are, unvalidated; empty unless the test-only `api::testing`
     /// module sets some (to make proxies NACK).
     overlay: Mutex<BTreeMap<String, Any>>,
+    /// The open streams of each client certificate (by the SHA-256 of its DER), oldest first (`stream::StreamSlot`).
+    by_certificate: Mutex<std::collections::HashMap<[u8; 32], std::collections::VecDeque<(u64, Arc<Notify>)>>>,
 }
 
 /// What a document source gives at each rebuild: the documents, and what each meshed pod serves (by Workload name).
@@ -121,6 +123,7 @@ impl Xds {
             source: Mutex::new(None),
             default_inbound,
             overlay: Mutex::new(BTreeMap::new()),
+            by_certificate: Mutex::default(),
         });
         xds.rebuild();
         xds

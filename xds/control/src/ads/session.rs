@@ -17,6 +17,10 @@ use ferry_api::protocol::{TYPES, short_type};
 
 /// Named subscriptions per type and stream beyond this are refused (a proxy wanting more subscribes with `*`).
 pub(super) const MAX_SUBSCRIBED_NAMES: usize = 10_000;
+/// The longest resource name or version a request may carry (names are `namespace/name`, versions a generation).
+pub(super) const MAX_NAME_BYTES: usize = 512;
+/// How much of a NACK's message is kept (in `/status`) and logged.
+pub(super) const MAX_NACK_MESSAGE_BYTES: usize = 1024;
 
 /// One response to one proxy: the pre-encoded resources it lacks and the names it must drop.
 #[derive(Debug, Clone)]
@@ -106,6 +110,18 @@ impl Session {
             tracing::debug!(node, type_url = %r.type_url, "ignoring a request for an unknown type");
             return Ok(());
         };
+        // Bounded per field, before anything is kept: what a stream holds stays proportional to what it may subscribe.
+        if r.initial_resource_versions.len() > MAX_SUBSCRIBED_NAMES {
+            return Err(Status::resource_exhausted(format!(
+                "initial_resource_versions: over {MAX_SUBSCRIBED_NAMES} entries"
+            )));
+        }
+        let too_long = |s: &String| s.len() > MAX_NAME_BYTES;
+        if r.resource_names_subscribe.iter().chain(&r.resource_names_unsubscribe).any(too_long)
+            || r.initial_resource_versions.iter().any(|(n, v)| too_long(n) || too_long(v))
+        {
+            return Err(Status::invalid_argument(format!("a resource name or version over {MAX_NAME_BYTES} bytes")));
+        }
         let type_url = TYPES[index];
         let first = !self.types.contains_key(type_url);
         let t = self.types.entry(type_url).or_default();
@@ -154,7 +170,15 @@ impl Session {
                 let generation = pending.generation;
                 let label = short_type(type_url);
                 match r.error_detail {
-                    Some(error) => {
+                    Some(mut error) => {
+                        if error.message.len() > MAX_NACK_MESSAGE_BYTES {
+                            let mut end = MAX_NACK_MESSAGE_BYTES;
+                            while !error.message.is_char_boundary(end) {
+                                end -= 1;
+                            }
+                            error.message.truncate(end);
+                            error.message.push('…');
+                        }
                         // The proxy kept what it had: diff the next generation against that, so the refused change
                         // (or a fixed version of it) is sent again rather than assumed applied.
                         for (name, previous) in pending.undo {

@@ -24,12 +24,38 @@ use ferry_api::identity::{Identity, unix_now};
 use ferry_api::protocol::short_type;
 use ferry_api::workload::pod_workload_name;
 
+/// Why a stream was closed for a newer one.
+const SUPERSEDED: &str = "closed: newer streams opened with the same client certificate";
 /// A new stream must send its first request within this long.
 const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// A proxy that has not taken a push for this long (its connection is up but it does not read) is disconnected.
 const SEND_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a pod-bound stream may wait for its pod to appear in the model.
 const POD_UNKNOWN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Open ADS streams per client certificate: a proxy needs one; a reconnect may overlap the stream it replaces. A new
+/// stream beyond this closes the oldest (a reconnect is never refused). Per certificate, not per identity: the
+/// replicas of a Deployment share an identity, each with its own certificate.
+pub(super) const STREAMS_PER_CERTIFICATE: usize = 4;
+
+/// A stream's place among its certificate's streams; `superseded` fires when a newer stream takes it.
+pub(super) struct StreamSlot {
+    xds: Arc<Xds>,
+    digest: [u8; 32],
+    ticket: u64,
+    pub superseded: Arc<tokio::sync::Notify>,
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut by = self.xds.by_certificate.lock().expect("certificates lock");
+        if let Some(open) = by.get_mut(&self.digest) {
+            open.retain(|(t, _)| *t != self.ticket);
+            if open.is_empty() {
+                by.remove(&self.digest);
+            }
+        }
+    }
+}
 
 /// A connected proxy's stream; dropping it disconnects the proxy (see `Xds::disconnect`).
 struct Connected {
@@ -55,6 +81,7 @@ enum Ended {
 struct Credential {
     authenticated: Authenticated,
     revocations: watch::Receiver<u64>,
+    slot: StreamSlot,
 }
 
 impl Xds {
@@ -76,10 +103,30 @@ impl Xds {
             self.refuse(r.reason, incoming.peer, &message);
             Status::unauthenticated(message)
         })?;
+        let slot = self.take_slot(&chain[0]);
         let (tx, rx) = mpsc::channel(1);
-        let credential = Credential { authenticated, revocations };
+        let credential = Credential { authenticated, revocations, slot };
         tokio::spawn(self.clone().serve_stream(credential, incoming.peer, incoming.requests, tx));
         Ok(rx)
+    }
+
+    /// Registers a new stream of the certificate `leaf`; the oldest of its streams beyond `STREAMS_PER_CERTIFICATE`
+    /// is told to close.
+    fn take_slot(self: &Arc<Self>, leaf: &rustls_pki_types::CertificateDer<'_>) -> StreamSlot {
+        use sha2::Digest;
+        let digest: [u8; 32] = sha2::Sha256::digest(leaf.as_ref()).into();
+        let ticket = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let superseded = Arc::new(tokio::sync::Notify::new());
+        let mut by = self.by_certificate.lock().expect("certificates lock");
+        let open = by.entry(digest).or_default();
+        open.push_back((ticket, superseded.clone()));
+        while open.len() > STREAMS_PER_CERTIFICATE {
+            if let Some((_, oldest)) = open.pop_front() {
+                oldest.notify_one();
+                self.metrics.xds_refused.with_label_values(&["superseded"]).inc();
+            }
+        }
+        StreamSlot { xds: self.clone(), digest, ticket, superseded }
     }
 
     /// One proxy's stream, from its first request to its end.
@@ -90,10 +137,18 @@ impl Xds {
         mut inbound: Streaming<DeltaDiscoveryRequest>,
         tx: mpsc::Sender<Result<Push, Status>>,
     ) {
-        let Credential { authenticated, mut revocations } = credential;
+        let Credential { authenticated, mut revocations, slot } = credential;
         let identity = authenticated.identity.clone();
         let token_id = authenticated.token_id.clone();
-        let first = match tokio::time::timeout(FIRST_REQUEST_TIMEOUT, inbound.message()).await {
+        let superseded = || Status::aborted(SUPERSEDED);
+        let first = tokio::select! {
+            first = tokio::time::timeout(FIRST_REQUEST_TIMEOUT, inbound.message()) => first,
+            () = slot.superseded.notified() => {
+                let _ = tx.try_send(Err(superseded()));
+                return;
+            }
+        };
+        let first = match first {
             Ok(Ok(Some(m))) => m,
             Ok(Err(status)) => {
                 let _ = tx.try_send(Err(status));
@@ -265,6 +320,11 @@ impl Xds {
                         pod.as_ref().map_or("", |p| p.name.as_str())
                     ));
                     self.close_stream("no-pod", &node.id, &identity, peer, &message, &tx);
+                    break;
+                }
+                () = slot.superseded.notified() => {
+                    tracing::info!(node = %node.id, identity = %identity.spiffe(), "{SUPERSEDED}");
+                    let _ = tx.try_send(Err(superseded()));
                     break;
                 }
                 _ = &mut expiry => {

@@ -13,7 +13,7 @@ use super::Xds;
 use super::model::{Model, local_workload_name};
 use super::publisher::DEBOUNCE;
 use super::registry::Registration;
-use super::session::{MAX_SUBSCRIBED_NAMES, Push, Session};
+use super::session::{MAX_NACK_MESSAGE_BYTES, MAX_NAME_BYTES, MAX_SUBSCRIBED_NAMES, Push, Session};
 use super::status::ProxyStatus;
 use super::stream::check_pod;
 use crate::identity::tokens::Tokens;
@@ -121,6 +121,14 @@ fn named_subscriptions() {
     let many: Vec<&str> = many.iter().map(String::as_str).collect();
     let refused = s.on_request(request(protocol::TRAFFIC_POLICY_TYPE, &many, "", None), &status, &metrics, "n");
     assert_eq!(refused.unwrap_err().code(), tonic::Code::ResourceExhausted);
+    // So is every field: the versions a reconnecting proxy says it has, and each name's length.
+    let mut initial = request(protocol::TRUST_BUNDLE_TYPE, &[], "", None);
+    initial.initial_resource_versions = (0..=MAX_SUBSCRIBED_NAMES).map(|i| (format!("n{i}"), "1".into())).collect();
+    let refused = s.on_request(initial, &status, &metrics, "n").unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+    let long = "x".repeat(MAX_NAME_BYTES + 1);
+    let refused = s.on_request(request(protocol::WORKLOAD_TYPE, &[&long], "", None), &status, &metrics, "n");
+    assert_eq!(refused.unwrap_err().code(), tonic::Code::InvalidArgument);
 }
 
 /// Changes that arrive within the debounce window make one generation; a change after it makes the next.
@@ -216,6 +224,23 @@ fn session_protocol() {
         .unwrap();
     let json = status.to_json(Instant::now());
     assert_eq!(json["types"]["Service"]["nacked"]["message"], "bad port");
+    // A NACK's message is kept only up to MAX_NACK_MESSAGE_BYTES.
+    let mut other =
+        Session { id: 8, workload: status.workload.clone(), served: BTreeSet::new(), types: HashMap::new(), nonces: 0 };
+    let (long_status, metrics_other) = (proxy_status("web", None), ControlMetrics::new());
+    other.on_request(request(protocol::SERVICE_TYPE, &[], "", None), &long_status, &metrics_other, "n").unwrap();
+    let pushed: Vec<DeltaDiscoveryResponse> = other.due(&m2, &long_status).iter().map(wire).collect();
+    let huge = "e".repeat(4 * 1024 * 1024);
+    other
+        .on_request(
+            request(protocol::SERVICE_TYPE, &[], &pushed[0].nonce, Some(&huge)),
+            &long_status,
+            &metrics_other,
+            "n",
+        )
+        .unwrap();
+    let kept = long_status.to_json(Instant::now())["types"]["Service"]["nacked"]["message"].as_str().unwrap().len();
+    assert!(kept <= MAX_NACK_MESSAGE_BYTES + 4, "{kept} bytes of a 4 MiB NACK message kept");
     assert_eq!(json["types"]["Service"]["acked"], 1);
     assert_eq!(json["stale"], true);
     // Nothing is resent at the same generation; the next one resends what the proxy refused (it kept the old).
