@@ -61,7 +61,7 @@ pub struct Xds {
     /// module sets some (to make proxies NACK).
     overlay: Mutex<BTreeMap<String, Any>>,
     /// The open streams of each client certificate (by the SHA-256 of its DER), oldest first (`stream::StreamSlot`).
-    by_certificate: Mutex<std::collections::HashMap<[u8; 32], std::collections::VecDeque<(u64, Arc<Notify>)>>>,
+    by_certificate: Mutex<std::collections::HashMap<[u8; 32], stream::CertificateStreams>>,
 }
 
 /// What a document source gives at each rebuild: the documents, and what each meshed pod serves (by Workload name).

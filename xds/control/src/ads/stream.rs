@@ -37,6 +37,9 @@ const POD_UNKNOWN_TIMEOUT: Duration = Duration::from_secs(30);
 /// replicas of a Deployment share an identity, each with its own certificate.
 pub(super) const STREAMS_PER_CERTIFICATE: usize = 4;
 
+/// One certificate's open streams, oldest first: (ticket, the stream's `superseded`).
+pub(super) type CertificateStreams = std::collections::VecDeque<(u64, Arc<tokio::sync::Notify>)>;
+
 /// A stream's place among its certificate's streams; `superseded` fires when a newer stream takes it.
 pub(super) struct StreamSlot {
     xds: Arc<Xds>,
