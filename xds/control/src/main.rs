@@ -307,6 +307,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     });
     authority.observe();
     tokio::spawn(authority.clone().run());
+    // Local mode: `/status` on the metrics port (every proxy's identity, address and certificate expiry) takes the
+    // admin token, as the API does.
+    let status_token = matches!(args.discovery, Discovery::Local).then(|| token.clone());
     let api = Arc::new(Api::new(store, tokens, token, Some(metrics.clone()), Some(xds.clone()), Some(authority)));
 
     let xds_listener = tokio::net::TcpListener::bind(args.xds_addr)
@@ -364,10 +367,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         spawn_http1(api_listener, move |req| api.clone().handle(req));
     }
     spawn_http1(metrics_listener, move |req: http::Request<hyper::body::Incoming>| {
-        let (metrics, xds) = (metrics.clone(), xds_status.clone());
+        let (metrics, xds, status_token) = (metrics.clone(), xds_status.clone(), status_token.clone());
         async move {
             let (status, body) = match req.uri().path() {
                 "/metrics" => (200, metrics.encode()),
+                "/status"
+                    if status_token.as_ref().is_some_and(|t| !ferry_control::api::bearer_is(req.headers(), t)) =>
+                {
+                    return Ok(ferry_control::api::Api::unauthorized());
+                }
                 // The connected proxies and their sync state, read-only (ferryctl status/check in Kubernetes mode
                 // reach it through the API server's pod proxy).
                 "/status" => (200, serde_json::to_vec(&xds.status_json()).expect("serializable")),

@@ -140,3 +140,21 @@ async fn one_certificate_holds_a_few_ads_streams_and_the_newest_is_served() {
         ferry_test_support::metric_value(&cp.metrics_text(), r#"ferry_control_xds_refused_total{reason="superseded"}"#);
     assert_eq!(superseded, 96.0);
 }
+
+#[test]
+fn status_on_the_metrics_port_takes_the_admin_token_in_local_mode() {
+    // Every proxy's identity, address and certificate expiry: not for anyone who reaches the port.
+    let cp = ControlPlane::start(&state_dir("attack-status"));
+    let anonymous = ferry_test_support::http_exchange_full(cp.metrics, "GET", "/status", &[], "").unwrap();
+    assert_eq!(anonymous.status, 401, "{anonymous:?}");
+    let wrong =
+        ferry_test_support::http_exchange_full(cp.metrics, "GET", "/status", &[("Authorization", "Bearer x")], "");
+    assert_eq!(wrong.unwrap().status, 401);
+    let bearer = format!("Bearer {}", cp.token());
+    let with = ferry_test_support::http_exchange_full(cp.metrics, "GET", "/status", &[("Authorization", &bearer)], "");
+    let with = with.unwrap();
+    assert_eq!(with.status, 200, "{with:?}");
+    assert!(with.body.contains("proxies"), "{}", with.body);
+    // The metrics themselves stay open to Prometheus.
+    assert_eq!(support::get(cp.metrics, "/metrics").map(|r| r.0), Some(200));
+}

@@ -62,25 +62,20 @@ impl Api {
     }
 
     fn authorized(&self, req: &Request<Incoming>) -> bool {
-        let presented = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        constant_time_eq(presented.trim().as_bytes(), self.token.as_bytes())
+        bearer_is(req.headers(), &self.token)
+    }
+
+    /// The answer to a request without the admin token (`WWW-Authenticate: Bearer`).
+    pub fn unauthorized() -> Response<Body> {
+        let mut r = error(StatusCode::UNAUTHORIZED, "missing or wrong admin token (Authorization: Bearer <token>)");
+        r.headers_mut().insert(header::WWW_AUTHENTICATE, "Bearer".parse().expect("valid header"));
+        r
     }
 
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
         // Only a successful write can change what the store holds.
         let writes = matches!(*req.method(), Method::POST | Method::PUT | Method::DELETE);
-        let response = if self.authorized(&req) {
-            self.clone().route(req).await
-        } else {
-            let mut r = error(StatusCode::UNAUTHORIZED, "missing or wrong admin token (Authorization: Bearer <token>)");
-            r.headers_mut().insert(header::WWW_AUTHENTICATE, "Bearer".parse().expect("valid header"));
-            r
-        };
+        let response = if self.authorized(&req) { self.clone().route(req).await } else { Self::unauthorized() };
         let changed = writes && response.status().is_success();
         if let Some(m) = &self.metrics {
             m.api_requests.with_label_values(&[response.status().as_str()]).inc();
@@ -306,4 +301,14 @@ mod tests {
         assert!(!eq(b"abc", b"ab"));
         assert!(!eq(b"", b"a"));
     }
+}
+
+/// Whether `headers` carry `Authorization: Bearer <token>` (compared in constant time).
+pub fn bearer_is(headers: &http::HeaderMap, token: &str) -> bool {
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    constant_time_eq(presented.trim().as_bytes(), token.as_bytes())
 }
