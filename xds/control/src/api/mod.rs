@@ -291,6 +291,16 @@ fn too_large() -> Response<Body> {
     error(StatusCode::PAYLOAD_TOO_LARGE, format!("request body over {} MiB", MAX_BODY_BYTES / (1024 * 1024)))
 }
 
+/// Whether `headers` carry `Authorization: Bearer <token>` (compared in constant time).
+pub fn bearer_is(headers: &http::HeaderMap, token: &str) -> bool {
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    constant_time_eq(presented.trim().as_bytes(), token.as_bytes())
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -301,14 +311,4 @@ mod tests {
         assert!(!eq(b"abc", b"ab"));
         assert!(!eq(b"", b"a"));
     }
-}
-
-/// Whether `headers` carry `Authorization: Bearer <token>` (compared in constant time).
-pub fn bearer_is(headers: &http::HeaderMap, token: &str) -> bool {
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    constant_time_eq(presented.trim().as_bytes(), token.as_bytes())
 }
