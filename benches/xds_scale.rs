@@ -194,6 +194,8 @@ struct Shared {
     ack_times: Mutex<Vec<Instant>>,
     resources_decoded: AtomicU64,
     errors: AtomicUsize,
+    /// Per type (`TYPES` order): proxies that have had their first response of it (what a stall waits for).
+    first_of_type: [AtomicUsize; TYPES.len()],
 }
 
 /// One simulated proxy's own workload certificate, as a real proxy gets it: a fresh key, a CSR with the join token.
@@ -250,7 +252,7 @@ async fn simulated_proxy(
     };
     let _ = connected.send(());
     let mut client = AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(64 << 20);
-    let (tx, rx) = mpsc::channel(4);
+    let (tx, rx) = mpsc::channel(TYPES.len() + 4);
     for (i, t) in TYPES.iter().enumerate() {
         let node = Node { id: format!("sim-{id}"), ..Default::default() };
         tx.send(DeltaDiscoveryRequest {
@@ -272,12 +274,22 @@ async fn simulated_proxy(
         }
     };
     let mut held: HashMap<String, Received> = HashMap::new();
-    let mut first = [false; 4];
+    let mut first = [false; TYPES.len()];
     let mut counted_marker = 0u64;
     loop {
         let response = match stream.message().await {
             Ok(Some(r)) => r,
-            _ => return,
+            // A stream the control plane ends is a failed proxy, not a silent one.
+            Ok(None) => {
+                eprintln!("proxy {id}: the stream ended");
+                shared.errors.fetch_add(1, Ordering::SeqCst);
+                return;
+            }
+            Err(status) => {
+                eprintln!("proxy {id}: {status}");
+                shared.errors.fetch_add(1, Ordering::SeqCst);
+                return;
+            }
         };
         let index = TYPES.iter().position(|t| *t == response.type_url).unwrap_or(0);
         let mut error = None;
@@ -322,6 +334,7 @@ async fn simulated_proxy(
         }
         if !first[index] {
             first[index] = true;
+            shared.first_of_type[index].fetch_add(1, Ordering::SeqCst);
             if first.iter().all(|f| *f) {
                 shared.synced.fetch_add(1, Ordering::SeqCst);
             }
@@ -366,9 +379,16 @@ async fn run(n: usize, a: &Args) -> serde_json::Value {
         }
     }
     let connect_time = started.elapsed();
-    let deadline = Instant::now() + Duration::from_secs(600);
+    let deadline = Instant::now()
+        + Duration::from_secs(std::env::var("XDS_SCALE_SYNC_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(600));
     while shared.synced.load(Ordering::SeqCst) + shared.errors.load(Ordering::SeqCst) < n {
-        assert!(Instant::now() < deadline, "not all proxies synced within 10 minutes");
+        let firsts: Vec<usize> = shared.first_of_type.iter().map(|c| c.load(Ordering::SeqCst)).collect();
+        assert!(
+            Instant::now() < deadline,
+            "not all proxies synced within 10 minutes: {} synced, {} failed, first responses per type {firsts:?} ({TYPES:?})",
+            shared.synced.load(Ordering::SeqCst),
+            shared.errors.load(Ordering::SeqCst),
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let sync_time = started.elapsed();
