@@ -290,6 +290,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }),
         metrics: metrics.clone(),
         lifetime: args.cert_lifetime,
+        renewals: Default::default(),
     };
     tokio::spawn(xds.clone().run_publisher());
     let serving = ServingTls::new(&cert, &key, &ca.trust_bundle())?;

@@ -125,6 +125,44 @@ pub struct CertifyService {
     pub bearer: Option<Arc<dyn BearerCheck>>,
     pub metrics: Arc<ControlMetrics>,
     pub lifetime: Duration,
+    pub renewals: Renewals,
+}
+
+/// Renewals (requests authenticated by a certificate) allowed per lineage, so that minting certificate after
+/// certificate does not multiply what one credential may hold (ADS streams are capped per certificate). A pod's proxy
+/// renews at half-life: a burst of 5, then one a minute. A join token's lineage is shared by every proxy started with
+/// it: a burst of 50, then 5 a second.
+#[derive(Default)]
+pub struct Renewals {
+    buckets: Mutex<std::collections::HashMap<String, (f64, std::time::Instant)>>,
+}
+
+impl Renewals {
+    const MAX_LINEAGES: usize = 100_000;
+
+    fn admit(&self, authenticated: &Authenticated, now: std::time::Instant) -> Result<(), Refusal> {
+        let (key, burst, per_second) = match authenticated.lineage() {
+            Lineage::Pod(pod) => (format!("pod/{}", pod.uid), 5.0, 1.0 / 60.0),
+            Lineage::JoinToken(id) => (format!("token/{id}"), 50.0, 5.0),
+            Lineage::None => (format!("identity/{}", authenticated.identity.spiffe()), 5.0, 1.0 / 60.0),
+        };
+        let refill = |tokens: f64, at: std::time::Instant, now: std::time::Instant| {
+            (tokens + now.duration_since(at).as_secs_f64() * per_second).min(burst)
+        };
+        let mut buckets = self.buckets.lock().expect("renewals lock");
+        if buckets.len() >= Self::MAX_LINEAGES && !buckets.contains_key(&key) {
+            // Full buckets say nothing: forget them.
+            buckets.retain(|_, (tokens, at)| refill(*tokens, *at, now) < burst);
+        }
+        let (tokens, at) = buckets.entry(key).or_insert((burst, now));
+        *tokens = refill(*tokens, *at, now);
+        *at = now;
+        if *tokens < 1.0 {
+            return Err(Refusal::new("rate-limited", "too many renewals in this certificate's lineage; retry later"));
+        }
+        *tokens -= 1.0;
+        Ok(())
+    }
 }
 
 impl CertifyService {
@@ -133,6 +171,7 @@ impl CertifyService {
         self.metrics.certificates_refused.with_label_values(&[refusal.reason]).inc();
         match refusal.reason {
             "bad-request" => Status::invalid_argument(refusal.message),
+            "rate-limited" => Status::resource_exhausted(refusal.message),
             _ => Status::unauthenticated(refusal.message),
         }
     }
@@ -159,6 +198,9 @@ impl pb::identity_server::Identity for CertifyService {
             }
         }
         .map_err(|r| self.refuse(r, peer))?;
+        if authenticated.credential == "certificate" {
+            self.renewals.admit(&authenticated, std::time::Instant::now()).map_err(|r| self.refuse(r, peer))?;
+        }
         let csr = identity::pem_blocks(&request.get_ref().csr_pem, "CERTIFICATE REQUEST")
             .ok()
             .and_then(|mut blocks| (blocks.len() == 1).then(|| blocks.remove(0)))
