@@ -272,4 +272,81 @@ mod tests {
         let (p, reason, _) = detect(&mut server, Duration::from_secs(5)).await.unwrap();
         assert_eq!((p, reason), (Protocol::Tcp, Reason::Eof));
     }
+
+    /// Any request line the reference parser (httparse, as hyper uses it) takes, after any number of empty lines, is
+    /// HTTP/1 to detection — and no prefix of it, as the bytes trickle in, is ever taken for opaque bytes (a request
+    /// sent slowly or oddly must not skip HTTP handling).
+    mod reference {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        fn method() -> impl Strategy<Value = String> {
+            proptest::string::string_regex("[A-Za-z0-9!#$%&'*+.^_`|~-]{1,16}").unwrap()
+        }
+
+        fn target(method: &str) -> BoxedStrategy<String> {
+            if method.eq_ignore_ascii_case("CONNECT") {
+                return proptest::string::string_regex("[a-z0-9.-]{1,20}:[0-9]{1,5}").unwrap().boxed();
+            }
+            prop_oneof![
+                proptest::string::string_regex("/[A-Za-z0-9._~%!$&'()*+,;=:@/?-]{0,40}").unwrap(),
+                Just("*".to_string()),
+                proptest::string::string_regex("[a-z][a-z0-9+.-]{0,8}://[a-z0-9.-]{1,20}(/[a-z0-9/]{0,10})?").unwrap(),
+            ]
+            .boxed()
+        }
+
+        fn request() -> impl Strategy<Value = Vec<u8>> {
+            (proptest::collection::vec(prop_oneof![Just(b"\r\n".to_vec()), Just(b"\n".to_vec())], 0..8), method())
+                .prop_flat_map(|(empty, method)| {
+                    let target = target(&method);
+                    (Just(empty), Just(method), target)
+                })
+                .prop_map(|(empty, method, target)| {
+                    let mut bytes: Vec<u8> = empty.concat();
+                    bytes.extend_from_slice(format!("{method} {target} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes());
+                    bytes
+                })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+            #[test]
+            fn what_httparse_takes_is_http1_at_every_prefix(bytes in request()) {
+                let mut headers = [httparse::EMPTY_HEADER; 4];
+                let parsed = httparse::Request::new(&mut headers).parse(&bytes);
+                // The generator's requests are valid to the reference; the property is about detection.
+                prop_assume!(matches!(parsed, Ok(httparse::Status::Complete(_))));
+                prop_assert_eq!(classify(&bytes), Classification::Known(Protocol::Http1));
+                for end in 1..bytes.len() {
+                    prop_assert_ne!(classify(&bytes[..end]), Classification::Known(Protocol::Tcp), "prefix {:?}", &bytes[..end]);
+                }
+            }
+
+            #[test]
+            fn mutated_requests_httparse_takes_are_never_opaque(
+                bytes in request(),
+                edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>(), any::<bool>()), 1..4),
+            ) {
+                // A valid request with a few bytes replaced or inserted: odd methods, targets and separators that the
+                // reference may still take.
+                let mut bytes = bytes;
+                for (at, byte, insert) in edits {
+                    let i = at.index(bytes.len());
+                    if insert { bytes.insert(i, byte) } else { bytes[i] = byte }
+                }
+                let mut headers = [httparse::EMPTY_HEADER; 4];
+                let mut req = httparse::Request::new(&mut headers);
+                if let Ok(httparse::Status::Complete(_)) = req.parse(&bytes) {
+                    let target = req.path.unwrap_or_default();
+                    // What hyper then serves: a target it accepts as origin, asterisk or absolute form.
+                    let served = target == "*"
+                        || target.parse::<http::Uri>().is_ok_and(|u| u.path().starts_with('/') && (target.starts_with('/') || u.scheme().is_some()));
+                    if served {
+                        prop_assert_ne!(classify(&bytes), Classification::Known(Protocol::Tcp), "{:?}", String::from_utf8_lossy(&bytes));
+                    }
+                }
+            }
+        }
+    }
 }
