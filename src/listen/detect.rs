@@ -89,15 +89,16 @@ pub fn classify(buf: &[u8]) -> Classification {
     }
 }
 
-/// An `scheme://` start (RFC 3986 §3.1: a letter, then letters, digits, `+`, `-`, `.`).
+/// An `scheme://` start, as hyper takes it (the `http` crate: up to 64 letters, digits, `+`, `-`, `.`, `~` in any
+/// order; wider than RFC 3986 §3.1, and whatever hyper serves must not pass as opaque bytes).
 fn absolute_uri(target: &[u8]) -> Classification {
-    const MAX_SCHEME: usize = 16;
+    const MAX_SCHEME: usize = 64;
     let scheme = target
         .iter()
         .take(MAX_SCHEME + 1)
-        .take_while(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'))
+        .take_while(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.' | b'~'))
         .count();
-    if !target[0].is_ascii_alphabetic() || scheme > MAX_SCHEME {
+    if scheme == 0 || scheme > MAX_SCHEME {
         return Classification::Known(Protocol::Tcp);
     }
     let sep = &target[scheme..];
@@ -211,6 +212,10 @@ mod tests {
             (b"GET ", NeedMore),
             (b"GET http", NeedMore),
             (b"GET http://api/x HTTP/1.1", Known(Protocol::Http1)),
+            // Found by the reference property below: hyper (the `http` crate) takes `~` and a leading digit in a
+            // scheme, so such an absolute-form target is a request, not opaque bytes.
+            (b"X a+0-0a00~://- HTTP/1.1", Known(Protocol::Http1)),
+            (b"GET 0a://h/ HTTP/1.1", Known(Protocol::Http1)),
             (b"GET https:/", NeedMore),
             (b"GET http:x", Known(Protocol::Tcp)),
             (b"CONNECT api:443 HTTP/1.1", Known(Protocol::Http1)),
