@@ -66,10 +66,26 @@ impl Activity {
         }
     }
 
-    fn read(&self, total: u64, written: u64) {
-        self.moved.store(total + written, Ordering::Relaxed);
+    /// The client sent bytes: after a response, they start the next request's header deadline.
+    fn client_sent(&self) {
         if self.awaiting_head.load(Ordering::Relaxed) && self.awaiting_head.swap(false, Ordering::Relaxed) {
             self.head_since.store(now_ms(), Ordering::Relaxed);
+        }
+    }
+
+    /// Completes once no bytes have moved either way for `timeout` (opaque TCP's idle timeout); checked every quarter
+    /// of it.
+    pub async fn quiet_for(&self, timeout: Duration) {
+        let step = (timeout / 4).max(Duration::from_millis(50));
+        let (mut last, mut since) = (self.moved(), tokio::time::Instant::now());
+        loop {
+            tokio::time::sleep(step).await;
+            let now = self.moved();
+            if now != last {
+                (last, since) = (now, tokio::time::Instant::now());
+            } else if since.elapsed() >= timeout {
+                return;
+            }
         }
     }
 }
@@ -126,8 +142,9 @@ impl AsyncRead for ConnIo {
         let n = (buf.filled().len() - before) as u64;
         if n > 0 {
             this.read += n;
+            this.moved();
             if let Some(a) = &this.activity {
-                a.read(this.read, this.written);
+                a.client_sent();
             }
         }
         res
@@ -167,22 +184,5 @@ impl AsyncWrite for ConnIo {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.stream).poll_shutdown(cx)
-    }
-}
-
-/// Completes once `mark()` has stayed the same `Some` for `timeout` (`None`: busy, the wait starts again); checked
-/// every quarter of it. Opaque TCP's mark is the bytes moved; an HTTP connection's, its requests while none is in
-/// flight (HTTP/2 PINGs are not activity, as with Envoy's `idle_timeout`).
-pub async fn idle_for(mark: impl Fn() -> Option<u64>, timeout: Duration) {
-    let step = (timeout / 4).max(Duration::from_millis(50));
-    let (mut last, mut since) = (mark(), tokio::time::Instant::now());
-    loop {
-        tokio::time::sleep(step).await;
-        let now = mark();
-        if now.is_none() || now != last {
-            (last, since) = (now, tokio::time::Instant::now());
-        } else if since.elapsed() >= timeout {
-            return;
-        }
     }
 }

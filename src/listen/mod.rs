@@ -31,7 +31,7 @@ use crate::stack::{self, Registries, Stack};
 use crate::telemetry::metrics::Metrics;
 use detect::{Protocol, Reason};
 use drain::Drain;
-use io::{Activity, ConnIo};
+use io::ConnIo;
 use open::{ConnState, OpenConnections, OpenGuard, Responding};
 use pool::Pool;
 use target::ConnInfo;
@@ -375,7 +375,6 @@ impl Listeners {
     {
         let (peer, direction) = (conn.peer, conn.direction);
         let expires = conn.peer_expires_in();
-        let activity = conn.activity.clone();
         let http1 = protocol == Protocol::Http1;
         let proxy = self.clone();
         if http1 {
@@ -397,7 +396,6 @@ impl Listeners {
             header_deadline: http1.then_some(self.settings.header_read_timeout),
             expires,
             idle: self.settings.idle_timeout,
-            activity: &activity,
         };
         let result = if http1 {
             let conn = self.h1.serve_connection(io, service).with_upgrades();
@@ -447,9 +445,9 @@ enum ConnEnd {
 }
 
 /// A server connection's timers.
-struct Timers<'a> {
+struct Timers {
     /// HTTP/1: each request's headers must be complete within it: the first request's from the connection's start,
-    /// the others' from their first byte (`Activity::head_pending_for`, checked every half of it: a slow one is cut
+    /// the others' from their first byte (`ConnState::head_pending_for`, checked every half of it: a slow one is cut
     /// within 1 to 1.5 times it).
     header_deadline: Option<Duration>,
     /// A mesh peer's certificate runs out then.
@@ -458,7 +456,6 @@ struct Timers<'a> {
     /// preface or only PINGs) winds the connection down gracefully, as the drain does; idle as long again, it is
     /// dropped. Checked every quarter of it.
     idle: Duration,
-    activity: &'a Activity,
 }
 
 /// Runs a server connection until it ends. Draining (or the peer's certificate running out, or the idle timeout):
@@ -469,7 +466,7 @@ struct Timers<'a> {
 async fn drive<C: Future<Output = hyper::Result<()>>>(
     drain: &Drain,
     state: &ConnState,
-    timers: Timers<'_>,
+    timers: Timers,
     conn: C,
     graceful_shutdown: fn(Pin<&mut C>),
 ) -> Result<(), ConnEnd> {
@@ -514,7 +511,7 @@ async fn drive<C: Future<Output = hyper::Result<()>>>(
             () = &mut check => {
                 let now = tokio::time::Instant::now();
                 if let Some(limit) = timers.header_deadline
-                    && timers.activity.head_pending_for().is_some_and(|pending| pending >= limit)
+                    && state.head_pending_for().is_some_and(|pending| pending >= limit)
                 {
                     return Err(ConnEnd::HeaderTimeout);
                 }

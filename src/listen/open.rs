@@ -65,6 +65,11 @@ impl ConnState {
         self.requests.load(Ordering::Relaxed).saturating_sub(finished)
     }
 
+    /// How long the pending HTTP/1 request's headers have been coming in, if one is pending.
+    pub fn head_pending_for(&self) -> Option<std::time::Duration> {
+        self.activity.head_pending_for()
+    }
+
     /// The idle timer's mark: the requests seen, while none is in flight.
     pub fn idle_mark(&self) -> Option<u64> {
         (self.in_flight() == 0).then(|| self.requests.load(Ordering::Relaxed) as u64)

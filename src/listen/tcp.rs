@@ -116,7 +116,7 @@ where
 {
     tokio::select! {
         copied = tokio::io::copy_bidirectional(a, b) => copied.map(drop),
-        () = super::io::idle_for(|| Some(activity.moved()), idle) => {
+        () = activity.quiet_for(idle) => {
             tracing::debug!("opaque connection closed: idle");
             Ok(())
         }
