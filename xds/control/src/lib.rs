@@ -4,6 +4,7 @@
 
 pub mod ads;
 pub mod api;
+pub mod buckets;
 pub mod identity;
 pub mod kubernetes;
 pub mod metrics;

@@ -32,12 +32,7 @@ async fn stream_floods_and_rapid_resets_on_the_xds_port_are_refused_and_proxies_
     // Meanwhile a proxy gets its certificate and its config.
     let service = "apiVersion: ferry.dev/v1alpha1\nkind: Service\nmetadata: {name: web}\nspec: {ports: [{port: 8080}], identities: [web]}\n";
     cp.ok(&["apply", "-f", "-"], Some(service));
-    let proxy = tokio::task::block_in_place(|| {
-        let token = cp.join_token("default", "web", "1h");
-        let env = cp.proxy_env(&token);
-        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        ferry_test_support::Ferry::start(None, &env)
-    });
+    let proxy = tokio::task::block_in_place(|| ferry_test_support::mesh::proxy(&cp, "web", None, &[]));
     let flooded = flood.await.unwrap();
     eprintln!("stream flood: {flooded:?}");
     assert!(
@@ -58,12 +53,7 @@ async fn stream_floods_and_rapid_resets_on_the_xds_port_are_refused_and_proxies_
     eprintln!("rapid reset: {reset:?}");
     assert_eq!(reset.goaway, Some(h2raw::ENHANCE_YOUR_CALM), "rapid resets were taken without end: {reset:?}");
     // The control plane still serves: a new proxy syncs.
-    let again = tokio::task::block_in_place(|| {
-        let token = cp.join_token("default", "web", "1h");
-        let env = cp.proxy_env(&token);
-        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        ferry_test_support::Ferry::start(None, &env)
-    });
+    let again = tokio::task::block_in_place(|| ferry_test_support::mesh::proxy(&cp, "web", None, &[]));
     assert!(again.metric("ferry_xds_connected") >= 1.0);
 }
 

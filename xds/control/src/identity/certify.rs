@@ -7,6 +7,7 @@ use std::time::Duration;
 use rustls_pki_types::CertificateDer;
 use tonic::{Request, Response, Status};
 
+use crate::buckets::Buckets;
 use crate::identity::ca::MeshCa;
 use crate::identity::serving::PeerInfo;
 use crate::identity::tokens::{TokenError, Tokens};
@@ -130,37 +131,30 @@ pub struct CertifyService {
 
 /// Renewals (requests authenticated by a certificate) allowed per lineage, so that minting certificate after
 /// certificate does not multiply what one credential may hold (ADS streams are capped per certificate). A pod's proxy
-/// renews at half-life: a burst of 5, then one a minute. A join token's lineage is shared by every proxy started with
-/// it: a burst of 50, then 5 a second.
-#[derive(Default)]
+/// renews at half-life: a burst of 5, then one a minute (so too a lineage-less identity). A join token's lineage is
+/// shared by every proxy started with it: a burst of 50, then 5 a second.
 pub struct Renewals {
-    buckets: Mutex<std::collections::HashMap<String, (f64, std::time::Instant)>>,
+    pods: Buckets<String>,
+    tokens: Buckets<String>,
+}
+
+impl Default for Renewals {
+    fn default() -> Self {
+        const MAX_LINEAGES: usize = 100_000;
+        Renewals { pods: Buckets::new(1.0 / 60.0, 5.0, MAX_LINEAGES), tokens: Buckets::new(5.0, 50.0, MAX_LINEAGES) }
+    }
 }
 
 impl Renewals {
-    const MAX_LINEAGES: usize = 100_000;
-
     fn admit(&self, authenticated: &Authenticated, now: std::time::Instant) -> Result<(), Refusal> {
-        let (key, burst, per_second) = match authenticated.lineage() {
-            Lineage::Pod(pod) => (format!("pod/{}", pod.uid), 5.0, 1.0 / 60.0),
-            Lineage::JoinToken(id) => (format!("token/{id}"), 50.0, 5.0),
-            Lineage::None => (format!("identity/{}", authenticated.identity.spiffe()), 5.0, 1.0 / 60.0),
+        let admitted = match authenticated.lineage() {
+            Lineage::Pod(pod) => self.pods.take(format!("pod/{}", pod.uid), now),
+            Lineage::JoinToken(id) => self.tokens.take(id.to_string(), now),
+            Lineage::None => self.pods.take(format!("identity/{}", authenticated.identity.spiffe()), now),
         };
-        let refill = |tokens: f64, at: std::time::Instant, now: std::time::Instant| {
-            (tokens + now.duration_since(at).as_secs_f64() * per_second).min(burst)
-        };
-        let mut buckets = self.buckets.lock().expect("renewals lock");
-        if buckets.len() >= Self::MAX_LINEAGES && !buckets.contains_key(&key) {
-            // Full buckets say nothing: forget them.
-            buckets.retain(|_, (tokens, at)| refill(*tokens, *at, now) < burst);
-        }
-        let (tokens, at) = buckets.entry(key).or_insert((burst, now));
-        *tokens = refill(*tokens, *at, now);
-        *at = now;
-        if *tokens < 1.0 {
+        if !admitted {
             return Err(Refusal::new("rate-limited", "too many renewals in this certificate's lineage; retry later"));
         }
-        *tokens -= 1.0;
         Ok(())
     }
 }

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 
+use crate::buckets::Buckets;
 use crate::identity::certify::{Authenticated, BearerCheck, Refusal};
 
 /// How many results and source addresses are kept at most (beyond that, none is added until some expire).
@@ -38,9 +39,9 @@ impl Default for Limits {
 /// A `BearerCheck` (the TokenReview) behind a cache, a per-source refusal limit and a cap on reviews in flight.
 pub struct Guarded {
     inner: Arc<dyn BearerCheck>,
-    limits: Limits,
     accepted: Mutex<HashMap<[u8; 32], (Authenticated, Instant)>>,
-    refusals: Mutex<HashMap<IpAddr, (f64, Instant)>>,
+    /// Per source address: a token spent by each refused review.
+    refusals: Buckets<IpAddr>,
     slots: Semaphore,
     counted: prometheus::IntCounterVec,
 }
@@ -49,9 +50,8 @@ impl Guarded {
     pub fn new(inner: Arc<dyn BearerCheck>, limits: Limits, counted: prometheus::IntCounterVec) -> Guarded {
         Guarded {
             inner,
-            limits,
             accepted: Mutex::default(),
-            refusals: Mutex::default(),
+            refusals: Buckets::new(limits.refusals_per_second, limits.refusal_burst, MAX_ENTRIES),
             slots: Semaphore::new(limits.in_flight.max(1)),
             counted,
         }
@@ -59,32 +59,6 @@ impl Guarded {
 
     fn count(&self, result: &str) {
         self.counted.with_label_values(&[result]).inc();
-    }
-
-    /// Whether `source` may have a review now (its refusal bucket is not empty).
-    fn may_review(&self, source: Option<IpAddr>, now: Instant) -> bool {
-        let Some(ip) = source else { return true };
-        let mut buckets = self.refusals.lock().expect("refusals lock");
-        match buckets.get_mut(&ip) {
-            Some((tokens, at)) => {
-                *tokens = refill(*tokens, *at, now, self.limits);
-                *at = now;
-                *tokens >= 1.0
-            }
-            None => true,
-        }
-    }
-
-    /// A review of `source` was refused: it spends a token.
-    fn refused(&self, source: Option<IpAddr>, now: Instant) {
-        let Some(ip) = source else { return };
-        let mut buckets = self.refusals.lock().expect("refusals lock");
-        if buckets.len() >= MAX_ENTRIES && !buckets.contains_key(&ip) {
-            buckets.retain(|_, (tokens, at)| refill(*tokens, *at, now, self.limits) < self.limits.refusal_burst);
-        }
-        let (tokens, at) = buckets.entry(ip).or_insert((self.limits.refusal_burst, now));
-        *tokens = (refill(*tokens, *at, now, self.limits) - 1.0).max(0.0);
-        *at = now;
     }
 
     fn remember(&self, digest: [u8; 32], authenticated: &Authenticated, token: &str, now: Instant) {
@@ -101,11 +75,6 @@ impl Guarded {
         }
         accepted.insert(digest, (authenticated.clone(), now + ttl));
     }
-}
-
-/// A refusal bucket's tokens at `now`.
-fn refill(tokens: f64, at: Instant, now: Instant, limits: Limits) -> f64 {
-    (tokens + now.duration_since(at).as_secs_f64() * limits.refusals_per_second).min(limits.refusal_burst)
 }
 
 /// How long until a JWT's `exp` (read, not verified: the TokenReview verified it), if it has one in the future.
@@ -132,7 +101,7 @@ impl BearerCheck for Guarded {
             return Ok(authenticated);
         }
         let source = peer.map(|p| p.ip());
-        if !self.may_review(source, now) {
+        if source.is_some_and(|ip| !self.refusals.has(&ip, now)) {
             self.count("rate-limited");
             return Err(Refusal {
                 reason: "rate-limited",
@@ -156,7 +125,9 @@ impl BearerCheck for Guarded {
             }
             Err(refusal) => {
                 self.count("refused");
-                self.refused(source, Instant::now());
+                if let Some(ip) = source {
+                    self.refusals.spend(ip, Instant::now());
+                }
                 Err(refusal)
             }
         }
