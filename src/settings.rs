@@ -44,8 +44,8 @@ pub struct Settings {
     pub connect_timeout: Duration,
     #[serde(serialize_with = "as_text")]
     pub pool_idle_timeout: Duration,
-    /// A downstream connection with no bytes either way for this long is closed (gracefully: in-flight requests
-    /// finish); opaque TCP too.
+    /// A downstream HTTP connection with no request in flight for this long is wound down gracefully; an opaque TCP
+    /// connection with no bytes either way that long is closed (a Service's `tcpIdleTimeout` may say otherwise).
     #[serde(serialize_with = "as_text")]
     pub idle_timeout: Duration,
     /// Open downstream connections per listener (inbound, outbound); at the cap the least useful is closed.

@@ -84,9 +84,12 @@ pub struct Outcome {
     pub stalled: bool,
 }
 
+/// How long a write may wait, for a peer that never reads, before the server counts as no longer reading.
+const STALL: Duration = Duration::from_secs(1);
+
 /// Sends the preface and an empty SETTINGS, then `next(i)`'s frames until it says None, the connection ends or
-/// `duration` is over; reads what the server sends if `read` (else never reads: its writes back up). Then waits up
-/// to 2 s for the server's last frames.
+/// `duration` is over; reads what the server sends if `read` (else never reads: its writes back up, and the attack
+/// ends as `stalled` once a write has waited `STALL`). Then waits up to 2 s for the server's last frames.
 pub async fn attack<S>(
     stream: S,
     read: bool,
@@ -151,11 +154,15 @@ where
         if out.is_empty() {
             break;
         }
-        match tokio::time::timeout_at(end.into(), tx.write_all(&out)).await {
+        // A peer that never reads ends the attack once the server has not taken a write for `STALL`, however long
+        // the machine took to fill the buffers between them.
+        let left = end.saturating_duration_since(Instant::now());
+        let wait = if read { left } else { left.min(STALL) };
+        match tokio::time::timeout(wait, tx.write_all(&out)).await {
             Ok(Ok(())) => sent = i,
             Ok(Err(_)) => break,
             Err(_) => {
-                stalled = true;
+                stalled = !read && wait == STALL;
                 break;
             }
         }
