@@ -263,7 +263,7 @@ async fn kubernetes_discovery_and_identity_through_the_api_server() {
     let web = tokio::task::block_in_place(|| Ferry::start(None, &env_refs));
     let reviews = api.reviews();
     assert_eq!(reviews[0]["spec"], json!({"token": "token-web-1", "audiences": ["ferry.dev"]}), "{reviews:?}");
-    let status: Value = serde_json::from_str(&http_get(cp.metrics, "/status").unwrap().1).unwrap();
+    let status = cp.proxies();
     assert_eq!(status["proxies"][0]["identity"], "spiffe://cluster.local/ns/shop/sa/web", "{status}");
     let services = proxy_services(&web);
     let (endpoints, addresses) = &services["api"];
@@ -320,7 +320,7 @@ async fn kubernetes_discovery_and_identity_through_the_api_server() {
     wait("the accepted policy reaches the proxy", &mut || !proxy_policies(&web).is_empty());
 
     // ferryctl in Kubernetes mode, through the same API server: the CRDs and the control plane installed (its
-    // replica's /status reached through the pod proxy).
+    // replica's /v1/status reached through pods/portforward).
     for crd in ["trafficpolicies", "authorizationpolicies"] {
         let text = std::fs::read_to_string(format!("{}/deploy/crds/{crd}.ferry.dev.yaml", env!("CARGO_MANIFEST_DIR")))
             .unwrap();
@@ -336,7 +336,7 @@ async fn kubernetes_discovery_and_identity_through_the_api_server() {
         json!({"metadata": {"name": "ferry-control-0", "namespace": "ferry-system", "uid": "uid-cp", "labels": labels},
         "spec": {"containers": [{"name": "ferry-control", "image": "control"}]}, "status": {"phase": "Running"}}),
     );
-    api.proxy_pod("ferry-system", "ferry-control-0", cp.metrics);
+    api.forward_pod_port("ferry-system", "ferry-control-0", 15011, cp.status);
     let kubeconfig = api.kubeconfig_as(dir.path(), "admin-token");
     let ctl = |args: &[&str]| {
         let out = Command::new(control::ctl_bin())
@@ -401,6 +401,13 @@ async fn kubernetes_discovery_and_identity_through_the_api_server() {
         (status["proxies"][0]["node"].as_str(), status["proxies"][0]["controlPlane"].as_str()),
         (Some("web-1.shop"), Some("ferry-control-0"))
     );
+    // ...read through pods/portforward to the replica's loopback, with the caller's credentials; the pod's metrics
+    // port, which anyone in the cluster reaches, lists no proxy.
+    let forwarded = "/api/v1/namespaces/ferry-system/pods/ferry-control-0/portforward";
+    assert!(
+        api.calls_with("admin-token").iter().any(|(m, p, q)| m == "GET" && p == forwarded && q.contains("ports=15011"))
+    );
+    assert_eq!(http_get(cp.metrics, "/status").map(|r| r.0), Some(404));
 
     // A token bound to a pod that does not exist gets no certificate.
     std::fs::write(&token, "token-ghost").unwrap();

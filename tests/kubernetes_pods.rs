@@ -406,7 +406,7 @@ fn injected_pods_enforce_their_services_policies_and_fail_closed() {
 
     // Each proxy's stream was bound to its pod by its certificate (never by a claim).
     let status =
-        String::from_utf8_lossy(&node.ns.run("curl", &["-s", "http://127.0.0.1:15014/status"]).stdout).into_owned();
+        String::from_utf8_lossy(&node.ns.run("curl", &["-s", "http://127.0.0.1:15011/v1/status"]).stdout).into_owned();
     for pod in [&api_pod, &web, &other, &job] {
         assert!(status.contains(&format!("\"workload\":\"pod/shop/{}\"", pod.name)), "{status}");
     }

@@ -323,8 +323,7 @@ async fn injected_pods_call_each_other_through_their_proxies() {
     let report = node.logs(&load);
     assert_eq!(report.lines().next(), Some("ok 150 failed 0"), "{report}");
     wait("every proxy back in sync", Duration::from_secs(30), &mut || {
-        let status = support::http_get(control.metrics, "/status").map(|r| r.1).unwrap_or_default();
-        let status: Value = serde_json::from_str(&status).unwrap_or_default();
+        let status = control.proxies();
         let proxies = status["proxies"].as_array().cloned().unwrap_or_default();
         proxies.len() == 3 && proxies.iter().all(|p| p["stale"] == false)
     });

@@ -1,7 +1,8 @@
 //! A local HTTP server speaking the Kubernetes API's JSON, for tests (no API server exists here): lists with a
 //! resourceVersion, watches as streamed newline-delimited events (ADDED, MODIFIED, DELETED, BOOKMARK, and an ERROR
-//! `410 Gone` that makes clients list again), TokenReviews answered from a table, and the writes the control plane
-//! makes (Secrets, ConfigMaps, status patches, the webhook's caBundle), recorded for assertions.
+//! `410 Gone` that makes clients list again), TokenReviews answered from a table, `pods/proxy` and `pods/portforward`
+//! to local addresses, and the writes the control plane makes (Secrets, ConfigMaps, status patches, the webhook's
+//! caBundle), recorded for assertions.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -70,6 +71,8 @@ struct State {
     reviews: Vec<Value>,
     /// `namespace/pod` → where its pod-proxy requests go (the API server's `pods/proxy` subresource).
     pod_proxies: BTreeMap<String, SocketAddr>,
+    /// (`namespace/pod`, port) → where a `pods/portforward` of that port connects.
+    pod_ports: BTreeMap<(String, u16), SocketAddr>,
     /// How many lists each collection has served (a relist after 410 shows here).
     lists: BTreeMap<&'static str, usize>,
     /// Every request: (bearer token, method, path, query).
@@ -113,7 +116,10 @@ impl ApiServer {
                         let this = this.clone();
                         async move { Ok::<_, Infallible>(this.handle(req).await) }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc).await;
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tcp), svc)
+                        .with_upgrades()
+                        .await;
                 });
             }
         });
@@ -203,6 +209,11 @@ impl ApiServer {
         self.state.lock().unwrap().pod_proxies.insert(format!("{namespace}/{pod}"), addr);
     }
 
+    /// A `pods/portforward` of `port` on `namespace/pod` connects to `addr` (the pod's loopback, in a cluster).
+    pub fn forward_pod_port(&self, namespace: &str, pod: &str, port: u16, addr: SocketAddr) {
+        self.state.lock().unwrap().pod_ports.insert((format!("{namespace}/{pod}"), port), addr);
+    }
+
     /// What a TokenReview of `token` answers.
     pub fn token(&self, token: &str, status: Value) {
         self.state.lock().unwrap().tokens.insert(token.into(), status);
@@ -238,6 +249,20 @@ impl ApiServer {
         let token = req.headers().get("authorization").and_then(|v| v.to_str().ok()).unwrap_or_default();
         let token = token.strip_prefix("Bearer ").unwrap_or(token).to_string();
         self.state.lock().unwrap().calls.push((token, method.to_string(), path.clone(), query.clone()));
+        if let Some(rest) = path.strip_prefix("/api/v1/namespaces/")
+            && let [ns, "pods", pod, "portforward"] = rest.split('/').collect::<Vec<_>>().as_slice()
+        {
+            let port = query.split('&').find_map(|kv| kv.strip_prefix("ports=")).and_then(|p| p.parse::<u16>().ok());
+            let upstream =
+                port.and_then(|p| self.state.lock().unwrap().pod_ports.get(&(format!("{ns}/{pod}"), p)).copied());
+            return match (port, upstream) {
+                (Some(port), Some(upstream)) => port_forward(req, port, upstream),
+                _ => json_reply(
+                    StatusCode::NOT_FOUND,
+                    &status(404, "NotFound", "no such pod port (one port per forward here)"),
+                ),
+            };
+        }
         let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
         let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
         if method != Method::GET {
@@ -262,6 +287,8 @@ impl ApiServer {
                     &status(503, "ServiceUnavailable", "no such pod endpoint"),
                 );
             };
+            // As a real API server does, the caller's credentials are not passed on to the pod (`forward_get` sends
+            // none): a token check behind the pod proxy cannot work.
             let target = format!("/{}", tail.join("/"));
             let answer = tokio::task::spawn_blocking(move || forward_get(upstream, &target)).await.unwrap();
             return match answer {
@@ -423,6 +450,75 @@ impl ApiServer {
             }
         }
     }
+}
+
+/// Answers a `pods/portforward` upgrade as the API server does for WebSocket clients (subprotocol
+/// `v4.channel.k8s.io`: binary frames whose first byte is the channel, 0 data and 1 errors of the one port, each
+/// opened by a frame carrying the port number), and relays channel 0 to a TCP connection to `upstream`.
+fn port_forward(req: Request<Incoming>, port: u16, upstream: SocketAddr) -> Response<Body> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_tungstenite::tungstenite::{Message, handshake::derive_accept_key, protocol::Role};
+    let Some(key) = req.headers().get(http::header::SEC_WEBSOCKET_KEY) else {
+        return json_reply(StatusCode::BAD_REQUEST, &status(400, "BadRequest", "a WebSocket upgrade is expected"));
+    };
+    let accept = derive_accept_key(key.as_bytes());
+    tokio::spawn(async move {
+        let Ok(upgraded) = hyper::upgrade::on(req).await else { return };
+        let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+        let (mut sink, mut frames) = ws.split();
+        let [lo, hi] = port.to_le_bytes();
+        for channel in [0, 1] {
+            if sink.send(Message::binary(vec![channel, lo, hi])).await.is_err() {
+                return;
+            }
+        }
+        let tcp = match tokio::net::TcpStream::connect(upstream).await {
+            Ok(tcp) => tcp,
+            Err(e) => {
+                let mut error = vec![1];
+                error.extend_from_slice(format!("error forwarding port {port}: {e}").as_bytes());
+                let _ = sink.send(Message::binary(error)).await;
+                let _ = sink.close().await;
+                return;
+            }
+        };
+        let (mut from_pod, mut to_pod) = tcp.into_split();
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            tokio::select! {
+                frame = frames.next() => match frame {
+                    Some(Ok(Message::Binary(data))) if data.first() == Some(&0) => {
+                        if to_pod.write_all(&data[1..]).await.is_err() {
+                            break;
+                        }
+                    }
+                    Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
+                    Some(Ok(_)) => {}
+                },
+                read = from_pod.read(&mut buf) => match read {
+                    Ok(n) if n > 0 => {
+                        let mut data = Vec::with_capacity(n + 1);
+                        data.push(0);
+                        data.extend_from_slice(&buf[..n]);
+                        if sink.send(Message::binary(data)).await.is_err() {
+                            break;
+                        }
+                    }
+                    _ => break,
+                },
+            }
+        }
+        let _ = sink.close().await;
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(http::header::CONNECTION, "Upgrade")
+        .header(http::header::UPGRADE, "websocket")
+        .header(http::header::SEC_WEBSOCKET_ACCEPT, accept)
+        .header(http::header::SEC_WEBSOCKET_PROTOCOL, "v4.channel.k8s.io")
+        .body(BodyExt::boxed(http_body_util::Empty::new()))
+        .unwrap()
 }
 
 /// A plain HTTP/1.0 GET to `addr`: (status, body).

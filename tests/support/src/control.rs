@@ -230,6 +230,9 @@ pub struct KubeControl {
     child: Child,
     pub xds: SocketAddr,
     pub metrics: SocketAddr,
+    /// The loopback address of the read-only `GET /v1/status` (`--api-addr`), which `ferryctl --kubernetes status`
+    /// reaches through `pods/portforward`.
+    pub status: SocketAddr,
     pub state: PathBuf,
     pub log: PathBuf,
     command: Vec<String>,
@@ -245,7 +248,7 @@ impl KubeControl {
     pub fn start_with(dir: &Path, kubeconfig: &Path, xds: SocketAddr, extra: &[&str]) -> KubeControl {
         let state = dir.join("control-state");
         std::fs::create_dir_all(&state).unwrap();
-        let (metrics, webhook) = (free_addr(), free_addr());
+        let (metrics, webhook, status) = (free_addr(), free_addr(), free_addr());
         let command: Vec<String> = [
             "serve",
             "--discovery",
@@ -256,6 +259,8 @@ impl KubeControl {
             &xds.to_string(),
             "--metrics-addr",
             &metrics.to_string(),
+            "--api-addr",
+            &status.to_string(),
             "--webhook-addr",
             &webhook.to_string(),
             "--server-name",
@@ -267,7 +272,7 @@ impl KubeControl {
         let log = dir.join("control.log");
         std::fs::File::create(&log).unwrap();
         let child = Self::spawn(&command, kubeconfig, &log);
-        let control = KubeControl { child, xds, metrics, state, log, command, kubeconfig: kubeconfig.into() };
+        let control = KubeControl { child, xds, metrics, status, state, log, command, kubeconfig: kubeconfig.into() };
         control.wait_serving();
         control
     }
@@ -291,6 +296,12 @@ impl KubeControl {
             assert!(Instant::now() < deadline, "ferry-control did not sync and serve:\n{}", self.logs());
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// The connected proxies (`GET /v1/status` on the loopback status address).
+    pub fn proxies(&self) -> serde_json::Value {
+        let text = get(self.status, "/v1/status").map(|r| r.1).unwrap_or_default();
+        serde_json::from_str(&text).unwrap_or_default()
     }
 
     /// SIGKILL, then the same command again.

@@ -58,7 +58,8 @@ struct ServeArgs {
     /// Where accepted objects and the admin token live (created 0700 at first start).
     #[arg(long, env = "FERRY_STATE_DIR", default_value = "./ferry-state")]
     state_dir: PathBuf,
-    /// The HTTP/JSON API that ferryctl uses; keep it on loopback.
+    /// The HTTP/JSON API that ferryctl uses; keep it on loopback. Kubernetes mode serves only the read-only
+    /// `GET /v1/status` there (no token; loopback required), reached through `pods/portforward`.
     #[arg(long, env = "FERRY_CONTROL_API_ADDR", default_value = "127.0.0.1:15011")]
     api_addr: SocketAddr,
     /// The xDS port (delta ADS over gRPC with TLS) that proxies connect to.
@@ -197,6 +198,13 @@ fn admin_token(path: &Path) -> anyhow::Result<String> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    if matches!(args.discovery, Discovery::Kubernetes) && !args.api_addr.ip().is_loopback() {
+        anyhow::bail!(
+            "--api-addr {}: in Kubernetes mode it serves /v1/status without a token, so it must be a loopback \
+             address (ferryctl --kubernetes status reaches it through pods/portforward)",
+            args.api_addr
+        );
+    }
     std::fs::create_dir_all(&args.state_dir).with_context(|| format!("creating {}", args.state_dir.display()))?;
     std::fs::set_permissions(&args.state_dir, std::fs::Permissions::from_mode(0o700))?;
     let kube_client = match args.discovery {
@@ -350,36 +358,56 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         ferry_control::kubernetes::webhook::serve(listener, serving.clone(), args.inject.settings());
     }
 
-    // Kubernetes mode has no admin API: policies are the CRDs, written through the API server.
-    let api_listener = match args.discovery {
-        Discovery::Local => Some(
-            tokio::net::TcpListener::bind(args.api_addr)
-                .await
-                .with_context(|| format!("binding the API on {}", args.api_addr))?,
-        ),
-        Discovery::Kubernetes => None,
-    };
+    // Kubernetes mode has no admin API (policies are the CRDs, written through the API server): its address serves
+    // only the read-only `GET /v1/status`, on loopback, which `ferryctl --kubernetes status` reaches through
+    // `pods/portforward` (the caller's RBAC decides; no token can be checked behind the API server).
+    let api_listener = tokio::net::TcpListener::bind(args.api_addr)
+        .await
+        .with_context(|| format!("binding the API on {}", args.api_addr))?;
     let metrics_listener = tokio::net::TcpListener::bind(args.metrics_addr)
         .await
         .with_context(|| format!("binding metrics on {}", args.metrics_addr))?;
     tracing::info!(api = %args.api_addr, xds = %args.xds_addr, metrics = %args.metrics_addr, "ferry-control ready");
 
-    if let Some(api_listener) = api_listener {
-        spawn_http1(api_listener, move |req| api.clone().handle(req));
+    match args.discovery {
+        Discovery::Local => spawn_http1(api_listener, move |req| api.clone().handle(req)),
+        Discovery::Kubernetes => {
+            let xds = xds_status.clone();
+            spawn_http1(api_listener, move |req: http::Request<hyper::body::Incoming>| {
+                let xds = xds.clone();
+                async move {
+                    let (status, body) = match (req.method(), req.uri().path()) {
+                        (&http::Method::GET, "/v1/status") => {
+                            (200, serde_json::to_vec(&xds.status_json()).expect("serializable"))
+                        }
+                        _ => (404, b"{\"error\":\"Kubernetes mode: only GET /v1/status is served here\"}".to_vec()),
+                    };
+                    let mut resp = http::Response::new(Full::new(Bytes::from(body)));
+                    *resp.status_mut() = http::StatusCode::from_u16(status).expect("valid status");
+                    resp.headers_mut()
+                        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+                    Ok::<_, Infallible>(resp)
+                }
+            });
+        }
     }
     spawn_http1(metrics_listener, move |req: http::Request<hyper::body::Incoming>| {
         let (metrics, xds, status_token) = (metrics.clone(), xds_status.clone(), status_token.clone());
         async move {
             let (status, body) = match req.uri().path() {
                 "/metrics" => (200, metrics.encode()),
-                "/status"
-                    if status_token.as_ref().is_some_and(|t| !ferry_control::api::bearer_is(req.headers(), t)) =>
-                {
-                    return Ok(ferry_control::api::Api::unauthorized());
-                }
-                // The connected proxies and their sync state, read-only (ferryctl status/check in Kubernetes mode
-                // reach it through the API server's pod proxy).
-                "/status" => (200, serde_json::to_vec(&xds.status_json()).expect("serializable")),
+                // Local mode: the connected proxies and their sync state, read-only, with the admin token.
+                // Kubernetes mode: on loopback only (the API address, above).
+                "/status" => match &status_token {
+                    Some(t) if ferry_control::api::bearer_is(req.headers(), t) => {
+                        (200, serde_json::to_vec(&xds.status_json()).expect("serializable"))
+                    }
+                    Some(_) => return Ok(ferry_control::api::Api::unauthorized()),
+                    None => (
+                        404,
+                        b"Kubernetes mode: /v1/status is served on loopback (ferryctl --kubernetes status)\n".to_vec(),
+                    ),
+                },
                 "/health/ready" | "/health/live" => (200, b"ready\n".to_vec()),
                 _ => (404, b"try /metrics or /health/ready\n".to_vec()),
             };

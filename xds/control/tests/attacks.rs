@@ -149,6 +149,22 @@ fn status_on_the_metrics_port_takes_the_admin_token_in_local_mode() {
     assert_eq!(support::get(cp.metrics, "/metrics").map(|r| r.0), Some(200));
 }
 
+#[test]
+fn kubernetes_mode_serves_status_on_loopback_only() {
+    // Nothing there checks a token (the API server's port-forward decides who reaches it), so an address others
+    // reach is refused before anything starts.
+    let state = state_dir("attack-status-kubernetes");
+    let out = std::process::Command::new(support::control_bin())
+        .args(["serve", "--discovery", "kubernetes", "--state-dir", state.to_str().unwrap()])
+        .args(["--api-addr", "0.0.0.0:15011"])
+        .env("KUBECONFIG", "/nonexistent")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("--api-addr 0.0.0.0:15011") && err.contains("must be a loopback address"), "{err}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn renewals_are_throttled_per_lineage_not_per_certificate() {
     // Ten certificates of one join token, each renewed in a chain (every renewal with the certificate the previous

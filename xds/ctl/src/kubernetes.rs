@@ -1,5 +1,5 @@
 //! `ferryctl` in Kubernetes mode: policies written as CRD objects through the API server with the user's kubeconfig
-//! (server-side apply), and what `status` and `check` read there (control-plane replicas through the pod proxy).
+//! (server-side apply), and what `status` and `check` read there (control-plane replicas through `pods/portforward`).
 
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::apps::v1::Deployment;
@@ -88,24 +88,52 @@ pub async fn delete(client: &Client, kind: &str, namespace: &str, name: &str) ->
     Ok(())
 }
 
-/// The control plane's pods, and each one's `/status` (read through the API server's pod proxy to its metrics
-/// port): the proxies connected to it.
+/// The port of a control-plane replica's read-only `/v1/status` in Kubernetes mode: its API address, which listens on
+/// the pod's loopback only.
+pub const STATUS_PORT: u16 = 15011;
+
+/// The control plane's pods, and each one's `/v1/status` (the proxies connected to it), read through
+/// `pods/portforward` to the replica's loopback: the caller's own RBAC decides, as for `kubectl port-forward`.
 pub async fn replicas(client: &Client, namespace: &str) -> anyhow::Result<Vec<(String, Result<Value, String>)>> {
-    let pods = Api::<Pod>::namespaced(client.clone(), namespace)
-        .list(&ListParams::default().labels(&format!("app.kubernetes.io/name={CONTROL_PLANE}")))
-        .await?;
+    let pods = Api::<Pod>::namespaced(client.clone(), namespace);
+    let list = pods.list(&ListParams::default().labels(&format!("app.kubernetes.io/name={CONTROL_PLANE}"))).await?;
     let mut out = Vec::new();
-    for pod in pods {
+    for pod in list {
         let name = pod.name_any();
-        let path = format!("/api/v1/namespaces/{namespace}/pods/{name}:15014/proxy/status");
-        let request = http::Request::get(path).body(Vec::new()).expect("a request");
-        let status = match client.request_text(request).await {
-            Ok(text) => serde_json::from_str(&text).map_err(|e| format!("unreadable /status: {e}")),
-            Err(e) => Err(e.to_string()),
+        let status = match forwarded_status(&pods, &name).await {
+            Ok(text) => serde_json::from_str(&text).map_err(|e| format!("unreadable /v1/status: {e}")),
+            Err(e) => Err(format!("{e:#}")),
         };
         out.push((name, status));
     }
     Ok(out)
+}
+
+/// `GET /v1/status` over a port-forward to `pod`'s [`STATUS_PORT`], bounded in time.
+async fn forwarded_status(pods: &Api<Pod>, pod: &str) -> anyhow::Result<String> {
+    use anyhow::Context;
+    use http_body_util::BodyExt;
+    let exchange = async {
+        let mut forward = pods.portforward(pod, &[STATUS_PORT]).await.context("pods/portforward")?;
+        let stream = forward.take_stream(STATUS_PORT).context("no stream for the forwarded port")?;
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        let connection = tokio::spawn(connection);
+        let request = http::Request::get("/v1/status")
+            .header(http::header::HOST, format!("localhost:{STATUS_PORT}"))
+            .body(http_body_util::Empty::<bytes::Bytes>::new())?;
+        let response = sender.send_request(request).await.context("the forwarded request")?;
+        let code = response.status();
+        let body = response.into_body().collect().await?.to_bytes();
+        connection.abort();
+        forward.abort();
+        let text = String::from_utf8_lossy(&body).into_owned();
+        anyhow::ensure!(code.is_success(), "/v1/status answered {code}: {}", text.trim());
+        Ok(text)
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), exchange)
+        .await
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within 10 s")))
 }
 
 /// Every connected proxy across the replicas (`ferryctl status` in Kubernetes mode).
