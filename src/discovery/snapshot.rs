@@ -298,12 +298,18 @@ impl Snapshot {
         self.by_identity.get(identity).cloned().unwrap_or_else(unknown_source)
     }
 
-    /// Pure route decision for an authority (`host`, `host:port`, `[v6]:port`); a missing port means 80.
+    /// Pure route decision for an authority (`host`, `host:port`, `[v6]:port`); a missing or empty port means 80
+    /// (RFC 3986 §3.2.3), and a port is digits only.
     pub fn route(&self, authority: &str) -> Result<Route, RouteError> {
         let (host, port) = split_host_port(authority);
         let port: u16 = match port {
-            None => 80,
-            Some(p) => p.parse().map_err(|_| RouteError::NoRoute(authority.to_string()))?,
+            None | Some("") => 80,
+            Some(p) => p
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+                .then(|| p.parse().ok())
+                .flatten()
+                .ok_or_else(|| RouteError::NoRoute(authority.to_string()))?,
         };
         let candidates =
             self.by_host.get(&normalize_host(host)).ok_or_else(|| RouteError::NoRoute(authority.to_string()))?;
@@ -587,11 +593,64 @@ spec: {ports: [{port: 80}, {port: 5432, protocol: tcp}]}
             ("orders", Err(RouteError::NoEndpoints("orders.default".into()))),
             ("unknown.example:80", Err(RouteError::NoRoute("unknown.example:80".into()))),
             ("payments.shop:http", Err(RouteError::NoRoute("payments.shop:http".into()))),
+            // Found by `route_reads_authorities_as_http_does`: an empty port is the default one (RFC 3986), and a
+            // port is digits only (Rust's `u16::from_str` takes a leading `+`).
+            ("pay.internal:", Ok(("payments", 8080))),
+            ("payments.shop:+8080", Err(RouteError::NoRoute("payments.shop:+8080".into()))),
         ];
         for (authority, want) in cases {
             let got = s.route(authority).map(|r| (r.service.name.clone(), r.port.port));
             let want = want.clone().map(|(n, p)| (n.to_string(), p));
             assert_eq!(got, want, "{authority}");
+        }
+    }
+
+    /// What routing by authority should answer, read with `http`'s `Authority` (what hyper hands over) as the
+    /// reference: its host (case-insensitive, a trailing dot ignored) and port (none: 80), and no userinfo (RFC 9110
+    /// §4.2.4: an error in an http URI).
+    fn reference_route(authority: &str) -> Option<(String, u16)> {
+        let parsed: http::uri::Authority = authority.parse().ok()?;
+        if parsed.as_str().contains('@') {
+            return None;
+        }
+        // RFC 3986 §3.2.3: `port = *DIGIT`, an empty one meaning the scheme's default.
+        let port = match parsed.as_str().strip_prefix(parsed.host())? {
+            "" | ":" => 80,
+            p => p.strip_prefix(':').filter(|d| d.bytes().all(|b| b.is_ascii_digit()))?.parse::<u16>().ok()?,
+        };
+        let host = parsed.host().to_ascii_lowercase();
+        match (host.trim_end_matches('.'), port) {
+            ("pay.internal", 80) => Some(("payments".into(), 8080)),
+            (
+                "payments.example.com" | "payments.shop" | "payments.shop.svc.cluster.local" | "10.96.0.7",
+                8080 | 9090,
+            ) => Some(("payments".into(), port)),
+            _ => None,
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2048))]
+        /// Routing by authority agrees with `http`'s reading of any authority it accepts.
+        #[test]
+        fn route_reads_authorities_as_http_does(
+            userinfo in "(|user@|a:b@|@)",
+            host in proptest::sample::select(vec![
+                "payments.example.com", "PAYMENTS.Example.COM.", "payments.shop", "payments.shop.svc.cluster.local",
+                "10.96.0.7", "pay.internal", "pay.internal.", "orders", "unknown", "payments", "[::1]", "[fe80::1%25eth0]",
+                "10.96.0.7.", "payments.shop..", "",
+            ]),
+            port in "(|:|:8080|:08080|:9090|:80|:080|:65536|:99999999999|:+80|:-1|:0|: 80|:8080:80|:http)",
+            junk in "(|[ /#?\\\\]|x)",
+        ) {
+            let authority = format!("{userinfo}{host}{port}{junk}");
+            static SNAPSHOT: std::sync::LazyLock<Snapshot> = std::sync::LazyLock::new(snapshot);
+            let got = SNAPSHOT.route(&authority).ok().map(|r| (r.service.name.clone(), r.port.port));
+            let want = reference_route(&authority);
+            // Where http refuses an authority hyper never hands it over: only what http accepts is compared.
+            if authority.parse::<http::uri::Authority>().is_ok() {
+                proptest::prop_assert_eq!(got, want, "{:?}", authority);
+            }
         }
     }
 

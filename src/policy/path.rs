@@ -120,4 +120,128 @@ mod tests {
             assert_eq!(ambiguous(path).is_some(), *refused, "{path}: {:?}", ambiguous(path));
         }
     }
+
+    /// Reference normalisers, each written from the algorithm it names, over bytes.
+    mod reference {
+        /// Every `%XX` decoded (a malformed one kept as written).
+        pub fn decode(p: &[u8]) -> Vec<u8> {
+            let mut out = Vec::with_capacity(p.len());
+            let mut i = 0;
+            while i < p.len() {
+                let hex = p.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
+                match (p[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
+                    (b'%', Some(b)) => {
+                        out.push(b);
+                        i += 3;
+                    }
+                    (c, _) => {
+                        out.push(c);
+                        i += 1;
+                    }
+                }
+            }
+            out
+        }
+
+        /// RFC 3986 §5.2.4 `remove_dot_segments`.
+        pub fn remove_dot_segments(input: &[u8]) -> Vec<u8> {
+            let (mut input, mut out) = (input.to_vec(), Vec::<u8>::new());
+            let pop = |out: &mut Vec<u8>| {
+                let cut = out.iter().rposition(|b| *b == b'/').unwrap_or(0);
+                out.truncate(cut);
+            };
+            while !input.is_empty() {
+                if input.starts_with(b"../") {
+                    input.drain(..3);
+                } else if input.starts_with(b"./") || input.starts_with(b"/./") {
+                    input.drain(..2);
+                } else if input == b"/." {
+                    input = b"/".to_vec();
+                } else if input.starts_with(b"/../") {
+                    input.drain(..3);
+                    pop(&mut out);
+                } else if input == b"/.." {
+                    input = b"/".to_vec();
+                    pop(&mut out);
+                } else if input == b"." || input == b".." {
+                    input.clear();
+                } else {
+                    let start = usize::from(input[0] == b'/');
+                    let end = input[start..].iter().position(|b| *b == b'/').map_or(input.len(), |e| e + start);
+                    out.extend(input.drain(..end));
+                }
+            }
+            out
+        }
+
+        /// nginx (`merge_slashes on`): decoded, slashes merged, dot segments resolved.
+        pub fn nginx(p: &[u8]) -> Vec<u8> {
+            let mut merged = decode(p);
+            merged.dedup_by(|a, b| *a == b'/' && *b == b'/');
+            remove_dot_segments(&merged)
+        }
+
+        /// Tomcat and Spring: `;` parameters dropped from each segment, then decoded and resolved.
+        pub fn tomcat(p: &[u8]) -> Vec<u8> {
+            let segments: Vec<&[u8]> =
+                p.split(|b| *b == b'/').map(|s| s.split(|b| *b == b';').next().unwrap_or(s)).collect();
+            remove_dot_segments(&decode(&segments.join(&b'/')))
+        }
+
+        /// IIS and Node routers: `\` read as `/`, then as nginx.
+        pub fn iis(p: &[u8]) -> Vec<u8> {
+            let slashed: Vec<u8> = decode(p).iter().map(|b| if *b == b'\\' { b'/' } else { *b }).collect();
+            nginx(&slashed)
+        }
+
+        /// RFC 3986 normalisation of the path as written (dot segments on the raw form), then decoded: what a
+        /// backend that routes on the raw path and an app that decodes later see.
+        pub fn rfc3986(p: &[u8]) -> Vec<u8> {
+            decode(&remove_dot_segments(p))
+        }
+
+        /// A second decoding pass (an app behind a decoding proxy).
+        pub fn twice(p: &[u8]) -> Vec<u8> {
+            decode(&decode(p))
+        }
+    }
+
+    #[test]
+    fn the_reference_normalisers_resolve_the_table_forms() {
+        use reference::*;
+        assert_eq!(remove_dot_segments(b"/a/b/c/./../../g"), b"/a/g");
+        assert_eq!(remove_dot_segments(b"mid/content=5/../6"), b"mid/6");
+        assert_eq!(nginx(b"/public/%2e%2e/admin"), b"/admin");
+        assert_eq!(nginx(b"//admin"), b"/admin");
+        assert_eq!(tomcat(b"/public/..;/admin"), b"/admin");
+        assert_eq!(iis(b"/public\\..\\admin"), b"/admin");
+        assert_eq!(twice(b"/public/%252e"), b"/public/.");
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2048))]
+        /// A path `ambiguous` lets through is read the same by every reference normaliser: as written, decoded.
+        #[test]
+        fn every_server_reads_an_unambiguous_path_as_written(
+            parts in proptest::collection::vec(proptest::sample::select(vec![
+                "/", ".", "..", ";", "a", "b", "~", "-", "%41", "%20", "%2e", "%2E", "%2f", "%2F", "%5c", "%25", "%3b",
+                "%", "%4", "%zz", "\\", "%c0%ae", "%e2%82%ac", "%C3%A9", "%00", "%7f", "%u002e", ".a", "a.",
+            ]), 0..12)
+        ) {
+            let path = format!("/{}", parts.concat());
+            if ambiguous(&path).is_none() {
+                let want = reference::decode(path.as_bytes());
+                proptest::prop_assert!(std::str::from_utf8(&want).is_ok(), "{:?}", path);
+                for (name, got) in [
+                    ("nginx", reference::nginx(path.as_bytes())),
+                    ("tomcat", reference::tomcat(path.as_bytes())),
+                    ("iis", reference::iis(path.as_bytes())),
+                    ("rfc3986", reference::rfc3986(path.as_bytes())),
+                    ("twice", reference::twice(path.as_bytes())),
+                ] {
+                    proptest::prop_assert_eq!(&got, &want, "{} reads {:?} differently", name, path);
+                }
+            }
+        }
+    }
 }

@@ -18,6 +18,7 @@ use ferry_api::hex;
 use crate::telemetry::metrics::Metrics;
 
 pub const TRACEPARENT: &str = "traceparent";
+pub const TRACESTATE: &str = "tracestate";
 pub const B3: &str = "b3";
 pub const B3_TRACE_ID: &str = "x-b3-traceid";
 pub const B3_SPAN_ID: &str = "x-b3-spanid";
@@ -45,6 +46,8 @@ pub struct SpanContext {
 /// The propagation formats a request carried (the same are written on; `traceparent` always).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Formats {
+    /// One valid `traceparent` came: its `tracestate` goes on with the trace; otherwise the trace restarts here and
+    /// a `tracestate` that came is dropped, as W3C Trace Context requires.
     pub w3c: bool,
     pub b3_single: bool,
     pub b3_multi: bool,
@@ -73,12 +76,21 @@ fn trace_id(s: &str) -> Option<[u8; 16]> {
     }
 }
 
-/// Pure: a W3C `traceparent` (`00-<trace>-<span>-<flags>`; a later version is read by the same first fields).
+/// Pure: a W3C `traceparent`: `version-traceid-parentid-flags`, 2/32/16/2 lower-case hex digits, with optional
+/// spaces and tabs around; version `ff`, all-zero IDs and anything else are refused. Version `00` is exactly that; a
+/// later version is read by the same first fields and may go on only after a `-` (Trace Context level 1, §3.2 and
+/// "Versioning of traceparent").
 pub fn parse_traceparent(value: &str) -> Option<SpanContext> {
-    let mut parts = value.trim().split('-');
-    let version = parts.next()?;
-    let (trace, span, flags) = (parts.next()?, parts.next()?, parts.next()?);
-    if version.len() != 2 || version == "ff" || (version == "00" && parts.next().is_some()) {
+    let value = value.trim_matches([' ', '\t']);
+    let (head, rest) = (value.get(..55)?, &value[55..]);
+    let lower_hex = |s: &str| s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    let mut fields = head.split('-');
+    let (version, trace, span, flags) = (fields.next()?, fields.next()?, fields.next()?, fields.next()?);
+    let lengths = (version.len(), trace.len(), span.len(), flags.len());
+    if lengths != (2, 32, 16, 2) || ![version, trace, span, flags].into_iter().all(lower_hex) || version == "ff" {
+        return None;
+    }
+    if !rest.is_empty() && (version == "00" || !rest.starts_with('-')) {
         return None;
     }
     let flags = hex_to::<1>(flags).map_or(0, |f| f[0]);
@@ -102,26 +114,33 @@ pub fn parse_b3_multi(headers: &HeaderMap) -> Option<SpanContext> {
 }
 
 /// Pure: the incoming context (W3C first, then single then multi B3) and every format the request carried.
+/// Two `traceparent` headers are none (the W3C test suite's `test_traceparent_duplicated`).
 pub fn extract(headers: &HeaderMap) -> (Option<SpanContext>, Formats) {
+    let value = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let mut traceparents = headers.get_all(TRACEPARENT).iter();
+    let w3c = match (traceparents.next(), traceparents.next()) {
+        (Some(one), None) => one.to_str().ok().and_then(parse_traceparent),
+        _ => None,
+    };
     let formats = Formats {
-        w3c: headers.contains_key(TRACEPARENT),
+        w3c: w3c.is_some(),
         b3_single: headers.contains_key(B3),
         b3_multi: headers.contains_key(B3_TRACE_ID),
     };
-    let value = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    let context = value(TRACEPARENT)
-        .and_then(parse_traceparent)
-        .or_else(|| value(B3).and_then(parse_b3_single))
-        .or_else(|| parse_b3_multi(headers));
+    let context = w3c.or_else(|| value(B3).and_then(parse_b3_single)).or_else(|| parse_b3_multi(headers));
     (context, formats)
 }
 
 /// Pure: writes `ctx` (this hop's span) as the parent for the next hop: `traceparent` always (`tracestate` is left as
-/// it came), and each B3 form the request carried (with `parent` as the B3 parent span).
+/// it came with a valid `traceparent`, dropped otherwise), and each B3 form the request carried (with `parent` as the
+/// B3 parent span).
 pub fn inject(headers: &mut HeaderMap, ctx: &SpanContext, parent: Option<[u8; 8]>, formats: Formats) {
     let (trace, span, sampled) = (hex(&ctx.trace_id), hex(&ctx.span_id), if ctx.sampled { "1" } else { "0" });
     let value = |s: String| HeaderValue::from_str(&s).expect("hex is a valid header value");
     headers.insert(TRACEPARENT, value(format!("00-{trace}-{span}-0{sampled}")));
+    if !formats.w3c {
+        headers.remove(TRACESTATE);
+    }
     if formats.b3_single {
         headers.insert(B3, value(format!("{trace}-{span}-{sampled}")));
     }
@@ -212,7 +231,7 @@ impl Tracer {
         let parent_id = parent.map(|p| p.span_id);
         inject(headers, &context, parent_id, formats);
         // Only an exported span needs its own copy of the tracestate.
-        let tracestate = match headers.get("tracestate").and_then(|v| v.to_str().ok()) {
+        let tracestate = match headers.get(TRACESTATE).and_then(|v| v.to_str().ok()) {
             Some(state) if self.exports_context(&context) => state.to_string(),
             _ => String::new(),
         };
@@ -391,11 +410,11 @@ mod tests {
             (vec![("traceparent", format!("00-{TRACE}-{SPAN}-00"))], ctx(false), (true, false, false)),
             // A future version with more fields is read; version ff and extra fields on 00 are not.
             (vec![("traceparent", format!("01-{TRACE}-{SPAN}-01-extra"))], ctx(true), (true, false, false)),
-            (vec![("traceparent", format!("ff-{TRACE}-{SPAN}-01"))], None, (true, false, false)),
-            (vec![("traceparent", format!("00-{TRACE}-{SPAN}-01-x"))], None, (true, false, false)),
-            (vec![("traceparent", format!("00-{}-{SPAN}-01", "0".repeat(32)))], None, (true, false, false)),
-            (vec![("traceparent", format!("00-{TRACE}-{}-01", "0".repeat(16)))], None, (true, false, false)),
-            (vec![("traceparent", "00-xyz".into())], None, (true, false, false)),
+            (vec![("traceparent", format!("ff-{TRACE}-{SPAN}-01"))], None, (false, false, false)),
+            (vec![("traceparent", format!("00-{TRACE}-{SPAN}-01-x"))], None, (false, false, false)),
+            (vec![("traceparent", format!("00-{}-{SPAN}-01", "0".repeat(32)))], None, (false, false, false)),
+            (vec![("traceparent", format!("00-{TRACE}-{}-01", "0".repeat(16)))], None, (false, false, false)),
+            (vec![("traceparent", "00-xyz".into())], None, (false, false, false)),
             (vec![("b3", format!("{TRACE}-{SPAN}-1"))], ctx(true), (false, true, false)),
             (vec![("b3", format!("{TRACE}-{SPAN}-d-{SPAN}"))], ctx(true), (false, true, false)),
             (vec![("b3", format!("{TRACE}-{SPAN}"))], ctx(false), (false, true, false)),
@@ -433,6 +452,100 @@ mod tests {
         }
     }
 
+    /// The W3C Trace Context test suite's `traceparent` cases (w3c/trace-context `test/test.py`): the header as sent,
+    /// and whether a vendor continues its trace (`true`) or restarts it.
+    #[test]
+    fn w3c_test_suite_traceparents() {
+        let (t, p) = ("12345678901234567890123456789012", "1234567890123456");
+        let cases: &[(&str, bool)] = &[
+            ("00-12345678901234567890123456789012-1234567890123456-01", true),
+            ("00-12345678901234567890123456789012-1234567890123456-01.", false),
+            ("00-12345678901234567890123456789012-1234567890123456-01-what-the-future-will-be-like", false),
+            ("cc-12345678901234567890123456789012-1234567890123456-01", true),
+            ("cc-12345678901234567890123456789012-1234567890123456-01-what-the-future-will-be-like", true),
+            ("cc-12345678901234567890123456789012-1234567890123456-01.what-the-future-will-be-like", false),
+            ("ff-12345678901234567890123456789012-1234567890123456-01", false),
+            (".0-12345678901234567890123456789012-1234567890123456-01", false),
+            ("0.-12345678901234567890123456789012-1234567890123456-01", false),
+            ("000-12345678901234567890123456789012-1234567890123456-01", false),
+            ("0000-12345678901234567890123456789012-1234567890123456-01", false),
+            ("0-12345678901234567890123456789012-1234567890123456-01", false),
+            ("00-00000000000000000000000000000000-1234567890123456-01", false),
+            ("00-.2345678901234567890123456789012-1234567890123456-01", false),
+            ("00-1234567890123456789012345678901.-1234567890123456-01", false),
+            ("00-123456789012345678901234567890123-1234567890123456-01", false),
+            ("00-1234567890123456789012345678901-1234567890123456-01", false),
+            ("00-12345678901234567890123456789012-0000000000000000-01", false),
+            ("00-12345678901234567890123456789012-.234567890123456-01", false),
+            ("00-12345678901234567890123456789012-123456789012345.-01", false),
+            ("00-12345678901234567890123456789012-12345678901234567-01", false),
+            ("00-12345678901234567890123456789012-123456789012345-01", false),
+            ("00-12345678901234567890123456789012-1234567890123456-.0", false),
+            ("00-12345678901234567890123456789012-1234567890123456-0.", false),
+            ("00-12345678901234567890123456789012-1234567890123456-001", false),
+            ("00-12345678901234567890123456789012-1234567890123456-1", false),
+            (" 00-12345678901234567890123456789012-1234567890123456-01", true),
+            ("\t00-12345678901234567890123456789012-1234567890123456-01", true),
+            ("00-12345678901234567890123456789012-1234567890123456-01 ", true),
+            ("00-12345678901234567890123456789012-1234567890123456-01\t", true),
+            ("\t 00-12345678901234567890123456789012-1234567890123456-01 \t", true),
+        ];
+        for (value, continued) in cases {
+            let got = parse_traceparent(value).map(|c| (hex(&c.trace_id), hex(&c.span_id)));
+            assert_eq!(got, continued.then(|| (t.to_string(), p.to_string())), "{value:?}");
+        }
+        // Two traceparent headers: restarted; the header's name in any case: continued.
+        let one = "00-12345678901234567890123456789012-1234567890123456-01";
+        let two = "00-12345678901234567890123456789011-1234567890123456-01";
+        let mut h = headers(&[("traceparent", one)]);
+        h.append("traceparent", HeaderValue::from_static(two));
+        assert_eq!(extract(&h), (None, Formats::default()));
+        assert!(extract(&headers(&[("TrAcEpArEnT", one)])).0.is_some());
+    }
+
+    /// The grammar of W3C Trace Context level 1 §3.2 written out directly (OWS, then `version "-" trace-id "-"
+    /// parent-id "-" trace-flags` in lower-case hex; version 00 ends there, a later one may go on after a `-`).
+    fn reference(value: &str) -> Option<(String, String, bool)> {
+        let v = value.trim_matches(|c| c == ' ' || c == '\t').as_bytes();
+        let lower_hex =
+            |r: std::ops::Range<usize>| v[r].iter().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b));
+        let zero = |r: std::ops::Range<usize>| v[r].iter().all(|b| *b == b'0');
+        let ok = v.len() >= 55
+            && lower_hex(0..2)
+            && &v[0..2] != b"ff"
+            && [2, 35, 52].iter().all(|i| v[*i] == b'-')
+            && lower_hex(3..35)
+            && !zero(3..35)
+            && lower_hex(36..52)
+            && !zero(36..52)
+            && lower_hex(53..55)
+            && (v.len() == 55 || (&v[0..2] != b"00" && v[55] == b'-'));
+        let text = |r: std::ops::Range<usize>| String::from_utf8(v[r].to_vec()).unwrap();
+        ok.then(|| (text(3..35), text(36..52), u8::from_str_radix(&text(53..55), 16).unwrap() & 1 == 1))
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(1024))]
+        /// Any traceparent built from the grammar's parts (each part sometimes wrong: other lengths, upper case,
+        /// separators, zeros, tails, whitespace) is read as the grammar reads it.
+        #[test]
+        fn traceparent_matches_the_grammar(
+            ows in "[ \t]{0,2}",
+            version in "(00|01|cc|fe|ff|0|000|0A|.0|zz)",
+            trace in "([0-9a-f]{32}|0{32}|[0-9a-fA-F]{30,34}|[0-9a-f.]{32})",
+            span in "([0-9a-f]{16}|0{16}|[0-9a-fA-F]{15,17}|[0-9a-f.]{16})",
+            flags in "([0-9a-f]{2}|[0-9a-fA-F.x]{1,3})",
+            seps in "(---|[-_.]{3})",
+            tail in "(|-|-[a-z0-9-]{0,12}|[.x][a-z0-9-]{0,12})",
+            ows2 in "[ \t]{0,2}",
+        ) {
+            let s = seps.as_bytes();
+            let value = format!("{ows}{version}{}{trace}{}{span}{}{flags}{tail}{ows2}", s[0] as char, s[1] as char, s[2] as char);
+            let got = parse_traceparent(&value).map(|c| (hex(&c.trace_id), hex(&c.span_id), c.sampled));
+            proptest::prop_assert_eq!(got, reference(&value), "{:?}", value);
+        }
+    }
+
     #[test]
     fn children_and_injection() {
         let parent = parse_traceparent(&format!("00-{TRACE}-{SPAN}-01")).unwrap();
@@ -447,9 +560,9 @@ mod tests {
         assert!(!child(None, 0.0, 0.0, ids).sampled);
         let root = child(None, 1.0, 0.0, [0u8; 24]);
         assert!(root.trace_id != [0; 16] && root.span_id != [0; 8], "IDs are never all zeros");
-        // Injection: traceparent always; each B3 form that came; tracestate untouched.
+        // Injection: traceparent always; each B3 form that came; tracestate untouched after a valid traceparent.
         let mut h = headers(&[("b3", "x"), ("x-b3-traceid", "x"), ("x-b3-flags", "1"), ("tracestate", "a=b")]);
-        let formats = Formats { w3c: false, b3_single: true, b3_multi: true };
+        let formats = Formats { w3c: true, b3_single: true, b3_multi: true };
         inject(&mut h, &c, Some(parent.span_id), formats);
         let (t, s) = (hex(&c.trace_id), hex(&c.span_id));
         assert_eq!(h["traceparent"], format!("00-{t}-{s}-01").as_str());
@@ -461,6 +574,9 @@ mod tests {
         assert_eq!(h["tracestate"], "a=b");
         // What was injected reads back as the same context.
         assert_eq!(extract(&h).0, Some(c));
+        // A trace restarted here (no valid traceparent came) does not carry on the tracestate that came.
+        inject(&mut h, &c, None, Formats::default());
+        assert!(!h.contains_key("tracestate"), "{h:?}");
         let mut plain = HeaderMap::new();
         inject(&mut plain, &c, None, Formats::default());
         assert_eq!(plain.len(), 1, "only traceparent: {plain:?}");
