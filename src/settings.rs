@@ -295,7 +295,7 @@ impl Settings {
 fn control_settings<F: Fn(&str) -> Option<String>>(env: &Env<F>) -> Result<Option<ControlSettings>, BootstrapError> {
     let Some(addr) = env.raw("FERRY_CONTROL_ADDR").filter(|s| !s.is_empty()) else { return Ok(None) };
     let (host, port) = ferry_api::split_host_port(&addr);
-    if host.is_empty() || port.and_then(|p| p.parse::<u16>().ok()).is_none_or(|p| p == 0) {
+    if host.is_empty() || port.and_then(ferry_api::port_number).is_none_or(|p| p == 0) {
         return Err(env.error("FERRY_CONTROL_ADDR", &addr, "must be host:port (e.g. 127.0.0.1:15010)"));
     }
     let required = |var: &'static str, what: &str| {

@@ -304,12 +304,7 @@ impl Snapshot {
         let (host, port) = split_host_port(authority);
         let port: u16 = match port {
             None | Some("") => 80,
-            Some(p) => p
-                .bytes()
-                .all(|b| b.is_ascii_digit())
-                .then(|| p.parse().ok())
-                .flatten()
-                .ok_or_else(|| RouteError::NoRoute(authority.to_string()))?,
+            Some(p) => ferry_api::port_number(p).ok_or_else(|| RouteError::NoRoute(authority.to_string()))?,
         };
         let candidates =
             self.by_host.get(&normalize_host(host)).ok_or_else(|| RouteError::NoRoute(authority.to_string()))?;

@@ -51,7 +51,7 @@ pub fn sni(port: u16, service: &str, namespace: &str) -> String {
 pub fn sni_port(sni: &str) -> Option<u16> {
     let rest = sni.strip_suffix(SNI_SUFFIX)?;
     let (port, _) = rest.split_once('.')?;
-    port.parse().ok().filter(|p| *p != 0)
+    ferry_api::port_number(port).filter(|p| *p != 0)
 }
 
 /// This proxy's certificate and key as issued, in memory only.
@@ -350,9 +350,29 @@ mod tests {
             ("x.a.b.ferry.internal", None),
             ("8080.payments.shop.svc.cluster.local", None),
             ("ferry.internal", None),
+            // Found by `sni_port_reads_what_sni_writes`: `u16::from_str` takes a leading `+`.
+            ("+80.a.b.ferry.internal", None),
         ];
         for (name, want) in cases {
             assert_eq!(sni_port(name), want, "{name}");
+        }
+    }
+
+    proptest::proptest! {
+        /// The port `sni_port` reads is the one `sni` wrote, and any other name reads as the digits before its first
+        /// dot, or nothing.
+        #[test]
+        fn sni_port_reads_what_sni_writes(
+            port in 1u16..,
+            service in "[a-z0-9-]{1,20}",
+            namespace in "[a-z0-9-]{1,20}",
+            prefix in "[0-9+x -]{0,7}",
+        ) {
+            proptest::prop_assert_eq!(sni_port(&sni(port, &service, &namespace)), Some(port));
+            let other = format!("{prefix}.{service}.{namespace}{SNI_SUFFIX}");
+            let digits = !prefix.is_empty() && prefix.bytes().all(|b| b.is_ascii_digit());
+            let want = digits.then(|| prefix.parse::<u16>().ok()).flatten().filter(|p| *p != 0);
+            proptest::prop_assert_eq!(sni_port(&other), want, "{:?}", other);
         }
     }
 }

@@ -396,8 +396,8 @@ fn validate_service(spec: &ServiceSpec, errors: &mut Vec<FieldError>) {
 fn check_address(address: &str) -> Result<(), String> {
     let (host, port) = split_host_port(address);
     if let Some(port) = port {
-        match port.parse::<u16>() {
-            Ok(p) if p > 0 => {}
+        match port_number(port) {
+            Some(p) if p > 0 => {}
             _ => return Err(format!("`{address}`: port must be 1-65535")),
         }
     }
@@ -411,6 +411,11 @@ fn check_address(address: &str) -> Result<(), String> {
             !label.is_empty() && label.len() <= 63 && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
         });
     if ok { Ok(()) } else { Err(format!("`{address}` must be a hostname or IP, with an optional port")) }
+}
+
+/// A port as written in an address: decimal digits only (`u16::from_str` alone also takes a leading `+`).
+pub fn port_number(text: &str) -> Option<u16> {
+    text.bytes().all(|b| b.is_ascii_digit()).then(|| text.parse().ok()).flatten()
 }
 
 /// Splits `host:port`, `[v6]:port`, `host`, `v6`, `[v6]` (a bare IPv6 address has no port).
@@ -597,6 +602,10 @@ spec: {ports: [{port: 80}]}
         ];
         for (input, want) in cases {
             assert_eq!(split_host_port(input), want, "{input}");
+        }
+        let ports = [("80", Some(80)), ("080", Some(80)), ("0", Some(0)), ("+80", None), ("", None), ("65536", None)];
+        for (input, want) in ports {
+            assert_eq!(port_number(input), want, "{input}");
         }
     }
 }

@@ -18,7 +18,7 @@ pub mod workload;
 pub use config::{
     API_VERSION, ConfigError, Document, Endpoint, FieldError, KINDS, Metadata, PortProtocol, Service, ServicePort,
     ServiceSpec, canonical_kind, document_json, is_dns_label, one_traffic_policy_error, parse_documents, parse_value,
-    split_host_port,
+    port_number, split_host_port,
 };
 pub use duration::{DurationError, parse_duration};
 
