@@ -119,13 +119,11 @@ fn is_tchar(b: u8) -> bool {
 
 /// Pure: whether bytes that were still inconclusive when detection stopped waiting can begin an HTTP/1 request (empty
 /// lines, a method token, the start of a request line). Such a connection is served as HTTP (hyper's header deadline
-/// then applies), so that sending a request slowly cannot turn it into opaque bytes that skip HTTP handling. Nothing
-/// at all, or the start of a TLS record or of the HTTP/2 preface, is not.
+/// then applies), so that sending a request slowly cannot turn it into opaque bytes that skip HTTP handling. That
+/// includes the start of the HTTP/2 preface (`P`, `PR`, ... could as well be `POST`): a preface sent that slowly gets
+/// an HTTP error, never a pass-through. Nothing at all, or the start of a TLS record, is not.
 pub fn partial_http1(buf: &[u8]) -> bool {
-    !buf.is_empty()
-        && buf[0] != 0x16
-        && !H2_PREFACE.starts_with(&buf[..buf.len().min(H2_PREFACE.len())])
-        && classify(buf) == Classification::NeedMore
+    !buf.is_empty() && buf[0] != 0x16 && classify(buf) == Classification::NeedMore
 }
 
 /// Why detection ended as it did (the `reason` label of `ferry_protocol_detections_total`).
@@ -245,7 +243,10 @@ mod tests {
         assert_eq!((p, reason, &buf[..]), (Protocol::Http1, Reason::Timeout, &b"GE"[..]));
         let cases = [
             (&b"\r\nPO"[..], true),
-            (b"PRI * HT", false),
+            // Found by the `detect` fuzz target: `P` stalled at the timeout went out as opaque bytes, and what
+            // followed (`OST / HTTP/1.1` with any header, `ferry-client-id` included) reached the app unhandled.
+            (b"P", true),
+            (b"PRI * HT", true),
             (b"\x00\x01", false),
             (b"\x16\x03", false),
             (b"ABC1", true), // a token: it may still become a method

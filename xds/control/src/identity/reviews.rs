@@ -168,6 +168,47 @@ mod tests {
         }
     }
 
+    /// An API server that takes 10 s per review, recording how many it had in flight at most.
+    #[derive(Default)]
+    struct Slow {
+        now: AtomicUsize,
+        most: AtomicUsize,
+    }
+
+    #[tonic::async_trait]
+    impl BearerCheck for Slow {
+        async fn check(&self, _: &str, _: Option<SocketAddr>) -> Result<Authenticated, Refusal> {
+            let now = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most.fetch_max(now, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            self.now.fetch_sub(1, Ordering::SeqCst);
+            Err(Refusal { reason: "unauthenticated", message: "no".into() })
+        }
+
+        fn still_bound(&self, _: &Authenticated, _: Option<SocketAddr>) -> Result<(), Refusal> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_api_server_has_at_most_the_limit_of_reviews_in_flight() {
+        let inner = Arc::new(Slow::default());
+        let counted = prometheus::IntCounterVec::new(prometheus::Opts::new("t", "t"), &["result"]).unwrap();
+        let limits = Limits { refusals_per_second: 1000.0, refusal_burst: 1000.0, in_flight: 2 };
+        let guarded = Guarded::new(inner.clone(), limits, counted.clone());
+        // Ten callers from ten addresses at once: two reviews go out, the others give up after SLOT_WAIT.
+        let calls = (0..10).map(|i| {
+            let peer = Some(SocketAddr::from(([10, 0, 0, i], 1)));
+            let guarded = &guarded;
+            async move { guarded.check(&format!("junk-{i}"), peer).await.unwrap_err() }
+        });
+        let refusals = futures_util::future::join_all(calls).await;
+        assert_eq!(inner.most.load(Ordering::SeqCst), 2);
+        let busy = refusals.iter().filter(|r| r.message == "too many token reviews in flight").count();
+        assert_eq!((busy, counted.with_label_values(&["busy"]).get()), (8, 8));
+        assert_eq!(counted.with_label_values(&["refused"]).get(), 2);
+    }
+
     fn jwt(exp_in: i64) -> String {
         use base64::Engine;
         let claims = serde_json::json!({"exp": ferry_api::identity::unix_now() + exp_in}).to_string();
