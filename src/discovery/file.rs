@@ -29,7 +29,9 @@ pub fn parse(
     // No control plane, no identity: nothing is mTLS, so nothing can be strict.
     let mode = ferry_api::policy::MtlsMode::Permissive;
     let workload = crate::discovery::snapshot::declared_workload(declared, &documents);
-    Ok(Snapshot::build(version, format!("file:{}", path.display()), documents, local_namespace, mode, workload))
+    let routes = ferry_api::route::route_sets(&documents);
+    Ok(Snapshot::build(version, format!("file:{}", path.display()), documents, local_namespace, mode, workload)
+        .with_routes(routes))
 }
 
 /// Watches `path`: loads it now, then again on SIGHUP and whenever its content changes (checked every `poll`).

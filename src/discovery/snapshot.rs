@@ -11,6 +11,7 @@ use ferry_api::policy::{LoadBalancer, MtlsMode};
 use crate::policy::balance::Endpoint;
 
 use crate::policy::authz::{Authorization, InboundPolicy};
+use ferry_api::route::{RouteSet, RouteTable, applicable};
 use ferry_api::workload::{DefaultInbound, SelectingService, Workload};
 use ferry_api::{Document, PortProtocol, ServicePort, ServiceSpec, split_host_port};
 use serde::Serialize;
@@ -50,6 +51,15 @@ pub struct Snapshot {
     /// Which Service each workload identity serves (the first Service listing it), for the `source` metric label.
     #[serde(skip)]
     by_identity: HashMap<Identity, Arc<str>>,
+    /// This proxy's namespace: it decides which HTTPRoutes apply (GAMMA consumer routes).
+    #[serde(skip)]
+    namespace: String,
+    /// The HTTPRoute route sets held (`<service ns>/<service>/<route ns>`).
+    pub route_sets: Vec<String>,
+    /// The route rules of each Service port that has routes for this proxy, compiled: (namespace, name) → port →
+    /// table. Absent: no route applies; requests go to the Service itself.
+    #[serde(skip)]
+    routes: HashMap<(String, String), HashMap<u16, Arc<RouteTable>>>,
 }
 
 #[derive(Debug, Serialize)]
@@ -266,7 +276,7 @@ impl Snapshot {
                     let target = format!("{}/{}", p.metadata.namespace, p.spec.target_ref.name);
                     authz_docs.entry(target).or_default().push(p);
                 }
-                Document::Service(_) => {}
+                Document::Service(_) | Document::HttpRoute(_) | Document::ReferenceGrant(_) => {}
             }
         }
         let inbound = Inbound::compile(&workload, &traffic, &authz_docs, default_mtls);
@@ -290,7 +300,41 @@ impl Snapshot {
             workload,
             inbound,
             by_identity,
+            namespace: local_namespace.to_string(),
+            route_sets: Vec::new(),
+            routes: HashMap::new(),
         }
+    }
+
+    /// Takes the HTTPRoute route sets: for each Service port they attach to, the rules that apply to callers in this
+    /// proxy's namespace (its consumer routes, else the producer routes), compiled once.
+    pub fn with_routes(mut self, sets: Vec<RouteSet>) -> Self {
+        self.route_sets = sets.iter().map(RouteSet::name).collect();
+        let mut by_service: HashMap<(String, String), Vec<RouteSet>> = HashMap::new();
+        for set in sets {
+            by_service.entry((set.service_namespace.clone(), set.service.clone())).or_default().push(set);
+        }
+        for (key, sets) in by_service {
+            let Some(service) = self.services.iter().find(|s| s.namespace == key.0 && s.name == key.1) else {
+                continue;
+            };
+            let mut ports = HashMap::new();
+            for port in service.spec.ports.iter().map(|p| p.port) {
+                let routes = applicable(&sets, &self.namespace, port);
+                if !routes.is_empty() {
+                    ports.insert(port, Arc::new(RouteTable::build(&routes)));
+                }
+            }
+            if !ports.is_empty() {
+                self.routes.insert(key, ports);
+            }
+        }
+        self
+    }
+
+    /// The route rules for requests to `port` of `service`, when HTTPRoutes attach to it for this proxy.
+    pub fn route_table(&self, service: &ServiceEntry, port: u16) -> Option<&Arc<RouteTable>> {
+        self.routes.get(&(service.namespace.clone(), service.name.clone()))?.get(&port)
     }
 
     /// The Service a workload identity serves (`unknown` when no Service lists it), for metrics.

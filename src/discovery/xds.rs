@@ -9,7 +9,8 @@ use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
 use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
-use ferry_api::protocol::{self, NODE_INBOUND_PORT, NODE_SERVICE, Received, TYPES, short_type};
+use ferry_api::protocol::{self, NODE_INBOUND_PORT, NODE_SERVICE, Received, TYPE_COUNT, TYPES, short_type};
+use ferry_api::route::RouteSet;
 use ferry_api::workload::{DefaultInbound, Workload};
 use ferry_api::{Document, one_traffic_policy_error};
 use tokio::sync::mpsc;
@@ -27,9 +28,9 @@ const BACKOFF: (Duration, Duration) = (Duration::from_millis(250), Duration::fro
 /// The resources held per type (name → version and document): the last good config.
 #[derive(Debug, Default, Clone)]
 pub struct Resources {
-    types: [BTreeMap<String, (String, Received)>; 5],
+    types: [BTreeMap<String, (String, Received)>; TYPE_COUNT],
     /// Which types have had their first response (the snapshot is built only once all have).
-    initialized: [bool; 5],
+    initialized: [bool; TYPE_COUNT],
 }
 
 impl Resources {
@@ -89,14 +90,26 @@ impl Resources {
             .flat_map(|t| t.values())
             .filter_map(|(_, r)| match r {
                 Received::Document(d) => Some(d.clone()),
-                Received::Mesh(_) | Received::Workload(_) => None,
+                Received::Mesh(_) | Received::Workload(_) | Received::Routes(_) => None,
+            })
+            .collect()
+    }
+
+    /// Every held route set.
+    pub fn route_sets(&self) -> Vec<RouteSet> {
+        self.types
+            .iter()
+            .flat_map(|t| t.values())
+            .filter_map(|(_, r)| match r {
+                Received::Routes(set) => Some(set.clone()),
+                _ => None,
             })
             .collect()
     }
 
     /// The held mesh-wide settings (trust bundle, default mTLS mode).
     pub fn mesh(&self) -> Option<&protocol::Mesh> {
-        self.types[3].values().find_map(|(_, r)| match r {
+        self.types.iter().flat_map(|t| t.values()).find_map(|(_, r)| match r {
             Received::Mesh(mesh) => Some(mesh),
             _ => None,
         })
@@ -105,7 +118,7 @@ impl Resources {
     /// What this proxy's pod serves, as the control plane answered. Without an answer held (it was removed) nothing
     /// is served: every port is denied, never open.
     pub fn workload(&self) -> Workload {
-        let held = self.types[4].values().find_map(|(_, r)| match r {
+        let held = self.types.iter().flat_map(|t| t.values()).find_map(|(_, r)| match r {
             Received::Workload(w) => Some(w.clone()),
             _ => None,
         });
@@ -246,7 +259,7 @@ async fn session(
         let was_ready = resources.ready();
         let applied = resources.apply(&response).and_then(|(index, next)| {
             // A new trust bundle is taken for new handshakes before it is ACKed.
-            if index == 3
+            if TYPES[index] == protocol::TRUST_BUNDLE_TYPE
                 && let Some(mesh) = next.mesh()
             {
                 let roots = mesh.roots_pem.clone();
@@ -272,7 +285,8 @@ async fn session(
                         // Without the mesh settings resource, the mode last known stays (never a silent downgrade).
                         resources.mesh().map_or(store.load().default_mtls, |m| m.default_mtls),
                         resources.workload(),
-                    );
+                    )
+                    .with_routes(resources.route_sets());
                     tracing::info!(version = *version, type_url = %label, generation = %response.system_version_info, changed = response.resources.len(), removed = response.removed_resources.len(), services = snapshot.services.len(), "config applied");
                     store.store(snapshot);
                     metrics.config_applied("xds", *version);
@@ -318,7 +332,7 @@ mod tests {
                 .map(|d| Resource {
                     name: protocol::resource_name(d),
                     version: "v".into(),
-                    resource: Some(protocol::encode(d)),
+                    resource: protocol::encode(d),
                     ..Default::default()
                 })
                 .collect(),
@@ -380,6 +394,9 @@ mod tests {
             ..Default::default()
         };
         let (_, r) = r.apply(&workload(&Workload::default())).unwrap();
+        assert!(!r.ready(), "not before the route sets' first answer (none here)");
+        let routes = DeltaDiscoveryResponse { type_url: protocol::ROUTE_SET_TYPE.into(), ..Default::default() };
+        let (_, r) = r.apply(&routes).unwrap();
         assert!(r.ready());
         assert_eq!(r.workload(), Workload::default());
         let mesh = r.mesh().map(|m| (m.roots_pem.len(), m.default_mtls));

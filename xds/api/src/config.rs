@@ -1,5 +1,5 @@
-//! The `ferry.dev/v1alpha1` documents (`Service`, `TrafficPolicy`, `AuthorizationPolicy`) parsed from multi-document
-//! YAML, with errors that name the document and the field.
+//! The documents — `ferry.dev/v1alpha1` `Service`, `TrafficPolicy`, `AuthorizationPolicy`, and Gateway API
+//! `HTTPRoute` and `ReferenceGrant` — parsed from multi-document YAML, with errors that name the document and the field.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -12,6 +12,10 @@ use crate::policy::{
     AuthorizationPolicy, AuthorizationPolicySpec, TrafficPolicy, TrafficPolicySpec, validate_authorization_policy,
     validate_traffic_policy,
 };
+use crate::route::{
+    HTTP_ROUTE_API_VERSION, HttpRoute, HttpRouteSpec, REFERENCE_GRANT_API_VERSION, ReferenceGrant, ReferenceGrantSpec,
+    validate_http_route, validate_reference_grant,
+};
 
 pub const API_VERSION: &str = "ferry.dev/v1alpha1";
 
@@ -22,10 +26,24 @@ pub enum Document {
     Service(Service),
     TrafficPolicy(Box<TrafficPolicy>),
     AuthorizationPolicy(AuthorizationPolicy),
+    /// Gateway API (`gateway.networking.k8s.io/v1`), attached to a Service.
+    #[serde(rename = "HTTPRoute")]
+    HttpRoute(Box<HttpRoute>),
+    /// Gateway API (`gateway.networking.k8s.io/v1beta1`): cross-namespace backends of routes.
+    ReferenceGrant(ReferenceGrant),
 }
 
 /// The kinds a document may have.
-pub const KINDS: &[&str] = &["Service", "TrafficPolicy", "AuthorizationPolicy"];
+pub const KINDS: &[&str] = &["Service", "TrafficPolicy", "AuthorizationPolicy", "HTTPRoute", "ReferenceGrant"];
+
+/// The `apiVersion` a kind is written with.
+pub fn api_version_of(kind: &str) -> &'static str {
+    match kind {
+        "HTTPRoute" => HTTP_ROUTE_API_VERSION,
+        "ReferenceGrant" => REFERENCE_GRANT_API_VERSION,
+        _ => API_VERSION,
+    }
+}
 
 impl Document {
     pub fn metadata(&self) -> &Metadata {
@@ -33,6 +51,8 @@ impl Document {
             Document::Service(s) => &s.metadata,
             Document::TrafficPolicy(p) => &p.metadata,
             Document::AuthorizationPolicy(p) => &p.metadata,
+            Document::HttpRoute(r) => &r.metadata,
+            Document::ReferenceGrant(g) => &g.metadata,
         }
     }
     pub fn kind(&self) -> &'static str {
@@ -40,6 +60,8 @@ impl Document {
             Document::Service(_) => "Service",
             Document::TrafficPolicy(_) => "TrafficPolicy",
             Document::AuthorizationPolicy(_) => "AuthorizationPolicy",
+            Document::HttpRoute(_) => "HTTPRoute",
+            Document::ReferenceGrant(_) => "ReferenceGrant",
         }
     }
     /// `Kind namespace/name`, as errors name documents.
@@ -215,10 +237,12 @@ pub fn document_json(doc: &Document) -> serde_json::Value {
         Document::Service(s) => serde_json::to_value(&s.spec),
         Document::TrafficPolicy(p) => serde_json::to_value(&p.spec),
         Document::AuthorizationPolicy(p) => serde_json::to_value(&p.spec),
+        Document::HttpRoute(r) => serde_json::to_value(&r.spec),
+        Document::ReferenceGrant(g) => serde_json::to_value(&g.spec),
     }
     .expect("specs serialize");
     serde_json::json!({
-        "apiVersion": API_VERSION,
+        "apiVersion": api_version_of(doc.kind()),
         "kind": doc.kind(),
         "metadata": serde_json::to_value(doc.metadata()).expect("metadata serializes"),
         "spec": spec,
@@ -231,6 +255,8 @@ pub fn canonical_kind(input: &str) -> Option<&'static str> {
         "service" | "services" | "svc" => Some("Service"),
         "trafficpolicy" | "trafficpolicies" | "tp" => Some("TrafficPolicy"),
         "authorizationpolicy" | "authorizationpolicies" | "authz" | "ap" => Some("AuthorizationPolicy"),
+        "httproute" | "httproutes" | "route" | "routes" => Some("HTTPRoute"),
+        "referencegrant" | "referencegrants" | "refgrant" => Some("ReferenceGrant"),
         _ => None,
     }
 }
@@ -255,10 +281,11 @@ fn parse_document(value: serde_json::Value) -> Result<Document, (String, Vec<Fie
     };
     let kind = header.kind.clone().unwrap_or_default();
     let mut errors = Vec::new();
+    let want = api_version_of(&kind);
     match header.api_version.as_deref() {
-        Some(API_VERSION) => {}
-        Some(other) => errors.push(field("apiVersion", format!("must be {API_VERSION}, got `{other}`"))),
-        None => errors.push(field("apiVersion", format!("required ({API_VERSION})"))),
+        Some(v) if v == want => {}
+        Some(other) => errors.push(field("apiVersion", format!("must be {want}, got `{other}`"))),
+        None => errors.push(field("apiVersion", format!("required ({want})"))),
     }
     let metadata = match header.metadata {
         Some(m) => match typed::<Metadata>("metadata", m) {
@@ -304,6 +331,12 @@ fn parse_document(value: serde_json::Value) -> Result<Document, (String, Vec<Fie
         "AuthorizationPolicy" => spec_of::<AuthorizationPolicySpec>(spec, &mut errors, validate_authorization_policy)
             .zip(metadata)
             .map(|(spec, metadata)| Document::AuthorizationPolicy(AuthorizationPolicy { metadata, spec })),
+        "HTTPRoute" => spec_of::<HttpRouteSpec>(spec, &mut errors, validate_http_route)
+            .zip(metadata)
+            .map(|(spec, metadata)| Document::HttpRoute(Box::new(HttpRoute { metadata, spec }))),
+        "ReferenceGrant" => spec_of::<ReferenceGrantSpec>(spec, &mut errors, validate_reference_grant)
+            .zip(metadata)
+            .map(|(spec, metadata)| Document::ReferenceGrant(ReferenceGrant { metadata, spec })),
         "" => {
             errors.push(field("kind", format!("required ({})", KINDS.join(", "))));
             None
@@ -475,7 +508,7 @@ fn cross_document_errors(documents: &[Document]) -> Vec<(String, Vec<FieldError>
                     traffic_targets.insert(target, m.name.clone());
                 }
             }
-            Document::AuthorizationPolicy(_) => {}
+            Document::AuthorizationPolicy(_) | Document::HttpRoute(_) | Document::ReferenceGrant(_) => {}
         }
     }
     refused

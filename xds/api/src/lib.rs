@@ -13,6 +13,7 @@ pub mod meta;
 pub mod policy;
 pub mod protocol;
 pub mod resources;
+pub mod route;
 pub mod workload;
 
 pub use config::{

@@ -6,21 +6,24 @@ use prost::Message;
 
 use crate::config::Document;
 use crate::policy::MtlsMode;
-use crate::resources::{Resource, from_resource, pb, to_resource};
+use crate::resources::{Resource, from_resource, pb, route_set_from_pb, route_set_to_pb, to_resource};
+use crate::route::RouteSet;
 
 pub const SERVICE_TYPE: &str = "type.googleapis.com/ferry.v1.Service";
 pub const TRAFFIC_POLICY_TYPE: &str = "type.googleapis.com/ferry.v1.TrafficPolicy";
 pub const AUTHORIZATION_POLICY_TYPE: &str = "type.googleapis.com/ferry.v1.AuthorizationPolicy";
 pub const TRUST_BUNDLE_TYPE: &str = "type.googleapis.com/ferry.v1.TrustBundle";
 pub const WORKLOAD_TYPE: &str = "type.googleapis.com/ferry.v1.Workload";
+pub const ROUTE_SET_TYPE: &str = "type.googleapis.com/ferry.v1.RouteSet";
 /// The one TrustBundle resource's name.
 pub const TRUST_BUNDLE_NAME: &str = "mesh";
 
 /// Every type a proxy subscribes to, in the order it subscribes (Services first, so policies find their targets).
 /// A proxy's snapshot is built only once every type has answered: the Workload answer (what its pod serves, possibly
 /// nothing) comes only once the control plane knows the pod, so a proxy never serves inbound without it.
-pub const TYPES: [&str; 5] =
-    [SERVICE_TYPE, TRAFFIC_POLICY_TYPE, AUTHORIZATION_POLICY_TYPE, TRUST_BUNDLE_TYPE, WORKLOAD_TYPE];
+pub const TYPES: [&str; TYPE_COUNT] =
+    [SERVICE_TYPE, TRAFFIC_POLICY_TYPE, AUTHORIZATION_POLICY_TYPE, ROUTE_SET_TYPE, TRUST_BUNDLE_TYPE, WORKLOAD_TYPE];
+pub const TYPE_COUNT: usize = 6;
 
 /// The node metadata key naming the Service (`namespace/name` or `name` in the identity's namespace) whose endpoint
 /// the proxy registers, and the key for the port its inbound listener takes mesh traffic on.
@@ -41,6 +44,8 @@ pub fn type_url(doc: &Document) -> &'static str {
         Document::Service(_) => SERVICE_TYPE,
         Document::TrafficPolicy(_) => TRAFFIC_POLICY_TYPE,
         Document::AuthorizationPolicy(_) => AUTHORIZATION_POLICY_TYPE,
+        // Not sent one by one: as the route sets they make.
+        Document::HttpRoute(_) | Document::ReferenceGrant(_) => ROUTE_SET_TYPE,
     }
 }
 
@@ -50,14 +55,20 @@ pub fn resource_name(doc: &Document) -> String {
     format!("{}/{}", m.namespace, m.name)
 }
 
-/// Packs a document as the `Any` the control plane sends.
-pub fn encode(doc: &Document) -> Any {
-    let value = match to_resource(doc) {
+/// Packs a document as the `Any` the control plane sends (`None` for HTTPRoutes and ReferenceGrants, which travel
+/// as the route sets they make: [`encode_routes`]).
+pub fn encode(doc: &Document) -> Option<Any> {
+    let value = match to_resource(doc)? {
         Resource::Service(r) => r.encode_to_vec(),
         Resource::TrafficPolicy(r) => r.encode_to_vec(),
         Resource::AuthorizationPolicy(r) => r.encode_to_vec(),
     };
-    Any { type_url: type_url(doc).to_string(), value }
+    Some(Any { type_url: type_url(doc).to_string(), value })
+}
+
+/// Packs a route set (named [`RouteSet::name`]).
+pub fn encode_routes(set: &RouteSet) -> Any {
+    Any { type_url: ROUTE_SET_TYPE.to_string(), value: route_set_to_pb(set).encode_to_vec() }
 }
 
 /// Mesh-wide settings, sent as the one TrustBundle resource: the roots proxies trust (PEM, each a CA certificate;
@@ -86,6 +97,7 @@ pub enum Received {
     Document(Document),
     Mesh(Mesh),
     Workload(crate::workload::Workload),
+    Routes(RouteSet),
 }
 
 /// Packs what one pod serves.
@@ -125,6 +137,15 @@ pub fn decode(name: &str, any: &Any) -> Result<Received, DecodeError> {
     }
     if any.type_url == WORKLOAD_TYPE {
         return crate::workload::Workload::decode(&any.value).map(Received::Workload).map_err(fail);
+    }
+    if any.type_url == ROUTE_SET_TYPE {
+        let set = pb::RouteSet::decode(any.value.as_slice())
+            .map_err(|e| fail(format!("not a valid protobuf message: {e}")))?;
+        let set = route_set_from_pb(set).map_err(|e| fail(e.to_string()))?;
+        if set.name() != name {
+            return Err(fail(format!("the route set is for {}", set.name())));
+        }
+        return Ok(Received::Routes(set));
     }
     let resource = match any.type_url.as_str() {
         SERVICE_TYPE => pb::Service::decode(any.value.as_slice()).map(Resource::Service),
@@ -176,14 +197,14 @@ spec: {targetRef: {kind: Service, name: payments}, timeout: 2s}
     #[test]
     fn round_trip_and_refusals() {
         for doc in crate::parse_documents(DOCS).unwrap() {
-            let any = encode(&doc);
+            let any = encode(&doc).unwrap();
             assert_eq!(any.type_url, type_url(&doc));
             assert_eq!(decode(&resource_name(&doc), &any).unwrap(), Received::Document(doc.clone()));
             // Deterministic bytes: the control plane's versions are digests of them.
-            assert_eq!(encode(&doc).value, any.value);
+            assert_eq!(encode(&doc).unwrap().value, any.value);
         }
         let doc = &crate::parse_documents(DOCS).unwrap()[0];
-        let any = encode(doc);
+        let any = encode(doc).unwrap();
         let cases: Vec<(&str, Any, &str)> = vec![
             ("shop/other", any.clone(), "metadata names it shop/payments"),
             ("shop/payments", Any { type_url: "type.googleapis.com/x.Y".into(), value: vec![] }, "unknown resource"),

@@ -3,12 +3,18 @@
 
 use std::collections::BTreeMap;
 
-use crate::config::{ConfigError, Document, Endpoint, Metadata, PortProtocol, Service, ServicePort, ServiceSpec};
+use crate::config::{
+    ConfigError, Document, Endpoint, FieldError, Metadata, PortProtocol, Service, ServicePort, ServiceSpec,
+};
 use crate::config::{document_json, parse_value};
 use crate::policy::{
     Action, AuthorizationPolicy, AuthorizationPolicySpec, AuthorizationRule, Backoff, CircuitBreaker, Duration,
     LoadBalancer, MtlsMode, Operation, OutlierDetection, RateLimit, Retries, RetryBudget, Source, TargetRef,
     TrafficPolicy, TrafficPolicySpec,
+};
+use crate::route::{
+    AttachedRoute, AttachedRule, Backend, HttpRouteMatch, PathMatch, PathMatchType, RouteSet, ValueMatch,
+    ValueMatchType,
 };
 
 /// The generated messages (`xds/api/proto/ferry/v1/resources.proto`).
@@ -62,9 +68,11 @@ pub fn protocol_from_pb(protocol: i32) -> PortProtocol {
     }
 }
 
-/// Document → resource (what the control plane sends).
-pub fn to_resource(doc: &Document) -> Resource {
-    match doc {
+/// Document → resource (what the control plane sends). HTTPRoutes and ReferenceGrants travel as route sets
+/// ([`route_set_to_pb`]), not one by one: `None`.
+pub fn to_resource(doc: &Document) -> Option<Resource> {
+    Some(match doc {
+        Document::HttpRoute(_) | Document::ReferenceGrant(_) => return None,
         Document::Service(s) => Resource::Service(pb::Service {
             meta: meta(&s.metadata),
             ports: s
@@ -162,6 +170,145 @@ pub fn to_resource(doc: &Document) -> Resource {
                 })
                 .collect(),
         }),
+    })
+}
+
+fn value_match_to_pb(v: &ValueMatch) -> pb::ValueMatch {
+    let kind = match v.kind {
+        ValueMatchType::Exact => pb::ValueMatchType::ValueExact,
+        ValueMatchType::RegularExpression => pb::ValueMatchType::ValueRegularExpression,
+    };
+    pb::ValueMatch { r#type: kind as i32, name: v.name.clone(), value: v.value.clone() }
+}
+
+/// A route set as the control plane sends it.
+pub fn route_set_to_pb(set: &RouteSet) -> pb::RouteSet {
+    pb::RouteSet {
+        service_namespace: set.service_namespace.clone(),
+        service: set.service.clone(),
+        route_namespace: set.route_namespace.clone(),
+        routes: set
+            .routes
+            .iter()
+            .map(|r| pb::HttpRoute {
+                meta: Some(pb::Meta {
+                    name: r.name.clone(),
+                    namespace: r.namespace.clone(),
+                    labels: Default::default(),
+                }),
+                created: r.created,
+                ports: r.ports.iter().map(|p| u32::from(*p)).collect(),
+                rules: r
+                    .rules
+                    .iter()
+                    .map(|rule| pb::RouteRule {
+                        name: rule.name.clone().unwrap_or_default(),
+                        matches: rule
+                            .matches
+                            .iter()
+                            .map(|m| pb::RouteMatch {
+                                path_type: match m.path.kind {
+                                    PathMatchType::PathPrefix => pb::PathMatchType::PathPrefix,
+                                    PathMatchType::Exact => pb::PathMatchType::PathExact,
+                                    PathMatchType::RegularExpression => pb::PathMatchType::PathRegularExpression,
+                                } as i32,
+                                path: m.path.value.clone(),
+                                headers: m.headers.iter().map(value_match_to_pb).collect(),
+                                query_params: m.query_params.iter().map(value_match_to_pb).collect(),
+                                method: m.method.clone().unwrap_or_default(),
+                            })
+                            .collect(),
+                        backends: rule
+                            .backends
+                            .iter()
+                            .map(|b| pb::RouteBackend {
+                                namespace: b.namespace.clone(),
+                                name: b.name.clone(),
+                                port: b.port.map_or(0, u32::from),
+                                weight: b.weight,
+                                unresolved: b.unresolved.clone().unwrap_or_default(),
+                            })
+                            .collect(),
+                    })
+                    .collect(),
+            })
+            .collect(),
+    }
+}
+
+/// A received route set, validated as `ferryctl apply` validates routes (paths, regular expressions, methods,
+/// names, weights): an invalid one is an error naming its fields (the proxy NACKs it with that text).
+pub fn route_set_from_pb(set: pb::RouteSet) -> Result<RouteSet, ConfigError> {
+    let mut errors = Vec::new();
+    let port = |p: u32, path: String, errors: &mut Vec<FieldError>| match u16::try_from(p) {
+        Ok(p) if p > 0 => Some(p),
+        _ => {
+            errors.push(FieldError { path, message: format!("{p} must be 1-65535") });
+            None
+        }
+    };
+    let value = |v: pb::ValueMatch| ValueMatch {
+        kind: match pb::ValueMatchType::try_from(v.r#type) {
+            Ok(pb::ValueMatchType::ValueRegularExpression) => ValueMatchType::RegularExpression,
+            _ => ValueMatchType::Exact,
+        },
+        name: v.name,
+        value: v.value,
+    };
+    let mut routes = Vec::new();
+    for (i, r) in set.routes.into_iter().enumerate() {
+        let meta = r.meta.unwrap_or_default();
+        let ports = r.ports.iter().filter_map(|p| port(*p, format!("routes[{i}].ports"), &mut errors)).collect();
+        let mut rules = Vec::new();
+        for (j, rule) in r.rules.into_iter().enumerate() {
+            let matches: Vec<HttpRouteMatch> = rule
+                .matches
+                .into_iter()
+                .map(|m| HttpRouteMatch {
+                    path: PathMatch {
+                        kind: match pb::PathMatchType::try_from(m.path_type) {
+                            Ok(pb::PathMatchType::PathExact) => PathMatchType::Exact,
+                            Ok(pb::PathMatchType::PathRegularExpression) => PathMatchType::RegularExpression,
+                            _ => PathMatchType::PathPrefix,
+                        },
+                        value: m.path,
+                    },
+                    headers: m.headers.into_iter().map(value).collect(),
+                    query_params: m.query_params.into_iter().map(value).collect(),
+                    method: (!m.method.is_empty()).then_some(m.method),
+                })
+                .collect();
+            for (k, m) in matches.iter().enumerate() {
+                crate::route::validate_match(&format!("routes[{i}].rules[{j}].matches[{k}]"), m, &mut errors);
+            }
+            let backends = rule
+                .backends
+                .into_iter()
+                .enumerate()
+                .map(|(k, b)| Backend {
+                    namespace: b.namespace,
+                    name: b.name,
+                    port: (b.port != 0)
+                        .then(|| port(b.port, format!("routes[{i}].rules[{j}].backends[{k}].port"), &mut errors))
+                        .flatten(),
+                    weight: b.weight,
+                    unresolved: (!b.unresolved.is_empty()).then_some(b.unresolved),
+                })
+                .collect();
+            rules.push(AttachedRule { name: (!rule.name.is_empty()).then_some(rule.name), matches, backends });
+        }
+        routes.push(AttachedRoute { namespace: meta.namespace, name: meta.name, created: r.created, ports, rules });
+    }
+    let set = RouteSet {
+        service_namespace: set.service_namespace,
+        service: set.service,
+        route_namespace: set.route_namespace,
+        routes,
+    };
+    if errors.is_empty() {
+        Ok(set)
+    } else {
+        Err(ConfigError { documents: vec![(format!("RouteSet {}", set.name()), errors)] })
     }
 }
 
@@ -322,7 +469,7 @@ spec: {targetRef: {kind: Service, name: payments}, defaultAction: deny, allow: [
     #[test]
     fn every_kind_survives_the_wire() {
         for doc in crate::parse_documents(ALL).unwrap() {
-            let resource = to_resource(&doc);
+            let resource = to_resource(&doc).unwrap();
             // Through protobuf bytes, as xDS carries it.
             let decoded = match &resource {
                 Resource::Service(m) => Resource::Service(pb::Service::decode(m.encode_to_vec().as_slice()).unwrap()),
@@ -341,11 +488,11 @@ spec: {targetRef: {kind: Service, name: payments}, defaultAction: deny, allow: [
     #[test]
     fn invalid_resources_are_refused_naming_the_field() {
         let docs = crate::parse_documents(ALL).unwrap();
-        let Resource::Service(mut svc) = to_resource(&docs[0]) else { unreachable!() };
+        let Resource::Service(mut svc) = to_resource(&docs[0]).unwrap() else { unreachable!() };
         svc.ports[0].port = 70000;
         let err = from_resource(Resource::Service(svc)).unwrap_err().to_string();
         assert!(err.contains("Service shop/payments") && err.contains("spec.ports[0].port: must be 1-65535"), "{err}");
-        let Resource::TrafficPolicy(mut tp) = to_resource(&docs[1]) else { unreachable!() };
+        let Resource::TrafficPolicy(mut tp) = to_resource(&docs[1]).unwrap() else { unreachable!() };
         tp.retries.as_mut().unwrap().budget.as_mut().unwrap().percent = 150.0;
         tp.circuit_breaker.as_mut().unwrap().failure_ratio = Some(1.5);
         let err = from_resource(Resource::TrafficPolicy(tp)).unwrap_err().to_string();
@@ -353,7 +500,7 @@ spec: {targetRef: {kind: Service, name: payments}, defaultAction: deny, allow: [
             err.contains("spec.retries.budget.percent") && err.contains("spec.circuitBreaker.failureRatio"),
             "{err}"
         );
-        let Resource::AuthorizationPolicy(mut ap) = to_resource(&docs[3]) else { unreachable!() };
+        let Resource::AuthorizationPolicy(mut ap) = to_resource(&docs[3]).unwrap() else { unreachable!() };
         ap.allow[0].from.as_mut().unwrap().identities[0] = "orders".into();
         ap.meta = None;
         let err = from_resource(Resource::AuthorizationPolicy(ap)).unwrap_err().to_string();

@@ -27,12 +27,17 @@ pub async fn client() -> anyhow::Result<Client> {
 }
 
 fn object(doc: &Document) -> anyhow::Result<Value> {
-    if let Document::Service(s) = doc {
-        anyhow::bail!(
+    match doc {
+        Document::Service(s) => anyhow::bail!(
             "Service {}/{}: in Kubernetes mode Services come from the cluster (kubectl apply the Kubernetes Service)",
             s.metadata.namespace,
             s.metadata.name
-        );
+        ),
+        Document::HttpRoute(_) | Document::ReferenceGrant(_) => anyhow::bail!(
+            "{}: in Kubernetes mode Gateway API objects are applied with kubectl (ferryctl writes Ferry's CRDs)",
+            doc.display_name()
+        ),
+        _ => {}
     }
     let mut json = ferry_api::document_json(doc);
     if let Some(meta) = json["metadata"].as_object_mut() {

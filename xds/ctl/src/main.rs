@@ -247,7 +247,7 @@ async fn run_kubernetes(command: Command, namespace: &str) -> anyhow::Result<()>
                 bail!("unknown kind `{kind}` (TrafficPolicy, AuthorizationPolicy)")
             };
             ctl::delete(&ctl::client().await?, kind, &ns, &name).await?;
-            println!("{}.ferry.dev/{name} deleted", kind.to_ascii_lowercase());
+            println!("{} deleted", object_name(kind, &name));
             Ok(())
         }
         Command::Status { output } => {
@@ -331,11 +331,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let path = if dry_run { "/v1/apply?dryRun=true" } else { "/v1/apply" };
             let reply = call("POST", path, Some(text)).await?;
             for r in reply["results"].as_array().into_iter().flatten() {
-                let kind = r["kind"].as_str().unwrap_or_default().to_ascii_lowercase();
+                let kind = r["kind"].as_str().unwrap_or_default();
                 let suffix = if dry_run { " (dry run)" } else { "" };
                 println!(
-                    "{kind}.ferry.dev/{} {}{suffix}",
-                    r["name"].as_str().unwrap_or_default(),
+                    "{} {}{suffix}",
+                    object_name(kind, r["name"].as_str().unwrap_or_default()),
                     r["outcome"].as_str().unwrap_or_default()
                 );
             }
@@ -343,7 +343,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Get { kind, name, namespace, output } => {
             let Some(kind) = canonical_kind(&kind) else {
-                bail!("unknown kind `{kind}` (Service, TrafficPolicy, AuthorizationPolicy)")
+                bail!("unknown kind `{kind}` ({})", ferry_api::KINDS.join(", "))
             };
             let reply = match &name {
                 Some(name) => {
@@ -455,10 +455,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Delete { kind, name, namespace } => {
             let Some(kind) = canonical_kind(&kind) else {
-                bail!("unknown kind `{kind}` (Service, TrafficPolicy, AuthorizationPolicy)")
+                bail!("unknown kind `{kind}` ({})", ferry_api::KINDS.join(", "))
             };
             call("DELETE", &format!("/v1/{kind}/{namespace}/{name}"), None).await?;
-            println!("{}.ferry.dev/{name} deleted", kind.to_ascii_lowercase());
+            println!("{} deleted", object_name(kind, &name));
             Ok(())
         }
     }
@@ -534,6 +534,13 @@ fn human_duration(seconds: u64) -> String {
         (0, _, _) => format!("{h}h{m}m"),
         _ => format!("{d}d{h}h"),
     }
+}
+
+/// `kind.group/name`, as kubectl names an object (`trafficpolicy.ferry.dev/payments`,
+/// `httproute.gateway.networking.k8s.io/canary`).
+fn object_name(kind: &str, name: &str) -> String {
+    let group = ferry_api::config::api_version_of(kind).split('/').next().unwrap_or_default();
+    format!("{}.{group}/{name}", kind.to_ascii_lowercase())
 }
 
 /// One row per proxy, like `istioctl proxy-status`: per type `SYNCED`, `STALE (sent N, acked M)` or `NACKED`, and

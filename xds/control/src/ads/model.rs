@@ -40,8 +40,13 @@ impl Entry {
     }
 }
 
-/// Index of the Workload type in [`TYPES`] (each proxy gets only its own).
-pub(super) const WORKLOAD: usize = 4;
+/// Indexes in [`TYPES`]: policies, route sets, the trust bundle, and the Workload type (each proxy gets only its own).
+pub(super) const SERVICES: usize = 0;
+pub(super) const TRAFFIC: usize = 1;
+pub(super) const AUTHZ: usize = 2;
+pub(super) const ROUTES: usize = 3;
+pub(super) const TRUST: usize = 4;
+pub(super) const WORKLOAD: usize = 5;
 
 /// What a stream's proxy is bound to in the model: the Services it serves (it gets their AuthorizationPolicies) and,
 /// for a pod, the pod's uid and IPs.
@@ -63,7 +68,7 @@ pub(super) fn local_workload_name(services: &[String]) -> String {
 #[derive(Debug, Default)]
 pub struct Model {
     pub generation: u64,
-    pub(super) types: [BTreeMap<Arc<str>, Entry>; 5],
+    pub(super) types: [BTreeMap<Arc<str>, Entry>; protocol::TYPE_COUNT],
     pub(super) bound: BTreeMap<Arc<str>, Bound>,
 }
 
@@ -94,7 +99,12 @@ impl Model {
         }
         if let Some(mesh) = mesh {
             let name = protocol::TRUST_BUNDLE_NAME;
-            model.types[3].insert(name.into(), Entry::new(name, protocol::encode_mesh(mesh), None));
+            model.types[TRUST].insert(name.into(), Entry::new(name, protocol::encode_mesh(mesh), None));
+        }
+        // HTTPRoutes travel as route sets (per Service and route namespace), their backends resolved here.
+        for set in ferry_api::route::route_sets(&documents) {
+            let name = set.name();
+            model.types[ROUTES].insert(name.as_str().into(), Entry::new(&name, protocol::encode_routes(&set), None));
         }
         for mut doc in documents {
             let name = protocol::resource_name(&doc);
@@ -128,8 +138,9 @@ impl Model {
                     target = Some(format!("{}/{}", p.metadata.namespace, p.spec.target_ref.name).into());
                 }
                 Document::TrafficPolicy(_) => {}
+                Document::HttpRoute(_) | Document::ReferenceGrant(_) => continue,
             }
-            let any = protocol::encode(&doc);
+            let Some(any) = protocol::encode(&doc) else { continue };
             let index = type_index(&any.type_url).expect("every document kind has a type");
             model.types[index].insert(name.as_str().into(), Entry::new(&name, any, target));
         }
@@ -152,7 +163,22 @@ impl Model {
     }
 
     /// Resource counts per type (for logs).
-    pub fn counts(&self) -> [usize; 5] {
+    pub fn counts(&self) -> [usize; protocol::TYPE_COUNT] {
         std::array::from_fn(|i| self.types[i].len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn type_indexes_name_their_types() {
+        let named = [(SERVICES, protocol::SERVICE_TYPE), (TRAFFIC, protocol::TRAFFIC_POLICY_TYPE)];
+        let more = [(AUTHZ, protocol::AUTHORIZATION_POLICY_TYPE), (ROUTES, protocol::ROUTE_SET_TYPE)];
+        let rest = [(TRUST, protocol::TRUST_BUNDLE_TYPE), (WORKLOAD, protocol::WORKLOAD_TYPE)];
+        for (index, url) in named.into_iter().chain(more).chain(rest) {
+            assert_eq!(TYPES[index], url);
+        }
     }
 }

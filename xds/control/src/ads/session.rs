@@ -10,7 +10,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 use tonic::Status;
 
-use super::model::{Model, WORKLOAD, type_index};
+use super::model::{AUTHZ, Model, ROUTES, SERVICES, TRAFFIC, TRUST, WORKLOAD, type_index};
 use super::status::{Nack, ProxyStatus};
 use crate::metrics::ControlMetrics;
 use ferry_api::protocol::{TYPES, short_type};
@@ -218,14 +218,15 @@ impl Session {
         let mut out = Vec::new();
         // Within one generation the trust bundle goes first (a new root is trusted before anything relies on it),
         // and policies go before the Workload and Services: a Service the pod starts to serve, or a new Service, is
-        // never live without its policies (a policy for a Service the proxy does not serve yet is harmless).
+        // never live without its policies (a policy for a Service the proxy does not serve yet is harmless). Route
+        // sets go last: a new backend Service (a canary) is known before a route sends traffic to it.
         let bound = model.bound.get(&self.workload);
-        for index in [3, 2, 1, WORKLOAD, 0] {
+        for index in [TRUST, AUTHZ, TRAFFIC, WORKLOAD, SERVICES, ROUTES] {
             let type_url = &TYPES[index];
             // A new Workload waits while a policy push is in flight (or was refused): it would otherwise reach the
             // proxy before the policies of a Service it adds.
             let policies_unsettled = index == WORKLOAD
-                && [1, 2].iter().any(|&i| {
+                && [TRAFFIC, AUTHZ].iter().any(|&i| {
                     self.types.get(TYPES[i]).is_some_and(|t| t.pending.is_some())
                         || status
                             .types
@@ -304,7 +305,7 @@ impl Session {
             {
                 // The policies of Services this Workload drops are withdrawn next, after it.
                 self.served = b.services.clone();
-                if let Some(authz) = self.types.get_mut(TYPES[2]) {
+                if let Some(authz) = self.types.get_mut(TYPES[AUTHZ]) {
                     authz.dirty = true;
                 }
             }

@@ -57,6 +57,20 @@ fn endpoints(model: &Model) -> Vec<String> {
 }
 
 #[test]
+fn http_routes_travel_as_route_sets_per_service_and_route_namespace() {
+    let routes = "---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: a, namespace: demo}\n\
+        spec: {parentRefs: [{group: '', kind: Service, name: api}]}\n---\napiVersion: gateway.networking.k8s.io/v1\n\
+        kind: HTTPRoute\nmetadata: {name: b, namespace: demo}\nspec: {parentRefs: [{group: '', kind: Service, name: api}, \
+        {group: '', kind: Service, name: ghost}]}\n";
+    let docs = ferry_api::parse_documents(&format!("{DOCS}{routes}")).unwrap();
+    let model = Model::build(1, docs, &[], None, &BTreeMap::new());
+    // One set (demo/api/demo) holding both routes; nothing for a parent that does not exist.
+    assert_eq!(model.counts(), [1, 0, 1, 1, 0, 0]);
+    let names: Vec<&str> = model.types[super::model::ROUTES].keys().map(|k| &**k).collect();
+    assert_eq!(names, ["demo/api/demo"]);
+}
+
+#[test]
 fn endpoints_only_for_listed_identities() {
     let docs = ferry_api::parse_documents(DOCS).unwrap();
     let regs = [
@@ -68,7 +82,7 @@ fn endpoints_only_for_listed_identities() {
     ];
     let model = Model::build(1, docs.clone(), &regs, None, &BTreeMap::new());
     assert_eq!(endpoints(&model), ["127.0.0.1:1001"]);
-    assert_eq!(model.counts(), [1, 0, 1, 0, 0]);
+    assert_eq!(model.counts(), [1, 0, 1, 0, 0, 0]);
     assert!(model.same_content(&Model::build(2, docs.clone(), &regs, None, &BTreeMap::new())));
     assert!(!model.same_content(&Model::build(2, docs, &regs[..0], None, &BTreeMap::new())));
 }
@@ -163,7 +177,7 @@ async fn changes_are_debounced_and_coalesced() {
     }
     tokio::time::sleep(DEBOUNCE * 3).await;
     assert_eq!(xds.generation(), 2, "five changes inside the window: one push");
-    assert_eq!(xds.published.borrow().counts(), [5, 0, 0, 1, 1], "and the workload of proxies declaring nothing");
+    assert_eq!(xds.published.borrow().counts(), [5, 0, 0, 0, 1, 1], "and the workload of proxies declaring nothing");
     // Nothing changed: a notification publishes nothing new.
     xds.changed();
     tokio::time::sleep(DEBOUNCE * 3).await;

@@ -1,0 +1,1037 @@
+//! Gateway API `HTTPRoute` attached to Services (GAMMA), pinned to Gateway API v1.4.0's standard channel: the
+//! document and its validation, and the pure choice of a rule and a backend for one request.
+
+use std::cmp::Reverse;
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::meta::{FieldError, Metadata};
+
+/// The Gateway API release whose standard-channel `HTTPRoute` Ferry implements.
+pub const GATEWAY_API_RELEASE: &str = "v1.4.0";
+pub const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
+pub const HTTP_ROUTE_API_VERSION: &str = "gateway.networking.k8s.io/v1";
+pub const REFERENCE_GRANT_API_VERSION: &str = "gateway.networking.k8s.io/v1beta1";
+
+/// The most rules a route may have, matches a rule may have, and matches in all (the upstream CRD's bounds).
+const MAX_RULES: usize = 16;
+const MAX_MATCHES: usize = 64;
+const MAX_MATCHES_TOTAL: usize = 128;
+/// Headers and query parameters per match, backends per rule, parents per route (the CRD's bounds).
+const MAX_CONDITIONS: usize = 16;
+const MAX_BACKENDS: usize = 16;
+const MAX_PARENTS: usize = 32;
+/// A regular expression's source, and its compiled program (the `regex` crate matches in linear time; this bounds
+/// its memory).
+pub const MAX_REGEX_LEN: usize = 1024;
+const REGEX_SIZE_LIMIT: usize = 64 * 1024;
+
+/// An `HTTPRoute` as accepted.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HttpRoute {
+    pub metadata: Metadata,
+    pub spec: HttpRouteSpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpRouteSpec {
+    #[serde(default)]
+    pub parent_refs: Vec<ParentRef>,
+    /// Ignored for Service parents (GAMMA): kept as written.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hostnames: Vec<String>,
+    #[serde(default = "default_rules")]
+    pub rules: Vec<HttpRouteRule>,
+}
+
+fn default_rules() -> Vec<HttpRouteRule> {
+    vec![HttpRouteRule { name: None, matches: default_matches(), backend_refs: Vec::new() }]
+}
+
+/// A parent: for a mesh route, a Service (`group: ""`, `kind: Service`), optionally one of its ports.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ParentRef {
+    /// `""` (the core group) for a Service; the upstream default is the Gateway API group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// `Service` for a mesh route; the upstream default is `Gateway`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// The route's own namespace when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub section_name: Option<String>,
+    /// Only requests to this port of the Service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+}
+
+impl ParentRef {
+    /// Whether this parent is a Service (group `""` or `core`, kind `Service`), the only parent a mesh route has.
+    pub fn is_service(&self) -> bool {
+        matches!(self.group.as_deref(), Some("" | "core")) && self.kind.as_deref() == Some("Service")
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpRouteRule {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Any one of them selects the rule; none written means every request (`PathPrefix /`).
+    #[serde(default = "default_matches")]
+    pub matches: Vec<HttpRouteMatch>,
+    #[serde(default)]
+    pub backend_refs: Vec<BackendRef>,
+}
+
+fn default_matches() -> Vec<HttpRouteMatch> {
+    vec![HttpRouteMatch::default()]
+}
+
+/// All of its conditions must hold.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpRouteMatch {
+    #[serde(default = "default_path")]
+    pub path: PathMatch,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<ValueMatch>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub query_params: Vec<ValueMatch>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+}
+
+fn default_path() -> PathMatch {
+    PathMatch::default()
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum PathMatchType {
+    Exact,
+    #[default]
+    PathPrefix,
+    RegularExpression,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PathMatch {
+    #[serde(default, rename = "type")]
+    pub kind: PathMatchType,
+    #[serde(default = "root")]
+    pub value: String,
+}
+
+fn root() -> String {
+    "/".to_string()
+}
+
+impl Default for PathMatch {
+    fn default() -> Self {
+        PathMatch { kind: PathMatchType::PathPrefix, value: root() }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ValueMatchType {
+    #[default]
+    Exact,
+    RegularExpression,
+}
+
+/// A header or query-parameter condition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ValueMatch {
+    #[serde(default, rename = "type")]
+    pub kind: ValueMatchType,
+    pub name: String,
+    pub value: String,
+}
+
+/// A backend: a Service (the rule's traffic split), with a weight.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BackendRef {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    pub name: String,
+    /// The route's namespace when unset; another one needs a ReferenceGrant there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// The backend Service's port; the request's port when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    #[serde(default = "one")]
+    pub weight: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl BackendRef {
+    /// Whether it names a Service (the only backend kind Ferry resolves).
+    pub fn is_service(&self) -> bool {
+        matches!(self.group.as_deref(), None | Some("" | "core"))
+            && matches!(self.kind.as_deref(), None | Some("Service"))
+    }
+}
+
+/// A `ReferenceGrant` (`gateway.networking.k8s.io/v1beta1`): lets routes of the `from` namespaces name Services of
+/// its own namespace as backends.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ReferenceGrant {
+    pub metadata: Metadata,
+    pub spec: ReferenceGrantSpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ReferenceGrantSpec {
+    pub from: Vec<GrantFrom>,
+    pub to: Vec<GrantTo>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GrantFrom {
+    pub group: String,
+    pub kind: String,
+    pub namespace: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GrantTo {
+    #[serde(default)]
+    pub group: String,
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+impl ReferenceGrant {
+    /// Whether it lets an HTTPRoute of `from_namespace` name the Service `service` (of the grant's namespace).
+    pub fn permits(&self, from_namespace: &str, service: &str) -> bool {
+        self.spec
+            .from
+            .iter()
+            .any(|f| f.group == GATEWAY_GROUP && f.kind == "HTTPRoute" && f.namespace == from_namespace)
+            && self.spec.to.iter().any(|t| {
+                matches!(t.group.as_str(), "" | "core")
+                    && t.kind == "Service"
+                    && t.name.as_deref().is_none_or(|n| n == service)
+            })
+    }
+}
+
+// ===== validation =====
+
+fn field(path: String, message: impl Into<String>) -> FieldError {
+    FieldError { path, message: message.into() }
+}
+
+/// A regular expression as routes take it: bounded in length and compiled size (the `regex` crate's syntax, which
+/// runs in time linear in the input).
+pub fn compile_regex(pattern: &str) -> Result<regex::Regex, String> {
+    if pattern.len() > MAX_REGEX_LEN {
+        return Err(format!("at most {MAX_REGEX_LEN} characters"));
+    }
+    regex::RegexBuilder::new(&format!("^(?:{pattern})$"))
+        .size_limit(REGEX_SIZE_LIMIT)
+        .build()
+        .map_err(|e| format!("not a valid regular expression: {}", e.to_string().lines().last().unwrap_or("")))
+}
+
+/// An HTTP token (a header name, a method).
+fn is_token(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// The upstream CRD's path rules for `Exact` and `PathPrefix`: absolute, no `//`, `/./`, `/../`, `%2f`, `#`, not
+/// ending in `/.` or `/..`, and only the characters of a path.
+fn check_literal_path(path: &str) -> Result<(), &'static str> {
+    let allowed = |b: u8| b.is_ascii_alphanumeric() || b"-/._~!$&'()*+,;=:@%".contains(&b);
+    if !path.starts_with('/') {
+        return Err("must be an absolute path (start with `/`)");
+    }
+    if path.contains("//")
+        || path.contains("/./")
+        || path.contains("/../")
+        || path.ends_with("/.")
+        || path.ends_with("/..")
+    {
+        return Err("must not contain `//`, `/./` or `/../`, nor end with `/.` or `/..`");
+    }
+    if path.to_ascii_lowercase().contains("%2f") || !path.bytes().all(allowed) {
+        return Err("must hold only path characters (no `#`, no `%2F`)");
+    }
+    Ok(())
+}
+
+pub fn validate_http_route(spec: &HttpRouteSpec, errors: &mut Vec<FieldError>) {
+    if spec.parent_refs.is_empty() {
+        errors.push(field("spec.parentRefs".into(), "at least one parent (a Service: group \"\", kind Service)"));
+    }
+    if spec.parent_refs.len() > MAX_PARENTS {
+        errors.push(field("spec.parentRefs".into(), format!("at most {MAX_PARENTS}")));
+    }
+    for (i, p) in spec.parent_refs.iter().enumerate() {
+        let path = format!("spec.parentRefs[{i}]");
+        if !p.is_service() {
+            errors.push(field(
+                path.clone(),
+                "a mesh route's parent is a Service (`group: \"\"`, `kind: Service`); Ferry has no Gateway",
+            ));
+        }
+        if !crate::config::is_dns_label(&p.name) {
+            errors.push(field(format!("{path}.name"), format!("`{}` must be a Service name", p.name)));
+        }
+        if p.port == Some(0) {
+            errors.push(field(format!("{path}.port"), "must be 1-65535"));
+        }
+        if p.section_name.is_some() {
+            errors.push(field(format!("{path}.sectionName"), "not supported for Service parents (use `port`)"));
+        }
+    }
+    if spec.rules.is_empty() {
+        errors.push(field("spec.rules".into(), "at least one rule"));
+    }
+    if spec.rules.len() > MAX_RULES {
+        errors.push(field("spec.rules".into(), format!("at most {MAX_RULES}")));
+    }
+    let total: usize = spec.rules.iter().map(|r| r.matches.len()).sum();
+    if total > MAX_MATCHES_TOTAL {
+        errors.push(field("spec.rules".into(), format!("at most {MAX_MATCHES_TOTAL} matches in all, got {total}")));
+    }
+    let mut names = BTreeMap::new();
+    for (i, rule) in spec.rules.iter().enumerate() {
+        let path = format!("spec.rules[{i}]");
+        if let Some(name) = &rule.name {
+            if !crate::config::is_dns_label(name) {
+                errors.push(field(format!("{path}.name"), format!("`{name}` must be a DNS label")));
+            } else if let Some(first) = names.insert(name.clone(), i) {
+                errors.push(field(format!("{path}.name"), format!("`{name}` is also the name of rules[{first}]")));
+            }
+        }
+        if rule.matches.len() > MAX_MATCHES {
+            errors.push(field(format!("{path}.matches"), format!("at most {MAX_MATCHES}")));
+        }
+        for (j, m) in rule.matches.iter().enumerate() {
+            validate_match(&format!("{path}.matches[{j}]"), m, errors);
+        }
+        if rule.backend_refs.len() > MAX_BACKENDS {
+            errors.push(field(format!("{path}.backendRefs"), format!("at most {MAX_BACKENDS}")));
+        }
+        for (j, b) in rule.backend_refs.iter().enumerate() {
+            let path = format!("{path}.backendRefs[{j}]");
+            if !b.is_service() {
+                errors
+                    .push(field(path.clone(), "Ferry resolves Service backends only (`group: \"\"`, `kind: Service`)"));
+            }
+            if !crate::config::is_dns_label(&b.name) {
+                errors.push(field(format!("{path}.name"), format!("`{}` must be a Service name", b.name)));
+            }
+            if let Some(ns) = &b.namespace
+                && !crate::config::is_dns_label(ns)
+            {
+                errors.push(field(format!("{path}.namespace"), format!("`{ns}` must be a namespace name")));
+            }
+            if b.port == Some(0) {
+                errors.push(field(format!("{path}.port"), "must be 1-65535"));
+            }
+            if b.weight > 1_000_000 {
+                errors.push(field(format!("{path}.weight"), "must be 0-1000000"));
+            }
+        }
+    }
+}
+
+pub(crate) fn validate_match(path: &str, m: &HttpRouteMatch, errors: &mut Vec<FieldError>) {
+    let value_path = format!("{path}.path.value");
+    match m.path.kind {
+        PathMatchType::Exact | PathMatchType::PathPrefix => {
+            if m.path.value.len() > MAX_REGEX_LEN {
+                errors.push(field(value_path, format!("at most {MAX_REGEX_LEN} characters")));
+            } else if let Err(e) = check_literal_path(&m.path.value) {
+                errors.push(field(value_path, e));
+            }
+        }
+        PathMatchType::RegularExpression => {
+            if let Err(e) = compile_regex(&m.path.value) {
+                errors.push(field(value_path, e));
+            }
+        }
+    }
+    for (list, what) in [(&m.headers, "headers"), (&m.query_params, "queryParams")] {
+        if list.len() > MAX_CONDITIONS {
+            errors.push(field(format!("{path}.{what}"), format!("at most {MAX_CONDITIONS}")));
+        }
+        let mut seen = BTreeMap::new();
+        for (k, c) in list.iter().enumerate() {
+            let at = format!("{path}.{what}[{k}]");
+            if !is_token(&c.name) || c.name.len() > 256 {
+                errors.push(field(format!("{at}.name"), format!("`{}` must be a header or parameter name", c.name)));
+            }
+            // Header names compare case-insensitively, parameters exactly; a repeated name is refused rather than
+            // silently ignored after the first (the upstream rule).
+            let key = if what == "headers" { c.name.to_ascii_lowercase() } else { c.name.clone() };
+            if let Some(first) = seen.insert(key, k) {
+                errors.push(field(format!("{at}.name"), format!("`{}` is also matched by {what}[{first}]", c.name)));
+            }
+            match c.kind {
+                ValueMatchType::Exact if c.value.len() > 4096 => {
+                    errors.push(field(format!("{at}.value"), "at most 4096 characters"))
+                }
+                ValueMatchType::Exact => {}
+                ValueMatchType::RegularExpression => {
+                    if let Err(e) = compile_regex(&c.value) {
+                        errors.push(field(format!("{at}.value"), e));
+                    }
+                }
+            }
+        }
+    }
+    if let Some(method) = &m.method
+        && !matches!(
+            method.as_str(),
+            "GET" | "HEAD" | "POST" | "PUT" | "DELETE" | "CONNECT" | "OPTIONS" | "TRACE" | "PATCH"
+        )
+    {
+        errors.push(field(
+            format!("{path}.method"),
+            format!("`{method}` must be one of GET, HEAD, POST, PUT, DELETE, CONNECT, OPTIONS, TRACE, PATCH"),
+        ));
+    }
+}
+
+pub fn validate_reference_grant(spec: &ReferenceGrantSpec, errors: &mut Vec<FieldError>) {
+    if spec.from.is_empty() {
+        errors.push(field("spec.from".into(), "at least one"));
+    }
+    if spec.to.is_empty() {
+        errors.push(field("spec.to".into(), "at least one"));
+    }
+    for (i, f) in spec.from.iter().enumerate() {
+        if !crate::config::is_dns_label(&f.namespace) {
+            errors.push(field(format!("spec.from[{i}].namespace"), format!("`{}` must be a namespace", f.namespace)));
+        }
+    }
+}
+
+// ===== matching =====
+
+/// The parts of a request a route matches on.
+pub struct RequestView<'a> {
+    pub method: &'a str,
+    /// The path without the query.
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+    /// A header's value by (lower-case) name; repeated headers joined with `,` (as RFC 9110 allows).
+    pub header: &'a dyn Fn(&str) -> Option<std::borrow::Cow<'a, str>>,
+}
+
+/// One match, compiled, with what orders it.
+#[derive(Debug, Clone)]
+struct CompiledMatch {
+    path: CompiledPath,
+    headers: Vec<(String, CompiledValue)>,
+    query: Vec<(String, CompiledValue)>,
+    method: Option<String>,
+    /// Where it came from: (route index, rule index).
+    rule: (usize, usize),
+}
+
+#[derive(Debug, Clone)]
+enum CompiledPath {
+    Exact(String),
+    /// Without a trailing `/` (`/` itself is the empty prefix).
+    Prefix(String),
+    Regex(regex::Regex),
+}
+
+#[derive(Debug, Clone)]
+enum CompiledValue {
+    Exact(String),
+    Regex(regex::Regex),
+}
+
+impl CompiledValue {
+    fn matches(&self, value: &str) -> bool {
+        match self {
+            CompiledValue::Exact(v) => v == value,
+            CompiledValue::Regex(r) => r.is_match(value),
+        }
+    }
+}
+
+impl CompiledPath {
+    fn matches(&self, path: &str) -> bool {
+        match self {
+            CompiledPath::Exact(p) => p == path,
+            // Element by element: `/abc` matches `/abc`, `/abc/` and `/abc/def`, not `/abcd`.
+            CompiledPath::Prefix(p) => {
+                path.strip_prefix(p.as_str()).is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+            }
+            CompiledPath::Regex(r) => r.is_match(path),
+        }
+    }
+}
+
+/// The value of query parameter `name` (the first occurrence), as written.
+fn query_param<'q>(query: Option<&'q str>, name: &str) -> Option<&'q str> {
+    query?.split('&').find_map(|kv| match kv.split_once('=') {
+        Some((k, v)) if k == name => Some(v),
+        None if kv == name => Some(""),
+        _ => None,
+    })
+}
+
+impl CompiledMatch {
+    fn matches(&self, req: &RequestView<'_>) -> bool {
+        self.method.as_deref().is_none_or(|m| m == req.method)
+            && self.path.matches(req.path)
+            && self.headers.iter().all(|(name, v)| (req.header)(name).is_some_and(|h| v.matches(&h)))
+            && self.query.iter().all(|(name, v)| query_param(req.query, name).is_some_and(|q| v.matches(q)))
+    }
+}
+
+/// The rules of the routes that apply to one Service port for one caller, compiled once, their matches in
+/// precedence order.
+#[derive(Debug, Clone, Default)]
+pub struct RouteTable {
+    /// By (route, rule).
+    rules: Vec<Vec<RuleInfo>>,
+    matches: Vec<CompiledMatch>,
+}
+
+/// What a request that matched a rule is told: which rule, and its backends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleInfo {
+    /// `namespace/name/index`, the metrics' `route` label.
+    pub label: String,
+    pub backends: Vec<Backend>,
+}
+
+/// A backend as the control plane resolved it: a Service, or why not.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backend {
+    pub namespace: String,
+    pub name: String,
+    /// The backend Service's port; the request's port when unset.
+    pub port: Option<u16>,
+    pub weight: u32,
+    /// Why it cannot be used (`None`: resolved); requests that pick it get 500 `backend-not-found`.
+    pub unresolved: Option<String>,
+}
+
+/// One route as proxies receive it: its rules' matches and resolved backends.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttachedRoute {
+    pub namespace: String,
+    pub name: String,
+    /// Seconds since the epoch (the older route wins a precedence tie); 0 unknown.
+    pub created: i64,
+    /// The Service ports it attaches to; empty: every port.
+    pub ports: Vec<u16>,
+    pub rules: Vec<AttachedRule>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttachedRule {
+    pub name: Option<String>,
+    pub matches: Vec<HttpRouteMatch>,
+    pub backends: Vec<Backend>,
+}
+
+/// The routes of one namespace attached to one Service: the xDS resource `<service ns>/<service>/<route ns>`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteSet {
+    pub service_namespace: String,
+    pub service: String,
+    pub route_namespace: String,
+    pub routes: Vec<AttachedRoute>,
+}
+
+impl RouteSet {
+    /// Its xDS resource name.
+    pub fn name(&self) -> String {
+        format!("{}/{}/{}", self.service_namespace, self.service, self.route_namespace)
+    }
+}
+
+/// Sort key of a match, per the HTTPRoute spec's precedence: Exact path, then (Ferry's choice for the
+/// implementation-specific regular expressions, as Envoy Gateway) RegularExpression, then PathPrefix, longer first;
+/// then a method; then more headers; then more query parameters; then the older route; then `namespace/name`; then
+/// rule order, then match order.
+type Precedence = (u8, Reverse<usize>, bool, Reverse<usize>, Reverse<usize>, i64, String, usize, usize);
+
+fn precedence(m: &HttpRouteMatch, created: i64, key: &str, rule: usize, index: usize) -> Precedence {
+    let kind = match m.path.kind {
+        PathMatchType::Exact => 0,
+        PathMatchType::RegularExpression => 1,
+        PathMatchType::PathPrefix => 2,
+    };
+    (
+        kind,
+        Reverse(m.path.value.trim_end_matches('/').len()),
+        m.method.is_none(),
+        Reverse(m.headers.len()),
+        Reverse(m.query_params.len()),
+        created,
+        key.to_string(),
+        rule,
+        index,
+    )
+}
+
+impl RouteTable {
+    /// Compiles `routes` (validated, so their regular expressions compile).
+    pub fn build(routes: &[&AttachedRoute]) -> RouteTable {
+        let mut keyed: Vec<(Precedence, CompiledMatch)> = Vec::new();
+        let mut rules = Vec::new();
+        for (r, route) in routes.iter().enumerate() {
+            let key = format!("{}/{}", route.namespace, route.name);
+            let mut infos = Vec::new();
+            for (i, rule) in route.rules.iter().enumerate() {
+                infos.push(RuleInfo { label: format!("{key}/{i}"), backends: rule.backends.clone() });
+                for (j, m) in rule.matches.iter().enumerate() {
+                    let Some(compiled) = compile_match(m, (r, i)) else { continue };
+                    keyed.push((precedence(m, route.created, &key, i, j), compiled));
+                }
+            }
+            rules.push(infos);
+        }
+        keyed.sort_by(|a, b| a.0.cmp(&b.0));
+        RouteTable { rules, matches: keyed.into_iter().map(|(_, m)| m).collect() }
+    }
+
+    /// No route applies: requests go to the Service itself.
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    /// Pure: the rule a request goes to (`None`: no rule matches, which GAMMA rejects with 404).
+    pub fn select(&self, req: &RequestView<'_>) -> Option<&RuleInfo> {
+        let m = self.matches.iter().find(|m| m.matches(req))?;
+        self.rules.get(m.rule.0)?.get(m.rule.1)
+    }
+}
+
+/// Pure (GAMMA): of one Service's route sets, the routes for a request from a caller in `caller_ns` to `port`: the
+/// consumer routes (the caller's namespace, when not the Service's) if any attach to that port, else the producer
+/// routes (the Service's namespace). Routes of other namespaces never apply to this caller.
+pub fn applicable<'s>(sets: &'s [RouteSet], caller_ns: &str, port: u16) -> Vec<&'s AttachedRoute> {
+    let of = |ns: &str| -> Vec<&'s AttachedRoute> {
+        sets.iter()
+            .filter(|s| s.route_namespace == ns)
+            .flat_map(|s| &s.routes)
+            .filter(|r| r.ports.is_empty() || r.ports.contains(&port))
+            .collect()
+    };
+    let service_ns = sets.first().map(|s| s.service_namespace.as_str()).unwrap_or_default();
+    let consumer = if caller_ns != service_ns { of(caller_ns) } else { Vec::new() };
+    if consumer.is_empty() { of(service_ns) } else { consumer }
+}
+
+/// Pure: the route sets `docs` make — every accepted HTTPRoute attached to a Service, grouped by (Service, route
+/// namespace), each backend resolved against the Services and ReferenceGrants among `docs`. A parent Service that
+/// does not exist attaches nothing (the route's status says `NoMatchingParent`).
+pub fn route_sets(docs: &[crate::config::Document]) -> Vec<RouteSet> {
+    use crate::config::Document;
+    let services: BTreeMap<(&str, &str), &crate::config::Service> = docs
+        .iter()
+        .filter_map(|d| match d {
+            Document::Service(s) => Some(((s.metadata.namespace.as_str(), s.metadata.name.as_str()), s)),
+            _ => None,
+        })
+        .collect();
+    let grants: Vec<&ReferenceGrant> =
+        docs.iter().filter_map(|d| if let Document::ReferenceGrant(g) = d { Some(g) } else { None }).collect();
+    let mut sets: BTreeMap<(String, String, String), Vec<AttachedRoute>> = BTreeMap::new();
+    for doc in docs {
+        let Document::HttpRoute(route) = doc else { continue };
+        let route_ns = route.metadata.namespace.as_str();
+        let mut parents: BTreeMap<(String, String), Vec<u16>> = BTreeMap::new();
+        let mut every_port: std::collections::BTreeSet<(String, String)> = Default::default();
+        for p in route.spec.parent_refs.iter().filter(|p| p.is_service()) {
+            let key = (p.namespace.clone().unwrap_or_else(|| route_ns.to_string()), p.name.clone());
+            if !services.contains_key(&(key.0.as_str(), key.1.as_str())) {
+                continue;
+            }
+            match p.port {
+                Some(port) => parents.entry(key).or_default().push(port),
+                None => {
+                    every_port.insert(key.clone());
+                    parents.entry(key).or_default();
+                }
+            }
+        }
+        let rules: Vec<AttachedRule> = route
+            .spec
+            .rules
+            .iter()
+            .map(|rule| AttachedRule {
+                name: rule.name.clone(),
+                matches: rule.matches.clone(),
+                backends: rule.backend_refs.iter().map(|b| resolve(b, route_ns, &services, &grants)).collect(),
+            })
+            .collect();
+        for ((svc_ns, svc), mut ports) in parents {
+            if every_port.contains(&(svc_ns.clone(), svc.clone())) {
+                ports.clear();
+            }
+            ports.sort_unstable();
+            ports.dedup();
+            let attached = AttachedRoute {
+                namespace: route_ns.to_string(),
+                name: route.metadata.name.clone(),
+                created: 0,
+                ports,
+                rules: rules.clone(),
+            };
+            sets.entry((svc_ns, svc, route_ns.to_string())).or_default().push(attached);
+        }
+    }
+    sets.into_iter()
+        .map(|((service_namespace, service, route_namespace), routes)| RouteSet {
+            service_namespace,
+            service,
+            route_namespace,
+            routes,
+        })
+        .collect()
+}
+
+/// A backendRef resolved: the Service must exist, in the route's namespace or in one whose ReferenceGrant lets the
+/// route's namespace name it, and have the port named.
+fn resolve(
+    b: &BackendRef,
+    route_ns: &str,
+    services: &BTreeMap<(&str, &str), &crate::config::Service>,
+    grants: &[&ReferenceGrant],
+) -> Backend {
+    let namespace = b.namespace.clone().unwrap_or_else(|| route_ns.to_string());
+    let unresolved = match services.get(&(namespace.as_str(), b.name.as_str())) {
+        None => Some(format!("BackendNotFound: Service {namespace}/{} does not exist", b.name)),
+        Some(_)
+            if namespace != route_ns
+                && !grants.iter().any(|g| g.metadata.namespace == namespace && g.permits(route_ns, &b.name)) =>
+        {
+            Some(format!(
+                "RefNotPermitted: no ReferenceGrant in {namespace} lets HTTPRoutes of {route_ns} name Service {}",
+                b.name
+            ))
+        }
+        Some(s) if b.port.is_some_and(|p| !s.spec.ports.iter().any(|sp| sp.port == p)) => {
+            Some(format!("BackendNotFound: Service {namespace}/{} has no port {}", b.name, b.port.unwrap_or_default()))
+        }
+        Some(_) => None,
+    };
+    Backend { namespace, name: b.name.clone(), port: b.port, weight: b.weight, unresolved }
+}
+
+fn compile_match(m: &HttpRouteMatch, rule: (usize, usize)) -> Option<CompiledMatch> {
+    let path = match m.path.kind {
+        PathMatchType::Exact => CompiledPath::Exact(m.path.value.clone()),
+        PathMatchType::PathPrefix => CompiledPath::Prefix(m.path.value.trim_end_matches('/').to_string()),
+        PathMatchType::RegularExpression => CompiledPath::Regex(compile_regex(&m.path.value).ok()?),
+    };
+    let value = |v: &ValueMatch| -> Option<CompiledValue> {
+        Some(match v.kind {
+            ValueMatchType::Exact => CompiledValue::Exact(v.value.clone()),
+            ValueMatchType::RegularExpression => CompiledValue::Regex(compile_regex(&v.value).ok()?),
+        })
+    };
+    Some(CompiledMatch {
+        path,
+        headers: m.headers.iter().map(|h| Some((h.name.to_ascii_lowercase(), value(h)?))).collect::<Option<_>>()?,
+        query: m.query_params.iter().map(|q| Some((q.name.clone(), value(q)?))).collect::<Option<_>>()?,
+        method: m.method.clone(),
+        rule,
+    })
+}
+
+/// Pure: the backend a request goes to, by weight, from `draw` (uniform over `u64`); `None` when every weight is 0.
+pub fn pick(backends: &[Backend], draw: u64) -> Option<&Backend> {
+    let total: u64 = backends.iter().map(|b| u64::from(b.weight)).sum();
+    if total == 0 {
+        return None;
+    }
+    // Multiply-shift keeps the draw uniform over [0, total) without a modulo bias worth noticing.
+    let mut point = ((u128::from(draw) * u128::from(total)) >> 64) as u64;
+    for b in backends {
+        let w = u64::from(b.weight);
+        if point < w {
+            return Some(b);
+        }
+        point -= w;
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Document, parse_documents};
+
+    const SERVICES: &str = "apiVersion: ferry.dev/v1alpha1\nkind: Service\nmetadata: {name: api, namespace: shop}\n\
+        spec: {ports: [{port: 8080}, {port: 9090}]}\n";
+
+    /// An HTTPRoute document in `ns` named `name` with `spec` (YAML, flow or block).
+    fn route_doc(ns: &str, name: &str, spec: &str) -> String {
+        let spec = spec.lines().map(|l| format!("  {l}")).collect::<Vec<_>>().join("\n");
+        format!(
+            "---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n{spec}\n"
+        )
+    }
+
+    /// The rule tables of Service shop/api port 8080 for a caller in `caller`, with `created` per route name.
+    fn table(yaml: &str, caller: &str, created: &[(&str, i64)]) -> RouteTable {
+        let mut sets = route_sets(&parse_documents(&format!("{SERVICES}{yaml}")).unwrap());
+        for set in &mut sets {
+            for r in &mut set.routes {
+                r.created = created.iter().find(|(n, _)| *n == r.name).map_or(0, |(_, c)| *c);
+            }
+        }
+        sets.retain(|s| s.service == "api" && s.service_namespace == "shop");
+        RouteTable::build(&applicable(&sets, caller, 8080))
+    }
+
+    /// The label of the rule `method path?query` with `headers` selects.
+    fn select(t: &RouteTable, method: &str, target: &str, headers: &[(&str, &str)]) -> Option<String> {
+        let (path, query) = match target.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (target, None),
+        };
+        let lookup = |name: &str| -> Option<std::borrow::Cow<'_, str>> {
+            let values: Vec<&str> =
+                headers.iter().filter(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| *v).collect();
+            (!values.is_empty()).then(|| values.join(",").into())
+        };
+        let req = RequestView { method, path, query, header: &lookup };
+        t.select(&req).map(|r| r.label.clone())
+    }
+
+    const PARENT: &str = "parentRefs: [{group: '', kind: Service, name: api}]";
+
+    #[test]
+    fn match_table() {
+        let rules = "rules:
+- name: exact
+  matches: [{path: {type: Exact, value: /v1/orders}}]
+- matches: [{path: {type: PathPrefix, value: /v1}}]
+- matches: [{path: {type: PathPrefix, value: /v1/orders/}}]
+- matches: [{path: {type: RegularExpression, value: '/v1/items/[0-9]+'}}]
+- matches: [{path: {value: /h}, headers: [{name: X-Canary, value: 'yes'}]}, {path: {value: /h}, headers: [{type: RegularExpression, name: x-user, value: 'adm.*'}]}]
+- matches: [{path: {value: /q}, queryParams: [{name: v, value: '2'}]}]
+- matches: [{path: {value: /m}, method: POST}]
+- backendRefs: [{name: api}]";
+        let t = table(&route_doc("shop", "api", &format!("{PARENT}\n{rules}")), "shop", &[]);
+        type Case<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)], Option<&'a str>);
+        let cases: &[Case] = &[
+            ("GET", "/v1/orders", &[], Some("shop/api/0")),
+            ("GET", "/v1/orders/", &[], Some("shop/api/2")), // not Exact; the longer prefix (trailing / ignored)
+            ("GET", "/v1/orders/7", &[], Some("shop/api/2")),
+            ("GET", "/v1/ordersx", &[], Some("shop/api/1")), // element by element: not /v1/orders
+            ("GET", "/v1", &[], Some("shop/api/1")),
+            ("GET", "/v1/", &[], Some("shop/api/1")),
+            ("GET", "/v10", &[], Some("shop/api/7")),
+            ("GET", "/v1/items/42", &[], Some("shop/api/3")), // regex before prefix (Ferry's order)
+            ("GET", "/v1/items/x", &[], Some("shop/api/1")),
+            ("GET", "/v1/items/42/more", &[], Some("shop/api/1")), // anchored
+            ("GET", "/h", &[("x-canary", "yes")], Some("shop/api/4")), // names compare case-insensitively
+            ("GET", "/h", &[("X-User", "admin")], Some("shop/api/4")),
+            ("GET", "/h", &[("x-canary", "YES")], Some("shop/api/7")), // values exactly
+            ("GET", "/h", &[], Some("shop/api/7")),
+            ("GET", "/q?a=1&v=2", &[], Some("shop/api/5")),
+            ("GET", "/q?v=22", &[], Some("shop/api/7")),
+            ("GET", "/q", &[], Some("shop/api/7")),
+            ("POST", "/m", &[], Some("shop/api/6")),
+            ("GET", "/m", &[], Some("shop/api/7")),
+        ];
+        for (method, target, headers, want) in cases {
+            assert_eq!(select(&t, method, target, headers).as_deref(), *want, "{method} {target} {headers:?}");
+        }
+        // Without a catch-all rule, what matches nothing has no rule (GAMMA: rejected).
+        let t = table(
+            &route_doc("shop", "api", &format!("{PARENT}\nrules: [{{matches: [{{path: {{value: /a}}}}]}}]")),
+            "shop",
+            &[],
+        );
+        assert_eq!(select(&t, "GET", "/b", &[]), None);
+        assert!(!t.is_empty());
+    }
+
+    #[test]
+    fn precedence_ties_follow_the_spec() {
+        // The method wins, then more headers, then more query parameters; then the older route; then
+        // namespace/name; then the first rule.
+        let a = route_doc(
+            "shop",
+            "a",
+            &format!(
+                "{PARENT}\nrules:\n- matches: [{{path: {{value: /x}}, headers: [{{name: h1, value: '1'}}]}}]\n- matches: [{{path: {{value: /x}}, headers: [{{name: h1, value: '1'}}]}}]"
+            ),
+        );
+        let b = route_doc(
+            "shop",
+            "b",
+            &format!(
+                "{PARENT}\nrules:\n- matches: [{{path: {{value: /x}}, method: GET}}]\n- matches: [{{path: {{value: /x}}, headers: [{{name: h1, value: '1'}}, {{name: h2, value: '2'}}]}}]"
+            ),
+        );
+        let t = table(&format!("{a}{b}"), "shop", &[("a", 10), ("b", 20)]);
+        assert_eq!(select(&t, "GET", "/x", &[("h1", "1"), ("h2", "2")]).as_deref(), Some("shop/b/0"), "method first");
+        assert_eq!(select(&t, "PUT", "/x", &[("h1", "1"), ("h2", "2")]).as_deref(), Some("shop/b/1"), "more headers");
+        assert_eq!(select(&t, "PUT", "/x", &[("h1", "1")]).as_deref(), Some("shop/a/0"), "first rule of a");
+        let c = route_doc("shop", "c", &format!("{PARENT}\nrules: [{{matches: [{{path: {{value: /y}}}}]}}]"));
+        let d = route_doc("shop", "d", &format!("{PARENT}\nrules: [{{matches: [{{path: {{value: /y}}}}]}}]"));
+        let both = format!("{c}{d}");
+        assert_eq!(select(&table(&both, "shop", &[("d", 1), ("c", 2)]), "GET", "/y", &[]).as_deref(), Some("shop/d/0"));
+        assert_eq!(select(&table(&both, "shop", &[("d", 5), ("c", 5)]), "GET", "/y", &[]).as_deref(), Some("shop/c/0"));
+    }
+
+    #[test]
+    fn producer_and_consumer_routes() {
+        let to_api = "parentRefs: [{group: '', kind: Service, name: api, namespace: shop}]";
+        let yaml = [
+            route_doc("shop", "p", PARENT),
+            route_doc("web", "c", to_api),
+            route_doc("other", "o", to_api),
+            route_doc("shop", "port", "parentRefs: [{group: '', kind: Service, name: api, port: 9090}]"),
+            route_doc("shop", "ghost", "parentRefs: [{group: '', kind: Service, name: ghost}]"),
+        ]
+        .concat();
+        let sets = route_sets(&parse_documents(&format!("{SERVICES}{yaml}")).unwrap());
+        let names: Vec<String> = sets.iter().map(RouteSet::name).collect();
+        assert_eq!(
+            names,
+            ["shop/api/other", "shop/api/shop", "shop/api/web"],
+            "no set for a Service that does not exist"
+        );
+        let of = |caller: &str, port: u16| -> Vec<String> {
+            applicable(&sets, caller, port).iter().map(|r| r.name.clone()).collect()
+        };
+        // A caller in web: its namespace's consumer route, instead of the producer's.
+        assert_eq!(of("web", 8080), ["c"]);
+        // In shop itself, or in a namespace without one: the producer routes (the port-bound one on its port only).
+        assert_eq!(of("shop", 8080), ["p"]);
+        assert_eq!(of("billing", 9090), ["p", "port"]);
+    }
+
+    #[test]
+    fn backends_are_resolved_against_services_and_grants() {
+        let yaml = "---\napiVersion: ferry.dev/v1alpha1\nkind: Service\nmetadata: {name: invoices, namespace: billing}\nspec: {ports: [{port: 80}]}\n---\napiVersion: ferry.dev/v1alpha1\nkind: Service\nmetadata: {name: api-v2, namespace: shop}\nspec: {ports: [{port: 8080}]}\n";
+        let route = route_doc(
+            "shop",
+            "split",
+            &format!(
+                "{PARENT}\nrules:\n- backendRefs: [{{name: api, weight: 90}}, {{name: api-v2, weight: 10}}, {{name: nope}}, {{name: invoices, namespace: billing}}, {{name: api, port: 1234}}]"
+            ),
+        );
+        let grant = "---\napiVersion: gateway.networking.k8s.io/v1beta1\nkind: ReferenceGrant\nmetadata: {name: shop-routes, namespace: billing}\nspec: {from: [{group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: shop}], to: [{group: '', kind: Service, name: invoices}]}\n";
+        let reasons = |yaml: &str| -> Vec<Option<String>> {
+            let sets = route_sets(&parse_documents(yaml).unwrap());
+            sets[0].routes[0].rules[0].backends.iter().map(|b| b.unresolved.clone()).collect()
+        };
+        let without = reasons(&format!("{SERVICES}{yaml}{route}"));
+        assert_eq!(without[..2], [None, None]);
+        assert!(without[2].as_deref().unwrap().starts_with("BackendNotFound: Service shop/nope"), "{without:?}");
+        assert!(without[3].as_deref().unwrap().starts_with("RefNotPermitted"), "{without:?}");
+        assert!(without[4].as_deref().unwrap().contains("has no port 1234"), "{without:?}");
+        let with = reasons(&format!("{SERVICES}{yaml}{route}{grant}"));
+        assert_eq!(with[3], None, "the ReferenceGrant permits it");
+    }
+
+    fn backend(name: &str, weight: u32) -> Backend {
+        Backend { namespace: "shop".into(), name: name.into(), port: None, weight, unresolved: None }
+    }
+
+    #[test]
+    fn weights() {
+        let backends = [backend("v1", 90), backend("v2", 10), backend("drained", 0)];
+        let mut counts = BTreeMap::new();
+        for i in 0..1000u64 {
+            let draw = (2 * i + 1) * (u64::MAX / 2000); // the middle of each thousandth
+            *counts.entry(pick(&backends, draw).unwrap().name.clone()).or_insert(0) += 1;
+        }
+        assert_eq!(counts.get("v1"), Some(&900));
+        assert_eq!(counts.get("v2"), Some(&100));
+        assert_eq!(counts.get("drained"), None, "weight 0 drains");
+        assert_eq!(pick(&[backend("a", 0)], 7), None);
+        assert_eq!(pick(&[], 7), None);
+        assert_eq!(pick(&[backend("a", 1)], u64::MAX).unwrap().name, "a");
+    }
+
+    #[test]
+    fn invalid_routes_name_the_field() {
+        let cases: &[(&str, &str)] = &[
+            ("parentRefs: [{name: api}]", "spec.parentRefs[0]: a mesh route's parent is a Service"),
+            ("rules: [{}]", "spec.parentRefs: at least one parent"),
+            (
+                "parentRefs: [{group: '', kind: Service, name: api}]\nrules: [{matches: [{path: {type: RegularExpression, value: '(('}}]}]",
+                "spec.rules[0].matches[0].path.value: not a valid regular expression",
+            ),
+            (
+                "parentRefs: [{group: '', kind: Service, name: api}]\nrules: [{matches: [{path: {value: 'v1'}}]}]",
+                "spec.rules[0].matches[0].path.value: must be an absolute path",
+            ),
+            (
+                "parentRefs: [{group: '', kind: Service, name: api}]\nrules: [{matches: [{path: {value: '/a//b'}}]}]",
+                "spec.rules[0].matches[0].path.value: must not contain `//`",
+            ),
+            (
+                "parentRefs: [{group: '', kind: Service, name: api}]\nrules: [{matches: [{method: FETCH}]}]",
+                "spec.rules[0].matches[0].method: `FETCH` must be one of",
+            ),
+            (
+                "parentRefs: [{group: '', kind: Service, name: api}]\nrules: [{matches: [{headers: [{name: a, value: '1'}, {name: A, value: '2'}]}]}]",
+                "spec.rules[0].matches[0].headers[1].name: `A` is also matched by headers[0]",
+            ),
+            (
+                "parentRefs: [{group: '', kind: Service, name: api}]\nrules: [{backendRefs: [{kind: ServiceImport, name: api}]}]",
+                "spec.rules[0].backendRefs[0]: Ferry resolves Service backends only",
+            ),
+            (
+                "parentRefs: [{group: '', kind: Service, name: api}]\nrules: [{name: a}, {name: a}]",
+                "spec.rules[1].name: `a` is also the name of rules[0]",
+            ),
+            (
+                "parentRefs: [{group: '', kind: Service, name: api}]\nrules: [{filters: [{type: RequestHeaderModifier}]}]",
+                "spec.rules[0].filters: unknown field `filters`",
+            ),
+        ];
+        for (spec, want) in cases {
+            let err = parse_documents(&route_doc("shop", "r", spec)).unwrap_err().to_string();
+            assert!(err.contains(want), "{spec}: {err}");
+            assert!(err.starts_with("HTTPRoute shop/r"), "{err}");
+        }
+        let err = parse_documents("apiVersion: ferry.dev/v1alpha1\nkind: HTTPRoute\nmetadata: {name: r}\nspec: {}\n");
+        assert!(err.unwrap_err().to_string().contains("apiVersion: must be gateway.networking.k8s.io/v1"));
+        let long = format!("a{}", "b".repeat(MAX_REGEX_LEN));
+        assert!(compile_regex(&long).unwrap_err().contains("at most"));
+        assert!(compile_regex("(a{1000}){1000}").unwrap_err().contains("regular expression"), "compiled size bounded");
+        // A route round-trips through its document form.
+        let docs = parse_documents(&route_doc(
+            "shop",
+            "r",
+            &format!("{PARENT}\nrules: [{{backendRefs: [{{name: api, weight: 3}}]}}]"),
+        ))
+        .unwrap();
+        let Document::HttpRoute(r) = &docs[0] else { panic!() };
+        assert_eq!(r.spec.rules[0].matches, vec![HttpRouteMatch::default()], "no matches: PathPrefix /");
+        let again = crate::config::parse_value(crate::config::document_json(&docs[0])).unwrap();
+        assert_eq!(again, docs[0]);
+    }
+}
