@@ -29,7 +29,7 @@ pub fn parse(
     // No control plane, no identity: nothing is mTLS, so nothing can be strict.
     let mode = ferry_api::policy::MtlsMode::Permissive;
     let workload = crate::discovery::snapshot::declared_workload(declared, &documents);
-    let routes = ferry_api::route::route_sets(&documents);
+    let routes = ferry_api::config::route_sets(&documents);
     Ok(Snapshot::build(version, format!("file:{}", path.display()), documents, local_namespace, mode, workload)
         .with_routes(routes))
 }

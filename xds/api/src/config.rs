@@ -1,20 +1,21 @@
 //! The documents — `ferry.dev/v1alpha1` `Service`, `TrafficPolicy`, `AuthorizationPolicy`, and Gateway API
 //! `HTTPRoute` and `ReferenceGrant` — parsed from multi-document YAML, with errors that name the document and the field.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::meta::{FieldError, Metadata};
+pub use crate::meta::{FieldError, Metadata, is_dns_label};
 use crate::policy::{
     AuthorizationPolicy, AuthorizationPolicySpec, TrafficPolicy, TrafficPolicySpec, validate_authorization_policy,
     validate_traffic_policy,
 };
 use crate::route::{
-    HTTP_ROUTE_API_VERSION, HttpRoute, HttpRouteSpec, REFERENCE_GRANT_API_VERSION, ReferenceGrant, ReferenceGrantSpec,
-    validate_http_route, validate_reference_grant,
+    AttachedRoute, AttachedRule, Backend, BackendRef, HTTP_ROUTE_API_VERSION, HttpRoute, HttpRouteSpec,
+    REFERENCE_GRANT_API_VERSION, ReferenceGrant, ReferenceGrantSpec, RouteSet, validate_http_route,
+    validate_reference_grant,
 };
 
 pub const API_VERSION: &str = "ferry.dev/v1alpha1";
@@ -370,15 +371,6 @@ fn spec_of<T: serde::de::DeserializeOwned>(
     }
 }
 
-/// A DNS-1123 label: what Kubernetes accepts as a namespace, Service or service-account name.
-pub fn is_dns_label(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 63
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !name.starts_with('-')
-        && !name.ends_with('-')
-}
-
 fn check_name(path: &str, name: &str, errors: &mut Vec<FieldError>) {
     if !is_dns_label(name) {
         errors.push(field(path, format!("`{name}` must be a DNS label: 1-63 of a-z, 0-9, '-'")));
@@ -512,6 +504,104 @@ fn cross_document_errors(documents: &[Document]) -> Vec<(String, Vec<FieldError>
         }
     }
     refused
+}
+
+// ===== routes =====
+
+/// Pure: the route sets `docs` make — every accepted HTTPRoute attached to a Service, grouped by (Service, route
+/// namespace), each backend resolved against the Services and ReferenceGrants among `docs`. A parent Service that
+/// does not exist attaches nothing (the route's status says `NoMatchingParent`).
+pub fn route_sets(docs: &[Document]) -> Vec<RouteSet> {
+    let services: BTreeMap<(&str, &str), &Service> = docs
+        .iter()
+        .filter_map(|d| match d {
+            Document::Service(s) => Some(((s.metadata.namespace.as_str(), s.metadata.name.as_str()), s)),
+            _ => None,
+        })
+        .collect();
+    let grants: Vec<&ReferenceGrant> =
+        docs.iter().filter_map(|d| if let Document::ReferenceGrant(g) = d { Some(g) } else { None }).collect();
+    let mut sets: BTreeMap<(String, String, String), Vec<AttachedRoute>> = BTreeMap::new();
+    for doc in docs {
+        let Document::HttpRoute(route) = doc else { continue };
+        let route_ns = route.metadata.namespace.as_str();
+        let mut parents: BTreeMap<(String, String), Vec<u16>> = BTreeMap::new();
+        let mut every_port: std::collections::BTreeSet<(String, String)> = Default::default();
+        for p in route.spec.parent_refs.iter().filter(|p| p.is_service()) {
+            let key = (p.namespace.clone().unwrap_or_else(|| route_ns.to_string()), p.name.clone());
+            if !services.contains_key(&(key.0.as_str(), key.1.as_str())) {
+                continue;
+            }
+            match p.port {
+                Some(port) => parents.entry(key).or_default().push(port),
+                None => {
+                    every_port.insert(key.clone());
+                    parents.entry(key).or_default();
+                }
+            }
+        }
+        let rules: Vec<AttachedRule> = route
+            .spec
+            .rules
+            .iter()
+            .map(|rule| AttachedRule {
+                name: rule.name.clone(),
+                matches: rule.matches.clone(),
+                backends: rule.backend_refs.iter().map(|b| resolve(b, route_ns, &services, &grants)).collect(),
+            })
+            .collect();
+        for ((svc_ns, svc), mut ports) in parents {
+            if every_port.contains(&(svc_ns.clone(), svc.clone())) {
+                ports.clear();
+            }
+            ports.sort_unstable();
+            ports.dedup();
+            let attached = AttachedRoute {
+                namespace: route_ns.to_string(),
+                name: route.metadata.name.clone(),
+                created: 0,
+                ports,
+                rules: rules.clone(),
+            };
+            sets.entry((svc_ns, svc, route_ns.to_string())).or_default().push(attached);
+        }
+    }
+    sets.into_iter()
+        .map(|((service_namespace, service, route_namespace), routes)| RouteSet {
+            service_namespace,
+            service,
+            route_namespace,
+            routes,
+        })
+        .collect()
+}
+
+/// A backendRef resolved: the Service must exist, in the route's namespace or in one whose ReferenceGrant lets the
+/// route's namespace name it, and have the port named.
+fn resolve(
+    b: &BackendRef,
+    route_ns: &str,
+    services: &BTreeMap<(&str, &str), &Service>,
+    grants: &[&ReferenceGrant],
+) -> Backend {
+    let namespace = b.namespace.clone().unwrap_or_else(|| route_ns.to_string());
+    let unresolved = match services.get(&(namespace.as_str(), b.name.as_str())) {
+        None => Some(format!("BackendNotFound: Service {namespace}/{} does not exist", b.name)),
+        Some(_)
+            if namespace != route_ns
+                && !grants.iter().any(|g| g.metadata.namespace == namespace && g.permits(route_ns, &b.name)) =>
+        {
+            Some(format!(
+                "RefNotPermitted: no ReferenceGrant in {namespace} lets HTTPRoutes of {route_ns} name Service {}",
+                b.name
+            ))
+        }
+        Some(s) if b.port.is_some_and(|p| !s.spec.ports.iter().any(|sp| sp.port == p)) => {
+            Some(format!("BackendNotFound: Service {namespace}/{} has no port {}", b.name, b.port.unwrap_or_default()))
+        }
+        Some(_) => None,
+    };
+    Backend { namespace, name: b.name.clone(), port: b.port, weight: b.weight, unresolved }
 }
 
 /// The error for a second TrafficPolicy targeting one Service: it names the existing one.

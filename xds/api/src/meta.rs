@@ -20,6 +20,15 @@ fn default_namespace() -> String {
     "default".to_string()
 }
 
+/// A DNS-1123 label: what Kubernetes accepts as a namespace, Service or service-account name.
+pub fn is_dns_label(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+}
+
 /// One refused field: `spec.ports[0].port: must be 1-65535`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FieldError {

@@ -294,7 +294,7 @@ pub fn validate_http_route(spec: &HttpRouteSpec, errors: &mut Vec<FieldError>) {
                 "a mesh route's parent is a Service (`group: \"\"`, `kind: Service`); Ferry has no Gateway",
             ));
         }
-        if !crate::config::is_dns_label(&p.name) {
+        if !crate::meta::is_dns_label(&p.name) {
             errors.push(field(format!("{path}.name"), format!("`{}` must be a Service name", p.name)));
         }
         if p.port == Some(0) {
@@ -318,7 +318,7 @@ pub fn validate_http_route(spec: &HttpRouteSpec, errors: &mut Vec<FieldError>) {
     for (i, rule) in spec.rules.iter().enumerate() {
         let path = format!("spec.rules[{i}]");
         if let Some(name) = &rule.name {
-            if !crate::config::is_dns_label(name) {
+            if !crate::meta::is_dns_label(name) {
                 errors.push(field(format!("{path}.name"), format!("`{name}` must be a DNS label")));
             } else if let Some(first) = names.insert(name.clone(), i) {
                 errors.push(field(format!("{path}.name"), format!("`{name}` is also the name of rules[{first}]")));
@@ -339,11 +339,11 @@ pub fn validate_http_route(spec: &HttpRouteSpec, errors: &mut Vec<FieldError>) {
                 errors
                     .push(field(path.clone(), "Ferry resolves Service backends only (`group: \"\"`, `kind: Service`)"));
             }
-            if !crate::config::is_dns_label(&b.name) {
+            if !crate::meta::is_dns_label(&b.name) {
                 errors.push(field(format!("{path}.name"), format!("`{}` must be a Service name", b.name)));
             }
             if let Some(ns) = &b.namespace
-                && !crate::config::is_dns_label(ns)
+                && !crate::meta::is_dns_label(ns)
             {
                 errors.push(field(format!("{path}.namespace"), format!("`{ns}` must be a namespace name")));
             }
@@ -423,7 +423,7 @@ pub fn validate_reference_grant(spec: &ReferenceGrantSpec, errors: &mut Vec<Fiel
         errors.push(field("spec.to".into(), "at least one"));
     }
     for (i, f) in spec.from.iter().enumerate() {
-        if !crate::config::is_dns_label(&f.namespace) {
+        if !crate::meta::is_dns_label(&f.namespace) {
             errors.push(field(format!("spec.from[{i}].namespace"), format!("`{}` must be a namespace", f.namespace)));
         }
     }
@@ -644,103 +644,6 @@ pub fn applicable<'s>(sets: &'s [RouteSet], caller_ns: &str, port: u16) -> Vec<&
     if consumer.is_empty() { of(service_ns) } else { consumer }
 }
 
-/// Pure: the route sets `docs` make — every accepted HTTPRoute attached to a Service, grouped by (Service, route
-/// namespace), each backend resolved against the Services and ReferenceGrants among `docs`. A parent Service that
-/// does not exist attaches nothing (the route's status says `NoMatchingParent`).
-pub fn route_sets(docs: &[crate::config::Document]) -> Vec<RouteSet> {
-    use crate::config::Document;
-    let services: BTreeMap<(&str, &str), &crate::config::Service> = docs
-        .iter()
-        .filter_map(|d| match d {
-            Document::Service(s) => Some(((s.metadata.namespace.as_str(), s.metadata.name.as_str()), s)),
-            _ => None,
-        })
-        .collect();
-    let grants: Vec<&ReferenceGrant> =
-        docs.iter().filter_map(|d| if let Document::ReferenceGrant(g) = d { Some(g) } else { None }).collect();
-    let mut sets: BTreeMap<(String, String, String), Vec<AttachedRoute>> = BTreeMap::new();
-    for doc in docs {
-        let Document::HttpRoute(route) = doc else { continue };
-        let route_ns = route.metadata.namespace.as_str();
-        let mut parents: BTreeMap<(String, String), Vec<u16>> = BTreeMap::new();
-        let mut every_port: std::collections::BTreeSet<(String, String)> = Default::default();
-        for p in route.spec.parent_refs.iter().filter(|p| p.is_service()) {
-            let key = (p.namespace.clone().unwrap_or_else(|| route_ns.to_string()), p.name.clone());
-            if !services.contains_key(&(key.0.as_str(), key.1.as_str())) {
-                continue;
-            }
-            match p.port {
-                Some(port) => parents.entry(key).or_default().push(port),
-                None => {
-                    every_port.insert(key.clone());
-                    parents.entry(key).or_default();
-                }
-            }
-        }
-        let rules: Vec<AttachedRule> = route
-            .spec
-            .rules
-            .iter()
-            .map(|rule| AttachedRule {
-                name: rule.name.clone(),
-                matches: rule.matches.clone(),
-                backends: rule.backend_refs.iter().map(|b| resolve(b, route_ns, &services, &grants)).collect(),
-            })
-            .collect();
-        for ((svc_ns, svc), mut ports) in parents {
-            if every_port.contains(&(svc_ns.clone(), svc.clone())) {
-                ports.clear();
-            }
-            ports.sort_unstable();
-            ports.dedup();
-            let attached = AttachedRoute {
-                namespace: route_ns.to_string(),
-                name: route.metadata.name.clone(),
-                created: 0,
-                ports,
-                rules: rules.clone(),
-            };
-            sets.entry((svc_ns, svc, route_ns.to_string())).or_default().push(attached);
-        }
-    }
-    sets.into_iter()
-        .map(|((service_namespace, service, route_namespace), routes)| RouteSet {
-            service_namespace,
-            service,
-            route_namespace,
-            routes,
-        })
-        .collect()
-}
-
-/// A backendRef resolved: the Service must exist, in the route's namespace or in one whose ReferenceGrant lets the
-/// route's namespace name it, and have the port named.
-fn resolve(
-    b: &BackendRef,
-    route_ns: &str,
-    services: &BTreeMap<(&str, &str), &crate::config::Service>,
-    grants: &[&ReferenceGrant],
-) -> Backend {
-    let namespace = b.namespace.clone().unwrap_or_else(|| route_ns.to_string());
-    let unresolved = match services.get(&(namespace.as_str(), b.name.as_str())) {
-        None => Some(format!("BackendNotFound: Service {namespace}/{} does not exist", b.name)),
-        Some(_)
-            if namespace != route_ns
-                && !grants.iter().any(|g| g.metadata.namespace == namespace && g.permits(route_ns, &b.name)) =>
-        {
-            Some(format!(
-                "RefNotPermitted: no ReferenceGrant in {namespace} lets HTTPRoutes of {route_ns} name Service {}",
-                b.name
-            ))
-        }
-        Some(s) if b.port.is_some_and(|p| !s.spec.ports.iter().any(|sp| sp.port == p)) => {
-            Some(format!("BackendNotFound: Service {namespace}/{} has no port {}", b.name, b.port.unwrap_or_default()))
-        }
-        Some(_) => None,
-    };
-    Backend { namespace, name: b.name.clone(), port: b.port, weight: b.weight, unresolved }
-}
-
 fn compile_match(m: &HttpRouteMatch, rule: (usize, usize)) -> Option<CompiledMatch> {
     let path = match m.path.kind {
         PathMatchType::Exact => CompiledPath::Exact(m.path.value.clone()),
@@ -783,7 +686,7 @@ pub fn pick(backends: &[Backend], draw: u64) -> Option<&Backend> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Document, parse_documents};
+    use crate::config::{Document, parse_documents, route_sets};
 
     const SERVICES: &str = "apiVersion: ferry.dev/v1alpha1\nkind: Service\nmetadata: {name: api, namespace: shop}\n\
         spec: {ports: [{port: 8080}, {port: 9090}]}\n";

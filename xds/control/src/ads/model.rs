@@ -102,7 +102,7 @@ impl Model {
             model.types[TRUST].insert(name.into(), Entry::new(name, protocol::encode_mesh(mesh), None));
         }
         // HTTPRoutes travel as route sets (per Service and route namespace), their backends resolved here.
-        for set in ferry_api::route::route_sets(&documents) {
+        for set in ferry_api::config::route_sets(&documents) {
             let name = set.name();
             model.types[ROUTES].insert(name.as_str().into(), Entry::new(&name, protocol::encode_routes(&set), None));
         }
