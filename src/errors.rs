@@ -17,6 +17,12 @@ pub type ResponseFuture =
 pub enum ProxyError {
     #[error("{0}")]
     NoRoute(String),
+    /// HTTPRoutes attach to the Service and none of their rules matches (GAMMA: rejected; the HTTPRoute spec: 404).
+    #[error("{0}")]
+    RouteNotFound(String),
+    /// The route rule's chosen backend is unresolved, or every backend has weight 0 (the HTTPRoute spec: 500).
+    #[error("{0}")]
+    BackendNotFound(String),
     #[error("{0}")]
     NoHealthyEndpoints(String),
     #[error("connecting to {addr}: {source}")]
@@ -108,6 +114,8 @@ impl ProxyError {
     pub fn reason(&self) -> &'static str {
         match self {
             ProxyError::NoRoute(_) => "no-route",
+            ProxyError::RouteNotFound(_) => "route-not-found",
+            ProxyError::BackendNotFound(_) => "backend-not-found",
             ProxyError::NoHealthyEndpoints(_) => "no-healthy-endpoints",
             ProxyError::ConnectRefused { .. } => "connect-refused",
             ProxyError::ConnectTimeout(_) => "connect-timeout",
@@ -131,6 +139,8 @@ impl ProxyError {
             | ProxyError::UpstreamReset { .. }
             | ProxyError::Tls(_) => StatusCode::BAD_GATEWAY,
             ProxyError::NoHealthyEndpoints(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::RouteNotFound(_) => StatusCode::NOT_FOUND,
+            ProxyError::BackendNotFound(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::Unauthorized(_) => StatusCode::FORBIDDEN,
             ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -144,10 +154,12 @@ impl ProxyError {
         const DEADLINE_EXCEEDED: u8 = 4;
         const PERMISSION_DENIED: u8 = 7;
         const RESOURCE_EXHAUSTED: u8 = 8;
+        const UNIMPLEMENTED: u8 = 12;
         const INTERNAL: u8 = 13;
         const UNAVAILABLE: u8 = 14;
         match self {
             ProxyError::BadRequest(_) => INTERNAL,
+            ProxyError::RouteNotFound(_) => UNIMPLEMENTED,
             ProxyError::Unauthorized(_) => PERMISSION_DENIED,
             ProxyError::RateLimited { .. } => RESOURCE_EXHAUSTED,
             ProxyError::RequestTimeout(_) | ProxyError::PerTryTimeout(_) => DEADLINE_EXCEEDED,
@@ -206,6 +218,8 @@ mod tests {
         let cases = [
             (ProxyError::NoRoute("x".into()), 502, "no-route", 14),
             (ProxyError::NoHealthyEndpoints("x".into()), 503, "no-healthy-endpoints", 14),
+            (ProxyError::RouteNotFound("x".into()), 404, "route-not-found", 12),
+            (ProxyError::BackendNotFound("x".into()), 500, "backend-not-found", 14),
             (
                 ProxyError::ConnectRefused { addr, source: std::io::ErrorKind::ConnectionRefused.into() },
                 502,

@@ -2,10 +2,16 @@
 
 /// A number in [0, 1) for jitter, from the std hasher's per-process random keys (no extra dependency for jitter).
 pub fn random_fraction() -> f64 {
+    (random_u64() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// A uniformly distributed `u64` (SipHash of the time under the std hasher's random keys): jitter, sampling and
+/// traffic splits, not secrets.
+pub fn random_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
-    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
+    h.finish()
 }
 
 /// A random version-4 UUID, from the TLS library's system random source (`x-request-id`).

@@ -332,6 +332,25 @@ impl Snapshot {
         self
     }
 
+    /// Pure route decision for a route's backend: port `port` of the Service `namespace/name`.
+    pub fn route_to(&self, namespace: &str, name: &str, port: u16) -> Result<Route, RouteError> {
+        let qualified = || format!("{name}.{namespace}");
+        let service = self
+            .services
+            .iter()
+            .find(|s| s.namespace == namespace && s.name == name)
+            .ok_or_else(|| RouteError::NoRoute(qualified()))?;
+        let service_port = service
+            .spec
+            .ports
+            .iter()
+            .find(|p| p.port == port)
+            .cloned()
+            .ok_or_else(|| RouteError::NoPort { service: qualified(), port })?;
+        let target = service.balanced(port).ok_or_else(|| RouteError::NoEndpoints(qualified()))?;
+        Ok(Route { service: service.clone(), port: service_port, target })
+    }
+
     /// The route rules for requests to `port` of `service`, when HTTPRoutes attach to it for this proxy.
     pub fn route_table(&self, service: &ServiceEntry, port: u16) -> Option<&Arc<RouteTable>> {
         self.routes.get(&(service.namespace.clone(), service.name.clone()))?.get(&port)

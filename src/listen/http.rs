@@ -25,6 +25,7 @@ use crate::stack::Call;
 use crate::telemetry::access_log::{self, Seen};
 use crate::telemetry::metrics::{GrpcStatus, RequestHandles, RequestLabels};
 use crate::telemetry::trace;
+use ferry_api::route::RequestView;
 use tower::ServiceExt;
 
 /// The verified SPIFFE ID of the calling workload, set by the destination's proxy (and removed from anything else).
@@ -209,7 +210,22 @@ impl Listeners {
         if conn.direction == Direction::Outbound && conn.mode == Mode::Explicit && authority.is_none() {
             return Err((UNKNOWN_SERVICE.into(), ProxyError::BadRequest("request names no host")));
         }
-        let dest = self.destination(conn, authority.as_deref())?;
+        // What HTTPRoutes match on: the method, the path and query as sent, the headers (repeated ones joined).
+        let header = |name: &str| -> Option<std::borrow::Cow<'_, str>> {
+            let mut values = req.headers().get_all(name).iter().filter_map(|v| v.to_str().ok());
+            let first = values.next()?;
+            Some(match values.next() {
+                None => first.into(),
+                Some(second) => values.fold(format!("{first},{second}"), |joined, v| joined + "," + v).into(),
+            })
+        };
+        let request = RequestView {
+            method: req.method().as_str(),
+            path: req.uri().path(),
+            query: req.uri().query(),
+            header: &header,
+        };
+        let dest = self.destination(conn, authority.as_deref(), Some(&request))?;
         // Without a Host, the address the app dialled (a balanced destination is only reached by original
         // destination then: explicit mode needs a Host).
         let authority = match (authority, dest.fixed_addr(), conn.original_dst) {

@@ -1,5 +1,6 @@
 //! Where a connection or request goes: explicit routing by authority, transparent routing by original
-//! destination (a Service match or a pass-through), the local app inbound; never one of the proxy's own listeners.
+//! destination (a Service match or a pass-through), then the Service's HTTPRoutes; the local app inbound; never one
+//! of the proxy's own listeners.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -10,9 +11,10 @@ use tokio::net::TcpStream;
 use super::Listeners;
 use crate::direction::Direction;
 use crate::discovery::destination::Destination;
-use crate::discovery::snapshot::Route;
+use crate::discovery::snapshot::{Route, RouteError, Snapshot};
 use crate::errors::ProxyError;
 use crate::identity::tls::{self, PeerTls};
+use ferry_api::route::RequestView;
 
 /// The `service` label of outbound requests that matched no Service in explicit mode.
 pub const UNKNOWN_SERVICE: &str = "unknown";
@@ -98,8 +100,14 @@ impl ConnInfo {
 pub type Refusal = (Arc<str>, ProxyError);
 
 impl Listeners {
-    /// The destination for a connection (`authority` = None: opaque TCP) or one request on it.
-    pub(super) fn destination(&self, conn: &ConnInfo, authority: Option<&str>) -> Result<Destination, Refusal> {
+    /// The destination for a connection (`authority` = None: opaque TCP) or one request on it (`request`: what its
+    /// HTTPRoutes match on, when the Service has any).
+    pub(super) fn destination(
+        &self,
+        conn: &ConnInfo,
+        authority: Option<&str>,
+        request: Option<&RequestView<'_>>,
+    ) -> Result<Destination, Refusal> {
         let dest = match (conn.direction, conn.original_dst) {
             (Direction::Outbound, None) => {
                 let authority = authority.ok_or_else(|| {
@@ -107,13 +115,17 @@ impl Listeners {
                         "an explicit connection carries no destination for opaque bytes (only HTTP is routed by Host)";
                     (Arc::from(UNKNOWN_SERVICE), ProxyError::NoRoute(why.into()))
                 })?;
-                let route = self.store.load().route(authority).map_err(|e| (Arc::from(UNKNOWN_SERVICE), e.into()))?;
-                self.outbound_destination(&route)
+                let snapshot = self.store.load();
+                let route = snapshot.route(authority).map_err(|e| (Arc::from(UNKNOWN_SERVICE), e.into()))?;
+                self.outbound_destination(&routed(&snapshot, route, request)?)
             }
-            (Direction::Outbound, Some(original)) => match self.store.load().route_original(original) {
-                Some(route) => self.outbound_destination(&route),
-                None => Destination::fixed(PASSTHROUGH_SERVICE.into(), original),
-            },
+            (Direction::Outbound, Some(original)) => {
+                let snapshot = self.store.load();
+                match snapshot.route_original(original) {
+                    Some(route) => self.outbound_destination(&routed(&snapshot, route, request)?),
+                    None => Destination::fixed(PASSTHROUGH_SERVICE.into(), original),
+                }
+            }
             (Direction::Inbound, original) => {
                 // The label of a connection refused before its port is settled: the policy of the port it names.
                 let port = conn.sni_port.or(original.map(|o| o.port()));
@@ -205,6 +217,36 @@ impl Listeners {
     fn app_ip(&self) -> IpAddr {
         self.settings.app_addr.map(|a| a.ip()).unwrap_or(self.settings.pod_ip)
     }
+}
+
+/// A request to a Service that HTTPRoutes attach to (for this proxy's namespace) goes where the rule it matches
+/// sends it: a backend picked by weight for this request, with that backend's endpoints, identities and policy.
+/// No rule matching is 404 `route-not-found` (GAMMA); an unresolved backend, or weights all 0, 500
+/// `backend-not-found`. Without routes, or for opaque bytes (`request` = None), the Service itself.
+fn routed(snapshot: &Snapshot, route: Route, request: Option<&RequestView<'_>>) -> Result<Route, Refusal> {
+    let Some((request, table)) = request.zip(snapshot.route_table(&route.service, route.port.port)) else {
+        return Ok(route);
+    };
+    let parent = route.service.qualified_name.clone();
+    let Some(rule) = table.select(request) else {
+        let why = format!("no HTTPRoute rule for {parent} matches {} {}", request.method, request.path);
+        return Err((parent, ProxyError::RouteNotFound(why)));
+    };
+    let Some(backend) = ferry_api::route::pick(&rule.backends, crate::util::random_u64()) else {
+        let why = format!("HTTPRoute rule {} has no backend with a weight", rule.label);
+        return Err((parent, ProxyError::BackendNotFound(why)));
+    };
+    if let Some(why) = &backend.unresolved {
+        return Err((parent, ProxyError::BackendNotFound(format!("HTTPRoute rule {}: {why}", rule.label))));
+    }
+    let port = backend.port.unwrap_or(route.port.port);
+    snapshot.route_to(&backend.namespace, &backend.name, port).map_err(|e| {
+        let error = match e {
+            RouteError::NoEndpoints(_) => e.into(),
+            other => ProxyError::BackendNotFound(format!("HTTPRoute rule {}: {other}", rule.label)),
+        };
+        (parent, error)
+    })
 }
 
 /// Refuses to dial one of this proxy's own `listeners` (a loop); a listener on `0.0.0.0`/`::` counts on every local

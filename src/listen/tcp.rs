@@ -19,7 +19,7 @@ impl Listeners {
         I: AsyncRead + AsyncWrite + Unpin,
     {
         let direction = conn.direction;
-        let dest = match self.destination(&conn, None) {
+        let dest = match self.destination(&conn, None, None) {
             Ok(dest) => dest,
             Err((service, e)) => return self.tcp_not_forwarded(direction, &service, e),
         };

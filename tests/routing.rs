@@ -1,0 +1,128 @@
+//! HTTPRoute (Gateway API, GAMMA) with real `ferry` processes and two real versions of a backend (loopback only,
+//! every loop bounded): weighted splits within binomial bounds, matches steering requests, and the GAMMA answers
+//! for no matching rule (404) and unresolved backends (500).
+
+use ferry_test_support as support;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http_body_util::BodyExt;
+use support::{Ferry, backend};
+
+/// Services `api` (v1) and `api-v2` (v2), one endpoint each, and `extra` YAML.
+fn config(v1: SocketAddr, v2: SocketAddr, extra: &str) -> String {
+    format!("{}{}{extra}", support::service_yaml("api", 80, &[v1]), support::service_yaml("api-v2", 80, &[v2]))
+}
+
+fn route(name: &str, rules: &str) -> String {
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: {name}}}\nspec:\n  parentRefs: [{{group: '', kind: Service, name: api}}]\n  rules:\n{rules}---\n"
+    )
+}
+
+/// Sends `count` requests for `path` with `headers` through `proxy` (Host `api`) over `workers` keep-alive
+/// connections, bounded at 60 s: the `x-backend` port of each answer, and any status that was not 200.
+async fn spread(
+    proxy: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+    count: usize,
+    workers: usize,
+) -> (BTreeMap<String, usize>, Vec<u16>) {
+    let run = async {
+        let mut tasks = Vec::new();
+        for w in 0..workers {
+            let (path, headers) = (path.to_string(), headers.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+            let headers: Vec<(String, String)> = headers.collect();
+            let share = count / workers + usize::from(w < count % workers);
+            tasks.push(tokio::spawn(async move {
+                let tcp = tokio::net::TcpStream::connect(proxy).await.unwrap();
+                let (mut tx, conn) =
+                    hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await.unwrap();
+                tokio::spawn(conn);
+                let mut seen = Vec::with_capacity(share);
+                for _ in 0..share {
+                    let mut req = http::Request::get(path.as_str()).header("host", "api");
+                    for (k, v) in &headers {
+                        req = req.header(k.as_str(), v.as_str());
+                    }
+                    let resp = tx.send_request(req.body(http_body_util::Empty::<bytes::Bytes>::new()).unwrap()).await;
+                    let resp = resp.unwrap();
+                    let status = resp.status().as_u16();
+                    let by = resp.headers().get("x-backend").map(|v| v.to_str().unwrap().to_string());
+                    let _ = resp.into_body().collect().await;
+                    seen.push((status, by.unwrap_or_default()));
+                }
+                seen
+            }));
+        }
+        let mut by_backend = BTreeMap::new();
+        let mut failed = Vec::new();
+        for t in tasks {
+            for (status, by) in t.await.unwrap() {
+                if status == 200 {
+                    *by_backend.entry(by).or_insert(0) += 1;
+                } else {
+                    failed.push(status);
+                }
+            }
+        }
+        (by_backend, failed)
+    };
+    tokio::time::timeout(Duration::from_secs(60), run).await.expect("the requests finish within 60 s")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_weighted_split_lands_within_binomial_bounds_and_matches_steer_requests() {
+    let (v1, v2) = (backend::http_backend().await, backend::http_backend().await);
+    let (p1, p2) = (v1.addr.port().to_string(), v2.addr.port().to_string());
+    let rules = "  - matches: [{path: {type: PathPrefix, value: /admin}}]\n    backendRefs: [{name: api}]\n\
+                 \x20 - matches: [{path: {value: /}, headers: [{name: x-canary, value: always}]}]\n    backendRefs: [{name: api-v2}]\n\
+                 \x20 - matches: [{path: {type: Exact, value: /ghost}}]\n    backendRefs: [{name: ghost}]\n\
+                 \x20 - matches: [{path: {type: Exact, value: /drained}}]\n    backendRefs: [{name: api, weight: 0}]\n\
+                 \x20 - backendRefs: [{name: api, weight: 90}, {name: api-v2, weight: 10}]\n";
+    let ferry =
+        tokio::task::block_in_place(|| Ferry::start(Some(&config(v1.addr, v2.addr, &route("split", rules))), &[]));
+    // 90/10 over 10,000 requests: v2 gets 1,000 ± 99 (two-sided p < 0.001 for Binomial(10000, 0.1): 3.29 sd of 30).
+    let (split, failed) = spread(ferry.outbound, "/echo", &[], 10_000, 16).await;
+    assert!(failed.is_empty(), "{failed:?}");
+    let (n1, n2) = (split.get(&p1).copied().unwrap_or(0), split.get(&p2).copied().unwrap_or(0));
+    assert_eq!(n1 + n2, 10_000, "{split:?}");
+    eprintln!("90/10 split over 10,000 requests: v1 {n1}, v2 {n2}");
+    assert!((901..=1099).contains(&n2), "v2 got {n2} of 10,000 (expected 1,000 ± 99)");
+    // Matches steer: a path prefix to v1 only, a header to v2 only.
+    let (admin, failed) = spread(ferry.outbound, "/admin/users", &[], 200, 4).await;
+    assert_eq!((admin.get(&p1).copied(), failed.len()), (Some(200), 0), "{admin:?}");
+    let (canary, _) = spread(ferry.outbound, "/echo", &[("x-canary", "always")], 200, 4).await;
+    assert_eq!(canary.get(&p2).copied(), Some(200), "{canary:?}");
+    // An unresolved backend, and weights all 0: 500 backend-not-found, said by the proxy.
+    let get = |path: &str| {
+        support::http_exchange_full(ferry.outbound, "GET", path, &[("Host", "api")], "").expect("an answer")
+    };
+    for path in ["/ghost", "/drained"] {
+        let r = tokio::task::block_in_place(|| get(path));
+        assert_eq!((r.status, r.header("ferry-proxy-error")), (500, Some("backend-not-found")), "{path}: {r:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_matching_rule_the_request_is_rejected_and_without_routes_it_goes_to_the_service() {
+    let (v1, v2) = (backend::http_backend().await, backend::http_backend().await);
+    let rules = "  - matches: [{path: {type: PathPrefix, value: /v2}}]\n    backendRefs: [{name: api-v2}]\n";
+    let ferry =
+        tokio::task::block_in_place(|| Ferry::start(Some(&config(v1.addr, v2.addr, &route("only-v2", rules))), &[]));
+    let get = |host: &str, path: &str| {
+        support::http_exchange_full(ferry.outbound, "GET", path, &[("Host", host)], "").expect("an answer")
+    };
+    let r = tokio::task::block_in_place(|| get("api", "/v2/x"));
+    assert_eq!((r.status, r.header("x-backend")), (200, Some(v2.addr.port().to_string().as_str())), "{r:?}");
+    // GAMMA: a Service with routes rejects what matches none of them (404, as the HTTPRoute spec says).
+    let r = tokio::task::block_in_place(|| get("api", "/other"));
+    assert_eq!((r.status, r.header("ferry-proxy-error")), (404, Some("route-not-found")), "{r:?}");
+    // A Service without routes (api-v2 itself): as before.
+    let r = tokio::task::block_in_place(|| get("api-v2", "/other"));
+    assert_eq!((r.status, r.header("ferry-proxy-error")), (200, None), "{r:?}");
+    assert_eq!(ferry.metric(r#"ferry_proxy_errors_total{direction="outbound",reason="route-not-found"}"#), 1.0);
+}
