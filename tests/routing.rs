@@ -6,10 +6,13 @@ use ferry_test_support as support;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use http_body_util::BodyExt;
-use support::{Ferry, backend};
+use support::control::ControlPlane;
+use support::{Ferry, backend, control, mesh};
 
 /// Services `api` (v1) and `api-v2` (v2), one endpoint each, and `extra` YAML.
 fn config(v1: SocketAddr, v2: SocketAddr, extra: &str) -> String {
@@ -31,12 +34,26 @@ async fn spread(
     count: usize,
     workers: usize,
 ) -> (BTreeMap<String, usize>, Vec<u16>) {
+    spread_to(proxy, "api", path, headers, count, workers, None).await
+}
+
+/// As [`spread`], to `host`; with `stop`, each worker also ends once it is set (then `count` is only a bound).
+async fn spread_to(
+    proxy: SocketAddr,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    count: usize,
+    workers: usize,
+    stop: Option<Arc<AtomicBool>>,
+) -> (BTreeMap<String, usize>, Vec<u16>) {
     let run = async {
         let mut tasks = Vec::new();
         for w in 0..workers {
             let (path, headers) = (path.to_string(), headers.iter().map(|(k, v)| (k.to_string(), v.to_string())));
             let headers: Vec<(String, String)> = headers.collect();
             let share = count / workers + usize::from(w < count % workers);
+            let (host, stop) = (host.to_string(), stop.clone());
             tasks.push(tokio::spawn(async move {
                 let tcp = tokio::net::TcpStream::connect(proxy).await.unwrap();
                 let (mut tx, conn) =
@@ -44,12 +61,19 @@ async fn spread(
                 tokio::spawn(conn);
                 let mut seen = Vec::with_capacity(share);
                 for _ in 0..share {
-                    let mut req = http::Request::get(path.as_str()).header("host", "api");
+                    if stop.as_ref().is_some_and(|s| s.load(Ordering::Relaxed)) {
+                        break;
+                    }
+                    let mut req = http::Request::get(path.as_str()).header("host", host.as_str());
                     for (k, v) in &headers {
                         req = req.header(k.as_str(), v.as_str());
                     }
                     let resp = tx.send_request(req.body(http_body_util::Empty::<bytes::Bytes>::new()).unwrap()).await;
-                    let resp = resp.unwrap();
+                    // A failed exchange (the connection ended) counts as status 0, and ends this worker.
+                    let Ok(resp) = resp else {
+                        seen.push((0, String::new()));
+                        break;
+                    };
                     let status = resp.status().as_u16();
                     let by = resp.headers().get("x-backend").map(|v| v.to_str().unwrap().to_string());
                     let _ = resp.into_body().collect().await;
@@ -125,4 +149,78 @@ async fn without_a_matching_rule_the_request_is_rejected_and_without_routes_it_g
     let r = tokio::task::block_in_place(|| get("api-v2", "/other"));
     assert_eq!((r.status, r.header("ferry-proxy-error")), (200, None), "{r:?}");
     assert_eq!(ferry.metric(r#"ferry_proxy_errors_total{direction="outbound",reason="route-not-found"}"#), 1.0);
+}
+
+/// The control plane's generation (`ferryctl status`).
+fn generation(cp: &ControlPlane) -> u64 {
+    let status: serde_json::Value = serde_json::from_str(&cp.ok(&["status", "-o", "json"], None)).unwrap();
+    status["generation"].as_u64().unwrap_or(0)
+}
+
+/// Waits (up to 20 s) until the control plane has moved past generation `before` and `node` has ACKed its route sets
+/// at the new generation (`ferryctl status`).
+fn wait_synced(cp: &ControlPlane, node: &str, before: u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let status: serde_json::Value = serde_json::from_str(&cp.ok(&["status", "-o", "json"], None)).unwrap();
+        let generation = status["generation"].as_u64().unwrap_or(0);
+        let proxy = status["proxies"].as_array().into_iter().flatten().find(|p| p["node"] == node);
+        let synced = generation > before
+            && proxy.is_some_and(|p| p["types"]["RouteSet"]["acked"].as_u64() == Some(generation));
+        if synced {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{node} did not ACK generation {generation}: {status}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weights_shift_under_load_through_the_control_plane_without_a_failed_request() {
+    let (v1, v2) = (backend::http_backend().await, backend::http_backend().await);
+    let (p1, p2) = (v1.addr.port().to_string(), v2.addr.port().to_string());
+    let dir = control::state_dir("routing-shift");
+    let (cp, _api, _api_v2, web) = tokio::task::block_in_place(|| {
+        let cp = ControlPlane::start(&dir);
+        cp.ok(&["apply", "-f", "-"], Some(&mesh::service("api", "api.local", "")));
+        cp.ok(&["apply", "-f", "-"], Some(&mesh::service("api-v2", "api-v2.local", "")));
+        cp.ok(&["apply", "-f", "-"], Some(&mesh::service("web", "web.local", "")));
+        let api = mesh::proxy(&cp, "api", Some(v1.addr), &[]);
+        let api_v2 = mesh::proxy(&cp, "api-v2", Some(v2.addr), &[]);
+        let web = mesh::proxy(&cp, "web", None, &[("FERRY_SERVICE", "web".into())]);
+        (cp, api, api_v2, web)
+    });
+    let apply = |w1: u32, w2: u32| {
+        let route = format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: canary}}\nspec:\n  parentRefs: [{{group: '', kind: Service, name: api}}]\n  rules: [{{backendRefs: [{{name: api, weight: {w1}}}, {{name: api-v2, weight: {w2}}}]}}]\n"
+        );
+        let before = generation(&cp);
+        cp.ok(&["apply", "-f", "-"], Some(&route));
+        wait_synced(&cp, "web", before);
+    };
+    tokio::task::block_in_place(|| apply(100, 0));
+    // Constant load through web's proxy for the whole test (bounded: 100,000 requests, 60 s).
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = tokio::spawn(spread_to(web.outbound, "api.local", "/echo", &[], 100_000, 2, Some(stop.clone())));
+    for (w1, w2) in [(100, 0), (50, 50), (0, 100)] {
+        if w1 != 100 {
+            tokio::task::block_in_place(|| apply(w1, w2));
+        }
+        let (seen, failed) = spread_to(web.outbound, "api.local", "/echo", &[], 1_000, 4, None).await;
+        assert!(failed.is_empty(), "{w1}/{w2}: {failed:?}");
+        let (n1, n2) = (seen.get(&p1).copied().unwrap_or(0), seen.get(&p2).copied().unwrap_or(0));
+        eprintln!("weights {w1}/{w2}: v1 {n1}, v2 {n2} of 1,000");
+        match (w1, w2) {
+            (100, 0) => assert_eq!((n1, n2), (1_000, 0)),
+            (0, 100) => assert_eq!((n1, n2), (0, 1_000)),
+            // Binomial(1000, 0.5): 500 ± 52 (3.29 sd of 15.8, two-sided p < 0.001).
+            _ => assert!((448..=552).contains(&n2), "v2 got {n2} of 1,000 at 50/50"),
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (total, failed) = load.await.unwrap();
+    let sent: usize = total.values().sum::<usize>() + failed.len();
+    eprintln!("constant load: {sent} requests, {} failed", failed.len());
+    assert!(failed.is_empty(), "requests failed while the weights changed: {failed:?}");
+    assert!(sent > 100, "the load ran: {sent}");
 }
