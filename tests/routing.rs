@@ -165,8 +165,8 @@ fn wait_synced(cp: &ControlPlane, node: &str, before: u64) {
         let status: serde_json::Value = serde_json::from_str(&cp.ok(&["status", "-o", "json"], None)).unwrap();
         let generation = status["generation"].as_u64().unwrap_or(0);
         let proxy = status["proxies"].as_array().into_iter().flatten().find(|p| p["node"] == node);
-        let synced = generation > before
-            && proxy.is_some_and(|p| p["types"]["RouteSet"]["acked"].as_u64() == Some(generation));
+        let synced =
+            generation > before && proxy.is_some_and(|p| p["types"]["RouteSet"]["acked"].as_u64() == Some(generation));
         if synced {
             return;
         }
@@ -223,4 +223,49 @@ async fn weights_shift_under_load_through_the_control_plane_without_a_failed_req
     eprintln!("constant load: {sent} requests, {} failed", failed.len());
     assert!(failed.is_empty(), "requests failed while the weights changed: {failed:?}");
     assert!(sent > 100, "the load ran: {sent}");
+}
+
+#[test]
+fn route_status_says_what_is_attached_and_resolved() {
+    let cp = ControlPlane::start(&control::state_dir("routing-status"));
+    cp.ok(&["apply", "-f", "-"], Some(&mesh::service("api", "api.local", "")));
+    let status = |name: &str| -> Vec<(String, String, String)> {
+        let out = cp.ok(&["get", "httproute", name, "-n", "default", "-o", "json"], None);
+        let object: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let conditions = object["status"]["parents"][0]["conditions"].as_array().cloned().unwrap_or_default();
+        conditions
+            .iter()
+            .map(|c| {
+                let text = |k: &str| c[k].as_str().unwrap_or_default().to_string();
+                (text("type"), text("status"), text("reason"))
+            })
+            .collect()
+    };
+    let route = |name: &str, parent: &str, backends: &str| {
+        format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: {name}}}\nspec:\n  parentRefs: [{{group: '', kind: Service, name: {parent}}}]\n  rules: [{{backendRefs: [{backends}]}}]\n"
+        )
+    };
+    let c = |t: &str, s: &str, r: &str| (t.to_string(), s.to_string(), r.to_string());
+    cp.ok(&["apply", "-f", "-"], Some(&route("good", "api", "{name: api}")));
+    assert_eq!(status("good"), [c("Accepted", "True", "Accepted"), c("ResolvedRefs", "True", "ResolvedRefs")]);
+    cp.ok(&["apply", "-f", "-"], Some(&route("ghost-backend", "api", "{name: api}, {name: ghost}")));
+    assert_eq!(
+        status("ghost-backend"),
+        [c("Accepted", "True", "Accepted"), c("ResolvedRefs", "False", "BackendNotFound")]
+    );
+    cp.ok(&["apply", "-f", "-"], Some(&route("other-ns", "api", "{name: invoices, namespace: billing}")));
+    let billing = "apiVersion: ferry.dev/v1alpha1\nkind: Service\nmetadata: {name: invoices, namespace: billing}\nspec: {ports: [{port: 80}]}\n";
+    cp.ok(&["apply", "-f", "-"], Some(billing));
+    assert_eq!(status("other-ns")[1], c("ResolvedRefs", "False", "RefNotPermitted"));
+    let grant = "apiVersion: gateway.networking.k8s.io/v1beta1\nkind: ReferenceGrant\nmetadata: {name: default-routes, namespace: billing}\nspec: {from: [{group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: default}], to: [{group: '', kind: Service}]}\n";
+    cp.ok(&["apply", "-f", "-"], Some(grant));
+    assert_eq!(status("other-ns")[1], c("ResolvedRefs", "True", "ResolvedRefs"));
+    cp.ok(&["apply", "-f", "-"], Some(&route("no-parent", "nope", "{name: api}")));
+    assert_eq!(status("no-parent")[0], c("Accepted", "False", "NoMatchingParent"));
+    // A route that fails validation is refused outright, naming the field.
+    let bad = route("bad", "api", "{name: api}")
+        .replace("[{backendRefs:", "[{matches: [{path: {type: RegularExpression, value: '(('}}], backendRefs:");
+    let err = cp.fails(&["apply", "-f", "-"], Some(&bad));
+    assert!(err.contains("HTTPRoute default/bad") && err.contains("spec.rules[0].matches[0].path.value"), "{err}");
 }

@@ -512,15 +512,7 @@ fn cross_document_errors(documents: &[Document]) -> Vec<(String, Vec<FieldError>
 /// namespace), each backend resolved against the Services and ReferenceGrants among `docs`. A parent Service that
 /// does not exist attaches nothing (the route's status says `NoMatchingParent`).
 pub fn route_sets(docs: &[Document]) -> Vec<RouteSet> {
-    let services: BTreeMap<(&str, &str), &Service> = docs
-        .iter()
-        .filter_map(|d| match d {
-            Document::Service(s) => Some(((s.metadata.namespace.as_str(), s.metadata.name.as_str()), s)),
-            _ => None,
-        })
-        .collect();
-    let grants: Vec<&ReferenceGrant> =
-        docs.iter().filter_map(|d| if let Document::ReferenceGrant(g) = d { Some(g) } else { None }).collect();
+    let refs = References::of(docs);
     let mut sets: BTreeMap<(String, String, String), Vec<AttachedRoute>> = BTreeMap::new();
     for doc in docs {
         let Document::HttpRoute(route) = doc else { continue };
@@ -529,7 +521,7 @@ pub fn route_sets(docs: &[Document]) -> Vec<RouteSet> {
         let mut every_port: std::collections::BTreeSet<(String, String)> = Default::default();
         for p in route.spec.parent_refs.iter().filter(|p| p.is_service()) {
             let key = (p.namespace.clone().unwrap_or_else(|| route_ns.to_string()), p.name.clone());
-            if !services.contains_key(&(key.0.as_str(), key.1.as_str())) {
+            if !refs.services.contains_key(&(key.0.as_str(), key.1.as_str())) {
                 continue;
             }
             match p.port {
@@ -547,7 +539,7 @@ pub fn route_sets(docs: &[Document]) -> Vec<RouteSet> {
             .map(|rule| AttachedRule {
                 name: rule.name.clone(),
                 matches: rule.matches.clone(),
-                backends: rule.backend_refs.iter().map(|b| resolve(b, route_ns, &services, &grants)).collect(),
+                backends: rule.backend_refs.iter().map(|b| refs.resolve(b, route_ns)).collect(),
             })
             .collect();
         for ((svc_ns, svc), mut ports) in parents {
@@ -576,32 +568,104 @@ pub fn route_sets(docs: &[Document]) -> Vec<RouteSet> {
         .collect()
 }
 
-/// A backendRef resolved: the Service must exist, in the route's namespace or in one whose ReferenceGrant lets the
-/// route's namespace name it, and have the port named.
-fn resolve(
-    b: &BackendRef,
-    route_ns: &str,
-    services: &BTreeMap<(&str, &str), &Service>,
-    grants: &[&ReferenceGrant],
-) -> Backend {
-    let namespace = b.namespace.clone().unwrap_or_else(|| route_ns.to_string());
-    let unresolved = match services.get(&(namespace.as_str(), b.name.as_str())) {
-        None => Some(format!("BackendNotFound: Service {namespace}/{} does not exist", b.name)),
-        Some(_)
-            if namespace != route_ns
-                && !grants.iter().any(|g| g.metadata.namespace == namespace && g.permits(route_ns, &b.name)) =>
-        {
-            Some(format!(
-                "RefNotPermitted: no ReferenceGrant in {namespace} lets HTTPRoutes of {route_ns} name Service {}",
-                b.name
-            ))
-        }
-        Some(s) if b.port.is_some_and(|p| !s.spec.ports.iter().any(|sp| sp.port == p)) => {
-            Some(format!("BackendNotFound: Service {namespace}/{} has no port {}", b.name, b.port.unwrap_or_default()))
-        }
-        Some(_) => None,
+/// The `status.parents` of an HTTPRoute as Gateway API writes it (`RouteParentStatus`): per parentRef, `Accepted`
+/// (`False`, `NoMatchingParent`, when the Service does not exist) and `ResolvedRefs` (`False` with the first
+/// unresolved backend's reason, `BackendNotFound` or `RefNotPermitted`, every unresolved one in the message), for
+/// `generation`.
+pub fn route_status(route: &HttpRoute, docs: &[Document], generation: i64) -> serde_json::Value {
+    let refs = References::of(docs);
+    let route_ns = route.metadata.namespace.as_str();
+    let unresolved: Vec<String> = route
+        .spec
+        .rules
+        .iter()
+        .flat_map(|r| &r.backend_refs)
+        .filter_map(|b| refs.resolve(b, route_ns).unresolved)
+        .collect();
+    let condition = |kind: &str, ok: bool, reason: &str, message: String| {
+        serde_json::json!({"type": kind, "status": if ok { "True" } else { "False" }, "reason": reason,
+                           "message": message, "observedGeneration": generation})
     };
-    Backend { namespace, name: b.name.clone(), port: b.port, weight: b.weight, unresolved }
+    let parents: Vec<serde_json::Value> = route
+        .spec
+        .parent_refs
+        .iter()
+        .map(|p| {
+            let namespace = p.namespace.as_deref().unwrap_or(route_ns);
+            let found = refs.services.contains_key(&(namespace, p.name.as_str()));
+            let accepted = match found {
+                true => condition("Accepted", true, "Accepted", "attached to the Service".into()),
+                false => condition(
+                    "Accepted",
+                    false,
+                    "NoMatchingParent",
+                    format!("Service {namespace}/{} does not exist", p.name),
+                ),
+            };
+            let resolved = match unresolved.first() {
+                None => condition("ResolvedRefs", true, "ResolvedRefs", "every backend resolved".into()),
+                Some(first) => condition(
+                    "ResolvedRefs",
+                    false,
+                    first.split(':').next().unwrap_or("BackendNotFound"),
+                    unresolved.join("; "),
+                ),
+            };
+            serde_json::json!({"parentRef": p, "controllerName": ROUTE_CONTROLLER, "conditions": [accepted, resolved]})
+        })
+        .collect();
+    serde_json::json!({ "parents": parents })
+}
+
+/// The `controllerName` of the route statuses Ferry writes.
+pub const ROUTE_CONTROLLER: &str = "ferry.dev/mesh";
+
+/// What routes refer to among a set of documents: the Services (parents and backends) and the ReferenceGrants.
+struct References<'d> {
+    services: BTreeMap<(&'d str, &'d str), &'d Service>,
+    grants: Vec<&'d ReferenceGrant>,
+}
+
+impl<'d> References<'d> {
+    fn of(docs: &'d [Document]) -> Self {
+        let mut refs = References { services: BTreeMap::new(), grants: Vec::new() };
+        for doc in docs {
+            match doc {
+                Document::Service(s) => {
+                    refs.services.insert((s.metadata.namespace.as_str(), s.metadata.name.as_str()), s);
+                }
+                Document::ReferenceGrant(g) => refs.grants.push(g),
+                _ => {}
+            }
+        }
+        refs
+    }
+
+    /// A backendRef resolved: the Service must exist, in the route's namespace or in one whose ReferenceGrant lets
+    /// the route's namespace name it, and have the port named.
+    fn resolve(&self, b: &BackendRef, route_ns: &str) -> Backend {
+        let (services, grants) = (&self.services, &self.grants);
+        let namespace = b.namespace.clone().unwrap_or_else(|| route_ns.to_string());
+        let unresolved = match services.get(&(namespace.as_str(), b.name.as_str())) {
+            None => Some(format!("BackendNotFound: Service {namespace}/{} does not exist", b.name)),
+            Some(_)
+                if namespace != route_ns
+                    && !grants.iter().any(|g| g.metadata.namespace == namespace && g.permits(route_ns, &b.name)) =>
+            {
+                Some(format!(
+                    "RefNotPermitted: no ReferenceGrant in {namespace} lets HTTPRoutes of {route_ns} name Service {}",
+                    b.name
+                ))
+            }
+            Some(s) if b.port.is_some_and(|p| !s.spec.ports.iter().any(|sp| sp.port == p)) => Some(format!(
+                "BackendNotFound: Service {namespace}/{} has no port {}",
+                b.name,
+                b.port.unwrap_or_default()
+            )),
+            Some(_) => None,
+        };
+        Backend { namespace, name: b.name.clone(), port: b.port, weight: b.weight, unresolved }
+    }
 }
 
 /// The error for a second TrafficPolicy targeting one Service: it names the existing one.

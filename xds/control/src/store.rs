@@ -167,6 +167,11 @@ impl Store {
         self.objects.get(key)
     }
 
+    /// Every stored object.
+    pub fn all(&self) -> impl Iterator<Item = &Stored> {
+        self.objects.values()
+    }
+
     /// Objects of `kind`, in one namespace or all.
     pub fn list(&self, kind: &str, namespace: Option<&str>) -> Vec<&Stored> {
         self.objects

@@ -49,6 +49,21 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// A stored object as the API shows it; an HTTPRoute with its `status` (per parent Service: Accepted, ResolvedRefs),
+/// computed from what the store holds now.
+fn with_status(
+    stored: &crate::store::Stored,
+    docs: &std::sync::OnceLock<Vec<ferry_api::Document>>,
+    store: &crate::store::Store,
+) -> serde_json::Value {
+    let mut json = stored.to_json();
+    if let ferry_api::Document::HttpRoute(route) = &stored.document {
+        let docs = docs.get_or_init(|| store.all().map(|s| s.document.clone()).collect());
+        json["status"] = ferry_api::config::route_status(route, docs, stored.generation as i64);
+    }
+    json
+}
+
 impl Api {
     pub fn new(
         store: Arc<Mutex<Store>>,
@@ -154,7 +169,9 @@ impl Api {
             (Method::GET, ["v1", kind]) => match canonical_kind(kind) {
                 Some(kind) => {
                     let store = self.store.lock().expect("store lock");
-                    let items: Vec<_> = store.list(kind, namespace.as_deref()).iter().map(|s| s.to_json()).collect();
+                    let docs = std::sync::OnceLock::new();
+                    let items: Vec<_> =
+                        store.list(kind, namespace.as_deref()).iter().map(|s| with_status(s, &docs, &store)).collect();
                     json(StatusCode::OK, serde_json::json!({ "kind": kind, "items": items }))
                 }
                 None => unknown_kind(kind),
@@ -163,10 +180,13 @@ impl Api {
                 let Some(kind) = canonical_kind(kind) else { return unknown_kind(kind) };
                 let key = Key { kind: kind.to_string(), namespace: ns.to_string(), name: name.to_string() };
                 match method {
-                    Method::GET => match self.store.lock().expect("store lock").get(&key) {
-                        Some(stored) => json(StatusCode::OK, stored.to_json()),
-                        None => error(StatusCode::NOT_FOUND, format!("{key} not found")),
-                    },
+                    Method::GET => {
+                        let store = self.store.lock().expect("store lock");
+                        match store.get(&key) {
+                            Some(stored) => json(StatusCode::OK, with_status(stored, &Default::default(), &store)),
+                            None => error(StatusCode::NOT_FOUND, format!("{key} not found")),
+                        }
+                    }
                     Method::PUT => match read_body(req).await {
                         Ok(text) => self.apply(&text, dry_run, Some(key)).await,
                         Err(r) => r,
