@@ -98,6 +98,22 @@ spec:
   allow: [{from: {identities: [\"spiffe://cluster.local/ns/default/sa/web\"]}}]
 ";
 
+/// The canary of `api`: its own Service, and the HTTPRoute that splits api's traffic (weights W1/W2 filled in).
+const CANARY_SERVICE: &str = "\
+apiVersion: ferry.dev/v1alpha1
+kind: Service
+metadata: {name: api-v2, namespace: default}
+spec: {ports: [{port: 80, protocol: http}], addresses: [api-v2.demo.local], identities: [api-v2]}
+";
+const CANARY_ROUTE: &str = "\
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: api-canary, namespace: default}
+spec:
+  parentRefs: [{group: \"\", kind: Service, name: api}]
+  rules: [{backendRefs: [{name: api, weight: W1}, {name: api-v2, weight: W2}]}]
+";
+
 /// Applied to the flaky `quotes` service during the demo: two retries on gateway errors, and a breaker that opens
 /// after 5 failures in a row for 2 s.
 const QUOTES_POLICY: &str = "\
@@ -551,6 +567,66 @@ async fn main() -> anyhow::Result<()> {
     }
     println!("quotes rate limit (5/s, burst 5): {limited} of a burst of 30 answered 429 Too Many Requests");
 
+    // A canary: api-v2 is its own Service (own sidecar, identity, endpoints); an HTTPRoute on api shifts its traffic
+    // 90/10 -> 50/50 -> 0/100 with ferryctl apply while web keeps calling api.
+    let canary_failed = {
+        println!("\ncanary: api-v2 next to api, traffic shifted by an HTTPRoute (Gateway API) under load");
+        let service = dir.join("api-v2.yaml");
+        std::fs::write(&service, CANARY_SERVICE)?;
+        control.ctl(&["apply", "-f", service.to_str().unwrap()], true)?;
+        let (v2_listener, v2_app) = app_listener()?;
+        let api_v2 = start_sidecar(&bin, "api-v2", &control, Some(v2_app), &dir)?;
+        serve(v2_listener, |_req| async move {
+            Response::new(Full::new(Bytes::from_static(br#"{"price": 40, "currency": "EUR", "version": "v2"}"#)))
+        })
+        .await?;
+        wait_ready(&api_v2).await?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while get(web.outbound, "api-v2.demo.local", "/price").await?.0 != StatusCode::OK && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Constant load through web's sidecar for the whole shift.
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let load = {
+            let (stop, target) = (stop.clone(), web.outbound);
+            tokio::spawn(async move {
+                let (mut sent, mut failed) = (0usize, 0usize);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) && sent < 20_000 {
+                    sent += 1;
+                    if !matches!(get(target, "api.demo.local", "/price").await, Ok((StatusCode::OK, _))) {
+                        failed += 1;
+                    }
+                }
+                (sent, failed)
+            })
+        };
+        let acked = r#"ferry_xds_updates_total{result="ack",type="RouteSet"} "#;
+        let route = dir.join("canary-route.yaml");
+        for (w1, w2) in [(90, 10), (50, 50), (0, 100)] {
+            let before = metric(&web, acked).await?;
+            std::fs::write(&route, CANARY_ROUTE.replace("W1", &w1.to_string()).replace("W2", &w2.to_string()))?;
+            control.ctl(&["apply", "-f", route.to_str().unwrap()], false)?;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while metric(&web, acked).await? <= before && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let (mut v1, mut v2, mut failed) = (0, 0, 0);
+            for _ in 0..200 {
+                match get(web.outbound, "api.demo.local", "/price").await? {
+                    (StatusCode::OK, body) if body.windows(4).any(|w| w == b"\"v2\"") => v2 += 1,
+                    (StatusCode::OK, _) => v1 += 1,
+                    _ => failed += 1,
+                }
+            }
+            println!("canary weights {w1}/{w2}: of 200 requests api answered {v1}, api-v2 {v2}, {failed} failed");
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (sent, failed) = load.await?;
+        println!("canary shift under load: {sent} requests during the shift, {failed} failed");
+        drop(api_v2);
+        failed
+    };
+
     // A workload with a join token the control plane never issued: its certificate request is refused.
     let mut intruder = start_sidecar_with_token(&bin, "intruder", &control, "not-a-token", &dir)?;
     let refused = "ferry_control_certificate_requests_refused_total";
@@ -663,6 +739,7 @@ async fn main() -> anyhow::Result<()> {
          network namespaces; `cargo test --test interception -- --nocapture` (as root) shows it end to end."
     );
     anyhow::ensure!(failed == 0, "{failed} requests failed");
+    anyhow::ensure!(canary_failed == 0, "{canary_failed} requests failed during the canary shift");
     anyhow::ensure!(reliable, "the retry policy must make quotes reliable");
     anyhow::ensure!(breaker_ok, "the breaker must open, fail fast and close again");
     Ok(())

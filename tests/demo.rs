@@ -43,6 +43,9 @@ fn demo_runs_and_reports_no_failures() {
     // The rate limit answers 429 to most of a burst; a proxy with a made-up join token is refused its certificate.
     assert!(stdout.contains("answered 429 Too Many Requests") && !stdout.contains(": 0 of a burst of 30"), "{stdout}");
     assert!(stdout.contains("a proxy with an unknown join token: 1 certificate request(s) refused"), "{stdout}");
+    // The canary shift by an HTTPRoute: the last step sends everything to api-v2, and nothing fails under load.
+    assert!(stdout.contains("canary weights 0/100: of 200 requests api answered 0, api-v2 200, 0 failed"), "{stdout}");
+    assert!(stdout.contains("canary weights 90/10:") && stdout.contains("during the shift, 0 failed"), "{stdout}");
     // Identities: api's app names its caller as web's sidecar verified it; batch is refused by the policy; status and
     // check show the certificates.
     assert!(stdout.contains(r#""caller": "spiffe://cluster.local/ns/default/sa/web""#), "{stdout}");
