@@ -269,3 +269,31 @@ fn route_status_says_what_is_attached_and_resolved() {
     let err = cp.fails(&["apply", "-f", "-"], Some(&bad));
     assert!(err.contains("HTTPRoute default/bad") && err.contains("spec.rules[0].matches[0].path.value"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_routed_backend_still_enforces_its_own_authorization_policy() {
+    // The caller's route choice never bypasses the destination: api-v2's proxy refuses web, whatever sent it there.
+    let (v1, v2) = (backend::http_backend().await, backend::http_backend().await);
+    let dir = control::state_dir("routing-authz");
+    let (cp, _api, _api_v2, web) = tokio::task::block_in_place(|| {
+        let cp = ControlPlane::start(&dir);
+        for name in ["api", "api-v2", "web"] {
+            cp.ok(&["apply", "-f", "-"], Some(&mesh::service(name, &format!("{name}.local"), "")));
+        }
+        let deny = "apiVersion: ferry.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: api-v2}\nspec: {targetRef: {kind: Service, name: api-v2}, defaultAction: deny, allow: [{from: {identities: [\"spiffe://cluster.local/ns/default/sa/batch\"]}}]}\n";
+        cp.ok(&["apply", "-f", "-"], Some(deny));
+        let api = mesh::proxy(&cp, "api", Some(v1.addr), &[]);
+        let api_v2 = mesh::proxy(&cp, "api-v2", Some(v2.addr), &[]);
+        let web = mesh::proxy(&cp, "web", None, &[("FERRY_SERVICE", "web".into())]);
+        let before = generation(&cp);
+        let route = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: all-v2}\nspec:\n  parentRefs: [{group: '', kind: Service, name: api}]\n  rules: [{backendRefs: [{name: api-v2}]}]\n";
+        cp.ok(&["apply", "-f", "-"], Some(route));
+        wait_synced(&cp, "web", before);
+        (cp, api, api_v2, web)
+    });
+    let r = tokio::task::block_in_place(|| {
+        support::http_exchange_full(web.outbound, "GET", "/echo", &[("Host", "api.local")], "").expect("an answer")
+    });
+    assert_eq!((r.status, r.header("ferry-proxy-error")), (403, Some("unauthorized")), "{r:?}");
+    drop(cp);
+}
