@@ -56,10 +56,10 @@ pub struct Snapshot {
     namespace: String,
     /// The HTTPRoute route sets held (`<service ns>/<service>/<route ns>`).
     pub route_sets: Vec<String>,
-    /// The route rules of each Service port that has routes for this proxy, compiled: (namespace, name) → port →
-    /// table. Absent: no route applies; requests go to the Service itself.
+    /// The route rules of each Service port that has routes for this proxy, compiled: the Service's qualified name →
+    /// port → table. Absent: no route applies; requests go to the Service itself.
     #[serde(skip)]
-    routes: HashMap<(String, String), HashMap<u16, Arc<RouteTable>>>,
+    routes: HashMap<Arc<str>, HashMap<u16, Arc<RouteTable>>>,
 }
 
 #[derive(Debug, Serialize)]
@@ -326,7 +326,7 @@ impl Snapshot {
                 }
             }
             if !ports.is_empty() {
-                self.routes.insert(key, ports);
+                self.routes.insert(service.qualified_name.clone(), ports);
             }
         }
         self
@@ -351,9 +351,10 @@ impl Snapshot {
         Ok(Route { service: service.clone(), port: service_port, target })
     }
 
-    /// The route rules for requests to `port` of `service`, when HTTPRoutes attach to it for this proxy.
+    /// The route rules for requests to `port` of `service`, when HTTPRoutes attach to it for this proxy (looked up
+    /// on every HTTP request: no allocation).
     pub fn route_table(&self, service: &ServiceEntry, port: u16) -> Option<&Arc<RouteTable>> {
-        self.routes.get(&(service.namespace.clone(), service.name.clone()))?.get(&port)
+        self.routes.get(&*service.qualified_name)?.get(&port)
     }
 
     /// The Service a workload identity serves (`unknown` when no Service lists it), for metrics.

@@ -95,12 +95,16 @@ impl Resources {
             .collect()
     }
 
+    /// What is held of one type.
+    fn held(&self, type_url: &str) -> impl Iterator<Item = &Received> {
+        let index = TYPES.iter().position(|t| *t == type_url).expect("one of TYPES");
+        self.types[index].values().map(|(_, r)| r)
+    }
+
     /// Every held route set.
     pub fn route_sets(&self) -> Vec<RouteSet> {
-        self.types
-            .iter()
-            .flat_map(|t| t.values())
-            .filter_map(|(_, r)| match r {
+        self.held(protocol::ROUTE_SET_TYPE)
+            .filter_map(|r| match r {
                 Received::Routes(set) => Some(set.clone()),
                 _ => None,
             })
@@ -109,7 +113,7 @@ impl Resources {
 
     /// The held mesh-wide settings (trust bundle, default mTLS mode).
     pub fn mesh(&self) -> Option<&protocol::Mesh> {
-        self.types.iter().flat_map(|t| t.values()).find_map(|(_, r)| match r {
+        self.held(protocol::TRUST_BUNDLE_TYPE).find_map(|r| match r {
             Received::Mesh(mesh) => Some(mesh),
             _ => None,
         })
@@ -118,7 +122,7 @@ impl Resources {
     /// What this proxy's pod serves, as the control plane answered. Without an answer held (it was removed) nothing
     /// is served: every port is denied, never open.
     pub fn workload(&self) -> Workload {
-        let held = self.types.iter().flat_map(|t| t.values()).find_map(|(_, r)| match r {
+        let held = self.held(protocol::WORKLOAD_TYPE).find_map(|r| match r {
             Received::Workload(w) => Some(w.clone()),
             _ => None,
         });

@@ -644,13 +644,15 @@ impl<'d> References<'d> {
     /// A backendRef resolved: the Service must exist, in the route's namespace or in one whose ReferenceGrant lets
     /// the route's namespace name it, and have the port named.
     fn resolve(&self, b: &BackendRef, route_ns: &str) -> Backend {
-        let (services, grants) = (&self.services, &self.grants);
         let namespace = b.namespace.clone().unwrap_or_else(|| route_ns.to_string());
-        let unresolved = match services.get(&(namespace.as_str(), b.name.as_str())) {
+        let unresolved = match self.services.get(&(namespace.as_str(), b.name.as_str())) {
             None => Some(format!("BackendNotFound: Service {namespace}/{} does not exist", b.name)),
             Some(_)
                 if namespace != route_ns
-                    && !grants.iter().any(|g| g.metadata.namespace == namespace && g.permits(route_ns, &b.name)) =>
+                    && !self
+                        .grants
+                        .iter()
+                        .any(|g| g.metadata.namespace == namespace && g.permits(route_ns, &b.name)) =>
             {
                 Some(format!(
                     "RefNotPermitted: no ReferenceGrant in {namespace} lets HTTPRoutes of {route_ns} name Service {}",
