@@ -233,4 +233,23 @@ spec: {targetRef: {kind: Service, name: payments}, timeout: 2s}
         }
         assert_eq!(short_type(SERVICE_TYPE), "Service");
     }
+
+    #[test]
+    fn route_sets_round_trip_and_bad_ones_are_refused_naming_the_field() {
+        let yaml = format!(
+            "{DOCS}---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: r, namespace: shop}}\n\
+             spec: {{parentRefs: [{{group: '', kind: Service, name: payments}}], rules: [{{matches: [{{path: {{type: RegularExpression, value: '/v[0-9]+'}}}}], backendRefs: [{{name: payments, weight: 3}}]}}]}}\n"
+        );
+        let set = crate::config::route_sets(&crate::parse_documents(&yaml).unwrap()).remove(0);
+        let any = encode_routes(&set);
+        assert_eq!(decode("shop/payments/shop", &any).unwrap(), Received::Routes(set.clone()));
+        let err = decode("shop/other/shop", &any).unwrap_err().to_string();
+        assert!(err.contains("the route set is for shop/payments/shop"), "{err}");
+        // A regular expression that does not compile: NACKed with the field named.
+        let mut bad = crate::resources::route_set_to_pb(&set);
+        bad.routes[0].rules[0].matches[0].path = "((".into();
+        let any = Any { type_url: ROUTE_SET_TYPE.into(), value: bad.encode_to_vec() };
+        let err = decode("shop/payments/shop", &any).unwrap_err().to_string();
+        assert!(err.contains("routes[0].rules[0].matches[0].path.value: not a valid regular expression"), "{err}");
+    }
 }
