@@ -21,6 +21,7 @@ use crate::policy::breaker::{Breakers, Breaking};
 use crate::policy::concurrency::{Concurrency, Limits};
 use crate::policy::ratelimit::{RateLimited, RateLimits};
 use crate::policy::retry::{Budgets, Retrying};
+use crate::policy::split::{Backend, Splitting};
 use crate::policy::timeout::{PerTryTimeout, RequestTimeout};
 use crate::telemetry::metrics::Metrics;
 
@@ -41,6 +42,14 @@ impl<U: Send + Sync + 'static> Call<U> {
     /// The call attached to `req` (the listener attaches one to every request before the stack sees it).
     pub fn of(req: &Request<ProxyBody>) -> &Call<U> {
         req.extensions().get::<Arc<Call<U>>>().expect("the listener attaches a Call to every request")
+    }
+
+    /// Where one try goes: the route backend it picked, else the request's destination.
+    pub fn backend(req: &Request<ProxyBody>) -> &Destination {
+        match req.extensions().get::<Backend>() {
+            Some(Backend(dest)) => dest,
+            None => &Self::of(req).dest,
+        }
     }
 }
 
@@ -88,14 +97,20 @@ pub fn outbound<U: Send + Sync + 'static>(r: &Registries, metrics: &Arc<Metrics>
             let dest = &Call::<U>::of(req).dest;
             Some((dest.outbound.retry.clone()?, dest.service.clone()))
         }))
+        // A request an HTTPRoute rule splits goes to a backend picked by weight for each try; the layers below act
+        // for that backend Service (its breaker, caps, endpoints), the ones above for the Service the caller named.
+        .layer(Layer::new(Splitting, |req| {
+            let call = Call::<U>::of(req);
+            Some((call.dest.split.clone()?, call.tried.clone()))
+        }))
         // A failing destination is given a rest: while its breaker is open, calls fail fast without an attempt.
         .layer(Layer::new(Breaking::new(r.breakers.clone(), m.clone()), |req| {
-            let dest = &Call::<U>::of(req).dest;
+            let dest = Call::<U>::backend(req);
             Some((dest.outbound.breaker.clone()?, dest.service.clone()))
         }))
         // And it is never sent more than its caps allow at once (a queue of bounded length, then `overloaded`).
         .layer(Layer::new(Concurrency::new(r.limits.clone(), m.clone()), |req| {
-            let dest = &Call::<U>::of(req).dest;
+            let dest = Call::<U>::backend(req);
             Some((dest.outbound.caps?, dest.service.clone()))
         }))
         // Each try must answer in time, so that a retry can still fit in the request timeout.
@@ -103,8 +118,8 @@ pub fn outbound<U: Send + Sync + 'static>(r: &Registries, metrics: &Arc<Metrics>
         // Each try to the endpoint with the least expected latency (another one than the failed try's when it can),
         // never to one outlier detection has ejected. A destination of one fixed endpoint has no choice to make.
         .layer(Layer::new(Balance::new(r.balancers.clone(), m), |req| {
-            let call = Call::<U>::of(req);
-            Some((call.dest.fixed_or_choice().err()?, call.tried.clone()))
+            let choice = Call::<U>::backend(req).fixed_or_choice().err()?;
+            Some((choice, Call::<U>::of(req).tried.clone()))
         }))
         .service(send);
     BoxCloneSyncService::new(stack)

@@ -132,6 +132,42 @@ async fn a_weighted_split_lands_within_binomial_bounds_and_matches_steer_request
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_try_of_a_retry_picks_a_backend_again_and_the_split_holds_over_tries() {
+    // api-v2, the canary, answers every request 503; the Service's retries (2 on 5xx) pick a backend again for
+    // each try, so a request whose first try hit v2 is served by v1 on a later try (90 % of the time each).
+    let (v1, v2) = (backend::http_backend().await, backend::http_backend().await);
+    v2.fail_status.store(503, Ordering::SeqCst);
+    let policy = "apiVersion: ferry.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: api}\nspec: {targetRef: {kind: Service, name: api}, retries: {attempts: 2, on: [5xx], backoff: {base: 1ms, max: 1ms}}}\n---\n";
+    let rules = "  - backendRefs: [{name: api, weight: 90}, {name: api-v2, weight: 10}]\n";
+    let yaml = config(v1.addr, v2.addr, &format!("{policy}{}", route("canary", rules)));
+    let ferry = tokio::task::block_in_place(|| Ferry::start(Some(&yaml), &[]));
+    let (split, failed) = spread(ferry.outbound, "/echo", &[], 10_000, 16).await;
+    let (t1, t2) = (v1.requests.load(Ordering::SeqCst), v2.requests.load(Ordering::SeqCst));
+    let tries = t1 + t2;
+    eprintln!("10,000 requests: {split:?} served, {} failed; tries v1 {t1}, v2 {t2}", failed.len());
+    // Each try is a fresh 90/10 draw: v2's share of ~11,110 tries is within 3.29 sd (p < 0.001) of 10 %.
+    let (expected, sd) = (tries as f64 * 0.1, (tries as f64 * 0.09).sqrt());
+    assert!(
+        (t2 as f64 - expected).abs() <= 3.29 * sd,
+        "v2 took {t2} of {tries} tries (expected {expected:.0} ± {:.0})",
+        3.29 * sd
+    );
+    // Only a request whose three tries all drew v2 fails: 10,000 × 0.1³ = 10 expected (Poisson, P(X > 25) < 1e-5).
+    // Had a retry stayed on its first try's backend, every request that drew v2 first (~1,000) would have failed.
+    assert!(failed.iter().all(|s| *s == 503) && failed.len() <= 25, "{} failed: {failed:?}", failed.len());
+    assert_eq!(split.values().sum::<usize>() + failed.len(), 10_000);
+    // Counted under the Service the caller named, the rule it matched and the backend of its last try.
+    let rule = r#"service="api.default",route="default/canary/0""#;
+    let served = ferry.metric(&format!(
+        r#"ferry_requests_total{{direction="outbound",{rule},backend="api.default",status_class="2xx"}}"#
+    ));
+    let lost = ferry.metric(&format!(
+        r#"ferry_requests_total{{direction="outbound",{rule},backend="api-v2.default",status_class="5xx"}}"#
+    ));
+    assert_eq!((served as usize, lost as usize), (10_000 - failed.len(), failed.len()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_matching_rule_the_request_is_rejected_and_without_routes_it_goes_to_the_service() {
     let (v1, v2) = (backend::http_backend().await, backend::http_backend().await);
     let rules = "  - matches: [{path: {type: PathPrefix, value: /v2}}]\n    backendRefs: [{name: api-v2}]\n";

@@ -51,6 +51,9 @@ pub struct Snapshot {
     /// Which Service each workload identity serves (the first Service listing it), for the `source` metric label.
     #[serde(skip)]
     by_identity: HashMap<Identity, Arc<str>>,
+    /// Each Service by its qualified name (`name.namespace`): route backends are found by name.
+    #[serde(skip)]
+    by_name: HashMap<Arc<str>, usize>,
     /// This proxy's namespace: it decides which HTTPRoutes apply (GAMMA consumer routes).
     #[serde(skip)]
     namespace: String,
@@ -281,6 +284,7 @@ impl Snapshot {
         }
         let inbound = Inbound::compile(&workload, &traffic, &authz_docs, default_mtls);
         let mut by_identity = HashMap::new();
+        let by_name = services.iter().enumerate().map(|(i, s)| (s.qualified_name.clone(), i)).collect();
         for svc in &services {
             for id in svc.identities.iter() {
                 by_identity.entry(id.clone()).or_insert_with(|| svc.qualified_name.clone());
@@ -300,6 +304,7 @@ impl Snapshot {
             workload,
             inbound,
             by_identity,
+            by_name,
             namespace: local_namespace.to_string(),
             route_sets: Vec::new(),
             routes: HashMap::new(),
@@ -334,20 +339,20 @@ impl Snapshot {
 
     /// Pure route decision for a route's backend: port `port` of the Service `namespace/name`.
     pub fn route_to(&self, namespace: &str, name: &str, port: u16) -> Result<Route, RouteError> {
-        let qualified = || format!("{name}.{namespace}");
-        let service = self
-            .services
-            .iter()
-            .find(|s| s.namespace == namespace && s.name == name)
-            .ok_or_else(|| RouteError::NoRoute(qualified()))?;
+        let qualified = format!("{name}.{namespace}");
+        let found = self.by_name.get(&*qualified).and_then(|i| self.services.get(*i));
+        // A name with a dot is not a DNS label: `a.b` + `c` must not find `a` + `b.c`.
+        let service = found
+            .filter(|s| s.namespace == namespace && s.name == name)
+            .ok_or_else(|| RouteError::NoRoute(qualified.clone()))?;
         let service_port = service
             .spec
             .ports
             .iter()
             .find(|p| p.port == port)
             .cloned()
-            .ok_or_else(|| RouteError::NoPort { service: qualified(), port })?;
-        let target = service.balanced(port).ok_or_else(|| RouteError::NoEndpoints(qualified()))?;
+            .ok_or_else(|| RouteError::NoPort { service: qualified.clone(), port })?;
+        let target = service.balanced(port).ok_or(RouteError::NoEndpoints(qualified))?;
         Ok(Route { service: service.clone(), port: service_port, target })
     }
 

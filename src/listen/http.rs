@@ -20,7 +20,8 @@ use crate::direction::Direction;
 use crate::discovery::destination::Destination;
 use crate::errors::{self, ProxyError};
 use crate::policy::balance::{Picked, Tried};
-use crate::policy::concurrency::ConnectionLimit;
+use crate::policy::concurrency::Limits;
+use crate::policy::split::Backend;
 use crate::stack::Call;
 use crate::telemetry::access_log::{self, Seen};
 use crate::telemetry::metrics::{GrpcStatus, RequestHandles, RequestLabels};
@@ -73,8 +74,13 @@ impl Listeners {
         let labels = (grpc, protocol_of(grpc, req.version()));
         // The endpoint of each try, in order (the load balancer adds them).
         let tried = Tried::default();
-        let (service, handles, result) = self.call_stack(req, &conn, &tried).await;
-        let upstream = tried.lock().expect("tried lock").last().copied();
+        let (mut counted, result) = self.call_stack(req, &conn, &tried).await;
+        let upstream = {
+            let tries = tried.lock().expect("tried lock");
+            counted.backend = tries.backend.clone();
+            tries.endpoints.last().copied()
+        };
+        let service = counted.service.clone();
         let (response, error) = match result {
             Ok(resp) => (resp, None),
             Err(e) => {
@@ -83,7 +89,7 @@ impl Listeners {
             }
         };
         let (elapsed, status) = (start.elapsed(), response.status().as_u16());
-        let response = self.record(response, handles, &conn, labels, error.as_ref(), elapsed);
+        let response = self.record(response, counted, &conn, labels, error.as_ref(), elapsed);
         let error = error.as_ref().map(|e| (e.reason(), e));
         let peer_identity = conn.peer_spiffe.as_deref().unwrap_or("");
         if let Some(seen) = seen.as_ref().filter(|_| traced) {
@@ -121,41 +127,39 @@ impl Listeners {
         response
     }
 
-    /// Routes the request and runs it through its direction's stack: the destination Service (the `service` label),
-    /// its metric handles and the stack's result.
+    /// Routes the request and runs it through its direction's stack: where it is counted, and the stack's result.
     async fn call_stack(
         &self,
         req: Request<Incoming>,
         conn: &ConnInfo,
         tried: &Tried,
-    ) -> (Arc<str>, Arc<RequestHandles>, Result<Response<ProxyBody>, ProxyError>) {
+    ) -> (Counted, Result<Response<ProxyBody>, ProxyError>) {
         let direction = conn.direction;
         let (dest, authority) = match self.request_destination(&req, conn) {
             Ok(found) => found,
             Err((service, e)) => {
                 let handles = self.metrics.requests(direction, &service);
-                return (service, handles, Err(e));
+                return (Counted { service, route: None, backend: None, handles }, Err(e));
             }
         };
-        let service = dest.service.clone();
-        let handles = self.metrics.requests(direction, &service);
-        let size = handles.request_size.clone();
+        let route = dest.split.as_ref().map(|s| s.route.clone());
+        let handles = self.metrics.requests(direction, &dest.service);
+        let counted = Counted { service: dest.service.clone(), route, backend: None, handles };
+        let size = counted.handles.request_size.clone();
         let mut req = req.map(|body| sized(ProxyBody::from(body), size));
-        // The destination's `maxConnections` slots, found once for every try of the request.
-        let limit = dest.outbound.caps.map(|caps| self.registries.limits.connections(&dest.service, caps));
         let stack = match direction {
             Direction::Outbound => &self.outbound,
             Direction::Inbound => {
                 if let Some(addr) = dest.fixed_addr() {
-                    tried.lock().expect("tried lock").push(addr);
+                    tried.lock().expect("tried lock").endpoints.push(addr);
                 }
                 &self.inbound
             }
         };
         let caller = conn.peer_identity.clone();
-        let upstream = Sent { authority, conn: conn.clone(), limit };
+        let upstream = Sent { authority, conn: conn.clone() };
         req.extensions_mut().insert(Arc::new(Call { dest, caller, tried: tried.clone(), upstream }));
-        (service, handles, stack.clone().oneshot(req).await)
+        (counted, stack.clone().oneshot(req).await)
     }
 
     /// Counts the request in its Service's metrics, and the response's size: at once, or when a gRPC response whose
@@ -163,7 +167,7 @@ impl Listeners {
     fn record(
         &self,
         response: Response<ProxyBody>,
-        handles: Arc<RequestHandles>,
+        Counted { route, backend, handles, .. }: Counted,
         conn: &ConnInfo,
         (grpc, protocol): (bool, &'static str),
         error: Option<&ProxyError>,
@@ -181,6 +185,8 @@ impl Listeners {
             status,
             grpc_status: if grpc { GrpcStatus::of(response.headers()) } else { None },
             error: error.map_or("", |e| e.reason()),
+            route,
+            backend,
         };
         // A gRPC call's status usually comes in the trailers: it is counted when the response ends.
         let in_trailers = grpc && labels.grpc_status.is_none() && status == 200;
@@ -242,7 +248,15 @@ pub(super) struct Sent {
     /// The authority to send it with (the app's own, else the address dialled).
     authority: String,
     conn: ConnInfo,
-    limit: Option<ConnectionLimit>,
+}
+
+/// Where a request is counted: its `service` (the Service the caller named), its `route` (the HTTPRoute rule it
+/// matched), the `backend` its last try went to, and the handles of that Service's request metrics.
+struct Counted {
+    service: Arc<str>,
+    route: Option<Arc<str>>,
+    backend: Option<Arc<str>>,
+    handles: Arc<RequestHandles>,
 }
 
 /// The innermost service of both stacks: sends each request (each try) to its destination.
@@ -251,6 +265,8 @@ pub(super) struct Upstream {
     pub(super) pool: Arc<Pool>,
     /// Every listener address of this process: never dialled (loop protection).
     pub(super) own_listeners: Arc<[SocketAddr]>,
+    /// The `maxConnections` slots of each destination Service.
+    pub(super) limits: Arc<Limits>,
 }
 
 impl Upstream {
@@ -266,7 +282,12 @@ impl Upstream {
     /// destination's one address.
     async fn send(self, mut req: Request<ProxyBody>) -> Result<Response<ProxyBody>, ProxyError> {
         let call = req.extensions().get::<Arc<Call<Sent>>>().expect("the listener attaches a Call").clone();
-        let (dest, conn, limit) = (&call.dest, &call.upstream.conn, call.upstream.limit.as_ref());
+        // The route backend this try picked, else the request's destination.
+        let backend = req.extensions_mut().remove::<Backend>();
+        let dest = backend.as_ref().map_or(&call.dest, |Backend(d)| &**d);
+        let conn = &call.upstream.conn;
+        let limit = dest.outbound.caps.map(|caps| self.limits.connections(&dest.service, caps));
+        let limit = limit.as_ref();
         let authority = call.upstream.authority.as_str();
         // The endpoint the load balancer chose for this try, else the destination's one address.
         let endpoint = match (req.extensions_mut().remove::<Picked>(), dest.fixed_endpoint()) {

@@ -114,7 +114,8 @@ impl Listeners {
                 .concat()
                 .into();
         let registries = Arc::new(Registries::default());
-        let upstream = http::Upstream { pool: pool.clone(), own_listeners: own_listeners.clone() };
+        let limits = registries.limits.clone();
+        let upstream = http::Upstream { pool: pool.clone(), own_listeners: own_listeners.clone(), limits };
         let outbound = stack::outbound::<http::Sent>(&registries, &metrics, upstream.clone().service());
         let inbound = stack::inbound::<http::Sent>(&registries, &metrics, upstream.service());
         let connections = Arc::new(OpenConnections::new(settings.max_connections));

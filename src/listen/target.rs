@@ -10,11 +10,11 @@ use tokio::net::TcpStream;
 
 use super::Listeners;
 use crate::direction::Direction;
-use crate::discovery::destination::Destination;
+use crate::discovery::destination::{Destination, Split, SplitBackend};
 use crate::discovery::snapshot::{Route, RouteError, Snapshot};
 use crate::errors::ProxyError;
 use crate::identity::tls::{self, PeerTls};
-use ferry_api::route::RequestView;
+use ferry_api::route::{Backend, RequestView};
 
 /// The `service` label of outbound requests that matched no Service in explicit mode.
 pub const UNKNOWN_SERVICE: &str = "unknown";
@@ -117,12 +117,12 @@ impl Listeners {
                 })?;
                 let snapshot = self.store.load();
                 let route = snapshot.route(authority).map_err(|e| (Arc::from(UNKNOWN_SERVICE), e.into()))?;
-                self.outbound_destination(&routed(&snapshot, route, request)?)
+                self.routed(&snapshot, route, request)?
             }
             (Direction::Outbound, Some(original)) => {
                 let snapshot = self.store.load();
                 match snapshot.route_original(original) {
-                    Some(route) => self.outbound_destination(&routed(&snapshot, route, request)?),
+                    Some(route) => self.routed(&snapshot, route, request)?,
                     None => Destination::fixed(PASSTHROUGH_SERVICE.into(), original),
                 }
             }
@@ -173,6 +173,71 @@ impl Listeners {
         Ok(dest)
     }
 
+    /// A request to a Service that HTTPRoutes attach to (for this proxy's namespace) goes where the rule it matches
+    /// sends it: to its backends, one picked by weight for each try, with that backend's endpoints, identities and
+    /// policy, under the Service's own timeout and retries. No rule matching is 404 `route-not-found` (GAMMA); weights
+    /// all 0, 500 `backend-not-found`, as is a try that picks an unresolved backend. Without routes, or for opaque
+    /// bytes (`request` = None), the Service itself.
+    fn routed(
+        &self,
+        snapshot: &Snapshot,
+        route: Route,
+        request: Option<&RequestView<'_>>,
+    ) -> Result<Destination, Refusal> {
+        let Some((request, table)) = request.zip(snapshot.route_table(&route.service, route.port.port)) else {
+            return Ok(self.outbound_destination(&route));
+        };
+        let parent = route.service.qualified_name.clone();
+        let Some(rule) = table.select(request) else {
+            let why = format!("no HTTPRoute rule for {parent} matches {} {}", request.method, request.path);
+            return Err((parent, ProxyError::RouteNotFound(why)));
+        };
+        let port = route.port.port;
+        let backends: Vec<SplitBackend> = rule
+            .backends
+            .iter()
+            .filter(|b| b.weight > 0)
+            .map(|b| self.split_backend(snapshot, &rule.label, b, port))
+            .collect();
+        if backends.is_empty() {
+            let why = format!("HTTPRoute rule {} has no backend with a weight", rule.label);
+            return Err((parent, ProxyError::BackendNotFound(why)));
+        }
+        Ok(Destination {
+            service: parent,
+            port: route.port.port,
+            target: route.target,
+            tls: None,
+            outbound: route.service.outbound.clone(),
+            inbound: None,
+            split: Some(Arc::new(Split { route: rule.label.clone(), backends })),
+        })
+    }
+
+    /// A weighted backend of HTTPRoute rule `rule`, resolved in `snapshot` (on the request's `port` when it names
+    /// none), or the refusal of the tries that pick it.
+    fn split_backend(&self, snapshot: &Snapshot, rule: &str, backend: &Backend, port: u16) -> SplitBackend {
+        let weight = backend.weight;
+        let unusable = |error: fn(String) -> ProxyError, why: String| (error, format!("HTTPRoute rule {rule}: {why}"));
+        let port = backend.port.unwrap_or(port);
+        let route = match &backend.unresolved {
+            Some(why) => Err(unusable(ProxyError::BackendNotFound, why.clone())),
+            None => snapshot.route_to(&backend.namespace, &backend.name, port).map_err(|e| match e {
+                RouteError::NoEndpoints(_) => unusable(ProxyError::NoHealthyEndpoints, e.to_string()),
+                e => unusable(ProxyError::BackendNotFound, e.to_string()),
+            }),
+        };
+        match route {
+            Ok(route) => {
+                let dest = Ok(Arc::new(self.outbound_destination(&route)));
+                SplitBackend { weight, name: route.service.qualified_name.clone(), dest }
+            }
+            Err(e) => {
+                SplitBackend { weight, name: format!("{}.{}", backend.name, backend.namespace).into(), dest: Err(e) }
+            }
+        }
+    }
+
     /// An outbound route's destination: mTLS to a meshed endpoint once this proxy holds an identity.
     fn outbound_destination(&self, route: &Route) -> Destination {
         let svc = &route.service;
@@ -191,6 +256,7 @@ impl Listeners {
             tls,
             outbound: svc.outbound.clone(),
             inbound: None,
+            split: None,
         }
     }
 
@@ -217,36 +283,6 @@ impl Listeners {
     fn app_ip(&self) -> IpAddr {
         self.settings.app_addr.map(|a| a.ip()).unwrap_or(self.settings.pod_ip)
     }
-}
-
-/// A request to a Service that HTTPRoutes attach to (for this proxy's namespace) goes where the rule it matches
-/// sends it: a backend picked by weight for this request, with that backend's endpoints, identities and policy.
-/// No rule matching is 404 `route-not-found` (GAMMA); an unresolved backend, or weights all 0, 500
-/// `backend-not-found`. Without routes, or for opaque bytes (`request` = None), the Service itself.
-fn routed(snapshot: &Snapshot, route: Route, request: Option<&RequestView<'_>>) -> Result<Route, Refusal> {
-    let Some((request, table)) = request.zip(snapshot.route_table(&route.service, route.port.port)) else {
-        return Ok(route);
-    };
-    let parent = route.service.qualified_name.clone();
-    let Some(rule) = table.select(request) else {
-        let why = format!("no HTTPRoute rule for {parent} matches {} {}", request.method, request.path);
-        return Err((parent, ProxyError::RouteNotFound(why)));
-    };
-    let Some(backend) = ferry_api::route::pick(&rule.backends, crate::util::random_u64()) else {
-        let why = format!("HTTPRoute rule {} has no backend with a weight", rule.label);
-        return Err((parent, ProxyError::BackendNotFound(why)));
-    };
-    if let Some(why) = &backend.unresolved {
-        return Err((parent, ProxyError::BackendNotFound(format!("HTTPRoute rule {}: {why}", rule.label))));
-    }
-    let port = backend.port.unwrap_or(route.port.port);
-    snapshot.route_to(&backend.namespace, &backend.name, port).map_err(|e| {
-        let error = match e {
-            RouteError::NoEndpoints(_) => e.into(),
-            other => ProxyError::BackendNotFound(format!("HTTPRoute rule {}: {other}", rule.label)),
-        };
-        (parent, error)
-    })
 }
 
 /// Refuses to dial one of this proxy's own `listeners` (a loop); a listener on `0.0.0.0`/`::` counts on every local

@@ -250,9 +250,18 @@ pub struct Choice {
     pub outlier: Option<Arc<outlier::Config>>,
 }
 
-/// The endpoints of one request's tries so far, in order, shared by its tries (so that a retry prefers an endpoint
-/// not tried yet); its last entry is the endpoint of the last try (for the access log).
-pub type Tried = Arc<Mutex<Vec<SocketAddr>>>;
+/// What one request's tries went to so far, shared by its tries.
+#[derive(Debug, Default)]
+pub struct Tries {
+    /// The endpoints, in order (a retry prefers an endpoint not tried yet); the last is the last try's (for the
+    /// access log).
+    pub endpoints: Vec<SocketAddr>,
+    /// The route backend the last try picked (the `backend` metric label), when routes split the request.
+    pub backend: Option<Arc<str>>,
+}
+
+/// A request's [`Tries`].
+pub type Tried = Arc<Mutex<Tries>>;
 
 /// Chooses each try's endpoint (`Config`: what to choose among, and the request's tries so far; a destination of one
 /// fixed endpoint has nothing to choose and passes through).
@@ -275,7 +284,7 @@ impl Mechanism for Balance {
         S: tower::Service<Request<ProxyBody>, Response = Response<ProxyBody>, Error = ProxyError>,
         S::Future: Send + 'static,
     {
-        let attempt = self.balancers.start(&choice, &mut tried.lock().expect("tried lock"));
+        let attempt = self.balancers.start(&choice, &mut tried.lock().expect("tried lock").endpoints);
         let (endpoint, attempt) = match attempt {
             Ok(a) => a,
             Err(e) => return super::refuse(e),

@@ -14,6 +14,7 @@ pub mod outlier;
 pub mod path;
 pub mod ratelimit;
 pub mod retry;
+pub mod split;
 pub mod timeout;
 
 use std::sync::Arc;

@@ -21,8 +21,11 @@ pub const SIZE_BUCKETS: &[f64] =
 
 const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
-/// The labels of one request's series besides direction and service (all bounded: Services, identities, and fixed
-/// vocabularies; never paths, IDs or endpoint addresses).
+/// The `route` label of a request no HTTPRoute rule routed.
+pub const DEFAULT_ROUTE: &str = "default";
+
+/// The labels of one request's series besides direction and service (all bounded: Services, identities, route
+/// rules and fixed vocabularies; never paths, IDs or endpoint addresses).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct RequestLabels {
     /// The calling Service: outbound, this proxy's own; inbound, the one the caller's identity serves (`unknown`).
@@ -36,6 +39,10 @@ pub struct RequestLabels {
     pub grpc_status: Option<GrpcStatus>,
     /// The `ferry-proxy-error` reason of a proxy-made response (empty for the app's own).
     pub error: &'static str,
+    /// The HTTPRoute rule the request matched, `namespace/name/index` (`default`: no route applied).
+    pub route: Option<Arc<str>>,
+    /// The Service the last try went to when a route chose it (else the `service` itself).
+    pub backend: Option<Arc<str>>,
 }
 
 /// The `grpc_status` label: one of gRPC's 17 codes, or `other` for anything else an upstream sends (its value must
@@ -124,9 +131,13 @@ impl RequestHandles {
             None => {
                 let class = STATUS_CLASSES[usize::from(labels.status / 100).clamp(1, 5) - 1];
                 let grpc = labels.grpc_status.map_or("", GrpcStatus::as_str);
+                let route = labels.route.as_deref().unwrap_or(DEFAULT_ROUTE);
+                let backend = labels.backend.as_deref().unwrap_or(&self.service);
                 let counter = self.requests.with_label_values(&[
                     self.direction,
                     &self.service,
+                    route,
+                    backend,
                     &labels.source,
                     labels.peer_identity.as_deref().unwrap_or(""),
                     labels.protocol,
@@ -137,6 +148,8 @@ impl RequestHandles {
                 let histogram = self.duration.with_label_values(&[
                     self.direction,
                     &self.service,
+                    route,
+                    backend,
                     &labels.source,
                     labels.protocol,
                     class,
@@ -172,10 +185,12 @@ impl Metrics {
         let m = Metrics {
             requests: counter(
                 "ferry_requests_total",
-                "HTTP/gRPC requests handled, by direction, destination service, source service, peer identity (inbound mTLS), protocol, response status class, gRPC status and ferry-proxy-error reason.",
+                "HTTP/gRPC requests handled, by direction, destination service, HTTPRoute rule, backend service, source service, peer identity (inbound mTLS), protocol, response status class, gRPC status and ferry-proxy-error reason.",
                 &[
                     "direction",
                     "service",
+                    "route",
+                    "backend",
                     "source",
                     "peer_identity",
                     "protocol",
@@ -186,8 +201,8 @@ impl Metrics {
             ),
             request_duration: histogram(
                 "ferry_request_duration_seconds",
-                "Time from request received to response headers sent, by direction, destination and source service, protocol and status class.",
-                &["direction", "service", "source", "protocol", "status_class"],
+                "Time from request received to response headers sent, by direction, destination service, HTTPRoute rule, backend service, source service, protocol and status class.",
+                &["direction", "service", "route", "backend", "source", "protocol", "status_class"],
                 LATENCY_BUCKETS,
             ),
             request_size: histogram(

@@ -29,6 +29,8 @@ pub struct Backend {
     pub requests: Arc<AtomicUsize>,
     /// Added to every answer of the HTTP test app (an endpoint made slow).
     pub delay_ms: Arc<AtomicU64>,
+    /// When not 0, the HTTP test app answers every request with this status (a broken version of a Service).
+    pub fail_status: Arc<AtomicU64>,
     task: JoinHandle<()>,
 }
 
@@ -39,6 +41,7 @@ impl Backend {
             connections: Default::default(),
             requests: Default::default(),
             delay_ms: Default::default(),
+            fail_status: Default::default(),
             task,
         }
     }
@@ -232,13 +235,15 @@ pub fn http_backend_on(listener: TcpListener) -> Backend {
     let answered = requests.clone();
     let delay_ms = Arc::new(AtomicU64::new(0));
     let delay = delay_ms.clone();
+    let fail_status = Arc::new(AtomicU64::new(0));
+    let failing = fail_status.clone();
     let task = tokio::spawn(async move {
         // Connection tasks belong to the server: killing it closes them all.
         let mut open = tokio::task::JoinSet::new();
         loop {
             let Ok((stream, _)) = listener.accept().await else { continue };
             accepted.fetch_add(1, Ordering::SeqCst);
-            let (answered, delay) = (answered.clone(), delay.clone());
+            let (answered, delay, failing) = (answered.clone(), delay.clone(), failing.clone());
             while open.try_join_next().is_some() {}
             open.spawn(async move {
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
@@ -247,8 +252,13 @@ pub fn http_backend_on(listener: TcpListener) -> Backend {
                         hyper::service::service_fn(move |req| {
                             let n = answered.fetch_add(1, Ordering::SeqCst) as u64;
                             let delay = Duration::from_millis(delay.load(Ordering::SeqCst));
+                            let fail = failing.load(Ordering::SeqCst) as u16;
                             async move {
                                 tokio::time::sleep(delay).await;
+                                if fail != 0 {
+                                    let resp = Response::builder().status(fail).header("x-backend", addr.port());
+                                    return Ok(resp.body(full("failing")).unwrap());
+                                }
                                 app(req, n, addr.port()).await
                             }
                         }),
@@ -257,7 +267,7 @@ pub fn http_backend_on(listener: TcpListener) -> Backend {
             });
         }
     });
-    Backend { addr, connections, requests, delay_ms, task }
+    Backend { addr, connections, requests, delay_ms, fail_status, task }
 }
 
 /// A WebSocket server that echoes every message.

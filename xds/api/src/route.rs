@@ -519,7 +519,7 @@ pub struct RouteTable {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RuleInfo {
     /// `namespace/name/index`, the metrics' `route` label.
-    pub label: String,
+    pub label: std::sync::Arc<str>,
     pub backends: Vec<Backend>,
 }
 
@@ -604,7 +604,7 @@ impl RouteTable {
             let key = format!("{}/{}", route.namespace, route.name);
             let mut infos = Vec::new();
             for (i, rule) in route.rules.iter().enumerate() {
-                infos.push(RuleInfo { label: format!("{key}/{i}"), backends: rule.backends.clone() });
+                infos.push(RuleInfo { label: format!("{key}/{i}").into(), backends: rule.backends.clone() });
                 for (j, m) in rule.matches.iter().enumerate() {
                     let Some(compiled) = compile_match(m, (r, i)) else { continue };
                     keyed.push((precedence(m, route.created, &key, i, j), compiled));
@@ -660,18 +660,19 @@ fn compile_match(m: &HttpRouteMatch, rule: (usize, usize)) -> Option<CompiledMat
     })
 }
 
-/// Pure: the backend a request goes to, by weight, from `draw` (uniform over `u64`); `None` when every weight is 0.
-pub fn pick(backends: &[Backend], draw: u64) -> Option<&Backend> {
-    let total: u64 = backends.iter().map(|b| u64::from(b.weight)).sum();
+/// Pure: of `items` weighted by `weight`, the one `draw` (uniform over `u64`) falls on; `None` when every weight is
+/// 0. A request's backend, picked again for each try.
+pub fn pick<T>(items: &[T], weight: impl Fn(&T) -> u32, draw: u64) -> Option<&T> {
+    let total: u64 = items.iter().map(|i| u64::from(weight(i))).sum();
     if total == 0 {
         return None;
     }
     // Multiply-shift keeps the draw uniform over [0, total) without a modulo bias worth noticing.
     let mut point = ((u128::from(draw) * u128::from(total)) >> 64) as u64;
-    for b in backends {
-        let w = u64::from(b.weight);
+    for item in items {
+        let w = u64::from(weight(item));
         if point < w {
-            return Some(b);
+            return Some(item);
         }
         point -= w;
     }
@@ -718,7 +719,7 @@ mod tests {
             (!values.is_empty()).then(|| values.join(",").into())
         };
         let req = RequestView { method, path, query, header: &lookup };
-        t.select(&req).map(|r| r.label.clone())
+        t.select(&req).map(|r| r.label.to_string())
     }
 
     const PARENT: &str = "parentRefs: [{group: '', kind: Service, name: api}]";
@@ -862,14 +863,14 @@ mod tests {
         let mut counts = BTreeMap::new();
         for i in 0..1000u64 {
             let draw = (2 * i + 1) * (u64::MAX / 2000); // the middle of each thousandth
-            *counts.entry(pick(&backends, draw).unwrap().name.clone()).or_insert(0) += 1;
+            *counts.entry(pick(&backends, |b| b.weight, draw).unwrap().name.clone()).or_insert(0) += 1;
         }
         assert_eq!(counts.get("v1"), Some(&900));
         assert_eq!(counts.get("v2"), Some(&100));
         assert_eq!(counts.get("drained"), None, "weight 0 drains");
-        assert_eq!(pick(&[backend("a", 0)], 7), None);
-        assert_eq!(pick(&[], 7), None);
-        assert_eq!(pick(&[backend("a", 1)], u64::MAX).unwrap().name, "a");
+        assert_eq!(pick(&[backend("a", 0)], |b| b.weight, 7), None);
+        assert_eq!(pick(&[], |b: &Backend| b.weight, 7), None);
+        assert_eq!(pick(&[backend("a", 1)], |b| b.weight, u64::MAX).unwrap().name, "a");
     }
 
     #[test]
