@@ -569,7 +569,7 @@ async fn main() -> anyhow::Result<()> {
 
     // A canary: api-v2 is its own Service (own sidecar, identity, endpoints); an HTTPRoute on api shifts its traffic
     // 90/10 -> 50/50 -> 0/100 with ferryctl apply while web keeps calling api.
-    let canary_failed = {
+    let (canary_failed, api_v2) = {
         println!("\ncanary: api-v2 next to api, traffic shifted by an HTTPRoute (Gateway API) under load");
         let service = dir.join("api-v2.yaml");
         std::fs::write(&service, CANARY_SERVICE)?;
@@ -623,8 +623,7 @@ async fn main() -> anyhow::Result<()> {
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let (sent, failed) = load.await?;
         println!("canary shift under load: {sent} requests during the shift, {failed} failed");
-        drop(api_v2);
-        failed
+        (failed, api_v2)
     };
 
     // A workload with a join token the control plane never issued: its certificate request is refused.
@@ -671,7 +670,7 @@ async fn main() -> anyhow::Result<()> {
 
     // The scrape targets of every sidecar and the control plane (Prometheus file_sd format), for `--prometheus` and
     // the dashboard test (FERRY_DEMO_HOLD: wait until told to go on).
-    let proxies: Vec<String> = [&web, &api, &quotes, &batch].iter().map(|s| s.health.to_string()).collect();
+    let proxies: Vec<String> = [&web, &api, &api_v2, &quotes, &batch].iter().map(|s| s.health.to_string()).collect();
     let targets = serde_json::json!([
         {"targets": proxies, "labels": {"job": "ferry-proxy"}},
         {"targets": [control.metrics.to_string()], "labels": {"job": "ferry-control"}},
@@ -698,7 +697,7 @@ async fn main() -> anyhow::Result<()> {
             .spawn()
             .map_err(|e| anyhow::anyhow!("starting prometheus (Debian package `prometheus`): {e}"))?;
         println!(
-            "\nPrometheus: http://127.0.0.1:{port} scraping the 4 sidecars and ferry-control every 5 s.\n\
+            "\nPrometheus: http://127.0.0.1:{port} scraping the 5 sidecars and ferry-control every 5 s.\n\
              Point Grafana at it and import deploy/grafana/*.json. Press Enter to stop the mesh."
         );
         let mut line = String::new();
@@ -712,11 +711,21 @@ async fn main() -> anyhow::Result<()> {
         std::fs::write(hold.join("targets.json.tmp"), targets.to_string())?;
         std::fs::rename(hold.join("targets.json.tmp"), hold.join("targets.json"))?;
         println!("\nholding for the dashboard test (until {} exists)", hold.join("done").display());
+        // A light load through api's route meanwhile (20/s, at most 6,000), so the panels show live rates.
+        let target = web.outbound;
+        let load = tokio::spawn(async move {
+            for _ in 0..6_000 {
+                let _ = get(target, "api.demo.local", "/price").await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
         let deadline = Instant::now() + Duration::from_secs(300);
         while !hold.join("done").exists() && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        load.abort();
     }
+    drop(api_v2);
 
     drop(batch);
     drop(quotes);

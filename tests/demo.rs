@@ -71,14 +71,14 @@ fn demo_runs_and_reports_no_failures() {
     assert!(routed >= 302.0, "{stdout}");
     assert!(stdout.contains("service.ferry.dev/api configured"), "{stdout}");
     assert!(stdout.contains("answered 502 Bad Gateway before the apply, 200 OK"), "{stdout}");
-    // The last `ferryctl status`: all four sidecars SYNCED, for every type, at the control plane's generation (its
+    // The last `ferryctl status`: all five sidecars SYNCED, for every type, at the control plane's generation (its
     // number depends on how registrations and the apply fell into debounce windows).
     let last = stdout.rsplit("$ ferryctl status").next().unwrap();
     let generation = last.split("control plane generation ").nth(1).and_then(|r| r.split_whitespace().next()).unwrap();
     assert_eq!(
         last.matches(&format!("SYNCED {generation} ")).count(),
-        16,
-        "four sidecars x four types in sync after the change:\n{stdout}"
+        25,
+        "five sidecars x five types in sync after the change:\n{stdout}"
     );
     assert_eq!(stdout.matches("exited: exit status: 0").count(), 2, "{stdout}");
 }

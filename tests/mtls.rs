@@ -470,7 +470,7 @@ async fn the_root_rotates_with_overlap_and_no_failed_request() {
     assert!(ok > 100, "the load ran ({ok} requests)");
     assert_eq!(probe_after_rotation(&cp, api.inbound).await, new_root);
     let status = tokio::task::block_in_place(|| cp.ok(&["status"], None));
-    assert_eq!(status.matches("SYNCED").count(), 8, "{status}");
+    assert_eq!(status.matches("SYNCED").count(), 10, "{status}");
     assert!(!status.contains("EXPIRED"), "{status}");
     drop(app);
 }

@@ -73,7 +73,7 @@ fn mesh_blocking(tag: &str) -> Mesh {
     });
     // Both proxies have ACKed everything so far, so counters read from here on move only with the test's changes.
     wait_until("2 proxies x 4 types in sync", Duration::from_secs(10), || {
-        cp.ok(&["status"], None).matches("SYNCED").count() == 8
+        cp.ok(&["status"], None).matches("SYNCED").count() == 10
     });
     Mesh { _backend: backend, cp, web, api }
 }
@@ -109,7 +109,7 @@ fn change_is_enforced() {
         }
     }
     let status = m.cp.ok(&["status"], None);
-    assert_eq!(status.matches("SYNCED").count(), 8, "two proxies, four types each, all in sync:\n{status}");
+    assert_eq!(status.matches("SYNCED").count(), 10, "two proxies, five types each, all in sync:\n{status}");
     assert!(status.contains("spiffe://cluster.local/ns/default/sa/api") && status.contains("127.0.0.1:"), "{status}");
     let text = m.cp.metrics_text();
     assert_eq!(support::metric_value(&text, "ferry_control_xds_connected_proxies"), 2.0, "{text}");
@@ -157,7 +157,7 @@ async fn streams_survive_twenty_changes_under_load() {
     // Every proxy has ACKed the registrations' pushes before the counting starts.
     tokio::task::block_in_place(|| {
         wait_until("4 proxies x 4 types in sync", Duration::from_secs(10), || {
-            m.cp.ok(&["status"], None).matches("SYNCED").count() == 16
+            m.cp.ok(&["status"], None).matches("SYNCED").count() == 20
         })
     });
     let before: Vec<f64> = proxies.iter().map(|p| p.metric(ACK_SERVICE)).collect();
@@ -239,7 +239,7 @@ fn invalid_resource_is_nacked() {
     assert_eq!(status, 200);
     wait_until("status back in sync", Duration::from_secs(5), || {
         let s = m.cp.ok(&["status"], None);
-        !s.contains("NACKED") && s.matches("SYNCED").count() == 8
+        !s.contains("NACKED") && s.matches("SYNCED").count() == 10
     });
     assert_eq!(get(m.web.outbound, "api.v0.local"), Some(200));
 }
@@ -264,7 +264,7 @@ async fn sigkill_of_the_control_plane_loses_no_request_and_no_policy() {
         m.cp = ControlPlane::start_on(&state, addrs, &[]);
         wait_until("both proxies reconnect and resync", Duration::from_secs(20), || {
             let s = m.cp.ok(&["status"], None);
-            s.matches("SYNCED").count() == 8
+            s.matches("SYNCED").count() == 10
         });
     });
     let (ok, failed, failures) = tokio::task::block_in_place(|| load.finish());
@@ -376,7 +376,7 @@ fn endpoints_expire_after_grace() {
     m.cp = ControlPlane::start_on(&state, addrs, &["--endpoint-grace", "3s"]);
     assert!(m.cp.logs().contains("keeping endpoints registered before the restart"), "{}", m.cp.logs());
     wait_until("web reconnects and resyncs", Duration::from_secs(20), || {
-        m.cp.ok(&["status"], None).matches("SYNCED").count() == 4
+        m.cp.ok(&["status"], None).matches("SYNCED").count() == 5
     });
     wait_until("the endpoint is withdrawn once the grace period ends", Duration::from_secs(20), || {
         !http_get(m.web.admin, "/config_dump").unwrap().1.contains(&api_endpoint)

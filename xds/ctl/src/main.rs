@@ -548,11 +548,9 @@ fn object_name(kind: &str, name: &str) -> String {
 fn print_status(reply: &serde_json::Value) {
     let generation = &reply["generation"];
     println!("control plane generation {generation}");
-    let types = ["Service", "TrafficPolicy", "AuthorizationPolicy", "TrustBundle"];
-    println!(
-        "{:<28} {:<44} {:<22} {:>8} {:<12} {:<14} {:<14} {:<14} {:<14} STATUS",
-        "NODE", "IDENTITY", "ADDRESS", "AGE", "CERT EXPIRY", types[0], types[1], types[2], types[3]
-    );
+    let types = ["Service", "TrafficPolicy", "AuthorizationPolicy", "RouteSet", "TrustBundle"];
+    let columns: String = types.iter().map(|t| format!("{t:<20} ")).collect();
+    println!("{:<28} {:<44} {:<22} {:>8} {:<12} {columns}STATUS", "NODE", "IDENTITY", "ADDRESS", "AGE", "CERT EXPIRY");
     let now = unix_now().max(0) as u64;
     let mut nacks = Vec::new();
     for p in reply["proxies"].as_array().into_iter().flatten() {
@@ -572,21 +570,19 @@ fn print_status(reply: &serde_json::Value) {
         };
         let age = now.saturating_sub(p["connectedSince"].as_u64().unwrap_or(now));
         let expiry = p["certificateExpiry"].as_i64().map_or("-".to_string(), |t| left(t, now as i64));
+        let cells: String = types.iter().map(|t| format!("{:<20} ", cell(t))).collect();
         println!(
-            "{:<28} {:<44} {:<22} {:>7}s {:<12} {:<14} {:<14} {:<14} {:<14} {}",
+            "{:<28} {:<44} {:<22} {:>7}s {:<12} {cells}{}",
             p["node"].as_str().unwrap_or_default(),
             p["identity"].as_str().unwrap_or_default(),
             p["address"].as_str().unwrap_or("-"),
             age,
             expiry,
-            cell(types[0]),
-            cell(types[1]),
-            cell(types[2]),
-            cell(types[3]),
             if p["stale"] == true { "STALE" } else { "OK" }
         );
-        for t in types {
-            if let Some(m) = p["types"][t]["nacked"]["message"].as_str() {
+        // Every type's NACK, the columns' and the others' (Workload).
+        for (t, s) in p["types"].as_object().into_iter().flatten() {
+            if let Some(m) = s["nacked"]["message"].as_str() {
                 nacks.push(format!("{} {t}: {m}", p["node"].as_str().unwrap_or_default()));
             }
         }
