@@ -10,7 +10,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use apiserver::{
-    AUTHZ, ApiServer, CONFIGMAPS, CRDS, DEPLOYMENTS, NAMESPACES, PODS, SECRETS, SERVICES, SLICES, TRAFFIC, WEBHOOKS,
+    AUTHZ, ApiServer, CONFIGMAPS, CRDS, DEPLOYMENTS, HTTP_ROUTES, NAMESPACES, PODS, REFERENCE_GRANTS, SECRETS,
+    SERVICES, SLICES, TRAFFIC, WEBHOOKS,
 };
 use control::{ControlPlane, KubeControl, state_dir};
 use ferry_api::kubernetes::inject;
@@ -363,8 +364,14 @@ async fn kubernetes_discovery_and_identity_through_the_api_server() {
         "\u{2714} proxy web-1.shop (spiffe://cluster.local/ns/shop/sa/web) in sync",
         "\u{2718} 2 meshed pod(s) not connected to the control plane: api-1.shop, api-2.shop",
         "    hint: kubectl logs <pod> -c ferry-proxy",
+        // The Gateway API is optional: without its CRDs, a warning (routing by HTTPRoute is off), not a failure.
+        "\u{203c} Gateway API CRD httproutes.gateway.networking.k8s.io not installed: routing by HTTPRoute is off",
+        "\u{203c} Gateway API CRD referencegrants.gateway.networking.k8s.io not installed: routing by HTTPRoute is off",
     ] {
         assert!(out.contains(line), "missing `{line}` in:\n{out}");
+    }
+    for crd in apiserver::gateway_api_crds() {
+        api.apply(CRDS, crd);
     }
     assert!(out.contains("\u{2714} mesh root (ferry-system/ferry-ca) valid for 36"), "{out}");
     api.delete(PODS, "shop", "api-1");
@@ -373,6 +380,10 @@ async fn kubernetes_discovery_and_identity_through_the_api_server() {
     assert!(ok, "{out}{err}");
     assert!(out.lines().filter(|l| !l.starts_with("all ")).all(|l| l.starts_with('\u{2714}')), "{out}");
     assert!(out.contains("\u{2714} every running meshed pod's proxy connected (1)"), "{out}");
+    assert!(
+        out.contains("\u{2714} Gateway API CRD httproutes.gateway.networking.k8s.io installed (serving v1)"),
+        "{out}"
+    );
     // A stale CRD is noticed.
     let mut crd = api.get(CRDS, "", "trafficpolicies.ferry.dev").unwrap();
     crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["description"] = json!("an older release");
@@ -508,4 +519,125 @@ async fn junk_tokens_from_one_address_cost_the_api_server_at_most_the_refusal_ra
     let limited = control_metric(&cp, r#"ferry_control_token_reviews_total{result="rate-limited"}"#);
     assert!(limited >= 1000.0 - allowed, "{limited}");
     assert_eq!(control_metric(&cp, r#"ferry_control_token_reviews_total{result="cached"}"#), 1.0);
+}
+
+/// An HTTPRoute object in `ns` attached to Service `parent` (generation 1), with `rules` and `status`.
+fn http_route(ns: &str, name: &str, parent: &str, rules: Value, status: Value) -> Value {
+    json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+           "metadata": {"name": name, "namespace": ns, "generation": 1, "creationTimestamp": "2026-12-01T00:00:00Z"},
+           "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": parent}], "rules": rules},
+           "status": status})
+}
+
+/// Ferry's `status.parents` conditions of an HTTPRoute: (type, status, reason) per condition, and the number of
+/// other controllers' entries.
+fn route_conditions(api: &ApiServer, name: &str) -> (Vec<(String, String, String)>, usize) {
+    let Some(route) = api.get(HTTP_ROUTES, "shop", name) else { return (Vec::new(), 0) };
+    let parents = route["status"]["parents"].as_array().cloned().unwrap_or_default();
+    let (ours, theirs): (Vec<Value>, Vec<Value>) =
+        parents.into_iter().partition(|p| p["controllerName"] == "ferry.dev/mesh");
+    let conditions = ours
+        .iter()
+        .flat_map(|p| p["conditions"].as_array().cloned().unwrap_or_default())
+        .map(|c| {
+            let s = |k: &str| c[k].as_str().unwrap_or_default().to_string();
+            (s("type"), s("status"), s("reason"))
+        })
+        .collect();
+    (conditions, theirs.len())
+}
+
+/// The Gateway API is optional and may come after the control plane: once its CRDs are installed, HTTPRoutes and
+/// ReferenceGrants are watched, their routes reach the proxies, and each route's status says what Ferry made of it
+/// (other controllers' entries kept). Every call stays within the ClusterRole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_routes_are_watched_once_the_gateway_api_is_installed_and_their_status_written() {
+    let api = ApiServer::start().await;
+    let dir = TempDir::new("k8s-routes");
+    api.apply(NAMESPACES, json!({"metadata": {"name": "shop"}}));
+    api.apply(NAMESPACES, json!({"metadata": {"name": "billing"}}));
+    for (name, ip) in [("api", "10.96.0.20"), ("api-v2", "10.96.0.21")] {
+        api.apply(SERVICES, kube_service(name, ip));
+    }
+    let mut invoices = kube_service("invoices", "10.96.0.30");
+    invoices["metadata"]["namespace"] = json!("billing");
+    api.apply(SERVICES, invoices);
+    api.apply(PODS, pod("web-1", "web", "127.0.0.1"));
+    api.token("token-web-1", reviewed("web", "web-1"));
+    let cp = tokio::task::block_in_place(|| {
+        KubeControl::start_with(dir.path(), &api.kubeconfig(dir.path()), free_addr(), &["--gateway-api-poll", "1s"])
+    });
+    let (_, env) = proxy_env(&dir, cp.xds, &cp.state, "web-1");
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let web = Ferry::spawn(None, &env);
+    let route_sets = |p: &Ferry| -> Vec<String> {
+        let dump: Value = serde_json::from_str(&http_get(p.admin, "/config_dump").unwrap().1).unwrap();
+        dump["snapshot"]["route_sets"].as_array().into_iter().flatten().map(|s| s.to_string()).collect()
+    };
+    let wait = |what: &str, f: &mut dyn FnMut() -> bool| {
+        tokio::task::block_in_place(|| wait_until(what, Duration::from_secs(20), f))
+    };
+    wait("web's proxy is ready", &mut || http_get(web.health, "/health/ready").is_some_and(|r| r.0 == 200));
+    assert!(cp.logs().contains("Gateway API not installed"), "{}", cp.logs());
+
+    // The CRDs arrive, then the objects: a canary split, a route using a field Ferry does not support, one to a
+    // Service that does not exist, one attached to a Service that does not exist, one across namespaces.
+    for crd in apiserver::gateway_api_crds() {
+        api.apply(CRDS, crd);
+    }
+    let other = json!({"parents": [{"parentRef": {"name": "gw"}, "controllerName": "example.com/gateway",
+                                    "conditions": [{"type": "Accepted", "status": "True", "reason": "Accepted"}]}]});
+    let weights = json!([{"backendRefs": [{"name": "api", "weight": 90}, {"name": "api-v2", "weight": 10}]}]);
+    api.apply(HTTP_ROUTES, http_route("shop", "canary", "api", weights, other));
+    let filters = json!([{"filters": [{"type": "RequestHeaderModifier"}], "backendRefs": [{"name": "api"}]}]);
+    api.apply(HTTP_ROUTES, http_route("shop", "fancy", "api", filters, json!({})));
+    api.apply(
+        HTTP_ROUTES,
+        http_route("shop", "ghost", "api", json!([{"backendRefs": [{"name": "ghost"}]}]), json!({})),
+    );
+    api.apply(
+        HTTP_ROUTES,
+        http_route("shop", "nowhere", "nope", json!([{"backendRefs": [{"name": "api"}]}]), json!({})),
+    );
+    let billing = json!([{"matches": [{"path": {"type": "PathPrefix", "value": "/bills"}}],
+                          "backendRefs": [{"name": "invoices", "namespace": "billing"}]}]);
+    api.apply(HTTP_ROUTES, http_route("shop", "bills", "api", billing, json!({})));
+
+    wait("web's proxy holds api's routes", &mut || route_sets(&web) == ["\"shop/api/shop\""]);
+    let c = |t: &str, s: &str, r: &str| (t.to_string(), s.to_string(), r.to_string());
+    let ok = vec![c("Accepted", "True", "Accepted"), c("ResolvedRefs", "True", "ResolvedRefs")];
+    wait("the canary's status", &mut || route_conditions(&api, "canary") == (ok.clone(), 1));
+    // Each route's status is written as the control plane gets to it.
+    for (route, want) in [
+        ("fancy", vec![c("Accepted", "False", "UnsupportedValue")]),
+        ("ghost", vec![c("Accepted", "True", "Accepted"), c("ResolvedRefs", "False", "BackendNotFound")]),
+        ("nowhere", vec![c("Accepted", "False", "NoMatchingParent"), c("ResolvedRefs", "True", "ResolvedRefs")]),
+        ("bills", vec![c("Accepted", "True", "Accepted"), c("ResolvedRefs", "False", "RefNotPermitted")]),
+    ] {
+        wait(&format!("{route}'s status"), &mut || route_conditions(&api, route).0 == want);
+    }
+    let message = api.get(HTTP_ROUTES, "shop", "fancy").unwrap()["status"]["parents"][0]["conditions"][0]["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(message.contains("spec.rules[0]") && message.contains("filters"), "{message}");
+    // The ReferenceGrant in billing lets shop's routes point at its Services.
+    api.apply(
+        REFERENCE_GRANTS,
+        json!({"metadata": {"name": "shop-routes", "namespace": "billing"},
+               "spec": {"from": [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "namespace": "shop"}],
+                        "to": [{"group": "", "kind": "Service"}]}}),
+    );
+    wait("the grant resolves bills", &mut || route_conditions(&api, "bills").0 == ok);
+    // A deleted route leaves the proxy.
+    for name in ["canary", "fancy", "ghost", "nowhere", "bills"] {
+        api.delete(HTTP_ROUTES, "shop", name);
+    }
+    wait("the routes leave web's proxy", &mut || route_sets(&web).is_empty());
+
+    let rbac =
+        std::fs::read_to_string(format!("{}/deploy/control-plane/rbac.yaml", env!("CARGO_MANIFEST_DIR"))).unwrap();
+    let calls = api.calls_with(apiserver::CONTROL_TOKEN);
+    assert!(calls.iter().any(|(m, p, _)| m == "PATCH" && p.ends_with("/httproutes/canary/status")), "{calls:?}");
+    assert_eq!(apiserver::rbac_violations(&calls, &rbac), Vec::<String>::new());
 }

@@ -48,13 +48,50 @@ pub const CRDS: Kind = Kind {
     plural: "customresourcedefinitions",
 };
 pub const DEPLOYMENTS: Kind = Kind { group_version: "apps/v1", kind: "Deployment", plural: "deployments" };
-const KINDS: [Kind; 11] =
-    [SERVICES, PODS, NAMESPACES, SLICES, TRAFFIC, AUTHZ, SECRETS, CONFIGMAPS, WEBHOOKS, CRDS, DEPLOYMENTS];
+/// Served only while its CRD (`httproutes.gateway.networking.k8s.io`) is among [`CRDS`], as on a real cluster.
+pub const HTTP_ROUTES: Kind =
+    Kind { group_version: "gateway.networking.k8s.io/v1", kind: "HTTPRoute", plural: "httproutes" };
+/// Served only while its CRD (`referencegrants.gateway.networking.k8s.io`) is among [`CRDS`].
+pub const REFERENCE_GRANTS: Kind =
+    Kind { group_version: "gateway.networking.k8s.io/v1beta1", kind: "ReferenceGrant", plural: "referencegrants" };
+const KINDS: [Kind; 13] = [
+    SERVICES,
+    PODS,
+    NAMESPACES,
+    SLICES,
+    TRAFFIC,
+    AUTHZ,
+    SECRETS,
+    CONFIGMAPS,
+    WEBHOOKS,
+    CRDS,
+    DEPLOYMENTS,
+    HTTP_ROUTES,
+    REFERENCE_GRANTS,
+];
 
 impl Kind {
     fn prefix(&self) -> String {
         if self.group_version == "v1" { "/api/v1".into() } else { format!("/apis/{}", self.group_version) }
     }
+
+    /// The CRD that must be installed for the kind to be served (the Gateway API's; Ferry's own and the built-in
+    /// kinds are always served here).
+    fn crd(&self) -> Option<String> {
+        let group = self.group_version.split_once('/')?.0;
+        (group == "gateway.networking.k8s.io").then(|| format!("{}.{group}", self.plural))
+    }
+}
+
+/// The Gateway API CRDs Ferry reads, as installed from the standard channel (name, kind, served version; no schema).
+pub fn gateway_api_crds() -> Vec<Value> {
+    let crd = |plural: &str, kind: &str, version: &str| {
+        json!({"metadata": {"name": format!("{plural}.gateway.networking.k8s.io")},
+               "spec": {"group": "gateway.networking.k8s.io", "names": {"kind": kind, "plural": plural},
+                        "scope": "Namespaced",
+                        "versions": [{"name": version, "served": true, "storage": true}]}})
+    };
+    vec![crd("httproutes", "HTTPRoute", "v1"), crd("referencegrants", "ReferenceGrant", "v1beta1")]
 }
 
 #[derive(Default)]
@@ -313,11 +350,36 @@ impl ApiServer {
             review["status"] = answer;
             return json_reply(StatusCode::CREATED, &review);
         }
+        // API discovery of a group version: the resources served there (a CRD's only while it is installed).
+        if let Some(gv) = path.strip_prefix("/apis/").filter(|gv| gv.matches('/').count() == 1) {
+            let s = self.state.lock().unwrap();
+            let resources: Vec<Value> = KINDS
+                .iter()
+                .filter(|k| k.group_version == gv && Self::installed(&s, k))
+                .map(|k| {
+                    json!({"name": k.plural, "singularName": "", "namespaced": true, "kind": k.kind,
+                                "verbs": ["get", "list", "watch", "patch", "update"]})
+                })
+                .collect();
+            if resources.is_empty() {
+                return json_reply(
+                    StatusCode::NOT_FOUND,
+                    &status(404, "NotFound", "the server could not find the requested resource"),
+                );
+            }
+            return json_reply(
+                StatusCode::OK,
+                &json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources}),
+            );
+        }
         // /namespaces/<ns>/<plural>[/<name>[/status]] first, then /<plural>[/<name>[/status]] (all namespaces, or
         // cluster-scoped objects).
         for namespaced in [true, false] {
             for kind in KINDS {
                 let Some(rest) = path.strip_prefix(&kind.prefix()) else { continue };
+                if !Self::installed(&self.state.lock().unwrap(), &kind) {
+                    continue;
+                }
                 let parts: Vec<&str> = rest.trim_start_matches('/').split('/').collect();
                 let (namespace, tail): (String, &[&str]) = match (namespaced, parts.as_slice()) {
                     (true, ["namespaces", ns, plural, tail @ ..]) if *plural == kind.plural => (ns.to_string(), tail),
@@ -331,6 +393,11 @@ impl ApiServer {
             StatusCode::NOT_FOUND,
             &status(404, "NotFound", &format!("{method} {path}: not served by this fake")),
         )
+    }
+
+    /// Whether `kind` is served: always, unless its CRD must be installed and is not.
+    fn installed(s: &State, kind: &Kind) -> bool {
+        kind.crd().is_none_or(|name| s.objects.get(CRDS.plural).is_some_and(|m| m.contains_key(&(String::new(), name))))
     }
 
     fn collection(

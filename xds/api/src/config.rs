@@ -56,6 +56,15 @@ impl Document {
             Document::ReferenceGrant(g) => &g.metadata,
         }
     }
+    pub fn metadata_mut(&mut self) -> &mut Metadata {
+        match self {
+            Document::Service(s) => &mut s.metadata,
+            Document::TrafficPolicy(p) => &mut p.metadata,
+            Document::AuthorizationPolicy(p) => &mut p.metadata,
+            Document::HttpRoute(r) => &mut r.metadata,
+            Document::ReferenceGrant(g) => &mut g.metadata,
+        }
+    }
     pub fn kind(&self) -> &'static str {
         match self {
             Document::Service(_) => "Service",
@@ -293,6 +302,12 @@ fn parse_document(value: serde_json::Value) -> Result<Document, (String, Vec<Fie
             Ok(m) => {
                 check_name("metadata.name", &m.name, &mut errors);
                 check_name("metadata.namespace", &m.namespace, &mut errors);
+                if m.creation_timestamp.as_deref().is_some_and(|t| crate::meta::unix_seconds(t).is_none()) {
+                    errors.push(field(
+                        "metadata.creationTimestamp",
+                        "must be an RFC 3339 time in UTC (2026-12-03T16:10:25Z)",
+                    ));
+                }
                 Some(m)
             }
             Err(e) => {
@@ -551,7 +566,7 @@ pub fn route_sets(docs: &[Document]) -> Vec<RouteSet> {
             let attached = AttachedRoute {
                 namespace: route_ns.to_string(),
                 name: route.metadata.name.clone(),
-                created: 0,
+                created: route.metadata.created(),
                 ports,
                 rules: rules.clone(),
             };

@@ -314,7 +314,12 @@ pub fn route_set_from_pb(set: pb::RouteSet) -> Result<RouteSet, ConfigError> {
 
 fn metadata(m: Option<pb::Meta>) -> Metadata {
     let m = m.unwrap_or_default();
-    Metadata { name: m.name, namespace: m.namespace, labels: m.labels.into_iter().collect::<BTreeMap<_, _>>() }
+    Metadata {
+        name: m.name,
+        namespace: m.namespace,
+        labels: m.labels.into_iter().collect::<BTreeMap<_, _>>(),
+        creation_timestamp: None,
+    }
 }
 
 fn duration(ms: Option<u64>) -> Option<Duration> {

@@ -66,7 +66,7 @@ struct ServeArgs {
     #[arg(long, env = "FERRY_CONTROL_XDS_ADDR", default_value = "0.0.0.0:15010")]
     xds_addr: SocketAddr,
     /// After a restart, endpoints registered before it are kept this long for their proxies to reconnect.
-    #[arg(long, env = "FERRY_ENDPOINT_GRACE", default_value = "60s", value_parser = grace)]
+    #[arg(long, env = "FERRY_ENDPOINT_GRACE", default_value = "60s", value_parser = duration_arg)]
     endpoint_grace: std::time::Duration,
     /// `/metrics` and `/health/ready`.
     #[arg(long, env = "FERRY_CONTROL_METRICS_ADDR", default_value = "0.0.0.0:15014")]
@@ -103,6 +103,10 @@ struct ServeArgs {
     /// Kubernetes: TokenReviews in flight at once.
     #[arg(long, env = "FERRY_REVIEWS_IN_FLIGHT", default_value_t = 16)]
     reviews_in_flight: usize,
+    /// Kubernetes: while the Gateway API's CRDs are not installed, how often to look for them (HTTPRoutes are
+    /// watched from then on).
+    #[arg(long, env = "FERRY_GATEWAY_API_POLL", default_value = "30s", value_parser = duration_arg)]
+    gateway_api_poll: std::time::Duration,
     #[command(flatten)]
     inject: InjectSettings,
 }
@@ -131,7 +135,7 @@ impl InjectSettings {
     }
 }
 
-fn grace(text: &str) -> Result<std::time::Duration, String> {
+fn duration_arg(text: &str) -> Result<std::time::Duration, String> {
     ferry_api::parse_duration(text).map_err(|e| e.to_string())
 }
 
@@ -247,7 +251,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(cluster) = &cluster {
         tracing::info!("Kubernetes discovery: listing Services, EndpointSlices, Pods, Namespaces and policies");
         cluster.wait_until_synced().await;
-        let (verdicts, mut changed) = tokio::sync::watch::channel(Vec::new());
+        // The Gateway API's CRDs may be installed later: looked for every --gateway-api-poll until found.
+        if !cluster.detect_gateway_api().await {
+            tracing::info!("Gateway API not installed (no HTTPRoute): routing by HTTPRoute is off until it is");
+            tokio::spawn(cluster.clone().await_gateway_api(args.gateway_api_poll));
+        }
+        let (verdicts, mut changed) = tokio::sync::watch::channel(Default::default());
         let source = cluster.clone();
         let default_inbound = args.default_inbound_policy;
         // Served from the first model on: nothing before the cluster has been listed once.

@@ -196,9 +196,14 @@ impl Store {
         let revision = self.revision + 1;
         let mut results = Vec::new();
         let mut put = Vec::new();
-        for document in documents {
+        let now = ferry_api::meta::rfc3339(ferry_api::identity::unix_now());
+        for mut document in documents {
             let key = Key::of(&document);
-            let (outcome, generation, resource_version) = match self.objects.get(&key) {
+            // The creation time is the store's, as the API server's is: set once, kept by every update.
+            let old = self.objects.get(&key);
+            document.metadata_mut().creation_timestamp =
+                Some(old.and_then(|o| o.document.metadata().creation_timestamp.clone()).unwrap_or_else(|| now.clone()));
+            let (outcome, generation, resource_version) = match old {
                 None => (Outcome::Created, 1, revision),
                 Some(old) if old.document == document => (Outcome::Unchanged, old.generation, old.resource_version),
                 Some(old) => (Outcome::Configured, old.generation + 1, revision),

@@ -161,17 +161,23 @@ pub async fn status(client: &Client, namespace: &str) -> anyhow::Result<Value> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Check {
     pub ok: bool,
+    /// Passed, with something to know (an optional part missing): `ok` stays true.
+    pub warning: bool,
     pub what: String,
-    /// What to do about a failed check.
+    /// What to do about a failed check, or a warning.
     pub hint: Option<String>,
 }
 
 fn pass(what: impl Into<String>) -> Check {
-    Check { ok: true, what: what.into(), hint: None }
+    Check { ok: true, warning: false, what: what.into(), hint: None }
 }
 
 fn fail(what: impl Into<String>, hint: impl Into<String>) -> Check {
-    Check { ok: false, what: what.into(), hint: Some(hint.into()) }
+    Check { ok: false, warning: false, what: what.into(), hint: Some(hint.into()) }
+}
+
+fn warn(what: impl Into<String>, hint: impl Into<String>) -> Check {
+    Check { ok: true, warning: true, what: what.into(), hint: Some(hint.into()) }
 }
 
 fn days(seconds: i64) -> String {
@@ -214,6 +220,25 @@ pub async fn check(client: &Client, namespace: &str, horizon: i64, leaf_horizon:
             Err(e) => {
                 checks.push(fail(format!("CRD {name}: {e}"), "does your user may read customresourcedefinitions?"))
             }
+        }
+    }
+    // The Gateway API (optional; Ferry does not install it): without its CRDs, HTTPRoutes cannot be created and
+    // routing by HTTPRoute is off.
+    let version = ferry_api::kubernetes::gateway::GATEWAY_API_VERSION;
+    for (name, served) in ferry_api::kubernetes::gateway::CRDS {
+        let install = format!(
+            "install the Gateway API's standard channel to route by HTTPRoute: kubectl apply -f https://github.com/kubernetes-sigs/gateway-api/releases/download/{version}/standard-install.yaml"
+        );
+        match crds.get_opt(name).await {
+            Ok(Some(crd)) if crd.spec.versions.iter().any(|v| v.name == served && v.served) => {
+                checks.push(pass(format!("Gateway API CRD {name} installed (serving {served})")))
+            }
+            Ok(Some(_)) => checks.push(fail(format!("Gateway API CRD {name} does not serve {served}"), install)),
+            Ok(None) => {
+                checks.push(warn(format!("Gateway API CRD {name} not installed: routing by HTTPRoute is off"), install))
+            }
+            Err(e) => checks
+                .push(fail(format!("Gateway API CRD {name}: {e}"), "may your user read customresourcedefinitions?")),
         }
     }
     match Api::<Deployment>::namespaced(client.clone(), namespace).get_opt(CONTROL_PLANE).await {

@@ -265,7 +265,12 @@ async fn run_kubernetes(command: Command, namespace: &str) -> anyhow::Result<()>
             let leaf = Some(leaf_horizon.map_or(6 * 3600, |h| h.as_secs() as i64));
             let checks = ctl::check(&client, namespace, horizon.as_secs() as i64, leaf).await;
             for c in &checks {
-                println!("{} {}", if c.ok { "\u{2714}" } else { "\u{2718}" }, c.what);
+                let mark = match (c.ok, c.warning) {
+                    (true, false) => "\u{2714}",
+                    (true, true) => "\u{203c}",
+                    (false, _) => "\u{2718}",
+                };
+                println!("{mark} {}", c.what);
                 if let Some(hint) = &c.hint {
                     println!("    hint: {hint}");
                 }
@@ -274,7 +279,10 @@ async fn run_kubernetes(command: Command, namespace: &str) -> anyhow::Result<()>
             if failed > 0 {
                 bail!("{failed} of {} checks failed", checks.len());
             }
-            println!("all {} checks passed", checks.len());
+            match checks.iter().filter(|c| c.warning).count() {
+                0 => println!("all {} checks passed", checks.len()),
+                w => println!("all {} checks passed ({w} with a warning)", checks.len()),
+            }
             Ok(())
         }
         Command::Get { .. } => bail!(

@@ -182,7 +182,7 @@ pub fn service(
     }
     let identities: BTreeSet<String> = endpoints.values().flatten().cloned().collect();
     Some(Service {
-        metadata: Metadata { name, namespace, labels: BTreeMap::new() },
+        metadata: Metadata { name, namespace, labels: BTreeMap::new(), creation_timestamp: None },
         spec: ServiceSpec {
             ports,
             addresses,
@@ -378,11 +378,12 @@ pub fn workloads(view: &ClusterView, default: DefaultInbound) -> BTreeMap<String
     out
 }
 
-fn metadata(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Metadata {
+pub(crate) fn metadata(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Metadata {
     Metadata {
         name: meta.name.clone().unwrap_or_default(),
         namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
         labels: BTreeMap::new(),
+        creation_timestamp: meta.creation_timestamp.as_ref().map(|t| crate::meta::rfc3339(t.0.as_second())),
     }
 }
 

@@ -3,6 +3,7 @@
 
 pub mod crd;
 pub mod discovery;
+pub mod gateway;
 pub mod inject;
 
 /// The Secret holding the mesh root, in the control plane's namespace.

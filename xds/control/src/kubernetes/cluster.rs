@@ -1,11 +1,12 @@
-//! Kubernetes mode's side of the API server: reflectors over Services, EndpointSlices, Pods, Namespaces and the
-//! policy CRDs; the CA root in the Secret `ferry-ca`; TokenReviews for certificate requests; what it writes back
-//! (policy status, the `ferry-ca-root` ConfigMaps, the injector's `caBundle`).
+//! Kubernetes mode's side of the API server: reflectors over Services, EndpointSlices, Pods, Namespaces, the
+//! policy CRDs and (when installed) the Gateway API's HTTPRoutes and ReferenceGrants; the CA root in the Secret
+//! `ferry-ca`; TokenReviews for certificate requests; what it writes back (policy and route status, the
+//! `ferry-ca-root` ConfigMaps, the injector's `caBundle`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use futures_util::StreamExt;
 use k8s_openapi::ByteString;
@@ -22,6 +23,7 @@ use serde_json::json;
 use crate::identity::certify::{Authenticated, Refusal};
 use ferry_api::identity::{Identity, PodRef};
 use ferry_api::kubernetes::discovery::{ClusterView, Verdict};
+use ferry_api::kubernetes::gateway::{HttpRouteObject, ReferenceGrantObject, RouteVerdict, merged_parents};
 use ferry_api::kubernetes::inject::{CA_ROOT_CONFIGMAP, INJECT, TOKEN_AUDIENCE};
 use ferry_api::policy::{AuthorizationPolicyResource, TrafficPolicyResource};
 
@@ -34,6 +36,20 @@ type PolicyKey = (&'static str, String, String);
 /// The generation, error and resolution of the last status written.
 type Written = (Option<i64>, Option<String>, Option<(bool, &'static str, String)>);
 
+/// The Gateway API objects watched once their CRDs are installed.
+struct Gateway {
+    routes: Store<HttpRouteObject>,
+    /// `None` when the installed Gateway API has no ReferenceGrant (`v1beta1`).
+    grants: Option<Store<ReferenceGrantObject>>,
+}
+
+/// What the last model concluded about each object with a status.
+#[derive(Debug, Clone, Default)]
+pub struct Verdicts {
+    pub policies: Vec<Verdict>,
+    pub routes: Vec<RouteVerdict>,
+}
+
 /// Live, watched copies of what discovery reads.
 pub struct Cluster {
     client: Client,
@@ -43,8 +59,13 @@ pub struct Cluster {
     namespaces: Store<Namespace>,
     traffic: Store<TrafficPolicyResource>,
     authz: Store<AuthorizationPolicyResource>,
+    /// HTTPRoutes and ReferenceGrants, from when the Gateway API CRDs are found installed.
+    gateway: OnceLock<Gateway>,
+    on_change: Arc<dyn Fn() + Send + Sync>,
     /// The verdict last written to each policy's status: `(kind, namespace, name)` → (generation, error).
     written: Mutex<BTreeMap<PolicyKey, Written>>,
+    /// Ferry's `status.parents` entries last written to each HTTPRoute: (namespace, name) → entries.
+    written_routes: Mutex<BTreeMap<(String, String), Vec<serde_json::Value>>>,
     /// Namespaces whose `ferry-ca-root` ConfigMap holds the current bundle.
     bundles: Mutex<(Vec<String>, BTreeSet<String>)>,
 }
@@ -86,9 +107,12 @@ impl Cluster {
             pods: watch(&client, on_change.clone(), trim_pod),
             namespaces: watch(&client, on_change.clone(), |_| {}),
             traffic: watch(&client, on_change.clone(), |_| {}),
-            authz: watch(&client, on_change, |_| {}),
+            authz: watch(&client, on_change.clone(), |_| {}),
+            gateway: OnceLock::new(),
+            on_change,
             client,
             written: Mutex::new(BTreeMap::new()),
+            written_routes: Mutex::new(BTreeMap::new()),
             bundles: Mutex::new((Vec::new(), BTreeSet::new())),
         })
     }
@@ -121,21 +145,71 @@ impl Cluster {
         }
     }
 
-    /// The documents and workloads to serve now; the verdicts go to [`Cluster::write_statuses`].
-    pub fn documents(
-        &self,
-        default_inbound: ferry_api::workload::DefaultInbound,
-    ) -> (crate::ads::Sourced, Vec<Verdict>) {
-        let view = self.view();
-        let (documents, mut verdicts) = ferry_api::kubernetes::discovery::documents(&view);
-        let workloads = ferry_api::kubernetes::discovery::workloads(&view, default_inbound);
-        ferry_api::kubernetes::discovery::resolve(&mut verdicts, &view, &workloads);
-        (crate::ads::Sourced { documents, workloads }, verdicts)
+    /// Whether the Gateway API's HTTPRoute (and ReferenceGrant) are served: then their watchers start (once) and
+    /// the routes join the model. Returns whether HTTPRoutes are watched.
+    pub async fn detect_gateway_api(&self) -> bool {
+        if self.gateway.get().is_some() {
+            return true;
+        }
+        let served = |gv: &'static str, plural: &'static str| async move {
+            match self.client.list_api_group_resources(gv).await {
+                Ok(list) => list.resources.iter().any(|r| r.name == plural),
+                Err(kube::Error::Api(e)) if e.code == 404 => false,
+                Err(e) => {
+                    tracing::warn!(group_version = gv, error = %e, "Gateway API discovery failed");
+                    false
+                }
+            }
+        };
+        if !served("gateway.networking.k8s.io/v1", "httproutes").await {
+            return false;
+        }
+        let grants = served("gateway.networking.k8s.io/v1beta1", "referencegrants").await;
+        let gateway = Gateway {
+            routes: watch(&self.client, self.on_change.clone(), |_| {}),
+            grants: grants.then(|| watch(&self.client, self.on_change.clone(), |_| {})),
+        };
+        let _ = gateway.routes.wait_until_ready().await;
+        if let Some(g) = &gateway.grants {
+            let _ = g.wait_until_ready().await;
+        }
+        if self.gateway.set(gateway).is_ok() {
+            tracing::info!(reference_grants = grants, "Gateway API installed: watching HTTPRoutes");
+            (self.on_change)();
+        }
+        true
     }
 
-    /// Writes each policy's `Accepted` condition where it changed since last written (replicas write the same).
-    pub async fn write_statuses(&self, verdicts: Vec<Verdict>) {
-        for v in verdicts {
+    /// Looks for the Gateway API every `every` until it is installed (CRDs may come after the control plane).
+    pub async fn await_gateway_api(self: Arc<Self>, every: std::time::Duration) {
+        while !self.detect_gateway_api().await {
+            tokio::time::sleep(every).await;
+        }
+    }
+
+    /// The documents and workloads to serve now; the verdicts go to [`Cluster::write_statuses`].
+    pub fn documents(&self, default_inbound: ferry_api::workload::DefaultInbound) -> (crate::ads::Sourced, Verdicts) {
+        let view = self.view();
+        let (mut documents, mut policies) = ferry_api::kubernetes::discovery::documents(&view);
+        let workloads = ferry_api::kubernetes::discovery::workloads(&view, default_inbound);
+        ferry_api::kubernetes::discovery::resolve(&mut policies, &view, &workloads);
+        let mut routes = Vec::new();
+        if let Some(g) = self.gateway.get() {
+            let grants: Vec<ReferenceGrantObject> =
+                g.grants.iter().flat_map(|s| s.state()).map(|k| (*k).clone()).collect();
+            let objects: Vec<HttpRouteObject> = g.routes.state().iter().map(|k| (**k).clone()).collect();
+            let (docs, verdicts) = ferry_api::kubernetes::gateway::documents(&objects, &grants, &documents);
+            documents.extend(docs);
+            routes = verdicts;
+        }
+        (crate::ads::Sourced { documents, workloads }, Verdicts { policies, routes })
+    }
+
+    /// Writes each policy's `Accepted` condition and each HTTPRoute's `status.parents` entries where they changed
+    /// since last written (replicas write the same).
+    pub async fn write_statuses(&self, verdicts: Verdicts) {
+        self.write_route_statuses(verdicts.routes).await;
+        for v in verdicts.policies {
             let key = (v.kind, v.namespace.clone(), v.name.clone());
             let value = (v.generation, v.error.clone(), v.resolved.clone());
             if self.written.lock().expect("status lock").get(&key) == Some(&value) {
@@ -163,6 +237,29 @@ impl Cluster {
                 Err(e) => {
                     tracing::warn!(kind = v.kind, policy = %format!("{}/{}", v.namespace, v.name), error = %e, "writing policy status failed")
                 }
+            }
+        }
+    }
+
+    /// Replaces Ferry's entries in each HTTPRoute's `status.parents`, keeping other controllers' (a Gateway's).
+    async fn write_route_statuses(&self, verdicts: Vec<RouteVerdict>) {
+        let Some(gateway) = self.gateway.get() else { return };
+        for v in verdicts {
+            let key = (v.namespace.clone(), v.name.clone());
+            if self.written_routes.lock().expect("status lock").get(&key) == Some(&v.parents) {
+                continue;
+            }
+            let current = gateway.routes.get(&reflector::ObjectRef::new(&v.name).within(&v.namespace));
+            let parents = merged_parents(current.as_ref().and_then(|r| r.status.as_ref()), &v.parents);
+            let patch = Patch::Merge(json!({"status": {"parents": parents}}));
+            let api = Api::<HttpRouteObject>::namespaced(self.client.clone(), &v.namespace);
+            let route = format!("{}/{}", v.namespace, v.name);
+            match api.patch_status(&v.name, &PatchParams::apply(MANAGER), &patch).await {
+                Ok(_) => {
+                    tracing::info!(route = %route, "HTTPRoute status written");
+                    self.written_routes.lock().expect("status lock").insert(key, v.parents);
+                }
+                Err(e) => tracing::warn!(route = %route, error = %e, "writing HTTPRoute status failed"),
             }
         }
     }

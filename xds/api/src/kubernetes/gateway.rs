@@ -1,0 +1,129 @@
+//! The Gateway API kinds Kubernetes mode reads when their CRDs are installed (Ferry does not ship them): HTTPRoute
+//! (`v1`) and ReferenceGrant (`v1beta1`), kept as the API server sends them so that a field Ferry does not support
+//! becomes the route's status rather than a failed watch; turned into the documents of the local store, and the
+//! `status.parents` entry Ferry writes back.
+
+use kube_core::ResourceExt;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+
+use crate::config::{Document, ROUTE_CONTROLLER, route_status};
+use crate::meta::Metadata;
+
+/// The Gateway API's group.
+pub const GROUP: &str = "gateway.networking.k8s.io";
+/// The Gateway API release whose standard channel Ferry implements.
+pub const GATEWAY_API_VERSION: &str = "v1.4.0";
+/// The CRDs Ferry reads, by name, with the version it watches.
+pub const CRDS: [(&str, &str); 2] =
+    [("httproutes.gateway.networking.k8s.io", "v1"), ("referencegrants.gateway.networking.k8s.io", "v1beta1")];
+
+/// An HTTPRoute object as the API server holds it (any spec: Ferry's own parser decides, naming the fields).
+#[derive(kube_derive::CustomResource, Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[kube(
+    crates(kube_core = "::kube_core"),
+    group = "gateway.networking.k8s.io",
+    version = "v1",
+    kind = "HTTPRoute",
+    plural = "httproutes",
+    root = "HttpRouteObject",
+    namespaced,
+    status = "Value",
+    schema = "disabled"
+)]
+pub struct HttpRouteObjectSpec {
+    #[serde(flatten)]
+    pub fields: Map<String, Value>,
+}
+
+/// A ReferenceGrant object as the API server holds it.
+#[derive(kube_derive::CustomResource, Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[kube(
+    crates(kube_core = "::kube_core"),
+    group = "gateway.networking.k8s.io",
+    version = "v1beta1",
+    kind = "ReferenceGrant",
+    plural = "referencegrants",
+    root = "ReferenceGrantObject",
+    namespaced,
+    schema = "disabled"
+)]
+pub struct ReferenceGrantObjectSpec {
+    #[serde(flatten)]
+    pub fields: Map<String, Value>,
+}
+
+/// An object's document through the same parser and validation as `ferryctl apply` (the error names the fields).
+fn document(api_version: &str, kind: &str, meta: &Metadata, spec: &Map<String, Value>) -> Result<Document, String> {
+    let value = json!({"apiVersion": api_version, "kind": kind, "metadata": meta, "spec": spec});
+    crate::config::parse_value(value).map_err(|e| {
+        e.documents.iter().flat_map(|(_, errors)| errors.iter().map(|f| f.to_string())).collect::<Vec<_>>().join("; ")
+    })
+}
+
+/// What Ferry concluded about one HTTPRoute: written to its `status.parents` (Ferry's entries only).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteVerdict {
+    pub namespace: String,
+    pub name: String,
+    /// Ferry's `status.parents` entries, one per parentRef that is a Service.
+    pub parents: Vec<Value>,
+}
+
+/// The documents of the accepted routes and grants, and each route's verdict (ReferenceGrants have no status).
+/// `docs` are the other documents of the cluster (the Services routes attach to and point at).
+pub fn documents(
+    routes: &[HttpRouteObject],
+    grants: &[ReferenceGrantObject],
+    docs: &[Document],
+) -> (Vec<Document>, Vec<RouteVerdict>) {
+    let meta = |m: &kube_core::ObjectMeta| super::discovery::metadata(m);
+    let mut out: Vec<Document> = Vec::new();
+    for g in grants {
+        match document(&format!("{GROUP}/v1beta1"), "ReferenceGrant", &meta(&g.metadata), &g.spec.fields) {
+            Ok(doc) => out.push(doc),
+            Err(e) => {
+                tracing::warn!(grant = %format!("{}/{}", g.namespace().unwrap_or_default(), g.name_any()), error = %e, "ReferenceGrant ignored")
+            }
+        }
+    }
+    let mut parsed = Vec::new();
+    for r in routes {
+        parsed.push((r, document(&format!("{GROUP}/v1"), "HTTPRoute", &meta(&r.metadata), &r.spec.fields)));
+    }
+    out.extend(parsed.iter().filter_map(|(_, d)| d.as_ref().ok().cloned()));
+    let all: Vec<Document> = docs.iter().chain(&out).cloned().collect();
+    let verdicts = parsed.iter().map(|(r, parsed)| verdict(r, parsed, &all)).collect();
+    (out, verdicts)
+}
+
+/// Ferry's `status.parents` of one route: `route_status` for an accepted one; for one Ferry cannot take, each
+/// Service parentRef `Accepted: False` (`UnsupportedValue`, every refused field in the message), not served.
+fn verdict(route: &HttpRouteObject, parsed: &Result<Document, String>, all: &[Document]) -> RouteVerdict {
+    let generation = route.metadata.generation.unwrap_or(0);
+    let parents = match parsed {
+        Ok(Document::HttpRoute(r)) => {
+            let status = route_status(r, all, generation);
+            status["parents"].as_array().cloned().unwrap_or_default()
+        }
+        _ => {
+            let message = parsed.as_ref().err().cloned().unwrap_or_default();
+            let refs = route.spec.fields.get("parentRefs").and_then(Value::as_array).cloned().unwrap_or_default();
+            refs.into_iter()
+                .filter(|p| p["kind"] == "Service" && matches!(p["group"].as_str(), Some("" | "core")))
+                .map(|p| {
+                    let condition = json!({"type": "Accepted", "status": "False", "reason": "UnsupportedValue",
+                                           "message": message, "observedGeneration": generation});
+                    json!({"parentRef": p, "controllerName": ROUTE_CONTROLLER, "conditions": [condition]})
+                })
+                .collect()
+        }
+    };
+    RouteVerdict { namespace: route.namespace().unwrap_or_default(), name: route.name_any(), parents }
+}
+
+/// Pure: a route's `status.parents` with Ferry's entries replaced by `ours` and every other controller's kept.
+pub fn merged_parents(current: Option<&Value>, ours: &[Value]) -> Vec<Value> {
+    let theirs = current.and_then(|s| s["parents"].as_array()).into_iter().flatten();
+    theirs.filter(|p| p["controllerName"] != ROUTE_CONTROLLER).cloned().chain(ours.iter().cloned()).collect()
+}
