@@ -168,6 +168,26 @@ async fn each_try_of_a_retry_picks_a_backend_again_and_the_split_holds_over_trie
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn of_two_routes_with_the_same_match_the_older_wins() {
+    // The HTTPRoute spec's tie-break: the oldest route by creationTimestamp, before namespace/name ("a-new" would
+    // win by name).
+    let (v1, v2) = (backend::http_backend().await, backend::http_backend().await);
+    let routes = [("a-new", "2026-12-02T00:00:00Z", "api"), ("b-old", "2026-12-01T00:00:00Z", "api-v2")].map(
+        |(name, created, to)| {
+            route(name, &format!("  - backendRefs: [{{name: {to}}}]\n")).replace(
+                &format!("metadata: {{name: {name}}}"),
+                &format!("metadata: {{name: {name}, creationTimestamp: '{created}'}}"),
+            )
+        },
+    );
+    let ferry = tokio::task::block_in_place(|| Ferry::start(Some(&config(v1.addr, v2.addr, &routes.concat())), &[]));
+    let r = tokio::task::block_in_place(|| {
+        support::http_exchange_full(ferry.outbound, "GET", "/", &[("Host", "api")], "").expect("an answer")
+    });
+    assert_eq!((r.status, r.header("x-backend")), (200, Some(v2.addr.port().to_string().as_str())), "{r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_matching_rule_the_request_is_rejected_and_without_routes_it_goes_to_the_service() {
     let (v1, v2) = (backend::http_backend().await, backend::http_backend().await);
     let rules = "  - matches: [{path: {type: PathPrefix, value: /v2}}]\n    backendRefs: [{name: api-v2}]\n";

@@ -382,6 +382,15 @@ mod tests {
         let key = Key { kind: "TrafficPolicy".into(), namespace: "default".into(), name: "payments".into() };
         let before = store.get(&key).unwrap().clone();
         assert_eq!((before.generation, before.resource_version), (2, 2));
+        // The creation time is the store's, set at creation and kept by updates (whatever the update says).
+        let created = before.document.metadata().creation_timestamp.clone().expect("set at creation");
+        assert!(ferry_api::meta::unix_seconds(&created).is_some_and(|t| t > 1_700_000_000), "{created}");
+        let claimed = changed.replace(
+            "metadata: {name: payments}\nspec: {targetRef",
+            "metadata: {name: payments, creationTimestamp: '2001-01-01T00:00:00Z'}\nspec: {targetRef",
+        );
+        assert_eq!(outcomes(store.apply(parse_documents(&claimed).unwrap(), false).unwrap())[1], Outcome::Unchanged);
+        assert_eq!(store.get(&key).unwrap().document.metadata().creation_timestamp.as_deref(), Some(created.as_str()));
         // Dry runs change nothing.
         store.apply(parse_documents(&DOCS.replace("timeout: 2s", "timeout: 9s")).unwrap(), true).unwrap();
         drop(store);
