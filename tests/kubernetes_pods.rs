@@ -11,7 +11,7 @@ use ferry_test_support::{self as support, apiserver, control};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use apiserver::{AUTHZ, ApiServer, NAMESPACES, PODS, SERVICES, SLICES, TRAFFIC};
+use apiserver::{AUTHZ, ApiServer, CRDS, HTTP_ROUTES, NAMESPACES, PODS, SERVICES, SLICES, TRAFFIC};
 use ferry_api::kubernetes::inject;
 use serde_json::{Value, json};
 use support::TempDir;
@@ -211,13 +211,18 @@ impl Node {
 
 /// An HTTP app on `port` answering with who called (`ferry-client-id`) and from where.
 async fn app(port: u16) {
+    named_app("app", port).await
+}
+
+/// As [`app`], its answers starting with `name` (one version of a Service).
+async fn named_app(name: &'static str, port: u16) {
     let listener = tokio::net::TcpListener::bind(("0.0.0.0", port)).await.unwrap();
     loop {
         let Ok((stream, from)) = listener.accept().await else { continue };
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| async move {
                 let caller = req.headers().get("ferry-client-id").and_then(|v| v.to_str().ok()).unwrap_or("none");
-                let body = format!("app on {port}: caller {caller} from {}\n", from.ip());
+                let body = format!("{name} on {port}: caller {caller} from {}\n", from.ip());
                 Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(bytes::Bytes::from(
                     body,
                 ))))
@@ -231,7 +236,17 @@ async fn app(port: u16) {
 
 /// `curl` from inside `pod`: (status, `ferry-proxy-error`, body).
 fn call(pod: &Pod, url: &str) -> (u16, String, String) {
-    let out = pod.ns.run("curl", &["-sS", "-m", "10", "-D", "-", url]);
+    call_with(pod, url, &[])
+}
+
+/// As [`call`], with request headers (`name: value`).
+fn call_with(pod: &Pod, url: &str, headers: &[&str]) -> (u16, String, String) {
+    let mut args = vec!["-sS", "-m", "10", "-D", "-"];
+    for h in headers {
+        args.extend(["-H", h]);
+    }
+    args.push(url);
+    let out = pod.ns.run("curl", &args);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
@@ -411,6 +426,93 @@ fn injected_pods_enforce_their_services_policies_and_fail_closed() {
         assert!(status.contains(&format!("\"workload\":\"pod/shop/{}\"", pod.name)), "{status}");
     }
     // Every call the control plane made is one its ClusterRole and Role grant.
+    let rbac =
+        std::fs::read_to_string(format!("{}/deploy/control-plane/rbac.yaml", env!("CARGO_MANIFEST_DIR"))).unwrap();
+    let calls = api.calls_with(apiserver::CONTROL_TOKEN);
+    assert_eq!(apiserver::rbac_violations(&calls, &rbac), Vec::<String>::new(), "{calls:?}");
+}
+
+/// An HTTPRoute (Gateway API, GAMMA) from the API server steers an injected pod's calls to a Service between the
+/// pods of two Services (transparent interception, mTLS between the proxies), its status written back; a change of
+/// weights moves the traffic.
+#[test]
+fn an_httproute_from_the_api_server_steers_calls_between_injected_pods() {
+    if !netns::available("an_httproute_from_the_api_server_steers_calls_between_injected_pods") {
+        return;
+    }
+    let node = Node::new("r");
+    let (v1, v2, web) = (node.pod(1, "api-1"), node.pod(2, "api-v2-1"), node.pod(3, "web-1"));
+    let _apps = (v1.ns.background(|| named_app("v1", 8080)), v2.ns.background(|| named_app("v2", 8080)));
+    let api = &node.api;
+    for crd in apiserver::gateway_api_crds() {
+        api.apply(CRDS, crd);
+    }
+    api.apply(NAMESPACES, json!({"metadata": {"name": "shop", "labels": {"ferry.dev/inject": "enabled"}}}));
+    node.pod_object(&v1, "api", json!({"app": "api"}), json!({}));
+    node.pod_object(&v2, "api-v2", json!({"app": "api-v2"}), json!({}));
+    node.pod_object(&web, "web", json!({"app": "web"}), json!({}));
+    api.apply(SERVICES, kube_service("api", "10.96.0.20", json!({"app": "api"})));
+    api.apply(SERVICES, kube_service("api-v2", "10.96.0.22", json!({"app": "api-v2"})));
+    api.apply(SLICES, slice("api", &v1.ip, "api-1", true));
+    api.apply(SLICES, slice("api-v2", &v2.ip, "api-v2-1", true));
+    let canary = |generation: i64, w1: u32, w2: u32| {
+        json!({"metadata": {"name": "canary", "namespace": "shop", "generation": generation,
+                            "creationTimestamp": "2026-12-01T00:00:00Z"},
+               "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "api", "port": 80}],
+                        "rules": [{"matches": [{"headers": [{"name": "x-canary", "value": "yes"}]}],
+                                   "backendRefs": [{"name": "api-v2", "port": 80}]},
+                                  {"backendRefs": [{"name": "api", "port": 80, "weight": w1},
+                                                   {"name": "api-v2", "port": 80, "weight": w2}]}]}})
+    };
+    api.apply(HTTP_ROUTES, canary(1, 100, 0));
+    node.start_control(&[]);
+    for (pod, account) in [(&v1, "api"), (&v2, "api-v2"), (&web, "web")] {
+        node.run_sidecar(pod, account);
+    }
+    for pod in [&v1, &v2, &web] {
+        node.wait_ready(pod);
+    }
+    let logs = || format!("{}\n--- control ---\n{}", node.proxy_log(&web), node.control_log());
+    // web calls api's cluster IP, as an app does; its proxy routes by the HTTPRoute.
+    let url = "http://10.96.0.20/";
+    node.wait("web reaches api", || call(&web, url).0 == 200);
+    for _ in 0..5 {
+        let (status, _, body) = call(&web, url);
+        assert_eq!(status, 200, "{body}\n{}", logs());
+        assert!(body.starts_with("v1 on 8080: caller spiffe://cluster.local/ns/shop/sa/web"), "{body}");
+        let (status, _, body) = call_with(&web, url, &["x-canary: yes"]);
+        assert_eq!(status, 200, "{body}\n{}", logs());
+        assert!(body.starts_with("v2 on 8080: caller spiffe://cluster.local/ns/shop/sa/web"), "{body}");
+    }
+    // Status written back to the object.
+    let parents = |api: &ApiServer| -> Vec<(String, String, String)> {
+        let route = api.get(HTTP_ROUTES, "shop", "canary").unwrap_or_default();
+        let ours = route["status"]["parents"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["controllerName"] == "ferry.dev/mesh")
+            .cloned();
+        ours.map(|p| p["conditions"].as_array().cloned().unwrap_or_default())
+            .unwrap_or_default()
+            .iter()
+            .map(|c| {
+                let s = |k: &str| c[k].as_str().unwrap_or_default().to_string();
+                (s("type"), s("status"), s("reason"))
+            })
+            .collect()
+    };
+    let c = |t: &str, s: &str, r: &str| (t.to_string(), s.to_string(), r.to_string());
+    node.wait("the route's status", || {
+        parents(api) == [c("Accepted", "True", "Accepted"), c("ResolvedRefs", "True", "ResolvedRefs")]
+    });
+    // The canary takes all of the default rule's traffic.
+    api.apply(HTTP_ROUTES, canary(2, 0, 100));
+    node.wait("the new weights reach web", || call(&web, url).2.starts_with("v2 "));
+    for _ in 0..5 {
+        let (status, _, body) = call(&web, url);
+        assert!(status == 200 && body.starts_with("v2 on 8080"), "{status} {body}\n{}", logs());
+    }
     let rbac =
         std::fs::read_to_string(format!("{}/deploy/control-plane/rbac.yaml", env!("CARGO_MANIFEST_DIR"))).unwrap();
     let calls = api.calls_with(apiserver::CONTROL_TOKEN);
