@@ -188,6 +188,30 @@ async fn of_two_routes_with_the_same_match_the_older_wins() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_in_another_namespace_is_served_only_with_a_reference_grant() {
+    let (v1, v2) = (backend::http_backend().await, backend::http_backend().await);
+    let invoices = format!(
+        "apiVersion: ferry.dev/v1alpha1\nkind: Service\nmetadata: {{name: invoices, namespace: billing}}\nspec: {{ports: [{{port: 80}}], endpoints: [{{address: \"{}\"}}]}}\n---\n",
+        v2.addr
+    );
+    let to_billing = route("bills", "  - backendRefs: [{name: invoices, namespace: billing}]\n");
+    let grant = "apiVersion: gateway.networking.k8s.io/v1beta1\nkind: ReferenceGrant\nmetadata: {name: default-routes, namespace: billing}\nspec: {from: [{group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: default}], to: [{group: '', kind: Service}]}\n---\n";
+    for (with_grant, want) in [(false, (500, Some("backend-not-found"))), (true, (200, None))] {
+        let extra = format!("{invoices}{to_billing}{}", if with_grant { grant } else { "" });
+        let ferry = tokio::task::block_in_place(|| Ferry::start(Some(&config(v1.addr, v2.addr, &extra)), &[]));
+        let r = tokio::task::block_in_place(|| {
+            support::http_exchange_full(ferry.outbound, "GET", "/", &[("Host", "api")], "").expect("an answer")
+        });
+        assert_eq!((r.status, r.header("ferry-proxy-error")), want, "grant {with_grant}: {r:?}");
+        if with_grant {
+            assert_eq!(r.header("x-backend"), Some(v2.addr.port().to_string().as_str()));
+        } else {
+            assert!(r.body.contains("RefNotPermitted"), "{r:?}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_matching_rule_the_request_is_rejected_and_without_routes_it_goes_to_the_service() {
     let (v1, v2) = (backend::http_backend().await, backend::http_backend().await);
     let rules = "  - matches: [{path: {type: PathPrefix, value: /v2}}]\n    backendRefs: [{name: api-v2}]\n";
