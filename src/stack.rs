@@ -92,10 +92,11 @@ pub fn outbound<U: Send + Sync + 'static>(r: &Registries, metrics: &Arc<Metrics>
         // The destination's request timeout covers everything under it, the response body included, and a gRPC
         // caller's own deadline when shorter.
         .layer(Layer::new(RequestTimeout, |req| Some(Call::<U>::of(req).dest.outbound.timeout)))
-        // Retries within the policy and the budget (each try passes the breaker and caps below).
+        // Retries within the policy and the budget (each try passes the breaker and caps below; under a route split,
+        // a try its backend refused is retried, the next try picking again).
         .layer(Layer::new(Retrying::new(r.budgets.clone(), m.clone()), |req| {
             let dest = &Call::<U>::of(req).dest;
-            Some((dest.outbound.retry.clone()?, dest.service.clone()))
+            Some((dest.outbound.retry.clone()?, dest.service.clone(), dest.split.is_some()))
         }))
         // A request an HTTPRoute rule splits goes to a backend picked by weight for each try; the layers below act
         // for that backend Service (its breaker, caps, endpoints), the ones above for the Service the caller named.

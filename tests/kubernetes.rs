@@ -586,7 +586,8 @@ async fn http_routes_are_watched_once_the_gateway_api_is_installed_and_their_sta
         api.apply(CRDS, crd);
     }
     let other = json!({"parents": [{"parentRef": {"name": "gw"}, "controllerName": "example.com/gateway",
-                                    "conditions": [{"type": "Accepted", "status": "True", "reason": "Accepted"}]}]});
+                                    "conditions": [{"type": "Accepted", "status": "True", "reason": "Accepted",
+                                                    "message": "", "lastTransitionTime": "2026-12-01T00:00:00Z"}]}]});
     let weights = json!([{"backendRefs": [{"name": "api", "weight": 90}, {"name": "api-v2", "weight": 10}]}]);
     api.apply(HTTP_ROUTES, http_route("shop", "canary", "api", weights, other));
     let filters = json!([{"filters": [{"type": "RequestHeaderModifier"}], "backendRefs": [{"name": "api"}]}]);

@@ -265,6 +265,17 @@ pub fn classify(result: &Result<Response<ProxyBody>, ProxyError>) -> Option<Outc
     }
 }
 
+/// Under a route split, a try the backend it picked refused (its breaker open, its caps full, no healthy endpoint):
+/// nothing reached an app and the next try picks a backend again, so it counts as a connect failure. (An unresolved
+/// backend's 500 is not retried: the HTTPRoute spec gives its share of requests that answer.)
+pub fn refused_by_backend(result: &Result<Response<ProxyBody>, ProxyError>) -> Option<Outcome> {
+    matches!(
+        result,
+        Err(ProxyError::CircuitOpen { .. } | ProxyError::Overloaded { .. } | ProxyError::NoHealthyEndpoints(_))
+    )
+    .then_some(Outcome::ConnectFailure)
+}
+
 // ===== registry =====
 
 /// One budget per destination Service, kept across config swaps.
@@ -286,7 +297,7 @@ impl Budgets {
 // ===== mechanism =====
 
 /// Retries failed tries of a destination's requests within its policy and budget (`Config`: the destination's retry
-/// policy and the Service whose budget it spends).
+/// policy, the Service whose budget it spends, and whether a route splits the request across backends).
 pub struct Retrying {
     budgets: Arc<Budgets>,
     metrics: Arc<Metrics>,
@@ -311,9 +322,9 @@ fn replay(parts: &http::request::Parts, body: &Bytes) -> Request<ProxyBody> {
 }
 
 impl Mechanism for Retrying {
-    type Config = (Arc<Policy>, Arc<str>);
+    type Config = (Arc<Policy>, Arc<str>, bool);
 
-    fn call<S>(&self, (policy, service): Self::Config, inner: &mut S, req: Request<ProxyBody>) -> ResponseFuture
+    fn call<S>(&self, (policy, service, split): Self::Config, inner: &mut S, req: Request<ProxyBody>) -> ResponseFuture
     where
         S: tower::Service<Request<ProxyBody>, Response = Response<ProxyBody>, Error = ProxyError>
             + Clone
@@ -348,7 +359,8 @@ impl Mechanism for Retrying {
             loop {
                 tries += 1;
                 let result = inner.clone().oneshot(replay(&parts, &body)).await;
-                let Some(outcome) = classify(&result) else { return result };
+                let outcome = classify(&result).or_else(|| if split { refused_by_backend(&result) } else { None });
+                let Some(outcome) = outcome else { return result };
                 if !policy.on.covers(outcome) {
                     return result;
                 }
@@ -399,6 +411,23 @@ mod tests {
         ];
         for (words, outcome, want) in cases {
             assert_eq!(on(words).covers(outcome), want, "{words:?} {outcome:?}");
+        }
+    }
+
+    #[test]
+    fn under_a_split_only_a_backends_own_refusals_count_as_connect_failures() {
+        let open = ProxyError::CircuitOpen { service: "api-v2".into(), retry_after: Duration::from_secs(1) };
+        let cases: Vec<(ProxyError, Option<Outcome>)> = vec![
+            (open, Some(Outcome::ConnectFailure)),
+            (ProxyError::Overloaded { service: "api-v2".into() }, Some(Outcome::ConnectFailure)),
+            (ProxyError::NoHealthyEndpoints("api-v2".into()), Some(Outcome::ConnectFailure)),
+            (ProxyError::BackendNotFound("ghost".into()), None),
+            (ProxyError::Unauthorized("no".into()), None),
+            (ProxyError::RequestTimeout(Duration::from_secs(1)), None),
+        ];
+        for (error, want) in cases {
+            let why = error.to_string();
+            assert_eq!(refused_by_backend(&Err(error)), want, "{why}");
         }
     }
 

@@ -496,6 +496,19 @@ impl ApiServer {
                     return json_reply(StatusCode::NOT_FOUND, &status(404, "NotFound", "not found"));
                 };
                 drop(s);
+                // A resourceVersion in the patch is a precondition, as on a real API server.
+                let expected = body.pointer("/metadata/resourceVersion");
+                if expected.is_some_and(|v| Some(v) != obj.pointer("/metadata/resourceVersion")) {
+                    let message = "the object has been modified; please apply your changes to the latest version";
+                    return json_reply(StatusCode::CONFLICT, &status(409, "Conflict", message));
+                }
+                // The Gateway API's status conditions are metav1.Conditions: every field required.
+                if let Some(missing) = missing_condition_field(&body) {
+                    return json_reply(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        &status(422, "Invalid", &format!("status.parents[].conditions[].{missing}: Required value")),
+                    );
+                }
                 match &body {
                     // A JSON patch: the `add`/`replace` operations the control plane sends.
                     Value::Array(ops) => {
@@ -517,6 +530,20 @@ impl ApiServer {
             }
         }
     }
+}
+
+/// The first field a `metav1.Condition` requires that a status patch's `status.parents[].conditions[]` lacks.
+fn missing_condition_field(patch: &Value) -> Option<&'static str> {
+    let parents = patch.pointer("/status/parents")?.as_array()?;
+    let conditions = parents.iter().flat_map(|p| p["conditions"].as_array().into_iter().flatten());
+    for c in conditions {
+        for field in ["type", "status", "reason", "message", "lastTransitionTime"] {
+            if !c[field].is_string() {
+                return Some(field);
+            }
+        }
+    }
+    None
 }
 
 /// Answers a `pods/portforward` upgrade as the API server does for WebSocket clients (subprotocol

@@ -43,6 +43,9 @@ fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
 /// Pure: seconds since the epoch of a Kubernetes timestamp, RFC 3339 in UTC (`2026-12-03T16:10:25Z`, a fraction of
 /// a second allowed and dropped); `None` for anything else.
 pub fn unix_seconds(text: &str) -> Option<i64> {
+    if !text.is_ascii() {
+        return None;
+    }
     let b = text.as_bytes();
     let num = |r: std::ops::Range<usize>| -> Option<i64> {
         let part = text.get(r)?;
@@ -129,6 +132,7 @@ mod tests {
             "2026-12-03T24:00:00Z",
             "2026-12-03T16:10:25.Z",
             "+026-12-03T16:10:25Z",
+            "2026-12-03T16:10:0\u{e9}5Z",
             "",
         ] {
             assert_eq!(unix_seconds(bad), None, "{bad}");

@@ -105,7 +105,7 @@ struct ServeArgs {
     reviews_in_flight: usize,
     /// Kubernetes: while the Gateway API's CRDs are not installed, how often to look for them (HTTPRoutes are
     /// watched from then on).
-    #[arg(long, env = "FERRY_GATEWAY_API_POLL", default_value = "30s", value_parser = duration_arg)]
+    #[arg(long, env = "FERRY_GATEWAY_API_POLL", default_value = "30s", value_parser = poll_arg)]
     gateway_api_poll: std::time::Duration,
     #[command(flatten)]
     inject: InjectSettings,
@@ -137,6 +137,15 @@ impl InjectSettings {
 
 fn duration_arg(text: &str) -> Result<std::time::Duration, String> {
     ferry_api::parse_duration(text).map_err(|e| e.to_string())
+}
+
+/// At least a second: each look is an API-server call.
+fn poll_arg(text: &str) -> Result<std::time::Duration, String> {
+    let d = duration_arg(text)?;
+    if d < std::time::Duration::from_secs(1) {
+        return Err("must be at least 1s".into());
+    }
+    Ok(d)
 }
 
 fn lifetime(text: &str) -> Result<std::time::Duration, String> {
@@ -253,7 +262,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         cluster.wait_until_synced().await;
         // The Gateway API's CRDs may be installed later: looked for every --gateway-api-poll until found.
         if !cluster.detect_gateway_api().await {
-            tracing::info!("Gateway API not installed (no HTTPRoute): routing by HTTPRoute is off until it is");
+            if !cluster.routes_watched() {
+                tracing::info!("Gateway API not installed (no HTTPRoute): routing by HTTPRoute is off until it is");
+            }
             tokio::spawn(cluster.clone().await_gateway_api(args.gateway_api_poll));
         }
         let (verdicts, mut changed) = tokio::sync::watch::channel(Default::default());

@@ -122,8 +122,73 @@ fn verdict(route: &HttpRouteObject, parsed: &Result<Document, String>, all: &[Do
     RouteVerdict { namespace: route.namespace().unwrap_or_default(), name: route.name_any(), parents }
 }
 
-/// Pure: a route's `status.parents` with Ferry's entries replaced by `ours` and every other controller's kept.
-pub fn merged_parents(current: Option<&Value>, ours: &[Value]) -> Vec<Value> {
-    let theirs = current.and_then(|s| s["parents"].as_array()).into_iter().flatten();
-    theirs.filter(|p| p["controllerName"] != ROUTE_CONTROLLER).cloned().chain(ours.iter().cloned()).collect()
+/// Pure: a route's `status.parents` with Ferry's entries replaced by `ours` and every other controller's kept;
+/// each of our conditions gets its `lastTransitionTime` (required of a `metav1.Condition`): the one it had when its
+/// status is unchanged, else `now`.
+pub fn merged_parents(current: Option<&Value>, ours: &[Value], now: &str) -> Vec<Value> {
+    let existing: Vec<&Value> = current.and_then(|s| s["parents"].as_array()).into_iter().flatten().collect();
+    let theirs = existing.iter().filter(|p| p["controllerName"] != ROUTE_CONTROLLER).map(|p| (*p).clone());
+    let stamped = ours.iter().map(|entry| {
+        let mut entry = entry.clone();
+        let before = existing
+            .iter()
+            .find(|p| p["controllerName"] == ROUTE_CONTROLLER && p["parentRef"] == entry["parentRef"])
+            .and_then(|p| p["conditions"].as_array());
+        for c in entry["conditions"].as_array_mut().into_iter().flatten() {
+            let kept = before
+                .into_iter()
+                .flatten()
+                .find(|b| b["type"] == c["type"] && b["status"] == c["status"])
+                .and_then(|b| b["lastTransitionTime"].as_str());
+            c["lastTransitionTime"] = json!(kept.unwrap_or(now));
+        }
+        entry
+    });
+    theirs.chain(stamped).collect()
+}
+
+/// How many of a route's `status.parents` entries are Ferry's.
+pub fn ours(current: Option<&Value>) -> usize {
+    let parents = current.and_then(|s| s["parents"].as_array()).into_iter().flatten();
+    parents.filter(|p| p["controllerName"] == ROUTE_CONTROLLER).count()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_merge_keeps_other_controllers_and_transition_times_of_unchanged_conditions() {
+        let parent = json!({"group": "", "kind": "Service", "name": "api"});
+        let condition = |t: &str, s: &str| json!({"type": t, "status": s, "reason": "R", "message": "m"});
+        let entry = |conditions: Vec<Value>| json!({"parentRef": parent, "controllerName": ROUTE_CONTROLLER, "conditions": conditions});
+        let gateway = json!({"parentRef": {"name": "gw"}, "controllerName": "example.com/gw", "conditions": []});
+        let mut old = entry(vec![condition("Accepted", "True"), condition("ResolvedRefs", "True")]);
+        for c in old["conditions"].as_array_mut().unwrap() {
+            c["lastTransitionTime"] = json!("2026-12-01T00:00:00Z");
+        }
+        let current = json!({"parents": [gateway.clone(), old]});
+        // ResolvedRefs turned False: only its time moves.
+        let ours = [entry(vec![condition("Accepted", "True"), condition("ResolvedRefs", "False")])];
+        let merged = merged_parents(Some(&current), &ours, "2026-12-03T00:00:00Z");
+        assert_eq!(merged[0], gateway, "another controller's entry is kept as it was");
+        let times: Vec<&str> = merged[1]["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["lastTransitionTime"].as_str().unwrap())
+            .collect();
+        assert_eq!(times, ["2026-12-01T00:00:00Z", "2026-12-03T00:00:00Z"]);
+        assert_eq!((super::ours(Some(&current)), super::ours(None)), (1, 0));
+        // No status yet: every condition is new.
+        let fresh = merged_parents(None, &ours, "2026-12-03T00:00:00Z");
+        assert_eq!(fresh.len(), 1);
+        assert!(
+            fresh[0]["conditions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|c| c["lastTransitionTime"] == "2026-12-03T00:00:00Z")
+        );
+    }
 }

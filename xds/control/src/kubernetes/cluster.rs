@@ -36,11 +36,11 @@ type PolicyKey = (&'static str, String, String);
 /// The generation, error and resolution of the last status written.
 type Written = (Option<i64>, Option<String>, Option<(bool, &'static str, String)>);
 
-/// The Gateway API objects watched once their CRDs are installed.
+/// The Gateway API objects, each watched from when its CRD is found installed.
+#[derive(Default)]
 struct Gateway {
-    routes: Store<HttpRouteObject>,
-    /// `None` when the installed Gateway API has no ReferenceGrant (`v1beta1`).
-    grants: Option<Store<ReferenceGrantObject>>,
+    routes: OnceLock<Store<HttpRouteObject>>,
+    grants: OnceLock<Store<ReferenceGrantObject>>,
 }
 
 /// What the last model concluded about each object with a status.
@@ -60,12 +60,12 @@ pub struct Cluster {
     traffic: Store<TrafficPolicyResource>,
     authz: Store<AuthorizationPolicyResource>,
     /// HTTPRoutes and ReferenceGrants, from when the Gateway API CRDs are found installed.
-    gateway: OnceLock<Gateway>,
+    gateway: Gateway,
     on_change: Arc<dyn Fn() + Send + Sync>,
     /// The verdict last written to each policy's status: `(kind, namespace, name)` → (generation, error).
     written: Mutex<BTreeMap<PolicyKey, Written>>,
-    /// Ferry's `status.parents` entries last written to each HTTPRoute: (namespace, name) → entries.
-    written_routes: Mutex<BTreeMap<(String, String), Vec<serde_json::Value>>>,
+    /// Ferry's `status.parents` entries last written to each HTTPRoute: (namespace, name, uid) → entries.
+    written_routes: Mutex<BTreeMap<(String, String, String), Vec<serde_json::Value>>>,
     /// Namespaces whose `ferry-ca-root` ConfigMap holds the current bundle.
     bundles: Mutex<(Vec<String>, BTreeSet<String>)>,
 }
@@ -98,6 +98,17 @@ where
     reader
 }
 
+/// Waits (up to 30 s) until a watcher started after start-up has listed once; a list that keeps failing (the
+/// ClusterRole not updated, say) is logged, and the store fills once it succeeds.
+async fn listed<K>(store: &Store<K>, what: &str)
+where
+    K: Resource<DynamicType = ()> + Clone + 'static,
+{
+    if tokio::time::timeout(std::time::Duration::from_secs(30), store.wait_until_ready()).await.is_err() {
+        tracing::error!(kind = what, "not listed within 30 s (RBAC?); served once the watch lists");
+    }
+}
+
 impl Cluster {
     /// Starts the watchers; `on_change` is called after each event (the xDS publisher debounces).
     pub fn start(client: Client, on_change: Arc<dyn Fn() + Send + Sync>) -> Arc<Cluster> {
@@ -108,7 +119,7 @@ impl Cluster {
             namespaces: watch(&client, on_change.clone(), |_| {}),
             traffic: watch(&client, on_change.clone(), |_| {}),
             authz: watch(&client, on_change.clone(), |_| {}),
-            gateway: OnceLock::new(),
+            gateway: Gateway::default(),
             on_change,
             client,
             written: Mutex::new(BTreeMap::new()),
@@ -145,12 +156,9 @@ impl Cluster {
         }
     }
 
-    /// Whether the Gateway API's HTTPRoute (and ReferenceGrant) are served: then their watchers start (once) and
-    /// the routes join the model. Returns whether HTTPRoutes are watched.
+    /// Starts watching the Gateway API kinds its discovery shows served (HTTPRoute `v1`, ReferenceGrant `v1beta1`)
+    /// and not watched yet. Returns whether both are watched.
     pub async fn detect_gateway_api(&self) -> bool {
-        if self.gateway.get().is_some() {
-            return true;
-        }
         let served = |gv: &'static str, plural: &'static str| async move {
             match self.client.list_api_group_resources(gv).await {
                 Ok(list) => list.resources.iter().any(|r| r.name == plural),
@@ -161,26 +169,36 @@ impl Cluster {
                 }
             }
         };
-        if !served("gateway.networking.k8s.io/v1", "httproutes").await {
-            return false;
+        let mut started = false;
+        if self.gateway.routes.get().is_none() && served("gateway.networking.k8s.io/v1", "httproutes").await {
+            let store = watch(&self.client, self.on_change.clone(), |_| {});
+            listed(&store, "HTTPRoutes").await;
+            started |= self.gateway.routes.set(store).is_ok();
         }
-        let grants = served("gateway.networking.k8s.io/v1beta1", "referencegrants").await;
-        let gateway = Gateway {
-            routes: watch(&self.client, self.on_change.clone(), |_| {}),
-            grants: grants.then(|| watch(&self.client, self.on_change.clone(), |_| {})),
-        };
-        let _ = gateway.routes.wait_until_ready().await;
-        if let Some(g) = &gateway.grants {
-            let _ = g.wait_until_ready().await;
+        if self.gateway.grants.get().is_none() && served("gateway.networking.k8s.io/v1beta1", "referencegrants").await {
+            let store = watch(&self.client, self.on_change.clone(), |_| {});
+            listed(&store, "ReferenceGrants").await;
+            started |= self.gateway.grants.set(store).is_ok();
         }
-        if self.gateway.set(gateway).is_ok() {
-            tracing::info!(reference_grants = grants, "Gateway API installed: watching HTTPRoutes");
+        if started {
+            let grants = self.gateway.grants.get().is_some();
+            tracing::info!(
+                httproutes = self.routes_watched(),
+                reference_grants = grants,
+                "Gateway API found: watching"
+            );
             (self.on_change)();
         }
-        true
+        self.routes_watched() && self.gateway.grants.get().is_some()
     }
 
-    /// Looks for the Gateway API every `every` until it is installed (CRDs may come after the control plane).
+    /// Whether HTTPRoutes are watched (the Gateway API is installed).
+    pub fn routes_watched(&self) -> bool {
+        self.gateway.routes.get().is_some()
+    }
+
+    /// Looks for the Gateway API every `every` until both of its kinds are watched (CRDs may come after the
+    /// control plane).
     pub async fn await_gateway_api(self: Arc<Self>, every: std::time::Duration) {
         while !self.detect_gateway_api().await {
             tokio::time::sleep(every).await;
@@ -194,10 +212,10 @@ impl Cluster {
         let workloads = ferry_api::kubernetes::discovery::workloads(&view, default_inbound);
         ferry_api::kubernetes::discovery::resolve(&mut policies, &view, &workloads);
         let mut routes = Vec::new();
-        if let Some(g) = self.gateway.get() {
+        if let Some(objects) = self.gateway.routes.get() {
             let grants: Vec<ReferenceGrantObject> =
-                g.grants.iter().flat_map(|s| s.state()).map(|k| (*k).clone()).collect();
-            let objects: Vec<HttpRouteObject> = g.routes.state().iter().map(|k| (**k).clone()).collect();
+                self.gateway.grants.get().iter().flat_map(|s| s.state()).map(|k| (*k).clone()).collect();
+            let objects: Vec<HttpRouteObject> = objects.state().iter().map(|k| (**k).clone()).collect();
             let (docs, verdicts) = ferry_api::kubernetes::gateway::documents(&objects, &grants, &documents);
             documents.extend(docs);
             routes = verdicts;
@@ -241,17 +259,29 @@ impl Cluster {
         }
     }
 
-    /// Replaces Ferry's entries in each HTTPRoute's `status.parents`, keeping other controllers' (a Gateway's).
+    /// Replaces Ferry's entries in each HTTPRoute's `status.parents`, keeping other controllers' (a Gateway's):
+    /// where they changed since last written to that object (by uid), or are missing from it. The patch carries the
+    /// object's resourceVersion: a conflict (someone wrote in between) waits for the next event.
     async fn write_route_statuses(&self, verdicts: Vec<RouteVerdict>) {
-        let Some(gateway) = self.gateway.get() else { return };
+        let Some(routes) = self.gateway.routes.get() else { return };
+        let now = ferry_api::meta::rfc3339(ferry_api::identity::unix_now());
+        let mut seen = BTreeSet::new();
         for v in verdicts {
-            let key = (v.namespace.clone(), v.name.clone());
-            if self.written_routes.lock().expect("status lock").get(&key) == Some(&v.parents) {
+            let Some(current) = routes.get(&reflector::ObjectRef::new(&v.name).within(&v.namespace)) else { continue };
+            let key = (v.namespace.clone(), v.name.clone(), current.metadata.uid.clone().unwrap_or_default());
+            seen.insert(key.clone());
+            let status = current.status.as_ref();
+            let on_object = ferry_api::kubernetes::gateway::ours(status);
+            let written = self.written_routes.lock().expect("status lock").get(&key) == Some(&v.parents);
+            // Nothing of Ferry's to say (a route of Gateways only) and nothing said; or said and still there.
+            if (v.parents.is_empty() && on_object == 0) || (written && on_object == v.parents.len()) {
                 continue;
             }
-            let current = gateway.routes.get(&reflector::ObjectRef::new(&v.name).within(&v.namespace));
-            let parents = merged_parents(current.as_ref().and_then(|r| r.status.as_ref()), &v.parents);
-            let patch = Patch::Merge(json!({"status": {"parents": parents}}));
+            let parents = merged_parents(status, &v.parents, &now);
+            let patch = Patch::Merge(json!({
+                "metadata": {"resourceVersion": current.metadata.resource_version},
+                "status": {"parents": parents},
+            }));
             let api = Api::<HttpRouteObject>::namespaced(self.client.clone(), &v.namespace);
             let route = format!("{}/{}", v.namespace, v.name);
             match api.patch_status(&v.name, &PatchParams::apply(MANAGER), &patch).await {
@@ -259,9 +289,13 @@ impl Cluster {
                     tracing::info!(route = %route, "HTTPRoute status written");
                     self.written_routes.lock().expect("status lock").insert(key, v.parents);
                 }
+                Err(kube::Error::Api(e)) if e.code == 409 => {
+                    tracing::debug!(route = %route, "HTTPRoute changed while its status was written; next event")
+                }
                 Err(e) => tracing::warn!(route = %route, error = %e, "writing HTTPRoute status failed"),
             }
         }
+        self.written_routes.lock().expect("status lock").retain(|k, _| seen.contains(k));
     }
 
     /// Namespaces that need the mesh root: labelled for injection, or running a meshed pod.
