@@ -388,7 +388,15 @@ impl Listeners {
             let conn = conn.clone();
             let state = conn_state.clone();
             async move {
-                let response = proxy.forward(req, conn).await;
+                let drain = proxy.drain.clone();
+                let mut response = proxy.forward(req, conn).await;
+                // Draining, an HTTP/1 client is told to close after this response (a close without it could cross
+                // the client's next request on the wire).
+                if http1 && drain.is_draining() && response.status() != ::http::StatusCode::SWITCHING_PROTOCOLS {
+                    response
+                        .headers_mut()
+                        .insert(::http::header::CONNECTION, ::http::HeaderValue::from_static("close"));
+                }
                 Ok::<_, Infallible>(response.map(|body| Responding::new(body, state)))
             }
         });
@@ -397,6 +405,7 @@ impl Listeners {
             header_deadline: http1.then_some(self.settings.header_read_timeout),
             expires,
             idle: self.settings.idle_timeout,
+            drain_idle_grace: if http1 { DRAIN_IDLE_GRACE } else { Duration::ZERO },
         };
         let result = if http1 {
             let conn = self.h1.serve_connection(io, service).with_upgrades();
@@ -457,10 +466,17 @@ struct Timers {
     /// preface or only PINGs) winds the connection down gracefully, as the drain does; idle as long again, it is
     /// dropped. Checked every quarter of it.
     idle: Duration,
+    /// HTTP/1 connections idle when the drain starts stay open this long for a request their client may be sending
+    /// at that moment (answered with `Connection: close`); HTTP/2 needs none (its GOAWAY names the last stream).
+    drain_idle_grace: Duration,
 }
 
+/// How long an idle HTTP/1 connection stays open once draining starts, for a request already on its way.
+const DRAIN_IDLE_GRACE: Duration = Duration::from_secs(1);
+
 /// Runs a server connection until it ends. Draining (or the peer's certificate running out, or the idle timeout):
-/// in-flight requests finish, HTTP/1 closes after the current response, HTTP/2 sends GOAWAY. A connection that has
+/// in-flight requests finish, HTTP/1 closes after the current response (an idle one after its next request, or
+/// after `drain_idle_grace`), HTTP/2 sends GOAWAY. A connection that has
 /// not sent its first request yet (accepted just before or during the drain) is given that request first, so no
 /// request that reached the proxy is refused. The timers cost the request path nothing: one periodic check reads
 /// what the connection's stream and requests recorded.
@@ -491,13 +507,24 @@ async fn drive<C: Future<Output = hyper::Result<()>>>(
     };
     tokio::pin!(stop);
     let mut draining = false;
+    // Draining an HTTP/1 connection that was idle: shut down once a request starts, or at this time.
+    let mut close_at: Option<tokio::time::Instant> = None;
     loop {
         let before_first_request = state.requests.load(Ordering::Relaxed) == 0;
         tokio::select! {
             res = conn.as_mut() => return res.map_err(ConnEnd::Http),
             _ = &mut stop, if !draining => {
                 draining = true;
-                if !before_first_request {
+                let idle = state.idle_mark().is_some();
+                if idle && !before_first_request && !timers.drain_idle_grace.is_zero() {
+                    close_at = Some(tokio::time::Instant::now() + timers.drain_idle_grace);
+                } else if !before_first_request {
+                    graceful_shutdown(conn.as_mut());
+                }
+            }
+            () = tokio::time::sleep(Duration::from_millis(20)), if close_at.is_some() => {
+                if state.idle_mark().is_none() || close_at.is_some_and(|t| tokio::time::Instant::now() >= t) {
+                    close_at = None;
                     graceful_shutdown(conn.as_mut());
                 }
             }
