@@ -46,7 +46,7 @@ impl<U: Send + Sync + 'static> Call<U> {
 
     /// Where one try goes: the route backend it picked, else the request's destination.
     pub fn backend(req: &Request<ProxyBody>) -> &Destination {
-        match req.extensions().get::<Backend>() {
+        match req.extensions().get::<Backend<Destination>>() {
             Some(Backend(dest)) => dest,
             None => &Self::of(req).dest,
         }
@@ -100,7 +100,7 @@ pub fn outbound<U: Send + Sync + 'static>(r: &Registries, metrics: &Arc<Metrics>
         }))
         // A request an HTTPRoute rule splits goes to a backend picked by weight for each try; the layers below act
         // for that backend Service (its breaker, caps, endpoints), the ones above for the Service the caller named.
-        .layer(Layer::new(Splitting, |req| {
+        .layer(Layer::new(Splitting::<Destination>::default(), |req| {
             let call = Call::<U>::of(req);
             Some((call.dest.split.clone()?, call.tried.clone()))
         }))

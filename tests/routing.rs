@@ -341,6 +341,11 @@ fn route_status_says_what_is_attached_and_resolved() {
     let grant = "apiVersion: gateway.networking.k8s.io/v1beta1\nkind: ReferenceGrant\nmetadata: {name: default-routes, namespace: billing}\nspec: {from: [{group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: default}], to: [{group: '', kind: Service}]}\n";
     cp.ok(&["apply", "-f", "-"], Some(grant));
     assert_eq!(status("other-ns")[1], c("ResolvedRefs", "True", "ResolvedRefs"));
+    // Every weight 0 (a drained rule) is valid, and its 500s are said in the message.
+    cp.ok(&["apply", "-f", "-"], Some(&route("drained", "api", "{name: api, weight: 0}")));
+    assert_eq!(status("drained"), [c("Accepted", "True", "Accepted"), c("ResolvedRefs", "True", "ResolvedRefs")]);
+    let out = cp.ok(&["get", "httproute", "drained", "-n", "default", "-o", "json"], None);
+    assert!(out.contains("requests matching rules[0] get 500"), "{out}");
     cp.ok(&["apply", "-f", "-"], Some(&route("no-parent", "nope", "{name: api}")));
     assert_eq!(status("no-parent")[0], c("Accepted", "False", "NoMatchingParent"));
     // A route that fails validation is refused outright, naming the field.

@@ -5,10 +5,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use crate::discovery::snapshot::{Outbound, Target};
-use crate::errors::ProxyError;
 use crate::identity::tls::PeerTls;
 use crate::policy::authz::InboundPolicy;
 use crate::policy::balance::{Choice, Endpoint};
+use crate::policy::split::Split;
 
 /// Where a request or connection goes and under which service it is counted.
 #[derive(Clone)]
@@ -26,35 +26,7 @@ pub struct Destination {
     pub inbound: Option<Arc<InboundPolicy>>,
     /// Outbound to a Service with HTTPRoutes: the backends of the rule the request matched; each try picks one (its
     /// breaker, caps, balancer and endpoints), while this destination's own timeout and retries cover the request.
-    pub split: Option<Arc<Split>>,
-}
-
-/// Why a route's backend cannot take a try: the error it answers with, and why.
-pub type Unusable = (fn(String) -> ProxyError, String);
-
-/// The backends of one HTTPRoute rule, for one request.
-pub struct Split {
-    /// The rule, `namespace/name/index` (the `route` metric label).
-    pub route: Arc<str>,
-    /// The backends with a weight above 0.
-    pub backends: Vec<SplitBackend>,
-}
-
-pub struct SplitBackend {
-    pub weight: u32,
-    /// Its Service's qualified name (the `backend` metric label).
-    pub name: Arc<str>,
-    /// Resolved, or the refusal a try that picks it gets.
-    pub dest: Result<Arc<Destination>, Unusable>,
-}
-
-impl Split {
-    /// The backend of one try, by weight (from `draw`, uniform over `u64`).
-    pub fn pick(&self, draw: u64) -> Result<&SplitBackend, ProxyError> {
-        ferry_api::route::pick(&self.backends, |b| b.weight, draw).ok_or_else(|| {
-            ProxyError::BackendNotFound(format!("HTTPRoute rule {} has no backend with a weight", self.route))
-        })
-    }
+    pub split: Option<Arc<Split<Destination>>>,
 }
 
 impl Destination {

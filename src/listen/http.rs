@@ -283,7 +283,7 @@ impl Upstream {
     async fn send(self, mut req: Request<ProxyBody>) -> Result<Response<ProxyBody>, ProxyError> {
         let call = req.extensions().get::<Arc<Call<Sent>>>().expect("the listener attaches a Call").clone();
         // The route backend this try picked, else the request's destination.
-        let backend = req.extensions_mut().remove::<Backend>();
+        let backend = req.extensions_mut().remove::<Backend<Destination>>();
         let dest = backend.as_ref().map_or(&call.dest, |Backend(d)| &**d);
         let conn = &call.upstream.conn;
         let limit = dest.outbound.caps.map(|caps| self.limits.connections(&dest.service, caps));

@@ -10,10 +10,11 @@ use tokio::net::TcpStream;
 
 use super::Listeners;
 use crate::direction::Direction;
-use crate::discovery::destination::{Destination, Split, SplitBackend};
+use crate::discovery::destination::Destination;
 use crate::discovery::snapshot::{Route, RouteError, Snapshot};
 use crate::errors::ProxyError;
 use crate::identity::tls::{self, PeerTls};
+use crate::policy::split::{Split, SplitBackend};
 use ferry_api::route::{Backend, RequestView};
 
 /// The `service` label of outbound requests that matched no Service in explicit mode.
@@ -193,7 +194,7 @@ impl Listeners {
             return Err((parent, ProxyError::RouteNotFound(why)));
         };
         let port = route.port.port;
-        let backends: Vec<SplitBackend> = rule
+        let backends: Vec<SplitBackend<Destination>> = rule
             .backends
             .iter()
             .filter(|b| b.weight > 0)
@@ -216,7 +217,13 @@ impl Listeners {
 
     /// A weighted backend of HTTPRoute rule `rule`, resolved in `snapshot` (on the request's `port` when it names
     /// none), or the refusal of the tries that pick it.
-    fn split_backend(&self, snapshot: &Snapshot, rule: &str, backend: &Backend, port: u16) -> SplitBackend {
+    fn split_backend(
+        &self,
+        snapshot: &Snapshot,
+        rule: &str,
+        backend: &Backend,
+        port: u16,
+    ) -> SplitBackend<Destination> {
         let weight = backend.weight;
         let unusable = |error: fn(String) -> ProxyError, why: String| (error, format!("HTTPRoute rule {rule}: {why}"));
         let port = backend.port.unwrap_or(port);

@@ -1,26 +1,65 @@
 //! Route splits: each try of a request that an HTTPRoute rule sends to weighted backends picks one of them (a retry
 //! picks again), and the layers under it (breaker, caps, balancer) and the upstream act for that backend Service.
 
+use std::marker::PhantomData;
 use std::sync::Arc;
 
 use http::{Request, Response};
 
 use super::Mechanism;
 use crate::body::ProxyBody;
-use crate::discovery::destination::{Destination, Split};
 use crate::errors::{ProxyError, ResponseFuture};
 use crate::policy::balance::Tried;
 
+/// Why a route's backend cannot take a try: the error it answers with, and why.
+pub type Unusable = (fn(String) -> ProxyError, String);
+
+/// The backends of one HTTPRoute rule for one request, each a destination `D`.
+pub struct Split<D> {
+    /// The rule, `namespace/name/index` (the `route` metric label).
+    pub route: Arc<str>,
+    /// The backends with a weight above 0.
+    pub backends: Vec<SplitBackend<D>>,
+}
+
+pub struct SplitBackend<D> {
+    pub weight: u32,
+    /// Its Service's qualified name (the `backend` metric label).
+    pub name: Arc<str>,
+    /// Resolved, or the refusal a try that picks it gets.
+    pub dest: Result<Arc<D>, Unusable>,
+}
+
+impl<D> Split<D> {
+    /// The backend of one try, by weight (from `draw`, uniform over `u64`).
+    pub fn pick(&self, draw: u64) -> Result<&SplitBackend<D>, ProxyError> {
+        ferry_api::route::pick(&self.backends, |b| b.weight, draw).ok_or_else(|| {
+            ProxyError::BackendNotFound(format!("HTTPRoute rule {} has no backend with a weight", self.route))
+        })
+    }
+}
+
 /// The backend one try picked, on that try's request.
-#[derive(Clone)]
-pub struct Backend(pub Arc<Destination>);
+pub struct Backend<D>(pub Arc<D>);
+
+impl<D> Clone for Backend<D> {
+    fn clone(&self) -> Self {
+        Backend(self.0.clone())
+    }
+}
 
 /// Picks each try's backend (`Config`: the rule's backends, and the request's tries, where the pick is recorded for
 /// the `backend` metric label).
-pub struct Splitting;
+pub struct Splitting<D>(PhantomData<fn() -> D>);
 
-impl Mechanism for Splitting {
-    type Config = (Arc<Split>, Tried);
+impl<D> Default for Splitting<D> {
+    fn default() -> Self {
+        Splitting(PhantomData)
+    }
+}
+
+impl<D: Send + Sync + 'static> Mechanism for Splitting<D> {
+    type Config = (Arc<Split<D>>, Tried);
 
     fn call<S>(&self, (split, tried): Self::Config, inner: &mut S, mut req: Request<ProxyBody>) -> ResponseFuture
     where

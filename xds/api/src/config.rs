@@ -597,6 +597,19 @@ pub fn route_status(route: &HttpRoute, docs: &[Document], generation: i64) -> se
         .flat_map(|r| &r.backend_refs)
         .filter_map(|b| refs.resolve(b, route_ns).unresolved)
         .collect();
+    // Valid, and said: a rule with no backend to send to (none listed, or every weight 0: drained) answers 500.
+    let drained: Vec<String> = route
+        .spec
+        .rules
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.backend_refs.iter().all(|b| b.weight == 0))
+        .map(|(i, _)| format!("rules[{i}]"))
+        .collect();
+    let note = match drained.as_slice() {
+        [] => String::new(),
+        rules => format!("; requests matching {} get 500 (no backendRefs, or every weight 0)", rules.join(", ")),
+    };
     let condition = |kind: &str, ok: bool, reason: &str, message: String| {
         serde_json::json!({"type": kind, "status": if ok { "True" } else { "False" }, "reason": reason,
                            "message": message, "observedGeneration": generation})
@@ -618,7 +631,7 @@ pub fn route_status(route: &HttpRoute, docs: &[Document], generation: i64) -> se
                 ),
             };
             let resolved = match unresolved.first() {
-                None => condition("ResolvedRefs", true, "ResolvedRefs", "every backend resolved".into()),
+                None => condition("ResolvedRefs", true, "ResolvedRefs", format!("every backend resolved{note}")),
                 Some(first) => condition(
                     "ResolvedRefs",
                     false,
