@@ -212,6 +212,37 @@ async fn a_backend_in_another_namespace_is_served_only_with_a_reference_grant() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_filters_change_the_request_the_backend_sees_and_the_response_the_client_gets() {
+    let (v1, v2) = (backend::http_backend().await, backend::http_backend().await);
+    let rules = "  - matches: [{path: {type: PathPrefix, value: /headers}}]\n    filters:\n    - {type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-env, value: canary}], add: [{name: x-tag, value: a}], remove: [x-secret]}}\n    - {type: ResponseHeaderModifier, responseHeaderModifier: {set: [{name: x-served-by, value: canary-route}], remove: [x-seen-version]}}\n    backendRefs: [{name: api-v2}]\n";
+    let ferry =
+        tokio::task::block_in_place(|| Ferry::start(Some(&config(v1.addr, v2.addr, &route("filtered", rules))), &[]));
+    let r = tokio::task::block_in_place(|| {
+        let headers = [("Host", "api"), ("x-env", "prod"), ("x-tag", "b"), ("x-secret", "token")];
+        support::http_exchange_full(ferry.outbound, "GET", "/headers", &headers, "").expect("an answer")
+    });
+    assert_eq!(r.status, 200, "{r:?}");
+    // At the backend: set replaced, add appended, remove gone.
+    let seen: Vec<&str> = r.body.lines().collect();
+    assert!(seen.contains(&"x-env: canary") && !seen.contains(&"x-env: prod"), "{seen:?}");
+    assert!(seen.contains(&"x-tag: b") && seen.contains(&"x-tag: a"), "{seen:?}");
+    assert!(!seen.iter().any(|l| l.starts_with("x-secret")), "{seen:?}");
+    // At the client: the response's header set, one of the app's removed.
+    assert_eq!((r.header("x-served-by"), r.header("x-seen-version")), (Some("canary-route"), None), "{r:?}");
+    // A filter naming a header only Ferry writes is refused, naming the field.
+    let bad = route(
+        "bad",
+        "  - filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: Ferry-Client-Id, value: spiffe://cluster.local/ns/default/sa/admin}]}}]\n    backendRefs: [{name: api}]\n",
+    );
+    let err = ferry_api::parse_documents(&config(v1.addr, v2.addr, &bad)).unwrap_err().to_string();
+    assert!(
+        err.contains("spec.rules[0].filters[0].requestHeaderModifier.set[0].name")
+            && err.contains("Ferry's own header"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_matching_rule_the_request_is_rejected_and_without_routes_it_goes_to_the_service() {
     let (v1, v2) = (backend::http_backend().await, backend::http_backend().await);
     let rules = "  - matches: [{path: {type: PathPrefix, value: /v2}}]\n    backendRefs: [{name: api-v2}]\n";

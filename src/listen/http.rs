@@ -21,6 +21,7 @@ use crate::discovery::destination::Destination;
 use crate::errors::{self, ProxyError};
 use crate::policy::balance::{Picked, Tried};
 use crate::policy::concurrency::Limits;
+use crate::policy::headers::{self, Side};
 use crate::policy::split::Backend;
 use crate::stack::Call;
 use crate::telemetry::access_log::{self, Seen};
@@ -143,6 +144,12 @@ impl Listeners {
             }
         };
         let route = dest.split.as_ref().map(|s| s.route.clone());
+        // The rule's header filters: on the request once (whatever the tries), on the response it gets.
+        let filters = dest.split.as_ref().map(|s| s.filters.clone()).filter(|f| !f.is_empty());
+        let mut req = req;
+        if let Some(f) = &filters {
+            headers::apply(f, Side::Request, req.headers_mut());
+        }
         let handles = self.metrics.requests(direction, &dest.service);
         let counted = Counted { service: dest.service.clone(), route, backend: None, handles };
         let size = counted.handles.request_size.clone();
@@ -159,7 +166,15 @@ impl Listeners {
         let caller = conn.peer_identity.clone();
         let upstream = Sent { authority, conn: conn.clone() };
         req.extensions_mut().insert(Arc::new(Call { dest, caller, tried: tried.clone(), upstream }));
-        (counted, stack.clone().oneshot(req).await)
+        let result = stack.clone().oneshot(req).await;
+        let result = match (filters, result) {
+            (Some(f), Ok(mut resp)) => {
+                headers::apply(&f, Side::Response, resp.headers_mut());
+                Ok(resp)
+            }
+            (_, result) => result,
+        };
+        (counted, result)
     }
 
     /// Counts the request in its Service's metrics, and the response's size: at once, or when a gRPC response whose

@@ -211,7 +211,7 @@ impl Listeners {
             tls: None,
             outbound: route.service.outbound.clone(),
             inbound: None,
-            split: Some(Arc::new(Split { route: rule.label.clone(), backends })),
+            split: Some(Arc::new(Split { route: rule.label.clone(), filters: rule.filters.clone(), backends })),
         })
     }
 

@@ -10,6 +10,7 @@ pub mod authz;
 pub mod balance;
 pub mod breaker;
 pub mod concurrency;
+pub mod headers;
 pub mod outlier;
 pub mod path;
 pub mod ratelimit;

@@ -18,6 +18,8 @@ pub type Unusable = (fn(String) -> ProxyError, String);
 pub struct Split<D> {
     /// The rule, `namespace/name/index` (the `route` metric label).
     pub route: Arc<str>,
+    /// Its filters (applied once to the request and its response, not per try).
+    pub filters: Arc<[ferry_api::route::HttpRouteFilter]>,
     /// The backends with a weight above 0.
     pub backends: Vec<SplitBackend<D>>,
 }

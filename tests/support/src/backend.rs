@@ -126,7 +126,7 @@ pub fn seeded_failure(seed: u64, n: u64, percent: u64) -> bool {
     (z ^ (z >> 31)) % 100 < percent
 }
 
-/// The test app. `/echo` streams the request body back; `/sha256` hashes the body; `/download?bytes=N` streams N
+/// The test app. `/echo` streams the request body back; `/headers` lists the request's headers; `/sha256` hashes the body; `/download?bytes=N` streams N
 /// pattern bytes; `/delay?ms=N` answers after N ms; `/stall?ms=N` sends its headers and a first chunk, the rest after
 /// N ms; `/status?code=N` answers N; `/grpc-status?code=N` is a gRPC answer with
 /// `grpc-status: N`; `/flaky?every=N` fails every Nth request of this backend with 503,
@@ -164,6 +164,12 @@ async fn app(req: Request<Incoming>, n: u64, port: u16) -> Result<Response<TestB
     let path = req.uri().path().to_string();
     let resp = match path.as_str() {
         "/echo" => builder.body(req.into_body().map_err(BoxError::from).boxed()),
+        // Every request header, one `name: value` line each, in order.
+        "/headers" => {
+            let lines: String =
+                req.headers().iter().map(|(n, v)| format!("{n}: {}\n", v.to_str().unwrap_or("?"))).collect();
+            builder.body(full(lines))
+        }
         "/sha256" => {
             let (n, sha) = hash_body(req.into_body()).await.unwrap_or((0, "error".into()));
             builder.body(full(format!("{n} {sha}")))

@@ -554,6 +554,7 @@ pub fn route_sets(docs: &[Document]) -> Vec<RouteSet> {
             .map(|rule| AttachedRule {
                 name: rule.name.clone(),
                 matches: rule.matches.clone(),
+                filters: rule.filters.clone(),
                 backends: rule.backend_refs.iter().map(|b| refs.resolve(b, route_ns)).collect(),
             })
             .collect();

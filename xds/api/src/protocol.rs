@@ -238,7 +238,7 @@ spec: {targetRef: {kind: Service, name: payments}, timeout: 2s}
     fn route_sets_round_trip_and_bad_ones_are_refused_naming_the_field() {
         let yaml = format!(
             "{DOCS}---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: r, namespace: shop}}\n\
-             spec: {{parentRefs: [{{group: '', kind: Service, name: payments}}], rules: [{{matches: [{{path: {{type: RegularExpression, value: '/v[0-9]+'}}}}], backendRefs: [{{name: payments, weight: 3}}]}}]}}\n"
+             spec: {{parentRefs: [{{group: '', kind: Service, name: payments}}], rules: [{{matches: [{{path: {{type: RegularExpression, value: '/v[0-9]+'}}}}], filters: [{{type: RequestHeaderModifier, requestHeaderModifier: {{set: [{{name: x-env, value: canary}}], remove: [x-secret]}}}}], backendRefs: [{{name: payments, weight: 3}}]}}]}}\n"
         );
         let set = crate::config::route_sets(&crate::parse_documents(&yaml).unwrap()).remove(0);
         let any = encode_routes(&set);
@@ -251,5 +251,16 @@ spec: {targetRef: {kind: Service, name: payments}, timeout: 2s}
         let any = Any { type_url: ROUTE_SET_TYPE.into(), value: bad.encode_to_vec() };
         let err = decode("shop/payments/shop", &any).unwrap_err().to_string();
         assert!(err.contains("routes[0].rules[0].matches[0].path.value: not a valid regular expression"), "{err}");
+        assert_eq!(set.routes[0].rules[0].filters.len(), 1, "filters travel with the rule");
+        // A filter that would change a header only Ferry writes: NACKed too.
+        let mut bad = crate::resources::route_set_to_pb(&set);
+        bad.routes[0].rules[0].filters[0].request_header_modifier.as_mut().unwrap().remove =
+            vec!["ferry-client-id".into()];
+        let any = Any { type_url: ROUTE_SET_TYPE.into(), value: bad.encode_to_vec() };
+        let err = decode("shop/payments/shop", &any).unwrap_err().to_string();
+        assert!(
+            err.contains("routes[0].rules[0].filters[0].requestHeaderModifier.remove[0]: `ferry-client-id`"),
+            "{err}"
+        );
     }
 }

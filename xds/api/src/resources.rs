@@ -13,8 +13,8 @@ use crate::policy::{
     TrafficPolicy, TrafficPolicySpec,
 };
 use crate::route::{
-    AttachedRoute, AttachedRule, Backend, HttpRouteMatch, PathMatch, PathMatchType, RouteSet, ValueMatch,
-    ValueMatchType,
+    AttachedRoute, AttachedRule, Backend, HeaderModifier, HeaderPair, HttpRouteFilter, HttpRouteMatch, PathMatch,
+    PathMatchType, RouteSet, ValueMatch, ValueMatchType,
 };
 
 /// The generated messages (`xds/api/proto/ferry/v1/resources.proto`).
@@ -182,6 +182,30 @@ fn value_match_to_pb(v: &ValueMatch) -> pb::ValueMatch {
 }
 
 /// A route set as the control plane sends it.
+fn filter_to_pb(f: &HttpRouteFilter) -> pb::RouteFilter {
+    let modifier = |m: &HeaderModifier| pb::HeaderModifier {
+        set: m.set.iter().map(|h| pb::HeaderPair { name: h.name.clone(), value: h.value.clone() }).collect(),
+        add: m.add.iter().map(|h| pb::HeaderPair { name: h.name.clone(), value: h.value.clone() }).collect(),
+        remove: m.remove.clone(),
+    };
+    pb::RouteFilter {
+        r#type: f.kind.clone(),
+        request_header_modifier: f.request_header_modifier.as_ref().map(modifier),
+        response_header_modifier: f.response_header_modifier.as_ref().map(modifier),
+    }
+}
+
+fn filter_from_pb(f: pb::RouteFilter) -> HttpRouteFilter {
+    let pairs =
+        |list: Vec<pb::HeaderPair>| list.into_iter().map(|h| HeaderPair { name: h.name, value: h.value }).collect();
+    let modifier = |m: pb::HeaderModifier| HeaderModifier { set: pairs(m.set), add: pairs(m.add), remove: m.remove };
+    HttpRouteFilter {
+        kind: f.r#type,
+        request_header_modifier: f.request_header_modifier.map(modifier),
+        response_header_modifier: f.response_header_modifier.map(modifier),
+    }
+}
+
 pub fn route_set_to_pb(set: &RouteSet) -> pb::RouteSet {
     pb::RouteSet {
         service_namespace: set.service_namespace.clone(),
@@ -203,6 +227,7 @@ pub fn route_set_to_pb(set: &RouteSet) -> pb::RouteSet {
                     .iter()
                     .map(|rule| pb::RouteRule {
                         name: rule.name.clone().unwrap_or_default(),
+                        filters: rule.filters.iter().map(filter_to_pb).collect(),
                         matches: rule
                             .matches
                             .iter()
@@ -295,7 +320,10 @@ pub fn route_set_from_pb(set: pb::RouteSet) -> Result<RouteSet, ConfigError> {
                     unresolved: (!b.unresolved.is_empty()).then_some(b.unresolved),
                 })
                 .collect();
-            rules.push(AttachedRule { name: (!rule.name.is_empty()).then_some(rule.name), matches, backends });
+            let filters: Vec<HttpRouteFilter> = rule.filters.into_iter().map(filter_from_pb).collect();
+            crate::route::validate_filters(&format!("routes[{i}].rules[{j}].filters"), &filters, &mut errors);
+            let name = (!rule.name.is_empty()).then_some(rule.name);
+            rules.push(AttachedRule { name, matches, filters, backends });
         }
         routes.push(AttachedRoute { namespace: meta.namespace, name: meta.name, created: r.created, ports, rules });
     }

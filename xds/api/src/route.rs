@@ -47,7 +47,7 @@ pub struct HttpRouteSpec {
 }
 
 fn default_rules() -> Vec<HttpRouteRule> {
-    vec![HttpRouteRule { name: None, matches: default_matches(), backend_refs: Vec::new() }]
+    vec![HttpRouteRule { name: None, matches: default_matches(), filters: Vec::new(), backend_refs: Vec::new() }]
 }
 
 /// A parent: for a mesh route, a Service (`group: ""`, `kind: Service`), optionally one of its ports.
@@ -86,8 +86,155 @@ pub struct HttpRouteRule {
     /// Any one of them selects the rule; none written means every request (`PathPrefix /`).
     #[serde(default = "default_matches")]
     pub matches: Vec<HttpRouteMatch>,
+    /// Applied once to each request the rule takes (not per try), and to its response.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub filters: Vec<HttpRouteFilter>,
     #[serde(default)]
     pub backend_refs: Vec<BackendRef>,
+}
+
+/// A rule's filter (`HTTPRouteFilter`); Ferry supports the header modifiers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpRouteFilter {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_header_modifier: Option<HeaderModifier>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_header_modifier: Option<HeaderModifier>,
+}
+
+/// `HTTPHeaderFilter`: headers set (replacing any of the name), added (after any of the name) and removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HeaderModifier {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub set: Vec<HeaderPair>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub add: Vec<HeaderPair>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remove: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderPair {
+    pub name: String,
+    pub value: String,
+}
+
+/// Headers only Ferry writes (the caller's verified identity, the caller's HTTP version between proxies): no filter
+/// may set, add or remove them, in any spelling an app could read as the same name.
+pub const FERRY_OWNED_HEADERS: [&str; 2] = ["ferry-client-id", "ferry-orig-proto"];
+
+/// Headers that belong to the connection or the request line, not to what a filter may change (`Host` is changed
+/// by `URLRewrite`).
+const UNMODIFIABLE_HEADERS: [&str; 8] =
+    ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "upgrade", "host", "content-length"];
+
+/// The upstream CRD's bounds: 16 entries per list, names up to 256 characters, values up to 4,096.
+const MAX_HEADER_ENTRIES: usize = 16;
+const MAX_HEADER_NAME: usize = 256;
+const MAX_HEADER_VALUE: usize = 4096;
+
+/// Validates one rule's `filters` (`path` = `spec.rules[i].filters`).
+pub(crate) fn validate_filters(path: &str, filters: &[HttpRouteFilter], errors: &mut Vec<FieldError>) {
+    if filters.len() > MAX_RULES {
+        errors.push(field(path.to_string(), format!("at most {MAX_RULES}")));
+    }
+    let mut seen = BTreeMap::new();
+    for (i, f) in filters.iter().enumerate() {
+        let path = format!("{path}[{i}]");
+        let (request, response) = (f.request_header_modifier.as_ref(), f.response_header_modifier.as_ref());
+        let modifier = match (f.kind.as_str(), request, response) {
+            ("RequestHeaderModifier", Some(m), None) => Some(("requestHeaderModifier", m)),
+            ("ResponseHeaderModifier", None, Some(m)) => Some(("responseHeaderModifier", m)),
+            ("RequestHeaderModifier" | "ResponseHeaderModifier", _, _) => {
+                let want =
+                    if f.kind == "RequestHeaderModifier" { "requestHeaderModifier" } else { "responseHeaderModifier" };
+                errors.push(field(format!("{path}.{want}"), format!("required with type {} (and only it)", f.kind)));
+                None
+            }
+            ("RequestRedirect" | "URLRewrite" | "RequestMirror", _, _) => {
+                errors
+                    .push(field(format!("{path}.type"), format!("{} is not supported yet (routing, part 2)", f.kind)));
+                None
+            }
+            (other, _, _) => {
+                let why =
+                    format!("`{other}` is not a filter Ferry supports (RequestHeaderModifier, ResponseHeaderModifier)");
+                errors.push(field(format!("{path}.type"), why));
+                None
+            }
+        };
+        if let Some(first) = seen.insert(f.kind.clone(), i) {
+            errors.push(field(
+                format!("{path}.type"),
+                format!("{} is also filters[{first}]: at most one of each", f.kind),
+            ));
+        }
+        if let Some((name, m)) = modifier {
+            validate_header_modifier(&format!("{path}.{name}"), m, errors);
+        }
+    }
+}
+
+fn validate_header_modifier(path: &str, m: &HeaderModifier, errors: &mut Vec<FieldError>) {
+    let names = m.set.iter().map(|h| ("set", h.name.as_str())).chain(m.add.iter().map(|h| ("add", h.name.as_str())));
+    let names = names.chain(m.remove.iter().map(|n| ("remove", n.as_str())));
+    let mut per_list: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    let mut index: BTreeMap<&str, usize> = BTreeMap::new();
+    for (list, name) in names {
+        let i = index.entry(list).or_default();
+        let at = format!("{path}.{list}[{i}]{}", if list == "remove" { "" } else { ".name" });
+        *i += 1;
+        let lower = name.to_ascii_lowercase();
+        let spelled = lower.replace('_', "-");
+        if !is_token(name) || name.len() > MAX_HEADER_NAME {
+            errors.push(field(
+                at,
+                format!("`{name}` is not a header name (an HTTP token of at most {MAX_HEADER_NAME} characters)"),
+            ));
+        } else if FERRY_OWNED_HEADERS.contains(&spelled.as_str()) {
+            errors.push(field(at, format!("`{name}` is Ferry's own header: a filter may not change it")));
+        } else if UNMODIFIABLE_HEADERS.contains(&lower.as_str()) {
+            errors.push(field(
+                at,
+                format!("`{name}` belongs to the connection or the request line: a filter may not change it"),
+            ));
+        } else if per_list.entry(list).or_default().contains(&lower) {
+            errors.push(field(at, format!("`{name}` is listed twice")));
+        } else {
+            per_list.entry(list).or_default().push(lower);
+        }
+    }
+    // A name both changed and removed would depend on the order they are applied in: refused.
+    let removed = per_list.get("remove").cloned().unwrap_or_default();
+    for (list, pairs) in [("set", &m.set), ("add", &m.add)] {
+        for (i, h) in pairs.iter().enumerate() {
+            if removed.contains(&h.name.to_ascii_lowercase()) {
+                errors.push(field(format!("{path}.{list}[{i}].name"), format!("`{}` is also in remove", h.name)));
+            }
+        }
+    }
+    for (list, len) in [("set", m.set.len()), ("add", m.add.len()), ("remove", m.remove.len())] {
+        if len > MAX_HEADER_ENTRIES {
+            errors.push(field(format!("{path}.{list}"), format!("at most {MAX_HEADER_ENTRIES}")));
+        }
+    }
+    for (list, pairs) in [("set", &m.set), ("add", &m.add)] {
+        for (i, h) in pairs.iter().enumerate() {
+            let ok =
+                h.value.len() <= MAX_HEADER_VALUE && h.value.bytes().all(|b| b == b'\t' || (b' '..=b'~').contains(&b));
+            if !ok {
+                errors.push(field(
+                    format!("{path}.{list}[{i}].value"),
+                    format!("at most {MAX_HEADER_VALUE} visible ASCII characters, spaces and tabs"),
+                ));
+            }
+        }
+    }
 }
 
 fn default_matches() -> Vec<HttpRouteMatch> {
@@ -330,6 +477,7 @@ pub fn validate_http_route(spec: &HttpRouteSpec, errors: &mut Vec<FieldError>) {
         for (j, m) in rule.matches.iter().enumerate() {
             validate_match(&format!("{path}.matches[{j}]"), m, errors);
         }
+        validate_filters(&format!("{path}.filters"), &rule.filters, errors);
         if rule.backend_refs.len() > MAX_BACKENDS {
             errors.push(field(format!("{path}.backendRefs"), format!("at most {MAX_BACKENDS}")));
         }
@@ -520,6 +668,8 @@ pub struct RouteTable {
 pub struct RuleInfo {
     /// `namespace/name/index`, the metrics' `route` label.
     pub label: std::sync::Arc<str>,
+    /// Its filters (shared by the requests it takes).
+    pub filters: std::sync::Arc<[HttpRouteFilter]>,
     pub backends: Vec<Backend>,
 }
 
@@ -551,6 +701,7 @@ pub struct AttachedRoute {
 pub struct AttachedRule {
     pub name: Option<String>,
     pub matches: Vec<HttpRouteMatch>,
+    pub filters: Vec<HttpRouteFilter>,
     pub backends: Vec<Backend>,
 }
 
@@ -604,7 +755,11 @@ impl RouteTable {
             let key = format!("{}/{}", route.namespace, route.name);
             let mut infos = Vec::new();
             for (i, rule) in route.rules.iter().enumerate() {
-                infos.push(RuleInfo { label: format!("{key}/{i}").into(), backends: rule.backends.clone() });
+                infos.push(RuleInfo {
+                    label: format!("{key}/{i}").into(),
+                    filters: rule.filters.clone().into(),
+                    backends: rule.backends.clone(),
+                });
                 for (j, m) in rule.matches.iter().enumerate() {
                     let Some(compiled) = compile_match(m, (r, i)) else { continue };
                     keyed.push((precedence(m, route.created, &key, i, j), compiled));
@@ -908,7 +1063,39 @@ mod tests {
             ),
             (
                 "parentRefs: [{group: '', kind: Service, name: api}]\nrules: [{filters: [{type: RequestHeaderModifier}]}]",
-                "spec.rules[0].filters: unknown field `filters`",
+                "spec.rules[0].filters[0].requestHeaderModifier: required with type RequestHeaderModifier",
+            ),
+            (
+                "parentRefs: [{group: '', kind: Service, name: api}]\nrules: [{filters: [{type: URLRewrite}]}]",
+                "spec.rules[0].filters[0].type: URLRewrite is not supported yet",
+            ),
+            (
+                "parentRefs: [{group: '', kind: Service, name: api}]\nrules: [{filters: [{type: RequestRedirect, requestRedirect: {statusCode: 301}}]}]",
+                "unknown field `requestRedirect`",
+            ),
+            (
+                "parentRefs: [{group: '', kind: Service, name: api}]\nrules: [{filters: [{type: RequestHeaderModifier, requestHeaderModifier: {remove: [ferry_orig_proto]}}]}]",
+                "spec.rules[0].filters[0].requestHeaderModifier.remove[0]: `ferry_orig_proto` is Ferry's own header",
+            ),
+            (
+                "parentRefs: [{group: '', kind: Service, name: api}]\nrules: [{filters: [{type: ResponseHeaderModifier, responseHeaderModifier: {add: [{name: Connection, value: close}]}}]}]",
+                "spec.rules[0].filters[0].responseHeaderModifier.add[0].name: `Connection` belongs to the connection",
+            ),
+            (
+                "parentRefs: [{group: '', kind: Service, name: api}]\nrules: [{filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-a, value: '1'}], remove: [X-A]}}]}]",
+                "spec.rules[0].filters[0].requestHeaderModifier.set[0].name: `x-a` is also in remove",
+            ),
+            (
+                "parentRefs: [{group: '', kind: Service, name: api}]\nrules: [{filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: 'x a', value: '1'}]}}]}]",
+                "spec.rules[0].filters[0].requestHeaderModifier.set[0].name: `x a` is not a header name",
+            ),
+            (
+                "parentRefs: [{group: '', kind: Service, name: api}]\nrules: [{filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-a, value: \"a\\nb\"}]}}]}]",
+                "spec.rules[0].filters[0].requestHeaderModifier.set[0].value: at most 4096 visible ASCII",
+            ),
+            (
+                "parentRefs: [{group: '', kind: Service, name: api}]\nrules: [{filters: [{type: RequestHeaderModifier, requestHeaderModifier: {}}, {type: RequestHeaderModifier, requestHeaderModifier: {}}]}]",
+                "spec.rules[0].filters[1].type: RequestHeaderModifier is also filters[0]",
             ),
         ];
         for (spec, want) in cases {
