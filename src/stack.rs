@@ -89,9 +89,9 @@ impl<S> Innermost for S where
 pub fn outbound<U: Send + Sync + 'static>(r: &Registries, metrics: &Arc<Metrics>, send: impl Innermost) -> Stack {
     let m = metrics.clone();
     let stack = ServiceBuilder::new()
-        // The destination's request timeout covers everything under it, the response body included, and a gRPC
-        // caller's own deadline when shorter.
-        .layer(Layer::new(RequestTimeout, |req| Some(Call::<U>::of(req).dest.outbound.timeout)))
+        // The destination's request timeout (its HTTPRoute rule's, else its Service's) covers everything under it,
+        // the response body included, and a gRPC caller's own deadline when shorter.
+        .layer(Layer::new(RequestTimeout, |req| Some(Call::<U>::of(req).dest.request_timeout())))
         // Retries within the policy and the budget (each try passes the breaker and caps below; under a route split,
         // a try its backend refused is retried, the next try picking again).
         .layer(Layer::new(Retrying::new(r.budgets.clone(), m.clone()), |req| {
@@ -115,7 +115,7 @@ pub fn outbound<U: Send + Sync + 'static>(r: &Registries, metrics: &Arc<Metrics>
             Some((dest.outbound.caps?, dest.service.clone()))
         }))
         // Each try must answer in time, so that a retry can still fit in the request timeout.
-        .layer(Layer::new(PerTryTimeout, |req| Call::<U>::of(req).dest.outbound.retry.as_ref()?.per_try_timeout))
+        .layer(Layer::new(PerTryTimeout, |req| Call::<U>::of(req).dest.per_try_timeout()))
         // Each try to the endpoint with the least expected latency (another one than the failed try's when it can),
         // never to one outlier detection has ejected. A destination of one fixed endpoint has no choice to make.
         .layer(Layer::new(Balance::new(r.balancers.clone(), m), |req| {

@@ -243,6 +243,31 @@ async fn header_filters_change_the_request_the_backend_sees_and_the_response_the
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_route_hits_its_own_timeout_while_a_sibling_route_is_unaffected() {
+    // GEP-1742: `timeouts.request` (the whole request) and `timeouts.backendRequest` (each try) of one rule; the
+    // Service itself has no timeout, so its other rule waits for the app.
+    let (v1, v2) = (backend::http_backend().await, backend::http_backend().await);
+    let rules = "  - matches: [{path: {value: /}, headers: [{name: x-route, value: strict}]}]\n    timeouts: {request: 300ms}\n    backendRefs: [{name: api}]\n\
+                 \x20 - matches: [{path: {value: /}, headers: [{name: x-route, value: per-try}]}]\n    timeouts: {request: 5s, backendRequest: 200ms}\n    backendRefs: [{name: api}]\n\
+                 \x20 - backendRefs: [{name: api}]\n";
+    let ferry =
+        tokio::task::block_in_place(|| Ferry::start(Some(&config(v1.addr, v2.addr, &route("timeouts", rules))), &[]));
+    let get = |route: Option<&str>| {
+        let mut headers = vec![("Host", "api")];
+        headers.extend(route.map(|r| ("x-route", r)));
+        let start = std::time::Instant::now();
+        let r = support::http_exchange_full(ferry.outbound, "GET", "/delay?ms=1200", &headers, "").expect("an answer");
+        (r.status, r.header("ferry-proxy-error").map(str::to_string), start.elapsed())
+    };
+    let (strict, per_try, sibling) =
+        tokio::task::block_in_place(|| (get(Some("strict")), get(Some("per-try")), get(None)));
+    assert_eq!((strict.0, strict.1.as_deref()), (504, Some("request-timeout")), "{strict:?}");
+    assert_eq!((per_try.0, per_try.1.as_deref()), (504, Some("per-try-timeout")), "{per_try:?}");
+    assert_eq!((sibling.0, sibling.1.as_deref()), (200, None), "{sibling:?}");
+    assert!(sibling.2 >= Duration::from_millis(1200), "the sibling waited for the app: {sibling:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_matching_rule_the_request_is_rejected_and_without_routes_it_goes_to_the_service() {
     let (v1, v2) = (backend::http_backend().await, backend::http_backend().await);
     let rules = "  - matches: [{path: {type: PathPrefix, value: /v2}}]\n    backendRefs: [{name: api-v2}]\n";

@@ -37,6 +37,24 @@ impl Destination {
         Destination { service, port: addr.port(), target, tls: None, outbound, inbound: None, split: None }
     }
 
+    /// The whole request's timeout: its HTTPRoute rule's `timeouts.request` where set (`0s`: none), else the
+    /// Service's TrafficPolicy `timeout`.
+    pub fn request_timeout(&self) -> Option<std::time::Duration> {
+        match self.split.as_ref().and_then(|s| s.timeouts.request) {
+            Some(t) => (!t.is_zero()).then_some(t),
+            None => self.outbound.timeout,
+        }
+    }
+
+    /// Each try's timeout: its HTTPRoute rule's `timeouts.backendRequest` where set (`0s`: none), else the Service's
+    /// `retries.perTryTimeout`.
+    pub fn per_try_timeout(&self) -> Option<std::time::Duration> {
+        match self.split.as_ref().and_then(|s| s.timeouts.backend_request) {
+            Some(t) => (!t.is_zero()).then_some(t),
+            None => self.outbound.retry.as_ref()?.per_try_timeout,
+        }
+    }
+
     /// The fixed endpoint, when the load balancer has no choice to make.
     pub fn fixed_endpoint(&self) -> Option<Endpoint> {
         match &self.target {

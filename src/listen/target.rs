@@ -211,7 +211,12 @@ impl Listeners {
             tls: None,
             outbound: route.service.outbound.clone(),
             inbound: None,
-            split: Some(Arc::new(Split { route: rule.label.clone(), filters: rule.filters.clone(), backends })),
+            split: Some(Arc::new(Split {
+                route: rule.label.clone(),
+                filters: rule.filters.clone(),
+                timeouts: rule.timeouts,
+                backends,
+            })),
         })
     }
 

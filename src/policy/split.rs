@@ -20,6 +20,8 @@ pub struct Split<D> {
     pub route: Arc<str>,
     /// Its filters (applied once to the request and its response, not per try).
     pub filters: Arc<[ferry_api::route::HttpRouteFilter]>,
+    /// Its timeouts, which replace the Service's where set.
+    pub timeouts: ferry_api::route::RuleTimeouts,
     /// The backends with a weight above 0.
     pub backends: Vec<SplitBackend<D>>,
 }

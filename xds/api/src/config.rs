@@ -555,6 +555,7 @@ pub fn route_sets(docs: &[Document]) -> Vec<RouteSet> {
                 name: rule.name.clone(),
                 matches: rule.matches.clone(),
                 filters: rule.filters.clone(),
+                timeouts: rule.timeouts.clone().unwrap_or_default(),
                 backends: rule.backend_refs.iter().map(|b| refs.resolve(b, route_ns)).collect(),
             })
             .collect();

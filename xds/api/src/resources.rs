@@ -13,8 +13,8 @@ use crate::policy::{
     TrafficPolicy, TrafficPolicySpec,
 };
 use crate::route::{
-    AttachedRoute, AttachedRule, Backend, HeaderModifier, HeaderPair, HttpRouteFilter, HttpRouteMatch, PathMatch,
-    PathMatchType, RouteSet, ValueMatch, ValueMatchType,
+    AttachedRoute, AttachedRule, Backend, HeaderModifier, HeaderPair, HttpRouteFilter, HttpRouteMatch,
+    HttpRouteTimeouts, PathMatch, PathMatchType, RouteSet, ValueMatch, ValueMatchType,
 };
 
 /// The generated messages (`xds/api/proto/ferry/v1/resources.proto`).
@@ -228,6 +228,8 @@ pub fn route_set_to_pb(set: &RouteSet) -> pb::RouteSet {
                     .map(|rule| pb::RouteRule {
                         name: rule.name.clone().unwrap_or_default(),
                         filters: rule.filters.iter().map(filter_to_pb).collect(),
+                        timeout_request: rule.timeouts.request.clone().unwrap_or_default(),
+                        timeout_backend_request: rule.timeouts.backend_request.clone().unwrap_or_default(),
                         matches: rule
                             .matches
                             .iter()
@@ -322,8 +324,14 @@ pub fn route_set_from_pb(set: pb::RouteSet) -> Result<RouteSet, ConfigError> {
                 .collect();
             let filters: Vec<HttpRouteFilter> = rule.filters.into_iter().map(filter_from_pb).collect();
             crate::route::validate_filters(&format!("routes[{i}].rules[{j}].filters"), &filters, &mut errors);
+            let set = |t: String| (!t.is_empty()).then_some(t);
+            let timeouts = HttpRouteTimeouts {
+                request: set(rule.timeout_request),
+                backend_request: set(rule.timeout_backend_request),
+            };
+            crate::route::validate_timeouts(&format!("routes[{i}].rules[{j}].timeouts"), &timeouts, &mut errors);
             let name = (!rule.name.is_empty()).then_some(rule.name);
-            rules.push(AttachedRule { name, matches, filters, backends });
+            rules.push(AttachedRule { name, matches, filters, timeouts, backends });
         }
         routes.push(AttachedRoute { namespace: meta.namespace, name: meta.name, created: r.created, ports, rules });
     }

@@ -47,7 +47,13 @@ pub struct HttpRouteSpec {
 }
 
 fn default_rules() -> Vec<HttpRouteRule> {
-    vec![HttpRouteRule { name: None, matches: default_matches(), filters: Vec::new(), backend_refs: Vec::new() }]
+    vec![HttpRouteRule {
+        name: None,
+        matches: default_matches(),
+        filters: Vec::new(),
+        backend_refs: Vec::new(),
+        timeouts: None,
+    }]
 }
 
 /// A parent: for a mesh route, a Service (`group: ""`, `kind: Service`), optionally one of its ports.
@@ -91,6 +97,77 @@ pub struct HttpRouteRule {
     pub filters: Vec<HttpRouteFilter>,
     #[serde(default)]
     pub backend_refs: Vec<BackendRef>,
+    /// GEP-1742: they replace the Service's TrafficPolicy `timeout` and `retries.perTryTimeout` for this rule.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeouts: Option<HttpRouteTimeouts>,
+}
+
+/// `HTTPRouteTimeouts` (GEP-1742), Gateway API durations (GEP-2257: `1h`, `30s`, `500ms`, `1m30s`); `0s` turns the
+/// timeout off.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpRouteTimeouts {
+    /// The whole request, retries and the response body included.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<String>,
+    /// Each try to a backend, until its response headers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend_request: Option<String>,
+}
+
+/// A rule's timeouts, parsed: `None` leaves the Service's; `Some(ZERO)` turns it off.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RuleTimeouts {
+    pub request: Option<std::time::Duration>,
+    pub backend_request: Option<std::time::Duration>,
+}
+
+impl HttpRouteTimeouts {
+    /// Parsed (validated values; one that does not parse is left unset).
+    pub fn parsed(&self) -> RuleTimeouts {
+        let parse = |t: &Option<String>| t.as_deref().and_then(|t| crate::parse_duration(t).ok());
+        RuleTimeouts { request: parse(&self.request), backend_request: parse(&self.backend_request) }
+    }
+}
+
+/// Pure: whether `text` is a Gateway API duration (GEP-2257): 1 to 4 groups of 1 to 5 digits and a unit (`h`, `m`,
+/// `s`, `ms`).
+pub fn is_gateway_duration(text: &str) -> bool {
+    let mut rest = text;
+    let mut groups = 0;
+    while !rest.is_empty() {
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        if !(1..=5).contains(&digits) {
+            return false;
+        }
+        rest = &rest[digits..];
+        let unit = ["ms", "h", "m", "s"].into_iter().find(|u| rest.starts_with(u));
+        let Some(unit) = unit else { return false };
+        rest = &rest[unit.len()..];
+        groups += 1;
+    }
+    (1..=4).contains(&groups)
+}
+
+/// Validates a rule's `timeouts` (`path` = `spec.rules[i].timeouts`).
+pub(crate) fn validate_timeouts(path: &str, t: &HttpRouteTimeouts, errors: &mut Vec<FieldError>) {
+    for (name, value) in [("request", &t.request), ("backendRequest", &t.backend_request)] {
+        if let Some(v) = value
+            && (!is_gateway_duration(v) || crate::parse_duration(v).is_err())
+        {
+            errors.push(field(
+                format!("{path}.{name}"),
+                format!("`{v}` is not a Gateway API duration (1h, 30s, 500ms, 1m30s)"),
+            ));
+        }
+    }
+    let parsed = t.parsed();
+    if let (Some(request), Some(backend)) = (parsed.request, parsed.backend_request)
+        && !request.is_zero()
+        && backend > request
+    {
+        errors.push(field(format!("{path}.backendRequest"), "must not be longer than request"));
+    }
 }
 
 /// A rule's filter (`HTTPRouteFilter`); Ferry supports the header modifiers.
@@ -478,6 +555,9 @@ pub fn validate_http_route(spec: &HttpRouteSpec, errors: &mut Vec<FieldError>) {
             validate_match(&format!("{path}.matches[{j}]"), m, errors);
         }
         validate_filters(&format!("{path}.filters"), &rule.filters, errors);
+        if let Some(t) = &rule.timeouts {
+            validate_timeouts(&format!("{path}.timeouts"), t, errors);
+        }
         if rule.backend_refs.len() > MAX_BACKENDS {
             errors.push(field(format!("{path}.backendRefs"), format!("at most {MAX_BACKENDS}")));
         }
@@ -670,6 +750,7 @@ pub struct RuleInfo {
     pub label: std::sync::Arc<str>,
     /// Its filters (shared by the requests it takes).
     pub filters: std::sync::Arc<[HttpRouteFilter]>,
+    pub timeouts: RuleTimeouts,
     pub backends: Vec<Backend>,
 }
 
@@ -702,6 +783,7 @@ pub struct AttachedRule {
     pub name: Option<String>,
     pub matches: Vec<HttpRouteMatch>,
     pub filters: Vec<HttpRouteFilter>,
+    pub timeouts: HttpRouteTimeouts,
     pub backends: Vec<Backend>,
 }
 
@@ -758,6 +840,7 @@ impl RouteTable {
                 infos.push(RuleInfo {
                     label: format!("{key}/{i}").into(),
                     filters: rule.filters.clone().into(),
+                    timeouts: rule.timeouts.parsed(),
                     backends: rule.backends.clone(),
                 });
                 for (j, m) in rule.matches.iter().enumerate() {
@@ -1029,6 +1112,22 @@ mod tests {
     }
 
     #[test]
+    fn gateway_api_durations_are_gep_2257() {
+        for ok in ["1h", "30s", "500ms", "1m30s", "0s", "1h2m3s4ms", "99999ms"] {
+            assert!(is_gateway_duration(ok), "{ok}");
+        }
+        for bad in ["", "1", "1.5s", "1d", "100000s", "1h2m3s4ms5s", " 1s", "1s ", "-1s", "1S"] {
+            assert!(!is_gateway_duration(bad), "{bad:?}");
+        }
+        let t = HttpRouteTimeouts { request: Some("0s".into()), backend_request: Some("250ms".into()) };
+        let want = RuleTimeouts {
+            request: Some(std::time::Duration::ZERO),
+            backend_request: Some(std::time::Duration::from_millis(250)),
+        };
+        assert_eq!(t.parsed(), want);
+    }
+
+    #[test]
     fn invalid_routes_name_the_field() {
         let cases: &[(&str, &str)] = &[
             ("parentRefs: [{name: api}]", "spec.parentRefs[0]: a mesh route's parent is a Service"),
@@ -1096,6 +1195,14 @@ mod tests {
             (
                 "parentRefs: [{group: '', kind: Service, name: api}]\nrules: [{filters: [{type: RequestHeaderModifier, requestHeaderModifier: {}}, {type: RequestHeaderModifier, requestHeaderModifier: {}}]}]",
                 "spec.rules[0].filters[1].type: RequestHeaderModifier is also filters[0]",
+            ),
+            (
+                "parentRefs: [{group: '', kind: Service, name: api}]\nrules: [{timeouts: {request: 1.5s}}]",
+                "spec.rules[0].timeouts.request: `1.5s` is not a Gateway API duration",
+            ),
+            (
+                "parentRefs: [{group: '', kind: Service, name: api}]\nrules: [{timeouts: {request: 1s, backendRequest: 2s}}]",
+                "spec.rules[0].timeouts.backendRequest: must not be longer than request",
             ),
         ];
         for (spec, want) in cases {
