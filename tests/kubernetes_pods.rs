@@ -222,7 +222,12 @@ async fn named_app(name: &'static str, port: u16) {
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| async move {
                 let caller = req.headers().get("ferry-client-id").and_then(|v| v.to_str().ok()).unwrap_or("none");
-                let body = format!("{name} on {port}: caller {caller} from {}\n", from.ip());
+                // An `x-env` header, when the request has one (what a route's filter set), and `/slow` takes 2 s.
+                let env = req.headers().get("x-env").and_then(|v| v.to_str().ok()).map(|e| format!(" env {e}"));
+                if req.uri().path() == "/slow" {
+                    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                }
+                let body = format!("{name} on {port}: caller {caller} from {}{}\n", from.ip(), env.unwrap_or_default());
                 Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(bytes::Bytes::from(
                     body,
                 ))))
@@ -460,7 +465,12 @@ fn an_httproute_from_the_api_server_steers_calls_between_injected_pods() {
                             "creationTimestamp": "2026-12-01T00:00:00Z"},
                "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "api", "port": 80}],
                         "rules": [{"matches": [{"headers": [{"name": "x-canary", "value": "yes"}]}],
+                                   "filters": [{"type": "RequestHeaderModifier",
+                                                "requestHeaderModifier": {"set": [{"name": "x-env", "value": "canary"}]}}],
                                    "backendRefs": [{"name": "api-v2", "port": 80}]},
+                                  {"matches": [{"path": {"type": "Exact", "value": "/slow"}}],
+                                   "timeouts": {"request": "300ms"},
+                                   "backendRefs": [{"name": "api", "port": 80}]},
                                   {"backendRefs": [{"name": "api", "port": 80, "weight": w1},
                                                    {"name": "api-v2", "port": 80, "weight": w2}]}]}})
     };
@@ -483,7 +493,12 @@ fn an_httproute_from_the_api_server_steers_calls_between_injected_pods() {
         let (status, _, body) = call_with(&web, url, &["x-canary: yes"]);
         assert_eq!(status, 200, "{body}\n{}", logs());
         assert!(body.starts_with("v2 on 8080: caller spiffe://cluster.local/ns/shop/sa/web"), "{body}");
+        // The rule's filter set x-env on the way (the caller's proxy), what the route object says.
+        assert!(body.trim_end().ends_with(" env canary"), "{body}");
     }
+    // The /slow rule's own timeout (300 ms) cuts a 2 s answer; the same app answers the default rule's requests.
+    let (status, error, body) = call(&web, "http://10.96.0.20/slow");
+    assert_eq!((status, error.as_str()), (504, "request-timeout"), "{body}\n{}", logs());
     // Status written back to the object.
     let parents = |api: &ApiServer| -> Vec<(String, String, String)> {
         let route = api.get(HTTP_ROUTES, "shop", "canary").unwrap_or_default();
