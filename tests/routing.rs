@@ -268,6 +268,29 @@ async fn a_slow_route_hits_its_own_timeout_while_a_sibling_route_is_unaffected()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirects_are_answered_by_the_proxy_and_rewrites_reach_the_backend() {
+    let (v1, v2) = (backend::http_backend().await, backend::http_backend().await);
+    let rules = "  - matches: [{path: {type: PathPrefix, value: /old}}]\n    filters: [{type: RequestRedirect, requestRedirect: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /new}, statusCode: 301}}]\n\
+                 \x20 - matches: [{path: {type: Exact, value: /moved}}]\n    filters: [{type: RequestRedirect, requestRedirect: {scheme: https, hostname: example.com}}]\n\
+                 \x20 - matches: [{path: {type: PathPrefix, value: /api}}]\n    filters: [{type: URLRewrite, urlRewrite: {hostname: internal.example, path: {type: ReplacePrefixMatch, replacePrefixMatch: /}}}]\n    backendRefs: [{name: api}]\n\
+                 \x20 - backendRefs: [{name: api}]\n";
+    let ferry =
+        tokio::task::block_in_place(|| Ferry::start(Some(&config(v1.addr, v2.addr, &route("moves", rules))), &[]));
+    let get = |path: &str| {
+        support::http_exchange_full(ferry.outbound, "GET", path, &[("Host", "api")], "").expect("an answer")
+    };
+    let (old, moved, rewritten) =
+        tokio::task::block_in_place(|| (get("/old/a?x=1"), get("/moved?x=1"), get("/api/headers?x=1")));
+    assert_eq!((old.status, old.header("location")), (301, Some("http://api/new/a?x=1")), "{old:?}");
+    assert_eq!((moved.status, moved.header("location")), (302, Some("https://example.com/moved?x=1")), "{moved:?}");
+    assert_eq!(v1.requests.load(Ordering::SeqCst), 1, "redirects never reach a backend");
+    // /api/headers went on as /headers (the app lists the headers it got), for Host internal.example.
+    assert_eq!(rewritten.status, 200, "{rewritten:?}");
+    assert!(rewritten.body.lines().any(|l| l == "host: internal.example"), "{rewritten:?}");
+    assert_eq!(rewritten.header("x-seen-host"), Some("internal.example"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_matching_rule_the_request_is_rejected_and_without_routes_it_goes_to_the_service() {
     let (v1, v2) = (backend::http_backend().await, backend::http_backend().await);
     let rules = "  - matches: [{path: {type: PathPrefix, value: /v2}}]\n    backendRefs: [{name: api-v2}]\n";

@@ -22,6 +22,7 @@ use crate::errors::{self, ProxyError};
 use crate::policy::balance::{Picked, Tried};
 use crate::policy::concurrency::Limits;
 use crate::policy::headers::{self, Side};
+use crate::policy::rewrite;
 use crate::policy::split::Backend;
 use crate::stack::Call;
 use crate::telemetry::access_log::{self, Seen};
@@ -136,7 +137,7 @@ impl Listeners {
         tried: &Tried,
     ) -> (Counted, Result<Response<ProxyBody>, ProxyError>) {
         let direction = conn.direction;
-        let (dest, authority) = match self.request_destination(&req, conn) {
+        let (dest, mut authority) = match self.request_destination(&req, conn) {
             Ok(found) => found,
             Err((service, e)) => {
                 let handles = self.metrics.requests(direction, &service);
@@ -149,6 +150,36 @@ impl Listeners {
         let mut req = req;
         if let Some(f) = &filters {
             headers::apply(f, Side::Request, req.headers_mut());
+        }
+        let prefix = dest.split.as_ref().and_then(|s| s.matched_prefix.as_deref());
+        for f in filters.iter().flat_map(|f| f.iter()) {
+            // A redirect is the proxy's answer: no backend is called.
+            if let Some(r) = &f.request_redirect {
+                let location = rewrite::location(r, &authority, req.uri(), prefix);
+                let status = StatusCode::from_u16(r.status_code.unwrap_or(302)).unwrap_or(StatusCode::FOUND);
+                let mut resp = Response::new(ProxyBody::empty());
+                *resp.status_mut() = status;
+                if let Ok(value) = HeaderValue::from_str(&location) {
+                    resp.headers_mut().insert(header::LOCATION, value);
+                }
+                headers::apply(filters.as_deref().unwrap_or_default(), Side::Response, resp.headers_mut());
+                let handles = self.metrics.requests(direction, &dest.service);
+                let route = dest.split.as_ref().map(|s| s.route.clone());
+                return (Counted { service: dest.service.clone(), route, backend: None, handles }, Ok(resp));
+            }
+            // A rewrite: the backend sees another host and/or path (the query kept).
+            if let Some(r) = &f.url_rewrite {
+                let (host, path) = rewrite::rewritten(r, req.uri(), prefix);
+                if let Some(host) = host {
+                    if let Ok(value) = HeaderValue::from_str(&host) {
+                        req.headers_mut().insert(header::HOST, value);
+                    }
+                    authority = host;
+                }
+                if let Some(path) = path.and_then(|p| Uri::try_from(p).ok()) {
+                    *req.uri_mut() = path;
+                }
+            }
         }
         let handles = self.metrics.requests(direction, &dest.service);
         let counted = Counted { service: dest.service.clone(), route, backend: None, handles };

@@ -189,7 +189,7 @@ impl Listeners {
             return Ok(self.outbound_destination(&route));
         };
         let parent = route.service.qualified_name.clone();
-        let Some(rule) = table.select(request) else {
+        let Some((rule, prefix)) = table.select_with_prefix(request) else {
             let why = format!("no HTTPRoute rule for {parent} matches {} {}", request.method, request.path);
             return Err((parent, ProxyError::RouteNotFound(why)));
         };
@@ -200,7 +200,9 @@ impl Listeners {
             .filter(|b| b.weight > 0)
             .map(|b| self.split_backend(snapshot, &rule.label, b, port))
             .collect();
-        if backends.is_empty() {
+        // A redirect is answered by the proxy (`Listeners::call_stack`): its rule has no backends.
+        let redirect = rule.filters.iter().any(|f| f.request_redirect.is_some());
+        if backends.is_empty() && !redirect {
             let why = format!("HTTPRoute rule {} has no backend with a weight", rule.label);
             return Err((parent, ProxyError::BackendNotFound(why)));
         }
@@ -215,6 +217,9 @@ impl Listeners {
                 route: rule.label.clone(),
                 filters: rule.filters.clone(),
                 timeouts: rule.timeouts,
+                matched_prefix: prefix
+                    .filter(|_| rule.filters.iter().any(|f| f.request_redirect.is_some() || f.url_rewrite.is_some()))
+                    .map(str::to_string),
                 backends,
             })),
         })

@@ -56,6 +56,8 @@ mod tests {
             kind: kind.into(),
             request_header_modifier: (kind == "RequestHeaderModifier").then(|| m.clone()),
             response_header_modifier: (kind == "ResponseHeaderModifier").then_some(m),
+            request_redirect: None,
+            url_rewrite: None,
         };
         let request = HeaderModifier {
             set: pairs(&[("X-Env", "canary")]),

@@ -15,6 +15,7 @@ pub mod outlier;
 pub mod path;
 pub mod ratelimit;
 pub mod retry;
+pub mod rewrite;
 pub mod split;
 pub mod timeout;
 

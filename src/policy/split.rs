@@ -22,6 +22,8 @@ pub struct Split<D> {
     pub filters: Arc<[ferry_api::route::HttpRouteFilter]>,
     /// Its timeouts, which replace the Service's where set.
     pub timeouts: ferry_api::route::RuleTimeouts,
+    /// The `PathPrefix` value the request matched, when a redirect or rewrite of the rule replaces it.
+    pub matched_prefix: Option<String>,
     /// The backends with a weight above 0.
     pub backends: Vec<SplitBackend<D>>,
 }

@@ -14,7 +14,8 @@ use crate::policy::{
 };
 use crate::route::{
     AttachedRoute, AttachedRule, Backend, HeaderModifier, HeaderPair, HttpRouteFilter, HttpRouteMatch,
-    HttpRouteTimeouts, PathMatch, PathMatchType, RouteSet, ValueMatch, ValueMatchType,
+    HttpRouteTimeouts, PathMatch, PathMatchType, PathModifier, PathModifierType, RequestRedirect, RouteSet, UrlRewrite,
+    ValueMatch, ValueMatchType,
 };
 
 /// The generated messages (`xds/api/proto/ferry/v1/resources.proto`).
@@ -188,10 +189,25 @@ fn filter_to_pb(f: &HttpRouteFilter) -> pb::RouteFilter {
         add: m.add.iter().map(|h| pb::HeaderPair { name: h.name.clone(), value: h.value.clone() }).collect(),
         remove: m.remove.clone(),
     };
+    let path = |p: &PathModifier| pb::PathModifier {
+        r#type: format!("{:?}", p.kind),
+        value: p.replace_full_path.clone().or_else(|| p.replace_prefix_match.clone()).unwrap_or_default(),
+    };
     pb::RouteFilter {
         r#type: f.kind.clone(),
         request_header_modifier: f.request_header_modifier.as_ref().map(modifier),
         response_header_modifier: f.response_header_modifier.as_ref().map(modifier),
+        request_redirect: f.request_redirect.as_ref().map(|r| pb::RequestRedirect {
+            scheme: r.scheme.clone().unwrap_or_default(),
+            hostname: r.hostname.clone().unwrap_or_default(),
+            path: r.path.as_ref().map(path),
+            port: r.port.map_or(0, u32::from),
+            status_code: r.status_code.map_or(0, u32::from),
+        }),
+        url_rewrite: f.url_rewrite.as_ref().map(|r| pb::UrlRewrite {
+            hostname: r.hostname.clone().unwrap_or_default(),
+            path: r.path.as_ref().map(path),
+        }),
     }
 }
 
@@ -199,10 +215,29 @@ fn filter_from_pb(f: pb::RouteFilter) -> HttpRouteFilter {
     let pairs =
         |list: Vec<pb::HeaderPair>| list.into_iter().map(|h| HeaderPair { name: h.name, value: h.value }).collect();
     let modifier = |m: pb::HeaderModifier| HeaderModifier { set: pairs(m.set), add: pairs(m.add), remove: m.remove };
+    let text = |s: String| (!s.is_empty()).then_some(s);
+    // An unknown type or an out-of-range number is kept so that validation names it.
+    let path = |p: pb::PathModifier| {
+        let full = p.r#type == "ReplaceFullPath";
+        PathModifier {
+            kind: if full { PathModifierType::ReplaceFullPath } else { PathModifierType::ReplacePrefixMatch },
+            replace_full_path: full.then(|| p.value.clone()),
+            replace_prefix_match: (!full).then_some(p.value),
+        }
+    };
+    let number = |n: u32| (n != 0).then(|| u16::try_from(n).unwrap_or(0));
     HttpRouteFilter {
         kind: f.r#type,
         request_header_modifier: f.request_header_modifier.map(modifier),
         response_header_modifier: f.response_header_modifier.map(modifier),
+        request_redirect: f.request_redirect.map(|r| RequestRedirect {
+            scheme: text(r.scheme),
+            hostname: text(r.hostname),
+            path: r.path.map(path),
+            port: number(r.port),
+            status_code: number(r.status_code),
+        }),
+        url_rewrite: f.url_rewrite.map(|r| UrlRewrite { hostname: text(r.hostname), path: r.path.map(path) }),
     }
 }
 
@@ -308,7 +343,7 @@ pub fn route_set_from_pb(set: pb::RouteSet) -> Result<RouteSet, ConfigError> {
             for (k, m) in matches.iter().enumerate() {
                 crate::route::validate_match(&format!("routes[{i}].rules[{j}].matches[{k}]"), m, &mut errors);
             }
-            let backends = rule
+            let backends: Vec<Backend> = rule
                 .backends
                 .into_iter()
                 .enumerate()
@@ -323,7 +358,8 @@ pub fn route_set_from_pb(set: pb::RouteSet) -> Result<RouteSet, ConfigError> {
                 })
                 .collect();
             let filters: Vec<HttpRouteFilter> = rule.filters.into_iter().map(filter_from_pb).collect();
-            crate::route::validate_filters(&format!("routes[{i}].rules[{j}].filters"), &filters, &mut errors);
+            let shape = crate::route::RuleShape::of(&matches, backends.len());
+            crate::route::validate_filters(&format!("routes[{i}].rules[{j}].filters"), &filters, shape, &mut errors);
             let set = |t: String| (!t.is_empty()).then_some(t);
             let timeouts = HttpRouteTimeouts {
                 request: set(rule.timeout_request),

@@ -180,6 +180,85 @@ pub struct HttpRouteFilter {
     pub request_header_modifier: Option<HeaderModifier>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub response_header_modifier: Option<HeaderModifier>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_redirect: Option<RequestRedirect>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url_rewrite: Option<UrlRewrite>,
+}
+
+/// `HTTPRequestRedirectFilter`: the proxy answers with a redirect (the rule has no backends); what is unset is the
+/// request's own (a `scheme` without a `port` drops the port: the scheme's well-known one).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RequestRedirect {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheme: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathModifier>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// 302 when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status_code: Option<u16>,
+}
+
+/// `HTTPURLRewriteFilter`: the request goes on with another host and/or path.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UrlRewrite {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathModifier>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PathModifierType {
+    ReplaceFullPath,
+    ReplacePrefixMatch,
+}
+
+/// `HTTPPathModifier`: the whole path, or the part the rule's `PathPrefix` match matched.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PathModifier {
+    #[serde(rename = "type")]
+    pub kind: PathModifierType,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replace_full_path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replace_prefix_match: Option<String>,
+}
+
+impl PathModifier {
+    /// Pure: `path` modified; `prefix` is the `PathPrefix` value the request matched (without a trailing `/`).
+    pub fn apply(&self, path: &str, prefix: Option<&str>) -> String {
+        match self.kind {
+            PathModifierType::ReplaceFullPath => self.replace_full_path.clone().unwrap_or_else(|| "/".into()),
+            PathModifierType::ReplacePrefixMatch => {
+                let with = self.replace_prefix_match.as_deref().unwrap_or("/").trim_end_matches('/');
+                let rest = prefix.and_then(|p| path.strip_prefix(p)).unwrap_or(path);
+                let joined = format!("{with}{rest}");
+                if joined.is_empty() { "/".into() } else { joined }
+            }
+        }
+    }
+}
+
+/// What a rule's matches and backends are, for the filters that depend on them.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RuleShape {
+    /// Every match is a `PathPrefix` (`ReplacePrefixMatch` needs one).
+    pub all_prefix: bool,
+    pub backends: usize,
+}
+
+impl RuleShape {
+    pub(crate) fn of(matches: &[HttpRouteMatch], backends: usize) -> RuleShape {
+        RuleShape { all_prefix: matches.iter().all(|m| m.path.kind == PathMatchType::PathPrefix), backends }
+    }
 }
 
 /// `HTTPHeaderFilter`: headers set (replacing any of the name), added (after any of the name) and removed.
@@ -216,44 +295,112 @@ const MAX_HEADER_NAME: usize = 256;
 const MAX_HEADER_VALUE: usize = 4096;
 
 /// Validates one rule's `filters` (`path` = `spec.rules[i].filters`).
-pub(crate) fn validate_filters(path: &str, filters: &[HttpRouteFilter], errors: &mut Vec<FieldError>) {
+pub(crate) fn validate_filters(path: &str, filters: &[HttpRouteFilter], rule: RuleShape, errors: &mut Vec<FieldError>) {
     if filters.len() > MAX_RULES {
         errors.push(field(path.to_string(), format!("at most {MAX_RULES}")));
     }
     let mut seen = BTreeMap::new();
     for (i, f) in filters.iter().enumerate() {
         let path = format!("{path}[{i}]");
-        let (request, response) = (f.request_header_modifier.as_ref(), f.response_header_modifier.as_ref());
-        let modifier = match (f.kind.as_str(), request, response) {
-            ("RequestHeaderModifier", Some(m), None) => Some(("requestHeaderModifier", m)),
-            ("ResponseHeaderModifier", None, Some(m)) => Some(("responseHeaderModifier", m)),
-            ("RequestHeaderModifier" | "ResponseHeaderModifier", _, _) => {
-                let want =
-                    if f.kind == "RequestHeaderModifier" { "requestHeaderModifier" } else { "responseHeaderModifier" };
-                errors.push(field(format!("{path}.{want}"), format!("required with type {} (and only it)", f.kind)));
-                None
+        let present = [
+            ("requestHeaderModifier", f.request_header_modifier.is_some()),
+            ("responseHeaderModifier", f.response_header_modifier.is_some()),
+            ("requestRedirect", f.request_redirect.is_some()),
+            ("urlRewrite", f.url_rewrite.is_some()),
+        ];
+        let expected = match f.kind.as_str() {
+            "RequestHeaderModifier" => "requestHeaderModifier",
+            "ResponseHeaderModifier" => "responseHeaderModifier",
+            "RequestRedirect" => "requestRedirect",
+            "URLRewrite" => "urlRewrite",
+            "RequestMirror" => {
+                errors.push(field(format!("{path}.type"), "RequestMirror is not supported yet (routing, part 2)"));
+                continue;
             }
-            ("RequestRedirect" | "URLRewrite" | "RequestMirror", _, _) => {
-                errors
-                    .push(field(format!("{path}.type"), format!("{} is not supported yet (routing, part 2)", f.kind)));
-                None
-            }
-            (other, _, _) => {
-                let why =
-                    format!("`{other}` is not a filter Ferry supports (RequestHeaderModifier, ResponseHeaderModifier)");
+            other => {
+                let why = format!(
+                    "`{other}` is not a filter Ferry supports (RequestHeaderModifier, ResponseHeaderModifier, RequestRedirect, URLRewrite)"
+                );
                 errors.push(field(format!("{path}.type"), why));
-                None
+                continue;
             }
         };
+        if !present.iter().all(|(name, set)| *set == (*name == expected)) {
+            errors.push(field(format!("{path}.{expected}"), format!("required with type {} (and only it)", f.kind)));
+            continue;
+        }
         if let Some(first) = seen.insert(f.kind.clone(), i) {
             errors.push(field(
                 format!("{path}.type"),
                 format!("{} is also filters[{first}]: at most one of each", f.kind),
             ));
         }
-        if let Some((name, m)) = modifier {
-            validate_header_modifier(&format!("{path}.{name}"), m, errors);
+        if let Some(m) = &f.request_header_modifier {
+            validate_header_modifier(&format!("{path}.requestHeaderModifier"), m, errors);
         }
+        if let Some(m) = &f.response_header_modifier {
+            validate_header_modifier(&format!("{path}.responseHeaderModifier"), m, errors);
+        }
+        if let Some(r) = &f.request_redirect {
+            let path = format!("{path}.requestRedirect");
+            if rule.backends > 0 {
+                errors.push(field(
+                    path.clone(),
+                    "a redirect is answered by the proxy: the rule's backendRefs must be empty",
+                ));
+            }
+            if let Some(scheme) = r.scheme.as_deref().filter(|s| !matches!(*s, "http" | "https")) {
+                errors.push(field(format!("{path}.scheme"), format!("`{scheme}` must be http or https")));
+            }
+            if r.port == Some(0) {
+                errors.push(field(format!("{path}.port"), "must be 1-65535"));
+            }
+            if let Some(code) = r.status_code.filter(|c| ![301, 302, 303, 307, 308].contains(c)) {
+                errors.push(field(format!("{path}.statusCode"), format!("{code} must be 301, 302, 303, 307 or 308")));
+            }
+            validate_rewrite_parts(&path, r.hostname.as_deref(), r.path.as_ref(), rule, errors);
+        }
+        if let Some(r) = &f.url_rewrite {
+            validate_rewrite_parts(&format!("{path}.urlRewrite"), r.hostname.as_deref(), r.path.as_ref(), rule, errors);
+        }
+    }
+    if seen.contains_key("RequestRedirect") && seen.contains_key("URLRewrite") {
+        errors.push(field(path.to_string(), "RequestRedirect and URLRewrite cannot be used together"));
+    }
+}
+
+/// A redirect's or a rewrite's `hostname` (a DNS name, no port) and `path`.
+fn validate_rewrite_parts(
+    path: &str,
+    hostname: Option<&str>,
+    modifier: Option<&PathModifier>,
+    rule: RuleShape,
+    errors: &mut Vec<FieldError>,
+) {
+    if let Some(h) = hostname {
+        let labels_ok = h.split('.').all(|l| !l.is_empty() && l.len() <= 63 && crate::meta::is_dns_label(l));
+        if h.len() > 253 || !labels_ok {
+            errors.push(field(format!("{path}.hostname"), format!("`{h}` must be a DNS name (lower case, no port)")));
+        }
+    }
+    let Some(m) = modifier else { return };
+    let (want, value, other) = match m.kind {
+        PathModifierType::ReplaceFullPath => ("replaceFullPath", &m.replace_full_path, &m.replace_prefix_match),
+        PathModifierType::ReplacePrefixMatch => ("replacePrefixMatch", &m.replace_prefix_match, &m.replace_full_path),
+    };
+    match value {
+        None => errors.push(field(format!("{path}.path.{want}"), format!("required with type {:?}", m.kind))),
+        Some(v) => {
+            if let Err(why) = check_literal_path(v) {
+                errors.push(field(format!("{path}.path.{want}"), why));
+            }
+        }
+    }
+    if other.is_some() {
+        errors.push(field(format!("{path}.path"), format!("only {want} goes with type {:?}", m.kind)));
+    }
+    if m.kind == PathModifierType::ReplacePrefixMatch && !rule.all_prefix {
+        errors.push(field(format!("{path}.path"), "ReplacePrefixMatch needs the rule's matches to be PathPrefix"));
     }
 }
 
@@ -554,7 +701,8 @@ pub fn validate_http_route(spec: &HttpRouteSpec, errors: &mut Vec<FieldError>) {
         for (j, m) in rule.matches.iter().enumerate() {
             validate_match(&format!("{path}.matches[{j}]"), m, errors);
         }
-        validate_filters(&format!("{path}.filters"), &rule.filters, errors);
+        let shape = RuleShape::of(&rule.matches, rule.backend_refs.len());
+        validate_filters(&format!("{path}.filters"), &rule.filters, shape, errors);
         if let Some(t) = &rule.timeouts {
             validate_timeouts(&format!("{path}.timeouts"), t, errors);
         }
@@ -856,8 +1004,18 @@ impl RouteTable {
 
     /// Pure: the rule a request goes to (`None`: no rule matches, which GAMMA rejects with 404).
     pub fn select(&self, req: &RequestView<'_>) -> Option<&RuleInfo> {
+        self.select_with_prefix(req).map(|(rule, _)| rule)
+    }
+
+    /// As [`RouteTable::select`], with the `PathPrefix` value the request matched (without a trailing `/`), which
+    /// `ReplacePrefixMatch` replaces.
+    pub fn select_with_prefix(&self, req: &RequestView<'_>) -> Option<(&RuleInfo, Option<&str>)> {
         let m = self.matches.iter().find(|m| m.matches(req))?;
-        self.rules.get(m.rule.0)?.get(m.rule.1)
+        let prefix = match &m.path {
+            CompiledPath::Prefix(p) => Some(p.as_str()),
+            _ => None,
+        };
+        Some((self.rules.get(m.rule.0)?.get(m.rule.1)?, prefix))
     }
 }
 
@@ -1112,6 +1270,32 @@ mod tests {
     }
 
     #[test]
+    fn path_modifiers_replace_the_whole_path_or_the_matched_prefix() {
+        let full = PathModifier {
+            kind: PathModifierType::ReplaceFullPath,
+            replace_full_path: Some("/x".into()),
+            replace_prefix_match: None,
+        };
+        let prefix = |with: &str| PathModifier {
+            kind: PathModifierType::ReplacePrefixMatch,
+            replace_full_path: None,
+            replace_prefix_match: Some(with.into()),
+        };
+        // (modifier, path, matched prefix, result)
+        let cases = [
+            (full.clone(), "/a/b", Some("/a"), "/x"),
+            (prefix("/new"), "/old/a", Some("/old"), "/new/a"),
+            (prefix("/new/"), "/old", Some("/old"), "/new"),
+            (prefix("/"), "/old/a", Some("/old"), "/a"),
+            (prefix("/"), "/old", Some("/old"), "/"),
+            (prefix("/v2"), "/a", Some(""), "/v2/a"),
+        ];
+        for (m, path, matched, want) in cases {
+            assert_eq!(m.apply(path, matched), want, "{m:?} {path}");
+        }
+    }
+
+    #[test]
     fn gateway_api_durations_are_gep_2257() {
         for ok in ["1h", "30s", "500ms", "1m30s", "0s", "1h2m3s4ms", "99999ms"] {
             assert!(is_gateway_duration(ok), "{ok}");
@@ -1165,12 +1349,28 @@ mod tests {
                 "spec.rules[0].filters[0].requestHeaderModifier: required with type RequestHeaderModifier",
             ),
             (
-                "parentRefs: [{group: '', kind: Service, name: api}]\nrules: [{filters: [{type: URLRewrite}]}]",
-                "spec.rules[0].filters[0].type: URLRewrite is not supported yet",
+                "parentRefs: [{group: '', kind: Service, name: api}]\nrules: [{filters: [{type: RequestMirror}]}]",
+                "spec.rules[0].filters[0].type: RequestMirror is not supported yet",
             ),
             (
-                "parentRefs: [{group: '', kind: Service, name: api}]\nrules: [{filters: [{type: RequestRedirect, requestRedirect: {statusCode: 301}}]}]",
-                "unknown field `requestRedirect`",
+                "parentRefs: [{group: '', kind: Service, name: api}]\nrules: [{filters: [{type: RequestRedirect, requestRedirect: {statusCode: 301}}], backendRefs: [{name: api}]}]",
+                "spec.rules[0].filters[0].requestRedirect: a redirect is answered by the proxy",
+            ),
+            (
+                "parentRefs: [{group: '', kind: Service, name: api}]\nrules: [{filters: [{type: RequestRedirect, requestRedirect: {statusCode: 404, scheme: ftp}}]}]",
+                "spec.rules[0].filters[0].requestRedirect.scheme: `ftp` must be http or https",
+            ),
+            (
+                "parentRefs: [{group: '', kind: Service, name: api}]\nrules: [{matches: [{path: {type: Exact, value: /a}}], filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /b}}}]}]",
+                "spec.rules[0].filters[0].urlRewrite.path: ReplacePrefixMatch needs the rule's matches to be PathPrefix",
+            ),
+            (
+                "parentRefs: [{group: '', kind: Service, name: api}]\nrules: [{filters: [{type: URLRewrite, urlRewrite: {hostname: 'Api:80'}}]}]",
+                "spec.rules[0].filters[0].urlRewrite.hostname: `Api:80` must be a DNS name",
+            ),
+            (
+                "parentRefs: [{group: '', kind: Service, name: api}]\nrules: [{filters: [{type: URLRewrite, urlRewrite: {}}, {type: RequestRedirect, requestRedirect: {}}]}]",
+                "spec.rules[0].filters: RequestRedirect and URLRewrite cannot be used together",
             ),
             (
                 "parentRefs: [{group: '', kind: Service, name: api}]\nrules: [{filters: [{type: RequestHeaderModifier, requestHeaderModifier: {remove: [ferry_orig_proto]}}]}]",
