@@ -262,7 +262,16 @@ async fn h2_attack(
     // A flood that never reads runs until the proxy stops taking its bytes (bounded at 4x ATTACK): how long the
     // buffers between them take to fill depends on the machine's load.
     let bound = if read { ATTACK } else { 4 * ATTACK };
-    h2raw::attack(TcpStream::connect(addr).await.unwrap(), read, bound, next).await
+    // A peer that never reads takes small socket buffers (set before connecting, which stops the kernel growing
+    // them): the proxy's answers back up after its own send buffer and 16 KiB, not after the megabytes autotuned
+    // loopback buffers take, which a loaded machine could not always fill within the bound.
+    let socket =
+        if addr.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() }.unwrap();
+    if !read {
+        socket.set_recv_buffer_size(16 * 1024).unwrap();
+        socket.set_send_buffer_size(16 * 1024).unwrap();
+    }
+    h2raw::attack(socket.connect(addr).await.unwrap(), read, bound, next).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
