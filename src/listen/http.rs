@@ -145,6 +145,8 @@ impl Listeners {
             }
         };
         let route = dest.split.as_ref().map(|s| s.route.clone());
+        let handles = self.metrics.requests(direction, &dest.service);
+        let counted = Counted { service: dest.service.clone(), route, backend: None, handles };
         // The rule's header filters: on the request once (whatever the tries), on the response it gets.
         let filters = dest.split.as_ref().map(|s| s.filters.clone()).filter(|f| !f.is_empty());
         let mut req = req;
@@ -163,9 +165,7 @@ impl Listeners {
                     resp.headers_mut().insert(header::LOCATION, value);
                 }
                 headers::apply(filters.as_deref().unwrap_or_default(), Side::Response, resp.headers_mut());
-                let handles = self.metrics.requests(direction, &dest.service);
-                let route = dest.split.as_ref().map(|s| s.route.clone());
-                return (Counted { service: dest.service.clone(), route, backend: None, handles }, Ok(resp));
+                return (counted, Ok(resp));
             }
             // A rewrite: the backend sees another host and/or path (the query kept).
             if let Some(r) = &f.url_rewrite {
@@ -181,8 +181,6 @@ impl Listeners {
                 }
             }
         }
-        let handles = self.metrics.requests(direction, &dest.service);
-        let counted = Counted { service: dest.service.clone(), route, backend: None, handles };
         let size = counted.handles.request_size.clone();
         let mut req = req.map(|body| sized(ProxyBody::from(body), size));
         let stack = match direction {

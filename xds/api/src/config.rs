@@ -590,33 +590,39 @@ pub fn route_sets(docs: &[Document]) -> Vec<RouteSet> {
 /// unresolved backend's reason, `BackendNotFound` or `RefNotPermitted`, every unresolved one in the message), for
 /// `generation`.
 pub fn route_status(route: &HttpRoute, docs: &[Document], generation: i64) -> serde_json::Value {
-    let refs = References::of(docs);
-    let route_ns = route.metadata.namespace.as_str();
-    let unresolved: Vec<String> = route
-        .spec
-        .rules
-        .iter()
-        .flat_map(|r| &r.backend_refs)
-        .filter_map(|b| refs.resolve(b, route_ns).unresolved)
-        .collect();
-    // Valid, and said: a rule with no backend to send to (none listed, or every weight 0: drained) answers 500.
-    let drained: Vec<String> = route
-        .spec
-        .rules
-        .iter()
-        .enumerate()
-        .filter(|(_, r)| r.backend_refs.iter().all(|b| b.weight == 0))
-        .map(|(i, _)| format!("rules[{i}]"))
-        .collect();
-    let note = match drained.as_slice() {
-        [] => String::new(),
-        rules => format!("; requests matching {} get 500 (no backendRefs, or every weight 0)", rules.join(", ")),
-    };
-    let condition = |kind: &str, ok: bool, reason: &str, message: String| {
-        serde_json::json!({"type": kind, "status": if ok { "True" } else { "False" }, "reason": reason,
+    References::of(docs).route_status(route, generation)
+}
+
+impl References<'_> {
+    /// [`route_status`] against these references (built once for many routes).
+    pub fn route_status(&self, route: &HttpRoute, generation: i64) -> serde_json::Value {
+        let refs = self;
+        let route_ns = route.metadata.namespace.as_str();
+        let unresolved: Vec<String> = route
+            .spec
+            .rules
+            .iter()
+            .flat_map(|r| &r.backend_refs)
+            .filter_map(|b| refs.resolve(b, route_ns).unresolved)
+            .collect();
+        // Valid, and said: a rule with no backend to send to (none listed, or every weight 0: drained) answers 500.
+        let drained: Vec<String> = route
+            .spec
+            .rules
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.backend_refs.iter().all(|b| b.weight == 0))
+            .map(|(i, _)| format!("rules[{i}]"))
+            .collect();
+        let note = match drained.as_slice() {
+            [] => String::new(),
+            rules => format!("; requests matching {} get 500 (no backendRefs, or every weight 0)", rules.join(", ")),
+        };
+        let condition = |kind: &str, ok: bool, reason: &str, message: String| {
+            serde_json::json!({"type": kind, "status": if ok { "True" } else { "False" }, "reason": reason,
                            "message": message, "observedGeneration": generation})
-    };
-    let parents: Vec<serde_json::Value> = route
+        };
+        let parents: Vec<serde_json::Value> = route
         .spec
         .parent_refs
         .iter()
@@ -644,20 +650,21 @@ pub fn route_status(route: &HttpRoute, docs: &[Document], generation: i64) -> se
             serde_json::json!({"parentRef": p, "controllerName": ROUTE_CONTROLLER, "conditions": [accepted, resolved]})
         })
         .collect();
-    serde_json::json!({ "parents": parents })
+        serde_json::json!({ "parents": parents })
+    }
 }
 
 /// The `controllerName` of the route statuses Ferry writes.
 pub const ROUTE_CONTROLLER: &str = "ferry.dev/mesh";
 
 /// What routes refer to among a set of documents: the Services (parents and backends) and the ReferenceGrants.
-struct References<'d> {
+pub struct References<'d> {
     services: BTreeMap<(&'d str, &'d str), &'d Service>,
     grants: Vec<&'d ReferenceGrant>,
 }
 
 impl<'d> References<'d> {
-    fn of(docs: &'d [Document]) -> Self {
+    pub fn of(docs: impl IntoIterator<Item = &'d Document>) -> Self {
         let mut refs = References { services: BTreeMap::new(), grants: Vec::new() };
         for doc in docs {
             match doc {

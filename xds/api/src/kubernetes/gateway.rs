@@ -7,7 +7,7 @@ use kube_core::ResourceExt;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
-use crate::config::{Document, ROUTE_CONTROLLER, route_status};
+use crate::config::{Document, ROUTE_CONTROLLER, References};
 use crate::meta::Metadata;
 
 /// The Gateway API's group.
@@ -92,18 +92,18 @@ pub fn documents(
         parsed.push((r, document(&format!("{GROUP}/v1"), "HTTPRoute", &meta(&r.metadata), &r.spec.fields)));
     }
     out.extend(parsed.iter().filter_map(|(_, d)| d.as_ref().ok().cloned()));
-    let all: Vec<Document> = docs.iter().chain(&out).cloned().collect();
-    let verdicts = parsed.iter().map(|(r, parsed)| verdict(r, parsed, &all)).collect();
+    let refs = References::of(docs.iter().chain(&out));
+    let verdicts = parsed.iter().map(|(r, parsed)| verdict(r, parsed, &refs)).collect();
     (out, verdicts)
 }
 
-/// Ferry's `status.parents` of one route: `route_status` for an accepted one; for one Ferry cannot take, each
+/// Ferry's `status.parents` of one route: its route status for an accepted one; for one Ferry cannot take, each
 /// Service parentRef `Accepted: False` (`UnsupportedValue`, every refused field in the message), not served.
-fn verdict(route: &HttpRouteObject, parsed: &Result<Document, String>, all: &[Document]) -> RouteVerdict {
+fn verdict(route: &HttpRouteObject, parsed: &Result<Document, String>, refs: &References<'_>) -> RouteVerdict {
     let generation = route.metadata.generation.unwrap_or(0);
     let parents = match parsed {
         Ok(Document::HttpRoute(r)) => {
-            let status = route_status(r, all, generation);
+            let status = refs.route_status(r, generation);
             status["parents"].as_array().cloned().unwrap_or_default()
         }
         _ => {

@@ -51,15 +51,15 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 /// A stored object as the API shows it; an HTTPRoute with its `status` (per parent Service: Accepted, ResolvedRefs),
 /// computed from what the store holds now.
-fn with_status(
+fn with_status<'s>(
     stored: &crate::store::Stored,
-    docs: &std::sync::OnceLock<Vec<ferry_api::Document>>,
-    store: &crate::store::Store,
+    refs: &std::sync::OnceLock<ferry_api::config::References<'s>>,
+    store: &'s crate::store::Store,
 ) -> serde_json::Value {
     let mut json = stored.to_json();
     if let ferry_api::Document::HttpRoute(route) = &stored.document {
-        let docs = docs.get_or_init(|| store.all().map(|s| s.document.clone()).collect());
-        json["status"] = ferry_api::config::route_status(route, docs, stored.generation as i64);
+        let refs = refs.get_or_init(|| ferry_api::config::References::of(store.all().map(|s| &s.document)));
+        json["status"] = refs.route_status(route, stored.generation as i64);
     }
     json
 }
@@ -169,9 +169,9 @@ impl Api {
             (Method::GET, ["v1", kind]) => match canonical_kind(kind) {
                 Some(kind) => {
                     let store = self.store.lock().expect("store lock");
-                    let docs = std::sync::OnceLock::new();
+                    let refs = std::sync::OnceLock::new();
                     let items: Vec<_> =
-                        store.list(kind, namespace.as_deref()).iter().map(|s| with_status(s, &docs, &store)).collect();
+                        store.list(kind, namespace.as_deref()).iter().map(|s| with_status(s, &refs, &store)).collect();
                     json(StatusCode::OK, serde_json::json!({ "kind": kind, "items": items }))
                 }
                 None => unknown_kind(kind),
