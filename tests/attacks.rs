@@ -19,6 +19,8 @@ use tokio::task::JoinSet;
 
 /// How long each attack runs.
 const ATTACK: Duration = Duration::from_secs(3);
+/// How long a flood from a peer that never reads may take to fill the buffers between it and the proxy.
+const FLOOD: Duration = Duration::from_secs(30);
 /// The connection cap of the proxies under attack (`FERRY_MAX_CONNECTIONS`); the floods open more than that.
 const CAP: usize = 64;
 
@@ -85,7 +87,7 @@ impl Site {
         tokio::time::sleep(Duration::from_millis(200)).await;
         let mut attacks = JoinSet::new();
         for (name, addr) in self.listeners() {
-            let attack = tokio::time::timeout(ATTACK + Duration::from_secs(20), attack(addr));
+            let attack = tokio::time::timeout(FLOOD + Duration::from_secs(15), attack(addr));
             attacks.spawn(async move { (name, attack.await.expect("the attack is bounded in time")) });
         }
         let outcomes = attacks.join_all().await;
@@ -259,9 +261,9 @@ async fn h2_attack(
     read: bool,
     next: impl Fn(usize) -> Option<Vec<u8>> + Send + 'static,
 ) -> h2raw::Outcome {
-    // A flood that never reads runs until the proxy stops taking its bytes (bounded at 4x ATTACK): how long the
-    // buffers between them take to fill depends on the machine's load.
-    let bound = if read { ATTACK } else { 4 * ATTACK };
+    // A flood that never reads runs until the proxy stops taking its bytes (bounded by `FLOOD` and by the flood's
+    // own frame count): how long the buffers between them take to fill depends on the machine's load.
+    let bound = if read { ATTACK } else { FLOOD };
     // A peer that never reads takes small socket buffers (set before connecting, which stops the kernel growing
     // them): the proxy's answers back up after its own send buffer and 16 KiB, not after the megabytes autotuned
     // loopback buffers take, which a loaded machine could not always fill within the bound.
@@ -312,12 +314,19 @@ async fn http2_floods_are_cut_off() {
         assert!(o.closed && o.goaway.is_some(), "{name}: a header block that never ends kept its connection: {o:?}");
     }
 
-    // SETTINGS and PING floods from a peer that never reads the ACKs.
-    for (what, kind) in [("settings", h2raw::SETTINGS), ("ping", h2raw::PING)] {
+    // SETTINGS and PING floods from a peer that never reads the ACKs. The proxy must stop reading once its answers
+    // fill its socket's send buffer (autotuned up to the kernel's `tcp_wmem` maximum): each flood sends at most
+    // twice the frames whose answers that buffer could hold, and a proxy still reading then kept answers elsewhere.
+    let wmem_max = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_wmem")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(2)?.parse::<usize>().ok())
+        .unwrap_or(4 << 20);
+    for (what, kind, answer_len) in [("settings", h2raw::SETTINGS, 9), ("ping", h2raw::PING, 17)] {
+        let most = 2 * wmem_max / answer_len + 16 * 1024;
         let outcomes = site
             .under_attack(move |addr| {
-                h2_attack(addr, false, move |_| {
-                    Some(match kind {
+                h2_attack(addr, false, move |i| {
+                    (i < most).then(|| match kind {
                         h2raw::PING => h2raw::frame(h2raw::PING, 0, 0, b"pingping"),
                         _ => h2raw::frame(h2raw::SETTINGS, 0, 0, &[0, 4, 0, 1, 0, 0]),
                     })
@@ -326,7 +335,15 @@ async fn http2_floods_are_cut_off() {
             .await;
         for (name, o) in &outcomes {
             eprintln!("{what} flood, {name}: {o:?}");
-            assert!(o.stalled || o.closed, "{name}: the proxy kept reading {what} frames it could not answer: {o:?}");
+            assert!(
+                o.stalled || o.closed,
+                "{name}: {}: {o:?}",
+                if o.frames_sent >= most {
+                    format!("the proxy kept reading {what} frames past the {most} its send buffer could answer")
+                } else {
+                    format!("the proxy neither stopped reading nor closed within {FLOOD:?} (a machine too loaded?)")
+                }
+            );
         }
     }
 
