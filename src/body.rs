@@ -27,6 +27,47 @@ pub enum ProxyBody {
     Timed(Box<Timed>),
     /// A body whose size (and trailers) are reported once it ends or is dropped.
     Observed(Box<Observed>),
+    /// A body whose data is also copied, up to a limit, for mirrored requests.
+    Teed(Box<Tee>),
+}
+
+/// Copies a body's data as it streams by, up to `limit` bytes: once the body ends, each receiver gets the whole
+/// copy; a body over the limit, failed or dropped before its end leaves the receivers without one.
+#[derive(Debug)]
+pub struct Tee {
+    inner: ProxyBody,
+    copy: bytes::BytesMut,
+    limit: usize,
+    to: Vec<tokio::sync::oneshot::Sender<Bytes>>,
+}
+
+impl Tee {
+    fn see(&mut self, polled: &Poll<Option<Result<Frame<Bytes>, BoxError>>>) {
+        match polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    if self.copy.len() + data.len() > self.limit {
+                        self.to.clear();
+                    } else if !self.to.is_empty() {
+                        self.copy.extend_from_slice(data);
+                    }
+                }
+                if self.inner.is_end_stream() {
+                    self.finish();
+                }
+            }
+            Poll::Ready(None) => self.finish(),
+            Poll::Ready(Some(Err(_))) => self.to.clear(),
+            Poll::Pending => {}
+        }
+    }
+
+    fn finish(&mut self) {
+        let copy = std::mem::take(&mut self.copy).freeze();
+        for to in self.to.drain(..) {
+            let _ = to.send(copy.clone());
+        }
+    }
 }
 
 /// Called once with the data bytes a body carried and its trailers, if any.
@@ -95,6 +136,15 @@ impl ProxyBody {
     }
 }
 
+impl ProxyBody {
+    /// This body, its data also copied (up to `limit` bytes) for `receivers` copies: see [`Tee`].
+    pub fn teed(self, limit: usize, receivers: usize) -> (Self, Vec<tokio::sync::oneshot::Receiver<Bytes>>) {
+        let (to, from) = (0..receivers).map(|_| tokio::sync::oneshot::channel()).unzip();
+        let tee = Tee { inner: self, copy: bytes::BytesMut::new(), limit, to };
+        (ProxyBody::Teed(Box::new(tee)), from)
+    }
+}
+
 impl From<Incoming> for ProxyBody {
     fn from(body: Incoming) -> Self {
         ProxyBody::Incoming(body)
@@ -128,6 +178,11 @@ impl Body for ProxyBody {
                 }
                 polled
             }
+            ProxyBody::Teed(t) => {
+                let polled = Pin::new(&mut t.inner).poll_frame(cx);
+                t.see(&polled);
+                polled
+            }
         }
     }
 
@@ -137,6 +192,7 @@ impl Body for ProxyBody {
             ProxyBody::Full(data) => data.is_none(),
             ProxyBody::Timed(t) => t.inner.is_end_stream(),
             ProxyBody::Observed(o) => o.inner.is_end_stream(),
+            ProxyBody::Teed(t) => t.inner.is_end_stream(),
         }
     }
 
@@ -147,6 +203,7 @@ impl Body for ProxyBody {
             ProxyBody::Full(None) => SizeHint::with_exact(0),
             ProxyBody::Timed(t) => t.inner.size_hint(),
             ProxyBody::Observed(o) => o.inner.size_hint(),
+            ProxyBody::Teed(t) => t.inner.size_hint(),
         }
     }
 }
@@ -171,5 +228,23 @@ mod tests {
         let body = ProxyBody::full("abc").observed(move |n, t| s.lock().unwrap().push((n, t.is_some())));
         drop(body);
         assert_eq!(*seen.lock().unwrap(), [(0, false)]);
+    }
+
+    #[tokio::test]
+    async fn a_teed_body_is_copied_whole_or_not_at_all() {
+        // Read to the end within the limit: both receivers get the copy, the reader the body.
+        let (body, receivers) = ProxyBody::full("hello").teed(8, 2);
+        assert_eq!(body.collect().await.unwrap().to_bytes(), "hello");
+        for rx in receivers {
+            assert_eq!(rx.await.unwrap(), "hello");
+        }
+        // Over the limit: the reader still gets it all, the copy is gone.
+        let (body, mut receivers) = ProxyBody::full("hello").teed(4, 1);
+        assert_eq!(body.collect().await.unwrap().to_bytes(), "hello");
+        assert!(receivers.remove(0).await.is_err());
+        // Dropped before its end: no copy.
+        let (body, mut receivers) = ProxyBody::full("abc").teed(8, 1);
+        drop(body);
+        assert!(receivers.remove(0).await.is_err());
     }
 }

@@ -50,6 +50,8 @@ pub struct Settings {
     pub idle_timeout: Duration,
     /// Open downstream connections per listener (inbound, outbound); at the cap the least useful is closed.
     pub max_connections: usize,
+    /// Mirrored copies (HTTPRoute RequestMirror) in flight at once; a copy past it is dropped, never waited for.
+    pub mirror_max_in_flight: usize,
     /// The share of new traces (requests arriving without trace context) that are sampled, 0-1.
     pub trace_sampling: f64,
     /// Where spans go (OTLP/gRPC, `http://host:port`); none: spans are not exported (context is still propagated).
@@ -144,6 +146,7 @@ pub mod defaults {
     /// Envoy's HTTP connection manager's default `idle_timeout`; it also bounds opaque TCP, as Envoy's tcp_proxy does.
     pub const IDLE_TIMEOUT: &str = "1h";
     pub const TRACE_SAMPLING: &str = "0.01";
+    pub const MIRROR_MAX_IN_FLIGHT: usize = 100;
 
     /// Open connections per listener: a fifth of what the open-file limit leaves after 64 for the process itself
     /// (each downstream connection may hold an upstream one, and there are two listeners), at most 100,000; 1,024
@@ -244,6 +247,8 @@ impl Settings {
             pool_idle_timeout: env.duration("FERRY_POOL_IDLE_TIMEOUT", defaults::POOL_IDLE_TIMEOUT)?,
             idle_timeout: env.duration("FERRY_IDLE_TIMEOUT", defaults::IDLE_TIMEOUT)?,
             max_connections: env.parse("FERRY_MAX_CONNECTIONS", &defaults::max_connections().to_string())?,
+            mirror_max_in_flight: env
+                .parse("FERRY_MIRROR_MAX_IN_FLIGHT", &defaults::MIRROR_MAX_IN_FLIGHT.to_string())?,
             trace_sampling: env.parse("FERRY_TRACE_SAMPLING", defaults::TRACE_SAMPLING)?,
             otlp_endpoint: env.raw("FERRY_OTLP_ENDPOINT").filter(|s| !s.is_empty()),
             app_probes: match env.raw("FERRY_APP_PROBES").filter(|s| !s.trim().is_empty()) {

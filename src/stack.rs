@@ -19,6 +19,7 @@ use crate::policy::authz::Authz;
 use crate::policy::balance::{Balance, Balancers, Tried};
 use crate::policy::breaker::{Breakers, Breaking};
 use crate::policy::concurrency::{Concurrency, Limits};
+use crate::policy::mirror::{self, Mirrored, Mirroring};
 use crate::policy::ratelimit::{RateLimited, RateLimits};
 use crate::policy::retry::{Budgets, Retrying};
 use crate::policy::split::{Backend, Splitting};
@@ -54,13 +55,27 @@ impl<U: Send + Sync + 'static> Call<U> {
 }
 
 /// The state of the policies that outlives config swaps, kept per Service (or Service port) and owned by the proxy.
-#[derive(Default)]
 pub struct Registries {
     pub breakers: Arc<Breakers>,
     pub limits: Arc<Limits>,
     pub budgets: Arc<Budgets>,
     pub balancers: Arc<Balancers>,
     pub rate_limits: Arc<RateLimits>,
+    /// Mirrored copies in flight at once (`FERRY_MIRROR_MAX_IN_FLIGHT`).
+    pub mirrors_in_flight: usize,
+}
+
+impl Default for Registries {
+    fn default() -> Self {
+        Registries {
+            breakers: Default::default(),
+            limits: Default::default(),
+            budgets: Default::default(),
+            balancers: Default::default(),
+            rate_limits: Default::default(),
+            mirrors_in_flight: crate::settings::defaults::MIRROR_MAX_IN_FLIGHT,
+        }
+    }
 }
 
 /// A composed stack: one request (with its `Call`) in, the response or the proxy's error out.
@@ -86,17 +101,44 @@ impl<S> Innermost for S where
 }
 
 /// The outbound HTTP stack over `send`, which sends each try to the endpoint chosen for it.
-pub fn outbound<U: Send + Sync + 'static>(r: &Registries, metrics: &Arc<Metrics>, send: impl Innermost) -> Stack {
+pub fn outbound<U: Clone + Send + Sync + 'static>(
+    r: &Registries,
+    metrics: &Arc<Metrics>,
+    send: impl Innermost,
+) -> Stack {
     let m = metrics.clone();
     let stack = ServiceBuilder::new()
+        // A request an HTTPRoute rule mirrors is copied to the mirror Services beside it, through the layers below
+        // with the mirror's destination (its timeout, breaker, caps, endpoints; no retries), in tasks of their own:
+        // the request never waits on its copies, which are capped in flight.
+        .layer(Layer::new(Mirroring::new(r.mirrors_in_flight, m.clone()), |req| {
+            let call = Call::<U>::of(req);
+            let split = call.dest.split.as_ref().filter(|s| !s.mirrors.is_empty())?;
+            let targets = split.mirrors.iter().map(|mirror| mirror::Target {
+                name: mirror.name.clone(),
+                numerator: mirror.numerator,
+                denominator: mirror.denominator,
+                timeout: mirror.dest.as_ref().ok().and_then(|d| d.request_timeout()).unwrap_or(mirror::COPY_TIMEOUT),
+                copy: mirror.dest.clone().map(|dest| {
+                    let (caller, tried, upstream) = (None, Tried::default(), call.upstream.clone());
+                    Arc::new(Call { dest: (*dest).clone(), caller, tried, upstream })
+                }),
+            });
+            Some((split.route.clone(), targets.collect()))
+        }))
         // The destination's request timeout (its HTTPRoute rule's, else its Service's) covers everything under it,
         // the response body included, and a gRPC caller's own deadline when shorter.
         .layer(Layer::new(RequestTimeout, |req| Some(Call::<U>::of(req).dest.request_timeout())))
         // Retries within the policy and the budget (each try passes the breaker and caps below; under a route split,
         // a try its backend refused is retried, the next try picking again).
+        // A rule's own `retry` replaces the Service's, still spending the Service's budget; a mirrored copy is not
+        // retried.
         .layer(Layer::new(Retrying::new(r.budgets.clone(), m.clone()), |req| {
+            if req.extensions().get::<Mirrored>().is_some() {
+                return None;
+            }
             let dest = &Call::<U>::of(req).dest;
-            Some((dest.outbound.retry.clone()?, dest.service.clone(), dest.split.is_some()))
+            Some((dest.retry()?.clone(), dest.service.clone(), dest.split.is_some()))
         }))
         // A request an HTTPRoute rule splits goes to a backend picked by weight for each try; the layers below act
         // for that backend Service (its breaker, caps, endpoints), the ones above for the Service the caller named.

@@ -461,3 +461,173 @@ async fn a_routed_backend_still_enforces_its_own_authorization_policy() {
     assert_eq!((r.status, r.header("ferry-proxy-error")), (403, Some("unauthorized")), "{r:?}");
     drop(cp);
 }
+
+/// A mirror that records each request it gets as `METHOD path host body`, answering 200.
+async fn recording_mirror() -> (SocketAddr, Arc<std::sync::Mutex<Vec<String>>>, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = seen.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { return };
+            let record = record.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let record = record.clone();
+                    async move {
+                        let host = req.headers().get("host").and_then(|h| h.to_str().ok()).unwrap_or("").to_string();
+                        let (method, path) = (req.method().to_string(), req.uri().path().to_string());
+                        let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                        let body = String::from_utf8_lossy(&body).to_string();
+                        record.lock().unwrap().push(format!("{method} {path} {host} {body}"));
+                        Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
+                            bytes::Bytes::from_static(b"mirror"),
+                        )))
+                    }
+                });
+                let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+                let _ = builder.serve_connection(hyper_util::rt::TokioIo::new(tcp), service).await;
+            });
+        }
+    });
+    (addr, seen, task)
+}
+
+/// A mirror that accepts connections and reads what comes, never answering: the connections it holds, and the
+/// bytes it read.
+async fn hung_mirror() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let held = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = held.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut tcp, _)) = listener.accept().await else { return };
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut sink = vec![0u8; 16 * 1024];
+                while tokio::io::AsyncReadExt::read(&mut tcp, &mut sink).await.is_ok_and(|n| n > 0) {}
+            });
+        }
+    });
+    (addr, held, task)
+}
+
+/// Waits up to 10 s for `ready` (a copy travels in its own task, after the response).
+async fn eventually(mut ready: impl FnMut() -> bool) -> bool {
+    for _ in 0..100 {
+        if ready() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ready()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_receives_a_copy_of_each_request_with_its_body() {
+    let (v1, v2) = (backend::http_backend().await, backend::http_backend().await);
+    let (mirror, seen, _task) = recording_mirror().await;
+    let shadow = support::service_yaml("shadow", 80, &[mirror]);
+    let rules = "  - filters: [{type: RequestMirror, requestMirror: {backendRef: {name: shadow, port: 80}}}]\n    backendRefs: [{name: api}]\n";
+    let yaml = config(v1.addr, v2.addr, &format!("{shadow}{}", route("mirrored", rules)));
+    let ferry = tokio::task::block_in_place(|| Ferry::start(Some(&yaml), &[]));
+    let r = tokio::task::block_in_place(|| {
+        support::http_exchange_full(ferry.outbound, "POST", "/echo", &[("Host", "api")], "payload-123")
+    })
+    .expect("an answer");
+    assert_eq!((r.status, r.body.as_str()), (200, "payload-123"), "{r:?}");
+    let copied = "POST /echo api payload-123".to_string();
+    assert!(eventually(|| seen.lock().unwrap().contains(&copied)).await, "{:?}", seen.lock().unwrap());
+    let series = |outcome: &str| {
+        format!(
+            r#"ferry_request_mirrors_total{{route="default/mirrored/0",mirror="shadow.default",outcome="{outcome}"}}"#
+        )
+    };
+    assert!(eventually(|| ferry.metric(&series("mirrored")) == 1.0).await, "{}", ferry.metrics());
+    // A body over the copy's 64 KiB buffer: the request goes on whole, its copy is dropped.
+    let big = "x".repeat(100 * 1024);
+    let r = tokio::task::block_in_place(|| {
+        support::http_exchange_full(ferry.outbound, "POST", "/echo", &[("Host", "api")], &big)
+    })
+    .expect("an answer");
+    assert_eq!((r.status, r.body.len()), (200, big.len()));
+    assert!(eventually(|| ferry.metric(&series("dropped")) == 1.0).await, "{}", ferry.metrics());
+    assert_eq!(seen.lock().unwrap().len(), 1, "only the first request was copied");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_its_mirror_down_or_hung_every_request_succeeds_and_none_waits_on_its_copy() {
+    let (v1, v2) = (backend::http_backend().await, backend::http_backend().await);
+    let (hung, held, _task) = hung_mirror().await;
+    let down = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap()
+    };
+    // The hung mirror's copies are held for its Service's timeout (120 s), past the end of this test.
+    let mirrors = format!(
+        "{}{}apiVersion: ferry.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: hung}}\nspec: {{targetRef: {{kind: Service, name: hung}}, timeout: 120s}}\n---\n",
+        support::service_yaml("hung", 80, &[hung]),
+        support::service_yaml("down", 80, &[down])
+    );
+    let rules = "  - matches: [{path: {value: /down}}]\n    filters: [{type: RequestMirror, requestMirror: {backendRef: {name: down, port: 80}}}]\n    backendRefs: [{name: api}]\n\
+                 \x20 - matches: [{path: {value: /hung}}]\n    filters: [{type: RequestMirror, requestMirror: {backendRef: {name: hung, port: 80}}}]\n    backendRefs: [{name: api}]\n";
+    let yaml = config(v1.addr, v2.addr, &format!("{mirrors}{}", route("shadowed", rules)));
+    let cap = 32;
+    let ferry = tokio::task::block_in_place(|| {
+        Ferry::start(Some(&yaml), &[("FERRY_MIRROR_MAX_IN_FLIGHT", cap.to_string().as_str())])
+    });
+    let series = |rule: usize, mirror: &str, outcome: &str| {
+        ferry.metric(&format!(
+            r#"ferry_request_mirrors_total{{route="default/shadowed/{rule}",mirror="{mirror}.default",outcome="{outcome}"}}"#
+        ))
+    };
+    // Down: each copy fails to connect, in its own task; the requests do not notice.
+    let (served, failed) = spread(ferry.outbound, "/down", &[], 1_000, 8).await;
+    assert!(failed.is_empty(), "{} requests failed: {failed:?}", failed.len());
+    assert_eq!(served.values().sum::<usize>(), 1_000);
+    assert!(eventually(|| series(0, "down", "failed") + series(0, "down", "dropped") == 1_000.0).await);
+    eprintln!(
+        "mirror down: 1,000 requests served; copies failed {}, dropped {}",
+        series(0, "down", "failed"),
+        series(0, "down", "dropped")
+    );
+    assert!(series(0, "down", "failed") >= 1.0 && series(0, "down", "mirrored") == 0.0);
+    // Hung: the first `cap` copies are held by the mirror for the rest of the test, the others dropped at once; had
+    // any request waited on its copy, it would wait 120 s, and the run would fail its 60 s bound.
+    let (served, failed) = spread(ferry.outbound, "/hung", &[], 1_000, 8).await;
+    assert!(failed.is_empty(), "{} requests failed: {failed:?}", failed.len());
+    assert_eq!(served.values().sum::<usize>(), 1_000);
+    let (dropped, in_flight) = (series(1, "hung", "dropped"), 1_000.0 - series(1, "hung", "dropped"));
+    eprintln!(
+        "mirror hung: 1,000 requests served; copies dropped {dropped}, held {in_flight}; the mirror holds {} connections",
+        held.load(Ordering::SeqCst)
+    );
+    assert_eq!(in_flight, cap as f64, "every copy past the cap is dropped, and none of the held ones has ended");
+    assert_eq!((series(1, "hung", "mirrored"), series(1, "hung", "failed")), (0.0, 0.0));
+    assert!(held.load(Ordering::SeqCst) >= 1, "the copies reached the hung mirror");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_retry_retries_where_the_service_would_not_and_stops_at_its_budget() {
+    // GEP-1731: the rule retries 503 twice; the Service's own policy retries only connection failures, and its
+    // budget allows retries of 10 % of its requests (no floor).
+    let (v1, v2) = (backend::http_backend().await, backend::http_backend().await);
+    let policy = "apiVersion: ferry.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: api}\nspec: {targetRef: {kind: Service, name: api}, retries: {attempts: 2, on: [connect-failure], budget: {percent: 10, minPerSecond: 0}}}\n---\n";
+    let rules = "  - matches: [{path: {value: /}, headers: [{name: x-route, value: retried}]}]\n    retry: {codes: [503], attempts: 2, backoff: 1ms}\n    backendRefs: [{name: api}]\n\
+                 \x20 - backendRefs: [{name: api}]\n";
+    let yaml = config(v1.addr, v2.addr, &format!("{policy}{}", route("retried", rules)));
+    let ferry = tokio::task::block_in_place(|| Ferry::start(Some(&yaml), &[]));
+    // Without the rule's retry: one try per request, as the Service's policy says.
+    let (_, failed) = spread(ferry.outbound, "/status?code=503", &[], 100, 1).await;
+    assert_eq!((failed.len(), v1.requests.load(Ordering::SeqCst)), (100, 100));
+    // With it: retried, until the budget (10 % of the Service's requests) says no.
+    let (_, failed) = spread(ferry.outbound, "/status?code=503", &[("x-route", "retried")], 100, 1).await;
+    assert_eq!(failed.len(), 100);
+    let retries = v1.requests.load(Ordering::SeqCst) - 200;
+    let denied = ferry.metric(r#"ferry_retries_total{service="api.default",result="budget-denied"}"#);
+    eprintln!("route retry: {retries} retries of 100 requests (budget 10 % of 200), {denied} denied by the budget");
+    assert!((5..=20).contains(&retries), "{retries} retries: the budget allows 20 over 200 requests");
+    assert!(denied >= 1.0, "the budget stopped some retries");
+}

@@ -46,6 +46,11 @@ impl Destination {
         }
     }
 
+    /// Its retries: its HTTPRoute rule's `retry` where set, else the Service's TrafficPolicy `retries`.
+    pub fn retry(&self) -> Option<&Arc<crate::policy::retry::Policy>> {
+        self.split.as_ref().and_then(|s| s.retry.as_ref()).or(self.outbound.retry.as_ref())
+    }
+
     /// Each try's timeout: its HTTPRoute rule's `timeouts.backendRequest` where set (`0s`: none), else the Service's
     /// `retries.perTryTimeout`.
     pub fn per_try_timeout(&self) -> Option<std::time::Duration> {

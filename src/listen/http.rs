@@ -288,6 +288,7 @@ impl Listeners {
 }
 
 /// What the innermost service needs of a request besides its destination.
+#[derive(Clone)]
 pub(super) struct Sent {
     /// The authority to send it with (the app's own, else the address dialled).
     authority: String,

@@ -113,7 +113,8 @@ impl Listeners {
             [&settings.outbound_addrs[..], &settings.inbound_addrs[..], &[settings.admin_addr, settings.health_addr]]
                 .concat()
                 .into();
-        let registries = Arc::new(Registries::default());
+        let registries =
+            Arc::new(Registries { mirrors_in_flight: settings.mirror_max_in_flight, ..Registries::default() });
         let limits = registries.limits.clone();
         let upstream = http::Upstream { pool: pool.clone(), own_listeners: own_listeners.clone(), limits };
         let outbound = stack::outbound::<http::Sent>(&registries, &metrics, upstream.clone().service());

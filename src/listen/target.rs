@@ -14,7 +14,8 @@ use crate::discovery::destination::Destination;
 use crate::discovery::snapshot::{Route, RouteError, Snapshot};
 use crate::errors::ProxyError;
 use crate::identity::tls::{self, PeerTls};
-use crate::policy::split::{Split, SplitBackend};
+use crate::policy::retry::Policy;
+use crate::policy::split::{Split, SplitBackend, SplitMirror};
 use ferry_api::route::{Backend, RequestView};
 
 /// The `service` label of outbound requests that matched no Service in explicit mode.
@@ -200,6 +201,17 @@ impl Listeners {
             .filter(|b| b.weight > 0)
             .map(|b| self.split_backend(snapshot, &rule.label, b, port))
             .collect();
+        let mirrors = rule
+            .mirrors
+            .iter()
+            .map(|m| {
+                let SplitBackend { name, dest, .. } = self.split_backend(snapshot, &rule.label, &m.backend, port);
+                let dest = dest.map_err(|(_, why)| why);
+                SplitMirror { name, numerator: m.numerator, denominator: m.denominator, dest }
+            })
+            .collect();
+        let retry =
+            rule.retry.as_ref().map(|r| Arc::new(Policy::for_route(r, route.service.outbound.retry.as_deref())));
         // A redirect is answered by the proxy (`Listeners::call_stack`): its rule has no backends.
         let redirect = rule.filters.iter().any(|f| f.request_redirect.is_some());
         if backends.is_empty() && !redirect {
@@ -220,7 +232,9 @@ impl Listeners {
                 matched_prefix: prefix
                     .filter(|_| rule.filters.iter().any(|f| f.request_redirect.is_some() || f.url_rewrite.is_some()))
                     .map(str::to_string),
+                retry,
                 backends,
+                mirrors,
             })),
         })
     }

@@ -58,6 +58,7 @@ mod tests {
             response_header_modifier: (kind == "ResponseHeaderModifier").then_some(m),
             request_redirect: None,
             url_rewrite: None,
+            request_mirror: None,
         };
         let request = HeaderModifier {
             set: pairs(&[("X-Env", "canary")]),

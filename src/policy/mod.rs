@@ -11,6 +11,7 @@ pub mod balance;
 pub mod breaker;
 pub mod concurrency;
 pub mod headers;
+pub mod mirror;
 pub mod outlier;
 pub mod path;
 pub mod ratelimit;

@@ -244,6 +244,28 @@ impl Policy {
     }
 }
 
+impl Policy {
+    /// An HTTPRoute rule's `retry` (GEP-1731) over its Service's policy (`service`, the TrafficPolicy's or the
+    /// default): a try that fails to connect, is refused or reset, or answers one of `codes` is retried, `attempts`
+    /// times (1 when unset), `backoff` apart at least (else the Service's backoff); the Service's per-try timeout and
+    /// retry budget stay (the budget is the Service's own: a route's retries spend it).
+    pub fn for_route(r: &ferry_api::route::HttpRouteRetry, service: Option<&Policy>) -> Policy {
+        let fallback = Policy::default_for_unconfigured();
+        let service = service.unwrap_or(&fallback);
+        let mut on: Vec<String> = ["connect-failure", "refused-stream", "reset"].map(String::from).to_vec();
+        on.extend(r.codes.iter().map(u16::to_string));
+        let base = r.backoff.as_deref().and_then(|b| ferry_api::parse_duration(b).ok()).unwrap_or(service.base);
+        Policy {
+            attempts: r.attempts.unwrap_or(1),
+            on: On::parse(&on),
+            base,
+            max: service.max.max(base),
+            per_try_timeout: service.per_try_timeout,
+            budget: service.budget.clone(),
+        }
+    }
+}
+
 /// How a try ended, for the retry decision (`None`: an error retrying cannot help, such as an open breaker).
 pub fn classify(result: &Result<Response<ProxyBody>, ProxyError>) -> Option<Outcome> {
     match result {

@@ -24,8 +24,22 @@ pub struct Split<D> {
     pub timeouts: ferry_api::route::RuleTimeouts,
     /// The `PathPrefix` value the request matched, when a redirect or rewrite of the rule replaces it.
     pub matched_prefix: Option<String>,
+    /// Its retries (GEP-1731) over the Service's policy, which they replace for the rule.
+    pub retry: Option<Arc<crate::policy::retry::Policy>>,
     /// The backends with a weight above 0.
     pub backends: Vec<SplitBackend<D>>,
+    /// Where its RequestMirror filters send copies.
+    pub mirrors: Vec<SplitMirror<D>>,
+}
+
+/// A RequestMirror filter's Service: copies of `numerator` of every `denominator` requests go there.
+pub struct SplitMirror<D> {
+    /// Its Service's qualified name (the `mirror` metric label).
+    pub name: Arc<str>,
+    pub numerator: u32,
+    pub denominator: u32,
+    /// Resolved, or why copies cannot go there.
+    pub dest: Result<Arc<D>, String>,
 }
 
 pub struct SplitBackend<D> {

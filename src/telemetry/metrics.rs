@@ -105,6 +105,7 @@ pub struct Metrics {
     pub upstream_pending: IntGaugeVec,
     pub upstream_limit: IntGaugeVec,
     pub retries: IntCounterVec,
+    pub mirrors: IntCounterVec,
     pub outlier_ejections: IntCounterVec,
     pub trace_spans_exported: IntCounter,
     pub trace_spans_dropped: IntCounterVec,
@@ -349,6 +350,11 @@ impl Metrics {
                 "ferry_retries_total",
                 "Retries by destination Service and result (attempted, exhausted: the policy's attempts used up, budget-denied).",
                 &["service", "result"],
+            ),
+            mirrors: counter(
+                "ferry_request_mirrors_total",
+                "Copies of requests made by HTTPRoute RequestMirror filters, by rule (route), mirror Service and outcome: mirrored (the mirror answered, not 5xx), failed (no answer in time, a 5xx, or a mirror that does not resolve), dropped (not sent: the copies in flight were at their cap, or the body was over the copy buffer or not read to its end).",
+                &["route", "mirror", "outcome"],
             ),
             trace_spans_exported: IntCounter::new(
                 "ferry_trace_spans_exported_total",

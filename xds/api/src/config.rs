@@ -554,9 +554,11 @@ pub fn route_sets(docs: &[Document]) -> Vec<RouteSet> {
             .map(|rule| AttachedRule {
                 name: rule.name.clone(),
                 matches: rule.matches.clone(),
-                filters: rule.filters.clone(),
+                filters: rule.filters.iter().map(|f| attached_filter(f, route_ns)).collect(),
                 timeouts: rule.timeouts.clone().unwrap_or_default(),
+                retry: rule.retry.clone(),
                 backends: rule.backend_refs.iter().map(|b| refs.resolve(b, route_ns)).collect(),
+                mirrors: mirror_refs(rule).map(|m| refs.resolve(&m, route_ns)).collect(),
             })
             .collect();
         for ((svc_ns, svc), mut ports) in parents {
@@ -602,8 +604,8 @@ impl References<'_> {
             .spec
             .rules
             .iter()
-            .flat_map(|r| &r.backend_refs)
-            .filter_map(|b| refs.resolve(b, route_ns).unresolved)
+            .flat_map(|r| r.backend_refs.iter().cloned().chain(mirror_refs(r)))
+            .filter_map(|b| refs.resolve(&b, route_ns).unresolved)
             .collect();
         // Valid, and said: a rule with no backend to send to (none listed, or every weight 0: drained) answers 500.
         let drained: Vec<String> = route
@@ -652,6 +654,34 @@ impl References<'_> {
         .collect();
         serde_json::json!({ "parents": parents })
     }
+}
+
+/// A filter as proxies receive it: a RequestMirror's share as a fraction and its Service's namespace written out
+/// (what the xDS resource carries).
+fn attached_filter(f: &crate::route::HttpRouteFilter, route_ns: &str) -> crate::route::HttpRouteFilter {
+    let mut f = f.clone();
+    if let Some(m) = &mut f.request_mirror {
+        let (numerator, denominator) = m.share();
+        m.backend_ref.group = None;
+        m.backend_ref.kind = None;
+        m.backend_ref.namespace.get_or_insert_with(|| route_ns.to_string());
+        m.percent = None;
+        m.fraction = Some(crate::route::Fraction { numerator, denominator: Some(denominator) });
+    }
+    f
+}
+
+/// The backends of a rule's RequestMirror filters, as backendRefs (resolved the same way: the Service, its port, a
+/// ReferenceGrant for another namespace).
+fn mirror_refs(rule: &crate::route::HttpRouteRule) -> impl Iterator<Item = BackendRef> + '_ {
+    rule.filters.iter().filter_map(|f| f.request_mirror.as_ref()).map(|m| BackendRef {
+        group: m.backend_ref.group.clone(),
+        kind: m.backend_ref.kind.clone(),
+        name: m.backend_ref.name.clone(),
+        namespace: m.backend_ref.namespace.clone(),
+        port: m.backend_ref.port,
+        weight: 1,
+    })
 }
 
 /// The `controllerName` of the route statuses Ferry writes.

@@ -238,7 +238,7 @@ spec: {targetRef: {kind: Service, name: payments}, timeout: 2s}
     fn route_sets_round_trip_and_bad_ones_are_refused_naming_the_field() {
         let yaml = format!(
             "{DOCS}---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: r, namespace: shop}}\n\
-             spec: {{parentRefs: [{{group: '', kind: Service, name: payments}}], rules: [{{matches: [{{path: {{type: RegularExpression, value: '/v[0-9]+'}}}}], filters: [{{type: RequestHeaderModifier, requestHeaderModifier: {{set: [{{name: x-env, value: canary}}], remove: [x-secret]}}}}], backendRefs: [{{name: payments, weight: 3}}]}}]}}\n"
+             spec: {{parentRefs: [{{group: '', kind: Service, name: payments}}], rules: [{{matches: [{{path: {{type: RegularExpression, value: '/v[0-9]+'}}}}], filters: [{{type: RequestHeaderModifier, requestHeaderModifier: {{set: [{{name: x-env, value: canary}}], remove: [x-secret]}}}}, {{type: RequestMirror, requestMirror: {{backendRef: {{name: payments, port: 8080}}, percent: 10}}}}, {{type: RequestMirror, requestMirror: {{backendRef: {{name: nowhere, port: 80}}}}}}], backendRefs: [{{name: payments, weight: 3}}], retry: {{codes: [503], attempts: 2, backoff: 100ms}}}}]}}\n"
         );
         let set = crate::config::route_sets(&crate::parse_documents(&yaml).unwrap()).remove(0);
         let any = encode_routes(&set);
@@ -251,7 +251,14 @@ spec: {targetRef: {kind: Service, name: payments}, timeout: 2s}
         let any = Any { type_url: ROUTE_SET_TYPE.into(), value: bad.encode_to_vec() };
         let err = decode("shop/payments/shop", &any).unwrap_err().to_string();
         assert!(err.contains("routes[0].rules[0].matches[0].path.value: not a valid regular expression"), "{err}");
-        assert_eq!(set.routes[0].rules[0].filters.len(), 1, "filters travel with the rule");
+        let rule = &set.routes[0].rules[0];
+        assert_eq!(rule.filters.len(), 3, "filters travel with the rule");
+        let mirrors: Vec<_> = rule
+            .mirrors()
+            .map(|m| (m.backend.name, m.backend.unresolved.is_some(), m.numerator, m.denominator))
+            .collect();
+        assert_eq!(mirrors, [("payments".into(), false, 10, 100), ("nowhere".into(), true, 1, 1)]);
+        assert_eq!(rule.retry.as_ref().and_then(|r| r.attempts), Some(2));
         // A filter that would change a header only Ferry writes: NACKed too.
         let mut bad = crate::resources::route_set_to_pb(&set);
         bad.routes[0].rules[0].filters[0].request_header_modifier.as_mut().unwrap().remove =

@@ -13,9 +13,9 @@ use crate::policy::{
     TrafficPolicy, TrafficPolicySpec,
 };
 use crate::route::{
-    AttachedRoute, AttachedRule, Backend, HeaderModifier, HeaderPair, HttpRouteFilter, HttpRouteMatch,
-    HttpRouteTimeouts, PathMatch, PathMatchType, PathModifier, PathModifierType, RequestRedirect, RouteSet, UrlRewrite,
-    ValueMatch, ValueMatchType,
+    AttachedRoute, AttachedRule, Backend, Fraction, HeaderModifier, HeaderPair, HttpRouteFilter, HttpRouteMatch,
+    HttpRouteRetry, HttpRouteTimeouts, ObjectRef, PathMatch, PathMatchType, PathModifier, PathModifierType,
+    RequestMirror, RequestRedirect, RouteSet, UrlRewrite, ValueMatch, ValueMatchType,
 };
 
 /// The generated messages (`xds/api/proto/ferry/v1/resources.proto`).
@@ -182,8 +182,18 @@ fn value_match_to_pb(v: &ValueMatch) -> pb::ValueMatch {
     pb::ValueMatch { r#type: kind as i32, name: v.name.clone(), value: v.value.clone() }
 }
 
-/// A route set as the control plane sends it.
-fn filter_to_pb(f: &HttpRouteFilter) -> pb::RouteFilter {
+fn backend_to_pb(b: &Backend) -> pb::RouteBackend {
+    pb::RouteBackend {
+        namespace: b.namespace.clone(),
+        name: b.name.clone(),
+        port: b.port.map_or(0, u32::from),
+        weight: b.weight,
+        unresolved: b.unresolved.clone().unwrap_or_default(),
+    }
+}
+
+/// A filter as the control plane sends it; a RequestMirror's backend is `mirror`, resolved.
+fn filter_to_pb(f: &HttpRouteFilter, mirror: Option<&Backend>) -> pb::RouteFilter {
     let modifier = |m: &HeaderModifier| pb::HeaderModifier {
         set: m.set.iter().map(|h| pb::HeaderPair { name: h.name.clone(), value: h.value.clone() }).collect(),
         add: m.add.iter().map(|h| pb::HeaderPair { name: h.name.clone(), value: h.value.clone() }).collect(),
@@ -208,10 +218,15 @@ fn filter_to_pb(f: &HttpRouteFilter) -> pb::RouteFilter {
             hostname: r.hostname.clone().unwrap_or_default(),
             path: r.path.as_ref().map(path),
         }),
+        request_mirror: f.request_mirror.as_ref().zip(mirror).map(|(m, b)| {
+            let (numerator, denominator) = m.share();
+            pb::RequestMirror { backend: Some(backend_to_pb(b)), numerator, denominator }
+        }),
     }
 }
 
-fn filter_from_pb(f: pb::RouteFilter) -> HttpRouteFilter {
+/// A received filter, and a RequestMirror's resolved backend.
+fn filter_from_pb(f: pb::RouteFilter) -> (HttpRouteFilter, Option<Backend>) {
     let pairs =
         |list: Vec<pb::HeaderPair>| list.into_iter().map(|h| HeaderPair { name: h.name, value: h.value }).collect();
     let modifier = |m: pb::HeaderModifier| HeaderModifier { set: pairs(m.set), add: pairs(m.add), remove: m.remove };
@@ -226,7 +241,24 @@ fn filter_from_pb(f: pb::RouteFilter) -> HttpRouteFilter {
         }
     };
     let number = |n: u32| (n != 0).then(|| u16::try_from(n).unwrap_or(0));
-    HttpRouteFilter {
+    let mirror = f.request_mirror.map(|m| {
+        let b = m.backend.unwrap_or_default();
+        let backend = backend_from_pb(b.clone());
+        let filter = RequestMirror {
+            backend_ref: ObjectRef {
+                group: None,
+                kind: None,
+                name: b.name,
+                namespace: Some(b.namespace),
+                port: Some(u16::try_from(b.port).unwrap_or(0)),
+            },
+            percent: None,
+            fraction: Some(Fraction { numerator: m.numerator, denominator: Some(m.denominator) }),
+        };
+        (filter, backend)
+    });
+    let (request_mirror, mirror) = mirror.unzip();
+    let filter = HttpRouteFilter {
         kind: f.r#type,
         request_header_modifier: f.request_header_modifier.map(modifier),
         response_header_modifier: f.response_header_modifier.map(modifier),
@@ -238,6 +270,19 @@ fn filter_from_pb(f: pb::RouteFilter) -> HttpRouteFilter {
             status_code: number(r.status_code),
         }),
         url_rewrite: f.url_rewrite.map(|r| UrlRewrite { hostname: text(r.hostname), path: r.path.map(path) }),
+        request_mirror,
+    };
+    (filter, mirror)
+}
+
+/// A received backend; an out-of-range port becomes 0, which validation refuses with the field named.
+fn backend_from_pb(b: pb::RouteBackend) -> Backend {
+    Backend {
+        namespace: b.namespace,
+        name: b.name,
+        port: (b.port != 0).then(|| u16::try_from(b.port).unwrap_or(0)),
+        weight: b.weight,
+        unresolved: (!b.unresolved.is_empty()).then_some(b.unresolved),
     }
 }
 
@@ -262,7 +307,18 @@ pub fn route_set_to_pb(set: &RouteSet) -> pb::RouteSet {
                     .iter()
                     .map(|rule| pb::RouteRule {
                         name: rule.name.clone().unwrap_or_default(),
-                        filters: rule.filters.iter().map(filter_to_pb).collect(),
+                        filters: {
+                            let mut mirrors = rule.mirrors.iter();
+                            let mut each = |f: &HttpRouteFilter| {
+                                filter_to_pb(f, f.request_mirror.as_ref().and_then(|_| mirrors.next()))
+                            };
+                            rule.filters.iter().map(&mut each).collect()
+                        },
+                        retry: rule.retry.as_ref().map(|r| pb::RouteRetry {
+                            codes: r.codes.iter().map(|c| u32::from(*c)).collect(),
+                            attempts: r.attempts,
+                            backoff: r.backoff.clone().unwrap_or_default(),
+                        }),
                         timeout_request: rule.timeouts.request.clone().unwrap_or_default(),
                         timeout_backend_request: rule.timeouts.backend_request.clone().unwrap_or_default(),
                         matches: rule
@@ -280,17 +336,7 @@ pub fn route_set_to_pb(set: &RouteSet) -> pb::RouteSet {
                                 method: m.method.clone().unwrap_or_default(),
                             })
                             .collect(),
-                        backends: rule
-                            .backends
-                            .iter()
-                            .map(|b| pb::RouteBackend {
-                                namespace: b.namespace.clone(),
-                                name: b.name.clone(),
-                                port: b.port.map_or(0, u32::from),
-                                weight: b.weight,
-                                unresolved: b.unresolved.clone().unwrap_or_default(),
-                            })
-                            .collect(),
+                        backends: rule.backends.iter().map(backend_to_pb).collect(),
                     })
                     .collect(),
             })
@@ -343,21 +389,18 @@ pub fn route_set_from_pb(set: pb::RouteSet) -> Result<RouteSet, ConfigError> {
             for (k, m) in matches.iter().enumerate() {
                 crate::route::validate_match(&format!("routes[{i}].rules[{j}].matches[{k}]"), m, &mut errors);
             }
-            let backends: Vec<Backend> = rule
-                .backends
-                .into_iter()
-                .enumerate()
-                .map(|(k, b)| Backend {
-                    namespace: b.namespace,
-                    name: b.name,
-                    port: (b.port != 0)
-                        .then(|| port(b.port, format!("routes[{i}].rules[{j}].backends[{k}].port"), &mut errors))
-                        .flatten(),
-                    weight: b.weight,
-                    unresolved: (!b.unresolved.is_empty()).then_some(b.unresolved),
-                })
-                .collect();
-            let filters: Vec<HttpRouteFilter> = rule.filters.into_iter().map(filter_from_pb).collect();
+            let backends: Vec<Backend> = rule.backends.into_iter().map(backend_from_pb).collect();
+            for (k, b) in backends.iter().enumerate() {
+                if b.port == Some(0) {
+                    errors.push(FieldError {
+                        path: format!("routes[{i}].rules[{j}].backends[{k}].port"),
+                        message: "must be 1-65535".into(),
+                    });
+                }
+            }
+            let (filters, mirrors): (Vec<HttpRouteFilter>, Vec<Option<Backend>>) =
+                rule.filters.into_iter().map(filter_from_pb).unzip();
+            let mirrors: Vec<Backend> = mirrors.into_iter().flatten().collect();
             let shape = crate::route::RuleShape::of(&matches, backends.len());
             crate::route::validate_filters(&format!("routes[{i}].rules[{j}].filters"), &filters, shape, &mut errors);
             let set = |t: String| (!t.is_empty()).then_some(t);
@@ -366,8 +409,17 @@ pub fn route_set_from_pb(set: pb::RouteSet) -> Result<RouteSet, ConfigError> {
                 backend_request: set(rule.timeout_backend_request),
             };
             crate::route::validate_timeouts(&format!("routes[{i}].rules[{j}].timeouts"), &timeouts, &mut errors);
+            let retry = rule.retry.map(|r| HttpRouteRetry {
+                // An out-of-range code becomes 0, which validation refuses.
+                codes: r.codes.into_iter().map(|c| u16::try_from(c).unwrap_or(0)).collect(),
+                attempts: r.attempts,
+                backoff: set(r.backoff),
+            });
+            if let Some(r) = &retry {
+                crate::route::validate_retry(&format!("routes[{i}].rules[{j}].retry"), r, &mut errors);
+            }
             let name = (!rule.name.is_empty()).then_some(rule.name);
-            rules.push(AttachedRule { name, matches, filters, timeouts, backends });
+            rules.push(AttachedRule { name, matches, filters, timeouts, retry, backends, mirrors });
         }
         routes.push(AttachedRoute { namespace: meta.namespace, name: meta.name, created: r.created, ports, rules });
     }

@@ -53,6 +53,7 @@ fn default_rules() -> Vec<HttpRouteRule> {
         filters: Vec::new(),
         backend_refs: Vec::new(),
         timeouts: None,
+        retry: None,
     }]
 }
 
@@ -100,6 +101,49 @@ pub struct HttpRouteRule {
     /// GEP-1742: they replace the Service's TrafficPolicy `timeout` and `retries.perTryTimeout` for this rule.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeouts: Option<HttpRouteTimeouts>,
+    /// GEP-1731 (Gateway API's experimental channel in v1.4.0): replaces the Service's TrafficPolicy `retries` for
+    /// this rule, still spending the Service's retry budget.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<HttpRouteRetry>,
+}
+
+/// `HTTPRouteRetry` (GEP-1731): a try that fails to connect, is refused or reset, or answers one of `codes` is
+/// retried, up to `attempts` times, at least `backoff` apart.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpRouteRetry {
+    /// HTTP status codes (400-599) whose responses are retried.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub codes: Vec<u16>,
+    /// Retries after the first try (1 when unset; 0 turns retries off for the rule).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempts: Option<u32>,
+    /// The least wait between tries (a Gateway API duration); the Service's backoff when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff: Option<String>,
+}
+
+/// The most retries a rule may ask for (as a TrafficPolicy's `retries.attempts`).
+const MAX_RETRY_ATTEMPTS: u32 = 10;
+
+/// Validates a rule's `retry` (`path` = `spec.rules[i].retry`).
+pub(crate) fn validate_retry(path: &str, r: &HttpRouteRetry, errors: &mut Vec<FieldError>) {
+    for (i, code) in r.codes.iter().enumerate() {
+        if !(400..=599).contains(code) {
+            errors.push(field(format!("{path}.codes[{i}]"), format!("{code} must be 400-599")));
+        }
+    }
+    if r.codes.len() > MAX_CONDITIONS {
+        errors.push(field(format!("{path}.codes"), format!("at most {MAX_CONDITIONS}")));
+    }
+    if let Some(a) = r.attempts.filter(|a| *a > MAX_RETRY_ATTEMPTS) {
+        errors.push(field(format!("{path}.attempts"), format!("{a} must be 0-{MAX_RETRY_ATTEMPTS}")));
+    }
+    if let Some(b) = &r.backoff
+        && (!is_gateway_duration(b) || crate::parse_duration(b).is_err())
+    {
+        errors.push(field(format!("{path}.backoff"), format!("`{b}` is not a Gateway API duration (1s, 500ms)")));
+    }
 }
 
 /// `HTTPRouteTimeouts` (GEP-1742), Gateway API durations (GEP-2257: `1h`, `30s`, `500ms`, `1m30s`); `0s` turns the
@@ -184,6 +228,65 @@ pub struct HttpRouteFilter {
     pub request_redirect: Option<RequestRedirect>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url_rewrite: Option<UrlRewrite>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_mirror: Option<RequestMirror>,
+}
+
+/// `HTTPRequestMirrorFilter`: a copy of each request (or of `percent` or `fraction` of them) goes to another
+/// Service, fire and forget: its answer is dropped, and it never delays or fails the request itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RequestMirror {
+    pub backend_ref: ObjectRef,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percent: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fraction: Option<Fraction>,
+}
+
+impl RequestMirror {
+    /// The share of requests copied, as (numerator, denominator): every one when neither is set.
+    pub fn share(&self) -> (u32, u32) {
+        match (&self.percent, &self.fraction) {
+            (Some(p), _) => (*p, 100),
+            (None, Some(f)) => (f.numerator, f.denominator.unwrap_or(100)),
+            (None, None) => (1, 1),
+        }
+    }
+}
+
+/// `Fraction`: `numerator` of every `denominator` (100 when unset).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Fraction {
+    pub numerator: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub denominator: Option<u32>,
+}
+
+/// `BackendObjectReference`: a Service (the only kind Ferry resolves), with the port requests go to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ObjectRef {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    pub name: String,
+    /// The route's namespace when unset; another one needs a ReferenceGrant there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// Required for a Service (the upstream CRD's rule).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+}
+
+impl ObjectRef {
+    /// Whether it names a Service.
+    pub fn is_service(&self) -> bool {
+        matches!(self.group.as_deref(), None | Some("" | "core"))
+            && matches!(self.kind.as_deref(), None | Some("Service"))
+    }
 }
 
 /// `HTTPRequestRedirectFilter`: the proxy answers with a redirect (the rule has no backends); what is unset is the
@@ -307,19 +410,17 @@ pub(crate) fn validate_filters(path: &str, filters: &[HttpRouteFilter], rule: Ru
             ("responseHeaderModifier", f.response_header_modifier.is_some()),
             ("requestRedirect", f.request_redirect.is_some()),
             ("urlRewrite", f.url_rewrite.is_some()),
+            ("requestMirror", f.request_mirror.is_some()),
         ];
         let expected = match f.kind.as_str() {
             "RequestHeaderModifier" => "requestHeaderModifier",
             "ResponseHeaderModifier" => "responseHeaderModifier",
             "RequestRedirect" => "requestRedirect",
             "URLRewrite" => "urlRewrite",
-            "RequestMirror" => {
-                errors.push(field(format!("{path}.type"), "RequestMirror is not supported yet (routing, part 2)"));
-                continue;
-            }
+            "RequestMirror" => "requestMirror",
             other => {
                 let why = format!(
-                    "`{other}` is not a filter Ferry supports (RequestHeaderModifier, ResponseHeaderModifier, RequestRedirect, URLRewrite)"
+                    "`{other}` is not a filter Ferry supports (RequestHeaderModifier, ResponseHeaderModifier, RequestRedirect, URLRewrite, RequestMirror)"
                 );
                 errors.push(field(format!("{path}.type"), why));
                 continue;
@@ -329,7 +430,10 @@ pub(crate) fn validate_filters(path: &str, filters: &[HttpRouteFilter], rule: Ru
             errors.push(field(format!("{path}.{expected}"), format!("required with type {} (and only it)", f.kind)));
             continue;
         }
-        if let Some(first) = seen.insert(f.kind.clone(), i) {
+        // Each type at most once, but for RequestMirror: a request may be copied to several Services.
+        if let Some(first) = seen.insert(f.kind.clone(), i)
+            && f.kind != "RequestMirror"
+        {
             errors.push(field(
                 format!("{path}.type"),
                 format!("{} is also filters[{first}]: at most one of each", f.kind),
@@ -363,9 +467,66 @@ pub(crate) fn validate_filters(path: &str, filters: &[HttpRouteFilter], rule: Ru
         if let Some(r) = &f.url_rewrite {
             validate_rewrite_parts(&format!("{path}.urlRewrite"), r.hostname.as_deref(), r.path.as_ref(), rule, errors);
         }
+        if let Some(m) = &f.request_mirror {
+            validate_mirror(&format!("{path}.requestMirror"), m, errors);
+        }
     }
     if seen.contains_key("RequestRedirect") && seen.contains_key("URLRewrite") {
         errors.push(field(path.to_string(), "RequestRedirect and URLRewrite cannot be used together"));
+    }
+}
+
+fn validate_mirror(path: &str, m: &RequestMirror, errors: &mut Vec<FieldError>) {
+    let b = &m.backend_ref;
+    validate_service_ref(
+        &format!("{path}.backendRef"),
+        b.is_service(),
+        &b.name,
+        b.namespace.as_deref(),
+        b.port,
+        errors,
+    );
+    if b.port.is_none() {
+        errors.push(field(format!("{path}.backendRef.port"), "required for a Service"));
+    }
+    if m.percent.is_some() && m.fraction.is_some() {
+        errors.push(field(path.to_string(), "percent and fraction cannot both be set"));
+    }
+    if let Some(p) = m.percent.filter(|p| *p > 100) {
+        errors.push(field(format!("{path}.percent"), format!("{p} must be 0-100")));
+    }
+    if let Some(f) = &m.fraction {
+        let denominator = f.denominator.unwrap_or(100);
+        if denominator == 0 || denominator > 1_000_000 {
+            errors.push(field(format!("{path}.fraction.denominator"), "must be 1-1000000"));
+        } else if f.numerator > denominator {
+            errors.push(field(format!("{path}.fraction.numerator"), "must not be above the denominator"));
+        }
+    }
+}
+
+/// A reference to a Service (a backend or a mirror): what the upstream CRD and Ferry require of it.
+fn validate_service_ref(
+    path: &str,
+    is_service: bool,
+    name: &str,
+    namespace: Option<&str>,
+    port: Option<u16>,
+    errors: &mut Vec<FieldError>,
+) {
+    if !is_service {
+        errors.push(field(path.to_string(), "Ferry resolves Service backends only (`group: \"\"`, `kind: Service`)"));
+    }
+    if !crate::meta::is_dns_label(name) {
+        errors.push(field(format!("{path}.name"), format!("`{name}` must be a Service name")));
+    }
+    if let Some(ns) = namespace
+        && !crate::meta::is_dns_label(ns)
+    {
+        errors.push(field(format!("{path}.namespace"), format!("`{ns}` must be a namespace name")));
+    }
+    if port == Some(0) {
+        errors.push(field(format!("{path}.port"), "must be 1-65535"));
     }
 }
 
@@ -709,23 +870,12 @@ pub fn validate_http_route(spec: &HttpRouteSpec, errors: &mut Vec<FieldError>) {
         if rule.backend_refs.len() > MAX_BACKENDS {
             errors.push(field(format!("{path}.backendRefs"), format!("at most {MAX_BACKENDS}")));
         }
+        if let Some(r) = &rule.retry {
+            validate_retry(&format!("{path}.retry"), r, errors);
+        }
         for (j, b) in rule.backend_refs.iter().enumerate() {
             let path = format!("{path}.backendRefs[{j}]");
-            if !b.is_service() {
-                errors
-                    .push(field(path.clone(), "Ferry resolves Service backends only (`group: \"\"`, `kind: Service`)"));
-            }
-            if !crate::meta::is_dns_label(&b.name) {
-                errors.push(field(format!("{path}.name"), format!("`{}` must be a Service name", b.name)));
-            }
-            if let Some(ns) = &b.namespace
-                && !crate::meta::is_dns_label(ns)
-            {
-                errors.push(field(format!("{path}.namespace"), format!("`{ns}` must be a namespace name")));
-            }
-            if b.port == Some(0) {
-                errors.push(field(format!("{path}.port"), "must be 1-65535"));
-            }
+            validate_service_ref(&path, b.is_service(), &b.name, b.namespace.as_deref(), b.port, errors);
             if b.weight > 1_000_000 {
                 errors.push(field(format!("{path}.weight"), "must be 0-1000000"));
             }
@@ -899,7 +1049,19 @@ pub struct RuleInfo {
     /// Its filters (shared by the requests it takes).
     pub filters: std::sync::Arc<[HttpRouteFilter]>,
     pub timeouts: RuleTimeouts,
+    /// Its retries (GEP-1731), which replace the Service's.
+    pub retry: Option<HttpRouteRetry>,
     pub backends: Vec<Backend>,
+    /// Its RequestMirror filters, resolved.
+    pub mirrors: Vec<Mirror>,
+}
+
+/// A RequestMirror filter as the control plane resolved it: where copies go, and the share of requests copied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mirror {
+    pub backend: Backend,
+    pub numerator: u32,
+    pub denominator: u32,
 }
 
 /// A backend as the control plane resolved it: a Service, or why not.
@@ -932,7 +1094,22 @@ pub struct AttachedRule {
     pub matches: Vec<HttpRouteMatch>,
     pub filters: Vec<HttpRouteFilter>,
     pub timeouts: HttpRouteTimeouts,
+    pub retry: Option<HttpRouteRetry>,
     pub backends: Vec<Backend>,
+    /// The backends of its RequestMirror filters, resolved, in the filters' order.
+    pub mirrors: Vec<Backend>,
+}
+
+impl AttachedRule {
+    /// Its RequestMirror filters, each with its resolved backend.
+    pub fn mirrors(&self) -> impl Iterator<Item = Mirror> + '_ {
+        let shares = self.filters.iter().filter_map(|f| f.request_mirror.as_ref()).map(RequestMirror::share);
+        shares.zip(&self.mirrors).map(|((numerator, denominator), backend)| Mirror {
+            backend: backend.clone(),
+            numerator,
+            denominator,
+        })
+    }
 }
 
 /// The routes of one namespace attached to one Service: the xDS resource `<service ns>/<service>/<route ns>`.
@@ -989,7 +1166,9 @@ impl RouteTable {
                     label: format!("{key}/{i}").into(),
                     filters: rule.filters.clone().into(),
                     timeouts: rule.timeouts.parsed(),
+                    retry: rule.retry.clone(),
                     backends: rule.backends.clone(),
+                    mirrors: rule.mirrors().collect(),
                 });
                 for (j, m) in rule.matches.iter().enumerate() {
                     let Some(compiled) = compile_match(m, (r, i)) else { continue };
@@ -1350,7 +1529,39 @@ mod tests {
             ),
             (
                 "parentRefs: [{group: '', kind: Service, name: api}]\nrules: [{filters: [{type: RequestMirror}]}]",
-                "spec.rules[0].filters[0].type: RequestMirror is not supported yet",
+                "spec.rules[0].filters[0].requestMirror: required with type RequestMirror",
+            ),
+            (
+                "parentRefs: [{group: '', kind: Service, name: api}]\nrules: [{filters: [{type: RequestMirror, requestMirror: {backendRef: {name: shadow}}}]}]",
+                "spec.rules[0].filters[0].requestMirror.backendRef.port: required for a Service",
+            ),
+            (
+                "parentRefs: [{group: '', kind: Service, name: api}]\nrules: [{filters: [{type: RequestMirror, requestMirror: {backendRef: {name: shadow, port: 80}, percent: 101}}]}]",
+                "spec.rules[0].filters[0].requestMirror.percent: 101 must be 0-100",
+            ),
+            (
+                "parentRefs: [{group: '', kind: Service, name: api}]\nrules: [{filters: [{type: RequestMirror, requestMirror: {backendRef: {name: shadow, port: 80}, percent: 5, fraction: {numerator: 1}}}]}]",
+                "spec.rules[0].filters[0].requestMirror: percent and fraction cannot both be set",
+            ),
+            (
+                "parentRefs: [{group: '', kind: Service, name: api}]\nrules: [{filters: [{type: RequestMirror, requestMirror: {backendRef: {name: shadow, port: 80}, fraction: {numerator: 3, denominator: 2}}}]}]",
+                "spec.rules[0].filters[0].requestMirror.fraction.numerator: must not be above the denominator",
+            ),
+            (
+                "parentRefs: [{group: '', kind: Service, name: api}]\nrules: [{filters: [{type: RequestMirror, requestMirror: {backendRef: {kind: Pod, name: shadow, port: 80}}}]}]",
+                "spec.rules[0].filters[0].requestMirror.backendRef: Ferry resolves Service backends only",
+            ),
+            (
+                "parentRefs: [{group: '', kind: Service, name: api}]\nrules: [{retry: {codes: [503, 200]}}]",
+                "spec.rules[0].retry.codes[1]: 200 must be 400-599",
+            ),
+            (
+                "parentRefs: [{group: '', kind: Service, name: api}]\nrules: [{retry: {attempts: 11}}]",
+                "spec.rules[0].retry.attempts: 11 must be 0-10",
+            ),
+            (
+                "parentRefs: [{group: '', kind: Service, name: api}]\nrules: [{retry: {backoff: 1.5s}}]",
+                "spec.rules[0].retry.backoff: `1.5s` is not a Gateway API duration",
             ),
             (
                 "parentRefs: [{group: '', kind: Service, name: api}]\nrules: [{filters: [{type: RequestRedirect, requestRedirect: {statusCode: 301}}], backendRefs: [{name: api}]}]",
