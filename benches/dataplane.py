@@ -40,7 +40,8 @@ def wait_http(url, headers=None, timeout=20.0):
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
-            req = urllib.request.Request(url, headers=headers or {})
+            extra = dict(h.split(": ", 1) for h in EXTRA_HEADERS)
+            req = urllib.request.Request(url, headers={**extra, **(headers or {})})
             with urllib.request.urlopen(req, timeout=1) as r:
                 if r.status == 200:
                     return
@@ -249,6 +250,27 @@ def envoy_mesh_certs(work):
             "-CAcreateserial", "-days", "1", "-extfile", f"{work}/{name}.ext", "-out", f"{work}/{name}.crt")
 
 
+# `--routes`: 100 HTTPRoute rules on a Service (7 routes: 16 rules each is the CRD's bound), all alike but for the
+# header they match, so every request is matched against each rule's regular expression (which matches) and header
+# (which does not) until the last rule, the only one whose header it carries.
+ROUTE_RULES = 100
+ROUTE_PATH = "/api/v1/items/42"
+ROUTE_HEADER = f"x-bench: rule-{ROUTE_RULES - 1}"
+
+
+def bench_routes(service):
+    docs = []
+    for r in range(0, ROUTE_RULES, 16):
+        rules = "".join(
+            f"  - matches: [{{path: {{type: RegularExpression, value: '/api/v[0-9]+/items/[0-9]+'}}, "
+            f"headers: [{{name: x-bench, value: rule-{i}}}]}}]\n    backendRefs: [{{name: {service}, port: 80}}]\n"
+            for i in range(r, min(r + 16, ROUTE_RULES)))
+        docs.append(f"apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n"
+                    f"metadata: {{name: bench-{r // 16}, namespace: default}}\nspec:\n"
+                    f"  parentRefs: [{{group: '', kind: Service, name: {service}}}]\n  rules:\n{rules}---\n")
+    return "".join(docs)
+
+
 FERRY_CONF = """apiVersion: ferry.dev/v1alpha1
 kind: Service
 metadata: {{name: backend, namespace: default}}
@@ -285,8 +307,14 @@ def oha_json_flag():
     return ["--output-format", "json"] if "--output-format" in out else ["-j"]
 
 
+# Headers every request carries besides Host (`--routes`: the header the last route rule matches).
+EXTRA_HEADERS = []
+
+
 def run_oha(url, host, args, seconds, rate, conns, cpu, ns=None):
     cmd = ["oha", "--no-tui", *oha_json_flag(), "-z", f"{seconds}s", "-c", str(conns), "-H", f"Host: {host}"]
+    for h in EXTRA_HEADERS:
+        cmd += ["-H", h]
     if rate:
         cmd += ["-q", str(rate), "--latency-correction"]
     cmd.append(url)
@@ -561,7 +589,10 @@ def callgrind_totals(path):
 
 
 def oha_count(url, host, count, cpu, ns=None):
-    cmd = ["oha", "--no-tui", *oha_json_flag(), "-n", str(count), "-c", "4", "-H", f"Host: {host}", url]
+    cmd = ["oha", "--no-tui", *oha_json_flag(), "-n", str(count), "-c", "4", "-H", f"Host: {host}"]
+    for h in EXTRA_HEADERS:
+        cmd += ["-H", h]
+    cmd.append(url)
     if ns:
         cmd = ["ip", "netns", "exec", ns] + cmd
     out = subprocess.run(pinned(cmd, cpu), capture_output=True, text=True, timeout=600)
@@ -659,11 +690,13 @@ def main():
                     help="requests counted per callgrind / strace measurement")
     ap.add_argument("--no-instructions", action="store_true", help="skip callgrind, allocations and syscalls")
     ap.add_argument("--ab", nargs=2, metavar=("OLD", "NEW"), help="compare two ferry builds (A/B mode)")
+    ap.add_argument("--routes", action="store_true",
+                    help="A/B of the --ferry build (or --ab's) without and with 100 HTTPRoute rules on b's Services")
     ap.add_argument("--ab-reps", type=int, default=int(os.environ.get("BENCH_AB_REPS", 3)),
                     help="A/B mode: callgrind repetitions per build")
     ap.add_argument("--out", default="target/bench/dataplane.json")
     args = ap.parse_args()
-    if args.ab:
+    if args.ab or args.routes:
         return ab_main(args)
     rates = [int(r) for r in args.rates.split()]
     two_cpus = (os.cpu_count() or 1) >= 2 and os.environ.get("BENCH_PIN", "1") != "0"
@@ -839,7 +872,10 @@ def ab_main(args):
     """Two Ferry builds in one run: one explicit hop and a mesh pair each, in front of the same nginx, through the
     same control plane; latency runs interleaved (rotated order), closed-loop efficiency alternating, then callgrind
     and strace per request, alternating builds. Ratios are new/old per run, with their spread."""
-    old, new = args.ab
+    old, new = args.ab or (args.ferry, args.ferry)
+    routes = args.routes
+    if routes:
+        EXTRA_HEADERS.append(ROUTE_HEADER)
     rates = [int(r) for r in args.rates.split()]
     two_cpus = (os.cpu_count() or 1) >= 2 and os.environ.get("BENCH_PIN", "1") != "0"
     proxy_cpu, load_cpu = (1, 0) if two_cpus else (None, None)
@@ -849,6 +885,8 @@ def ab_main(args):
         f.write(NGINX_CONF.format(dir=work, port=backend, listen="127.0.0.1"))
     with open(f"{work}/ferry.yaml", "w") as f:
         f.write(FERRY_CONF.format(backend=backend))
+    with open(f"{work}/ferry-routes.yaml", "w") as f:
+        f.write(FERRY_CONF.format(backend=backend) + "---\n" + bench_routes("backend"))
     procs = []
     try:
         nginx_bin = shutil.which("nginx") or "/usr/sbin/nginx"
@@ -856,10 +894,15 @@ def ab_main(args):
                           cpu=load_cpu))
         wait_http(f"http://127.0.0.1:{backend}/")
         control = start_control(args, work, load_cpu, procs)
-        paths = {"a": ferry_hop(old, backend, work, proxy_cpu, "a"), "b": ferry_hop(new, backend, work, proxy_cpu, "b"),
+        b_config = "ferry-routes.yaml" if routes else "ferry.yaml"
+        paths = {"a": ferry_hop(old, backend, work, proxy_cpu, "a"),
+                 "b": ferry_hop(new, backend, work, proxy_cpu, "b", b_config),
                  "a-mesh": ferry_pair(old, control, "backend-a", backend, work, proxy_cpu),
-                 "b-mesh": ferry_pair(new, control, "backend-b", backend, work, proxy_cpu)}
-        targets = {"direct": (f"http://127.0.0.1:{backend}/", "backend", [])}
+                 "b-mesh": ferry_pair(new, control, "backend-b", backend, work, proxy_cpu, routes)}
+        if routes:
+            paths = {name: (url.rstrip("/") + ROUTE_PATH, host, start) for name, (url, host, start) in paths.items()}
+        direct = f"http://127.0.0.1:{backend}" + (ROUTE_PATH if routes else "/")
+        targets = {"direct": (direct, "backend", [])}
         for name, (url, host, start) in paths.items():
             started = start([])
             procs += started
@@ -899,7 +942,10 @@ def ab_main(args):
     finally:
         for p in reversed(procs):
             p.stop()
-    lines = [f"A/B: a = {old}, b = {new}; ratio b/a (median [min..max] over runs)"]
+    what = (f"routes A/B: a = {old} without routes, b = {new} with {ROUTE_RULES} HTTPRoute rules on its Service, "
+            f"each request matching only the last (`{ROUTE_HEADER}`, regex path {ROUTE_PATH})" if routes
+            else f"A/B: a = {old}, b = {new}")
+    lines = [f"{what}; ratio b/a (median [min..max] over runs)"]
     fmt = lambda v: f"{statistics.median(v):.3f} [{min(v):.3f}..{max(v):.3f}]"
     report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": git_commit(),
               "command": command_line(), "runs": args.runs, "seconds": args.seconds, "conns": args.conns,
@@ -923,11 +969,12 @@ def ab_main(args):
     text = "\n".join(lines)
     print(text)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out.replace(".json", "-ab.json"), "w") as f:
+    with open(args.out.replace(".json", "-routes.json" if routes else "-ab.json"), "w") as f:
         json.dump(report, f, indent=2)
     readme = os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")
     with open(readme, "a") as f:
-        f.write(f"\n### {report['date']}, commit {report['commit']} (A/B)\n\n`{report['command']}` "
+        kind = "routes A/B" if routes else "A/B"
+        f.write(f"\n### {report['date']}, commit {report['commit']} ({kind})\n\n`{report['command']}` "
                 f"({args.runs} runs x {args.seconds} s, {args.ab_reps} callgrind reps of {args.requests} requests)"
                 f"\n\n```\n{text}\n```\n")
     print(f"logs in {work}")
@@ -1006,7 +1053,7 @@ def start_control(args, work, load_cpu, procs):
     return ctl, base
 
 
-def ferry_pair(ferry, control, service, backend, work, proxy_cpu):
+def ferry_pair(ferry, control, service, backend, work, proxy_cpu, routes=False):
     """A mesh path of its own for build `ferry`: Service `service` (identity `service`, the sidecar policy) served by a
     server-side proxy in front of nginx, called through a client-side proxy. Returns (url, host, start) where
     start(wrapper) launches both proxies (each command prefixed with `wrapper`, e.g. valgrind) with fresh join tokens
@@ -1018,6 +1065,8 @@ metadata: {{name: {service}, namespace: default}}
 spec: {{ports: [{{port: 80, protocol: http}}], addresses: [{service}.mesh], identities: [{service}]}}
 ---
 """ + FERRY_POLICY.format(name=service))
+    if routes:
+        ctl("apply", "-f", "-", stdin=bench_routes(service))
     client_out = free_port()
     ports = {side: {k: f"127.0.0.1:{free_port()}" for k in ["FERRY_INBOUND_ADDR", "FERRY_OUTBOUND_ADDR",
                                                            "FERRY_HEALTH_ADDR", "FERRY_ADMIN_ADDR"]}
@@ -1036,12 +1085,12 @@ spec: {{ports: [{{port: 80, protocol: http}}], addresses: [{service}.mesh], iden
     return f"http://127.0.0.1:{client_out}/", f"{service}.mesh", start
 
 
-def ferry_hop(ferry, backend, work, proxy_cpu, tag):
-    """One explicit hop of build `ferry` to nginx (the file source, the sidecar policy): (url, host, start)."""
+def ferry_hop(ferry, backend, work, proxy_cpu, tag, config="ferry.yaml"):
+    """One explicit hop of build `ferry` to nginx (the file source `config`, the sidecar policy): (url, host, start)."""
     port = free_port()
     env = dict(os.environ, FERRY_OUTBOUND_ADDR=f"127.0.0.1:{port}", FERRY_INBOUND_ADDR=f"127.0.0.1:{free_port()}",
                FERRY_ADMIN_ADDR=f"127.0.0.1:{free_port()}", FERRY_HEALTH_ADDR=f"127.0.0.1:{free_port()}",
-               FERRY_CONFIG_FILE=f"{work}/ferry.yaml", FERRY_WORKERS="1", FERRY_ACCESS_LOG="off", FERRY_LOG_LEVEL="warn")
+               FERRY_CONFIG_FILE=f"{work}/{config}", FERRY_WORKERS="1", FERRY_ACCESS_LOG="off", FERRY_LOG_LEVEL="warn")
 
     def start(wrapper):
         name = f"{tag}-{len(wrapper) and 'grind' or 'native'}"

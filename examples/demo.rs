@@ -114,6 +114,20 @@ spec:
   rules: [{backendRefs: [{name: api, weight: W1}, {name: api-v2, weight: W2}]}]
 ";
 
+/// After the shift: a header routes to api-v2, everything else goes to api and is mirrored to api-v2 (shadow traffic).
+const HEADER_AND_MIRROR_ROUTE: &str = "\
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: api-canary, namespace: default}
+spec:
+  parentRefs: [{group: \"\", kind: Service, name: api}]
+  rules:
+  - matches: [{headers: [{name: x-version, value: v2}]}]
+    backendRefs: [{name: api-v2}]
+  - filters: [{type: RequestMirror, requestMirror: {backendRef: {name: api-v2, port: 80}}}]
+    backendRefs: [{name: api}]
+";
+
 /// Applied to the flaky `quotes` service during the demo: two retries on gateway errors, and a breaker that opens
 /// after 5 failures in a row for 2 s.
 const QUOTES_POLICY: &str = "\
@@ -302,10 +316,23 @@ fn spawn_sidecar_once(
 }
 
 async fn get(addr: SocketAddr, host: &str, path: &str) -> anyhow::Result<(StatusCode, Bytes)> {
+    get_with(addr, host, path, &[]).await
+}
+
+async fn get_with(
+    addr: SocketAddr,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> anyhow::Result<(StatusCode, Bytes)> {
     let stream = TcpStream::connect(addr).await?;
     let (mut tx, conn) = http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(conn);
-    let resp = tx.send_request(Request::get(path).header("host", host).body(Full::<Bytes>::default())?).await?;
+    let mut req = Request::get(path).header("host", host);
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    let resp = tx.send_request(req.body(Full::<Bytes>::default())?).await?;
     let status = resp.status();
     Ok((status, resp.into_body().collect().await?.to_bytes()))
 }
@@ -623,6 +650,33 @@ async fn main() -> anyhow::Result<()> {
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let (sent, failed) = load.await?;
         println!("canary shift under load: {sent} requests during the shift, {failed} failed");
+
+        // Then a header picks the version, and api's traffic is mirrored to api-v2 (its answers dropped).
+        let before = metric(&web, acked).await?;
+        std::fs::write(&route, HEADER_AND_MIRROR_ROUTE)?;
+        control.ctl(&["apply", "-f", route.to_str().unwrap()], true)?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while metric(&web, acked).await? <= before && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let (status, body) = get_with(web.outbound, "api.demo.local", "/price", &[("x-version", "v2")]).await?;
+        println!("GET api /price with x-version: v2 -> {status} {}", String::from_utf8_lossy(&body));
+        let mirrored =
+            r#"ferry_request_mirrors_total{mirror="api-v2.default",outcome="mirrored",route="default/api-canary/1"} "#;
+        let (status, body) = get(web.outbound, "api.demo.local", "/price").await?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while metric(&web, mirrored).await? < 1.0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let (_, text) = get(web.health, "localhost", "/metrics").await?;
+        for line in String::from_utf8_lossy(&text).lines().filter(|l| l.starts_with("ferry_request_mirrors_total")) {
+            println!("web  {line}");
+        }
+        println!(
+            "GET api /price -> {status} {} (api), and a copy to api-v2: mirrored copies {}",
+            String::from_utf8_lossy(&body),
+            metric(&web, mirrored).await?
+        );
         (failed, api_v2)
     };
 

@@ -48,6 +48,7 @@ impl Tee {
                 if let Some(data) = frame.data_ref() {
                     if self.copy.len() + data.len() > self.limit {
                         self.to.clear();
+                        self.copy = bytes::BytesMut::new();
                     } else if !self.to.is_empty() {
                         self.copy.extend_from_slice(data);
                     }

@@ -46,6 +46,9 @@ fn demo_runs_and_reports_no_failures() {
     // The canary shift by an HTTPRoute: the last step sends everything to api-v2, and nothing fails under load.
     assert!(stdout.contains("canary weights 0/100: of 200 requests api answered 0, api-v2 200, 0 failed"), "{stdout}");
     assert!(stdout.contains("canary weights 90/10:") && stdout.contains("during the shift, 0 failed"), "{stdout}");
+    // Then a header routes to api-v2, and api's own traffic is mirrored to api-v2.
+    assert!(stdout.contains(r#"GET api /price with x-version: v2 -> 200 OK {"price": 40"#), "{stdout}");
+    assert!(stdout.contains("(api), and a copy to api-v2: mirrored copies 1"), "{stdout}");
     // Identities: api's app names its caller as web's sidecar verified it; batch is refused by the policy; status and
     // check show the certificates.
     assert!(stdout.contains(r#""caller": "spiffe://cluster.local/ns/default/sa/web""#), "{stdout}");

@@ -384,6 +384,25 @@ async fn kubernetes_discovery_and_identity_through_the_api_server() {
         out.contains("\u{2714} Gateway API CRD httproutes.gateway.networking.k8s.io installed (serving v1)"),
         "{out}"
     );
+    // A route applied with a field the installed (standard-channel) CRD lacks: the API server pruned it, and check
+    // names the route with a warning (the check still passes).
+    let applied = json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+        "metadata": {"name": "retried", "namespace": "shop"},
+        "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "api"}],
+                 "rules": [{"retry": {"codes": [503]}, "backendRefs": [{"name": "api", "port": 80}]}]}});
+    let mut pruned = applied.clone();
+    pruned["spec"]["rules"][0].as_object_mut().unwrap().remove("retry");
+    pruned["metadata"]["annotations"] =
+        json!({"kubectl.kubernetes.io/last-applied-configuration": applied.to_string()});
+    api.apply(HTTP_ROUTES, pruned);
+    let (ok, out, err) = tokio::task::block_in_place(|| ctl(&["check"]));
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains("\u{203c} the installed HTTPRoute CRD lacks spec.rules[].retry, which HTTPRoute shop/retried set: the API server dropped it"),
+        "{out}"
+    );
+    assert!(out.contains("experimental-install.yaml"), "{out}");
+    api.delete(HTTP_ROUTES, "shop", "retried");
     // A stale CRD is noticed.
     let mut crd = api.get(CRDS, "", "trafficpolicies.ferry.dev").unwrap();
     crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["description"] = json!("an older release");

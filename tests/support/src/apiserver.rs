@@ -85,13 +85,30 @@ impl Kind {
 
 /// The Gateway API CRDs Ferry reads, as installed from the standard channel (name, kind, served version; no schema).
 pub fn gateway_api_crds() -> Vec<Value> {
-    let crd = |plural: &str, kind: &str, version: &str| {
+    let crd = |plural: &str, kind: &str, version: &str, schema: Value| {
         json!({"metadata": {"name": format!("{plural}.gateway.networking.k8s.io")},
                "spec": {"group": "gateway.networking.k8s.io", "names": {"kind": kind, "plural": plural},
                         "scope": "Namespaced",
-                        "versions": [{"name": version, "served": true, "storage": true}]}})
+                        "versions": [{"name": version, "served": true, "storage": true,
+                                      "schema": {"openAPIV3Schema": schema}}]}})
     };
-    vec![crd("httproutes", "HTTPRoute", "v1"), crd("referencegrants", "ReferenceGrant", "v1beta1")]
+    // The outline of v1.4.0's standard-channel HTTPRoute schema (its rules have no `retry`: experimental only).
+    let object = |properties: Value| json!({"type": "object", "properties": properties});
+    let array = |items: Value| json!({"type": "array", "items": items});
+    let mirror = object(json!({"backendRef": {"type": "object"}, "percent": {"type": "integer"},
+                               "fraction": {"type": "object"}}));
+    let filter = object(json!({"type": {"type": "string"}, "requestHeaderModifier": {"type": "object"},
+                               "responseHeaderModifier": {"type": "object"}, "requestRedirect": {"type": "object"},
+                               "urlRewrite": {"type": "object"}, "requestMirror": mirror}));
+    let rule = object(json!({"name": {"type": "string"}, "matches": array(json!({"type": "object"})),
+                             "filters": array(filter), "backendRefs": array(json!({"type": "object"})),
+                             "timeouts": {"type": "object"}, "sessionPersistence": {"type": "object"}}));
+    let spec =
+        object(json!({"parentRefs": array(json!({"type": "object"})), "hostnames": array(json!({"type": "string"})),
+                             "rules": array(rule)}));
+    let http_route = object(json!({"spec": spec, "status": {"type": "object"}}));
+    let grant = object(json!({"spec": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}}));
+    vec![crd("httproutes", "HTTPRoute", "v1", http_route), crd("referencegrants", "ReferenceGrant", "v1beta1", grant)]
 }
 
 #[derive(Default)]

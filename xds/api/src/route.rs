@@ -971,7 +971,8 @@ pub struct RequestView<'a> {
 #[derive(Debug, Clone)]
 struct CompiledMatch {
     path: CompiledPath,
-    headers: Vec<(String, CompiledValue)>,
+    /// By index into the table's header names (each looked up once per request), exact values first.
+    headers: Vec<(usize, CompiledValue)>,
     query: Vec<(String, CompiledValue)>,
     method: Option<String>,
     /// Where it came from: (route index, rule index).
@@ -983,7 +984,9 @@ enum CompiledPath {
     Exact(String),
     /// Without a trailing `/` (`/` itself is the empty prefix).
     Prefix(String),
-    Regex(regex::Regex),
+    /// An index into the table's path expressions (each evaluated at most once per request, however many rules
+    /// share it).
+    Regex(usize),
 }
 
 #[derive(Debug, Clone)]
@@ -1002,16 +1005,24 @@ impl CompiledValue {
 }
 
 impl CompiledPath {
-    fn matches(&self, path: &str) -> bool {
+    /// Whether a literal path matches (`None` for a regular expression, which the table evaluates, memoized).
+    fn literal_matches(&self, path: &str) -> Option<bool> {
         match self {
-            CompiledPath::Exact(p) => p == path,
+            CompiledPath::Exact(p) => Some(p == path),
             // Element by element: `/abc` matches `/abc`, `/abc/` and `/abc/def`, not `/abcd`.
             CompiledPath::Prefix(p) => {
-                path.strip_prefix(p.as_str()).is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+                Some(path.strip_prefix(p.as_str()).is_some_and(|rest| rest.is_empty() || rest.starts_with('/')))
             }
-            CompiledPath::Regex(r) => r.is_match(path),
+            CompiledPath::Regex(_) => None,
         }
     }
+}
+
+/// What one request's selection has found out so far: each distinct header's value and each distinct path
+/// expression's result, filled in when first needed.
+struct Memo<'a> {
+    headers: Vec<Option<Option<std::borrow::Cow<'a, str>>>>,
+    paths: Vec<Option<bool>>,
 }
 
 /// The value of query parameter `name` (the first occurrence), as written.
@@ -1024,11 +1035,25 @@ fn query_param<'q>(query: Option<&'q str>, name: &str) -> Option<&'q str> {
 }
 
 impl CompiledMatch {
-    fn matches(&self, req: &RequestView<'_>) -> bool {
-        self.method.as_deref().is_none_or(|m| m == req.method)
-            && self.path.matches(req.path)
-            && self.headers.iter().all(|(name, v)| (req.header)(name).is_some_and(|h| v.matches(&h)))
-            && self.query.iter().all(|(name, v)| query_param(req.query, name).is_some_and(|q| v.matches(q)))
+    /// Cheap conditions first (method, a literal path, exact values), a path expression last.
+    fn matches<'a>(&self, table: &RouteTable, req: &RequestView<'a>, memo: &mut Memo<'a>) -> bool {
+        if self.method.as_deref().is_some_and(|m| m != req.method) || self.path.literal_matches(req.path) == Some(false)
+        {
+            return false;
+        }
+        for (i, v) in &self.headers {
+            let value = memo.headers[*i].get_or_insert_with(|| (req.header)(&table.header_names[*i]));
+            if !value.as_deref().is_some_and(|h| v.matches(h)) {
+                return false;
+            }
+        }
+        if !self.query.iter().all(|(name, v)| query_param(req.query, name).is_some_and(|q| v.matches(q))) {
+            return false;
+        }
+        match self.path {
+            CompiledPath::Regex(i) => *memo.paths[i].get_or_insert_with(|| table.path_regexes[i].is_match(req.path)),
+            _ => true,
+        }
     }
 }
 
@@ -1039,6 +1064,37 @@ pub struct RouteTable {
     /// By (route, rule).
     rules: Vec<Vec<RuleInfo>>,
     matches: Vec<CompiledMatch>,
+    /// The distinct (lower-case) header names and path expressions the matches use.
+    header_names: Vec<String>,
+    path_regexes: Vec<regex::Regex>,
+}
+
+/// Interns what several matches share while a table is built.
+#[derive(Default)]
+struct Interner {
+    header_names: Vec<String>,
+    path_regexes: Vec<(String, regex::Regex)>,
+}
+
+impl Interner {
+    fn header(&mut self, name: &str) -> usize {
+        let name = name.to_ascii_lowercase();
+        match self.header_names.iter().position(|n| *n == name) {
+            Some(i) => i,
+            None => {
+                self.header_names.push(name);
+                self.header_names.len() - 1
+            }
+        }
+    }
+
+    fn path_regex(&mut self, pattern: &str) -> Option<usize> {
+        if let Some(i) = self.path_regexes.iter().position(|(p, _)| p == pattern) {
+            return Some(i);
+        }
+        self.path_regexes.push((pattern.to_string(), compile_regex(pattern).ok()?));
+        Some(self.path_regexes.len() - 1)
+    }
 }
 
 /// What a request that matched a rule is told: which rule, and its backends.
@@ -1158,6 +1214,7 @@ impl RouteTable {
     pub fn build(routes: &[&AttachedRoute]) -> RouteTable {
         let mut keyed: Vec<(Precedence, CompiledMatch)> = Vec::new();
         let mut rules = Vec::new();
+        let mut interner = Interner::default();
         for (r, route) in routes.iter().enumerate() {
             let key = format!("{}/{}", route.namespace, route.name);
             let mut infos = Vec::new();
@@ -1171,14 +1228,19 @@ impl RouteTable {
                     mirrors: rule.mirrors().collect(),
                 });
                 for (j, m) in rule.matches.iter().enumerate() {
-                    let Some(compiled) = compile_match(m, (r, i)) else { continue };
+                    let Some(compiled) = compile_match(m, (r, i), &mut interner) else { continue };
                     keyed.push((precedence(m, route.created, &key, i, j), compiled));
                 }
             }
             rules.push(infos);
         }
         keyed.sort_by(|a, b| a.0.cmp(&b.0));
-        RouteTable { rules, matches: keyed.into_iter().map(|(_, m)| m).collect() }
+        RouteTable {
+            rules,
+            matches: keyed.into_iter().map(|(_, m)| m).collect(),
+            header_names: interner.header_names,
+            path_regexes: interner.path_regexes.into_iter().map(|(_, r)| r).collect(),
+        }
     }
 
     /// Pure: the rule a request goes to (`None`: no rule matches, which GAMMA rejects with 404).
@@ -1189,7 +1251,9 @@ impl RouteTable {
     /// As [`RouteTable::select`], with the `PathPrefix` value the request matched (without a trailing `/`), which
     /// `ReplacePrefixMatch` replaces.
     pub fn select_with_prefix(&self, req: &RequestView<'_>) -> Option<(&RuleInfo, Option<&str>)> {
-        let m = self.matches.iter().find(|m| m.matches(req))?;
+        let mut memo =
+            Memo { headers: vec![None; self.header_names.len()], paths: vec![None; self.path_regexes.len()] };
+        let m = self.matches.iter().find(|m| m.matches(self, req, &mut memo))?;
         let prefix = match &m.path {
             CompiledPath::Prefix(p) => Some(p.as_str()),
             _ => None,
@@ -1214,11 +1278,11 @@ pub fn applicable<'s>(sets: &'s [RouteSet], caller_ns: &str, port: u16) -> Vec<&
     if consumer.is_empty() { of(service_ns) } else { consumer }
 }
 
-fn compile_match(m: &HttpRouteMatch, rule: (usize, usize)) -> Option<CompiledMatch> {
+fn compile_match(m: &HttpRouteMatch, rule: (usize, usize), interner: &mut Interner) -> Option<CompiledMatch> {
     let path = match m.path.kind {
         PathMatchType::Exact => CompiledPath::Exact(m.path.value.clone()),
         PathMatchType::PathPrefix => CompiledPath::Prefix(m.path.value.trim_end_matches('/').to_string()),
-        PathMatchType::RegularExpression => CompiledPath::Regex(compile_regex(&m.path.value).ok()?),
+        PathMatchType::RegularExpression => CompiledPath::Regex(interner.path_regex(&m.path.value)?),
     };
     let value = |v: &ValueMatch| -> Option<CompiledValue> {
         Some(match v.kind {
@@ -1226,9 +1290,13 @@ fn compile_match(m: &HttpRouteMatch, rule: (usize, usize)) -> Option<CompiledMat
             ValueMatchType::RegularExpression => CompiledValue::Regex(compile_regex(&v.value).ok()?),
         })
     };
+    let mut headers: Vec<(usize, CompiledValue)> =
+        m.headers.iter().map(|h| Some((interner.header(&h.name), value(h)?))).collect::<Option<_>>()?;
+    // Exact values first: a request that fails one is not matched against an expression.
+    headers.sort_by_key(|(_, v)| matches!(v, CompiledValue::Regex(_)));
     Some(CompiledMatch {
         path,
-        headers: m.headers.iter().map(|h| Some((h.name.to_ascii_lowercase(), value(h)?))).collect::<Option<_>>()?,
+        headers,
         query: m.query_params.iter().map(|q| Some((q.name.clone(), value(q)?))).collect::<Option<_>>()?,
         method: m.method.clone(),
         rule,
@@ -1345,6 +1413,32 @@ mod tests {
         );
         assert_eq!(select(&t, "GET", "/b", &[]), None);
         assert_eq!(select(&t, "GET", "/a", &[]).as_deref(), Some("shop/api/0"));
+    }
+
+    #[test]
+    fn rules_that_share_a_header_or_an_expression_look_it_up_once() {
+        // Ten rules alike but for the header value: one header name and one expression in the table, and each request
+        // looks the header up once (counted) whichever rule it ends at.
+        let rules: String = (0..10)
+            .map(|i| format!("- matches: [{{path: {{type: RegularExpression, value: '/api/v[0-9]+'}}, headers: [{{name: X-Bench, value: r{i}}}]}}]\n"))
+            .collect();
+        let t = table(&route_doc("shop", "api", &format!("{PARENT}\nrules:\n{rules}")), "shop", &[]);
+        assert_eq!((t.header_names.len(), t.path_regexes.len()), (1, 1));
+        for (value, path, want) in [
+            ("r9", "/api/v2", Some("shop/api/9")),
+            ("r3", "/api/v2", Some("shop/api/3")),
+            ("r3", "/x", None),
+            ("r10", "/api/v1", None),
+        ] {
+            let lookups = std::cell::Cell::new(0);
+            let lookup = |name: &str| -> Option<std::borrow::Cow<'_, str>> {
+                lookups.set(lookups.get() + 1);
+                (name == "x-bench").then(|| value.into())
+            };
+            let req = RequestView { method: "GET", path, query: None, header: &lookup };
+            assert_eq!(t.select(&req).map(|r| r.label.to_string()).as_deref(), want, "{value} {path}");
+            assert_eq!(lookups.get(), 1, "{value} {path}");
+        }
     }
 
     #[test]

@@ -180,6 +180,57 @@ fn warn(what: impl Into<String>, hint: impl Into<String>) -> Check {
     Check { ok: true, warning: true, what: what.into(), hint: Some(hint.into()) }
 }
 
+/// The HTTPRoute fields Ferry serves that the installed CRD lacks (the API server prunes them): a warning naming each
+/// route whose last `kubectl apply` set one (it lost it), else a note that the field is not available.
+async fn route_fields(client: &Client, crds: &Api<CustomResourceDefinition>) -> Vec<Check> {
+    use ferry_api::kubernetes::gateway::{self, HttpRouteObject};
+    let Ok(Some(crd)) = crds.get_opt(gateway::CRDS[0].0).await else { return Vec::new() };
+    let schema = crd.spec.versions.iter().find(|v| v.name == "v1").and_then(|v| v.schema.as_ref());
+    let schema = serde_json::to_value(schema.and_then(|s| s.open_api_v3_schema.as_ref())).unwrap_or_default();
+    let missing: Vec<_> =
+        gateway::ROUTE_FIELDS.iter().filter(|(field, _)| gateway::schema_has(&schema, field) == Some(false)).collect();
+    if missing.is_empty() {
+        return Vec::new();
+    }
+    // What each route was last applied with (`kubectl apply` keeps it), before the API server pruned it.
+    let applied: Vec<(String, Value)> =
+        match Api::<HttpRouteObject>::all(client.clone()).list(&Default::default()).await {
+            Ok(list) => list
+                .items
+                .iter()
+                .filter_map(|r| {
+                    let text = r.annotations().get("kubectl.kubernetes.io/last-applied-configuration")?;
+                    Some((
+                        format!("{}/{}", r.namespace().unwrap_or_default(), r.name_any()),
+                        serde_json::from_str(text).ok()?,
+                    ))
+                })
+                .collect(),
+            Err(e) => return vec![fail(format!("HTTPRoutes: {e}"), "may your user list httproutes?")],
+        };
+    let version = gateway::GATEWAY_API_VERSION;
+    missing
+        .into_iter()
+        .map(|(field, channel)| {
+            let users: Vec<&str> =
+                applied.iter().filter(|(_, r)| gateway::sets(r, field)).map(|(name, _)| name.as_str()).collect();
+            let install = format!(
+                "{field} is in {channel}: kubectl apply -f https://github.com/kubernetes-sigs/gateway-api/releases/download/{version}/experimental-install.yaml"
+            );
+            match users.as_slice() {
+                [] => pass(format!("the installed HTTPRoute CRD lacks {field} (no route sets it)")),
+                users => warn(
+                    format!(
+                        "the installed HTTPRoute CRD lacks {field}, which HTTPRoute {} set: the API server dropped it",
+                        users.join(", ")
+                    ),
+                    install,
+                ),
+            }
+        })
+        .collect()
+}
+
 fn days(seconds: i64) -> String {
     format!("{:.0} days", seconds as f64 / 86_400.0)
 }
@@ -241,6 +292,7 @@ pub async fn check(client: &Client, namespace: &str, horizon: i64, leaf_horizon:
                 .push(fail(format!("Gateway API CRD {name}: {e}"), "may your user read customresourcedefinitions?")),
         }
     }
+    checks.extend(route_fields(client, &crds).await);
     match Api::<Deployment>::namespaced(client.clone(), namespace).get_opt(CONTROL_PLANE).await {
         Ok(Some(d)) => {
             let want = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);

@@ -18,6 +18,52 @@ pub const GATEWAY_API_VERSION: &str = "v1.4.0";
 pub const CRDS: [(&str, &str); 2] =
     [("httproutes.gateway.networking.k8s.io", "v1"), ("referencegrants.gateway.networking.k8s.io", "v1beta1")];
 
+/// HTTPRoute fields Ferry serves that an installed Gateway API CRD may lack (an older release, or the standard channel
+/// for what only the experimental one has): the field as written in a route, and where it is. An API server prunes a
+/// field its CRD's schema lacks, so a route that sets it loses it silently.
+pub const ROUTE_FIELDS: [(&str, &str); 4] = [
+    ("spec.rules[].retry", "Gateway API's experimental channel (GEP-1731)"),
+    ("spec.rules[].timeouts", "the standard channel since v1.2.0 (GEP-1742)"),
+    ("spec.rules[].filters[].requestMirror.fraction", "the standard channel since v1.3.0 (GEP-3171)"),
+    ("spec.rules[].name", "the standard channel since v1.4.0 (GEP-995)"),
+];
+
+/// Pure: whether an OpenAPI v3 schema has `field` (`a.b[].c`: arrays step into `items`); `None` when the schema
+/// cannot say (absent, or a part that keeps unknown fields).
+pub fn schema_has(schema: &Value, field: &str) -> Option<bool> {
+    let mut node = schema;
+    for part in field.split('.') {
+        let (name, array) = match part.strip_suffix("[]") {
+            Some(name) => (name, true),
+            None => (part, false),
+        };
+        if node.get("x-kubernetes-preserve-unknown-fields") == Some(&Value::Bool(true)) {
+            return None;
+        }
+        let Some(next) = node.get("properties")?.get(name) else { return Some(false) };
+        node = if array { next.get("items")? } else { next };
+    }
+    Some(true)
+}
+
+/// Pure: whether `object` (a route as written) sets `field` (`a.b[].c`: in any element of an array).
+pub fn sets(object: &Value, field: &str) -> bool {
+    fn walk(node: &Value, parts: &[&str]) -> bool {
+        let Some((part, rest)) = parts.split_first() else { return true };
+        let (name, array) = match part.strip_suffix("[]") {
+            Some(name) => (name, true),
+            None => (*part, false),
+        };
+        match node.get(name) {
+            None => false,
+            Some(Value::Array(items)) if array => items.iter().any(|item| walk(item, rest)),
+            Some(_) if array => false,
+            Some(next) => walk(next, rest),
+        }
+    }
+    walk(object, &field.split('.').collect::<Vec<_>>())
+}
+
 /// An HTTPRoute object as the API server holds it (any spec: Ferry's own parser decides, naming the fields).
 #[derive(kube_derive::CustomResource, Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[kube(
@@ -156,6 +202,38 @@ pub fn ours(current: Option<&Value>) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fields_a_crd_schema_lacks_and_fields_a_route_sets() {
+        let standard = json!({"properties": {"spec": {"properties": {"rules": {"type": "array", "items": {"properties": {
+            "name": {"type": "string"}, "timeouts": {"type": "object"},
+            "filters": {"type": "array", "items": {"properties": {"requestMirror": {"properties": {"percent": {}}}}}}}}}}}}});
+        let open = json!({"properties": {"spec": {"x-kubernetes-preserve-unknown-fields": true}}});
+        // (schema, field) -> has it.
+        let cases = [
+            (&standard, "spec.rules[].retry", Some(false)),
+            (&standard, "spec.rules[].timeouts", Some(true)),
+            (&standard, "spec.rules[].name", Some(true)),
+            (&standard, "spec.rules[].filters[].requestMirror.fraction", Some(false)),
+            (&standard, "spec.rules[].filters[].requestMirror.percent", Some(true)),
+            (&open, "spec.rules[].retry", None),
+            (&Value::Null, "spec.rules[].retry", None),
+        ];
+        for (schema, field, want) in cases {
+            assert_eq!(schema_has(schema, field), want, "{field}");
+        }
+        let route = json!({"spec": {"rules": [{"name": "a"}, {"retry": {"attempts": 2},
+            "filters": [{"type": "RequestMirror", "requestMirror": {"fraction": {"numerator": 1}}}]}]}});
+        for (field, want) in [
+            ("spec.rules[].retry", true),
+            ("spec.rules[].name", true),
+            ("spec.rules[].timeouts", false),
+            ("spec.rules[].filters[].requestMirror.fraction", true),
+            ("spec.rules.retry", false),
+        ] {
+            assert_eq!(sets(&route, field), want, "{field}");
+        }
+    }
 
     #[test]
     fn status_merge_keeps_other_controllers_and_transition_times_of_unchanged_conditions() {
