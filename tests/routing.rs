@@ -514,15 +514,9 @@ async fn hung_mirror() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>, toki
     (addr, held, task)
 }
 
-/// Waits up to 10 s for `ready` (a copy travels in its own task, after the response).
-async fn eventually(mut ready: impl FnMut() -> bool) -> bool {
-    for _ in 0..100 {
-        if ready() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    ready()
+/// Waits up to 10 s for `what` (a copy travels in its own task, after the response).
+fn eventually(what: &str, ready: impl FnMut() -> bool) {
+    tokio::task::block_in_place(|| support::wait_until(what, Duration::from_secs(10), ready));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -539,13 +533,13 @@ async fn a_mirror_receives_a_copy_of_each_request_with_its_body() {
     .expect("an answer");
     assert_eq!((r.status, r.body.as_str()), (200, "payload-123"), "{r:?}");
     let copied = "POST /echo api payload-123".to_string();
-    assert!(eventually(|| seen.lock().unwrap().contains(&copied)).await, "{:?}", seen.lock().unwrap());
+    eventually(&format!("the mirror to record `{copied}`"), || seen.lock().unwrap().contains(&copied));
     let series = |outcome: &str| {
         format!(
             r#"ferry_request_mirrors_total{{route="default/mirrored/0",mirror="shadow.default",outcome="{outcome}"}}"#
         )
     };
-    assert!(eventually(|| ferry.metric(&series("mirrored")) == 1.0).await, "{}", ferry.metrics());
+    eventually("one mirrored copy counted", || ferry.metric(&series("mirrored")) == 1.0);
     // A body over the copy's 64 KiB buffer: the request goes on whole, its copy is dropped.
     let big = "x".repeat(100 * 1024);
     let r = tokio::task::block_in_place(|| {
@@ -553,7 +547,7 @@ async fn a_mirror_receives_a_copy_of_each_request_with_its_body() {
     })
     .expect("an answer");
     assert_eq!((r.status, r.body.len()), (200, big.len()));
-    assert!(eventually(|| ferry.metric(&series("dropped")) == 1.0).await, "{}", ferry.metrics());
+    eventually("one dropped copy counted", || ferry.metric(&series("dropped")) == 1.0);
     assert_eq!(seen.lock().unwrap().len(), 1, "only the first request was copied");
 }
 
@@ -587,7 +581,9 @@ async fn with_its_mirror_down_or_hung_every_request_succeeds_and_none_waits_on_i
     let (served, failed) = spread(ferry.outbound, "/down", &[], 1_000, 8).await;
     assert!(failed.is_empty(), "{} requests failed: {failed:?}", failed.len());
     assert_eq!(served.values().sum::<usize>(), 1_000);
-    assert!(eventually(|| series(0, "down", "failed") + series(0, "down", "dropped") == 1_000.0).await);
+    eventually("1,000 copies counted failed or dropped", || {
+        series(0, "down", "failed") + series(0, "down", "dropped") == 1_000.0
+    });
     eprintln!(
         "mirror down: 1,000 requests served; copies failed {}, dropped {}",
         series(0, "down", "failed"),

@@ -254,7 +254,7 @@ impl Policy {
         let service = service.unwrap_or(&fallback);
         let mut on: Vec<String> = ["connect-failure", "refused-stream", "reset"].map(String::from).to_vec();
         on.extend(r.codes.iter().map(u16::to_string));
-        let base = r.backoff.as_deref().and_then(|b| ferry_api::parse_duration(b).ok()).unwrap_or(service.base);
+        let base = r.backoff.as_deref().and_then(ferry_api::route::gateway_duration).unwrap_or(service.base);
         Policy {
             attempts: r.attempts.unwrap_or(1),
             on: On::parse(&on),

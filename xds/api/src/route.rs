@@ -139,9 +139,7 @@ pub(crate) fn validate_retry(path: &str, r: &HttpRouteRetry, errors: &mut Vec<Fi
     if let Some(a) = r.attempts.filter(|a| *a > MAX_RETRY_ATTEMPTS) {
         errors.push(field(format!("{path}.attempts"), format!("{a} must be 0-{MAX_RETRY_ATTEMPTS}")));
     }
-    if let Some(b) = &r.backoff
-        && (!is_gateway_duration(b) || crate::parse_duration(b).is_err())
-    {
+    if let Some(b) = r.backoff.as_deref().filter(|b| gateway_duration(b).is_none()) {
         errors.push(field(format!("{path}.backoff"), format!("`{b}` is not a Gateway API duration (1s, 500ms)")));
     }
 }
@@ -169,7 +167,7 @@ pub struct RuleTimeouts {
 impl HttpRouteTimeouts {
     /// Parsed (validated values; one that does not parse is left unset).
     pub fn parsed(&self) -> RuleTimeouts {
-        let parse = |t: &Option<String>| t.as_deref().and_then(|t| crate::parse_duration(t).ok());
+        let parse = |t: &Option<String>| t.as_deref().and_then(gateway_duration);
         RuleTimeouts { request: parse(&self.request), backend_request: parse(&self.backend_request) }
     }
 }
@@ -193,12 +191,15 @@ pub fn is_gateway_duration(text: &str) -> bool {
     (1..=4).contains(&groups)
 }
 
+/// A Gateway API duration's value (`None`: not one, or out of range).
+pub fn gateway_duration(text: &str) -> Option<std::time::Duration> {
+    is_gateway_duration(text).then(|| crate::parse_duration(text).ok()).flatten()
+}
+
 /// Validates a rule's `timeouts` (`path` = `spec.rules[i].timeouts`).
 pub(crate) fn validate_timeouts(path: &str, t: &HttpRouteTimeouts, errors: &mut Vec<FieldError>) {
     for (name, value) in [("request", &t.request), ("backendRequest", &t.backend_request)] {
-        if let Some(v) = value
-            && (!is_gateway_duration(v) || crate::parse_duration(v).is_err())
-        {
+        if let Some(v) = value.as_deref().filter(|v| gateway_duration(v).is_none()) {
             errors.push(field(
                 format!("{path}.{name}"),
                 format!("`{v}` is not a Gateway API duration (1h, 30s, 500ms, 1m30s)"),
