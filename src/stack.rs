@@ -45,6 +45,15 @@ impl<U: Send + Sync + 'static> Call<U> {
         req.extensions().get::<Arc<Call<U>>>().expect("the listener attaches a Call to every request")
     }
 
+    /// The call of a mirrored copy of this call's request, to `dest`: no caller, no tries yet, the same upstream.
+    fn copy_to(call: &Arc<Call<U>>, dest: &Arc<Destination>) -> Arc<Call<U>>
+    where
+        U: Clone,
+    {
+        let (caller, tried, upstream) = (None, Tried::default(), call.upstream.clone());
+        Arc::new(Call { dest: (**dest).clone(), caller, tried, upstream })
+    }
+
     /// Where one try goes: the route backend it picked, else the request's destination.
     pub fn backend(req: &Request<ProxyBody>) -> &Destination {
         match req.extensions().get::<Backend<Destination>>() {
@@ -111,20 +120,17 @@ pub fn outbound<U: Clone + Send + Sync + 'static>(
         // A request an HTTPRoute rule mirrors is copied to the mirror Services beside it, through the layers below
         // with the mirror's destination (its timeout, breaker, caps, endpoints; no retries), in tasks of their own:
         // the request never waits on its copies, which are capped in flight.
-        .layer(Layer::new(Mirroring::new(r.mirrors_in_flight, m.clone()), |req| {
-            let call = Call::<U>::of(req);
+        .layer(Layer::new(Mirroring::new(r.mirrors_in_flight, m.clone(), Call::<U>::copy_to), |req| {
+            let call = req.extensions().get::<Arc<Call<U>>>()?;
             let split = call.dest.split.as_ref().filter(|s| !s.mirrors.is_empty())?;
             let targets = split.mirrors.iter().map(|mirror| mirror::Target {
                 name: mirror.name.clone(),
                 numerator: mirror.numerator,
                 denominator: mirror.denominator,
                 timeout: mirror.dest.as_ref().ok().and_then(|d| d.request_timeout()).unwrap_or(mirror::COPY_TIMEOUT),
-                copy: mirror.dest.clone().map(|dest| {
-                    let (caller, tried, upstream) = (None, Tried::default(), call.upstream.clone());
-                    Arc::new(Call { dest: (*dest).clone(), caller, tried, upstream })
-                }),
+                dest: mirror.dest.clone(),
             });
-            Some((split.route.clone(), targets.collect()))
+            Some((split.route.clone(), call.clone(), targets.collect()))
         }))
         // The destination's request timeout (its HTTPRoute rule's, else its Service's) covers everything under it,
         // the response body included, and a gRPC caller's own deadline when shorter.

@@ -26,15 +26,15 @@ pub const COPY_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone, Copy)]
 pub struct Mirrored;
 
-/// Where one request's copies may go: the share of requests copied, the mirror Service (the `mirror` label), and
-/// what the copy carries for the layers under this one (`X`, its destination), or why it cannot go.
-pub struct Target<X> {
+/// Where one request's copies may go: the share of requests copied, the mirror Service (the `mirror` label), and its
+/// destination (`D`), or why it cannot go.
+pub struct Target<D> {
     pub name: Arc<str>,
     pub numerator: u32,
     pub denominator: u32,
     /// How long a copy may take, its response body included.
     pub timeout: Duration,
-    pub copy: Result<X, String>,
+    pub dest: Result<D, String>,
 }
 
 /// Pure: whether a request is copied, for `numerator` of every `denominator` requests (`draw` uniform over `u64`).
@@ -60,29 +60,36 @@ impl Outcome {
     }
 }
 
-/// Sends copies (`Config`: the rule, the `route` label, and its mirror targets) beside each request, through the
-/// layers under this one with the copy's own destination.
-pub struct Mirroring<X> {
+/// Sends copies beside each request (`Config`: the rule, the `route` label; the request's own `P`; its mirror
+/// targets), through the layers under this one with what `copy` makes of `P` and a target's destination (`X`, an
+/// extension of the copy's request) — made only for the copies actually sent.
+pub struct Mirroring<P, D, X> {
     in_flight: Arc<Semaphore>,
     metrics: Arc<Metrics>,
-    _copy: std::marker::PhantomData<fn() -> X>,
+    copy: fn(&P, &D) -> X,
 }
 
-impl<X> Mirroring<X> {
+impl<P, D, X> Mirroring<P, D, X> {
     /// At most `in_flight` copies at once.
-    pub fn new(in_flight: usize, metrics: Arc<Metrics>) -> Self {
-        Mirroring { in_flight: Arc::new(Semaphore::new(in_flight)), metrics, _copy: std::marker::PhantomData }
-    }
-
-    fn count(&self, route: &str, mirror: &str, outcome: Outcome) {
-        self.metrics.mirrors.with_label_values(&[route, mirror, outcome.as_str()]).inc();
+    pub fn new(in_flight: usize, metrics: Arc<Metrics>, copy: fn(&P, &D) -> X) -> Self {
+        Mirroring { in_flight: Arc::new(Semaphore::new(in_flight)), metrics, copy }
     }
 }
 
-impl<X: Clone + Send + Sync + 'static> Mechanism for Mirroring<X> {
-    type Config = (Arc<str>, Vec<Target<X>>);
+/// Counts one copy's outcome.
+fn count(metrics: &Metrics, route: &str, mirror: &str, outcome: Outcome) {
+    metrics.mirrors.with_label_values(&[route, mirror, outcome.as_str()]).inc();
+}
 
-    fn call<S>(&self, (route, targets): Self::Config, inner: &mut S, req: Request<ProxyBody>) -> ResponseFuture
+impl<P, D, X> Mechanism for Mirroring<P, D, X>
+where
+    P: Send + 'static,
+    D: Send + 'static,
+    X: Clone + Send + Sync + 'static,
+{
+    type Config = (Arc<str>, P, Vec<Target<D>>);
+
+    fn call<S>(&self, (route, parent, targets): Self::Config, inner: &mut S, req: Request<ProxyBody>) -> ResponseFuture
     where
         S: tower::Service<Request<ProxyBody>, Response = Response<ProxyBody>, Error = ProxyError>
             + Clone
@@ -96,16 +103,16 @@ impl<X: Clone + Send + Sync + 'static> Mechanism for Mirroring<X> {
         for target in
             targets.into_iter().filter(|t| !upgrade && sampled(t.numerator, t.denominator, crate::util::random_u64()))
         {
-            let copy = match target.copy {
-                Ok(copy) => copy,
+            let dest = match &target.dest {
+                Ok(dest) => dest,
                 Err(_) => {
-                    self.count(&route, &target.name, Outcome::Failed);
+                    count(&self.metrics, &route, &target.name, Outcome::Failed);
                     continue;
                 }
             };
             match self.in_flight.clone().try_acquire_owned() {
-                Ok(permit) => copies.push((target.name, target.timeout, copy, permit)),
-                Err(_) => self.count(&route, &target.name, Outcome::Dropped),
+                Ok(permit) => copies.push((target.name, target.timeout, (self.copy)(&parent, dest), permit)),
+                Err(_) => count(&self.metrics, &route, &target.name, Outcome::Dropped),
             }
         }
         if copies.is_empty() {
@@ -133,8 +140,7 @@ impl<X: Clone + Send + Sync + 'static> Mechanism for Mirroring<X> {
             let (svc, metrics, route) = (inner.clone(), self.metrics.clone(), route.clone());
             tokio::spawn(async move {
                 let outcome = tokio::time::timeout(timeout, send_copy(svc, head, body)).await;
-                let outcome = outcome.unwrap_or(Outcome::Failed);
-                metrics.mirrors.with_label_values(&[&route, &name, outcome.as_str()]).inc();
+                count(&metrics, &route, &name, outcome.unwrap_or(Outcome::Failed));
                 drop(permit);
             });
         }
