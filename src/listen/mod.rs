@@ -36,6 +36,12 @@ use open::{ConnState, OpenConnections, OpenGuard, Responding};
 use pool::Pool;
 use target::ConnInfo;
 
+/// How many bytes an accepted connection may queue in the kernel beyond what its peer has taken (`TCP_NOTSENT_LOWAT`):
+/// a peer that stops reading (a SETTINGS or PING flood whose answers it never reads, a slow reader) then stops the
+/// proxy's writes, and with them its reads, after this much instead of after the autotuned send buffer (up to
+/// `tcp_wmem`'s maximum, 4 MiB by default, per connection).
+const UNSENT_LIMIT: u32 = 128 * 1024;
+
 /// How long an inbound connection that arrives before the first config waits for it before it is refused.
 const INBOUND_CONFIG_WAIT: Duration = Duration::from_secs(10);
 
@@ -171,6 +177,7 @@ impl Listeners {
             match accepted {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
+                    let _ = socket2::SockRef::from(&stream).set_tcp_notsent_lowat(UNSENT_LIMIT);
                     tokio::spawn(self.clone().handle(stream, peer, direction));
                 }
                 Err(e) => {
