@@ -279,7 +279,10 @@ impl Snapshot {
                     let target = format!("{}/{}", p.metadata.namespace, p.spec.target_ref.name);
                     authz_docs.entry(target).or_default().push(p);
                 }
-                Document::Service(_) | Document::HttpRoute(_) | Document::ReferenceGrant(_) => {}
+                Document::Service(_)
+                | Document::HttpRoute(_)
+                | Document::GrpcRoute(_)
+                | Document::ReferenceGrant(_) => {}
             }
         }
         let inbound = Inbound::compile(&workload, &traffic, &authz_docs, default_mtls);

@@ -51,10 +51,13 @@ pub const DEPLOYMENTS: Kind = Kind { group_version: "apps/v1", kind: "Deployment
 /// Served only while its CRD (`httproutes.gateway.networking.k8s.io`) is among [`CRDS`], as on a real cluster.
 pub const HTTP_ROUTES: Kind =
     Kind { group_version: "gateway.networking.k8s.io/v1", kind: "HTTPRoute", plural: "httproutes" };
+/// Served only while its CRD (`grpcroutes.gateway.networking.k8s.io`) is among [`CRDS`].
+pub const GRPC_ROUTES: Kind =
+    Kind { group_version: "gateway.networking.k8s.io/v1", kind: "GRPCRoute", plural: "grpcroutes" };
 /// Served only while its CRD (`referencegrants.gateway.networking.k8s.io`) is among [`CRDS`].
 pub const REFERENCE_GRANTS: Kind =
     Kind { group_version: "gateway.networking.k8s.io/v1beta1", kind: "ReferenceGrant", plural: "referencegrants" };
-const KINDS: [Kind; 13] = [
+const KINDS: [Kind; 14] = [
     SERVICES,
     PODS,
     NAMESPACES,
@@ -67,6 +70,7 @@ const KINDS: [Kind; 13] = [
     CRDS,
     DEPLOYMENTS,
     HTTP_ROUTES,
+    GRPC_ROUTES,
     REFERENCE_GRANTS,
 ];
 
@@ -107,8 +111,13 @@ pub fn gateway_api_crds() -> Vec<Value> {
         object(json!({"parentRefs": array(json!({"type": "object"})), "hostnames": array(json!({"type": "string"})),
                              "rules": array(rule)}));
     let http_route = object(json!({"spec": spec, "status": {"type": "object"}}));
-    let grant = object(json!({"spec": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}}));
-    vec![crd("httproutes", "HTTPRoute", "v1", http_route), crd("referencegrants", "ReferenceGrant", "v1beta1", grant)]
+    let open = object(json!({"spec": {"type": "object", "x-kubernetes-preserve-unknown-fields": true},
+                             "status": {"type": "object"}}));
+    vec![
+        crd("httproutes", "HTTPRoute", "v1", http_route),
+        crd("grpcroutes", "GRPCRoute", "v1", open.clone()),
+        crd("referencegrants", "ReferenceGrant", "v1beta1", open),
+    ]
 }
 
 #[derive(Default)]

@@ -1,5 +1,5 @@
 //! The documents — `ferry.dev/v1alpha1` `Service`, `TrafficPolicy`, `AuthorizationPolicy`, and Gateway API
-//! `HTTPRoute` and `ReferenceGrant` — parsed from multi-document YAML, with errors that name the document and the field.
+//! `HTTPRoute`, `GRPCRoute` and `ReferenceGrant` — parsed from multi-document YAML, with errors that name the document and the field.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
@@ -7,15 +7,16 @@ use std::net::{IpAddr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
 
+use crate::grpc_route::{GRPC_ROUTE_API_VERSION, GrpcRoute, GrpcRouteSpec, validate_grpc_route};
 pub use crate::meta::{FieldError, Metadata, is_dns_label};
 use crate::policy::{
     AuthorizationPolicy, AuthorizationPolicySpec, TrafficPolicy, TrafficPolicySpec, validate_authorization_policy,
     validate_traffic_policy,
 };
 use crate::route::{
-    AttachedRoute, AttachedRule, Backend, BackendRef, HTTP_ROUTE_API_VERSION, HttpRoute, HttpRouteSpec,
-    REFERENCE_GRANT_API_VERSION, ReferenceGrant, ReferenceGrantSpec, RouteSet, validate_http_route,
-    validate_reference_grant,
+    AttachedRoute, AttachedRule, Backend, BackendRef, HTTP_ROUTE_API_VERSION, HttpRoute, HttpRouteFilter,
+    HttpRouteSpec, ParentRef, REFERENCE_GRANT_API_VERSION, ReferenceGrant, ReferenceGrantSpec, RouteSet,
+    validate_http_route, validate_reference_grant,
 };
 
 pub const API_VERSION: &str = "ferry.dev/v1alpha1";
@@ -30,17 +31,22 @@ pub enum Document {
     /// Gateway API (`gateway.networking.k8s.io/v1`), attached to a Service.
     #[serde(rename = "HTTPRoute")]
     HttpRoute(Box<HttpRoute>),
+    /// Gateway API (`gateway.networking.k8s.io/v1`), attached to a Service.
+    #[serde(rename = "GRPCRoute")]
+    GrpcRoute(Box<GrpcRoute>),
     /// Gateway API (`gateway.networking.k8s.io/v1beta1`): cross-namespace backends of routes.
     ReferenceGrant(ReferenceGrant),
 }
 
 /// The kinds a document may have.
-pub const KINDS: &[&str] = &["Service", "TrafficPolicy", "AuthorizationPolicy", "HTTPRoute", "ReferenceGrant"];
+pub const KINDS: &[&str] =
+    &["Service", "TrafficPolicy", "AuthorizationPolicy", "HTTPRoute", "GRPCRoute", "ReferenceGrant"];
 
 /// The `apiVersion` a kind is written with.
 pub fn api_version_of(kind: &str) -> &'static str {
     match kind {
         "HTTPRoute" => HTTP_ROUTE_API_VERSION,
+        "GRPCRoute" => GRPC_ROUTE_API_VERSION,
         "ReferenceGrant" => REFERENCE_GRANT_API_VERSION,
         _ => API_VERSION,
     }
@@ -53,6 +59,7 @@ impl Document {
             Document::TrafficPolicy(p) => &p.metadata,
             Document::AuthorizationPolicy(p) => &p.metadata,
             Document::HttpRoute(r) => &r.metadata,
+            Document::GrpcRoute(r) => &r.metadata,
             Document::ReferenceGrant(g) => &g.metadata,
         }
     }
@@ -62,6 +69,7 @@ impl Document {
             Document::TrafficPolicy(p) => &mut p.metadata,
             Document::AuthorizationPolicy(p) => &mut p.metadata,
             Document::HttpRoute(r) => &mut r.metadata,
+            Document::GrpcRoute(r) => &mut r.metadata,
             Document::ReferenceGrant(g) => &mut g.metadata,
         }
     }
@@ -71,6 +79,7 @@ impl Document {
             Document::TrafficPolicy(_) => "TrafficPolicy",
             Document::AuthorizationPolicy(_) => "AuthorizationPolicy",
             Document::HttpRoute(_) => "HTTPRoute",
+            Document::GrpcRoute(_) => "GRPCRoute",
             Document::ReferenceGrant(_) => "ReferenceGrant",
         }
     }
@@ -248,6 +257,7 @@ pub fn document_json(doc: &Document) -> serde_json::Value {
         Document::TrafficPolicy(p) => serde_json::to_value(&p.spec),
         Document::AuthorizationPolicy(p) => serde_json::to_value(&p.spec),
         Document::HttpRoute(r) => serde_json::to_value(&r.spec),
+        Document::GrpcRoute(r) => serde_json::to_value(&r.spec),
         Document::ReferenceGrant(g) => serde_json::to_value(&g.spec),
     }
     .expect("specs serialize");
@@ -266,6 +276,7 @@ pub fn canonical_kind(input: &str) -> Option<&'static str> {
         "trafficpolicy" | "trafficpolicies" | "tp" => Some("TrafficPolicy"),
         "authorizationpolicy" | "authorizationpolicies" | "authz" | "ap" => Some("AuthorizationPolicy"),
         "httproute" | "httproutes" | "route" | "routes" => Some("HTTPRoute"),
+        "grpcroute" | "grpcroutes" => Some("GRPCRoute"),
         "referencegrant" | "referencegrants" | "refgrant" => Some("ReferenceGrant"),
         _ => None,
     }
@@ -350,6 +361,9 @@ fn parse_document(value: serde_json::Value) -> Result<Document, (String, Vec<Fie
         "HTTPRoute" => spec_of::<HttpRouteSpec>(spec, &mut errors, validate_http_route)
             .zip(metadata)
             .map(|(spec, metadata)| Document::HttpRoute(Box::new(HttpRoute { metadata, spec }))),
+        "GRPCRoute" => spec_of::<GrpcRouteSpec>(spec, &mut errors, validate_grpc_route)
+            .zip(metadata)
+            .map(|(spec, metadata)| Document::GrpcRoute(Box::new(GrpcRoute { metadata, spec }))),
         "ReferenceGrant" => spec_of::<ReferenceGrantSpec>(spec, &mut errors, validate_reference_grant)
             .zip(metadata)
             .map(|(spec, metadata)| Document::ReferenceGrant(ReferenceGrant { metadata, spec })),
@@ -515,7 +529,10 @@ fn cross_document_errors(documents: &[Document]) -> Vec<(String, Vec<FieldError>
                     traffic_targets.insert(target, m.name.clone());
                 }
             }
-            Document::AuthorizationPolicy(_) | Document::HttpRoute(_) | Document::ReferenceGrant(_) => {}
+            Document::AuthorizationPolicy(_)
+            | Document::HttpRoute(_)
+            | Document::GrpcRoute(_)
+            | Document::ReferenceGrant(_) => {}
         }
     }
     refused
@@ -523,20 +540,97 @@ fn cross_document_errors(documents: &[Document]) -> Vec<(String, Vec<FieldError>
 
 // ===== routes =====
 
-/// Pure: the route sets `docs` make — every accepted HTTPRoute attached to a Service, grouped by (Service, route
-/// namespace), each backend resolved against the Services and ReferenceGrants among `docs`. A parent Service that
-/// does not exist attaches nothing (the route's status says `NoMatchingParent`).
+/// An HTTPRoute or a GRPCRoute: what route sets and statuses read of either.
+#[derive(Debug, Clone, Copy)]
+pub enum RouteRef<'a> {
+    Http(&'a HttpRoute),
+    Grpc(&'a GrpcRoute),
+}
+
+impl<'a> RouteRef<'a> {
+    pub fn of(doc: &'a Document) -> Option<Self> {
+        match doc {
+            Document::HttpRoute(r) => Some(RouteRef::Http(r)),
+            Document::GrpcRoute(r) => Some(RouteRef::Grpc(r)),
+            _ => None,
+        }
+    }
+
+    pub fn metadata(self) -> &'a Metadata {
+        match self {
+            RouteRef::Http(r) => &r.metadata,
+            RouteRef::Grpc(r) => &r.metadata,
+        }
+    }
+
+    pub fn kind(self) -> &'static str {
+        match self {
+            RouteRef::Http(_) => "HTTPRoute",
+            RouteRef::Grpc(_) => "GRPCRoute",
+        }
+    }
+
+    fn parent_refs(self) -> &'a [ParentRef] {
+        match self {
+            RouteRef::Http(r) => &r.spec.parent_refs,
+            RouteRef::Grpc(r) => &r.spec.parent_refs,
+        }
+    }
+
+    /// Each rule's filters and backendRefs.
+    fn rule_parts(self) -> Vec<(&'a [HttpRouteFilter], &'a [BackendRef])> {
+        match self {
+            RouteRef::Http(r) => r.spec.rules.iter().map(|r| (&r.filters[..], &r.backend_refs[..])).collect(),
+            RouteRef::Grpc(r) => r.spec.rules.iter().map(|r| (&r.filters[..], &r.backend_refs[..])).collect(),
+        }
+    }
+
+    /// Its rules as proxies receive them, backends resolved against `refs`.
+    fn attached_rules(self, refs: &References<'_>) -> Vec<AttachedRule> {
+        let route_ns = self.metadata().namespace.as_str();
+        let parts = self.rule_parts().into_iter().map(|(filters, backend_refs)| AttachedRule {
+            filters: filters.iter().map(|f| attached_filter(f, route_ns)).collect(),
+            backends: backend_refs.iter().map(|b| refs.resolve(b, self.kind(), route_ns)).collect(),
+            mirrors: mirror_refs(filters).map(|m| refs.resolve(&m, self.kind(), route_ns)).collect(),
+            ..AttachedRule::default()
+        });
+        match self {
+            RouteRef::Http(route) => parts
+                .zip(&route.spec.rules)
+                .map(|(attached, rule)| AttachedRule {
+                    name: rule.name.clone(),
+                    matches: rule.matches.clone(),
+                    timeouts: rule.timeouts.clone().unwrap_or_default(),
+                    retry: rule.retry.clone(),
+                    ..attached
+                })
+                .collect(),
+            RouteRef::Grpc(route) => parts
+                .zip(&route.spec.rules)
+                .map(|(attached, rule)| AttachedRule {
+                    name: rule.name.clone(),
+                    grpc_matches: rule.matches.clone(),
+                    ..attached
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Pure: the route sets `docs` make — every accepted HTTPRoute and GRPCRoute attached to a Service, grouped by
+/// (Service, route namespace), each backend resolved against the Services and ReferenceGrants among `docs`. A parent
+/// Service that does not exist attaches nothing (the route's status says `NoMatchingParent`), nor does an HTTPRoute
+/// parent a GRPCRoute of its namespace also takes (`Conflicted`).
 pub fn route_sets(docs: &[Document]) -> Vec<RouteSet> {
     let refs = References::of(docs);
     let mut sets: BTreeMap<(String, String, String), Vec<AttachedRoute>> = BTreeMap::new();
-    for doc in docs {
-        let Document::HttpRoute(route) = doc else { continue };
-        let route_ns = route.metadata.namespace.as_str();
+    for route in docs.iter().filter_map(RouteRef::of) {
+        let route_ns = route.metadata().namespace.as_str();
         let mut parents: BTreeMap<(String, String), Vec<u16>> = BTreeMap::new();
         let mut every_port: std::collections::BTreeSet<(String, String)> = Default::default();
-        for p in route.spec.parent_refs.iter().filter(|p| p.is_service()) {
+        for p in route.parent_refs().iter().filter(|p| p.is_service()) {
             let key = (p.namespace.clone().unwrap_or_else(|| route_ns.to_string()), p.name.clone());
-            if !refs.services.contains_key(&(key.0.as_str(), key.1.as_str())) {
+            if !refs.services.contains_key(&(key.0.as_str(), key.1.as_str())) || refs.conflict(route, p).is_some() {
                 continue;
             }
             match p.port {
@@ -547,20 +641,10 @@ pub fn route_sets(docs: &[Document]) -> Vec<RouteSet> {
                 }
             }
         }
-        let rules: Vec<AttachedRule> = route
-            .spec
-            .rules
-            .iter()
-            .map(|rule| AttachedRule {
-                name: rule.name.clone(),
-                matches: rule.matches.clone(),
-                filters: rule.filters.iter().map(|f| attached_filter(f, route_ns)).collect(),
-                timeouts: rule.timeouts.clone().unwrap_or_default(),
-                retry: rule.retry.clone(),
-                backends: rule.backend_refs.iter().map(|b| refs.resolve(b, route_ns)).collect(),
-                mirrors: mirror_refs(rule).map(|m| refs.resolve(&m, route_ns)).collect(),
-            })
-            .collect();
+        if parents.is_empty() {
+            continue;
+        }
+        let rules = route.attached_rules(&refs);
         for ((svc_ns, svc), mut ports) in parents {
             if every_port.contains(&(svc_ns.clone(), svc.clone())) {
                 ports.clear();
@@ -569,8 +653,8 @@ pub fn route_sets(docs: &[Document]) -> Vec<RouteSet> {
             ports.dedup();
             let attached = AttachedRoute {
                 namespace: route_ns.to_string(),
-                name: route.metadata.name.clone(),
-                created: route.metadata.created(),
+                name: route.metadata().name.clone(),
+                created: route.metadata().created(),
                 ports,
                 rules: rules.clone(),
             };
@@ -587,33 +671,30 @@ pub fn route_sets(docs: &[Document]) -> Vec<RouteSet> {
         .collect()
 }
 
-/// The `status.parents` of an HTTPRoute as Gateway API writes it (`RouteParentStatus`): per parentRef, `Accepted`
-/// (`False`, `NoMatchingParent`, when the Service does not exist) and `ResolvedRefs` (`False` with the first
-/// unresolved backend's reason, `BackendNotFound` or `RefNotPermitted`, every unresolved one in the message), for
-/// `generation`.
-pub fn route_status(route: &HttpRoute, docs: &[Document], generation: i64) -> serde_json::Value {
+/// The `status.parents` of a route as Gateway API writes it (`RouteParentStatus`): per parentRef, `Accepted`
+/// (`False`, `NoMatchingParent`, when the Service does not exist; `Conflicted` for an HTTPRoute whose Service port a
+/// GRPCRoute of its namespace takes) and `ResolvedRefs` (`False` with the first unresolved backend's reason,
+/// `BackendNotFound` or `RefNotPermitted`, every unresolved one in the message), for `generation`.
+pub fn route_status(route: RouteRef<'_>, docs: &[Document], generation: i64) -> serde_json::Value {
     References::of(docs).route_status(route, generation)
 }
 
 impl References<'_> {
     /// [`route_status`] against these references (built once for many routes).
-    pub fn route_status(&self, route: &HttpRoute, generation: i64) -> serde_json::Value {
+    pub fn route_status(&self, route: RouteRef<'_>, generation: i64) -> serde_json::Value {
         let refs = self;
-        let route_ns = route.metadata.namespace.as_str();
-        let unresolved: Vec<String> = route
-            .spec
-            .rules
+        let route_ns = route.metadata().namespace.as_str();
+        let rules = route.rule_parts();
+        let unresolved: Vec<String> = rules
             .iter()
-            .flat_map(|r| r.backend_refs.iter().cloned().chain(mirror_refs(r)))
-            .filter_map(|b| refs.resolve(&b, route_ns).unresolved)
+            .flat_map(|(filters, backends)| backends.iter().cloned().chain(mirror_refs(filters)))
+            .filter_map(|b| refs.resolve(&b, route.kind(), route_ns).unresolved)
             .collect();
         // Valid, and said: a rule with no backend to send to (none listed, or every weight 0: drained) answers 500.
-        let drained: Vec<String> = route
-            .spec
-            .rules
+        let drained: Vec<String> = rules
             .iter()
             .enumerate()
-            .filter(|(_, r)| r.backend_refs.iter().all(|b| b.weight == 0))
+            .filter(|(_, (_, backends))| backends.iter().all(|b| b.weight == 0))
             .map(|(i, _)| format!("rules[{i}]"))
             .collect();
         let note = match drained.as_slice() {
@@ -625,40 +706,47 @@ impl References<'_> {
                            "message": message, "observedGeneration": generation})
         };
         let parents: Vec<serde_json::Value> = route
-        .spec
-        .parent_refs
-        .iter()
-        .map(|p| {
-            let namespace = p.namespace.as_deref().unwrap_or(route_ns);
-            let found = refs.services.contains_key(&(namespace, p.name.as_str()));
-            let accepted = match found {
-                true => condition("Accepted", true, "Accepted", "attached to the Service".into()),
-                false => condition(
-                    "Accepted",
-                    false,
-                    "NoMatchingParent",
-                    format!("Service {namespace}/{} does not exist", p.name),
-                ),
-            };
-            let resolved = match unresolved.first() {
-                None => condition("ResolvedRefs", true, "ResolvedRefs", format!("every backend resolved{note}")),
-                Some(first) => condition(
-                    "ResolvedRefs",
-                    false,
-                    first.split(':').next().unwrap_or("BackendNotFound"),
-                    unresolved.join("; "),
-                ),
-            };
-            serde_json::json!({"parentRef": p, "controllerName": ROUTE_CONTROLLER, "conditions": [accepted, resolved]})
-        })
-        .collect();
+            .parent_refs()
+            .iter()
+            .map(|p| {
+                let namespace = p.namespace.as_deref().unwrap_or(route_ns);
+                let found = refs.services.contains_key(&(namespace, p.name.as_str()));
+                let accepted = match (found, refs.conflict(route, p)) {
+                    (false, _) => condition(
+                        "Accepted",
+                        false,
+                        "NoMatchingParent",
+                        format!("Service {namespace}/{} does not exist", p.name),
+                    ),
+                    (true, Some(grpc)) => condition(
+                        "Accepted",
+                        false,
+                        "Conflicted",
+                        format!(
+                            "GRPCRoute {grpc} attaches to the same Service port; a GRPCRoute takes precedence over an HTTPRoute (GEP-1426)"
+                        ),
+                    ),
+                    (true, None) => condition("Accepted", true, "Accepted", "attached to the Service".into()),
+                };
+                let resolved = match unresolved.first() {
+                    None => condition("ResolvedRefs", true, "ResolvedRefs", format!("every backend resolved{note}")),
+                    Some(first) => condition(
+                        "ResolvedRefs",
+                        false,
+                        first.split(':').next().unwrap_or("BackendNotFound"),
+                        unresolved.join("; "),
+                    ),
+                };
+                serde_json::json!({"parentRef": p, "controllerName": ROUTE_CONTROLLER, "conditions": [accepted, resolved]})
+            })
+            .collect();
         serde_json::json!({ "parents": parents })
     }
 }
 
 /// A filter as proxies receive it: a RequestMirror's share as a fraction and its Service's namespace written out
 /// (what the xDS resource carries).
-fn attached_filter(f: &crate::route::HttpRouteFilter, route_ns: &str) -> crate::route::HttpRouteFilter {
+fn attached_filter(f: &HttpRouteFilter, route_ns: &str) -> HttpRouteFilter {
     let mut f = f.clone();
     if let Some(m) = &mut f.request_mirror {
         let (numerator, denominator) = m.share();
@@ -673,8 +761,8 @@ fn attached_filter(f: &crate::route::HttpRouteFilter, route_ns: &str) -> crate::
 
 /// The backends of a rule's RequestMirror filters, as backendRefs (resolved the same way: the Service, its port, a
 /// ReferenceGrant for another namespace).
-fn mirror_refs(rule: &crate::route::HttpRouteRule) -> impl Iterator<Item = BackendRef> + '_ {
-    rule.filters.iter().filter_map(|f| f.request_mirror.as_ref()).map(|m| BackendRef {
+fn mirror_refs(filters: &[HttpRouteFilter]) -> impl Iterator<Item = BackendRef> + '_ {
+    filters.iter().filter_map(|f| f.request_mirror.as_ref()).map(|m| BackendRef {
         group: m.backend_ref.group.clone(),
         kind: m.backend_ref.kind.clone(),
         name: m.backend_ref.name.clone(),
@@ -687,30 +775,50 @@ fn mirror_refs(rule: &crate::route::HttpRouteRule) -> impl Iterator<Item = Backe
 /// The `controllerName` of the route statuses Ferry writes.
 pub const ROUTE_CONTROLLER: &str = "ferry.dev/mesh";
 
-/// What routes refer to among a set of documents: the Services (parents and backends) and the ReferenceGrants.
+/// What routes refer to among a set of documents: the Services (parents and backends), the ReferenceGrants, and the
+/// GRPCRoutes' parents (which HTTPRoutes of their namespace yield to).
 pub struct References<'d> {
     services: BTreeMap<(&'d str, &'d str), &'d Service>,
     grants: Vec<&'d ReferenceGrant>,
+    grpc: Vec<&'d GrpcRoute>,
 }
 
 impl<'d> References<'d> {
     pub fn of(docs: impl IntoIterator<Item = &'d Document>) -> Self {
-        let mut refs = References { services: BTreeMap::new(), grants: Vec::new() };
+        let mut refs = References { services: BTreeMap::new(), grants: Vec::new(), grpc: Vec::new() };
         for doc in docs {
             match doc {
                 Document::Service(s) => {
                     refs.services.insert((s.metadata.namespace.as_str(), s.metadata.name.as_str()), s);
                 }
                 Document::ReferenceGrant(g) => refs.grants.push(g),
+                Document::GrpcRoute(r) => refs.grpc.push(r),
                 _ => {}
             }
         }
         refs
     }
 
-    /// A backendRef resolved: the Service must exist, in the route's namespace or in one whose ReferenceGrant lets
-    /// the route's namespace name it, and have the port named.
-    fn resolve(&self, b: &BackendRef, route_ns: &str) -> Backend {
+    /// GEP-1426: an HTTPRoute parent that a GRPCRoute of the same namespace also attaches to (the same Service, a
+    /// port in common) is the GRPCRoute's; its `namespace/name`.
+    fn conflict(&self, route: RouteRef<'_>, parent: &ParentRef) -> Option<String> {
+        let RouteRef::Http(http) = route else { return None };
+        let route_ns = http.metadata.namespace.as_str();
+        let service = (parent.namespace.as_deref().unwrap_or(route_ns), parent.name.as_str());
+        self.grpc.iter().filter(|g| g.metadata.namespace == route_ns).find_map(|g| {
+            let takes = g.spec.parent_refs.iter().any(|p| {
+                p.is_service()
+                    && (p.namespace.as_deref().unwrap_or(route_ns), p.name.as_str()) == service
+                    && (p.port.is_none() || parent.port.is_none() || p.port == parent.port)
+            });
+            (takes && self.services.contains_key(&service))
+                .then(|| format!("{}/{}", g.metadata.namespace, g.metadata.name))
+        })
+    }
+
+    /// A backendRef of a route of kind `kind` resolved: the Service must exist, in the route's namespace or in one
+    /// whose ReferenceGrant lets that kind of the route's namespace name it, and have the port named.
+    fn resolve(&self, b: &BackendRef, kind: &str, route_ns: &str) -> Backend {
         let namespace = b.namespace.clone().unwrap_or_else(|| route_ns.to_string());
         let unresolved = match self.services.get(&(namespace.as_str(), b.name.as_str())) {
             None => Some(format!("BackendNotFound: Service {namespace}/{} does not exist", b.name)),
@@ -719,10 +827,10 @@ impl<'d> References<'d> {
                     && !self
                         .grants
                         .iter()
-                        .any(|g| g.metadata.namespace == namespace && g.permits(route_ns, &b.name)) =>
+                        .any(|g| g.metadata.namespace == namespace && g.permits(kind, route_ns, &b.name)) =>
             {
                 Some(format!(
-                    "RefNotPermitted: no ReferenceGrant in {namespace} lets HTTPRoutes of {route_ns} name Service {}",
+                    "RefNotPermitted: no ReferenceGrant in {namespace} lets {kind}s of {route_ns} name Service {}",
                     b.name
                 ))
             }

@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod duration;
+pub mod grpc_route;
 pub mod http_api;
 pub mod identity;
 #[cfg(feature = "kubernetes")]

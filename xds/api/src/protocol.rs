@@ -45,7 +45,7 @@ pub fn type_url(doc: &Document) -> &'static str {
         Document::TrafficPolicy(_) => TRAFFIC_POLICY_TYPE,
         Document::AuthorizationPolicy(_) => AUTHORIZATION_POLICY_TYPE,
         // Not sent one by one: as the route sets they make.
-        Document::HttpRoute(_) | Document::ReferenceGrant(_) => ROUTE_SET_TYPE,
+        Document::HttpRoute(_) | Document::GrpcRoute(_) | Document::ReferenceGrant(_) => ROUTE_SET_TYPE,
     }
 }
 

@@ -7,6 +7,7 @@ use crate::config::{
     ConfigError, Document, Endpoint, FieldError, Metadata, PortProtocol, Service, ServicePort, ServiceSpec,
 };
 use crate::config::{document_json, parse_value};
+use crate::grpc_route::{GrpcMethodMatch, GrpcRouteMatch};
 use crate::policy::{
     Action, AuthorizationPolicy, AuthorizationPolicySpec, AuthorizationRule, Backoff, CircuitBreaker, Duration,
     LoadBalancer, MtlsMode, Operation, OutlierDetection, RateLimit, Retries, RetryBudget, Source, TargetRef,
@@ -73,7 +74,7 @@ pub fn protocol_from_pb(protocol: i32) -> PortProtocol {
 /// ([`route_set_to_pb`]), not one by one: `None`.
 pub fn to_resource(doc: &Document) -> Option<Resource> {
     Some(match doc {
-        Document::HttpRoute(_) | Document::ReferenceGrant(_) => return None,
+        Document::HttpRoute(_) | Document::GrpcRoute(_) | Document::ReferenceGrant(_) => return None,
         Document::Service(s) => Resource::Service(pb::Service {
             meta: meta(&s.metadata),
             ports: s
@@ -174,12 +175,49 @@ pub fn to_resource(doc: &Document) -> Option<Resource> {
     })
 }
 
+fn value_kind_to_pb(kind: ValueMatchType) -> i32 {
+    match kind {
+        ValueMatchType::Exact => pb::ValueMatchType::ValueExact as i32,
+        ValueMatchType::RegularExpression => pb::ValueMatchType::ValueRegularExpression as i32,
+    }
+}
+
+fn value_kind_from_pb(kind: i32) -> ValueMatchType {
+    match pb::ValueMatchType::try_from(kind) {
+        Ok(pb::ValueMatchType::ValueRegularExpression) => ValueMatchType::RegularExpression,
+        _ => ValueMatchType::Exact,
+    }
+}
+
 fn value_match_to_pb(v: &ValueMatch) -> pb::ValueMatch {
-    let kind = match v.kind {
-        ValueMatchType::Exact => pb::ValueMatchType::ValueExact,
-        ValueMatchType::RegularExpression => pb::ValueMatchType::ValueRegularExpression,
-    };
-    pb::ValueMatch { r#type: kind as i32, name: v.name.clone(), value: v.value.clone() }
+    pb::ValueMatch { r#type: value_kind_to_pb(v.kind), name: v.name.clone(), value: v.value.clone() }
+}
+
+fn value_match_from_pb(v: pb::ValueMatch) -> ValueMatch {
+    ValueMatch { kind: value_kind_from_pb(v.r#type), name: v.name, value: v.value }
+}
+
+fn grpc_match_to_pb(m: &GrpcRouteMatch) -> pb::GrpcRouteMatch {
+    pb::GrpcRouteMatch {
+        method: m.method.as_ref().map(|m| pb::GrpcMethodMatch {
+            r#type: value_kind_to_pb(m.kind),
+            service: m.service.clone().unwrap_or_default(),
+            method: m.method.clone().unwrap_or_default(),
+        }),
+        headers: m.headers.iter().map(value_match_to_pb).collect(),
+    }
+}
+
+fn grpc_match_from_pb(m: pb::GrpcRouteMatch) -> GrpcRouteMatch {
+    let set = |t: String| (!t.is_empty()).then_some(t);
+    GrpcRouteMatch {
+        method: m.method.map(|m| GrpcMethodMatch {
+            kind: value_kind_from_pb(m.r#type),
+            service: set(m.service),
+            method: set(m.method),
+        }),
+        headers: m.headers.into_iter().map(value_match_from_pb).collect(),
+    }
 }
 
 fn backend_to_pb(b: &Backend) -> pb::RouteBackend {
@@ -337,6 +375,7 @@ pub fn route_set_to_pb(set: &RouteSet) -> pb::RouteSet {
                             })
                             .collect(),
                         backends: rule.backends.iter().map(backend_to_pb).collect(),
+                        grpc_matches: rule.grpc_matches.iter().map(grpc_match_to_pb).collect(),
                     })
                     .collect(),
             })
@@ -354,14 +393,6 @@ pub fn route_set_from_pb(set: pb::RouteSet) -> Result<RouteSet, ConfigError> {
             errors.push(FieldError { path, message: format!("{p} must be 1-65535") });
             None
         }
-    };
-    let value = |v: pb::ValueMatch| ValueMatch {
-        kind: match pb::ValueMatchType::try_from(v.r#type) {
-            Ok(pb::ValueMatchType::ValueRegularExpression) => ValueMatchType::RegularExpression,
-            _ => ValueMatchType::Exact,
-        },
-        name: v.name,
-        value: v.value,
     };
     let mut routes = Vec::new();
     for (i, r) in set.routes.into_iter().enumerate() {
@@ -381,13 +412,18 @@ pub fn route_set_from_pb(set: pb::RouteSet) -> Result<RouteSet, ConfigError> {
                         },
                         value: m.path,
                     },
-                    headers: m.headers.into_iter().map(value).collect(),
-                    query_params: m.query_params.into_iter().map(value).collect(),
+                    headers: m.headers.into_iter().map(value_match_from_pb).collect(),
+                    query_params: m.query_params.into_iter().map(value_match_from_pb).collect(),
                     method: (!m.method.is_empty()).then_some(m.method),
                 })
                 .collect();
             for (k, m) in matches.iter().enumerate() {
                 crate::route::validate_match(&format!("routes[{i}].rules[{j}].matches[{k}]"), m, &mut errors);
+            }
+            let grpc_matches: Vec<GrpcRouteMatch> = rule.grpc_matches.into_iter().map(grpc_match_from_pb).collect();
+            for (k, m) in grpc_matches.iter().enumerate() {
+                let path = format!("routes[{i}].rules[{j}].grpcMatches[{k}]");
+                crate::grpc_route::validate_grpc_match(&path, m, &mut errors);
             }
             let backends: Vec<Backend> = rule.backends.into_iter().map(backend_from_pb).collect();
             for (k, b) in backends.iter().enumerate() {
@@ -419,7 +455,7 @@ pub fn route_set_from_pb(set: pb::RouteSet) -> Result<RouteSet, ConfigError> {
                 crate::route::validate_retry(&format!("routes[{i}].rules[{j}].retry"), r, &mut errors);
             }
             let name = (!rule.name.is_empty()).then_some(rule.name);
-            rules.push(AttachedRule { name, matches, filters, timeouts, retry, backends, mirrors });
+            rules.push(AttachedRule { name, matches, grpc_matches, filters, timeouts, retry, backends, mirrors });
         }
         routes.push(AttachedRoute { namespace: meta.namespace, name: meta.name, created: r.created, ports, rules });
     }

@@ -754,12 +754,10 @@ pub struct GrantTo {
 }
 
 impl ReferenceGrant {
-    /// Whether it lets an HTTPRoute of `from_namespace` name the Service `service` (of the grant's namespace).
-    pub fn permits(&self, from_namespace: &str, service: &str) -> bool {
-        self.spec
-            .from
-            .iter()
-            .any(|f| f.group == GATEWAY_GROUP && f.kind == "HTTPRoute" && f.namespace == from_namespace)
+    /// Whether it lets a route of kind `from_kind` (`HTTPRoute`, `GRPCRoute`) of `from_namespace` name the Service
+    /// `service` (of the grant's namespace).
+    pub fn permits(&self, from_kind: &str, from_namespace: &str, service: &str) -> bool {
+        self.spec.from.iter().any(|f| f.group == GATEWAY_GROUP && f.kind == from_kind && f.namespace == from_namespace)
             && self.spec.to.iter().any(|t| {
                 matches!(t.group.as_str(), "" | "core")
                     && t.kind == "Service"
@@ -770,7 +768,7 @@ impl ReferenceGrant {
 
 // ===== validation =====
 
-fn field(path: String, message: impl Into<String>) -> FieldError {
+pub(crate) fn field(path: String, message: impl Into<String>) -> FieldError {
     FieldError { path, message: message.into() }
 }
 
@@ -813,13 +811,35 @@ fn check_literal_path(path: &str) -> Result<(), &'static str> {
 }
 
 pub fn validate_http_route(spec: &HttpRouteSpec, errors: &mut Vec<FieldError>) {
-    if spec.parent_refs.is_empty() {
+    let rules: Vec<(Option<&str>, usize)> = spec.rules.iter().map(|r| (r.name.as_deref(), r.matches.len())).collect();
+    validate_route(&spec.parent_refs, &rules, errors);
+    for (i, rule) in spec.rules.iter().enumerate() {
+        let path = format!("spec.rules[{i}]");
+        for (j, m) in rule.matches.iter().enumerate() {
+            validate_match(&format!("{path}.matches[{j}]"), m, errors);
+        }
+        let shape = RuleShape::of(&rule.matches, rule.backend_refs.len());
+        validate_filters(&format!("{path}.filters"), &rule.filters, shape, errors);
+        if let Some(t) = &rule.timeouts {
+            validate_timeouts(&format!("{path}.timeouts"), t, errors);
+        }
+        if let Some(r) = &rule.retry {
+            validate_retry(&format!("{path}.retry"), r, errors);
+        }
+        validate_backends(&format!("{path}.backendRefs"), &rule.backend_refs, errors);
+    }
+}
+
+/// What every route kind checks alike: its parents (Services), its rules' number and names (`(name, matches)` per
+/// rule), and the matches in all.
+pub(crate) fn validate_route(parent_refs: &[ParentRef], rules: &[(Option<&str>, usize)], errors: &mut Vec<FieldError>) {
+    if parent_refs.is_empty() {
         errors.push(field("spec.parentRefs".into(), "at least one parent (a Service: group \"\", kind Service)"));
     }
-    if spec.parent_refs.len() > MAX_PARENTS {
+    if parent_refs.len() > MAX_PARENTS {
         errors.push(field("spec.parentRefs".into(), format!("at most {MAX_PARENTS}")));
     }
-    for (i, p) in spec.parent_refs.iter().enumerate() {
+    for (i, p) in parent_refs.iter().enumerate() {
         let path = format!("spec.parentRefs[{i}]");
         if !p.is_service() {
             errors.push(field(
@@ -837,49 +857,42 @@ pub fn validate_http_route(spec: &HttpRouteSpec, errors: &mut Vec<FieldError>) {
             errors.push(field(format!("{path}.sectionName"), "not supported for Service parents (use `port`)"));
         }
     }
-    if spec.rules.is_empty() {
+    if rules.is_empty() {
         errors.push(field("spec.rules".into(), "at least one rule"));
     }
-    if spec.rules.len() > MAX_RULES {
+    if rules.len() > MAX_RULES {
         errors.push(field("spec.rules".into(), format!("at most {MAX_RULES}")));
     }
-    let total: usize = spec.rules.iter().map(|r| r.matches.len()).sum();
+    let total: usize = rules.iter().map(|(_, matches)| matches).sum();
     if total > MAX_MATCHES_TOTAL {
         errors.push(field("spec.rules".into(), format!("at most {MAX_MATCHES_TOTAL} matches in all, got {total}")));
     }
     let mut names = BTreeMap::new();
-    for (i, rule) in spec.rules.iter().enumerate() {
+    for (i, (name, matches)) in rules.iter().enumerate() {
         let path = format!("spec.rules[{i}]");
-        if let Some(name) = &rule.name {
+        if let Some(name) = name {
             if !crate::meta::is_dns_label(name) {
                 errors.push(field(format!("{path}.name"), format!("`{name}` must be a DNS label")));
-            } else if let Some(first) = names.insert(name.clone(), i) {
+            } else if let Some(first) = names.insert(*name, i) {
                 errors.push(field(format!("{path}.name"), format!("`{name}` is also the name of rules[{first}]")));
             }
         }
-        if rule.matches.len() > MAX_MATCHES {
+        if *matches > MAX_MATCHES {
             errors.push(field(format!("{path}.matches"), format!("at most {MAX_MATCHES}")));
         }
-        for (j, m) in rule.matches.iter().enumerate() {
-            validate_match(&format!("{path}.matches[{j}]"), m, errors);
-        }
-        let shape = RuleShape::of(&rule.matches, rule.backend_refs.len());
-        validate_filters(&format!("{path}.filters"), &rule.filters, shape, errors);
-        if let Some(t) = &rule.timeouts {
-            validate_timeouts(&format!("{path}.timeouts"), t, errors);
-        }
-        if rule.backend_refs.len() > MAX_BACKENDS {
-            errors.push(field(format!("{path}.backendRefs"), format!("at most {MAX_BACKENDS}")));
-        }
-        if let Some(r) = &rule.retry {
-            validate_retry(&format!("{path}.retry"), r, errors);
-        }
-        for (j, b) in rule.backend_refs.iter().enumerate() {
-            let path = format!("{path}.backendRefs[{j}]");
-            validate_service_ref(&path, b.is_service(), &b.name, b.namespace.as_deref(), b.port, errors);
-            if b.weight > 1_000_000 {
-                errors.push(field(format!("{path}.weight"), "must be 0-1000000"));
-            }
+    }
+}
+
+/// A rule's `backendRefs` (`path` = `spec.rules[i].backendRefs`).
+pub(crate) fn validate_backends(path: &str, backends: &[BackendRef], errors: &mut Vec<FieldError>) {
+    if backends.len() > MAX_BACKENDS {
+        errors.push(field(path.to_string(), format!("at most {MAX_BACKENDS}")));
+    }
+    for (j, b) in backends.iter().enumerate() {
+        let path = format!("{path}[{j}]");
+        validate_service_ref(&path, b.is_service(), &b.name, b.namespace.as_deref(), b.port, errors);
+        if b.weight > 1_000_000 {
+            errors.push(field(format!("{path}.weight"), "must be 0-1000000"));
         }
     }
 }
@@ -1145,10 +1158,13 @@ pub struct AttachedRoute {
     pub rules: Vec<AttachedRule>,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct AttachedRule {
     pub name: Option<String>,
+    /// An HTTPRoute rule's matches (empty for a GRPCRoute's).
     pub matches: Vec<HttpRouteMatch>,
+    /// A GRPCRoute rule's matches (empty for an HTTPRoute's).
+    pub grpc_matches: Vec<crate::grpc_route::GrpcRouteMatch>,
     pub filters: Vec<HttpRouteFilter>,
     pub timeouts: HttpRouteTimeouts,
     pub retry: Option<HttpRouteRetry>,
@@ -1189,7 +1205,7 @@ impl RouteSet {
 /// implementation-specific regular expressions, as Envoy Gateway) RegularExpression, then PathPrefix, longer first;
 /// then a method; then more headers; then more query parameters; then the older route; then `namespace/name`; then
 /// rule order, then match order.
-type Precedence = (u8, Reverse<usize>, bool, Reverse<usize>, Reverse<usize>, i64, String, usize, usize);
+pub(crate) type Precedence = (u8, Reverse<usize>, bool, Reverse<usize>, Reverse<usize>, i64, String, usize, usize);
 
 fn precedence(m: &HttpRouteMatch, created: i64, key: &str, rule: usize, index: usize) -> Precedence {
     let kind = match m.path.kind {
@@ -1231,6 +1247,10 @@ impl RouteTable {
                 for (j, m) in rule.matches.iter().enumerate() {
                     let Some(compiled) = compile_match(m, (r, i), &mut interner) else { continue };
                     keyed.push((precedence(m, route.created, &key, i, j), compiled));
+                }
+                for (j, m) in rule.grpc_matches.iter().enumerate() {
+                    let Some(compiled) = compile_match(&m.to_http(), (r, i), &mut interner) else { continue };
+                    keyed.push((m.precedence(route.created, &key, i, j), compiled));
                 }
             }
             rules.push(infos);

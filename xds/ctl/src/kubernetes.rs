@@ -33,7 +33,7 @@ fn object(doc: &Document) -> anyhow::Result<Value> {
             s.metadata.namespace,
             s.metadata.name
         ),
-        Document::HttpRoute(_) | Document::ReferenceGrant(_) => anyhow::bail!(
+        Document::HttpRoute(_) | Document::GrpcRoute(_) | Document::ReferenceGrant(_) => anyhow::bail!(
             "{}: in Kubernetes mode Gateway API objects are applied with kubectl (ferryctl writes Ferry's CRDs)",
             doc.display_name()
         ),

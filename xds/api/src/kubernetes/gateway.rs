@@ -1,5 +1,5 @@
 //! The Gateway API kinds Kubernetes mode reads when their CRDs are installed (Ferry does not ship them): HTTPRoute
-//! (`v1`) and ReferenceGrant (`v1beta1`), kept as the API server sends them so that a field Ferry does not support
+//! and GRPCRoute (`v1`) and ReferenceGrant (`v1beta1`), kept as the API server sends them so that a field Ferry does not support
 //! becomes the route's status rather than a failed watch; turned into the documents of the local store, and the
 //! `status.parents` entry Ferry writes back.
 
@@ -7,7 +7,7 @@ use kube_core::ResourceExt;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
-use crate::config::{Document, ROUTE_CONTROLLER, References};
+use crate::config::{Document, ROUTE_CONTROLLER, References, RouteRef};
 use crate::meta::Metadata;
 
 /// The Gateway API's group.
@@ -15,8 +15,11 @@ pub const GROUP: &str = "gateway.networking.k8s.io";
 /// The Gateway API release whose standard channel Ferry implements.
 pub const GATEWAY_API_VERSION: &str = "v1.4.0";
 /// The CRDs Ferry reads, by name, with the version it watches.
-pub const CRDS: [(&str, &str); 2] =
-    [("httproutes.gateway.networking.k8s.io", "v1"), ("referencegrants.gateway.networking.k8s.io", "v1beta1")];
+pub const CRDS: [(&str, &str); 3] = [
+    ("httproutes.gateway.networking.k8s.io", "v1"),
+    ("grpcroutes.gateway.networking.k8s.io", "v1"),
+    ("referencegrants.gateway.networking.k8s.io", "v1beta1"),
+];
 
 /// HTTPRoute fields Ferry serves that an installed Gateway API CRD may lack (an older release, or the standard channel
 /// for what only the experimental one has): the field as written in a route, and where it is. An API server prunes a
@@ -82,6 +85,52 @@ pub struct HttpRouteObjectSpec {
     pub fields: Map<String, Value>,
 }
 
+/// A GRPCRoute object as the API server holds it.
+#[derive(kube_derive::CustomResource, Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[kube(
+    crates(kube_core = "::kube_core"),
+    group = "gateway.networking.k8s.io",
+    version = "v1",
+    kind = "GRPCRoute",
+    plural = "grpcroutes",
+    root = "GrpcRouteObject",
+    namespaced,
+    status = "Value",
+    schema = "disabled"
+)]
+pub struct GrpcRouteObjectSpec {
+    #[serde(flatten)]
+    pub fields: Map<String, Value>,
+}
+
+/// What Ferry reads of a route object of either kind.
+pub trait RouteObject: kube_core::Resource<DynamicType = ()> {
+    /// `HTTPRoute` or `GRPCRoute`.
+    const KIND: &'static str;
+    fn fields(&self) -> &Map<String, Value>;
+    fn status(&self) -> Option<&Value>;
+}
+
+impl RouteObject for HttpRouteObject {
+    const KIND: &'static str = "HTTPRoute";
+    fn fields(&self) -> &Map<String, Value> {
+        &self.spec.fields
+    }
+    fn status(&self) -> Option<&Value> {
+        self.status.as_ref()
+    }
+}
+
+impl RouteObject for GrpcRouteObject {
+    const KIND: &'static str = "GRPCRoute";
+    fn fields(&self) -> &Map<String, Value> {
+        &self.spec.fields
+    }
+    fn status(&self) -> Option<&Value> {
+        self.status.as_ref()
+    }
+}
+
 /// A ReferenceGrant object as the API server holds it.
 #[derive(kube_derive::CustomResource, Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[kube(
@@ -107,9 +156,11 @@ fn document(api_version: &str, kind: &str, meta: &Metadata, spec: &Map<String, V
     })
 }
 
-/// What Ferry concluded about one HTTPRoute: written to its `status.parents` (Ferry's entries only).
+/// What Ferry concluded about one route: written to its `status.parents` (Ferry's entries only).
 #[derive(Debug, Clone, PartialEq)]
 pub struct RouteVerdict {
+    /// `HTTPRoute` or `GRPCRoute`.
+    pub kind: &'static str,
     pub namespace: String,
     pub name: String,
     /// Ferry's `status.parents` entries, one per parentRef that is a Service.
@@ -119,7 +170,8 @@ pub struct RouteVerdict {
 /// The documents of the accepted routes and grants, and each route's verdict (ReferenceGrants have no status).
 /// `docs` are the other documents of the cluster (the Services routes attach to and point at).
 pub fn documents(
-    routes: &[HttpRouteObject],
+    http_routes: &[HttpRouteObject],
+    grpc_routes: &[GrpcRouteObject],
     grants: &[ReferenceGrantObject],
     docs: &[Document],
 ) -> (Vec<Document>, Vec<RouteVerdict>) {
@@ -133,28 +185,39 @@ pub fn documents(
             }
         }
     }
-    let mut parsed = Vec::new();
-    for r in routes {
-        parsed.push((r, document(&format!("{GROUP}/v1"), "HTTPRoute", &meta(&r.metadata), &r.spec.fields)));
-    }
-    out.extend(parsed.iter().filter_map(|(_, d)| d.as_ref().ok().cloned()));
+    let objects = http_routes.iter().map(parts).chain(grpc_routes.iter().map(parts));
+    let parsed: Vec<_> = objects
+        .map(|(kind, m, fields)| (kind, m, fields, document(&format!("{GROUP}/v1"), kind, &meta(m), fields)))
+        .collect();
+    out.extend(parsed.iter().filter_map(|(.., d)| d.as_ref().ok().cloned()));
     let refs = References::of(docs.iter().chain(&out));
-    let verdicts = parsed.iter().map(|(r, parsed)| verdict(r, parsed, &refs)).collect();
+    let verdicts = parsed.iter().map(|(kind, m, fields, parsed)| verdict(kind, m, fields, parsed, &refs)).collect();
     (out, verdicts)
+}
+
+/// A route object's kind, metadata and spec.
+fn parts<R: RouteObject>(r: &R) -> (&'static str, &kube_core::ObjectMeta, &Map<String, Value>) {
+    (R::KIND, r.meta(), r.fields())
 }
 
 /// Ferry's `status.parents` of one route: its route status for an accepted one; for one Ferry cannot take, each
 /// Service parentRef `Accepted: False` (`UnsupportedValue`, every refused field in the message), not served.
-fn verdict(route: &HttpRouteObject, parsed: &Result<Document, String>, refs: &References<'_>) -> RouteVerdict {
-    let generation = route.metadata.generation.unwrap_or(0);
-    let parents = match parsed {
-        Ok(Document::HttpRoute(r)) => {
-            let status = refs.route_status(r, generation);
+fn verdict(
+    kind: &'static str,
+    meta: &kube_core::ObjectMeta,
+    fields: &Map<String, Value>,
+    parsed: &Result<Document, String>,
+    refs: &References<'_>,
+) -> RouteVerdict {
+    let generation = meta.generation.unwrap_or(0);
+    let parents = match parsed.as_ref().ok().and_then(RouteRef::of) {
+        Some(route) => {
+            let status = refs.route_status(route, generation);
             status["parents"].as_array().cloned().unwrap_or_default()
         }
-        _ => {
+        None => {
             let message = parsed.as_ref().err().cloned().unwrap_or_default();
-            let refs = route.spec.fields.get("parentRefs").and_then(Value::as_array).cloned().unwrap_or_default();
+            let refs = fields.get("parentRefs").and_then(Value::as_array).cloned().unwrap_or_default();
             refs.into_iter()
                 .filter(|p| p["kind"] == "Service" && matches!(p["group"].as_str(), Some("" | "core")))
                 .map(|p| {
@@ -165,7 +228,8 @@ fn verdict(route: &HttpRouteObject, parsed: &Result<Document, String>, refs: &Re
                 .collect()
         }
     };
-    RouteVerdict { namespace: route.namespace().unwrap_or_default(), name: route.name_any(), parents }
+    let (namespace, name) = (meta.namespace.clone().unwrap_or_default(), meta.name.clone().unwrap_or_default());
+    RouteVerdict { kind, namespace, name, parents }
 }
 
 /// Pure: a route's `status.parents` with Ferry's entries replaced by `ours` and every other controller's kept;

@@ -138,7 +138,7 @@ impl Model {
                     target = Some(format!("{}/{}", p.metadata.namespace, p.spec.target_ref.name).into());
                 }
                 Document::TrafficPolicy(_) => {}
-                Document::HttpRoute(_) | Document::ReferenceGrant(_) => continue,
+                Document::HttpRoute(_) | Document::GrpcRoute(_) | Document::ReferenceGrant(_) => continue,
             }
             let Some(any) = protocol::encode(&doc) else { continue };
             let index = type_index(&any.type_url).expect("every document kind has a type");

@@ -49,7 +49,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// A stored object as the API shows it; an HTTPRoute with its `status` (per parent Service: Accepted, ResolvedRefs),
+/// A stored object as the API shows it; a route (HTTPRoute, GRPCRoute) with its `status` (per parent Service: Accepted, ResolvedRefs),
 /// computed from what the store holds now.
 fn with_status<'s>(
     stored: &crate::store::Stored,
@@ -57,7 +57,7 @@ fn with_status<'s>(
     store: &'s crate::store::Store,
 ) -> serde_json::Value {
     let mut json = stored.to_json();
-    if let ferry_api::Document::HttpRoute(route) = &stored.document {
+    if let Some(route) = ferry_api::config::RouteRef::of(&stored.document) {
         let refs = refs.get_or_init(|| ferry_api::config::References::of(store.all().map(|s| &s.document)));
         json["status"] = refs.route_status(route, stored.generation as i64);
     }

@@ -23,7 +23,9 @@ use serde_json::json;
 use crate::identity::certify::{Authenticated, Refusal};
 use ferry_api::identity::{Identity, PodRef};
 use ferry_api::kubernetes::discovery::{ClusterView, Verdict};
-use ferry_api::kubernetes::gateway::{HttpRouteObject, ReferenceGrantObject, RouteVerdict, merged_parents};
+use ferry_api::kubernetes::gateway::{
+    GrpcRouteObject, HttpRouteObject, ReferenceGrantObject, RouteObject, RouteVerdict, merged_parents,
+};
 use ferry_api::kubernetes::inject::{CA_ROOT_CONFIGMAP, INJECT, TOKEN_AUDIENCE};
 use ferry_api::policy::{AuthorizationPolicyResource, TrafficPolicyResource};
 
@@ -36,10 +38,14 @@ type PolicyKey = (&'static str, String, String);
 /// The generation, error and resolution of the last status written.
 type Written = (Option<i64>, Option<String>, Option<(bool, &'static str, String)>);
 
+/// `(kind, namespace, name, uid)` of a route object.
+type RouteKey = (&'static str, String, String, String);
+
 /// The Gateway API objects, each watched from when its CRD is found installed.
 #[derive(Default)]
 struct Gateway {
     routes: OnceLock<Store<HttpRouteObject>>,
+    grpc_routes: OnceLock<Store<GrpcRouteObject>>,
     grants: OnceLock<Store<ReferenceGrantObject>>,
 }
 
@@ -64,8 +70,8 @@ pub struct Cluster {
     on_change: Arc<dyn Fn() + Send + Sync>,
     /// The verdict last written to each policy's status: `(kind, namespace, name)` → (generation, error).
     written: Mutex<BTreeMap<PolicyKey, Written>>,
-    /// Ferry's `status.parents` entries last written to each HTTPRoute: (namespace, name, uid) → entries.
-    written_routes: Mutex<BTreeMap<(String, String, String), Vec<serde_json::Value>>>,
+    /// Ferry's `status.parents` entries last written to each route: (kind, namespace, name, uid) → entries.
+    written_routes: Mutex<BTreeMap<RouteKey, Vec<serde_json::Value>>>,
     /// Namespaces whose `ferry-ca-root` ConfigMap holds the current bundle.
     bundles: Mutex<(Vec<String>, BTreeSet<String>)>,
 }
@@ -100,6 +106,14 @@ where
 
 /// Waits (up to 30 s) until a watcher started after start-up has listed once; a list that keeps failing (the
 /// ClusterRole not updated, say) is logged, and the store fills once it succeeds.
+/// What a store holds now, owned.
+fn owned<K>(store: &Store<K>) -> Vec<K>
+where
+    K: Resource<DynamicType = ()> + Clone + 'static,
+{
+    store.state().iter().map(|k| (**k).clone()).collect()
+}
+
 async fn listed<K>(store: &Store<K>, what: &str)
 where
     K: Resource<DynamicType = ()> + Clone + 'static,
@@ -141,12 +155,6 @@ impl Cluster {
     }
 
     pub fn view(&self) -> ClusterView {
-        fn owned<K>(store: &Store<K>) -> Vec<K>
-        where
-            K: Resource<DynamicType = ()> + Clone + 'static,
-        {
-            store.state().iter().map(|k| (**k).clone()).collect()
-        }
         ClusterView {
             services: owned(&self.services),
             slices: owned(&self.slices),
@@ -156,8 +164,8 @@ impl Cluster {
         }
     }
 
-    /// Starts watching the Gateway API kinds its discovery shows served (HTTPRoute `v1`, ReferenceGrant `v1beta1`)
-    /// and not watched yet. Returns whether both are watched.
+    /// Starts watching the Gateway API kinds its discovery shows served (HTTPRoute and GRPCRoute `v1`,
+    /// ReferenceGrant `v1beta1`) and not watched yet. Returns whether all are watched.
     pub async fn detect_gateway_api(&self) -> bool {
         let served = |gv: &'static str, plural: &'static str| async move {
             match self.client.list_api_group_resources(gv).await {
@@ -175,6 +183,11 @@ impl Cluster {
             listed(&store, "HTTPRoutes").await;
             started |= self.gateway.routes.set(store).is_ok();
         }
+        if self.gateway.grpc_routes.get().is_none() && served("gateway.networking.k8s.io/v1", "grpcroutes").await {
+            let store = watch(&self.client, self.on_change.clone(), |_| {});
+            listed(&store, "GRPCRoutes").await;
+            started |= self.gateway.grpc_routes.set(store).is_ok();
+        }
         if self.gateway.grants.get().is_none() && served("gateway.networking.k8s.io/v1beta1", "referencegrants").await {
             let store = watch(&self.client, self.on_change.clone(), |_| {});
             listed(&store, "ReferenceGrants").await;
@@ -184,12 +197,13 @@ impl Cluster {
             let grants = self.gateway.grants.get().is_some();
             tracing::info!(
                 httproutes = self.routes_watched(),
+                grpcroutes = self.gateway.grpc_routes.get().is_some(),
                 reference_grants = grants,
                 "Gateway API found: watching"
             );
             (self.on_change)();
         }
-        self.routes_watched() && self.gateway.grants.get().is_some()
+        self.routes_watched() && self.gateway.grpc_routes.get().is_some() && self.gateway.grants.get().is_some()
     }
 
     /// Whether HTTPRoutes are watched (the Gateway API is installed).
@@ -212,11 +226,11 @@ impl Cluster {
         let workloads = ferry_api::kubernetes::discovery::workloads(&view, default_inbound);
         ferry_api::kubernetes::discovery::resolve(&mut policies, &view, &workloads);
         let mut routes = Vec::new();
-        if let Some(objects) = self.gateway.routes.get() {
-            let grants: Vec<ReferenceGrantObject> =
-                self.gateway.grants.get().iter().flat_map(|s| s.state()).map(|k| (*k).clone()).collect();
-            let objects: Vec<HttpRouteObject> = objects.state().iter().map(|k| (**k).clone()).collect();
-            let (docs, verdicts) = ferry_api::kubernetes::gateway::documents(&objects, &grants, &documents);
+        let (http, grpc) = (self.gateway.routes.get(), self.gateway.grpc_routes.get());
+        if http.is_some() || grpc.is_some() {
+            let grants: Vec<ReferenceGrantObject> = self.gateway.grants.get().map(owned).unwrap_or_default();
+            let (http, grpc) = (http.map(owned).unwrap_or_default(), grpc.map(owned).unwrap_or_default());
+            let (docs, verdicts) = ferry_api::kubernetes::gateway::documents(&http, &grpc, &grants, &documents);
             documents.extend(docs);
             routes = verdicts;
         }
@@ -259,43 +273,57 @@ impl Cluster {
         }
     }
 
-    /// Replaces Ferry's entries in each HTTPRoute's `status.parents`, keeping other controllers' (a Gateway's):
-    /// where they changed since last written to that object (by uid), or are missing from it. The patch carries the
+    /// Replaces Ferry's entries in each route's `status.parents`, keeping other controllers' (a Gateway's): where
+    /// they changed since last written to that object (by uid), or are missing from it. The patch carries the
     /// object's resourceVersion: a conflict (someone wrote in between) waits for the next event.
     async fn write_route_statuses(&self, verdicts: Vec<RouteVerdict>) {
-        let Some(routes) = self.gateway.routes.get() else { return };
         let now = ferry_api::meta::rfc3339(ferry_api::identity::unix_now());
         let mut seen = BTreeSet::new();
         for v in verdicts {
-            let Some(current) = routes.get(&reflector::ObjectRef::new(&v.name).within(&v.namespace)) else { continue };
-            let key = (v.namespace.clone(), v.name.clone(), current.metadata.uid.clone().unwrap_or_default());
-            seen.insert(key.clone());
-            let status = current.status.as_ref();
-            let on_object = ferry_api::kubernetes::gateway::ours(status);
-            let written = self.written_routes.lock().expect("status lock").get(&key) == Some(&v.parents);
-            // Nothing of Ferry's to say (a route of Gateways only) and nothing said; or said and still there.
-            if (v.parents.is_empty() && on_object == 0) || (written && on_object == v.parents.len()) {
-                continue;
-            }
-            let parents = merged_parents(status, &v.parents, &now);
-            let patch = Patch::Merge(json!({
-                "metadata": {"resourceVersion": current.metadata.resource_version},
-                "status": {"parents": parents},
-            }));
-            let api = Api::<HttpRouteObject>::namespaced(self.client.clone(), &v.namespace);
-            let route = format!("{}/{}", v.namespace, v.name);
-            match api.patch_status(&v.name, &PatchParams::apply(MANAGER), &patch).await {
-                Ok(_) => {
-                    tracing::info!(route = %route, "HTTPRoute status written");
-                    self.written_routes.lock().expect("status lock").insert(key, v.parents);
-                }
-                Err(kube::Error::Api(e)) if e.code == 409 => {
-                    tracing::debug!(route = %route, "HTTPRoute changed while its status was written; next event")
-                }
-                Err(e) => tracing::warn!(route = %route, error = %e, "writing HTTPRoute status failed"),
-            }
+            let written = match v.kind {
+                "GRPCRoute" => self.write_route_status(self.gateway.grpc_routes.get(), v, &now).await,
+                _ => self.write_route_status(self.gateway.routes.get(), v, &now).await,
+            };
+            seen.extend(written);
         }
         self.written_routes.lock().expect("status lock").retain(|k, _| seen.contains(k));
+    }
+
+    /// [`Cluster::write_route_statuses`] for one route of kind `K`; the route's key when it exists.
+    async fn write_route_status<K>(&self, store: Option<&Store<K>>, v: RouteVerdict, now: &str) -> Option<RouteKey>
+    where
+        K: RouteObject<Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+    {
+        let current = store?.get(&reflector::ObjectRef::new(&v.name).within(&v.namespace))?;
+        let key = (K::KIND, v.namespace.clone(), v.name.clone(), current.meta().uid.clone().unwrap_or_default());
+        let status = current.status();
+        let on_object = ferry_api::kubernetes::gateway::ours(status);
+        let written = self.written_routes.lock().expect("status lock").get(&key) == Some(&v.parents);
+        // Nothing of Ferry's to say (a route of Gateways only) and nothing said; or said and still there.
+        if (v.parents.is_empty() && on_object == 0) || (written && on_object == v.parents.len()) {
+            return Some(key);
+        }
+        let parents = merged_parents(status, &v.parents, now);
+        let patch = Patch::Merge(json!({
+            "metadata": {"resourceVersion": current.meta().resource_version},
+            "status": {"parents": parents},
+        }));
+        let api = Api::<K>::namespaced(self.client.clone(), &v.namespace);
+        let route = format!("{}/{}", v.namespace, v.name);
+        match api.patch_status(&v.name, &PatchParams::apply(MANAGER), &patch).await {
+            Ok(_) => {
+                tracing::info!(kind = K::KIND, route = %route, "route status written");
+                self.written_routes.lock().expect("status lock").insert(key.clone(), v.parents);
+            }
+            Err(kube::Error::Api(e)) if e.code == 409 => {
+                tracing::debug!(kind = K::KIND, route = %route, "route changed while its status was written; next event")
+            }
+            Err(e) => tracing::warn!(kind = K::KIND, route = %route, error = %e, "writing route status failed"),
+        }
+        Some(key)
     }
 
     /// Namespaces that need the mesh root: labelled for injection, or running a meshed pod.
