@@ -627,3 +627,91 @@ async fn a_route_retry_retries_where_the_service_would_not_and_stops_at_its_budg
     assert!((5..=20).contains(&retries), "{retries} retries: the budget allows 20 over 200 requests");
     assert!(denied >= 1.0, "the budget stopped some retries");
 }
+
+/// A tonic client of `http://api:80` through `proxy`.
+async fn grpc_client(proxy: SocketAddr) -> tonic::client::Grpc<tonic::transport::Channel> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{proxy}"))
+        .unwrap()
+        .origin(http::Uri::from_static("http://api:80"))
+        .connect()
+        .await
+        .unwrap();
+    tonic::client::Grpc::new(channel)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_route_sends_each_method_to_its_backends_by_weight() {
+    use support::grpc::{grpc_backend_named, unary};
+    let (v1, v2) = (grpc_backend_named("v1").await, grpc_backend_named("v2").await);
+    let route = "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {name: echo}\nspec:\n  parentRefs: [{group: '', kind: Service, name: api}]\n  rules:\n\
+                 \x20 - matches: [{method: {service: test.Echo, method: Shout}}]\n    backendRefs: [{name: api-v2}]\n\
+                 \x20 - matches: [{method: {service: test.Echo, method: Say}, headers: [{name: x-version, value: v2}]}]\n    backendRefs: [{name: api-v2}]\n\
+                 \x20 - matches: [{method: {service: test.Echo, method: Say}}]\n    backendRefs: [{name: api, weight: 3}, {name: api-v2, weight: 1}]\n---\n";
+    let ferry = tokio::task::block_in_place(|| Ferry::start(Some(&config(v1.addr, v2.addr, route)), &[]));
+    let mut grpc = grpc_client(ferry.outbound).await;
+    let mut answers = BTreeMap::new();
+    let calls = async {
+        for (method, metadata, count) in
+            [("Shout", &[][..], 50), ("Say", &[("x-version", "v2")][..], 50), ("Say", &[], 800)]
+        {
+            for _ in 0..count {
+                let answer = unary(&mut grpc, method, metadata).await.expect("served");
+                *answers.entry((method, metadata.len(), answer)).or_insert(0usize) += 1;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), calls).await.expect("the calls finish within 60 s");
+    eprintln!("gRPC answers: {answers:?}");
+    let got = |method: &'static str, headers: usize, answer: &str| {
+        answers.get(&(method, headers, answer.to_string())).copied().unwrap_or(0)
+    };
+    assert_eq!((got("Shout", 0, "v2/Shout"), got("Say", 1, "v2/Say")), (50, 50), "{answers:?}");
+    // 3:1 over 800 calls: v2 takes 200 ± 40 (3.29 sd of 12.2 for Binomial(800, 0.25): two-sided p < 0.001).
+    let (s1, s2) = (got("Say", 0, "v1/Say"), got("Say", 0, "v2/Say"));
+    assert_eq!(s1 + s2, 800, "{answers:?}");
+    assert!((160..=240).contains(&s2), "v2 took {s2} of 800 Say calls (expected 200 ± 40)");
+    // A method no rule matches: GAMMA's 404 `route-not-found`, which a gRPC caller reads as UNIMPLEMENTED.
+    let status = unary(&mut grpc, "Whisper", &[]).await.expect_err("no rule matches");
+    assert_eq!(status.code(), tonic::Code::Unimplemented, "{status:?}");
+    assert_eq!(status.metadata().get("ferry-proxy-error").unwrap(), "route-not-found");
+    // The route metrics, as for an HTTPRoute: per rule and backend, with the gRPC status.
+    let series = |rule: usize, backend: &str| {
+        ferry.metric(&format!(
+            r#"ferry_requests_total{{direction="outbound",service="api.default",route="default/echo/{rule}",backend="{backend}.default",protocol="grpc",grpc_status="0"}}"#
+        ))
+    };
+    assert_eq!((series(0, "api-v2"), series(1, "api-v2")), (50.0, 50.0));
+    assert_eq!((series(2, "api") as usize, series(2, "api-v2") as usize), (s1, s2));
+}
+
+#[test]
+fn grpc_route_status_is_written_and_an_http_route_on_its_port_is_conflicted() {
+    let cp = ControlPlane::start(&control::state_dir("routing-grpc-status"));
+    cp.ok(&["apply", "-f", "-"], Some(&mesh::service("api", "api.local", "")));
+    let conditions = |kind: &str, name: &str| -> Vec<(String, String)> {
+        let out = cp.ok(&["get", kind, name, "-n", "default", "-o", "json"], None);
+        let object: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let conditions = object["status"]["parents"][0]["conditions"].as_array().cloned().unwrap_or_default();
+        let text = |c: &serde_json::Value, k: &str| c[k].as_str().unwrap_or_default().to_string();
+        conditions.iter().map(|c| (text(c, "status"), text(c, "reason"))).collect()
+    };
+    let route = |kind: &str, name: &str, backends: &str| {
+        format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: {kind}\nmetadata: {{name: {name}}}\nspec:\n  parentRefs: [{{group: '', kind: Service, name: api}}]\n  rules: [{{backendRefs: [{backends}]}}]\n"
+        )
+    };
+    let c = |s: &str, r: &str| (s.to_string(), r.to_string());
+    cp.ok(&["apply", "-f", "-"], Some(&route("HTTPRoute", "web", "{name: api}")));
+    assert_eq!(conditions("httproute", "web")[0], c("True", "Accepted"));
+    cp.ok(&["apply", "-f", "-"], Some(&route("GRPCRoute", "rpc", "{name: api}, {name: ghost}")));
+    assert_eq!(conditions("grpcroute", "rpc"), [c("True", "Accepted"), c("False", "BackendNotFound")]);
+    // GEP-1426: the GRPCRoute takes the Service from the HTTPRoute of the same namespace.
+    assert_eq!(conditions("httproute", "web")[0], c("False", "Conflicted"));
+    cp.ok(&["delete", "grpcroute", "rpc", "-n", "default"], None);
+    assert_eq!(conditions("httproute", "web")[0], c("True", "Accepted"));
+    // Refused with the field named.
+    let bad = route("GRPCRoute", "bad", "{name: api}")
+        .replace("[{backendRefs:", "[{matches: [{method: {service: 'not a service'}}], backendRefs:");
+    let err = cp.fails(&["apply", "-f", "-"], Some(&bad));
+    assert!(err.contains("GRPCRoute default/bad") && err.contains("spec.rules[0].matches[0].method.service"), "{err}");
+}
