@@ -10,8 +10,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use apiserver::{
-    AUTHZ, ApiServer, CONFIGMAPS, CRDS, DEPLOYMENTS, HTTP_ROUTES, NAMESPACES, PODS, REFERENCE_GRANTS, SECRETS,
-    SERVICES, SLICES, TRAFFIC, WEBHOOKS,
+    AUTHZ, ApiServer, CONFIGMAPS, CRDS, DEPLOYMENTS, GRPC_ROUTES, HTTP_ROUTES, NAMESPACES, PODS, REFERENCE_GRANTS,
+    SECRETS, SERVICES, SLICES, TRAFFIC, WEBHOOKS,
 };
 use control::{ControlPlane, KubeControl, state_dir};
 use ferry_api::kubernetes::inject;
@@ -548,10 +548,10 @@ fn http_route(ns: &str, name: &str, parent: &str, rules: Value, status: Value) -
            "status": status})
 }
 
-/// Ferry's `status.parents` conditions of an HTTPRoute: (type, status, reason) per condition, and the number of
+/// Ferry's `status.parents` conditions of a route of `kind`: (type, status, reason) per condition, and the number of
 /// other controllers' entries.
-fn route_conditions(api: &ApiServer, name: &str) -> (Vec<(String, String, String)>, usize) {
-    let Some(route) = api.get(HTTP_ROUTES, "shop", name) else { return (Vec::new(), 0) };
+fn conditions_of(api: &ApiServer, kind: apiserver::Kind, name: &str) -> (Vec<(String, String, String)>, usize) {
+    let Some(route) = api.get(kind, "shop", name) else { return (Vec::new(), 0) };
     let parents = route["status"]["parents"].as_array().cloned().unwrap_or_default();
     let (ours, theirs): (Vec<Value>, Vec<Value>) =
         parents.into_iter().partition(|p| p["controllerName"] == "ferry.dev/mesh");
@@ -564,6 +564,11 @@ fn route_conditions(api: &ApiServer, name: &str) -> (Vec<(String, String, String
         })
         .collect();
     (conditions, theirs.len())
+}
+
+/// [`conditions_of`] an HTTPRoute.
+fn route_conditions(api: &ApiServer, name: &str) -> (Vec<(String, String, String)>, usize) {
+    conditions_of(api, HTTP_ROUTES, name)
 }
 
 /// The Gateway API is optional and may come after the control plane: once its CRDs are installed, HTTPRoutes and
@@ -649,6 +654,23 @@ async fn http_routes_are_watched_once_the_gateway_api_is_installed_and_their_sta
                         "to": [{"group": "", "kind": "Service"}]}}),
     );
     wait("the grant resolves bills", &mut || route_conditions(&api, "bills").0 == ok);
+    // A GRPCRoute on api takes it from shop's HTTPRoutes (GEP-1426), which say so (which routes a set then holds:
+    // ferry-api's `grpc_routes_attach_and_win_over_http_routes`).
+    let mut rpc = http_route(
+        "shop",
+        "rpc",
+        "api",
+        json!([{"matches": [{"method": {"service": "test.Echo"}}],
+                                                            "backendRefs": [{"name": "api-v2"}]}]),
+        json!({}),
+    );
+    rpc["kind"] = json!("GRPCRoute");
+    api.apply(GRPC_ROUTES, rpc);
+    wait("the GRPCRoute's status", &mut || conditions_of(&api, GRPC_ROUTES, "rpc").0 == ok);
+    let conflicted = vec![c("Accepted", "False", "Conflicted"), c("ResolvedRefs", "True", "ResolvedRefs")];
+    wait("the canary yields", &mut || route_conditions(&api, "canary").0 == conflicted);
+    api.delete(GRPC_ROUTES, "shop", "rpc");
+    wait("the canary is back", &mut || route_conditions(&api, "canary").0 == ok);
     // A deleted route leaves the proxy.
     for name in ["canary", "fancy", "ghost", "nowhere", "bills"] {
         api.delete(HTTP_ROUTES, "shop", name);
@@ -659,5 +681,6 @@ async fn http_routes_are_watched_once_the_gateway_api_is_installed_and_their_sta
         std::fs::read_to_string(format!("{}/deploy/control-plane/rbac.yaml", env!("CARGO_MANIFEST_DIR"))).unwrap();
     let calls = api.calls_with(apiserver::CONTROL_TOKEN);
     assert!(calls.iter().any(|(m, p, _)| m == "PATCH" && p.ends_with("/httproutes/canary/status")), "{calls:?}");
+    assert!(calls.iter().any(|(m, p, _)| m == "PATCH" && p.ends_with("/grpcroutes/rpc/status")), "{calls:?}");
     assert_eq!(apiserver::rbac_violations(&calls, &rbac), Vec::<String>::new());
 }
