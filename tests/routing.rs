@@ -214,7 +214,10 @@ async fn a_backend_in_another_namespace_is_served_only_with_a_reference_grant() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn header_filters_change_the_request_the_backend_sees_and_the_response_the_client_gets() {
     let (v1, v2) = (backend::http_backend().await, backend::http_backend().await);
-    let rules = "  - matches: [{path: {type: PathPrefix, value: /headers}}]\n    filters:\n    - {type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-env, value: canary}], add: [{name: x-tag, value: a}], remove: [x-secret]}}\n    - {type: ResponseHeaderModifier, responseHeaderModifier: {set: [{name: x-served-by, value: canary-route}], remove: [x-seen-version]}}\n    backendRefs: [{name: api-v2}]\n";
+    let rules = "  - matches: [{path: {type: PathPrefix, value: /headers}}]\n    filters:\n    - {type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-env, value: canary}], add: [{name: x-tag, value: a}], remove: [x-secret]}}\n    - {type: ResponseHeaderModifier, responseHeaderModifier: {set: [{name: x-served-by, value: canary-route}], remove: [x-seen-version]}}\n    backendRefs: [{name: api-v2}]\n\
+                 \x20 - matches: [{path: {type: PathPrefix, value: /headers}, headers: [{name: x-split, value: 'yes'}]}]\n    backendRefs:\n\
+                 \x20   - {name: api, filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-tag, value: v1}]}}, {type: ResponseHeaderModifier, responseHeaderModifier: {set: [{name: x-picked, value: v1}]}}]}\n\
+                 \x20   - {name: api-v2, filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-tag, value: v2}]}}, {type: ResponseHeaderModifier, responseHeaderModifier: {set: [{name: x-picked, value: v2}]}}]}\n";
     let ferry =
         tokio::task::block_in_place(|| Ferry::start(Some(&config(v1.addr, v2.addr, &route("filtered", rules))), &[]));
     let r = tokio::task::block_in_place(|| {
@@ -229,6 +232,20 @@ async fn header_filters_change_the_request_the_backend_sees_and_the_response_the
     assert!(!seen.iter().any(|l| l.starts_with("x-secret")), "{seen:?}");
     // At the client: the response's header set, one of the app's removed.
     assert_eq!((r.header("x-served-by"), r.header("x-seen-version")), (Some("canary-route"), None), "{r:?}");
+    // A backendRef's filters act on the tries sent to that backend only: each answer carries its own backend's.
+    let ports = [(v1.addr.port().to_string(), "v1"), (v2.addr.port().to_string(), "v2")];
+    let mut seen_backends = std::collections::BTreeSet::new();
+    for _ in 0..40 {
+        let r = tokio::task::block_in_place(|| {
+            let headers = [("Host", "api"), ("x-split", "yes")];
+            support::http_exchange_full(ferry.outbound, "GET", "/headers", &headers, "").expect("an answer")
+        });
+        let version = ports.iter().find(|(p, _)| Some(p.as_str()) == r.header("x-backend")).expect("a backend").1;
+        assert!(r.body.lines().any(|l| l == format!("x-tag: {version}")), "{version}: {r:?}");
+        assert_eq!(r.header("x-picked"), Some(version), "{r:?}");
+        seen_backends.insert(version);
+    }
+    assert_eq!(seen_backends.len(), 2, "40 requests split 1:1 reach both backends");
     // A filter naming a header only Ferry writes is refused, naming the field.
     let bad = route(
         "bad",

@@ -258,13 +258,15 @@ impl Listeners {
                 e => unusable(ProxyError::BackendNotFound, e.to_string()),
             }),
         };
+        let filters = backend.filters.clone();
         match route {
             Ok(route) => {
                 let dest = Ok(Arc::new(self.outbound_destination(&route)));
-                SplitBackend { weight, name: route.service.qualified_name.clone(), dest }
+                SplitBackend { weight, filters, name: route.service.qualified_name.clone(), dest }
             }
             Err(e) => {
-                SplitBackend { weight, name: format!("{}.{}", backend.name, backend.namespace).into(), dest: Err(e) }
+                let name = format!("{}.{}", backend.name, backend.namespace).into();
+                SplitBackend { weight, filters, name, dest: Err(e) }
             }
         }
     }

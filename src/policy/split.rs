@@ -10,6 +10,7 @@ use super::Mechanism;
 use crate::body::ProxyBody;
 use crate::errors::{ProxyError, ResponseFuture};
 use crate::policy::balance::Tried;
+use crate::policy::headers::{self, Side};
 
 /// Why a route's backend cannot take a try: the error it answers with, and why.
 pub type Unusable = (fn(String) -> ProxyError, String);
@@ -44,6 +45,8 @@ pub struct SplitMirror<D> {
 
 pub struct SplitBackend<D> {
     pub weight: u32,
+    /// Its backendRef's filters (header modifiers), for the tries that pick it.
+    pub filters: Arc<[ferry_api::route::HttpRouteFilter]>,
     /// Its Service's qualified name (the `backend` metric label).
     pub name: Arc<str>,
     /// Resolved, or the refusal a try that picks it gets.
@@ -95,6 +98,17 @@ impl<D: Send + Sync + 'static> Mechanism for Splitting<D> {
             Ok(dest) => req.extensions_mut().insert(Backend(dest.clone())),
             Err((error, why)) => return super::refuse(error(why.clone())),
         };
-        Box::pin(inner.call(req))
+        if backend.filters.is_empty() {
+            return Box::pin(inner.call(req));
+        }
+        // The backendRef's own filters act on this try alone: its request, and the response it gets.
+        let filters = backend.filters.clone();
+        headers::apply(&filters, Side::Request, req.headers_mut());
+        let response = inner.call(req);
+        Box::pin(async move {
+            let mut response = response.await?;
+            headers::apply(&filters, Side::Response, response.headers_mut());
+            Ok(response)
+        })
     }
 }

@@ -769,6 +769,7 @@ fn mirror_refs(filters: &[HttpRouteFilter]) -> impl Iterator<Item = BackendRef> 
         namespace: m.backend_ref.namespace.clone(),
         port: m.backend_ref.port,
         weight: 1,
+        filters: Vec::new(),
     })
 }
 
@@ -841,7 +842,8 @@ impl<'d> References<'d> {
             )),
             Some(_) => None,
         };
-        Backend { namespace, name: b.name.clone(), port: b.port, weight: b.weight, unresolved }
+        let filters = b.filters.clone().into();
+        Backend { namespace, name: b.name.clone(), port: b.port, weight: b.weight, unresolved, filters }
     }
 }
 

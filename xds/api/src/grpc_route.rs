@@ -284,13 +284,7 @@ mod tests {
         // Written in reverse, as rules of one route: the table still picks them in spec order.
         let rules = ordered.iter().rev().map(|m| AttachedRule {
             grpc_matches: vec![m.clone()],
-            backends: vec![Backend {
-                namespace: "ns".into(),
-                name: format!("{m:?}"),
-                port: None,
-                weight: 1,
-                unresolved: None,
-            }],
+            backends: vec![Backend { namespace: "ns".into(), name: format!("{m:?}"), weight: 1, ..Backend::default() }],
             ..AttachedRule::default()
         });
         let mut route = AttachedRoute {

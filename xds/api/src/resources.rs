@@ -227,6 +227,7 @@ fn backend_to_pb(b: &Backend) -> pb::RouteBackend {
         port: b.port.map_or(0, u32::from),
         weight: b.weight,
         unresolved: b.unresolved.clone().unwrap_or_default(),
+        filters: b.filters.iter().map(|f| filter_to_pb(f, None)).collect(),
     }
 }
 
@@ -321,6 +322,7 @@ fn backend_from_pb(b: pb::RouteBackend) -> Backend {
         port: (b.port != 0).then(|| u16::try_from(b.port).unwrap_or(0)),
         weight: b.weight,
         unresolved: (!b.unresolved.is_empty()).then_some(b.unresolved),
+        filters: b.filters.into_iter().map(|f| filter_from_pb(f).0).collect(),
     }
 }
 
@@ -433,6 +435,8 @@ pub fn route_set_from_pb(set: pb::RouteSet) -> Result<RouteSet, ConfigError> {
                         message: "must be 1-65535".into(),
                     });
                 }
+                let path = format!("routes[{i}].rules[{j}].backends[{k}].filters");
+                crate::route::validate_backend_filters(&path, &b.filters, &mut errors);
             }
             let (filters, mirrors): (Vec<HttpRouteFilter>, Vec<Option<Backend>>) =
                 rule.filters.into_iter().map(filter_from_pb).unzip();

@@ -706,6 +706,9 @@ pub struct BackendRef {
     pub port: Option<u16>,
     #[serde(default = "one")]
     pub weight: u32,
+    /// Applied only to the tries sent to this backend (header modifiers).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub filters: Vec<HttpRouteFilter>,
 }
 
 fn one() -> u32 {
@@ -894,6 +897,25 @@ pub(crate) fn validate_backends(path: &str, backends: &[BackendRef], errors: &mu
         if b.weight > 1_000_000 {
             errors.push(field(format!("{path}.weight"), "must be 0-1000000"));
         }
+        validate_backend_filters(&format!("{path}.filters"), &b.filters, errors);
+    }
+}
+
+/// The filters a backendRef may have: those that act on one try's request and response.
+const BACKEND_FILTERS: [&str; 2] = ["RequestHeaderModifier", "ResponseHeaderModifier"];
+
+/// A backendRef's `filters` (`path` = `spec.rules[i].backendRefs[j].filters`).
+pub(crate) fn validate_backend_filters(path: &str, filters: &[HttpRouteFilter], errors: &mut Vec<FieldError>) {
+    let before = errors.len();
+    for (k, f) in filters.iter().enumerate() {
+        if !BACKEND_FILTERS.contains(&f.kind.as_str()) {
+            let why =
+                format!("`{}` is not a backendRef filter Ferry supports ({})", f.kind, BACKEND_FILTERS.join(", "));
+            errors.push(field(format!("{path}[{k}].type"), why));
+        }
+    }
+    if errors.len() == before {
+        validate_filters(path, filters, RuleShape { all_prefix: false, backends: 1 }, errors);
     }
 }
 
@@ -1135,7 +1157,7 @@ pub struct Mirror {
 }
 
 /// A backend as the control plane resolved it: a Service, or why not.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Backend {
     pub namespace: String,
     pub name: String,
@@ -1144,6 +1166,8 @@ pub struct Backend {
     pub weight: u32,
     /// Why it cannot be used (`None`: resolved); requests that pick it get 500 `backend-not-found`.
     pub unresolved: Option<String>,
+    /// Its own filters (header modifiers), for the tries that pick it (shared by the requests that use it).
+    pub filters: std::sync::Arc<[HttpRouteFilter]>,
 }
 
 /// One route as proxies receive it: its rules' matches and resolved backends.
@@ -1544,7 +1568,7 @@ mod tests {
     }
 
     fn backend(name: &str, weight: u32) -> Backend {
-        Backend { namespace: "shop".into(), name: name.into(), port: None, weight, unresolved: None }
+        Backend { namespace: "shop".into(), name: name.into(), weight, ..Backend::default() }
     }
 
     #[test]
@@ -1697,6 +1721,14 @@ mod tests {
             (
                 "parentRefs: [{group: '', kind: Service, name: api}]\nrules: [{filters: [{type: URLRewrite, urlRewrite: {}}, {type: RequestRedirect, requestRedirect: {}}]}]",
                 "spec.rules[0].filters: RequestRedirect and URLRewrite cannot be used together",
+            ),
+            (
+                "parentRefs: [{group: '', kind: Service, name: api}]\nrules: [{backendRefs: [{name: api, filters: [{type: RequestMirror, requestMirror: {backendRef: {name: api, port: 80}}}]}]}]",
+                "spec.rules[0].backendRefs[0].filters[0].type: `RequestMirror` is not a backendRef filter Ferry supports",
+            ),
+            (
+                "parentRefs: [{group: '', kind: Service, name: api}]\nrules: [{backendRefs: [{name: api, filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: Ferry-Client-Id, value: x}]}}]}]}]",
+                "spec.rules[0].backendRefs[0].filters[0].requestHeaderModifier.set[0].name: `Ferry-Client-Id` is Ferry's own header",
             ),
             (
                 "parentRefs: [{group: '', kind: Service, name: api}]\nrules: [{filters: [{type: RequestHeaderModifier, requestHeaderModifier: {remove: [ferry_orig_proto]}}]}]",
