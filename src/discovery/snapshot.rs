@@ -8,13 +8,44 @@ use arc_swap::ArcSwap;
 use ferry_api::identity::Identity;
 use ferry_api::policy::{LoadBalancer, MtlsMode};
 
+use crate::discovery::destination::Destination;
 use crate::policy::balance::Endpoint;
+use crate::policy::split::Split;
 
 use crate::policy::authz::{Authorization, InboundPolicy};
 use ferry_api::route::{RouteSet, RouteTable, applicable};
 use ferry_api::workload::{DefaultInbound, SelectingService, Workload};
 use ferry_api::{Document, PortProtocol, ServicePort, ServiceSpec, split_host_port};
 use serde::Serialize;
+
+/// A Service port's route rules, and each rule's resolved split (its backends' and mirrors' destinations, its
+/// retry policy), made by the first request it takes and shared by the rest while this snapshot lasts.
+pub struct PortRoutes {
+    pub table: RouteTable,
+    /// By [`ferry_api::route::RuleInfo::index`]: the split, and whether it was made for mesh (mTLS) destinations.
+    splits: Vec<std::sync::OnceLock<(bool, Arc<Split<Destination>>)>>,
+}
+
+impl std::fmt::Debug for PortRoutes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PortRoutes").field("table", &self.table).finish_non_exhaustive()
+    }
+}
+
+impl PortRoutes {
+    fn new(table: RouteTable) -> PortRoutes {
+        let splits = (0..table.rules()).map(|_| std::sync::OnceLock::new()).collect();
+        PortRoutes { table, splits }
+    }
+
+    /// Rule `rule`'s split for `mesh` destinations: the one kept, else `make`'s (kept when it is the first).
+    pub fn split(&self, rule: usize, mesh: bool, make: impl Fn() -> Split<Destination>) -> Arc<Split<Destination>> {
+        match self.splits.get(rule).map(|slot| slot.get_or_init(|| (mesh, Arc::new(make())))) {
+            Some((made_for, split)) if *made_for == mesh => split.clone(),
+            _ => Arc::new(make()),
+        }
+    }
+}
 
 /// Everything the data path needs to route, as one immutable value.
 #[derive(Debug, Default, Serialize)]
@@ -62,7 +93,7 @@ pub struct Snapshot {
     /// The route rules of each Service port that has routes for this proxy, compiled: the Service's qualified name →
     /// port → table. Absent: no route applies; requests go to the Service itself.
     #[serde(skip)]
-    routes: HashMap<Arc<str>, HashMap<u16, Arc<RouteTable>>>,
+    routes: HashMap<Arc<str>, HashMap<u16, Arc<PortRoutes>>>,
 }
 
 #[derive(Debug, Serialize)]
@@ -330,7 +361,7 @@ impl Snapshot {
             for port in service.spec.ports.iter().map(|p| p.port) {
                 let routes = applicable(&sets, &self.namespace, port);
                 if !routes.is_empty() {
-                    ports.insert(port, Arc::new(RouteTable::build(&routes)));
+                    ports.insert(port, Arc::new(PortRoutes::new(RouteTable::build(&routes))));
                 }
             }
             if !ports.is_empty() {
@@ -359,9 +390,9 @@ impl Snapshot {
         Ok(Route { service: service.clone(), port: service_port, target })
     }
 
-    /// The route rules for requests to `port` of `service`, when HTTPRoutes attach to it for this proxy (looked up
-    /// on every HTTP request: no allocation).
-    pub fn route_table(&self, service: &ServiceEntry, port: u16) -> Option<&Arc<RouteTable>> {
+    /// The route rules for requests to `port` of `service`, when routes attach to it for this proxy (looked up on
+    /// every HTTP request: no allocation).
+    pub fn route_table(&self, service: &ServiceEntry, port: u16) -> Option<&Arc<PortRoutes>> {
         self.routes.get(&*service.qualified_name)?.get(&port)
     }
 

@@ -186,14 +186,39 @@ impl Listeners {
         route: Route,
         request: Option<&RequestView<'_>>,
     ) -> Result<Destination, Refusal> {
-        let Some((request, table)) = request.zip(snapshot.route_table(&route.service, route.port.port)) else {
+        let Some((request, routes)) = request.zip(snapshot.route_table(&route.service, route.port.port)) else {
             return Ok(self.outbound_destination(&route));
         };
         let parent = route.service.qualified_name.clone();
-        let Some((rule, prefix)) = table.select_with_prefix(request) else {
+        let Some((rule, prefix)) = routes.table.select_with_prefix(request) else {
             let why = format!("no HTTPRoute rule for {parent} matches {} {}", request.method, request.path);
             return Err((parent, ProxyError::RouteNotFound(why)));
         };
+        // Resolved once per rule and snapshot: its backends' and mirrors' destinations, its retry policy.
+        let mut split = routes.split(rule.index, self.mesh(), || self.split(snapshot, &route, rule));
+        // A redirect is answered by the proxy (`Listeners::call_stack`): its rule has no backends.
+        let rewrites = rule.filters.iter().any(|f| f.request_redirect.is_some() || f.url_rewrite.is_some());
+        if split.backends.is_empty() && !rule.filters.iter().any(|f| f.request_redirect.is_some()) {
+            let why = format!("HTTPRoute rule {} has no backend with a weight", rule.label);
+            return Err((parent, ProxyError::BackendNotFound(why)));
+        }
+        // What a redirect or rewrite replaces: the `PathPrefix` this request matched.
+        if let Some(prefix) = prefix.filter(|_| rewrites) {
+            split = Arc::new(Split { matched_prefix: Some(prefix.to_string()), ..(*split).clone() });
+        }
+        Ok(Destination {
+            service: parent,
+            port: route.port.port,
+            target: route.target,
+            tls: None,
+            outbound: route.service.outbound.clone(),
+            inbound: None,
+            split: Some(split),
+        })
+    }
+
+    /// The split of rule `rule` of a route to `route`'s Service, resolved in `snapshot`.
+    fn split(&self, snapshot: &Snapshot, route: &Route, rule: &ferry_api::route::RuleInfo) -> Split<Destination> {
         let port = route.port.port;
         let backends: Vec<SplitBackend<Destination>> = rule
             .backends
@@ -212,31 +237,15 @@ impl Listeners {
             .collect();
         let retry =
             rule.retry.as_ref().map(|r| Arc::new(Policy::for_route(r, route.service.outbound.retry.as_deref())));
-        // A redirect is answered by the proxy (`Listeners::call_stack`): its rule has no backends.
-        let redirect = rule.filters.iter().any(|f| f.request_redirect.is_some());
-        if backends.is_empty() && !redirect {
-            let why = format!("HTTPRoute rule {} has no backend with a weight", rule.label);
-            return Err((parent, ProxyError::BackendNotFound(why)));
+        Split {
+            route: rule.label.clone(),
+            filters: rule.filters.clone(),
+            timeouts: rule.timeouts,
+            matched_prefix: None,
+            retry,
+            backends,
+            mirrors,
         }
-        Ok(Destination {
-            service: parent,
-            port: route.port.port,
-            target: route.target,
-            tls: None,
-            outbound: route.service.outbound.clone(),
-            inbound: None,
-            split: Some(Arc::new(Split {
-                route: rule.label.clone(),
-                filters: rule.filters.clone(),
-                timeouts: rule.timeouts,
-                matched_prefix: prefix
-                    .filter(|_| rule.filters.iter().any(|f| f.request_redirect.is_some() || f.url_rewrite.is_some()))
-                    .map(str::to_string),
-                retry,
-                backends,
-                mirrors,
-            })),
-        })
     }
 
     /// A weighted backend of HTTPRoute rule `rule`, resolved in `snapshot` (on the request's `port` when it names
@@ -271,13 +280,16 @@ impl Listeners {
         }
     }
 
+    /// Whether meshed endpoints are reached over mTLS: always with a control plane (before the first certificate
+    /// the connection fails with `tls-failed`); without one (file source) there is no identity, so plaintext.
+    fn mesh(&self) -> bool {
+        self.tls.current().is_some() || self.settings.control.is_some()
+    }
+
     /// An outbound route's destination: mTLS to a meshed endpoint once this proxy holds an identity.
     fn outbound_destination(&self, route: &Route) -> Destination {
         let svc = &route.service;
-        // With a control plane a meshed endpoint is only ever reached over mTLS (before the first certificate the
-        // connection fails with `tls-failed`); without one (file source) there is no identity, so plaintext.
-        let mesh = self.tls.current().is_some() || self.settings.control.is_some();
-        let tls = mesh.then(|| PeerTls {
+        let tls = self.mesh().then(|| PeerTls {
             sni: tls::sni(route.port.target_port.unwrap_or(route.port.port), &svc.name, &svc.namespace),
             service: svc.qualified_name.to_string(),
             identities: svc.identities.clone(),

@@ -15,7 +15,8 @@ use crate::policy::headers::{self, Side};
 /// Why a route's backend cannot take a try: the error it answers with, and why.
 pub type Unusable = (fn(String) -> ProxyError, String);
 
-/// The backends of one HTTPRoute rule for one request, each a destination `D`.
+/// The backends of one HTTPRoute rule, each a destination `D`.
+#[derive(Clone)]
 pub struct Split<D> {
     /// The rule, `namespace/name/index` (the `route` metric label).
     pub route: Arc<str>,
@@ -34,6 +35,7 @@ pub struct Split<D> {
 }
 
 /// A RequestMirror filter's Service: copies of `numerator` of every `denominator` requests go there.
+#[derive(Clone)]
 pub struct SplitMirror<D> {
     /// Its Service's qualified name (the `mirror` metric label).
     pub name: Arc<str>,
@@ -43,6 +45,7 @@ pub struct SplitMirror<D> {
     pub dest: Result<Arc<D>, String>,
 }
 
+#[derive(Clone)]
 pub struct SplitBackend<D> {
     pub weight: u32,
     /// Its backendRef's filters (header modifiers), for the tries that pick it.

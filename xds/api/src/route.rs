@@ -1136,6 +1136,8 @@ impl Interner {
 /// What a request that matched a rule is told: which rule, and its backends.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RuleInfo {
+    /// Its place among the table's rules (0..[`RouteTable::rules`]), for what a proxy keeps per rule.
+    pub index: usize,
     /// `namespace/name/index`, the metrics' `route` label.
     pub label: std::sync::Arc<str>,
     /// Its filters (shared by the requests it takes).
@@ -1261,6 +1263,7 @@ impl RouteTable {
             let mut infos = Vec::new();
             for (i, rule) in route.rules.iter().enumerate() {
                 infos.push(RuleInfo {
+                    index: rules.iter().map(Vec::len).sum::<usize>() + infos.len(),
                     label: format!("{key}/{i}").into(),
                     filters: rule.filters.clone().into(),
                     timeouts: rule.timeouts.parsed(),
@@ -1286,6 +1289,11 @@ impl RouteTable {
             header_names: interner.header_names,
             path_regexes: interner.path_regexes.into_iter().map(|(_, r)| r).collect(),
         }
+    }
+
+    /// How many rules it has (each [`RuleInfo::index`] is below).
+    pub fn rules(&self) -> usize {
+        self.rules.iter().map(Vec::len).sum()
     }
 
     /// Pure: the rule a request goes to (`None`: no rule matches, which GAMMA rejects with 404).
