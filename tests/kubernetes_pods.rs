@@ -471,6 +471,10 @@ fn an_httproute_from_the_api_server_steers_calls_between_injected_pods() {
                                   {"matches": [{"path": {"type": "Exact", "value": "/slow"}}],
                                    "timeouts": {"request": "300ms"},
                                    "backendRefs": [{"name": "api", "port": 80}]},
+                                  {"matches": [{"path": {"type": "Exact", "value": "/mirrored"}}],
+                                   "filters": [{"type": "RequestMirror",
+                                                "requestMirror": {"backendRef": {"name": "api-v2", "port": 80}}}],
+                                   "backendRefs": [{"name": "api", "port": 80}]},
                                   {"backendRefs": [{"name": "api", "port": 80, "weight": w1},
                                                    {"name": "api-v2", "port": 80, "weight": w2}]}]}})
     };
@@ -499,6 +503,16 @@ fn an_httproute_from_the_api_server_steers_calls_between_injected_pods() {
     // The /slow rule's own timeout (300 ms) cuts a 2 s answer; the same app answers the default rule's requests.
     let (status, error, body) = call(&web, "http://10.96.0.20/slow");
     assert_eq!((status, error.as_str()), (504, "request-timeout"), "{body}\n{}", logs());
+    // The /mirrored rule answers from api and sends a copy to api-v2 (through api-v2's proxy, over mTLS): web's proxy
+    // counts each copy api-v2 answered.
+    for _ in 0..5 {
+        let (status, _, body) = call(&web, "http://10.96.0.20/mirrored");
+        assert!(status == 200 && body.starts_with("v1 on 8080"), "{status} {body}\n{}", logs());
+    }
+    let mirrored = r#"ferry_request_mirrors_total{route="shop/canary/2",mirror="api-v2.shop",outcome="mirrored"}"#;
+    node.wait("api-v2 answers the 5 copies", || {
+        support::metric_value(&call(&web, "http://127.0.0.1:15020/metrics").2, mirrored) == 5.0
+    });
     // Status written back to the object.
     let parents = |api: &ApiServer| -> Vec<(String, String, String)> {
         let route = api.get(HTTP_ROUTES, "shop", "canary").unwrap_or_default();

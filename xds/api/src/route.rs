@@ -1057,9 +1057,12 @@ impl CompiledPath {
 /// What one request's selection has found out so far: each distinct header's value and each distinct path
 /// expression's result, filled in when first needed.
 struct Memo<'a> {
-    headers: Vec<Option<Option<std::borrow::Cow<'a, str>>>>,
-    paths: Vec<Option<bool>>,
+    headers: smallvec::SmallVec<[Option<Option<std::borrow::Cow<'a, str>>>; MEMO_INLINE]>,
+    paths: smallvec::SmallVec<[Option<bool>; MEMO_INLINE]>,
 }
+
+/// How many distinct header names and path expressions a request's memo holds without allocating.
+const MEMO_INLINE: usize = 8;
 
 /// The value of query parameter `name` (the first occurrence), as written.
 fn query_param<'q>(query: Option<&'q str>, name: &str) -> Option<&'q str> {
@@ -1304,8 +1307,10 @@ impl RouteTable {
     /// As [`RouteTable::select`], with the `PathPrefix` value the request matched (without a trailing `/`), which
     /// `ReplacePrefixMatch` replaces.
     pub fn select_with_prefix(&self, req: &RequestView<'_>) -> Option<(&RuleInfo, Option<&str>)> {
-        let mut memo =
-            Memo { headers: vec![None; self.header_names.len()], paths: vec![None; self.path_regexes.len()] };
+        let mut memo = Memo {
+            headers: smallvec::smallvec![None; self.header_names.len()],
+            paths: smallvec::smallvec![None; self.path_regexes.len()],
+        };
         let m = self.matches.iter().find(|m| m.matches(self, req, &mut memo))?;
         let prefix = match &m.path {
             CompiledPath::Prefix(p) => Some(p.as_str()),
