@@ -366,7 +366,8 @@ async fn kubernetes_discovery_and_identity_through_the_api_server() {
         "    hint: kubectl logs <pod> -c ferry-proxy",
         // The Gateway API is optional: without its CRDs, a warning (routing by HTTPRoute is off), not a failure.
         "\u{203c} Gateway API CRD httproutes.gateway.networking.k8s.io not installed: routing by HTTPRoute is off",
-        "\u{203c} Gateway API CRD referencegrants.gateway.networking.k8s.io not installed: routing by HTTPRoute is off",
+        "\u{203c} Gateway API CRD grpcroutes.gateway.networking.k8s.io not installed: routing by GRPCRoute is off",
+        "\u{203c} Gateway API CRD referencegrants.gateway.networking.k8s.io not installed: no ReferenceGrant can permit a route's backend in another namespace",
     ] {
         assert!(out.contains(line), "missing `{line}` in:\n{out}");
     }

@@ -1106,6 +1106,20 @@ pub struct RouteTable {
     /// The distinct (lower-case) header names and path expressions the matches use.
     header_names: Vec<String>,
     path_regexes: Vec<regex::Regex>,
+    /// Per header that some match needs an exact value of: the matches (positions in `matches`, ascending) keyed by
+    /// that value, each match under its first exact header condition only.
+    exact: Vec<ExactIndex>,
+    /// The positions of the matches without an exact header condition (ascending).
+    unindexed: Vec<u32>,
+}
+
+/// The matches whose first exact header condition is on one header, by the value it requires: a request is tried
+/// only against those its own value names (and the unindexed ones), in precedence order, however many rules differ
+/// by that header alone.
+#[derive(Debug, Clone, Default)]
+struct ExactIndex {
+    header: usize,
+    by_value: std::collections::HashMap<String, Vec<u32>>,
 }
 
 /// Interns what several matches share while a table is built.
@@ -1286,11 +1300,31 @@ impl RouteTable {
             rules.push(infos);
         }
         keyed.sort_by(|a, b| a.0.cmp(&b.0));
+        let matches: Vec<CompiledMatch> = keyed.into_iter().map(|(_, m)| m).collect();
+        let (mut exact, mut unindexed) = (Vec::<ExactIndex>::new(), Vec::new());
+        for (position, m) in matches.iter().enumerate() {
+            let position = u32::try_from(position).expect("at most 128 matches per route");
+            // Exact header conditions sort first: the first one, if any, keys the match.
+            let Some((header, CompiledValue::Exact(value))) = m.headers.first() else {
+                unindexed.push(position);
+                continue;
+            };
+            let index = match exact.iter().position(|x| x.header == *header) {
+                Some(i) => &mut exact[i],
+                None => {
+                    exact.push(ExactIndex { header: *header, ..ExactIndex::default() });
+                    exact.last_mut().expect("just pushed")
+                }
+            };
+            index.by_value.entry(value.clone()).or_default().push(position);
+        }
         RouteTable {
             rules,
-            matches: keyed.into_iter().map(|(_, m)| m).collect(),
+            matches,
             header_names: interner.header_names,
             path_regexes: interner.path_regexes.into_iter().map(|(_, r)| r).collect(),
+            exact,
+            unindexed,
         }
     }
 
@@ -1311,7 +1345,25 @@ impl RouteTable {
             headers: smallvec::smallvec![None; self.header_names.len()],
             paths: smallvec::smallvec![None; self.path_regexes.len()],
         };
-        let m = self.matches.iter().find(|m| m.matches(self, req, &mut memo))?;
+        // The candidates: the unindexed matches, and those whose exact header value the request carries; tried in
+        // precedence order (every list ascending: each step takes the least head).
+        let mut lists: smallvec::SmallVec<[&[u32]; 4]> = smallvec::smallvec![&self.unindexed[..]];
+        for index in &self.exact {
+            let value =
+                memo.headers[index.header].get_or_insert_with(|| (req.header)(&self.header_names[index.header]));
+            if let Some(list) = value.as_deref().and_then(|v| index.by_value.get(v)) {
+                lists.push(list);
+            }
+        }
+        let m = loop {
+            let (list, &position) =
+                lists.iter().enumerate().filter_map(|(i, l)| Some((i, l.first()?))).min_by_key(|(_, p)| **p)?;
+            lists[list] = &lists[list][1..];
+            let m = &self.matches[position as usize];
+            if m.matches(self, req, &mut memo) {
+                break m;
+            }
+        };
         let prefix = match &m.path {
             CompiledPath::Prefix(p) => Some(p.as_str()),
             _ => None,
@@ -1424,6 +1476,53 @@ mod tests {
     }
 
     const PARENT: &str = "parentRefs: [{group: '', kind: Service, name: api}]";
+
+    /// The exact-header index changes which matches are tried, never which one wins: over rules keyed by two headers,
+    /// by an expression and by nothing, every request selects what trying every match in order selects.
+    #[test]
+    fn the_exact_header_index_selects_what_a_linear_scan_selects() {
+        let mut rules = String::from("rules:\n");
+        for i in 0..12 {
+            let (name, value) = if i % 2 == 0 { ("x-a", i % 4) } else { ("x-b", i % 3) };
+            let path = ["/", "/p", "/p/q"][i % 3];
+            rules +=
+                &format!("- matches: [{{path: {{value: {path}}}, headers: [{{name: {name}, value: 'v{value}'}}]}}]\n");
+        }
+        rules += "- matches: [{path: {value: /p}, headers: [{type: RegularExpression, name: x-a, value: 'v[13]'}, {name: x-b, value: v1}]}]\n";
+        rules += "- matches: [{path: {type: Exact, value: /p/q}}]\n- matches: [{method: POST}]\n";
+        let t = table(&route_doc("shop", "r", &format!("{PARENT}\n{rules}")), "shop", &[]);
+        assert_eq!(t.exact.len(), 2, "two headers key matches");
+        let linear = |method: &str, path: &str, headers: &[(&str, &str)]| {
+            let lookup = |name: &str| -> Option<std::borrow::Cow<'_, str>> {
+                headers.iter().find(|(k, _)| *k == name).map(|(_, v)| (*v).into())
+            };
+            let req = RequestView { method, path, query: None, header: &lookup };
+            let mut memo = Memo {
+                headers: smallvec::smallvec![None; t.header_names.len()],
+                paths: smallvec::smallvec![None; t.path_regexes.len()],
+            };
+            let m = t.matches.iter().find(|m| m.matches(&t, &req, &mut memo))?;
+            Some(t.rules[m.rule.0][m.rule.1].label.to_string())
+        };
+        let mut checked = 0;
+        for method in ["GET", "POST"] {
+            for path in ["/", "/p", "/p/q", "/z"] {
+                for a in [None, Some("v0"), Some("v1"), Some("v2"), Some("v3")] {
+                    for b in [None, Some("v0"), Some("v1"), Some("v2")] {
+                        let headers: Vec<(&str, &str)> =
+                            [("x-a", a), ("x-b", b)].into_iter().filter_map(|(k, v)| Some((k, v?))).collect();
+                        assert_eq!(
+                            select(&t, method, path, &headers),
+                            linear(method, path, &headers),
+                            "{method} {path} {headers:?}"
+                        );
+                        checked += 1;
+                    }
+                }
+            }
+        }
+        assert_eq!(checked, 160);
+    }
 
     #[test]
     fn match_table() {

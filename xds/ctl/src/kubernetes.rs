@@ -273,21 +273,24 @@ pub async fn check(client: &Client, namespace: &str, horizon: i64, leaf_horizon:
             }
         }
     }
-    // The Gateway API (optional; Ferry does not install it): without its CRDs, HTTPRoutes cannot be created and
-    // routing by HTTPRoute is off.
+    // The Gateway API (optional; Ferry does not install it): without its CRDs, routes cannot be created and routing
+    // by them is off.
     let version = ferry_api::kubernetes::gateway::GATEWAY_API_VERSION;
     for (name, served) in ferry_api::kubernetes::gateway::CRDS {
+        let off = match name.split('.').next() {
+            Some("httproutes") => "routing by HTTPRoute is off",
+            Some("grpcroutes") => "routing by GRPCRoute is off",
+            _ => "no ReferenceGrant can permit a route's backend in another namespace",
+        };
         let install = format!(
-            "install the Gateway API's standard channel to route by HTTPRoute: kubectl apply -f https://github.com/kubernetes-sigs/gateway-api/releases/download/{version}/standard-install.yaml"
+            "install the Gateway API's standard channel: kubectl apply -f https://github.com/kubernetes-sigs/gateway-api/releases/download/{version}/standard-install.yaml"
         );
         match crds.get_opt(name).await {
             Ok(Some(crd)) if crd.spec.versions.iter().any(|v| v.name == served && v.served) => {
                 checks.push(pass(format!("Gateway API CRD {name} installed (serving {served})")))
             }
             Ok(Some(_)) => checks.push(fail(format!("Gateway API CRD {name} does not serve {served}"), install)),
-            Ok(None) => {
-                checks.push(warn(format!("Gateway API CRD {name} not installed: routing by HTTPRoute is off"), install))
-            }
+            Ok(None) => checks.push(warn(format!("Gateway API CRD {name} not installed: {off}"), install)),
             Err(e) => checks
                 .push(fail(format!("Gateway API CRD {name}: {e}"), "may your user read customresourcedefinitions?")),
         }
