@@ -4,11 +4,58 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use crate::discovery::snapshot::{Outbound, Target};
+use ferry_api::policy::LoadBalancer;
+
 use crate::identity::tls::PeerTls;
 use crate::policy::authz::InboundPolicy;
 use crate::policy::balance::{Choice, Endpoint};
 use crate::policy::split::Split;
+
+/// The caller-side settings for a destination Service, compiled for the outbound stack from its TrafficPolicy, with
+/// the defaults (README, "Defaults") for every field the policy leaves out, or for a Service no policy targets.
+/// `Outbound::default()` (all off) is for destinations that are not Services (pass-through, inbound).
+#[derive(Debug, Default)]
+pub struct Outbound {
+    pub timeout: Option<std::time::Duration>,
+    pub retry: Option<Arc<crate::policy::retry::Policy>>,
+    pub breaker: Option<Arc<crate::policy::breaker::Config>>,
+    pub caps: Option<crate::policy::concurrency::Caps>,
+    pub balancer: LoadBalancer,
+    pub outlier: Option<Arc<crate::policy::outlier::Config>>,
+    /// Opaque TCP to the Service: closed after this long without bytes (else `FERRY_IDLE_TIMEOUT`).
+    pub tcp_idle_timeout: Option<std::time::Duration>,
+}
+
+impl Outbound {
+    pub fn for_service(spec: Option<&ferry_api::policy::TrafficPolicySpec>) -> Outbound {
+        let breaker = spec.and_then(|s| s.circuit_breaker.as_ref());
+        Outbound {
+            // No request timeout: it would cover the body, cutting long downloads, streams and long polls.
+            timeout: spec.and_then(|s| s.timeout.as_ref()).map(|t| t.as_std()),
+            retry: Some(Arc::new(match spec.and_then(|s| s.retries.as_ref()) {
+                Some(r) => crate::policy::retry::Policy::from_policy(r),
+                // One retry when the request cannot have reached the app (idempotent requests only).
+                None => crate::policy::retry::Policy::default_for_unconfigured(),
+            })),
+            breaker: breaker.map(|b| Arc::new(crate::policy::breaker::Config::from_policy(b))),
+            caps: Some(crate::policy::concurrency::Caps::from_policy(breaker)),
+            balancer: spec.and_then(|s| s.load_balancer).unwrap_or_default(),
+            outlier: spec
+                .and_then(|s| s.outlier_detection.as_ref())
+                .map(|o| Arc::new(crate::policy::outlier::Config::from_policy(o))),
+            tcp_idle_timeout: spec.and_then(|s| s.tcp_idle_timeout.as_ref().map(|d| d.as_std())),
+        }
+    }
+}
+
+/// Where a routed request or connection may go.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Target {
+    /// This endpoint (the app dialled an endpoint's own address).
+    Endpoint(Endpoint),
+    /// One of the Service port's endpoints, chosen by the load balancer for each try (never empty).
+    Balanced(Arc<[Endpoint]>),
+}
 
 /// Where a request or connection goes and under which service it is counted.
 #[derive(Clone)]

@@ -6,9 +6,9 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use ferry_api::identity::Identity;
-use ferry_api::policy::{LoadBalancer, MtlsMode};
+use ferry_api::policy::MtlsMode;
 
-use crate::discovery::destination::Destination;
+pub use crate::discovery::destination::{Destination, Outbound, Target};
 use crate::policy::balance::Endpoint;
 use crate::policy::split::Split;
 
@@ -114,43 +114,6 @@ pub struct ServiceEntry {
     by_port: HashMap<u16, Arc<[Endpoint]>>,
 }
 
-/// The caller-side settings for a destination Service, compiled for the outbound stack from its TrafficPolicy, with
-/// the defaults (README, "Defaults") for every field the policy leaves out, or for a Service no policy targets.
-/// `Outbound::default()` (all off) is for destinations that are not Services (pass-through, inbound).
-#[derive(Debug, Default)]
-pub struct Outbound {
-    pub timeout: Option<std::time::Duration>,
-    pub retry: Option<Arc<crate::policy::retry::Policy>>,
-    pub breaker: Option<Arc<crate::policy::breaker::Config>>,
-    pub caps: Option<crate::policy::concurrency::Caps>,
-    pub balancer: LoadBalancer,
-    pub outlier: Option<Arc<crate::policy::outlier::Config>>,
-    /// Opaque TCP to the Service: closed after this long without bytes (else `FERRY_IDLE_TIMEOUT`).
-    pub tcp_idle_timeout: Option<std::time::Duration>,
-}
-
-impl Outbound {
-    pub fn for_service(spec: Option<&ferry_api::policy::TrafficPolicySpec>) -> Outbound {
-        let breaker = spec.and_then(|s| s.circuit_breaker.as_ref());
-        Outbound {
-            // No request timeout: it would cover the body, cutting long downloads, streams and long polls.
-            timeout: spec.and_then(|s| s.timeout.as_ref()).map(|t| t.as_std()),
-            retry: Some(Arc::new(match spec.and_then(|s| s.retries.as_ref()) {
-                Some(r) => crate::policy::retry::Policy::from_policy(r),
-                // One retry when the request cannot have reached the app (idempotent requests only).
-                None => crate::policy::retry::Policy::default_for_unconfigured(),
-            })),
-            breaker: breaker.map(|b| Arc::new(crate::policy::breaker::Config::from_policy(b))),
-            caps: Some(crate::policy::concurrency::Caps::from_policy(breaker)),
-            balancer: spec.and_then(|s| s.load_balancer).unwrap_or_default(),
-            outlier: spec
-                .and_then(|s| s.outlier_detection.as_ref())
-                .map(|o| Arc::new(crate::policy::outlier::Config::from_policy(o))),
-            tcp_idle_timeout: spec.and_then(|s| s.tcp_idle_timeout.as_ref().map(|d| d.as_std())),
-        }
-    }
-}
-
 /// The `source` label of a caller whose Service is not known (one shared value: no allocation per request).
 pub fn unknown_source() -> Arc<str> {
     static UNKNOWN: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from("unknown"));
@@ -174,15 +137,6 @@ pub struct Route {
     pub service: Arc<ServiceEntry>,
     pub port: ServicePort,
     pub target: Target,
-}
-
-/// Where a routed request or connection may go.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Target {
-    /// This endpoint (the app dialled an endpoint's own address).
-    Endpoint(Endpoint),
-    /// One of the Service port's endpoints, chosen by the load balancer for each try (never empty).
-    Balanced(Arc<[Endpoint]>),
 }
 
 impl ServiceEntry {

@@ -1,17 +1,14 @@
-//! Gateway API `GRPCRoute` attached to Services (GAMMA), Gateway API v1.4.0's standard channel: the document, its
-//! validation, and its matches as the request-path matches the route table runs (a gRPC call is `POST
-//! /<service>/<method>`), with GRPCRoute's own precedence.
-
-use std::cmp::Reverse;
+//! Gateway API `GRPCRoute` attached to Services (GAMMA), Gateway API v1.4.0's standard channel: the document and its
+//! validation (its matches, run as request-path matches with GRPCRoute's precedence, are in [`crate::route`]).
 
 use serde::{Deserialize, Serialize};
 
 use crate::meta::{FieldError, Metadata};
 use crate::route::{
-    BackendRef, HttpRouteFilter, HttpRouteMatch, ParentRef, PathMatch, PathMatchType, Precedence, RuleShape,
-    ValueMatch, ValueMatchType, compile_regex, field, validate_backends, validate_filters, validate_match,
-    validate_route,
+    BackendRef, HttpRouteFilter, HttpRouteMatch, ParentRef, PathMatchType, RuleShape, ValueMatchType, compile_regex,
+    field, validate_backends, validate_filters, validate_match, validate_route,
 };
+pub use crate::route::{GrpcMethodMatch, GrpcRouteMatch};
 
 pub const GRPC_ROUTE_API_VERSION: &str = "gateway.networking.k8s.io/v1";
 
@@ -60,30 +57,6 @@ pub struct GrpcRouteRule {
     pub backend_refs: Vec<BackendRef>,
 }
 
-/// All of its conditions must hold.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct GrpcRouteMatch {
-    /// Unset: every method of every service.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub method: Option<GrpcMethodMatch>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub headers: Vec<ValueMatch>,
-}
-
-/// `GRPCMethodMatch`: the service (`package.Service`) and/or the method, exactly or as regular expressions; an unset
-/// one matches any.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct GrpcMethodMatch {
-    #[serde(default, rename = "type")]
-    pub kind: ValueMatchType,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub service: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub method: Option<String>,
-}
-
 /// The upstream CRD's bounds on a service or method name.
 const MAX_NAME: usize = 1024;
 
@@ -98,53 +71,6 @@ fn is_identifier(s: &str) -> bool {
     let mut chars = s.chars();
     chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
-}
-
-impl GrpcRouteMatch {
-    /// Pure: the same match on the request path: service and method → `Exact /service/method`; a service alone →
-    /// `PathPrefix /service`; a method alone, or expressions → a `RegularExpression` over `/service/method`; neither
-    /// → every path. Headers are kept.
-    pub fn to_http(&self) -> HttpRouteMatch {
-        let path = match &self.method {
-            None => PathMatch::default(),
-            Some(m) => match (m.kind, m.service.as_deref(), m.method.as_deref()) {
-                (ValueMatchType::Exact, Some(s), Some(m)) => {
-                    PathMatch { kind: PathMatchType::Exact, value: format!("/{s}/{m}") }
-                }
-                (ValueMatchType::Exact, Some(s), None) => {
-                    PathMatch { kind: PathMatchType::PathPrefix, value: format!("/{s}") }
-                }
-                (ValueMatchType::Exact, None, m) => PathMatch {
-                    kind: PathMatchType::RegularExpression,
-                    value: format!("/[^/]+/{}", m.map(regex::escape).unwrap_or_else(|| "[^/]+".into())),
-                },
-                (ValueMatchType::RegularExpression, s, m) => PathMatch {
-                    kind: PathMatchType::RegularExpression,
-                    value: format!("/(?:{})/(?:{})", s.unwrap_or("[^/]+"), m.unwrap_or("[^/]+")),
-                },
-            },
-        };
-        HttpRouteMatch { path, headers: self.headers.clone(), query_params: Vec::new(), method: None }
-    }
-
-    /// Sort key per the GRPCRoute spec: the longer service, then the longer method, then more headers; then the
-    /// older route, `namespace/name`, rule order and match order (as HTTPRoute's).
-    pub fn precedence(&self, created: i64, key: &str, rule: usize, index: usize) -> Precedence {
-        let len = |s: Option<&String>| s.map_or(0, String::len);
-        let (service, method) =
-            self.method.as_ref().map_or((0, 0), |m| (len(m.service.as_ref()), len(m.method.as_ref())));
-        (
-            0,
-            Reverse(service),
-            false,
-            Reverse(method),
-            Reverse(self.headers.len()),
-            created,
-            key.to_string(),
-            rule,
-            index,
-        )
-    }
 }
 
 /// Validates one match (`path` = `spec.rules[i].matches[j]`).
@@ -211,7 +137,7 @@ pub fn validate_grpc_route(spec: &GrpcRouteSpec, errors: &mut Vec<FieldError>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::route::{AttachedRoute, AttachedRule, Backend, RequestView, RouteTable};
+    use crate::route::{AttachedRoute, AttachedRule, Backend, RequestView, RouteTable, ValueMatch};
 
     fn method(kind: ValueMatchType, service: Option<&str>, method: Option<&str>) -> GrpcRouteMatch {
         GrpcRouteMatch {

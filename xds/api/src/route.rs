@@ -689,6 +689,77 @@ pub struct ValueMatch {
     pub value: String,
 }
 
+/// A GRPCRoute match (the document and its validation: [`crate::grpc_route`]); the table runs it as a path match.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GrpcRouteMatch {
+    /// Unset: every method of every service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<GrpcMethodMatch>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<ValueMatch>,
+}
+
+/// `GRPCMethodMatch`: the service (`package.Service`) and/or the method, exactly or as regular expressions; an unset
+/// one matches any.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GrpcMethodMatch {
+    #[serde(default, rename = "type")]
+    pub kind: ValueMatchType,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+}
+
+impl GrpcRouteMatch {
+    /// Pure: the same match on the request path: service and method → `Exact /service/method`; a service alone →
+    /// `PathPrefix /service`; a method alone, or expressions → a `RegularExpression` over `/service/method`; neither
+    /// → every path. Headers are kept.
+    pub fn to_http(&self) -> HttpRouteMatch {
+        let path = match &self.method {
+            None => PathMatch::default(),
+            Some(m) => match (m.kind, m.service.as_deref(), m.method.as_deref()) {
+                (ValueMatchType::Exact, Some(s), Some(m)) => {
+                    PathMatch { kind: PathMatchType::Exact, value: format!("/{s}/{m}") }
+                }
+                (ValueMatchType::Exact, Some(s), None) => {
+                    PathMatch { kind: PathMatchType::PathPrefix, value: format!("/{s}") }
+                }
+                (ValueMatchType::Exact, None, m) => PathMatch {
+                    kind: PathMatchType::RegularExpression,
+                    value: format!("/[^/]+/{}", m.map(regex::escape).unwrap_or_else(|| "[^/]+".into())),
+                },
+                (ValueMatchType::RegularExpression, s, m) => PathMatch {
+                    kind: PathMatchType::RegularExpression,
+                    value: format!("/(?:{})/(?:{})", s.unwrap_or("[^/]+"), m.unwrap_or("[^/]+")),
+                },
+            },
+        };
+        HttpRouteMatch { path, headers: self.headers.clone(), query_params: Vec::new(), method: None }
+    }
+
+    /// Sort key per the GRPCRoute spec: the longer service, then the longer method, then more headers; then the
+    /// older route, `namespace/name`, rule order and match order (as HTTPRoute's).
+    pub fn precedence(&self, created: i64, key: &str, rule: usize, index: usize) -> Precedence {
+        let len = |s: Option<&String>| s.map_or(0, String::len);
+        let (service, method) =
+            self.method.as_ref().map_or((0, 0), |m| (len(m.service.as_ref()), len(m.method.as_ref())));
+        (
+            0,
+            Reverse(service),
+            false,
+            Reverse(method),
+            Reverse(self.headers.len()),
+            created,
+            key.to_string(),
+            rule,
+            index,
+        )
+    }
+}
+
 /// A backend: a Service (the rule's traffic split), with a weight.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -1207,7 +1278,7 @@ pub struct AttachedRule {
     /// An HTTPRoute rule's matches (empty for a GRPCRoute's).
     pub matches: Vec<HttpRouteMatch>,
     /// A GRPCRoute rule's matches (empty for an HTTPRoute's).
-    pub grpc_matches: Vec<crate::grpc_route::GrpcRouteMatch>,
+    pub grpc_matches: Vec<GrpcRouteMatch>,
     pub filters: Vec<HttpRouteFilter>,
     pub timeouts: HttpRouteTimeouts,
     pub retry: Option<HttpRouteRetry>,
