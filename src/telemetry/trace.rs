@@ -137,7 +137,12 @@ pub fn extract(headers: &HeaderMap) -> (Option<SpanContext>, Formats) {
 pub fn inject(headers: &mut HeaderMap, ctx: &SpanContext, parent: Option<[u8; 8]>, formats: Formats) {
     let (trace, span, sampled) = (hex(&ctx.trace_id), hex(&ctx.span_id), if ctx.sampled { "1" } else { "0" });
     let value = |s: String| HeaderValue::from_str(&s).expect("hex is a valid header value");
-    headers.insert(TRACEPARENT, value(format!("00-{trace}-{span}-0{sampled}")));
+    // `00-<trace>-<span>-0<sampled>`, written without the formatter (every request writes it).
+    let mut traceparent = String::with_capacity(55);
+    for part in ["00-", &trace, "-", &span, "-0", sampled] {
+        traceparent.push_str(part);
+    }
+    headers.insert(TRACEPARENT, value(traceparent));
     if !formats.w3c {
         headers.remove(TRACESTATE);
     }

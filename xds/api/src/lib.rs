@@ -24,14 +24,34 @@ pub use config::{
 };
 pub use duration::{DurationError, parse_duration};
 
-/// Lower-case hex of `bytes`, as digests, versions and trace IDs are written.
+/// Lower-case hex of `bytes`, as digests, versions and trace IDs are written (a table, not the formatter: the proxy
+/// writes trace and request IDs on every request).
 pub fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    let mut s = String::with_capacity(bytes.len() * 2);
+    push_hex(&mut s, bytes);
+    s
+}
+
+/// Appends the lower-case hex of `bytes` to `out`.
+pub fn push_hex(out: &mut String, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0x0f)]));
+    }
 }
 
 /// The SPIFFE trust domain of local mode: identities are `spiffe://cluster.local/ns/<namespace>/sa/<account>`.
 pub const TRUST_DOMAIN: &str = "cluster.local";
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn hex_is_lower_case_two_digits_a_byte() {
+        assert_eq!(super::hex(&[]), "");
+        assert_eq!(super::hex(&[0x00, 0x0f, 0xa5, 0xff]), "000fa5ff");
+        let all: Vec<u8> = (0..=255).collect();
+        let reference: String = all.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(super::hex(&all), reference);
+    }
+}
