@@ -16,7 +16,7 @@ use crate::errors::ProxyError;
 use crate::identity::tls::{self, PeerTls};
 use crate::policy::retry::Policy;
 use crate::policy::split::{Split, SplitBackend, SplitMirror};
-use ferry_api::route::{Backend, RequestView};
+use ferry_api::route::{Backend, HttpRouteFilter, RequestView};
 
 /// The `service` label of outbound requests that matched no Service in explicit mode.
 pub const UNKNOWN_SERVICE: &str = "unknown";
@@ -197,13 +197,14 @@ impl Listeners {
         // Resolved once per rule and snapshot: its backends' and mirrors' destinations, its retry policy.
         let mut split = routes.split(rule.index, self.mesh(), || self.split(snapshot, &route, rule));
         // A redirect is answered by the proxy (`Listeners::call_stack`): its rule has no backends.
-        let rewrites = rule.filters.iter().any(|f| f.request_redirect.is_some() || f.url_rewrite.is_some());
         if split.backends.is_empty() && !rule.filters.iter().any(|f| f.request_redirect.is_some()) {
             let why = format!("HTTPRoute rule {} has no backend with a weight", rule.label);
             return Err((parent, ProxyError::BackendNotFound(why)));
         }
-        // What a redirect or rewrite replaces: the `PathPrefix` this request matched.
-        if let Some(prefix) = prefix.filter(|_| rewrites) {
+        // What a redirect or rewrite replaces: the `PathPrefix` this request matched (the filters looked at only
+        // when the request matched a prefix).
+        let rewrites = |f: &HttpRouteFilter| f.request_redirect.is_some() || f.url_rewrite.is_some();
+        if let Some(prefix) = prefix.filter(|_| rule.filters.iter().any(rewrites)) {
             split = Arc::new(Split { matched_prefix: Some(prefix.to_string()), ..(*split).clone() });
         }
         Ok(Destination {

@@ -588,29 +588,28 @@ impl<'a> RouteRef<'a> {
     /// Its rules as proxies receive them, backends resolved against `refs`.
     fn attached_rules(self, refs: &References<'_>) -> Vec<AttachedRule> {
         let route_ns = self.metadata().namespace.as_str();
-        let parts = self.rule_parts().into_iter().map(|(filters, backend_refs)| AttachedRule {
+        // What both kinds' rules carry alike: filters, backends and mirrors, resolved.
+        let resolved = |filters: &[HttpRouteFilter], backend_refs: &[BackendRef]| AttachedRule {
             filters: filters.iter().map(|f| attached_filter(f, route_ns)).collect(),
             backends: backend_refs.iter().map(|b| refs.resolve(b, self.kind(), route_ns)).collect(),
             mirrors: mirror_refs(filters).map(|m| refs.resolve(&m, self.kind(), route_ns)).collect(),
             ..AttachedRule::default()
-        });
+        };
         match self {
-            RouteRef::Http(route) => parts
-                .zip(&route.spec.rules)
-                .map(|(attached, rule)| AttachedRule {
+            RouteRef::Http(route) => (route.spec.rules.iter())
+                .map(|rule| AttachedRule {
                     name: rule.name.clone(),
                     matches: rule.matches.clone(),
                     timeouts: rule.timeouts.clone().unwrap_or_default(),
                     retry: rule.retry.clone(),
-                    ..attached
+                    ..resolved(&rule.filters, &rule.backend_refs)
                 })
                 .collect(),
-            RouteRef::Grpc(route) => parts
-                .zip(&route.spec.rules)
-                .map(|(attached, rule)| AttachedRule {
+            RouteRef::Grpc(route) => (route.spec.rules.iter())
+                .map(|rule| AttachedRule {
                     name: rule.name.clone(),
                     grpc_matches: rule.matches.clone(),
-                    ..attached
+                    ..resolved(&rule.filters, &rule.backend_refs)
                 })
                 .collect(),
         }

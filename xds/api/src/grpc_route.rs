@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use crate::meta::{FieldError, Metadata};
 use crate::route::{
     BackendRef, HttpRouteFilter, HttpRouteMatch, ParentRef, PathMatchType, RuleShape, ValueMatchType, compile_regex,
-    field, validate_backends, validate_filters, validate_match, validate_route,
+    field, validate_backends, validate_filter_subset, validate_match, validate_route,
 };
 pub use crate::route::{GrpcMethodMatch, GrpcRouteMatch};
 
@@ -119,17 +119,9 @@ pub fn validate_grpc_route(spec: &GrpcRouteSpec, errors: &mut Vec<FieldError>) {
         for (j, m) in rule.matches.iter().enumerate() {
             validate_grpc_match(&format!("{path}.matches[{j}]"), m, errors);
         }
-        for (j, f) in rule.filters.iter().enumerate() {
-            if !GRPC_FILTERS.contains(&f.kind.as_str()) {
-                let why =
-                    format!("`{}` is not a GRPCRoute filter Ferry supports ({})", f.kind, GRPC_FILTERS.join(", "));
-                errors.push(field(format!("{path}.filters[{j}].type"), why));
-            }
-        }
-        if errors.iter().all(|e| !e.path.starts_with(&format!("{path}.filters"))) {
-            let shape = RuleShape { all_prefix: false, backends: rule.backend_refs.len() };
-            validate_filters(&format!("{path}.filters"), &rule.filters, shape, errors);
-        }
+        let shape = RuleShape { all_prefix: false, backends: rule.backend_refs.len() };
+        let filters = format!("{path}.filters");
+        validate_filter_subset(&filters, &rule.filters, &GRPC_FILTERS, "a GRPCRoute filter", shape, errors);
         validate_backends(&format!("{path}.backendRefs"), &rule.backend_refs, errors);
     }
 }

@@ -977,16 +977,29 @@ const BACKEND_FILTERS: [&str; 2] = ["RequestHeaderModifier", "ResponseHeaderModi
 
 /// A backendRef's `filters` (`path` = `spec.rules[i].backendRefs[j].filters`).
 pub(crate) fn validate_backend_filters(path: &str, filters: &[HttpRouteFilter], errors: &mut Vec<FieldError>) {
+    let shape = RuleShape { all_prefix: false, backends: 1 };
+    validate_filter_subset(path, filters, &BACKEND_FILTERS, "a backendRef filter", shape, errors);
+}
+
+/// Filters where only the types `allowed` may stand (`what` names the place in the error): each other type refused
+/// at its `type`; when none is, the rest checked as a rule's filters.
+pub(crate) fn validate_filter_subset(
+    path: &str,
+    filters: &[HttpRouteFilter],
+    allowed: &[&str],
+    what: &str,
+    shape: RuleShape,
+    errors: &mut Vec<FieldError>,
+) {
     let before = errors.len();
     for (k, f) in filters.iter().enumerate() {
-        if !BACKEND_FILTERS.contains(&f.kind.as_str()) {
-            let why =
-                format!("`{}` is not a backendRef filter Ferry supports ({})", f.kind, BACKEND_FILTERS.join(", "));
+        if !allowed.contains(&f.kind.as_str()) {
+            let why = format!("`{}` is not {what} Ferry supports ({})", f.kind, allowed.join(", "));
             errors.push(field(format!("{path}[{k}].type"), why));
         }
     }
     if errors.len() == before {
-        validate_filters(path, filters, RuleShape { all_prefix: false, backends: 1 }, errors);
+        validate_filters(path, filters, shape, errors);
     }
 }
 

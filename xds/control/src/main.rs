@@ -198,7 +198,7 @@ fn admin_token(path: &Path) -> anyhow::Result<String> {
     }
     let mut bytes = [0u8; 32];
     getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("no randomness for the admin token: {e}"))?;
-    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let token = ferry_api::hex(&bytes);
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
