@@ -112,6 +112,9 @@ pub struct ServiceEntry {
     /// Its endpoints per service port, as the load balancer chooses among them.
     #[serde(skip)]
     by_port: HashMap<u16, Arc<[Endpoint]>>,
+    /// The SNI a caller's proxy sends to reach each service port (`tls::sni`), made once per snapshot.
+    #[serde(skip)]
+    snis: HashMap<u16, Arc<str>>,
 }
 
 /// The `source` label of a caller whose Service is not known (one shared value: no allocation per request).
@@ -140,6 +143,12 @@ pub struct Route {
 }
 
 impl ServiceEntry {
+    /// The SNI that names `port` (one of its ports) to a serving proxy.
+    pub fn sni(&self, port: &ServicePort) -> Arc<str> {
+        let made = || crate::identity::tls::sni(port.target_port.unwrap_or(port.port), &self.name, &self.namespace);
+        self.snis.get(&port.port).cloned().unwrap_or_else(|| made().into())
+    }
+
     /// Every endpoint address for a request to `port`.
     pub fn endpoints(&self, port: u16) -> impl Iterator<Item = SocketAddr> + '_ {
         self.spec.endpoints.iter().filter_map(move |e| e.socket_addr(port))
@@ -230,6 +239,8 @@ impl Snapshot {
                 .filter_map(|entry| Identity::of_service_entry(entry, ns).ok())
                 .collect::<Vec<_>>()
                 .into();
+            let sni = |p: &ServicePort| crate::identity::tls::sni(p.target_port.unwrap_or(p.port), name, ns).into();
+            let snis = svc.spec.ports.iter().map(|p| (p.port, sni(p))).collect();
             services.push(Arc::new(ServiceEntry {
                 identities,
                 outbound: outbound.get(&format!("{ns}/{name}")).cloned().unwrap_or_else(|| unconfigured.clone()),
@@ -247,6 +258,7 @@ impl Snapshot {
                         (p.port, list.collect())
                     })
                     .collect(),
+                snis,
                 spec: svc.spec,
             }));
         }

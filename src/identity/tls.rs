@@ -215,7 +215,7 @@ impl MeshTls {
             Alpn::H2 => state.client_h2.clone(),
             Alpn::Tcp => state.client_tcp.clone(),
         };
-        let name = ServerName::try_from(peer.sni.clone())
+        let name = ServerName::try_from(peer.sni.to_string())
             .map_err(|e| TlsError::BadPeer { addr, message: format!("SNI {}: {e}", peer.sni) })?;
         let stream = tokio_rustls::TlsConnector::from(config)
             .connect(name, tcp)
@@ -226,7 +226,7 @@ impl MeshTls {
         if !peer.identities.contains(&found) {
             return Err(TlsError::WrongIdentity {
                 addr,
-                service: peer.service.clone(),
+                service: peer.service.to_string(),
                 found: found.spiffe(),
                 expected: peer.identities.iter().map(Identity::spiffe).collect::<Vec<_>>().join(", "),
             });
@@ -244,9 +244,11 @@ pub fn peer_identity(chain: Option<&[CertificateDer<'_>]>) -> Result<Identity, S
 /// What the client side of a mesh connection needs: the SNI to send and who may answer.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PeerTls {
-    pub sni: String,
-    /// `namespace/name`, for messages.
-    pub service: String,
+    /// Shared with the Service's entry in the snapshot, as is `service`: a request builds its PeerTls (and the pool
+    /// its key) without allocating.
+    pub sni: Arc<str>,
+    /// `name.namespace`, for messages.
+    pub service: Arc<str>,
     pub identities: Arc<[Identity]>,
 }
 

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
@@ -376,11 +377,12 @@ impl Upstream {
         strip_hop_by_hop(req.headers_mut(), false);
         // 100-continue was answered to the client as we started reading its body.
         req.headers_mut().remove(header::EXPECT);
-        let path = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
+        // The request target's bytes are shared, not copied and parsed again.
+        let path = req.uri().path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
         let absolute_form = req.uri().authority().is_some();
         match version {
             HttpVersion::Http1 => {
-                *req.uri_mut() = Uri::try_from(path).map_err(|_| ProxyError::BadRequest("invalid request target"))?;
+                *req.uri_mut() = Uri::from(path);
                 *req.version_mut() = Version::HTTP_11;
                 if absolute_form || !req.headers().contains_key(header::HOST) {
                     let host = HeaderValue::from_str(authority).map_err(|_| ProxyError::BadRequest("invalid host"))?;

@@ -112,7 +112,8 @@ impl Pool {
         loop {
             let (mut tx, reused) = match self.checkout_h1(addr) {
                 Some(tx) => (tx, true),
-                None => (self.connect_h1(addr, admit(limit)?).await?, false),
+                // Boxed, as below: the connect's state is kilobytes that a reused connection should not carry.
+                None => (Box::pin(self.connect_h1(addr, admit(limit)?)).await?, false),
             };
             match tx.try_send_request(req).await {
                 Ok(resp) => {
@@ -194,13 +195,18 @@ impl Pool {
             Some(tx) => tx,
             None => {
                 let slot = admit(limit)?;
-                let (tx, generation) = match tls {
-                    Some(peer) => {
-                        let (io, generation) = self.connect_mesh(addr, peer, Alpn::H2).await?;
-                        (self.handshake_h2(addr, io, slot).await?, generation)
+                // Boxed: the connect and the TLS and HTTP/2 handshakes are kilobytes of state, which would otherwise
+                // make every request's future (allocated and moved once per request) that large.
+                let (tx, generation) = Box::pin(async {
+                    match tls {
+                        Some(peer) => {
+                            let (io, generation) = self.connect_mesh(addr, peer, Alpn::H2).await?;
+                            Ok::<_, ProxyError>((self.handshake_h2(addr, io, slot).await?, generation))
+                        }
+                        None => Ok((self.handshake_h2(addr, self.connect(addr).await?, slot).await?, 0)),
                     }
-                    None => (self.handshake_h2(addr, self.connect(addr).await?, slot).await?, 0),
-                };
+                })
+                .await?;
                 self.h2.lock().expect("pool lock").insert(key, (tx.clone(), generation));
                 tx
             }

@@ -13,7 +13,7 @@ use crate::direction::Direction;
 use crate::discovery::destination::Destination;
 use crate::discovery::snapshot::{Route, RouteError, Snapshot};
 use crate::errors::ProxyError;
-use crate::identity::tls::{self, PeerTls};
+use crate::identity::tls::PeerTls;
 use crate::policy::retry::Policy;
 use crate::policy::split::{Split, SplitBackend, SplitMirror};
 use ferry_api::route::{Backend, HttpRouteFilter, RequestView};
@@ -291,8 +291,8 @@ impl Listeners {
     fn outbound_destination(&self, route: &Route) -> Destination {
         let svc = &route.service;
         let tls = self.mesh().then(|| PeerTls {
-            sni: tls::sni(route.port.target_port.unwrap_or(route.port.port), &svc.name, &svc.namespace),
-            service: svc.qualified_name.to_string(),
+            sni: svc.sni(&route.port),
+            service: svc.qualified_name.clone(),
             identities: svc.identities.clone(),
         });
         Destination {

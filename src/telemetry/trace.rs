@@ -13,7 +13,7 @@ use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, Status, span, status};
 use tokio::sync::mpsc;
 
-use ferry_api::hex;
+use ferry_api::{hex, push_hex};
 
 use crate::telemetry::metrics::Metrics;
 
@@ -135,29 +135,36 @@ pub fn extract(headers: &HeaderMap) -> (Option<SpanContext>, Formats) {
 /// it came with a valid `traceparent`, dropped otherwise), and each B3 form the request carried (with `parent` as the
 /// B3 parent span).
 pub fn inject(headers: &mut HeaderMap, ctx: &SpanContext, parent: Option<[u8; 8]>, formats: Formats) {
-    let (trace, span, sampled) = (hex(&ctx.trace_id), hex(&ctx.span_id), if ctx.sampled { "1" } else { "0" });
-    let value = |s: String| HeaderValue::from_str(&s).expect("hex is a valid header value");
-    // `00-<trace>-<span>-0<sampled>`, written without the formatter (every request writes it).
+    let sampled = if ctx.sampled { "1" } else { "0" };
+    // `00-<trace>-<span>-0<sampled>`, written without the formatter into one buffer (every request writes it), which
+    // B3's trace and span IDs share.
     let mut traceparent = String::with_capacity(55);
-    for part in ["00-", &trace, "-", &span, "-0", sampled] {
-        traceparent.push_str(part);
+    traceparent.push_str("00-");
+    push_hex(&mut traceparent, &ctx.trace_id);
+    traceparent.push('-');
+    push_hex(&mut traceparent, &ctx.span_id);
+    traceparent.push_str("-0");
+    traceparent.push_str(sampled);
+    let value = |b: bytes::Bytes| HeaderValue::from_maybe_shared(b).expect("hex is a valid header value");
+    if formats.b3_single {
+        // `<trace>-<span>-<sampled>`: the traceparent without its version, with a one-digit flag.
+        headers.insert(B3, value([&traceparent[3..53], sampled].concat().into()));
+    }
+    let traceparent = bytes::Bytes::from(traceparent);
+    let (trace, span) = (traceparent.slice(3..35), traceparent.slice(36..52));
+    if formats.b3_multi {
+        headers.insert(B3_TRACE_ID, value(trace));
+        headers.insert(B3_SPAN_ID, value(span));
+        headers.insert(B3_SAMPLED, HeaderValue::from_static(sampled));
+        match parent {
+            Some(p) => headers.insert(B3_PARENT_SPAN_ID, value(hex(&p).into())),
+            None => headers.remove(B3_PARENT_SPAN_ID),
+        };
+        headers.remove(B3_FLAGS);
     }
     headers.insert(TRACEPARENT, value(traceparent));
     if !formats.w3c {
         headers.remove(TRACESTATE);
-    }
-    if formats.b3_single {
-        headers.insert(B3, value(format!("{trace}-{span}-{sampled}")));
-    }
-    if formats.b3_multi {
-        headers.insert(B3_TRACE_ID, value(trace));
-        headers.insert(B3_SPAN_ID, value(span));
-        headers.insert(B3_SAMPLED, HeaderValue::from_static(if ctx.sampled { "1" } else { "0" }));
-        match parent {
-            Some(p) => headers.insert(B3_PARENT_SPAN_ID, value(hex(&p))),
-            None => headers.remove(B3_PARENT_SPAN_ID),
-        };
-        headers.remove(B3_FLAGS);
     }
 }
 
