@@ -316,10 +316,10 @@ pub(super) struct Upstream {
 }
 
 impl Upstream {
-    /// As a tower service, for the stacks. Its future is boxed once here: a send's state machine is large (kilobytes:
-    /// the pool's connect and TLS handshake), and a layer that passes a request through returns its inner future
-    /// inline, so an unboxed one would make every layer's future that large, copied at each layer (callgrind showed
-    /// memcpy at 66 % of the one-hop path's instructions before this box).
+    /// As a tower service, for the stacks. Its future is boxed once here: a layer that passes a request through returns
+    /// its inner future inline, so an unboxed send would make every layer's future as large, copied at each layer
+    /// (callgrind showed memcpy at 66 % of the one-hop path's instructions before this box). The pool boxes its
+    /// connect and handshakes in turn, so this box holds only what a request on a pooled connection needs.
     pub(super) fn service(self) -> impl crate::stack::Innermost {
         tower::service_fn(move |req| -> errors::ResponseFuture { Box::pin(self.clone().send(req)) })
     }
