@@ -2,11 +2,13 @@
 
 use std::net::SocketAddr;
 
-use http::{HeaderValue, Response, StatusCode, header};
+use http::{HeaderName, HeaderValue, Response, StatusCode, header};
 
 use crate::body::ProxyBody;
 
-pub const PROXY_ERROR_HEADER: &str = "ferry-proxy-error";
+pub const PROXY_ERROR_HEADER: HeaderName = HeaderName::from_static("ferry-proxy-error");
+pub const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+pub const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
 
 /// The future of a policy layer that wraps its inner service's call (boxed: one type for every layer).
 pub type ResponseFuture =
@@ -177,8 +179,8 @@ pub fn respond(err: &ProxyError, grpc: bool) -> Response<ProxyBody> {
         return Response::builder()
             .status(StatusCode::OK)
             .header(header::CONTENT_TYPE, "application/grpc")
-            .header("grpc-status", err.grpc_status().to_string())
-            .header("grpc-message", message)
+            .header(GRPC_STATUS, err.grpc_status().to_string())
+            .header(GRPC_MESSAGE, message)
             .header(PROXY_ERROR_HEADER, reason)
             .body(ProxyBody::empty())
             .expect("valid response");

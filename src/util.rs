@@ -1,20 +1,27 @@
-//! Small helpers every part may use: random numbers for jitter and sampling, request IDs.
+//! Small helpers every part may use: random numbers for jitter, sampling, splits and IDs; request IDs.
 
-/// A number in [0, 1) for jitter, from the std hasher's per-process random keys (no extra dependency for jitter).
+use rand::{Rng, RngCore};
+
+// Every random number comes from the thread's `rand::rngs::ThreadRng`: ChaCha12 seeded from the operating system and
+// reseeded as it goes, so request and trace IDs are unpredictable, at a few instructions a byte (the TLS library's
+// system source cost about 2,400 instructions a call, twice per request: benches/README.md, "Data-path cuts").
+
+/// A number in [0, 1): jitter, sampling.
 pub fn random_fraction() -> f64 {
-    (random_u64() >> 11) as f64 / (1u64 << 53) as f64
+    rand::rng().random()
 }
 
-/// A uniformly distributed `u64` (SipHash of the time under the std hasher's random keys): jitter, sampling and
-/// traffic splits, not secrets.
+/// A uniformly distributed `u64`: traffic splits, sampling.
 pub fn random_u64() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
-    h.finish()
+    rand::rng().random()
 }
 
-/// A random version-4 UUID, from the TLS library's system random source (`x-request-id`).
+/// Fills `buf` with random bytes (trace and span IDs).
+pub fn random_bytes(buf: &mut [u8]) {
+    rand::rng().fill_bytes(buf);
+}
+
+/// A random version-4 UUID (`x-request-id`).
 pub fn request_id() -> String {
     let mut b = [0u8; 16];
     random_bytes(&mut b);
@@ -29,13 +36,6 @@ pub fn request_id() -> String {
         ferry_api::push_hex(&mut id, part);
     }
     id
-}
-
-/// Fills `buf` from the system's secure random source (through rustls' crypto provider).
-pub fn random_bytes(buf: &mut [u8]) {
-    static RANDOM: std::sync::OnceLock<&'static dyn rustls::crypto::SecureRandom> = std::sync::OnceLock::new();
-    let random = RANDOM.get_or_init(|| rustls::crypto::aws_lc_rs::default_provider().secure_random);
-    random.fill(buf).expect("the system random source works");
 }
 
 #[cfg(test)]

@@ -270,7 +270,11 @@ impl Policy {
 pub fn classify(result: &Result<Response<ProxyBody>, ProxyError>) -> Option<Outcome> {
     match result {
         Ok(resp) => {
-            let grpc = resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
+            let grpc = resp
+                .headers()
+                .get(crate::errors::GRPC_STATUS)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok());
             Some(Outcome::Response { status: resp.status().as_u16(), grpc })
         }
         Err(ProxyError::ConnectRefused { .. } | ProxyError::ConnectTimeout(_) | ProxyError::Tls(_)) => {

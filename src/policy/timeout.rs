@@ -5,14 +5,14 @@
 
 use std::time::Duration;
 
-use http::{HeaderValue, Request, Response};
+use http::{HeaderName, HeaderValue, Request, Response};
 use tokio::time::Instant;
 
 use super::Mechanism;
 use crate::body::ProxyBody;
 use crate::errors::{ProxyError, ResponseFuture};
 
-pub const GRPC_TIMEOUT: &str = "grpc-timeout";
+pub const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
 
 /// Pure: a `grpc-timeout` value (`<up to 8 digits><H|M|S|m|u|n>`).
 pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {

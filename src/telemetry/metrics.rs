@@ -57,7 +57,7 @@ impl GrpcStatus {
 
     /// The `grpc-status` of `headers` (a response's, or its trailers), if it has one.
     pub fn of(headers: &http::HeaderMap) -> Option<GrpcStatus> {
-        let value = headers.get("grpc-status")?;
+        let value = headers.get(crate::errors::GRPC_STATUS)?;
         let code = value.to_str().ok().and_then(|v| v.parse::<u8>().ok()).filter(|c| *c < Self::OTHER);
         Some(GrpcStatus(code.unwrap_or(Self::OTHER)))
     }

@@ -5,7 +5,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value};
@@ -17,14 +17,15 @@ use ferry_api::{hex, push_hex};
 
 use crate::telemetry::metrics::Metrics;
 
-pub const TRACEPARENT: &str = "traceparent";
-pub const TRACESTATE: &str = "tracestate";
-pub const B3: &str = "b3";
-pub const B3_TRACE_ID: &str = "x-b3-traceid";
-pub const B3_SPAN_ID: &str = "x-b3-spanid";
-pub const B3_PARENT_SPAN_ID: &str = "x-b3-parentspanid";
-pub const B3_SAMPLED: &str = "x-b3-sampled";
-pub const B3_FLAGS: &str = "x-b3-flags";
+// Header names as `HeaderName`s: a lookup by `&str` parses and checks the name again on every call.
+pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+pub const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
+pub const B3: HeaderName = HeaderName::from_static("b3");
+pub const B3_TRACE_ID: HeaderName = HeaderName::from_static("x-b3-traceid");
+pub const B3_SPAN_ID: HeaderName = HeaderName::from_static("x-b3-spanid");
+pub const B3_PARENT_SPAN_ID: HeaderName = HeaderName::from_static("x-b3-parentspanid");
+pub const B3_SAMPLED: HeaderName = HeaderName::from_static("x-b3-sampled");
+pub const B3_FLAGS: HeaderName = HeaderName::from_static("x-b3-flags");
 
 /// Spans waiting for export at most; beyond, new ones are dropped (and counted).
 const QUEUE: usize = 4096;
@@ -108,15 +109,16 @@ pub fn parse_b3_single(value: &str) -> Option<SpanContext> {
 
 /// Pure: the multi-header B3 form.
 pub fn parse_b3_multi(headers: &HeaderMap) -> Option<SpanContext> {
-    let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
+    let get = |name: HeaderName| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
+    let (trace_id, span_id) = (trace_id(get(B3_TRACE_ID)?)?, hex_to(get(B3_SPAN_ID)?)?);
     let sampled = matches!(get(B3_SAMPLED), Some("1" | "true")) || get(B3_FLAGS) == Some("1");
-    Some(SpanContext { trace_id: trace_id(get(B3_TRACE_ID)?)?, span_id: hex_to(get(B3_SPAN_ID)?)?, sampled })
+    Some(SpanContext { trace_id, span_id, sampled })
 }
 
 /// Pure: the incoming context (W3C first, then single then multi B3) and every format the request carried.
 /// Two `traceparent` headers are none (the W3C test suite's `test_traceparent_duplicated`).
 pub fn extract(headers: &HeaderMap) -> (Option<SpanContext>, Formats) {
-    let value = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let value = |name: HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
     let mut traceparents = headers.get_all(TRACEPARENT).iter();
     let w3c = match (traceparents.next(), traceparents.next()) {
         (Some(one), None) => one.to_str().ok().and_then(parse_traceparent),
@@ -127,7 +129,9 @@ pub fn extract(headers: &HeaderMap) -> (Option<SpanContext>, Formats) {
         b3_single: headers.contains_key(B3),
         b3_multi: headers.contains_key(B3_TRACE_ID),
     };
-    let context = w3c.or_else(|| value(B3).and_then(parse_b3_single)).or_else(|| parse_b3_multi(headers));
+    let context = w3c
+        .or_else(|| value(B3).and_then(parse_b3_single))
+        .or_else(|| formats.b3_multi.then(|| parse_b3_multi(headers)).flatten());
     (context, formats)
 }
 
@@ -243,9 +247,9 @@ impl Tracer {
         let parent_id = parent.map(|p| p.span_id);
         inject(headers, &context, parent_id, formats);
         // Only an exported span needs its own copy of the tracestate.
-        let tracestate = match headers.get(TRACESTATE).and_then(|v| v.to_str().ok()) {
-            Some(state) if self.exports_context(&context) => state.to_string(),
-            _ => String::new(),
+        let tracestate = match self.exports_context(&context) {
+            true => headers.get(TRACESTATE).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string(),
+            false => String::new(),
         };
         Hop { context, parent: parent_id, tracestate, kind, start: SystemTime::now() }
     }
