@@ -1,6 +1,6 @@
 //! The live config: an immutable snapshot behind `ArcSwap`, filled by a config source, and the pure route decision.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
@@ -13,6 +13,7 @@ use crate::policy::balance::Endpoint;
 use crate::policy::split::Split;
 
 use crate::policy::authz::{Authorization, InboundPolicy};
+use crate::util::FastMap;
 use ferry_api::route::{RouteSet, RouteTable, applicable};
 use ferry_api::workload::{DefaultInbound, SelectingService, Workload};
 use ferry_api::{Document, PortProtocol, ServicePort, ServiceSpec, split_host_port};
@@ -57,17 +58,17 @@ pub struct Snapshot {
     /// TrafficPolicy and AuthorizationPolicy documents, as accepted.
     pub policies: Vec<Document>,
     #[serde(skip)]
-    by_host: HashMap<String, Vec<(Option<u16>, usize)>>,
+    by_host: FastMap<String, Vec<(Option<u16>, usize)>>,
     /// IP-literal addresses (VIPs), for transparent routing by original destination.
     #[serde(skip)]
-    by_ip: HashMap<IpAddr, Vec<(Option<u16>, usize)>>,
+    by_ip: FastMap<IpAddr, Vec<(Option<u16>, usize)>>,
     /// Endpoint socket addresses (per service port), for transparent traffic addressed to an endpoint.
     #[serde(skip)]
-    by_endpoint: HashMap<SocketAddr, (usize, u16, bool)>,
+    by_endpoint: FastMap<SocketAddr, (usize, u16, bool)>,
     /// Meshed endpoints' IPs, with a Service listing them: traffic to such an IP on a port no Service declares is
     /// still mTLS to that pod.
     #[serde(skip)]
-    meshed_ips: HashMap<IpAddr, usize>,
+    meshed_ips: FastMap<IpAddr, usize>,
     /// Service ports declared `protocol: tcp` (looked up once per connection).
     #[serde(skip)]
     opaque_ports: HashSet<u16>,
@@ -81,10 +82,10 @@ pub struct Snapshot {
     inbound: Inbound,
     /// Which Service each workload identity serves (the first Service listing it), for the `source` metric label.
     #[serde(skip)]
-    by_identity: HashMap<Identity, Arc<str>>,
+    by_identity: FastMap<Identity, Arc<str>>,
     /// Each Service by its qualified name (`name.namespace`): route backends are found by name.
     #[serde(skip)]
-    by_name: HashMap<Arc<str>, usize>,
+    by_name: FastMap<Arc<str>, usize>,
     /// This proxy's namespace: it decides which HTTPRoutes apply (GAMMA consumer routes).
     #[serde(skip)]
     namespace: String,
@@ -93,7 +94,7 @@ pub struct Snapshot {
     /// The route rules of each Service port that has routes for this proxy, compiled: the Service's qualified name →
     /// port → table. Absent: no route applies; requests go to the Service itself.
     #[serde(skip)]
-    routes: HashMap<Arc<str>, HashMap<u16, Arc<PortRoutes>>>,
+    routes: FastMap<Arc<str>, FastMap<u16, Arc<PortRoutes>>>,
 }
 
 #[derive(Debug, Serialize)]
@@ -111,10 +112,10 @@ pub struct ServiceEntry {
     pub outbound: Arc<Outbound>,
     /// Its endpoints per service port, as the load balancer chooses among them.
     #[serde(skip)]
-    by_port: HashMap<u16, Arc<[Endpoint]>>,
+    by_port: FastMap<u16, Arc<[Endpoint]>>,
     /// The SNI a caller's proxy sends to reach each service port (`tls::sni`), made once per snapshot.
     #[serde(skip)]
-    snis: HashMap<u16, Arc<str>>,
+    snis: FastMap<u16, Arc<str>>,
 }
 
 /// The `source` label of a caller whose Service is not known (one shared value: no allocation per request).
@@ -172,16 +173,16 @@ impl Snapshot {
         workload: Workload,
     ) -> Self {
         let mut services = Vec::new();
-        let mut by_host: HashMap<String, Vec<(Option<u16>, usize)>> = HashMap::new();
-        let mut by_ip: HashMap<IpAddr, Vec<(Option<u16>, usize)>> = HashMap::new();
-        let mut by_endpoint = HashMap::new();
-        let mut meshed_ips = HashMap::new();
+        let mut by_host: FastMap<String, Vec<(Option<u16>, usize)>> = FastMap::default();
+        let mut by_ip: FastMap<IpAddr, Vec<(Option<u16>, usize)>> = FastMap::default();
+        let mut by_endpoint = FastMap::default();
+        let mut meshed_ips = FastMap::default();
         let mut policies = Vec::new();
         let mut opaque_ports = HashSet::new();
         let mut implicit = Vec::new();
         // What the caller's proxy applies per destination, from each Service's TrafficPolicy (compiled once here).
         let unconfigured = Arc::new(Outbound::for_service(None));
-        let outbound: HashMap<String, Arc<Outbound>> = documents
+        let outbound: FastMap<String, Arc<Outbound>> = documents
             .iter()
             .filter_map(|d| match d {
                 Document::TrafficPolicy(p) => {
@@ -265,8 +266,8 @@ impl Snapshot {
         for (host, index) in implicit {
             by_host.entry(host).or_insert_with(|| vec![(None, index)]);
         }
-        let mut traffic = HashMap::new();
-        let mut authz_docs: HashMap<String, Vec<&ferry_api::policy::AuthorizationPolicy>> = HashMap::new();
+        let mut traffic = FastMap::default();
+        let mut authz_docs: FastMap<String, Vec<&ferry_api::policy::AuthorizationPolicy>> = FastMap::default();
         for doc in &policies {
             match doc {
                 Document::TrafficPolicy(p) => {
@@ -283,7 +284,7 @@ impl Snapshot {
             }
         }
         let inbound = Inbound::compile(&workload, &traffic, &authz_docs, default_mtls);
-        let mut by_identity = HashMap::new();
+        let mut by_identity = FastMap::default();
         let by_name = services.iter().enumerate().map(|(i, s)| (s.qualified_name.clone(), i)).collect();
         for svc in &services {
             for id in svc.identities.iter() {
@@ -307,7 +308,7 @@ impl Snapshot {
             by_name,
             namespace: local_namespace.to_string(),
             route_sets: Vec::new(),
-            routes: HashMap::new(),
+            routes: FastMap::default(),
         }
     }
 
@@ -315,7 +316,7 @@ impl Snapshot {
     /// proxy's namespace (its consumer routes, else the producer routes), compiled once.
     pub fn with_routes(mut self, sets: Vec<RouteSet>) -> Self {
         self.route_sets = sets.iter().map(RouteSet::name).collect();
-        let mut by_service: HashMap<(String, String), Vec<RouteSet>> = HashMap::new();
+        let mut by_service: FastMap<(String, String), Vec<RouteSet>> = FastMap::default();
         for set in sets {
             by_service.entry((set.service_namespace.clone(), set.service.clone())).or_default().push(set);
         }
@@ -323,7 +324,7 @@ impl Snapshot {
             let Some(service) = self.services.iter().find(|s| s.namespace == key.0 && s.name == key.1) else {
                 continue;
             };
-            let mut ports = HashMap::new();
+            let mut ports = FastMap::default();
             for port in service.spec.ports.iter().map(|p| p.port) {
                 let routes = applicable(&sets, &self.namespace, port);
                 if !routes.is_empty() {
@@ -461,14 +462,14 @@ pub const UNSELECTED_SERVICE: &str = "unselected";
 /// The inbound policies of one pod's ports.
 #[derive(Debug)]
 struct Inbound {
-    by_port: HashMap<u16, Arc<InboundPolicy>>,
+    by_port: FastMap<u16, Arc<InboundPolicy>>,
     all: Arc<InboundPolicy>,
     unselected: Arc<InboundPolicy>,
 }
 
 impl Default for Inbound {
     fn default() -> Self {
-        Inbound::compile(&Workload::default(), &HashMap::new(), &HashMap::new(), MtlsMode::Permissive)
+        Inbound::compile(&Workload::default(), &FastMap::default(), &FastMap::default(), MtlsMode::Permissive)
     }
 }
 
@@ -480,8 +481,8 @@ impl Inbound {
     /// default inbound policy.
     fn compile(
         workload: &Workload,
-        traffic: &HashMap<String, &ferry_api::policy::TrafficPolicySpec>,
-        authz: &HashMap<String, Vec<&ferry_api::policy::AuthorizationPolicy>>,
+        traffic: &FastMap<String, &ferry_api::policy::TrafficPolicySpec>,
+        authz: &FastMap<String, Vec<&ferry_api::policy::AuthorizationPolicy>>,
         default_mtls: MtlsMode,
     ) -> Inbound {
         let policy = |services: &[&SelectingService], protocols: &[PortProtocol]| -> Arc<InboundPolicy> {
@@ -511,7 +512,7 @@ impl Inbound {
                 declared_http: !opaque && protocols.iter().any(PortProtocol::is_declared_http),
             })
         };
-        let mut ports: HashMap<u16, (Vec<&SelectingService>, Vec<PortProtocol>)> = HashMap::new();
+        let mut ports: FastMap<u16, (Vec<&SelectingService>, Vec<PortProtocol>)> = FastMap::default();
         for service in &workload.services {
             for (port, protocol) in &service.ports {
                 let entry = ports.entry(*port).or_default();

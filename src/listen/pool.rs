@@ -2,7 +2,6 @@
 //! connection; to a meshed endpoint every request travels over one mTLS HTTP/2 connection (per endpoint and target
 //! port), which takes no new requests once this proxy's certificate or trust bundle has changed.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -19,6 +18,7 @@ use crate::errors::ProxyError;
 use crate::identity::tls::{Alpn, MeshTls, PeerTls};
 use crate::policy::concurrency::ConnectionLimit;
 use crate::telemetry::metrics::Metrics;
+use crate::util::FastMap;
 
 /// Idle HTTP/1 connections kept per endpoint.
 const MAX_IDLE_PER_ENDPOINT: usize = 64;
@@ -34,8 +34,8 @@ pub enum HttpVersion {
 type H2Key = (SocketAddr, Option<PeerTls>);
 
 pub struct Pool {
-    idle: Mutex<HashMap<SocketAddr, Vec<Idle>>>,
-    h2: Mutex<HashMap<H2Key, (http2::SendRequest<ProxyBody>, u64)>>,
+    idle: Mutex<FastMap<SocketAddr, Vec<Idle>>>,
+    h2: Mutex<FastMap<H2Key, (http2::SendRequest<ProxyBody>, u64)>>,
     connect_timeout: Duration,
     idle_timeout: Duration,
     tls: Arc<MeshTls>,

@@ -5,7 +5,6 @@
 //! wins it back gradually; the cost also counts requests in flight, and a failure counts as a slow answer. The choice
 //! is pure (time and randomness passed in); the state per Service port outlives config swaps (`Balancers`).
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -20,6 +19,7 @@ use crate::body::ProxyBody;
 use crate::errors::{ProxyError, ResponseFuture};
 use crate::policy::outlier::{self, Detector};
 use crate::telemetry::metrics::Metrics;
+use crate::util::FastMap;
 
 /// How fast old latency is forgotten.
 pub const DECAY: Duration = Duration::from_secs(10);
@@ -105,7 +105,7 @@ pub struct Endpoint {
 /// The endpoints of one Service port as the balancer sees them.
 #[derive(Debug, Default)]
 pub struct Group {
-    loads: HashMap<SocketAddr, Load>,
+    loads: FastMap<SocketAddr, Load>,
     outlier: Detector,
     cursor: usize,
     /// The endpoint list last reconciled with (state of endpoints that left is dropped when it changes).
@@ -175,7 +175,7 @@ impl Group {
 
     /// Per-endpoint state for the admin port's `/endpoints`.
     pub fn state(&self, now: Instant) -> Vec<EndpointState> {
-        let health: HashMap<SocketAddr, (outlier::EndpointHealth, Option<Duration>)> =
+        let health: FastMap<SocketAddr, (outlier::EndpointHealth, Option<Duration>)> =
             self.outlier.snapshot(now).into_iter().map(|(a, h, left)| (a, (h, left))).collect();
         let mut v: Vec<EndpointState> = self
             .seen
@@ -215,7 +215,7 @@ pub struct EndpointState {
 /// The balancer state of every Service port this proxy has sent to, keyed by (`name.namespace`, port).
 #[derive(Default)]
 pub struct Balancers {
-    map: Mutex<HashMap<GroupKey, Arc<Mutex<Group>>>>,
+    map: Mutex<FastMap<GroupKey, Arc<Mutex<Group>>>>,
 }
 
 /// A destination Service (`name.namespace`) and port.

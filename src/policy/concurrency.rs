@@ -3,7 +3,6 @@
 //! gets 503 `overloaded` at once (an opaque connection is closed), with no upstream attempt. State: `Limits`, per Service, kept across config swaps; metrics: `ferry_upstream_requests_active`
 //! and `ferry_upstream_requests_pending` against `ferry_upstream_requests_limit`.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -14,6 +13,7 @@ use super::{Mechanism, refuse};
 use crate::body::ProxyBody;
 use crate::errors::{ProxyError, ResponseFuture};
 use crate::telemetry::metrics::Metrics;
+use crate::util::FastMap;
 
 /// The limits of one Service (`None`: no limit).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,7 +63,7 @@ impl ConnectionLimit {
 /// Per destination Service.
 #[derive(Default)]
 pub struct Limits {
-    map: Mutex<HashMap<Arc<str>, Arc<Slots>>>,
+    map: Mutex<FastMap<Arc<str>, Arc<Slots>>>,
 }
 
 impl Limits {

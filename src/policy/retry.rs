@@ -4,7 +4,6 @@
 //! only if its body fits the replay buffer (64 KiB, declared by `content-length`, or empty); streaming bodies never
 //! are. Metrics: `ferry_retries_total{result}` (attempted, exhausted, budget-denied).
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,6 +19,7 @@ use super::Mechanism;
 use crate::body::ProxyBody;
 use crate::errors::{ProxyError, ResponseFuture};
 use crate::telemetry::metrics::Metrics;
+use crate::util::FastMap;
 
 /// Bodies up to this size (by `content-length`) are kept for replay.
 pub const REPLAY_LIMIT: u64 = 64 * 1024;
@@ -307,7 +307,7 @@ pub fn refused_by_backend(result: &Result<Response<ProxyBody>, ProxyError>) -> O
 /// One budget per destination Service, kept across config swaps.
 #[derive(Default)]
 pub struct Budgets {
-    map: Mutex<HashMap<Arc<str>, Budget>>,
+    map: Mutex<FastMap<Arc<str>, Budget>>,
 }
 
 impl Budgets {

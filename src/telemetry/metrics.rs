@@ -1,6 +1,5 @@
 //! The proxy's Prometheus metrics; label sets are bounded (no paths, no IDs, no endpoint IPs).
 
-use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -10,6 +9,7 @@ use prometheus::{
 };
 
 use crate::direction::Direction;
+use crate::util::FastMap;
 
 /// Latency buckets from 0.5 ms to 30 s.
 pub const LATENCY_BUCKETS: &[f64] =
@@ -74,7 +74,7 @@ pub struct Metrics {
     request_size: HistogramVec,
     response_size: HistogramVec,
     /// Labelled handles per direction (inbound, outbound) and service, so the request path does not hash label values.
-    request_handles: [RwLock<HashMap<String, Arc<RequestHandles>>>; 2],
+    request_handles: [RwLock<FastMap<String, Arc<RequestHandles>>>; 2],
     pub proxy_errors: IntCounterVec,
     pub tcp_opened: IntCounterVec,
     pub tcp_closed: IntCounterVec,
@@ -118,7 +118,7 @@ pub struct RequestHandles {
     service: String,
     pub request_size: Histogram,
     pub response_size: Histogram,
-    series: RwLock<HashMap<RequestLabels, (IntCounter, Histogram)>>,
+    series: RwLock<FastMap<RequestLabels, (IntCounter, Histogram)>>,
     requests: IntCounterVec,
     duration: HistogramVec,
 }
