@@ -54,8 +54,8 @@ def sections(binary):
 
 
 def crate_of(symbol):
-    """The crate a demangled symbol belongs to: the first path's first segment (`<impl A for B>` counts as B's
-    trait impl's implementer, A)."""
+    """The crate a demangled symbol belongs to: the first path's first segment (`<a::T as b::Trait>::f` counts for
+    crate a, the implementing type's)."""
     s = symbol.lstrip("<&*").removeprefix("mut ").removeprefix("dyn ")
     m = re.match(r"([A-Za-z_][A-Za-z0-9_]*)::", s)
     if m:

@@ -6,11 +6,6 @@ use rand::{Rng, RngCore};
 // reseeded as it goes, so request and trace IDs are unpredictable, at a few instructions a byte (the TLS library's
 // system source cost about 2,400 instructions a call, twice per request: benches/README.md, "Data-path cuts").
 
-/// A `HashMap` with foldhash's hasher (seeded per map), for the maps every request looks into (the route, balancer,
-/// limit, budget, pool and metrics tables): SipHash, std's default, cost about 3,300 instructions a proxied request.
-/// Their keys come from the config and the proxy's own connections, not from what a client sends.
-pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
-
 /// A number in [0, 1): jitter, sampling.
 pub fn random_fraction() -> f64 {
     rand::rng().random()
@@ -25,6 +20,11 @@ pub fn random_u64() -> u64 {
 pub fn random_bytes(buf: &mut [u8]) {
     rand::rng().fill_bytes(buf);
 }
+
+/// A `HashMap` with foldhash's hasher (seeded per map), for the maps every request looks into (the route, balancer,
+/// limit, budget, pool and metrics tables): SipHash, std's default, cost about 3,300 instructions a proxied request.
+/// Their keys come from the config and the proxy's own connections, not from what a client sends.
+pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
 /// A random version-4 UUID (`x-request-id`).
 pub fn request_id() -> String {

@@ -247,9 +247,10 @@ impl Tracer {
         let parent_id = parent.map(|p| p.span_id);
         inject(headers, &context, parent_id, formats);
         // Only an exported span needs its own copy of the tracestate.
-        let tracestate = match self.exports_context(&context) {
-            true => headers.get(TRACESTATE).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string(),
-            false => String::new(),
+        let tracestate = if self.exports_context(&context) {
+            headers.get(TRACESTATE).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string()
+        } else {
+            String::new()
         };
         Hop { context, parent: parent_id, tracestate, kind, start: SystemTime::now() }
     }
