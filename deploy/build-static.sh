@@ -5,7 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TARGET=x86_64-unknown-linux-gnu
-export RUSTFLAGS="-C target-feature=+crt-static"
+# The linker wrapper places the functions a proxy runs together (deploy/link-ordered.sh, deploy/text-order.txt); v0
+# symbol names name each instance of a generic function apart, so the list places only the instances that ran.
+export RUSTFLAGS="-C target-feature=+crt-static -C symbol-mangling-version=v0 -C linker=$PWD/deploy/link-ordered.sh"
 cargo build --release --locked --target "$TARGET" -p ferry --bin ferry
 cargo build --release --locked --target "$TARGET" -p ferry-control -p ferryctl
 OUT="${CARGO_TARGET_DIR:-target}/$TARGET/release"
@@ -17,3 +19,14 @@ for bin in ferry ferry-control ferryctl; do
   "$OUT/$bin" --version >/dev/null
   echo "$OUT/$bin: static, $(du -h "$OUT/$bin" | cut -f1)"
 done
+# The proxy's function order (deploy/link-ordered.sh; Rust >= 1.90, which links with LLD): none of the listed
+# functions found means the list or the wrapper is broken.
+summary=$(ls -t "$OUT"/deps/ferry-*.order.summary 2>/dev/null | head -n 1)
+if [ -z "$summary" ]; then
+  echo "$OUT/ferry: linked without a function order (rustc links with LLD from Rust 1.90; idle memory is higher)"
+elif [ "$(cut -d ' ' -f 1 "$summary")" = 0 ]; then
+  echo "$OUT/ferry: none of deploy/text-order.txt's functions found: $(cat "$summary")" >&2
+  exit 1
+else
+  echo "$OUT/ferry: $(cat "$summary")"
+fi
