@@ -516,6 +516,10 @@ fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
 /// Removes the hop-by-hop fields of RFC 9110 §7.6.1 and those the `Connection` header lists.
 /// `TE: trailers` stays (gRPC needs it); an upgrade keeps `Connection: upgrade` and `Upgrade`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Most messages carry none of them: one pass over the names costs less than a lookup of each.
+    if !keep_upgrade && !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     let listed: Vec<HeaderName> =
         connection_tokens(headers).filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok()).collect();
     for name in listed {
@@ -541,6 +545,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     } else {
         headers.remove(header::UPGRADE);
     }
+}
+
+/// A field `strip_hop_by_hop` removes or rewrites whenever present (others go only when `Connection` lists them).
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(name.as_str(), "connection" | "transfer-encoding" | "te" | "upgrade" | "keep-alive" | "proxy-connection")
 }
 
 #[cfg(test)]
@@ -580,6 +589,12 @@ mod tests {
                 &["trailer"],
                 &["proxy-connection"],
             ),
+            // Each field alone (the pass over the names must find it), and a message with none.
+            (&[("keep-alive", "timeout=5"), ("x-app", "1")], false, &["x-app"], &["keep-alive"]),
+            (&[("transfer-encoding", "chunked")], false, &[], &["transfer-encoding"]),
+            (&[("upgrade", "websocket")], false, &[], &["upgrade"]),
+            (&[("connection", "close")], false, &[], &["connection"]),
+            (&[("x-app", "1"), ("content-length", "0")], false, &["x-app", "content-length"], &[]),
         ];
         for (input, keep, present, absent) in cases {
             let mut h = headers(input);

@@ -49,7 +49,9 @@ fn admit(limit: Option<&ConnectionLimit>) -> Result<Slot, ProxyError> {
     limit.map(ConnectionLimit::admit).transpose()
 }
 
+/// A listed HTTP/1 connection: idle, or still reading the response to the request it was listed after.
 struct Idle {
+    /// When it was listed (its last request went out); the idle timeout counts from here.
     since: Instant,
     tx: http1::SendRequest<ProxyBody>,
 }
@@ -131,30 +133,33 @@ impl Pool {
         }
     }
 
+    /// The most recently listed connection of `addr` that can take a request now. Expired and closed ones are dropped;
+    /// one whose previous response is still being read stays listed.
     fn checkout_h1(&self, addr: SocketAddr) -> Option<http1::SendRequest<ProxyBody>> {
         let mut idle = self.idle.lock().expect("pool lock");
         let list = idle.get_mut(&addr)?;
-        while let Some(conn) = list.pop() {
-            if conn.since.elapsed() < self.idle_timeout && conn.tx.is_ready() {
-                return Some(conn.tx);
+        let mut i = list.len();
+        while i > 0 {
+            i -= 1;
+            if list[i].tx.is_closed() || list[i].since.elapsed() >= self.idle_timeout {
+                list.remove(i);
+            } else if list[i].tx.is_ready() {
+                return Some(list.remove(i).tx);
             }
         }
         None
     }
 
-    /// Returns the connection to the pool once the response body has been read and it can take another request.
-    fn recycle_h1(self: &Arc<Self>, addr: SocketAddr, mut tx: http1::SendRequest<ProxyBody>) {
-        let pool = self.clone();
-        tokio::spawn(async move {
-            if tx.ready().await.is_ok() {
-                let mut idle = pool.idle.lock().expect("pool lock");
-                let list = idle.entry(addr).or_default();
-                list.retain(|c| !c.tx.is_closed());
-                if list.len() < MAX_IDLE_PER_ENDPOINT {
-                    list.push(Idle { since: Instant::now(), tx });
-                }
-            }
-        });
+    /// Lists the connection again as soon as its request went out: it takes the next one once the response has been
+    /// read, which `checkout_h1` sees (no task waits for that per request). Dropping a connection still busy (the list
+    /// is full, or it expired) lets it finish that response and then closes it.
+    fn recycle_h1(&self, addr: SocketAddr, tx: http1::SendRequest<ProxyBody>) {
+        let mut idle = self.idle.lock().expect("pool lock");
+        let list = idle.entry(addr).or_default();
+        list.retain(|c| !c.tx.is_closed());
+        if list.len() < MAX_IDLE_PER_ENDPOINT {
+            list.push(Idle { since: Instant::now(), tx });
+        }
     }
 
     async fn connect_h1(&self, addr: SocketAddr, slot: Slot) -> Result<http1::SendRequest<ProxyBody>, ProxyError> {
