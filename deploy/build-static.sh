@@ -20,8 +20,13 @@ for bin in ferry ferry-control ferryctl; do
   echo "$OUT/$bin: static, $(du -h "$OUT/$bin" | cut -f1)"
 done
 # The proxy's function order (deploy/link-ordered.sh; Rust >= 1.90, which links with LLD): none of the listed
-# functions found means the list or the wrapper is broken.
-summary=$(ls -t "$OUT"/deps/ferry-*.order.summary 2>/dev/null | head -n 1)
+# functions found means the list or the wrapper is broken. The summary is the one of the file cargo hard-linked.
+summary=
+for f in "$OUT"/deps/ferry-*.order.summary; do
+  if [ -f "$f" ] && [ "${f%.order.summary}" -ef "$OUT/ferry" ]; then
+    summary=$f
+  fi
+done
 if [ -z "$summary" ]; then
   echo "$OUT/ferry: linked without a function order (rustc links with LLD from Rust 1.90; idle memory is higher)"
 elif [ "$(cut -d ' ' -f 1 "$summary")" = 0 ]; then

@@ -4,6 +4,8 @@
 # start of .text, so that the kernel, which maps 64 KiB of the binary around each page fault, maps the code an idle
 # proxy ran and not the rest, and with packed relative relocations.
 # Without LLD (rustc before 1.90 links with the system's ld) or without the list, the first link stands.
+# ferry-control and ferryctl link the same way: the list orders the functions they share with the proxy, and RELR
+# shrinks theirs too. Cargo does not track the list: after regenerating it, relink (touch src/main.rs).
 # `link-ordered.sh --keys` reads symbol names on stdin and prints the key each is listed by (benches/text_order.py).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -33,7 +35,11 @@ if [ -z "$lld" ] || [ -z "$out" ] || [ ! -s "$list" ]; then
   echo "link-ordered.sh: linked without a function order (LLD: ${lld:-no}, list: $list)" >&2
   exit 0
 fi
-# Every defined code symbol whose key is listed, in the list's order; LLD places the sections that define them first.
+for tool in nm c++filt; do
+  command -v "$tool" >/dev/null || { echo "link-ordered.sh: $tool (binutils) is missing" >&2; exit 1; }
+done
+# Every defined code symbol whose key is listed, in the list's order (text_order.py's tiers, then names); LLD places
+# the sections that define them first.
 order=$out.order
 nm --defined-only "$out" | awk '$2 ~ /^[tTwW]$/ {print $3}' | sort -u > "$order.names"
 # Demangled names have spaces: the key and the symbol are tab-separated.
@@ -46,5 +52,5 @@ echo "$(cut -f 1 "$order.ranked" | uniq | wc -l) of $(wc -l < "$list") listed fu
   > "$order.summary"
 rm -f "$order.names" "$order.ranked"
 # Packed relative relocations (RELR, glibc >= 2.36): a static PIE's ~30,000 pointer fix-ups take 9 KiB instead
-# of 730 KiB of .rela.dyn, which start-up reads and the page cache keeps mapped.
+# of 729 KiB of .rela.dyn, which start-up reads and the page cache keeps mapped.
 "$cc" "$@" -Wl,--symbol-ordering-file="$order" -Wl,--no-warn-symbol-ordering -Wl,-z,pack-relative-relocs

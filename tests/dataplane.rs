@@ -38,6 +38,49 @@ async fn setup() -> (backend::Backend, Ferry) {
     (app, ferry)
 }
 
+/// A pooled upstream connection whose response is still streaming takes no second request (it would wait behind the
+/// first): the second goes out on a connection of its own and completes while the first is open; after both, the
+/// pool reuses them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_upstream_connection_takes_no_second_request() {
+    let (app, ferry) = setup().await;
+    let (chunks, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+    let stream = tokio_stream::wrappers::ReceiverStream::new(rx).map(|b| Ok::<_, backend::BoxError>(Frame::data(b)));
+    let mut first = h1(ferry.outbound).await;
+    let req = Request::post("/echo").header("host", "echo").body(BodyExt::boxed(StreamBody::new(stream))).unwrap();
+    chunks.send(Bytes::from_static(b"one;")).await.unwrap();
+    let resp = first.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut echoed = resp.into_body();
+    let frame = echoed.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(&frame[..], b"one;", "the first response streams");
+
+    // The first upstream connection is busy: a second request must not queue behind it.
+    let mut second = h1(ferry.outbound).await;
+    let req = Request::get("/hello").header("host", "echo").body(full("")).unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), second.send_request(req))
+        .await
+        .expect("the second request waited for the first one's connection")
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    resp.into_body().collect().await.unwrap();
+
+    chunks.send(Bytes::from_static(b"two;")).await.unwrap();
+    drop(chunks);
+    let rest = echoed.collect().await.unwrap().to_bytes();
+    assert_eq!(&rest[..], b"two;");
+    assert_eq!(app.connections.load(std::sync::atomic::Ordering::SeqCst), 2);
+    // Both are idle now and listed: more requests reuse them.
+    for _ in 0..3 {
+        second.ready().await.unwrap();
+        let req = Request::get("/hello").header("host", "echo").body(full("")).unwrap();
+        let resp = second.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        resp.into_body().collect().await.unwrap();
+    }
+    assert_eq!(app.connections.load(std::sync::atomic::Ordering::SeqCst), 2, "the pool reuses idle connections");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http1_keep_alive_and_chunked_through_outbound_and_inbound() {
     let (app, ferry) = setup().await;

@@ -20,7 +20,7 @@ use crate::policy::concurrency::ConnectionLimit;
 use crate::telemetry::metrics::Metrics;
 use crate::util::FastMap;
 
-/// Idle HTTP/1 connections kept per endpoint.
+/// Idle HTTP/1 connections kept per endpoint (connections still reading a response are listed besides these).
 const MAX_IDLE_PER_ENDPOINT: usize = 64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,9 +49,10 @@ fn admit(limit: Option<&ConnectionLimit>) -> Result<Slot, ProxyError> {
     limit.map(ConnectionLimit::admit).transpose()
 }
 
-/// A listed HTTP/1 connection: idle, or still reading the response to the request it was listed after.
+/// A listed HTTP/1 connection: idle, or still reading the response it was listed at.
 struct Idle {
-    /// When it was listed (its last request went out); the idle timeout counts from here.
+    /// When it was listed (its last response's headers arrived); the idle timeout counts from here, so a connection
+    /// whose response body took longer than the idle timeout is not reused.
     since: Instant,
     tx: http1::SendRequest<ProxyBody>,
 }
@@ -138,10 +139,11 @@ impl Pool {
     fn checkout_h1(&self, addr: SocketAddr) -> Option<http1::SendRequest<ProxyBody>> {
         let mut idle = self.idle.lock().expect("pool lock");
         let list = idle.get_mut(&addr)?;
+        let now = Instant::now();
         let mut i = list.len();
         while i > 0 {
             i -= 1;
-            if list[i].tx.is_closed() || list[i].since.elapsed() >= self.idle_timeout {
+            if list[i].tx.is_closed() || now.duration_since(list[i].since) >= self.idle_timeout {
                 list.remove(i);
             } else if list[i].tx.is_ready() {
                 return Some(list.remove(i).tx);
@@ -150,14 +152,15 @@ impl Pool {
         None
     }
 
-    /// Lists the connection again as soon as its request went out: it takes the next one once the response has been
-    /// read, which `checkout_h1` sees (no task waits for that per request). Dropping a connection still busy (the list
-    /// is full, or it expired) lets it finish that response and then closes it.
+    /// Lists the connection again as soon as its response's headers arrived: it takes the next request once the
+    /// body has been read, which `checkout_h1` sees (no task waits for that per request). Only idle connections count
+    /// against `MAX_IDLE_PER_ENDPOINT`; busy ones are at most the connections open. A connection dropped while busy
+    /// (expired) finishes its response and then closes.
     fn recycle_h1(&self, addr: SocketAddr, tx: http1::SendRequest<ProxyBody>) {
         let mut idle = self.idle.lock().expect("pool lock");
         let list = idle.entry(addr).or_default();
         list.retain(|c| !c.tx.is_closed());
-        if list.len() < MAX_IDLE_PER_ENDPOINT {
+        if list.iter().filter(|c| c.tx.is_ready()).count() < MAX_IDLE_PER_ENDPOINT {
             list.push(Idle { since: Instant::now(), tx });
         }
     }
