@@ -612,14 +612,7 @@ def per_request(args, work, label, start, url, host, requests, load_cpu, proxy_c
     grind = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={outs}/out.%p"]
     procs = start(grind)
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                wait_http(url, {"Host": host}, timeout=5)
-                break
-            except RuntimeError:
-                if time.time() > deadline:
-                    raise
+        wait_http(url, {"Host": host}, timeout=120)
         oha_count(url, host, 200, load_cpu)
         for p in procs:
             subprocess.run(["callgrind_control", "-i", "on", str(p.pid)], capture_output=True, check=True, timeout=60)

@@ -38,9 +38,8 @@ async fn setup() -> (backend::Backend, Ferry) {
     (app, ferry)
 }
 
-/// A pooled upstream connection whose response is still streaming takes no second request (it would wait behind the
-/// first): the second goes out on a connection of its own and completes while the first is open; after both, the
-/// pool reuses them.
+/// A pooled upstream connection whose response is still streaming takes no second request: the second goes out on a
+/// connection of its own and completes while the first is open; after both, the pool reuses them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_busy_upstream_connection_takes_no_second_request() {
     let (app, ferry) = setup().await;
@@ -108,8 +107,8 @@ async fn http1_keep_alive_and_chunked_through_outbound_and_inbound() {
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(&body[..], b"part0;part1;part2;part3;part4;");
     }
-    // Eight requests reached the app over pooled upstream connections (returned to the pool asynchronously, so
-    // allow a second one per listener), not one connection each.
+    // Eight requests reached the app over pooled upstream connections (allowing a second one per listener), not one
+    // connection each.
     let upstream = app.connections.load(std::sync::atomic::Ordering::SeqCst);
     assert!(upstream <= 3, "{upstream} upstream connections for 8 sequential requests: the pool is not reused");
     // Absolute-form (explicit proxy style) routes by the URI's authority.
