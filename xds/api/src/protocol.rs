@@ -30,6 +30,47 @@ pub const TYPE_COUNT: usize = 6;
 pub const NODE_SERVICE: &str = "service";
 pub const NODE_INBOUND_PORT: &str = "inboundPort";
 
+/// On-demand subscriptions: a proxy subscribes to the Service type by an address it was asked to reach, and the
+/// control plane answers with the Services that address names (each carrying the subscribed name among its
+/// `aliases`), or with the name in `removed_resources` when none does. Every other Service name is `namespace/name`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Alias {
+    /// `ip/<address>`: a Service VIP (an IP among its `addresses`) or the IP of one of its endpoints (a pod).
+    Ip(std::net::IpAddr),
+    /// `host/<name>`: a host among a Service's `addresses`, `<name>.<namespace>` or
+    /// `<name>.<namespace>.svc.cluster.local` (lower case, no trailing dot; a bare name is qualified with the
+    /// caller's namespace before it is sent).
+    Host(String),
+}
+
+impl Alias {
+    /// The alias of a host as a request names it (an IP literal, bracketed or not, is an `Ip` alias).
+    pub fn of_host(host: &str) -> Alias {
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
+        match bare.parse() {
+            Ok(ip) => Alias::Ip(ip),
+            Err(_) => Alias::Host(host.trim_end_matches('.').to_ascii_lowercase()),
+        }
+    }
+
+    /// The subscription name.
+    pub fn name(&self) -> String {
+        match self {
+            Alias::Ip(ip) => format!("ip/{ip}"),
+            Alias::Host(host) => format!("host/{host}"),
+        }
+    }
+
+    /// The alias a subscription name stands for (`None`: a plain `namespace/name`).
+    pub fn parse(name: &str) -> Option<Alias> {
+        if let Some(ip) = name.strip_prefix("ip/") {
+            return ip.parse().ok().map(Alias::Ip);
+        }
+        let host = name.strip_prefix("host/")?;
+        (!host.is_empty()).then(|| Alias::of_host(host)).filter(|a| matches!(a, Alias::Host(_)))
+    }
+}
+
 /// The DNS name the control plane's serving certificate always carries (besides `localhost` and loopback IPs).
 pub const CONTROL_PLANE_NAME: &str = "ferry-control";
 
@@ -193,6 +234,29 @@ kind: TrafficPolicy
 metadata: {name: payments, namespace: shop}
 spec: {targetRef: {kind: Service, name: payments}, timeout: 2s}
 "#;
+
+    #[test]
+    fn aliases_name_addresses() {
+        let cases: [(&str, Option<Alias>); 8] = [
+            ("ip/10.96.0.7", Some(Alias::Ip("10.96.0.7".parse().unwrap()))),
+            ("ip/fd00::7", Some(Alias::Ip("fd00::7".parse().unwrap()))),
+            ("host/payments.shop", Some(Alias::Host("payments.shop".into()))),
+            ("ip/nope", None),
+            ("host/", None),
+            // An IP is always named as one.
+            ("host/10.0.0.1", None),
+            ("shop/payments", None),
+            ("payments", None),
+        ];
+        for (name, alias) in cases {
+            assert_eq!(Alias::parse(name), alias, "{name}");
+            if let Some(alias) = alias {
+                assert_eq!(alias.name(), name);
+            }
+        }
+        assert_eq!(Alias::of_host("Payments.Shop."), Alias::Host("payments.shop".into()));
+        assert_eq!(Alias::of_host("[::1]"), Alias::Ip("::1".parse().unwrap()));
+    }
 
     #[test]
     fn round_trip_and_refusals() {

@@ -2,7 +2,8 @@
 //! versioned by its content, each Service's endpoints extended by the registrations its identities allow, and what
 //! each Workload resource binds its proxy to (the Services selecting it, its pod).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -14,7 +15,7 @@ use sha2::{Digest, Sha256};
 use super::registry::Registration;
 use ferry_api::config::{Document, Endpoint};
 use ferry_api::hex;
-use ferry_api::protocol::{self, TYPES};
+use ferry_api::protocol::{self, Alias, TYPES};
 use ferry_api::workload::{PodBinding, SelectingService, WorkloadRecord};
 
 /// One published resource.
@@ -23,7 +24,8 @@ pub(super) struct Entry {
     pub(super) version: Arc<str>,
     /// The xDS `Resource` message (name, version, `Any`), encoded once per generation and shared by every push.
     pub(super) encoded: Bytes,
-    /// AuthorizationPolicy: the `namespace/name` of the Service it protects (only that Service's proxies get it).
+    /// The `namespace/name` of the Service it is for: an AuthorizationPolicy's (only that Service's proxies get
+    /// it), a TrafficPolicy's, a route set's (on-demand proxies get them with the Service).
     pub(super) target: Option<Arc<str>>,
 }
 
@@ -70,6 +72,67 @@ pub struct Model {
     pub generation: u64,
     pub(super) types: [BTreeMap<Arc<str>, Entry>; protocol::TYPE_COUNT],
     pub(super) bound: BTreeMap<Arc<str>, Bound>,
+    pub(super) index: Index,
+}
+
+/// What an on-demand proxy's subscriptions resolve through, built with the model.
+#[derive(Debug, Default)]
+pub(super) struct Index {
+    /// Service names by an IP among their `addresses` (a VIP) or an endpoint's IP.
+    pub(super) by_ip: HashMap<IpAddr, BTreeSet<Arc<str>>>,
+    /// Service names by host: their `addresses`' hosts, `name.namespace`, `name.namespace.svc.cluster.local`.
+    pub(super) by_host: HashMap<String, BTreeSet<Arc<str>>>,
+    /// Per type, the names of the resources for each Service (`namespace/name`): TrafficPolicies, AuthorizationPolicies
+    /// and route sets by their `target`.
+    pub(super) by_target: [HashMap<Arc<str>, Vec<Arc<str>>>; protocol::TYPE_COUNT],
+    /// The Services each route set sends to (its rules' backends and mirrors).
+    pub(super) backends: HashMap<Arc<str>, Vec<Arc<str>>>,
+    /// Per type, the raw resources of the overlay (tests only): every proxy subscribed to the type gets them.
+    pub(super) overlaid: [Vec<Arc<str>>; protocol::TYPE_COUNT],
+}
+
+impl Index {
+    /// The Services an alias names (none: the answer is "no such destination").
+    pub(super) fn resolve(&self, alias: &Alias) -> Option<&BTreeSet<Arc<str>>> {
+        match alias {
+            Alias::Ip(ip) => self.by_ip.get(ip),
+            Alias::Host(host) => self.by_host.get(host.as_str()),
+        }
+    }
+
+    /// `services` with everything they depend on: the Services their route sets send to, transitively.
+    pub(super) fn closure(&self, services: &mut BTreeSet<Arc<str>>) {
+        let mut queue: Vec<Arc<str>> = services.iter().cloned().collect();
+        while let Some(service) = queue.pop() {
+            for set in self.by_target[ROUTES].get(&service).into_iter().flatten() {
+                for backend in self.backends.get(set).into_iter().flatten() {
+                    if services.insert(backend.clone()) {
+                        queue.push(backend.clone());
+                    }
+                }
+            }
+        }
+    }
+
+    fn add_service(&mut self, name: &Arc<str>, svc: &ferry_api::config::Service) {
+        let (ns, short) = (&svc.metadata.namespace, &svc.metadata.name);
+        let implicit = [format!("{short}.{ns}"), format!("{short}.{ns}.svc.cluster.local")];
+        for address in &svc.spec.addresses {
+            match Alias::of_host(ferry_api::config::split_host_port(address).0) {
+                Alias::Ip(ip) => self.by_ip.entry(ip).or_default().insert(name.clone()),
+                Alias::Host(host) => self.by_host.entry(host).or_default().insert(name.clone()),
+            };
+        }
+        for host in implicit {
+            self.by_host.entry(host).or_default().insert(name.clone());
+        }
+        for e in &svc.spec.endpoints {
+            let ip = e.address.parse::<SocketAddr>().map(|a| a.ip()).or_else(|_| e.address.parse::<IpAddr>());
+            if let Ok(ip) = ip {
+                self.by_ip.entry(ip).or_default().insert(name.clone());
+            }
+        }
+    }
 }
 
 pub(super) fn type_index(type_url: &str) -> Option<usize> {
@@ -103,12 +166,24 @@ impl Model {
         }
         // HTTPRoutes travel as route sets (per Service and route namespace), their backends resolved here.
         for set in ferry_api::config::route_sets(&documents) {
-            let name = set.name();
-            model.types[ROUTES].insert(name.as_str().into(), Entry::new(&name, protocol::encode_routes(&set), None));
+            let name: Arc<str> = set.name().into();
+            let target: Arc<str> = format!("{}/{}", set.service_namespace, set.service).into();
+            let rules = set.routes.iter().flat_map(|r| &r.rules);
+            let mut backends: Vec<Arc<str>> = rules
+                .flat_map(|rule| rule.backends.iter().chain(&rule.mirrors))
+                .filter(|b| b.unresolved.is_none())
+                .map(|b| format!("{}/{}", b.namespace, b.name).into())
+                .collect();
+            backends.sort();
+            backends.dedup();
+            model.index.backends.insert(name.clone(), backends);
+            model.index.by_target[ROUTES].entry(target.clone()).or_default().push(name.clone());
+            let entry = Entry::new(&name, protocol::encode_routes(&set), Some(target));
+            model.types[ROUTES].insert(name, entry);
         }
         for mut doc in documents {
             let name = protocol::resource_name(&doc);
-            let mut target = None;
+            let mut target: Option<Arc<str>> = None;
             match &mut doc {
                 Document::Service(svc) => {
                     let mut endpoints: Vec<Endpoint> = registrations
@@ -137,12 +212,21 @@ impl Model {
                 Document::AuthorizationPolicy(p) => {
                     target = Some(format!("{}/{}", p.metadata.namespace, p.spec.target_ref.name).into());
                 }
-                Document::TrafficPolicy(_) => {}
+                Document::TrafficPolicy(p) => {
+                    target = Some(format!("{}/{}", p.metadata.namespace, p.spec.target_ref.name).into());
+                }
                 Document::HttpRoute(_) | Document::GrpcRoute(_) | Document::ReferenceGrant(_) => continue,
             }
             let Some(any) = protocol::encode(&doc) else { continue };
             let index = type_index(&any.type_url).expect("every document kind has a type");
-            model.types[index].insert(name.as_str().into(), Entry::new(&name, any, target));
+            let key: Arc<str> = name.as_str().into();
+            if let Document::Service(svc) = &doc {
+                model.index.add_service(&key, svc);
+            }
+            if let Some(target) = &target {
+                model.index.by_target[index].entry(target.clone()).or_default().push(key.clone());
+            }
+            model.types[index].insert(key, Entry::new(&name, any, target));
         }
         model
     }
@@ -151,6 +235,7 @@ impl Model {
     /// [`Xds::overlay`](super::Xds::overlay)).
     pub(super) fn overlay(&mut self, name: &str, any: Any) {
         if let Some(index) = type_index(&any.type_url) {
+            self.index.overlaid[index].push(name.into());
             self.types[index].insert(name.into(), Entry::new(name, any, None));
         }
     }

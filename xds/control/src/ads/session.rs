@@ -2,7 +2,7 @@
 //! NACKs, and the pushes due — at most one un-ACKed per type, in an order that never makes a Service live without
 //! its policies — each built from the model's shared encodings and framed for the wire.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -10,10 +10,10 @@ use bytes::{BufMut, Bytes, BytesMut};
 use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 use tonic::Status;
 
-use super::model::{AUTHZ, Model, ROUTES, SERVICES, TRAFFIC, TRUST, WORKLOAD, type_index};
+use super::model::{AUTHZ, Bound, Entry, Model, ROUTES, SERVICES, TRAFFIC, TRUST, WORKLOAD, type_index};
 use super::status::{Nack, ProxyStatus};
 use crate::metrics::ControlMetrics;
-use ferry_api::protocol::{TYPES, short_type};
+use ferry_api::protocol::{Alias, TYPES, short_type};
 
 /// Named subscriptions per type and stream beyond this are refused (a proxy wanting more subscribes with `*`).
 pub(super) const MAX_SUBSCRIBED_NAMES: usize = 10_000;
@@ -123,6 +123,14 @@ impl Session {
             return Err(Status::invalid_argument(format!("a resource name or version over {MAX_NAME_BYTES} bytes")));
         }
         let type_url = TYPES[index];
+        if index == SERVICES && !(r.resource_names_subscribe.is_empty() && r.resource_names_unsubscribe.is_empty()) {
+            // What an on-demand proxy gets of the other types follows the Services it subscribes to.
+            for other in [TRAFFIC, ROUTES] {
+                if let Some(t) = self.types.get_mut(TYPES[other]) {
+                    t.dirty = true;
+                }
+            }
+        }
         let first = !self.types.contains_key(type_url);
         let t = self.types.entry(type_url).or_default();
         // Only a subscription change calls for a new diff at the same generation (not an ACK).
@@ -213,6 +221,29 @@ impl Session {
         Ok(())
     }
 
+    /// An on-demand proxy subscribes to Services by name or by address ([`Alias`]), not with `*`: it gets only
+    /// those, the Services its pod serves and the backends of their routes, with their TrafficPolicies and route sets.
+    fn on_demand(&self) -> bool {
+        self.types.get(TYPES[SERVICES]).is_some_and(|t| !t.wildcard)
+    }
+
+    /// The Services an on-demand proxy gets at this generation.
+    fn wanted_services(&self, model: &Model, bound: Option<&Bound>) -> BTreeSet<Arc<str>> {
+        let mut wanted = BTreeSet::new();
+        let known = |name: &str| model.types[SERVICES].get_key_value(name).map(|(key, _)| key.clone());
+        for name in self.types.get(TYPES[SERVICES]).into_iter().flat_map(|t| &t.names) {
+            match Alias::parse(name) {
+                Some(alias) => wanted.extend(model.index.resolve(&alias).into_iter().flatten().cloned()),
+                None => wanted.extend(known(name)),
+            }
+        }
+        for served in bound.map(|b| &b.services).into_iter().flatten().chain(&self.served) {
+            wanted.extend(known(served));
+        }
+        model.index.closure(&mut wanted);
+        wanted
+    }
+
     /// The pushes due now: per type with no push in flight, what changed since the proxy's state.
     pub(super) fn due(&mut self, model: &Model, status: &ProxyStatus) -> Vec<Push> {
         let mut out = Vec::new();
@@ -221,6 +252,7 @@ impl Session {
         // never live without its policies (a policy for a Service the proxy does not serve yet is harmless). Route
         // sets go last: a new backend Service (a canary) is known before a route sends traffic to it.
         let bound = model.bound.get(&self.workload);
+        let wanted = self.on_demand().then(|| self.wanted_services(model, bound));
         for index in [TRUST, AUTHZ, TRAFFIC, WORKLOAD, SERVICES, ROUTES] {
             let type_url = &TYPES[index];
             // A new Workload waits while a policy push is in flight (or was refused): it would otherwise reach the
@@ -235,6 +267,7 @@ impl Session {
                             .get(short_type(TYPES[i]))
                             .is_some_and(|s| s.nacked.is_some())
                 });
+            let served = &self.served;
             let Some(t) = self.types.get_mut(type_url) else { continue };
             if t.pending.is_some() {
                 continue;
@@ -248,38 +281,82 @@ impl Session {
                 continue;
             }
             t.dirty = false;
-            let mut resources = Vec::new();
-            let mut undo = Vec::new();
-            let mut wanted = HashSet::new();
-            for (name, entry) in &model.types[index] {
-                if !(t.wildcard || t.names.contains(&**name)) {
-                    continue;
+            // Only the candidates are looked at: a proxy's own Workload, and for an on-demand proxy the resources
+            // of the Services it gets (a change elsewhere in the mesh costs its stream a few lookups).
+            let overlaid = model.index.overlaid[index].iter().filter_map(|n| model.types[index].get_key_value(n));
+            let candidates: Vec<(&Arc<str>, &Entry)> = match (index, &wanted) {
+                (WORKLOAD, _) => model.types[index].get_key_value(&*self.workload).into_iter().collect(),
+                (SERVICES, Some(wanted)) => {
+                    wanted.iter().filter_map(|n| model.types[index].get_key_value(n)).chain(overlaid).collect()
                 }
-                if index == WORKLOAD && *name != self.workload {
+                (TRAFFIC | ROUTES | AUTHZ, Some(wanted)) => {
+                    let services: Box<dyn Iterator<Item = &str>> = match index {
+                        AUTHZ => {
+                            Box::new(bound.into_iter().flat_map(|b| &b.services).chain(served).map(String::as_str))
+                        }
+                        _ => Box::new(wanted.iter().map(|s| &**s)),
+                    };
+                    let mut names: Vec<&Arc<str>> =
+                        services.flat_map(|s| model.index.by_target[index].get(s).into_iter().flatten()).collect();
+                    names.sort_unstable();
+                    names.dedup();
+                    names.into_iter().filter_map(|n| model.types[index].get_key_value(n)).chain(overlaid).collect()
+                }
+                _ => model.types[index].iter().collect(),
+            };
+            let mut resources: Vec<(Arc<str>, Bytes)> = Vec::new();
+            let mut undo = Vec::new();
+            let mut wanted_here = HashSet::new();
+            for (name, entry) in candidates {
+                if !(t.wildcard || t.names.contains(&**name) || (index == SERVICES && wanted.is_some())) {
                     continue;
                 }
                 // An AuthorizationPolicy goes to the proxies of the pods its Service selects (or selected in the
                 // Workload they were last sent).
-                if let Some(target) = &entry.target
+                if index == AUTHZ
+                    && let Some(target) = &entry.target
                     && !bound.is_some_and(|b| b.services.contains(&**target))
-                    && !self.served.contains(&**target)
+                    && !served.contains(&**target)
                 {
                     continue;
                 }
-                wanted.insert(name.clone());
+                if !wanted_here.insert(name.clone()) {
+                    continue;
+                }
                 if t.known.get(name) != Some(&entry.version) {
                     undo.push((name.clone(), t.known.insert(name.clone(), entry.version.clone())));
-                    resources.push(entry.encoded.clone());
+                    resources.push((name.clone(), entry.encoded.clone()));
                 }
             }
             let mut removed: Vec<String> =
-                t.known.keys().filter(|n| !wanted.contains(*n)).map(|n| n.to_string()).collect();
-            // A subscribed name that does not exist is answered as removed (the proxy then knows it is absent).
+                t.known.keys().filter(|n| !wanted_here.contains(*n)).map(|n| n.to_string()).collect();
+            // A subscribed name is answered even if nothing changed: an alias by the Services it names, each carrying
+            // it among its aliases (sent again if the proxy holds it), and any name that names nothing as removed
+            // (the proxy then knows it is absent: a negative answer).
+            let mut aliased: BTreeMap<Arc<str>, Vec<String>> = BTreeMap::new();
             for name in t.unanswered.drain() {
-                if !wanted.contains(name.as_str()) && !removed.contains(&name) {
-                    removed.push(name);
+                let alias = if index == SERVICES { Alias::parse(&name) } else { None };
+                let named = alias.as_ref().and_then(|a| model.index.resolve(a)).filter(|s| !s.is_empty());
+                match named {
+                    Some(services) => {
+                        for service in services.iter().filter(|s| wanted_here.contains(*s)) {
+                            aliased.entry(service.clone()).or_default().push(name.clone());
+                        }
+                    }
+                    None if !wanted_here.contains(name.as_str()) && !removed.contains(&name) => removed.push(name),
+                    None => {}
                 }
             }
+            for (service, mut aliases) in aliased {
+                aliases.sort();
+                let entry = &model.types[SERVICES][&service];
+                let encoded = with_aliases(&entry.encoded, &aliases);
+                match resources.iter_mut().find(|(n, _)| *n == service) {
+                    Some(sent) => sent.1 = encoded,
+                    None => resources.push((service, encoded)),
+                }
+            }
+            let resources: Vec<Bytes> = resources.into_iter().map(|(_, bytes)| bytes).collect();
             for name in &removed {
                 if let Some((name, version)) = t.known.remove_entry(name.as_str()) {
                     undo.push((name, Some(version)));
@@ -317,4 +394,11 @@ impl Session {
         }
         out
     }
+}
+
+/// A resource's encoding with `aliases` added (field 4 of `Resource`, appended: protobuf merges repeated fields).
+fn with_aliases(encoded: &Bytes, aliases: &[String]) -> Bytes {
+    let mut buf = BytesMut::from(&encoded[..]);
+    prost::encoding::string::encode_repeated(4, aliases, &mut buf);
+    buf.freeze()
 }

@@ -374,3 +374,147 @@ fn each_proxy_gets_its_own_workload_and_the_policies_of_the_services_selecting_i
     assert!(check_pod(bound, &pod("u0"), from("10.0.0.5")).unwrap_err().contains("replaced"));
     assert!(check_pod(bound, &pod("u1"), from("10.0.0.9")).unwrap_err().contains("comes from 10.0.0.9"));
 }
+
+const MESH: &str = r#"
+apiVersion: ferry.dev/v1alpha1
+kind: Service
+metadata: {name: api, namespace: demo}
+spec: {ports: [{port: 80}], addresses: ["10.96.0.10", "api.example:80"], endpoints: [{address: "10.0.0.1:8080", identity: api}]}
+---
+apiVersion: ferry.dev/v1alpha1
+kind: Service
+metadata: {name: canary, namespace: demo}
+spec: {ports: [{port: 80}]}
+---
+apiVersion: ferry.dev/v1alpha1
+kind: Service
+metadata: {name: web, namespace: demo}
+spec: {ports: [{port: 80}]}
+---
+apiVersion: ferry.dev/v1alpha1
+kind: Service
+metadata: {name: db, namespace: demo}
+spec: {ports: [{port: 5432}], addresses: ["10.96.0.20"]}
+---
+apiVersion: ferry.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: api, namespace: demo}
+spec: {targetRef: {kind: Service, name: api}, timeout: 2s}
+---
+apiVersion: ferry.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: db, namespace: demo}
+spec: {targetRef: {kind: Service, name: db}, timeout: 3s}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: api-canary, namespace: demo}
+spec:
+  parentRefs: [{group: '', kind: Service, name: api, port: 80}]
+  rules: [{backendRefs: [{name: api, port: 80, weight: 9}, {name: canary, port: 80, weight: 1}]}]
+"#;
+
+/// One round of an on-demand session: (type, names, removed, aliases per name) of each push, each then ACKed.
+fn round(s: &mut Session, model: &Model, status: &ProxyStatus) -> Vec<(String, Vec<String>, Vec<String>)> {
+    let metrics = ControlMetrics::new();
+    let mut seen = Vec::new();
+    for push in s.due(model, status) {
+        let wire = wire(&push);
+        let mut names: Vec<String> = wire
+            .resources
+            .iter()
+            .map(|r| if r.aliases.is_empty() { r.name.clone() } else { format!("{} {}", r.name, r.aliases.join(" ")) })
+            .collect();
+        names.sort();
+        seen.push((short_type(&wire.type_url).to_string(), names, wire.removed_resources.clone()));
+        s.on_request(request(&wire.type_url, &[], &wire.nonce, None), status, &metrics, "n").unwrap();
+    }
+    seen
+}
+
+#[test]
+fn an_on_demand_proxy_gets_what_it_subscribes_to_and_what_that_depends_on() {
+    let metrics = ControlMetrics::new();
+    let status = proxy_status("web", Some("demo/web"));
+    let selecting = SelectingService {
+        namespace: "demo".into(),
+        name: "web".into(),
+        ports: vec![(80, ferry_api::PortProtocol::Http)],
+    };
+    let record = WorkloadRecord { workload: Workload::new(vec![selecting], DefaultInbound::Deny), pod: None };
+    let workloads = BTreeMap::from([(status.workload.to_string(), record)]);
+    let docs = ferry_api::parse_documents(MESH).unwrap();
+    let model = |generation, docs: &[Document]| Model::build(generation, docs.to_vec(), &[], None, &workloads);
+    let m1 = model(1, &docs);
+    let mut s =
+        Session { id: 1, workload: status.workload.clone(), served: BTreeSet::new(), types: HashMap::new(), nonces: 0 };
+    let subscribe = |s: &mut Session, names: &[&str], unsubscribe: &[&str]| {
+        let mut r = request(protocol::SERVICE_TYPE, names, "", None);
+        r.resource_names_unsubscribe = unsubscribe.iter().map(|n| n.to_string()).collect();
+        s.on_request(r, &status, &metrics, "n").unwrap();
+    };
+    // The first request opts out of the wildcard and names nothing: the proxy gets what its pod serves.
+    subscribe(&mut s, &[], &["*"]);
+    for t in [protocol::TRAFFIC_POLICY_TYPE, protocol::ROUTE_SET_TYPE, protocol::WORKLOAD_TYPE] {
+        s.on_request(request(t, &["*"], "", None), &status, &metrics, "n").unwrap();
+    }
+    let v = |x: &[&str]| x.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let first = round(&mut s, &m1, &status);
+    assert_eq!(
+        first,
+        [
+            ("TrafficPolicy".into(), v(&[]), v(&[])),
+            ("Service".into(), v(&["demo/web"]), v(&[])),
+            ("RouteSet".into(), v(&[]), v(&[])),
+        ]
+    );
+    // (The Workload waits for the policies' ACK.)
+    assert_eq!(round(&mut s, &m1, &status), [("Workload".into(), v(&["local/demo/web"]), v(&[]))]);
+    // A VIP: its Service (carrying the alias), the canary its route sends to, the policy and the route set.
+    subscribe(&mut s, &["ip/10.96.0.10"], &[]);
+    assert_eq!(
+        round(&mut s, &m1, &status),
+        [
+            ("TrafficPolicy".into(), v(&["demo/api"]), v(&[])),
+            ("Service".into(), v(&["demo/api ip/10.96.0.10", "demo/canary"]), v(&[])),
+            ("RouteSet".into(), v(&["demo/api/demo"]), v(&[])),
+        ]
+    );
+    // The same Service by a pod's IP and by host: sent again with the alias; a name nothing has: removed.
+    subscribe(&mut s, &["ip/10.0.0.1", "host/api.example", "host/nothing.demo"], &[]);
+    let mut again = round(&mut s, &m1, &status);
+    again[0].2.sort();
+    assert_eq!(again, [("Service".into(), v(&["demo/api host/api.example ip/10.0.0.1"]), v(&["host/nothing.demo"]))]);
+    // A change to a Service this proxy does not call reaches it not at all; a change to one it calls does.
+    let mut changed = docs.clone();
+    for doc in &mut changed {
+        if let Document::Service(svc) = doc
+            && svc.metadata.name == "db"
+        {
+            svc.spec.ports[0].port = 5433;
+        }
+    }
+    assert!(round(&mut s, &model(2, &changed), &status).is_empty());
+    for doc in &mut changed {
+        if let Document::Service(svc) = doc
+            && svc.metadata.name == "canary"
+        {
+            svc.spec.addresses.push("canary.example".into());
+        }
+    }
+    assert_eq!(round(&mut s, &model(3, &changed), &status), [("Service".into(), v(&["demo/canary"]), v(&[]))]);
+    // Released: what only those names brought is removed, what the pod serves stays.
+    subscribe(&mut s, &[], &["ip/10.96.0.10", "ip/10.0.0.1", "host/api.example", "host/nothing.demo"]);
+    let mut released = round(&mut s, &model(3, &changed), &status);
+    for r in &mut released {
+        r.2.sort();
+    }
+    assert_eq!(
+        released,
+        [
+            ("TrafficPolicy".into(), v(&[]), v(&["demo/api"])),
+            ("Service".into(), v(&[]), v(&["demo/api", "demo/canary"])),
+            ("RouteSet".into(), v(&[]), v(&["demo/api/demo"])),
+        ]
+    );
+}
