@@ -87,6 +87,15 @@ pub async fn run(settings: Settings, log: Option<LogHandle>) -> Result<(), Start
         }
         None if let Some(control) = &settings.control => {
             tokio::spawn(crate::identity::run(control.clone(), tls.clone(), metrics.clone()));
+            if settings.on_demand {
+                let od = Arc::new(crate::discovery::on_demand::OnDemand::new(
+                    settings.subscription_idle,
+                    settings.negative_ttl,
+                ));
+                let _ = store.on_demand.set(od.clone());
+                let live = store.clone();
+                tokio::spawn(od.run_sweeper(move |name| live.load().service_used(name)));
+            }
             tokio::spawn(crate::discovery::xds::run(settings.clone(), store.clone(), metrics.clone(), tls.clone()));
         }
         None => tracing::info!(

@@ -19,6 +19,10 @@ pub type ResponseFuture =
 pub enum ProxyError {
     #[error("{0}")]
     NoRoute(String),
+    /// An on-demand proxy has no answer for an address inside the mesh's ranges (the control plane down or slow):
+    /// refused rather than called in plaintext.
+    #[error("{0}")]
+    Undiscovered(String),
     /// HTTPRoutes attach to the Service and none of their rules matches (GAMMA: rejected; the HTTPRoute spec: 404).
     #[error("{0}")]
     RouteNotFound(String),
@@ -116,6 +120,7 @@ impl ProxyError {
     pub fn reason(&self) -> &'static str {
         match self {
             ProxyError::NoRoute(_) => "no-route",
+            ProxyError::Undiscovered(_) => "undiscovered",
             ProxyError::RouteNotFound(_) => "route-not-found",
             ProxyError::BackendNotFound(_) => "backend-not-found",
             ProxyError::NoHealthyEndpoints(_) => "no-healthy-endpoints",
@@ -140,7 +145,7 @@ impl ProxyError {
             | ProxyError::ConnectTimeout(_)
             | ProxyError::UpstreamReset { .. }
             | ProxyError::Tls(_) => StatusCode::BAD_GATEWAY,
-            ProxyError::NoHealthyEndpoints(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::NoHealthyEndpoints(_) | ProxyError::Undiscovered(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::RouteNotFound(_) => StatusCode::NOT_FOUND,
             ProxyError::BackendNotFound(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
@@ -220,6 +225,7 @@ mod tests {
         let cases = [
             (ProxyError::NoRoute("x".into()), 502, "no-route", 14),
             (ProxyError::NoHealthyEndpoints("x".into()), 503, "no-healthy-endpoints", 14),
+            (ProxyError::Undiscovered("x".into()), 503, "undiscovered", 14),
             (ProxyError::RouteNotFound("x".into()), 404, "route-not-found", 12),
             (ProxyError::BackendNotFound("x".into()), 500, "backend-not-found", 14),
             (

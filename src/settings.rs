@@ -60,6 +60,16 @@ pub struct Settings {
     pub app_probes: std::collections::BTreeMap<String, AppProbe>,
     /// The pod's IP (`FERRY_POD_IP`, from the downward API), where app probes go; default 127.0.0.1.
     pub pod_ip: std::net::IpAddr,
+    /// With a control plane: subscribe to the Services this proxy calls, on first use (`FERRY_ON_DEMAND`, default
+    /// on), rather than to every Service of the mesh.
+    pub on_demand: bool,
+    /// An on-demand subscription unused this long is released (`FERRY_SUBSCRIPTION_IDLE`).
+    #[serde(serialize_with = "as_text")]
+    pub subscription_idle: Duration,
+    /// How long the answer "no Service there" is kept before the control plane is asked again
+    /// (`FERRY_NEGATIVE_TTL`).
+    #[serde(serialize_with = "as_text")]
+    pub negative_ttl: Duration,
 }
 
 /// Where and how the proxy reaches ferry-control.
@@ -147,6 +157,10 @@ pub mod defaults {
     pub const IDLE_TIMEOUT: &str = "1h";
     pub const TRACE_SAMPLING: &str = "0.01";
     pub const MIRROR_MAX_IN_FLIGHT: usize = 100;
+    /// Linkerd's proxy drops an idle destination's discovery after a minute; a caller that calls every few minutes
+    /// should not pay the first-call wait each time.
+    pub const SUBSCRIPTION_IDLE: &str = "5m";
+    pub const NEGATIVE_TTL: &str = "30s";
 
     /// Open connections per listener: a fifth of what the open-file limit leaves after 64 for the process itself
     /// (each downstream connection may hold an upstream one, and there are two listeners), at most 100,000; 1,024
@@ -259,6 +273,13 @@ impl Settings {
                 "FERRY_POD_IP",
                 &env.raw("FERRY_POD_IP").filter(|s| !s.is_empty()).unwrap_or("127.0.0.1".into()),
             )?,
+            on_demand: match env.raw("FERRY_ON_DEMAND").as_deref() {
+                None | Some("") | Some("on") | Some("true") => true,
+                Some("off") | Some("false") => false,
+                Some(other) => return Err(env.error("FERRY_ON_DEMAND", other, "must be on or off")),
+            },
+            subscription_idle: env.duration("FERRY_SUBSCRIPTION_IDLE", defaults::SUBSCRIPTION_IDLE)?,
+            negative_ttl: env.duration("FERRY_NEGATIVE_TTL", defaults::NEGATIVE_TTL)?,
         };
         if !(0.0..=1.0).contains(&s.trace_sampling) {
             let value = s.trace_sampling.to_string();
@@ -284,7 +305,12 @@ impl Settings {
         if s.max_header_bytes < 1024 {
             return Err(env.error("FERRY_MAX_HEADER_BYTES", &s.max_header_bytes.to_string(), "must be at least 1024"));
         }
-        for (var, d) in [("FERRY_DETECT_TIMEOUT", s.detect_timeout), ("FERRY_CONFIG_POLL", s.config_poll)] {
+        for (var, d) in [
+            ("FERRY_DETECT_TIMEOUT", s.detect_timeout),
+            ("FERRY_CONFIG_POLL", s.config_poll),
+            ("FERRY_SUBSCRIPTION_IDLE", s.subscription_idle),
+            ("FERRY_NEGATIVE_TTL", s.negative_ttl),
+        ] {
             if d.is_zero() {
                 return Err(env.error(var, "0s", "must be more than zero"));
             }

@@ -75,8 +75,10 @@ fn transparent_calls_between_namespaces_are_mtls_with_identities() {
     let state = dir.path().join("control");
     let log = std::fs::File::create(dir.path().join("control.log")).unwrap();
     let control_bin = control::control_bin();
+    // The mesh's ranges: a Service range, and the server pod's address (a pod range of one here).
     let args = ["serve", "--state-dir", state.to_str().unwrap(), "--xds-addr", "0.0.0.0:15010"];
-    pair.client.spawn(control_bin.to_str().unwrap(), &args, &[], log);
+    let ranges = ["--service-cidr", "10.96.0.0/12", "--pod-cidr", &format!("{SERVER_V4}/32")];
+    let control = pair.client.spawn(control_bin.to_str().unwrap(), &[&args[..], &ranges].concat(), &[], log);
     let deadline = Instant::now() + Duration::from_secs(20);
     while !state.join("admin.token").exists()
         || !pair.client.run("curl", &["-s", "-m", "1", "http://127.0.0.1:15014/health/ready"]).status.success()
@@ -160,4 +162,34 @@ fn transparent_calls_between_namespaces_are_mtls_with_identities() {
         logs("web"),
         logs("control")
     );
+    // The client's proxy subscribed on demand to what it called (the server pod's address), nothing else.
+    let dump = pair.client.must("curl", &["-s", "-m", "5", "http://127.0.0.1:15000/config_dump"]);
+    let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
+    assert_eq!(dump["onDemand"]["subscriptions"][0]["name"], format!("ip/{SERVER_V4}"), "{}", dump["onDemand"]);
+    assert_eq!(dump["onDemand"]["subscriptions"][0]["answer"], "found");
+
+    // The control plane goes down. A destination the client holds is still served; an address inside the mesh's
+    // ranges it has no answer for is refused (never sent in plaintext); one outside them passes through.
+    pair.server.must("ip", &["addr", "add", "198.18.0.3/32", "dev", "lo"]);
+    pair.client.must("ip", &["route", "add", "10.96.0.0/12", "via", SERVER_V4]);
+    pair.client.kill(control);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let metrics = pair.client.must("curl", &["-s", "-m", "5", "http://127.0.0.1:15020/metrics"]);
+        if support::metric_value(&metrics, "ferry_xds_connected") == 0.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the client's proxy still counts the stream as up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let known = pair.client.must("curl", &["-sS", "-m", "5", &url]);
+    assert_eq!(known.trim(), "caller spiffe://cluster.local/ns/default/sa/client", "a known destination");
+    let refused = pair.client.run("curl", &["-sS", "-m", "5", "-D", "-", "http://10.96.0.77:8080/"]);
+    let refused = String::from_utf8_lossy(&refused.stdout).to_lowercase();
+    assert!(
+        refused.starts_with("http/1.1 503") && refused.contains("ferry-proxy-error: undiscovered"),
+        "an unknown address in the Service range: {refused}"
+    );
+    let outside = pair.client.must("curl", &["-sS", "-m", "5", "http://198.18.0.3:8080/"]);
+    assert_eq!(outside.trim(), "caller none", "an address outside the mesh passes through, in plaintext");
 }

@@ -131,7 +131,7 @@ fn proxy_env(
     xds: std::net::SocketAddr,
     state: &std::path::Path,
     pod: &str,
-) -> (std::path::PathBuf, [(&'static str, String); 5]) {
+) -> (std::path::PathBuf, [(&'static str, String); 6]) {
     let token = dir.path().join("token");
     std::fs::write(&token, format!("token-{pod}")).unwrap();
     let env = [
@@ -140,6 +140,9 @@ fn proxy_env(
         ("FERRY_SERVICE_ACCOUNT_TOKEN", token.display().to_string()),
         ("FERRY_NODE_ID", format!("{pod}.shop")),
         ("FERRY_NAMESPACE", "shop".into()),
+        // These tests read the cluster's objects as the mesh model has them: through a proxy that subscribes to the
+        // whole mesh (on-demand proxies hold only what they call; the pod harness and tests/xds.rs cover those).
+        ("FERRY_ON_DEMAND", "off".into()),
     ];
     (token, env)
 }

@@ -87,9 +87,11 @@ fn change_is_enforced() {
     let m = mesh_blocking("enforce");
     let mut addresses = vec!["api.v0.local".to_string()];
     for i in 1..=3 {
-        let before = [m.web.metric(ACK_SERVICE), m.api.metric(ACK_SERVICE)];
         let host = format!("api.v{i}.local");
+        // (web asks the control plane about the unknown host first: that answer is a push of its own.)
         assert_eq!(get(m.web.outbound, &host), Some(502), "{host} is not routable before the change");
+        std::thread::sleep(Duration::from_millis(300));
+        let before = [m.web.metric(ACK_SERVICE), m.api.metric(ACK_SERVICE)];
         addresses.push(host.clone());
         let started = Instant::now();
         let out = m.cp.ok(&["apply", "-f", "-"], Some(&service("api", "http", &addresses)));
@@ -128,6 +130,9 @@ async fn streams_survive_twenty_changes_under_load() {
     let web = m.web.outbound;
     tokio::task::block_in_place(|| {
         wait_until("web knows the grpc and ws endpoints", Duration::from_secs(10), || {
+            // Web learns of a destination when it first calls it.
+            get(web, "grpc.local");
+            get(web, "ws.local");
             let dump = http_get(m.web.admin, "/config_dump").unwrap().1;
             dump.contains(&grpc_proxy.inbound.to_string()) && dump.contains(&ws_proxy.inbound.to_string())
         })
@@ -168,8 +173,10 @@ async fn streams_survive_twenty_changes_under_load() {
         addresses.push(host.clone());
         tokio::task::block_in_place(|| {
             m.cp.ok(&["apply", "-f", "-"], Some(&service("api", "http", &addresses)));
-            wait_until(&format!("change {i} on every proxy"), Duration::from_secs(10), || {
-                proxies.iter().zip(&before).all(|(p, b)| p.metric(ACK_SERVICE) >= b + i as f64)
+            // The proxies that hold api (web calls it, api serves it) get each change; the others, which never
+            // call it, get none (below).
+            wait_until(&format!("change {i} on the proxies holding api"), Duration::from_secs(10), || {
+                proxies.iter().zip(&before).take(2).all(|(p, b)| p.metric(ACK_SERVICE) >= b + i as f64)
             });
         });
         // Both long-lived streams still carry traffic between changes.
@@ -184,8 +191,13 @@ async fn streams_survive_twenty_changes_under_load() {
     assert_eq!(failed, 0, "failed requests: {failures:?}");
     assert!(ok > 50, "the load ran ({ok} requests)");
     tokio::task::block_in_place(|| std::thread::sleep(Duration::from_millis(300)));
-    for (p, b) in proxies.iter().zip(&before) {
-        assert_eq!(p.metric(ACK_SERVICE), b + 20.0, "one Service ACK per change");
+    for (i, (p, b)) in proxies.iter().zip(&before).enumerate() {
+        let expected = if i < 2 { b + 20.0 } else { *b };
+        assert_eq!(
+            p.metric(ACK_SERVICE),
+            expected,
+            "proxy {i}: one Service ACK per change, and none for a Service it does not call"
+        );
         assert_eq!(p.metric(NACK_SERVICE), 0.0);
     }
     assert_eq!(get(web, "api.c20.local"), Some(200));
@@ -383,4 +395,59 @@ fn endpoints_expire_after_grace() {
     });
     assert_eq!(get(m.web.outbound, "api.v0.local"), Some(503), "api has no endpoint left");
     assert!(!std::fs::read_to_string(state.join("endpoints.json")).unwrap().contains(&api_endpoint));
+}
+
+/// On-demand discovery, explicit mode: a proxy holds only the Services it calls. Its first call to a new host
+/// succeeds (the lookup is answered within the call), a host nobody has is answered "absent" once and then from the
+/// cache, and a destination unused for `FERRY_SUBSCRIPTION_IDLE` is released (and found again on the next call).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_subscribes_to_what_it_calls_and_releases_what_it_stops_calling() {
+    tokio::task::block_in_place(|| {
+        let m = mesh_blocking("ondemand");
+        m.cp.ok(&["apply", "-f", "-"], Some(&service("other", "http", &["other.local".into()])));
+        let token = m.cp.join_token("default", "caller", "1h");
+        let mut env = m.cp.proxy_env(&token);
+        env.push(("FERRY_NODE_ID".into(), "caller".into()));
+        env.push(("FERRY_SUBSCRIPTION_IDLE".into(), "1s".into()));
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let caller = Ferry::start(None, &env);
+        let holds = |host: &str| {
+            let dump = http_get(caller.admin, "/config_dump").unwrap().1;
+            let snapshot: serde_json::Value = serde_json::from_str(&dump).unwrap();
+            snapshot["snapshot"]["services"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|s| s["spec"]["addresses"].as_array().is_some_and(|a| a.iter().any(|a| a == host)))
+        };
+        let lookups = |result: &str| caller.metric(&format!(r#"ferry_discovery_lookups_total{{result="{result}"}}"#));
+        assert!(!holds("api.v0.local") && !holds("other.local"), "nothing is held before it is called");
+        // The first call: answered within it.
+        assert_eq!(get(caller.outbound, "api.v0.local"), Some(200), "the first request to a new destination");
+        assert_eq!(lookups("found"), 1.0);
+        assert!(holds("api.v0.local") && !holds("other.local"), "only what it called");
+        assert_eq!(get(caller.outbound, "api.v0.local"), Some(200));
+        assert_eq!(lookups("found"), 1.0, "a held destination is not looked up again");
+        // A host nobody has: one lookup, then the cached answer.
+        assert_eq!(get(caller.outbound, "nobody.local"), Some(502));
+        assert_eq!(get(caller.outbound, "nobody.local"), Some(502));
+        assert_eq!((lookups("absent"), lookups("cached")), (1.0, 1.0));
+        let subscriptions = || {
+            let dump: serde_json::Value =
+                serde_json::from_str(&http_get(caller.admin, "/config_dump").unwrap().1).unwrap();
+            let rows = dump["onDemand"]["subscriptions"].as_array().unwrap().clone();
+            rows.iter()
+                .map(|r| format!("{} {}", r["name"].as_str().unwrap(), r["answer"].as_str().unwrap()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(subscriptions(), ["host/api.v0.local found", "host/nobody.local absent"]);
+        // Unused for the idle period: released, and the control plane stops sending it.
+        wait_until("api released after 1s unused", Duration::from_secs(15), || !holds("api.v0.local"));
+        assert_eq!(subscriptions(), ["host/nobody.local absent"], "the subscription is gone");
+        // Called again: found again.
+        assert_eq!(get(caller.outbound, "api.v0.local"), Some(200));
+        assert_eq!(lookups("found"), 2.0);
+        // The web proxy of the mesh holds api (it calls it) but never other.
+        assert!(!http_get(m.web.admin, "/config_dump").unwrap().1.contains("other.local"));
+    });
 }

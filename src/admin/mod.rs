@@ -134,6 +134,8 @@ impl AdminState {
                     "in_flight_connections": self.drain.in_flight(),
                     // Each open connection with the mode it arrived by (explicit or transparent) and its protocol.
                     "connections": self.connections.list(),
+                    // On-demand discovery: what this proxy subscribed to, and the answers.
+                    "onDemand": self.store.on_demand.get().map(|od| od.dump()),
                 }))
             }
             (Method::GET, "/endpoints") => {

@@ -2,5 +2,6 @@
 
 pub mod destination;
 pub mod file;
+pub mod on_demand;
 pub mod snapshot;
 pub mod xds;

@@ -116,6 +116,20 @@ pub struct ServiceEntry {
     /// The SNI a caller's proxy sends to reach each service port (`tls::sni`), made once per snapshot.
     #[serde(skip)]
     snis: FastMap<u16, Arc<str>>,
+    /// The usage clock's tick when a request last routed to it (`on_demand::tick`), shared with the same Service in
+    /// the snapshots that follow: an on-demand subscription is released when its Services go unused.
+    #[serde(skip)]
+    used: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl ServiceEntry {
+    /// Marks it used now (a relaxed load, and a store only when the tick moved on).
+    pub fn touch(&self) {
+        let now = crate::discovery::on_demand::tick();
+        if self.used.load(std::sync::atomic::Ordering::Relaxed) != now {
+            self.used.store(now, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
 }
 
 /// The `source` label of a caller whose Service is not known (one shared value: no allocation per request).
@@ -261,6 +275,7 @@ impl Snapshot {
                     .collect(),
                 snis,
                 spec: svc.spec,
+                used: Arc::new(crate::discovery::on_demand::tick().into()),
             }));
         }
         for (host, index) in implicit {
@@ -336,6 +351,24 @@ impl Snapshot {
             }
         }
         self
+    }
+
+    /// Keeps the usage stamps of the Services `previous` also held (call right after `build`).
+    pub fn carry_usage(mut self, previous: &Snapshot) -> Self {
+        for entry in &mut self.services {
+            let held = previous.by_name.get(&entry.qualified_name).and_then(|i| previous.services.get(*i));
+            if let (Some(held), Some(entry)) = (held, Arc::get_mut(entry)) {
+                entry.used = held.used.clone();
+            }
+        }
+        self
+    }
+
+    /// The usage tick of the Service `namespace/name` (`None`: not held).
+    pub fn service_used(&self, name: &str) -> Option<u64> {
+        let (namespace, short) = name.split_once('/')?;
+        let i = self.by_name.get(&*format!("{short}.{namespace}"))?;
+        Some(self.services[*i].used.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     /// Pure route decision for a route's backend: port `port` of the Service `namespace/name`.
@@ -572,6 +605,8 @@ fn normalize_host(host: &str) -> String {
 pub struct ConfigStore {
     current: ArcSwap<Snapshot>,
     applied: tokio::sync::watch::Sender<bool>,
+    /// Set when the xDS source subscribes on demand: the data path asks it about destinations the snapshot lacks.
+    pub on_demand: std::sync::OnceLock<Arc<crate::discovery::on_demand::OnDemand>>,
 }
 
 impl ConfigStore {
@@ -579,6 +614,7 @@ impl ConfigStore {
         ConfigStore {
             current: ArcSwap::from_pointee(Snapshot { source: "none".into(), ..Default::default() }),
             applied: tokio::sync::watch::Sender::new(false),
+            on_demand: std::sync::OnceLock::new(),
         }
     }
 

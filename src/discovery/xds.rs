@@ -236,12 +236,21 @@ async fn session(
         .await?;
     let mut client = AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
     let (tx, rx) = mpsc::channel(8);
+    let on_demand = store.on_demand.get();
+    // The on-demand subscriptions this stream has sent.
+    let mut sent = std::collections::HashSet::new();
     for (index, type_url) in TYPES.iter().enumerate() {
-        // Wildcard subscriptions; on a reconnect the versions held spare the control plane resending them.
+        // Wildcard subscriptions, but Services on demand: the destinations subscribed so far, without `*`. On a
+        // reconnect the versions held spare the control plane resending them.
+        let (subscribe, unsubscribe) = match on_demand.filter(|_| *type_url == protocol::SERVICE_TYPE) {
+            Some(od) => (od.changes(&mut sent).0, vec!["*".to_string()]),
+            None => (vec!["*".to_string()], vec![]),
+        };
         let request = DeltaDiscoveryRequest {
             node: (index == 0).then(|| node(settings, control)),
             type_url: type_url.to_string(),
-            resource_names_subscribe: vec!["*".into()],
+            resource_names_subscribe: subscribe,
+            resource_names_unsubscribe: unsubscribe,
             initial_resource_versions: resources.versions(index),
             ..Default::default()
         };
@@ -251,13 +260,37 @@ async fn session(
     let mut responses = client.delta_aggregated_resources(request).await?.into_inner();
     metrics.xds_connected.set(1);
     tracing::info!(addr = %control.addr, node = %control.node_id, "connected to the control plane");
+    let _connected = on_demand.map(|od| od.connected());
     loop {
+        let subscriptions_changed = async {
+            match on_demand {
+                Some(od) => od.changed.notified().await,
+                None => std::future::pending().await,
+            }
+        };
         let response = tokio::select! {
             r = responses.message() => match r? {
                 Some(response) => response,
                 None => return Ok(Ended::Closed),
             },
             _ = renewals.changed() => return Ok(Ended::Renewed),
+            () = subscriptions_changed => {
+                let od = on_demand.expect("only with on-demand subscriptions");
+                let (subscribe, unsubscribe) = od.changes(&mut sent);
+                if !(subscribe.is_empty() && unsubscribe.is_empty()) {
+                    tracing::debug!(?subscribe, ?unsubscribe, "on-demand subscriptions");
+                    let request = DeltaDiscoveryRequest {
+                        type_url: protocol::SERVICE_TYPE.to_string(),
+                        resource_names_subscribe: subscribe,
+                        resource_names_unsubscribe: unsubscribe,
+                        ..Default::default()
+                    };
+                    if tx.send(request).await.is_err() {
+                        return Ok(Ended::Closed);
+                    }
+                }
+                continue;
+            }
         };
         let label = short_type(&response.type_url).to_string();
         let was_ready = resources.ready();
@@ -268,6 +301,9 @@ async fn session(
             {
                 let roots = mesh.roots_pem.clone();
                 mesh_tls.set_trust_bundle(roots).map_err(|e| format!("{}: {e}", protocol::TRUST_BUNDLE_NAME))?;
+                if let Some(od) = on_demand {
+                    od.set_mesh_cidrs(mesh.mesh_cidrs.clone());
+                }
             }
             Ok((index, next))
         });
@@ -290,10 +326,15 @@ async fn session(
                         resources.mesh().map_or(store.load().default_mtls, |m| m.default_mtls),
                         resources.workload(),
                     )
-                    .with_routes(resources.route_sets());
+                    .with_routes(resources.route_sets())
+                    .carry_usage(&store.load());
                     tracing::info!(version = *version, type_url = %label, generation = %response.system_version_info, changed = response.resources.len(), removed = response.removed_resources.len(), services = snapshot.services.len(), "config applied");
                     store.store(snapshot);
                     metrics.config_applied("xds", *version);
+                    // Waiting first calls find their destinations in the snapshot just stored.
+                    if let Some(od) = on_demand.filter(|_| index == 0) {
+                        od.answered(&response);
+                    }
                 } else {
                     tracing::debug!(type_url = %label, held = resources.types[index].len(), "response ACKed; no snapshot change (a first response, or nothing in it)");
                 }
@@ -375,6 +416,7 @@ mod tests {
                 resource: Some(protocol::encode_mesh(&protocol::Mesh {
                     roots_pem,
                     default_mtls: ferry_api::policy::MtlsMode::Strict,
+                    mesh_cidrs: vec!["10.96.0.0/12".parse().unwrap()],
                 })),
                 ..Default::default()
             }],

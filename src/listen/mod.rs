@@ -122,7 +122,9 @@ impl Listeners {
         let registries =
             Arc::new(Registries { mirrors_in_flight: settings.mirror_max_in_flight, ..Registries::default() });
         let limits = registries.limits.clone();
-        let upstream = http::Upstream { pool: pool.clone(), own_listeners: own_listeners.clone(), limits };
+        let source =
+            settings.declared_services().first().and_then(|_| ::http::HeaderValue::from_str(&local_service).ok());
+        let upstream = http::Upstream { pool: pool.clone(), own_listeners: own_listeners.clone(), limits, source };
         let outbound = stack::outbound::<http::Sent>(&registries, &metrics, upstream.clone().service());
         let inbound = stack::inbound::<http::Sent>(&registries, &metrics, upstream.service());
         let connections = Arc::new(OpenConnections::new(settings.max_connections));
@@ -257,6 +259,14 @@ impl Listeners {
             (Direction::Inbound, None) => self.inbound_target().map(|t| t.port()),
             (Direction::Outbound, None) => None,
         };
+        // An intercepted connection to an address this proxy does not know yet: asked about first (on demand), so
+        // that its Service's ports (opaque or not) and endpoints are known when it is routed.
+        if let (Direction::Outbound, Some(original)) = (direction, conn.original_dst)
+            && self.store.on_demand.get().is_some()
+            && self.store.load().route_original(original).is_none()
+        {
+            self.discover(ferry_api::protocol::Alias::Ip(original.ip())).await;
+        }
         let start = Instant::now();
         let mut hello = None;
         let opaque = target_port.is_some_and(|p| self.is_opaque_port(direction, p));

@@ -11,11 +11,13 @@ use tokio::net::TcpStream;
 use super::Listeners;
 use crate::direction::Direction;
 use crate::discovery::destination::Destination;
+use crate::discovery::on_demand::Discovered;
 use crate::discovery::snapshot::{Route, RouteError, Snapshot};
 use crate::errors::ProxyError;
 use crate::identity::tls::PeerTls;
 use crate::policy::retry::Policy;
 use crate::policy::split::{Split, SplitBackend, SplitMirror};
+use ferry_api::protocol::Alias;
 use ferry_api::route::{Backend, HttpRouteFilter, RequestView};
 
 /// The `service` label of outbound requests that matched no Service in explicit mode.
@@ -102,6 +104,34 @@ impl ConnInfo {
 pub type Refusal = (Arc<str>, ProxyError);
 
 impl Listeners {
+    /// Asks the control plane about a destination the snapshot lacks (on-demand proxies only) and waits for the
+    /// answer, at most `on_demand::FIRST_CALL_WAIT`; the decision that follows reads the snapshot again.
+    pub(super) async fn discover(&self, alias: Alias) {
+        let Some(od) = self.store.on_demand.get() else { return };
+        let result = match od.discover(alias).await {
+            Discovered::Found => "found",
+            Discovered::Absent { cached: true } => "cached",
+            Discovered::Absent { cached: false } => "absent",
+            Discovered::Unavailable => "unavailable",
+        };
+        self.metrics.discovery_lookups.with_label_values(&[result]).inc();
+    }
+
+    /// What an explicit request names, to subscribe to: its host, a bare name qualified with this proxy's namespace
+    /// (as routing takes it). `None` without on-demand discovery, or for a request not routed by its host.
+    pub(super) fn host_alias(&self, conn: &ConnInfo, authority: Option<&str>) -> Option<Alias> {
+        self.store.on_demand.get()?;
+        if conn.direction != Direction::Outbound || conn.original_dst.is_some() {
+            return None;
+        }
+        match Alias::of_host(ferry_api::config::split_host_port(authority?).0) {
+            Alias::Host(host) if !host.contains('.') => {
+                Some(Alias::Host(format!("{host}.{}", self.settings.namespace)))
+            }
+            alias => Some(alias),
+        }
+    }
+
     /// The destination for a connection (`authority` = None: opaque TCP) or one request on it (`request`: what its
     /// HTTPRoutes match on, when the Service has any).
     pub(super) fn destination(
@@ -125,6 +155,13 @@ impl Listeners {
                 let snapshot = self.store.load();
                 match snapshot.route_original(original) {
                     Some(route) => self.routed(&snapshot, route, request)?,
+                    None if self.store.on_demand.get().is_some_and(|od| od.refuses(original.ip())) => {
+                        let why = format!(
+                            "{original} is inside the mesh's address ranges and the control plane has not answered \
+                             what it is (down or slow): not sent in plaintext"
+                        );
+                        return Err((Arc::from(UNKNOWN_SERVICE), ProxyError::Undiscovered(why)));
+                    }
                     None => Destination::fixed(PASSTHROUGH_SERVICE.into(), original),
                 }
             }
@@ -186,6 +223,8 @@ impl Listeners {
         route: Route,
         request: Option<&RequestView<'_>>,
     ) -> Result<Destination, Refusal> {
+        // In use: an on-demand subscription that brought it stays.
+        route.service.touch();
         let Some((request, routes)) = request.zip(snapshot.route_table(&route.service, route.port.port)) else {
             return Ok(self.outbound_destination(&route));
         };

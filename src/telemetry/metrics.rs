@@ -92,6 +92,7 @@ pub struct Metrics {
     config_age: prometheus::Gauge,
     pub xds_connected: IntGauge,
     pub xds_updates: IntCounterVec,
+    pub discovery_lookups: IntCounterVec,
     pub xds_version: IntGaugeVec,
     pub identity_renewals: IntCounterVec,
     pub identity_expiry: IntGauge,
@@ -281,6 +282,13 @@ impl Metrics {
             .expect("valid metric"),
             xds_connected: IntGauge::new("ferry_xds_connected", "1 while the xDS stream to the control plane is up.")
                 .expect("valid metric"),
+            discovery_lookups: counter(
+                "ferry_discovery_lookups_total",
+                "On-demand lookups of a destination this proxy did not know, by answer: found, absent (the control \
+                 plane knows no Service there), cached (absent, answered earlier), unavailable (no answer: the \
+                 control plane is down or slow).",
+                &["result"],
+            ),
             xds_updates: counter(
                 "ferry_xds_updates_total",
                 "xDS responses answered, by resource type and result (ack, nack).",

@@ -77,14 +77,23 @@ impl NetNs {
     }
 
     /// Starts `program` in the namespace (killed when the namespace is dropped).
-    pub fn spawn(&self, program: &str, args: &[&str], envs: &[(&str, String)], log: File) {
+    pub fn spawn(&self, program: &str, args: &[&str], envs: &[(&str, String)], log: File) -> usize {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.name, program]).args(args);
         for (k, v) in envs {
             cmd.env(k, v);
         }
         let child = cmd.stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log).spawn().unwrap();
-        self.children.lock().unwrap().push(child);
+        let mut children = self.children.lock().unwrap();
+        children.push(child);
+        children.len() - 1
+    }
+
+    /// Kills (SIGKILL) what `spawn` started as `index`, and waits for it.
+    pub fn kill(&self, index: usize) {
+        let mut children = self.children.lock().unwrap();
+        let _ = children[index].kill();
+        let _ = children[index].wait();
     }
 
     /// Runs `f` to completion on a thread that has entered this namespace: every socket it opens lives there.

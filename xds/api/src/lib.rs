@@ -3,6 +3,7 @@
 //! transformations (CRDs, injection, discovery's object → model mapping).
 #![forbid(unsafe_code)]
 
+pub mod cidr;
 pub mod config;
 pub mod duration;
 pub mod grpc_route;

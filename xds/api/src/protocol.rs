@@ -113,11 +113,13 @@ pub fn encode_routes(set: &RouteSet) -> Any {
 }
 
 /// Mesh-wide settings, sent as the one TrustBundle resource: the roots proxies trust (PEM, each a CA certificate;
-/// several during a root rotation) and the mTLS mode of Services whose TrafficPolicy sets none.
+/// several during a root rotation), the mTLS mode of Services whose TrafficPolicy sets none, and the mesh's address
+/// ranges (an on-demand proxy refuses an address there it has no answer for, rather than call it in plaintext).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Mesh {
     pub roots_pem: Vec<String>,
     pub default_mtls: MtlsMode,
+    pub mesh_cidrs: Vec<crate::cidr::Cidr>,
 }
 
 /// Packs the mesh-wide settings.
@@ -128,7 +130,12 @@ pub fn encode_mesh(mesh: &Mesh) -> Any {
     };
     Any {
         type_url: TRUST_BUNDLE_TYPE.to_string(),
-        value: pb::TrustBundle { roots_pem: mesh.roots_pem.clone(), default_mtls: default_mtls as i32 }.encode_to_vec(),
+        value: pb::TrustBundle {
+            roots_pem: mesh.roots_pem.clone(),
+            default_mtls: default_mtls as i32,
+            mesh_cidrs: mesh.mesh_cidrs.iter().map(ToString::to_string).collect(),
+        }
+        .encode_to_vec(),
     }
 }
 
@@ -174,7 +181,13 @@ pub fn decode(name: &str, any: &Any) -> Result<Received, DecodeError> {
             Ok(_) => MtlsMode::Permissive,
             Err(_) => return Err(fail(format!("default_mtls: unknown mode {}", bundle.default_mtls))),
         };
-        return Ok(Received::Mesh(Mesh { roots_pem: bundle.roots_pem, default_mtls }));
+        let mesh_cidrs = bundle
+            .mesh_cidrs
+            .iter()
+            .enumerate()
+            .map(|(i, c)| c.parse().map_err(|e| fail(format!("mesh_cidrs[{i}]: {e}"))))
+            .collect::<Result<_, _>>()?;
+        return Ok(Received::Mesh(Mesh { roots_pem: bundle.roots_pem, default_mtls, mesh_cidrs }));
     }
     if any.type_url == WORKLOAD_TYPE {
         return crate::workload::Workload::decode(&any.value).map(Received::Workload).map_err(fail);

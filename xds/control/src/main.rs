@@ -89,6 +89,15 @@ struct ServeArgs {
     /// `ferry.dev/default-inbound-policy` annotation overrides it; `--mtls-mode` still decides those ports' mTLS.
     #[arg(long, env = "FERRY_DEFAULT_INBOUND_POLICY", default_value = "allow")]
     default_inbound_policy: ferry_api::workload::DefaultInbound,
+    /// The cluster's Service address range(s) (`10.96.0.0/12`; repeat or separate with commas). Proxies subscribe to
+    /// the destinations they call on first use; an address in a mesh range they have no answer for (the control
+    /// plane down or slow) is refused with `ferry-proxy-error: undiscovered` rather than called in plaintext.
+    #[arg(long = "service-cidr", env = "FERRY_SERVICE_CIDRS", value_delimiter = ',')]
+    service_cidrs: Vec<ferry_api::cidr::Cidr>,
+    /// The cluster's pod address range(s) (`10.244.0.0/16`), as `--service-cidr`: a pod's own address counts (headless
+    /// Services are called by pod IP).
+    #[arg(long = "pod-cidr", env = "FERRY_POD_CIDRS", value_delimiter = ',')]
+    pod_cidrs: Vec<ferry_api::cidr::Cidr>,
     /// Extra DNS names for the serving certificate of the xDS port (besides ferry-control and localhost).
     #[arg(long = "server-name", env = "FERRY_CONTROL_SERVER_NAMES", value_delimiter = ',')]
     server_names: Vec<String>,
@@ -250,7 +259,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         metrics.clone(),
         &args.state_dir,
         args.endpoint_grace,
-        ferry_api::protocol::Mesh { roots_pem: ca.trust_bundle(), default_mtls: args.mtls_mode },
+        ferry_api::protocol::Mesh {
+            roots_pem: ca.trust_bundle(),
+            default_mtls: args.mtls_mode,
+            mesh_cidrs: args.service_cidrs.iter().chain(&args.pod_cidrs).copied().collect(),
+        },
         args.default_inbound_policy,
     );
     let cluster = kube_client.clone().map(|client| {

@@ -253,7 +253,20 @@ impl Session {
         // sets go last: a new backend Service (a canary) is known before a route sends traffic to it.
         let bound = model.bound.get(&self.workload);
         let wanted = self.on_demand().then(|| self.wanted_services(model, bound));
-        for index in [TRUST, AUTHZ, TRAFFIC, WORKLOAD, SERVICES, ROUTES] {
+        // A subscription change alone (the generation the proxy has): the route sets of the Services it brings go
+        // before them, so that the answer to a first call (the Service carrying the alias) finds its routes in place
+        // (a route set whose Service the proxy does not hold yet is inert; its backends come with the Service).
+        let services = self.types.get(TYPES[SERVICES]);
+        let subscribed = wanted.is_some()
+            && services.is_some_and(|t| t.dirty && t.synced == Some(model.generation) && t.pending.is_none());
+        // (a route set push already in flight would bring the new ones after the Services: those wait for it)
+        let routes_pending = self.types.get(TYPES[ROUTES]).is_some_and(|t| t.pending.is_some());
+        let order = if subscribed {
+            [TRUST, AUTHZ, TRAFFIC, WORKLOAD, ROUTES, SERVICES]
+        } else {
+            [TRUST, AUTHZ, TRAFFIC, WORKLOAD, SERVICES, ROUTES]
+        };
+        for index in order {
             let type_url = &TYPES[index];
             // A new Workload waits while a policy push is in flight (or was refused): it would otherwise reach the
             // proxy before the policies of a Service it adds.
@@ -269,7 +282,7 @@ impl Session {
                 });
             let served = &self.served;
             let Some(t) = self.types.get_mut(type_url) else { continue };
-            if t.pending.is_some() {
+            if t.pending.is_some() || (subscribed && index == SERVICES && routes_pending) {
                 continue;
             }
             // What the pod serves is answered only once the control plane knows it: until then the proxy is not
