@@ -1,6 +1,10 @@
 //! Control-plane scale benchmark: one real `ferry-control` (100 Services x 10 endpoints) and N simulated proxies, each
-//! a real delta-xDS client on its own TLS connection, subscribed like a proxy, decoding and validating every resource
-//! and ACKing. Reports control-plane RSS per connected proxy and apply-to-last-ACK time over 10 `ferryctl apply`s.
+//! a real delta-xDS client on its own TLS connection, subscribed as a proxy is — on demand: each calls 10 Services
+//! (by host alias; Service 0 is called by 1 % of the proxies, Service 1 by all of them), decoding and validating
+//! every resource and ACKing. Reports control-plane RSS per connected proxy and apply-to-last-ACK time over
+//! `ferryctl apply`s of (a) a change to the Service 1 % of the proxies call and (b) one to the Service all call.
+//! `--proxy-rss 100,1000,10000 --ferry-bin PATH`: instead, one real proxy (`ferry`) calling 10 Services of a mesh of
+//! that many, its VmRSS on demand and with `FERRY_ON_DEMAND=off`.
 //!
 //! Run: `benches/xds_scale.sh` (or `cargo bench --bench xds_scale -- --proxies 1000,10000 --control-bin PATH
 //! --ctl-bin PATH`). Traffic stays on 127.0.0.1.
@@ -40,6 +44,30 @@ struct Args {
     control_bin: PathBuf,
     ctl_bin: PathBuf,
     out: PathBuf,
+    /// Mesh sizes (Services) for the proxy RSS measurement; empty: the control-plane benchmark.
+    proxy_rss: Vec<usize>,
+    ferry_bin: PathBuf,
+}
+
+/// Services each simulated proxy calls.
+const CALLED: usize = 10;
+
+/// The Services proxy `id` of `n` calls (by index): Service 0 if it is one of the 1 % (every 100th), Service 1
+/// always, and the rest spread over the others.
+fn called(id: usize) -> Vec<usize> {
+    let mut out = vec![1];
+    if id.is_multiple_of(100) {
+        out.push(0);
+    }
+    let mut k = 0;
+    while out.len() < CALLED {
+        let s = 2 + (id * 7 + k * 13) % (services() - 2);
+        if !out.contains(&s) {
+            out.push(s);
+        }
+        k += 1;
+    }
+    out
 }
 
 fn args() -> Args {
@@ -49,6 +77,8 @@ fn args() -> Args {
         control_bin: "target/release/ferry-control".into(),
         ctl_bin: "target/release/ferryctl".into(),
         out: "target/bench/xds_scale.json".into(),
+        proxy_rss: Vec::new(),
+        ferry_bin: "target/release/ferry".into(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -59,6 +89,8 @@ fn args() -> Args {
             "--control-bin" => a.control_bin = value().into(),
             "--ctl-bin" => a.ctl_bin = value().into(),
             "--out" => a.out = value().into(),
+            "--proxy-rss" => a.proxy_rss = value().split(',').map(|n| n.parse().expect("--proxy-rss N,M")).collect(),
+            "--ferry-bin" => a.ferry_bin = value().into(),
             "--bench" => {}
             other => panic!("unknown argument {other}"),
         }
@@ -88,10 +120,19 @@ fn cpu_seconds(pid: &str) -> f64 {
 
 /// The fixed config: 100 Services with ENDPOINTS static endpoints each, in namespace `bench`.
 fn config(extra: Option<(usize, &str)>) -> String {
+    mesh_config(0..services(), None, extra)
+}
+
+/// Services `range`, each with ENDPOINTS endpoints (or the one plaintext `backend`), `extra` adding an address.
+fn mesh_config(range: std::ops::Range<usize>, backend: Option<SocketAddr>, extra: Option<(usize, &str)>) -> String {
     let mut out = String::new();
-    for s in 0..services() {
-        let endpoints: Vec<String> =
-            (0..ENDPOINTS).map(|e| format!("{{address: \"10.1.{s}.{e}:8080\", identity: svc-{s}}}")).collect();
+    for s in range {
+        let endpoints: Vec<String> = match backend {
+            Some(addr) => vec![format!("{{address: \"{addr}\"}}")],
+            None => (0..ENDPOINTS)
+                .map(|e| format!("{{address: \"10.{}.{}.{e}:8080\", identity: svc-{s}}}", 1 + s / 256, s % 256))
+                .collect(),
+        };
         let mut addresses = vec![format!("svc-{s}.bench.local")];
         if let Some((i, name)) = extra
             && i == s
@@ -226,6 +267,7 @@ async fn certificate(xds: &str, tls: &ClientTlsConfig, token: &str) -> Result<Cl
 /// NACKed, which counts as an error).
 async fn simulated_proxy(
     id: usize,
+    calls: Vec<usize>,
     xds: Arc<str>,
     tls: ClientTlsConfig,
     token: Arc<str>,
@@ -255,10 +297,16 @@ async fn simulated_proxy(
     let (tx, rx) = mpsc::channel(TYPES.len() + 4);
     for (i, t) in TYPES.iter().enumerate() {
         let node = Node { id: format!("sim-{id}"), ..Default::default() };
+        // Services on demand, as a proxy asks for them: the hosts it calls; the other types wildcard.
+        let (subscribe, unsubscribe) = match *t == protocol::SERVICE_TYPE {
+            true => (calls.iter().map(|s| format!("host/svc-{s}.bench.local")).collect(), vec!["*".into()]),
+            false => (vec!["*".into()], vec![]),
+        };
         tx.send(DeltaDiscoveryRequest {
             node: (i == 0).then_some(node),
             type_url: t.to_string(),
-            resource_names_subscribe: vec!["*".into()],
+            resource_names_subscribe: subscribe,
+            resource_names_unsubscribe: unsubscribe,
             ..Default::default()
         })
         .await
@@ -371,7 +419,7 @@ async fn run(n: usize, a: &Args) -> serde_json::Value {
         for &id in batch {
             let (done, wait) = tokio::sync::oneshot::channel();
             waits.push(wait);
-            let task = simulated_proxy(id, xds.clone(), tls.clone(), token.clone(), shared.clone(), done);
+            let task = simulated_proxy(id, called(id), xds.clone(), tls.clone(), token.clone(), shared.clone(), done);
             tasks.push(tokio::spawn(task));
         }
         for w in waits {
@@ -399,40 +447,61 @@ async fn run(n: usize, a: &Args) -> serde_json::Value {
         "N={n}: connected in {connect_time:.1?}, synced in {sync_time:.1?}; ferry-control RSS {baseline} KiB -> {connected_rss} KiB ({per_proxy_kib:.1} KiB/proxy)"
     );
 
-    let mut to_last = Vec::new();
-    let mut to_median = Vec::new();
+    // (a) Service 0, called by 1 % of the proxies; (b) Service 1, called by all of them. Each apply adds a new
+    // address to the Service; a proxy counts when it ACKs the Service carrying it.
+    let callers = |service: usize| (0..n).filter(|id| called(*id).contains(&service)).count();
+    let mut results = serde_json::Map::new();
     let (control_cpu_before, bench_cpu_before) = (cpu_seconds(&pid.to_string()), cpu_seconds("self"));
-    for i in 0..a.applies {
-        let marker = format!("change-{i}.bench.local");
-        *shared.marker.lock().unwrap() = marker.clone();
-        shared.ack_times.lock().unwrap().clear();
-        shared.acked_current.store(0, Ordering::SeqCst);
-        shared.marker_id.store(i as u64 + 1, Ordering::SeqCst);
-        let yaml = config(Some((i % services(), &marker)));
-        let t0 = Instant::now();
-        let ctl = cp.ctl.clone();
-        let apply = tokio::task::spawn_blocking(move || ctl.run(&["apply", "-f", "-"], Some(&yaml)));
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while shared.acked_current.load(Ordering::SeqCst) < n - shared.errors.load(Ordering::SeqCst) {
-            assert!(Instant::now() < deadline, "apply {i}: not every proxy ACKed within 120 s");
-            tokio::time::sleep(Duration::from_millis(2)).await;
+    for (label, service) in [("onePercent", 0), ("all", 1)] {
+        let expected = callers(service);
+        let mut to_last = Vec::new();
+        let mut to_median = Vec::new();
+        for i in 0..a.applies {
+            let marker = format!("change-{label}-{i}.bench.local");
+            *shared.marker.lock().unwrap() = marker.clone();
+            shared.ack_times.lock().unwrap().clear();
+            shared.acked_current.store(0, Ordering::SeqCst);
+            shared.marker_id.fetch_add(1, Ordering::SeqCst);
+            let yaml = config(Some((service, &marker)));
+            let t0 = Instant::now();
+            let ctl = cp.ctl.clone();
+            let apply = tokio::task::spawn_blocking(move || ctl.run(&["apply", "-f", "-"], Some(&yaml)));
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while shared.acked_current.load(Ordering::SeqCst)
+                < expected.saturating_sub(shared.errors.load(Ordering::SeqCst))
+            {
+                assert!(Instant::now() < deadline, "apply {label} {i}: not every caller ACKed within 120 s");
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            apply.await.unwrap();
+            // Anyone else receiving it would show as more ACKs than callers.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let acked = shared.acked_current.load(Ordering::SeqCst);
+            assert_eq!(acked, expected, "apply {label} {i}: {acked} proxies received the change, {expected} call it");
+            let mut times: Vec<f64> =
+                shared.ack_times.lock().unwrap().iter().map(|t| t.duration_since(t0).as_secs_f64()).collect();
+            times.sort_by(f64::total_cmp);
+            to_last.push(*times.last().unwrap());
+            to_median.push(percentile(&times, 0.5));
+            eprintln!(
+                "  apply {label} {i} ({expected} callers): half ACKed after {:.3} s, the last after {:.3} s",
+                to_median[i], to_last[i]
+            );
         }
-        apply.await.unwrap();
-        let mut times: Vec<f64> =
-            shared.ack_times.lock().unwrap().iter().map(|t| t.duration_since(t0).as_secs_f64()).collect();
-        times.sort_by(f64::total_cmp);
-        to_last.push(*times.last().unwrap());
-        to_median.push(percentile(&times, 0.5));
-        eprintln!(
-            "  apply {i}: half the proxies ACKed after {:.3} s, the last after {:.3} s",
-            to_median[i], to_last[i]
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut sorted = to_last.clone();
+        sorted.sort_by(f64::total_cmp);
+        results.insert(label.into(), serde_json::json!({
+            "service": format!("svc-{service}"),
+            "callers": expected,
+            "applyToLastAckSeconds": { "p50": percentile(&sorted, 0.5), "p99": percentile(&sorted, 0.99), "max": sorted.last(), "runs": to_last },
+            "applyToHalfAckedSeconds": to_median,
+        }));
     }
     let final_rss = rss_kib(pid);
     // CPU per apply, including the 300 ms pause after each (idle but for keepalives).
-    let control_cpu = (cpu_seconds(&pid.to_string()) - control_cpu_before) / a.applies as f64;
-    let bench_cpu = (cpu_seconds("self") - bench_cpu_before) / a.applies as f64;
+    let applies = 2.0 * a.applies as f64;
+    let control_cpu = (cpu_seconds(&pid.to_string()) - control_cpu_before) / applies;
+    let bench_cpu = (cpu_seconds("self") - bench_cpu_before) / applies;
     eprintln!("  CPU per apply: ferry-control {control_cpu:.3} s, the simulated proxies {bench_cpu:.3} s");
     let status: serde_json::Value = serde_json::from_str(&cp.ctl(&["status", "-o", "json"], None)).unwrap();
     let listed = status["proxies"].as_array().map(Vec::len).unwrap_or(0);
@@ -440,8 +509,6 @@ async fn run(n: usize, a: &Args) -> serde_json::Value {
     for t in tasks {
         t.abort();
     }
-    let mut sorted = to_last.clone();
-    sorted.sort_by(f64::total_cmp);
     serde_json::json!({
         "proxies": n,
         "services": services(),
@@ -452,34 +519,126 @@ async fn run(n: usize, a: &Args) -> serde_json::Value {
         "errors": shared.errors.load(Ordering::SeqCst),
         "controlRssKiB": { "baseline": baseline, "connected": connected_rss, "afterApplies": final_rss },
         "rssPerProxyKiB": per_proxy_kib,
-        "applyToLastAckSeconds": { "p50": percentile(&sorted, 0.5), "p99": percentile(&sorted, 0.99), "max": sorted.last(), "runs": to_last },
-        "applyToHalfAckedSeconds": to_median,
+        "changes": results,
         "cpuSecondsPerApply": { "control": control_cpu, "simulatedProxies": bench_cpu },
         "statusListed": listed,
         "statusStale": stale,
     })
 }
 
+/// One real proxy in a mesh of `count` Services, calling CALLED of them (a local backend answers): its VmRSS
+/// (KiB) 2 s after the calls, with `on_demand` or subscribed to the whole mesh.
+async fn proxy_rss(count: usize, on_demand: bool, a: &Args) -> u64 {
+    let backend = ferry_test_support::backend::http_backend().await;
+    let cp = ControlPlane::start(&a.control_bin, &a.ctl_bin, &format!("rss-{count}-{on_demand}"));
+    // (ferryctl takes at most 1,024 documents an apply)
+    for start in (0..count).step_by(1000) {
+        let yaml = mesh_config(start..(start + 1000).min(count), Some(backend.addr), None);
+        let ctl = cp.ctl.clone();
+        tokio::task::spawn_blocking(move || ctl.run(&["apply", "-f", "-"], Some(&yaml))).await.unwrap();
+    }
+    let token = cp.ctl(&["token", "create", "--namespace", "bench", "--service-account", "caller"], None);
+    let outbound = free_addr();
+    /// Killed when dropped, a failed measurement included.
+    struct Killed(Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let child = Command::new(&a.ferry_bin)
+        .env("FERRY_CONTROL_ADDR", cp.xds.to_string())
+        .env("FERRY_CA_ROOT", cp.state.join("ca.crt"))
+        .env("FERRY_JOIN_TOKEN", token.trim())
+        .env("FERRY_NAMESPACE", "bench")
+        .env("FERRY_WORKERS", "1")
+        .env("FERRY_ACCESS_LOG", "off")
+        .env("FERRY_LOG_LEVEL", "warn")
+        .env("FERRY_ON_DEMAND", if on_demand { "on" } else { "off" })
+        .env("FERRY_OUTBOUND_ADDR", outbound.to_string())
+        .env("FERRY_INBOUND_ADDR", free_addr().to_string())
+        .env("FERRY_ADMIN_ADDR", free_addr().to_string())
+        .env("FERRY_HEALTH_ADDR", free_addr().to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map(Killed)
+        .expect("start ferry");
+    let call = |s: usize| {
+        let request = format!("GET / HTTP/1.1\r\nHost: svc-{s}.bench.local:8080\r\nConnection: close\r\n\r\n");
+        let mut stream = std::net::TcpStream::connect(outbound).ok()?;
+        use std::io::{Read, Write};
+        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        stream.write_all(request.as_bytes()).ok()?;
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).ok()?;
+        match answer.split_whitespace().nth(1) {
+            Some("200") => Some("200".to_string()),
+            _ => Some(answer.chars().take(400).collect()),
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    // Ready once the first call is answered 200 (the proxy has its certificate and config).
+    loop {
+        let status = tokio::task::block_in_place(|| call(0));
+        if status.as_deref() == Some("200") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "ferry did not answer 200 for svc-0 within 120 s (last: {status:?})");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for s in (0..count).step_by((count / CALLED).max(1)).take(CALLED) {
+        let status = tokio::task::block_in_place(|| call(s));
+        assert_eq!(status.as_deref(), Some("200"), "svc-{s}");
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    rss_kib(child.0.id())
+}
+
 fn main() {
     let a = args();
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    if !a.proxy_rss.is_empty() {
+        let mut rows = Vec::new();
+        println!(
+            "\n| Services in the mesh | proxy VmRSS on demand, calling {CALLED} (KiB) | subscribed to the whole mesh (KiB) |"
+        );
+        println!("|---|---|---|");
+        for &count in &a.proxy_rss {
+            let on_demand = runtime.block_on(proxy_rss(count, true, &a));
+            let whole = runtime.block_on(proxy_rss(count, false, &a));
+            println!("| {count} | {on_demand} | {whole} |");
+            rows.push(serde_json::json!({"services": count, "onDemandKiB": on_demand, "wholeMeshKiB": whole}));
+        }
+        let out = a.out.with_file_name("xds_scale_proxy_rss.json");
+        std::fs::create_dir_all(out.parent().unwrap()).unwrap();
+        std::fs::write(&out, serde_json::to_string_pretty(&rows).unwrap()).unwrap();
+        println!("\nraw: {}", out.display());
+        return;
+    }
     let mut results = Vec::new();
     for &n in &a.proxies {
         results.push(runtime.block_on(run(n, &a)));
     }
     println!(
-        "\n| proxies | RSS per proxy (KiB) | control-plane RSS connected (MiB) | apply→last ACK p50 / p99 / max (s) | connect+sync (s) | errors |"
+        "\n| proxies | RSS per proxy (KiB) | control-plane RSS connected (MiB) | (a) 1 % call it: apply→last ACK p50 / p99 / max (s) | (b) all call it: p50 / p99 / max (s) | connect+sync (s) | errors |"
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|");
     for r in &results {
+        let t = |label: &str, q: &str| r["changes"][label]["applyToLastAckSeconds"][q].as_f64().unwrap();
         println!(
-            "| {} | {:.1} | {:.1} | {:.3} / {:.3} / {:.3} | {:.1} | {} |",
+            "| {} | {:.1} | {:.1} | {:.3} / {:.3} / {:.3} ({} callers) | {:.3} / {:.3} / {:.3} | {:.1} | {} |",
             r["proxies"],
             r["rssPerProxyKiB"].as_f64().unwrap(),
             r["controlRssKiB"]["connected"].as_f64().unwrap() / 1024.0,
-            r["applyToLastAckSeconds"]["p50"].as_f64().unwrap(),
-            r["applyToLastAckSeconds"]["p99"].as_f64().unwrap(),
-            r["applyToLastAckSeconds"]["max"].as_f64().unwrap(),
+            t("onePercent", "p50"),
+            t("onePercent", "p99"),
+            t("onePercent", "max"),
+            r["changes"]["onePercent"]["callers"],
+            t("all", "p50"),
+            t("all", "p99"),
+            t("all", "max"),
             r["syncSeconds"].as_f64().unwrap(),
             r["errors"]
         );

@@ -8,6 +8,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
+
+/// mimalloc, as the proxy: per connected proxy, the buffers that are written only in part (h2's write buffer, the
+/// TLS deframer's) stay partly out of RSS on its size-segregated pages, which glibc's heap interleaves with small
+/// objects (52.7-55 KiB per connected proxy with glibc's malloc, benches/README.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use bytes::Bytes;
 use clap::{Parser, Subcommand};
 use ferry_control::ads::Xds;

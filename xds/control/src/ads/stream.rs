@@ -94,7 +94,10 @@ impl Xds {
     }
 
     /// Authenticates a new stream and starts serving it; the receiver yields its responses.
-    pub fn open_stream(self: &Arc<Self>, incoming: Incoming) -> Result<mpsc::Receiver<Result<Push, Status>>, Status> {
+    pub fn open_stream(
+        self: &Arc<Self>,
+        incoming: Incoming,
+    ) -> Result<mpsc::Receiver<Result<Box<Push>, Status>>, Status> {
         // Subscribed before the check, so a revocation after it is never missed.
         let revocations = self.revocations.subscribe();
         let chain = incoming.peer_certs.as_deref().map(Vec::as_slice).unwrap_or_default();
@@ -107,6 +110,7 @@ impl Xds {
             Status::unauthenticated(message)
         })?;
         let slot = self.take_slot(&chain[0]);
+        // (Boxed: the channel's block holds 32 slots whatever its capacity, 3 KiB a stream with the push inline.)
         let (tx, rx) = mpsc::channel(1);
         let credential = Credential { authenticated, revocations, slot };
         tokio::spawn(self.clone().serve_stream(credential, incoming.peer, incoming.requests, tx));
@@ -138,7 +142,7 @@ impl Xds {
         credential: Credential,
         peer: Option<SocketAddr>,
         mut inbound: Streaming<DeltaDiscoveryRequest>,
-        tx: mpsc::Sender<Result<Push, Status>>,
+        tx: mpsc::Sender<Result<Box<Push>, Status>>,
     ) {
         let Credential { authenticated, mut revocations, slot } = credential;
         let identity = authenticated.identity.clone();
@@ -284,7 +288,7 @@ impl Xds {
                     }
                 };
                 match permit {
-                    Ok(Ok(permit)) => permit.send(Ok(response)),
+                    Ok(Ok(permit)) => permit.send(Ok(Box::new(response))),
                     Ok(Err(_)) => end = Some(Ended::Closed),
                     Err(_) => end = Some(Ended::Stuck),
                 }
@@ -368,7 +372,7 @@ impl Xds {
         identity: &Identity,
         peer: Option<SocketAddr>,
         message: &str,
-        tx: &mpsc::Sender<Result<Push, Status>>,
+        tx: &mpsc::Sender<Result<Box<Push>, Status>>,
     ) {
         self.refuse(reason, peer, &format!("{node} ({}): {message}; closing its stream", identity.spiffe()));
         let _ = tx.try_send(Err(Status::unauthenticated(message.to_string())));
@@ -380,7 +384,7 @@ impl Xds {
         peer: Option<SocketAddr>,
         node: &str,
         identity: &Identity,
-        tx: &mpsc::Sender<Result<Push, Status>>,
+        tx: &mpsc::Sender<Result<Box<Push>, Status>>,
     ) {
         self.close_stream("revoked", node, identity, peer, &format!("token {token_id} was revoked"), tx);
     }

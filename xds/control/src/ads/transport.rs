@@ -100,7 +100,7 @@ fn trailers_only(status: Status) -> Response<tonic::body::Body> {
 
 /// Each response message as one length-prefixed gRPC frame; the stream's end (or an error) as trailers.
 struct ResponseBody {
-    rx: mpsc::Receiver<Result<Push, Status>>,
+    rx: mpsc::Receiver<Result<Box<Push>, Status>>,
     done: bool,
 }
 
