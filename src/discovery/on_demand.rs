@@ -51,6 +51,8 @@ struct Subscription {
     answer: Answer,
     /// When it was subscribed or last answered.
     since: Instant,
+    /// Sent on the stream (a lookup added again after a release must be sent again, even if the name looks the same).
+    sent: bool,
 }
 
 /// The subscriptions of one proxy, shared by the data path (which asks) and the xDS stream (which subscribes and
@@ -98,7 +100,10 @@ impl OnDemand {
                     if subs.len() >= MAX_SUBSCRIPTIONS {
                         return Discovered::Unavailable;
                     }
-                    subs.insert(alias.clone(), Subscription { answer: Answer::Pending, since: Instant::now() });
+                    subs.insert(
+                        alias.clone(),
+                        Subscription { answer: Answer::Pending, since: Instant::now(), sent: false },
+                    );
                     self.changed.notify_one();
                 }
             }
@@ -120,13 +125,14 @@ impl OnDemand {
     }
 
     /// Whether traffic to `ip`, which no held Service claims, must be refused rather than passed through: it is inside
-    /// the mesh's address ranges and the control plane has not said that nothing is there.
+    /// the mesh's address ranges and the control plane has not answered for it (an answer, found or not, leaves the
+    /// decision to the snapshot, as without on-demand discovery).
     pub fn refuses(&self, ip: IpAddr) -> bool {
         let inside = self.mesh_cidrs.lock().expect("cidrs lock").iter().any(|c| c.contains(ip));
         inside
-            && !matches!(
+            && matches!(
                 self.subscriptions.lock().expect("subscriptions lock").get(&Alias::Ip(ip)).map(|s| &s.answer),
-                Some(Answer::Absent)
+                None | Some(Answer::Pending)
             )
     }
 
@@ -154,9 +160,18 @@ impl OnDemand {
     /// The subscription names to send: everything subscribed (a new stream), or the difference to what `sent` holds
     /// (which it then matches): (subscribe, unsubscribe).
     pub fn changes(&self, sent: &mut HashSet<String>) -> (Vec<String>, Vec<String>) {
-        let names: HashSet<String> =
-            self.subscriptions.lock().expect("subscriptions lock").keys().map(Alias::name).collect();
-        let subscribe: Vec<String> = names.difference(sent).cloned().collect();
+        let mut subs = self.subscriptions.lock().expect("subscriptions lock");
+        let names: HashSet<String> = subs.keys().map(Alias::name).collect();
+        // New names, and names subscribed again since they were last sent (released and looked up anew between two
+        // calls): the control plane answers a subscription each time it is sent.
+        let mut subscribe: Vec<String> = Vec::new();
+        for (alias, sub) in subs.iter_mut() {
+            let name = alias.name();
+            if !sub.sent || !sent.contains(&name) {
+                subscribe.push(name);
+            }
+            sub.sent = true;
+        }
         let unsubscribe: Vec<String> = sent.difference(&names).cloned().collect();
         *sent = names;
         (subscribe, unsubscribe)
@@ -177,13 +192,13 @@ impl OnDemand {
             }
             for (alias, services) in found {
                 if let Some(s) = subs.get_mut(&alias) {
-                    *s = Subscription { answer: Answer::Found(services), since: now };
+                    (s.answer, s.since) = (Answer::Found(services), now);
                     any = true;
                 }
             }
             for alias in response.removed_resources.iter().filter_map(|a| Alias::parse(a)) {
                 if let Some(s) = subs.get_mut(&alias) {
-                    *s = Subscription { answer: Answer::Absent, since: now };
+                    (s.answer, s.since) = (Answer::Absent, now);
                     any = true;
                 }
             }
@@ -321,6 +336,18 @@ mod tests {
         unsubscribe.sort();
         assert!(subscribe.is_empty());
         assert_eq!(unsubscribe, ["ip/10.96.0.1", "ip/192.0.2.1"], "the unanswered one stays until the idle period");
+        // Released and looked up again before the stream saw the release: sent again all the same.
+        od.subscriptions
+            .lock()
+            .unwrap()
+            .insert(ip("10.96.0.9"), Subscription { answer: Answer::Absent, since: Instant::now(), sent: true });
+        let _ = od.changes(&mut sent);
+        od.subscriptions.lock().unwrap().remove(&ip("10.96.0.9"));
+        od.subscriptions
+            .lock()
+            .unwrap()
+            .insert(ip("10.96.0.9"), Subscription { answer: Answer::Pending, since: Instant::now(), sent: false });
+        assert_eq!(od.changes(&mut sent).0, ["ip/10.96.0.9"]);
         // Down: what is pending is dropped, nothing waits.
         od.set_connected(false);
         assert_eq!(od.discover(ip("10.96.0.3")).await, Discovered::Unavailable);

@@ -91,6 +91,10 @@ pub struct Snapshot {
     namespace: String,
     /// The HTTPRoute route sets held (`<service ns>/<service>/<route ns>`).
     pub route_sets: Vec<String>,
+    /// This pod's Service (`name.namespace`, the first its workload has) as a calling proxy names it to a mesh peer
+    /// (`ferry-source`), made once per snapshot.
+    #[serde(skip)]
+    pub source_header: Option<http::HeaderValue>,
     /// The route rules of each Service port that has routes for this proxy, compiled: the Service's qualified name →
     /// port → table. Absent: no route applies; requests go to the Service itself.
     #[serde(skip)]
@@ -299,6 +303,10 @@ impl Snapshot {
             }
         }
         let inbound = Inbound::compile(&workload, &traffic, &authz_docs, default_mtls);
+        let source_header = workload
+            .services
+            .first()
+            .and_then(|s| http::HeaderValue::from_str(&format!("{}.{}", s.name, s.namespace)).ok());
         let mut by_identity = FastMap::default();
         let by_name = services.iter().enumerate().map(|(i, s)| (s.qualified_name.clone(), i)).collect();
         for svc in &services {
@@ -323,6 +331,7 @@ impl Snapshot {
             by_name,
             namespace: local_namespace.to_string(),
             route_sets: Vec::new(),
+            source_header,
             routes: FastMap::default(),
         }
     }

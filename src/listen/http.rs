@@ -43,6 +43,8 @@ pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id"
 /// inbound side when its snapshot does not hold the caller's Service (an on-demand proxy holds what it calls, not
 /// who calls it). Taken only as a label, only when its namespace is the caller's identity's; never reaches an app.
 pub const SOURCE_HEADER: HeaderName = HeaderName::from_static("ferry-source");
+/// Distinct caller Services taken from [`SOURCE_HEADER`] as labels, at most.
+pub const MAX_CLAIMED_SOURCES: usize = 256;
 /// Hop-by-hop fields RFC 9110 §7.6.1 names that `http` has no constant for.
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
@@ -246,7 +248,9 @@ impl Listeners {
                 (Direction::Inbound, Some(id)) => {
                     let known = self.store.load().service_of(id);
                     match claimed_source.as_ref().filter(|_| *known == *unknown_source()) {
-                        Some(claimed) => claimed_service(claimed, &id.namespace).map_or(known, Arc::from),
+                        Some(claimed) => claimed_service(claimed, &id.namespace)
+                            .and_then(|name| self.claimed_label(name))
+                            .unwrap_or(known),
                         None => known,
                     }
                 }
@@ -275,6 +279,20 @@ impl Listeners {
             handles.record(labels, elapsed);
             response.map(|body| sized(body, response_size))
         }
+    }
+
+    /// The `source` label for a Service a peer proxy named: one shared value per name (no allocation per request),
+    /// at most [`MAX_CLAIMED_SOURCES`] names (a peer cannot grow the metrics without bound; past it, `unknown`).
+    fn claimed_label(&self, name: &str) -> Option<Arc<str>> {
+        let mut seen = self.claimed_sources.lock().expect("claimed sources lock");
+        if let Some(label) = seen.get(name) {
+            return Some(label.clone());
+        }
+        (seen.len() < MAX_CLAIMED_SOURCES).then(|| {
+            let label: Arc<str> = name.into();
+            seen.insert(label.clone());
+            label
+        })
     }
 
     /// The request's destination and the authority to send it with (the app's own, else the address dialled).
@@ -342,8 +360,8 @@ pub(super) struct Upstream {
     pub(super) own_listeners: Arc<[SocketAddr]>,
     /// The `maxConnections` slots of each destination Service.
     pub(super) limits: Arc<Limits>,
-    /// This proxy's Service as [`SOURCE_HEADER`] sends it (none when it declares none).
-    pub(super) source: Option<HeaderValue>,
+    /// The live snapshot: its workload's Service is what [`SOURCE_HEADER`] sends.
+    pub(super) store: Arc<crate::discovery::snapshot::ConfigStore>,
 }
 
 impl Upstream {
@@ -391,11 +409,12 @@ impl Upstream {
         }
         let orig_proto = req.headers_mut().remove(ORIG_PROTO_HEADER);
         // Who calls travels only from proxy to proxy, set by the calling one.
-        match (&self.source, dest.tls_for(&endpoint)) {
-            (Some(source), Some(_)) => {
-                req.headers_mut().insert(SOURCE_HEADER, source.clone());
+        let source = dest.tls_for(&endpoint).and_then(|_| self.store.load().source_header.clone());
+        match source {
+            Some(source) => {
+                req.headers_mut().insert(SOURCE_HEADER, source);
             }
-            _ => {
+            None => {
                 req.headers_mut().remove(SOURCE_HEADER);
             }
         }

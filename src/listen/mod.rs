@@ -82,6 +82,8 @@ pub struct Listeners {
     pub connections: Arc<OpenConnections>,
     h1: http1::Builder,
     h2: http2::Builder<TokioExecutor>,
+    /// The caller Services peer proxies named (`http::SOURCE_HEADER`), as shared labels; bounded.
+    claimed_sources: std::sync::Mutex<std::collections::HashSet<Arc<str>>>,
 }
 
 impl Listeners {
@@ -122,9 +124,8 @@ impl Listeners {
         let registries =
             Arc::new(Registries { mirrors_in_flight: settings.mirror_max_in_flight, ..Registries::default() });
         let limits = registries.limits.clone();
-        let source =
-            settings.declared_services().first().and_then(|_| ::http::HeaderValue::from_str(&local_service).ok());
-        let upstream = http::Upstream { pool: pool.clone(), own_listeners: own_listeners.clone(), limits, source };
+        let upstream =
+            http::Upstream { pool: pool.clone(), own_listeners: own_listeners.clone(), limits, store: store.clone() };
         let outbound = stack::outbound::<http::Sent>(&registries, &metrics, upstream.clone().service());
         let inbound = stack::inbound::<http::Sent>(&registries, &metrics, upstream.service());
         let connections = Arc::new(OpenConnections::new(settings.max_connections));
@@ -150,6 +151,7 @@ impl Listeners {
             connections,
             h1,
             h2,
+            claimed_sources: Default::default(),
         })
     }
 

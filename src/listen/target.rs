@@ -100,6 +100,15 @@ impl ConnInfo {
     }
 }
 
+/// A DNS name as a Service address can be: at most 253 bytes of labels of 1-63 letters, digits and hyphens (a bare
+/// name gets the namespace appended: 190 bytes leave room for it).
+fn is_dns_name(host: &str) -> bool {
+    host.len() <= 190
+        && host
+            .split('.')
+            .all(|l| (1..=63).contains(&l.len()) && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+}
+
 /// A failed decision, with the service label to count it under.
 pub type Refusal = (Arc<str>, ProxyError);
 
@@ -125,6 +134,9 @@ impl Listeners {
             return None;
         }
         match Alias::of_host(ferry_api::config::split_host_port(authority?).0) {
+            // Only a DNS name is asked about (the control plane refuses over-long names, and a request's Host must
+            // not cost the proxy its stream).
+            Alias::Host(host) if !is_dns_name(&host) => None,
             Alias::Host(host) if !host.contains('.') => {
                 Some(Alias::Host(format!("{host}.{}", self.settings.namespace)))
             }
@@ -387,4 +399,29 @@ pub(super) fn not_own_listener(listeners: &[SocketAddr], addr: SocketAddr) -> Re
 /// Whether `ip` belongs to this host: loopback, or an address a socket can bind to.
 pub(crate) fn is_local_ip(ip: IpAddr) -> bool {
     ip.is_loopback() || std::net::UdpSocket::bind((ip, 0)).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_dns_name;
+
+    #[test]
+    fn only_dns_names_are_looked_up() {
+        let long_label = "a".repeat(64);
+        let long_name = format!("{}.b", "a.".repeat(95));
+        let cases = [
+            ("api", true),
+            ("api.shop.svc.cluster.local", true),
+            ("my-api.shop", true),
+            ("", false),
+            ("api..shop", false),
+            ("api_v2.shop", false),
+            ("api shop", false),
+            (long_label.as_str(), false),
+            (long_name.as_str(), false),
+        ];
+        for (host, ok) in cases {
+            assert_eq!(is_dns_name(host), ok, "{host:?}");
+        }
+    }
 }

@@ -253,14 +253,16 @@ impl Session {
         // sets go last: a new backend Service (a canary) is known before a route sends traffic to it.
         let bound = model.bound.get(&self.workload);
         let wanted = self.on_demand().then(|| self.wanted_services(model, bound));
-        // A subscription change alone (the generation the proxy has): the route sets of the Services it brings go
-        // before them, so that the answer to a first call (the Service carrying the alias) finds its routes in place
-        // (a route set whose Service the proxy does not hold yet is inert; its backends come with the Service).
+        // A subscription change: the route sets (and, as always, the TrafficPolicies) of the Services it brings go
+        // before them, so that the answer to a first call (the Service carrying the alias) finds its routes and
+        // policies in place (a route set whose Service the proxy does not hold yet is inert; its backends come with
+        // the Service). Should a new generation change a route to a new backend in the same round, that route
+        // reaches the proxy just before the backend's Service (the next frame of the same stream).
         let services = self.types.get(TYPES[SERVICES]);
-        let subscribed = wanted.is_some()
-            && services.is_some_and(|t| t.dirty && t.synced == Some(model.generation) && t.pending.is_none());
-        // (a route set push already in flight would bring the new ones after the Services: those wait for it)
-        let routes_pending = self.types.get(TYPES[ROUTES]).is_some_and(|t| t.pending.is_some());
+        let subscribed = wanted.is_some() && services.is_some_and(|t| t.dirty && t.pending.is_none());
+        // (a route set or policy push already in flight would bring the new ones after the Services: those wait)
+        let routes_pending =
+            [ROUTES, TRAFFIC].iter().any(|&i| self.types.get(TYPES[i]).is_some_and(|t| t.pending.is_some()));
         let order = if subscribed {
             [TRUST, AUTHZ, TRAFFIC, WORKLOAD, ROUTES, SERVICES]
         } else {

@@ -464,8 +464,8 @@ fn an_on_demand_proxy_gets_what_it_subscribes_to_and_what_that_depends_on() {
         first,
         [
             ("TrafficPolicy".into(), v(&[]), v(&[])),
-            ("Service".into(), v(&["demo/web"]), v(&[])),
             ("RouteSet".into(), v(&[]), v(&[])),
+            ("Service".into(), v(&["demo/web"]), v(&[])),
         ]
     );
     // (The Workload waits for the policies' ACK.)
