@@ -66,6 +66,8 @@ struct Pending {
     generation: u64,
     /// Each name the push changed, with the version the proxy held before (`None`: it held none).
     undo: Vec<(Arc<str>, Option<Arc<str>>)>,
+    /// The subscribed names it answered: a refused push leaves them to be answered again.
+    answering: Vec<String>,
 }
 
 /// Per type: what the proxy subscribed to, what it holds, and the push awaiting its ACK.
@@ -195,6 +197,8 @@ impl Session {
                                 None => t.known.remove(&name),
                             };
                         }
+                        // What it answered is answered again with it (the proxy's lookups still wait for it).
+                        t.unanswered.extend(pending.answering);
                         tracing::warn!(node, type_url = label, generation, error = %error.message, "proxy NACKed a push");
                         metrics.xds_nacks.with_label_values(&[label]).inc();
                         status.update(type_url, |s| {
@@ -349,7 +353,8 @@ impl Session {
             // it among its aliases (sent again if the proxy holds it), and any name that names nothing as removed
             // (the proxy then knows it is absent: a negative answer).
             let mut aliased: BTreeMap<Arc<str>, Vec<String>> = BTreeMap::new();
-            for name in t.unanswered.drain() {
+            let answering: Vec<String> = t.unanswered.drain().collect();
+            for name in answering.iter().cloned() {
                 let alias = if index == SERVICES { Alias::parse(&name) } else { None };
                 let named = alias.as_ref().and_then(|a| model.index.resolve(a)).filter(|s| !s.is_empty());
                 match named {
@@ -391,7 +396,7 @@ impl Session {
             }
             self.nonces += 1;
             let nonce = format!("{}-{}", self.id, self.nonces);
-            t.pending = Some(Pending { nonce: nonce.clone(), generation: model.generation, undo });
+            t.pending = Some(Pending { nonce: nonce.clone(), generation: model.generation, undo, answering });
             if index == WORKLOAD
                 && let Some(b) = bound
             {

@@ -486,6 +486,17 @@ fn an_on_demand_proxy_gets_what_it_subscribes_to_and_what_that_depends_on() {
     let mut again = round(&mut s, &m1, &status);
     again[0].2.sort();
     assert_eq!(again, [("Service".into(), v(&["demo/api host/api.example ip/10.0.0.1"]), v(&["host/nothing.demo"]))]);
+    // A refused answer is answered again with the next generation's push.
+    subscribe(&mut s, &["host/api.demo"], &[]);
+    let refused = s.due(&m1, &status);
+    let service = refused.iter().find(|p| p.type_url == protocol::SERVICE_TYPE).map(wire).unwrap();
+    assert_eq!(service.resources[0].aliases, ["host/api.demo"], "{service:?}");
+    for push in &refused {
+        let error = (push.type_url == protocol::SERVICE_TYPE).then_some("no");
+        s.on_request(request(push.type_url, &[], &push.nonce, error), &status, &metrics, "n").unwrap();
+    }
+    let again = round(&mut s, &model(9, &docs), &status);
+    assert_eq!(again, [("Service".into(), v(&["demo/api host/api.demo"]), v(&[]))]);
     // A change to a Service this proxy does not call reaches it not at all; a change to one it calls does.
     let mut changed = docs.clone();
     for doc in &mut changed {
@@ -505,7 +516,7 @@ fn an_on_demand_proxy_gets_what_it_subscribes_to_and_what_that_depends_on() {
     }
     assert_eq!(round(&mut s, &model(3, &changed), &status), [("Service".into(), v(&["demo/canary"]), v(&[]))]);
     // Released: what only those names brought is removed, what the pod serves stays.
-    subscribe(&mut s, &[], &["ip/10.96.0.10", "ip/10.0.0.1", "host/api.example", "host/nothing.demo"]);
+    subscribe(&mut s, &[], &["ip/10.96.0.10", "ip/10.0.0.1", "host/api.example", "host/nothing.demo", "host/api.demo"]);
     let mut released = round(&mut s, &model(3, &changed), &status);
     for r in &mut released {
         r.2.sort();
