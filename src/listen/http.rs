@@ -613,10 +613,7 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 fn claimed_service<'a>(value: &'a HeaderValue, identity_namespace: &str) -> Option<&'a str> {
     let value = value.to_str().ok()?;
     let (name, namespace) = value.split_once('.')?;
-    let label = |s: &str| {
-        (1..=63).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-    };
-    (namespace == identity_namespace && label(name)).then_some(value)
+    (namespace == identity_namespace && ferry_api::is_dns_label(name)).then_some(value)
 }
 
 #[cfg(test)]

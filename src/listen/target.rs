@@ -100,13 +100,10 @@ impl ConnInfo {
     }
 }
 
-/// A DNS name as a Service address can be: at most 253 bytes of labels of 1-63 letters, digits and hyphens (a bare
-/// name gets the namespace appended: 190 bytes leave room for it).
+/// A hostname a Service address can be (`ferry_api::config::is_hostname`), short enough that a bare name with the
+/// namespace appended stays within the control plane's name limit (190 bytes leave room for it).
 fn is_dns_name(host: &str) -> bool {
-    host.len() <= 190
-        && host
-            .split('.')
-            .all(|l| (1..=63).contains(&l.len()) && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+    host.len() <= 190 && ferry_api::config::is_hostname(host)
 }
 
 /// A failed decision, with the service label to count it under.

@@ -456,15 +456,20 @@ fn check_address(address: &str) -> Result<(), String> {
         }
     }
     let host = host.trim_start_matches('[').trim_end_matches(']');
-    if host.parse::<IpAddr>().is_ok() {
-        return Ok(());
+    if host.parse::<IpAddr>().is_ok() || is_hostname(host) {
+        Ok(())
+    } else {
+        Err(format!("`{address}` must be a hostname or IP, with an optional port"))
     }
-    let ok = !host.is_empty()
+}
+
+/// A hostname as a Service address may be: at most 253 bytes of labels of 1-63 letters, digits and hyphens.
+pub fn is_hostname(host: &str) -> bool {
+    !host.is_empty()
         && host.len() <= 253
         && host.split('.').all(|label| {
             !label.is_empty() && label.len() <= 63 && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        });
-    if ok { Ok(()) } else { Err(format!("`{address}` must be a hostname or IP, with an optional port")) }
+        })
 }
 
 /// A port as written in an address: decimal digits only (`u16::from_str` alone also takes a leading `+`).

@@ -3,7 +3,7 @@
 //! each Workload resource binds its proxy to (the Services selecting it, its pod).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -126,11 +126,9 @@ impl Index {
         for host in implicit {
             self.by_host.entry(host).or_default().insert(name.clone());
         }
-        for e in &svc.spec.endpoints {
-            let ip = e.address.parse::<SocketAddr>().map(|a| a.ip()).or_else(|_| e.address.parse::<IpAddr>());
-            if let Ok(ip) = ip {
-                self.by_ip.entry(ip).or_default().insert(name.clone());
-            }
+        // An endpoint's IP, parsed as the proxy dials it (the port does not matter here).
+        for ip in svc.spec.endpoints.iter().filter_map(|e| e.socket_addr(0)).map(|a| a.ip()) {
+            self.by_ip.entry(ip).or_default().insert(name.clone());
         }
     }
 }
