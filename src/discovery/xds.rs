@@ -367,6 +367,7 @@ async fn session(
 mod tests {
     use super::*;
     use envoy_types::pb::envoy::service::discovery::v3::Resource;
+    use prost::Message;
 
     fn response(type_url: &str, docs: &str, removed: &[&str]) -> DeltaDiscoveryResponse {
         DeltaDiscoveryResponse {
@@ -426,6 +427,17 @@ mod tests {
         assert!(err.contains("mesh: roots[1]: not a CA certificate"), "{err}");
         let err = r.apply(&bundle(vec![])).unwrap_err();
         assert!(err.contains("at least one root"), "{err}");
+        // A mesh range that is not a CIDR: refused, naming it.
+        let mut bad_range = bundle(vec![ca(true)]);
+        let any = bad_range.resources[0].resource.as_mut().unwrap();
+        any.value = ferry_api::resources::pb::TrustBundle {
+            roots_pem: vec![ca(true)],
+            default_mtls: 0,
+            mesh_cidrs: vec!["10.96.0.0/33".into()],
+        }
+        .encode_to_vec();
+        let err = r.apply(&bad_range).unwrap_err();
+        assert!(err.contains("mesh: mesh_cidrs[0]: `10.96.0.0/33`: prefix must be 0-32"), "{err}");
         let (_, r) = r.apply(&bundle(vec![ca(true), ca(true)])).unwrap();
         assert!(!r.ready(), "not before the control plane has said what the pod serves");
         assert_eq!(r.workload().default_inbound, DefaultInbound::Deny, "no answer held: nothing served");
