@@ -26,20 +26,20 @@ pub fn random_bytes(buf: &mut [u8]) {
 /// Their keys come from the config and the proxy's own connections, not from what a client sends.
 pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
-/// A random version-4 UUID (`x-request-id`).
-pub fn request_id() -> String {
+/// A random version-4 UUID (`x-request-id`), as a sensitive header value: between proxies HPACK sends it as a literal
+/// that is never indexed (each request's value is new: indexing it would only evict the fields that do repeat).
+pub fn request_id() -> http::HeaderValue {
     let mut b = [0u8; 16];
     random_bytes(&mut b);
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
     // 8-4-4-4-12 hex digits.
-    let mut id = String::with_capacity(36);
-    for (i, part) in [&b[0..4], &b[4..6], &b[6..8], &b[8..10], &b[10..16]].into_iter().enumerate() {
-        if i > 0 {
-            id.push('-');
-        }
-        ferry_api::push_hex(&mut id, part);
+    let mut id = [b'-'; 36];
+    for (digits, bytes) in [(0..8, 0..4), (9..13, 4..6), (14..18, 6..8), (19..23, 8..10), (24..36, 10..16)] {
+        ferry_api::write_hex(&mut id[digits], &b[bytes]);
     }
+    let mut id = http::HeaderValue::from_bytes(&id).expect("hex digits and dashes are a valid header value");
+    id.set_sensitive(true);
     id
 }
 
@@ -49,6 +49,8 @@ mod tests {
     fn request_ids_are_version_4_uuids() {
         for _ in 0..100 {
             let id = super::request_id();
+            assert!(id.is_sensitive());
+            let id = id.to_str().unwrap();
             let chars: Vec<char> = id.chars().collect();
             assert_eq!(chars.len(), 36, "{id}");
             for (i, c) in chars.iter().enumerate() {

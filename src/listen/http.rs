@@ -528,10 +528,12 @@ fn authority_of<B>(req: &Request<B>) -> Option<String> {
 /// Every request carries an ID from its first proxy on (the app should copy it onto the calls it makes): the one it
 /// has, or a new one.
 fn ensure_request_id<B>(req: &mut Request<B>) -> HeaderValue {
-    if let Some(id) = req.headers().get(REQUEST_ID_HEADER) {
+    if let Some(id) = req.headers_mut().get_mut(REQUEST_ID_HEADER) {
+        // Never indexed by HPACK, as ours (`util::request_id`).
+        id.set_sensitive(true);
         return id.clone();
     }
-    let id = HeaderValue::from_str(&crate::util::request_id()).expect("an ID is a valid header value");
+    let id = crate::util::request_id();
     req.headers_mut().insert(REQUEST_ID_HEADER, id.clone());
     id
 }
@@ -572,40 +574,70 @@ fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
 /// Removes the hop-by-hop fields of RFC 9110 §7.6.1 and those the `Connection` header lists.
 /// `TE: trailers` stays (gRPC needs it); an upgrade keeps `Connection: upgrade` and `Upgrade`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    // Most messages carry none of them: one pass over the names costs less than a lookup of each.
-    if !keep_upgrade && !headers.keys().any(is_hop_by_hop) {
+    // Most messages carry none of them and many only `connection`: one pass over the names finds which are there,
+    // and only those are removed (removing an absent name costs a lookup too).
+    let mut present = HopByHop::default();
+    for name in headers.keys() {
+        match name.as_str() {
+            "connection" => present.connection = true,
+            "transfer-encoding" => present.transfer_encoding = true,
+            "te" => present.te = true,
+            "upgrade" => present.upgrade = true,
+            "keep-alive" => present.keep_alive = true,
+            "proxy-connection" => present.proxy_connection = true,
+            _ => {}
+        }
+    }
+    if !keep_upgrade && present == HopByHop::default() {
         return;
     }
-    let listed: Vec<HeaderName> =
-        connection_tokens(headers).filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok()).collect();
-    for name in listed {
-        if !(keep_upgrade && name == header::UPGRADE) && name != header::TE {
+    if present.connection {
+        // The fields it lists that are there (usually none: `keep-alive` and `close` are options, not fields).
+        let listed: Vec<HeaderName> = connection_tokens(headers)
+            .filter_map(|t| headers.keys().find(|name| name.as_str().eq_ignore_ascii_case(t)).cloned())
+            .collect();
+        for name in listed {
+            if !(keep_upgrade && name == header::UPGRADE) && name != header::TE {
+                headers.remove(name);
+            }
+        }
+        headers.remove(header::CONNECTION);
+    }
+    for (name, there) in [(KEEP_ALIVE, present.keep_alive), (PROXY_CONNECTION, present.proxy_connection)] {
+        if there {
             headers.remove(name);
         }
     }
-    for name in [KEEP_ALIVE, PROXY_CONNECTION] {
-        headers.remove(name);
+    if present.transfer_encoding {
+        headers.remove(header::TRANSFER_ENCODING);
     }
-    headers.remove(header::TRANSFER_ENCODING);
-    let te_trailers = headers
-        .get_all(header::TE)
-        .iter()
-        .any(|v| v.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers"))));
-    headers.remove(header::TE);
-    if te_trailers {
-        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    if present.te {
+        let te_trailers = headers
+            .get_all(header::TE)
+            .iter()
+            .any(|v| v.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers"))));
+        headers.remove(header::TE);
+        if te_trailers {
+            headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        }
     }
-    headers.remove(header::CONNECTION);
     if keep_upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
+    } else if present.upgrade {
         headers.remove(header::UPGRADE);
     }
 }
 
-/// A field `strip_hop_by_hop` removes or rewrites whenever present (others go only when `Connection` lists them).
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    matches!(name.as_str(), "connection" | "transfer-encoding" | "te" | "upgrade" | "keep-alive" | "proxy-connection")
+/// Which of the fields `strip_hop_by_hop` removes or rewrites whenever present a message carries (others go only
+/// when `Connection` lists them).
+#[derive(Default, PartialEq)]
+struct HopByHop {
+    connection: bool,
+    transfer_encoding: bool,
+    te: bool,
+    upgrade: bool,
+    keep_alive: bool,
+    proxy_connection: bool,
 }
 
 /// The caller's Service a peer proxy's [`SOURCE_HEADER`] names, if it is `name.namespace` with a DNS label for a name
@@ -659,6 +691,9 @@ mod tests {
             (&[("upgrade", "websocket")], false, &[], &["upgrade"]),
             (&[("connection", "close")], false, &[], &["connection"]),
             (&[("x-app", "1"), ("content-length", "0")], false, &["x-app", "content-length"], &[]),
+            // A listed field in another case; an upgrade kept on a message that had no `connection`.
+            (&[("connection", "X-Secret"), ("x-secret", "1")], false, &[], &["connection", "x-secret"]),
+            (&[("x-app", "1")], true, &["connection", "x-app"], &[]),
         ];
         for (input, keep, present, absent) in cases {
             let mut h = headers(input);

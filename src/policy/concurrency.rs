@@ -4,9 +4,10 @@
 //! and `ferry_upstream_requests_pending` against `ferry_upstream_requests_limit`.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use http::{Request, Response};
+use prometheus::IntGauge;
 use tokio::sync::Semaphore;
 
 use super::{Mechanism, refuse};
@@ -44,6 +45,20 @@ struct Slots {
     semaphore: Arc<Semaphore>,
     pending: AtomicUsize,
     connections: Arc<Semaphore>,
+    /// Its active and pending gauges, looked up by label once (its limit gauge is set then): not per request.
+    gauges: OnceLock<(IntGauge, IntGauge)>,
+}
+
+impl Slots {
+    fn gauges(&self, service: &str, metrics: &Metrics) -> &(IntGauge, IntGauge) {
+        self.gauges.get_or_init(|| {
+            let labels = [service];
+            if let Some(max) = self.caps.max_requests {
+                metrics.upstream_limit.with_label_values(&labels).set(i64::from(max));
+            }
+            (metrics.upstream_active.with_label_values(&labels), metrics.upstream_pending.with_label_values(&labels))
+        })
+    }
 }
 
 /// A destination's limit on open connections, as the connection pool sees it.
@@ -77,6 +92,7 @@ impl Limits {
                 semaphore: permits(caps.max_requests),
                 pending: AtomicUsize::new(0),
                 connections: permits(caps.max_connections),
+                gauges: OnceLock::new(),
             })
         };
         let slots = map.entry(service.clone()).or_insert_with(fresh);
@@ -113,12 +129,8 @@ impl Mechanism for Concurrency {
         S: tower::Service<Request<ProxyBody>, Response = Response<ProxyBody>, Error = ProxyError>,
         S::Future: Send + 'static,
     {
-        let metrics = self.metrics.clone();
         let slots = self.limits.slots(&service, caps);
-        let labels = [&*service];
-        if let Some(max) = caps.max_requests {
-            metrics.upstream_limit.with_label_values(&labels).set(i64::from(max));
-        }
+        slots.gauges(&service, &self.metrics);
         // A free slot, or a place in the queue, or 503 at once.
         let permit = match slots.semaphore.clone().try_acquire_owned() {
             Ok(p) => Some(p),
@@ -133,20 +145,20 @@ impl Mechanism for Concurrency {
         };
         let call = inner.call(req);
         Box::pin(async move {
-            let labels = [&*service];
+            let (active, pending) = slots.gauges.get().expect("gauges looked up before the call");
             let _permit = match permit {
                 Some(p) => p,
                 None => {
-                    metrics.upstream_pending.with_label_values(&labels).inc();
+                    pending.inc();
                     let p = slots.semaphore.clone().acquire_owned().await;
                     slots.pending.fetch_sub(1, Ordering::SeqCst);
-                    metrics.upstream_pending.with_label_values(&labels).dec();
+                    pending.dec();
                     p.map_err(|_| ProxyError::Overloaded { service: service.to_string() })?
                 }
             };
-            metrics.upstream_active.with_label_values(&labels).inc();
+            active.inc();
             let result = call.await;
-            metrics.upstream_active.with_label_values(&labels).dec();
+            active.dec();
             result
         })
     }

@@ -13,7 +13,7 @@ use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, Status, span, status};
 use tokio::sync::mpsc;
 
-use ferry_api::{hex, push_hex};
+use ferry_api::{hex, write_hex};
 
 use crate::telemetry::metrics::Metrics;
 
@@ -55,14 +55,28 @@ pub struct Formats {
 }
 
 fn hex_to<const N: usize>(s: &str) -> Option<[u8; N]> {
-    if s.len() != N * 2 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+    hex_bytes(s.as_bytes())
+}
+
+/// `N` bytes from `2N` hex digits of either case; all zeros is no ID.
+fn hex_bytes<const N: usize>(s: &[u8]) -> Option<[u8; N]> {
+    if s.len() != N * 2 {
         return None;
     }
     let mut out = [0u8; N];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(&s[i * 2..i * 2 + 2], 16).ok()?;
+    for (byte, pair) in out.iter_mut().zip(s.chunks_exact(2)) {
+        *byte = (nibble(pair[0])? << 4) | nibble(pair[1])?;
     }
     (out != [0u8; N]).then_some(out)
+}
+
+fn nibble(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
 }
 
 /// A 64-bit (16 hex) or 128-bit (32 hex) trace ID; the short form is padded on the left, as B3 specifies.
@@ -82,20 +96,20 @@ fn trace_id(s: &str) -> Option<[u8; 16]> {
 /// later version is read by the same first fields and may go on only after a `-` (Trace Context level 1, §3.2 and
 /// "Versioning of traceparent").
 pub fn parse_traceparent(value: &str) -> Option<SpanContext> {
-    let value = value.trim_matches([' ', '\t']);
+    // Every request between proxies carries one: read by position, not split and parsed digit by digit.
+    let value = value.trim_matches([' ', '\t']).as_bytes();
     let (head, rest) = (value.get(..55)?, &value[55..]);
-    let lower_hex = |s: &str| s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
-    let mut fields = head.split('-');
-    let (version, trace, span, flags) = (fields.next()?, fields.next()?, fields.next()?, fields.next()?);
-    let lengths = (version.len(), trace.len(), span.len(), flags.len());
-    if lengths != (2, 32, 16, 2) || ![version, trace, span, flags].into_iter().all(lower_hex) || version == "ff" {
+    let (version, trace, span, flags) = (&head[..2], &head[3..35], &head[36..52], &head[53..]);
+    let lower_hex = |s: &[u8]| s.iter().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    let dashes = head[2] == b'-' && head[35] == b'-' && head[52] == b'-';
+    if !dashes || ![version, trace, span, flags].into_iter().all(lower_hex) || version == b"ff" {
         return None;
     }
-    if !rest.is_empty() && (version == "00" || !rest.starts_with('-')) {
+    if !rest.is_empty() && (version == b"00" || rest[0] != b'-') {
         return None;
     }
-    let flags = hex_to::<1>(flags).map_or(0, |f| f[0]);
-    Some(SpanContext { trace_id: hex_to(trace)?, span_id: hex_to(span)?, sampled: flags & 1 == 1 })
+    let flags = (nibble(flags[0])? << 4) | nibble(flags[1])?;
+    Some(SpanContext { trace_id: hex_bytes(trace)?, span_id: hex_bytes(span)?, sampled: flags & 1 == 1 })
 }
 
 /// Pure: a single `b3` header, `<trace>-<span>[-<sampling>[-<parent>]]` (a bare sampling decision carries no
@@ -119,16 +133,23 @@ pub fn parse_b3_multi(headers: &HeaderMap) -> Option<SpanContext> {
 /// Two `traceparent` headers are none (the W3C test suite's `test_traceparent_duplicated`).
 pub fn extract(headers: &HeaderMap) -> (Option<SpanContext>, Formats) {
     let value = |name: HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
-    let mut traceparents = headers.get_all(TRACEPARENT).iter();
-    let w3c = match (traceparents.next(), traceparents.next()) {
-        (Some(one), None) => one.to_str().ok().and_then(parse_traceparent),
-        _ => None,
-    };
-    let formats = Formats {
-        w3c: w3c.is_some(),
-        b3_single: headers.contains_key(B3),
-        b3_multi: headers.contains_key(B3_TRACE_ID),
-    };
+    // One pass over the names, then lookups of only those present: a request carries one format or none, and a
+    // lookup of an absent name costs as much as of a present one.
+    let (mut traceparent, mut b3_single, mut b3_multi) = (false, false, false);
+    for name in headers.keys() {
+        match name.as_str() {
+            "traceparent" => traceparent = true,
+            "b3" => b3_single = true,
+            "x-b3-traceid" => b3_multi = true,
+            _ => {}
+        }
+    }
+    let w3c =
+        traceparent.then(|| headers.get_all(TRACEPARENT).iter()).and_then(|mut all| match (all.next(), all.next()) {
+            (Some(one), None) => one.to_str().ok().and_then(parse_traceparent),
+            _ => None,
+        });
+    let formats = Formats { w3c: w3c.is_some(), b3_single, b3_multi };
     let context = w3c
         .or_else(|| value(B3).and_then(parse_b3_single))
         .or_else(|| formats.b3_multi.then(|| parse_b3_multi(headers)).flatten());
@@ -140,21 +161,27 @@ pub fn extract(headers: &HeaderMap) -> (Option<SpanContext>, Formats) {
 /// B3 parent span).
 pub fn inject(headers: &mut HeaderMap, ctx: &SpanContext, parent: Option<[u8; 8]>, formats: Formats) {
     let sampled = if ctx.sampled { "1" } else { "0" };
-    // `00-<trace>-<span>-0<sampled>`, written without the formatter into one buffer (every request writes it), which
-    // B3's trace and span IDs share.
-    let mut traceparent = String::with_capacity(55);
-    traceparent.push_str("00-");
-    push_hex(&mut traceparent, &ctx.trace_id);
-    traceparent.push('-');
-    push_hex(&mut traceparent, &ctx.span_id);
-    traceparent.push_str("-0");
-    traceparent.push_str(sampled);
-    let value = |b: bytes::Bytes| HeaderValue::from_maybe_shared(b).expect("hex is a valid header value");
+    // `00-<trace>-<span>-0<sampled>`, written into one buffer (every request writes it), which B3's trace and span
+    // IDs share.
+    let mut written = [0u8; 55];
+    written[..3].copy_from_slice(b"00-");
+    write_hex(&mut written[3..35], &ctx.trace_id);
+    written[35] = b'-';
+    write_hex(&mut written[36..52], &ctx.span_id);
+    written[52..54].copy_from_slice(b"-0");
+    written[54] = sampled.as_bytes()[0];
+    // Sensitive: between proxies HPACK sends it as a literal that is never indexed. Each request's value is new, so
+    // indexing it would only evict the fields that do repeat from the HTTP/2 header table.
+    let value = |b: bytes::Bytes| {
+        let mut v = HeaderValue::from_maybe_shared(b).expect("hex is a valid header value");
+        v.set_sensitive(true);
+        v
+    };
     if formats.b3_single {
         // `<trace>-<span>-<sampled>`: the traceparent without its version, with a one-digit flag.
-        headers.insert(B3, value([&traceparent[3..53], sampled].concat().into()));
+        headers.insert(B3, value([&written[3..53], sampled.as_bytes()].concat().into()));
     }
-    let traceparent = bytes::Bytes::from(traceparent);
+    let traceparent = bytes::Bytes::copy_from_slice(&written);
     let (trace, span) = (traceparent.slice(3..35), traceparent.slice(36..52));
     if formats.b3_multi {
         headers.insert(B3_TRACE_ID, value(trace));
@@ -583,6 +610,7 @@ mod tests {
         inject(&mut h, &c, Some(parent.span_id), formats);
         let (t, s) = (hex(&c.trace_id), hex(&c.span_id));
         assert_eq!(h["traceparent"], format!("00-{t}-{s}-01").as_str());
+        assert!(h["traceparent"].is_sensitive(), "never indexed by HPACK");
         assert_eq!(h["b3"], format!("{t}-{s}-1").as_str());
         assert_eq!((h["x-b3-traceid"].to_str().unwrap(), h["x-b3-spanid"].to_str().unwrap()), (t.as_str(), s.as_str()));
         assert_eq!(h["x-b3-parentspanid"], SPAN);
