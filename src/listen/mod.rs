@@ -407,7 +407,10 @@ impl Listeners {
             let proxy = proxy.clone();
             let conn = conn.clone();
             let state = conn_state.clone();
-            async move {
+            // Boxed: the request's future is kilobytes (the stack's and on-demand discovery's states), and hyper moves
+            // it into its connection's in-flight slot (HTTP/1) or into a task of its own per stream (HTTP/2): a box
+            // is one allocation where each of those moves was a copy of the whole future.
+            Box::pin(async move {
                 let drain = proxy.drain.clone();
                 let mut response = proxy.forward(req, conn).await;
                 // Draining, an HTTP/1 client is told to close after this response (a close without it could cross
@@ -418,7 +421,7 @@ impl Listeners {
                         .insert(::http::header::CONNECTION, ::http::HeaderValue::from_static("close"));
                 }
                 Ok::<_, Infallible>(response.map(|body| Responding::new(body, state)))
-            }
+            })
         });
         let io = TokioIo::new(io);
         let timers = Timers {
