@@ -26,10 +26,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGET = "x86_64-unknown-linux-gnu"
 
 
+# deploy/build-static.sh's flags that decide symbol names, by which the profile's functions are matched.
+STATIC_FLAGS = "-C target-feature=+crt-static -C symbol-mangling-version=v0"
+
+
 def build_instrumented(raw):
     """The proxy with deploy/build-static.sh's flags (the symbol names the profile is matched by), instrumented."""
+    with open(os.path.join(ROOT, "deploy", "build-static.sh")) as f:
+        if f'RUSTFLAGS="{STATIC_FLAGS} ' not in f.read():
+            sys.exit(f"deploy/build-static.sh no longer builds with {STATIC_FLAGS!r}: update STATIC_FLAGS here")
     env = dict(os.environ, CARGO_TARGET_DIR=os.path.join(ROOT, "target", "pgo"),
-               RUSTFLAGS=f"-C target-feature=+crt-static -C symbol-mangling-version=v0 -C profile-generate={raw}")
+               RUSTFLAGS=f"{STATIC_FLAGS} -C profile-generate={raw}")
     subprocess.run(["cargo", "build", "--release", "--locked", "--target", TARGET, "-p", "ferry", "--bin", "ferry"],
                    cwd=ROOT, env=env, check=True)
     return os.path.join(ROOT, "target", "pgo", TARGET, "release", "ferry")

@@ -108,7 +108,7 @@ pub fn parse_traceparent(value: &str) -> Option<SpanContext> {
     if !rest.is_empty() && (version == b"00" || rest[0] != b'-') {
         return None;
     }
-    let flags = (nibble(flags[0])? << 4) | nibble(flags[1])?;
+    let flags = hex_bytes::<1>(flags).map_or(0, |f| f[0]);
     Some(SpanContext { trace_id: hex_bytes(trace)?, span_id: hex_bytes(span)?, sampled: flags & 1 == 1 })
 }
 
