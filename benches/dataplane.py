@@ -284,6 +284,7 @@ spec:
 class Proc:
     def __init__(self, name, cmd, log, env=None, cpu=None):
         self.name = name
+        self.env = env
         self.log = open(log, "w")
         self.p = subprocess.Popen(pinned(cmd, cpu), stdout=self.log, stderr=subprocess.STDOUT, env=env)
 
@@ -466,12 +467,13 @@ def in_ns(ns, cmd, as_proxy=False):
     return prefix + cmd
 
 
-def start_transparent(args, work, node, proxy_cpu, load_cpu, procs):
+def start_transparent(args, work, node, proxy_cpu, load_cpu, procs, envoy=True, timeout=30.0):
     """Pods on `node`'s bridge: nginx in three servers; a Ferry pair and two Envoy clients (sidecar and bare config)
-    and an Envoy server, each behind `ferry init`'s rules; ferry-control on the node. Returns the targets (the caller
-    stops `procs` and closes `node`, whatever happens)."""
+    and an Envoy server (not with `envoy=False`), each behind `ferry init`'s rules; ferry-control on the node. Each
+    proxy is given `timeout` seconds to be ready. Returns the targets (the caller stops `procs` and closes `node`,
+    whatever happens)."""
     os.chmod(work, 0o755)  # the proxies (UID 1337) read their certificates and the CA root here
-    for pod in ["plain-server", "ferry-server", "envoy-server"]:
+    for pod in ["plain-server", "ferry-server"] + ["envoy-server"] * envoy:
         conf = f"{work}/nginx-{pod}.conf"
         os.makedirs(f"{work}/nginx-{pod}", exist_ok=True)
         with open(conf, "w") as f:
@@ -479,7 +481,7 @@ def start_transparent(args, work, node, proxy_cpu, load_cpu, procs):
         nginx_bin = shutil.which("nginx") or "/usr/sbin/nginx"
         procs.append(Proc(f"nginx-{pod}", in_ns(node.ns(pod), [nginx_bin, "-c", conf, "-p", f"{work}/nginx-{pod}"]),
                           f"{work}/nginx-{pod}.log", cpu=load_cpu))
-    for pod in ["ferry-client", "ferry-server", "envoy-client", "envoy-bare-client", "envoy-server"]:
+    for pod in ["ferry-client", "ferry-server"] + ["envoy-client", "envoy-bare-client", "envoy-server"] * envoy:
         node.exec(node.ns(pod), args.ferry, "init")
     # The control plane on the node, its API on the node's loopback.
     cp_dir = f"{work}/t-control"
@@ -525,7 +527,14 @@ spec: {{ports: [{{port: 80, protocol: http}}], addresses: [backend.mesh], identi
         ferries[pod] = Proc(f"t-{pod}", in_ns(node.ns(pod), [args.ferry, "run"], as_proxy=True), f"{work}/t-{pod}.log",
                             env=env, cpu=proxy_cpu)
         procs.append(ferries[pod])
-        node.wait_http(pod, "http://127.0.0.1:15020/health/ready")
+        node.wait_http(pod, "http://127.0.0.1:15020/health/ready", timeout)
+    fc, fs = ferries["ferry-client"], ferries["ferry-server"]
+    ferry_targets = {
+        "t-ferry": (f"http://{plain}/", plain, [fc], node.ns("ferry-client")),
+        "t-ferry-mesh": (f"http://{server}/", server, [fc, fs], node.ns("ferry-client")),
+    }
+    if not envoy:
+        return ferry_targets
     # Envoy: certificates from openssl (made by envoy_mesh_certs for the loopback pair), readable by UID 1337.
     for name in ["ca.crt", "client.crt", "client.key", "server.crt", "server.key"]:
         os.chmod(f"{work}/{name}", 0o644)
@@ -542,14 +551,13 @@ spec: {{ports: [{{port: 80, protocol: http}}], addresses: [backend.mesh], identi
                            f"{work}/t-{pod}.log", cpu=proxy_cpu)
         procs.append(envoys[pod])
         node.wait_http(pod, "http://127.0.0.1:15000/ready")
-    fc, fs = ferries["ferry-client"], ferries["ferry-server"]
     es, ec, eb = envoys["envoy-server"], envoys["envoy-client"], envoys["envoy-bare-client"]
     targets = {
         "t-direct": (f"http://{plain}/", plain, [], node.ns("load-direct")),
-        "t-ferry": (f"http://{plain}/", plain, [fc], node.ns("ferry-client")),
+        "t-ferry": ferry_targets["t-ferry"],
         "t-envoy": (f"http://{plain}/", plain, [eb], node.ns("envoy-bare-client")),
         "t-envoy-sc": (f"http://{plain}/", plain, [ec], node.ns("envoy-client")),
-        "t-ferry-mesh": (f"http://{server}/", server, [fc, fs], node.ns("ferry-client")),
+        "t-ferry-mesh": ferry_targets["t-ferry-mesh"],
         "t-envoy-mesh": (f"http://{node.ip('envoy-server')}/", node.ip("envoy-server"), [eb, es],
                          node.ns("envoy-bare-client")),
         "t-envoy-sc-mesh": (f"http://{node.ip('envoy-server')}/", node.ip("envoy-server"), [ec, es],
@@ -1147,10 +1155,11 @@ def ferry_hop(ferry, backend, work, proxy_cpu, tag, config="ferry.yaml"):
     return f"http://127.0.0.1:{port}/", "backend", start
 
 
-def start_mesh(args, work, backend, proxy_cpu, load_cpu, procs):
+def start_mesh(args, work, backend, proxy_cpu, load_cpu, procs, envoy=True):
     """The mesh path's two pairs. Ferry: ferry-control (identities, the Service) and two proxies, each with a
-    certificate from the CSR service; the server-side proxy registers as the endpoint of Service backend. Envoy: two
-    Envoys with static certificates. Returns {name: (url, [proxy processes])}."""
+    certificate from the CSR service; the server-side proxy registers as the endpoint of Service backend (a third, of
+    Service guarded, applies MESH_POLICIES). Envoy (not with `envoy=False`): two Envoys with static certificates.
+    Returns {name: (url, [proxy processes])}."""
     ctl, base = start_control(args, work, load_cpu, procs)
     ctl("apply", "-f", "-", stdin=MESH_SERVICE + "---\n" + FERRY_POLICY.format(name="backend") + "---\n" + MESH_POLICIES)
     server_in, client_out = free_port(), free_port()
@@ -1174,6 +1183,10 @@ def start_mesh(args, work, backend, proxy_cpu, load_cpu, procs):
     fc = Proc("ferry-client", [args.ferry], f"{work}/ferry-client.log", env=client_env, cpu=proxy_cpu)
     fg = Proc("ferry-guarded", [args.ferry], f"{work}/ferry-guarded.log", env=guarded_env, cpu=proxy_cpu)
     procs += [fs, fc, fg]
+    ferry = {"control": (ctl, base), "ferry": (f"http://127.0.0.1:{client_out}/", [fc, fs]),
+             "policies": (f"http://127.0.0.1:{client_out}/", [fc, fg])}
+    if not envoy:
+        return ferry
     envoy_mesh_certs(work)
     envoy_in, envoy_out = free_port(), free_port()
     with open(f"{work}/envoy-server.yaml", "w") as f:
@@ -1187,10 +1200,8 @@ def start_mesh(args, work, backend, proxy_cpu, load_cpu, procs):
                                      "--log-level", "warn", "--disable-hot-restart", "--base-id", str(i + 10)],
                    f"{work}/envoy-{side}.log", cpu=proxy_cpu) for i, side in enumerate(["server", "client", "sc-client"])]
     procs += envoys
-    return {"control": (ctl, base), "ferry": (f"http://127.0.0.1:{client_out}/", [fc, fs]),
-            "envoy": (f"http://127.0.0.1:{envoy_out}/", envoys[:2]),
-            "envoy-sc": (f"http://127.0.0.1:{envoy_sc_out}/", [envoys[2], envoys[0]]),
-            "policies": (f"http://127.0.0.1:{client_out}/", [fc, fg])}
+    return {**ferry, "envoy": (f"http://127.0.0.1:{envoy_out}/", envoys[:2]),
+            "envoy-sc": (f"http://127.0.0.1:{envoy_sc_out}/", [envoys[2], envoys[0]])}
 
 
 def port_open(port):

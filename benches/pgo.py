@@ -3,16 +3,15 @@
 optimization: the request path's branches, inlining and layout chosen from how it ran).
 
 Usage: benches/pgo.py --control FERRY_CONTROL --ctl FERRYCTL [--requests N] [--out deploy/ferry.profdata].
-Needs nginx, oha (as benches/dataplane.sh) and the toolchain's llvm-tools (llvm-profdata). Builds the proxy as
-deploy/build-static.sh does, instrumented (`-C profile-generate`), in target/pgo; runs ferry-control, a mesh pair (a
-client-side proxy and a server-side one, each with an identity, the sidecar TrafficPolicy) and one explicit hop, and
-sends N requests through each path to nginx; each proxy writes its counts when SIGTERM ends it; llvm-profdata merges
-them. Regenerate after a change of the request path or of dependencies: a stale profile leaves the functions that
+Needs root, nginx, oha (as benches/dataplane.sh) and the toolchain's llvm-tools (llvm-profdata). Builds the proxy as
+deploy/build-static.sh does, instrumented (`-C profile-generate`), in target/pgo; runs benches/training.py's workload
+(the explicit mesh pair with a policy-laden third proxy, the explicit hop and the transparent pair in network
+namespaces, as benches/dataplane.sh runs them) with N requests on each path; each proxy writes its counts when SIGTERM
+ends it; llvm-profdata merges them. Regenerate after a change of the request path or of dependencies: a stale profile leaves the functions that
 changed unoptimized (rustc warns of each mismatch), and deploy/text-order.txt should follow (benches/text_order.py).
 """
 import argparse
 import glob
-import json
 import os
 import shutil
 import subprocess
@@ -20,7 +19,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import dataplane as d  # noqa: E402
+import training  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGET = "x86_64-unknown-linux-gnu"
@@ -50,43 +49,11 @@ def llvm_profdata():
     return tool
 
 
-def train(args, ferry, work):
-    """Requests through a mesh pair and an explicit hop, each proxy ended by SIGTERM (which writes its counts)."""
-    backend = d.free_port()
-    with open(f"{work}/nginx.conf", "w") as f:
-        f.write(d.NGINX_CONF.format(dir=work, port=backend, listen="127.0.0.1"))
-    with open(f"{work}/ferry.yaml", "w") as f:
-        f.write(d.FERRY_CONF.format(backend=backend))
-    procs = []
-    try:
-        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-        procs.append(d.Proc("nginx", [nginx, "-c", f"{work}/nginx.conf", "-p", work], f"{work}/nginx.log"))
-        d.wait_http(f"http://127.0.0.1:{backend}/")
-        control = d.start_control(args, work, None, procs)
-        mesh_url, mesh_host, start_mesh = d.ferry_pair(ferry, control, "backend", backend, work, None)
-        hop_url, hop_host, start_hop = d.ferry_hop(ferry, backend, work, None, "hop")
-        proxies = start_mesh([]) + start_hop([])
-        try:
-            for url, host in [(mesh_url, mesh_host), (hop_url, hop_host)]:
-                d.wait_http(url, {"Host": host}, timeout=60)
-                out = subprocess.run(["oha", "--no-tui", *d.oha_json_flag(), "-n", str(args.requests), "-c", "16",
-                                      "-H", f"Host: {host}", url], capture_output=True, text=True, check=True)
-                ok = int(json.loads(out.stdout).get("statusCodeDistribution", {}).get("200", 0))
-                if ok < args.requests:
-                    sys.exit(f"{url}: {ok} of {args.requests} requests answered 200")
-        finally:
-            for p in proxies:
-                p.stop()
-    finally:
-        for p in procs:
-            p.stop()
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--control", required=True, help="ferry-control binary (identities for the mesh pair)")
     ap.add_argument("--ctl", required=True, help="ferryctl binary")
-    ap.add_argument("--requests", type=int, default=20000, help="requests through each path")
+    ap.add_argument("--requests", type=int, default=20000, help="requests through each path in phase 1")
     ap.add_argument("--out", default=os.path.join(ROOT, "deploy", "ferry.profdata"))
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="ferry-pgo-")
@@ -94,7 +61,9 @@ def main():
     # Only the proxies' counts: build scripts and proc macros built with the flag write theirs elsewhere.
     ferry = build_instrumented(os.path.join(work, "build-raw"))
     os.environ["LLVM_PROFILE_FILE"] = os.path.join(raw, "ferry-%p-%m.profraw")
-    train(args, ferry, work)
+    os.makedirs(raw, mode=0o1777)
+    os.chmod(raw, 0o1777)  # the transparent pair runs as UID 1337
+    training.run(args, ferry, work, args.requests)
     counts = glob.glob(os.path.join(raw, "*.profraw"))
     if not counts:
         sys.exit("no proxy wrote a profile")

@@ -2,12 +2,12 @@
 """Writes deploy/text-order.txt: the functions a proxy runs, which deploy/link-ordered.sh places together.
 
 Usage: benches/text_order.py --ferry FERRY --control FERRY_CONTROL --ctl FERRYCTL [--out deploy/text-order.txt].
-Needs valgrind, nginx and oha (as benches/dataplane.sh). Runs ferry-control, a mesh pair (a client-side proxy and a
-server-side one, each with an identity, the sidecar TrafficPolicy) and one explicit hop under callgrind from their
-first instruction: start-up, the identity, the config, requests through both paths, the probes and the scrape, a
-policy change, idle time and the drain at SIGTERM. Every function callgrind saw run is listed by its key (the name
-without its build hash). Variants of a C function chosen by the CPU (glibc's ifuncs, aws-lc's assembly for AVX-512,
-which valgrind does not offer) are listed with the one that ran.
+Needs root, valgrind, nginx and oha (as benches/dataplane.sh). Runs benches/training.py's workload (the explicit mesh
+pair with a policy-laden third proxy, the explicit hop, the transparent pair in network namespaces) with every proxy
+under callgrind from its first instruction: start-up, the identity, the config, requests on each path, the probes and
+the scrape, then the admin endpoints, a policy change and the drain at SIGTERM. Every function callgrind saw run is
+listed by its key (the name without its build hash). Variants of a C function chosen by the CPU (glibc's ifuncs,
+aws-lc's assembly for AVX-512, which valgrind does not offer) are listed with the one that ran.
 Regenerate after a change of dependencies or of the proxy's structure; a stale list only places fewer functions.
 """
 import argparse
@@ -17,11 +17,9 @@ import re
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import dataplane as d  # noqa: E402
+import training  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LINKER = os.path.join(ROOT, "deploy", "link-ordered.sh")
@@ -29,14 +27,6 @@ LINKER = os.path.join(ROOT, "deploy", "link-ordered.sh")
 # aws-lc's (aes_gcm_encrypt_avx512, gcm_ghash_vpclmulqdq_avx2). Functions sharing the rest are one family.
 VARIANT = re.compile(r"_(avx512\w*|avx2\w*|avx\w*|evex\w*|sse\w*|ssse3\w*|erms|vaes\w*|vpclmulqdq\w*|ifma\w*|"
                      r"aesni\w*|clmul\w*|bmi2\w*|adx\w*|rtm\w*|unaligned\w*|alt)$")
-
-
-def get(url):
-    try:
-        with urllib.request.urlopen(url, timeout=30) as r:
-            r.read()
-    except OSError as e:
-        print(f"{url}: {e}", file=sys.stderr)
 
 
 def family(name):
@@ -51,96 +41,90 @@ def main():
     ap.add_argument("--out", default=os.path.join(ROOT, "deploy", "text-order.txt"))
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="ferry-order-")
-    backend = d.free_port()
-    with open(f"{work}/nginx.conf", "w") as f:
-        f.write(d.NGINX_CONF.format(dir=work, port=backend, listen="127.0.0.1"))
-    with open(f"{work}/ferry.yaml", "w") as f:
-        f.write(d.FERRY_CONF.format(backend=backend))
-    grind = ["valgrind", "--tool=callgrind", "--demangle=no", "--compress-strings=no",
-             f"--callgrind-out-file={work}/cg.%p"]
-    procs = []
-    try:
-        procs.append(d.Proc("nginx", ["nginx", "-c", f"{work}/nginx.conf", "-p", work], f"{work}/nginx.log"))
-        d.wait_http(f"http://127.0.0.1:{backend}/")
-        ctl, base = d.start_control(args, work, None, procs)
-        ctl("apply", "-f", "-", stdin="""apiVersion: ferry.dev/v1alpha1
-kind: Service
-metadata: {name: backend, namespace: default}
-spec: {ports: [{port: 80, protocol: http}], addresses: [backend.mesh], identities: [backend]}
----
-""" + d.FERRY_POLICY.format(name="backend"))
-        port = {side: {k: d.free_port() for k in ["INBOUND", "OUTBOUND", "HEALTH", "ADMIN"]}
-                for side in ["client", "server", "hop"]}
-        addrs = lambda side: {f"FERRY_{k}_ADDR": f"127.0.0.1:{p}" for k, p in port[side].items()}
-        token = lambda account: ctl("token", "create", "-n", "default", "--service-account", account)
-        envs = {
-            "client": dict(os.environ, **base, **addrs("client"), FERRY_JOIN_TOKEN=token("client"),
-                           FERRY_NODE_ID="client"),
-            "server": dict(os.environ, **base, **addrs("server"), FERRY_JOIN_TOKEN=token("backend"),
-                           FERRY_SERVICE="backend", FERRY_APP_ADDR=f"127.0.0.1:{backend}", FERRY_NODE_ID="server"),
-            "hop": dict(os.environ, **addrs("hop"), FERRY_CONFIG_FILE=f"{work}/ferry.yaml", FERRY_WORKERS="1",
-                        FERRY_ACCESS_LOG="off", FERRY_LOG_LEVEL="warn"),
-        }
-        proxies = {side: d.Proc(side, grind + [args.ferry], f"{work}/{side}.log", env=env) for side, env in envs.items()}
-        procs += proxies.values()
-        paths = [(f"http://127.0.0.1:{port['client']['OUTBOUND']}/", "backend.mesh"),
-                 (f"http://127.0.0.1:{port['hop']['OUTBOUND']}/", "backend")]
-        for url, host in paths:
-            d.wait_http(url, {"Host": host}, timeout=120)  # valgrind starts slowly
-        # Phase 1, what a sidecar in a pod does: requests in and out, a kubelet's probes, a Prometheus scrape.
-        for url, host in paths:
-            print(f"{url}: {d.oha_count(url, host, 300, None)} of 300 requests", flush=True)
-        for side in port:
-            for path in ["/health/live", "/health/ready", "/health/startup", "/metrics"]:
-                get(f"http://127.0.0.1:{port[side]['HEALTH']}{path}")
-        time.sleep(2)
-        for p in proxies.values():
-            subprocess.run(["callgrind_control", "-d", str(p.pid)], capture_output=True, check=True, timeout=60)
-        # Phase 2, less often: the admin endpoints, a policy change while requests run, the drain at SIGTERM.
-        for side in port:
-            for path in ["/config_dump", "/endpoints"]:
-                get(f"http://127.0.0.1:{port[side]['ADMIN']}{path}")
-        ctl("apply", "-f", "-", stdin=d.FERRY_POLICY.format(name="backend").replace("15s", "10s"))
-        time.sleep(3)
-        for url, host in paths:
-            d.oha_count(url, host, 100, None)
-        time.sleep(2)
-    finally:
-        for p in reversed(procs):
-            p.stop()
+    os.chmod(work, 0o755)
+    outs = f"{work}/cg"
+    os.makedirs(outs, mode=0o1777)
+    os.chmod(outs, 0o1777)  # the transparent pair runs as UID 1337
+    # Every proxy under callgrind; `ferry init` (the pods' rules) as itself.
+    grind = f"{work}/grind.sh"
+    with open(grind, "w") as f:
+        f.write(f"""#!/bin/sh
+[ "$1" = init ] && exec {os.path.abspath(args.ferry)} "$@"
+exec valgrind --tool=callgrind --demangle=no --compress-strings=no --show-below-main=yes \\
+  --callgrind-out-file={outs}/cg.%p \\
+  {os.path.abspath(args.ferry)} "$@"
+""")
+    os.chmod(grind, 0o755)
+
+    # The end of phase 1, dumped by the proxies run as root. vgdb, which callgrind_control drives, cannot reach the
+    # pods' proxies (UID 1337) here: their one file is read below against what the others ran in phase 2 alone.
+    def dump(roles):
+        for role, pid in roles.items():
+            if not role.startswith("t-"):
+                subprocess.run(["callgrind_control", "-d", str(pid)], capture_output=True, check=True, timeout=120)
+    roles = training.run(args, grind, work, 300, phase_end=dump, ready_timeout=180)
     # Tiers, in the order the list places them: what a mesh proxy ran in phase 1, then what the explicit hop (its
-    # config from a file) ran in phase 1, then phase 2. A proxy in a pod keeps the first tier resident.
-    mesh = {str(proxies[side].pid) for side in ["client", "server"]}
-    tiers = {}
-    for path in glob.glob(f"{work}/cg.*"):
-        _, pid, *dump = os.path.basename(path).split(".")
-        tier = 2 if dump != ["1"] else 0 if pid in mesh else 1
+    # config from a file) ran in phase 1, then phase 2. Within the first tier, functions are grouped by which mesh
+    # proxies ran them (those all ran first): each proxy keeps resident the groups it runs, not code interleaved
+    # with what only other roles run.
+    bit = {str(pid): 1 << i for i, (role, pid) in enumerate(roles.items()) if role in training.MESH_ROLES}
+    pods = {str(roles[role]) for role in roles if role.startswith("t-")}
+    hop = str(roles["hop"])
+    tiers, masks, whole = {}, {}, {}
+
+    def functions_in(path):
         with open(path, errors="replace") as f:
             for line in f:
                 if line.startswith(("fn=", "cfn=")):
                     name = re.sub(r"'\d+$", "", line.split("=", 1)[1].strip())
                     if not name.startswith(("0x", "(")):
-                        tiers[name] = min(tier, tiers.get(name, tier))
+                        yield name
+    for path in glob.glob(f"{outs}/cg.*"):
+        _, pid, *dump_no = os.path.basename(path).split(".")
+        if pid in pods:
+            whole[pid] = path
+        elif pid in bit or pid == hop:
+            tier = 2 if dump_no != ["1"] else 0 if pid in bit else 1
+            for name in functions_in(path):
+                tiers[name] = min(tier, tiers.get(name, tier))
+                if tier == 0:
+                    masks[name] = masks.get(name, 0) | bit[pid]
+    # A pod's proxy ran in phase 1 what it ran, but for what the others ran only in phase 2 (admin, drain).
+    for pid, path in whole.items():
+        for name in functions_in(path):
+            if tiers.get(name) != 2:
+                tiers[name] = 0
+                masks[name] = masks.get(name, 0) | bit[pid]
     nm = subprocess.run(["nm", "--defined-only", args.ferry], capture_output=True, text=True, check=True).stdout
     families = {}
     for name, tier in tiers.items():
         if family(name):
-            families[family(name)] = min(tier, families.get(family(name), tier))
-    siblings = {p[2]: families[family(p[2])] for p in (line.split() for line in nm.splitlines())
-                if len(p) == 3 and p[1] in "tTwW" and family(p[2]) in families and p[2] not in tiers}
+            t, m = families.get(family(name), (tier, 0))
+            families[family(name)] = (min(t, tier), m | masks.get(name, 0))
+    code = [p[2] for p in (line.split() for line in nm.splitlines()) if len(p) == 3 and p[1] in "tTwW"]
+    siblings = {name: families[family(name)] for name in code if family(name) in families and name not in tiers}
+    # The resolvers of the C library's CPU-specific functions, which its start-up runs (every proxy, before callgrind
+    # names what runs).
+    every = (1 << len(training.MESH_ROLES)) - 1
+    siblings.update({name: (0, every) for name in code if name.endswith("_ifunc") and name not in tiers})
     names = list(tiers) + list(siblings)
     keys = subprocess.run([LINKER, "--keys"], input="\n".join(names) + "\n", capture_output=True, text=True,
                           check=True).stdout.splitlines()
     ranked = {}
     for name, key in zip(names, keys):
-        tier = tiers.get(name, siblings.get(name))
-        ranked[key] = min(tier, ranked.get(key, tier))
-    order = sorted(ranked, key=lambda k: (ranked[k], k))
+        tier, mask = siblings[name] if name in siblings else (tiers[name], masks.get(name, 0))
+        t, m = ranked.get(key, (tier, 0))
+        ranked[key] = (min(t, tier), m | mask)
+    group = lambda k: (ranked[k][0], -bin(ranked[k][1]).count("1"), ranked[k][1]) if ranked[k][0] == 0 else \
+        (ranked[k][0], 0, 0)
+    order = sorted(ranked, key=lambda k: (group(k), k))
     with open(args.out, "w") as f:
         f.write("\n".join(order) + "\n")
-    count = [sum(1 for t in ranked.values() if t == i) for i in range(3)]
-    print(f"{len(tiers)} functions ran, {len(siblings)} CPU variants of C functions: {len(order)} keys in {args.out} "
-          f"(mesh proxy {count[0]}, explicit hop {count[1]}, admin, policy change and drain {count[2]})")
+    count = [sum(1 for t, _ in ranked.values() if t == i) for i in range(3)]
+    print(f"{len(tiers)} functions ran, {len(siblings)} CPU variants and resolvers of C functions: {len(order)} keys in "
+          f"{args.out} "
+          f"(mesh proxies {count[0]} in {len(set(group(k) for k in order if ranked[k][0] == 0))} groups, explicit hop "
+          f"{count[1]}, admin, policy change and drain {count[2]})")
 
 
 if __name__ == "__main__":
