@@ -1057,9 +1057,10 @@ def git_commit():
 
 
 def envoy_release(version):
-    """`1.40.0` out of `envoy --version`'s line."""
+    """`1.40.0` out of `envoy --version`'s line (`<path>  version: <commit>/1.40.0/Clean/RELEASE/BoringSSL`; the path
+    may hold other versions, such as a Python's)."""
     import re
-    found = re.search(r"/(\d+\.\d+\.\d+)/", version)
+    found = re.search(r"version: [0-9a-f]+/(\d+\.\d+\.\d+)/", version)
     return found.group(1) if found else version
 
 
