@@ -7,8 +7,9 @@ Needs root, nginx, oha (as benches/dataplane.sh) and the toolchain's llvm-tools 
 deploy/build-static.sh does, instrumented (`-C profile-generate`), in target/pgo; runs benches/training.py's workload
 (the explicit mesh pair with a policy-laden third proxy, the explicit hop and the transparent pair in network
 namespaces, as benches/dataplane.sh runs them) with N requests on each path; each proxy writes its counts when SIGTERM
-ends it; llvm-profdata merges them. Regenerate after a change of the request path or of dependencies: a stale profile leaves the functions that
-changed unoptimized (rustc warns of each mismatch), and deploy/text-order.txt should follow (benches/text_order.py).
+ends it (as does each `ferry init` that sets up a pod's rules); llvm-profdata merges them. Regenerate after a change
+of the request path or of dependencies: a stale profile leaves the functions that changed unoptimized (rustc warns of
+each mismatch), and deploy/text-order.txt should follow (benches/text_order.py).
 """
 import argparse
 import glob

@@ -14,6 +14,7 @@ import argparse
 import glob
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -125,6 +126,7 @@ exec valgrind --tool=callgrind --demangle=no --compress-strings=no --show-below-
           f"{args.out} "
           f"(mesh proxies {count[0]} in {len(set(group(k) for k in order if ranked[k][0] == 0))} groups, explicit hop "
           f"{count[1]}, admin, policy change and drain {count[2]})")
+    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -63,7 +63,10 @@ def run(args, ferry, work, requests, phase_end=None, ready_timeout=30.0):
         paths = [(mesh["ferry"][0], "backend.mesh", None), (mesh["policies"][0], "guarded.mesh", None),
                  (hop_url, hop_host, None), *((url, host, ns) for url, host, _, ns in transparent.values())]
         for url, host, ns in paths:
-            d.wait_target(url, host, ns) if ns else d.wait_http(url, {"Host": host}, timeout=ready_timeout)
+            if ns:
+                d.wait_target(url, host, ns)
+            else:
+                d.wait_http(url, {"Host": host}, timeout=ready_timeout)
 
         def load(count):
             for url, host, ns in paths:
