@@ -122,8 +122,8 @@ exec valgrind --tool=callgrind --demangle=no --compress-strings=no --show-below-
     with open(args.out, "w") as f:
         f.write("\n".join(order) + "\n")
     count = [sum(1 for t, _ in ranked.values() if t == i) for i in range(3)]
-    print(f"{len(tiers)} functions ran, {len(siblings)} CPU variants and resolvers of C functions: {len(order)} keys in "
-          f"{args.out} "
+    print(f"{len(tiers)} functions ran, {len(siblings)} CPU variants and resolvers of C functions: "
+          f"{len(order)} keys in {args.out} "
           f"(mesh proxies {count[0]} in {len(set(group(k) for k in order if ranked[k][0] == 0))} groups, explicit hop "
           f"{count[1]}, admin, policy change and drain {count[2]})")
     shutil.rmtree(work, ignore_errors=True)
