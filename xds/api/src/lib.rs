@@ -25,19 +25,9 @@ pub use config::{
 };
 pub use duration::{DurationError, parse_duration};
 
-/// Lower-case hex of `bytes`, as digests, versions and trace IDs are written (a table, not the formatter: the proxy
-/// writes trace and request IDs on every request).
+/// Lower-case hex of `bytes`, as digests, versions and trace IDs are written.
 pub fn hex(bytes: &[u8]) -> String {
-    let mut s = String::with_capacity(bytes.len() * 2);
-    push_hex(&mut s, bytes);
-    s
-}
-
-/// Appends the lower-case hex of `bytes` to `out`.
-pub fn push_hex(out: &mut String, bytes: &[u8]) {
-    for b in bytes {
-        out.extend(hex_pair(*b).map(char::from));
-    }
+    bytes.iter().flat_map(|b| hex_pair(*b)).map(char::from).collect()
 }
 
 /// Writes the lower-case hex of `bytes` into `out`, two digits a byte (`out` is at least twice as long).
