@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 TARGET=x86_64-unknown-linux-gnu
 # The linker wrapper places the functions a proxy runs together (deploy/link-ordered.sh, deploy/text-order.txt); v0
 # symbol names name each instance of a generic function apart, so the list places only the instances that ran.
-# Profile-guided optimization: deploy/ferry.profdata (benches/pgo.py: a mesh pair and a hop under load) lays out,
+# Profile-guided optimization: deploy/ferry.profdata (benches/pgo.py: the benchmark's proxies under load) lays out,
 # inlines and branches the request path, the proxy's and its dependencies', as it ran; functions it has no counts for
 # are built as without it (ferry-control's own, or code changed since the profile was made: rustc warns of those).
 PGO=
